@@ -11,7 +11,7 @@ from typing import Optional, Tuple
 # Linear layers quantized by default: every linear inside the joint blocks (attention q/k/v/out of all
 # streams, the LR-stream *_control projections, FFNs, adaLN modulation linears). Regexes over the
 # '/'-joined parameter path of the linear module (the path of its `kernel` without '/kernel').
-DEFAULT_INCLUDE = (r"^transformer_blocks_\d+/",)
+DEFAULT_INCLUDE = (r"(^|/)transformer_blocks_\d+/",)
 DEFAULT_EXCLUDE: Tuple[str, ...] = ()
 
 METHODS = ("rtn", "smoothquant", "svdquant", "rotation", "qdit4sr")
