@@ -56,6 +56,7 @@ class ModelConfig:
     caption_projection_dim: int = 1536
     pooled_projection_dim: int = 2048
     pos_embed_max_size: int = 384
+    sample_size: int = 128                  # diffusers config; pos-embed base_size = sample_size // patch_size
     dual_attention_layers: Tuple[int, ...] = tuple(range(13))
     qk_norm: Optional[str] = "rms_norm"     # "rms_norm" | None
     # DiT4SR LR stream
