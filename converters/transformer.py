@@ -1,0 +1,72 @@
+"""Key table: diffusers-layout DiT4SR / SD3 transformer state dict -> `DiT4SRTransformer` params.
+
+Covers diffusers `SD3Transformer2DModel` (SD3 and SD3.5: qk RMSNorm, dual attention) and the public
+DiT4SR additions (`attn{,2}.to_{q,k,v,out}_control`, `ff.control_conv`). Dropped on purpose:
+`pos_embed.pos_embed` (the fixed sin-cos buffer; recomputed by the model) and the context projections
+DiT4SR's `attn2` carries but never uses (`add_{q,k,v}_proj`, `to_add_out`, `norm_added_{q,k}`).
+"""
+from __future__ import annotations
+
+from typing import Any, Dict, Mapping
+
+from converters.keytable import CONV_HWIO, IDENTITY, LINEAR, Rule, convert, convert_state_dict, plan
+
+B = r"transformer_blocks\.(\d+)\."
+T = r"transformer_blocks_\1/"
+_ATTN_LINEARS = r"(to_q|to_k|to_v|add_q_proj|add_k_proj|add_v_proj|to_add_out|" \
+                r"to_q_control|to_k_control|to_v_control|to_out_control)"
+_NORMS = r"(norm_q|norm_k|norm_added_q|norm_added_k)"
+
+
+def _linear(src: str, dst: str):
+    """Two rules for an nn.Linear at torch prefix `src` -> Linear at `dst`."""
+    return [Rule(src + r"\.weight", dst + "/kernel", LINEAR), Rule(src + r"\.bias", dst + "/bias", IDENTITY)]
+
+
+TRANSFORMER_TABLE = [
+    # buffer: the fixed 2D sin-cos table, recomputed by PatchEmbed
+    Rule(r"pos_embed\.pos_embed", None),
+    Rule(r"pos_embed\.proj\.weight", "pos_embed/proj/kernel", CONV_HWIO),
+    Rule(r"pos_embed\.proj\.bias", "pos_embed/proj/bias"),
+    *_linear(r"time_text_embed\.(timestep_embedder|text_embedder)\.(linear_[12])", r"time_text_embed/\1/\2"),
+    *_linear(r"context_embedder", "context_embedder"),
+    *_linear(B + r"(norm1|norm1_context)\.linear", T + r"\2/linear"),
+    # DiT4SR attn2 (dual attention) carries context projections its forward never uses: drop them
+    Rule(B + r"attn2\.(add_q_proj|add_k_proj|add_v_proj|to_add_out|norm_added_q|norm_added_k)\.(weight|bias)", None),
+    *_linear(B + r"(attn2?)\." + _ATTN_LINEARS, T + r"\2/\3"),
+    *_linear(B + r"(attn2?)\.to_out\.0", T + r"\2/to_out_0"),
+    Rule(B + r"(attn2?)\." + _NORMS + r"\.weight", T + r"\2/\3/scale"),
+    *_linear(B + r"(ff|ff_context)\.net\.0\.proj", T + r"\2/net_0/proj"),
+    *_linear(B + r"(ff|ff_context)\.net\.2", T + r"\2/net_2"),
+    Rule(B + r"ff\.control_conv\.weight", T + "ff/control_conv/kernel", CONV_HWIO),
+    Rule(B + r"ff\.control_conv\.bias", T + "ff/control_conv/bias"),
+    *_linear(r"norm_out\.linear", "norm_out/linear"),
+    *_linear(r"proj_out", "proj_out"),
+]
+
+
+def abstract_params(cfg) -> Dict[str, Any]:
+    """Abstract params tree of `DiT4SRTransformer(cfg)` (jax.ShapeDtypeStruct leaves; nothing allocated)."""
+    from qdit4sr_jax.model.dit4sr import param_shapes
+    return param_shapes(cfg)
+
+
+def _no_learned(cfg):
+    # converted checkpoints carry real text embeddings, never the demo's learned context
+    return cfg.replace(context_mode="embeddings") if cfg.context_mode == "learned" else cfg
+
+
+def plan_transformer(src_shapes: Mapping[str, tuple], cfg):
+    """Check a transformer checkpoint's key -> shape mapping against `cfg` (no data read)."""
+    return plan(src_shapes, TRANSFORMER_TABLE, abstract_params(_no_learned(cfg)), "transformer checkpoint")
+
+
+def convert_transformer(state_dict: Mapping[str, Any], cfg) -> Dict[str, Any]:
+    """In-memory {torch key: tensor/ndarray} -> nested Flax params (numpy, cfg.param_dtype)."""
+    return convert_state_dict(state_dict, TRANSFORMER_TABLE, abstract_params(_no_learned(cfg)),
+                              "transformer checkpoint")
+
+
+def convert_transformer_lazy(src_shapes: Mapping[str, tuple], get, cfg) -> Dict[str, Any]:
+    """Streamed variant: `get(key) -> np.ndarray` is called once per kept key, after the full plan passed."""
+    return convert(src_shapes, get, TRANSFORMER_TABLE, abstract_params(_no_learned(cfg)), "transformer checkpoint")
