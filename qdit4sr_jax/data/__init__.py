@@ -1,0 +1,1 @@
+"""Training / validation data for the demo model: photo gathering, LR degradation, crop sampling."""
