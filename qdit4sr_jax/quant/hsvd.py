@@ -1,0 +1,247 @@
+"""H-SVD: hierarchical low-rank branches of a linear weight (Q-DiT4SR, MISSION.md "The method").
+
+A weight W [d_out, d_in] (PyTorch layout; a Flax kernel is W^T) is split as W = L_g + L_b + R:
+  L_g = U V^T          global truncated SVD of rank r_g          U [d_out, r_g], V [d_in, r_g]
+  L_b = blockwise u v^T best rank-1 of each (b_out x b_in) block of W - L_g
+                        u [n_bo, n_bi, b_out], v [n_bo, n_bi, b_in]
+  R   = W - L_g - L_b   the residual that gets quantized.
+The branches are meant to be stored in 16 bits. Singular values are split evenly between the two
+factors (U = U_svd sqrt(S), V = V_svd sqrt(S), same for every block), which keeps both factors in
+the same range for bf16.
+
+Ragged edges: n_bo = ceil(d_out / b_out), n_bi = ceil(d_in / b_in); the last row/column of blocks
+is smaller. The block factors are stored padded to full blocks; the padded entries are exactly 0
+(edge block (i, j) has rows i*b_out .. min((i+1)*b_out, d_out)). A block larger than the matrix is
+clamped to the matrix (`effective_block`).
+
+Parameter count (what is stored, padding excluded): r_g (d_out + d_in) + n_bi d_out + n_bo d_in,
+which for exact tiling equals r_g (d_out + d_in) + n_blocks (b_out + b_in).
+`matched_global_rank` picks the largest r_g with that count <= rank (d_out + d_in), the count of a
+plain rank-`rank` SVD branch (d = 1536, rank 32, 256 x 256 blocks -> r_g = 26).
+
+Every function is a pure jnp function of static shapes; `hsvd`, `svd_branch` and `apply_branches`
+are jit-compiled, and vmap over a leading layer axis of equal-shape weights
+(`jax.vmap(functools.partial(hsvd, rank=32, block=(256, 256)))(ws)`).
+"""
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple, Tuple
+
+import jax
+import jax.numpy as jnp
+
+
+class HSVD(NamedTuple):
+    """H-SVD factors of W [d_out, d_in]. U [d_out, r_g], V [d_in, r_g] (L_g = U V^T);
+    u [n_bo, n_bi, b_out], v [n_bo, n_bi, b_in] (block (i, j) of L_b = outer(u[i, j], v[i, j]),
+    zero-padded at ragged edges); residual [d_out, d_in] = W - L_g - L_b. Float dtype of W."""
+    U: jax.Array
+    V: jax.Array
+    u: jax.Array
+    v: jax.Array
+    residual: jax.Array
+
+
+class SVDBranch(NamedTuple):
+    """Plain low-rank branch (SVDQuant): U [d_out, r], V [d_in, r]; residual = W - U V^T."""
+    U: jax.Array
+    V: jax.Array
+    residual: jax.Array
+
+
+def effective_block(d_out: int, d_in: int, block: Tuple[int, int]) -> Tuple[int, int]:
+    """The block shape actually used: (min(b_out, d_out), min(b_in, d_in))."""
+    b_out, b_in = (int(b) for b in block)
+    if b_out < 1 or b_in < 1:
+        raise ValueError(f"H-SVD block must be positive, got {block}")
+    return min(b_out, d_out), min(b_in, d_in)
+
+
+def block_grid(d_out: int, d_in: int, block: Tuple[int, int]) -> Tuple[int, int]:
+    """(n_bo, n_bi) = number of block rows and columns (ceil division; edges may be ragged)."""
+    b_out, b_in = effective_block(d_out, d_in, block)
+    return -(-d_out // b_out), -(-d_in // b_in)
+
+
+def block_params(d_out: int, d_in: int, block: Tuple[int, int]) -> int:
+    """Parameters of the block rank-1 branch, padding excluded: n_bi d_out + n_bo d_in."""
+    n_bo, n_bi = block_grid(d_out, d_in, block)
+    return n_bi * d_out + n_bo * d_in
+
+
+def hsvd_params(d_out: int, d_in: int, global_rank: int, block: Tuple[int, int]) -> int:
+    """Parameters of both H-SVD branches: r_g (d_out + d_in) + block_params."""
+    return global_rank * (d_out + d_in) + block_params(d_out, d_in, block)
+
+
+def matched_global_rank(d_out: int, d_in: int, rank: int, block: Tuple[int, int]) -> int:
+    """Largest r_g >= 0 with hsvd_params(d_out, d_in, r_g, block) <= rank (d_out + d_in).
+
+    Capped at min(d_out, d_in). Raises ValueError when even r_g = 0 does not fit (the block branch
+    alone holds more than a rank-`rank` branch): use larger blocks or a larger rank.
+    """
+    d_out, d_in, rank = int(d_out), int(d_in), int(rank)
+    if d_out < 1 or d_in < 1 or rank < 0:
+        raise ValueError(f"matched_global_rank: bad shape/rank d_out={d_out}, d_in={d_in}, rank={rank}")
+    budget = rank * (d_out + d_in)
+    left = budget - block_params(d_out, d_in, block)
+    if left < 0:
+        raise ValueError(
+            f"H-SVD block branch with blocks {effective_block(d_out, d_in, block)} on a {d_out}x{d_in} "
+            f"weight needs {block_params(d_out, d_in, block)} parameters, more than the rank-{rank} "
+            f"budget {budget}; use larger blocks or a larger rank")
+    return min(left // (d_out + d_in), d_out, d_in)
+
+
+def _split_sv(u, s, vt, r):
+    """Top-r factors with sqrt(S) on each side: U [m, r], V [n, r]."""
+    rs = jnp.sqrt(s[..., :r])
+    return u[..., :, :r] * rs[..., None, :], jnp.swapaxes(vt[..., :r, :], -1, -2) * rs[..., None, :]
+
+
+def _to_blocks(m, block):
+    """[d_out, d_in] -> zero-padded [n_bo, n_bi, b_out, b_in]."""
+    d_out, d_in = m.shape
+    b_out, b_in = effective_block(d_out, d_in, block)
+    n_bo, n_bi = block_grid(d_out, d_in, block)
+    m = jnp.pad(m, ((0, n_bo * b_out - d_out), (0, n_bi * b_in - d_in)))
+    return m.reshape(n_bo, b_out, n_bi, b_in).transpose(0, 2, 1, 3)
+
+
+def _from_blocks(b, d_out, d_in):
+    """[n_bo, n_bi, b_out, b_in] -> [d_out, d_in] (padding cropped)."""
+    n_bo, n_bi, b_out, b_in = b.shape
+    return b.transpose(0, 2, 1, 3).reshape(n_bo * b_out, n_bi * b_in)[:d_out, :d_in]
+
+
+def _block_masks(d_out, d_in, block, dtype):
+    """Validity masks of the padded block factors: [n_bo, 1, b_out] and [1, n_bi, b_in]."""
+    b_out, b_in = effective_block(d_out, d_in, block)
+    n_bo, n_bi = block_grid(d_out, d_in, block)
+    mo = (jnp.arange(n_bo * b_out) < d_out).astype(dtype).reshape(n_bo, 1, b_out)
+    mi = (jnp.arange(n_bi * b_in) < d_in).astype(dtype).reshape(1, n_bi, b_in)
+    return mo, mi
+
+
+def fit_block_rank1(m, block):
+    """Best rank-1 approximation of every (b_out x b_in) block of m [d_out, d_in].
+
+    Returns u [n_bo, n_bi, b_out], v [n_bo, n_bi, b_in] (sqrt of the top singular value on each),
+    exactly zero at padded (ragged-edge) positions.
+    """
+    d_out, d_in = m.shape
+    blocks = _to_blocks(m.astype(jnp.float32), block)
+    bu, bs, bvt = jnp.linalg.svd(blocks, full_matrices=False)
+    u, v = _split_sv(bu, bs, bvt, 1)
+    mo, mi = _block_masks(d_out, d_in, block, jnp.float32)
+    return (u[..., 0] * mo).astype(m.dtype), (v[..., 0] * mi).astype(m.dtype)
+
+
+def block_dense(u, v, d_out: int, d_in: int):
+    """Dense L_b [d_out, d_in] from block factors u [n_bo, n_bi, b_out], v [n_bo, n_bi, b_in]."""
+    return _from_blocks(jnp.einsum("ija,ijb->ijab", u, v), d_out, d_in)
+
+
+@functools.partial(jax.jit, static_argnames=("rank",))
+def svd_branch(w, rank: int) -> SVDBranch:
+    """Rank-`rank` truncated SVD branch of w [d_out, d_in] (SVD-only baseline / ablation).
+    rank is capped at min(d_out, d_in). Computed in float32; factors returned in w.dtype."""
+    if w.ndim != 2:
+        raise ValueError(f"svd_branch expects a 2-D weight [d_out, d_in], got shape {w.shape}")
+    r = min(int(rank), *w.shape)
+    wf = w.astype(jnp.float32)
+    su, ss, svt = jnp.linalg.svd(wf, full_matrices=False)
+    U, V = _split_sv(su, ss, svt, r)
+    return SVDBranch(U.astype(w.dtype), V.astype(w.dtype), (wf - U @ V.T).astype(w.dtype))
+
+
+@functools.partial(jax.jit, static_argnames=("rank", "block", "global_rank", "refine_iters"))
+def hsvd(w, *, rank: int, block: Tuple[int, int], global_rank: int | None = None,
+         refine_iters: int = 0) -> HSVD:
+    """H-SVD of w [d_out, d_in] at the parameter budget of a rank-`rank` SVD branch.
+
+    global_rank: r_g override (default `matched_global_rank(d_out, d_in, rank, block)`).
+    refine_iters: 0 (the formulation in MISSION.md: global SVD first, block rank-1 fitted on what
+      remains, W - L_g). k > 0 runs k extra rounds of block-coordinate descent (refit L_g on W - L_b,
+      then L_b on W - L_g); each round cannot increase ||R||_F.
+    Computed in float32; returns `HSVD` in w.dtype.
+    """
+    if w.ndim != 2:
+        raise ValueError(f"hsvd expects a 2-D weight [d_out, d_in], got shape {w.shape}")
+    d_out, d_in = w.shape
+    block = tuple(int(b) for b in block)
+    r = matched_global_rank(d_out, d_in, rank, block) if global_rank is None else min(int(global_rank), d_out, d_in)
+    wf = w.astype(jnp.float32)
+
+    def fit_global(m):
+        su, ss, svt = jnp.linalg.svd(m, full_matrices=False)
+        return _split_sv(su, ss, svt, r)
+
+    U, V = fit_global(wf)
+    u, v = fit_block_rank1(wf - U @ V.T, block)
+    for _ in range(int(refine_iters)):
+        U, V = fit_global(wf - block_dense(u, v, d_out, d_in))
+        u, v = fit_block_rank1(wf - U @ V.T, block)
+    resid = wf - U @ V.T - block_dense(u, v, d_out, d_in)
+    dt = w.dtype
+    return HSVD(U.astype(dt), V.astype(dt), u.astype(dt), v.astype(dt), resid.astype(dt))
+
+
+def branch_dense(f) -> jax.Array:
+    """Dense L_g + L_b [d_out, d_in] of an `HSVD` (or L_g of an `SVDBranch`)."""
+    dense = f.U @ f.V.T
+    if isinstance(f, HSVD):
+        dense = dense + block_dense(f.u, f.v, f.U.shape[0], f.V.shape[0]).astype(dense.dtype)
+    return dense
+
+
+def reconstruct(f) -> jax.Array:
+    """W = branches + residual, [d_out, d_in]."""
+    return branch_dense(f) + f.residual
+
+
+def apply_block(x, u, v, d_out: int):
+    """Block rank-1 branch on activations: x [..., d_in] -> [..., d_out] (two batched einsums).
+
+    For block (i, j): y_i += u[i, j] * <v[i, j], x_j>. Works for padded v (zeros in padding).
+    """
+    n_bo, n_bi, b_out = u.shape
+    b_in = v.shape[-1]
+    d_in = x.shape[-1]
+    xp = jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, n_bi * b_in - d_in)])
+    xb = xp.reshape(x.shape[:-1] + (n_bi, b_in))
+    t = jnp.einsum("...jb,ijb->...ij", xb, v.astype(x.dtype))          # [..., n_bo, n_bi]
+    y = jnp.einsum("...ij,ija->...ia", t, u.astype(x.dtype))           # [..., n_bo, b_out]
+    return y.reshape(x.shape[:-1] + (n_bo * b_out,))[..., :d_out]
+
+
+@jax.jit
+def apply_branches(f, x):
+    """x [..., d_in] -> [..., d_out] = (x V) U^T (+ blockwise(x) for an `HSVD`), in x.dtype."""
+    y = (x @ f.V.astype(x.dtype)) @ f.U.T.astype(x.dtype)
+    if isinstance(f, HSVD):
+        y = y + apply_block(x, f.u, f.v, f.U.shape[0])
+    return y
+
+
+def branch_param_count(f) -> int:
+    """Stored branch parameters (padding excluded) of an `HSVD` or `SVDBranch` (static shapes)."""
+    d_out, r = f.U.shape[-2:]
+    d_in = f.V.shape[-1 - 1]
+    n = r * (d_out + d_in)
+    if isinstance(f, HSVD):
+        n_bo, n_bi = f.u.shape[-3], f.u.shape[-2]
+        n += n_bi * d_out + n_bo * d_in
+    return n
+
+
+def relative_error(w, approx) -> jax.Array:
+    """||w - approx||_F / ||w||_F (float32 scalar)."""
+    w = w.astype(jnp.float32)
+    return jnp.linalg.norm(w - approx.astype(jnp.float32)) / jnp.maximum(jnp.linalg.norm(w), 1e-30)
+
+
+__all__ = ["HSVD", "SVDBranch", "hsvd", "svd_branch", "matched_global_rank", "effective_block",
+           "block_grid", "block_params", "hsvd_params", "fit_block_rank1", "block_dense", "branch_dense",
+           "reconstruct", "apply_block", "apply_branches", "branch_param_count", "relative_error"]
