@@ -35,6 +35,14 @@ class QuantConfig:
     rotate: Hadamard rotation of the input dimension (QuaRot-style).
     execution: "fake" (float reference) or "int" (int8 dot_general) - same semantics.
     branch_dtype: dtype of the 16-bit branches.
+    w_clip_ratio: weight range multiplier before the scale is computed (1.0 = plain min/max RTN).
+    w_clip_search: per weight group, search the clip ratio in [0.5, 1] x w_clip_ratio minimising the
+      weight MSE (data-free; like AWQ's clip search without activations).
+    rotate_block: Hadamard block size; None = the largest power of 2 dividing d_in (block-diagonal
+      Hadamard when d_in is not a power of 2, e.g. 512 for 1536; QuaRot uses a full Hadamard there).
+    pack: store <= 4-bit codes two per byte (uint8).
+    layer_w_bits: per-layer weight bits ((path, bits), ...) overriding w_bits (VaSMP's output; exact
+      '/'-joined linear-module paths as in the params tree).
     """
     method: str = "rtn"
     w_bits: float = 4
@@ -56,6 +64,62 @@ class QuantConfig:
     rotate: bool = False
     execution: str = "fake"
     branch_dtype: str = "bfloat16"
+    w_clip_ratio: float = 1.0
+    w_clip_search: bool = False
+    rotate_block: Optional[int] = None
+    pack: bool = True
+    layer_w_bits: Tuple[Tuple[str, int], ...] = ()
+
+    def validate(self) -> "QuantConfig":
+        """Raise ValueError naming the bad field; returns self."""
+        if self.method not in METHODS:
+            raise ValueError(f"QuantConfig.method={self.method!r} is unknown; known: {METHODS}")
+        if self.execution not in ("fake", "int"):
+            raise ValueError(f"QuantConfig.execution must be 'fake' or 'int', got {self.execution!r}")
+        mixed_w = self.vasmp
+        mixed_a = self.vatmp
+        for name, bits, mixed in (("w_bits", self.w_bits, mixed_w), ("a_bits", self.a_bits, mixed_a)):
+            if bits is None and name == "a_bits":
+                continue
+            if not isinstance(bits, (int, float)) or isinstance(bits, bool) or not 2 <= bits <= 8:
+                raise ValueError(f"QuantConfig.{name}={bits!r} is unsupported: use 2..8"
+                                 + (" (None keeps activations in float)" if name == "a_bits" else ""))
+            if not mixed and float(bits) != int(bits):
+                raise ValueError(f"QuantConfig.{name}={bits} is fractional; fractional averages need "
+                                 f"mixed precision ({'vasmp' if name == 'w_bits' else 'vatmp'}=True)")
+        for name, cands in (("w_bit_candidates", self.w_bit_candidates),
+                            ("a_bit_candidates", self.a_bit_candidates)):
+            bad = [b for b in cands if not isinstance(b, int) or not 2 <= b <= 8]
+            if bad or not cands:
+                raise ValueError(f"QuantConfig.{name}={cands!r}: every candidate must be an int in 2..8")
+        for path, bits in self.layer_w_bits:
+            if not isinstance(bits, int) or not 2 <= bits <= 8:
+                raise ValueError(f"QuantConfig.layer_w_bits: layer {path!r} has unsupported bits {bits!r} (2..8)")
+        if self.w_group_size is not None and self.w_group_size < 1:
+            raise ValueError(f"QuantConfig.w_group_size must be >= 1 or None, got {self.w_group_size}")
+        if self.lowrank_rank < 0:
+            raise ValueError(f"QuantConfig.lowrank_rank must be >= 0, got {self.lowrank_rank}")
+        if not 0.0 <= self.smooth_alpha <= 1.0:
+            raise ValueError(f"QuantConfig.smooth_alpha must be in [0, 1], got {self.smooth_alpha}")
+        if self.rotate_block is not None and (self.rotate_block < 1 or self.rotate_block & (self.rotate_block - 1)):
+            raise ValueError(f"QuantConfig.rotate_block must be a power of 2, got {self.rotate_block}")
+        return self
+
+    def to_dict(self) -> dict:
+        """JSON-ready dict (tuples become lists)."""
+        d = dataclasses.asdict(self)
+        return {k: ([list(x) if isinstance(x, tuple) else x for x in v] if isinstance(v, tuple) else v)
+                for k, v in d.items()}
+
+    @staticmethod
+    def from_dict(d: dict) -> "QuantConfig":
+        """Inverse of `to_dict`; unknown keys raise ValueError."""
+        names = {f.name for f in dataclasses.fields(QuantConfig)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ValueError(f"QuantConfig: unknown fields {unknown}")
+        tup = lambda v: tuple(tuple(x) if isinstance(x, list) else x for x in v) if isinstance(v, list) else v
+        return QuantConfig(**{k: tup(v) for k, v in d.items()})
 
     def replace(self, **kw) -> "QuantConfig":
         return dataclasses.replace(self, **kw)

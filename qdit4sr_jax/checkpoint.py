@@ -1,0 +1,191 @@
+"""Save / load quantized params trees with orbax.
+
+On-disk layout of `save(path, qparams, cfg)` (a directory):
+  path/state/                orbax PyTree checkpoint of the arrays: every QuantizedWeight becomes a dict
+                             of its present arrays (packed 4-bit codes stay uint8, two per byte) at the
+                             node's own tree path; float leaves are stored as they are (dtype kept).
+  path/qdit4sr_quant.json    {"format", "version", "quant_config": QuantConfig.to_dict(),
+                             "nodes": {tree path of the kernel: static fields + "arrays": [names]}}
+The checkpoint is written to a temporary sibling directory and renamed to `path` only when complete,
+so a failure mid-save leaves nothing at `path`. `load` validates every node (present arrays, dtype and
+shape against the stored bits / layout, codes inside the bit-width's range) and raises ValueError
+naming the layer and the problem.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import uuid
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from qdit4sr_jax.quant import quantizer as qz
+from qdit4sr_jax.quant.config import QuantConfig
+from qdit4sr_jax.quant.qweight import ARRAY_FIELDS, LAYOUTS, STATIC_FIELDS, QuantizedWeight
+
+FORMAT = "qdit4sr-jax/quantized-params"
+VERSION = 1
+META = "qdit4sr_quant.json"
+STATE = "state"
+
+
+def _flatten(tree, nodes, path=()):
+    """Replace QuantizedWeight nodes by dicts of their arrays; record their static fields in `nodes`."""
+    if isinstance(tree, QuantizedWeight):
+        arrays = {f: getattr(tree, f) for f in ARRAY_FIELDS if getattr(tree, f) is not None}
+        nodes["/".join(path)] = dict(tree.static_dict(), arrays=sorted(arrays))
+        return arrays
+    if isinstance(tree, dict) or hasattr(tree, "items"):
+        out = {}
+        for k, v in tree.items():
+            if not isinstance(k, str):
+                raise ValueError(f"checkpoint: tree keys must be strings, got {k!r} at {'/'.join(path)}")
+            if v is None:
+                continue
+            out[k] = _flatten(v, nodes, path + (k,))
+        return out
+    if not hasattr(tree, "dtype"):
+        raise ValueError(f"checkpoint: leaf at {'/'.join(path)} is a {type(tree).__name__}, not an array")
+    return tree
+
+
+def dir_size(path: str) -> int:
+    """Total bytes of the files under `path`."""
+    return sum(os.path.getsize(os.path.join(r, f)) for r, _, fs in os.walk(path) for f in fs)
+
+
+def save(path: str, qparams, cfg: Optional[QuantConfig] = None, *, overwrite: bool = False) -> dict:
+    """Write `qparams` (a quantized params tree) and `cfg` to the directory `path`, atomically.
+
+    Returns {"path", "bytes_on_disk", "bytes_arrays", "quantized_layers"}.
+    Raises FileExistsError if `path` exists and overwrite is False.
+    """
+    import orbax.checkpoint as ocp
+    path = os.path.abspath(os.fspath(path))
+    if os.path.exists(path) and not overwrite:
+        raise FileExistsError(f"checkpoint path {path} exists; pass overwrite=True to replace it")
+    nodes: dict = {}
+    state = _flatten(qparams, nodes)
+    meta = {"format": FORMAT, "version": VERSION,
+            "quant_config": None if cfg is None else cfg.to_dict(), "nodes": nodes}
+    parent = os.path.dirname(path)
+    os.makedirs(parent, exist_ok=True)
+    tmp = os.path.join(parent, f".{os.path.basename(path)}.tmp-{uuid.uuid4().hex[:12]}")
+    try:
+        ocp.PyTreeCheckpointer().save(os.path.join(tmp, STATE), state)
+        with open(os.path.join(tmp, META), "w") as f:
+            json.dump(meta, f, indent=1, sort_keys=True)
+        if os.path.exists(path):                       # overwrite: move the old one aside first
+            old = tmp + ".old"
+            os.replace(path, old)
+            os.replace(tmp, path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    leaves = jax.tree_util.tree_leaves(state)
+    return {"path": path, "bytes_on_disk": dir_size(path),
+            "bytes_arrays": int(sum(np.dtype(a.dtype).itemsize * int(np.prod(a.shape)) for a in leaves)),
+            "quantized_layers": len(nodes)}
+
+
+def _expected_qvalue(st) -> tuple:
+    k, n = st["shape"]
+    G, g = qz.num_groups(k, st["group_size"])
+    last = k if st["layout"] == "nk" else g
+    if st["packed"]:
+        last = -(-last // 2)
+    shape = (n, last) if st["layout"] == "nk" else (G, n, last)
+    return shape, (np.uint8 if st["packed"] else np.int8)
+
+
+def _rebuild_node(name: str, st: dict, arrays: dict) -> QuantizedWeight:
+    missing = [f for f in STATIC_FIELDS if f not in st]
+    if missing:
+        raise ValueError(f"checkpoint layer {name!r}: metadata lacks static fields {missing}")
+    listed = st.get("arrays", [])
+    absent = [f for f in set(listed) | {"qvalue", "scale"} if f not in arrays]
+    if absent:
+        raise ValueError(f"checkpoint layer {name!r}: missing array field(s) {sorted(absent)}")
+    try:
+        w_bits = qz.check_bits(st["w_bits"], "weight bits")
+        if st["a_bits"] is not None:
+            qz.check_bits(st["a_bits"], "activation bits")
+    except ValueError as e:
+        raise ValueError(f"checkpoint layer {name!r}: {e}") from None
+    if st["layout"] not in LAYOUTS:
+        raise ValueError(f"checkpoint layer {name!r}: unknown layout {st['layout']!r}")
+    if st["packed"] and w_bits > 4:
+        raise ValueError(f"checkpoint layer {name!r}: packed codes but w_bits={w_bits} (> 4 cannot be packed)")
+    if not st["w_symmetric"] and "zero" not in arrays:
+        raise ValueError(f"checkpoint layer {name!r}: asymmetric weights need a 'zero' array")
+    q = np.asarray(arrays["qvalue"])
+    shape, dtype = _expected_qvalue(st)
+    if q.dtype != dtype or tuple(q.shape) != shape:
+        raise ValueError(f"checkpoint layer {name!r}: stored codes are {q.dtype} {tuple(q.shape)} but "
+                         f"w_bits={w_bits}, layout={st['layout']}, packed={st['packed']} imply "
+                         f"{np.dtype(dtype)} {shape}: wrong bit-width or corrupted metadata")
+    codes = np.asarray(qz.unpack_int4(q, (shape[-1] * 2))) if st["packed"] else q
+    qmin, qmax = qz.code_range(w_bits, st["w_symmetric"])
+    if codes.size and (codes.min() < qmin or codes.max() > qmax):
+        raise ValueError(f"checkpoint layer {name!r}: codes span [{codes.min()}, {codes.max()}], outside the "
+                         f"{w_bits}-bit range [{qmin}, {qmax}]: wrong bit-width in the metadata")
+    static = {f: st[f] for f in STATIC_FIELDS}
+    static["shape"] = tuple(static["shape"])
+    static["block"] = None if static["block"] is None else tuple(static["block"])
+    kw = {f: (jnp.asarray(arrays[f]) if f in arrays else None) for f in ARRAY_FIELDS}
+    return QuantizedWeight(**kw, **static)
+
+
+def load(path: str, *, expect_cfg: Optional[QuantConfig] = None):
+    """Read a checkpoint written by `save` -> (qparams, cfg). Arrays come back as jax arrays with the
+    stored dtypes (bit-exact). expect_cfg: if given, the stored QuantConfig must equal it."""
+    import orbax.checkpoint as ocp
+    path = os.path.abspath(os.fspath(path))
+    meta_path = os.path.join(path, META)
+    if not os.path.isfile(meta_path):
+        raise FileNotFoundError(f"{path} is not a qdit4sr-jax quantized checkpoint (no {META})")
+    with open(meta_path) as f:
+        meta = json.load(f)
+    if meta.get("format") != FORMAT or meta.get("version") != VERSION:
+        raise ValueError(f"{meta_path}: format {meta.get('format')!r} v{meta.get('version')} is not "
+                         f"{FORMAT!r} v{VERSION}")
+    for key in ("quant_config", "nodes"):
+        if key not in meta:
+            raise ValueError(f"{meta_path}: missing field {key!r}")
+    cfg = None if meta["quant_config"] is None else QuantConfig.from_dict(meta["quant_config"])
+    if expect_cfg is not None and cfg != expect_cfg:
+        diff = {k: (v, getattr(expect_cfg, k)) for k, v in vars(cfg or QuantConfig()).items()
+                if getattr(expect_cfg, k) != v}
+        raise ValueError(f"{path}: stored QuantConfig differs from the expected one (stored, expected): {diff}")
+    state = ocp.PyTreeCheckpointer().restore(os.path.join(path, STATE))
+
+    def get(tree, parts):
+        for p in parts:
+            if not isinstance(tree, dict) or p not in tree:
+                return None
+            tree = tree[p]
+        return tree
+
+    nodes = {}
+    for name, st in meta["nodes"].items():
+        arrays = get(state, name.split("/"))
+        if not isinstance(arrays, dict):
+            raise ValueError(f"checkpoint layer {name!r}: its arrays are missing from {path}/{STATE}")
+        nodes[name] = _rebuild_node(name, st, arrays)
+
+    def build(tree, parts):
+        name = "/".join(parts)
+        if name in nodes:
+            return nodes[name]
+        if isinstance(tree, dict):
+            return {k: build(v, parts + (k,)) for k, v in tree.items()}
+        return jnp.asarray(tree)
+
+    return build(state, ()), cfg

@@ -1,0 +1,46 @@
+"""Named `QuantConfig` presets: "<method>-w<X>a<Y>" (e.g. "rtn-w4a4", "smoothquant-w8a8",
+"svdquant-w4a4", "rotation-w4a6", "qdit4sr-w4a4") and the bare "w8a8", "w4a8", "w4a6", "w4a4" (RTN).
+Any X in 2..8 and Y in 2..8 parses; "a16" keeps activations in float (weight-only).
+
+Per-method settings (and where they come from):
+- rtn:          weights RTN group 64 (per channel at 8 bits), activations per token.
+- smoothquant:  alpha 0.5, per-channel weights, per-token activations (SmoothQuant, Xiao et al. 2023).
+- svdquant:     smoothing alpha 0.5, rank-32 16-bit branch, 4-bit group-64 residual (SVDQuant, Li et al. 2025).
+- rotation:     block Hadamard on d_in, RTN weights (QuaRot-RTN, Ashkboos et al. 2024), group 64 at <= 4 bits.
+- qdit4sr:      H-SVD at SVDQuant's rank-32 budget, VaSMP weight bits, VaTMP activation schedule (the paper).
+"""
+from __future__ import annotations
+
+import re
+
+from qdit4sr_jax.quant.config import METHODS, QuantConfig
+
+_METHOD_FIELDS = {
+    "rtn": {},
+    "smoothquant": dict(smooth=True, smooth_alpha=0.5, w_group_size=None),
+    "svdquant": dict(smooth=True, smooth_alpha=0.5, lowrank_rank=32, w_group_size=64),
+    "rotation": dict(rotate=True),
+    "qdit4sr": dict(hsvd=True, lowrank_rank=32, vasmp=True, vatmp=True),
+}
+
+_NAME = re.compile(r"^(?:(?P<method>[a-z0-9]+)-)?w(?P<w>\d+)a(?P<a>\d+)$")
+
+
+def preset(name: str) -> QuantConfig:
+    """QuantConfig for a preset name; ValueError listing the grammar for unknown names."""
+    m = _NAME.match(name.strip().lower())
+    if not m or (m.group("method") or "rtn") not in METHODS:
+        raise ValueError(f"unknown quantization preset {name!r}: use '<method>-w<bits>a<bits>' with method in "
+                         f"{METHODS} (or bare 'w8a8', 'w4a8', 'w4a6', 'w4a4' for RTN)")
+    method = m.group("method") or "rtn"
+    w, a = int(m.group("w")), int(m.group("a"))
+    if not 2 <= w <= 8 or not (2 <= a <= 8 or a == 16):
+        raise ValueError(f"preset {name!r}: weight bits must be 2..8 and activation bits 2..8 or 16")
+    fields = dict(_METHOD_FIELDS[method])
+    if w == 8 and method == "rtn":
+        fields["w_group_size"] = None                 # W8: per-channel is already near-lossless
+    return QuantConfig(method=method, w_bits=w, a_bits=None if a == 16 else a, **fields).validate()
+
+
+PRESET_NAMES = tuple(f"{m}-{b}" for m in METHODS for b in ("w8a8", "w4a8", "w4a6", "w4a4")) + (
+    "w8a8", "w4a8", "w4a6", "w4a4")

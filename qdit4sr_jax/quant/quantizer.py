@@ -1,0 +1,214 @@
+"""Uniform quantizers (2..8 bits), weight/activation granularities, and 4-bit packing.
+
+Conventions (shared by every quantizer here, the quantized-weight node and `linear`):
+- Integer codes are stored *signed* in an int8 container, whatever the scheme:
+  symmetric  (narrow range):  q in [-(2^(b-1)-1), 2^(b-1)-1],   x ~ q * s,        s = max|x| / (2^(b-1)-1)
+  asymmetric (signed offset): q in [-2^(b-1), 2^(b-1)-1],        x ~ (q - z) * s,  s = (hi - lo) / (2^b - 1),
+      lo = min(min x, 0), hi = max(max x, 0), z = round(-lo / s) - 2^(b-1)  (z an integer code, same range as q).
+  The asymmetric form is the usual unsigned [0, 2^b-1] scheme shifted by 2^(b-1) so that 8-bit codes fit int8.
+- Rounding is round-half-to-even (`jnp.round`), then clipping to the code range ("RTN with clipping").
+  `clip_ratio` < 1 shrinks the range before the scale is computed (values beyond it saturate).
+- A range of zero (all-zero group / token) gets scale 1 and codes 0, so dequantization gives back zeros.
+- Weights W are [N, K] = (out, in) (the transpose of a Flax kernel). Granularities:
+  per output channel (group_size=None: one scale per row), per group of `group_size` consecutive input
+  channels (a last, shorter group when group_size does not divide K: the row is zero-padded to a whole
+  number of groups before the statistics are taken, which changes nothing since 0 is always inside the
+  range), per tensor (`quantize_tensor`), per token for activations (`quantize_per_token`, dynamic).
+- `bits` may be a Python int (checked: 2..8) or, for activations, a traced integer scalar (not checked
+  inside jit; the caller's schedule must hold values in 2..8).
+
+Packing (`pack_int4` / `unpack_int4`) of codes with <= 4 bits, two per byte along the last axis:
+byte j holds element 2j in its low nibble and element 2j+1 in its high nibble, each as a 4-bit
+two's-complement value (code & 0xF). An odd last axis is padded with one zero code.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional, Tuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+MIN_BITS, MAX_BITS = 2, 8
+
+
+def check_bits(bits, what: str = "bits") -> int:
+    """Validate a static bit-width; returns it as int. Raises ValueError outside 2..8."""
+    if isinstance(bits, (bool, np.bool_)) or not isinstance(bits, (int, np.integer, float, np.floating)):
+        raise ValueError(f"{what} must be an integer in [{MIN_BITS}, {MAX_BITS}], got {bits!r}")
+    if float(bits) != int(bits) or not MIN_BITS <= int(bits) <= MAX_BITS:
+        raise ValueError(f"unsupported {what}={bits!r}: supported bit-widths are integers "
+                         f"{MIN_BITS}..{MAX_BITS} (use None to keep a tensor in float)")
+    return int(bits)
+
+
+def _is_static(bits) -> bool:
+    return isinstance(bits, (int, np.integer, float, np.floating)) and not isinstance(bits, bool)
+
+
+def code_range(bits, symmetric: bool):
+    """(qmin, qmax) of the signed codes, as Python ints (static bits) or float32 scalars (traced bits)."""
+    if _is_static(bits):
+        b = check_bits(bits)
+        half = 2 ** (b - 1)
+        return (-(half - 1), half - 1) if symmetric else (-half, half - 1)
+    half = jnp.exp2(jnp.asarray(bits, jnp.float32) - 1.0)
+    return ((-(half - 1.0), half - 1.0) if symmetric else (-half, half - 1.0))
+
+
+def _levels(bits, symmetric: bool):
+    """Number of quantization steps spanned by the range: 2^(b-1)-1 (symmetric, half range) or 2^b-1."""
+    qmin, qmax = code_range(bits, symmetric)
+    return qmax if symmetric else qmax - qmin
+
+
+def scale_zero(x, bits, symmetric: bool, axis, clip_ratio=1.0):
+    """Scale (and zero code) of x reduced over `axis` (kept as size-1 dims). float32.
+
+    Returns (scale, zero); zero is None for symmetric, else a float32 array of integer codes.
+    """
+    x = x.astype(jnp.float32)
+    lev = _levels(bits, symmetric)
+    if symmetric:
+        amax = jnp.max(jnp.abs(x), axis=axis, keepdims=True) * clip_ratio
+        s = amax / lev
+        return jnp.where(s > 0, s, 1.0), None
+    lo = jnp.minimum(jnp.min(x, axis=axis, keepdims=True), 0.0) * clip_ratio
+    hi = jnp.maximum(jnp.max(x, axis=axis, keepdims=True), 0.0) * clip_ratio
+    s = (hi - lo) / lev
+    s = jnp.where(s > 0, s, 1.0)
+    qmin, _ = code_range(bits, symmetric)
+    z = jnp.round(-lo / s) + qmin
+    return s, z
+
+
+def quantize_codes(x, scale, zero, bits, symmetric: bool):
+    """Integer codes (float32 holding integers) of x given its scale/zero: clip(round(x/s) + z)."""
+    qmin, qmax = code_range(bits, symmetric)
+    q = jnp.round(x.astype(jnp.float32) / scale)
+    if zero is not None:
+        q = q + zero
+    return jnp.clip(q, qmin, qmax)
+
+
+def dequantize(q, scale, zero=None):
+    """(q - z) * s in float32."""
+    q = q.astype(jnp.float32)
+    if zero is not None:
+        q = q - zero.astype(jnp.float32)
+    return q * scale
+
+
+def fake_quant(x, bits, symmetric: bool = True, axis=-1, clip_ratio=1.0):
+    """Quantize-dequantize x with statistics reduced over `axis` (e.g. -1: per token). float32."""
+    s, z = scale_zero(x, bits, symmetric, axis, clip_ratio)
+    return dequantize(quantize_codes(x, s, z, bits, symmetric), s, z)
+
+
+def quantize_per_token(x, bits, symmetric: bool = True, clip_ratio=1.0):
+    """Dynamic per-token quantization of activations x [..., K].
+
+    Returns (q int8 [..., K], scale f32 [..., 1], zero int32 [..., 1] or None). `bits` may be traced.
+    """
+    s, z = scale_zero(x, bits, symmetric, -1, clip_ratio)
+    q = quantize_codes(x, s, z, bits, symmetric).astype(jnp.int8)
+    return q, s, (None if z is None else z.astype(jnp.int32))
+
+
+def quantize_tensor(x, bits, symmetric: bool = True, clip_ratio=1.0):
+    """Static per-tensor quantization: (q int8 like x, scale f32 [], zero int8 [] or None)."""
+    bits = check_bits(bits)
+    axes = tuple(range(x.ndim))
+    s, z = scale_zero(x, bits, symmetric, axes, clip_ratio)
+    q = quantize_codes(x, s, z, bits, symmetric).astype(jnp.int8)
+    return q, s.reshape(()), (None if z is None else z.reshape(()).astype(jnp.int8))
+
+
+def num_groups(k: int, group_size: Optional[int]) -> Tuple[int, int]:
+    """(G, g): number of groups and group length along K (per-channel: (1, K))."""
+    if group_size is None or group_size >= k:
+        return 1, k
+    if group_size < 1:
+        raise ValueError(f"group_size must be a positive integer or None, got {group_size}")
+    return -(-k // group_size), group_size
+
+
+def _grouped(w, group_size):
+    n, k = w.shape
+    G, g = num_groups(k, group_size)
+    if G * g != k:
+        w = jnp.pad(w, ((0, 0), (0, G * g - k)))
+    return w.reshape(n, G, g)
+
+
+def quantize_weight(w, bits, group_size: Optional[int] = None, symmetric: bool = True,
+                    clip_ratio=1.0, clip_search: bool = False):
+    """Quantize a weight W [N, K] (out, in) per output channel or per group along K.
+
+    Returns (q int8 [N, G, g], scale f32 [N, G], zero int8 [N, G] or None), with (G, g) =
+    `num_groups(K, group_size)`; q is zero-padded (with the zero code) past K in the last group.
+    clip_search: per group, pick the clip ratio in {1.0, 0.95, ..., 0.5} that minimises the squared
+    dequantization error (times `clip_ratio`), a standard RTN refinement (e.g. AWQ's clip search, without data).
+    """
+    bits = check_bits(bits, "weight bits")
+    w = jnp.asarray(w)
+    if w.ndim != 2:
+        raise ValueError(f"quantize_weight expects a 2-D weight [N, K], got shape {w.shape}")
+    if w.size == 0:
+        raise ValueError(f"cannot quantize a zero-size weight of shape {w.shape}")
+    wg = _grouped(w.astype(jnp.float32), group_size)
+    if clip_search:
+        ratios = jnp.linspace(1.0, 0.5, 11) * clip_ratio
+
+        def err(r):
+            s, z = scale_zero(wg, bits, symmetric, -1, r)
+            d = dequantize(quantize_codes(wg, s, z, bits, symmetric), s, z) - wg
+            return jnp.sum(d * d, axis=-1, keepdims=True)
+
+        errs = jax.vmap(err)(ratios)                      # [R, N, G, 1]
+        ratio = ratios[jnp.argmin(errs, axis=0)]          # [N, G, 1]
+    else:
+        ratio = clip_ratio
+    s, z = scale_zero(wg, bits, symmetric, -1, ratio)
+    q = quantize_codes(wg, s, z, bits, symmetric)
+    k = w.shape[1]
+    G, g = wg.shape[1], wg.shape[2]
+    if G * g != k:  # padded tail: hold the zero code, so (q - z) = 0 there
+        valid = (jnp.arange(G * g) < k).reshape(1, G, g)
+        q = jnp.where(valid, q, 0.0 if z is None else z)
+    return (q.astype(jnp.int8), s[..., 0],
+            None if z is None else z[..., 0].astype(jnp.int8))
+
+
+def dequantize_weight(q, scale, zero, k: int):
+    """Inverse of `quantize_weight`: q [N, G, g], scale/zero [N, G] -> W [N, K] float32."""
+    n, G, g = q.shape
+    w = dequantize(q, scale[..., None], None if zero is None else zero[..., None])
+    return w.reshape(n, G * g)[:, :k]
+
+
+def pack_int4(q):
+    """Pack int codes in [-8, 7] two per byte along the last axis: [..., L] int8 -> [..., ceil(L/2)] uint8.
+
+    Layout: byte j = (q[2j] & 0xF) | ((q[2j+1] & 0xF) << 4); odd L is padded with a zero code.
+    """
+    q = jnp.asarray(q)
+    if q.shape[-1] % 2:
+        q = jnp.pad(q, [(0, 0)] * (q.ndim - 1) + [(0, 1)])
+    u = q.astype(jnp.int8).astype(jnp.uint8) & jnp.uint8(0xF)
+    return u[..., 0::2] | (u[..., 1::2] << jnp.uint8(4))
+
+
+def unpack_int4(p, length: int):
+    """Inverse of `pack_int4`: [..., ceil(L/2)] uint8 -> [..., L] int8 (sign-extended nibbles)."""
+    p = jnp.asarray(p)
+    if p.dtype != jnp.uint8:
+        raise ValueError(f"unpack_int4 expects uint8 packed data, got {p.dtype}")
+    if p.shape[-1] != math.ceil(length / 2):
+        raise ValueError(f"packed last axis {p.shape[-1]} does not hold {length} 4-bit values")
+    s = p.astype(jnp.int8)
+    lo = (s << 4) >> 4          # arithmetic shift sign-extends the low nibble
+    hi = s >> 4
+    out = jnp.stack([lo, hi], axis=-1).reshape(*p.shape[:-1], 2 * p.shape[-1])
+    return out[..., :length]

@@ -1,0 +1,212 @@
+"""`QuantizedWeight`: the pytree node that replaces a linear layer's `kernel` in the params tree.
+
+The node sits exactly where the float kernel [K, N] (= [d_in, d_out], Flax layout) was, so tree paths
+do not change; `qdit4sr_jax.quant.linear.linear` dispatches on it. Arrays are pytree children, every
+configuration value is static aux data (hashable), so the node passes through `jax.jit` and a change of
+bits/layout recompiles while new array values do not.
+
+Semantics. With x [M, K] the layer input, the layer computes
+    x' = hadamard_b(x / smooth)                       (each step only if present; b = `rotate`)
+    y  = Q_a(x') @ W_q^T + (x' @ lr_a) @ lr_b + blockwise(x') + bias
+where W_q = dequantized codes [N, K], Q_a the per-token activation fake-quantizer (identity when
+activations stay in float), and every factor acts in the transformed input space x'.
+
+Array children (None when absent):
+  qvalue:  integer codes of the (residual) weight, in `layout`:
+           "nk"  [N, K]      per-output-channel scales (one group spanning K);
+           "gnk" [G, N, g]   group-wise scales, group-major so that the int8 GEMM contracts the last axis
+                             of both operands with the group as a leading batch axis (no transpose).
+           int8, or packed two per byte into uint8 along the last axis when `packed` (w_bits <= 4;
+           layout of `quantizer.pack_int4`: low nibble = even index).
+  scale:   float32 [N, G]            (G = 1 for "nk")
+  zero:    int8 [N, G]               asymmetric weights only (codes, see quantizer.py)
+  smooth:  float32 [K]               SmoothQuant-style per-input-channel divisor of the activation
+  lr_a, lr_b: [K, r], [r, N]         16-bit global low-rank branch (SVDQuant / H-SVD global part)
+  block_u, block_v: [n_bo, n_bi, b_out], [n_bo, n_bi, b_in]   16-bit block-wise rank-1 branch (H-SVD):
+           block (i, j) of the branch weight [N, K] (rows i*b_out.., cols j*b_in..) is u_ij v_ij^T; ragged
+           edge blocks are zero-padded past N / K.
+  a_schedule: int32 [T]              activation bits per sampling step (VaTMP), indexed by `step`.
+
+Static fields: shape (K, N) of the original kernel, dtype of the original kernel, w_bits, group_size
+(None = per channel), layout, packed, w_symmetric, a_bits (int, or None = float activations; the bits
+used when no `step` / `act_bits` is given), a_symmetric, rotate (Hadamard block size, 0 = none),
+block ((b_out, b_in) or None), execution ("fake" | "int").
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Optional, Tuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from qdit4sr_jax.quant import quantizer as qz
+
+LAYOUTS = ("nk", "gnk")
+EXECUTIONS = ("fake", "int")
+ARRAY_FIELDS = ("qvalue", "scale", "zero", "smooth", "lr_a", "lr_b", "block_u", "block_v", "a_schedule")
+STATIC_FIELDS = ("shape", "dtype", "w_bits", "group_size", "layout", "packed", "w_symmetric",
+                 "a_bits", "a_symmetric", "rotate", "block", "execution")
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantizedWeight:
+    qvalue: Any
+    scale: Any
+    zero: Any = None
+    smooth: Any = None
+    lr_a: Any = None
+    lr_b: Any = None
+    block_u: Any = None
+    block_v: Any = None
+    a_schedule: Any = None
+    # static
+    shape: Tuple[int, int] = (0, 0)
+    dtype: str = "float32"
+    w_bits: int = 8
+    group_size: Optional[int] = None
+    layout: str = "nk"
+    packed: bool = False
+    w_symmetric: bool = True
+    a_bits: Optional[int] = None
+    a_symmetric: bool = True
+    rotate: int = 0
+    block: Optional[Tuple[int, int]] = None
+    execution: str = "fake"
+
+    # ---- derived sizes -------------------------------------------------------------------------
+    @property
+    def k(self) -> int:
+        return self.shape[0]
+
+    @property
+    def n(self) -> int:
+        return self.shape[1]
+
+    @property
+    def groups(self) -> Tuple[int, int]:
+        """(G, g) as in `quantizer.num_groups`."""
+        return qz.num_groups(self.k, self.group_size)
+
+    def codes(self):
+        """Unpacked int8 codes in `layout` ([N, K] or [G, N, g])."""
+        if not self.packed:
+            return self.qvalue
+        last = self.k if self.layout == "nk" else self.groups[1]
+        return qz.unpack_int4(self.qvalue, last)
+
+    def codes_nk(self):
+        """int8 codes as [N, G, g] (zero-padded groups)."""
+        q = self.codes()
+        if self.layout == "nk":
+            return q[:, None, :]
+        return jnp.transpose(q, (1, 0, 2))
+
+    def dequantize_residual(self):
+        """Dequantized quantized part W_q [N, K] float32 (in the transformed input space)."""
+        return qz.dequantize_weight(self.codes_nk(), self.scale, self.zero, self.k)
+
+    def branch_weight(self):
+        """Dense [N, K] float32 of the 16-bit branches (zeros when there are none)."""
+        w = jnp.zeros((self.n, self.k), jnp.float32)
+        if self.lr_a is not None:
+            w = w + (self.lr_a.astype(jnp.float32) @ self.lr_b.astype(jnp.float32)).T
+        if self.block_u is not None:
+            bo, bi = self.block
+            nbo, nbi = self.block_u.shape[:2]
+            blk = jnp.einsum("ijo,ijb->iojb", self.block_u.astype(jnp.float32), self.block_v.astype(jnp.float32))
+            w = w + blk.reshape(nbo * bo, nbi * bi)[: self.n, : self.k]
+        return w
+
+    def dequantize(self):
+        """Effective float kernel [K, N] in the original input space (weights only, no activation
+        quantization): x @ dequantize() == linear(x, node) with a_bits=None, up to float rounding."""
+        from qdit4sr_jax.quant.baselines import hadamard_transform
+        w = self.dequantize_residual() + self.branch_weight()        # [N, K], acts on x'
+        if self.rotate:
+            w = hadamard_transform(w, self.rotate)                   # (x H) W^T = x (W H)^T, H symmetric
+        if self.smooth is not None:
+            w = w / self.smooth[None, :]
+        return w.T
+
+    def nbytes(self) -> int:
+        """Bytes held by the node's arrays."""
+        return int(sum(np.dtype(a.dtype).itemsize * int(np.prod(a.shape))
+                       for a in (getattr(self, f) for f in ARRAY_FIELDS) if a is not None))
+
+    def static_dict(self) -> dict:
+        d = {f: getattr(self, f) for f in STATIC_FIELDS}
+        d["shape"] = list(d["shape"])
+        d["block"] = None if d["block"] is None else list(d["block"])
+        return d
+
+    def replace(self, **kw) -> "QuantizedWeight":
+        return dataclasses.replace(self, **kw)
+
+
+jax.tree_util.register_dataclass(QuantizedWeight, data_fields=list(ARRAY_FIELDS),
+                                 meta_fields=list(STATIC_FIELDS))
+
+
+def is_qweight(x) -> bool:
+    return isinstance(x, QuantizedWeight)
+
+
+def make_qweight(w_nk, *, w_bits: int, group_size: Optional[int] = None, w_symmetric: bool = True,
+                 a_bits: Optional[int] = None, a_symmetric: bool = True, clip_ratio: float = 1.0,
+                 clip_search: bool = False, pack: bool = True, execution: str = "fake",
+                 dtype: str = "float32", smooth=None, lr_a=None, lr_b=None, block_u=None, block_v=None,
+                 block: Optional[Tuple[int, int]] = None, rotate: int = 0, a_schedule=None,
+                 branch_dtype: str = "bfloat16") -> QuantizedWeight:
+    """Quantize the (already transformed: smoothed / rotated / residual) weight W [N, K] into a node.
+
+    w_nk: float [N, K] = (out, in), the part that goes to integers; every extra is given in the same
+    transformed input space (see module docstring). Branch factors are cast to `branch_dtype`.
+    Returns a QuantizedWeight whose `shape` is the Flax kernel shape (K, N). Traceable (jit-safe).
+    """
+    w_bits = qz.check_bits(w_bits, "weight bits")
+    if a_bits is not None:
+        a_bits = qz.check_bits(a_bits, "activation bits")
+    if execution not in EXECUTIONS:
+        raise ValueError(f"execution must be one of {EXECUTIONS}, got {execution!r}")
+    n, k = w_nk.shape
+    q, s, z = qz.quantize_weight(w_nk, w_bits, group_size, w_symmetric, clip_ratio, clip_search)
+    G, g = qz.num_groups(k, group_size)
+    if G == 1:
+        layout, q = "nk", q[:, 0, :]
+        group_size = None
+    else:
+        layout, q = "gnk", jnp.transpose(q, (1, 0, 2))
+    packed = bool(pack and w_bits <= 4)
+    if packed:
+        q = qz.pack_int4(q)
+    bdt = jnp.dtype(branch_dtype)
+    cast = lambda a: None if a is None else jnp.asarray(a).astype(bdt)
+    if (lr_a is None) != (lr_b is None):
+        raise ValueError("low-rank branch needs both lr_a [K, r] and lr_b [r, N]")
+    if lr_a is not None and (lr_a.shape[0] != k or lr_b.shape[1] != n or lr_a.shape[1] != lr_b.shape[0]):
+        raise ValueError(f"low-rank factors {lr_a.shape} / {lr_b.shape} do not fit a [{k}, {n}] kernel")
+    if (block_u is None) != (block_v is None) or ((block_u is not None) and block is None):
+        raise ValueError("block branch needs block_u, block_v and block=(b_out, b_in)")
+    if block_u is not None:
+        bo, bi = block
+        nbo, nbi = -(-n // bo), -(-k // bi)
+        if block_u.shape != (nbo, nbi, bo) or block_v.shape != (nbo, nbi, bi):
+            raise ValueError(f"block factors {block_u.shape} / {block_v.shape} do not match blocks {block} "
+                             f"of a [{n}, {k}] weight: expected {(nbo, nbi, bo)} / {(nbo, nbi, bi)}")
+        block = (int(bo), int(bi))
+    if smooth is not None:
+        smooth = jnp.asarray(smooth, jnp.float32)
+        if smooth.shape != (k,):
+            raise ValueError(f"smoothing scale must be [{k}], got {smooth.shape}")
+    if a_schedule is not None:
+        if a_bits is None:
+            raise ValueError("an activation-bit schedule needs a default a_bits (used when no step is given)")
+        a_schedule = jnp.asarray(a_schedule, jnp.int32)
+    return QuantizedWeight(
+        qvalue=q, scale=s, zero=z, smooth=smooth, lr_a=cast(lr_a), lr_b=cast(lr_b),
+        block_u=cast(block_u), block_v=cast(block_v), a_schedule=a_schedule,
+        shape=(int(k), int(n)), dtype=str(jnp.dtype(dtype)), w_bits=w_bits, group_size=group_size,
+        layout=layout, packed=packed, w_symmetric=bool(w_symmetric), a_bits=a_bits,
+        a_symmetric=bool(a_symmetric), rotate=int(rotate), block=block, execution=execution)
