@@ -7,6 +7,7 @@ DiT4SR's `attn2` carries but never uses (`add_{q,k,v}_proj`, `to_add_out`, `norm
 """
 from __future__ import annotations
 
+import functools
 from typing import Any, Dict, Mapping
 
 from converters.keytable import CONV_HWIO, IDENTITY, LINEAR, Rule, convert, convert_state_dict, plan
@@ -45,6 +46,7 @@ TRANSFORMER_TABLE = [
 ]
 
 
+@functools.lru_cache(maxsize=8)
 def abstract_params(cfg) -> Dict[str, Any]:
     """Abstract params tree of `DiT4SRTransformer(cfg)` (jax.ShapeDtypeStruct leaves; nothing allocated)."""
     from qdit4sr_jax.model.dit4sr import param_shapes
