@@ -232,7 +232,7 @@ def init(cfg: VAEConfig, rng, image_size: int = 64):
         return {}
     _require_sd3(cfg)
     x = jnp.zeros((1, image_size, image_size, cfg.in_channels), jnp.float32)
-    return SD3VAE(cfg).init(rng, x)["params"]
+    return jax.jit(lambda r: SD3VAE(cfg).init(r, x)["params"])(rng)
 
 
 def _require_sd3(cfg):

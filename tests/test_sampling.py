@@ -1,0 +1,163 @@
+"""Sampler: schedule properties, step index, guidance, LR start, tiling/blending, calibration stats."""
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from qdit4sr_jax import sampling
+from qdit4sr_jax.config import ModelConfig
+from qdit4sr_jax.model.layers import Linear
+from qdit4sr_jax.quant.stats import activation_stats
+
+CFG = ModelConfig.preset("tiny")
+
+
+def _lat(seed, shape=(1, 8, 8, 4)):
+    return jax.random.normal(jax.random.PRNGKey(seed), shape)
+
+
+def test_schedule_properties_and_start_sigma():
+    sig, ts = sampling.flow_schedule(10, 3.0)
+    assert sig[0] == 1.0 and sig[-1] == 0.0 and np.all(np.diff(sig) < 0)
+    np.testing.assert_allclose(ts, sig[:-1] * 1000, rtol=1e-6)
+    sig2, _ = sampling.flow_schedule(4, 3.0, start_sigma=0.6)
+    np.testing.assert_allclose(sig2[0], 0.6, rtol=1e-6)
+    np.testing.assert_allclose(sig2[-2], sig[-2], rtol=1e-6)   # same final sigma_min
+    with pytest.raises(ValueError, match="num_steps"):
+        sampling.flow_schedule(0)
+    with pytest.raises(ValueError, match="start_sigma"):
+        sampling.flow_schedule(4, start_sigma=1.5)
+
+
+def test_step_index_reaches_the_model():
+    """v = step: x_T = x_0 + sum_i (sigma_{i+1} - sigma_i) * i."""
+    def model_fn(params, x, lr, t, ctx, pooled, step, collect):
+        assert step.dtype == jnp.int32 and step.shape == ()
+        return jnp.zeros_like(x) + step.astype(jnp.float32), {}
+
+    noise = _lat(0)
+    out = sampling.sample(CFG, {}, noise, noise, num_steps=5, guidance_scale=1.0, start="noise",
+                          tile_latent=0, model_fn=model_fn)
+    sig, _ = sampling.flow_schedule(5, CFG.shift)
+    want = noise + sum((sig[i + 1] - sig[i]) * i for i in range(5))
+    np.testing.assert_allclose(np.asarray(out), np.asarray(want), rtol=1e-6, atol=1e-6)
+
+
+def test_guidance_combination_and_batch_doubling():
+    seen = []
+
+    def model_fn(params, x, lr, t, ctx, pooled, step, collect):
+        seen.append(x.shape[0])            # recorded at trace time
+        return jnp.zeros_like(x) + ctx.mean(axis=(1, 2))[:, None, None, None] + pooled[:, :1, None, None], {}
+
+    noise = _lat(0)
+    ctx, neg = jnp.full((1, 7, 24), 2.0), jnp.full((1, 7, 24), -1.0)
+    pool, npool = jnp.full((1, 20), 0.5), jnp.zeros((1, 20))
+    g = 4.0
+    out = sampling.sample(CFG, {}, noise, noise, context=ctx, pooled=pool, neg_context=neg, neg_pooled=npool,
+                          num_steps=3, guidance_scale=g, start="noise", tile_latent=0, model_fn=model_fn)
+    assert seen == [2]
+    vu, vc = -1.0, 2.5
+    v = vu + g * (vc - vu)                 # constant velocity; sigmas go 1 -> 0
+    np.testing.assert_allclose(np.asarray(out), np.asarray(noise - v), rtol=1e-5, atol=1e-5)
+    seen.clear()
+    out1 = sampling.sample(CFG, {}, noise, noise, context=ctx, pooled=pool, num_steps=3, guidance_scale=1.0,
+                           start="noise", tile_latent=0, model_fn=model_fn)
+    assert seen == [1]
+    np.testing.assert_allclose(np.asarray(out1), np.asarray(noise - 2.5), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="negative embeddings"):
+        sampling.sample(CFG, {}, noise, noise, context=ctx, pooled=pool, guidance_scale=2.0, model_fn=model_fn)
+
+
+def test_lr_start():
+    def model_fn(params, x, lr, t, ctx, pooled, step, collect):
+        return jnp.zeros_like(x), {}
+    noise, lr = _lat(0), _lat(1)
+    out = sampling.sample(CFG, {}, lr, noise, num_steps=2, guidance_scale=1.0, start="lr", start_sigma=0.25,
+                          tile_latent=0, model_fn=model_fn)
+    np.testing.assert_allclose(np.asarray(out), np.asarray(0.75 * lr + 0.25 * noise), rtol=1e-5, atol=1e-6)
+    # start_sigma 1 (DiT4SR's default schedule) makes the LR start pure noise
+    out = sampling.sample(CFG, {}, lr, noise, num_steps=2, guidance_scale=1.0, start="lr", start_sigma=1.0,
+                          tile_latent=0, model_fn=model_fn)
+    np.testing.assert_array_equal(np.asarray(out), np.asarray(noise))
+
+
+def test_tile_offsets_and_weights():
+    assert sampling.tile_offsets(10, 16, 4) == [0]
+    assert sampling.tile_offsets(128, 64, 24) == [0, 40, 64]
+    assert sampling.tile_offsets(100, 64, 24) == [0, 36]
+    w = sampling.gaussian_weights(8)
+    assert w.shape == (8, 8) and (w > 0).all()
+    np.testing.assert_allclose(w[:, 0], w[:, -1], rtol=1e-6)       # columns symmetric about (t-1)/2
+    with pytest.raises(ValueError, match="overlap"):
+        sampling.tile_offsets(20, 8, 8)
+
+
+def test_tiled_apply_blending():
+    x, lr = _lat(0, (2, 12, 20, 4)), _lat(1, (2, 12, 20, 4))
+
+    def pointwise(a, b):   # no spatial mixing: blending any tiling must give back the untiled result
+        return jnp.sin(a) * 2 + b, {}
+
+    ref, _ = pointwise(x, lr)
+    tiled, _ = sampling.tiled_apply(pointwise, x, lr, 8, 4)
+    np.testing.assert_allclose(np.asarray(tiled), np.asarray(ref), rtol=1e-5, atol=1e-6)
+    chunked, _ = sampling.tiled_apply(pointwise, x, lr, 8, 4, tile_batch=3)
+    np.testing.assert_allclose(np.asarray(chunked), np.asarray(ref), rtol=1e-5, atol=1e-6)
+    # one tile covering the whole latent: the weights cancel
+    whole, _ = sampling.tiled_apply(lambda a, b: (a * b, {}), x[:, :12, :12], lr[:, :12, :12], 16, 4, force=True)
+    np.testing.assert_allclose(np.asarray(whole), np.asarray(x[:, :12, :12] * lr[:, :12, :12]), rtol=1e-6)
+
+    def spatial(a, b):     # a mixing model: tiles see different context, so the result differs
+        return a - a.mean(axis=(1, 2), keepdims=True), {}
+    t2, _ = sampling.tiled_apply(spatial, x, lr, 8, 4)
+    assert not np.allclose(np.asarray(t2), np.asarray(spatial(x, lr)[0]), atol=1e-3)
+
+
+class _LinModel(nn.Module):
+    @nn.compact
+    def __call__(self, x, step=None):
+        return Linear(x.shape[-1], name="proj")(x, step=step)
+
+
+def test_collect_stats_per_step():
+    m = _LinModel()
+    params = m.init(jax.random.PRNGKey(0), jnp.zeros((1, 4)))["params"]
+
+    def model_fn(p, x, lr, t, ctx, pooled, step, collect):
+        if collect:
+            out, var = m.apply({"params": p}, x, step=step, mutable=["calib"])
+            return out * 0.1, var["calib"]
+        return m.apply({"params": p}, x, step=step) * 0.1, {}
+
+    noise = _lat(3)
+    out, stats = sampling.sample(CFG, params, noise, noise, num_steps=4, guidance_scale=1.0, start="noise",
+                                 tile_latent=0, model_fn=model_fn, collect_stats=True)
+    act = stats["proj"]["act"][0]
+    assert act["var"].shape == (4,) and act["ch_absmax"].shape == (4, 4)
+    np.testing.assert_allclose(float(act["var"][0]), float(activation_stats(noise)["var"]), rtol=1e-5)
+    out2 = sampling.sample(CFG, params, noise, noise, num_steps=4, guidance_scale=1.0, start="noise",
+                           tile_latent=0, model_fn=model_fn)
+    np.testing.assert_array_equal(np.asarray(out), np.asarray(out2))
+    # stats of step 1 are those of the latents after one Euler step
+    sig, _ = sampling.flow_schedule(4, CFG.shift)
+    x1 = noise + (sig[1] - sig[0]) * m.apply({"params": params}, noise) * 0.1
+    np.testing.assert_allclose(float(act["absmax"][1]), float(jnp.abs(x1).max()), rtol=1e-5)
+
+
+def test_tiny_transformer_sampling_deterministic_with_stats():
+    from qdit4sr_jax.model.dit4sr import DiT4SRTransformer
+    z = jnp.zeros((1, 8, 8, 4))
+    ctx, pool = _lat(5, (1, 7, 24)), _lat(6, (1, 20))
+    params = jax.jit(DiT4SRTransformer(CFG).init)(jax.random.PRNGKey(0), z, z, jnp.ones(1), ctx, pool)["params"]
+    lr, noise = _lat(1, (1, 8, 8, 4)), _lat(2, (1, 8, 8, 4))
+    a = sampling.sample(CFG, params, lr, noise, context=ctx, pooled=pool, num_steps=3, guidance_scale=1.0)
+    b = sampling.sample(CFG, params, lr, noise, context=ctx, pooled=pool, num_steps=3, guidance_scale=1.0)
+    assert a.shape == lr.shape and np.isfinite(np.asarray(a)).all()
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    _, stats = sampling.sample(CFG, params, lr, noise, context=ctx, pooled=pool, num_steps=3, guidance_scale=1.0,
+                               collect_stats=True)
+    leaves = jax.tree_util.tree_leaves(stats)
+    assert leaves and all(l.shape[0] == 3 for l in leaves)
+    assert "transformer_blocks_0" in stats
