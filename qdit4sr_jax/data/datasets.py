@@ -127,7 +127,8 @@ class PairBank:
         self._lock = threading.Lock()
         self._stop = threading.Event()
         workers = workers or max(1, (os.cpu_count() or 2) - 1)
-        ctx = mp.get_context("spawn" if os.environ.get("QDIT4SR_SPAWN") else "fork")
+        # forkserver: workers are forked from a clean server process, never from the (multithreaded) JAX one
+        ctx = mp.get_context("forkserver")
         self._pool = ctx.Pool(workers, initializer=_init_worker, initargs=(data_dir, size, scale))
         for k, (h, l) in enumerate(self._pool.imap(_work, range(seed, seed + capacity), chunksize=16)):
             self.hr[k], self.lr[k] = h, l

@@ -14,7 +14,8 @@ Written under `--out`:
                          downscaled 2x to JPEG q95; scikit-image photos as PNG)
   val/<name>_<k>.png     256x256 validation crops of the held-out photos (`HELD_OUT`)
   manifest.json          every file: source, package, copyright, license, size, split
-`--samples DIR` also writes the bundled sample images (one validation crop of three held-out photos).
+`--samples DIR` also writes the bundled sample images (the centre 192x192 of one validation crop of each
+of three held-out photos).
 """
 from __future__ import annotations
 
@@ -63,6 +64,7 @@ SAMPLE_FROM = ["skimage_chelsea", "skimage_rocket", "mate_LadyBird"]
 VAL_CROP = 256
 VAL_MAX_SIDE = 1024          # held-out photos are downscaled (Lanczos) to at most this long side first
 VAL_CROPS_PER_PHOTO = 3
+SAMPLE_SIZE = 192            # bundled samples: the centre 192x192 of the first validation crop (CPU-cheap)
 
 
 def parse_dep5(text: str) -> List[dict]:
@@ -185,7 +187,9 @@ def gather(out: str, debs: Optional[str] = None, samples: Optional[str] = None) 
                     Image.fromarray(c).save(os.path.join(out, fn))
                     manifest["files"].append(dict(entry, file=fn, split="val", size=[VAL_CROP, VAL_CROP]))
                     if samples and k == 0 and name in SAMPLE_FROM:
-                        Image.fromarray(c).save(os.path.join(samples, f"{name.split('_', 1)[1].lower()}.png"))
+                        o = (VAL_CROP - SAMPLE_SIZE) // 2
+                        Image.fromarray(c[o:o + SAMPLE_SIZE, o:o + SAMPLE_SIZE]).save(
+                            os.path.join(samples, f"{name.split('_', 1)[1].lower()}.png"))
                 continue
             if raw is not None and src.get("downscale", 1) == 1:
                 fn = f"train/{name}.jpg"

@@ -1,0 +1,371 @@
+"""Train the demo model (flow matching, optax AdamW), in resumable runs.
+
+    python -m qdit4sr_jax.train --data data --out runs/demo --total-steps 20000 --max-minutes 8.5
+    python -m qdit4sr_jax.train export --state runs/demo --out qdit4sr_jax/assets/demo.safetensors
+
+Objective (rectified flow, as SD3): x0 = the HR image through the space-to-depth autoencoder, z_lr = the
+bicubic-upsampled LR image through the same autoencoder, x_t = (1 - s) x0 + s eps, target v = eps - x0,
+loss = mean |v_theta(x_t, z_lr, t = 1000 s) - v|^2. s is drawn half uniform on (0, 1), half logit-normal(0, 1).
+
+Resumable: `--out DIR` holds `state.json` (step, config, optimizer settings, data seed, loss log) and
+`params-*.npz` shards (float32 params, each shard < 15 MiB so that they travel through the device
+tool). Adam's moments are not stored (they would double the state); a resumed run re-initialises them
+and ramps the learning rate up again over `--rewarm` steps. Compute runs in bfloat16 on GPU
+(`--dtype`), params stay float32. The HR/LR pairs come from `PairBank` (worker processes).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import sys
+import time
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from qdit4sr_jax.config import ModelConfig, VAEConfig
+from qdit4sr_jax.model import vae as vae_lib
+from qdit4sr_jax.model.dit4sr import DiT4SRTransformer, init_params
+
+SHARD_BYTES = 15 * 2**20
+
+
+# ----------------------------------------------------------------------------- data -> latents
+
+def to_unit(x_uint8):
+    """uint8 images -> float32 in [-1, 1]."""
+    return jnp.asarray(x_uint8, jnp.float32) / 127.5 - 1.0
+
+
+def lr_condition(cfg: ModelConfig, lr_uint8):
+    """LR uint8 [B, h, w, 3] -> bicubic x cfg.scale -> autoencoder latent [B, h*s/f, w*s/f, C] float32."""
+    lr = to_unit(lr_uint8)
+    B, h, w, _ = lr.shape
+    up = jax.image.resize(lr, (B, h * cfg.scale, w * cfg.scale, 3), "bicubic")
+    return vae_lib.encode(cfg.vae, {}, up, sample=False)
+
+
+def hr_latent(cfg: ModelConfig, hr_uint8):
+    """HR uint8 [B, H, W, 3] -> latent [B, H/f, W/f, C] float32 (the autoencoder must be parameter-free)."""
+    return vae_lib.encode(cfg.vae, {}, to_unit(hr_uint8), sample=False)
+
+
+def sample_sigmas(rng, n: int):
+    """[n] float32 noise levels in (0, 1): half uniform, half logit-normal(0, 1) (SD3)."""
+    k1, k2, k3 = jax.random.split(rng, 3)
+    u = jax.random.uniform(k1, (n,), minval=1e-3, maxval=1.0 - 1e-3)
+    ln = jax.nn.sigmoid(jax.random.normal(k2, (n,)))
+    return jnp.where(jax.random.bernoulli(k3, 0.5, (n,)), u, ln)
+
+
+def flow_loss(params, cfg: ModelConfig, hr_uint8, lr_uint8, rng, sigmas=None):
+    """Mean squared velocity error over the batch (float32 scalar). `sigmas` [B] overrides the draw."""
+    x0 = hr_latent(cfg, hr_uint8)
+    zlr = lr_condition(cfg, lr_uint8)
+    kn, ks = jax.random.split(rng)
+    s = sample_sigmas(ks, x0.shape[0]) if sigmas is None else jnp.asarray(sigmas, jnp.float32)
+    eps = jax.random.normal(kn, x0.shape, jnp.float32)
+    xt = (1.0 - s)[:, None, None, None] * x0 + s[:, None, None, None] * eps
+    v = DiT4SRTransformer(cfg).apply({"params": params}, xt, zlr, 1000.0 * s)
+    return jnp.mean(jnp.square(v.astype(jnp.float32) - (eps - x0)))
+
+
+# ----------------------------------------------------------------------------- init / optimizer
+
+ZERO_INIT = ("norm1/linear", "norm1_context/linear", "norm_out/linear", "proj_out")
+
+
+def init_train_params(cfg: ModelConfig, seed: int = 0):
+    """Random float32 params with adaLN-zero (DiT): every modulation linear and proj_out start at zero,
+    so each block starts as the identity and the output as 0."""
+    p = init_params(cfg, jax.random.PRNGKey(seed))
+    flat = _flatten(p)
+    for k in flat:
+        if any(k.endswith(z + "/kernel") or k.endswith(z + "/bias") for z in ZERO_INIT):
+            flat[k] = jnp.zeros_like(flat[k])
+    return _unflatten(flat)
+
+
+def lr_schedule(peak: float, total_steps: int, warmup: int, final_frac: float = 0.05):
+    """Linear warmup to `peak`, cosine decay to peak * final_frac at `total_steps`."""
+    def f(step):
+        step = jnp.asarray(step, jnp.float32)
+        w = jnp.minimum(1.0, (step + 1) / max(warmup, 1))
+        prog = jnp.clip((step - warmup) / max(total_steps - warmup, 1), 0.0, 1.0)
+        cos = final_frac + (1 - final_frac) * 0.5 * (1 + jnp.cos(math.pi * prog))
+        return peak * w * cos
+    return f
+
+
+def make_optimizer(peak_lr: float, total_steps: int, warmup: int, start_step: int, rewarm: int,
+                   weight_decay: float = 0.01, clip: float = 1.0):
+    """AdamW with global-norm clipping. The optimizer's own count starts at 0 at each (re)start: the
+    learning rate at count c is schedule(start_step + c) * min(1, (c + 1) / rewarm) (rewarm only when
+    resuming, since Adam's moments are re-initialised)."""
+    sched = lr_schedule(peak_lr, total_steps, warmup)
+
+    def lr(count):
+        ramp = jnp.minimum(1.0, (count + 1.0) / rewarm) if (start_step > 0 and rewarm > 0) else 1.0
+        return sched(start_step + count) * ramp
+
+    return optax.chain(optax.clip_by_global_norm(clip),
+                       optax.adamw(lr, b1=0.9, b2=0.99, weight_decay=weight_decay)), sched
+
+
+def make_train_step(cfg: ModelConfig, opt):
+    def step_fn(params, opt_state, hr, lr, rng):
+        loss, grads = jax.value_and_grad(flow_loss)(params, cfg, hr, lr, rng)
+        updates, opt_state = opt.update(grads, opt_state, params)
+        gnorm = optax.global_norm(grads)
+        return optax.apply_updates(params, updates), opt_state, loss, gnorm
+    return jax.jit(step_fn, donate_argnums=(0, 1))
+
+
+# ----------------------------------------------------------------------------- state files
+
+def _flatten(tree, prefix=""):
+    out = {}
+    for k, v in tree.items():
+        key = f"{prefix}/{k}" if prefix else k
+        if isinstance(v, dict) or hasattr(v, "items"):
+            out.update(_flatten(v, key))
+        else:
+            out[key] = v
+    return out
+
+
+def _unflatten(flat):
+    tree: dict = {}
+    for k, v in flat.items():
+        node = tree
+        parts = k.split("/")
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+        node[parts[-1]] = v
+    return tree
+
+
+def config_to_dict(cfg: ModelConfig) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def config_from_dict(d: dict) -> ModelConfig:
+    d = dict(d)
+    vae = VAEConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.pop("vae").items()})
+    return ModelConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}, vae=vae)
+
+
+def save_state(out_dir: str, params, meta: dict):
+    """Write float32 params as npz shards (< SHARD_BYTES each) + state.json, atomically (temp + rename)."""
+    os.makedirs(out_dir, exist_ok=True)
+    flat = {k: np.asarray(jax.device_get(v), np.float32) for k, v in _flatten(params).items()}
+    shards, cur, size = [], {}, 0
+    for k in sorted(flat):
+        if cur and size + flat[k].nbytes > SHARD_BYTES:
+            shards.append(cur)
+            cur, size = {}, 0
+        cur[k] = flat[k]
+        size += flat[k].nbytes
+    shards.append(cur)
+    names = []
+    for i, sh in enumerate(shards):
+        name = f"params-{i:02d}-of-{len(shards):02d}.npz"
+        tmp = os.path.join(out_dir, name + ".tmp.npz")
+        np.savez(tmp, **{k.replace("/", "|"): v for k, v in sh.items()})
+        os.replace(tmp, os.path.join(out_dir, name))
+        names.append(name)
+    for f in os.listdir(out_dir):   # shards of an older layout
+        if f.startswith("params-") and f.endswith(".npz") and f not in names:
+            os.remove(os.path.join(out_dir, f))
+    meta = dict(meta, shards=names)
+    tmp = os.path.join(out_dir, "state.json.tmp")
+    with open(tmp, "w") as f:
+        json.dump(meta, f, indent=1)
+    os.replace(tmp, os.path.join(out_dir, "state.json"))
+
+
+def load_state(out_dir: str):
+    """-> (params float32 tree (numpy), meta dict). Clear errors for a missing or incomplete state."""
+    p = os.path.join(out_dir, "state.json")
+    if not os.path.exists(p):
+        raise FileNotFoundError(f"no training state in {out_dir!r} (state.json missing)")
+    with open(p) as f:
+        meta = json.load(f)
+    flat = {}
+    for name in meta["shards"]:
+        sp = os.path.join(out_dir, name)
+        if not os.path.exists(sp):
+            raise FileNotFoundError(f"training state {out_dir!r} is incomplete: shard {name} missing")
+        with np.load(sp) as z:
+            flat.update({k.replace("|", "/"): z[k] for k in z.files})
+    return _unflatten(flat), meta
+
+
+def export_model(state_dir: str, out_path: str, **cfg_overrides):
+    """Write the trained params as a bf16 float model file through `qdit4sr_jax.io.modelfile.save_model`."""
+    from qdit4sr_jax.io.modelfile import save_model
+    params, meta = load_state(state_dir)
+    cfg = config_from_dict(meta["config"]).replace(dtype="float32", **cfg_overrides)
+    save_model(out_path, cfg, params)
+    return cfg
+
+
+# ----------------------------------------------------------------------------- validation
+
+_val_loss_fn = jax.jit(flow_loss, static_argnums=(1,))
+
+
+def val_loss(params, cfg, val_hr, val_lr, sigmas=(0.1, 0.3, 0.5, 0.7, 0.9), seed=1234):
+    """Velocity loss on the validation crops at fixed noise levels and noise: {sigma: loss}."""
+    f = lambda p, hr, lr, k, s: _val_loss_fn(p, cfg, hr, lr, k, s)  # noqa: E731
+    out = {}
+    for s in sigmas:
+        out[s] = float(f(params, val_hr, val_lr, jax.random.PRNGKey(seed), jnp.full((val_hr.shape[0],), s)))
+    return out
+
+
+# ----------------------------------------------------------------------------- main
+
+def train(args, cfg: Optional[ModelConfig] = None):
+    """Run (or resume) training with the parsed CLI `args`; `cfg` overrides `args.preset` on a fresh start."""
+    from tqdm import tqdm
+    from qdit4sr_jax.data.datasets import PairBank, validation_set
+
+    t_start = time.time()
+    resume = os.path.exists(os.path.join(args.out, "state.json"))
+    if resume:
+        params, meta = load_state(args.out)
+        cfg = config_from_dict(meta["config"])
+        total, warmup, peak = meta["total_steps"], meta["warmup"], meta["peak_lr"]
+        start_step = meta["step"]
+        log = meta.get("log", [])
+        print(f"resuming {args.out} at step {start_step}/{total}")
+    else:
+        cfg = cfg or ModelConfig.preset(args.preset)
+        params = init_train_params(cfg, args.seed)
+        total, warmup, peak = args.total_steps, args.warmup, args.lr
+        start_step, log, meta = 0, [], {}
+    tcfg = cfg.replace(dtype=args.dtype)
+    params = jax.tree_util.tree_map(lambda a: jnp.asarray(a, jnp.float32), params)
+    n_params = sum(int(np.prod(a.shape)) for a in jax.tree_util.tree_leaves(params))
+    print(f"config {cfg.name}: {n_params:,} params, hidden {cfg.hidden_size}, {cfg.num_layers} blocks; "
+          f"devices {jax.devices()}; compute {args.dtype}", flush=True)
+    if start_step >= total:
+        print("already trained to total_steps; nothing to do")
+        return params, cfg
+
+    opt, sched = make_optimizer(peak, total, warmup, start_step, args.rewarm, args.weight_decay)
+    opt_state = opt.init(params)
+    step_fn = make_train_step(tcfg, opt)
+    val = validation_set(args.data, cfg.scale)[:args.val_count or None]
+    val_hr = np.stack([h for _, h, _ in val])
+    val_lr = np.stack([l for _, _, l in val])
+
+    seed0 = meta.get("data_seed", args.seed * 10**9) + 10**7 * len(meta.get("runs", []))  # fresh pairs per run
+    bank = PairBank(args.data, capacity=args.bank, size=args.crop, scale=cfg.scale, workers=args.workers,
+                    seed=seed0)
+    print(f"pair bank: {args.bank} pairs filled in {time.time() - t_start:.1f}s", flush=True)
+    rng = np.random.default_rng(args.seed + start_step)
+    key = jax.random.PRNGKey(args.seed * 7919 + start_step)
+    deadline = t_start + 60 * args.max_minutes
+    step = start_step
+    losses, t_loop = [], time.time()
+    end = min(total, start_step + args.steps) if args.steps else total
+    pbar = tqdm(total=end - start_step, desc="train", mininterval=5, file=sys.stdout)
+    try:
+        while step < end:
+            hr, lr = bank.batch(args.batch, rng)
+            k = int(rng.integers(0, 8))     # one random dihedral transform per batch
+            if k & 4:
+                hr, lr = hr[:, :, ::-1], lr[:, :, ::-1]
+            hr, lr = np.rot90(hr, k & 3, axes=(1, 2)), np.rot90(lr, k & 3, axes=(1, 2))
+            key, sk = jax.random.split(key)
+            params, opt_state, loss, gnorm = step_fn(params, opt_state, np.ascontiguousarray(hr),
+                                                     np.ascontiguousarray(lr), sk)
+            step += 1
+            losses.append(loss)
+            if step % args.log_every == 0 or step == end:
+                l = float(np.mean(jax.device_get(losses)))
+                losses = []
+                rate = (step - start_step) * args.batch / (time.time() - t_loop)
+                entry = dict(step=step, loss=round(l, 5), gnorm=round(float(gnorm), 3),
+                             lr=float(sched(step)), samples_per_s=round(rate, 1),
+                             pairs_made=bank.produced, minutes=round((time.time() - t_start) / 60, 2))
+                if args.val_every and (step % args.val_every == 0 or step == end):
+                    vl = val_loss(params, tcfg, val_hr, val_lr)
+                    entry["val"] = round(float(np.mean(list(vl.values()))), 5)
+                log.append(entry)
+                pbar.set_postfix(loss=f"{l:.4f}", val=entry.get("val", "-"), sps=f"{rate:.0f}")
+            pbar.update(1)
+            if time.time() > deadline - args.save_margin:
+                print(f"\ntime budget reached at step {step}", flush=True)
+                break
+    finally:
+        pbar.close()
+        bank.close()
+    vl = val_loss(params, tcfg, val_hr, val_lr)
+    elapsed = time.time() - t_start
+    runs = meta.get("runs", []) + [dict(start=start_step, end=step, seconds=round(elapsed, 1),
+                                        device=str(jax.devices()[0].device_kind), batch=args.batch)]
+    save_state(args.out, params, dict(config=config_to_dict(cfg), step=step, total_steps=total, warmup=warmup,
+                                      peak_lr=peak, batch=args.batch, crop=args.crop,
+                                      data_seed=meta.get("data_seed", args.seed * 10**9), log=log, runs=runs,
+                                      val_loss={str(k): v for k, v in vl.items()}, n_params=n_params))
+    print(f"\nsaved {args.out} at step {step}/{total} after {elapsed / 60:.1f} min")
+    print("val loss by sigma: " + ", ".join(f"{k}: {v:.4f}" for k, v in vl.items()))
+    print(f"{'step':>7} {'loss':>8} {'val':>8} {'gnorm':>7} {'lr':>9} {'samp/s':>7} {'min':>6}")
+    for e in log[-12:]:
+        print(f"{e['step']:>7} {e['loss']:>8.4f} {e.get('val', float('nan')):>8.4f} {e['gnorm']:>7.3f} "
+              f"{e['lr']:>9.2e} {e['samples_per_s']:>7.0f} {e['minutes']:>6.2f}")
+    return params, cfg
+
+
+def main(argv=None):
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "export":
+        ap = argparse.ArgumentParser(prog="python -m qdit4sr_jax.train export")
+        ap.add_argument("--state", required=True)
+        ap.add_argument("--out", required=True)
+        ap.add_argument("--num-steps", type=int, default=None)
+        ap.add_argument("--shift", type=float, default=None)
+        ap.add_argument("--start", default=None)
+        ap.add_argument("--start-sigma", type=float, default=None)
+        a = ap.parse_args(argv[1:])
+        over = {k: v for k, v in dict(num_steps=a.num_steps, shift=a.shift, start=a.start,
+                                      start_sigma=a.start_sigma).items() if v is not None}
+        cfg = export_model(a.state, a.out, **over)
+        print(f"wrote {a.out} ({os.path.getsize(a.out) / 2**20:.2f} MiB): {cfg.name}, steps {cfg.num_steps}, "
+              f"shift {cfg.shift}, start {cfg.start}")
+        return
+    ap = argparse.ArgumentParser(description="Train the demo DiT4SR model (flow matching, AdamW).")
+    ap.add_argument("--preset", default="demo")
+    ap.add_argument("--data", default="data")
+    ap.add_argument("--out", default="runs/demo")
+    ap.add_argument("--total-steps", type=int, default=20000, help="length of the LR schedule (first run)")
+    ap.add_argument("--steps", type=int, default=0, help="stop this run after this many steps (0: no limit)")
+    ap.add_argument("--max-minutes", type=float, default=8.5, help="wall-clock budget of this run")
+    ap.add_argument("--save-margin", type=float, default=20.0, help="seconds kept for validation + saving")
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--crop", type=int, default=256)
+    ap.add_argument("--lr", type=float, default=3e-4)
+    ap.add_argument("--warmup", type=int, default=500)
+    ap.add_argument("--rewarm", type=int, default=200)
+    ap.add_argument("--weight-decay", type=float, default=0.01)
+    ap.add_argument("--dtype", default="bfloat16" if jax.default_backend() == "gpu" else "float32")
+    ap.add_argument("--bank", type=int, default=8192)
+    ap.add_argument("--workers", type=int, default=None)
+    ap.add_argument("--log-every", type=int, default=100)
+    ap.add_argument("--val-every", type=int, default=500)
+    ap.add_argument("--val-count", type=int, default=0, help="use only the first N validation crops (0: all)")
+    ap.add_argument("--seed", type=int, default=0)
+    train(ap.parse_args(argv))
+
+
+if __name__ == "__main__":
+    main()

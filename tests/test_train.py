@@ -1,0 +1,128 @@
+import argparse
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from PIL import Image
+
+from qdit4sr_jax.config import ModelConfig, VAEConfig
+from qdit4sr_jax import train as T
+
+
+def _tiny_cfg():
+    return ModelConfig.preset("tiny").replace(
+        in_channels=12, out_channels=12, context_mode="learned", lr_key_mode="r1",
+        vae=VAEConfig(kind="space_to_depth", s2d_factor=2))
+
+
+def _batch(n=2, size=16, seed=0):
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:size, 0:size]
+    hr = np.stack([np.stack([127 + 100 * np.sin(x / (2 + i) + c) * np.cos(y / (3 + i)) for c in range(3)], -1)
+                   for i in range(n)])
+    hr = np.clip(hr + rng.normal(0, 5, hr.shape), 0, 255).astype(np.uint8)
+    lr = np.stack([np.asarray(Image.fromarray(h).resize((size // 4, size // 4), Image.BICUBIC)) for h in hr])
+    return hr, lr
+
+
+def test_latents_and_condition_shapes():
+    cfg = _tiny_cfg()
+    hr, lr = _batch()
+    x0 = T.hr_latent(cfg, hr)
+    z = T.lr_condition(cfg, lr)
+    assert x0.shape == z.shape == (2, 8, 8, 12)
+    assert float(jnp.abs(x0).max()) <= 1.0
+    # the LR condition is the bicubic upsampling: it tracks the HR latent closely on smooth content
+    assert float(jnp.mean((x0 - z) ** 2)) < float(jnp.mean(x0 ** 2))
+
+
+def test_zero_init_output_and_sigma_sampler():
+    cfg = _tiny_cfg()
+    p = T.init_train_params(cfg)
+    assert not np.any(np.asarray(p["proj_out"]["kernel"]))
+    assert not np.any(np.asarray(p["transformer_blocks_0"]["norm1"]["linear"]["kernel"]))
+    s = np.asarray(T.sample_sigmas(jax.random.PRNGKey(0), 4000))
+    assert s.min() > 0 and s.max() < 1 and 0.45 < s.mean() < 0.55
+
+
+def test_optimisation_steps_reduce_loss():
+    cfg = _tiny_cfg()
+    params = T.init_train_params(cfg, seed=1)
+    opt, _ = T.make_optimizer(3e-3, total_steps=40, warmup=2, start_step=0, rewarm=0)
+    state = opt.init(params)
+    step = T.make_train_step(cfg, opt)
+    hr, lr = _batch(4)
+    key = jax.random.PRNGKey(0)
+    sig = jnp.array([0.2, 0.4, 0.6, 0.8])
+    before = float(T.flow_loss(params, cfg, hr, lr, key, sig))
+    for i in range(25):
+        params, state, loss, gnorm = step(params, state, hr, lr, jax.random.fold_in(key, i))
+        assert np.isfinite(float(loss)) and np.isfinite(float(gnorm))
+    after = float(T.flow_loss(params, cfg, hr, lr, key, sig))
+    assert after < 0.8 * before, (before, after)
+
+
+def test_lr_schedule_and_rewarm():
+    sched = T.lr_schedule(1e-3, total_steps=100, warmup=10)
+    assert float(sched(0)) == pytest.approx(1e-4)
+    assert float(sched(9)) == pytest.approx(1e-3)
+    assert float(sched(100)) == pytest.approx(5e-5)
+    assert float(sched(30)) > float(sched(60)) > float(sched(90))
+
+
+def test_state_roundtrip_and_errors(tmp_path):
+    cfg = _tiny_cfg()
+    params = T.init_train_params(cfg, seed=2)
+    T.SHARD_BYTES, old = 4096, T.SHARD_BYTES        # force several shards
+    try:
+        T.save_state(str(tmp_path), params, dict(config=T.config_to_dict(cfg), step=7))
+    finally:
+        T.SHARD_BYTES = old
+    meta = json.load(open(tmp_path / "state.json"))
+    assert len(meta["shards"]) > 1
+    p2, meta2 = T.load_state(str(tmp_path))
+    assert T.config_from_dict(meta2["config"]) == cfg and meta2["step"] == 7
+    for a, b in zip(jax.tree_util.tree_leaves(params), jax.tree_util.tree_leaves(p2)):
+        np.testing.assert_array_equal(np.asarray(a), b)
+    os.remove(tmp_path / meta["shards"][1])
+    with pytest.raises(FileNotFoundError, match="incomplete"):
+        T.load_state(str(tmp_path))
+    with pytest.raises(FileNotFoundError, match="state.json"):
+        T.load_state(str(tmp_path / "nowhere"))
+
+
+def _fake_data(d):
+    rng = np.random.default_rng(0)
+    os.makedirs(d / "train")
+    os.makedirs(d / "val")
+    files = []
+    for i in range(2):
+        img = np.clip(rng.normal(128, 60, (80, 96, 3)), 0, 255).astype(np.uint8)
+        Image.fromarray(img).save(d / f"train/p{i}.png")
+        files.append(dict(file=f"train/p{i}.png", split="train"))
+    Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(d / "val/v0.png")
+    files.append(dict(file="val/v0.png", split="val"))
+    json.dump(dict(files=files), open(d / "manifest.json", "w"))
+
+
+def _args(data, out, steps):
+    return argparse.Namespace(preset="tiny", data=str(data), out=str(out), total_steps=10, steps=steps,
+                              max_minutes=5.0, save_margin=0.0, batch=2, crop=32, lr=1e-3, warmup=2, rewarm=2,
+                              weight_decay=0.0, dtype="float32", bank=8, workers=1, log_every=1, val_every=2,
+                              val_count=0, seed=0)
+
+
+def test_train_runs_end_to_end_and_resumes(tmp_path):
+    _fake_data(tmp_path / "data")
+    out = tmp_path / "run"
+    cfg = _tiny_cfg()
+    T.train(_args(tmp_path / "data", out, 3), cfg)
+    meta = json.load(open(out / "state.json"))
+    assert meta["step"] == 3 and len(meta["runs"]) == 1 and len(meta["log"]) == 3
+    assert all(np.isfinite(e["loss"]) for e in meta["log"])
+    T.train(_args(tmp_path / "data", out, 2), None)           # resumes: config comes from the state
+    meta = json.load(open(out / "state.json"))
+    assert meta["step"] == 5 and [r["end"] for r in meta["runs"]] == [3, 5]
