@@ -156,9 +156,10 @@ def _rep(a, n):
 
 @functools.partial(jax.jit, static_argnames=("model_fn", "num_steps", "shift", "guidance_scale", "start",
                                              "start_sigma", "tile_latent", "tile_overlap", "tile_batch",
-                                             "collect_stats"))
+                                             "force_tiling", "collect_stats"))
 def _sample(params, lr_latent, noise, context, pooled, neg_context, neg_pooled, *, model_fn, num_steps,
-            shift, guidance_scale, start, start_sigma, tile_latent, tile_overlap, tile_batch, collect_stats):
+            shift, guidance_scale, start, start_sigma, tile_latent, tile_overlap, tile_batch, force_tiling,
+            collect_stats):
     sigmas, timesteps = flow_schedule(num_steps, shift, start_sigma=start_sigma)
     B = noise.shape[0]
     cfg_on = guidance_scale != 1.0
@@ -182,7 +183,8 @@ def _sample(params, lr_latent, noise, context, pooled, neg_context, neg_pooled, 
             return model_fn(params, xt, lt, tb, _rep(ctx, r), _rep(pool, r), i, collect_stats)
 
         v, stats = tiled_apply(fn, xin, lr_in, tile_latent, tile_overlap,
-                               tile_batch=None if collect_stats else tile_batch)
+                               tile_batch=None if collect_stats else tile_batch,
+                               force=force_tiling and bool(tile_latent))
         if cfg_on:
             vu, vc = jnp.split(v, 2, axis=0)
             v = vu + guidance_scale * (vc - vu)
@@ -196,14 +198,15 @@ def _sample(params, lr_latent, noise, context, pooled, neg_context, neg_pooled, 
 def sample(cfg: ModelConfig, params, lr_latent, noise, *, context=None, pooled=None, neg_context=None,
            neg_pooled=None, num_steps: Optional[int] = None, guidance_scale: Optional[float] = None,
            start: Optional[str] = None, start_sigma: Optional[float] = None, tile_latent: Optional[int] = -1,
-           tile_overlap: Optional[int] = None, tile_batch: Optional[int] = None, collect_stats: bool = False,
-           model_fn: Optional[Callable] = None):
+           tile_overlap: Optional[int] = None, tile_batch: Optional[int] = None, force_tiling: bool = False,
+           collect_stats: bool = False, model_fn: Optional[Callable] = None):
     """Denoise from ``noise`` conditioned on ``lr_latent`` (both [B,h,w,C] float32) -> latents [B,h,w,C].
 
     params: the transformer's params. context [B,L,D] / pooled [B,P]: prompt embeddings (None with
     cfg.context_mode == 'learned'); neg_*: negative embeddings, required when guidance_scale != 1.
     Defaults come from cfg (num_steps, guidance_scale, start, start_sigma, tile_latent, tile_overlap;
-    tile_latent=None or 0 disables tiling). With ``collect_stats`` returns (latents, stats) where stats
+    tile_latent=None or 0 disables tiling; ``force_tiling`` tiles even latents no larger than one tile;
+    ``tile_batch`` runs that many tiles per model call). With ``collect_stats`` returns (latents, stats) where stats
     is the model's `calib` collection per step, each leaf stacked with a leading step axis [T, ...].
     """
     num_steps = int(cfg.num_steps if num_steps is None else num_steps)
@@ -226,7 +229,7 @@ def sample(cfg: ModelConfig, params, lr_latent, noise, *, context=None, pooled=N
         raise ValueError(f"guidance_scale={guidance_scale} needs prompt and negative embeddings; a learned "
                          "context has no negative: use guidance_scale=1.0")
     if tile_latent and tile_overlap >= min(tile_latent, noise.shape[1], noise.shape[2]) \
-            and needs_tiling(noise.shape[1], noise.shape[2], tile_latent):
+            and (force_tiling or needs_tiling(noise.shape[1], noise.shape[2], tile_latent)):
         raise ValueError(f"tile_overlap {tile_overlap} must be smaller than the tile size {tile_latent}")
     B = noise.shape[0]
 
@@ -246,4 +249,4 @@ def sample(cfg: ModelConfig, params, lr_latent, noise, *, context=None, pooled=N
                    model_fn=model_fn or transformer_fn(cfg), num_steps=num_steps, shift=float(cfg.shift),
                    guidance_scale=guidance_scale, start=start, start_sigma=start_sigma,
                    tile_latent=int(tile_latent or 0), tile_overlap=tile_overlap, tile_batch=tile_batch,
-                   collect_stats=bool(collect_stats))
+                   force_tiling=bool(force_tiling), collect_stats=bool(collect_stats))
