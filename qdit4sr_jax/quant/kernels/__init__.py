@@ -1,0 +1,7 @@
+"""Fast execution of quantized linears: a fused Pallas (Triton on GPU) kernel with an XLA fallback.
+
+`fused_linear(x, w, bias, ...)` computes the same function as `quant.linear.linear` for a
+`QuantizedWeight` node; see fused.py for the stages and pallas_gpu.py for the kernel.
+"""
+from qdit4sr_jax.quant.kernels.fused import (BACKENDS, DEFAULT_CONFIG, KernelConfig, fused_linear,  # noqa: F401
+                                             supports_fused, tiles_ok)

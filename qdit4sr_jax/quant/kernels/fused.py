@@ -1,0 +1,254 @@
+"""Fused quantized linear: one GEMM kernel with the scales, bias and 16-bit branches in its epilogue.
+
+`fused_linear(x, w, bias, act_bits=None, step=None, backend="auto")` computes exactly what
+`quant.linear.linear(x, w, bias)` computes for a `QuantizedWeight` (the fake-quant reference), in three
+stages:
+
+1. prologue (XLA; fuses into the producer of x): x' = transform(x) (smooth / Hadamard, when present),
+   per-token symmetric codes q_x = clip(round(x' / s_x)) as int8 [Mp, K] (Mp = M padded to the row
+   tile) with s_x [Mp] float32 (the same quantizer as the reference, so the codes are identical), and
+   the branch down-projections D [Mp, n_bo, R] in the branch dtype: D[m, i] = [x' lr_a | t[m, i, :]]
+   (global low-rank features, then the block rank-1 features t[m, i, j] = <v_ij, x'_j> of output block
+   row i), zero-padded to R (a power of 2 >= 16).
+   With packed 4-bit weights, every run of `chunk` input channels of q_x is stored as [even | odd]
+   elements, so that the kernel multiplies the low nibbles with the even half and the high nibbles with
+   the odd half (no interleave of the unpacked weight is ever needed).
+2. GEMM (Pallas on GPU, lowered by Triton): int8 x int8 -> int32 on the tensor cores, 4-bit weights
+   unpacked in registers from the packed bytes; group-wise weights scale each group's int32 partial
+   sum in float32 as it leaves the tensor cores.
+3. epilogue (same kernel): y = s_x[m] * acc[m, n] (* s_w[n] per channel) + D[m, i(n)] @ U[:, n] + bias,
+   written once in x.dtype; U [R, N] = [lr_b ; u_blocks] so that the global and block branches are one
+   small dot per output tile (i(n) = n // b_out, the block row of output column n).
+
+Backends: "pallas" (GPU only), "interpret" (the same Pallas kernel run by the Pallas interpreter: CI on
+CPU), "xla" (the same prologue and epilogue with XLA ops: the fallback on CPU / TPU, and on GPU for
+shapes the kernel does not tile), "auto" ("pallas" on GPU when the shape tiles, else "xla").
+Layers the fused path does not cover (float activations, asymmetric activations or weights) run the
+reference "int" path of `quant.linear` unchanged.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+
+from qdit4sr_jax.quant import quantizer as qz
+from qdit4sr_jax.quant.qweight import QuantizedWeight
+
+BACKENDS = ("auto", "pallas", "interpret", "xla")
+
+
+@dataclasses.dataclass(frozen=True)
+class KernelConfig:
+    """Tile sizes of the Pallas kernel. block_k is the K step per loop iteration for per-channel weights
+    (group-wise weights step one group at a time). num_warps / num_stages go to Triton."""
+    block_m: int = 128
+    block_n: int = 128
+    block_k: int = 128
+    num_warps: int = 8
+    num_stages: int = 3
+
+
+DEFAULT_CONFIG = KernelConfig()
+
+
+def supports_fused(w: QuantizedWeight, bits) -> bool:
+    """True when the fused path covers this node at these activation bits (else the reference int path)."""
+    return bits is not None and w.a_symmetric and w.zero is None
+
+
+def _next_pow2(n: int) -> int:
+    p = 16
+    while p < n:
+        p *= 2
+    return p
+
+
+def _chunk(w: QuantizedWeight, cfg: KernelConfig) -> int:
+    """Input-channel run over which packed codes are split [even | odd] (one kernel K step)."""
+    if w.layout == "gnk":
+        return w.groups[1]
+    return min(cfg.block_k, w.k)
+
+
+def block_rows(w: QuantizedWeight) -> int:
+    """b_out of the block branch (output columns sharing one D slice); N when there is none."""
+    return w.block[0] if w.block_u is not None else w.n
+
+
+def tiles_ok(w: QuantizedWeight, cfg: KernelConfig) -> bool:
+    """Whether the Pallas kernel tiles this layer: power-of-2 tiles dividing N, K steps dividing K,
+    packed runs of even length, output tiles inside one block row of the block branch."""
+    bn, bk = cfg.block_n, cfg.block_k
+    pow2 = lambda v: v >= 16 and not (v & (v - 1))
+    if not (pow2(cfg.block_m) and pow2(bn) and w.n % bn == 0):
+        return False
+    if w.block_u is not None and block_rows(w) % bn:
+        return False
+    if w.layout == "gnk":
+        G, g = w.groups
+        step = g // 2 if w.packed else g
+        return pow2(step) and step >= 16 and G * g == w.k
+    step = bk // 2 if w.packed else bk
+    return pow2(step) and w.k % bk == 0
+
+
+@dataclasses.dataclass(frozen=True)
+class Operands:
+    """Prologue output. xq int8 [Mp, Kp] (packed: [even|odd] per chunk), sx f32 [Mp],
+    d branch features [Mp, n_bo * R] (branch dtype) or None, u [R, N] or None, m the unpadded rows,
+    r = R, chunk the [even | odd] run length of packed codes (0: not split)."""
+    xq: jax.Array
+    sx: jax.Array
+    d: Optional[jax.Array]
+    u: Optional[jax.Array]
+    m: int
+    r: int
+    chunk: int
+
+
+def prologue(x2, w: QuantizedWeight, bits, *, pad_to: int = 1, chunk: Optional[int] = None) -> Operands:
+    """x2 [M, K] -> `Operands` (stage 1 of the module docstring). bits: int or traced int32 scalar.
+    pad_to: pad the rows to a multiple of this; chunk: with packed weights, split every run of `chunk`
+    codes into [even | odd] (None: keep the natural order)."""
+    from qdit4sr_jax.quant.linear import transform_input
+    m, k = x2.shape
+    if w.smooth is not None or w.rotate:
+        xt = transform_input(x2.astype(jnp.float32), w)
+    else:
+        xt = x2
+    mp = -(-m // pad_to) * pad_to
+    if mp != m:
+        xt = jnp.pad(xt, ((0, mp - m), (0, 0)))
+    s, _ = qz.scale_zero(xt, bits, True, -1)                         # [Mp, 1] f32, as the reference
+    q = qz.quantize_codes(xt, s, None, bits, True).astype(jnp.int8)  # [Mp, K]
+    if w.layout == "gnk":
+        G, g = w.groups
+        if G * g != k:
+            q = jnp.pad(q, ((0, 0), (0, G * g - k)))
+    c = 0
+    if w.packed and chunk:
+        c = chunk
+        kp = q.shape[1]
+        if kp % c or c % 2:
+            raise ValueError(f"packed-code run {c} must be even and divide the padded K={kp}")
+        q = q.reshape(mp, kp // c, c // 2, 2).transpose(0, 1, 3, 2).reshape(mp, kp)
+    d, u, r = branch_operands(xt, w)
+    return Operands(q, s[:, 0], d, u, m, r, c)
+
+
+def branch_operands(xt, w: QuantizedWeight):
+    """Branch features D [M, n_bo * R] and the joint up-projection U [R, N] (see module docstring)."""
+    if w.lr_a is None and w.block_u is None:
+        return None, None, 0
+    m = xt.shape[0]
+    feats, ups = [], []
+    nbo = 1
+    dt = (w.lr_a if w.lr_a is not None else w.block_u).dtype
+    if w.block_u is not None:
+        nbo, nbi = w.block_u.shape[:2]
+    if w.lr_a is not None:
+        h = jnp.dot(xt.astype(dt), w.lr_a, preferred_element_type=jnp.float32).astype(dt)   # [M, r]
+        feats.append(jnp.broadcast_to(h[:, None, :], (m, nbo, h.shape[1])))
+        ups.append(w.lr_b)
+    if w.block_u is not None:
+        bo, bi = w.block
+        xp = xt if nbi * bi == w.k else jnp.pad(xt, ((0, 0), (0, nbi * bi - w.k)))
+        xb = xp.reshape(m, nbi, bi).astype(dt)
+        t = jnp.einsum("mjb,ijb->mij", xb, w.block_v, preferred_element_type=jnp.float32).astype(dt)
+        feats.append(t)                                                                   # [M, n_bo, n_bi]
+        ups.append(jnp.transpose(w.block_u, (1, 0, 2)).reshape(nbi, nbo * bo)[:, : w.n])  # [n_bi, N]
+    d = jnp.concatenate(feats, axis=-1)
+    u = jnp.concatenate(ups, axis=0).astype(dt)
+    r = _next_pow2(d.shape[-1])
+    d = jnp.pad(d, ((0, 0), (0, 0), (0, r - d.shape[-1]))).reshape(m, nbo * r)
+    u = jnp.pad(u, ((0, r - u.shape[0]), (0, 0)))
+    return d, u, r
+
+
+def xla_gemm_epilogue(ops: Operands, w: QuantizedWeight, bias, out_dtype):
+    """Stages 2-3 with XLA ops (the fallback): int8 dot_general(s) -> scales -> branches -> bias."""
+    mp, kp = ops.xq.shape
+    q = ops.xq
+    if ops.chunk:                                             # undo the [even | odd] split
+        c = ops.chunk
+        q = q.reshape(mp, kp // c, 2, c // 2).transpose(0, 1, 3, 2).reshape(mp, kp)
+    wq = w.codes()
+    i32 = jnp.int32
+    if w.layout == "nk":
+        acc = jax.lax.dot_general(q, wq, (((1,), (1,)), ((), ())), preferred_element_type=i32)
+        y = acc.astype(jnp.float32) * w.scale[:, 0][None, :]
+    else:
+        G, g = w.groups
+        xg = q.reshape(mp, G, g)
+
+        def body(yacc, args):
+            xc, wc, sc = args                                 # [Mp, g], [N, g], [N]
+            a = jax.lax.dot_general(xc, wc, (((1,), (1,)), ((), ())), preferred_element_type=i32)
+            return yacc + a.astype(jnp.float32) * sc[None, :], None
+
+        y, _ = jax.lax.scan(body, jnp.zeros((mp, w.n), jnp.float32),
+                            (jnp.transpose(xg, (1, 0, 2)), wq, jnp.transpose(w.scale)))
+    y = y * ops.sx[:, None]
+    if ops.d is not None:
+        nbo = ops.d.shape[1] // ops.r
+        d = ops.d.reshape(mp, nbo, ops.r)
+        bo = block_rows(w)
+        nbo_full = -(-w.n // bo)
+        yb = jnp.einsum("mir,rio->mio", d, jnp.pad(ops.u, ((0, 0), (0, nbo_full * bo - w.n)))
+                        .reshape(ops.r, nbo_full, bo), preferred_element_type=jnp.float32)
+        y = y + yb.reshape(mp, nbo_full * bo)[:, : w.n]
+    if bias is not None:
+        y = y + bias.astype(jnp.float32)
+    return y[: ops.m].astype(out_dtype)
+
+
+def choose_backend(backend: str, w: QuantizedWeight, cfg: KernelConfig) -> str:
+    if backend not in BACKENDS:
+        raise ValueError(f"fused_linear backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "auto":
+        return "pallas" if jax.default_backend() == "gpu" and tiles_ok(w, cfg) else "xla"
+    if backend in ("pallas", "interpret") and not tiles_ok(w, cfg):
+        raise ValueError(f"the fused kernel cannot tile a [{w.k} -> {w.n}] layer (layout {w.layout}, groups "
+                         f"{w.groups}, packed={w.packed}, block={w.block}) with {cfg}; use backend='xla' "
+                         f"or 'auto'")
+    if backend == "pallas" and jax.default_backend() != "gpu":
+        raise ValueError(f"backend='pallas' needs a GPU (default backend is {jax.default_backend()!r}); "
+                         f"use 'interpret' or 'xla'")
+    return backend
+
+
+def fused_linear(x, w: QuantizedWeight, bias=None, *, act_bits=None, step=None, backend: str = "auto",
+                 config: Optional[KernelConfig] = None):
+    """x [..., K] (float) through a QuantizedWeight node (+ bias [N]) -> [..., N] in x.dtype.
+
+    Same function as `quant.linear.linear(x, w, bias, act_bits=..., step=...)`; see the module docstring
+    for the stages and backends. config: tile sizes (`KernelConfig`).
+    """
+    from qdit4sr_jax.quant.linear import quantized_linear, resolve_act_bits
+    if not isinstance(w, QuantizedWeight):
+        raise TypeError(f"fused_linear needs a QuantizedWeight node, got {type(w).__name__}")
+    if x.shape[-1] != w.k:
+        raise ValueError(f"fused_linear: input has {x.shape[-1]} features but the quantized weight expects {w.k}")
+    cfg = config or DEFAULT_CONFIG
+    bits = resolve_act_bits(w, act_bits, step)
+    if not supports_fused(w, bits):
+        y = quantized_linear(x, w, act_bits=act_bits, step=step, execution="int")
+        return y if bias is None else y + bias.astype(y.dtype)
+    be = choose_backend(backend, w, cfg)
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, w.k)
+    if be == "xla":
+        ops = prologue(x2, w, bits)
+        y = xla_gemm_epilogue(ops, w, bias, x.dtype)
+    else:
+        from qdit4sr_jax.quant.kernels.pallas_gpu import pallas_gemm_epilogue
+        ops = prologue(x2, w, bits, pad_to=cfg.block_m, chunk=_chunk(w, cfg))
+        y = pallas_gemm_epilogue(ops, w, bias, x.dtype, cfg, interpret=(be == "interpret"))
+    return y.reshape(*lead, w.n)
+
+
+__all__ = ["fused_linear", "KernelConfig", "DEFAULT_CONFIG", "supports_fused", "tiles_ok", "prologue",
+           "xla_gemm_epilogue", "Operands", "BACKENDS"]

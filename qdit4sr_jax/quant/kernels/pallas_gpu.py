@@ -1,0 +1,129 @@
+"""The Pallas kernel of the fused quantized linear (stages 2-3 of `fused.py`), lowered by Triton on GPU.
+
+Grid (Mp / block_m, N / block_n); each program owns one [block_m, block_n] output tile and loops over K:
+  per channel ("nk"): int32 acc += q_x[:, k-step] . q_w[n-tile, k-step]^T, scaled once at the end;
+  group-wise ("gnk", group g): one dot per group, y += float(acc_g) * s_w[g, n-tile] (exact per group);
+  packed 4-bit weights: bytes are loaded as int8 and split in registers, low nibble (p << 4) >> 4 and
+  high nibble p >> 4 (arithmetic shifts sign-extend), multiplied with the [even | odd] halves of the
+  prologue's activation run: two int8 dots of half the K step each.
+Epilogue: y * s_x (* s_w) + D[m-tile, block row] @ U[:, n-tile] (branch dtype, float32 accumulation)
++ bias, stored in the output dtype. With `interpret=True` the same kernel runs in the Pallas
+interpreter on any backend (the CPU tests).
+"""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+
+from qdit4sr_jax.quant.qweight import QuantizedWeight
+
+
+def _dot_nt(a, b, acc_type):
+    """a [m, k] . b [n, k]^T -> [m, n] in acc_type."""
+    return jax.lax.dot_general(a, b, (((1,), (1,)), ((), ())), preferred_element_type=acc_type)
+
+
+def _nibbles(p):
+    """int8 bytes -> (low, high) sign-extended 4-bit values as int8."""
+    return jnp.right_shift(jnp.left_shift(p, 4), 4), jnp.right_shift(p, 4)
+
+
+def _kernel(*refs, layout, packed, n_steps, step, has_branch, has_bias, out_dtype, upcast):
+    xq_ref, sx_ref, w_ref, sw_ref = refs[:4]
+    rest = list(refs[4:])
+    d_ref = u_ref = b_ref = None
+    if has_branch:
+        d_ref, u_ref = rest.pop(0), rest.pop(0)
+    if has_bias:
+        b_ref = rest.pop(0)
+    (o_ref,) = rest
+    bm, bn = o_ref.shape
+    run = 2 * step if packed else step                     # input channels consumed per iteration
+
+    def partial_dot(kk, w_tile):
+        if packed:
+            lo, hi = _nibbles(w_tile)
+            xe = xq_ref[:, pl.ds(kk * run, step)]
+            xo = xq_ref[:, pl.ds(kk * run + step, step)]
+            return _dot_nt(xe, lo, jnp.int32) + _dot_nt(xo, hi, jnp.int32)
+        return _dot_nt(xq_ref[:, pl.ds(kk * run, step)], w_tile, jnp.int32)
+
+    if layout == "gnk":
+        def body(gi, y):
+            a = partial_dot(gi, w_ref[gi, :, :])
+            return y + a.astype(jnp.float32) * sw_ref[gi, :][None, :]
+        y = jax.lax.fori_loop(0, n_steps, body, jnp.zeros((bm, bn), jnp.float32))
+        y = y * sx_ref[...][:, None]
+    else:
+        def body(kk, acc):
+            return acc + partial_dot(kk, w_ref[:, pl.ds(kk * step, step)])
+        acc = jax.lax.fori_loop(0, n_steps, body, jnp.zeros((bm, bn), jnp.int32))
+        y = acc.astype(jnp.float32) * (sx_ref[...][:, None] * sw_ref[...][None, :])
+    if has_branch:
+        d, u = d_ref[...], u_ref[...]
+        if upcast:          # interpreter on CPU: XLA:CPU has no bf16 x bf16 -> f32 dot; products are exact in f32
+            d, u = d.astype(jnp.float32), u.astype(jnp.float32)
+        y = y + jnp.dot(d, u, preferred_element_type=jnp.float32)
+    if has_bias:
+        y = y + b_ref[...][None, :]
+    o_ref[...] = y.astype(out_dtype)
+
+
+def pallas_gemm_epilogue(ops, w: QuantizedWeight, bias, out_dtype, cfg, *, interpret: bool = False):
+    """Stages 2-3 through the Pallas kernel. ops: `fused.Operands` from `prologue(..., pad_to=block_m,
+    chunk=...)`; returns [M, N] in out_dtype."""
+    mp, kp = ops.xq.shape
+    bm, bn = cfg.block_m, cfg.block_n
+    n = w.n
+    if mp % bm or n % bn:
+        raise ValueError(f"pallas kernel: rows {mp} / columns {n} are not multiples of the tile {bm}x{bn}")
+    wq = w.qvalue
+    if w.packed:
+        wq = jax.lax.bitcast_convert_type(wq, jnp.int8)
+    if w.layout == "gnk":
+        G, g = w.groups
+        n_steps, step = G, (g // 2 if w.packed else g)
+        sw = jnp.transpose(w.scale)                                          # [G, N]
+        w_spec = pl.BlockSpec((G, bn, wq.shape[2]), lambda i, j: (0, j, 0))
+        sw_spec = pl.BlockSpec((G, bn), lambda i, j: (0, j))
+    else:
+        step = cfg.block_k // 2 if w.packed else cfg.block_k
+        run = 2 * step if w.packed else step
+        if kp % run or (w.packed and ops.chunk != run):
+            raise ValueError(f"pallas kernel: K={kp} / packed run {ops.chunk} do not match block_k={cfg.block_k}")
+        n_steps = kp // run
+        sw = w.scale[:, 0]                                                   # [N]
+        w_spec = pl.BlockSpec((bn, wq.shape[1]), lambda i, j: (j, 0))
+        sw_spec = pl.BlockSpec((bn,), lambda i, j: (j,))
+    args = [ops.xq, ops.sx, wq, sw]
+    specs = [pl.BlockSpec((bm, kp), lambda i, j: (i, 0)), pl.BlockSpec((bm,), lambda i, j: (i,)),
+             w_spec, sw_spec]
+    has_branch = ops.d is not None
+    if has_branch:
+        r = ops.r
+        bo = w.block[0] if w.block_u is not None else n
+        args += [ops.d, ops.u]
+        specs += [pl.BlockSpec((bm, r), lambda i, j: (i, (j * bn) // bo)),
+                  pl.BlockSpec((r, bn), lambda i, j: (0, j))]
+    if bias is not None:
+        args.append(bias.astype(jnp.float32))
+        specs.append(pl.BlockSpec((bn,), lambda i, j: (j,)))
+    kernel = functools.partial(_kernel, layout=w.layout, packed=w.packed, n_steps=n_steps, step=step,
+                               has_branch=has_branch, has_bias=bias is not None, out_dtype=out_dtype,
+                               upcast=interpret)
+    params = {}
+    if not interpret:
+        from jax.experimental.pallas import triton as plgpu
+        params = dict(compiler_params=plgpu.CompilerParams(num_warps=cfg.num_warps, num_stages=cfg.num_stages))
+    y = pl.pallas_call(
+        kernel, grid=(mp // bm, n // bn), in_specs=specs,
+        out_specs=pl.BlockSpec((bm, bn), lambda i, j: (i, j)),
+        out_shape=jax.ShapeDtypeStruct((mp, n), out_dtype), interpret=interpret,
+        name=f"qlinear_{w.layout}_{'w4p' if w.packed else 'w8'}", **params)(*args)
+    return y[: ops.m]
+
+
+__all__ = ["pallas_gemm_epilogue"]
