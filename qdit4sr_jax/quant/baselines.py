@@ -20,6 +20,7 @@ RTN alone is the plain baseline (weights RTN per channel/group, activations dyna
 from __future__ import annotations
 
 import dataclasses
+from functools import partial
 from typing import Optional
 
 import jax
@@ -38,6 +39,16 @@ def largest_pow2_divisor(d: int, cap: Optional[int] = None) -> int:
 
 
 def hadamard_transform(x, block: int):
+    """x [..., K] -> x @ blockdiag(H_b, ..., H_b), H_b the orthonormal Sylvester Hadamard matrix of size
+    b = `block` (a power of 2 dividing K). H_b is symmetric and H_b H_b = I. float32, O(K log b)."""
+    k = x.shape[-1]
+    if block < 1 or block & (block - 1) or k % block:
+        raise ValueError(f"Hadamard block {block} must be a power of 2 dividing d_in={k}")
+    return _hadamard(x, int(block))
+
+
+@partial(jax.jit, static_argnums=1)
+def _hadamard(x, block: int):
     """x [..., K] -> x @ blockdiag(H_b, ..., H_b), H_b the orthonormal Sylvester Hadamard matrix of size
     b = `block` (a power of 2 dividing K). H_b is symmetric and H_b H_b = I. float32, O(K log b)."""
     k = x.shape[-1]

@@ -7,7 +7,7 @@
   act_bits: overrides the node's activation bits (Python int or traced int32 scalar in 2..8)
   step: sampling-step index (int or traced int32 scalar); a node with an `a_schedule` [T] uses
         a_schedule[clip(step, 0, T-1)] as activation bits (no recompilation per step)
-  execution: overrides the node's execution mode ("fake" | "int")
+  execution: overrides the node's execution mode ("fake" | "int" | "fused": quant/kernels.fused_linear)
 Returns [..., d_out] in x.dtype.
 
 Quantized node, two execution modes with one semantics (see qweight.py for the formula):
@@ -26,6 +26,8 @@ The 16-bit branches run in their stored dtype with float32 accumulation, identic
 """
 from __future__ import annotations
 
+from functools import partial
+
 import jax
 import jax.numpy as jnp
 
@@ -37,6 +39,10 @@ GROUP_CHUNK_ELEMENTS = 1 << 26
 
 
 def linear(x, w, bias=None, *, act_bits=None, step=None, execution=None):
+    if isinstance(w, QuantizedWeight) and (execution or w.execution) == "fused":
+        # the fused GPU kernel (same function; XLA fallback off GPU): quant/kernels
+        from qdit4sr_jax.quant.kernels import fused_linear
+        return fused_linear(x, w, bias, act_bits=act_bits, step=step)
     if isinstance(w, QuantizedWeight):
         y = quantized_linear(x, w, act_bits=act_bits, step=step, execution=execution)
     else:
@@ -84,8 +90,11 @@ def branches(xt, w: QuantizedWeight):
         m = xt.shape[0]
         xp = xt if nbi * bi == w.k else jnp.pad(xt, ((0, 0), (0, nbi * bi - w.k)))
         xb = xp.reshape(m, nbi, bi).astype(dt)
-        t = jnp.einsum("mjb,ijb->mij", xb, w.block_v, preferred_element_type=jnp.float32)
-        yb = jnp.einsum("mij,ijo->mio", t.astype(dt), w.block_u, preferred_element_type=jnp.float32)
+        bv, bu = w.block_v, w.block_u
+        if jax.default_backend() == "cpu":   # XLA:CPU has no batched BF16 x BF16 -> F32 dot: widen (exact)
+            xb, bv, bu = xb.astype(jnp.float32), bv.astype(jnp.float32), bu.astype(jnp.float32)
+        t = jnp.einsum("mjb,ijb->mij", xb, bv, preferred_element_type=jnp.float32)
+        yb = jnp.einsum("mij,ijo->mio", t.astype(dt).astype(bu.dtype), bu, preferred_element_type=jnp.float32)
         yb = yb.reshape(m, nbo * bo)[:, : w.n]
         y = yb if y is None else y + yb
     return y
@@ -130,8 +139,7 @@ def _int_main(xt, w: QuantizedWeight, bits):
         xc, wc, swc, zwc = args                                     # [c, M, g], [c, N, g], [c, N], [c, N]
         acc = jax.lax.dot_general(xc, wc, (((2,), (2,)), ((0,), (0,))), preferred_element_type=i32)
         acc = _zero_correct(acc, xc, wc, zx, zwc, g, -1)
-        return jnp.einsum("cmn,cn->mn", acc.astype(jnp.float32), swc,
-                          precision=jax.lax.Precision.HIGHEST)
+        return jnp.sum(acc.astype(jnp.float32) * swc[:, None, :], axis=0)
 
     zw_ = jnp.zeros_like(sw, dtype=jnp.int8) if zw is None else zw
     if c == G:
@@ -170,6 +178,14 @@ def quantized_linear(x, w: QuantizedWeight, *, act_bits=None, step=None, executi
     if mode not in ("fake", "int"):
         raise ValueError(f"execution must be 'fake' or 'int', got {mode!r}")
     bits = resolve_act_bits(w, act_bits, step)
+    if bits is None or isinstance(bits, int):
+        return _qlinear(x, w, None, mode=mode, static_bits=bits)
+    return _qlinear(x, w, bits, mode=mode, static_bits=None)
+
+
+@partial(jax.jit, static_argnames=("mode", "static_bits"))
+def _qlinear(x, w, traced_bits, *, mode, static_bits):
+    bits = static_bits if traced_bits is None else traced_bits
     lead = x.shape[:-1]
     xt = transform_input(x.reshape(-1, w.k).astype(jnp.float32), w)
     if mode == "int" and bits is not None:

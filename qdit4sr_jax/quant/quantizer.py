@@ -24,6 +24,7 @@ two's-complement value (code & 0xF). An odd last axis is padded with one zero co
 from __future__ import annotations
 
 import math
+from functools import partial
 from typing import Optional, Tuple
 
 import jax
@@ -142,6 +143,11 @@ def _grouped(w, group_size):
     return w.reshape(n, G, g)
 
 
+@partial(jax.jit, static_argnames=("bits", "group_size", "symmetric", "clip_search"))
+def _quantize_weight(w, bits, group_size, symmetric, clip_ratio, clip_search):
+    return _quantize_weight_impl(w, bits, group_size, symmetric, clip_ratio, clip_search)
+
+
 def quantize_weight(w, bits, group_size: Optional[int] = None, symmetric: bool = True,
                     clip_ratio=1.0, clip_search: bool = False):
     """Quantize a weight W [N, K] (out, in) per output channel or per group along K.
@@ -157,6 +163,11 @@ def quantize_weight(w, bits, group_size: Optional[int] = None, symmetric: bool =
         raise ValueError(f"quantize_weight expects a 2-D weight [N, K], got shape {w.shape}")
     if w.size == 0:
         raise ValueError(f"cannot quantize a zero-size weight of shape {w.shape}")
+    num_groups(w.shape[1], group_size)
+    return _quantize_weight(w, bits, group_size, bool(symmetric), clip_ratio, bool(clip_search))
+
+
+def _quantize_weight_impl(w, bits, group_size, symmetric, clip_ratio, clip_search):
     wg = _grouped(w.astype(jnp.float32), group_size)
     if clip_search:
         ratios = jnp.linspace(1.0, 0.5, 11) * clip_ratio
@@ -188,6 +199,7 @@ def dequantize_weight(q, scale, zero, k: int):
     return w.reshape(n, G * g)[:, :k]
 
 
+@jax.jit
 def pack_int4(q):
     """Pack int codes in [-8, 7] two per byte along the last axis: [..., L] int8 -> [..., ceil(L/2)] uint8.
 
@@ -207,6 +219,11 @@ def unpack_int4(p, length: int):
         raise ValueError(f"unpack_int4 expects uint8 packed data, got {p.dtype}")
     if p.shape[-1] != math.ceil(length / 2):
         raise ValueError(f"packed last axis {p.shape[-1]} does not hold {length} 4-bit values")
+    return _unpack_int4(p, int(length))
+
+
+@partial(jax.jit, static_argnums=1)
+def _unpack_int4(p, length):
     s = p.astype(jnp.int8)
     lo = (s << 4) >> 4          # arithmetic shift sign-extends the low nibble
     hi = s >> 4

@@ -16,7 +16,7 @@ class _Attn(nn.Module):
     def __call__(self, x, step=None):
         q = Linear(self.d, name="to_q")(x, step=step)
         v = Linear(self.d, name="to_v")(x, step=step)
-        return Linear(self.d, name="to_out_0")(jax.nn.gelu(q) * v, step=step)
+        return Linear(self.d, name="to_out_0")(jax.nn.gelu(q) + v, step=step)
 
 
 class _FF(nn.Module):
