@@ -103,3 +103,43 @@ def vae_config_from_diffusers(config: Mapping[str, Any]):
         block_out_channels=tuple(int(c) for c in config["block_out_channels"]),
         layers_per_block=int(config["layers_per_block"]), norm_num_groups=int(config["norm_num_groups"]),
         scaling_factor=float(config["scaling_factor"]), shift_factor=float(config.get("shift_factor") or 0.0))
+
+
+def _cli(args) -> None:
+    import json
+    import os
+
+    from converters.__main__ import model_config
+    from converters.sources import open_checkpoint
+    from qdit4sr_jax.io.modelfile import load_model, save_model
+    if bool(args.into) == bool(args.out):
+        raise ValueError("give exactly one of --into model.safetensors (add the VAE to a model file) or --out")
+    if args.into:
+        cfg, params = load_model(args.into)
+    else:
+        cfg, params = model_config(args.config, args.set), {}
+    conf = os.path.join(args.src, "config.json") if os.path.isdir(args.src) else None
+    vae_cfg = cfg.vae if cfg.vae.kind == "sd3" else cfg.vae.__class__()
+    if conf and os.path.exists(conf):
+        with open(conf) as f:
+            vae_cfg = vae_config_from_diffusers(json.load(f))
+    if vae_cfg.latent_channels != cfg.in_channels:
+        raise ValueError(f"the VAE has {vae_cfg.latent_channels} latent channels but the model config expects "
+                         f"in_channels={cfg.in_channels}")
+    shapes, get = open_checkpoint(args.src)
+    vp = convert_vae_lazy(shapes, get, vae_cfg)          # raises before anything is written
+    cfg = cfg.replace(vae=vae_cfg)
+    params["vae"] = vp
+    out = args.into or args.out
+    save_model(out, cfg, params)
+    print(f"wrote {out}: SD3 VAE {vae_cfg.block_out_channels}, {vae_cfg.latent_channels} latent channels")
+
+
+def add_cli(sub) -> None:
+    p = sub.add_parser("vae", help="SD3 AutoencoderKL (diffusers layout)")
+    p.add_argument("--src", required=True, help="diffusers vae folder (config.json + weights), .safetensors or .bin")
+    p.add_argument("--into", help="existing float model file to add the VAE to (rewritten atomically)")
+    p.add_argument("--out", help="new model file holding only the VAE")
+    p.add_argument("--config", default="dit4sr", help="with --out: ModelConfig preset name or JSON file")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="ModelConfig override")
+    p.set_defaults(func=_cli)

@@ -231,6 +231,8 @@ def sample(cfg: ModelConfig, params, lr_latent, noise, *, context=None, pooled=N
     if tile_latent and tile_overlap >= min(tile_latent, noise.shape[1], noise.shape[2]) \
             and (force_tiling or needs_tiling(noise.shape[1], noise.shape[2], tile_latent)):
         raise ValueError(f"tile_overlap {tile_overlap} must be smaller than the tile size {tile_latent}")
+    if not (force_tiling or needs_tiling(noise.shape[1], noise.shape[2], tile_latent)):
+        tile_latent, tile_overlap, force_tiling = 0, 0, False   # untiled: one compiled variant for any tile size
     B = noise.shape[0]
 
     def _b(a, name):

@@ -24,13 +24,33 @@ def _prompt(seed=0, L=7):
             "negative_pooled_prompt_embeds": r.standard_normal((1, 20)).astype(np.float32)}
 
 
+def random_params(init_fn, seed):
+    """Random weights of the real model's shapes, drawn in numpy from `jax.eval_shape(init_fn)` (no XLA
+    compile of the initialisers; fan-in scaled kernels, norm scales near 1, small biases)."""
+    r = np.random.default_rng(seed)
+
+    def fill(path, leaf):
+        name = jax.tree_util.keystr(path)
+        if len(leaf.shape) >= 2:
+            fan_in = int(np.prod(leaf.shape[:-1]))
+            return jnp.asarray(r.standard_normal(leaf.shape) / np.sqrt(fan_in), leaf.dtype)
+        base = 1.0 if "scale" in name else 0.0
+        return jnp.asarray(base + 0.1 * r.standard_normal(leaf.shape), leaf.dtype)
+
+    return jax.tree_util.tree_map_with_path(fill, jax.eval_shape(init_fn))
+
+
+def transformer_params(cfg, seed=0):
+    z = jnp.zeros((1, 8, 8, cfg.in_channels))
+    ctx, pool = jnp.zeros((1, 7, cfg.joint_attention_dim)), jnp.zeros((1, cfg.pooled_projection_dim))
+    return random_params(lambda: DiT4SRTransformer(cfg).init(jax.random.PRNGKey(0), z, z, jnp.ones(1), ctx, pool)
+                         ["params"], seed)
+
+
 @pytest.fixture(scope="module")
 def bundle():
-    z = jnp.zeros((1, 8, 8, 4))
-    p = _prompt()
-    tp = jax.jit(DiT4SRTransformer(CFG).init)(jax.random.PRNGKey(0), z, z, jnp.ones(1),
-                                              jnp.asarray(p["prompt_embeds"]), jnp.asarray(p["pooled_prompt_embeds"]))
-    return {"transformer": tp["params"], "vae": vae.init(CFG.vae, jax.random.PRNGKey(1), 16), "prompt": p}
+    vp = random_params(lambda: vae.init(CFG.vae, jax.random.PRNGKey(1), 16), 1)
+    return {"transformer": transformer_params(CFG), "vae": vp, "prompt": _prompt()}
 
 
 def _lr(h, w, seed=0):
@@ -149,9 +169,6 @@ def test_upscale_rejects_bad_calls(bundle):
 def test_space_to_depth_model():
     cfg = CFG.replace(in_channels=12, out_channels=12,
                       vae=CFG.vae.__class__(kind="space_to_depth", s2d_factor=2))
-    z = jnp.zeros((1, 8, 8, 12))
-    p = _prompt()
-    tp = jax.jit(DiT4SRTransformer(cfg).init)(jax.random.PRNGKey(0), z, z, jnp.ones(1),
-                                              jnp.asarray(p["prompt_embeds"]), jnp.asarray(p["pooled_prompt_embeds"]))
-    out = pipeline.upscale(cfg, {"transformer": tp["params"], "vae": {}, "prompt": p}, _lr(4, 4), num_steps=2)
+    out = pipeline.upscale(cfg, {"transformer": transformer_params(cfg), "vae": {}, "prompt": _prompt()}, _lr(4, 4),
+                           num_steps=2)
     assert out.shape == (16, 16, 3)

@@ -118,3 +118,32 @@ def test_deprecated_attention_names(models):
 def test_non_sd3_config_rejected():
     with pytest.raises(ValueError, match="quant_conv"):
         vae_config_from_diffusers(dict(TINY, use_quant_conv=True))
+
+
+def test_cli_writes_model_file_and_nothing_on_error(models, tmp_path, capsys):
+    from converters.__main__ import main
+    from qdit4sr_jax.io.modelfile import load_model
+    tv, cfg, params = models
+    src = tmp_path / "vae"
+    tv.save_pretrained(str(src))
+    out = tmp_path / "m.safetensors"
+    assert main(["vae", "--src", str(src), "--out", str(out), "--config", "tiny"]) == 0
+    mcfg, mp = load_model(str(out))
+    assert mcfg.vae == cfg
+    np.testing.assert_array_equal(mp["vae"]["decoder"]["conv_out"]["kernel"],
+                                  np.asarray(params["decoder"]["conv_out"]["kernel"]))
+    # a checkpoint with a missing key: error naming it, no file written
+    from safetensors.torch import save_file
+    sd = {k: v.contiguous() for k, v in tv.state_dict().items() if k != "encoder.conv_in.bias"}
+    bad = tmp_path / "bad.safetensors"
+    save_file(sd, str(bad))
+    from qdit4sr_jax.config import ModelConfig
+    from qdit4sr_jax.io.modelfile import config_to_json
+    conf = tmp_path / "model.json"
+    conf.write_text(config_to_json(ModelConfig.preset("tiny").replace(vae=cfg)))
+    out2 = tmp_path / "m2.safetensors"
+    capsys.readouterr()
+    assert main(["vae", "--src", str(bad), "--out", str(out2), "--config", str(conf)]) == 1
+    err = capsys.readouterr().err
+    assert "1 problem" in err and "encoder/conv_in/bias" in err
+    assert not out2.exists()
