@@ -86,7 +86,7 @@ class DiT4SRTransformer(nn.Module):
                 context_pre_only=(i == cfg.num_layers - 1), qk_norm=cfg.qk_norm,
                 dual_attention=i in cfg.dual_attention_layers, lr_stream=cfg.lr_stream,
                 lr_key_mode=cfg.lr_key_mode, ff_control_scale=cfg.ff_control_scale, grid=(h, w),
-                param_dtype=pd, name=f"transformer_blocks_{i}")(x, c, temb, step=step)
+                param_dtype=pd, attention_impl=cfg.attention_impl, name=f"transformer_blocks_{i}")(x, c, temb, step=step)
 
         x = x[:, :n]
         scale, shift = AdaLNLinear(D, 2, pd, name="norm_out")(temb, step=step)
@@ -96,13 +96,15 @@ class DiT4SRTransformer(nn.Module):
 
 
 def init_params(cfg: ModelConfig, rng, latent_hw=(8, 8), batch: int = 1):
-    """Random params for `cfg` (a small latent is enough: no parameter depends on the spatial size)."""
-    import jax
+    """Random params for `cfg` (a small latent is enough: no parameter depends on the spatial size).
+    Control projections and control_conv start at zero, as in DiT4SR."""
     H, W = latent_hw
     x = jnp.zeros((batch, H, W, cfg.in_channels), jnp.float32)
     ctx = jnp.zeros((batch, 1, cfg.joint_attention_dim), jnp.float32)
     pooled = jnp.zeros((batch, cfg.pooled_projection_dim), jnp.float32)
     model = DiT4SRTransformer(cfg)
+    # eager on purpose: XLA compiles of the many RNG initialisers are slow on CPU (~10 s for the tiny
+    # config), while eager op kernels are cached across configs; wrap in jax.jit yourself if you prefer.
     return model.init(rng, x, x if cfg.lr_stream else None, jnp.zeros((batch,)), ctx, pooled)["params"]
 
 
