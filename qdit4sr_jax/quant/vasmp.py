@@ -76,12 +76,7 @@ def allocate_weight_bits(variances: Sequence[float], sizes: Sequence[int], avg_b
     var = _check_variances(variances)
     if var.ndim != 1:
         raise ValueError(f"variances must be 1-D [L], got shape {var.shape}")
-    sz = np.asarray(sizes)
-    if sz.shape != var.shape:
-        raise ValueError(f"sizes shape {sz.shape} != variances shape {var.shape}")
-    if not np.all(np.isfinite(sz.astype(np.float64))) or np.any(sz != np.round(sz)) or np.any(sz <= 0):
-        raise ValueError(f"sizes must be positive integers; bad at {np.argwhere(~(sz > 0)).ravel().tolist()[:5]}")
-    sz = sz.astype(np.int64)
+    sz = _check_sizes(sizes, var.shape)
     cand = check_candidates(candidates)
     if method not in ("auto", "dense", "pareto"):
         raise ValueError(f"method must be 'auto', 'dense' or 'pareto', got {method!r}")
@@ -91,8 +86,58 @@ def allocate_weight_bits(variances: Sequence[float], sizes: Sequence[int], avg_b
     if budget < bmin * total:
         raise ValueError(f"infeasible weight-bit budget: avg_bits={avg_bits} is below the smallest candidate "
                          f"{bmin} (candidates {cand.tolist()})")
-    bits = np.full(var.shape, bmin, dtype=np.int64)
-    act = np.flatnonzero(var > 0)
+    act = var > 0
+    dist = (sz.astype(np.float64) * var)[:, None] * np.exp2(-2.0 * cand.astype(np.float64))[None, :]
+    return _allocate(dist, sz, budget, cand, act, method, dense_limit, max_states)
+
+
+def allocate_bits_table(distortion, sizes: Sequence[int], avg_bits: float,
+                        candidates: Sequence[int] = (2, 3, 4, 5, 6, 8), *, method: str = "auto",
+                        dense_limit: int = 20_000_000, max_states: int = 5_000_000) -> np.ndarray:
+    """Optimal per-layer bits for an arbitrary distortion table (same constraint as allocate_weight_bits).
+
+    distortion: [L, K] float >= 0, distortion[l, k] = total distortion of layer l at candidates[k]
+      (e.g. the measured squared error of quantizing the layer at that width; need not be convex).
+    sizes, avg_bits, candidates, method: as for `allocate_weight_bits`.
+    Layers whose distortion is the same for every candidate get the smallest candidate.
+    Returns int64 [L] minimising sum_l distortion[l, b_l] s.t. sum_l n_l b_l <= avg_bits sum_l n_l.
+    """
+    cand_in = np.asarray(candidates)
+    cand = check_candidates(candidates)
+    if cand.size != cand_in.size:
+        raise ValueError(f"candidates must be distinct, got {candidates!r}")
+    dist = _check_variances(distortion, "distortion")
+    sz = _check_sizes(sizes, (dist.shape[0],) if dist.ndim == 2 else None)
+    if dist.ndim != 2 or dist.shape[1] != cand.size:
+        raise ValueError(f"distortion must be [L, {cand.size}] (one column per candidate), got {dist.shape}")
+    dist = dist[:, np.argsort(cand_in, kind="stable")]          # columns in ascending-bits order
+    if method not in ("auto", "dense", "pareto"):
+        raise ValueError(f"method must be 'auto', 'dense' or 'pareto', got {method!r}")
+    total = int(sz.sum())
+    budget = _budget(avg_bits, total)
+    if budget < int(cand[0]) * total:
+        raise ValueError(f"infeasible weight-bit budget: avg_bits={avg_bits} is below the smallest candidate "
+                         f"{int(cand[0])} (candidates {cand.tolist()})")
+    act = np.any(dist != dist[:, :1], axis=1)
+    return _allocate(dist, sz, budget, cand, act, method, dense_limit, max_states)
+
+
+def _check_sizes(sizes, shape):
+    sz = np.asarray(sizes)
+    if shape is not None and sz.shape != shape:
+        raise ValueError(f"sizes shape {sz.shape} != expected {shape}")
+    if not np.all(np.isfinite(sz.astype(np.float64))) or np.any(sz != np.round(sz)) or np.any(sz <= 0):
+        raise ValueError(f"sizes must be positive integers; bad at {np.argwhere(~(sz > 0)).ravel().tolist()[:5]}")
+    return sz.astype(np.int64)
+
+
+def _allocate(dist, sz, budget, cand, act_mask, method, dense_limit, max_states):
+    """Shared core: dist [L, K] (ascending candidates), sizes [L], integer budget; inactive layers
+    (act_mask False) are fixed at the smallest candidate."""
+    bmin = int(cand[0])
+    total = int(sz.sum())
+    bits = np.full(sz.shape, bmin, dtype=np.int64)
+    act = np.flatnonzero(act_mask)
     if act.size == 0 or cand.size == 1:
         return bits
     q = cand - bmin                                  # extra bits per candidate, q[0] = 0
@@ -103,7 +148,7 @@ def allocate_weight_bits(variances: Sequence[float], sizes: Sequence[int], avg_b
     W = (budget - bmin * total) // (g * d)
     W = int(min(W, int(s.sum()) * int(qd[-1])))      # more budget than everyone-at-max is useless
     cost = s[:, None] * qd[None, :]                  # [La, K] units
-    dist = (sz[act].astype(np.float64) * var[act])[:, None] * np.exp2(-2.0 * cand.astype(np.float64))[None, :]
+    dist = dist[act]
     if method == "dense" or (method == "auto" and act.size * (W + 1) <= dense_limit):
         k = _dense_dp(cost, dist, W)
     else:
@@ -140,17 +185,39 @@ def _dense_dp(cost, dist, W):
     return out
 
 
+def _hull_steps(cost, dist):
+    """Per layer, the steps between consecutive vertices of the lower convex hull of its options
+    (cost increasing, distortion decreasing; options above the hull never help the LP).
+    Returns a list over layers of (from_option [h], to_option [h], dcost [h], gain [h])."""
+    out = []
+    for c, dv in zip(cost, dist):
+        hull = [0]
+        for k in range(1, len(c)):
+            if dv[k] >= dv[hull[-1]]:
+                continue                                   # not cheaper in distortion: never on the useful hull
+            while len(hull) >= 2:
+                i, j = hull[-2], hull[-1]
+                # drop j if it lies on or above the segment i -> k
+                if (dv[j] - dv[i]) * (c[k] - c[i]) >= (dv[k] - dv[i]) * (c[j] - c[i]):
+                    hull.pop()
+                else:
+                    break
+            hull.append(k)
+        h = np.asarray(hull)
+        out.append((h[:-1], h[1:], (c[h[1:]] - c[h[:-1]]).astype(np.float64), dv[h[:-1]] - dv[h[1:]]))
+    return out
+
+
 def _lp_suffix_bounds(cost, dist):
     """For each l, the LP lower bound of layers l.. as breakpoints (cum_cost, cum_gain) + base."""
     L, K = cost.shape
-    dc = np.diff(cost, axis=1).astype(np.float64)         # [L, K-1] > 0
-    dg = -np.diff(dist, axis=1)                           # [L, K-1] >= 0 (gain)
-    eff = dg / dc
+    steps = _hull_steps(cost, dist)
     base = np.cumsum(dist[::-1, 0])[::-1]                 # distortion with every layer at b_min
     tabs = []
     for l in range(L):
-        e, c, gn = eff[l:].ravel(), dc[l:].ravel(), dg[l:].ravel()
-        o = np.argsort(-e, kind="stable")                  # convex options: per-layer order is kept
+        c = np.concatenate([st[2] for st in steps[l:]])
+        gn = np.concatenate([st[3] for st in steps[l:]])
+        o = np.argsort(-(gn / c), kind="stable")           # convex hull: per-layer order is kept
         tabs.append((np.concatenate([[0.0], np.cumsum(c[o])]), np.concatenate([[0.0], np.cumsum(gn[o])])))
     return base, tabs
 
@@ -215,18 +282,22 @@ def _pareto_pass(cost, dist, W, max_states, lower, ub, beam):
 
 
 def _greedy(cost, dist, W):
-    """Distortion of a feasible integer solution: marginal-gain greedy with a skip-and-continue fill."""
+    """Distortion of a feasible integer solution: greedy along the hull steps in decreasing marginal
+    gain per unit, skipping steps that no longer fit."""
     L, K = cost.shape
-    dc = np.diff(cost, axis=1)
-    dg = -np.diff(dist, axis=1)
-    eff = (dg / dc).ravel()
+    steps = _hull_steps(cost, dist)
+    lay = np.concatenate([np.full(st[0].size, l) for l, st in enumerate(steps)])
+    frm = np.concatenate([st[0] for st in steps])
+    to = np.concatenate([st[1] for st in steps])
+    dc = np.concatenate([st[2] for st in steps])
+    eff = np.concatenate([st[3] for st in steps]) / dc
     k = np.zeros(L, dtype=np.int64)
     spent = 0
-    for idx in np.argsort(-eff, kind="stable"):
-        l, j = divmod(int(idx), K - 1)
-        if k[l] == j and spent + dc[l, j] <= W:
-            spent += int(dc[l, j])
-            k[l] = j + 1
+    for i in np.argsort(-eff, kind="stable"):
+        l = int(lay[i])
+        if k[l] == frm[i] and spent + int(dc[i]) <= W:
+            spent += int(dc[i])
+            k[l] = to[i]
     return float(dist[np.arange(L), k].sum())
 
 
@@ -242,4 +313,4 @@ def average_bits(sizes, bits) -> float:
     return float(np.sum(s * np.asarray(bits, np.float64)) / np.sum(s))
 
 
-__all__ = ["allocate_weight_bits", "expected_distortion", "average_bits", "check_candidates"]
+__all__ = ["allocate_weight_bits", "allocate_bits_table", "expected_distortion", "average_bits", "check_candidates"]

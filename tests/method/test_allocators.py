@@ -124,3 +124,27 @@ def test_vatmp_errors():
         schedule_activation_bits([1.0, -2.0], 4, (3, 4))
     with pytest.raises(ValueError, match=r"\[T\] or \[L, T\]"):
         schedule_activation_bits(np.ones((2, 2, 2)), 4, (3, 4))
+
+
+@pytest.mark.parametrize("method", ["dense", "pareto"])
+def test_table_allocator_equals_brute_force_on_nonconvex_tables(method):
+    from qdit4sr_jax.quant.vasmp import allocate_bits_table
+    rng = np.random.default_rng(11)
+    for _ in range(150):
+        L = int(rng.integers(1, 6))
+        c = _random_cands(rng)
+        perm = rng.permutation(len(c))                                  # columns in any candidate order
+        table = rng.exponential(size=(L, len(c))) * (rng.random((L, 1)) > 0.1)
+        s = rng.integers(1, 30, size=L) * int(rng.choice([1, 5]))
+        avg = round(c[0] + rng.random() * (c[-1] - c[0] + 1), 3)
+        budget = math.floor(avg * 1000 * int(s.sum()) + 1e-6) // 1000
+        cp = [c[i] for i in perm]
+        bits = allocate_bits_table(table[:, perm], s, avg, cp, method=method)
+        assert int(np.dot(s, bits)) <= budget
+        col = {b: i for i, b in enumerate(c)}
+        got = sum(table[l, col[int(b)]] for l, b in enumerate(bits))
+        want = min(sum(table[l, col[b]] for l, b in enumerate(bs))
+                   for bs in itertools.product(c, repeat=L) if int(np.dot(s, bs)) <= budget)
+        assert got <= want * (1 + 1e-12) + 1e-300
+    with pytest.raises(ValueError, match=r"\[L, 2\]"):
+        allocate_bits_table(np.ones((2, 3)), [1, 1], 4, (2, 4))
