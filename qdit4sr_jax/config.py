@@ -72,6 +72,8 @@ class ModelConfig:
     # numerics
     dtype: str = "float32"                  # compute dtype ("float32" | "bfloat16")
     param_dtype: str = "float32"
+    # attention kernel: None (XLA), "xla" or "cudnn" (cuDNN flash attention; GPU, bf16/fp16 compute only)
+    attention_impl: Optional[str] = None
     # autoencoder and sampler defaults
     vae: VAEConfig = VAEConfig()
     scale: int = 4                          # SR factor

@@ -75,6 +75,7 @@ class JointAttention(nn.Module):
     lr_stream: bool = False
     lr_key_mode: str = "released"
     param_dtype: Any = jnp.float32
+    attention_impl: Optional[str] = None   # jax.nn.dot_product_attention implementation (None = XLA, "cudnn")
 
     def _heads(self, t):
         return t.reshape(t.shape[:-1] + (self.heads, self.head_dim))
@@ -121,7 +122,7 @@ class JointAttention(nn.Module):
                 cq = RMSNorm(param_dtype=self.param_dtype, name="norm_added_q")(cq)
                 ck = RMSNorm(param_dtype=self.param_dtype, name="norm_added_k")(ck)
             q, k, v = (jnp.concatenate(p, axis=1) for p in ((q, cq), (k, ck), (v, cv)))
-        o = jax.nn.dot_product_attention(q, k, v).reshape(B, -1, inner)
+        o = jax.nn.dot_product_attention(q, k, v, implementation=self.attention_impl).reshape(B, -1, inner)
         o, c_out = o[:, :n_x], (o[:, n_x:] if context is not None else None)
         if c_out is not None and not self.context_pre_only:
             c_out = Linear(self.dim, param_dtype=self.param_dtype, name="to_add_out")(c_out, step=step)
@@ -197,12 +198,14 @@ class JointTransformerBlock(nn.Module):
     ff_control_scale: float = 1.2
     grid: Optional[Tuple[int, int]] = None
     param_dtype: Any = jnp.float32
+    attention_impl: Optional[str] = None   # passed to JointAttention
 
     @nn.compact
     def __call__(self, x, context, temb, step=None):
         pd = self.param_dtype
         attn_kw = dict(dim=self.dim, heads=self.heads, head_dim=self.head_dim, qk_norm=self.qk_norm,
-                       lr_stream=self.lr_stream, lr_key_mode=self.lr_key_mode, param_dtype=pd)
+                       lr_stream=self.lr_stream, lr_key_mode=self.lr_key_mode, param_dtype=pd,
+                       attention_impl=self.attention_impl)
         nx = layer_norm(x)
         if self.dual_attention:
             (sh_msa, sc_msa, g_msa, sh_mlp, sc_mlp, g_mlp, sh_msa2, sc_msa2, g_msa2) = AdaLNLinear(
