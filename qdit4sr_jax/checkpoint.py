@@ -17,6 +17,7 @@ import json
 import os
 import shutil
 import uuid
+import warnings
 from typing import Optional
 
 import jax
@@ -122,7 +123,8 @@ def _rebuild_node(name: str, st: dict, arrays: dict) -> QuantizedWeight:
     if st["layout"] not in LAYOUTS:
         raise ValueError(f"checkpoint layer {name!r}: unknown layout {st['layout']!r}")
     if st["packed"] and w_bits > 4:
-        raise ValueError(f"checkpoint layer {name!r}: packed codes but w_bits={w_bits} (> 4 cannot be packed)")
+        raise ValueError(f"checkpoint layer {name!r}: packed codes but w_bits={w_bits} (> 4 cannot be packed): "
+                         f"wrong bit-width in the metadata")
     if not st["w_symmetric"] and "zero" not in arrays:
         raise ValueError(f"checkpoint layer {name!r}: asymmetric weights need a 'zero' array")
     q = np.asarray(arrays["qvalue"])
@@ -164,7 +166,9 @@ def load(path: str, *, expect_cfg: Optional[QuantConfig] = None):
         diff = {k: (v, getattr(expect_cfg, k)) for k, v in vars(cfg or QuantConfig()).items()
                 if getattr(expect_cfg, k) != v}
         raise ValueError(f"{path}: stored QuantConfig differs from the expected one (stored, expected): {diff}")
-    state = ocp.PyTreeCheckpointer().restore(os.path.join(path, STATE))
+    with warnings.catch_warnings():   # single-host restore: orbax's note about sharding files is noise
+        warnings.filterwarnings("ignore", message="Sharding info not provided")
+        state = ocp.PyTreeCheckpointer().restore(os.path.join(path, STATE))
 
     def get(tree, parts):
         for p in parts:

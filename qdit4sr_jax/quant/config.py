@@ -32,8 +32,13 @@ class QuantConfig:
     hsvd / hsvd_block: H-SVD on (b_out, b_in) blocks (MISSION.md's example uses 256x256 at d=1536).
     vasmp / w_bit_candidates: data-free per-layer weight bits (VaSMP) from this candidate set.
     vatmp / a_bit_candidates: per-layer, per-timestep activation bits (VaTMP) from this candidate set.
+    vasmp_distortion: VaSMP's per-layer distortion at each candidate: "measured" (default: the squared
+      error of this config's weight quantizer on the layer's residual, data-free) or "model" (MISSION.md's
+      n sigma^2 2^(-2b); it under-rates the 2-bit error of a symmetric quantizer ~3x, so it over-uses 2 bits).
+    hsvd_refine_iters: extra alternating refits of the H-SVD global / block branches (0 = the paper's
+      order: global SVD, then blocks on what remains).
     rotate: Hadamard rotation of the input dimension (QuaRot-style).
-    execution: "fake" (float reference) or "int" (int8 dot_general) - same semantics.
+    execution: "fake" (float reference), "int" (int8 dot_general) or "fused" (quant/kernels) - same semantics.
     branch_dtype: dtype of the 16-bit branches.
     w_clip_ratio: weight range multiplier before the scale is computed (1.0 = plain min/max RTN).
     w_clip_search: per weight group, search the clip ratio in [0.5, 1] x w_clip_ratio minimising the
@@ -61,6 +66,8 @@ class QuantConfig:
     w_bit_candidates: Tuple[int, ...] = (2, 3, 4, 5, 6, 8)
     vatmp: bool = False
     a_bit_candidates: Tuple[int, ...] = (3, 4, 5, 6, 8)
+    vasmp_distortion: str = "measured"
+    hsvd_refine_iters: int = 0
     rotate: bool = False
     execution: str = "fake"
     branch_dtype: str = "bfloat16"
@@ -74,8 +81,8 @@ class QuantConfig:
         """Raise ValueError naming the bad field; returns self."""
         if self.method not in METHODS:
             raise ValueError(f"QuantConfig.method={self.method!r} is unknown; known: {METHODS}")
-        if self.execution not in ("fake", "int"):
-            raise ValueError(f"QuantConfig.execution must be 'fake' or 'int', got {self.execution!r}")
+        if self.execution not in ("fake", "int", "fused"):
+            raise ValueError(f"QuantConfig.execution must be 'fake', 'int' or 'fused', got {self.execution!r}")
         mixed_w = self.vasmp
         mixed_a = self.vatmp
         for name, bits, mixed in (("w_bits", self.w_bits, mixed_w), ("a_bits", self.a_bits, mixed_a)):

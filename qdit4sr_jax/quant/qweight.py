@@ -30,7 +30,7 @@ Array children (None when absent):
 Static fields: shape (K, N) of the original kernel, dtype of the original kernel, w_bits, group_size
 (None = per channel), layout, packed, w_symmetric, a_bits (int, or None = float activations; the bits
 used when no `step` / `act_bits` is given), a_symmetric, rotate (Hadamard block size, 0 = none),
-block ((b_out, b_in) or None), execution ("fake" | "int").
+block ((b_out, b_in) or None), execution ("fake" | "int" | "fused").
 """
 from __future__ import annotations
 
@@ -44,7 +44,7 @@ import numpy as np
 from qdit4sr_jax.quant import quantizer as qz
 
 LAYOUTS = ("nk", "gnk")
-EXECUTIONS = ("fake", "int")
+EXECUTIONS = ("fake", "int", "fused")   # "fused": quant/kernels (same semantics as "int")
 ARRAY_FIELDS = ("qvalue", "scale", "zero", "smooth", "lr_a", "lr_b", "block_u", "block_v", "a_schedule")
 STATIC_FIELDS = ("shape", "dtype", "w_bits", "group_size", "layout", "packed", "w_symmetric",
                  "a_bits", "a_symmetric", "rotate", "block", "execution")

@@ -58,7 +58,7 @@ def toy():
     rng = np.random.default_rng(0)
     x = rng.normal(size=(2, 16, 24)).astype(np.float32)
     x[..., 3] *= 8.0
-    params = model.init(jax.random.PRNGKey(0), jnp.asarray(x))["params"]
+    params = jax.jit(model.init)(jax.random.PRNGKey(0), jnp.asarray(x))["params"]
     return model, params, jnp.asarray(x)
 
 

@@ -1,0 +1,117 @@
+"""orbax export: bit-exact round trip, packed on disk, atomic save, clear errors on bad checkpoints."""
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import qdit4sr_jax
+from qdit4sr_jax import checkpoint
+from qdit4sr_jax.quant.api import quantized_layers
+from qdit4sr_jax.quant.config import QuantConfig
+from qdit4sr_jax.quant.qweight import QuantizedWeight
+
+
+@pytest.fixture(scope="module")
+def qtree(toy):
+    model, params, x = toy
+    calib = qdit4sr_jax.calibrate(model, params, x)
+    cfg = QuantConfig.preset("svdquant-w4a4").replace(lowrank_rank=4, w_symmetric=False)
+    params = dict(params, proj_out=dict(params["proj_out"], kernel=params["proj_out"]["kernel"].astype(jnp.bfloat16)))
+    q = qdit4sr_jax.quantize(params, cfg, calib,
+                             a_schedules={"transformer_blocks_0/ff/net_2": np.array([4, 6, 8], np.int32)})
+    return q, cfg
+
+
+def _leaves(tree):
+    return jax.tree_util.tree_flatten_with_path(tree)[0]
+
+
+def test_roundtrip_bit_exact(qtree, tmp_path, toy):
+    q, cfg = qtree
+    info = qdit4sr_jax.save(tmp_path / "ck", q, cfg)
+    assert info["bytes_on_disk"] > 0 and info["quantized_layers"] == 10
+    assert info["bytes_on_disk"] == checkpoint.dir_size(str(tmp_path / "ck"))
+    q2, cfg2 = qdit4sr_jax.load(tmp_path / "ck")
+    assert cfg2 == cfg
+    a, b = _leaves(q), _leaves(q2)
+    assert [p for p, _ in a] == [p for p, _ in b]
+    for (p, x), (_, y) in zip(a, b):
+        assert x.dtype == y.dtype and x.shape == y.shape, p
+        np.testing.assert_array_equal(np.asarray(x).view(np.uint8), np.asarray(y).view(np.uint8))
+    n1 = quantized_layers(q)["transformer_blocks_0/ff/net_2"]
+    n2 = quantized_layers(q2)["transformer_blocks_0/ff/net_2"]
+    assert n2.static_dict() == n1.static_dict()
+    assert n2.qvalue.dtype == jnp.uint8 and n2.packed                     # packed in memory after load
+    model, _, x = toy
+    np.testing.assert_array_equal(np.asarray(model.apply({"params": q}, x, step=1)),
+                                  np.asarray(model.apply({"params": q2}, x, step=1)))
+
+
+def test_packed_on_disk(toy, tmp_path):
+    """4-bit packed codes take half the bytes of 8-bit codes on disk (same layer shapes)."""
+    _, params, _ = toy
+    sizes = {}
+    for bits in (4, 8):
+        cfg = QuantConfig(w_bits=bits, a_bits=8, w_group_size=None)
+        q = qdit4sr_jax.quantize(params, cfg)
+        info = qdit4sr_jax.save(tmp_path / f"w{bits}", q, cfg)
+        codes = sum(n.qvalue.size for n in quantized_layers(q).values())
+        sizes[bits] = (info["bytes_on_disk"], codes)
+    assert sizes[4][1] * 2 == sizes[8][1]                                  # packed: half the elements (uint8)
+    assert sizes[8][0] - sizes[4][0] >= 0.8 * sizes[4][1]                  # and the files shrink by ~that much
+
+
+def test_interrupted_save_leaves_nothing(qtree, tmp_path, monkeypatch):
+    q, cfg = qtree
+    real_dump = json.dump
+
+    def boom(*a, **k):
+        raise RuntimeError("disk full (simulated)")
+
+    monkeypatch.setattr(checkpoint.json, "dump", boom)
+    with pytest.raises(RuntimeError, match="simulated"):
+        qdit4sr_jax.save(tmp_path / "ck", q, cfg)
+    assert os.listdir(tmp_path) == []                                      # no ck, no temp dir
+    monkeypatch.setattr(checkpoint.json, "dump", real_dump)
+    qdit4sr_jax.save(tmp_path / "ck", q, cfg)
+    with pytest.raises(FileExistsError):
+        qdit4sr_jax.save(tmp_path / "ck", q, cfg)
+    qdit4sr_jax.save(tmp_path / "ck", q, cfg, overwrite=True)
+    assert sorted(os.listdir(tmp_path)) == ["ck"]
+
+
+def _edit_meta(path, fn):
+    mp = os.path.join(path, checkpoint.META)
+    meta = json.load(open(mp))
+    fn(meta)
+    json.dump(meta, open(mp, "w"))
+
+
+@pytest.mark.parametrize("edit,match", [
+    (lambda m: m["nodes"]["transformer_blocks_0/attn/to_q/kernel"].update(w_bits=8), "wrong bit-width"),
+    (lambda m: m["nodes"]["transformer_blocks_0/attn/to_q/kernel"].update(w_bits=2), "outside the 2-bit range"),
+    (lambda m: m["nodes"]["transformer_blocks_0/attn/to_q/kernel"].update(w_bits=9), "unsupported weight bits"),
+    (lambda m: m["nodes"]["transformer_blocks_0/attn/to_q/kernel"].pop("group_size"), "lacks static fields"),
+    (lambda m: m["nodes"]["transformer_blocks_0/attn/to_q/kernel"]["arrays"].append("block_u"), "missing array"),
+    (lambda m: m.pop("nodes"), "missing field 'nodes'"),
+    (lambda m: m.update(format="something-else"), "format"),
+])
+def test_bad_checkpoints_fail_clearly(qtree, tmp_path, edit, match):
+    q, cfg = qtree
+    qdit4sr_jax.save(tmp_path / "ck", q, cfg)
+    _edit_meta(str(tmp_path / "ck"), edit)
+    with pytest.raises(ValueError, match=match):
+        qdit4sr_jax.load(tmp_path / "ck")
+
+
+def test_expected_config_and_missing_checkpoint(qtree, tmp_path):
+    q, cfg = qtree
+    qdit4sr_jax.save(tmp_path / "ck", q, cfg)
+    qdit4sr_jax.load(tmp_path / "ck", expect_cfg=cfg)
+    with pytest.raises(ValueError, match="w_bits"):
+        qdit4sr_jax.load(tmp_path / "ck", expect_cfg=cfg.replace(w_bits=8))
+    with pytest.raises(FileNotFoundError, match="not a qdit4sr-jax"):
+        qdit4sr_jax.load(tmp_path / "nothing")
