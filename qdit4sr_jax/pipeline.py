@@ -1,6 +1,8 @@
 """Super-resolution pipeline: image in, image out.
 
   upscale(cfg, params, image, *, seed=0, ...) -> image (PIL in -> PIL out; numpy in -> np.uint8 [H*s, W*s, 3])
+  calibrate_images(cfg, params, images, ...)  -> per-layer, per-step activation stats (as upscale runs)
+  bicubic(image, scale), read_images(path), save_image(image, path), load_prompts / save_prompts
 
 Steps (DiT4SR's pipeline): bicubic upsample of the LR image by cfg.scale (then to a multiple of
 vae.downsample * patch_size), VAE encode (a sample), flow-matching sampling conditioned on the LR
@@ -214,6 +216,44 @@ def _to_uint8(x) -> np.ndarray:
 
 # ----------------------------------------------------------------------------- upscale
 
+def bicubic(image, scale: int):
+    """Plain bicubic upsampling by `scale` (the baseline): same kind out as in (PIL or np.uint8)."""
+    a = to_rgb_uint8(image)
+    out = _resize(a, a.shape[1] * scale, a.shape[0] * scale)
+    return Image.fromarray(out, "RGB") if isinstance(image, Image.Image) else out
+
+
+def _prepare(cfg: ModelConfig, params, image, seed, prompt, prompt_index, guidance_scale):
+    """Validate, upsample and encode -> dict(up, lr_lat, noise, ctx, pool, nctx, npool, g, size)."""
+    if "transformer" not in params:
+        raise ValueError("params must be the model bundle {'transformer': ..., 'vae': ..., 'prompt': ...}; "
+                         "'transformer' is missing")
+    if cfg.vae.kind == "sd3" and not params.get("vae"):
+        raise ValueError("params['vae'] is missing or empty but cfg.vae.kind is 'sd3': convert the VAE "
+                         "(python -m converters vae) or use a space_to_depth model")
+    lr = to_rgb_uint8(image)
+    H0, W0 = lr.shape[:2]
+    mn = min_input_size(cfg)
+    if min(H0, W0) < mn:
+        raise ValueError(f"image {W0}x{H0} is too small: the minimum side is {mn} pixels for scale {cfg.scale}")
+    s, m = cfg.scale, cfg.vae.downsample * cfg.patch_size
+    Wt, Ht = W0 * s, H0 * s
+    up = _resize(lr, Wt, Ht)                                   # bicubic x scale
+    up = _resize(up, Wt // m * m, Ht // m * m)                 # to a latent-patch multiple (as DiT4SR: //8*8)
+
+    ctx, pool, nctx, npool = _resolve_prompt(cfg, params, prompt, prompt_index)
+    g = float(cfg.guidance_scale if guidance_scale is None else guidance_scale)
+    if g != 1.0 and ctx is not None and nctx is None:
+        raise ValueError(f"guidance_scale={g} needs negative prompt embeddings; the prompt has none "
+                         "(pass guidance_scale=1.0 or export a negative prompt)")
+    k_enc, k_noise = jax.random.split(jax.random.PRNGKey(int(seed)))
+    x = jnp.asarray(up, jnp.float32)[None] / 127.5 - 1.0
+    lr_lat = _vae.encode_jit(cfg.vae, params.get("vae", {}), x, k_enc)
+    noise = jax.random.normal(k_noise, lr_lat.shape, jnp.float32)
+    return dict(up=up, lr_lat=lr_lat, noise=noise, ctx=ctx, pool=pool, nctx=nctx, npool=npool, g=g,
+                size=(Wt, Ht))
+
+
 def upscale(cfg: ModelConfig, params: Mapping[str, Any], image, *, seed: int = 0,
             num_steps: Optional[int] = None, guidance_scale: Optional[float] = None,
             color_fix: Optional[str] = "adain", prompt: Union[None, str, Mapping[str, Any]] = None,
@@ -224,49 +264,87 @@ def upscale(cfg: ModelConfig, params: Mapping[str, Any], image, *, seed: int = 0
 
     image: PIL image or numpy array (see `to_rgb_uint8`). Returns the same kind (PIL RGB image or
     np.uint8 [H*s, W*s, 3]); with ``return_latents`` also the final latents [1, h, w, C].
+    prompt: None (params['prompt'], or the learned context), a dict or a .npz path of prompt embeddings.
     Defaults (num_steps, guidance_scale, start, start_sigma, tile_latent, tile_overlap) come from cfg;
     tile_latent=None or 0 disables tiling; ``force_tiling`` tiles even a latent no larger than one tile
     (testing/diagnostics). Deterministic for a given seed.
     """
-    if "transformer" not in params:
-        raise ValueError("params must be the model bundle {'transformer': ..., 'vae': ..., 'prompt': ...}; "
-                         "'transformer' is missing")
-    if cfg.vae.kind == "sd3" and not params.get("vae"):
-        raise ValueError("params['vae'] is missing or empty but cfg.vae.kind is 'sd3': convert the VAE "
-                         "(python -m converters vae) or use a space_to_depth model")
     if color_fix not in (None, "none", "adain", "wavelet"):
         raise ValueError(f"color_fix must be 'adain', 'wavelet' or None, got {color_fix!r}")
-    was_pil = isinstance(image, Image.Image)
-    lr = to_rgb_uint8(image)
-    H0, W0 = lr.shape[:2]
-    mn = min_input_size(cfg)
-    if min(H0, W0) < mn:
-        raise ValueError(f"image {W0}x{H0} is too small: the minimum side is {mn} pixels for scale {cfg.scale}")
-    s, m = cfg.scale, cfg.vae.downsample * cfg.patch_size
-    Wt, Ht = W0 * s, H0 * s
-    up = _resize(lr, Wt, Ht)                                   # bicubic x scale
-    Wm, Hm = Wt // m * m, Ht // m * m
-    up = _resize(up, Wm, Hm)                                   # to a latent-patch multiple (as DiT4SR: //8*8)
-
-    ctx, pool, nctx, npool = _resolve_prompt(cfg, params, prompt, prompt_index)
-    g = float(cfg.guidance_scale if guidance_scale is None else guidance_scale)
-    if g != 1.0 and ctx is not None and nctx is None:
-        raise ValueError(f"guidance_scale={g} needs negative prompt embeddings; the prompt has none "
-                         "(pass guidance_scale=1.0 or export a negative prompt)")
-
-    k_enc, k_noise = jax.random.split(jax.random.PRNGKey(int(seed)))
-    x = jnp.asarray(up, jnp.float32)[None] / 127.5 - 1.0
-    lr_lat = _vae.encode_jit(cfg.vae, params.get("vae", {}), x, k_enc)
-    noise = jax.random.normal(k_noise, lr_lat.shape, jnp.float32)
-    lat = sampling.sample(cfg, params["transformer"], lr_lat, noise, context=ctx, pooled=pool, neg_context=nctx,
-                          neg_pooled=npool, num_steps=num_steps, guidance_scale=g, start=start,
-                          start_sigma=start_sigma, tile_latent=tile_latent, tile_overlap=tile_overlap,
-                          tile_batch=tile_batch, force_tiling=force_tiling)
+    d = _prepare(cfg, params, image, seed, prompt, prompt_index, guidance_scale)
+    lat = sampling.sample(cfg, params["transformer"], d["lr_lat"], d["noise"], context=d["ctx"], pooled=d["pool"],
+                          neg_context=d["nctx"], neg_pooled=d["npool"], num_steps=num_steps,
+                          guidance_scale=d["g"], start=start, start_sigma=start_sigma, tile_latent=tile_latent,
+                          tile_overlap=tile_overlap, tile_batch=tile_batch, force_tiling=force_tiling)
     img = _vae.decode_jit(cfg.vae, params.get("vae", {}), lat)[0]
     out = _to_uint8(img * 0.5 + 0.5)
     if color_fix not in (None, "none"):
-        fixed = _color_fix(color_fix, out.astype(np.float32) / 255.0, up.astype(np.float32) / 255.0)
+        fixed = _color_fix(color_fix, out.astype(np.float32) / 255.0, d["up"].astype(np.float32) / 255.0)
         out = _to_uint8(fixed)
-    out = _resize(out, Wt, Ht)
-    result = Image.fromarray(out, "RGB") if was_pil else out
+    out = _resize(out, *d["size"])
+    result = Image.fromarray(out, "RGB") if isinstance(image, Image.Image) else out
     return (result, lat) if return_latents else result
+
+
+def calibrate_images(cfg: ModelConfig, params: Mapping[str, Any], images, *, seed: int = 0,
+                     num_steps: Optional[int] = None, guidance_scale: Optional[float] = None,
+                     prompt=None, progress: bool = False, **sample_kwargs):
+    """Activation statistics of every transformer `Linear` over all sampling steps, for each image run
+    exactly as `upscale` runs it (same preprocessing, seed, prompt, tiling), merged over the images.
+
+    Returns {module path: {"var": [T], "absmax": [T], "ch_absmax": [T, d_in], "tok_var": [T]}}
+    (`qdit4sr_jax.quant.stats` form), T = num_steps.
+    """
+    from qdit4sr_jax.quant.calibrate import calibrate_sampler
+    from qdit4sr_jax.quant.stats import merge_stats
+    images = list(images)
+    if not images:
+        raise ValueError("calibrate_images needs at least one image")
+    runs = []
+    for i, image in enumerate(images):
+        d = _prepare(cfg, params, image, seed, prompt, 0, guidance_scale)
+        runs.append(calibrate_sampler(cfg, params["transformer"], d["lr_lat"], d["noise"], context=d["ctx"],
+                                      pooled=d["pool"], neg_context=d["nctx"], neg_pooled=d["npool"],
+                                      num_steps=num_steps, guidance_scale=d["g"], **sample_kwargs))
+        if progress:
+            print(f"calibration image {i + 1}/{len(images)}", flush=True)
+    return merge_stats(*runs)
+
+
+# ----------------------------------------------------------------------------- files
+
+IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
+
+
+def read_images(path: str):
+    """An image file or a folder of images (sorted by name) -> list of np.uint8 [H, W, 3]."""
+    if os.path.isdir(path):
+        files = sorted(os.path.join(path, f) for f in os.listdir(path) if f.lower().endswith(IMAGE_EXTS))
+        if not files:
+            raise FileNotFoundError(f"no images ({', '.join(IMAGE_EXTS)}) in folder {path!r}")
+    elif os.path.exists(path):
+        files = [path]
+    else:
+        raise FileNotFoundError(f"no image or folder at {path!r}")
+    out = []
+    for f in files:
+        with Image.open(f) as im:
+            out.append(to_rgb_uint8(im))
+    return out
+
+
+def save_image(image, path: str) -> None:
+    """Write a PIL image or np.uint8 [H, W, 3] array; atomic (temp file + rename); format from the extension."""
+    im = image if isinstance(image, Image.Image) else Image.fromarray(to_rgb_uint8(image), "RGB")
+    ext = os.path.splitext(path)[1].lower()
+    if ext not in IMAGE_EXTS:
+        raise ValueError(f"unknown image extension {ext!r} for {path!r}; use one of {IMAGE_EXTS}")
+    d = os.path.dirname(os.path.abspath(path))
+    os.makedirs(d, exist_ok=True)
+    tmp = os.path.join(d, f".{os.path.basename(path)}.tmp-{os.getpid()}{ext}")
+    try:
+        im.save(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)

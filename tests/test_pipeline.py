@@ -166,9 +166,47 @@ def test_upscale_rejects_bad_calls(bundle):
         pipeline.upscale(CFG, bundle, _lr(4, 4), prompt="a photo of a cat")
 
 
-def test_space_to_depth_model():
-    cfg = CFG.replace(in_channels=12, out_channels=12,
+def test_space_to_depth_model_with_learned_context():
+    """The demo-model shape: parameter-free autoencoder, learned context (no prompt), no guidance."""
+    cfg = CFG.replace(in_channels=12, out_channels=12, context_mode="learned", guidance_scale=1.0,
                       vae=CFG.vae.__class__(kind="space_to_depth", s2d_factor=2))
-    out = pipeline.upscale(cfg, {"transformer": transformer_params(cfg), "vae": {}, "prompt": _prompt()}, _lr(4, 4),
-                           num_steps=2)
+    bundle = {"transformer": transformer_params(cfg), "vae": {}}
+    out = pipeline.upscale(cfg, bundle, _lr(4, 4), num_steps=2, start="lr", start_sigma=0.5)
+    again = pipeline.upscale(cfg, bundle, _lr(4, 4), num_steps=2, start="lr", start_sigma=0.5)
     assert out.shape == (16, 16, 3)
+    np.testing.assert_array_equal(out, again)
+    with pytest.raises(ValueError, match="guidance"):
+        pipeline.upscale(cfg, bundle, _lr(4, 4), guidance_scale=2.0)
+
+
+def test_calibrate_images(bundle):
+    imgs = [_lr(4, 4, seed=7), Image.fromarray(_lr(4, 4, seed=8))]
+    stats = pipeline.calibrate_images(CFG, bundle, imgs, num_steps=3)
+    s = stats["transformer_blocks_0/attn/to_q"]
+    assert s["var"].shape == (3,) and s["ch_absmax"].shape == (3, 32)
+    one = pipeline.calibrate_images(CFG, bundle, imgs[:1], num_steps=3)["transformer_blocks_0/attn/to_q"]
+    assert (np.asarray(s["absmax"]) >= np.asarray(one["absmax"]) - 1e-6).all()   # max over both images
+    with pytest.raises(ValueError, match="at least one image"):
+        pipeline.calibrate_images(CFG, bundle, [])
+
+
+def test_image_files_and_bicubic(tmp_path):
+    a = _lr(5, 7)
+    pipeline.save_image(a, str(tmp_path / "a.png"))
+    pipeline.save_image(Image.fromarray(a).convert("L"), str(tmp_path / "b.png"))
+    (tmp_path / "notes.txt").write_text("not an image")
+    with pytest.warns(UserWarning, match="converted L image to RGB"):
+        imgs = pipeline.read_images(str(tmp_path))
+    assert len(imgs) == 2 and imgs[1].shape == (5, 7, 3)
+    np.testing.assert_array_equal(imgs[0], a)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.png", "b.png", "notes.txt"]   # no temp files
+    b = pipeline.bicubic(a, 4)
+    assert b.shape == (20, 28, 3) and b.dtype == np.uint8
+    assert pipeline.bicubic(Image.fromarray(a), 2).size == (14, 10)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="no images"):
+        pipeline.read_images(str(tmp_path / "empty"))
+    with pytest.raises(FileNotFoundError, match="no image or folder"):
+        pipeline.read_images(str(tmp_path / "missing.png"))
+    with pytest.raises(ValueError, match="extension"):
+        pipeline.save_image(a, str(tmp_path / "x.xyz"))

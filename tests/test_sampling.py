@@ -150,7 +150,11 @@ def test_tiny_transformer_sampling_deterministic_with_stats():
     from qdit4sr_jax.model.dit4sr import DiT4SRTransformer
     z = jnp.zeros((1, 8, 8, 4))
     ctx, pool = _lat(5, (1, 7, 24)), _lat(6, (1, 20))
-    params = jax.jit(DiT4SRTransformer(CFG).init)(jax.random.PRNGKey(0), z, z, jnp.ones(1), ctx, pool)["params"]
+    shapes = jax.eval_shape(lambda: DiT4SRTransformer(CFG).init(jax.random.PRNGKey(0), z, z, jnp.ones(1), ctx, pool))
+    r = np.random.default_rng(0)   # random weights of the real shapes, drawn in numpy (no init compile)
+    params = jax.tree_util.tree_map(
+        lambda l: jnp.asarray(r.standard_normal(l.shape) / np.sqrt(np.prod(l.shape[:-1]) if l.ndim > 1 else 10),
+                              l.dtype), shapes["params"])
     lr, noise = _lat(1, (1, 8, 8, 4)), _lat(2, (1, 8, 8, 4))
     a = sampling.sample(CFG, params, lr, noise, context=ctx, pooled=pool, num_steps=3, guidance_scale=1.0)
     b = sampling.sample(CFG, params, lr, noise, context=ctx, pooled=pool, num_steps=3, guidance_scale=1.0)
