@@ -94,7 +94,8 @@ def tiled_apply(fn: Callable, x, lr, tile: int, overlap: int, *, tile_batch: Opt
     """Apply ``fn(x_tiles, lr_tiles) -> (out [N,t,t,C'], stats)`` over overlapping square tiles of
     x, lr [B,h,w,C] and blend the outputs with `gaussian_weights` -> ([B,h,w,C'], stats).
 
-    Tiles are used when h*w > tile^2 (or ``force``); tile side t = min(tile, h, w). All tiles go through
+    Tiles are used when h*w > tile^2 (or ``force``); tile side t = min(tile, h, w); when t shrank to
+    <= overlap (a thin latent), the overlap becomes t // 2 (DiT4SR's loop never ends there). All tiles go through
     `fn` as one batch [n_tiles*B, ...] (tile-major), or ``tile_batch`` tiles at a time via `lax.map`
     (stats are then stacked over chunks). Without tiling returns fn(x, lr) unchanged.
     """
@@ -102,6 +103,8 @@ def tiled_apply(fn: Callable, x, lr, tile: int, overlap: int, *, tile_batch: Opt
     if not force and not needs_tiling(h, w, tile):
         return fn(x, lr)
     t = min(tile, h, w)
+    if overlap >= t and t < tile:
+        overlap = t // 2
     pos = [(oy, ox) for oy in tile_offsets(h, t, overlap) for ox in tile_offsets(w, t, overlap)]
     n = len(pos)
     xt = jnp.stack([x[:, oy:oy + t, ox:ox + t] for oy, ox in pos])      # [n, B, t, t, C]
@@ -228,9 +231,10 @@ def sample(cfg: ModelConfig, params, lr_latent, noise, *, context=None, pooled=N
     if guidance_scale != 1.0 and context is None:
         raise ValueError(f"guidance_scale={guidance_scale} needs prompt and negative embeddings; a learned "
                          "context has no negative: use guidance_scale=1.0")
-    if tile_latent and tile_overlap >= min(tile_latent, noise.shape[1], noise.shape[2]) \
-            and (force_tiling or needs_tiling(noise.shape[1], noise.shape[2], tile_latent)):
-        raise ValueError(f"tile_overlap {tile_overlap} must be smaller than the tile size {tile_latent}")
+    if tile_latent and not 0 <= tile_overlap < tile_latent:
+        raise ValueError(f"tile_overlap {tile_overlap} must be in [0, tile size {tile_latent})")
+    if tile_latent and tile_latent % cfg.patch_size:
+        raise ValueError(f"tile_latent {tile_latent} must be a multiple of the patch size {cfg.patch_size}")
     if not (force_tiling or needs_tiling(noise.shape[1], noise.shape[2], tile_latent)):
         tile_latent, tile_overlap, force_tiling = 0, 0, False   # untiled: one compiled variant for any tile size
     B = noise.shape[0]

@@ -68,6 +68,12 @@ def test_guidance_combination_and_batch_doubling():
     np.testing.assert_allclose(np.asarray(out1), np.asarray(noise - 2.5), rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="negative embeddings"):
         sampling.sample(CFG, {}, noise, noise, context=ctx, pooled=pool, guidance_scale=2.0, model_fn=model_fn)
+    with pytest.raises(ValueError, match="multiple of the patch size"):
+        sampling.sample(CFG, {}, noise, noise, context=ctx, pooled=pool, tile_latent=7, tile_overlap=2,
+                        model_fn=model_fn)
+    with pytest.raises(ValueError, match="tile_overlap 8"):
+        sampling.sample(CFG, {}, noise, noise, context=ctx, pooled=pool, tile_latent=8, tile_overlap=8,
+                        model_fn=model_fn)
 
 
 def test_lr_start():
@@ -108,6 +114,10 @@ def test_tiled_apply_blending():
     # one tile covering the whole latent: the weights cancel
     whole, _ = sampling.tiled_apply(lambda a, b: (a * b, {}), x[:, :12, :12], lr[:, :12, :12], 16, 4, force=True)
     np.testing.assert_allclose(np.asarray(whole), np.asarray(x[:, :12, :12] * lr[:, :12, :12]), rtol=1e-6)
+
+    # a thin latent (min side 4 <= overlap 6): overlap falls back to t // 2 instead of failing
+    thin, _ = sampling.tiled_apply(pointwise, x[:, :4], lr[:, :4], 8, 6)
+    np.testing.assert_allclose(np.asarray(thin), np.asarray(ref[:, :4]), rtol=1e-5, atol=1e-6)
 
     def spatial(a, b):     # a mixing model: tiles see different context, so the result differs
         return a - a.mean(axis=(1, 2), keepdims=True), {}
