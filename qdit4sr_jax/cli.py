@@ -1,0 +1,132 @@
+"""`qdit4sr-jax` command line: demo | upscale | quantize | report | convert."""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+
+def _load_model(spec: str):
+    from qdit4sr_jax.io.modelfile import load_pretrained
+    return load_pretrained(spec)
+
+
+def cmd_demo(a) -> int:
+    from qdit4sr_jax.demo import format_table, run_demo
+    t0 = time.perf_counter()
+    rows = run_demo(a.out, model=a.model, limit=a.images, crop=a.crop, num_steps=a.steps, seed=a.seed,
+                    progress=not a.no_progress)
+    print(format_table(rows))
+    print(f"grid: {os.path.join(a.out, 'demo_grid.png')}   total {time.perf_counter() - t0:.1f} s")
+    return 0
+
+
+def cmd_upscale(a) -> int:
+    from PIL import Image
+    from qdit4sr_jax import pipeline
+    from qdit4sr_jax.checkpoint import load as load_quantized
+    cfg, params = _load_model(a.model)
+    if a.quantized:
+        qparams, qcfg = load_quantized(a.quantized)
+        params = dict(params, transformer=qparams)
+        print(f"quantized transformer: {qcfg.name if hasattr(qcfg, 'name') else qcfg}")
+    img = Image.open(a.input)
+    out = pipeline.upscale(cfg, params, img, seed=a.seed, num_steps=a.steps,
+                           color_fix=None if a.color_fix == "none" else a.color_fix)
+    pipeline.save_image(out, a.output)
+    print(f"wrote {a.output} ({out.size[0]}x{out.size[1]})")
+    return 0
+
+
+def cmd_quantize(a) -> int:
+    from qdit4sr_jax import pipeline
+    from qdit4sr_jax.checkpoint import save
+    from qdit4sr_jax.quant.api import quantize
+    from qdit4sr_jax.quant.config import QuantConfig
+    cfg, params = _load_model(a.model)
+    qcfg = QuantConfig.preset(a.preset)
+    calib = None
+    if qcfg.needs_calibration:
+        images = pipeline.read_images(a.calib) if a.calib else [lr for lr in _demo_lrs(cfg)]
+        calib = pipeline.calibrate_images(cfg, params, images, seed=a.seed, num_steps=a.steps)
+    t0 = time.perf_counter()
+    q = quantize(params["transformer"], qcfg, calib=calib)
+    dt = time.perf_counter() - t0
+    nbytes = save(a.out, q, qcfg)
+    print(f"quantized with {a.preset} in {dt:.1f} s; saved to {a.out} ({nbytes / 2**20:.2f} MiB on disk)")
+    return 0
+
+
+def _demo_lrs(cfg):
+    from qdit4sr_jax.data.datasets import val_seed
+    from qdit4sr_jax.data.degradation import degrade
+    from qdit4sr_jax.demo import bundled_samples
+    return [degrade(hr, seed=val_seed(n), scale=cfg.scale) for n, hr in bundled_samples()]
+
+
+def cmd_report(a) -> int:
+    from qdit4sr_jax import report
+    return report.main(["--config", a.config] + (["--plots", a.plots] if a.plots else []))
+
+
+def cmd_convert(a) -> int:
+    from converters.__main__ import main as convert_main
+    return convert_main(a.args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="qdit4sr-jax", description=__doc__)
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    d = sub.add_parser("demo", help="quantize the embedded demo model and compare FP / RTN / Q-DiT4SR at W4A4")
+    d.add_argument("--out", default="qdit4sr-demo", help="folder for demo_grid.png")
+    d.add_argument("--model", default="demo", help="'demo' or a model .safetensors file")
+    d.add_argument("--images", type=int, default=None, help="use only the first N bundled samples")
+    d.add_argument("--crop", type=int, default=None, help="centre-crop the samples to this HR size")
+    d.add_argument("--steps", type=int, default=None, help="sampling steps (default: the model's)")
+    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--no-progress", action="store_true")
+    d.set_defaults(fn=cmd_demo)
+
+    u = sub.add_parser("upscale", help="super-resolve one image")
+    u.add_argument("input")
+    u.add_argument("output")
+    u.add_argument("--model", default="demo")
+    u.add_argument("--quantized", default=None, help="a quantized transformer saved by `quantize`")
+    u.add_argument("--steps", type=int, default=None)
+    u.add_argument("--seed", type=int, default=0)
+    u.add_argument("--color-fix", default="adain", choices=["adain", "wavelet", "none"])
+    u.set_defaults(fn=cmd_upscale)
+
+    q = sub.add_parser("quantize", help="quantize a model's transformer and save it with orbax")
+    q.add_argument("--model", default="demo")
+    q.add_argument("--preset", default="qdit4sr-w4a4")
+    q.add_argument("--out", required=True)
+    q.add_argument("--calib", default=None, help="folder of LR images for calibration (default: bundled samples)")
+    q.add_argument("--steps", type=int, default=None)
+    q.add_argument("--seed", type=int, default=0)
+    q.set_defaults(fn=cmd_quantize)
+
+    r = sub.add_parser("report", help="size / ops report (paper's definitions) and plots")
+    r.add_argument("--config", default="dit4sr")
+    r.add_argument("--plots", default=None, help="folder for PNG plots")
+    r.set_defaults(fn=cmd_report)
+
+    c = sub.add_parser("convert", help="convert a PyTorch checkpoint (see `python -m converters -h`)")
+    c.add_argument("args", nargs=argparse.REMAINDER)
+    c.set_defaults(fn=cmd_convert)
+    return p
+
+
+def main(argv=None) -> int:
+    a = build_parser().parse_args(argv)
+    try:
+        return int(a.fn(a) or 0)
+    except (ValueError, FileNotFoundError, TypeError) as e:
+        print(f"qdit4sr-jax {a.cmd}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
