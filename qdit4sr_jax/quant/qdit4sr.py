@@ -1,0 +1,292 @@
+"""The Q-DiT4SR method inside `quantize`: (optional smoothing / rotation) -> H-SVD branches ->
+VaSMP weight bits from the residual variances -> residual quantized at those bits; VaTMP activation
+schedule from calibration statistics stored in every node (`QuantizedWeight.a_schedule`, indexed by
+the sampling step inside the jitted sampler).
+
+`quantize(params, cfg)` dispatches here when `cfg.method == "qdit4sr"` or any of `cfg.hsvd`,
+`cfg.vasmp`, `cfg.vatmp` is set. Knobs (QuantConfig):
+  hsvd, hsvd_block, lowrank_rank   H-SVD at the parameter budget of a rank-`lowrank_rank` SVD branch
+                                   (hsvd=False with lowrank_rank > 0: plain SVD branch, the ablation)
+  vasmp, w_bits, w_bit_candidates  per-layer bits, size-weighted average <= w_bits (exact allocator)
+  vasmp_distortion                 "measured" (default): per layer and candidate, the squared error of
+                                   the config's weight quantizer on the residual (data-free);
+                                   "model": n sigma^2 2^(-2b) from the residual variance (MISSION.md)
+  hsvd_refine_iters                extra alternating global/block refits (0 = the paper's order)
+  vatmp, a_bits, a_bit_candidates  per-layer, per-step bits; the average over steps equals a_bits
+                                   (floor(a_bits * T) / T); needs `calib` with T steps (stat "var")
+  smooth / rotate, w_group_size, ... as for the baselines.
+Two passes, each one jitted + vmapped function per group of equal-shape layers: pass 1 computes the
+branches (kept in `branch_dtype`) and the variance of the residual W - branches (computed from the
+rounded factors, so the quantized residual absorbs their rounding); pass 2 rebuilds the residual from
+the stored factors (no second SVD) and quantizes it at the allocated bits.
+"""
+from __future__ import annotations
+
+import dataclasses
+from functools import partial
+from typing import Dict, Mapping, Optional, Tuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from qdit4sr_jax.quant import hsvd as H
+from qdit4sr_jax.quant import quantizer as qz
+from qdit4sr_jax.quant import rules
+from qdit4sr_jax.quant.baselines import LayerSpec, hadamard_transform, smooth_scale
+from qdit4sr_jax.quant.qweight import make_qweight
+from qdit4sr_jax.quant.stats import lookup, normalize_calib
+from qdit4sr_jax.quant.vasmp import allocate_bits_table, allocate_weight_bits
+from qdit4sr_jax.quant.vatmp import schedule_activation_bits
+
+
+@dataclasses.dataclass(frozen=True)
+class BranchSpec:
+    """Static recipe of pass 1 for one layer shape."""
+    smooth: bool
+    smooth_alpha: float
+    rotate: int
+    rank: int                                   # rank budget (SVD rank, or H-SVD matched budget)
+    hsvd: bool
+    block: Optional[Tuple[int, int]]            # effective (b_out, b_in) when hsvd
+    branch_dtype: str
+    refine_iters: int = 0
+    # VaSMP "measured" distortion: squared error of this weight quantizer at each of `mse_bits`
+    mse_bits: Tuple[int, ...] = ()
+    group_size: Optional[int] = None
+    w_symmetric: bool = True
+    clip_ratio: float = 1.0
+    clip_search: bool = False
+
+
+def _transformed(w_kn, ch, spec):
+    """Flax kernel [K, N] -> (W' [N, K] float32 in the transformed input space, smooth [K] | None)."""
+    w = w_kn.T.astype(jnp.float32)
+    s = None
+    if spec.smooth:
+        s = smooth_scale(ch, w, spec.smooth_alpha)
+        w = w * s[None, :]
+    if spec.rotate:
+        w = hadamard_transform(w, spec.rotate)
+    return w, s
+
+
+def _branch_dense(lr_a, lr_b, bu, bv, n, k):
+    """Dense [N, K] float32 of the (rounded) branch factors."""
+    d = jnp.zeros((n, k), jnp.float32)
+    if lr_a is not None:
+        d = d + (lr_a.astype(jnp.float32) @ lr_b.astype(jnp.float32)).T
+    if bu is not None:
+        d = d + H.block_dense(bu.astype(jnp.float32), bv.astype(jnp.float32), n, k)
+    return d
+
+
+@partial(jax.jit, static_argnames=("spec",))
+def _branches_stack(ws, chs, spec: BranchSpec):
+    """ws [L, K, N] -> dict of stacked branch factors (branch_dtype), smooth [L, K] | None, residual
+    variance [L] float32, all-finite flags [L]."""
+    bdt = jnp.dtype(spec.branch_dtype)
+
+    def one(w_kn, ch):
+        w, s = _transformed(w_kn, ch, spec)
+        n, k = w.shape
+        out = {}
+        if spec.hsvd:
+            f = H.hsvd(w, rank=spec.rank, block=spec.block, refine_iters=spec.refine_iters)
+            out = dict(lr_a=f.V.astype(bdt), lr_b=f.U.T.astype(bdt), block_u=f.u.astype(bdt),
+                       block_v=f.v.astype(bdt))
+        elif spec.rank:
+            f = H.svd_branch(w, spec.rank)
+            out = dict(lr_a=f.V.astype(bdt), lr_b=f.U.T.astype(bdt))
+        r = w - _branch_dense(out.get("lr_a"), out.get("lr_b"), out.get("block_u"), out.get("block_v"), n, k)
+        mse = jnp.stack([_quant_sq_err(r, b, spec) for b in spec.mse_bits]) if spec.mse_bits else None
+        return out, s, jnp.var(r), mse, jnp.all(jnp.isfinite(w_kn))
+
+    return jax.vmap(one)(ws, chs)
+
+
+def _quant_sq_err(r, bits, spec):
+    """Total squared error of quantizing r [N, K] at `bits` with the config's weight quantizer."""
+    q, sc, z = qz.quantize_weight(r, bits, spec.group_size, spec.w_symmetric, spec.clip_ratio, spec.clip_search)
+    return jnp.sum(jnp.square(qz.dequantize_weight(q, sc, z, r.shape[1]) - r))
+
+
+@partial(jax.jit, static_argnames=("spec", "bspec"))
+def _quantize_stack(ws, chs, fac, scheds, spec: LayerSpec, bspec: BranchSpec):
+    """Pass 2: rebuild each residual from the stored factors and quantize it -> stacked QuantizedWeight."""
+    def one(w_kn, ch, f, sched):
+        w, s = _transformed(w_kn, ch, bspec)
+        n, k = w.shape
+        r = w - _branch_dense(f.get("lr_a"), f.get("lr_b"), f.get("block_u"), f.get("block_v"), n, k)
+        return make_qweight(
+            r, w_bits=spec.w_bits, group_size=spec.group_size, w_symmetric=spec.w_symmetric,
+            a_bits=spec.a_bits, a_symmetric=spec.a_symmetric, clip_ratio=spec.clip_ratio,
+            clip_search=spec.clip_search, pack=spec.pack, execution=spec.execution, dtype=spec.dtype,
+            smooth=s, lr_a=f.get("lr_a"), lr_b=f.get("lr_b"), block_u=f.get("block_u"),
+            block_v=f.get("block_v"), block=bspec.block if "block_u" in f else None, rotate=spec.rotate,
+            a_schedule=sched, branch_dtype=spec.branch_dtype)
+
+    return jax.vmap(one)(ws, chs, fac, scheds)
+
+
+def _get(tree, path):
+    for key in path:
+        tree = tree[key]
+    return tree
+
+
+def activation_schedules(stats: Mapping[str, dict], names, avg_bits, candidates) -> Dict[str, np.ndarray]:
+    """VaTMP for the named layers from calibration stats ({path: {"var": [T], ...}}) -> {path: int [T]}."""
+    missing = [n for n in names if lookup(stats, n) is None]
+    if missing:
+        raise ValueError(f"VaTMP: no calibration statistics for layers {missing[:5]}; calibrated layers: "
+                         f"{sorted(stats)[:5]}...")
+    var = [np.asarray(lookup(stats, n)["var"], np.float64).reshape(-1) for n in names]
+    steps = {v.shape[0] for v in var}
+    if len(steps) != 1:
+        raise ValueError(f"VaTMP: calibration statistics have different step counts {sorted(steps)}; "
+                         f"calibrate every layer over the same sampling run")
+    sched = schedule_activation_bits(np.stack(var), avg_bits, candidates)
+    return {n: sched[i] for i, n in enumerate(names)}
+
+
+def quantize_qdit4sr(params, cfg, calib=None, *, layer_w_bits: Optional[Mapping[str, int]] = None,
+                     a_schedules: Optional[Mapping[str, object]] = None, chunk: int = 8,
+                     return_info: bool = False):
+    """Quantize `params` with the Q-DiT4SR recipe of `cfg` (a validated QuantConfig).
+
+    params: the model params tree (kernels [d_in, d_out]). calib: calibration statistics (needed by
+    VaTMP and smoothing). layer_w_bits / a_schedules: explicit per-layer overrides (layer_w_bits cannot
+    be combined with VaSMP). Returns the quantized tree (same paths), or (tree, info) with
+    return_info=True: info = {"w_bits": {path: bits}, "a_schedule": {path: int [T]},
+    "residual_var": {path: float}, "size": {path: params}}.
+    """
+    from qdit4sr_jax.quant.api import layer_spec
+    if cfg.hsvd and cfg.lowrank_rank <= 0:
+        raise ValueError("QuantConfig.hsvd=True needs lowrank_rank > 0 (the parameter budget of the branches)")
+    fixed_bits = dict(cfg.layer_w_bits)
+    fixed_bits.update(layer_w_bits or {})
+    if cfg.vasmp and fixed_bits:
+        raise ValueError("QuantConfig.vasmp=True allocates every layer's weight bits; do not also pass "
+                         "layer_w_bits (set vasmp=False to use explicit per-layer bits)")
+    if cfg.vatmp and cfg.a_bits is None:
+        raise ValueError("QuantConfig.vatmp=True needs a_bits (the target average activation bits)")
+    paths = rules.select_linears(params, cfg.include, cfg.exclude)
+    if not paths:
+        raise ValueError(f"no linear layer matches include={cfg.include} exclude={cfg.exclude}")
+    names = {rules.path_str(p): p for p in paths}
+    for what, table in (("layer_w_bits", fixed_bits), ("a_schedules", dict(a_schedules or {}))):
+        unknown = sorted(set(table) - set(names))
+        if unknown:
+            raise ValueError(f"{what} names layers that are not selected linears: {unknown[:5]}")
+    stats = normalize_calib(calib)
+    if cfg.smooth and not stats:
+        raise ValueError("smoothing needs calibration statistics: pass calib=qdit4sr_jax.calibrate(...)")
+    if cfg.vatmp and not stats:
+        raise ValueError("VaTMP (QuantConfig.vatmp=True) needs calibration statistics over the sampling "
+                         "steps: pass calib=qdit4sr_jax.calibrate(model_cfg, params, lr_latent, noise, ...) "
+                         "or set vatmp=False")
+
+    distortion = getattr(cfg, "vasmp_distortion", "measured")
+    if distortion not in ("measured", "model"):
+        raise ValueError(f"QuantConfig.vasmp_distortion must be 'measured' or 'model', got {distortion!r}")
+    measured = bool(cfg.vasmp) and distortion == "measured"
+
+    # ---- pass 1: branches + residual variances ----------------------------------------------------
+    layers = {}
+    for name, path in names.items():
+        kernel = _get(params, path)["kernel"]
+        k, n = kernel.shape
+        spec0 = layer_spec(cfg, kernel.shape, kernel.dtype, 8)
+        ch = None
+        if spec0.smooth:
+            st = lookup(stats, name)
+            if st is None:
+                raise ValueError(f"layer {name!r}: no calibration statistics (smoothing needs them)")
+            ch = jnp.max(st["ch_absmax"], axis=0)
+            if ch.shape != (k,):
+                raise ValueError(f"layer {name!r}: calibration ch_absmax has {ch.shape[0]} channels, kernel d_in={k}")
+        rank = int(min(cfg.lowrank_rank, n, k))
+        blk = H.effective_block(n, k, tuple(cfg.hsvd_block)) if cfg.hsvd else None
+        if cfg.hsvd:
+            H.matched_global_rank(n, k, cfg.lowrank_rank, blk)        # clear error before tracing
+        bspec = BranchSpec(smooth=spec0.smooth, smooth_alpha=spec0.smooth_alpha, rotate=spec0.rotate,
+                           rank=int(cfg.lowrank_rank) if cfg.hsvd else rank, hsvd=bool(cfg.hsvd), block=blk,
+                           branch_dtype=cfg.branch_dtype, refine_iters=int(getattr(cfg, "hsvd_refine_iters", 0)),
+                           mse_bits=tuple(int(b) for b in cfg.w_bit_candidates) if measured else (),
+                           group_size=spec0.group_size, w_symmetric=spec0.w_symmetric,
+                           clip_ratio=spec0.clip_ratio, clip_search=spec0.clip_search)
+        layers[name] = dict(path=path, kernel=kernel, ch=ch, bspec=bspec)
+
+    def grouped(key_fn):
+        g = {}
+        for name, L in layers.items():
+            g.setdefault(key_fn(name, L), []).append(name)
+        return g
+
+    for (_, _, bspec), group in grouped(lambda nm, L: (tuple(L["kernel"].shape), str(L["kernel"].dtype),
+                                                      L["bspec"])).items():
+        for i in range(0, len(group), chunk):
+            part = group[i:i + chunk]
+            ws = jnp.stack([jnp.asarray(layers[nm]["kernel"]) for nm in part])
+            chs = None if layers[part[0]]["ch"] is None else jnp.stack([layers[nm]["ch"] for nm in part])
+            fac, _, var, mse, finite = _branches_stack(ws, chs, bspec)
+            var, finite = np.asarray(var, np.float64), np.asarray(finite)
+            for j, nm in enumerate(part):
+                if not finite[j]:
+                    raise ValueError(f"layer {nm!r}: kernel has non-finite values (NaN/Inf)")
+                layers[nm]["fac"] = jax.tree_util.tree_map(lambda a, j=j: a[j], fac)
+                layers[nm]["var"] = float(var[j])
+                if mse is not None:
+                    layers[nm]["mse"] = np.asarray(mse[j], np.float64)
+
+    # ---- VaSMP / VaTMP ---------------------------------------------------------------------------
+    order = list(layers)
+    sizes = np.array([int(np.prod(layers[nm]["kernel"].shape)) for nm in order], np.int64)
+    if measured:
+        bits = allocate_bits_table(np.stack([layers[nm]["mse"] for nm in order]), sizes, cfg.w_bits,
+                                   cfg.w_bit_candidates)
+        w_bits = {nm: int(b) for nm, b in zip(order, bits)}
+    elif cfg.vasmp:
+        bits = allocate_weight_bits([layers[nm]["var"] for nm in order], sizes, cfg.w_bits, cfg.w_bit_candidates)
+        w_bits = {nm: int(b) for nm, b in zip(order, bits)}
+    else:
+        if float(cfg.w_bits) != int(cfg.w_bits):
+            raise ValueError(f"w_bits={cfg.w_bits} is fractional; that needs vasmp=True")
+        w_bits = {nm: int(fixed_bits.get(nm, cfg.w_bits)) for nm in order}
+    scheds = {}
+    if cfg.vatmp:
+        scheds = activation_schedules(stats, order, cfg.a_bits, cfg.a_bit_candidates)
+    for nm, s in (a_schedules or {}).items():
+        scheds[nm] = np.asarray(s)
+    for nm, s in scheds.items():
+        if s.ndim != 1 or not np.issubdtype(s.dtype, np.integer) or s.min() < 2 or s.max() > 8:
+            raise ValueError(f"layer {nm!r}: activation schedule must be integers in 2..8 of shape [T]")
+
+    # ---- pass 2: quantize the residuals ----------------------------------------------------------
+    a_default = None if cfg.a_bits is None else int(round(cfg.a_bits))
+    new = {}
+    for key, group in grouped(lambda nm, L: (tuple(L["kernel"].shape), str(L["kernel"].dtype), L["bspec"],
+                                            w_bits[nm], None if nm not in scheds else scheds[nm].shape)).items():
+        shape, dt, bspec, wb, _ = key
+        spec = dataclasses.replace(layer_spec(cfg, shape, dt, wb), a_bits=a_default)
+        for i in range(0, len(group), chunk):
+            part = group[i:i + chunk]
+            ws = jnp.stack([jnp.asarray(layers[nm]["kernel"]) for nm in part])
+            chs = None if layers[part[0]]["ch"] is None else jnp.stack([layers[nm]["ch"] for nm in part])
+            fac = jax.tree_util.tree_map(lambda *a: jnp.stack(a), *[layers[nm]["fac"] for nm in part])
+            sc = None if part[0] not in scheds else jnp.stack([jnp.asarray(scheds[nm], jnp.int32) for nm in part])
+            nodes = _quantize_stack(ws, chs, fac, sc, spec, bspec)
+            for j, nm in enumerate(part):
+                new[layers[nm]["path"]] = jax.tree_util.tree_map(lambda a, j=j: a[j], nodes)
+    out = rules.replace_kernels(params, new)
+    if not return_info:
+        return out
+    info = {"w_bits": w_bits, "a_schedule": scheds, "residual_var": {nm: layers[nm]["var"] for nm in order},
+            "size": {nm: int(s) for nm, s in zip(order, sizes)}}
+    if measured:
+        info["sq_err"] = {nm: dict(zip(map(int, cfg.w_bit_candidates), layers[nm]["mse"].tolist())) for nm in order}
+    return out, info
+
+
+__all__ = ["quantize_qdit4sr", "activation_schedules", "BranchSpec"]
