@@ -78,10 +78,11 @@ def quantize(params, cfg: Union[str, QuantConfig], calib=None, *,
     if isinstance(params, Mapping) and set(params) == {"params"}:
         return {"params": quantize(params["params"], cfg, calib, layer_w_bits=layer_w_bits,
                                    a_schedules=a_schedules, chunk=chunk)}
-    if cfg.hsvd or cfg.vasmp or cfg.vatmp:
-        raise ValueError(f"QuantConfig(method={cfg.method!r}, hsvd={cfg.hsvd}, vasmp={cfg.vasmp}, "
-                         f"vatmp={cfg.vatmp}): H-SVD / VaSMP / VaTMP are not wired into quantize() in this "
-                         f"version; use a baseline method or turn these flags off")
+    if cfg.method == "qdit4sr" or cfg.hsvd or cfg.vasmp or cfg.vatmp:
+        # the paper's method (H-SVD -> VaSMP -> residual quantization, VaTMP schedules): quant/qdit4sr.py
+        from qdit4sr_jax.quant.qdit4sr import quantize_qdit4sr
+        return quantize_qdit4sr(params, cfg, calib, layer_w_bits=layer_w_bits, a_schedules=a_schedules,
+                                chunk=chunk)
     paths = rules.select_linears(params, cfg.include, cfg.exclude)
     if rules.find_quantized(params) and not paths:
         raise ValueError("params are already quantized (QuantizedWeight nodes found, no float linear selected)")
