@@ -4,4 +4,4 @@
 `QuantizedWeight` node; see fused.py for the stages and pallas_gpu.py for the kernel.
 """
 from qdit4sr_jax.quant.kernels.fused import (BACKENDS, DEFAULT_CONFIG, KernelConfig, fused_linear,  # noqa: F401
-                                             supports_fused, tiles_ok)
+                                             supports_fused, tiles_ok, with_execution)

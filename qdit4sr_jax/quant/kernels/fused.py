@@ -156,8 +156,8 @@ def branch_operands(xt, w: QuantizedWeight):
     if w.block_u is not None:
         bo, bi = w.block
         xp = xt if nbi * bi == w.k else jnp.pad(xt, ((0, 0), (0, nbi * bi - w.k)))
-        xb = xp.reshape(m, nbi, bi).astype(dt)
-        t = jnp.einsum("mjb,ijb->mij", xb, w.block_v, preferred_element_type=jnp.float32).astype(dt)
+        xb, bv = _widen_on_cpu(xp.reshape(m, nbi, bi).astype(dt), w.block_v)
+        t = jnp.einsum("mjb,ijb->mij", xb, bv, preferred_element_type=jnp.float32).astype(dt)
         feats.append(t)                                                                   # [M, n_bo, n_bi]
         ups.append(jnp.transpose(w.block_u, (1, 0, 2)).reshape(nbi, nbo * bo)[:, : w.n])  # [n_bi, N]
     d = jnp.concatenate(feats, axis=-1)
@@ -166,6 +166,14 @@ def branch_operands(xt, w: QuantizedWeight):
     d = jnp.pad(d, ((0, 0), (0, 0), (0, r - d.shape[-1]))).reshape(m, nbo * r)
     u = jnp.pad(u, ((0, r - u.shape[0]), (0, 0)))
     return d, u, r
+
+
+def _widen_on_cpu(*arrays):
+    """XLA:CPU has no batched bf16 x bf16 -> f32 dot: widen to float32 there (exact: bf16 products are
+    exact in float32 and the accumulation is float32 either way)."""
+    if jax.default_backend() != "cpu":
+        return arrays
+    return tuple(a.astype(jnp.float32) for a in arrays)
 
 
 def xla_gemm_epilogue(ops: Operands, w: QuantizedWeight, bias, out_dtype):
@@ -197,8 +205,9 @@ def xla_gemm_epilogue(ops: Operands, w: QuantizedWeight, bias, out_dtype):
         d = ops.d.reshape(mp, nbo, ops.r)
         bo = block_rows(w)
         nbo_full = -(-w.n // bo)
-        yb = jnp.einsum("mir,rio->mio", d, jnp.pad(ops.u, ((0, 0), (0, nbo_full * bo - w.n)))
-                        .reshape(ops.r, nbo_full, bo), preferred_element_type=jnp.float32)
+        u = jnp.pad(ops.u, ((0, 0), (0, nbo_full * bo - w.n))).reshape(ops.r, nbo_full, bo)
+        d, u = _widen_on_cpu(d, u)
+        yb = jnp.einsum("mir,rio->mio", d, u, preferred_element_type=jnp.float32)
         y = y + yb.reshape(mp, nbo_full * bo)[:, : w.n]
     if bias is not None:
         y = y + bias.astype(jnp.float32)
@@ -250,5 +259,14 @@ def fused_linear(x, w: QuantizedWeight, bias=None, *, act_bits=None, step=None, 
     return y.reshape(*lead, w.n)
 
 
-__all__ = ["fused_linear", "KernelConfig", "DEFAULT_CONFIG", "supports_fused", "tiles_ok", "prologue",
+def with_execution(tree, mode: str):
+    """The params tree with every QuantizedWeight node's execution set to mode ("fake" | "int" | "fused");
+    `quant.linear.linear` then dispatches "fused" nodes to `fused_linear`."""
+    if mode not in ("fake", "int", "fused"):
+        raise ValueError(f"execution must be 'fake', 'int' or 'fused', got {mode!r}")
+    is_q = lambda n: isinstance(n, QuantizedWeight)
+    return jax.tree_util.tree_map(lambda n: n.replace(execution=mode) if is_q(n) else n, tree, is_leaf=is_q)
+
+
+__all__ = ["fused_linear", "with_execution", "KernelConfig", "DEFAULT_CONFIG", "supports_fused", "tiles_ok", "prologue",
            "xla_gemm_epilogue", "Operands", "BACKENDS"]

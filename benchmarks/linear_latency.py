@@ -1,0 +1,175 @@
+"""One quantized linear at DiT4SR shapes: bf16 vs the XLA int8 path vs the fused kernel (tile sweep), plus
+bf16 attention through XLA vs cuDNN. Checks the fused kernel against the fake-quant reference first.
+
+Weights: "w8" (8-bit per channel), "w4pc" (4-bit per channel, packed, H-SVD-shaped branches: rank 22 +
+256x256 block rank-1), "w4g64" (4-bit group 64, packed, same branches); activations 8 / 4 bits per token.
+
+  python benchmarks/linear_latency.py --out $OUT/linear.json
+  python benchmarks/linear_latency.py --small        # CPU smoke test (interpreter / XLA paths only)
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from common import environment, write_json  # noqa: E402
+
+SHAPES = [(8525, 1536, 6144), (8525, 6144, 1536), (8525, 1536, 1536), (2381 * 2, 1536, 6144),
+          (34100, 1536, 6144), (666, 1536, 1536)]
+CONFIGS = [  # (block_m, block_n, block_k, num_warps, num_stages)
+    (128, 128, 128, 4, 3), (128, 128, 128, 8, 3), (128, 256, 128, 8, 3), (256, 128, 128, 8, 3),
+    (128, 128, 64, 4, 4), (64, 128, 128, 4, 4), (128, 256, 64, 8, 4),
+]
+
+
+def make_node(k, n, recipe, a_bits, seed=0):
+    from qdit4sr_jax.quant.qweight import make_qweight
+    rng = np.random.default_rng(seed)
+    w = rng.normal(size=(n, k)).astype(np.float32) / np.sqrt(k)
+    kw = {}
+    if recipe != "w8":
+        r, (bo, bi) = 22, (256, 256)
+        nbo, nbi = -(-n // bo), -(-k // bi)
+        kw = dict(lr_a=rng.normal(size=(k, r)) * 0.05, lr_b=rng.normal(size=(r, n)) * 0.05,
+                  block_u=rng.normal(size=(nbo, nbi, bo)) * 0.05, block_v=rng.normal(size=(nbo, nbi, bi)) * 0.05,
+                  block=(bo, bi))
+    bits = 8 if recipe == "w8" else 4
+    gs = 64 if recipe == "w4g64" else None
+    return make_qweight(jnp.asarray(w), w_bits=bits, group_size=gs, a_bits=a_bits, dtype="bfloat16", **kw)
+
+
+def time_call(fn, *args, inner=10, reps=7):
+    """Median ms per call of a jitted fn: `inner` back-to-back calls (dispatch pipelined), `reps` times."""
+    out = fn(*args)
+    jax.block_until_ready(out)
+    jax.block_until_ready(fn(*args))
+    ts = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        for _ in range(inner):
+            out = fn(*args)
+        jax.block_until_ready(out)
+        ts.append((time.perf_counter() - t0) * 1e3 / inner)
+    return statistics.median(ts), min(ts)
+
+
+def rel_err(a, b):
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--small", action="store_true", help="tiny shapes, for a CPU smoke test")
+    ap.add_argument("--recipes", nargs="+", default=["w8", "w4pc", "w4g64"])
+    ap.add_argument("--configs", type=int, default=len(CONFIGS), help="how many tile configs to sweep")
+    ap.add_argument("--shapes", type=int, default=len(SHAPES), help="how many shapes")
+    ap.add_argument("--no-attention", action="store_true")
+    ap.add_argument("--deadline", type=float, default=None)
+    ap.add_argument("--out", default=None)
+    a = ap.parse_args(argv)
+    from qdit4sr_jax.quant.kernels import KernelConfig, fused_linear, tiles_ok
+    from qdit4sr_jax.quant.linear import linear
+    t_start = time.perf_counter()
+    gpu = jax.default_backend() == "gpu"
+    shapes = [(40, 512, 256)] if a.small else SHAPES[: a.shapes]
+    configs = [KernelConfig(*c) for c in (CONFIGS[: a.configs] if not a.small else [(16, 64, 128, 4, 2)])]
+    kernel_backend = "pallas" if gpu else "interpret"
+    res = {"env": environment(), "check": [], "linear": [], "attention": [], "notes": []}
+    print(res["env"], flush=True)
+
+    # ---- correctness of the fused kernel on this device (float32 in/out, vs the fake-quant reference)
+    for recipe in a.recipes:
+        m, k, n = (40, 512, 256) if a.small else (1000, 1536, 1536)
+        node = make_node(k, n, recipe, 4, seed=1)
+        x = jax.random.normal(jax.random.PRNGKey(1), (m, k), jnp.float32)
+        bias = jax.random.normal(jax.random.PRNGKey(2), (n,), jnp.float32)
+        ref = jax.jit(lambda x: linear(x, node, bias, execution="fake"))(x)
+        for be in (kernel_backend, "xla"):
+            cfg = configs[0]
+            if be != "xla" and not tiles_ok(node, cfg):
+                continue
+            out = jax.jit(lambda x: fused_linear(x, node, bias, backend=be, config=cfg))(x)
+            e = rel_err(out, ref)
+            res["check"].append({"recipe": recipe, "backend": be, "rel_err": e})
+            print(f"check {recipe} {be}: rel err vs fake-quant {e:.2e}", flush=True)
+
+    # ---- timings
+    for (m, k, n) in shapes:
+        x = (jax.random.normal(jax.random.PRNGKey(0), (m, k), jnp.float32)).astype(jnp.bfloat16)
+        wb = (jax.random.normal(jax.random.PRNGKey(3), (k, n), jnp.float32) / np.sqrt(k)).astype(jnp.bfloat16)
+        bias = jnp.zeros((n,), jnp.bfloat16)
+        t_bf16, _ = time_call(jax.jit(lambda x, w: x @ w + bias), x, wb)
+        row = {"shape": [m, k, n], "bf16_ms": t_bf16, "bf16_tflops": 2 * m * k * n / t_bf16 / 1e9}
+        print(f"\n(M,K,N)={m},{k},{n}: bf16 {t_bf16:.3f} ms ({row['bf16_tflops']:.0f} TF/s)", flush=True)
+        for recipe in a.recipes:
+            if a.deadline and time.perf_counter() - t_start > a.deadline:
+                res["notes"].append(f"deadline: skipped {recipe} at {m},{k},{n}")
+                continue
+            a_bits = 8 if recipe == "w8" else 4
+            node = make_node(k, n, recipe, a_bits)
+            r = {"recipe": recipe}
+            r["int_ms"], _ = time_call(jax.jit(lambda x, w: linear(x, w, bias, execution="int")), x, node)
+            r["fused_xla_ms"], _ = time_call(jax.jit(lambda x, w: fused_linear(x, w, bias, backend="xla")), x, node)
+            if gpu:
+                best = None
+                for cfg in configs:
+                    if not tiles_ok(node, cfg):
+                        continue
+                    try:
+                        t, _ = time_call(jax.jit(lambda x, w, cfg=cfg: fused_linear(x, w, bias, backend="pallas",
+                                                                                  config=cfg)), x, node)
+                    except Exception as e:
+                        r.setdefault("errors", []).append(f"{cfg}: {e!r}"[:300])
+                        continue
+                    r.setdefault("pallas_ms", {})[str(tuple(cfg.__dict__.values()))] = t
+                    if best is None or t < best[0]:
+                        best = (t, cfg)
+                if best:
+                    r["pallas_best_ms"], r["pallas_best_cfg"] = best[0], list(best[1].__dict__.values())
+            for key in ("int_ms", "fused_xla_ms", "pallas_best_ms"):
+                if key in r:
+                    r[key.replace("_ms", "_x_bf16")] = t_bf16 / r[key]
+            row[recipe] = r
+            print(f"  {recipe:6s} int {r['int_ms']:.3f} ms (x{r['int_x_bf16']:.2f})  fused-xla {r['fused_xla_ms']:.3f} "
+                  f"(x{r['fused_xla_x_bf16']:.2f})" + (f"  pallas {r['pallas_best_ms']:.3f} (x{r['pallas_best_x_bf16']:.2f}) "
+                                                       f"{r['pallas_best_cfg']}" if "pallas_best_ms" in r else "")
+                  + (f"  errors: {r['errors'][:1]}" if r.get("errors") else ""), flush=True)
+        res["linear"].append(row)
+        write_json(a.out, res)
+
+    # ---- attention: XLA vs cuDNN (bf16), joint attention of one 1024x1024 CFG step
+    if gpu and not a.no_attention:
+        for (b, t) in ((2, 8525), (2, 2381), (2, 8192)):
+            q, kk, v = (jax.random.normal(jax.random.PRNGKey(i), (b, t, 24, 64), jnp.float32).astype(jnp.bfloat16)
+                        for i in range(3))
+            r = {"batch": b, "tokens": t}
+            outs = {}
+            for impl in ("xla", "cudnn"):
+                f = jax.jit(lambda q, k, v, impl=impl: jax.nn.dot_product_attention(q, k, v, implementation=impl))
+                try:
+                    r[impl + "_ms"], _ = time_call(f, q, kk, v, inner=5, reps=5)
+                    outs[impl] = f(q, kk, v)
+                except Exception as e:
+                    r[impl + "_error"] = repr(e)[:300]
+            if len(outs) == 2:
+                r["rel_err"] = rel_err(outs["cudnn"].astype(jnp.float32), outs["xla"].astype(jnp.float32))
+                r["tflops_cudnn"] = 4 * b * 24 * t * t * 64 / r["cudnn_ms"] / 1e9
+            res["attention"].append(r)
+            print("attention", r, flush=True)
+    write_json(a.out, res)
+    return res
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,133 @@
+"""Wall time of the Q-DiT4SR quantization of the full-size DiT4SR transformer on the accelerator.
+
+1. `quantize(params, "qdit4sr-w4a4", calib)`: H-SVD branches + VaSMP weight bits + residual quantization
+   + VaTMP activation schedules from given (random) statistics over the default 40 steps. Timed twice:
+   cold (includes the jit compilations) and warm (same shapes, compiled).
+2. The two allocators alone on the full model's layers: VaSMP (from the residual variances of step 1)
+   and VaTMP's DP (all layers x 40 steps).
+3. Calibration of one 512x512 image over the default sampler (40 steps, CFG 8 = batch 2), collecting
+   every linear's input statistics (`qdit4sr_jax.calibrate(model_cfg, ...)`), cold and warm.
+
+  python benchmarks/quantize_time.py --out $OUT/quantize_time.json
+  python benchmarks/quantize_time.py --preset tiny --calib-size 64      # CPU smoke test
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from common import environment, gib, random_calib, random_params, tree_bytes, write_json  # noqa: E402
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--preset", default="dit4sr")
+    ap.add_argument("--quant", default="qdit4sr-w4a4")
+    ap.add_argument("--steps", type=int, default=None, help="sampling steps (default: the model's, 40)")
+    ap.add_argument("--calib-size", type=int, default=512, help="output size of the calibration image (0: skip)")
+    ap.add_argument("--no-warm", action="store_true", help="skip the warm repeats")
+    ap.add_argument("--deadline", type=float, default=None)
+    ap.add_argument("--out", default=None)
+    a = ap.parse_args(argv)
+    t_start = time.perf_counter()
+    log = lambda s: print(f"[{time.perf_counter() - t_start:7.1f}s] {s}", flush=True)
+    from qdit4sr_jax.config import ModelConfig
+    from qdit4sr_jax.quant import rules
+    from qdit4sr_jax.quant.config import QuantConfig
+    from qdit4sr_jax.quant.qdit4sr import quantize_qdit4sr
+    from qdit4sr_jax.quant.vasmp import allocate_weight_bits
+    from qdit4sr_jax.quant.vatmp import schedule_activation_bits
+
+    attn = "cudnn" if jax.default_backend() == "gpu" else None
+    mcfg = ModelConfig.preset(a.preset).replace(dtype="bfloat16", param_dtype="bfloat16", attention_impl=attn)
+    steps = a.steps or mcfg.num_steps
+    qcfg = QuantConfig.preset(a.quant)
+    res = {"env": environment(), "args": vars(a), "notes": []}
+    log(f"env {res['env']}")
+    params = random_params(mcfg)
+    jax.block_until_ready(jax.tree_util.tree_leaves(params))
+    n_lin = len(rules.select_linears(params, qcfg.include, qcfg.exclude))
+    res.update(n_linears=n_lin, bf16_weight_bytes=tree_bytes(params))
+    log(f"params {gib(res['bf16_weight_bytes'])} GiB, {n_lin} quantized linears")
+    calib = random_calib(params, qcfg, steps)
+
+    # ---- 1. quantize
+    runs = ["cold"] + ([] if a.no_warm else ["warm"])
+    info = None
+    for kind in runs:
+        t0 = time.perf_counter()
+        q, info = quantize_qdit4sr(params, qcfg, calib, return_info=True)
+        jax.block_until_ready(jax.tree_util.tree_leaves(q))
+        res[f"quantize_{kind}_s"] = time.perf_counter() - t0
+        res["quantized_weight_bytes"] = tree_bytes(q)
+        log(f"quantize ({kind}) {res[f'quantize_{kind}_s']:.2f} s, weights {gib(res['quantized_weight_bytes'])} GiB "
+            f"(1/{res['bf16_weight_bytes'] / res['quantized_weight_bytes']:.2f} of bf16)")
+        del q
+    bits = np.array(list(info["w_bits"].values()))
+    sizes = np.array([info["size"][k] for k in info["w_bits"]])
+    res["w_bits_hist"] = {int(b): int(c) for b, c in zip(*np.unique(bits, return_counts=True))}
+    res["w_bits_avg"] = float((bits * sizes).sum() / sizes.sum())
+
+    # ---- 2. the allocators alone
+    order = list(info["residual_var"])
+    var = [info["residual_var"][k] for k in order]
+    sz = np.array([info["size"][k] for k in order], np.int64)
+    t0 = time.perf_counter()
+    allocate_weight_bits(var, sz, qcfg.w_bits, qcfg.w_bit_candidates)
+    res["vasmp_s"] = time.perf_counter() - t0
+    av = np.stack([np.asarray(calib[k]["var"], np.float64) for k in order])
+    t0 = time.perf_counter()
+    sched = schedule_activation_bits(av, qcfg.a_bits, qcfg.a_bit_candidates)
+    res["vatmp_s"] = time.perf_counter() - t0
+    res["vatmp_shape"] = list(av.shape)
+    res["a_bits_avg"] = float(sched.mean())
+    log(f"VaSMP {res['vasmp_s'] * 1e3:.1f} ms, VaTMP DP {res['vatmp_s'] * 1e3:.1f} ms for {av.shape} (layers x steps)")
+    write_json(a.out, res)
+
+    # ---- 3. calibration over the sampler
+    if a.calib_size and not (a.deadline and time.perf_counter() - t_start > a.deadline):
+        from qdit4sr_jax.quant.calibrate import calibrate_sampler
+        lat = a.calib_size // mcfg.vae.downsample
+        k = jax.random.split(jax.random.PRNGKey(1), 4)
+        shp = (1, lat, lat, mcfg.in_channels)
+        lr, noise = jax.random.normal(k[0], shp), jax.random.normal(k[1], shp)
+        ctx = jax.random.normal(k[2], (1, mcfg.context_len, mcfg.joint_attention_dim)) * 0.5
+        pooled = jax.random.normal(k[3], (1, mcfg.pooled_projection_dim)) * 0.5
+        kw = dict(context=ctx, pooled=pooled, neg_context=ctx * 0.1, neg_pooled=pooled * 0.1, num_steps=steps)
+        if mcfg.guidance_scale == 1.0:
+            kw.pop("neg_context"), kw.pop("neg_pooled")
+        for kind in runs:
+            try:
+                t0 = time.perf_counter()
+                st = calibrate_sampler(mcfg, params, lr, noise, **kw)
+                jax.block_until_ready(jax.tree_util.tree_leaves(st))
+                res[f"calibrate_{kind}_s"] = time.perf_counter() - t0
+                res["calibrated_layers"] = len(st)
+                log(f"calibration ({kind}) {a.calib_size}px x {steps} steps: {res[f'calibrate_{kind}_s']:.2f} s, "
+                    f"{len(st)} layers")
+            except Exception as e:
+                res["notes"].append(f"calibration failed: {e!r}"[:400])
+                log(res["notes"][-1])
+                break
+    write_json(a.out, res)
+    print(f"\n{res['env']['device']}  jax {res['env']['jax']}  {a.preset} / {a.quant}")
+    print("| what | seconds |\n|---|---|")
+    for key in ("quantize_cold_s", "quantize_warm_s", "vasmp_s", "vatmp_s", "calibrate_cold_s", "calibrate_warm_s"):
+        if key in res:
+            print(f"| {key[:-2]} | {res[key]:.3f} |")
+    print(f"weights: bf16 {gib(res['bf16_weight_bytes'])} GiB -> {gib(res['quantized_weight_bytes'])} GiB; "
+          f"avg w bits {res['w_bits_avg']:.2f} {res['w_bits_hist']}; avg a bits {res['a_bits_avg']:.2f}")
+    return res
+
+
+if __name__ == "__main__":
+    main()

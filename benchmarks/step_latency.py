@@ -1,0 +1,228 @@
+"""Per-step latency and memory of the full-size DiT4SR transformer: bf16 vs quantized executions.
+
+One denoising step as the real pipeline runs it (qdit4sr_jax/sampling.py): classifier-free guidance
+doubles the batch (negative and positive prompt in one call of batch 2B), the transformer sees the
+noisy latent and the LR latent (two token streams of (H/16)(W/16) tokens each) plus 333 text tokens,
+then the guidance combination and the Euler update. 512x512 output = 64x64 latent, 1024x1024 = 128x128
+latent (untiled). Random weights of the real shapes, made on the device in bf16.
+
+Modes (--modes):
+  bf16          the float model (compute and weights in bf16)
+  w8a8-int      RTN W8 per channel, A8 per token: int8 x int8 -> int32 through XLA (`execution="int"`)
+  w8a8-fused    the same weights through the fused kernel (quant/kernels, `execution="fused"`)
+  w4a4-int      qdit4sr-w4a4 (H-SVD branches, VaSMP weight bits, VaTMP activation schedule from random
+                statistics; 4-bit codes packed two per byte) through XLA int8
+  w4a4-fused    the same weights through the fused kernel
+  w4a4-fake     the same weights as fake quantization (float reference; for contrast)
+  w4a4pc-fused  qdit4sr-w4a4 with per-channel (not group-64) weight scales, fused kernel
+  qwix-w8a8     qwix's int8 PTQ of the same model, when qwix is importable (else recorded as skipped)
+Each mode: compile time, median / p10 / p90 of `--iters` timed steps after warm-up (block_until_ready),
+weight bytes (all params) and the compiled step's temp / argument bytes; ratios to bf16 of the same run.
+
+  python benchmarks/step_latency.py --sizes 512 1024 --batch 1 --out $OUT/step_latency.json
+  python benchmarks/step_latency.py --preset tiny --sizes 32 --iters 3       # CPU smoke test
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from common import (compile_and_time, device_bytes_in_use, environment, gib, random_calib,  # noqa: E402
+                    random_params, tree_bytes, write_json)
+
+MODES = ("bf16", "w8a8-int", "w8a8-fused", "w4a4-int", "w4a4-fused", "w4a4-fake", "w4a4pc-fused", "qwix-w8a8")
+
+
+def make_step(model, guidance: float):
+    """Jitted step(params, x [B,h,w,C], lr [B,h,w,C], ctx [2B,L,D], pooled [2B,P], t [], dsig [], i [] int32)."""
+    @jax.jit
+    def step(params, x, lr, ctx, pooled, t, dsig, i):
+        b = x.shape[0]
+        xin = jnp.concatenate([x, x], axis=0)
+        lrin = jnp.concatenate([lr, lr], axis=0)
+        tb = jnp.full((2 * b,), t, jnp.float32)
+        v = model.apply({"params": params}, xin, lrin, tb, ctx, pooled, step=i)
+        vu, vc = jnp.split(v.astype(jnp.float32), 2, axis=0)
+        return x + dsig * (vu + guidance * (vc - vu))
+    return step
+
+
+def inputs(model_cfg, size: int, batch: int, seed: int = 0):
+    """Step inputs for an output of size x size pixels (latent size / 8)."""
+    lat = size // model_cfg.vae.downsample
+    k = jax.random.split(jax.random.PRNGKey(seed), 4)
+    c = model_cfg.in_channels
+    x = jax.random.normal(k[0], (batch, lat, lat, c), jnp.float32)
+    lr = jax.random.normal(k[1], (batch, lat, lat, c), jnp.float32)
+    ctx = (jax.random.normal(k[2], (2 * batch, model_cfg.context_len, model_cfg.joint_attention_dim)) * 0.5
+           ).astype(model_cfg.compute_dtype)
+    pooled = (jax.random.normal(k[3], (2 * batch, model_cfg.pooled_projection_dim)) * 0.5).astype(model_cfg.compute_dtype)
+    return x, lr, ctx, pooled, jnp.float32(500.0), jnp.float32(-0.025), jnp.int32(10)
+
+
+def quantized_trees(params, modes, steps: int, log):
+    """{mode: params} for the requested quantized modes (quantizing each recipe once)."""
+    from qdit4sr_jax.quant.api import quantize
+    from qdit4sr_jax.quant.config import QuantConfig
+    from qdit4sr_jax.quant.kernels import with_execution
+    trees, info = {}, {}
+    recipes = {}
+    if any(m.startswith("w8a8") for m in modes):
+        recipes["w8a8"] = (QuantConfig.preset("w8a8").replace(execution="int"), None)
+    if any(m.startswith("w4a4-") for m in modes):
+        recipes["w4a4"] = (QuantConfig.preset("qdit4sr-w4a4").replace(execution="int"), "calib")
+    if any(m.startswith("w4a4pc") for m in modes):
+        recipes["w4a4pc"] = (QuantConfig.preset("qdit4sr-w4a4").replace(execution="int", w_group_size=None), "calib")
+    for name, (qcfg, need) in recipes.items():
+        calib = random_calib(params, qcfg, steps) if need else None
+        t0 = time.perf_counter()
+        q = quantize(params, qcfg, calib)
+        jax.block_until_ready(jax.tree_util.tree_leaves(q))
+        info[name] = {"quantize_s": time.perf_counter() - t0, "weight_bytes": tree_bytes(q)}
+        log(f"quantized {name}: {info[name]['quantize_s']:.1f} s, {gib(info[name]['weight_bytes'])} GiB")
+        for m in modes:
+            if m == name + "-int" or (m.startswith(name + "-") and m.split("-", 1)[1] in ("fused", "fake")):
+                trees[m] = q if m.endswith("-int") else with_execution(q, m.split("-", 1)[1])
+    return trees, info
+
+
+def qwix_tree(model, params, example, log):
+    """qwix int8 PTQ of the same model (None with a reason when qwix is not importable or fails)."""
+    try:
+        import qwix  # noqa: F401
+    except Exception as e:                                    # benchmark-only dependency
+        return None, f"qwix not importable: {e!r}"[:300]
+    try:
+        rules = [qwix.QuantizationRule(module_path=r".*transformer_blocks_.*", weight_qtype=jnp.int8,
+                                       act_qtype=jnp.int8)]
+        qmodel = qwix.quantize_model(model, qwix.PtqProvider(rules), *example)
+        abs_q = jax.eval_shape(lambda: qmodel.init(jax.random.PRNGKey(0), *example))
+        qparams = qwix.quantize_params(params, abs_q)
+        return (qmodel, qparams), None
+    except Exception as e:
+        log(f"qwix failed: {e!r}")
+        return None, f"qwix failed: {e!r}"[:300]
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--preset", default="dit4sr")
+    ap.add_argument("--sizes", type=int, nargs="+", default=[512, 1024], help="output sizes in pixels")
+    ap.add_argument("--batch", type=int, nargs="+", default=[1])
+    ap.add_argument("--modes", nargs="+", default=list(MODES[:6]), choices=MODES)
+    ap.add_argument("--attention", default="cudnn", help="'cudnn' or 'xla' (falls back to xla if cudnn fails)")
+    ap.add_argument("--iters", type=int, default=20)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--calib-steps", type=int, default=40)
+    ap.add_argument("--deadline", type=float, default=None, help="skip remaining work after this many seconds")
+    ap.add_argument("--out", default=None, help="JSON results file")
+    a = ap.parse_args(argv)
+    t_start = time.perf_counter()
+    log = lambda s: print(f"[{time.perf_counter() - t_start:7.1f}s] {s}", flush=True)
+    from qdit4sr_jax.config import ModelConfig
+    from qdit4sr_jax.model.dit4sr import DiT4SRTransformer
+
+    attn = None if a.attention == "xla" else a.attention
+    mcfg = ModelConfig.preset(a.preset).replace(dtype="bfloat16", param_dtype="bfloat16", attention_impl=attn)
+    if jax.default_backend() != "gpu" and attn == "cudnn":
+        mcfg = mcfg.replace(attention_impl=None)
+    res = {"env": environment(), "args": vars(a), "model": a.preset, "cfg_batch_doubled": True, "runs": [],
+           "notes": []}
+    log(f"env {res['env']}")
+    mem0 = device_bytes_in_use()
+    params = random_params(mcfg)
+    jax.block_until_ready(jax.tree_util.tree_leaves(params))
+    res["bf16_weight_bytes"] = tree_bytes(params)
+    res["device_bytes_after_params"] = None if mem0 is None else device_bytes_in_use() - mem0
+    log(f"params: {gib(res['bf16_weight_bytes'])} GiB")
+    trees, qinfo = quantized_trees(params, [m for m in a.modes if m not in ("bf16", "qwix-w8a8")],
+                                   a.calib_steps, log)
+    res["quantize"] = qinfo
+    trees["bf16"] = params
+    model = DiT4SRTransformer(mcfg)
+    models = {m: model for m in trees}
+    if "qwix-w8a8" in a.modes:
+        ex = inputs(mcfg, min(a.sizes), 1)
+        example = (jnp.concatenate([ex[0]] * 2), jnp.concatenate([ex[1]] * 2), jnp.full((2,), 500.0), ex[2], ex[3])
+        got, why = qwix_tree(model, params, example, log)
+        if got is None:
+            res["notes"].append(why)
+        else:
+            models["qwix-w8a8"], trees["qwix-w8a8"] = got
+    steps = {}
+    for size in a.sizes:
+        for b in a.batch:
+            args = inputs(mcfg, size, b)
+            base = None
+            for mode in [m for m in a.modes if m in trees]:
+                if a.deadline and time.perf_counter() - t_start > a.deadline:
+                    res["notes"].append(f"deadline: skipped {mode} at {size} batch {b}")
+                    continue
+                mdl = models[mode]
+                key = (id(mdl), mcfg.attention_impl)
+                if key not in steps:
+                    steps[key] = make_step(mdl, mcfg.guidance_scale)
+                run = {"mode": mode, "size": size, "batch": b, "latent": size // mcfg.vae.downsample,
+                       "weight_bytes": tree_bytes(trees[mode])}
+                try:
+                    left = None if not a.deadline else max(5.0, a.deadline - (time.perf_counter() - t_start))
+                    run.update(compile_and_time(steps[key], (trees[mode],) + args, warmup=a.warmup,
+                                                iters=a.iters, budget_s=left))
+                except Exception as e:
+                    if mode == "bf16" and mcfg.attention_impl == "cudnn":
+                        res["notes"].append(f"cudnn attention failed ({e!r:.300}); falling back to XLA attention")
+                        log(res["notes"][-1])
+                        mcfg = mcfg.replace(attention_impl=None)
+                        model = DiT4SRTransformer(mcfg)
+                        models = {m: (model if models[m] is mdl else models[m]) for m in models}
+                        steps.clear()
+                        steps[(id(model), None)] = make_step(model, mcfg.guidance_scale)
+                        run.update(compile_and_time(steps[(id(model), None)], (trees[mode],) + args,
+                                                    warmup=a.warmup, iters=a.iters))
+                    else:
+                        run["error"] = repr(e)[:500]
+                        log(f"{mode} {size} b{b} failed: {run['error']}")
+                        res["runs"].append(run)
+                        continue
+                run["attention"] = mcfg.attention_impl or "xla"
+                if mode == "bf16":
+                    base = run["median_ms"]
+                run["speedup_vs_bf16"] = None if base is None else base / run["median_ms"]
+                res["runs"].append(run)
+                log(f"{mode:13s} {size}px b{b}: {run['median_ms']:.2f} ms (p10 {run['p10_ms']:.2f}, "
+                    f"p90 {run['p90_ms']:.2f}, n={run['n']}), compile {run['compile_s']:.1f} s, "
+                    f"x{run['speedup_vs_bf16'] or 0:.2f} vs bf16")
+                write_json(a.out, res)
+    write_json(a.out, res)
+    print_table(res)
+    return res
+
+
+def print_table(res):
+    bw = res.get("bf16_weight_bytes")
+    print(f"\n{res['env']['device']}  jax {res['env']['jax']}  model {res['model']}  (CFG: batch doubled)")
+    print("| mode | size | batch | median ms | p10-p90 ms | x bf16 | compile s | weights GiB | w / bf16 | temp GiB |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for r in res["runs"]:
+        if "error" in r:
+            print(f"| {r['mode']} | {r['size']} | {r['batch']} | error | | | | | | |")
+            continue
+        sp = r.get("speedup_vs_bf16")
+        print(f"| {r['mode']} | {r['size']} | {r['batch']} | {r['median_ms']:.2f} | {r['p10_ms']:.2f}-{r['p90_ms']:.2f} "
+              f"| {'-' if sp is None else f'{sp:.2f}'} | {r['compile_s']:.1f} | {gib(r['weight_bytes'])} "
+              f"| 1/{bw / r['weight_bytes']:.2f} | {gib(r.get('temp_bytes'))} |")
+    for n in res.get("notes", []):
+        print("note:", n)
+
+
+if __name__ == "__main__":
+    main()
