@@ -66,9 +66,10 @@ def inputs(cfg, seed, B=2, H=8, W=6, L=7):
 def run_jax(cfg, params, d):
     nhwc = lambda a: jnp.asarray(a.transpose(0, 2, 3, 1))
     with jax.default_matmul_precision("highest"):
-        out = jax.jit(DiT4SRTransformer(cfg).apply)({"params": params}, nhwc(d["x"]),
-                                                    nhwc(d["lr"]) if cfg.lr_stream else None, jnp.asarray(d["t"]),
-                                                    jnp.asarray(d["ctx"]), jnp.asarray(d["pooled"]))
+        # eager: op kernels are shared between the configs (cheaper on CPU than one jit per config)
+        out = DiT4SRTransformer(cfg).apply({"params": params}, nhwc(d["x"]),
+                                           nhwc(d["lr"]) if cfg.lr_stream else None, jnp.asarray(d["t"]),
+                                           jnp.asarray(d["ctx"]), jnp.asarray(d["pooled"]))
     return np.asarray(out).transpose(0, 3, 1, 2)
 
 
