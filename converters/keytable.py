@@ -65,6 +65,9 @@ class Rule:
     pattern: str
     target: Optional[str]                # None: drop this key on purpose
     transform: Transform = IDENTITY
+    # optional validation of a (dropped or kept) source tensor, run by `convert` before anything is
+    # returned: check(key, array) -> None if fine, else a message naming the problem
+    check: Optional[Callable[[str, np.ndarray], Optional[str]]] = None
 
     def match(self, key: str):
         return re.fullmatch(self.pattern, key)
@@ -163,14 +166,24 @@ def plan(src_shapes: Mapping[str, Shape], table: Sequence[Rule], abstract: Mappi
 
 def convert(src_shapes: Mapping[str, Shape], get: Callable[[str], np.ndarray], table: Sequence[Rule],
             abstract: Mapping[str, Any], what: str = "checkpoint") -> Dict[str, Any]:
-    """Plan (all-or-nothing), then read each source tensor via `get(key)`, transform and cast it to the
-    abstract leaf's dtype. Returns the nested params dict of numpy arrays."""
+    """Plan (all-or-nothing), run the rules' checks, then read each source tensor via `get(key)`,
+    transform it and cast it to the abstract leaf's dtype. Returns the nested params dict of numpy
+    arrays (owned copies, never views of the source)."""
     steps = plan(src_shapes, table, abstract, what)
+    problems = []
+    for key in sorted(src_shapes):
+        rule = next((r for r in table if r.match(key)), None)
+        if rule is not None and rule.check is not None:
+            msg = rule.check(key, get(key))
+            if msg:
+                problems.append(msg)
+    if problems:
+        raise ConversionError(problems, what)
     targets = flatten_tree(abstract)
     out = {}
     for s in steps:
-        x = s.transform(np.asarray(get(s.src)))
-        out[s.target] = np.asarray(x, dtype=np.dtype(targets[s.target].dtype))
+        x = np.asarray(s.transform(np.asarray(get(s.src))), dtype=np.dtype(targets[s.target].dtype))
+        out[s.target] = x if x.flags.owndata and x.flags.writeable else np.array(x)
     return unflatten_tree(out)
 
 

@@ -19,7 +19,7 @@ Source = Tuple[Dict[str, Tuple[int, ...]], Callable[[str], np.ndarray]]
 
 def _safetensors(path: str) -> Source:
     f = SafeTensorsFile(path)
-    return f.shapes(), f.get
+    return f.shapes(), lambda k: f.get(k, copy=False)
 
 
 def _index(path: str) -> Source:
@@ -28,7 +28,7 @@ def _index(path: str) -> Source:
     folder = os.path.dirname(path)
     files = {name: SafeTensorsFile(os.path.join(folder, name)) for name in sorted(set(weight_map.values()))}
     shapes = {k: files[n].shapes()[k] for k, n in weight_map.items()}
-    return shapes, lambda k: files[weight_map[k]].get(k)
+    return shapes, lambda k: files[weight_map[k]].get(k, copy=False)
 
 
 def _torch(path: str) -> Source:

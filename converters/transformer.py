@@ -10,7 +10,10 @@ from __future__ import annotations
 import functools
 from typing import Any, Dict, Mapping
 
+import numpy as np
+
 from converters.keytable import CONV_HWIO, IDENTITY, LINEAR, Rule, convert, convert_state_dict, plan
+from qdit4sr_jax.model.embeddings import sincos_pos_embed_2d
 
 B = r"transformer_blocks\.(\d+)\."
 T = r"transformer_blocks_\1/"
@@ -46,6 +49,32 @@ TRANSFORMER_TABLE = [
 ]
 
 
+def check_pos_embed(cfg):
+    """Check for the dropped `pos_embed.pos_embed` buffer: shape [1, max^2, D] and its centre 16x16 crop
+    equal to the table the model recomputes (catches a wrong sample_size / pos_embed_max_size)."""
+    def check(key, arr):
+        m, D = cfg.pos_embed_max_size, cfg.hidden_size
+        if tuple(arr.shape) != (1, m * m, D):
+            return (f"buffer {key!r} has shape {tuple(arr.shape)} but the config implies (1, {m * m}, {D}) "
+                    f"(pos_embed_max_size={m}, hidden size {D})")
+        c = min(16, m)
+        top = (m - c) // 2
+        got = np.asarray(arr).reshape(m, m, D)[top:top + c, top:top + c].astype(np.float32).reshape(c * c, D)
+        want = sincos_pos_embed_2d(D, c, c, m, cfg.sample_size // cfg.patch_size)
+        err = float(np.max(np.abs(got - want)))
+        if err > 1e-2:   # bf16 storage rounds to ~4e-3; a wrong base size differs by O(1)
+            return (f"buffer {key!r} differs from the recomputed SD3 sin-cos table by {err:.3g} (max abs): "
+                    f"check sample_size={cfg.sample_size} / patch_size={cfg.patch_size} against the checkpoint")
+        return None
+    return check
+
+
+def transformer_table(cfg):
+    """TRANSFORMER_TABLE with the positional-buffer check bound to `cfg`."""
+    return [Rule(r.pattern, None, check=check_pos_embed(cfg)) if r.pattern == r"pos_embed\.pos_embed" else r
+            for r in TRANSFORMER_TABLE]
+
+
 @functools.lru_cache(maxsize=8)
 def abstract_params(cfg) -> Dict[str, Any]:
     """Abstract params tree of `DiT4SRTransformer(cfg)` (jax.ShapeDtypeStruct leaves; nothing allocated)."""
@@ -65,10 +94,10 @@ def plan_transformer(src_shapes: Mapping[str, tuple], cfg):
 
 def convert_transformer(state_dict: Mapping[str, Any], cfg) -> Dict[str, Any]:
     """In-memory {torch key: tensor/ndarray} -> nested Flax params (numpy, cfg.param_dtype)."""
-    return convert_state_dict(state_dict, TRANSFORMER_TABLE, abstract_params(_no_learned(cfg)),
+    return convert_state_dict(state_dict, transformer_table(cfg), abstract_params(_no_learned(cfg)),
                               "transformer checkpoint")
 
 
 def convert_transformer_lazy(src_shapes: Mapping[str, tuple], get, cfg) -> Dict[str, Any]:
     """Streamed variant: `get(key) -> np.ndarray` is called once per kept key, after the full plan passed."""
-    return convert(src_shapes, get, TRANSFORMER_TABLE, abstract_params(_no_learned(cfg)), "transformer checkpoint")
+    return convert(src_shapes, get, transformer_table(cfg), abstract_params(_no_learned(cfg)), "transformer checkpoint")

@@ -157,6 +157,26 @@ def test_cli_converts_safetensors_and_bin(tiny_ckpt, capsys):
     np.testing.assert_array_equal(k2, k.astype(ml_dtypes.bfloat16))
 
 
+def test_cli_checks_the_dropped_pos_table(tiny_ckpt, capsys):
+    """The positional buffer is recomputed, not loaded: a checkpoint whose table was built for another
+    sample_size (another base grid) is refused instead of silently shifting positions."""
+    from diffusers.models.embeddings import PatchEmbed
+    d, sd = tiny_ckpt
+    cfg = ModelConfig.preset("tiny")
+    other = PatchEmbed(height=32, width=32, patch_size=2, in_channels=4, embed_dim=cfg.hidden_size,
+                       pos_embed_max_size=cfg.pos_embed_max_size).pos_embed.numpy()
+    assert other.shape == sd["pos_embed.pos_embed"].shape
+    src = str(d / "other_pos.safetensors")
+    save_file(dict(sd, **{"pos_embed.pos_embed": other}), src)
+    out = d / "never_pos.safetensors"
+    rc, cap = _run_cli(["transformer", "--src", src, "--config", "tiny", "--out", str(out)], capsys)
+    assert rc == 1 and "'pos_embed.pos_embed'" in cap.err and "sample_size=128" in cap.err, cap.err
+    assert not out.exists()
+    rc, cap = _run_cli(["transformer", "--src", src, "--config", "tiny", "--set", "sample_size=32",
+                        "--out", str(out)], capsys)
+    assert rc == 0, cap.err
+
+
 @pytest.mark.parametrize("damage,needles", [
     ("missing", ["missing", "'transformer_blocks_2/ff/net_2/kernel'", "(128, 32)"]),
     ("extra", ["'transformer_blocks.0.attn.bogus.weight'", "(3, 3)", "no rule"]),
