@@ -76,9 +76,10 @@ def run_demo(out_dir: str = "qdit4sr-demo", *, model: str = "demo", methods: Seq
         outs = [pipeline.upscale(cfg, p, lr, seed=seed, num_steps=num_steps) for lr in lrs]
         t_up = time.perf_counter() - t0
         outputs[m] = outs
-        size = report.model_size(cfg, p["transformer"], qcfg)
-        ops = report.model_ops(cfg, p["transformer"], qcfg, num_steps=num_steps or cfg.num_steps,
-                               image_hw=samples[0][1].shape[:2])
+        h, w = samples[0][1].shape[:2]
+        acct = report.size_ops(cfg, qcfg, qparams=None if qcfg is None else p["transformer"], height=h, width=w,
+                               steps=num_steps, count_unused=False)
+        size, ops = acct["size_M"], acct["ops_G"]
         rows.append(dict(method=m, psnr_hr=float(np.mean([psnr(o, hr) for o, (_, hr) in zip(outs, samples)])),
                          size_m=size, ops_g=ops, quantize_s=t_quant, upscale_s=t_up))
     for r in rows:

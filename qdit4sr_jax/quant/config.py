@@ -77,6 +77,12 @@ class QuantConfig:
     pack: bool = True
     layer_w_bits: Tuple[Tuple[str, int], ...] = ()
 
+    @property
+    def needs_calibration(self) -> bool:
+        """True when `quantize` needs activation statistics: smoothing (per-channel absmax) or VaTMP
+        (per-layer, per-step activation variances)."""
+        return bool(self.smooth or (self.vatmp and self.a_bits is not None))
+
     def validate(self) -> "QuantConfig":
         """Raise ValueError naming the bad field; returns self."""
         if self.method not in METHODS:
