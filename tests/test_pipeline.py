@@ -89,8 +89,8 @@ def test_multi_tile_run_blends(bundle):
     assert a.shape == (24, 20, 3) and lat.shape == (1, 12, 10, 4)
     np.testing.assert_array_equal(a, b)
     assert np.isfinite(np.asarray(lat)).all()
-    un = pipeline.upscale(CFG, bundle, img, seed=0, guidance_scale=3.0, tile_latent=0, return_latents=True)[1]
-    assert not np.allclose(np.asarray(un), np.asarray(lat))       # tiles saw different context
+    # (that tiles are really blended, and equal the untiled result for a local model, is tested on
+    # sampling.tiled_apply in test_sampling.py)
 
 
 def test_color_fix_known_inputs():
