@@ -223,7 +223,7 @@ def bicubic(image, scale: int):
     return Image.fromarray(out, "RGB") if isinstance(image, Image.Image) else out
 
 
-def _prepare(cfg: ModelConfig, params, image, seed, prompt, prompt_index, guidance_scale):
+def _prepare(cfg: ModelConfig, params, image, seed, prompt, prompt_index, guidance_scale, process_size=None):
     """Validate, upsample and encode -> dict(up, lr_lat, noise, ctx, pool, nctx, npool, g, size)."""
     if "transformer" not in params:
         raise ValueError("params must be the model bundle {'transformer': ..., 'vae': ..., 'prompt': ...}; "
@@ -237,9 +237,12 @@ def _prepare(cfg: ModelConfig, params, image, seed, prompt, prompt_index, guidan
     if min(H0, W0) < mn:
         raise ValueError(f"image {W0}x{H0} is too small: the minimum side is {mn} pixels for scale {cfg.scale}")
     s, m = cfg.scale, cfg.vae.downsample * cfg.patch_size
-    Wt, Ht = W0 * s, H0 * s
-    up = _resize(lr, Wt, Ht)                                   # bicubic x scale
-    up = _resize(up, Wt // m * m, Ht // m * m)                 # to a latent-patch multiple (as DiT4SR: //8*8)
+    Wt, Ht = W0 * s, H0 * s                                    # the output size
+    if process_size and min(H0, W0) < process_size // s:      # DiT4SR: small inputs are processed larger
+        r = (process_size // s) / min(H0, W0)
+        lr = _resize(lr, int(r * W0), int(r * H0))
+    up = _resize(lr, lr.shape[1] * s, lr.shape[0] * s)         # bicubic x scale
+    up = _resize(up, up.shape[1] // m * m, up.shape[0] // m * m)   # to a latent-patch multiple (DiT4SR: //8*8)
 
     ctx, pool, nctx, npool = _resolve_prompt(cfg, params, prompt, prompt_index)
     g = float(cfg.guidance_scale if guidance_scale is None else guidance_scale)
@@ -259,7 +262,8 @@ def upscale(cfg: ModelConfig, params: Mapping[str, Any], image, *, seed: int = 0
             color_fix: Optional[str] = "adain", prompt: Union[None, str, Mapping[str, Any]] = None,
             prompt_index: int = 0, start: Optional[str] = None, start_sigma: Optional[float] = None,
             tile_latent: Optional[int] = -1, tile_overlap: Optional[int] = None,
-            tile_batch: Optional[int] = None, force_tiling: bool = False, return_latents: bool = False):
+            tile_batch: Optional[int] = None, force_tiling: bool = False, process_size: Optional[int] = None,
+            return_latents: bool = False):
     """Super-resolve one image by cfg.scale.
 
     image: PIL image or numpy array (see `to_rgb_uint8`). Returns the same kind (PIL RGB image or
@@ -267,11 +271,13 @@ def upscale(cfg: ModelConfig, params: Mapping[str, Any], image, *, seed: int = 0
     prompt: None (params['prompt'], or the learned context), a dict or a .npz path of prompt embeddings.
     Defaults (num_steps, guidance_scale, start, start_sigma, tile_latent, tile_overlap) come from cfg;
     tile_latent=None or 0 disables tiling; ``force_tiling`` tiles even a latent no larger than one tile
-    (testing/diagnostics). Deterministic for a given seed.
+    (testing/diagnostics). ``process_size`` (DiT4SR's test scripts: 512): an input whose short side is
+    below process_size // scale is first enlarged (bicubic) so that it is, and the result resized back
+    to H*s x W*s. Deterministic for a given seed.
     """
     if color_fix not in (None, "none", "adain", "wavelet"):
         raise ValueError(f"color_fix must be 'adain', 'wavelet' or None, got {color_fix!r}")
-    d = _prepare(cfg, params, image, seed, prompt, prompt_index, guidance_scale)
+    d = _prepare(cfg, params, image, seed, prompt, prompt_index, guidance_scale, process_size)
     lat = sampling.sample(cfg, params["transformer"], d["lr_lat"], d["noise"], context=d["ctx"], pooled=d["pool"],
                           neg_context=d["nctx"], neg_pooled=d["npool"], num_steps=num_steps,
                           guidance_scale=d["g"], start=start, start_sigma=start_sigma, tile_latent=tile_latent,
@@ -288,7 +294,8 @@ def upscale(cfg: ModelConfig, params: Mapping[str, Any], image, *, seed: int = 0
 
 def calibrate_images(cfg: ModelConfig, params: Mapping[str, Any], images, *, seed: int = 0,
                      num_steps: Optional[int] = None, guidance_scale: Optional[float] = None,
-                     prompt=None, progress: bool = False, **sample_kwargs):
+                     prompt=None, process_size: Optional[int] = None, progress: bool = False,
+                     **sample_kwargs):
     """Activation statistics of every transformer `Linear` over all sampling steps, for each image run
     exactly as `upscale` runs it (same preprocessing, seed, prompt, tiling), merged over the images.
 
@@ -302,7 +309,7 @@ def calibrate_images(cfg: ModelConfig, params: Mapping[str, Any], images, *, see
         raise ValueError("calibrate_images needs at least one image")
     runs = []
     for i, image in enumerate(images):
-        d = _prepare(cfg, params, image, seed, prompt, 0, guidance_scale)
+        d = _prepare(cfg, params, image, seed, prompt, 0, guidance_scale, process_size)
         runs.append(calibrate_sampler(cfg, params["transformer"], d["lr_lat"], d["noise"], context=d["ctx"],
                                       pooled=d["pool"], neg_context=d["nctx"], neg_pooled=d["npool"],
                                       num_steps=num_steps, guidance_scale=d["g"], **sample_kwargs))

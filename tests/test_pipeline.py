@@ -70,6 +70,9 @@ def test_end_to_end_deterministic(bundle):
     n = pipeline.upscale(CFG, bundle, _lr(4, 4), seed=0)            # numpy in -> numpy out, same result
     assert isinstance(n, np.ndarray) and n.dtype == np.uint8 and n.shape == (16, 16, 3)
     np.testing.assert_array_equal(n, np.asarray(a))
+    # DiT4SR's process_size: a 2x2 input is processed as 4x4 (the same 8x8 latent), output still 8x8
+    p = pipeline.upscale(CFG, bundle, _lr(2, 2), seed=0, process_size=16)
+    assert p.shape == (8, 8, 3)
 
 
 def test_tile_covering_the_latent_equals_untiled(bundle):

@@ -60,3 +60,11 @@ def test_bad_inputs():
         vae.decode(TINY, params, jnp.zeros((1, 4, 4, 16)))
     with pytest.raises(ValueError, match="unknown VAE kind"):
         vae.encode(VAEConfig(kind="vq"), {}, jnp.zeros((1, 16, 16, 3)))
+
+
+def test_chunked_attention_equals_full():
+    r = jax.random.split(jax.random.PRNGKey(0), 3)
+    q, k, v = (jax.random.normal(ri, (2, 37, 1, 8)) for ri in r)
+    full = jax.nn.dot_product_attention(q, k, v)
+    np.testing.assert_allclose(np.asarray(vae.chunked_attention(q, k, v, 8)), np.asarray(full), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(vae.chunked_attention(q, k, v, 64)), np.asarray(full), rtol=1e-6)

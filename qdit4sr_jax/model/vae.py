@@ -53,9 +53,24 @@ class ResnetBlock2D(nn.Module):
         return x + h
 
 
+def chunked_attention(q, k, v, chunk: int):
+    """Softmax attention, queries in chunks of `chunk` (bounds the [T_q, T_k] logits memory):
+    q, k, v [B, T, 1, C] float32 -> [B, T, 1, C]."""
+    T = q.shape[1]
+    if T <= chunk:
+        return jax.nn.dot_product_attention(q, k, v)
+    n = -(-T // chunk)
+    qp = jnp.pad(q, ((0, 0), (0, n * chunk - T), (0, 0), (0, 0)))
+    qc = jnp.moveaxis(qp.reshape(q.shape[0], n, chunk, *q.shape[2:]), 1, 0)      # [n, B, chunk, 1, C]
+    o = jax.lax.map(lambda qq: jax.nn.dot_product_attention(qq, k, v), qc)
+    return jnp.moveaxis(o, 0, 1).reshape(q.shape[0], n * chunk, *q.shape[2:])[:, :T]
+
+
 class VAEAttention(nn.Module):
-    """Single-head spatial self-attention of the VAE mid block (group norm, residual): [B,H,W,C] -> same."""
+    """Single-head spatial self-attention of the VAE mid block (group norm, residual): [B,H,W,C] -> same.
+    Queries are processed `chunk` at a time beyond that many tokens (a 2048^2 image has 65,536)."""
     groups: int
+    chunk: int = 4096
 
     @nn.compact
     def __call__(self, x):
@@ -64,7 +79,7 @@ class VAEAttention(nn.Module):
         q = Linear(c, name="to_q")(h)
         k = Linear(c, name="to_k")(h)
         v = Linear(c, name="to_v")(h)
-        o = jax.nn.dot_product_attention(q.astype(jnp.float32), k.astype(jnp.float32), v.astype(jnp.float32))
+        o = chunked_attention(q.astype(jnp.float32), k.astype(jnp.float32), v.astype(jnp.float32), self.chunk)
         o = Linear(c, name="to_out_0")(o.astype(x.dtype).reshape(b, hh * ww, c))
         return x + o.reshape(b, hh, ww, c)
 
