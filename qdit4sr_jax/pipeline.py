@@ -165,8 +165,8 @@ def to_rgb_uint8(image) -> np.ndarray:
                 a = a.astype(np.float64)
                 if not np.isfinite(a).all():
                     raise ValueError(f"PIL mode {mode} image contains NaN or Inf")
-                hi = 65535.0 if a.max() > 255 else 255.0
-                a = np.clip(a, 0, hi) / hi * 255.0
+                hi = 1.0 if (mode == "F" and a.max() <= 1.0) else 65535.0 if a.max() > 255 else 255.0
+                a = np.clip(a, 0, hi) / hi * 255.0        # F in [0, 1], or 8- / 16-bit value ranges
             else:
                 a = a.astype(np.float64) / 257.0
             warnings.warn(f"converted {mode} (single-channel, {'16-bit' if mode.startswith('I;16') else mode}) "

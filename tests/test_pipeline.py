@@ -138,6 +138,8 @@ def test_input_validation():
         i16 = Image.fromarray(np.full((4, 5), 65535, np.uint16))
         assert i16.mode.startswith("I;16")
         assert pipeline.to_rgb_uint8(i16)[0, 0].tolist() == [255, 255, 255]
+        f = Image.fromarray(np.full((4, 5), 0.5, np.float32))
+        assert f.mode == "F" and pipeline.to_rgb_uint8(f)[0, 0].tolist() == [128, 128, 128]
     msgs = " ".join(str(x.message) for x in w)
     assert "alpha channel is dropped" in msgs and "I;16" in msgs and "converted L" in msgs
     assert pipeline.to_rgb_uint8(np.full((3, 3), 0.5)).tolist()[0][0] == [128, 128, 128]
