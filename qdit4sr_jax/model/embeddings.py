@@ -23,13 +23,8 @@ def _sincos_1d(dim: int, pos: np.ndarray) -> np.ndarray:
     return np.concatenate([np.sin(out), np.cos(out)], axis=1)
 
 
-def sincos_pos_embed_2d(dim: int, h: int, w: int, max_size: int, base_size: int,
-                        interpolation_scale: float = 1.0) -> np.ndarray:
-    """SD3 2D sin-cos positional embedding of an h x w token grid, cropped from the centre of the
-    max_size x max_size table exactly as diffusers' `PatchEmbed.cropped_pos_embed`.
-
-    Returns float32 [h * w, dim] (row-major tokens). Channels [:dim/2] encode the column, [dim/2:] the row.
-    """
+def _pos_axes(dim: int, h: int, w: int, max_size: int, base_size: int, interpolation_scale: float = 1.0):
+    """The two 1D halves of the cropped SD3 table: columns [w, dim/2] and rows [h, dim/2], float64."""
     if dim % 4:
         raise ValueError(f"positional embedding dim {dim} must be divisible by 4")
     if h > max_size or w > max_size:
@@ -39,9 +34,17 @@ def sincos_pos_embed_2d(dim: int, h: int, w: int, max_size: int, base_size: int,
     # positions as diffusers computes them: float32 arange / (max/base) / interpolation_scale
     step = np.float32(max_size / base_size)
     grid = np.arange(max_size, dtype=np.float32) / step / np.float32(interpolation_scale)
-    rows, cols = grid[top:top + h], grid[left:left + w]
-    emb_c = _sincos_1d(dim // 2, cols)                # [w, dim/2]
-    emb_r = _sincos_1d(dim // 2, rows)                # [h, dim/2]
+    return _sincos_1d(dim // 2, grid[left:left + w]), _sincos_1d(dim // 2, grid[top:top + h])
+
+
+def sincos_pos_embed_2d(dim: int, h: int, w: int, max_size: int, base_size: int,
+                        interpolation_scale: float = 1.0) -> np.ndarray:
+    """SD3 2D sin-cos positional embedding of an h x w token grid, cropped from the centre of the
+    max_size x max_size table exactly as diffusers' `PatchEmbed.cropped_pos_embed`.
+
+    Returns float32 [h * w, dim] (row-major tokens). Channels [:dim/2] encode the column, [dim/2:] the row.
+    """
+    emb_c, emb_r = _pos_axes(dim, h, w, max_size, base_size, interpolation_scale)
     emb = np.concatenate([np.broadcast_to(emb_c[None], (h, w, dim // 2)),
                           np.broadcast_to(emb_r[:, None], (h, w, dim // 2))], axis=-1)
     return emb.reshape(h * w, dim).astype(np.float32)
@@ -78,10 +81,16 @@ class PatchEmbed(nn.Module):
         if H % p or W % p:
             raise ValueError(f"latent size {H}x{W} must be divisible by patch_size {p}")
         y = nn.Conv(self.embed_dim, (p, p), strides=(p, p), padding="VALID", dtype=self.dtype,
-                    param_dtype=self.param_dtype, name="proj")(x)
+                    param_dtype=self.param_dtype, name="proj")(x)            # [B, h, w, D]
         h, w = H // p, W // p
-        pos = sincos_pos_embed_2d(self.embed_dim, h, w, self.pos_embed_max_size, self.base_size)
-        return y.reshape(B, h * w, self.embed_dim) + jnp.asarray(pos, self.dtype)[None]
+        # the table is built in-graph from its two small 1D halves (no [h*w, D] constant in the HLO)
+        emb_c, emb_r = _pos_axes(self.embed_dim, h, w, self.pos_embed_max_size, self.base_size)
+        half = self.embed_dim // 2
+        emb_c = jnp.asarray(emb_c, jnp.float32)
+        emb_r = jnp.asarray(emb_r, jnp.float32)
+        pos = jnp.concatenate([jnp.broadcast_to(emb_c[None], (h, w, half)),
+                               jnp.broadcast_to(emb_r[:, None], (h, w, half))], axis=-1)
+        return (y + pos.astype(self.dtype)[None]).reshape(B, h * w, self.embed_dim)
 
 
 class MLPEmbedding(nn.Module):
