@@ -4,6 +4,13 @@ With `cfg.lr_stream=False` this is exactly diffusers' `SD3Transformer2DModel` (t
 With the LR stream (the public DiT4SR `model_dit4sr`): the LR latent is patch-embedded by the same
 `pos_embed` (same positional table) and concatenated with the noisy tokens ([noisy N; LR N]); after
 the last block the LR half is dropped.
+
+Size of the `dit4sr` preset (jax.eval_shape): 2,594,049,216 parameters, 540 linear kernels, 25 conv
+kernels. PyTorch DiT4SR has 2,716,814,144 parameters (`nn.Module.parameters()`; 1,383 state-dict tensors
+including the 384^2 x 1536 = 226,492,416-value `pos_embed.pos_embed` buffer, which is recomputed here);
+the difference, 122,764,928 = 13 x 9,443,456, is the context projections (`add_{q,k,v}_proj`,
+`to_add_out`, `norm_added_{q,k}`) that DiT4SR's 13 dual-attention `attn2` modules own but never use
+(592 nn.Linear, 540 used), which the converter drops.
 """
 from __future__ import annotations
 
