@@ -175,3 +175,16 @@ def test_tiny_transformer_sampling_deterministic_with_stats():
     leaves = jax.tree_util.tree_leaves(stats)
     assert leaves and all(l.shape[0] == 3 for l in leaves)
     assert "transformer_blocks_0" in stats
+
+
+def test_full_size_sampler_shapes():
+    """The real dit4sr preset through the whole jitted loop (CFG, 40 steps) at a 512x512 output
+    (64x64 latent), traced with jax.eval_shape: nothing is allocated or compiled."""
+    from qdit4sr_jax.model.dit4sr import param_shapes
+    cfg = ModelConfig.preset("dit4sr")
+    S = jax.ShapeDtypeStruct
+    z, ctx, pool = S((1, 64, 64, 16), jnp.float32), S((1, 333, 4096), jnp.float32), S((1, 2048), jnp.float32)
+    out = jax.eval_shape(
+        lambda p, lr, n, c, po: sampling.sample(cfg, p, lr, n, context=c, pooled=po, neg_context=c, neg_pooled=po),
+        param_shapes(cfg), z, z, ctx, pool)
+    assert out.shape == (1, 64, 64, 16) and out.dtype == jnp.float32
