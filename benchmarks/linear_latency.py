@@ -24,11 +24,14 @@ import numpy as np  # noqa: E402
 
 from common import environment, write_json  # noqa: E402
 
-SHAPES = [(8525, 1536, 6144), (8525, 6144, 1536), (8525, 1536, 1536), (2381 * 2, 1536, 6144),
-          (34100, 1536, 6144), (666, 1536, 1536)]
-CONFIGS = [  # (block_m, block_n, block_k, num_warps, num_stages)
-    (128, 128, 128, 4, 3), (128, 128, 128, 8, 3), (128, 256, 128, 8, 3), (256, 128, 128, 8, 3),
-    (128, 128, 64, 4, 4), (64, 128, 128, 4, 4), (128, 256, 64, 8, 4),
+# (M, K, N) of the step's linears with CFG (make_jaxpr count): 1024x1024 has 111 x (16384, 1536, 1536),
+# 24 x (16384, 1536, 6144), 24 x (16384, 6144, 1536), 185 x (8192, 1536, 1536); 512x512 the same at M / 4.
+SHAPES = [(16384, 1536, 1536), (16384, 1536, 6144), (16384, 6144, 1536), (8192, 1536, 1536),
+          (4096, 1536, 6144), (8525, 1536, 6144), (666, 1536, 1536)]
+CONFIGS = [  # (block_m, block_n, block_k, num_warps, num_stages, unpack)
+    (128, 128, 128, 8, 3, "xla"), (128, 128, 128, 4, 3, "xla"), (128, 256, 128, 8, 3, "xla"),
+    (128, 128, 128, 8, 3, "kernel"), (256, 128, 128, 8, 3, "kernel"), (128, 128, 256, 8, 3, "xla"),
+    (128, 256, 64, 8, 4, "xla"), (256, 128, 128, 8, 3, "xla"), (128, 128, 64, 4, 4, "xla"),
 ]
 
 
@@ -83,7 +86,7 @@ def main(argv=None):
     t_start = time.perf_counter()
     gpu = jax.default_backend() == "gpu"
     shapes = [(40, 512, 256)] if a.small else SHAPES[: a.shapes]
-    configs = [KernelConfig(*c) for c in (CONFIGS[: a.configs] if not a.small else [(16, 64, 128, 4, 2)])]
+    configs = [KernelConfig(*c) for c in (CONFIGS[: a.configs] if not a.small else [(16, 64, 128, 4, 2, "xla"), (16, 64, 128, 4, 2, "kernel")])]
     kernel_backend = "pallas" if gpu else "interpret"
     res = {"env": environment(), "check": [], "linear": [], "attention": [], "notes": []}
     print(res["env"], flush=True)
@@ -95,14 +98,14 @@ def main(argv=None):
         x = jax.random.normal(jax.random.PRNGKey(1), (m, k), jnp.float32)
         bias = jax.random.normal(jax.random.PRNGKey(2), (n,), jnp.float32)
         ref = jax.jit(lambda x: linear(x, node, bias, execution="fake"))(x)
-        for be in (kernel_backend, "xla"):
-            cfg = configs[0]
+        in_kernel = [c for c in configs if c.unpack == "kernel"][:1]
+        for be, cfg in [(kernel_backend, configs[0])] + [(kernel_backend, c) for c in in_kernel] + [("xla", configs[0])]:
             if be != "xla" and not tiles_ok(node, cfg):
                 continue
             out = jax.jit(lambda x: fused_linear(x, node, bias, backend=be, config=cfg))(x)
             e = rel_err(out, ref)
-            res["check"].append({"recipe": recipe, "backend": be, "rel_err": e})
-            print(f"check {recipe} {be}: rel err vs fake-quant {e:.2e}", flush=True)
+            res["check"].append({"recipe": recipe, "backend": be, "unpack": cfg.unpack, "rel_err": e})
+            print(f"check {recipe} {be} (unpack {cfg.unpack}): rel err vs fake-quant {e:.2e}", flush=True)
 
     # ---- timings
     for (m, k, n) in shapes:
@@ -111,7 +114,18 @@ def main(argv=None):
         bias = jnp.zeros((n,), jnp.bfloat16)
         t_bf16, _ = time_call(jax.jit(lambda x, w: x @ w + bias), x, wb)
         row = {"shape": [m, k, n], "bf16_ms": t_bf16, "bf16_tflops": 2 * m * k * n / t_bf16 / 1e9}
-        print(f"\n(M,K,N)={m},{k},{n}: bf16 {t_bf16:.3f} ms ({row['bf16_tflops']:.0f} TF/s)", flush=True)
+        # ceilings through XLA: the int8 GEMM alone (int32 out), and with the scale epilogue to bf16
+        xi = jnp.clip(jnp.round(x.astype(jnp.float32) * 20), -127, 127).astype(jnp.int8)
+        wi = jnp.clip(jnp.round(wb.T.astype(jnp.float32) * 300), -127, 127).astype(jnp.int8)      # [N, K]
+        dn = (((1,), (1,)), ((), ()))
+        row["int8_gemm_ms"], _ = time_call(jax.jit(
+            lambda a, b: jax.lax.dot_general(a, b, dn, preferred_element_type=jnp.int32)), xi, wi)
+        sxv, swv = jnp.ones((m, 1), jnp.float32), jnp.ones((1, n), jnp.float32)
+        row["int8_gemm_epi_ms"], _ = time_call(jax.jit(
+            lambda a, b, s1, s2: (jax.lax.dot_general(a, b, dn, preferred_element_type=jnp.int32)
+                                  .astype(jnp.float32) * s1 * s2).astype(jnp.bfloat16)), xi, wi, sxv, swv)
+        print(f"\n(M,K,N)={m},{k},{n}: bf16 {t_bf16:.3f} ms ({row['bf16_tflops']:.0f} TF/s); XLA int8 GEMM alone "
+              f"{row['int8_gemm_ms']:.3f} ms, + scale epilogue {row['int8_gemm_epi_ms']:.3f} ms", flush=True)
         for recipe in a.recipes:
             if a.deadline and time.perf_counter() - t_start > a.deadline:
                 res["notes"].append(f"deadline: skipped {recipe} at {m},{k},{n}")

@@ -7,13 +7,15 @@ import numpy as np
 import pytest
 
 from conftest import rel_err
-from qdit4sr_jax.quant.kernels import KernelConfig, fused_linear, tiles_ok
+from qdit4sr_jax.quant.kernels import KernelConfig, fused_linear, tiles_ok, with_execution
 from qdit4sr_jax.quant.kernels.fused import prologue
 from qdit4sr_jax.quant.linear import linear
 from qdit4sr_jax.quant.qweight import make_qweight
 
 N, K = 64, 128
 CFG = KernelConfig(block_m=16, block_n=32, block_k=64, num_warps=4, num_stages=2)
+CFG_K = KernelConfig(block_m=16, block_n=32, block_k=64, num_warps=4, num_stages=2, unpack="kernel")
+CONFIGS = {"interpret": CFG, "interpret-unpack-in-kernel": CFG_K, "xla": CFG}
 
 
 def _node(seed, *, w_bits=4, gs=None, lowrank=0, block=None, smooth=False, a_bits=4, dtype=jnp.float32,
@@ -47,16 +49,17 @@ CASES = [  # (w_bits, group size, low-rank rank, block)
 ]
 
 
-@pytest.mark.parametrize("backend", ["interpret", "xla"])
+@pytest.mark.parametrize("mode", list(CONFIGS))
 @pytest.mark.parametrize("w_bits,gs,rank,block", CASES)
-def test_fused_matches_fake_reference(backend, w_bits, gs, rank, block):
+def test_fused_matches_fake_reference(mode, w_bits, gs, rank, block):
+    backend, cfg = mode.split("-")[0], CONFIGS[mode]
     node = _node(w_bits * 7 + (gs or 0), w_bits=w_bits, gs=gs, lowrank=rank, block=block)
     bias = jnp.asarray(np.random.default_rng(3).normal(size=(N,)).astype(np.float32))
-    assert tiles_ok(node, CFG)
+    assert tiles_ok(node, cfg)
     x = _x(w_bits)
     for a_bits in (4, 8):
         ref = linear(x, node, bias, act_bits=a_bits, execution="fake")
-        out = fused_linear(x, node, bias, act_bits=a_bits, backend=backend, config=CFG)
+        out = fused_linear(x, node, bias, act_bits=a_bits, backend=backend, config=cfg)
         assert out.shape == ref.shape == (2, 9, N) and out.dtype == ref.dtype
         assert rel_err(out, ref) <= 2e-6, (a_bits, rel_err(out, ref))
 
@@ -69,7 +72,7 @@ def test_fused_bf16_and_smoothing_traced_schedule():
     @jax.jit
     def both(x, s):
         return (linear(x, node, None, step=s, execution="fake"),
-                fused_linear(x, node, None, step=s, backend="interpret", config=CFG))
+                fused_linear(x, node, None, step=s, backend="interpret", config=CFG_K))
 
     for s in range(4):
         ref, out = both(x, jnp.int32(s))
@@ -105,6 +108,12 @@ def test_fallbacks_and_errors():
     assert rel_err(fused_linear(x, node, backend="auto"), linear(x, node, execution="fake")) <= 2e-6
     with pytest.raises(ValueError, match="cannot tile"):
         fused_linear(x, node, backend="interpret", config=KernelConfig(block_n=48))
+    with pytest.raises(ValueError, match="unpack"):
+        fused_linear(x, node, backend="interpret", config=KernelConfig(block_m=16, block_n=32, unpack="gpu"))
+    # execution="fused" on a node dispatches through quant.linear.linear
+    fused_node = with_execution({"k": node}, "fused")["k"]
+    assert fused_node.execution == "fused"
+    assert rel_err(linear(x, fused_node, None), linear(x, node, None, execution="fake")) <= 2e-6
     with pytest.raises(ValueError, match="backend"):
         fused_linear(x, node, backend="cuda")
     if jax.default_backend() != "gpu":

@@ -49,6 +49,14 @@ class KernelConfig:
     block_k: int = 128
     num_warps: int = 8
     num_stages: int = 3
+    unpack: str = "xla"           # packed 4-bit weights: "xla" (unpacked to int8 per call, outside the
+                                  # kernel) or "kernel" (nibbles split in registers inside the K loop)
+
+    @property
+    def packed_in_kernel(self) -> bool:
+        if self.unpack not in ("xla", "kernel"):
+            raise ValueError(f"KernelConfig.unpack must be 'xla' or 'kernel', got {self.unpack!r}")
+        return self.unpack == "kernel"
 
 
 DEFAULT_CONFIG = KernelConfig()
@@ -68,6 +76,8 @@ def _next_pow2(n: int) -> int:
 
 def _chunk(w: QuantizedWeight, cfg: KernelConfig) -> int:
     """Input-channel run over which packed codes are split [even | odd] (one kernel K step)."""
+    if not (w.packed and cfg.packed_in_kernel):
+        return 0
     if w.layout == "gnk":
         return w.groups[1]
     return min(cfg.block_k, w.k)
@@ -82,6 +92,7 @@ def tiles_ok(w: QuantizedWeight, cfg: KernelConfig) -> bool:
     """Whether the Pallas kernel tiles this layer: power-of-2 tiles dividing N, K steps dividing K,
     packed runs of even length, output tiles inside one block row of the block branch."""
     bn, bk = cfg.block_n, cfg.block_k
+    packed = w.packed and cfg.packed_in_kernel
     pow2 = lambda v: v >= 16 and not (v & (v - 1))
     if not (pow2(cfg.block_m) and pow2(bn) and w.n % bn == 0):
         return False
@@ -89,9 +100,9 @@ def tiles_ok(w: QuantizedWeight, cfg: KernelConfig) -> bool:
         return False
     if w.layout == "gnk":
         G, g = w.groups
-        step = g // 2 if w.packed else g
+        step = g // 2 if packed else g
         return pow2(step) and step >= 16 and G * g == w.k
-    step = bk // 2 if w.packed else bk
+    step = bk // 2 if packed else bk
     return pow2(step) and w.k % bk == 0
 
 

@@ -80,19 +80,21 @@ def pallas_gemm_epilogue(ops, w: QuantizedWeight, bias, out_dtype, cfg, *, inter
     n = w.n
     if mp % bm or n % bn:
         raise ValueError(f"pallas kernel: rows {mp} / columns {n} are not multiples of the tile {bm}x{bn}")
-    wq = w.qvalue
-    if w.packed:
-        wq = jax.lax.bitcast_convert_type(wq, jnp.int8)
+    packed = w.packed and cfg.packed_in_kernel
+    if packed:
+        wq = jax.lax.bitcast_convert_type(w.qvalue, jnp.int8)
+    else:
+        wq = w.codes()                          # int8; packed storage is unpacked here, outside the kernel
     if w.layout == "gnk":
         G, g = w.groups
-        n_steps, step = G, (g // 2 if w.packed else g)
+        n_steps, step = G, (g // 2 if packed else g)
         sw = jnp.transpose(w.scale)                                          # [G, N]
         w_spec = pl.BlockSpec((G, bn, wq.shape[2]), lambda i, j: (0, j, 0))
         sw_spec = pl.BlockSpec((G, bn), lambda i, j: (0, j))
     else:
-        step = cfg.block_k // 2 if w.packed else cfg.block_k
-        run = 2 * step if w.packed else step
-        if kp % run or (w.packed and ops.chunk != run):
+        step = cfg.block_k // 2 if packed else cfg.block_k
+        run = 2 * step if packed else step
+        if kp % run or (packed and ops.chunk != run):
             raise ValueError(f"pallas kernel: K={kp} / packed run {ops.chunk} do not match block_k={cfg.block_k}")
         n_steps = kp // run
         sw = w.scale[:, 0]                                                   # [N]
@@ -111,7 +113,7 @@ def pallas_gemm_epilogue(ops, w: QuantizedWeight, bias, out_dtype, cfg, *, inter
     if bias is not None:
         args.append(bias.astype(jnp.float32))
         specs.append(pl.BlockSpec((bn,), lambda i, j: (j,)))
-    kernel = functools.partial(_kernel, layout=w.layout, packed=w.packed, n_steps=n_steps, step=step,
+    kernel = functools.partial(_kernel, layout=w.layout, packed=packed, n_steps=n_steps, step=step,
                                has_branch=has_branch, has_bias=bias is not None, out_dtype=out_dtype,
                                upcast=interpret)
     params = {}
@@ -122,7 +124,7 @@ def pallas_gemm_epilogue(ops, w: QuantizedWeight, bias, out_dtype, cfg, *, inter
         kernel, grid=(mp // bm, n // bn), in_specs=specs,
         out_specs=pl.BlockSpec((bm, bn), lambda i, j: (i, j)),
         out_shape=jax.ShapeDtypeStruct((mp, n), out_dtype), interpret=interpret,
-        name=f"qlinear_{w.layout}_{'w4p' if w.packed else 'w8'}", **params)(*args)
+        name=f"qlinear_{w.layout}_{'w4p' if packed else 'w8'}", **params)(*args)
     return y[: ops.m]
 
 
