@@ -80,7 +80,7 @@ def test_init_zeroes_control_layers_like_dit4sr():
 def test_bfloat16_compute_close_to_float32(tiny_params):
     x, lr, t, ctx, pooled = _inputs(TINY)
     ref = _apply(TINY, tiny_params, x, lr, t, ctx, pooled)
-    out = _apply(TINY.replace(dtype="bfloat16"), tiny_params, x, lr, t, ctx, pooled)
+    out = _apply(TINY.replace(dtype="bfloat16"), tiny_params, x, lr, t, ctx, pooled, jit=True)
     assert out.dtype == jnp.float32
     assert float(jnp.linalg.norm(out - ref) / jnp.linalg.norm(ref)) < 5e-2
 
@@ -128,3 +128,15 @@ def test_full_size_parameter_count():
     assert sum(v.ndim == 2 for v in kernels) == 540          # 592 nn.Linear - 52 unused (attn2 context)
     assert sum(v.ndim == 4 for v in kernels) == 25           # patch embedding + 24 depthwise control convs
     assert all(v.dtype == jnp.float32 for _, v in leaves)
+
+
+def test_full_size_forward_shapes_eval_shape():
+    """The dit4sr preset traces end to end at full size on a non-square latent (nothing computed)."""
+    cfg = ModelConfig.preset("dit4sr")
+    p = param_shapes(cfg)
+    S = jax.ShapeDtypeStruct
+    x = S((1, 128, 96, 16), jnp.float32)
+    out = jax.eval_shape(lambda p, x, lr, t, c, pl: DiT4SRTransformer(cfg.replace(dtype="bfloat16")).apply(
+        {"params": p}, x, lr, t, c, pl, step=0), p, x, x, S((1,), jnp.float32), S((1, 333, 4096), jnp.float32),
+        S((1, 2048), jnp.float32))
+    assert out.shape == (1, 128, 96, 16) and out.dtype == jnp.float32

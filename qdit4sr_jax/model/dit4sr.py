@@ -14,6 +14,7 @@ the difference, 122,764,928 = 13 x 9,443,456, is the context projections (`add_{
 """
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import flax.linen as nn
@@ -116,6 +117,13 @@ def init_params(cfg: ModelConfig, rng, latent_hw=(8, 8), batch: int = 1):
 
 
 def param_shapes(cfg: ModelConfig, latent_hw=(8, 8)):
-    """Abstract params tree (jax.ShapeDtypeStruct leaves) via jax.eval_shape; allocates nothing."""
+    """Abstract params tree (jax.ShapeDtypeStruct leaves) via jax.eval_shape; allocates nothing.
+    Cached per config; each call returns a fresh copy of the (nested dict) tree."""
+    import jax
+    return jax.tree_util.tree_map(lambda a: a, _param_shapes(cfg, tuple(latent_hw)))
+
+
+@functools.lru_cache(maxsize=16)
+def _param_shapes(cfg: ModelConfig, latent_hw):
     import jax
     return jax.eval_shape(lambda k: init_params(cfg, k, latent_hw), jax.random.PRNGKey(0))
