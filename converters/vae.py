@@ -12,7 +12,7 @@ from typing import Any, Dict, Mapping
 
 import jax
 
-from converters.keytable import CONV_HWIO, IDENTITY, LINEAR, Rule, convert, convert_state_dict, plan
+from converters.keytable import CONV_HWIO, LINEAR, Rule, convert, convert_state_dict, plan
 
 _P = r"(encoder|decoder)\."
 _CONVS = r"(conv1|conv2|conv_shortcut)"

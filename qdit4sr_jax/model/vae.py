@@ -16,8 +16,6 @@ with no shift or scale: its latents are the pixels themselves.
 """
 from __future__ import annotations
 
-from typing import Optional
-
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
