@@ -13,6 +13,8 @@ import json
 import os
 import sys
 
+import numpy as np
+
 from qdit4sr_jax.config import ModelConfig
 
 
@@ -50,9 +52,9 @@ def _transformer(args) -> None:
     if cfg.context_mode == "learned":
         cfg = cfg.replace(context_mode="embeddings")
     shapes, get = open_checkpoint(args.src)
-    params = convert_transformer_lazy(shapes, get, cfg)     # raises before anything is written
-    save_model(args.out, cfg, {"transformer": params})
-    n = sum(int(v.size) for v in _leaves(params))
+    params = convert_transformer_lazy(shapes, get, cfg)     # plan + checks raise before anything is written
+    save_model(args.out, cfg, {"transformer": params})      # streams: one tensor in memory at a time
+    n = sum(int(np.prod(v.shape)) for v in _leaves(params))
     print(f"wrote {args.out}: {n:,} transformer parameters ({cfg.param_dtype}), config {cfg.name!r}")
 
 

@@ -165,10 +165,12 @@ def plan(src_shapes: Mapping[str, Shape], table: Sequence[Rule], abstract: Mappi
 
 
 def convert(src_shapes: Mapping[str, Shape], get: Callable[[str], np.ndarray], table: Sequence[Rule],
-            abstract: Mapping[str, Any], what: str = "checkpoint") -> Dict[str, Any]:
+            abstract: Mapping[str, Any], what: str = "checkpoint", lazy: bool = False) -> Dict[str, Any]:
     """Plan (all-or-nothing), run the rules' checks, then read each source tensor via `get(key)`,
     transform it and cast it to the abstract leaf's dtype. Returns the nested params dict of numpy
-    arrays (owned copies, never views of the source)."""
+    arrays (owned copies, never views of the source); with lazy=True, of `LazyTensor`s that do the read
+    and transform when written (`save_model` streams them, so a large checkpoint never sits in memory)."""
+    from qdit4sr_jax.io.safetensors import LazyTensor
     steps = plan(src_shapes, table, abstract, what)
     problems = []
     for key in sorted(src_shapes):
@@ -180,10 +182,15 @@ def convert(src_shapes: Mapping[str, Shape], get: Callable[[str], np.ndarray], t
     if problems:
         raise ConversionError(problems, what)
     targets = flatten_tree(abstract)
+
+    def load(s: Step) -> np.ndarray:
+        x = np.asarray(s.transform(np.asarray(get(s.src))), dtype=np.dtype(targets[s.target].dtype))
+        return x if x.flags.owndata and x.flags.writeable else np.array(x)
+
     out = {}
     for s in steps:
-        x = np.asarray(s.transform(np.asarray(get(s.src))), dtype=np.dtype(targets[s.target].dtype))
-        out[s.target] = x if x.flags.owndata and x.flags.writeable else np.array(x)
+        t = targets[s.target]
+        out[s.target] = LazyTensor(t.shape, t.dtype, lambda s=s: load(s)) if lazy else load(s)
     return unflatten_tree(out)
 
 

@@ -98,6 +98,8 @@ def convert_transformer(state_dict: Mapping[str, Any], cfg) -> Dict[str, Any]:
                               "transformer checkpoint")
 
 
-def convert_transformer_lazy(src_shapes: Mapping[str, tuple], get, cfg) -> Dict[str, Any]:
-    """Streamed variant: `get(key) -> np.ndarray` is called once per kept key, after the full plan passed."""
-    return convert(src_shapes, get, transformer_table(cfg), abstract_params(_no_learned(cfg)), "transformer checkpoint")
+def convert_transformer_lazy(src_shapes: Mapping[str, tuple], get, cfg, lazy: bool = True) -> Dict[str, Any]:
+    """From a checkpoint reader (`get(key) -> np.ndarray`): the whole plan and the checks pass first;
+    with lazy=True the leaves are `LazyTensor`s read and transformed while `save_model` writes them."""
+    return convert(src_shapes, get, transformer_table(cfg), abstract_params(_no_learned(cfg)),
+                   "transformer checkpoint", lazy=lazy)

@@ -223,6 +223,21 @@ def test_safetensors_roundtrip_all_dtypes(tmp_path):
         assert back[k].tobytes() == v.tobytes()
 
 
+def test_safetensors_lazy_tensors_stream_and_are_checked(tmp_path):
+    from qdit4sr_jax.io.safetensors import LazyTensor
+    calls = []
+    lazy = LazyTensor((2, 3), np.float32, lambda: calls.append(1) or np.ones((2, 3), np.float32))
+    p = tmp_path / "lazy.safetensors"
+    save_file({"a": np.zeros(2, np.int8), "b": lazy}, p)
+    assert calls == [1]
+    np.testing.assert_array_equal(load_file(p)["b"], np.ones((2, 3), np.float32))
+    bad = LazyTensor((2, 3), np.float32, lambda: np.ones((3, 2), np.float32))
+    q = tmp_path / "bad.safetensors"
+    with pytest.raises(ValueError, match="declared"):
+        save_file({"b": bad}, q)
+    assert not q.exists() and not [x for x in os.listdir(tmp_path) if x.startswith(".tmp-")]
+
+
 def test_safetensors_interoperates_with_reference_library(tmp_path):
     st = pytest.importorskip("safetensors.numpy")
     a = {"x": np.arange(12, dtype=np.float32).reshape(3, 4), "y": np.array([1, 2], np.int32)}

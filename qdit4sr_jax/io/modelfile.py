@@ -17,7 +17,7 @@ from typing import Any, Dict, Mapping, Tuple
 import numpy as np
 
 from qdit4sr_jax.config import ModelConfig, VAEConfig
-from qdit4sr_jax.io.safetensors import SafeTensorsFile, save_file
+from qdit4sr_jax.io.safetensors import LazyTensor, SafeTensorsFile, save_file
 
 FORMAT = "qdit4sr-jax/float-model"
 ASSETS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets")
@@ -74,8 +74,8 @@ def _flatten(tree: Mapping[str, Any], prefix: str = "") -> Dict[str, Any]:
 
 
 def save_model(path: str, cfg: ModelConfig, params: Mapping[str, Any]) -> None:
-    """Write `params` (nested dict of arrays) and `cfg` to one .safetensors file, atomically."""
-    flat = {k: np.asarray(v) for k, v in _flatten(params).items()}
+    """Write `params` (nested dict of arrays or `LazyTensor`s) and `cfg` to one .safetensors file, atomically."""
+    flat = {k: v if isinstance(v, LazyTensor) else np.asarray(v) for k, v in _flatten(params).items()}
     meta = {"format": FORMAT, "model_config": config_to_json(cfg)}
     save_file(flat, path, meta)
 

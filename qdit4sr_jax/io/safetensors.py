@@ -115,17 +115,39 @@ def load_file(path: str) -> Dict[str, np.ndarray]:
     return {k: f.get(k) for k in f.keys()}
 
 
-def save_file(tensors: Mapping[str, np.ndarray], path: str, metadata: Optional[Mapping[str, str]] = None) -> None:
-    """Write tensors (numpy / jax arrays) atomically: a temp file in the same folder, then rename."""
-    arrays = {}
+class LazyTensor:
+    """A tensor produced on demand: `save_file` writes `fn()` (which must return `shape`/`dtype`) when its
+    turn comes, so a converter can stream a checkpoint larger than memory."""
+
+    def __init__(self, shape, dtype, fn):
+        self.shape, self.dtype, self.fn = tuple(int(d) for d in shape), np.dtype(dtype), fn
+
+    @property
+    def nbytes(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64)) * self.dtype.itemsize
+
+
+def _prepare(key: str, v) -> np.ndarray:
+    a = np.asarray(v)
+    dt = a.dtype.newbyteorder("<") if a.dtype.byteorder == ">" else a.dtype
+    if dt not in _NAMES:
+        raise TypeError(f"tensor {key!r}: dtype {a.dtype} cannot be stored in safetensors "
+                        f"(supported: {sorted(str(d) for d in _NAMES)})")
+    a = a.astype(dt, copy=False)
+    return a if a.flags.c_contiguous else a.copy(order="C")   # (ascontiguousarray makes 0-d 1-d)
+
+
+def save_file(tensors: Mapping[str, object], path: str, metadata: Optional[Mapping[str, str]] = None) -> None:
+    """Write tensors (numpy / jax arrays, or `LazyTensor`s) atomically: a temp file in the same folder,
+    then rename. Nothing is left at `path` (or beside it) if anything fails."""
+    entries = {}
     for k, v in tensors.items():
-        a = np.asarray(v)
-        dt = a.dtype.newbyteorder("<") if a.dtype.byteorder == ">" else a.dtype
-        if dt not in _NAMES:
-            raise TypeError(f"tensor {k!r}: dtype {a.dtype} cannot be stored in safetensors "
-                            f"(supported: {sorted(str(d) for d in _NAMES)})")
-        a = a.astype(dt, copy=False)
-        arrays[k] = a if a.flags.c_contiguous else a.copy(order="C")   # (ascontiguousarray makes 0-d 1-d)
+        if isinstance(v, LazyTensor):
+            if v.dtype not in _NAMES:
+                raise TypeError(f"tensor {k!r}: dtype {v.dtype} cannot be stored in safetensors")
+            entries[k] = v
+        else:
+            entries[k] = _prepare(k, v)
     header: Dict[str, object] = {}
     if metadata:
         bad = [k for k, v in metadata.items() if not isinstance(k, str) or not isinstance(v, str)]
@@ -133,7 +155,7 @@ def save_file(tensors: Mapping[str, np.ndarray], path: str, metadata: Optional[M
             raise TypeError(f"safetensors metadata must map str -> str; bad entries: {bad}")
         header["__metadata__"] = dict(metadata)
     offset = 0
-    for k, a in arrays.items():
+    for k, a in entries.items():
         header[k] = {"dtype": _NAMES[a.dtype], "shape": list(a.shape), "data_offsets": [offset, offset + a.nbytes]}
         offset += a.nbytes
     raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
@@ -146,7 +168,12 @@ def save_file(tensors: Mapping[str, np.ndarray], path: str, metadata: Optional[M
         with os.fdopen(fd, "wb") as f:
             f.write(struct.pack("<Q", len(raw)))
             f.write(raw)
-            for a in arrays.values():
+            for k, a in entries.items():
+                if isinstance(a, LazyTensor):
+                    lazy, a = a, _prepare(k, a.fn())
+                    if a.shape != lazy.shape or a.dtype != lazy.dtype:
+                        raise ValueError(f"lazy tensor {k!r} produced {a.dtype}{list(a.shape)}, declared "
+                                         f"{lazy.dtype}{list(lazy.shape)}")
                 f.write(a.reshape(-1).view(np.uint8).data)
         umask = os.umask(0)
         os.umask(umask)
