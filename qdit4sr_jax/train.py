@@ -84,7 +84,7 @@ ZERO_INIT = ("norm1/linear", "norm1_context/linear", "norm_out/linear", "proj_ou
 def init_train_params(cfg: ModelConfig, seed: int = 0):
     """Random float32 params with adaLN-zero (DiT): every modulation linear and proj_out start at zero,
     so each block starts as the identity and the output as 0."""
-    p = init_params(cfg, jax.random.PRNGKey(seed))
+    p = jax.jit(lambda k: init_params(cfg, k))(jax.random.PRNGKey(seed))
     flat = _flatten(p)
     for k in flat:
         if any(k.endswith(z + "/kernel") or k.endswith(z + "/bias") for z in ZERO_INIT):
@@ -243,19 +243,25 @@ def train(args, cfg: Optional[ModelConfig] = None):
         params, meta = load_state(args.out)
         cfg = config_from_dict(meta["config"])
         total, warmup, peak = meta["total_steps"], meta["warmup"], meta["peak_lr"]
+        if args.total_steps:     # lengthen / shorten the schedule of a resumed run
+            total = args.total_steps
         start_step = meta["step"]
         log = meta.get("log", [])
         print(f"resuming {args.out} at step {start_step}/{total}")
     else:
         cfg = cfg or ModelConfig.preset(args.preset)
         params = init_train_params(cfg, args.seed)
-        total, warmup, peak = args.total_steps, args.warmup, args.lr
+        total, warmup, peak = args.total_steps or 20000, args.warmup, args.lr
         start_step, log, meta = 0, [], {}
-    tcfg = cfg.replace(dtype=args.dtype)
+    print(f"[{time.time() - t_start:.1f}s] params ready", flush=True)
+    attn = args.attention
+    if attn == "auto":     # cuDNN flash attention on GPU in 16-bit compute, else XLA's
+        attn = "cudnn" if jax.default_backend() == "gpu" and args.dtype in ("bfloat16", "float16") else "xla"
+    tcfg = cfg.replace(dtype=args.dtype, attention_impl=None if attn == "xla" else attn)
     params = jax.tree_util.tree_map(lambda a: jnp.asarray(a, jnp.float32), params)
     n_params = sum(int(np.prod(a.shape)) for a in jax.tree_util.tree_leaves(params))
     print(f"config {cfg.name}: {n_params:,} params, hidden {cfg.hidden_size}, {cfg.num_layers} blocks; "
-          f"devices {jax.devices()}; compute {args.dtype}", flush=True)
+          f"devices {jax.devices()}; compute {args.dtype}; attention {attn}", flush=True)
     if start_step >= total:
         print("already trained to total_steps; nothing to do")
         return params, cfg
@@ -267,15 +273,26 @@ def train(args, cfg: Optional[ModelConfig] = None):
     val_hr = np.stack([h for _, h, _ in val])
     val_lr = np.stack([l for _, _, l in val])
 
+    t_bank = time.time()
     seed0 = meta.get("data_seed", args.seed * 10**9) + 10**7 * len(meta.get("runs", []))  # fresh pairs per run
     bank = PairBank(args.data, capacity=args.bank, size=args.crop, scale=cfg.scale, workers=args.workers,
                     seed=seed0)
-    print(f"pair bank: {args.bank} pairs filled in {time.time() - t_start:.1f}s", flush=True)
+    print(f"[{time.time() - t_start:.1f}s] pair bank: {args.bank} pairs filled in {time.time() - t_bank:.1f}s",
+          flush=True)
     rng = np.random.default_rng(args.seed + start_step)
     key = jax.random.PRNGKey(args.seed * 7919 + start_step)
     deadline = t_start + 60 * args.max_minutes
+    next_save = time.time() + 60 * args.save_every_minutes if args.save_every_minutes else float("inf")
     step = start_step
-    losses, t_loop = [], time.time()
+
+    def _meta(at, vl=None):
+        runs = meta.get("runs", []) + [dict(start=start_step, end=at, seconds=round(time.time() - t_start, 1),
+                                            device=str(jax.devices()[0].device_kind), batch=args.batch)]
+        return dict(config=config_to_dict(cfg), step=at, total_steps=total, warmup=warmup, peak_lr=peak,
+                    batch=args.batch, crop=args.crop, data_seed=meta.get("data_seed", args.seed * 10**9), log=log,
+                    runs=runs, val_loss={str(k): v for k, v in (vl or {}).items()}, n_params=n_params)
+
+    losses, t_last, s_last = [], time.time(), start_step
     end = min(total, start_step + args.steps) if args.steps else total
     pbar = tqdm(total=end - start_step, desc="train", mininterval=5, file=sys.stdout)
     try:
@@ -286,14 +303,27 @@ def train(args, cfg: Optional[ModelConfig] = None):
                 hr, lr = hr[:, :, ::-1], lr[:, :, ::-1]
             hr, lr = np.rot90(hr, k & 3, axes=(1, 2)), np.rot90(lr, k & 3, axes=(1, 2))
             key, sk = jax.random.split(key)
-            params, opt_state, loss, gnorm = step_fn(params, opt_state, np.ascontiguousarray(hr),
-                                                     np.ascontiguousarray(lr), sk)
+            hr, lr = np.ascontiguousarray(hr), np.ascontiguousarray(lr)
+            if step == start_step and tcfg.attention_impl is not None:
+                try:     # the first call compiles; fall back to XLA attention if cuDNN refuses the shapes
+                    out = step_fn(params, opt_state, hr, lr, sk)
+                    jax.block_until_ready(out)
+                except Exception as e:  # noqa: BLE001
+                    print(f"attention {tcfg.attention_impl!r} failed ({type(e).__name__}: "
+                          f"{str(e)[:300]}); using XLA attention", flush=True)
+                    tcfg = tcfg.replace(attention_impl=None)
+                    step_fn = make_train_step(tcfg, opt)
+                    out = step_fn(params, opt_state, hr, lr, sk)
+                params, opt_state, loss, gnorm = out
+            else:
+                params, opt_state, loss, gnorm = step_fn(params, opt_state, hr, lr, sk)
             step += 1
             losses.append(loss)
             if step % args.log_every == 0 or step == end:
                 l = float(np.mean(jax.device_get(losses)))
                 losses = []
-                rate = (step - start_step) * args.batch / (time.time() - t_loop)
+                rate = (step - s_last) * args.batch / (time.time() - t_last)
+                t_last, s_last = time.time(), step
                 entry = dict(step=step, loss=round(l, 5), gnorm=round(float(gnorm), 3),
                              lr=float(sched(step)), samples_per_s=round(rate, 1),
                              pairs_made=bank.produced, minutes=round((time.time() - t_start) / 60, 2))
@@ -303,6 +333,12 @@ def train(args, cfg: Optional[ModelConfig] = None):
                 log.append(entry)
                 pbar.set_postfix(loss=f"{l:.4f}", val=entry.get("val", "-"), sps=f"{rate:.0f}")
             pbar.update(1)
+            if step == start_step + 1:
+                jax.block_until_ready(loss)
+                print(f"\n[{time.time() - t_start:.1f}s] first step done (compiled)", flush=True)
+            if time.time() > next_save:
+                save_state(args.out, params, _meta(step))
+                next_save = time.time() + 60 * args.save_every_minutes
             if time.time() > deadline - args.save_margin:
                 print(f"\ntime budget reached at step {step}", flush=True)
                 break
@@ -311,13 +347,12 @@ def train(args, cfg: Optional[ModelConfig] = None):
         bank.close()
     vl = val_loss(params, tcfg, val_hr, val_lr)
     elapsed = time.time() - t_start
-    runs = meta.get("runs", []) + [dict(start=start_step, end=step, seconds=round(elapsed, 1),
-                                        device=str(jax.devices()[0].device_kind), batch=args.batch)]
-    save_state(args.out, params, dict(config=config_to_dict(cfg), step=step, total_steps=total, warmup=warmup,
-                                      peak_lr=peak, batch=args.batch, crop=args.crop,
-                                      data_seed=meta.get("data_seed", args.seed * 10**9), log=log, runs=runs,
-                                      val_loss={str(k): v for k, v in vl.items()}, n_params=n_params))
+    save_state(args.out, params, _meta(step, vl))
     print(f"\nsaved {args.out} at step {step}/{total} after {elapsed / 60:.1f} min")
+    try:
+        print(f"peak device memory {jax.devices()[0].memory_stats()['peak_bytes_in_use'] / 2**30:.1f} GiB")
+    except Exception:   # noqa: BLE001  (CPU backends have no memory stats)
+        pass
     print("val loss by sigma: " + ", ".join(f"{k}: {v:.4f}" for k, v in vl.items()))
     print(f"{'step':>7} {'loss':>8} {'val':>8} {'gnorm':>7} {'lr':>9} {'samp/s':>7} {'min':>6}")
     for e in log[-12:]:
@@ -347,10 +382,12 @@ def main(argv=None):
     ap.add_argument("--preset", default="demo")
     ap.add_argument("--data", default="data")
     ap.add_argument("--out", default="runs/demo")
-    ap.add_argument("--total-steps", type=int, default=20000, help="length of the LR schedule (first run)")
+    ap.add_argument("--total-steps", type=int, default=0,
+                    help="length of the LR schedule (default 20000; given on a resume, it replaces the stored one)")
     ap.add_argument("--steps", type=int, default=0, help="stop this run after this many steps (0: no limit)")
     ap.add_argument("--max-minutes", type=float, default=8.5, help="wall-clock budget of this run")
     ap.add_argument("--save-margin", type=float, default=20.0, help="seconds kept for validation + saving")
+    ap.add_argument("--save-every-minutes", type=float, default=3.0, help="also save the state this often")
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--crop", type=int, default=256)
     ap.add_argument("--lr", type=float, default=3e-4)
@@ -358,6 +395,7 @@ def main(argv=None):
     ap.add_argument("--rewarm", type=int, default=200)
     ap.add_argument("--weight-decay", type=float, default=0.01)
     ap.add_argument("--dtype", default="bfloat16" if jax.default_backend() == "gpu" else "float32")
+    ap.add_argument("--attention", default="auto", choices=["auto", "cudnn", "xla"])
     ap.add_argument("--bank", type=int, default=8192)
     ap.add_argument("--workers", type=int, default=None)
     ap.add_argument("--log-every", type=int, default=100)

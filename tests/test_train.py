@@ -110,8 +110,8 @@ def _fake_data(d):
 
 def _args(data, out, steps):
     return argparse.Namespace(preset="tiny", data=str(data), out=str(out), total_steps=10, steps=steps,
-                              max_minutes=5.0, save_margin=0.0, batch=2, crop=32, lr=1e-3, warmup=2, rewarm=2,
-                              weight_decay=0.0, dtype="float32", bank=8, workers=1, log_every=1, val_every=2,
+                              max_minutes=5.0, save_margin=0.0, save_every_minutes=0.0, batch=2, crop=32, lr=1e-3, warmup=2, rewarm=2,
+                              weight_decay=0.0, dtype="float32", attention="auto", bank=8, workers=1, log_every=1, val_every=2,
                               val_count=0, seed=0)
 
 

@@ -155,7 +155,9 @@ def _load_source(name: str, src: dict, root: Optional[str]) -> tuple:
     with open(cp, encoding="utf-8", errors="replace") as f:
         st = license_for(parse_dep5(f.read()), src["copyright_key"])
     img = np.asarray(Image.open(io.BytesIO(raw)).convert("RGB"))
-    return img, raw, dict(copyright=" / ".join(st["copyright"].split("\n")), license=st["license"])
+    # (one line of mate-backgrounds' copyright file ends in a stray acute accent; it is dropped)
+    holders = " / ".join(c.strip().rstrip("\u00b4").strip() for c in st["copyright"].split("\n"))
+    return img, raw, dict(copyright=holders, license=st["license"])
 
 
 def gather(out: str, debs: Optional[str] = None, samples: Optional[str] = None) -> dict:
@@ -167,6 +169,9 @@ def gather(out: str, debs: Optional[str] = None, samples: Optional[str] = None) 
     os.makedirs(debs, exist_ok=True)
     try:
         root = fetch_debs(debs, sorted({s["package"] for s in SOURCES.values() if s["kind"] == "deb"}))
+        versions = {f.split("_")[0]: f.split("_")[1] for f in os.listdir(debs) if f.endswith(".deb")}
+        import skimage
+        versions["scikit-image"] = skimage.__version__
         for sub in ("train", "val"):
             shutil.rmtree(os.path.join(out, sub), ignore_errors=True)
             os.makedirs(os.path.join(out, sub))
@@ -175,8 +180,8 @@ def gather(out: str, debs: Optional[str] = None, samples: Optional[str] = None) 
         manifest = {"files": [], "held_out": HELD_OUT, "val_crop": VAL_CROP, "val_max_side": VAL_MAX_SIDE}
         for name, src in SOURCES.items():
             img, raw, meta = _load_source(name, src, root)
-            entry = dict(name=name, package=src["package"], source=src["path"], original_size=list(img.shape[1::-1]),
-                         **meta)
+            entry = dict(name=name, package=src["package"], version=versions.get(src["package"], ""),
+                         source=src["path"], original_size=list(img.shape[1::-1]), **meta)
             if name in HELD_OUT:
                 pil = Image.fromarray(img)
                 s = min(1.0, VAL_MAX_SIDE / max(pil.size))
