@@ -9,7 +9,6 @@ Deterministic: same inputs, same outputs.
 """
 from __future__ import annotations
 
-import dataclasses
 from functools import partial
 from typing import Dict, Mapping, Optional, Tuple, Union
 

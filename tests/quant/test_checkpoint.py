@@ -11,7 +11,6 @@ import qdit4sr_jax
 from qdit4sr_jax import checkpoint
 from qdit4sr_jax.quant.api import quantized_layers
 from qdit4sr_jax.quant.config import QuantConfig
-from qdit4sr_jax.quant.qweight import QuantizedWeight
 
 
 @pytest.fixture(scope="module")

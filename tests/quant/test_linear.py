@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 
 from conftest import rel_err
-from qdit4sr_jax.quant import quantizer as qz
 from qdit4sr_jax.quant.baselines import hadamard_transform, lowrank_split
 from qdit4sr_jax.quant.linear import linear
 from qdit4sr_jax.quant.qweight import QuantizedWeight, make_qweight
@@ -178,3 +177,33 @@ def test_errors():
 def test_float_path_unchanged():
     k = jnp.asarray(RNG.normal(size=(136, 40)).astype(np.float32))
     np.testing.assert_allclose(np.asarray(linear(X, k, B)), np.asarray(X @ k + B), rtol=1e-6)
+
+
+@pytest.mark.parametrize("wsym,asym", [(True, True), (False, False)])
+def test_group_chunked_int_path(monkeypatch, wsym, asym):
+    """Large M*N: the group-wise int GEMM runs as a scan over chunks of groups; same numbers."""
+    import qdit4sr_jax.quant.linear as lin
+    node = make_qweight(W, w_bits=4, group_size=32, w_symmetric=wsym, a_bits=6, a_symmetric=asym)  # G = 5
+    ref = jax.jit(lambda x, n: linear(x, n, B, execution="int"))(X, node)
+    monkeypatch.setattr(lin, "GROUP_CHUNK_ELEMENTS", 18 * 40)          # M*N = 720 -> one group per chunk
+    jax.clear_caches()                                                  # the budget is read at trace time
+    jaxpr = str(jax.make_jaxpr(lambda x, n: linear(x, n, B, execution="int"))(X, node))
+    assert "scan" in jaxpr
+    y = jax.jit(lambda x, n: linear(x, n, B, execution="int"))(X, node)
+    assert rel_err(y, ref) <= 1e-6
+    assert rel_err(y, linear(X, node, B)) <= 1e-6
+    monkeypatch.undo()
+    jax.clear_caches()
+
+
+def test_full_size_shapes_eval_shape():
+    """DiT4SR FFN shapes (K=1536 -> N=6144, K=6144 -> N=1536; 8,525 tokens) through eval_shape only."""
+    from qdit4sr_jax.quant.baselines import LayerSpec, quantize_linear
+    for k, n in ((1536, 6144), (6144, 1536)):
+        spec = LayerSpec(w_bits=4, a_bits=4, group_size=64, smooth=True, lowrank_rank=32, execution="int")
+        node = jax.eval_shape(lambda w, c: quantize_linear(w, c, spec=spec),
+                              jax.ShapeDtypeStruct((n, k), jnp.float32), jax.ShapeDtypeStruct((k,), jnp.float32))
+        assert node.qvalue.shape == (k // 64, n, 32) and node.qvalue.dtype == jnp.uint8
+        assert node.scale.shape == (n, k // 64) and node.lr_a.shape == (k, 32) and node.lr_b.shape == (32, n)
+        y = jax.eval_shape(lambda x, nd: linear(x, nd), jax.ShapeDtypeStruct((1, 8525, k), jnp.bfloat16), node)
+        assert y.shape == (1, 8525, n) and y.dtype == jnp.bfloat16

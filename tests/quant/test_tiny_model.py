@@ -10,7 +10,6 @@ import qdit4sr_jax
 from qdit4sr_jax.config import ModelConfig
 from qdit4sr_jax.model.dit4sr import DiT4SRTransformer, param_shapes
 from qdit4sr_jax.quant.api import quantized_layers
-from qdit4sr_jax.quant.config import QuantConfig
 from qdit4sr_jax.quant.qweight import QuantizedWeight
 
 CFG = ModelConfig.preset("tiny")
@@ -35,6 +34,7 @@ FWD = jax.jit(lambda p, x, lr, ctx, pool, step: _MODEL.apply({"params": p}, x, l
                                                               ctx, pool, step=step))
 
 
+@pytest.mark.slow
 def test_quantize_tiny_model_paths_jit_and_monotone_error(tiny):
     """W4A4 -> W4A6 -> W4A8 -> W8A8. The W4 points come from one W4 tree whose layers all carry the
     activation schedule [4, 6, 8] (one compile; step t selects the bits), W8A8 from its preset."""
@@ -57,6 +57,7 @@ def test_quantize_tiny_model_paths_jit_and_monotone_error(tiny):
     assert errs[0] > errs[1] > errs[2] > errs[3] > 0, errs
 
 
+@pytest.mark.slow
 def test_sampler_calibration_smoothing_and_schedule(tiny):
     params, d = tiny
     calib = qdit4sr_jax.calibrate(CFG, params, d["lr"], d["noise"], context=d["ctx"], pooled=d["pool"],
