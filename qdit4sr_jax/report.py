@@ -183,7 +183,8 @@ def size_ops(model_cfg: ModelConfig, qcfg: Optional[QuantConfig] = None, *, qpar
              inventory=None) -> dict:
     """Size (M) and ops per image (G) of `model_cfg` under `qcfg` (None = floating point).
 
-    qparams: a quantized params tree (from `quantize`) to read per-layer bits / schedules / branches from.
+    qparams: a quantized params tree (from `quantize`) to read per-layer bits / schedules / branches from
+      (with qcfg too, qcfg decides only for the checkpoint's unused linears, which are not in the tree).
     height, width: output image size in pixels; steps: sampling steps (default model_cfg.num_steps);
     guidance: CFG doubles the forwards (default: model_cfg.guidance_scale != 1).
     convention: "paper" | "mission" (module docstring). ops_scope: regexes of the linears whose MACs count.
@@ -217,7 +218,8 @@ def size_ops(model_cfg: ModelConfig, qcfg: Optional[QuantConfig] = None, *, qpar
         bits_sum += 32.0 * (li.d_out if li.bias else 0)
         if li.path in nodes:
             wb, ab, br = _node_bits(nodes[li.path])
-        elif qcfg is not None and qparams is None and rules.selected(li.path, qcfg.include, qcfg.exclude):
+        elif qcfg is not None and (qparams is None or not li.used) and \
+                rules.selected(li.path, qcfg.include, qcfg.exclude):
             wb, ab, br = float(qcfg.w_bits), (None if qcfg.a_bits is None else float(qcfg.a_bits)), \
                 _branch_params(li.d_out, li.d_in, qcfg)
         else:

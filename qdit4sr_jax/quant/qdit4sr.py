@@ -171,6 +171,11 @@ def quantize_qdit4sr(params, cfg, calib=None, *, layer_w_bits: Optional[Mapping[
                          "layer_w_bits (set vasmp=False to use explicit per-layer bits)")
     if cfg.vatmp and cfg.a_bits is None:
         raise ValueError("QuantConfig.vatmp=True needs a_bits (the target average activation bits)")
+    for on, avg, cands, what in ((cfg.vasmp, cfg.w_bits, cfg.w_bit_candidates, "weight"),
+                                 (cfg.vatmp, cfg.a_bits, cfg.a_bit_candidates, "activation")):
+        if on and float(avg) < min(cands):                       # fail before any SVD is computed
+            raise ValueError(f"infeasible {what}-bit budget: average {avg} is below the smallest candidate "
+                             f"{min(cands)} (candidates {tuple(cands)})")
     paths = rules.select_linears(params, cfg.include, cfg.exclude)
     if not paths:
         raise ValueError(f"no linear layer matches include={cfg.include} exclude={cfg.exclude}")
@@ -228,9 +233,9 @@ def quantize_qdit4sr(params, cfg, calib=None, *, layer_w_bits: Optional[Mapping[
                                                       L["bspec"])).items():
         for i in range(0, len(group), chunk):
             part = group[i:i + chunk]
-            ws = jnp.stack([jnp.asarray(layers[nm]["kernel"]) for nm in part])
-            chs = None if layers[part[0]]["ch"] is None else jnp.stack([layers[nm]["ch"] for nm in part])
-            fac, _, var, mse, finite = _branches_stack(ws, chs, bspec)
+            ws = np.stack([np.asarray(layers[nm]["kernel"]) for nm in part])
+            chs = None if layers[part[0]]["ch"] is None else np.stack([np.asarray(layers[nm]["ch"]) for nm in part])
+            fac, _, var, mse, finite = jax.device_get(_branches_stack(ws, chs, bspec))   # numpy: slicing is free
             var, finite = np.asarray(var, np.float64), np.asarray(finite)
             for j, nm in enumerate(part):
                 if not finite[j]:
@@ -272,13 +277,13 @@ def quantize_qdit4sr(params, cfg, calib=None, *, layer_w_bits: Optional[Mapping[
         spec = dataclasses.replace(layer_spec(cfg, shape, dt, wb), a_bits=a_default)
         for i in range(0, len(group), chunk):
             part = group[i:i + chunk]
-            ws = jnp.stack([jnp.asarray(layers[nm]["kernel"]) for nm in part])
-            chs = None if layers[part[0]]["ch"] is None else jnp.stack([layers[nm]["ch"] for nm in part])
-            fac = jax.tree_util.tree_map(lambda *a: jnp.stack(a), *[layers[nm]["fac"] for nm in part])
-            sc = None if part[0] not in scheds else jnp.stack([jnp.asarray(scheds[nm], jnp.int32) for nm in part])
-            nodes = _quantize_stack(ws, chs, fac, sc, spec, bspec)
+            ws = np.stack([np.asarray(layers[nm]["kernel"]) for nm in part])
+            chs = None if layers[part[0]]["ch"] is None else np.stack([np.asarray(layers[nm]["ch"]) for nm in part])
+            fac = jax.tree_util.tree_map(lambda *a: np.stack(a), *[layers[nm]["fac"] for nm in part])
+            sc = None if part[0] not in scheds else np.stack([np.asarray(scheds[nm], np.int32) for nm in part])
+            nodes = jax.device_get(_quantize_stack(ws, chs, fac, sc, spec, bspec))
             for j, nm in enumerate(part):
-                new[layers[nm]["path"]] = jax.tree_util.tree_map(lambda a, j=j: a[j], nodes)
+                new[layers[nm]["path"]] = jax.tree_util.tree_map(lambda a, j=j: jnp.asarray(a[j]), nodes)
     out = rules.replace_kernels(params, new)
     if not return_info:
         return out
