@@ -3,7 +3,7 @@
   mesh = make_mesh(model=1)                      # all devices on 'data' (pure data parallelism)
   mesh = make_mesh(model=8)                      # 8-way tensor parallelism (e.g. one v5e-8 slice)
   p = shard_params(params["transformer"], mesh)  # float or quantized tree -> placed on the mesh
-  outs = upscale_batch(cfg, dict(params, transformer=p), images, mesh=mesh, seeds=[0, 1, ...])
+  outs = upscale_batch(cfg, dict(params, transformer=p), images, mesh=mesh, seed=0)
   stats = calibrate_images(cfg, params, images, mesh=mesh)      # data-parallel calibration
   upscale_folder(cfg, params, "lr/", "sr/", mesh=mesh)          # a folder, batched by image size
 
@@ -250,7 +250,7 @@ def upscale_batch(cfg: ModelConfig, params: Mapping[str, Any], images: Sequence[
     """Super-resolve same-size images in one batch, the batch axis sharded over the mesh's 'data' axis.
 
     images: list of PIL images / numpy arrays (as `pipeline.upscale` accepts), all of one size.
-    seeds: per-image seeds (default seed, seed+1, ...); image i equals
+    seeds: per-image seeds (default `seed` for every image); image i equals
     `pipeline.upscale(cfg, params, images[i], seed=seeds[i], ...)`. mesh: None = the default device;
     params may already be placed with `shard_params` (tensor parallelism), else they are replicated.
     Returns a list of outputs of the input kind (PIL -> PIL RGB, numpy -> uint8 [H*s, W*s, 3]); with
@@ -271,7 +271,7 @@ def upscale_batch(cfg: ModelConfig, params: Mapping[str, Any], images: Sequence[
                          "(python -m converters vae) or use a space_to_depth model")
     if color_fix not in (None, "none", "adain", "wavelet"):
         raise ValueError(f"color_fix must be 'adain', 'wavelet' or None, got {color_fix!r}")
-    seeds = [int(seed) + i for i in range(len(images))] if seeds is None else [int(s) for s in seeds]
+    seeds = [int(seed)] * len(images) if seeds is None else [int(s) for s in seeds]
     if len(seeds) != len(images):
         raise ValueError(f"got {len(seeds)} seeds for {len(images)} images")
     prepared = [_prepare(cfg, im) for im in images]
@@ -319,19 +319,19 @@ def upscale_batch(cfg: ModelConfig, params: Mapping[str, Any], images: Sequence[
 # ----------------------------------------------------------------------------- data-parallel calibration
 
 def calibrate_images(cfg: ModelConfig, params: Mapping[str, Any], images: Sequence[Any], *,
-                     mesh: Optional[Mesh] = None, seed: int = 0, num_steps: Optional[int] = None,
-                     guidance_scale: Optional[float] = None, prompt=None, batch_size: Optional[int] = None,
-                     tile_latent: Optional[int] = -1):
-    """Per-layer, per-step activation statistics of the transformer over the sampling run of every image.
+                     mesh: Optional[Mesh] = None, seed: int = 0, seeds: Optional[Sequence[int]] = None,
+                     num_steps: Optional[int] = None, guidance_scale: Optional[float] = None, prompt=None,
+                     batch_size: Optional[int] = None, tile_latent: Optional[int] = -1):
+    """`pipeline.calibrate_images` over a batch sharded on the mesh's 'data' axis.
 
-    Same-size images are batched (batch axis sharded over 'data' when a mesh is given; up to
-    `batch_size` images per run, default: all of one size); each run records statistics over its whole
-    batch (the GSPMD-partitioned reductions equal the single-device ones); runs are merged with
-    `quant.stats.merge_stats`. Returns {module path: {"var": [T], "absmax": [T], "ch_absmax": [T, K],
-    "tok_var": [T]}} for `quantize(..., calib=...)`. Seeds as `upscale_batch` (seed + index).
+    Same-size images are stacked (up to `batch_size` per run, default all of one size); the sampler
+    runs under `vmap` over the images (each one as `pipeline.upscale(image, seed=seeds[i])` runs it,
+    default seeds: `seed` for every image, like `pipeline.calibrate_images`), so every image yields its
+    own statistics, and they are merged with `quant.stats.merge_stats` (max of maxima, mean of
+    variances): the result equals `pipeline.calibrate_images` up to float rounding, on any mesh.
+    Returns {module path: {"var": [T], "absmax": [T], "ch_absmax": [T, K], "tok_var": [T]}}.
     """
-    from qdit4sr_jax import pipeline, sampling
-    from qdit4sr_jax.model import vae as _vae
+    from qdit4sr_jax import pipeline
     from qdit4sr_jax.quant.stats import merge_stats, normalize_calib
     images = list(images)
     if not images:
@@ -339,12 +339,18 @@ def calibrate_images(cfg: ModelConfig, params: Mapping[str, Any], images: Sequen
                          "(e.g. the bundled samples: qdit4sr_jax.demo.bundled_samples)")
     if batch_size is not None and batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    prepared = [(_prepare(cfg, im)[0], int(seed) + i) for i, im in enumerate(images)]
+    seeds = [int(seed)] * len(images) if seeds is None else [int(s) for s in seeds]
+    if len(seeds) != len(images):
+        raise ValueError(f"got {len(seeds)} seeds for {len(images)} images")
     groups: Dict[tuple, list] = {}
-    for up, s in prepared:
+    for im, s in zip(images, seeds):
+        up = _prepare(cfg, im)[0]
         groups.setdefault(up.shape, []).append((up, s))
     ctx, pool, nctx, npool = pipeline._resolve_prompt(cfg, params, prompt, 0)
     g = float(cfg.guidance_scale if guidance_scale is None else guidance_scale)
+    if g != 1.0 and ctx is not None and nctx is None:
+        raise ValueError(f"guidance_scale={g} needs negative prompt embeddings; the prompt has none "
+                         "(pass guidance_scale=1.0 or export a negative prompt)")
     data_sharding = None if mesh is None else NamedSharding(mesh, P(DATA))
     tparams, vparams = params["transformer"], params.get("vae", {})
     if mesh is not None:
@@ -353,21 +359,8 @@ def calibrate_images(cfg: ModelConfig, params: Mapping[str, Any], images: Sequen
             lambda a: a if isinstance(getattr(a, "sharding", None), NamedSharding) and a.sharding.mesh == mesh
             else jax.device_put(a, repl), t)
         tparams, vparams = put(tparams), put(vparams)
-
-    @functools.partial(jax.jit, static_argnames=("n",))
-    def run(tp, vp, up, keys, n):
-        cons = (lambda a: a) if data_sharding is None else \
-            (lambda a: jax.lax.with_sharding_constraint(a, data_sharding))
-        x = cons(up.astype(jnp.float32) / 127.5 - 1.0)
-        k = jax.vmap(jax.random.split)(keys)
-        lr_lat = cons(jax.vmap(lambda xi, ki: _vae.encode(cfg.vae, vp, xi[None], ki)[0])(x, k[:, 0]))
-        noise = cons(jax.vmap(lambda ki: jax.random.normal(ki, (1,) + lr_lat.shape[1:], jnp.float32)[0])(k[:, 1]))
-        # rows >= n are padding (copies of the last image, needed to shard the batch evenly): dropped
-        _, stats = sampling.sample(cfg, tp, lr_lat[:n], noise[:n], context=ctx, pooled=pool,
-                                   neg_context=nctx, neg_pooled=npool, num_steps=num_steps, guidance_scale=g,
-                                   tile_latent=tile_latent, collect_stats=True)
-        return stats
-
+        ctx, pool, nctx, npool = (None if a is None else jax.device_put(a, repl) for a in (ctx, pool, nctx, npool))
+    kw = (("guidance_scale", g), ("num_steps", num_steps), ("tile_latent", tile_latent))
     runs = []
     for items in groups.values():
         bs = len(items) if batch_size is None else batch_size
@@ -379,12 +372,33 @@ def calibrate_images(cfg: ModelConfig, params: Mapping[str, Any], images: Sequen
             n = up.shape[0]
             if data_sharding is not None:
                 d = _size(mesh, DATA)
-                up, keys = _pad_batch(up, d), _pad_batch(keys, d)
+                up, keys = _pad_batch(up, d), _pad_batch(keys, d)   # padding: copies of the last image, dropped
                 up, keys = jax.device_put(up, data_sharding), jax.device_put(keys, data_sharding)
-            runs.append((n, normalize_calib(run(tparams, vparams, up, jnp.asarray(keys), n))))
-    if len(runs) == 1:
-        return runs[0][1]
-    return merge_stats(*[r for _, r in runs])
+            stats = _calib_core(cfg, tparams, vparams, up, jnp.asarray(keys), ctx, pool, nctx, npool,
+                                sample_kw=kw, data_sharding=data_sharding)
+            stats = jax.device_get(stats)
+            runs += [normalize_calib(jax.tree_util.tree_map(lambda a, j=j: a[j], stats)) for j in range(n)]
+    return runs[0] if len(runs) == 1 else merge_stats(*runs)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "sample_kw", "data_sharding"))
+def _calib_core(cfg: ModelConfig, tparams, vparams, up, keys, ctx, pool, nctx, npool, *, sample_kw, data_sharding):
+    """up uint8 [B, H, W, 3], keys [B, 2] -> the model's calib collection, every leaf [B, T, ...]."""
+    from qdit4sr_jax import sampling
+    from qdit4sr_jax.model import vae as _vae
+    cons = (lambda a: a) if data_sharding is None else \
+        (lambda a: jax.lax.with_sharding_constraint(a, data_sharding))
+    x = cons(up.astype(jnp.float32) / 127.5 - 1.0)
+
+    def one(xi, key):
+        k_enc, k_noise = jax.random.split(key)
+        lr_lat = _vae.encode(cfg.vae, vparams, xi[None], k_enc)
+        noise = jax.random.normal(k_noise, lr_lat.shape, jnp.float32)
+        _, stats = sampling.sample(cfg, tparams, lr_lat, noise, context=ctx, pooled=pool, neg_context=nctx,
+                                   neg_pooled=npool, collect_stats=True, **dict(sample_kw))
+        return stats
+
+    return jax.vmap(one)(x, keys)
 
 
 # ----------------------------------------------------------------------------- folders
@@ -403,32 +417,16 @@ def list_images(folder: str) -> List[str]:
     return files
 
 
-def save_image_atomic(image, path: str) -> None:
-    """Write a PIL image / uint8 array to `path` atomically (temp file in the same folder, then rename);
-    the format follows the extension of `path`."""
-    from PIL import Image
-    img = image if isinstance(image, Image.Image) else Image.fromarray(np.asarray(image, np.uint8))
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    base, ext = os.path.splitext(os.path.basename(path))
-    tmp = os.path.join(folder, f".{base}.tmp-{os.getpid()}{ext}")
-    try:
-        img.save(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
 def upscale_folder(cfg: ModelConfig, params: Mapping[str, Any], in_dir: str, out_dir: str, *,
                    mesh: Optional[Mesh] = None, batch_size: Optional[int] = None, seed: int = 0,
                    ext: str = ".png", overwrite: bool = False, **upscale_kw) -> List[str]:
     """Upscale every image of `in_dir` into `out_dir` (same base name, `ext`), batching same-size images
     (`batch_size` per batch, default all images of one size) with the batch axis sharded over the
-    mesh's 'data' axis. Image i of the sorted listing uses seed + i. Each output is
-    written atomically. Existing outputs raise FileExistsError unless overwrite. Returns the paths."""
+    mesh's 'data' axis. Every image uses `seed` (as `pipeline.upscale(image, seed=seed)`). Each output
+    is written atomically (`pipeline.save_image`). Existing outputs raise FileExistsError unless overwrite. Returns the paths."""
     from PIL import Image
+
+    from qdit4sr_jax import pipeline
     files = list_images(in_dir)
     outs = [os.path.join(out_dir, os.path.splitext(os.path.basename(f))[0] + ext) for f in files]
     if not overwrite:
@@ -447,12 +445,12 @@ def upscale_folder(cfg: ModelConfig, params: Mapping[str, Any], in_dir: str, out
         for j in range(0, len(items), bs):
             part = items[j:j + bs]
             res = upscale_batch(cfg, params, [im for _, im in part], mesh=mesh,
-                                seeds=[seed + i for i, _ in part], **upscale_kw)
+                                seed=seed, **upscale_kw)
             for (i, _), r in zip(part, res):
-                save_image_atomic(r, outs[i])
+                pipeline.save_image(r, outs[i])
     return outs
 
 
 __all__ = ["make_mesh", "param_specs", "param_shardings", "shard_params", "bytes_per_device",
-           "upscale_batch", "calibrate_images", "upscale_folder", "list_images", "save_image_atomic",
+           "upscale_batch", "calibrate_images", "upscale_folder", "list_images",
            "linear_role", "DATA", "MODEL"]

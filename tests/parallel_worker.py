@@ -47,6 +47,7 @@ def main():
     tp = random_params(CFG)
     bundle = {"transformer": tp, "vae": {}, "prompt": prompt}
     imgs = [r.integers(0, 256, (4, 4, 3)).astype(np.uint8) for _ in range(5)]   # 5: not a multiple of 8
+    SEEDS = [10 + i for i in range(5)]
     ref = [pipeline.upscale(CFG, bundle, im, seed=10 + i, return_latents=True) for i, im in enumerate(imgs)]
     ref_img = [a for a, _ in ref]
     ref_lat = np.concatenate([np.asarray(b) for _, b in ref])
@@ -59,7 +60,7 @@ def main():
 
     # 1. data parallel: batch of 5 sharded over 8 devices (padded to 8)
     mesh_dp = parallel.make_mesh(model=1)
-    outs, lat = parallel.upscale_batch(CFG, bundle, imgs, mesh=mesh_dp, seed=10, return_latents=True)
+    outs, lat = parallel.upscale_batch(CFG, bundle, imgs, mesh=mesh_dp, seeds=SEEDS, return_latents=True)
     compare("data_parallel_upscale", outs, lat)
 
     # 2. tensor parallel (2 x 4 mesh): float params sharded Megatron-style
@@ -71,13 +72,13 @@ def main():
     emit("float_placement", q_sh == jax.sharding.PartitionSpec(None, "model")
          and o_sh == jax.sharding.PartitionSpec("model", None) and tuple(shard_shape) == (32, 32),
          to_q=str(q_sh), net_2=str(o_sh), net_0_shard=list(shard_shape))
-    outs, lat = parallel.upscale_batch(CFG, dict(bundle, transformer=sp), imgs, mesh=mesh_tp, seed=10,
+    outs, lat = parallel.upscale_batch(CFG, dict(bundle, transformer=sp), imgs, mesh=mesh_tp, seeds=SEEDS,
                                        return_latents=True)
     compare("tensor_parallel_upscale_float", outs, lat)
 
-    # 3. data-parallel calibration == single-device calibration
-    st1 = parallel.calibrate_images(CFG, bundle, imgs, mesh=None)
-    st8 = parallel.calibrate_images(CFG, bundle, imgs, mesh=mesh_dp)
+    # 3. data-parallel calibration == pipeline.calibrate_images (one device, one image at a time)
+    st1 = pipeline.calibrate_images(CFG, bundle, imgs, seed=3)
+    st8 = parallel.calibrate_images(CFG, bundle, imgs, mesh=mesh_dp, seed=3)
     worst = max(float(np.max(np.abs(np.asarray(st8[k][s]) - np.asarray(st1[k][s])) /
                              (np.abs(np.asarray(st1[k][s])) + 1e-6)))
                 for k in st1 for s in st1[k])
@@ -100,7 +101,7 @@ def main():
     ok = isinstance(node, QuantizedWeight) and node.layout == "gnk" and "model" in specs["qvalue"] \
         and "model" in cspecs["qvalue"] and "model" in cspecs["lr_b"] and "model" in specs["lr_a"]
     emit("quantized_placement", ok, row_net_2=specs, column_to_q=cspecs)
-    outs, lat = parallel.upscale_batch(CFG, dict(qbundle, transformer=sq), imgs, mesh=mesh_q, seed=10,
+    outs, lat = parallel.upscale_batch(CFG, dict(qbundle, transformer=sq), imgs, mesh=mesh_q, seeds=SEEDS,
                                        return_latents=True)
     d_img = max(int(np.abs(a.astype(np.int32) - b).max()) for (a, _), b in zip(qref, outs))
     d_lat = float(np.abs(np.asarray(lat) - np.concatenate([np.asarray(b) for _, b in qref])).max())

@@ -149,8 +149,8 @@ def test_upscale_folder_atomic_outputs(s2d_bundle, tmp_path, monkeypatch):
     outs = parallel.upscale_folder(S2D, bundle, str(src), str(dst), seed=5)
     assert sorted(os.listdir(dst)) == ["im0.png", "im1.png", "im2.png"]
     assert Image.open(outs[2]).size == (16, 8)
-    # the 4x4 group ran as one batch with seeds 5, 6 (index in the sorted listing)
-    ref = parallel.upscale_batch(S2D, bundle, [Image.open(src / "im0.png"), Image.open(src / "im1.png")], seeds=[5, 6])
+    # the 4x4 group ran as one batch, every image with seed 5
+    ref = parallel.upscale_batch(S2D, bundle, [Image.open(src / "im0.png"), Image.open(src / "im1.png")], seed=5)
     for o, r_ in zip(outs[:2], ref):
         assert np.array_equal(np.asarray(Image.open(o)), np.asarray(r_))
     with pytest.raises(FileExistsError, match="overwrite"):
