@@ -411,6 +411,24 @@ def plot_hsvd_vs_svd(errors: Dict[str, tuple], path: str) -> str:
     return path
 
 
+def plot_layer_costs(per_layer: List[dict], qcfg: QuantConfig, path: str) -> str:
+    """From a config alone (`size_ops(...)["per_layer"]`): MACs per forward of each used linear and the
+    branch parameters H-SVD gets at `qcfg`'s budget -> PNG at `path`."""
+    plt = _plt()
+    rows = [p for p in per_layer if p["used"]]
+    fig, (a1, a2) = plt.subplots(2, 1, figsize=(max(6, 0.02 * len(rows)), 5), sharex=True)
+    x = np.arange(len(rows))
+    a1.bar(x, [p["tokens"] * p["d_in"] * p["d_out"] / 1e9 for p in rows], width=1.0, color="tab:gray")
+    a1.set_ylabel("GMAC / forward")
+    a2.bar(x, [p["branch_params"] / 1e3 for p in rows], width=1.0, color="tab:orange")
+    a2.set_ylabel(f"branch params (k), rank-{qcfg.lowrank_rank} budget")
+    a2.set_xlabel("linear layer (tree order)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
 # ---------------------------------------------------------------------------------------------- CLI
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -421,7 +439,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap.add_argument("--steps", type=int, default=None)
     ap.add_argument("--convention", default="paper", choices=("paper", "mission"))
     ap.add_argument("--quantized", default=None, help="orbax checkpoint of a quantized model (for plots)")
-    ap.add_argument("--plots", default=None, help="folder for PNG plots (needs --quantized)")
+    ap.add_argument("--plots", default=None, help="folder for PNG plots (per-layer bits: needs --quantized)")
     ap.add_argument("--json", default=None, help="write the table as JSON here")
     a = ap.parse_args(argv)
     cfg = ModelConfig.preset(a.config)
@@ -435,13 +453,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         with open(a.json, "w") as f:
             json.dump(rows, f, indent=1)
     if a.plots:
+        os.makedirs(a.plots, exist_ok=True)
+        qcfg = QuantConfig.preset("qdit4sr-w4a4")
+        r = size_ops(cfg, qcfg, height=a.height, width=a.width, steps=a.steps, convention=a.convention)
+        print(plot_layer_costs(r["per_layer"], qcfg, os.path.join(a.plots, "layer_costs.png")))
         if not a.quantized:
-            print("plots need a quantized model: pass --quantized PATH (qdit4sr-jax quantize --out PATH)")
-            return 2
+            print("per-layer bit plots need a quantized model: pass --quantized PATH (qdit4sr-jax quantize --out PATH)")
+            return 0
         from qdit4sr_jax.checkpoint import load
         loaded = load(a.quantized)
         qparams = loaded[0] if isinstance(loaded, tuple) else loaded
-        os.makedirs(a.plots, exist_ok=True)
         print(plot_weight_bits(qparams, os.path.join(a.plots, "weight_bits.png")))
         try:
             print(plot_activation_schedule(qparams, os.path.join(a.plots, "activation_bits.png")))

@@ -17,7 +17,9 @@ This is a multiple-choice knapsack; `allocate_weight_bits` solves it exactly:
      greedy fill in decreasing marginal-gain order) against the greedy integer solution. Pruning only
      removes dominated states or states provably worse than a known feasible solution, so the result
      is optimal.
-Budgets are exact integer arithmetic (avg_bits is read through its decimal repr, so 4.1 means 41/10).
+`allocate_bits_table` solves the same problem for any per-layer, per-candidate distortion table (e.g. the
+measured quantization error of each layer at each width; the LP bound then uses each layer's lower convex
+hull). Budgets are exact integer arithmetic (avg_bits is read through its decimal repr, so 4.1 means 41/10).
 Ties in distortion go to the lower cost.
 """
 from __future__ import annotations

@@ -58,3 +58,10 @@ def test_dense_flops_per_step_at_512(full):
     d = report.dense_flops_per_forward(cfg, (64, 64), inventory=(lin, None, None))
     assert 2 * d["total"] / 1e12 == pytest.approx(10.88, abs=0.01)          # MISSION.md: 10.88 TFLOP / step
     assert d["linear"] < d["total"]
+
+
+def test_cli_main_prints_table_and_config_plot(tmp_path, capsys):
+    assert report.main(["--config", "tiny", "--plots", str(tmp_path), "--json", str(tmp_path / "t.json")]) == 0
+    out = capsys.readouterr().out
+    assert "qdit4sr-w4a4" in out and "FP (32-bit)" in out
+    assert (tmp_path / "layer_costs.png").stat().st_size > 1000 and (tmp_path / "t.json").exists()
