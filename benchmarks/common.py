@@ -133,6 +133,37 @@ def compile_and_time(fn: Callable, args, *, warmup: int = 3, iters: int = 20, bu
             "max_ms": times[-1], "n": len(times), "compile_s": compile_s, "warmup_ms": first_s * 1e3, **mem}
 
 
+class CompileTimer:
+    """Sums JAX's compile-duration events (tracing, lowering, XLA backend compile) inside a `with` block."""
+    EVENTS = {"/jax/core/compile/jaxpr_trace_duration": "trace_s",
+              "/jax/core/compile/jaxpr_to_mlir_module_duration": "lower_s",
+              "/jax/core/compile/backend_compile_duration": "backend_compile_s"}
+
+    def __init__(self):
+        self.totals = {v: 0.0 for v in self.EVENTS.values()}
+        self.count = 0
+
+    def _cb(self, event, duration, **kw):
+        if event in self.EVENTS:
+            self.totals[self.EVENTS[event]] += float(duration)
+            self.count += event.endswith("backend_compile_duration")
+
+    def __enter__(self):
+        jax.monitoring.register_event_duration_secs_listener(self._cb)
+        return self
+
+    def __exit__(self, *exc):
+        from jax._src import monitoring
+        try:
+            monitoring.unregister_event_duration_listener(self._cb)
+        except Exception:
+            pass
+        return False
+
+    def summary(self) -> dict:
+        return {**self.totals, "compiles": self.count}
+
+
 def write_json(path: Optional[str], obj) -> None:
     if not path:
         return

@@ -36,7 +36,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from common import (compile_and_time, device_bytes_in_use, environment, gib, random_calib,  # noqa: E402
+from common import (CompileTimer, compile_and_time, device_bytes_in_use, environment, gib, random_calib,  # noqa: E402
                     random_params, tree_bytes, write_json)
 
 MODES = ("bf16", "w8a8-int", "w8a8-fused", "w4a4-int", "w4a4-fused", "w4a4-fake", "w4a4pc-fused", "qwix-w8a8")
@@ -85,10 +85,17 @@ def quantized_trees(params, modes, steps: int, log):
     for name, (qcfg, need) in recipes.items():
         calib = random_calib(params, qcfg, steps) if need else None
         t0 = time.perf_counter()
-        q = quantize(params, qcfg, calib)
-        jax.block_until_ready(jax.tree_util.tree_leaves(q))
-        info[name] = {"quantize_s": time.perf_counter() - t0, "weight_bytes": tree_bytes(q)}
-        log(f"quantized {name}: {info[name]['quantize_s']:.1f} s, {gib(info[name]['weight_bytes'])} GiB")
+        try:
+            with CompileTimer() as ct:
+                q = quantize(params, qcfg, calib)
+                jax.block_until_ready(jax.tree_util.tree_leaves(q))
+        except Exception as e:                                  # keep the other recipes' runs
+            info[name] = {"error": repr(e)[:500]}
+            log(f"quantize {name} failed: {info[name]['error']}")
+            continue
+        info[name] = {"quantize_s": time.perf_counter() - t0, "weight_bytes": tree_bytes(q), **ct.summary()}
+        log(f"quantized {name}: {info[name]['quantize_s']:.1f} s ({ct.summary()}), "
+            f"{gib(info[name]['weight_bytes'])} GiB")
         for m in modes:
             if m == name + "-int" or (m.startswith(name + "-") and m.split("-", 1)[1] in ("fused", "fake")):
                 trees[m] = q if m.endswith("-int") else with_execution(q, m.split("-", 1)[1])
