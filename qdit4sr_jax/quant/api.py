@@ -50,7 +50,7 @@ def layer_spec(cfg: QuantConfig, kernel_shape: Tuple[int, int], dtype, w_bits: i
         group_size=cfg.w_group_size, w_symmetric=cfg.w_symmetric, a_symmetric=cfg.a_symmetric,
         clip_ratio=float(cfg.w_clip_ratio), clip_search=bool(cfg.w_clip_search), smooth=cfg.smooth,
         smooth_alpha=float(cfg.smooth_alpha), rotate=rotate,
-        lowrank_rank=int(min(cfg.lowrank_rank, *kernel_shape)), pack=cfg.pack, execution=cfg.execution,
+        lowrank_rank=int(min(cfg.lowrank_rank, *kernel_shape)), lowrank_svd=cfg.lowrank_svd, pack=cfg.pack, execution=cfg.execution,
         branch_dtype=cfg.branch_dtype, dtype=str(jnp.dtype(dtype)))
 
 

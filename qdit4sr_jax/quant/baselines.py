@@ -75,15 +75,40 @@ def smooth_scale(ch_absmax, w_nk, alpha: float, eps: float = 1e-5):
     return jnp.where(ok, jnp.maximum(s, eps), 1.0)
 
 
-def lowrank_split(w_nk, rank: int, dtype="bfloat16"):
+def top_svd(w, rank: int, method: str = "exact", oversample: int = 16, iters: int = 4):
+    """Top-`rank` singular triplets (u [N, r], s [r], vt [r, K]) of w [N, K] float32.
+
+    method "exact": `jnp.linalg.svd`. "randomized": randomized range finder with `iters` orthonormalised
+    power iterations and `oversample` extra columns (Halko, Martinsson & Tropp 2011, alg. 4.4), then an exact
+    SVD of the small projected matrix; O(N K (r + p)) instead of O(N K min(N, K)), with a fixed PRNG key
+    (deterministic)."""
+    if method == "exact":
+        u, s, vt = jnp.linalg.svd(w, full_matrices=False)
+        return u[:, :rank], s[:rank], vt[:rank]
+    if method != "randomized":
+        raise ValueError(f"svd method must be 'exact' or 'randomized', got {method!r}")
+    n, k = w.shape
+    p = min(rank + oversample, n, k)
+    omega = jax.random.normal(jax.random.PRNGKey(0), (k, p), jnp.float32)
+    hi = jax.lax.Precision.HIGHEST
+    q, _ = jnp.linalg.qr(jnp.dot(w, omega, precision=hi))
+    for _ in range(iters):
+        z, _ = jnp.linalg.qr(jnp.dot(w.T, q, precision=hi))
+        q, _ = jnp.linalg.qr(jnp.dot(w, z, precision=hi))
+    ub, s, vt = jnp.linalg.svd(jnp.dot(q.T, w, precision=hi), full_matrices=False)
+    return jnp.dot(q, ub[:, :rank], precision=hi), s[:rank], vt[:rank]
+
+
+def lowrank_split(w_nk, rank: int, dtype="bfloat16", method: str = "exact"):
     """Rank-r SVD branch of W [N, K]: (lr_a [K, r], lr_b [r, N]) in `dtype`, residual W - lr_b^T lr_a^T
-    [N, K] float32 computed from the rounded factors (so the quantized residual absorbs their rounding)."""
+    [N, K] float32 computed from the rounded factors (so the quantized residual absorbs their rounding).
+    method: "exact" or "randomized" (see `top_svd`)."""
     w = w_nk.astype(jnp.float32)
     r = min(rank, *w.shape)
-    u, s, vt = jnp.linalg.svd(w, full_matrices=False)
-    rs = jnp.sqrt(s[:r])
-    lr_a = (vt[:r].T * rs[None, :]).astype(dtype)             # [K, r]
-    lr_b = (u[:, :r] * rs[None, :]).T.astype(dtype)           # [r, N]
+    u, s, vt = top_svd(w, r, method)
+    rs = jnp.sqrt(s)
+    lr_a = (vt.T * rs[None, :]).astype(dtype)                 # [K, r]
+    lr_b = (u * rs[None, :]).T.astype(dtype)                  # [r, N]
     resid = w - (lr_a.astype(jnp.float32) @ lr_b.astype(jnp.float32)).T
     return lr_a, lr_b, resid
 
@@ -102,6 +127,7 @@ class LayerSpec:
     smooth_alpha: float = 0.5
     rotate: int = 0                  # Hadamard block, 0 = off
     lowrank_rank: int = 0
+    lowrank_svd: str = "exact"       # "exact" | "randomized"
     pack: bool = True
     execution: str = "fake"
     branch_dtype: str = "bfloat16"
@@ -122,7 +148,7 @@ def quantize_linear(w_nk, ch_absmax=None, a_schedule=None, *, spec: LayerSpec) -
         w = hadamard_transform(w, spec.rotate)
     lr_a = lr_b = None
     if spec.lowrank_rank:
-        lr_a, lr_b, w = lowrank_split(w, spec.lowrank_rank, spec.branch_dtype)
+        lr_a, lr_b, w = lowrank_split(w, spec.lowrank_rank, spec.branch_dtype, spec.lowrank_svd)
     return make_qweight(
         w, w_bits=spec.w_bits, group_size=spec.group_size, w_symmetric=spec.w_symmetric,
         a_bits=spec.a_bits, a_symmetric=spec.a_symmetric, clip_ratio=spec.clip_ratio,

@@ -46,6 +46,8 @@ class QuantConfig:
     rotate_block: Hadamard block size; None = the largest power of 2 dividing d_in (block-diagonal
       Hadamard when d_in is not a power of 2, e.g. 512 for 1536; QuaRot uses a full Hadamard there).
     pack: store <= 4-bit codes two per byte (uint8).
+    lowrank_svd: "exact" (jnp.linalg.svd) or "randomized" (power-iteration range finder, Halko et al. 2011;
+      O(N K r), for CPU quantization of the full model) for the low-rank branch.
     layer_w_bits: per-layer weight bits ((path, bits), ...) overriding w_bits (VaSMP's output; exact
       '/'-joined linear-module paths as in the params tree).
     """
@@ -75,6 +77,7 @@ class QuantConfig:
     w_clip_search: bool = False
     rotate_block: Optional[int] = None
     pack: bool = True
+    lowrank_svd: str = "exact"
     layer_w_bits: Tuple[Tuple[str, int], ...] = ()
 
     @property
@@ -110,6 +113,8 @@ class QuantConfig:
                 raise ValueError(f"QuantConfig.layer_w_bits: layer {path!r} has unsupported bits {bits!r} (2..8)")
         if self.w_group_size is not None and self.w_group_size < 1:
             raise ValueError(f"QuantConfig.w_group_size must be >= 1 or None, got {self.w_group_size}")
+        if self.lowrank_svd not in ("exact", "randomized"):
+            raise ValueError(f"QuantConfig.lowrank_svd must be 'exact' or 'randomized', got {self.lowrank_svd!r}")
         if self.lowrank_rank < 0:
             raise ValueError(f"QuantConfig.lowrank_rank must be >= 0, got {self.lowrank_rank}")
         if not 0.0 <= self.smooth_alpha <= 1.0:

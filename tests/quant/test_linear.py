@@ -207,3 +207,16 @@ def test_full_size_shapes_eval_shape():
         assert node.scale.shape == (n, k // 64) and node.lr_a.shape == (k, 32) and node.lr_b.shape == (32, n)
         y = jax.eval_shape(lambda x, nd: linear(x, nd), jax.ShapeDtypeStruct((1, 8525, k), jnp.bfloat16), node)
         assert y.shape == (1, 8525, n) and y.dtype == jnp.bfloat16
+
+
+def test_randomized_svd_close_to_exact():
+    rng = np.random.default_rng(5)
+    u, _ = np.linalg.qr(rng.normal(size=(96, 96)))
+    v, _ = np.linalg.qr(rng.normal(size=(160, 96)))
+    w = jnp.asarray(((u / np.sqrt(1 + np.arange(96))) @ v.T + 0.01 * rng.normal(size=(96, 160))).astype(np.float32))
+    _, _, re = lowrank_split(w, 8, "float32", "exact")
+    _, _, rr = lowrank_split(w, 8, "float32", "randomized")
+    ne, nr = float(jnp.linalg.norm(re)), float(jnp.linalg.norm(rr))
+    assert ne <= nr <= 1.01 * ne
+    with pytest.raises(ValueError, match="randomized"):
+        lowrank_split(w, 8, "float32", "lanczos")
