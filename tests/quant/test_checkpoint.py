@@ -114,3 +114,27 @@ def test_expected_config_and_missing_checkpoint(qtree, tmp_path):
         qdit4sr_jax.load(tmp_path / "ck", expect_cfg=cfg.replace(w_bits=8))
     with pytest.raises(FileNotFoundError, match="not a qdit4sr-jax"):
         qdit4sr_jax.load(tmp_path / "nothing")
+
+
+def test_roundtrip_block_branch_schedule_and_config(tmp_path):
+    """H-SVD-style node (global + ragged block rank-1 factors, schedule, rotation) and a config with
+    per-layer bits survive save/load exactly."""
+    from qdit4sr_jax.quant.qweight import make_qweight
+    rng = np.random.default_rng(0)
+    w = jnp.asarray(rng.normal(size=(40, 64)).astype(np.float32))
+    node = make_qweight(w, w_bits=3, group_size=32, a_bits=6, lr_a=rng.normal(size=(64, 4)),
+                        lr_b=rng.normal(size=(4, 40)), block_u=rng.normal(size=(3, 2, 16)),
+                        block_v=rng.normal(size=(3, 2, 48)), block=(16, 48), rotate=64,
+                        a_schedule=np.array([6, 4, 8]))
+    tree = {"transformer_blocks_0": {"attn": {"to_q": {"kernel": node, "bias": jnp.zeros(40, jnp.bfloat16)}}}}
+    cfg = QuantConfig(method="qdit4sr", hsvd=True, hsvd_block=(16, 48), lowrank_rank=4,
+                      layer_w_bits=(("transformer_blocks_0/attn/to_q", 3),))
+    qdit4sr_jax.save(tmp_path / "ck", tree, cfg)
+    back, cfg2 = qdit4sr_jax.load(tmp_path / "ck")
+    assert cfg2 == cfg and cfg2.layer_w_bits == (("transformer_blocks_0/attn/to_q", 3),)
+    n2 = back["transformer_blocks_0"]["attn"]["to_q"]["kernel"]
+    assert n2.block == (16, 48) and n2.static_dict() == node.static_dict()
+    for f in ("qvalue", "scale", "lr_a", "lr_b", "block_u", "block_v", "a_schedule"):
+        a, b = getattr(node, f), getattr(n2, f)
+        assert a.dtype == b.dtype and np.array_equal(np.asarray(a).view(np.uint8), np.asarray(b).view(np.uint8)), f
+    assert back["transformer_blocks_0"]["attn"]["to_q"]["bias"].dtype == jnp.bfloat16
