@@ -153,8 +153,14 @@ def load(path: str, *, expect_cfg: Optional[QuantConfig] = None):
     meta_path = os.path.join(path, META)
     if not os.path.isfile(meta_path):
         raise FileNotFoundError(f"{path} is not a qdit4sr-jax quantized checkpoint (no {META})")
-    with open(meta_path) as f:
-        meta = json.load(f)
+    try:
+        with open(meta_path) as f:
+            meta = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{meta_path} is corrupt (not JSON: {e}); the checkpoint is damaged: re-export it "
+                         f"with qdit4sr_jax.save") from None
+    if not isinstance(meta, dict):
+        raise ValueError(f"{meta_path} is not a JSON object; the checkpoint is damaged: re-export it")
     if meta.get("format") != FORMAT or meta.get("version") != VERSION:
         raise ValueError(f"{meta_path}: format {meta.get('format')!r} v{meta.get('version')} is not "
                          f"{FORMAT!r} v{VERSION}")
@@ -166,9 +172,15 @@ def load(path: str, *, expect_cfg: Optional[QuantConfig] = None):
         diff = {k: (v, getattr(expect_cfg, k)) for k, v in vars(cfg or QuantConfig()).items()
                 if getattr(expect_cfg, k) != v}
         raise ValueError(f"{path}: stored QuantConfig differs from the expected one (stored, expected): {diff}")
+    if not os.path.isdir(os.path.join(path, STATE)):
+        raise FileNotFoundError(f"{path} is an incomplete quantized checkpoint: {STATE}/ is missing; re-export it")
     with warnings.catch_warnings():   # single-host restore: orbax's note about sharding files is noise
         warnings.filterwarnings("ignore", message="Sharding info not provided")
-        state = ocp.PyTreeCheckpointer().restore(os.path.join(path, STATE))
+        try:
+            state = ocp.PyTreeCheckpointer().restore(os.path.join(path, STATE))
+        except Exception as e:  # noqa: BLE001 - orbax/tensorstore raise many types for damaged files
+            raise ValueError(f"{path}/{STATE}: cannot read the arrays ({type(e).__name__}: {str(e)[:300]}); the "
+                             f"checkpoint is truncated or damaged: re-export it with qdit4sr_jax.save") from None
 
     def get(tree, parts):
         for p in parts:

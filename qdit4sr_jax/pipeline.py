@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import os
 import warnings
+import zipfile
 from typing import Any, Mapping, Optional, Union
 
 import jax
@@ -107,8 +108,12 @@ def load_prompts(path: str, cfg: Optional[ModelConfig] = None) -> dict:
     """Read and validate a prompt-embedding .npz written by `save_prompts` / converters.prompts."""
     if not os.path.exists(path):
         raise FileNotFoundError(f"prompt embeddings file {path!r} does not exist")
-    with np.load(path, allow_pickle=False) as z:
-        d = {k: z[k] for k in z.files}
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            d = {k: z[k] for k in z.files}
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
+        raise ValueError(f"{path!r} is not a readable .npz of prompt embeddings ({type(e).__name__}: {e}); "
+                         f"re-export it with `python -m converters prompts`") from None
     fmt = str(d.pop("format", ""))
     if fmt != PROMPT_FORMAT:
         raise ValueError(f"{path!r} is not a prompt-embeddings file (format {fmt!r}, expected {PROMPT_FORMAT!r})")
@@ -335,8 +340,12 @@ def read_images(path: str):
         raise FileNotFoundError(f"no image or folder at {path!r}")
     out = []
     for f in files:
-        with Image.open(f) as im:
-            out.append(to_rgb_uint8(im))
+        try:
+            with Image.open(f) as im:
+                out.append(to_rgb_uint8(im))
+        except (OSError, SyntaxError) as e:         # PIL: UnidentifiedImageError, truncated data
+            raise ValueError(f"cannot read image {f!r} ({type(e).__name__}: {e}): the file is corrupt or not "
+                             f"an image; re-save it as PNG/JPEG or remove it from the folder") from None
     return out
 
 
