@@ -59,7 +59,15 @@ class KernelConfig:
         return self.unpack == "kernel"
 
 
-DEFAULT_CONFIG = KernelConfig()
+DEFAULT_CONFIG = KernelConfig()                  # per-channel weights ("nk")
+# group-wise weights ("gnk"): 4 warps; H100 sweep (RESULTS.md, 08:18 run) at M=8525: 0.89 vs 1.49 ms
+# (K=1536, N=6144), 1.09 vs 1.67 ms (K=6144, N=1536) for 4 vs 8 warps with 128x128 tiles.
+GROUPED_CONFIG = KernelConfig(num_warps=4)
+
+
+def default_config(w: QuantizedWeight) -> KernelConfig:
+    """Tile sizes used when `fused_linear` gets no config: by weight layout."""
+    return GROUPED_CONFIG if w.layout == "gnk" else DEFAULT_CONFIG
 
 
 def supports_fused(w: QuantizedWeight, bits) -> bool:
@@ -252,7 +260,7 @@ def fused_linear(x, w: QuantizedWeight, bias=None, *, act_bits=None, step=None, 
         raise TypeError(f"fused_linear needs a QuantizedWeight node, got {type(w).__name__}")
     if x.shape[-1] != w.k:
         raise ValueError(f"fused_linear: input has {x.shape[-1]} features but the quantized weight expects {w.k}")
-    cfg = config or DEFAULT_CONFIG
+    cfg = config or default_config(w)
     bits = resolve_act_bits(w, act_bits, step)
     if not supports_fused(w, bits):
         y = quantized_linear(x, w, act_bits=act_bits, step=step, execution="int")
@@ -279,5 +287,6 @@ def with_execution(tree, mode: str):
     return jax.tree_util.tree_map(lambda n: n.replace(execution=mode) if is_q(n) else n, tree, is_leaf=is_q)
 
 
-__all__ = ["fused_linear", "with_execution", "KernelConfig", "DEFAULT_CONFIG", "supports_fused", "tiles_ok", "prologue",
+__all__ = ["fused_linear", "with_execution", "KernelConfig", "DEFAULT_CONFIG", "GROUPED_CONFIG", "default_config",
+           "supports_fused", "tiles_ok", "prologue",
            "xla_gemm_epilogue", "Operands", "BACKENDS"]
