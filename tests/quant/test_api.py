@@ -190,3 +190,18 @@ def test_quantize_errors(toy):
         QuantConfig.preset("gptq-w4a4")
     with pytest.raises(ValueError, match="already quantized"):
         qdit4sr_jax.quantize(qdit4sr_jax.quantize(params, "w4a4"), "w4a4")
+
+
+def test_presets_parse_and_config_json_roundtrip():
+    from qdit4sr_jax.quant.presets import PRESET_NAMES
+    for name in PRESET_NAMES:
+        cfg = QuantConfig.preset(name)
+        assert QuantConfig.from_dict(cfg.to_dict()) == cfg
+    assert QuantConfig.preset("w4a6") == QuantConfig.preset("rtn-w4a6")
+    sq = QuantConfig.preset("smoothquant-w8a8")
+    assert sq.smooth and sq.w_group_size is None and (sq.w_bits, sq.a_bits) == (8, 8)
+    sv = QuantConfig.preset("svdquant-w4a4")
+    assert sv.smooth and sv.lowrank_rank == 32 and sv.w_group_size == 64
+    assert QuantConfig.preset("rotation-w4a6").rotate and QuantConfig.preset("w4a16").a_bits is None
+    with pytest.raises(ValueError, match="unknown fields"):
+        QuantConfig.from_dict({"w_bits": 4, "bogus": 1})
