@@ -66,6 +66,9 @@ def main(argv=None):
     ap.add_argument("--model", default="demo")
     ap.add_argument("--data", default="data")
     ap.add_argument("--steps", type=int, default=None, help="sampling steps (default: the model's)")
+    ap.add_argument("--start", default=None, help="override the model's sampler start (noise | lr)")
+    ap.add_argument("--start-sigma", type=float, default=None, help="override the model's start sigma")
+    ap.add_argument("--shift", type=float, default=None, help="override the model's schedule shift")
     ap.add_argument("--color-fix", default=None, help="adain | wavelet | none (default: pipeline default)")
     ap.add_argument("--sweep", action="store_true", help="also try other step counts and samplers")
     ap.add_argument("--limit", type=int, default=0, help="use only the first N validation crops")
@@ -74,6 +77,8 @@ def main(argv=None):
     a = ap.parse_args(argv)
 
     cfg, params = load(a.model)
+    over = {k: v for k, v in dict(start=a.start, start_sigma=a.start_sigma, shift=a.shift).items() if v is not None}
+    cfg = cfg.replace(**over)
     val = validation_set(a.data, cfg.scale)[::a.every][:a.limit or None]
     os.makedirs(a.out, exist_ok=True)
     bic = [pipeline.bicubic(lr, cfg.scale) for _, _, lr in val]
@@ -86,7 +91,8 @@ def main(argv=None):
     for (name, _, _), o in zip(val, outs):
         Image.fromarray(o).save(os.path.join(a.out, os.path.basename(name)))
 
-    print(f"model {a.model} ({cfg.name}): {steps} steps, start {cfg.start}, shift {cfg.shift}; "
+    print(f"model {a.model} ({cfg.name}): {steps} steps, start {cfg.start} (sigma {cfg.start_sigma}), "
+          f"shift {cfg.shift}; "
           f"{len(val)} validation crops, x{cfg.scale}")
     print(f"{'image':<28} {'bicubic dB':>10} {'model dB':>9} {'gain':>6} {'sharp bic':>9} {'sharp model':>11}")
     for (name, _, _), bp, p, bs, s in zip(val, b_ps, ps, b_sh, sh):
@@ -95,22 +101,21 @@ def main(argv=None):
     print(f"{'mean':<28} {np.mean(b_ps):>10.2f} {np.mean(ps):>9.2f} {gain:>+6.2f} {np.mean(b_sh):>9.2f} "
           f"{np.mean(sh):>11.2f}")
     print(f"model time {dt:.1f} s for {len(val)} images ({dt / len(val):.2f} s each, CPU/GPU as run)")
-    res = dict(model=a.model, config=cfg.name, steps=steps, start=cfg.start, shift=cfg.shift,
+    res = dict(model=a.model, config=cfg.name, steps=steps, start=cfg.start, start_sigma=cfg.start_sigma,
+               shift=cfg.shift,
                images=[os.path.basename(n) for n, _, _ in val], bicubic_psnr=b_ps, model_psnr=ps,
                bicubic_sharpness=b_sh, model_sharpness=sh, mean_gain_db=gain, seconds=dt, sweep=[])
     if a.sweep:
-        print(f"\n{'steps':>5} {'start':>6} {'shift':>5} {'colour':>7} {'dB':>6} {'gain':>6} {'sharp':>6}")
-        for st, start, shift, cf in [(1, "noise", cfg.shift, "adain"), (2, "noise", cfg.shift, "adain"),
-                                     (4, "noise", cfg.shift, "adain"), (8, "noise", cfg.shift, "adain"),
-                                     (4, "noise", 3.0, "adain"), (8, "noise", 3.0, "adain"),
-                                     (4, "lr", cfg.shift, "adain"), (4, "noise", cfg.shift, None)]:
-            c2 = cfg.replace(shift=shift)
-            sigma = {"start_sigma": 0.8} if start == "lr" else {}
-            _, p2, s2, _ = evaluate(c2, params, val, num_steps=st, start=start, color_fix=cf, **sigma)
+        print(f"\n{'steps':>5} {'start':>6} {'sigma0':>6} {'shift':>5} {'colour':>7} {'dB':>6} {'gain':>6} {'sharp':>6}")
+        for st, start, s0, cf in [(1, "lr", cfg.start_sigma, "adain"), (2, "lr", cfg.start_sigma, "adain"),
+                                  (4, "lr", cfg.start_sigma, "adain"), (8, "lr", cfg.start_sigma, "adain"),
+                                  (4, "lr", cfg.start_sigma, None), (4, "noise", 1.0, "adain")]:
+            _, p2, s2, _ = evaluate(cfg, params, val, num_steps=st, start=start, start_sigma=s0, color_fix=cf)
             g2 = float(np.mean(p2) - np.mean(b_ps))
-            print(f"{st:>5} {start:>6} {shift:>5} {str(cf):>7} {np.mean(p2):>6.2f} {g2:>+6.2f} {np.mean(s2):>6.2f}")
-            res["sweep"].append(dict(steps=st, start=start, shift=shift, color_fix=cf, psnr=float(np.mean(p2)),
-                                     gain_db=g2, sharpness=float(np.mean(s2)), **sigma))
+            print(f"{st:>5} {start:>6} {s0:>6} {cfg.shift:>5} {str(cf):>7} {np.mean(p2):>6.2f} {g2:>+6.2f} "
+                  f"{np.mean(s2):>6.2f}")
+            res["sweep"].append(dict(steps=st, start=start, start_sigma=s0, shift=cfg.shift, color_fix=cf,
+                                     psnr=float(np.mean(p2)), gain_db=g2, sharpness=float(np.mean(s2))))
     with open(os.path.join(a.out, "results.json"), "w") as f:
         json.dump(res, f, indent=1)
     return 0

@@ -64,16 +64,35 @@ def sample_sigmas(rng, n: int):
     return jnp.where(jax.random.bernoulli(k3, 0.5, (n,)), u, ln)
 
 
-def flow_loss(params, cfg: ModelConfig, hr_uint8, lr_uint8, rng, sigmas=None):
-    """Mean squared velocity error over the batch (float32 scalar). `sigmas` [B] overrides the draw."""
+def flow_loss(params, cfg: ModelConfig, hr_uint8, lr_uint8, rng, sigmas=None, start_sigmas=None,
+              bridge_frac: float = 0.0, bridge_sigma: float = 1.0):
+    """Mean squared velocity error over the batch (float32 scalar).
+
+    Each sample follows the straight path from its start x_s0 = (1 - s0) z_lr + s0 eps (s0 = 1: pure
+    noise, plain flow matching; s0 < 1: the noised LR latent the sampler starts from with start="lr",
+    start_sigma=s0) to x0: x_s = x0 + (s / s0) (x_s0 - x0), velocity v = (x_s0 - x0) / s0 = (x_s - x0) / s,
+    which is what the sampler's Euler step x <- x + (s' - s) v integrates exactly for a perfect model.
+    `sigmas` / `start_sigmas` [B] fix s and s0; otherwise s is drawn by `sample_sigmas` with s0 = 1,
+    except for a `bridge_frac` share of the batch that gets s0 = bridge_sigma and s uniform in
+    (0, bridge_sigma] (a quarter of those exactly at bridge_sigma, the sampler's first step).
+    """
     x0 = hr_latent(cfg, hr_uint8)
     zlr = lr_condition(cfg, lr_uint8)
-    kn, ks = jax.random.split(rng)
-    s = sample_sigmas(ks, x0.shape[0]) if sigmas is None else jnp.asarray(sigmas, jnp.float32)
+    B = x0.shape[0]
+    kn, ks, kb, ku, kf = jax.random.split(rng, 5)
+    s = sample_sigmas(ks, B) if sigmas is None else jnp.asarray(sigmas, jnp.float32)
+    s0 = jnp.ones((B,), jnp.float32) if start_sigmas is None else jnp.asarray(start_sigmas, jnp.float32)
+    if sigmas is None and bridge_frac > 0:
+        use = jax.random.bernoulli(kb, bridge_frac, (B,))
+        sb = bridge_sigma * jax.random.uniform(ku, (B,), minval=1e-3, maxval=1.0)
+        sb = jnp.where(jax.random.bernoulli(kf, 0.25, (B,)), bridge_sigma, sb)
+        s, s0 = jnp.where(use, sb, s), jnp.where(use, bridge_sigma, s0)
     eps = jax.random.normal(kn, x0.shape, jnp.float32)
-    xt = (1.0 - s)[:, None, None, None] * x0 + s[:, None, None, None] * eps
+    e = lambda a: a[:, None, None, None]  # noqa: E731
+    start = (1.0 - e(s0)) * zlr + e(s0) * eps
+    xt = x0 + e(s / s0) * (start - x0)
     v = DiT4SRTransformer(cfg).apply({"params": params}, xt, zlr, 1000.0 * s)
-    return jnp.mean(jnp.square(v.astype(jnp.float32) - (eps - x0)))
+    return jnp.mean(jnp.square(v.astype(jnp.float32) - (start - x0) / e(s0)))
 
 
 # ----------------------------------------------------------------------------- init / optimizer
@@ -118,9 +137,10 @@ def make_optimizer(peak_lr: float, total_steps: int, warmup: int, start_step: in
                        optax.adamw(lr, b1=0.9, b2=0.99, weight_decay=weight_decay)), sched
 
 
-def make_train_step(cfg: ModelConfig, opt):
+def make_train_step(cfg: ModelConfig, opt, bridge_frac: float = 0.0, bridge_sigma: float = 1.0):
     def step_fn(params, opt_state, hr, lr, rng):
-        loss, grads = jax.value_and_grad(flow_loss)(params, cfg, hr, lr, rng)
+        loss, grads = jax.value_and_grad(flow_loss)(params, cfg, hr, lr, rng, bridge_frac=bridge_frac,
+                                                    bridge_sigma=bridge_sigma)
         updates, opt_state = opt.update(grads, opt_state, params)
         gnorm = optax.global_norm(grads)
         return optax.apply_updates(params, updates), opt_state, loss, gnorm
@@ -207,12 +227,16 @@ def load_state(out_dir: str):
     return _unflatten(flat), meta
 
 
-def export_model(state_dir: str, out_path: str, **cfg_overrides):
-    """Write the trained params as a bf16 float model file through `qdit4sr_jax.io.modelfile.save_model`."""
+def export_model(state_dir: str, out_path: str, dtype: str = "bfloat16", **cfg_overrides):
+    """Write the trained params as a float model file ({"transformer": params} cast to `dtype`, the config
+    with float32 compute and any sampler overrides) through `qdit4sr_jax.io.modelfile.save_model`."""
+    import ml_dtypes
     from qdit4sr_jax.io.modelfile import save_model
     params, meta = load_state(state_dir)
-    cfg = config_from_dict(meta["config"]).replace(dtype="float32", **cfg_overrides)
-    save_model(out_path, cfg, params)
+    cfg = config_from_dict(meta["config"]).replace(dtype="float32", attention_impl=None, **cfg_overrides)
+    np_dt = ml_dtypes.bfloat16 if dtype == "bfloat16" else np.dtype(dtype)
+    cast = jax.tree_util.tree_map(lambda a: np.asarray(a, np.float32).astype(np_dt), params)
+    save_model(out_path, cfg, {"transformer": cast})
     return cfg
 
 
@@ -221,12 +245,19 @@ def export_model(state_dir: str, out_path: str, **cfg_overrides):
 _val_loss_fn = jax.jit(flow_loss, static_argnums=(1,))
 
 
-def val_loss(params, cfg, val_hr, val_lr, sigmas=(0.1, 0.3, 0.5, 0.7, 0.9), seed=1234):
-    """Velocity loss on the validation crops at fixed noise levels and noise: {sigma: loss}."""
-    f = lambda p, hr, lr, k, s: _val_loss_fn(p, cfg, hr, lr, k, s)  # noqa: E731
+def val_loss(params, cfg, val_hr, val_lr, sigmas=(0.1, 0.3, 0.5, 0.7, 0.9), seed=1234, bridge_sigma=None):
+    """Velocity loss on the validation crops at fixed noise levels and noise: {name: loss}; names are the
+    sigmas of plain flow matching, and "b<s0>@<s>" for the LR-start path of `bridge_sigma` (s = s0, s0/2)."""
+    n = val_hr.shape[0]
     out = {}
     for s in sigmas:
-        out[s] = float(f(params, val_hr, val_lr, jax.random.PRNGKey(seed), jnp.full((val_hr.shape[0],), s)))
+        out[str(s)] = float(_val_loss_fn(params, cfg, val_hr, val_lr, jax.random.PRNGKey(seed),
+                                         jnp.full((n,), s), jnp.ones((n,))))
+    if bridge_sigma:
+        for s in (bridge_sigma, bridge_sigma / 2):
+            out[f"b{bridge_sigma:g}@{s:g}"] = float(_val_loss_fn(
+                params, cfg, val_hr, val_lr, jax.random.PRNGKey(seed), jnp.full((n,), s),
+                jnp.full((n,), bridge_sigma)))
     return out
 
 
@@ -268,7 +299,8 @@ def train(args, cfg: Optional[ModelConfig] = None):
 
     opt, sched = make_optimizer(peak, total, warmup, start_step, args.rewarm, args.weight_decay)
     opt_state = opt.init(params)
-    step_fn = make_train_step(tcfg, opt)
+    bridge = dict(bridge_frac=args.bridge_frac, bridge_sigma=args.bridge_sigma)
+    step_fn = make_train_step(tcfg, opt, **bridge)
     val = validation_set(args.data, cfg.scale)[:args.val_count or None]
     val_hr = np.stack([h for _, h, _ in val])
     val_lr = np.stack([l for _, _, l in val])
@@ -287,10 +319,11 @@ def train(args, cfg: Optional[ModelConfig] = None):
 
     def _meta(at, vl=None):
         runs = meta.get("runs", []) + [dict(start=start_step, end=at, seconds=round(time.time() - t_start, 1),
-                                            device=str(jax.devices()[0].device_kind), batch=args.batch)]
+                                            device=str(jax.devices()[0].device_kind), batch=args.batch,
+                                            bridge_frac=args.bridge_frac, bridge_sigma=args.bridge_sigma)]
         return dict(config=config_to_dict(cfg), step=at, total_steps=total, warmup=warmup, peak_lr=peak,
                     batch=args.batch, crop=args.crop, data_seed=meta.get("data_seed", args.seed * 10**9), log=log,
-                    runs=runs, val_loss={str(k): v for k, v in (vl or {}).items()}, n_params=n_params)
+                    runs=runs, val_loss=dict(vl or {}), n_params=n_params)
 
     losses, t_last, s_last = [], time.time(), start_step
     end = min(total, start_step + args.steps) if args.steps else total
@@ -312,7 +345,7 @@ def train(args, cfg: Optional[ModelConfig] = None):
                     print(f"attention {tcfg.attention_impl!r} failed ({type(e).__name__}: "
                           f"{str(e)[:300]}); using XLA attention", flush=True)
                     tcfg = tcfg.replace(attention_impl=None)
-                    step_fn = make_train_step(tcfg, opt)
+                    step_fn = make_train_step(tcfg, opt, **bridge)
                     out = step_fn(params, opt_state, hr, lr, sk)
                 params, opt_state, loss, gnorm = out
             else:
@@ -328,7 +361,7 @@ def train(args, cfg: Optional[ModelConfig] = None):
                              lr=float(sched(step)), samples_per_s=round(rate, 1),
                              pairs_made=bank.produced, minutes=round((time.time() - t_start) / 60, 2))
                 if args.val_every and (step % args.val_every == 0 or step == end):
-                    vl = val_loss(params, tcfg, val_hr, val_lr)
+                    vl = val_loss(params, tcfg, val_hr, val_lr, bridge_sigma=args.bridge_frac and args.bridge_sigma)
                     entry["val"] = round(float(np.mean(list(vl.values()))), 5)
                 log.append(entry)
                 pbar.set_postfix(loss=f"{l:.4f}", val=entry.get("val", "-"), sps=f"{rate:.0f}")
@@ -345,7 +378,7 @@ def train(args, cfg: Optional[ModelConfig] = None):
     finally:
         pbar.close()
         bank.close()
-    vl = val_loss(params, tcfg, val_hr, val_lr)
+    vl = val_loss(params, tcfg, val_hr, val_lr, bridge_sigma=args.bridge_frac and args.bridge_sigma)
     elapsed = time.time() - t_start
     save_state(args.out, params, _meta(step, vl))
     print(f"\nsaved {args.out} at step {step}/{total} after {elapsed / 60:.1f} min")
@@ -395,6 +428,9 @@ def main(argv=None):
     ap.add_argument("--rewarm", type=int, default=200)
     ap.add_argument("--weight-decay", type=float, default=0.01)
     ap.add_argument("--dtype", default="bfloat16" if jax.default_backend() == "gpu" else "float32")
+    ap.add_argument("--bridge-frac", type=float, default=0.0,
+                    help="share of each batch trained on the LR-start path (s0 = --bridge-sigma)")
+    ap.add_argument("--bridge-sigma", type=float, default=0.3, help="start sigma of the LR-start path")
     ap.add_argument("--attention", default="auto", choices=["auto", "cudnn", "xla"])
     ap.add_argument("--bank", type=int, default=8192)
     ap.add_argument("--workers", type=int, default=None)
