@@ -1,0 +1,610 @@
+"""Fidelity study: every PTQ method side by side on the demo model, plus the Q-DiT4SR ablation.
+
+    python benchmarks/fidelity.py                       # main table: 6 methods x W8A8 / W4A6 / W4A4
+    python benchmarks/fidelity.py --mode ablation       # Q-DiT4SR W4A4 ablation (components, blocks, SVD-only)
+    python benchmarks/fidelity.py --mode layers         # per-layer / per-step output error at W4A4
+    python benchmarks/fidelity.py --mode all            # main + ablation in one run (shares FP outputs, calib)
+
+Protocol. Evaluation images: a folder of HR images (default: the held-out validation crops in
+data/val, else the bundled samples in qdit4sr_jax/assets/samples), centre-cropped to a multiple of 16
+(or to --crop). LR input: `degrade(hr, val_seed(name))` (x4, the project's seeded degradation).
+Every method runs `pipeline.upscale` with the same sampling seed (--seed) and steps, so "PSNR vs FP" is
+the quantization error alone. Calibration (activation statistics over every sampling step, used by
+SmoothQuant / SVDQuant smoothing and by VaTMP): --calib "train" (default: seeded random crops of the
+*training* photos, disjoint from the evaluation photos), "samples" (the bundled samples), or a folder.
+
+Metrics per image, then averaged: PSNR (dB, RGB, peak 255) and SSIM (skimage, RGB) vs HR; PSNR vs the
+FP output; HF-PSNR vs FP: PSNR of the high band x - G_1(x) (Gaussian sigma 1 per channel, level 0 of a
+Laplacian pyramid) of the output vs that of the FP output (the local-texture error the paper is about).
+Also per config: the size-weighted average weight bits, the MAC-weighted average activation bits
+(under mixed precision), and size (M) / ops (G) by the paper's convention (`report.size_ops`).
+
+Caches within one run: FP outputs, calibration statistics, and every quantized model's outputs.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import platform
+import sys
+import time
+from typing import Dict, List, Optional, Sequence, Tuple
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+# LAPACK (the SVDs of quantize) with OpenMP threads spin-waits on a busy 2-core machine: 192x192 SVDs
+# ran ~20x slower than single-threaded. Set before numpy / jax load their libraries.
+for _v in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+    os.environ.setdefault(_v, "1")
+
+import numpy as np  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from qdit4sr_jax import pipeline  # noqa: E402
+from qdit4sr_jax.demo import SAMPLES_DIR, psnr  # noqa: E402
+
+ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
+DEFAULT_DATA = os.path.join(ROOT, "data")
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "RESULTS.md")
+METHODS = ("rtn", "smoothquant", "svdquant", "rotation", "qdit4sr")
+BITS = ("w8a8", "w4a6", "w4a4")
+
+
+# ----------------------------------------------------------------------------- metrics
+
+def ssim(a: np.ndarray, b: np.ndarray) -> float:
+    """SSIM of two uint8 RGB images [H, W, 3] (skimage, per channel averaged, data range 255)."""
+    from skimage.metrics import structural_similarity
+    if a.shape != b.shape:
+        raise ValueError(f"ssim: shapes differ {a.shape} vs {b.shape}")
+    return float(structural_similarity(a, b, channel_axis=-1, data_range=255))
+
+
+def high_band(img: np.ndarray, sigma: float = 1.0) -> np.ndarray:
+    """Level-0 Laplacian-pyramid band x - G_sigma(x) of a uint8 [H, W, 3] image -> float64 [H, W, 3]."""
+    from scipy.ndimage import gaussian_filter
+    x = img.astype(np.float64)
+    return x - gaussian_filter(x, sigma=(sigma, sigma, 0), mode="reflect")
+
+
+def hf_psnr(a: np.ndarray, ref: np.ndarray, sigma: float = 1.0) -> float:
+    """PSNR (dB, peak 255) of the high band of `a` vs that of `ref` (both uint8 [H, W, 3])."""
+    if a.shape != ref.shape:
+        raise ValueError(f"hf_psnr: shapes differ {a.shape} vs {ref.shape}")
+    mse = np.mean((high_band(a, sigma) - high_band(ref, sigma)) ** 2)
+    return float("inf") if mse == 0 else float(10 * np.log10(255.0 ** 2 / mse))
+
+
+def image_metrics(out: np.ndarray, hr: np.ndarray, fp: Optional[np.ndarray]) -> Dict[str, float]:
+    """{psnr_hr, ssim_hr, psnr_fp, hf_fp} of one output (fp=None: the FP output itself -> inf)."""
+    return dict(psnr_hr=psnr(out, hr), ssim_hr=ssim(out, hr),
+                psnr_fp=float("inf") if fp is None else psnr(out, fp),
+                hf_fp=float("inf") if fp is None else hf_psnr(out, fp))
+
+
+# ----------------------------------------------------------------------------- data
+
+def _crop16(a: np.ndarray, crop: Optional[int]) -> np.ndarray:
+    h, w = a.shape[:2]
+    ch, cw = (min(crop, h), min(crop, w)) if crop else (h, w)
+    ch, cw = ch // 16 * 16, cw // 16 * 16
+    if ch < 16 or cw < 16:
+        raise ValueError(f"image {w}x{h} is too small: evaluation needs at least 16x16 HR pixels")
+    y, x = (h - ch) // 2, (w - cw) // 2
+    return np.ascontiguousarray(a[y:y + ch, x:x + cw])
+
+
+def default_eval_dir() -> str:
+    d = os.path.join(DEFAULT_DATA, "val")
+    return d if os.path.isdir(d) and any(f.endswith(".png") for f in os.listdir(d)) else SAMPLES_DIR
+
+
+def eval_images(folder: Optional[str] = None, crop: Optional[int] = None, limit: Optional[int] = None,
+                scale: int = 4) -> List[Tuple[str, np.ndarray, np.ndarray]]:
+    """[(name, hr uint8 [H, W, 3], lr uint8 [H/s, W/s, 3])] from a folder of HR images (sorted by name),
+    centre-cropped to a multiple of 16 (and to `crop`), LR = degrade(hr, val_seed(file name))."""
+    from qdit4sr_jax.data.datasets import val_seed
+    from qdit4sr_jax.data.degradation import degrade
+    folder = folder or default_eval_dir()
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(f"evaluation folder {folder!r} does not exist")
+    files = sorted(f for f in os.listdir(folder) if f.lower().endswith(pipeline.IMAGE_EXTS))
+    if not files:
+        raise FileNotFoundError(f"no images ({', '.join(pipeline.IMAGE_EXTS)}) in {folder!r}")
+    out = []
+    for f in files[:limit]:
+        with Image.open(os.path.join(folder, f)) as im:
+            hr = _crop16(pipeline.to_rgb_uint8(im), crop)
+        out.append((os.path.splitext(f)[0], hr, degrade(hr, val_seed(f), scale)))
+    return out
+
+
+def calibration_lrs(source: str, n: int, size: int, scale: int = 4, exclude: Sequence[str] = ()) \
+        -> Tuple[List[np.ndarray], str]:
+    """(LR images for calibration, a description). source: "train" (seeded random crops of the training
+    photos: `make_pair` seeds 10_000.., disjoint photos from data/val), "samples", or a folder (files
+    whose stem is in `exclude` are skipped, so a folder can be shared with the evaluation set)."""
+    from qdit4sr_jax.data.datasets import load_photos, make_pair, val_seed
+    from qdit4sr_jax.data.degradation import degrade
+    if source == "train":
+        photos = [p for _, p in load_photos(DEFAULT_DATA, "train")]
+        lrs = [make_pair(photos, 10_000 + i, size, scale)[1] for i in range(n)]
+        return lrs, f"{n} seeded {size}x{size} crops of the {len(photos)} training photos (data/train)"
+    folder = SAMPLES_DIR if source == "samples" else source
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(f"calibration source {source!r}: use 'train', 'samples' or a folder")
+    files = [f for f in sorted(os.listdir(folder)) if f.lower().endswith(pipeline.IMAGE_EXTS)
+             and os.path.splitext(f)[0] not in set(exclude)][:n]
+    if not files:
+        raise FileNotFoundError(f"no calibration images left in {folder!r}")
+    lrs = []
+    for f in files:
+        with Image.open(os.path.join(folder, f)) as im:
+            hr = _crop16(pipeline.to_rgb_uint8(im), size)
+        lrs.append(degrade(hr, val_seed(f), scale))
+    return lrs, f"{len(files)} images of {os.path.relpath(folder, ROOT)} ({', '.join(files)})"
+
+
+def load_bundle(spec: str):
+    """-> (ModelConfig, params bundle) from "demo", a model file, or a training-state folder (runs/...)."""
+    if os.path.isdir(spec) and os.path.exists(os.path.join(spec, "state.json")):
+        from qdit4sr_jax.train import config_from_dict, load_state
+        params, meta = load_state(spec)
+        return config_from_dict(meta["config"]).replace(dtype="float32"), {"transformer": params, "vae": {}}
+    if spec == "random-demo":                   # development only: random weights of the demo config
+        from benchmarks.common import random_params
+        from qdit4sr_jax.config import ModelConfig
+        cfg = ModelConfig.preset("demo")
+        return cfg, {"transformer": random_params(cfg), "vae": {}}
+    from qdit4sr_jax.io.modelfile import load_pretrained
+    return load_pretrained(spec)
+
+
+# ----------------------------------------------------------------------------- configs
+
+def method_config(method: str, bits: str, **overrides):
+    """QuantConfig of `method` at `bits` ("w4a4"): the project's preset, with optional field overrides."""
+    from qdit4sr_jax.quant.config import QuantConfig
+    q = QuantConfig.preset(f"{method}-{bits}")
+    return q.replace(**overrides).validate() if overrides else q
+
+
+def ablation_configs(bits: str = "w4a4") -> List[Tuple[str, object]]:
+    """[(label, QuantConfig)] of the Q-DiT4SR ablation at `bits`: the components added one by one on top
+    of RTN, the block size / rank split of H-SVD, and plain SVD at the same branch budget."""
+    full = method_config("qdit4sr", bits)
+    off = dict(hsvd=False, vasmp=False, vatmp=False)
+    rows = [
+        ("RTN", method_config("rtn", bits)),
+        ("+ H-SVD", full.replace(**dict(off, hsvd=True))),
+        ("+ H-SVD + VaSMP", full.replace(**dict(off, hsvd=True, vasmp=True))),
+        ("+ H-SVD + VaSMP + VaTMP (Q-DiT4SR)", full),
+        ("SVD-only (same budget) + VaSMP + VaTMP", full.replace(hsvd=False)),
+        ("SVD-only (same budget), fixed bits", full.replace(**off)),
+    ]
+    for blk in ((32, 32), (64, 64), (96, 96), (64, 192)):
+        if tuple(blk) != tuple(full.hsvd_block):
+            rows.append((f"Q-DiT4SR, blocks {blk[0]}x{blk[1]}", full.replace(hsvd_block=blk)))
+    rows.append(("Q-DiT4SR, blocks re-fitted (2 alternating rounds)", full.replace(hsvd_refine_iters=2)))
+    return rows
+
+
+# ----------------------------------------------------------------------------- the study
+
+@dataclasses.dataclass
+class Result:
+    label: str
+    method: str
+    bits: str
+    per_image: List[Dict[str, float]]
+    w_bits: float
+    a_bits: float
+    size_m: float
+    ops_g: float
+    quantize_s: float
+    upscale_s: float
+    outputs: List[np.ndarray]
+
+    def mean(self, key: str) -> float:
+        v = [m[key] for m in self.per_image]
+        return float(np.mean(v))
+
+
+def effective_bits(model_cfg, qparams, hw) -> Tuple[float, float, float, float]:
+    """(size-weighted weight bits, MAC-weighted activation bits, size M, ops G) over the quantized linears."""
+    from qdit4sr_jax import report
+    r = report.size_ops(model_cfg, qparams=qparams, height=hw[0], width=hw[1], count_unused=False)
+    q = [p for p in r["per_layer"] if p["w_bits"] < 32]
+    if not q:
+        return 32.0, 32.0, r["size_M"], r["ops_G"]
+    n = np.array([p["d_in"] * p["d_out"] for p in q], np.float64)
+    macs = np.array([p["macs"] for p in q], np.float64)
+    wb = float(np.sum(n * [p["w_bits"] for p in q]) / n.sum())
+    ab = float(np.sum(macs * [p["a_bits"] for p in q]) / macs.sum())
+    return wb, ab, r["size_M"], r["ops_G"]
+
+
+class Study:
+    """FP outputs, calibration statistics and every evaluated config cached for one run."""
+
+    def __init__(self, model: str = "demo", images: Optional[str] = None, crop: Optional[int] = None,
+                 limit: Optional[int] = None, calib: str = "train", n_calib: int = 4,
+                 num_steps: Optional[int] = None, seed: int = 0, log=print):
+        self.log = log
+        self.cfg, self.params = load_bundle(model)
+        self.model = model
+        self.steps = int(num_steps or self.cfg.num_steps)
+        self.seed = seed
+        self.images = eval_images(images, crop, limit, self.cfg.scale)
+        self.hw = self.images[0][1].shape[:2]
+        self.calib_source, self.n_calib = calib, n_calib
+        self._calib = None
+        self.calib_desc = ""
+        self.results: Dict[str, Result] = {}
+        t0 = time.perf_counter()
+        self.fp = self._upscale(self.params)
+        self.fp_s = time.perf_counter() - t0
+        self.bicubic = [pipeline.bicubic(lr, self.cfg.scale) for _, _, lr in self.images]
+        log(f"FP outputs for {len(self.images)} images x {self.steps} steps in {self.fp_s:.1f} s")
+
+    def _upscale(self, params) -> List[np.ndarray]:
+        return [pipeline.upscale(self.cfg, params, lr, seed=self.seed, num_steps=self.steps)
+                for _, _, lr in self.images]
+
+    @property
+    def calib(self):
+        if self._calib is None:
+            t0 = time.perf_counter()
+            lrs, self.calib_desc = calibration_lrs(self.calib_source, self.n_calib, max(self.hw),
+                                                   self.cfg.scale, exclude=[n for n, _, _ in self.images])
+            self._calib = pipeline.calibrate_images(self.cfg, self.params, lrs, seed=self.seed,
+                                                    num_steps=self.steps)
+            self.log(f"calibrated on {self.calib_desc} x {self.steps} steps in {time.perf_counter() - t0:.1f} s")
+        return self._calib
+
+    def quantize(self, qcfg):
+        from qdit4sr_jax.quant.api import quantize
+        needs = qcfg.smooth or qcfg.vatmp
+        return quantize(self.params["transformer"], qcfg, calib=self.calib if needs else None)
+
+    def run(self, label: str, qcfg, method: str = "", bits: str = "") -> Result:
+        if label in self.results:
+            return self.results[label]
+        t0 = time.perf_counter()
+        qt = self.quantize(qcfg)
+        tq = time.perf_counter() - t0
+        p = dict(self.params, transformer=qt)
+        t0 = time.perf_counter()
+        outs = self._upscale(p)
+        tu = time.perf_counter() - t0
+        wb, ab, size, ops = effective_bits(self.cfg, qt, self.hw)
+        per = [image_metrics(o, hr, f) for o, (_, hr, _), f in zip(outs, self.images, self.fp)]
+        r = Result(label, method, bits, per, wb, ab, size, ops, tq, tu, outs)
+        self.results[label] = r
+        self.log(f"{label:44s} PSNR-FP {r.mean('psnr_fp'):6.2f}  HF {r.mean('hf_fp'):6.2f}  "
+                 f"PSNR-HR {r.mean('psnr_hr'):6.2f}  W{wb:.2f}A{ab:.2f}  quant {tq:.1f}s up {tu:.1f}s")
+        return r
+
+    def fp_result(self) -> Result:
+        from qdit4sr_jax import report
+        r = report.size_ops(self.cfg, height=self.hw[0], width=self.hw[1], count_unused=False)
+        per = [image_metrics(o, hr, None) for o, (_, hr, _) in zip(self.fp, self.images)]
+        return Result("FP", "fp", "w32a32", per, 32.0, 32.0, r["size_M"], r["ops_G"], 0.0, self.fp_s, self.fp)
+
+    def bicubic_result(self) -> Result:
+        per = [dict(psnr_hr=psnr(b, hr), ssim_hr=ssim(b, hr), psnr_fp=psnr(b, f), hf_fp=hf_psnr(b, f))
+               for b, (_, hr, _), f in zip(self.bicubic, self.images, self.fp)]
+        return Result("bicubic", "bicubic", "-", per, float("nan"), float("nan"), float("nan"), float("nan"),
+                      0.0, 0.0, self.bicubic)
+
+
+# ----------------------------------------------------------------------------- per-layer analysis
+
+LAYER_GROUPS = (
+    ("adaLN modulation (norm*/linear)", r"/norm1(_context)?/linear$"),
+    ("attn q/k/v (shared)", r"/attn2?/to_[qkv]$"),
+    ("attn q/k/v control (LR)", r"/attn2?/to_[qkv]_control$"),
+    ("attn out (to_out_0)", r"/attn2?/to_out_0$"),
+    ("attn out control (LR)", r"/attn2?/to_out_control$"),
+    ("context stream (add_*, to_add_out, ff_context)", r"/(add_[qkv]_proj|to_add_out|ff_context/.*)$"),
+    ("ff net_0 (up)", r"/ff/net_0/proj$"),
+    ("ff net_2 (down)", r"/ff/net_2$"),
+)
+
+
+def _layer_error_model_fn(model_cfg, qnodes):
+    """A sampler model_fn that runs the FP model and, for every Linear with a quantized counterpart in
+    `qnodes` ({path: QuantizedWeight}), also applies the quantized linear to the same (FP) input and sows
+    (sum of squared output error, sum of squared FP output) into the `lerr` collection."""
+    import flax.linen as nn
+    import jax.numpy as jnp
+    from qdit4sr_jax.model.dit4sr import DiT4SRTransformer
+    from qdit4sr_jax.model.layers import Linear
+    from qdit4sr_jax.quant.linear import linear
+    module = DiT4SRTransformer(model_cfg)
+
+    def model_fn(params, x, lr, t, context, pooled, step, collect):
+        fp, q = params
+
+        def icpt(next_fun, args, kwargs, ctx):
+            y = next_fun(*args, **kwargs)
+            if isinstance(ctx.module, Linear) and ctx.method_name == "__call__":
+                path = "/".join(ctx.module.scope.path)
+                node = q.get(path)
+                if node is not None:
+                    bias = ctx.module.get_variable("params", "bias")
+                    st = kwargs.get("step", args[1] if len(args) > 1 else None)
+                    yq = linear(args[0], node, bias, step=st)
+                    e = jnp.sum(jnp.square(yq.astype(jnp.float32) - y.astype(jnp.float32)))
+                    ctx.module.sow("lerr", "e", jnp.stack([e, jnp.sum(jnp.square(y.astype(jnp.float32)))]))
+            return y
+
+        with nn.intercept_methods(icpt):
+            out, var = module.apply({"params": fp}, x, lr, t, context, pooled, step=step, mutable=["lerr"])
+        return out.astype(jnp.float32), var.get("lerr", {})
+
+    return model_fn
+
+
+def layer_errors(study: "Study", qtree, n_images: int = 2) -> Dict[str, np.ndarray]:
+    """Per-layer, per-step relative output error ||x W_q - x W||^2 / ||x W||^2 of the quantized tree on the
+    FP model's own activations along the FP sampling trajectory, summed over `n_images` images
+    -> {path: float [T]}."""
+    import jax
+    from qdit4sr_jax import sampling
+    from qdit4sr_jax.quant.api import quantized_layers
+    qn = quantized_layers(qtree)
+    fn = _layer_error_model_fn(study.cfg, qn)
+    acc: Dict[str, np.ndarray] = {}
+    for _, _, lr in study.images[:n_images]:
+        d = pipeline._prepare(study.cfg, study.params, lr, study.seed, None, 0, None)
+        _, st = sampling.sample(study.cfg, (study.params["transformer"], qn), d["lr_lat"], d["noise"],
+                                context=d["ctx"], pooled=d["pool"], num_steps=study.steps, guidance_scale=d["g"],
+                                collect_stats=True, model_fn=fn)
+        flat = jax.tree_util.tree_flatten_with_path(st)[0]
+        for kp, leaf in flat:
+            keys = [str(getattr(k, "key", getattr(k, "idx", k))) for k in kp]
+            path = "/".join(k for k in keys if k not in ("e",) and not k.isdigit())
+            a = np.asarray(leaf, np.float64).reshape(study.steps, -1, 2).sum(1)   # [T, 2]
+            acc[path] = acc.get(path, 0) + a
+    return {p: a[:, 0] / np.maximum(a[:, 1], 1e-30) for p, a in acc.items()}
+
+
+def partial_tree(fp_tree, qtree, pattern: str):
+    """qtree with every quantized node whose path does not match `pattern` put back to the FP kernel."""
+    import re
+    from qdit4sr_jax.quant import rules
+    keep = re.compile(pattern)
+    new = {}
+    for path in rules.find_quantized(qtree):
+        if not keep.search(rules.path_str(path)):
+            node = fp_tree
+            for k in path:
+                node = node[k]
+            new[path] = node["kernel"]
+    return rules.replace_kernels(qtree, new) if new else qtree
+
+
+def layer_report(study: "Study", methods: Sequence[str], bits: str = "w4a4", n_images: int = 2) -> str:
+    """Markdown: per layer group and per step, the relative output error (dB, 10 log10) of each method,
+    the worst layers, and the end-to-end PSNR vs FP when only one group (or one step) is quantized."""
+    import jax.numpy as jnp
+    from qdit4sr_jax import sampling
+    trees = {m: study.quantize(method_config(m, bits)) for m in methods}
+    errs = {m: layer_errors(study, t, n_images) for m, t in trees.items()}
+    import re
+    T = study.steps
+    out = [f"Relative output error of each linear on the FP model's own inputs, 10 log10(||xW_q - xW||^2 / "
+           f"||xW||^2) dB (lower is better), summed over the first {n_images} images, at {bits.upper()}:", "",
+           "| layer group | " + " | ".join(f"{m} (all steps)" for m in methods) + " | " +
+           " | ".join(f"{methods[-1]} step {t}" for t in range(T)) + " |",
+           "|" + "---|" * (1 + len(methods) + T)]
+    db = lambda v: 10 * np.log10(max(float(v), 1e-30))  # noqa: E731
+    for gname, pat in LAYER_GROUPS:
+        rx = re.compile(pat)
+        cells = []
+        for m in methods:
+            v = [e for p, e in errs[m].items() if rx.search(p)]
+            cells.append(_f(db(np.mean([x.mean() for x in v]))) if v else "-")
+        last = [e for p, e in errs[methods[-1]].items() if rx.search(p)]
+        steps = [_f(db(np.mean([x[t] for x in last]))) if last else "-" for t in range(T)]
+        out.append(f"| {gname} | " + " | ".join(cells) + " | " + " | ".join(steps) + " |")
+    for m in methods:
+        worst = sorted(errs[m].items(), key=lambda kv: -kv[1].mean())[:6]
+        out.append("")
+        out.append(f"Worst layers, {m}: " + "; ".join(f"`{p}` {db(e.mean()):.1f} dB" for p, e in worst))
+    # end to end: one group quantized at a time
+    out += ["", f"End-to-end PSNR vs FP (dB, mean of {n_images} images) with only one layer group quantized:", "",
+            "| layer group | " + " | ".join(methods) + " |", "|" + "---|" * (1 + len(methods))]
+    fp_t = study.params["transformer"]
+    sub = study.images[:n_images]
+    fps = study.fp[:n_images]
+
+    def e2e(tree):
+        p = dict(study.params, transformer=tree)
+        return float(np.mean([psnr(pipeline.upscale(study.cfg, p, lr, seed=study.seed, num_steps=study.steps), f)
+                              for (_, _, lr), f in zip(sub, fps)]))
+    for gname, pat in LAYER_GROUPS:
+        out.append(f"| {gname} | " + " | ".join(_f(e2e(partial_tree(fp_t, trees[m], pat))) for m in methods) + " |")
+    # end to end: one step quantized at a time (FP model on the other steps)
+    out += ["", "End-to-end PSNR vs FP (dB) with the quantized model used at one sampling step only:", "",
+            "| step | " + " | ".join(methods) + " |", "|" + "---|" * (1 + len(methods))]
+    base_fn = sampling.transformer_fn(study.cfg)
+    rows = {t: [] for t in range(T)}
+    for m in methods:
+        for t in range(T):
+            def fn(params, x, lr, tt, context, pooled, step, collect, _t=t):
+                a, _ = base_fn(params[0], x, lr, tt, context, pooled, step, False)
+                b, _ = base_fn(params[1], x, lr, tt, context, pooled, step, False)
+                return jnp.where(step == _t, b, a), {}
+            vals = []
+            for (_, _, lr), f in zip(sub, fps):
+                d = pipeline._prepare(study.cfg, study.params, lr, study.seed, None, 0, None)
+                lat = sampling.sample(study.cfg, (fp_t, trees[m]), d["lr_lat"], d["noise"], context=d["ctx"],
+                                      pooled=d["pool"], num_steps=T, guidance_scale=d["g"], model_fn=fn)
+                vals.append(psnr(_decode(study, lat, d), f))
+            rows[t].append(_f(float(np.mean(vals))))
+    for t in range(T):
+        out.append(f"| {t} | " + " | ".join(rows[t]) + " |")
+    return "\n".join(out)
+
+
+def _decode(study: "Study", lat, d) -> np.ndarray:
+    """Latents -> uint8 image exactly as `pipeline.upscale` finishes (decode, colour fix, resize)."""
+    from qdit4sr_jax.colorfix import color_fix
+    from qdit4sr_jax.model import vae as _vae
+    img = _vae.decode_jit(study.cfg.vae, study.params.get("vae", {}), lat)[0]
+    out = pipeline._to_uint8(img * 0.5 + 0.5)
+    out = pipeline._to_uint8(color_fix("adain", out.astype(np.float32) / 255.0, d["up"].astype(np.float32) / 255.0))
+    return pipeline._resize(out, *d["size"])
+
+
+# ----------------------------------------------------------------------------- output
+
+def _f(v: float, d: int = 2) -> str:
+    return "-" if v != v else ("inf" if v == float("inf") else f"{v:.{d}f}")
+
+
+def format_table(rows: Sequence[Result], bits_col: bool = True) -> str:
+    head = ["config", "W/A bits (eff.)", "PSNR vs HR", "SSIM vs HR", "PSNR vs FP", "HF-PSNR vs FP",
+            "size (M)", "ops (G)", "quantize (s)", "upscale (s)"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        wa = "-" if r.w_bits != r.w_bits else ("32/32" if r.w_bits >= 32 else f"{r.w_bits:.2f}/{r.a_bits:.2f}")
+        lines.append(f"| {r.label} | {wa} | {_f(r.mean('psnr_hr'))} | {_f(r.mean('ssim_hr'), 4)} | "
+                     f"{_f(r.mean('psnr_fp'))} | {_f(r.mean('hf_fp'))} | {_f(r.size_m, 3)} | {_f(r.ops_g, 2)} | "
+                     f"{r.quantize_s:.1f} | {r.upscale_s:.1f} |")
+    return "\n".join(lines)
+
+
+def format_per_image(study: Study, rows: Sequence[Result], key: str = "psnr_fp") -> str:
+    names = [n for n, _, _ in study.images]
+    lines = ["| config | " + " | ".join(names) + " |", "|" + "---|" * (len(names) + 1)]
+    for r in rows:
+        lines.append(f"| {r.label} | " + " | ".join(_f(m[key]) for m in r.per_image) + " |")
+    return "\n".join(lines)
+
+
+def write_grid(path: str, study: Study, labels: Sequence[str], crop: int = 64, max_images: int = 4) -> None:
+    """PNG grid of crops (the centre `crop` pixels, shown 2x nearest): rows = images, columns = bicubic,
+    FP, each label's output, HR; a header strip names the columns. Written atomically."""
+    from PIL import ImageDraw
+    cols = [("bicubic", study.bicubic), ("FP", study.fp)] + [(lb, study.results[lb].outputs) for lb in labels] + \
+        [("HR", [hr for _, hr, _ in study.images])]
+    H, W = study.hw
+    c = min(crop, H, W)
+    y, x = (H - c) // 2, (W - c) // 2
+    z = 2
+    pad = 2
+    cell = c * z
+    head = 14
+    n_img = min(max_images, len(study.images))
+    grid = np.full((head + n_img * (cell + pad), len(cols) * (cell + pad), 3), 255, np.uint8)
+    for j, (_, outs) in enumerate(cols):
+        for i in range(n_img):
+            tile = outs[i][y:y + c, x:x + c].repeat(z, 0).repeat(z, 1)
+            grid[head + i * (cell + pad): head + i * (cell + pad) + cell, j * (cell + pad): j * (cell + pad) + cell] = tile
+    im = Image.fromarray(grid)
+    d = ImageDraw.Draw(im)
+    for j, (name, _) in enumerate(cols):
+        d.text((j * (cell + pad) + 2, 1), name[:22], fill=(0, 0, 0))
+    tmp = path + ".tmp.png"
+    im.save(tmp, optimize=True)
+    os.replace(tmp, path)
+
+
+def append_results(text: str, path: str = RESULTS) -> None:
+    """Append a section to RESULTS.md (created with a header when absent)."""
+    new = not os.path.exists(path)
+    with open(path, "a") as f:
+        if new:
+            f.write("# Benchmark results\n\nSections are appended by the benchmark scripts; each names the "
+                    "command, machine and date that produced it.\n")
+        f.write("\n" + text.rstrip() + "\n")
+
+
+def machine() -> str:
+    import jax
+    return (f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, "
+            f"JAX {jax.__version__} ({jax.default_backend()})")
+
+
+# ----------------------------------------------------------------------------- main
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--mode", default="main", choices=("main", "ablation", "all", "layers"))
+    ap.add_argument("--model", default="demo", help='"demo", a model file, or a training-state folder')
+    ap.add_argument("--images", default=None, help="folder of HR images (default: data/val, else the bundled samples)")
+    ap.add_argument("--crop", type=int, default=None, help="centre crop (HR pixels) of each evaluation image")
+    ap.add_argument("--limit", type=int, default=None, help="use only the first N evaluation images")
+    ap.add_argument("--calib", default="train", help='"train" (default), "samples", or a folder of HR images')
+    ap.add_argument("--n-calib", type=int, default=4)
+    ap.add_argument("--steps", type=int, default=None, help="sampling steps (default: the model's)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--methods", default=",".join(METHODS))
+    ap.add_argument("--bits", default=",".join(BITS))
+    ap.add_argument("--grid", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "fidelity_grid.png"))
+    ap.add_argument("--results", default=RESULTS, help="Markdown file the tables are appended to")
+    ap.add_argument("--no-append", action="store_true", help="print the tables only")
+    return ap.parse_args(argv)
+
+
+def qwix_note() -> str:
+    try:
+        import qwix  # noqa: F401
+    except ImportError:
+        return ("qwix PTQ: not run (the `qwix` package is not installed in this environment; the study "
+                "installs nothing).")
+    return "qwix PTQ: qwix is installed but not wired into this study yet."
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    cmd = "python benchmarks/fidelity.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    t_start = time.perf_counter()
+    st = Study(args.model, args.images, args.crop, args.limit, args.calib, args.n_calib, args.steps, args.seed)
+    sections = []
+    desc = (f"Model `{args.model}` ({st.cfg.name}), {len(st.images)} evaluation images "
+            f"{st.hw[1]}x{st.hw[0]} HR from `{os.path.relpath(default_eval_dir() if args.images is None else args.images, ROOT)}` "
+            f"(x{st.cfg.scale}, LR = degrade(hr, val_seed(name))), {st.steps} sampling steps, seed {args.seed}.")
+    if args.mode in ("main", "all"):
+        rows = [st.bicubic_result(), st.fp_result()]
+        for bits in args.bits.split(","):
+            for m in args.methods.split(","):
+                rows.append(st.run(f"{m}-{bits}", method_config(m, bits), m, bits))
+        sections.append(("Fidelity: every method at W8A8 / W4A6 / W4A4", rows))
+        grid_labels = [lb for lb in (f"{m}-w4a4" for m in ("rtn", "svdquant", "qdit4sr")) if lb in st.results]
+        if args.grid and grid_labels:
+            write_grid(args.grid, st, grid_labels)
+    if args.mode in ("ablation", "all"):
+        rows = [st.run(lb, q, q.method, "w4a4") for lb, q in ablation_configs("w4a4")]
+        sections.append(("Q-DiT4SR ablation at W4A4", rows))
+    if args.mode == "layers":
+        text = layer_report(st, [m for m in args.methods.split(",")], args.bits.split(",")[-1])
+        print(text)
+        if not args.no_append:
+            append_results(f"## Per-layer output error ({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())})\n\n"
+                           f"Command: `{cmd}`; machine: {machine()}.\n{desc}\n\n{text}", args.results)
+        return 0
+    total = time.perf_counter() - t_start
+    out = [f"## {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}: fidelity study "
+           f"({', '.join(t for t, _ in sections)})", "",
+           f"Command: `{cmd}`  ", f"Machine: this CPU ({machine()}); whole run {total / 60:.1f} min.  ", desc + "  ",
+           f"Calibration: {st.calib_desc or 'not needed'}.  ",
+           "Metrics: PSNR / SSIM vs HR; PSNR vs the FP output (same seed); HF-PSNR = PSNR of the x - G_1(x) "
+           "high band vs FP's. W/A bits: size-weighted weight / MAC-weighted activation averages over the "
+           "quantized linears. " + qwix_note()]
+    for title, rows in sections:
+        out += ["", f"### {title}", "", format_table(rows), "", "PSNR vs FP per image:", "",
+                format_per_image(st, [r for r in rows if r.method not in ("fp",)])]
+    text = "\n".join(out)
+    print(text)
+    if not args.no_append:
+        append_results(text, args.results)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
