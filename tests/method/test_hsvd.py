@@ -94,3 +94,18 @@ def test_vmap_over_layers_and_dtype():
         np.testing.assert_allclose(fb.residual[i], fi.residual, atol=1e-5)
     fbf = H.hsvd(ws[0].astype(jnp.bfloat16), rank=6, block=(16, 16))
     assert fbf.U.dtype == jnp.bfloat16 and fbf.residual.dtype == jnp.bfloat16
+
+
+def test_subspace_block_solver_close_to_exact():
+    rng = np.random.default_rng(4)
+    for shape, block in [((96, 64), (16, 16)), ((70, 45), (16, 20))]:
+        w_struct = _planted(rng, *shape, block)
+        w_rand = jnp.asarray(rng.standard_normal(shape), jnp.float32)
+        for w, tol in ((w_struct, 1e-4), (w_rand, 2e-3)):
+            e = {s: float(H.relative_error(w, H.branch_dense(H.hsvd(w, rank=8, block=block, block_solver=s))))
+                 for s in ("svd", "subspace")}
+            assert e["svd"] <= e["subspace"] + 1e-6 and e["subspace"] <= e["svd"] * (1 + tol), e
+        f = H.hsvd(w_rand, rank=8, block=block, block_solver="subspace")
+        np.testing.assert_allclose(H.reconstruct(f), w_rand, atol=1e-5)
+    with pytest.raises(ValueError, match="block solver"):
+        H.fit_block_rank1(jnp.ones((8, 8)), (4, 4), "lanczos")
