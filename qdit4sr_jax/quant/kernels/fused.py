@@ -10,12 +10,13 @@ stages:
    the branch down-projections D [Mp, n_bo, R] in the branch dtype: D[m, i] = [x' lr_a | t[m, i, :]]
    (global low-rank features, then the block rank-1 features t[m, i, j] = <v_ij, x'_j> of output block
    row i), zero-padded to R (a power of 2 >= 16).
-   With packed 4-bit weights, every run of `chunk` input channels of q_x is stored as [even | odd]
+   Packed 4-bit weights are unpacked to int8 once per call outside the kernel (`KernelConfig.unpack=
+   "xla"`, the default: H100 measurements in benchmarks/gpu_notes.md), or inside the kernel
+   (`unpack="kernel"`): then every run of `chunk` input channels of q_x is stored as [even | odd]
    elements, so that the kernel multiplies the low nibbles with the even half and the high nibbles with
    the odd half (no interleave of the unpacked weight is ever needed).
-2. GEMM (Pallas on GPU, lowered by Triton): int8 x int8 -> int32 on the tensor cores, 4-bit weights
-   unpacked in registers from the packed bytes; group-wise weights scale each group's int32 partial
-   sum in float32 as it leaves the tensor cores.
+2. GEMM (Pallas on GPU, lowered by Triton): int8 x int8 -> int32 on the tensor cores; group-wise weights
+   scale each group's int32 partial sum in float32 as it leaves the tensor cores.
 3. epilogue (same kernel): y = s_x[m] * acc[m, n] (* s_w[n] per channel) + D[m, i(n)] @ U[:, n] + bias,
    written once in x.dtype; U [R, N] = [lr_b ; u_blocks] so that the global and block branches are one
    small dot per output tile (i(n) = n // b_out, the block row of output column n).

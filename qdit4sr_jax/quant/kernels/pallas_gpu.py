@@ -3,7 +3,8 @@
 Grid (Mp / block_m, N / block_n); each program owns one [block_m, block_n] output tile and loops over K:
   per channel ("nk"): int32 acc += q_x[:, k-step] . q_w[n-tile, k-step]^T, scaled once at the end;
   group-wise ("gnk", group g): one dot per group, y += float(acc_g) * s_w[g, n-tile] (exact per group);
-  packed 4-bit weights: bytes are loaded as int8 and split in registers, low nibble (p << 4) >> 4 and
+  packed 4-bit weights with unpack="kernel" (else they arrive unpacked as int8): bytes are loaded as int8
+  and split in registers, low nibble (p << 4) >> 4 and
   high nibble p >> 4 (arithmetic shifts sign-extend), multiplied with the [even | odd] halves of the
   prologue's activation run: two int8 dots of half the K step each.
 Epilogue: y * s_x (* s_w) + D[m-tile, block row] @ U[:, n-tile] (branch dtype, float32 accumulation)
