@@ -7,7 +7,10 @@ Per-method settings (and where they come from):
 - smoothquant:  alpha 0.5, per-channel weights, per-token activations (SmoothQuant, Xiao et al. 2023).
 - svdquant:     smoothing alpha 0.5, rank-32 16-bit branch, 4-bit group-64 residual (SVDQuant, Li et al. 2025).
 - rotation:     block Hadamard on d_in, RTN weights (QuaRot-RTN, Ashkboos et al. 2024), group 64 at <= 4 bits.
-- qdit4sr:      H-SVD at SVDQuant's rank-32 budget, VaSMP weight bits, VaTMP activation schedule (the paper).
+- qdit4sr:      smoothing alpha 0.5 (as SVDQuant) before H-SVD at SVDQuant's rank-32 budget, VaSMP weight bits,
+                VaTMP activation schedule (the paper). Smoothing: without it W4A4 lost 4.6 dB PSNR vs FP to
+                SVDQuant on the demo model (per-token A4 needs the outliers migrated); with it, +1.4 dB ahead
+                (benchmarks/RESULTS.md, fidelity study).
 """
 from __future__ import annotations
 
@@ -20,7 +23,7 @@ _METHOD_FIELDS = {
     "smoothquant": dict(smooth=True, smooth_alpha=0.5, w_group_size=None),
     "svdquant": dict(smooth=True, smooth_alpha=0.5, lowrank_rank=32, w_group_size=64),
     "rotation": dict(rotate=True),
-    "qdit4sr": dict(hsvd=True, lowrank_rank=32, vasmp=True, vatmp=True),
+    "qdit4sr": dict(smooth=True, smooth_alpha=0.5, hsvd=True, lowrank_rank=32, vasmp=True, vatmp=True),
 }
 
 _NAME = re.compile(r"^(?:(?P<method>[a-z0-9]+)-)?w(?P<w>\d+)a(?P<a>\d+)$")

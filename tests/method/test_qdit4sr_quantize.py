@@ -103,7 +103,8 @@ def _sq_err(params, nodes):
 def test_vasmp_and_branches_reduce_weight_error(tmp_path):
     params = _Toy().init(jax.random.PRNGKey(0), jnp.zeros((1, 64)))["params"]
     base = QuantConfig.preset("qdit4sr-w4a4").replace(
-        include=(r"^transformer_blocks",), lowrank_rank=8, hsvd_block=(32, 32), a_bits=None, vatmp=False)
+        include=(r"^transformer_blocks",), lowrank_rank=8, hsvd_block=(32, 32), a_bits=None, vatmp=False,
+        smooth=False)
     qp, info = quantize_qdit4sr(params, base, return_info=True)
     bits = np.array(list(info["w_bits"].values()))
     sizes = np.array(list(info["size"].values()))
