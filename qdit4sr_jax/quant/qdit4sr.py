@@ -13,6 +13,7 @@ the sampling step inside the jitted sampler).
                                    "model": n sigma^2 2^(-2b) from the residual variance (MISSION.md)
   hsvd_refine_iters                extra alternating global/block refits (0 = the paper's order)
   hsvd_block_solver                "subspace" (fast) or "svd" (exact) rank-1 fit of each block
+  lowrank_svd                      "exact" or "randomized" SVD of the global branch
   vatmp, a_bits, a_bit_candidates  per-layer, per-step bits; the average over steps equals a_bits
                                    (floor(a_bits * T) / T); needs `calib` with T steps (stat "var")
   smooth / rotate, w_group_size, ... as for the baselines.
@@ -53,6 +54,7 @@ class BranchSpec:
     branch_dtype: str
     refine_iters: int = 0
     block_solver: str = "svd"
+    global_solver: str = "exact"
     # VaSMP "measured" distortion: squared error of this weight quantizer at each of `mse_bits`
     mse_bits: Tuple[int, ...] = ()
     group_size: Optional[int] = None
@@ -95,11 +97,11 @@ def _branches_stack(ws, chs, spec: BranchSpec):
         out = {}
         if spec.hsvd:
             f = H.hsvd(w, rank=spec.rank, block=spec.block, refine_iters=spec.refine_iters,
-                       block_solver=spec.block_solver)
+                       block_solver=spec.block_solver, global_solver=spec.global_solver)
             out = dict(lr_a=f.V.astype(bdt), lr_b=f.U.T.astype(bdt), block_u=f.u.astype(bdt),
                        block_v=f.v.astype(bdt))
         elif spec.rank:
-            f = H.svd_branch(w, spec.rank)
+            f = H.svd_branch(w, spec.rank, spec.global_solver)
             out = dict(lr_a=f.V.astype(bdt), lr_b=f.U.T.astype(bdt))
         r = w - _branch_dense(out.get("lr_a"), out.get("lr_b"), out.get("block_u"), out.get("block_v"), n, k)
         mse = jnp.stack([_quant_sq_err(r, b, spec) for b in spec.mse_bits]) if spec.mse_bits else None
@@ -222,6 +224,7 @@ def quantize_qdit4sr(params, cfg, calib=None, *, layer_w_bits: Optional[Mapping[
                            rank=int(cfg.lowrank_rank) if cfg.hsvd else rank, hsvd=bool(cfg.hsvd), block=blk,
                            branch_dtype=cfg.branch_dtype, refine_iters=int(getattr(cfg, "hsvd_refine_iters", 0)),
                            block_solver=str(getattr(cfg, "hsvd_block_solver", "svd")),
+                           global_solver=str(getattr(cfg, "lowrank_svd", "exact")),
                            mse_bits=tuple(int(b) for b in cfg.w_bit_candidates) if measured else (),
                            group_size=spec0.group_size, w_symmetric=spec0.w_symmetric,
                            clip_ratio=spec0.clip_ratio, clip_search=spec0.clip_search)

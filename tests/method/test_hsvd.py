@@ -109,3 +109,16 @@ def test_subspace_block_solver_close_to_exact():
         np.testing.assert_allclose(H.reconstruct(f), w_rand, atol=1e-5)
     with pytest.raises(ValueError, match="block solver"):
         H.fit_block_rank1(jnp.ones((8, 8)), (4, 4), "lanczos")
+
+
+def test_randomized_global_solver_close_to_exact():
+    rng = np.random.default_rng(5)
+    w = _planted(rng, 96, 64, (16, 16))
+    e = {s: float(H.relative_error(w, H.branch_dense(H.hsvd(w, rank=8, block=(16, 16), global_solver=s))))
+         for s in ("exact", "randomized")}
+    assert e["randomized"] <= e["exact"] * 1.01, e
+    s = H.svd_branch(w, 8, "randomized")
+    assert float(H.relative_error(w, H.branch_dense(s))) <= float(
+        H.relative_error(w, H.branch_dense(H.svd_branch(w, 8)))) * 1.01
+    with pytest.raises(ValueError, match="global SVD solver"):
+        H.svd_branch(w, 8, "lanczos")
