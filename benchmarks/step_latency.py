@@ -111,8 +111,8 @@ def qwix_tree(model, params, example, log):
     try:
         rules = [qwix.QuantizationRule(module_path=r".*transformer_blocks_.*", weight_qtype=jnp.int8,
                                        act_qtype=jnp.int8)]
-        qmodel = qwix.quantize_model(model, qwix.PtqProvider(rules), *example)
-        abs_q = jax.eval_shape(lambda: qmodel.init(jax.random.PRNGKey(0), *example))
+        qmodel = qwix.quantize_model(model, qwix.PtqProvider(rules))
+        abs_q = jax.eval_shape(lambda: qmodel.init(jax.random.PRNGKey(0), *example))["params"]
         qparams = qwix.quantize_params(params, abs_q)
         return (qmodel, qparams), None
     except Exception as e:
