@@ -46,7 +46,8 @@ def linear(x, w, bias=None, *, act_bits=None, step=None, execution=None):
     if isinstance(w, QuantizedWeight):
         y = quantized_linear(x, w, act_bits=act_bits, step=step, execution=execution)
     else:
-        y = jnp.einsum("...k,kn->...n", x, w.astype(x.dtype))
+        # no astype when the dtype already matches: keeps wrapped kernels (e.g. qwix PTQ) intact
+        y = jnp.einsum("...k,kn->...n", x, w if w.dtype == x.dtype else w.astype(x.dtype))
     if bias is not None:
         y = y + bias.astype(y.dtype)
     return y
