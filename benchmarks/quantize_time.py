@@ -25,7 +25,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from common import environment, gib, random_calib, random_params, tree_bytes, write_json  # noqa: E402
+from common import CompileTimer, environment, gib, random_calib, random_params, tree_bytes, write_json  # noqa: E402
 
 
 def main(argv=None):
@@ -65,11 +65,13 @@ def main(argv=None):
     info = None
     for kind in runs:
         t0 = time.perf_counter()
-        q, info = quantize_qdit4sr(params, qcfg, calib, return_info=True)
-        jax.block_until_ready(jax.tree_util.tree_leaves(q))
+        with CompileTimer() as ct:
+            q, info = quantize_qdit4sr(params, qcfg, calib, return_info=True)
+            jax.block_until_ready(jax.tree_util.tree_leaves(q))
         res[f"quantize_{kind}_s"] = time.perf_counter() - t0
+        res[f"quantize_{kind}_compile"] = ct.summary()
         res["quantized_weight_bytes"] = tree_bytes(q)
-        log(f"quantize ({kind}) {res[f'quantize_{kind}_s']:.2f} s, weights {gib(res['quantized_weight_bytes'])} GiB "
+        log(f"quantize ({kind}) {res[f'quantize_{kind}_s']:.2f} s ({ct.summary()}), weights {gib(res['quantized_weight_bytes'])} GiB "
             f"(1/{res['bf16_weight_bytes'] / res['quantized_weight_bytes']:.2f} of bf16)")
         del q
     bits = np.array(list(info["w_bits"].values()))
