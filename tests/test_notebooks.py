@@ -16,6 +16,7 @@ def _code_cells(nb):
     return [c.source for c in nb.cells if c.cell_type == "code"]
 
 
+@pytest.mark.slow
 def test_quickstart_runs_on_cpu(tmp_path):
     nbclient = pytest.importorskip("nbclient")
     nb = nbformat.read(os.path.join(NB, "quickstart.ipynb"), as_version=4)

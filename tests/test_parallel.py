@@ -44,6 +44,7 @@ def worker_results():
     return rows
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("check", CHECKS)
 def test_eight_fake_devices(worker_results, check):
     """Sharded result == single-device result (data parallel, tensor parallel float and quantized,
