@@ -176,9 +176,10 @@ def ablation_configs(bits: str = "w4a4") -> List[Tuple[str, object]]:
     off = dict(hsvd=False, vasmp=False, vatmp=False)
     rows = [
         ("RTN", method_config("rtn", bits)),
-        ("+ H-SVD", full.replace(**dict(off, hsvd=True))),
-        ("+ H-SVD + VaSMP", full.replace(**dict(off, hsvd=True, vasmp=True))),
-        ("+ H-SVD + VaSMP + VaTMP (Q-DiT4SR)", full),
+        ("+ smoothing (alpha 0.5)", method_config("rtn", bits).replace(smooth=True, smooth_alpha=full.smooth_alpha)),
+        ("+ smoothing + H-SVD", full.replace(**dict(off, hsvd=True))),
+        ("+ smoothing + H-SVD + VaSMP", full.replace(**dict(off, hsvd=True, vasmp=True))),
+        ("+ smoothing + H-SVD + VaSMP + VaTMP (Q-DiT4SR)", full),
         ("SVD-only (same budget) + VaSMP + VaTMP", full.replace(hsvd=False)),
         ("SVD-only (same budget), fixed bits", full.replace(**off)),
     ]
@@ -385,7 +386,8 @@ def partial_tree(fp_tree, qtree, pattern: str):
     return rules.replace_kernels(qtree, new) if new else qtree
 
 
-def layer_report(study: "Study", methods: Sequence[str], bits: str = "w4a4", n_images: int = 2) -> str:
+def layer_report(study: "Study", methods: Sequence[str], bits: str = "w4a4", n_images: int = 2,
+                 groups: bool = False) -> str:
     """Markdown: per layer group and per step, the relative output error (dB, 10 log10) of each method,
     the worst layers, and the end-to-end PSNR vs FP when only one group (or one step) is quantized."""
     import jax.numpy as jnp
@@ -413,35 +415,37 @@ def layer_report(study: "Study", methods: Sequence[str], bits: str = "w4a4", n_i
         worst = sorted(errs[m].items(), key=lambda kv: -kv[1].mean())[:6]
         out.append("")
         out.append(f"Worst layers, {m}: " + "; ".join(f"`{p}` {db(e.mean()):.1f} dB" for p, e in worst))
-    # end to end: one group quantized at a time
-    out += ["", f"End-to-end PSNR vs FP (dB, mean of {n_images} images) with only one layer group quantized:", "",
-            "| layer group | " + " | ".join(methods) + " |", "|" + "---|" * (1 + len(methods))]
     fp_t = study.params["transformer"]
     sub = study.images[:n_images]
     fps = study.fp[:n_images]
+    if groups:      # end to end: one group quantized at a time (one sampler compile per group and method)
+        out += ["", f"End-to-end PSNR vs FP (dB, mean of {n_images} images) with only one layer group quantized:",
+                "", "| layer group | " + " | ".join(methods) + " |", "|" + "---|" * (1 + len(methods))]
 
-    def e2e(tree):
-        p = dict(study.params, transformer=tree)
-        return float(np.mean([psnr(pipeline.upscale(study.cfg, p, lr, seed=study.seed, num_steps=study.steps), f)
-                              for (_, _, lr), f in zip(sub, fps)]))
-    for gname, pat in LAYER_GROUPS:
-        out.append(f"| {gname} | " + " | ".join(_f(e2e(partial_tree(fp_t, trees[m], pat))) for m in methods) + " |")
-    # end to end: one step quantized at a time (FP model on the other steps)
-    out += ["", "End-to-end PSNR vs FP (dB) with the quantized model used at one sampling step only:", "",
-            "| step | " + " | ".join(methods) + " |", "|" + "---|" * (1 + len(methods))]
+        def e2e(tree):
+            p = dict(study.params, transformer=tree)
+            return float(np.mean([psnr(pipeline.upscale(study.cfg, p, lr, seed=study.seed, num_steps=study.steps), f)
+                                  for (_, _, lr), f in zip(sub, fps)]))
+        for gname, pat in LAYER_GROUPS:
+            out.append(f"| {gname} | " + " | ".join(_f(e2e(partial_tree(fp_t, trees[m], pat))) for m in methods) + " |")
+    # end to end: the quantized model at one sampling step only (the step is traced: one compile per method)
+    out += ["", "End-to-end PSNR vs FP (dB) with the quantized model used at one sampling step only "
+            "(FP at the others):", "", "| step | " + " | ".join(methods) + " |", "|" + "---|" * (1 + len(methods))]
     base_fn = sampling.transformer_fn(study.cfg)
+
+    def fn(params, x, lr, tt, context, pooled, step, collect):
+        a, _ = base_fn(params[0], x, lr, tt, context, pooled, step, False)
+        b, _ = base_fn(params[1], x, lr, tt, context, pooled, step, False)
+        return jnp.where(step == params[2], b, a), {}
     rows = {t: [] for t in range(T)}
     for m in methods:
         for t in range(T):
-            def fn(params, x, lr, tt, context, pooled, step, collect, _t=t):
-                a, _ = base_fn(params[0], x, lr, tt, context, pooled, step, False)
-                b, _ = base_fn(params[1], x, lr, tt, context, pooled, step, False)
-                return jnp.where(step == _t, b, a), {}
             vals = []
             for (_, _, lr), f in zip(sub, fps):
                 d = pipeline._prepare(study.cfg, study.params, lr, study.seed, None, 0, None)
-                lat = sampling.sample(study.cfg, (fp_t, trees[m]), d["lr_lat"], d["noise"], context=d["ctx"],
-                                      pooled=d["pool"], num_steps=T, guidance_scale=d["g"], model_fn=fn)
+                lat = sampling.sample(study.cfg, (fp_t, trees[m], jnp.int32(t)), d["lr_lat"], d["noise"],
+                                      context=d["ctx"], pooled=d["pool"], num_steps=T, guidance_scale=d["g"],
+                                      model_fn=fn)
                 vals.append(psnr(_decode(study, lat, d), f))
             rows[t].append(_f(float(np.mean(vals))))
     for t in range(T):
@@ -548,6 +552,9 @@ def parse_args(argv=None):
     ap.add_argument("--grid", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "fidelity_grid.png"))
     ap.add_argument("--results", default=RESULTS, help="Markdown file the tables are appended to")
     ap.add_argument("--no-append", action="store_true", help="print the tables only")
+    ap.add_argument("--groups", action="store_true",
+                    help="layers mode: also the end-to-end error with one layer group quantized at a time (slow)")
+    ap.add_argument("--n-layer-images", type=int, default=2, help="layers mode: images used")
     return ap.parse_args(argv)
 
 
@@ -582,7 +589,7 @@ def main(argv=None) -> int:
         rows = [st.run(lb, q, q.method, "w4a4") for lb, q in ablation_configs("w4a4")]
         sections.append(("Q-DiT4SR ablation at W4A4", rows))
     if args.mode == "layers":
-        text = layer_report(st, [m for m in args.methods.split(",")], args.bits.split(",")[-1])
+        text = layer_report(st, args.methods.split(","), args.bits.split(",")[-1], args.n_layer_images, args.groups)
         print(text)
         if not args.no_append:
             append_results(f"## Per-layer output error ({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())})\n\n"

@@ -64,9 +64,9 @@ def test_ablation_configs_are_valid():
     rows = F.ablation_configs("w4a4")
     labels = [lb for lb, _ in rows]
     assert labels[0] == "RTN" and any("SVD-only" in lb for lb in labels)
-    full = dict(rows)["+ H-SVD + VaSMP + VaTMP (Q-DiT4SR)"]
+    full = dict(rows)["+ smoothing + H-SVD + VaSMP + VaTMP (Q-DiT4SR)"]
     assert full.hsvd and full.vasmp and full.vatmp
-    assert not dict(rows)["+ H-SVD"].vasmp
+    assert not dict(rows)["+ smoothing + H-SVD"].vasmp and dict(rows)["+ smoothing (alpha 0.5)"].smooth
 
 
 @pytest.mark.skipif(not os.path.exists(PRETRAINED["demo"]), reason="the demo model is not shipped in this checkout")
