@@ -23,7 +23,6 @@ def cmd_demo(a) -> int:
 
 
 def cmd_upscale(a) -> int:
-    from PIL import Image
     from qdit4sr_jax import pipeline
     from qdit4sr_jax.checkpoint import load as load_quantized
     cfg, params = _load_model(a.model)
@@ -31,11 +30,11 @@ def cmd_upscale(a) -> int:
         qparams, qcfg = load_quantized(a.quantized)
         params = dict(params, transformer=qparams)
         print(f"quantized transformer: {qcfg.name if hasattr(qcfg, 'name') else qcfg}")
-    img = Image.open(a.input)
+    img = pipeline.read_images(a.input)[0]
     out = pipeline.upscale(cfg, params, img, seed=a.seed, num_steps=a.steps,
                            color_fix=None if a.color_fix == "none" else a.color_fix)
     pipeline.save_image(out, a.output)
-    print(f"wrote {a.output} ({out.size[0]}x{out.size[1]})")
+    print(f"wrote {a.output} ({out.shape[1]}x{out.shape[0]})")
     return 0
 
 
@@ -123,7 +122,7 @@ def main(argv=None) -> int:
     a = build_parser().parse_args(argv)
     try:
         return int(a.fn(a) or 0)
-    except (ValueError, FileNotFoundError, TypeError) as e:
+    except (ValueError, OSError, TypeError) as e:
         print(f"qdit4sr-jax {a.cmd}: error: {e}", file=sys.stderr)
         return 2
 

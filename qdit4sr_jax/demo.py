@@ -110,6 +110,5 @@ def write_grid(path: str, samples, bicubic: Sequence[np.ndarray], outputs: Dict[
     rows = [np.concatenate([c[i] for c in cols], axis=1) for i in range(len(samples))]
     h = max(r.shape[0] for r in rows)
     grid = np.concatenate([np.pad(r, ((0, h - r.shape[0]), (0, 0), (0, 0))) for r in rows], axis=0)
-    tmp = path + ".tmp.png"
-    Image.fromarray(grid).save(tmp)
-    os.replace(tmp, path)
+    from qdit4sr_jax.pipeline import save_image
+    save_image(grid, path)

@@ -1,0 +1,48 @@
+"""The CLI main job (`qdit4sr-jax demo`, shortened) and the other subcommands on the shipped demo model."""
+import os
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from qdit4sr_jax import cli
+from qdit4sr_jax.demo import DEFAULT_METHODS, SAMPLES_DIR, psnr
+
+
+@pytest.mark.slow
+def test_demo_job_shortened(tmp_path, capsys):
+    rc = cli.main(["demo", "--out", str(tmp_path), "--images", "1", "--crop", "64", "--steps", "2",
+                   "--no-progress"])
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    for m in ("bicubic",) + DEFAULT_METHODS:
+        assert f"| {m} |" in out
+    grid = Image.open(tmp_path / "demo_grid.png")
+    # one sample row: bicubic | fp | rtn | qdit4sr | HR, each 64x64
+    assert grid.size == (64 * (len(DEFAULT_METHODS) + 2), 64)
+    size = {m: float([l for l in out.splitlines() if l.startswith(f"| {m} |")][0].split("|")[4])
+            for m in DEFAULT_METHODS}
+    # RTN W4 < Q-DiT4SR W4 (+ its 16-bit branches, counted at 32 bits as the paper does) < FP
+    assert 0 < size["rtn-w4a4"] < size["qdit4sr-w4a4"] < size["fp"]
+
+
+def test_upscale_subcommand_and_bad_input(tmp_path, capsys):
+    src = tmp_path / "in.png"
+    hr = np.asarray(Image.open(os.path.join(SAMPLES_DIR, sorted(os.listdir(SAMPLES_DIR))[0])).convert("RGB"))
+    Image.fromarray(hr[:16, :16]).save(src)
+    dst = tmp_path / "out.png"
+    assert cli.main(["upscale", str(src), str(dst), "--steps", "1"]) == 0
+    out = np.asarray(Image.open(dst))
+    assert out.shape == (64, 64, 3)
+    assert psnr(out, out) == float("inf")
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"not an image")
+    assert cli.main(["upscale", str(bad), str(tmp_path / "x.png")]) == 2
+    assert "bad.png" in capsys.readouterr().err
+    assert not (tmp_path / "x.png").exists()
+
+
+def test_report_subcommand(capsys):
+    assert cli.main(["report", "--config", "dit4sr"]) == 0
+    out = capsys.readouterr().out
+    assert "2,594,049,216" in out or "2,716,814,144" in out
