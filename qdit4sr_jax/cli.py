@@ -52,8 +52,9 @@ def cmd_quantize(a) -> int:
     t0 = time.perf_counter()
     q = quantize(params["transformer"], qcfg, calib=calib)
     dt = time.perf_counter() - t0
-    nbytes = save(a.out, q, qcfg)
-    print(f"quantized with {a.preset} in {dt:.1f} s; saved to {a.out} ({nbytes / 2**20:.2f} MiB on disk)")
+    info = save(a.out, q, qcfg)
+    print(f"quantized with {a.preset} in {dt:.1f} s; saved to {a.out} "
+          f"({info['bytes_on_disk'] / 2**20:.2f} MiB on disk, {info['quantized_layers']} quantized layers)")
     return 0
 
 

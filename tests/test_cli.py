@@ -46,3 +46,14 @@ def test_report_subcommand(capsys):
     assert cli.main(["report", "--config", "dit4sr"]) == 0
     out = capsys.readouterr().out
     assert "2,594,049,216" in out or "2,716,814,144" in out
+
+
+def test_quantize_then_upscale_quantized(tmp_path, capsys):
+    ck = tmp_path / "rtn"
+    assert cli.main(["quantize", "--preset", "rtn-w4a8", "--out", str(ck)]) == 0
+    assert "quantized layers" in capsys.readouterr().out
+    src = tmp_path / "in.png"
+    hr = np.asarray(Image.open(os.path.join(SAMPLES_DIR, sorted(os.listdir(SAMPLES_DIR))[0])).convert("RGB"))
+    Image.fromarray(hr[:16, :16]).save(src)
+    assert cli.main(["upscale", str(src), str(tmp_path / "q.png"), "--quantized", str(ck), "--steps", "1"]) == 0
+    assert np.asarray(Image.open(tmp_path / "q.png")).shape == (64, 64, 3)
