@@ -111,10 +111,11 @@ def _fake_data(d):
 def _args(data, out, steps):
     return argparse.Namespace(preset="tiny", data=str(data), out=str(out), total_steps=10, steps=steps,
                               max_minutes=5.0, save_margin=0.0, save_every_minutes=0.0, batch=2, crop=32, lr=1e-3, warmup=2, rewarm=2,
-                              weight_decay=0.0, dtype="float32", attention="auto", bank=8, workers=1, log_every=1, val_every=2,
+                              weight_decay=0.0, dtype="float32", attention="auto", bridge_frac=0.5, bridge_sigma=0.25, bank=8, workers=1, log_every=1, val_every=2,
                               val_count=0, seed=0)
 
 
+@pytest.mark.slow
 def test_train_runs_end_to_end_and_resumes(tmp_path):
     _fake_data(tmp_path / "data")
     out = tmp_path / "run"
