@@ -263,12 +263,7 @@ def upscale_batch(cfg: ModelConfig, params: Mapping[str, Any], images: Sequence[
     images = list(images)
     if not images:
         raise ValueError("upscale_batch: no images given")
-    if "transformer" not in params:
-        raise ValueError("params must be the model bundle {'transformer': ..., 'vae': ..., 'prompt': ...}; "
-                         "'transformer' is missing")
-    if cfg.vae.kind == "sd3" and not params.get("vae"):
-        raise ValueError("params['vae'] is missing or empty but cfg.vae.kind is 'sd3': convert the VAE "
-                         "(python -m converters vae) or use a space_to_depth model")
+    pipeline.check_bundle(cfg, params)
     if color_fix not in (None, "none", "adain", "wavelet"):
         raise ValueError(f"color_fix must be 'adain', 'wavelet' or None, got {color_fix!r}")
     seeds = [int(seed)] * len(images) if seeds is None else [int(s) for s in seeds]

@@ -228,14 +228,19 @@ def bicubic(image, scale: int):
     return Image.fromarray(out, "RGB") if isinstance(image, Image.Image) else out
 
 
-def _prepare(cfg: ModelConfig, params, image, seed, prompt, prompt_index, guidance_scale, process_size=None):
-    """Validate, upsample and encode -> dict(up, lr_lat, noise, ctx, pool, nctx, npool, g, size)."""
+def check_bundle(cfg: ModelConfig, params: Mapping[str, Any]) -> None:
+    """Raise ValueError unless `params` is a model bundle {'transformer', 'vae', ...} usable with `cfg`."""
     if "transformer" not in params:
         raise ValueError("params must be the model bundle {'transformer': ..., 'vae': ..., 'prompt': ...}; "
                          "'transformer' is missing")
     if cfg.vae.kind == "sd3" and not params.get("vae"):
         raise ValueError("params['vae'] is missing or empty but cfg.vae.kind is 'sd3': convert the VAE "
                          "(python -m converters vae) or use a space_to_depth model")
+
+
+def _prepare(cfg: ModelConfig, params, image, seed, prompt, prompt_index, guidance_scale, process_size=None):
+    """Validate, upsample and encode -> dict(up, lr_lat, noise, ctx, pool, nctx, npool, g, size)."""
+    check_bundle(cfg, params)
     lr = to_rgb_uint8(image)
     H0, W0 = lr.shape[:2]
     mn = min_input_size(cfg)
