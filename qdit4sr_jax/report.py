@@ -91,15 +91,25 @@ def _tiles(model_cfg: ModelConfig, h: int, w: int):
     return len(tile_offsets(h, t, overlap)) * len(tile_offsets(w, t, overlap)), t, t
 
 
+def _abstract_forward_inputs(model_cfg: ModelConfig, latent_hw):
+    """(model, abstract params, x / lr [1,h,w,C], context [1,L,D], pooled [1,P]) as ShapeDtypeStructs, batch 1."""
+    from qdit4sr_jax.model.dit4sr import DiT4SRTransformer, param_shapes
+    h, w = latent_hw
+    sd = jax.ShapeDtypeStruct
+    return (DiT4SRTransformer(model_cfg), param_shapes(model_cfg),
+            sd((1, h, w, model_cfg.in_channels), jnp.float32),
+            sd((1, model_cfg.context_len, model_cfg.joint_attention_dim), jnp.float32),
+            sd((1, model_cfg.pooled_projection_dim), jnp.float32))
+
+
 def linear_inventory(model_cfg: ModelConfig, latent_hw=(64, 64), *, count_unused: bool = True):
     """Every linear of the transformer with its tokens per forward at `latent_hw` (batch 1), from
     `jax.eval_shape` (no weights, no compute) -> (list of LinearInfo, {path: shape} of all params,
     number of non-linear-kernel, non-bias parameters)."""
     import flax.linen as nn
-    from qdit4sr_jax.model.dit4sr import DiT4SRTransformer, param_shapes
     from qdit4sr_jax.model.layers import Linear
 
-    shapes = param_shapes(model_cfg)
+    model, shapes, x, ctx, pooled = _abstract_forward_inputs(model_cfg, latent_hw)
     flat = _flat_shapes(shapes)
     calls: Dict[str, int] = {}
 
@@ -108,13 +118,6 @@ def linear_inventory(model_cfg: ModelConfig, latent_hw=(64, 64), *, count_unused
             path = "/".join(context.module.path)
             calls[path] = calls.get(path, 0) + int(np.prod(args[0].shape[:-1]))
         return next_fun(*args, **kwargs)
-
-    model = DiT4SRTransformer(model_cfg)
-    h, w = latent_hw
-    sd = jax.ShapeDtypeStruct
-    x = sd((1, h, w, model_cfg.in_channels), jnp.float32)
-    ctx = sd((1, model_cfg.context_len, model_cfg.joint_attention_dim), jnp.float32)
-    pooled = sd((1, model_cfg.pooled_projection_dim), jnp.float32)
 
     def fwd(p, x, lr, c, pp):
         with nn.intercept_methods(record):
@@ -245,14 +248,7 @@ def size_ops(model_cfg: ModelConfig, qcfg: Optional[QuantConfig] = None, *, qpar
 def dense_flops_per_forward(model_cfg: ModelConfig, latent_hw=(64, 64), inventory=None) -> dict:
     """All matmul / conv FLOPs (2 x MACs) of one forward (batch 1) from the jaxpr of the model at
     `latent_hw`: {"total": ..., "linear": ..., "attention_and_conv": ...} in FLOP (abstract, no compute)."""
-    from qdit4sr_jax.model.dit4sr import DiT4SRTransformer, param_shapes
-    shapes = param_shapes(model_cfg)
-    model = DiT4SRTransformer(model_cfg)
-    h, w = latent_hw
-    sd = jax.ShapeDtypeStruct
-    x = sd((1, h, w, model_cfg.in_channels), jnp.float32)
-    ctx = sd((1, model_cfg.context_len, model_cfg.joint_attention_dim), jnp.float32)
-    pooled = sd((1, model_cfg.pooled_projection_dim), jnp.float32)
+    model, shapes, x, ctx, pooled = _abstract_forward_inputs(model_cfg, latent_hw)
     jaxpr = jax.make_jaxpr(lambda p, x, lr, c, pp: model.apply(
         {"params": p}, x, lr if model_cfg.lr_stream else None, jnp.zeros((1,)), c, pp))(shapes, x, x, ctx, pooled)
 
