@@ -23,6 +23,8 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
+from qdit4sr_jax.io.modelfile import flatten_tree
+
 Shape = Tuple[int, ...]
 
 
@@ -89,18 +91,6 @@ class Step:
     src: str
     target: str
     transform: Transform
-
-
-def flatten_tree(tree: Mapping[str, Any], prefix: str = "") -> Dict[str, Any]:
-    """Nested dict -> {'a/b/c': leaf}."""
-    out = {}
-    for k, v in tree.items():
-        path = f"{prefix}/{k}" if prefix else str(k)
-        if isinstance(v, Mapping):
-            out.update(flatten_tree(v, path))
-        else:
-            out[path] = v
-    return out
 
 
 def unflatten_tree(flat: Mapping[str, Any]) -> Dict[str, Any]:

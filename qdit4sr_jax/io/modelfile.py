@@ -57,6 +57,18 @@ def config_from_json(s: str) -> ModelConfig:
     return _from_dict(ModelConfig, json.loads(s))
 
 
+def flatten_tree(tree: Mapping[str, Any], prefix: str = "") -> Dict[str, Any]:
+    """Nested dict -> {'a/b/c': leaf}; any non-Mapping value (array, QuantizedWeight, ...) is a leaf."""
+    out = {}
+    for k, v in tree.items():
+        path = f"{prefix}/{k}" if prefix else str(k)
+        if isinstance(v, Mapping):
+            out.update(flatten_tree(v, path))
+        else:
+            out[path] = v
+    return out
+
+
 def _flatten(tree: Mapping[str, Any], prefix: str = "") -> Dict[str, Any]:
     out = {}
     for k, v in tree.items():
@@ -118,21 +130,11 @@ def check_params(cfg: ModelConfig, params: Mapping[str, Any], *, source: str = "
     from qdit4sr_jax.quant.qweight import QuantizedWeight
     problems = []
 
-    def flat(tree, prefix=""):
-        out = {}
-        for k, v in tree.items():
-            path = f"{prefix}/{k}" if prefix else str(k)
-            if isinstance(v, Mapping):
-                out.update(flat(v, path))
-            else:
-                out[path] = v
-        return out
-
     def compare(name, tree, abstract):
         if not isinstance(tree, Mapping):
             problems.append(f"{name}: expected a nested dict of arrays, got {type(tree).__name__}")
             return
-        want, got = flat(abstract), flat(tree)
+        want, got = flatten_tree(abstract), flatten_tree(tree)
         for k in sorted(set(want) - set(got)):
             problems.append(f"missing {name}/{k} {tuple(want[k].shape)}")
         for k in sorted(set(got) - set(want)):
