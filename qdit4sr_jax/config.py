@@ -11,6 +11,11 @@ from typing import Optional, Tuple
 
 import jax.numpy as jnp
 
+# ModelConfig.attention_impl values (qdit4sr_jax.model.attention): None / "xla" (XLA), "cudnn" (cuDNN flash,
+# GPU, bf16/fp16), "fp8" (cuDNN FP8 e4m3 flash attention, GPU inference; 'fp8-ref' on other backends),
+# "fp8-ref" (the same FP8 arithmetic in plain jnp).
+ATTENTION_IMPLS = (None, "xla", "cudnn", "fp8", "fp8-ref")
+
 
 @dataclasses.dataclass(frozen=True)
 class VAEConfig:
@@ -72,7 +77,9 @@ class ModelConfig:
     # numerics
     dtype: str = "float32"                  # compute dtype ("float32" | "bfloat16")
     param_dtype: str = "float32"
-    # attention kernel: None (XLA), "xla" or "cudnn" (cuDNN flash attention; GPU, bf16/fp16 compute only)
+    # attention kernel, one of ATTENTION_IMPLS: None / "xla" (XLA), "cudnn" (cuDNN flash attention; GPU,
+    # bf16/fp16 compute only), "fp8" (cuDNN FP8 attention with per-call per-tensor scales; GPU inference,
+    # falls back to "fp8-ref" elsewhere), "fp8-ref" (the same FP8 arithmetic in jnp); see model/attention.py
     attention_impl: Optional[str] = None
     # autoencoder and sampler defaults
     vae: VAEConfig = VAEConfig()
@@ -84,6 +91,10 @@ class ModelConfig:
     start_sigma: float = 1.0                # with start="lr": sigma of the first step
     tile_latent: int = 64                   # latent tile size (pipeline tiling)
     tile_overlap: int = 24
+
+    def __post_init__(self):
+        if self.attention_impl not in ATTENTION_IMPLS:
+            raise ValueError(f"attention_impl {self.attention_impl!r} not in {ATTENTION_IMPLS}")
 
     @property
     def hidden_size(self) -> int:

@@ -13,6 +13,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from qdit4sr_jax.model.attention import attention
 from qdit4sr_jax.model.layers import Linear
 
 LR_KEY_MODES = ("released", "r1")
@@ -75,7 +76,7 @@ class JointAttention(nn.Module):
     lr_stream: bool = False
     lr_key_mode: str = "released"
     param_dtype: Any = jnp.float32
-    attention_impl: Optional[str] = None   # jax.nn.dot_product_attention implementation (None = XLA, "cudnn")
+    attention_impl: Optional[str] = None   # model.attention.attention impl: None/"xla", "cudnn", "fp8", "fp8-ref"
 
     def _heads(self, t):
         return t.reshape(t.shape[:-1] + (self.heads, self.head_dim))
@@ -122,7 +123,7 @@ class JointAttention(nn.Module):
                 cq = RMSNorm(param_dtype=self.param_dtype, name="norm_added_q")(cq)
                 ck = RMSNorm(param_dtype=self.param_dtype, name="norm_added_k")(ck)
             q, k, v = (jnp.concatenate(p, axis=1) for p in ((q, cq), (k, ck), (v, cv)))
-        o = jax.nn.dot_product_attention(q, k, v, implementation=self.attention_impl).reshape(B, -1, inner)
+        o = attention(q, k, v, self.attention_impl).reshape(B, -1, inner)
         o, c_out = o[:, :n_x], (o[:, n_x:] if context is not None else None)
         if c_out is not None and not self.context_pre_only:
             c_out = Linear(self.dim, param_dtype=self.param_dtype, name="to_add_out")(c_out, step=step)
