@@ -218,16 +218,23 @@ def fp8_attention_cudnn(q, k, v, *, return_stats: bool = False):
         raise ValueError(f"cuDNN FP8 attention needs head dim <= 256, a multiple of 16, equal for q/k/v; "
                          f"got q/k {D}, v {v.shape[-1]}")
     fa = cudnn_fp8_api()
-    q8, dq = quantize_fp8(q)
-    k8, dk = quantize_fp8(k)
-    v8, dv = quantize_fp8(v)
-    scale_o = _output_scale(dv)
+    (q8, dq), (k8, dk), (v8, dv) = quantize_fp8(q), quantize_fp8(k), quantize_fp8(v)
+    return cudnn_fp8_quantized(q8, k8, v8, dq, dk, dv, q.dtype, return_stats=return_stats, _fa=fa)
+
+
+def cudnn_fp8_quantized(q8, k8, v8, descale_q, descale_k, descale_v, out_dtype, *, return_stats: bool = False,
+                        _fa=None):
+    """cuDNN FP8 attention on already quantized inputs: q8/k8/v8 float8_e4m3fn [B, T|S, H, D] with
+    float32 scalar descales (x ~= x8 * descale) -> [B, T, H, D] in out_dtype (dequantized e4m3 output)."""
+    fa = _fa if _fa is not None else cudnn_fp8_api()
+    scale_o = _output_scale(descale_v)
     s11 = lambda x: jnp.reshape(jnp.asarray(x, jnp.float32), (1, 1, 1, 1))
     params = {name: s11(1.0) for name in fa.fp8_params_keys}     # backward-only entries stay 1
-    params.update(descale_q=s11(dq), descale_k=s11(dk), descale_v=s11(dv), descale_s=s11(1.0 / SCALE_S),
-                  scale_s=s11(SCALE_S), scale_o=s11(scale_o), descale_o=s11(1.0 / scale_o))
-    out = fa.dot_product_attention(q8, k8, v8, fp8_params=params, scale=1.0 / math.sqrt(D),
+    params.update(descale_q=s11(descale_q), descale_k=s11(descale_k), descale_v=s11(descale_v),
+                  descale_s=s11(1.0 / SCALE_S), scale_s=s11(SCALE_S), scale_o=s11(scale_o),
+                  descale_o=s11(1.0 / scale_o))
+    out = fa.dot_product_attention(q8, k8, v8, fp8_params=params, scale=1.0 / math.sqrt(q8.shape[-1]),
                                    mask_type=fa.MaskType.NO_MASK, qkv_layout="BTNH", use_fp8=True)
     o8, amax_s, amax_o = out[0], out[1], out[2]
-    o = (o8.astype(jnp.float32) / scale_o).astype(q.dtype)
+    o = (o8.astype(jnp.float32) / scale_o).astype(out_dtype)
     return (o, amax_s, amax_o) if return_stats else o
