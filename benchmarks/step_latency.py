@@ -126,7 +126,8 @@ def main(argv=None):
     ap.add_argument("--sizes", type=int, nargs="+", default=[512, 1024], help="output sizes in pixels")
     ap.add_argument("--batch", type=int, nargs="+", default=[1])
     ap.add_argument("--modes", nargs="+", default=list(MODES[:6]), choices=MODES)
-    ap.add_argument("--attention", default="cudnn", help="'cudnn' or 'xla' (falls back to xla if cudnn fails)")
+    ap.add_argument("--attention", default="cudnn", help="'cudnn', 'fp8' (cuDNN FP8), 'fp8-ref' or 'xla' "
+                    "(cudnn / fp8 fall back to xla if the bf16 step fails with them)")
     ap.add_argument("--iters", type=int, default=20)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--calib-steps", type=int, default=40)
@@ -140,7 +141,7 @@ def main(argv=None):
 
     attn = None if a.attention == "xla" else a.attention
     mcfg = ModelConfig.preset(a.preset).replace(dtype="bfloat16", param_dtype="bfloat16", attention_impl=attn)
-    if jax.default_backend() != "gpu" and attn == "cudnn":
+    if jax.default_backend() != "gpu" and attn == "cudnn":     # ("fp8" runs its jnp reference off GPU)
         mcfg = mcfg.replace(attention_impl=None)
     res = {"env": environment(), "args": vars(a), "model": a.preset, "cfg_batch_doubled": True, "runs": [],
            "notes": []}
@@ -185,8 +186,9 @@ def main(argv=None):
                     run.update(compile_and_time(steps[key], (trees[mode],) + args, warmup=a.warmup,
                                                 iters=a.iters, budget_s=left))
                 except Exception as e:
-                    if mode == "bf16" and mcfg.attention_impl == "cudnn":
-                        res["notes"].append(f"cudnn attention failed ({e!r:.300}); falling back to XLA attention")
+                    if mode == "bf16" and mcfg.attention_impl in ("cudnn", "fp8"):
+                        res["notes"].append(f"{mcfg.attention_impl} attention failed ({e!r:.300}); falling back "
+                                            "to XLA attention")
                         log(res["notes"][-1])
                         mcfg = mcfg.replace(attention_impl=None)
                         model = DiT4SRTransformer(mcfg)
