@@ -217,16 +217,39 @@ def fp8_attention_cudnn(q, k, v, *, return_stats: bool = False):
     if D > 256 or D % 16 or v.shape[-1] != D:
         raise ValueError(f"cuDNN FP8 attention needs head dim <= 256, a multiple of 16, equal for q/k/v; "
                          f"got q/k {D}, v {v.shape[-1]}")
-    fa = cudnn_fp8_api()
+    cudnn_fp8_api()
+    if return_stats:
+        return _fp8_cudnn(q, k, v, True)
+    return _fp8_cudnn_per_example(q, k, v)
+
+
+def _fp8_cudnn(q, k, v, return_stats=False):
     (q8, dq), (k8, dk), (v8, dv) = quantize_fp8(q), quantize_fp8(k), quantize_fp8(v)
-    return cudnn_fp8_quantized(q8, k8, v8, dq, dk, dv, q.dtype, return_stats=return_stats, _fa=fa)
+    return cudnn_fp8_quantized(q8, k8, v8, dq, dk, dv, q.dtype, return_stats=return_stats)
 
 
-def cudnn_fp8_quantized(q8, k8, v8, descale_q, descale_k, descale_v, out_dtype, *, return_stats: bool = False,
-                        _fa=None):
+def per_example_under_vmap(fn):
+    """fn(q, k, v) -> array, made to run once per example under `jax.vmap` (lax.map over the vmapped
+    axis) instead of being batched. cuDNN's FP8 attention takes one scale per tensor: JAX cannot batch
+    per-example scales (0.11 raises, older versions mishandle them), and per-example scales are what an
+    un-vmapped call computes. Not differentiable (inference only)."""
+    f = jax.custom_batching.custom_vmap(fn)
+
+    @f.def_vmap
+    def _rule(axis_size, in_batched, *args):
+        args = tuple(x if b else jnp.broadcast_to(x, (axis_size,) + x.shape) for x, b in zip(args, in_batched))
+        return jax.lax.map(lambda a: f(*a), args), True
+
+    return f
+
+
+_fp8_cudnn_per_example = per_example_under_vmap(_fp8_cudnn)
+
+
+def cudnn_fp8_quantized(q8, k8, v8, descale_q, descale_k, descale_v, out_dtype, *, return_stats: bool = False):
     """cuDNN FP8 attention on already quantized inputs: q8/k8/v8 float8_e4m3fn [B, T|S, H, D] with
     float32 scalar descales (x ~= x8 * descale) -> [B, T, H, D] in out_dtype (dequantized e4m3 output)."""
-    fa = _fa if _fa is not None else cudnn_fp8_api()
+    fa = cudnn_fp8_api()
     scale_o = _output_scale(descale_v)
     s11 = lambda x: jnp.reshape(jnp.asarray(x, jnp.float32), (1, 1, 1, 1))
     params = {name: s11(1.0) for name in fa.fp8_params_keys}     # backward-only entries stay 1

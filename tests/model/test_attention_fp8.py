@@ -86,6 +86,18 @@ def test_attention_dispatch_and_validation():
         A.fp8_attention_cudnn(*_qkv(T=8, D=24))
 
 
+def test_per_example_under_vmap_matches_one_call_per_example():
+    """The vmap rule of the cuDNN FP8 path (exercised here with the reference as the inner function):
+    each example keeps its own per-tensor scales, unbatched arguments are broadcast."""
+    q, k, v = _qkv(B=1, T=12, H=2, D=16)
+    qs = jnp.stack([q, q * 10.0, q * 0.1])
+    vs = jnp.stack([v, v * 3.0, -v])
+    f = A.per_example_under_vmap(lambda q_, k_, v_: A.fp8_attention_reference(q_, k_, v_, p_mode="flash"))
+    out = jax.jit(jax.vmap(f, in_axes=(0, None, 0)))(qs, k, vs)
+    for i in range(3):
+        np.testing.assert_allclose(out[i], REF(qs[i], k, vs[i], p_mode="flash"), rtol=1e-5, atol=1e-6)
+
+
 def test_cudnn_api_detection_is_clear():
     """On any backend the private-API probe either finds what fp8 needs or names the JAX version."""
     try:
