@@ -7,6 +7,7 @@ softmax). Modes (each in its own try/except; a failure is recorded and the other
   cudnn         jax.nn.dot_product_attention(implementation="cudnn"), bf16
   fp8           qdit4sr_jax.model.attention.fp8_attention_cudnn: per-tensor e4m3 quantization of q, k, v
                 (included in the time) + cuDNN FP8 flash attention + dequantized output
+  fp8-direct    the same without the per-example vmap wrapper (custom_vmap) the model's path carries
   fp8-prequant  the cuDNN FP8 call alone on inputs quantized beforehand (fp8 minus this = quantization cost)
   xla           jax.nn.dot_product_attention through XLA (materialises the [B, H, T, T] scores), bf16
   fp8-ref       the jnp FP8 reference (not in the default list: slow, for CPU runs)
@@ -34,9 +35,9 @@ import numpy as np  # noqa: E402
 from common import compile_and_time, environment, write_json  # noqa: E402
 from qdit4sr_jax.model import attention as A  # noqa: E402
 
-MODES = ("cudnn", "fp8", "fp8-prequant", "xla", "fp8-ref")
-DEFAULT_MODES = MODES[:4]
-CUDNN_MODES = ("cudnn", "fp8", "fp8-prequant")
+MODES = ("cudnn", "fp8", "fp8-direct", "fp8-prequant", "xla", "fp8-ref")
+DEFAULT_MODES = MODES[:5]
+CUDNN_MODES = ("cudnn", "fp8", "fp8-direct", "fp8-prequant")
 SEQS = {512: 2 * 1024 + 333, 1024: 2 * 4096 + 333}
 
 
@@ -51,6 +52,7 @@ def make_fns():
     return {
         "cudnn": (jax.jit(lambda q, k, v: jax.nn.dot_product_attention(q, k, v, implementation="cudnn")), ident),
         "fp8": (jax.jit(A.fp8_attention_cudnn), ident),
+        "fp8-direct": (jax.jit(lambda q, k, v: A.fp8_attention_cudnn(q, k, v, return_stats=True)[0]), ident),
         "fp8-prequant": (jax.jit(lambda *a: A.cudnn_fp8_quantized(*a, jnp.bfloat16)), jax.jit(prequant)),
         "xla": (jax.jit(lambda q, k, v: jax.nn.dot_product_attention(q, k, v)), ident),
         "fp8-ref": (jax.jit(A.fp8_attention_reference), ident),
@@ -148,8 +150,8 @@ def main(argv=None):
                     out = fn(*args)
                     if ref32 is not None:
                         run["rel_err_vs_f32"] = rel(out[:, idx], ref32)
-                        if mode in ("fp8", "fp8-prequant") and err_ref is not None:
-                            for m, o in err_ref.items():
+                        if mode.startswith("fp8"):
+                            for m, o in (err_ref or {}).items():
                                 run[f"rel_err_vs_fp8ref_{m}"] = rel(out[:, idx], o)
                     if mode == "fp8":
                         _, amax_s, amax_o = jax.jit(lambda *x: A.fp8_attention_cudnn(*x, return_stats=True))(q, k, v)
@@ -157,7 +159,7 @@ def main(argv=None):
                     del out, args
                 except Exception as e:
                     run["error"] = repr(e)[:800]
-                    if mode in ("fp8", "fp8-prequant") and T % 128:
+                    if mode in CUDNN_MODES[1:] and T % 128:
                         run["padded"] = padded_timing(fn, prep, q, k, v, T, a)
                 res["runs"].append(run)
                 if "error" in run:

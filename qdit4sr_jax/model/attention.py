@@ -243,7 +243,7 @@ def per_example_under_vmap(fn):
     return f
 
 
-_fp8_cudnn_per_example = per_example_under_vmap(_fp8_cudnn)
+_fp8_cudnn_per_example = per_example_under_vmap(lambda q, k, v: _fp8_cudnn(q, k, v))
 
 
 def cudnn_fp8_quantized(q8, k8, v8, descale_q, descale_k, descale_v, out_dtype, *, return_stats: bool = False):

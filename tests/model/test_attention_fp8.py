@@ -98,6 +98,27 @@ def test_per_example_under_vmap_matches_one_call_per_example():
         np.testing.assert_allclose(out[i], REF(qs[i], k, vs[i], p_mode="flash"), rtol=1e-5, atol=1e-6)
 
 
+def test_cudnn_fp8_path_traces_to_the_fp8_primitive(monkeypatch):
+    """Tracing only (nothing runs): shapes and dtypes through JAX's FP8 attention primitive, plain and under
+    vmap. Off GPU, JAX's cuDNN version probe raises before tracing, so it is given a version here."""
+    try:
+        fa = A.cudnn_fp8_api()
+    except RuntimeError:
+        pytest.skip("this JAX has no private cuDNN FP8 attention")
+    if jax.default_backend() != "gpu":
+        monkeypatch.setattr(fa, "check_cudnn_version", lambda: 90800)
+    S = jax.ShapeDtypeStruct
+    q = S((2, 37, 3, 64), jnp.bfloat16)
+    assert jax.eval_shape(A.fp8_attention_cudnn, q, q, q) == S(q.shape, jnp.bfloat16)
+    o, amax_s, amax_o = jax.eval_shape(lambda *a: A.fp8_attention_cudnn(*a, return_stats=True), q, q, q)
+    assert o == S(q.shape, jnp.bfloat16) and amax_s.shape == amax_o.shape == (1, 1, 1, 1)
+    qb = S((4,) + q.shape, jnp.float32)
+    assert jax.eval_shape(jax.vmap(A.fp8_attention_cudnn, in_axes=(0, None, 0)), qb, q, qb) == qb
+    jaxpr = str(jax.make_jaxpr(lambda *a: A.fp8_attention_cudnn(*a, return_stats=True))(
+        *(jnp.zeros((1, 16, 2, 64), jnp.bfloat16),) * 3))
+    assert "f8_e4m3fn[1,16,2,64]" in jaxpr and "dot_product_attention_fp8" in jaxpr
+
+
 def test_cudnn_api_detection_is_clear():
     """On any backend the private-API probe either finds what fp8 needs or names the JAX version."""
     try:
