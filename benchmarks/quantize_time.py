@@ -8,13 +8,27 @@
 3. Calibration of one 512x512 image over the default sampler (40 steps, CFG 8 = batch 2), collecting
    every linear's input statistics (`qdit4sr_jax.calibrate(model_cfg, ...)`), cold and warm.
 
+4. With --compile-cache DIR: before anything else (this process has not touched the device yet), two
+   child processes each quantize once with JAX's persistent compilation cache in a fresh directory
+   under DIR: the first starts from an empty cache (cold, writing it), the second reads it (warm
+   cache). The in-process cold number of step 1 never uses the cache (it is the one the target is about).
+
+Compiled programs are counted (JAX's backend-compile events) and listed by name in the JSON.
+
   python benchmarks/quantize_time.py --out $OUT/quantize_time.json
+  python benchmarks/quantize_time.py --calib-size 0 --compile-cache /tmp/jaxcache --deadline 170 --out $OUT/qt.json
   python benchmarks/quantize_time.py --preset tiny --calib-size 64      # CPU smoke test
+  OMP_NUM_THREADS=2 JAX_PLATFORMS=cpu python benchmarks/quantize_time.py --num-layers 2 --calib-size 0 --no-warm
+      # CPU: full width, 2 blocks (block 0 dual-attention)
 """
 from __future__ import annotations
 
 import argparse
+import json
+import logging
 import os
+import re
+import subprocess
 import sys
 import time
 
@@ -35,11 +49,25 @@ def main(argv=None):
     ap.add_argument("--steps", type=int, default=None, help="sampling steps (default: the model's, 40)")
     ap.add_argument("--calib-size", type=int, default=512, help="output size of the calibration image (0: skip)")
     ap.add_argument("--no-warm", action="store_true", help="skip the warm repeats")
-    ap.add_argument("--deadline", type=float, default=None)
+    ap.add_argument("--num-layers", type=int, default=None,
+                    help="override the model's block count (full width, fewer blocks: CPU measurements); "
+                         "dual attention stays on blocks < 13 that exist")
+    ap.add_argument("--compile-cache", default=None, metavar="DIR",
+                    help="also time two child processes with JAX's persistent compilation cache in a fresh "
+                         "directory under DIR: empty cache (cold, writes it), then warm cache")
+    ap.add_argument("--use-cache", default=None, metavar="DIR", help=argparse.SUPPRESS)   # child mode
+    ap.add_argument("--deadline", type=float, default=None,
+                    help="seconds: skip the cache children / calibration once this much time has passed")
     ap.add_argument("--out", default=None)
     a = ap.parse_args(argv)
     t_start = time.perf_counter()
     log = lambda s: print(f"[{time.perf_counter() - t_start:7.1f}s] {s}", flush=True)
+    res = {"args": vars(a), "notes": []}
+    if a.use_cache:                                   # child: the cache is on before any compilation
+        from qdit4sr_jax.quant.api import enable_compilation_cache
+        enable_compilation_cache(a.use_cache)
+    elif a.compile_cache:                             # children first: this process holds no device memory yet
+        res["compile_cache"] = _cache_children(a, argv, log, t_start)
     from qdit4sr_jax.config import ModelConfig
     from qdit4sr_jax.quant import rules
     from qdit4sr_jax.quant.config import QuantConfig
@@ -49,9 +77,12 @@ def main(argv=None):
 
     attn = "cudnn" if jax.default_backend() == "gpu" else None
     mcfg = ModelConfig.preset(a.preset).replace(dtype="bfloat16", param_dtype="bfloat16", attention_impl=attn)
+    if a.num_layers:
+        mcfg = mcfg.replace(num_layers=a.num_layers,
+                            dual_attention_layers=tuple(i for i in mcfg.dual_attention_layers if i < a.num_layers))
     steps = a.steps or mcfg.num_steps
     qcfg = QuantConfig.preset(a.quant)
-    res = {"env": environment(), "args": vars(a), "notes": []}
+    res["env"] = environment()
     log(f"env {res['env']}")
     params = random_params(mcfg)
     jax.block_until_ready(jax.tree_util.tree_leaves(params))
@@ -65,11 +96,12 @@ def main(argv=None):
     info = None
     for kind in runs:
         t0 = time.perf_counter()
-        with CompileTimer() as ct:
+        with CompileTimer() as ct, ProgramLog() as pl:
             q, info = quantize_qdit4sr(params, qcfg, calib, return_info=True)
             jax.block_until_ready(jax.tree_util.tree_leaves(q))
         res[f"quantize_{kind}_s"] = time.perf_counter() - t0
         res[f"quantize_{kind}_compile"] = ct.summary()
+        res[f"quantize_{kind}_programs"] = pl.summary()
         res["quantized_weight_bytes"] = tree_bytes(q)
         log(f"quantize ({kind}) {res[f'quantize_{kind}_s']:.2f} s ({ct.summary()}), weights {gib(res['quantized_weight_bytes'])} GiB "
             f"(1/{res['bf16_weight_bytes'] / res['quantized_weight_bytes']:.2f} of bf16)")
@@ -94,6 +126,8 @@ def main(argv=None):
     res["a_bits_avg"] = float(sched.mean())
     log(f"VaSMP {res['vasmp_s'] * 1e3:.1f} ms, VaTMP DP {res['vatmp_s'] * 1e3:.1f} ms for {av.shape} (layers x steps)")
     write_json(a.out, res)
+    if a.use_cache:                                   # child: step 1 only
+        return res
 
     # ---- 3. calibration over the sampler
     if a.calib_size and not (a.deadline and time.perf_counter() - t_start > a.deadline):
@@ -125,10 +159,94 @@ def main(argv=None):
     print("| what | seconds |\n|---|---|")
     for key in ("quantize_cold_s", "quantize_warm_s", "vasmp_s", "vatmp_s", "calibrate_cold_s", "calibrate_warm_s"):
         if key in res:
-            print(f"| {key[:-2]} | {res[key]:.3f} |")
+            extra = ""
+            if f"{key[:-2]}_compile" in res:
+                c = res[f"{key[:-2]}_compile"]
+                extra = f" ({c['compiles']} programs compiled, {c['backend_compile_s']:.1f} s XLA compile)"
+            print(f"| {key[:-2]} | {res[key]:.3f}{extra} |")
+    for kind, r in (res.get("compile_cache") or {}).items():
+        if isinstance(r, dict) and "quantize_cold_s" in r:
+            c = r["quantize_cold_compile"]
+            print(f"| quantize, new process, {kind} | {r['quantize_cold_s']:.3f} ({c['compiles']} programs compiled, "
+                  f"{c['backend_compile_s']:.1f} s XLA compile) |")
     print(f"weights: bf16 {gib(res['bf16_weight_bytes'])} GiB -> {gib(res['quantized_weight_bytes'])} GiB; "
           f"avg w bits {res['w_bits_avg']:.2f} {res['w_bits_hist']}; avg a bits {res['a_bits_avg']:.2f}")
     return res
+
+
+class ProgramLog(logging.Handler):
+    """Counts "Finished XLA compilation of <name> in <t> sec" records (jax_log_compiles) inside a `with`:
+    summary() -> {program name: [count, seconds]}."""
+
+    PAT = re.compile(r"Finished XLA compilation of (.*) in ([0-9.eE+-]+) sec")
+
+    def __init__(self):
+        super().__init__(logging.DEBUG)
+        self.by_name = {}
+
+    def emit(self, record):
+        m = self.PAT.match(record.getMessage())
+        if m:
+            c = self.by_name.setdefault(m.group(1), [0, 0.0])
+            c[0] += 1
+            c[1] += float(m.group(2))
+
+    def __enter__(self):
+        self._prev = jax.config.jax_log_compiles
+        jax.config.update("jax_log_compiles", True)
+        lg = logging.getLogger("jax")
+        self._level = lg.level
+        lg.addHandler(self)
+        lg.setLevel(min(lg.level or logging.WARNING, logging.WARNING))
+        return self
+
+    def __exit__(self, *exc):
+        lg = logging.getLogger("jax")
+        lg.removeHandler(self)
+        lg.setLevel(self._level)
+        jax.config.update("jax_log_compiles", self._prev)
+        return False
+
+    def summary(self):
+        return {k: [v[0], round(v[1], 3)] for k, v in sorted(self.by_name.items())}
+
+
+def _cache_children(a, argv, log, t_start):
+    """Two child processes (cold then warm persistent cache, fresh directory under a.compile_cache):
+    each runs step 1 once (--no-warm --calib-size 0). Returns {"dir", "cold_cache": json, "warm_cache": json}."""
+    root = os.path.abspath(os.path.expanduser(a.compile_cache))
+    cache = os.path.join(root, f"quantize_time-{os.getpid()}-{int(time.time())}")
+    os.makedirs(cache, exist_ok=True)
+    out = {"dir": cache}
+    base = [sys.executable, os.path.abspath(__file__), "--preset", a.preset, "--quant", a.quant, "--no-warm",
+            "--calib-size", "0", "--use-cache", cache]
+    if a.steps:
+        base += ["--steps", str(a.steps)]
+    if a.num_layers:
+        base += ["--num-layers", str(a.num_layers)]
+    for kind in ("cold_cache", "warm_cache"):
+        left = None if not a.deadline else a.deadline - (time.perf_counter() - t_start)
+        if left is not None and left < 30:
+            out[kind] = f"skipped: deadline ({a.deadline} s) nearly reached"
+            log(out[kind])
+            continue
+        path = os.path.join(cache, f"{kind}.json")
+        t0 = time.perf_counter()
+        try:
+            p = subprocess.run(base + ["--out", path], capture_output=True, text=True,
+                               timeout=None if left is None else max(left - 10, 20))
+            if p.returncode != 0:
+                raise RuntimeError(f"exit {p.returncode}: {p.stderr[-600:]}")
+            with open(path) as f:
+                out[kind] = json.load(f)
+            out[kind]["process_s"] = time.perf_counter() - t0
+            n_files = sum(len(fs) for _, _, fs in os.walk(cache))
+            log(f"new process, {kind}: quantize {out[kind]['quantize_cold_s']:.2f} s "
+                f"({out[kind]['quantize_cold_compile']}), process {out[kind]['process_s']:.1f} s, cache files {n_files}")
+        except Exception as e:                        # one failed mode must not stop the others
+            out[kind] = f"failed: {e!r}"[:800]
+            log(out[kind])
+    return out
 
 
 if __name__ == "__main__":

@@ -41,8 +41,10 @@ def cmd_upscale(a) -> int:
 def cmd_quantize(a) -> int:
     from qdit4sr_jax import pipeline
     from qdit4sr_jax.checkpoint import save
-    from qdit4sr_jax.quant.api import quantize
+    from qdit4sr_jax.quant.api import enable_compilation_cache, quantize
     from qdit4sr_jax.quant.config import QuantConfig
+    if a.compile_cache:                   # before any compilation (calibration included)
+        print(f"compilation cache: {enable_compilation_cache(a.compile_cache)}")
     cfg, params = _load_model(a.model)
     qcfg = QuantConfig.preset(a.preset)
     calib = None
@@ -106,6 +108,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--calib", default=None, help="folder of LR images for calibration (default: bundled samples)")
     q.add_argument("--steps", type=int, default=None)
     q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--compile-cache", default=None, metavar="DIR",
+                   help="JAX persistent compilation cache directory (opt-in): a later run with the same model, "
+                        "preset and JAX version loads the compiled programs instead of compiling them")
     q.set_defaults(fn=cmd_quantize)
 
     r = sub.add_parser("report", help="size / ops report (paper's definitions) and plots")

@@ -4,13 +4,15 @@ Every selected linear's `kernel` [K, N] is replaced, at the same tree path, by a
 node; everything else is returned unchanged (plain dicts, same keys). Layers are selected with
 `QuantConfig.include` / `exclude` regexes over module paths (rules.py). Each layer is quantized by a
 jitted `baselines.quantize_linear` with a static `LayerSpec`; layers of equal shape, dtype and spec are
-stacked and vmapped in chunks of `chunk` layers (one compilation and one dispatch per chunk).
+stacked and vmapped in chunks of one size <= `chunk` per group (`balanced_chunks`: one compilation per
+group, one dispatch per chunk). `enable_compilation_cache(dir)` opts in to JAX's persistent cache.
 Deterministic: same inputs, same outputs.
 """
 from __future__ import annotations
 
+import os
 from functools import partial
-from typing import Dict, Mapping, Optional, Tuple, Union
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import jax
 import jax.numpy as jnp
@@ -38,6 +40,46 @@ def _quantize_stack(ws, chs, scheds, spec: LayerSpec):
     return jax.vmap(one)(ws, chs, scheds)
 
 
+def enable_compilation_cache(path: str, *, min_compile_time_s: float = 0.0) -> str:
+    """Opt in to JAX's persistent compilation cache in directory `path` (created if missing): a later
+    process running the same programs (same shapes, config, JAX version and device) loads them instead
+    of compiling; `quantize` of the full DiT4SR compiles ~12 programs (benchmarks/quantize_time.py).
+    Call before the first compilation you want cached; programs that compiled faster than
+    `min_compile_time_s` are not written (JAX's default is 1 s). Returns the absolute path.
+    The cache directory is trusted code: do not share it with users you do not trust (JAX's warning).
+    Equivalent to `jax.config.update("jax_compilation_cache_dir", path)` plus the threshold."""
+    if not path:
+        raise ValueError("enable_compilation_cache: give a directory path")
+    path = os.path.abspath(os.path.expanduser(str(path)))
+    os.makedirs(path, exist_ok=True)
+    jax.config.update("jax_enable_compilation_cache", True)
+    jax.config.update("jax_compilation_cache_dir", path)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", float(min_compile_time_s))
+    try:                               # a cache already initialised (another directory) is re-read
+        from jax.experimental.compilation_cache import compilation_cache as _cc
+        _cc.reset_cache()
+    except Exception:                  # older / newer JAX without reset_cache: the config update suffices
+        pass
+    return path
+
+
+def balanced_chunks(items: Sequence, chunk: int) -> List[list]:
+    """Split `items` (n >= 1) into ceil(n / chunk) chunks of one size C = ceil(n / ceil(n / chunk)) <= chunk;
+    the last chunk is padded by repeating its last item. Every chunk of a group then has the same
+    shape, so a jitted per-chunk function compiles once per group (no remainder program), with fewer
+    than C padded repeats (e.g. n = 34, chunk 8: 5 chunks of 7, one repeat)."""
+    if chunk < 1:
+        raise ValueError(f"chunk must be >= 1, got {chunk}")
+    items = list(items)
+    if not items:
+        return []
+    n_chunks = -(-len(items) // chunk)
+    size = -(-len(items) // n_chunks)
+    parts = [items[i:i + size] for i in range(0, len(items), size)]
+    parts[-1] = parts[-1] + [parts[-1][-1]] * (size - len(parts[-1]))
+    return parts
+
+
 def layer_spec(cfg: QuantConfig, kernel_shape: Tuple[int, int], dtype, w_bits: int) -> LayerSpec:
     """The static recipe of one linear under `cfg` (w_bits may differ per layer)."""
     k = kernel_shape[0]
@@ -51,7 +93,8 @@ def layer_spec(cfg: QuantConfig, kernel_shape: Tuple[int, int], dtype, w_bits: i
         clip_ratio=float(cfg.w_clip_ratio), clip_search=bool(cfg.w_clip_search), smooth=cfg.smooth,
         smooth_alpha=float(cfg.smooth_alpha), rotate=rotate,
         lowrank_rank=int(min(cfg.lowrank_rank, *kernel_shape)), lowrank_svd=cfg.lowrank_svd, pack=cfg.pack, execution=cfg.execution,
-        branch_dtype=cfg.branch_dtype, dtype=str(jnp.dtype(dtype)))
+        branch_dtype=cfg.branch_dtype, dtype=str(jnp.dtype(dtype)),
+        **({} if getattr(cfg, "w_group_scale", "float") == "float" else {"group_scale": cfg.w_group_scale}))
 
 
 def _get(tree, path):
@@ -135,8 +178,7 @@ def quantize(params, cfg: Union[str, QuantConfig], calib=None, *,
 
     new = {}
     for (_, _, spec, _), items in groups.items():
-        for i in range(0, len(items), chunk):
-            part = items[i:i + chunk]
+        for part in balanced_chunks(items, chunk):       # one chunk size per group: no remainder program
             ws = jnp.stack([jnp.asarray(it[2]) for it in part])
             chs = None if part[0][3] is None else jnp.stack([it[3] for it in part])
             scs = None if part[0][4] is None else jnp.stack([it[4] for it in part])

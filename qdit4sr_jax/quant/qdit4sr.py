@@ -36,7 +36,7 @@ from qdit4sr_jax.quant import hsvd as H
 from qdit4sr_jax.quant import quantizer as qz
 from qdit4sr_jax.quant import rules
 from qdit4sr_jax.quant.baselines import LayerSpec, hadamard_transform, smooth_scale
-from qdit4sr_jax.quant.qweight import make_qweight
+from qdit4sr_jax.quant.qweight import ARRAY_FIELDS, STATIC_FIELDS, make_qweight
 from qdit4sr_jax.quant.stats import lookup, normalize_calib
 from qdit4sr_jax.quant.vasmp import allocate_bits_table, allocate_weight_bits
 from qdit4sr_jax.quant.vatmp import schedule_activation_bits
@@ -61,6 +61,7 @@ class BranchSpec:
     w_symmetric: bool = True
     clip_ratio: float = 1.0
     clip_search: bool = False
+    group_scale: str = "float"                  # "float" | "int" (two-level integer group scales)
 
 
 def _transformed(w_kn, ch, spec):
@@ -85,59 +86,164 @@ def _branch_dense(lr_a, lr_b, bu, bv, n, k):
     return d
 
 
-@partial(jax.jit, static_argnames=("spec",))
-def _branches_stack(ws, chs, spec: BranchSpec):
-    """ws [L, K, N] -> dict of stacked branch factors (branch_dtype), smooth [L, K] | None, residual
-    variance [L] float32, all-finite flags [L]."""
+def _branches_one(w_kn, ch, spec: BranchSpec):
+    """One layer of pass 1: Flax kernel [K, N] -> (factor dict in branch_dtype, smooth [K] | None,
+    residual variance f32 [], squared errors f32 [len(mse_bits)] | None, all-finite flag)."""
     bdt = jnp.dtype(spec.branch_dtype)
+    w, s = _transformed(w_kn, ch, spec)
+    n, k = w.shape
+    out = {}
+    if spec.hsvd:
+        f = H.hsvd(w, rank=spec.rank, block=spec.block, refine_iters=spec.refine_iters,
+                   block_solver=spec.block_solver, global_solver=spec.global_solver)
+        out = dict(lr_a=f.V.astype(bdt), lr_b=f.U.T.astype(bdt), block_u=f.u.astype(bdt),
+                   block_v=f.v.astype(bdt))
+    elif spec.rank:
+        f = H.svd_branch(w, spec.rank, spec.global_solver)
+        out = dict(lr_a=f.V.astype(bdt), lr_b=f.U.T.astype(bdt))
+    r = w - _branch_dense(out.get("lr_a"), out.get("lr_b"), out.get("block_u"), out.get("block_v"), n, k)
+    mse = jnp.stack([_quant_sq_err(r, b, spec) for b in spec.mse_bits]) if spec.mse_bits else None
+    return out, s, jnp.var(r), mse, jnp.all(jnp.isfinite(w_kn))
 
-    def one(w_kn, ch):
-        w, s = _transformed(w_kn, ch, spec)
-        n, k = w.shape
-        out = {}
-        if spec.hsvd:
-            f = H.hsvd(w, rank=spec.rank, block=spec.block, refine_iters=spec.refine_iters,
-                       block_solver=spec.block_solver, global_solver=spec.global_solver)
-            out = dict(lr_a=f.V.astype(bdt), lr_b=f.U.T.astype(bdt), block_u=f.u.astype(bdt),
-                       block_v=f.v.astype(bdt))
-        elif spec.rank:
-            f = H.svd_branch(w, spec.rank, spec.global_solver)
-            out = dict(lr_a=f.V.astype(bdt), lr_b=f.U.T.astype(bdt))
-        r = w - _branch_dense(out.get("lr_a"), out.get("lr_b"), out.get("block_u"), out.get("block_v"), n, k)
-        mse = jnp.stack([_quant_sq_err(r, b, spec) for b in spec.mse_bits]) if spec.mse_bits else None
-        return out, s, jnp.var(r), mse, jnp.all(jnp.isfinite(w_kn))
 
-    return jax.vmap(one)(ws, chs)
+def _unstack(tree, n: int):
+    """Stacked pytree (leading axis n) -> tuple of n per-layer pytrees (device arrays stay on device)."""
+    return tuple(jax.tree_util.tree_map(lambda a, j=j: a[j], tree) for j in range(n))
+
+
+@partial(jax.jit, static_argnames=("spec",))
+def _branches_program(ws, chs, spec: BranchSpec):
+    """Pass 1 for a chunk of C equal-shape layers, vmapped.
+
+    ws: tuple of C Flax kernels [K, N]; chs: tuple of C calibration absmax [K] float32, or None.
+    Returns (tuple of C factor dicts {lr_a [K, r], lr_b [r, N], block_u, block_v} in branch_dtype,
+    residual variances f32 [C], squared errors f32 [C, len(mse_bits)] | None, all-finite flags bool [C])."""
+    w = jnp.stack(ws)
+    ch = None if chs is None else jnp.stack(chs)
+    fac, _, var, mse, finite = jax.vmap(lambda a, c: _branches_one(a, c, spec))(w, ch)
+    return _unstack(fac, len(ws)), var, mse, finite
 
 
 def _quant_sq_err(r, bits, spec):
     """Total squared error of quantizing r [N, K] at `bits` with the config's weight quantizer."""
+    if spec.group_scale == "int":                  # the node's own quantizer (incl. its per-channel fallbacks)
+        node = make_qweight(r, w_bits=bits, group_size=spec.group_size, w_symmetric=spec.w_symmetric,
+                            clip_ratio=spec.clip_ratio, clip_search=spec.clip_search, pack=False,
+                            group_scale="int")
+        return jnp.sum(jnp.square(node.dequantize_residual() - r))
     q, sc, z = qz.quantize_weight(r, bits, spec.group_size, spec.w_symmetric, spec.clip_ratio, spec.clip_search)
     return jnp.sum(jnp.square(qz.dequantize_weight(q, sc, z, r.shape[1]) - r))
 
 
-@partial(jax.jit, static_argnames=("spec", "bspec"))
-def _quantize_stack(ws, chs, fac, scheds, spec: LayerSpec, bspec: BranchSpec):
-    """Pass 2: rebuild each residual from the stored factors and quantize it -> stacked QuantizedWeight."""
-    def one(w_kn, ch, f, sched):
-        w, s = _transformed(w_kn, ch, bspec)
-        n, k = w.shape
-        r = w - _branch_dense(f.get("lr_a"), f.get("lr_b"), f.get("block_u"), f.get("block_v"), n, k)
-        return make_qweight(
-            r, w_bits=spec.w_bits, group_size=spec.group_size, w_symmetric=spec.w_symmetric,
-            a_bits=spec.a_bits, a_symmetric=spec.a_symmetric, clip_ratio=spec.clip_ratio,
-            clip_search=spec.clip_search, pack=spec.pack, execution=spec.execution, dtype=spec.dtype,
-            smooth=s, lr_a=f.get("lr_a"), lr_b=f.get("lr_b"), block_u=f.get("block_u"),
-            block_v=f.get("block_v"), block=bspec.block if "block_u" in f else None, rotate=spec.rotate,
-            a_schedule=sched, branch_dtype=spec.branch_dtype)
+def _residual_node(r, s, f, bits: int, spec: LayerSpec, bspec: BranchSpec):
+    """The node of one layer at static `bits`, codes left unpacked and no a_schedule (both are added
+    outside the program, exactly as `make_qweight` would: `_finish_node`)."""
+    return make_qweight(
+        r, w_bits=bits, group_size=spec.group_size, w_symmetric=spec.w_symmetric,
+        a_bits=spec.a_bits, a_symmetric=spec.a_symmetric, clip_ratio=spec.clip_ratio,
+        clip_search=spec.clip_search, pack=False, execution=spec.execution, dtype=spec.dtype,
+        smooth=s, lr_a=f.get("lr_a"), lr_b=f.get("lr_b"), block_u=f.get("block_u"),
+        block_v=f.get("block_v"), block=bspec.block if "block_u" in f else None, rotate=spec.rotate,
+        a_schedule=None, branch_dtype=spec.branch_dtype, **_group_scale_kw(spec))
 
-    return jax.vmap(one)(ws, chs, fac, scheds)
+
+def _group_scale_kw(spec) -> dict:
+    """make_qweight's group_scale argument, passed only when it is not the default "float"."""
+    gs = getattr(spec, "group_scale", "float")
+    return {} if gs == "float" else {"group_scale": gs}
+
+
+def _node_arrays(node) -> dict:
+    return {name: getattr(node, name) for name in ARRAY_FIELDS if getattr(node, name) is not None}
+
+
+@partial(jax.jit, static_argnames=("spec", "bspec", "bits"))
+def _residual_program(ws, chs, facs, idx, spec: LayerSpec, bspec: BranchSpec, bits: Tuple[int, ...]):
+    """Pass 2 for a chunk of C equal-shape layers, vmapped: rebuild each residual from its stored factors
+    and quantize it at bits[idx[c]]. The weight bits are data (idx int32 [C]) picked by `lax.switch`
+    among the static widths `bits` (one bit-exact quantizer per width, all in this one program; under
+    vmap every width is computed and the right one selected, cheap next to pass 1).
+
+    ws / chs: as `_branches_program`; facs: tuple of C factor dicts (its output).
+    Returns a tuple of C dicts of node arrays (`ARRAY_FIELDS` that are present); with packing and a
+    width <= 4 in `bits`, "qvalue_packed" holds `pack_int4(qvalue)` ("qvalue" is dropped when every
+    width packs)."""
+    w = jnp.stack(ws)
+    ch = None if chs is None else jnp.stack(chs)
+    fac = jax.tree_util.tree_map(lambda *a: jnp.stack(a), *facs)
+
+    def one(w_kn, c, f, i):
+        wt, s = _transformed(w_kn, c, bspec)
+        n, k = wt.shape
+        r = wt - _branch_dense(f.get("lr_a"), f.get("lr_b"), f.get("block_u"), f.get("block_v"), n, k)
+        fns = [partial(lambda r, s, f, b: _node_arrays(_residual_node(r, s, f, b, spec, bspec)), b=b)
+               for b in bits]
+        out = fns[0](r, s, f) if len(fns) == 1 else jax.lax.switch(i, fns, r, s, f)
+        packs = [spec.pack and b <= 4 for b in bits]
+        if any(packs):
+            out["qvalue_packed"] = qz.pack_int4(out["qvalue"])
+            if all(packs):
+                del out["qvalue"]
+        return out
+
+    return _unstack(jax.vmap(one)(w, ch, fac, idx), len(ws))
+
+
+def _finish_node(template, arrays: dict, bits: int, pack: bool, a_schedule):
+    """QuantizedWeight from `_residual_program`'s arrays for one layer and the static fields of
+    `template` (jax.eval_shape of `_residual_node` at `bits`): packs like make_qweight(pack=pack)."""
+    arrays = dict(arrays)
+    packed = bool(pack and bits <= 4)
+    q = arrays.pop("qvalue_packed", None)
+    if packed:
+        arrays["qvalue"] = q
+    else:
+        arrays.pop("qvalue_packed", None)
+    if a_schedule is not None:
+        arrays["a_schedule"] = jax.device_put(np.asarray(a_schedule, np.int32))
+    fields = {name: arrays.get(name) for name in ARRAY_FIELDS}
+    return dataclasses.replace(template, packed=packed, **fields)
+
+
+def _bits_classes(bits_used, r_shape, spec: LayerSpec, bspec: BranchSpec, f_example, k: int):
+    """Group the weight widths of one layer shape by the structure of their nodes (array shapes and
+    static fields other than w_bits / packed): widths of one class share a `_residual_program`.
+    Returns ({class key: (bits tuple, {bits: template node})})."""
+    r = jax.ShapeDtypeStruct(r_shape, jnp.float32)
+    s = jax.ShapeDtypeStruct((k,), jnp.float32) if bspec.smooth else None
+    classes = {}
+    for b in sorted(set(bits_used)):
+        t = jax.eval_shape(lambda r, s, f, b=b: _residual_node(r, s, f, b, spec, bspec), r, s, f_example)
+        key = (tuple((nm, tuple(a.shape), str(a.dtype)) for nm, a in _node_arrays(t).items()),
+               tuple((nm, getattr(t, nm)) for nm in STATIC_FIELDS if nm not in ("w_bits", "packed")))
+        bs, temps = classes.setdefault(key, ((), {}))
+        classes[key] = (bs + (b,), {**temps, b: t})
+    return classes
 
 
 def _get(tree, path):
     for key in path:
         tree = tree[key]
     return tree
+
+
+def branch_spec(cfg, kernel_shape, spec0: LayerSpec, measured: bool) -> BranchSpec:
+    """The static pass-1 recipe of a Flax kernel [K, N] under `cfg` (spec0: its `api.layer_spec`;
+    measured: VaSMP's measured distortion is on)."""
+    k, n = kernel_shape
+    rank = int(min(cfg.lowrank_rank, n, k))
+    blk = H.effective_block(n, k, tuple(cfg.hsvd_block)) if cfg.hsvd else None
+    if cfg.hsvd:
+        H.matched_global_rank(n, k, cfg.lowrank_rank, blk)        # clear error before tracing
+    return BranchSpec(smooth=spec0.smooth, smooth_alpha=spec0.smooth_alpha, rotate=spec0.rotate,
+                      rank=int(cfg.lowrank_rank) if cfg.hsvd else rank, hsvd=bool(cfg.hsvd), block=blk,
+                      branch_dtype=cfg.branch_dtype, refine_iters=int(getattr(cfg, "hsvd_refine_iters", 0)),
+                      block_solver=str(getattr(cfg, "hsvd_block_solver", "svd")),
+                      global_solver=str(getattr(cfg, "lowrank_svd", "exact")),
+                      mse_bits=tuple(int(b) for b in cfg.w_bit_candidates) if measured else (),
+                      group_size=spec0.group_size, w_symmetric=spec0.w_symmetric,
+                      clip_ratio=spec0.clip_ratio, clip_search=spec0.clip_search,
+                      group_scale=getattr(spec0, "group_scale", "float"))
 
 
 def activation_schedules(stats: Mapping[str, dict], names, avg_bits, candidates) -> Dict[str, np.ndarray]:
@@ -166,7 +272,7 @@ def quantize_qdit4sr(params, cfg, calib=None, *, layer_w_bits: Optional[Mapping[
     return_info=True: info = {"w_bits": {path: bits}, "a_schedule": {path: int [T]},
     "residual_var": {path: float}, "size": {path: params}}.
     """
-    from qdit4sr_jax.quant.api import layer_spec
+    from qdit4sr_jax.quant.api import balanced_chunks, layer_spec
     if cfg.hsvd and cfg.lowrank_rank <= 0:
         raise ValueError("QuantConfig.hsvd=True needs lowrank_rank > 0 (the parameter budget of the branches)")
     fixed_bits = dict(cfg.layer_w_bits)
@@ -213,22 +319,10 @@ def quantize_qdit4sr(params, cfg, calib=None, *, layer_w_bits: Optional[Mapping[
             st = lookup(stats, name)
             if st is None:
                 raise ValueError(f"layer {name!r}: no calibration statistics (smoothing needs them)")
-            ch = jnp.max(st["ch_absmax"], axis=0)
+            ch = np.max(np.asarray(st["ch_absmax"], np.float32), axis=0)     # on the host: no compilation
             if ch.shape != (k,):
                 raise ValueError(f"layer {name!r}: calibration ch_absmax has {ch.shape[0]} channels, kernel d_in={k}")
-        rank = int(min(cfg.lowrank_rank, n, k))
-        blk = H.effective_block(n, k, tuple(cfg.hsvd_block)) if cfg.hsvd else None
-        if cfg.hsvd:
-            H.matched_global_rank(n, k, cfg.lowrank_rank, blk)        # clear error before tracing
-        bspec = BranchSpec(smooth=spec0.smooth, smooth_alpha=spec0.smooth_alpha, rotate=spec0.rotate,
-                           rank=int(cfg.lowrank_rank) if cfg.hsvd else rank, hsvd=bool(cfg.hsvd), block=blk,
-                           branch_dtype=cfg.branch_dtype, refine_iters=int(getattr(cfg, "hsvd_refine_iters", 0)),
-                           block_solver=str(getattr(cfg, "hsvd_block_solver", "svd")),
-                           global_solver=str(getattr(cfg, "lowrank_svd", "exact")),
-                           mse_bits=tuple(int(b) for b in cfg.w_bit_candidates) if measured else (),
-                           group_size=spec0.group_size, w_symmetric=spec0.w_symmetric,
-                           clip_ratio=spec0.clip_ratio, clip_search=spec0.clip_search)
-        layers[name] = dict(path=path, kernel=kernel, ch=ch, bspec=bspec)
+        layers[name] = dict(path=path, kernel=kernel, ch=ch, bspec=branch_spec(cfg, kernel.shape, spec0, measured))
 
     def grouped(key_fn):
         g = {}
@@ -236,21 +330,27 @@ def quantize_qdit4sr(params, cfg, calib=None, *, layer_w_bits: Optional[Mapping[
             g.setdefault(key_fn(name, L), []).append(name)
         return g
 
+    # one program per (shape, dtype, recipe): fixed-size chunks, the last padded with its last layer
+    pending = []
     for (_, _, bspec), group in grouped(lambda nm, L: (tuple(L["kernel"].shape), str(L["kernel"].dtype),
                                                       L["bspec"])).items():
-        for i in range(0, len(group), chunk):
-            part = group[i:i + chunk]
-            ws = np.stack([np.asarray(layers[nm]["kernel"]) for nm in part])
-            chs = None if layers[part[0]]["ch"] is None else np.stack([np.asarray(layers[nm]["ch"]) for nm in part])
-            fac, _, var, mse, finite = jax.device_get(_branches_stack(ws, chs, bspec))   # numpy: slicing is free
-            var, finite = np.asarray(var, np.float64), np.asarray(finite)
-            for j, nm in enumerate(part):
-                if not finite[j]:
-                    raise ValueError(f"layer {nm!r}: kernel has non-finite values (NaN/Inf)")
-                layers[nm]["fac"] = jax.tree_util.tree_map(lambda a, j=j: a[j], fac)
-                layers[nm]["var"] = float(var[j])
-                if mse is not None:
-                    layers[nm]["mse"] = np.asarray(mse[j], np.float64)
+        for part in balanced_chunks(group, chunk):
+            ws = tuple(layers[nm]["kernel"] for nm in part)
+            chs = None if layers[part[0]]["ch"] is None else tuple(layers[nm]["ch"] for nm in part)
+            pending.append((part, _branches_program(ws, chs, bspec)))     # dispatched, not awaited
+    for part, (facs, var, mse, finite) in pending:
+        var, finite = np.asarray(var, np.float64), np.asarray(finite)
+        mse = None if mse is None else np.asarray(mse, np.float64)
+        for j, nm in enumerate(part):
+            if not finite[j]:
+                raise ValueError(f"layer {nm!r}: kernel has non-finite values (NaN/Inf)")
+            if "fac" in layers[nm]:
+                continue                                                  # chunk padding (a repeat)
+            layers[nm]["fac"] = facs[j]
+            layers[nm]["var"] = float(var[j])
+            if mse is not None:
+                layers[nm]["mse"] = mse[j]
+    del pending
 
     # ---- VaSMP / VaTMP ---------------------------------------------------------------------------
     order = list(layers)
@@ -276,21 +376,28 @@ def quantize_qdit4sr(params, cfg, calib=None, *, layer_w_bits: Optional[Mapping[
             raise ValueError(f"layer {nm!r}: activation schedule must be integers in 2..8 of shape [T]")
 
     # ---- pass 2: quantize the residuals ----------------------------------------------------------
+    # one program per (shape, dtype, recipe, node structure): the weight bits are data (see
+    # `_residual_program`), so VaSMP's choice of widths does not multiply the compilations
     a_default = None if cfg.a_bits is None else int(round(cfg.a_bits))
+    if scheds and a_default is None:
+        raise ValueError("an activation-bit schedule needs a default a_bits (used when no step is given)")
     new = {}
-    for key, group in grouped(lambda nm, L: (tuple(L["kernel"].shape), str(L["kernel"].dtype), L["bspec"],
-                                            w_bits[nm], None if nm not in scheds else scheds[nm].shape)).items():
-        shape, dt, bspec, wb, _ = key
-        spec = dataclasses.replace(layer_spec(cfg, shape, dt, wb), a_bits=a_default)
-        for i in range(0, len(group), chunk):
-            part = group[i:i + chunk]
-            ws = np.stack([np.asarray(layers[nm]["kernel"]) for nm in part])
-            chs = None if layers[part[0]]["ch"] is None else np.stack([np.asarray(layers[nm]["ch"]) for nm in part])
-            fac = jax.tree_util.tree_map(lambda *a: np.stack(a), *[layers[nm]["fac"] for nm in part])
-            sc = None if part[0] not in scheds else np.stack([np.asarray(scheds[nm], np.int32) for nm in part])
-            nodes = jax.device_get(_quantize_stack(ws, chs, fac, sc, spec, bspec))
-            for j, nm in enumerate(part):
-                new[layers[nm]["path"]] = jax.tree_util.tree_map(lambda a, j=j: jnp.asarray(a[j]), nodes)
+    for (shape, dt, bspec), group in grouped(lambda nm, L: (tuple(L["kernel"].shape), str(L["kernel"].dtype),
+                                                           L["bspec"])).items():
+        spec = dataclasses.replace(layer_spec(cfg, shape, dt, 8), a_bits=a_default)
+        f0 = layers[group[0]]["fac"]
+        classes = _bits_classes([w_bits[nm] for nm in group], (shape[1], shape[0]), spec, bspec, f0, shape[0])
+        for bits_cls, temps in classes.values():
+            members = [nm for nm in group if w_bits[nm] in bits_cls]
+            for part in balanced_chunks(members, chunk):
+                ws = tuple(layers[nm]["kernel"] for nm in part)
+                chs = None if layers[part[0]]["ch"] is None else tuple(layers[nm]["ch"] for nm in part)
+                facs = tuple(layers[nm]["fac"] for nm in part)
+                idx = np.array([bits_cls.index(w_bits[nm]) for nm in part], np.int32)
+                outs = _residual_program(ws, chs, facs, idx, spec, bspec, bits_cls)
+                for nm, arrays in zip(part, outs):
+                    b = w_bits[nm]
+                    new[layers[nm]["path"]] = _finish_node(temps[b], arrays, b, spec.pack, scheds.get(nm))
     out = rules.replace_kernels(params, new)
     if not return_info:
         return out
