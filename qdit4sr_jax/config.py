@@ -14,6 +14,7 @@ import jax.numpy as jnp
 # ModelConfig.attention_impl values (qdit4sr_jax.model.attention): None / "xla" (XLA), "cudnn" (cuDNN flash,
 # GPU, bf16/fp16), "fp8" (cuDNN FP8 e4m3 flash attention, GPU inference; 'fp8-ref' on other backends),
 # "fp8-ref" (the same FP8 arithmetic in plain jnp).
+PREDICTIONS = ("velocity", "lr_residual")
 ATTENTION_IMPLS = (None, "xla", "cudnn", "fp8", "fp8-ref")
 
 
@@ -89,12 +90,22 @@ class ModelConfig:
     guidance_scale: float = 8.0
     start: str = "noise"                    # "noise" | "lr" (start from the noised LR latent)
     start_sigma: float = 1.0                # with start="lr": sigma of the first step
+    # what the transformer's output means to the sampler (sampling.velocity):
+    # "velocity": the flow-matching velocity v (DiT4SR, SD3);
+    # "lr_residual": F with x0_hat = z_lr - residual_scale * F (a skip connection from the LR latent, EDM-style
+    #   preconditioning: a zero output is the bicubic-upsampled input), v = (x_t - x0_hat) / sigma_t.
+    prediction: str = "velocity"
+    residual_scale: float = 0.1
     tile_latent: int = 64                   # latent tile size (pipeline tiling)
     tile_overlap: int = 24
 
     def __post_init__(self):
         if self.attention_impl not in ATTENTION_IMPLS:
             raise ValueError(f"attention_impl {self.attention_impl!r} not in {ATTENTION_IMPLS}")
+        if self.prediction not in PREDICTIONS:
+            raise ValueError(f"prediction {self.prediction!r} not in {PREDICTIONS}")
+        if not self.residual_scale > 0:
+            raise ValueError(f"residual_scale must be > 0, got {self.residual_scale}")
 
     @property
     def hidden_size(self) -> int:

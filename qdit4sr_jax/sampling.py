@@ -11,7 +11,8 @@ activation-bit schedule can index by it), collect a python bool: when True the m
 `calib` collection as ``stats`` (else {}). `transformer_fn(cfg)` builds it from `DiT4SRTransformer`.
 
 Classifier-free guidance follows diffusers: batch [negative; positive], v = v_u + g (v_c - v_u);
-with g == 1 the doubled batch is skipped. Latents larger than ``tile_latent`` (h*w > tile^2) are
+with g == 1 the doubled batch is skipped. The (guided) output becomes a velocity through `velocity`
+(cfg.prediction: the output itself, or the LR-residual parametrisation of the demo model). Latents larger than ``tile_latent`` (h*w > tile^2) are
 denoised per step in square tiles of min(tile, h, w) with overlap ``tile_overlap`` and Gaussian
 blending, as DiT4SR's pipeline does.
 """
@@ -153,16 +154,29 @@ def initial_latents(noise, lr_latent, sigma0, start: str):
     raise ValueError(f"start must be 'noise' or 'lr', got {start!r}")
 
 
+def velocity(out, x, lr_latent, sigma, prediction: str = "velocity", residual_scale: float = 0.1):
+    """The flow velocity [B,h,w,C] float32 from the transformer output `out` at latent x, sigma > 0.
+
+    prediction "velocity": out itself; "lr_residual": x0_hat = lr_latent - residual_scale * out and
+    v = (x - x0_hat) / sigma (so the Euler step to sigma 0 lands exactly on x0_hat)."""
+    if prediction == "velocity":
+        return out
+    if prediction == "lr_residual":
+        x0_hat = lr_latent - residual_scale * out
+        return (x - x0_hat) / sigma
+    raise ValueError(f"prediction must be 'velocity' or 'lr_residual', got {prediction!r}")
+
+
 def _rep(a, n):
     return None if a is None else jnp.concatenate([a] * n, axis=0) if n > 1 else a
 
 
 @functools.partial(jax.jit, static_argnames=("model_fn", "num_steps", "shift", "guidance_scale", "start",
                                              "start_sigma", "tile_latent", "tile_overlap", "tile_batch",
-                                             "force_tiling", "collect_stats"))
+                                             "force_tiling", "collect_stats", "prediction", "residual_scale"))
 def _sample(params, lr_latent, noise, context, pooled, neg_context, neg_pooled, *, model_fn, num_steps,
             shift, guidance_scale, start, start_sigma, tile_latent, tile_overlap, tile_batch, force_tiling,
-            collect_stats):
+            collect_stats, prediction="velocity", residual_scale=0.1):
     sigmas, timesteps = flow_schedule(num_steps, shift, start_sigma=start_sigma)
     B = noise.shape[0]
     cfg_on = guidance_scale != 1.0
@@ -191,7 +205,8 @@ def _sample(params, lr_latent, noise, context, pooled, neg_context, neg_pooled, 
         if cfg_on:
             vu, vc = jnp.split(v, 2, axis=0)
             v = vu + guidance_scale * (vc - vu)
-        x = x + (sig[i + 1] - sig[i]) * v.astype(jnp.float32)
+        v = velocity(v.astype(jnp.float32), x, lr_latent.astype(jnp.float32), sig[i], prediction, residual_scale)
+        x = x + (sig[i + 1] - sig[i]) * v
         return x, (stats if collect_stats else None)
 
     x, stats = jax.lax.scan(step_fn, x0, jnp.arange(num_steps, dtype=jnp.int32))
@@ -255,4 +270,5 @@ def sample(cfg: ModelConfig, params, lr_latent, noise, *, context=None, pooled=N
                    model_fn=model_fn or transformer_fn(cfg), num_steps=num_steps, shift=float(cfg.shift),
                    guidance_scale=guidance_scale, start=start, start_sigma=start_sigma,
                    tile_latent=int(tile_latent or 0), tile_overlap=tile_overlap, tile_batch=tile_batch,
-                   force_tiling=bool(force_tiling), collect_stats=bool(collect_stats))
+                   force_tiling=bool(force_tiling), collect_stats=bool(collect_stats),
+                   prediction=cfg.prediction, residual_scale=float(cfg.residual_scale))

@@ -66,7 +66,8 @@ def sample_sigmas(rng, n: int):
 
 def flow_loss(params, cfg: ModelConfig, hr_uint8, lr_uint8, rng, sigmas=None, start_sigmas=None,
               bridge_frac: float = 0.0, bridge_sigma: float = 1.0):
-    """Mean squared velocity error over the batch (float32 scalar).
+    """Mean squared velocity error over the batch (float32 scalar); with cfg.prediction "lr_residual" the
+    mean squared error of F against (z_lr - x0) / cfg.residual_scale instead (x0 error / residual_scale).
 
     Each sample follows the straight path from its start x_s0 = (1 - s0) z_lr + s0 eps (s0 = 1: pure
     noise, plain flow matching; s0 < 1: the noised LR latent the sampler starts from with start="lr",
@@ -91,8 +92,10 @@ def flow_loss(params, cfg: ModelConfig, hr_uint8, lr_uint8, rng, sigmas=None, st
     e = lambda a: a[:, None, None, None]  # noqa: E731
     start = (1.0 - e(s0)) * zlr + e(s0) * eps
     xt = x0 + e(s / s0) * (start - x0)
-    v = DiT4SRTransformer(cfg).apply({"params": params}, xt, zlr, 1000.0 * s)
-    return jnp.mean(jnp.square(v.astype(jnp.float32) - (start - x0) / e(s0)))
+    out = DiT4SRTransformer(cfg).apply({"params": params}, xt, zlr, 1000.0 * s).astype(jnp.float32)
+    if cfg.prediction == "lr_residual":     # out = F, x0_hat = z_lr - c F: target (z_lr - x0) / c (x0 error / c)
+        return jnp.mean(jnp.square(out - (zlr - x0) / cfg.residual_scale))
+    return jnp.mean(jnp.square(out - (start - x0) / e(s0)))
 
 
 # ----------------------------------------------------------------------------- init / optimizer
@@ -107,6 +110,15 @@ def init_train_params(cfg: ModelConfig, seed: int = 0):
     flat = _flatten(p)
     for k in flat:
         if any(k.endswith(z + "/kernel") or k.endswith(z + "/bias") for z in ZERO_INIT):
+            flat[k] = jnp.zeros_like(flat[k])
+    return _unflatten(flat)
+
+
+def reinit_head(params):
+    """params with proj_out's kernel and bias set to zero (the adaLN-zero output init)."""
+    flat = _flatten(params)
+    for k in flat:
+        if k.startswith("proj_out/"):
             flat[k] = jnp.zeros_like(flat[k])
     return _unflatten(flat)
 
@@ -279,8 +291,16 @@ def train(args, cfg: Optional[ModelConfig] = None):
         start_step = meta["step"]
         log = meta.get("log", [])
         print(f"resuming {args.out} at step {start_step}/{total}")
+        if args.prediction and args.prediction != cfg.prediction:
+            # switch the output parametrisation: the trunk is kept, the output head restarts at zero
+            # (with "lr_residual" the model then returns the bicubic-upsampled input exactly)
+            cfg = cfg.replace(prediction=args.prediction, residual_scale=args.residual_scale)
+            params = reinit_head(params)
+            print(f"prediction -> {cfg.prediction} (residual_scale {cfg.residual_scale}); proj_out reset to 0")
     else:
         cfg = cfg or ModelConfig.preset(args.preset)
+        if args.prediction:
+            cfg = cfg.replace(prediction=args.prediction, residual_scale=args.residual_scale)
         params = init_train_params(cfg, args.seed)
         total, warmup, peak = args.total_steps or 20000, args.warmup, args.lr
         start_step, log, meta = 0, [], {}
@@ -432,6 +452,10 @@ def main(argv=None):
                     help="share of each batch trained on the LR-start path (s0 = --bridge-sigma)")
     ap.add_argument("--bridge-sigma", type=float, default=0.3, help="start sigma of the LR-start path")
     ap.add_argument("--attention", default="auto", choices=["auto", "cudnn", "xla"])
+    ap.add_argument("--prediction", default=None, choices=["velocity", "lr_residual"],
+                    help="output parametrisation (ModelConfig.prediction); switching it on a resumed run resets "
+                         "proj_out to zero")
+    ap.add_argument("--residual-scale", type=float, default=0.1, help="ModelConfig.residual_scale (lr_residual)")
     ap.add_argument("--bank", type=int, default=8192)
     ap.add_argument("--workers", type=int, default=None)
     ap.add_argument("--log-every", type=int, default=100)
