@@ -89,6 +89,37 @@ def test_lr_start():
     np.testing.assert_array_equal(np.asarray(out), np.asarray(noise))
 
 
+def test_lr_residual_prediction():
+    """prediction "lr_residual": the output F gives x0_hat = lr - c F and the Euler steps land on x0_hat:
+    a zero output returns the LR latent itself, a constant output the LR latent shifted by -c F,
+    for any start, step count and tiling."""
+    cfg = CFG.replace(prediction="lr_residual", residual_scale=0.1)
+    noise, lr = _lat(0, (1, 16, 16, 4)), _lat(1, (1, 16, 16, 4))
+
+    def zero_fn(params, x, lr_, t, ctx, pooled, step, collect):
+        return jnp.zeros_like(x), {}
+
+    def const_fn(params, x, lr_, t, ctx, pooled, step, collect):
+        return jnp.full_like(x, 2.0), {}
+
+    for start, s0, steps, tile in (("lr", 0.1, 1, 0), ("lr", 0.1, 4, 0), ("noise", 1.0, 3, 8)):
+        out = sampling.sample(cfg, {}, lr, noise, num_steps=steps, guidance_scale=1.0, start=start,
+                              start_sigma=s0, tile_latent=tile, tile_overlap=4 if tile else None,
+                              model_fn=zero_fn)
+        np.testing.assert_allclose(np.asarray(out), np.asarray(lr), rtol=1e-5, atol=1e-5)
+    out = sampling.sample(cfg, {}, lr, noise, num_steps=2, guidance_scale=1.0, start="lr", start_sigma=0.1,
+                          tile_latent=0, model_fn=const_fn)
+    np.testing.assert_allclose(np.asarray(out), np.asarray(lr - 0.2), rtol=1e-5, atol=1e-5)
+    # the velocity itself: (x - x0_hat) / sigma
+    v = sampling.velocity(jnp.ones((1, 2, 2, 1)), jnp.full((1, 2, 2, 1), 3.0), jnp.zeros((1, 2, 2, 1)), 0.5,
+                          "lr_residual", 0.1)
+    np.testing.assert_allclose(np.asarray(v), (3.0 + 0.1) / 0.5, rtol=1e-6)
+    with pytest.raises(ValueError, match="prediction"):
+        CFG.replace(prediction="eps")
+    with pytest.raises(ValueError, match="residual_scale"):
+        CFG.replace(residual_scale=0.0)
+
+
 def test_tile_offsets_and_weights():
     assert sampling.tile_offsets(10, 16, 4) == [0]
     assert sampling.tile_offsets(128, 64, 24) == [0, 40, 64]

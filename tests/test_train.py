@@ -161,3 +161,19 @@ def test_lr_start_path_matches_the_sampler():
     np.testing.assert_allclose(target[1], eps[1] - x0[1], atol=1e-5)     # s0 = 1: v = eps - x0
     # a bridge share in the random draw runs and stays finite
     assert np.isfinite(float(T.flow_loss(params, cfg, hr, lr, key, bridge_frac=0.5, bridge_sigma=0.3)))
+
+
+def test_lr_residual_loss_target_and_head_reset():
+    """prediction "lr_residual": the loss is the MSE of F against (z_lr - x0) / c, and switching a trained
+    model to it (`reinit_head`) zeroes proj_out so that the model starts as the bicubic upsampler."""
+    cfg = _tiny_cfg().replace(prediction="lr_residual", residual_scale=0.1)
+    hr, lr = _batch(2)
+    params = T.init_train_params(_tiny_cfg(), seed=1)
+    flat = T._flatten(params)
+    flat = {k: (v + 0.5 if k.startswith("proj_out/") else v) for k, v in flat.items()}   # a non-zero head
+    params = T.reinit_head(T._unflatten(flat))
+    assert all(float(jnp.abs(v).max()) == 0.0 for k, v in T._flatten(params).items() if k.startswith("proj_out/"))
+    assert any(float(jnp.abs(v).max()) > 0 for k, v in T._flatten(params).items() if not k.startswith("proj_out/"))
+    x0, z = T.hr_latent(cfg, hr), T.lr_condition(cfg, lr)
+    loss = T.flow_loss(params, cfg, hr, lr, jax.random.PRNGKey(0), bridge_frac=1.0, bridge_sigma=0.1)
+    np.testing.assert_allclose(float(loss), float(jnp.mean(((z - x0) / 0.1) ** 2)), rtol=1e-5)
