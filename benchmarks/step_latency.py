@@ -15,9 +15,15 @@ Modes (--modes):
   w4a4-fused    the same weights through the fused kernel
   w4a4-fake     the same weights as fake quantization (float reference; for contrast)
   w4a4pc-fused  qdit4sr-w4a4 with per-channel (not group-64) weight scales, fused kernel
+  w4a4i-fused   qdit4sr-w4a4-fast: group-64 accuracy with two-level integer group scales (per-channel float
+                scale x 4-bit integer factor per group, folded into the int8 codes once per call), so the
+                fused kernel runs its per-channel loop; w4a4i-int / w4a4i-fake: the same weights through
+                XLA int8 / fake quantization
   qwix-w8a8     qwix's int8 PTQ of the same model, when qwix is importable (else recorded as skipped)
 Each mode: compile time, median / p10 / p90 of `--iters` timed steps after warm-up (block_until_ready),
-weight bytes (all params) and the compiled step's temp / argument bytes; ratios to bf16 of the same run.
+weight bytes (all params: codes, scales, integer group factors, branches, smoothing, schedules and every
+unquantized parameter; `quantize.<recipe>.weight_breakdown` splits them) and the compiled step's temp /
+argument bytes; ratios to bf16 of the same run.
 
   python benchmarks/step_latency.py --sizes 512 1024 --batch 1 --out $OUT/step_latency.json
   python benchmarks/step_latency.py --preset tiny --sizes 32 --iters 3       # CPU smoke test
@@ -39,7 +45,8 @@ import numpy as np  # noqa: E402
 from common import (CompileTimer, compile_and_time, device_bytes_in_use, environment, gib, random_calib,  # noqa: E402
                     random_params, tree_bytes, write_json)
 
-MODES = ("bf16", "w8a8-int", "w8a8-fused", "w4a4-int", "w4a4-fused", "w4a4-fake", "w4a4pc-fused", "qwix-w8a8")
+MODES = ("bf16", "w8a8-int", "w8a8-fused", "w4a4-int", "w4a4-fused", "w4a4-fake", "w4a4pc-fused", "qwix-w8a8",
+         "w4a4i-fused", "w4a4i-int", "w4a4i-fake")
 
 
 def make_step(model, guidance: float):
@@ -69,6 +76,23 @@ def inputs(model_cfg, size: int, batch: int, seed: int = 0):
     return x, lr, ctx, pooled, jnp.float32(500.0), jnp.float32(-0.025), jnp.int32(10)
 
 
+def weight_breakdown(tree) -> dict:
+    """Bytes of a params tree by kind: {QuantizedWeight array field: bytes summed over the nodes, "other":
+    every other leaf (unquantized parameters)}; the values sum to `tree_bytes(tree)`."""
+    from qdit4sr_jax.quant.qweight import ARRAY_FIELDS, QuantizedWeight
+    out = {"other": 0}
+    is_q = lambda x: isinstance(x, QuantizedWeight)
+    for leaf in jax.tree_util.tree_leaves(tree, is_leaf=is_q):
+        if is_q(leaf):
+            for f in ARRAY_FIELDS:
+                a = getattr(leaf, f)
+                if a is not None:
+                    out[f] = out.get(f, 0) + int(np.prod(a.shape)) * jnp.dtype(a.dtype).itemsize
+        elif hasattr(leaf, "shape"):
+            out["other"] += int(np.prod(leaf.shape)) * jnp.dtype(leaf.dtype).itemsize
+    return out
+
+
 def quantized_trees(params, modes, steps: int, log):
     """{mode: params} for the requested quantized modes (quantizing each recipe once)."""
     from qdit4sr_jax.quant.api import quantize
@@ -82,6 +106,8 @@ def quantized_trees(params, modes, steps: int, log):
         recipes["w4a4"] = (QuantConfig.preset("qdit4sr-w4a4").replace(execution="int"), "calib")
     if any(m.startswith("w4a4pc") for m in modes):
         recipes["w4a4pc"] = (QuantConfig.preset("qdit4sr-w4a4").replace(execution="int", w_group_size=None), "calib")
+    if any(m.startswith("w4a4i-") for m in modes):
+        recipes["w4a4i"] = (QuantConfig.preset("qdit4sr-w4a4-fast").replace(execution="int"), "calib")
     for name, (qcfg, need) in recipes.items():
         calib = random_calib(params, qcfg, steps) if need else None
         t0 = time.perf_counter()
@@ -93,9 +119,11 @@ def quantized_trees(params, modes, steps: int, log):
             info[name] = {"error": repr(e)[:500]}
             log(f"quantize {name} failed: {info[name]['error']}")
             continue
-        info[name] = {"quantize_s": time.perf_counter() - t0, "weight_bytes": tree_bytes(q), **ct.summary()}
+        info[name] = {"quantize_s": time.perf_counter() - t0, "weight_bytes": tree_bytes(q),
+                      "weight_breakdown": weight_breakdown(q), **ct.summary()}
         log(f"quantized {name}: {info[name]['quantize_s']:.1f} s ({ct.summary()}), "
-            f"{gib(info[name]['weight_bytes'])} GiB")
+            f"{gib(info[name]['weight_bytes'])} GiB = 1/{tree_bytes(params) / info[name]['weight_bytes']:.2f} of "
+            f"bf16; bytes by field {info[name]['weight_breakdown']}")
         for m in modes:
             if m == name + "-int" or (m.startswith(name + "-") and m.split("-", 1)[1] in ("fused", "fake")):
                 trees[m] = q if m.endswith("-int") else with_execution(q, m.split("-", 1)[1])

@@ -138,11 +138,32 @@ def _rebuild_node(name: str, st: dict, arrays: dict) -> QuantizedWeight:
     if codes.size and (codes.min() < qmin or codes.max() > qmax):
         raise ValueError(f"checkpoint layer {name!r}: codes span [{codes.min()}, {codes.max()}], outside the "
                          f"{w_bits}-bit range [{qmin}, {qmax}]: wrong bit-width in the metadata")
+    if "gscale" in arrays:
+        _check_group_factors(name, st, w_bits, np.asarray(arrays["gscale"]))
     static = {f: st[f] for f in STATIC_FIELDS}
     static["shape"] = tuple(static["shape"])
     static["block"] = None if static["block"] is None else tuple(static["block"])
     kw = {f: (jnp.asarray(arrays[f]) if f in arrays else None) for f in ARRAY_FIELDS}
     return QuantizedWeight(**kw, **static)
+
+
+def _check_group_factors(name: str, st: dict, w_bits: int, gs: np.ndarray) -> None:
+    """Two-level group scales (`QuantizedWeight.gscale`): layout "nk", a group size, uint8
+    [N, ceil(G / 2)] packed factors in 1..c_max."""
+    k, n = st["shape"]
+    if st["layout"] != "nk" or st["group_size"] is None:
+        raise ValueError(f"checkpoint layer {name!r}: integer group factors ('gscale') need layout 'nk' and a "
+                         f"group size, got layout {st['layout']!r}, group_size {st['group_size']!r}")
+    G, _ = qz.num_groups(k, st["group_size"])
+    shape = (n, -(-G // 2))
+    if gs.dtype != np.uint8 or tuple(gs.shape) != shape:
+        raise ValueError(f"checkpoint layer {name!r}: integer group factors are {gs.dtype} {tuple(gs.shape)} but "
+                         f"shape {st['shape']} with group_size {st['group_size']} implies uint8 {shape}")
+    c = np.asarray(qz.unpack_group_factors(gs, G))
+    cmax = qz.int_scale_max(w_bits)
+    if c.size and (c.min() < 1 or c.max() > cmax):
+        raise ValueError(f"checkpoint layer {name!r}: integer group factors span [{c.min()}, {c.max()}], outside "
+                         f"1..{cmax} for {w_bits}-bit codes (c * q must fit int8): corrupted checkpoint")
 
 
 def load(path: str, *, expect_cfg: Optional[QuantConfig] = None):

@@ -21,7 +21,9 @@ bias [N]) over 'model'; the row-parallel ones (`to_out_0`, `to_add_out`, `to_out
 logical dim in their stored layout ([N, K] "nk" or [G, N, g] "gnk"; a row-parallel "gnk" node shards
 its group axis G), the low-rank factor on the sharded side (lr_b [r, N] for column, lr_a [K, r] for
 row), the H-SVD block factors along their block-row (column) or block-column (row) axis, smoothing
-[K] with row-parallel layers; everything small (a_schedule, norms, embeddings) is replicated. Any
+[K] with row-parallel layers, the packed integer group factors of two-level scales (`gscale` [N, G/2])
+along N with column-parallel layers; everything small (a_schedule, norms, embeddings; `gscale` of
+row-parallel layers) is replicated. Any
 dim not divisible by the 'model' size falls back to replication for that array, so every model
 places on every mesh; results equal the single-device ones up to float summation order.
 """
@@ -118,6 +120,7 @@ def _qweight_specs(w: QuantizedWeight, role: Optional[str], m: int) -> Dict[str,
         "block_u": 0 if col else (1 if row else None),   # [n_bo, n_bi, b_out]
         "block_v": 0 if col else (1 if row else None),   # [n_bo, n_bi, b_in]
         "a_schedule": None,
+        "gscale": 0 if col else None,                # [N, ceil(G/2)] packed integer group factors (small)
     }
     specs = {f: (None if getattr(w, f) is None else _spec(tuple(getattr(w, f).shape), ax, m))
              for f, ax in axes.items()}

@@ -29,6 +29,10 @@ Conventions (`convention=`):
 Mixed precision: from a config, the targets (w_bits, a_bits) are used (size is linear in the bits, and
 VaSMP / VaTMP meet the averages); from a quantized tree (`qparams=`), each node's w_bits and the mean of
 its activation schedule are used.
+Scales: `size_M` follows the paper (scales not counted); `scale_bits` / `size_M_with_scales` add the
+weight scales as stored: float32 group scales [N, G] (+ int8 zero points), or, with two-level integer
+group scales (`QuantConfig.w_group_scale="int"`), the float32 per-channel scale [N] plus the 4-bit packed
+integer factors [N, G] (`QuantizedWeight.gscale`); from a quantized tree, the bytes of those arrays.
 Resolution: output H x W -> latent (H / 8, W / 8); latents larger than `tile_latent` are processed as
 the sampler does (square tiles of min(tile, h, w), overlap `tile_overlap`), each tile a full forward.
 """
@@ -180,6 +184,25 @@ def _node_bits(node):
     return float(node.w_bits), a, br
 
 
+def _node_scale_bits(node) -> float:
+    """Bits of a QuantizedWeight's weight scales as stored: scale, zero points and integer group factors."""
+    return float(sum(8 * np.dtype(a.dtype).itemsize * int(np.prod(a.shape))
+                     for a in (node.scale, node.zero, node.gscale) if a is not None))
+
+
+def _config_scale_bits(d_out: int, d_in: int, qcfg: QuantConfig, w_bits: float) -> float:
+    """Bits of the weight scales of one [d_out, d_in] linear quantized by `qcfg` (as `make_qweight` stores
+    them; mixed precision: at the rounded target bits)."""
+    from qdit4sr_jax.quant import quantizer as qz
+    b = int(round(w_bits))
+    G, _ = qz.num_groups(d_in, qcfg.w_group_size)
+    if getattr(qcfg, "w_group_scale", "float") == "int":
+        if G == 1 or qz.int_scale_max(b) == 1:
+            return 32.0 * d_out
+        return 32.0 * d_out + 8.0 * d_out * (-(-G // 2))
+    return (32.0 + (0.0 if qcfg.w_symmetric else 8.0)) * d_out * G
+
+
 def size_ops(model_cfg: ModelConfig, qcfg: Optional[QuantConfig] = None, *, qparams=None, height: int = 512,
              width: int = 512, steps: Optional[int] = None, guidance: Optional[bool] = None,
              convention: str = "paper", count_unused: bool = True, ops_scope: Sequence[str] = DEFAULT_INCLUDE,
@@ -191,7 +214,8 @@ def size_ops(model_cfg: ModelConfig, qcfg: Optional[QuantConfig] = None, *, qpar
     height, width: output image size in pixels; steps: sampling steps (default model_cfg.num_steps);
     guidance: CFG doubles the forwards (default: model_cfg.guidance_scale != 1).
     convention: "paper" | "mission" (module docstring). ops_scope: regexes of the linears whose MACs count.
-    Returns a dict with size_M, ops_G, params, macs_per_forward, forwards, tiles, latent, per_layer.
+    Returns a dict with size_M, ops_G, params, macs_per_forward, forwards, tiles, latent, per_layer,
+    scale_bits (weight scales as stored, not in size_M) and size_M_with_scales.
     """
     if convention not in ("paper", "mission"):
         raise ValueError(f"convention must be 'paper' or 'mission', got {convention!r}")
@@ -212,6 +236,7 @@ def size_ops(model_cfg: ModelConfig, qcfg: Optional[QuantConfig] = None, *, qpar
         nodes = quantized_layers(qparams)
     scope = [re.compile(r) for r in ops_scope]
     bits_sum = 32.0 * other
+    scale_bits = 0.0
     ops = 0.0
     params = other
     per_layer = []
@@ -219,14 +244,18 @@ def size_ops(model_cfg: ModelConfig, qcfg: Optional[QuantConfig] = None, *, qpar
         n_k = li.d_in * li.d_out
         params += n_k + (li.d_out if li.bias else 0)
         bits_sum += 32.0 * (li.d_out if li.bias else 0)
+        sb = 0.0
         if li.path in nodes:
             wb, ab, br = _node_bits(nodes[li.path])
+            sb = _node_scale_bits(nodes[li.path])
         elif qcfg is not None and (qparams is None or not li.used) and \
                 rules.selected(li.path, qcfg.include, qcfg.exclude):
             wb, ab, br = float(qcfg.w_bits), (None if qcfg.a_bits is None else float(qcfg.a_bits)), \
                 _branch_params(li.d_out, li.d_in, qcfg)
+            sb = _config_scale_bits(li.d_out, li.d_in, qcfg, wb)
         else:
             wb, ab, br = 32.0, 32.0, 0
+        scale_bits += sb
         ab = 32.0 if ab is None else ab
         b_bits = 32.0 if convention == "paper" else 16.0
         bits_sum += wb * n_k + b_bits * br
@@ -237,8 +266,9 @@ def size_ops(model_cfg: ModelConfig, qcfg: Optional[QuantConfig] = None, *, qpar
             else:
                 ops += li.tokens * (n_k * wb * ab + br * 256.0) / 1024.0
         per_layer.append(dict(path=li.path, d_in=li.d_in, d_out=li.d_out, tokens=li.tokens, w_bits=wb, a_bits=ab,
-                              branch_params=br, macs=macs, used=li.used))
+                              branch_params=br, macs=macs, used=li.used, scale_bits=sb))
     return dict(size_M=bits_sum / 32.0 / 1e6, ops_G=ops * forwards / 1e9, params=int(params),
+                scale_bits=scale_bits, size_M_with_scales=(bits_sum + scale_bits) / 32.0 / 1e6,
                 macs_per_forward=float(sum(p["macs"] for p in per_layer
                                            if any(r.search(p["path"]) for r in scope))),
                 forwards=forwards, tiles=n_tiles, latent=(lh, lw), steps=steps, guidance=bool(guidance),

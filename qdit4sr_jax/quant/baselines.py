@@ -132,6 +132,7 @@ class LayerSpec:
     execution: str = "fake"
     branch_dtype: str = "bfloat16"
     dtype: str = "float32"           # original kernel dtype
+    group_scale: str = "float"       # "float" | "int" (two-level integer group scales, qweight.make_qweight)
 
 
 def quantize_linear(w_nk, ch_absmax=None, a_schedule=None, *, spec: LayerSpec) -> QuantizedWeight:
@@ -154,7 +155,7 @@ def quantize_linear(w_nk, ch_absmax=None, a_schedule=None, *, spec: LayerSpec) -
         a_bits=spec.a_bits, a_symmetric=spec.a_symmetric, clip_ratio=spec.clip_ratio,
         clip_search=spec.clip_search, pack=spec.pack, execution=spec.execution, dtype=spec.dtype,
         smooth=smooth, lr_a=lr_a, lr_b=lr_b, rotate=spec.rotate, a_schedule=a_schedule,
-        branch_dtype=spec.branch_dtype)
+        branch_dtype=spec.branch_dtype, group_scale=spec.group_scale)
 
 
 def rtn(w_nk, spec: LayerSpec) -> QuantizedWeight:

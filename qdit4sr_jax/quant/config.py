@@ -52,6 +52,14 @@ class QuantConfig:
       O(N K r), for CPU quantization of the full model) for the low-rank branch.
     layer_w_bits: per-layer weight bits ((path, bits), ...) overriding w_bits (VaSMP's output; exact
       '/'-joined linear-module paths as in the params tree).
+    w_group_scale: how group-wise weight scales are stored and executed. "float" (default): a float32 scale
+      per (row, group) (0.5 bit per weight at group 64; the int8 kernels scale every group's partial sum).
+      "int": two-level scales W ~ s[n] c[n, group] q (QServe-style progressive scales): s float32 per
+      output channel, c an integer in 1..min(16, 127 // qmax) per group (4-bit packed: 0.0625 bit per
+      weight at group 64) chosen by a per-group search for the least squared error; c * q is folded into
+      int8 codes, so the layer runs at per-channel kernel speed (benchmarks/gpu_notes.md). Needs
+      w_group_size and symmetric weights; layers with one group or 8-bit weights (c_max = 1) get plain
+      per-channel scales. Presets "<method>-wXaY-fast" select it.
     """
     method: str = "rtn"
     w_bits: float = 4
@@ -82,6 +90,7 @@ class QuantConfig:
     pack: bool = True
     lowrank_svd: str = "exact"
     layer_w_bits: Tuple[Tuple[str, int], ...] = ()
+    w_group_scale: str = "float"
 
     @property
     def needs_calibration(self) -> bool:
@@ -116,6 +125,14 @@ class QuantConfig:
                 raise ValueError(f"QuantConfig.layer_w_bits: layer {path!r} has unsupported bits {bits!r} (2..8)")
         if self.w_group_size is not None and self.w_group_size < 1:
             raise ValueError(f"QuantConfig.w_group_size must be >= 1 or None, got {self.w_group_size}")
+        if self.w_group_scale not in ("float", "int"):
+            raise ValueError(f"QuantConfig.w_group_scale must be 'float' or 'int', got {self.w_group_scale!r}")
+        if self.w_group_scale == "int" and self.w_group_size is None:
+            raise ValueError("QuantConfig.w_group_scale='int' (two-level integer group scales) needs a group size: "
+                             "set w_group_size (e.g. 64), or use w_group_scale='float' for per-channel scales")
+        if self.w_group_scale == "int" and not self.w_symmetric:
+            raise ValueError("QuantConfig.w_group_scale='int' needs w_symmetric=True: a per-group zero point "
+                             "cannot be folded into the int8 codes")
         if self.lowrank_svd not in ("exact", "randomized"):
             raise ValueError(f"QuantConfig.lowrank_svd must be 'exact' or 'randomized', got {self.lowrank_svd!r}")
         if self.lowrank_rank < 0:

@@ -16,7 +16,8 @@ Quantized node, two execution modes with one semantics (see qweight.py for the f
 - "int": activations are quantized per token into int8 (any a_bits <= 8, so 4-bit codes are exact), the
   GEMM is `lax.dot_general` int8 x int8 -> int32 contracting the last axis of both operands (weights are
   stored [N, K] / [G, N, g], so no transpose of the weight is needed), then the scales are applied:
-  per channel: y = s_x[m] s_w[n] acc[m, n]; group-wise: one batched GEMM with the group as leading batch
+  per channel: y = s_x[m] s_w[n] acc[m, n] (also two-level "int" group scales: `codes()` folds the integer
+  group factors into the int8 codes, W = s_w[n] (c q)[n, k]); group-wise: one batched GEMM with the group as leading batch
   axis (in chunks of groups to bound the int32 intermediate), y = s_x[m] sum_g s_w[n, g] acc[g, m, n].
   Asymmetric activations and/or weights use the exact integer zero-point correction
   sum (q_x - z_x)(q_w - z_w) = acc - z_x sum q_w - z_w sum q_x + g z_x z_w.
@@ -121,7 +122,7 @@ def _largest_divisor_leq(n: int, cap: int) -> int:
 def _int_main(xt, w: QuantizedWeight, bits):
     m = xt.shape[0]
     G, g = w.groups
-    if G * g != w.k:
+    if w.layout == "gnk" and G * g != w.k:                         # ("nk" with two-level scales: folded [N, K])
         xt = jnp.pad(xt, ((0, 0), (0, G * g - w.k)))               # zeros quantize to the zero code
     xq, sx, zx = qz.quantize_per_token(xt, bits, w.a_symmetric)    # [M, Kp] int8, [M, 1], [M, 1]|None
     wq = w.codes()                                                 # int8 [N, K] or [G, N, g]

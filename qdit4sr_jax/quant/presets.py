@@ -1,6 +1,10 @@
 """Named `QuantConfig` presets: "<method>-w<X>a<Y>" (e.g. "rtn-w4a4", "smoothquant-w8a8",
 "svdquant-w4a4", "rotation-w4a6", "qdit4sr-w4a4") and the bare "w8a8", "w4a8", "w4a6", "w4a4" (RTN).
 Any X in 2..8 and Y in 2..8 parses; "a16" keeps activations in float (weight-only).
+A "-fast" suffix (e.g. "qdit4sr-w4a4-fast", "svdquant-w4a4-fast") keeps the method's group size but stores
+the group scales as two-level integer scales (`QuantConfig.w_group_scale="int"`: per-channel float scale
+times a 4-bit integer factor per group, folded into the int8 codes), so the layers run through the
+per-channel int8 kernels; only for presets with group-wise weights.
 
 Per-method settings (and where they come from):
 - rtn:          weights RTN group 64 (per channel at 8 bits), activations per token.
@@ -26,15 +30,15 @@ _METHOD_FIELDS = {
     "qdit4sr": dict(smooth=True, smooth_alpha=0.5, hsvd=True, lowrank_rank=32, vasmp=True, vatmp=True),
 }
 
-_NAME = re.compile(r"^(?:(?P<method>[a-z0-9]+)-)?w(?P<w>\d+)a(?P<a>\d+)$")
+_NAME = re.compile(r"^(?:(?P<method>[a-z0-9]+)-)?w(?P<w>\d+)a(?P<a>\d+)(?P<fast>-fast)?$")
 
 
 def preset(name: str) -> QuantConfig:
     """QuantConfig for a preset name; ValueError listing the grammar for unknown names."""
     m = _NAME.match(name.strip().lower())
     if not m or (m.group("method") or "rtn") not in METHODS:
-        raise ValueError(f"unknown quantization preset {name!r}: use '<method>-w<bits>a<bits>' with method in "
-                         f"{METHODS} (or bare 'w8a8', 'w4a8', 'w4a6', 'w4a4' for RTN)")
+        raise ValueError(f"unknown quantization preset {name!r}: use '<method>-w<bits>a<bits>[-fast]' with method "
+                         f"in {METHODS} (or bare 'w8a8', 'w4a8', 'w4a6', 'w4a4' for RTN)")
     method = m.group("method") or "rtn"
     w, a = int(m.group("w")), int(m.group("a"))
     if not 2 <= w <= 8 or not (2 <= a <= 8 or a == 16):
@@ -42,8 +46,14 @@ def preset(name: str) -> QuantConfig:
     fields = dict(_METHOD_FIELDS[method])
     if w == 8 and method == "rtn":
         fields["w_group_size"] = None                 # W8: per-channel is already near-lossless
+    if m.group("fast"):
+        if fields.get("w_group_size", QuantConfig.w_group_size) is None:
+            raise ValueError(f"preset {name!r}: '-fast' (two-level integer group scales) applies to presets with "
+                             f"group-wise weight scales; {name[:-5]!r} already uses per-channel scales")
+        fields["w_group_scale"] = "int"
     return QuantConfig(method=method, w_bits=w, a_bits=None if a == 16 else a, **fields).validate()
 
 
 PRESET_NAMES = tuple(f"{m}-{b}" for m in METHODS for b in ("w8a8", "w4a8", "w4a6", "w4a4")) + (
-    "w8a8", "w4a8", "w4a6", "w4a4")
+    "w8a8", "w4a8", "w4a6", "w4a4") + tuple(
+    f"{m}-{b}-fast" for m in ("rtn", "svdquant", "rotation", "qdit4sr") for b in ("w4a8", "w4a6", "w4a4"))

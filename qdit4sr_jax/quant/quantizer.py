@@ -229,3 +229,91 @@ def _unpack_int4(p, length):
     hi = s >> 4
     out = jnp.stack([lo, hi], axis=-1).reshape(*p.shape[:-1], 2 * p.shape[-1])
     return out[..., :length]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Two-level ("int-folded") group scales: W[n, k] ~ s[n] * c[n, g(k)] * q[n, k]
+
+def int_scale_max(bits) -> int:
+    """Largest integer group factor c_max = min(16, 127 // qmax) (qmax = 2^(b-1) - 1), so that the folded
+    code c * q always fits int8 (4 bits: 16 * 7 = 112; 8 bits: 1, i.e. per channel)."""
+    b = check_bits(bits, "weight bits")
+    return min(16, 127 // (2 ** (b - 1) - 1))
+
+
+@partial(jax.jit, static_argnames=("bits", "group_size", "clip_search"))
+def _quantize_weight_int_scales(w, bits, group_size, clip_ratio, clip_search):
+    wg = _grouped(w.astype(jnp.float32), group_size)                    # [N, G, g]
+    qmax = 2 ** (bits - 1) - 1
+    cmax = int_scale_max(bits)
+    amax = jnp.max(jnp.abs(wg), axis=-1) * clip_ratio                   # [N, G]
+    s0 = jnp.max(amax, axis=-1) / (qmax * cmax)                         # [N]
+    s0 = jnp.where(s0 > 0, s0, 1.0)
+    cands = jnp.arange(1, cmax + 1, dtype=jnp.float32)                  # [C]
+
+    def best_c(s):                                                      # s [N] -> c [N, G], err [N, G]
+        def body(carry, c):                                             # candidates in increasing order:
+            cb, eb = carry                                              # a strict < keeps the smallest on ties
+            sc = (s[:, None] * c)[..., None]
+            d = jnp.clip(jnp.round(wg / sc), -qmax, qmax) * sc - wg
+            e = jnp.sum(d * d, axis=-1)
+            better = e < eb
+            return (jnp.where(better, c, cb), jnp.where(better, e, eb)), None
+        init = (jnp.ones(amax.shape, jnp.float32), jnp.full(amax.shape, jnp.inf, jnp.float32))
+        (c, e), _ = jax.lax.scan(body, init, cands)
+        return c, e
+
+    if clip_search:
+        ratios = jnp.linspace(1.0, 0.5, 11)
+        cs, es = jax.lax.map(lambda r: best_c(s0 * r), ratios)          # [R, N, G] x 2
+        i = jnp.argmin(jnp.sum(es, axis=-1), axis=0)                    # [N]
+        c = jnp.take_along_axis(cs, i[None, :, None], axis=0)[0]
+        s = s0 * ratios[i]
+    else:
+        s = s0
+        c, _ = best_c(s)
+    sc = (s[:, None] * c)[..., None]
+    q = jnp.clip(jnp.round(wg / sc), -qmax, qmax)                       # padded tail: 0 stays 0
+    return q.astype(jnp.int8), s, c.astype(jnp.int8)
+
+
+def quantize_weight_int_scales(w, bits, group_size: int, clip_ratio=1.0, clip_search: bool = False):
+    """Symmetric quantization of W [N, K] with two-level group scales (QServe-style progressive scales):
+        W[n, k] ~ s[n] * c[n, G(k)] * q[n, k],   s float32 per output channel, c integer in 1..c_max,
+    q the b-bit symmetric codes (narrow range), c_max = `int_scale_max(bits)`, so c * q fits int8 and
+    the folded int8 weight c * q runs through per-channel int8 kernels unchanged.
+
+    s[n] = max_G amax[n, G] / (qmax c_max) with amax the group absmax times `clip_ratio`; every group's
+    factor c is then chosen by exhaustive search over 1..c_max minimising the group's squared
+    dequantization error (the rule ceil(amax / (qmax s)) is one of the candidates, so the search is never
+    worse; smaller factors clip the group's largest values when that lowers the error). clip_search:
+    additionally search s over {1.0, 0.95, ..., 0.5} x s per row (minimum row squared error).
+    Returns (q int8 [N, G, g] (zero-padded past K), s float32 [N], c int8 [N, G]); (G, g) =
+    `num_groups(K, group_size)`. A zero row gets s = 1 and codes 0.
+    """
+    bits = check_bits(bits, "weight bits")
+    w = jnp.asarray(w)
+    if w.ndim != 2:
+        raise ValueError(f"quantize_weight_int_scales expects a 2-D weight [N, K], got shape {w.shape}")
+    if w.size == 0:
+        raise ValueError(f"cannot quantize a zero-size weight of shape {w.shape}")
+    if group_size is None:
+        raise ValueError("two-level integer group scales need a group size (group_size=None is per channel)")
+    num_groups(w.shape[1], group_size)
+    return _quantize_weight_int_scales(w, bits, int(group_size), clip_ratio, bool(clip_search))
+
+
+def fold_int_scales(q, c):
+    """Folded int8 codes c * q: q int8 [N, G, g], c int8 [N, G] -> int8 [N, G, g] (|c q| <= 127 by c_max)."""
+    return q * c[..., None].astype(q.dtype)
+
+
+def pack_group_factors(c):
+    """Integer group factors c in 1..16 -> 4-bit packed storage: `pack_int4(c - 9)` (c - 9 in [-8, 7]);
+    int [..., G] -> uint8 [..., ceil(G / 2)]."""
+    return pack_int4(jnp.asarray(c).astype(jnp.int8) - jnp.int8(9))
+
+
+def unpack_group_factors(p, groups: int):
+    """Inverse of `pack_group_factors`: uint8 [..., ceil(G / 2)] -> int8 [..., G] in 1..16."""
+    return unpack_int4(p, groups) + jnp.int8(9)

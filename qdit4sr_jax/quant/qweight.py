@@ -19,6 +19,11 @@ Array children (None when absent):
            int8, or packed two per byte into uint8 along the last axis when `packed` (w_bits <= 4;
            layout of `quantizer.pack_int4`: low nibble = even index).
   scale:   float32 [N, G]            (G = 1 for "nk")
+  gscale:  uint8 [N, ceil(G/2)]      two-level ("int") group scales, layout "nk" only: the integer group
+           factors c[n, G] in 1..c_max (c_max = `quantizer.int_scale_max(w_bits)`, 16 at <= 4 bits) stored
+           4-bit packed as `quantizer.pack_group_factors` (pack_int4 of c - 9). Then W_q[n, k] =
+           scale[n, 0] * c[n, k // group_size] * q[n, k]; `codes()` returns the folded int8 codes c * q
+           (|c q| <= 127), so every per-channel ("nk") int8 path runs such a node unchanged.
   zero:    int8 [N, G]               asymmetric weights only (codes, see quantizer.py)
   smooth:  float32 [K]               SmoothQuant-style per-input-channel divisor of the activation
   lr_a, lr_b: [K, r], [r, N]         16-bit global low-rank branch (SVDQuant / H-SVD global part)
@@ -28,7 +33,7 @@ Array children (None when absent):
   a_schedule: int32 [T]              activation bits per sampling step (VaTMP), indexed by `step`.
 
 Static fields: shape (K, N) of the original kernel, dtype of the original kernel, w_bits, group_size
-(None = per channel), layout, packed, w_symmetric, a_bits (int, or None = float activations; the bits
+(None = per channel; with `gscale` the group length of the integer factors while layout is "nk"), layout, packed, w_symmetric, a_bits (int, or None = float activations; the bits
 used when no `step` / `act_bits` is given), a_symmetric, rotate (Hadamard block size, 0 = none),
 block ((b_out, b_in) or None), execution ("fake" | "int" | "fused").
 """
@@ -45,7 +50,8 @@ from qdit4sr_jax.quant import quantizer as qz
 
 LAYOUTS = ("nk", "gnk")
 EXECUTIONS = ("fake", "int", "fused")   # "fused": quant/kernels (same semantics as "int")
-ARRAY_FIELDS = ("qvalue", "scale", "zero", "smooth", "lr_a", "lr_b", "block_u", "block_v", "a_schedule")
+ARRAY_FIELDS = ("qvalue", "scale", "zero", "smooth", "lr_a", "lr_b", "block_u", "block_v", "a_schedule", "gscale")
+GROUP_SCALES = ("float", "int")     # make_qweight(group_scale=...): float32 [N, G] scales, or s[n] * int c[n, G]
 STATIC_FIELDS = ("shape", "dtype", "w_bits", "group_size", "layout", "packed", "w_symmetric",
                  "a_bits", "a_symmetric", "rotate", "block", "execution")
 
@@ -61,6 +67,7 @@ class QuantizedWeight:
     block_u: Any = None
     block_v: Any = None
     a_schedule: Any = None
+    gscale: Any = None
     # static
     shape: Tuple[int, int] = (0, 0)
     dtype: str = "float32"
@@ -90,11 +97,23 @@ class QuantizedWeight:
         return qz.num_groups(self.k, self.group_size)
 
     def codes(self):
-        """Unpacked int8 codes in `layout` ([N, K] or [G, N, g])."""
-        if not self.packed:
-            return self.qvalue
-        last = self.k if self.layout == "nk" else self.groups[1]
-        return qz.unpack_int4(self.qvalue, last)
+        """Unpacked int8 codes in `layout` ([N, K] or [G, N, g]); with `gscale`, the folded codes c * q [N, K]."""
+        q = self.qvalue
+        if self.packed:
+            last = self.k if self.layout == "nk" else self.groups[1]
+            q = qz.unpack_int4(q, last)
+        if self.gscale is None:
+            return q
+        G, g = self.groups
+        qg = q if G * g == self.k else jnp.pad(q, ((0, 0), (0, G * g - self.k)))
+        folded = qz.fold_int_scales(qg.reshape(self.n, G, g), self.group_factors())
+        return folded.reshape(self.n, G * g)[:, : self.k]
+
+    def group_factors(self):
+        """Integer group factors c int8 [N, G] of two-level scales (None for float group scales)."""
+        if self.gscale is None:
+            return None
+        return qz.unpack_group_factors(self.gscale, self.groups[0])
 
     def codes_nk(self):
         """int8 codes as [N, G, g] (zero-padded groups)."""
@@ -104,7 +123,8 @@ class QuantizedWeight:
         return jnp.transpose(q, (1, 0, 2))
 
     def dequantize_residual(self):
-        """Dequantized quantized part W_q [N, K] float32 (in the transformed input space)."""
+        """Dequantized quantized part W_q [N, K] float32 (in the transformed input space); with two-level
+        scales scale[n] * (c q)[n, k], the folded codes times the per-channel scale."""
         return qz.dequantize_weight(self.codes_nk(), self.scale, self.zero, self.k)
 
     def branch_weight(self):
@@ -158,11 +178,15 @@ def make_qweight(w_nk, *, w_bits: int, group_size: Optional[int] = None, w_symme
                  clip_search: bool = False, pack: bool = True, execution: str = "fake",
                  dtype: str = "float32", smooth=None, lr_a=None, lr_b=None, block_u=None, block_v=None,
                  block: Optional[Tuple[int, int]] = None, rotate: int = 0, a_schedule=None,
-                 branch_dtype: str = "bfloat16") -> QuantizedWeight:
+                 branch_dtype: str = "bfloat16", group_scale: str = "float") -> QuantizedWeight:
     """Quantize the (already transformed: smoothed / rotated / residual) weight W [N, K] into a node.
 
     w_nk: float [N, K] = (out, in), the part that goes to integers; every extra is given in the same
     transformed input space (see module docstring). Branch factors are cast to `branch_dtype`.
+    group_scale: "float" (float32 [N, G] group scales, layout "gnk") or "int" (two-level scales, layout
+    "nk" + `gscale`: `quantizer.quantize_weight_int_scales`; symmetric weights only). "int" falls back to
+    plain per-channel scales where the factors cannot help: one group (group_size None or >= K), or
+    c_max = 1 (8-bit weights).
     Returns a QuantizedWeight whose `shape` is the Flax kernel shape (K, N). Traceable (jit-safe).
     """
     w_bits = qz.check_bits(w_bits, "weight bits")
@@ -170,12 +194,25 @@ def make_qweight(w_nk, *, w_bits: int, group_size: Optional[int] = None, w_symme
         a_bits = qz.check_bits(a_bits, "activation bits")
     if execution not in EXECUTIONS:
         raise ValueError(f"execution must be one of {EXECUTIONS}, got {execution!r}")
+    if group_scale not in GROUP_SCALES:
+        raise ValueError(f"group_scale must be one of {GROUP_SCALES}, got {group_scale!r}")
     n, k = w_nk.shape
-    q, s, z = qz.quantize_weight(w_nk, w_bits, group_size, w_symmetric, clip_ratio, clip_search)
     G, g = qz.num_groups(k, group_size)
-    if G == 1:
+    gscale = None
+    if group_scale == "int" and not w_symmetric:
+        raise ValueError("two-level integer group scales (group_scale='int') need symmetric weights "
+                         "(w_symmetric=True): a per-group zero point cannot be folded into the int8 codes")
+    if group_scale == "int" and (G == 1 or qz.int_scale_max(w_bits) == 1):
+        group_size, G = None, 1                                     # nothing to gain: per channel
+    if group_scale == "int" and G > 1:
+        q, s, c = qz.quantize_weight_int_scales(w_nk, w_bits, group_size, clip_ratio, clip_search)
+        q, s, z = q.reshape(n, G * g)[:, None, :k], s[:, None], None
+        gscale = qz.pack_group_factors(c)
+    else:
+        q, s, z = qz.quantize_weight(w_nk, w_bits, group_size, w_symmetric, clip_ratio, clip_search)
+    if G == 1 or gscale is not None:
         layout, q = "nk", q[:, 0, :]
-        group_size = None
+        group_size = group_size if gscale is not None else None
     else:
         layout, q = "gnk", jnp.transpose(q, (1, 0, 2))
     packed = bool(pack and w_bits <= 4)
@@ -205,7 +242,7 @@ def make_qweight(w_nk, *, w_bits: int, group_size: Optional[int] = None, w_symme
             raise ValueError("an activation-bit schedule needs a default a_bits (used when no step is given)")
         a_schedule = jnp.asarray(a_schedule, jnp.int32)
     return QuantizedWeight(
-        qvalue=q, scale=s, zero=z, smooth=smooth, lr_a=cast(lr_a), lr_b=cast(lr_b),
+        qvalue=q, scale=s, zero=z, gscale=gscale, smooth=smooth, lr_a=cast(lr_a), lr_b=cast(lr_b),
         block_u=cast(block_u), block_v=cast(block_v), a_schedule=a_schedule,
         shape=(int(k), int(n)), dtype=str(jnp.dtype(dtype)), w_bits=w_bits, group_size=group_size,
         layout=layout, packed=packed, w_symmetric=bool(w_symmetric), a_bits=a_bits,

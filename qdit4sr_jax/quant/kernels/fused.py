@@ -11,7 +11,8 @@ stages:
    (global low-rank features, then the block rank-1 features t[m, i, j] = <v_ij, x'_j> of output block
    row i), zero-padded to R (a power of 2 >= 16).
    Packed 4-bit weights are unpacked to int8 once per call outside the kernel (`KernelConfig.unpack=
-   "xla"`, the default: H100 measurements in benchmarks/gpu_notes.md), or inside the kernel
+   "xla"`, the default: H100 measurements in benchmarks/gpu_notes.md; two-level "int" group scales are
+   folded there too, c * q, and then run as per-channel "nk" weights: `unpacks_in_kernel`), or inside the kernel
    (`unpack="kernel"`): then every run of `chunk` input channels of q_x is stored as [even | odd]
    elements, so that the kernel multiplies the low nibbles with the even half and the high nibbles with
    the odd half (no interleave of the unpacked weight is ever needed).
@@ -83,9 +84,16 @@ def _next_pow2(n: int) -> int:
     return p
 
 
+def unpacks_in_kernel(w: QuantizedWeight, cfg: KernelConfig) -> bool:
+    """Whether the kernel gets packed 4-bit bytes and splits the nibbles itself (unpack="kernel").
+    Two-level ("int") group scales always arrive as folded int8 codes c * q (`QuantizedWeight.codes()`,
+    once per call outside the kernel): with them unpack="kernel" falls back to unpack="xla"."""
+    return bool(w.packed and cfg.packed_in_kernel and w.gscale is None)
+
+
 def _chunk(w: QuantizedWeight, cfg: KernelConfig) -> int:
     """Input-channel run over which packed codes are split [even | odd] (one kernel K step)."""
-    if not (w.packed and cfg.packed_in_kernel):
+    if not unpacks_in_kernel(w, cfg):
         return 0
     if w.layout == "gnk":
         return w.groups[1]
@@ -101,7 +109,7 @@ def tiles_ok(w: QuantizedWeight, cfg: KernelConfig) -> bool:
     """Whether the Pallas kernel tiles this layer: power-of-2 tiles dividing N, K steps dividing K,
     packed runs of even length, output tiles inside one block row of the block branch."""
     bn, bk = cfg.block_n, cfg.block_k
-    packed = w.packed and cfg.packed_in_kernel
+    packed = unpacks_in_kernel(w, cfg)
     pow2 = lambda v: v >= 16 and not (v & (v - 1))
     if not (pow2(cfg.block_m) and pow2(bn) and w.n % bn == 0):
         return False
@@ -289,5 +297,5 @@ def with_execution(tree, mode: str):
 
 
 __all__ = ["fused_linear", "with_execution", "KernelConfig", "DEFAULT_CONFIG", "GROUPED_CONFIG", "default_config",
-           "supports_fused", "tiles_ok", "prologue",
+           "supports_fused", "tiles_ok", "unpacks_in_kernel", "prologue",
            "xla_gemm_epilogue", "Operands", "BACKENDS"]

@@ -3,6 +3,7 @@
 Grid (Mp / block_m, N / block_n); each program owns one [block_m, block_n] output tile and loops over K:
   per channel ("nk"): int32 acc += q_x[:, k-step] . q_w[n-tile, k-step]^T, scaled once at the end;
   group-wise ("gnk", group g): one dot per group, y += float(acc_g) * s_w[g, n-tile] (exact per group);
+  two-level "int" group scales arrive as folded int8 codes c * q with per-channel scales: the "nk" loop;
   packed 4-bit weights with unpack="kernel" (else they arrive unpacked as int8): bytes are loaded as int8
   and split in registers, low nibble (p << 4) >> 4 and
   high nibble p >> 4 (arithmetic shifts sign-extend), multiplied with the [even | odd] halves of the
@@ -81,11 +82,13 @@ def pallas_gemm_epilogue(ops, w: QuantizedWeight, bias, out_dtype, cfg, *, inter
     n = w.n
     if mp % bm or n % bn:
         raise ValueError(f"pallas kernel: rows {mp} / columns {n} are not multiples of the tile {bm}x{bn}")
-    packed = w.packed and cfg.packed_in_kernel
+    from qdit4sr_jax.quant.kernels.fused import unpacks_in_kernel
+    packed = unpacks_in_kernel(w, cfg)
     if packed:
         wq = jax.lax.bitcast_convert_type(w.qvalue, jnp.int8)
     else:
-        wq = w.codes()                          # int8; packed storage is unpacked here, outside the kernel
+        wq = w.codes()                          # int8; packed storage is unpacked (and two-level group
+                                                # factors folded, c * q) here, outside the kernel
     if w.layout == "gnk":
         G, g = w.groups
         n_steps, step = G, (g // 2 if packed else g)
