@@ -8,10 +8,10 @@
 3. Calibration of one 512x512 image over the default sampler (40 steps, CFG 8 = batch 2), collecting
    every linear's input statistics (`qdit4sr_jax.calibrate(model_cfg, ...)`), cold and warm.
 
-4. With --compile-cache DIR: before anything else (this process has not touched the device yet), two
-   child processes each quantize once with JAX's persistent compilation cache in a fresh directory
-   under DIR: the first starts from an empty cache (cold, writing it), the second reads it (warm
-   cache). The in-process cold number of step 1 never uses the cache (it is the one the target is about).
+4. With --compile-cache DIR (after steps 1-2, before 3): two child processes each quantize once with
+   JAX's persistent compilation cache in a fresh directory under DIR: the first starts from an empty
+   cache (cold, writing it), the second reads it (warm cache). The in-process cold number of step 1
+   never uses the cache (it is the one the target is about).
 
 Compiled programs are counted (JAX's backend-compile events) and listed by name in the JSON.
 
@@ -66,8 +66,6 @@ def main(argv=None):
     if a.use_cache:                                   # child: the cache is on before any compilation
         from qdit4sr_jax.quant.api import enable_compilation_cache
         enable_compilation_cache(a.use_cache)
-    elif a.compile_cache:                             # children first: this process holds no device memory yet
-        res["compile_cache"] = _cache_children(a, argv, log, t_start)
     from qdit4sr_jax.config import ModelConfig
     from qdit4sr_jax.quant import rules
     from qdit4sr_jax.quant.config import QuantConfig
@@ -96,11 +94,19 @@ def main(argv=None):
     info = None
     for kind in runs:
         t0 = time.perf_counter()
+        hits = [0]
+        on_hit = lambda event, **kw: hits.__setitem__(0, hits[0] + (event == "/jax/compilation_cache/cache_hits"))
+        jax.monitoring.register_event_listener(on_hit)
         with CompileTimer() as ct, ProgramLog() as pl:
             q, info = quantize_qdit4sr(params, qcfg, calib, return_info=True)
             jax.block_until_ready(jax.tree_util.tree_leaves(q))
         res[f"quantize_{kind}_s"] = time.perf_counter() - t0
-        res[f"quantize_{kind}_compile"] = ct.summary()
+        res[f"quantize_{kind}_compile"] = dict(ct.summary(), persistent_cache_hits=hits[0])
+        try:
+            from jax._src import monitoring as _mon
+            _mon.unregister_event_listener(on_hit)
+        except Exception:
+            pass
         res[f"quantize_{kind}_programs"] = pl.summary()
         res["quantized_weight_bytes"] = tree_bytes(q)
         log(f"quantize ({kind}) {res[f'quantize_{kind}_s']:.2f} s ({ct.summary()}), weights {gib(res['quantized_weight_bytes'])} GiB "
@@ -128,6 +134,9 @@ def main(argv=None):
     write_json(a.out, res)
     if a.use_cache:                                   # child: step 1 only
         return res
+    if a.compile_cache:                               # ---- 4. new processes, persistent cache cold / warm
+        res["compile_cache"] = _cache_children(a, log, t_start)
+        write_json(a.out, res)
 
     # ---- 3. calibration over the sampler
     if a.calib_size and not (a.deadline and time.perf_counter() - t_start > a.deadline):
@@ -167,8 +176,9 @@ def main(argv=None):
     for kind, r in (res.get("compile_cache") or {}).items():
         if isinstance(r, dict) and "quantize_cold_s" in r:
             c = r["quantize_cold_compile"]
-            print(f"| quantize, new process, {kind} | {r['quantize_cold_s']:.3f} ({c['compiles']} programs compiled, "
-                  f"{c['backend_compile_s']:.1f} s XLA compile) |")
+            print(f"| quantize, new process, {kind} | {r['quantize_cold_s']:.3f} ({c['compiles']} programs, "
+                  f"{c.get('persistent_cache_hits', 0)} of them loaded from the cache; {c['backend_compile_s']:.1f} s "
+                  f"compile or load) |")
     print(f"weights: bf16 {gib(res['bf16_weight_bytes'])} GiB -> {gib(res['quantized_weight_bytes'])} GiB; "
           f"avg w bits {res['w_bits_avg']:.2f} {res['w_bits_hist']}; avg a bits {res['a_bits_avg']:.2f}")
     return res
@@ -211,9 +221,10 @@ class ProgramLog(logging.Handler):
         return {k: [v[0], round(v[1], 3)] for k, v in sorted(self.by_name.items())}
 
 
-def _cache_children(a, argv, log, t_start):
+def _cache_children(a, log, t_start):
     """Two child processes (cold then warm persistent cache, fresh directory under a.compile_cache):
-    each runs step 1 once (--no-warm --calib-size 0). Returns {"dir", "cold_cache": json, "warm_cache": json}."""
+    each runs step 1 once (--no-warm --calib-size 0), without preallocating device memory (this process
+    still holds its share). Returns {"dir", "cold_cache": json | error, "warm_cache": json | error}."""
     root = os.path.abspath(os.path.expanduser(a.compile_cache))
     cache = os.path.join(root, f"quantize_time-{os.getpid()}-{int(time.time())}")
     os.makedirs(cache, exist_ok=True)
@@ -233,8 +244,9 @@ def _cache_children(a, argv, log, t_start):
         path = os.path.join(cache, f"{kind}.json")
         t0 = time.perf_counter()
         try:
-            p = subprocess.run(base + ["--out", path], capture_output=True, text=True,
-                               timeout=None if left is None else max(left - 10, 20))
+            env = dict(os.environ, XLA_PYTHON_CLIENT_PREALLOCATE="false")
+            p = subprocess.run(base + ["--out", path], capture_output=True, text=True, env=env,
+                               timeout=None if left is None else max(left - 5, 20))
             if p.returncode != 0:
                 raise RuntimeError(f"exit {p.returncode}: {p.stderr[-600:]}")
             with open(path) as f:

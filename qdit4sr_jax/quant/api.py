@@ -63,6 +63,53 @@ def enable_compilation_cache(path: str, *, min_compile_time_s: float = 0.0) -> s
     return path
 
 
+_PRECOMPILED: set = set()          # signatures `precompile` compiled in this process
+
+
+def precompile(fn, calls: Sequence[tuple], threads: Optional[int] = None) -> int:
+    """Compile the distinct programs of `fn(*args)` for every args tuple in `calls` concurrently (XLA
+    compilation runs outside the GIL), so that the calls made afterwards find them in jit's cache.
+    Only the first call of each distinct signature (shapes, dtypes, static values) is compiled, and
+    only once per process (a later quantize of the same shapes re-uses jit's cache without re-tracing).
+    threads: None = one per CPU core (at most one per program); <= 1 = do nothing. A compilation that
+    fails here is left to the real call (which then reports the error). Returns the number submitted."""
+    if threads is not None and threads <= 1:
+        return 0
+    seen, todo = set(), []
+    for args in calls:
+        key = (getattr(fn, "__qualname__", repr(fn)), tuple(_signature(a) for a in args))
+        if key not in seen and key not in _PRECOMPILED:   # already compiled here: jit's cache has it
+            seen.add(key)
+            todo.append(args)
+    _PRECOMPILED.update(seen)
+    if len(todo) <= 1:
+        return 0
+    from concurrent.futures import ThreadPoolExecutor
+
+    def one(args):
+        try:
+            fn.lower(*args).compile()
+        except Exception:                                # the real call compiles and raises
+            pass
+
+    with ThreadPoolExecutor(min(len(todo), threads or os.cpu_count() or 1)) as ex:
+        list(ex.map(one, todo))
+    return len(todo)
+
+
+def _signature(a):
+    """Hashable compile signature of an argument: (shape, dtype) of arrays, recursively; static values as is."""
+    if a is None or isinstance(a, (str, int, float, bool)):
+        return a
+    if hasattr(a, "shape") and hasattr(a, "dtype"):
+        return ("array", tuple(a.shape), str(a.dtype))
+    if isinstance(a, (tuple, list)):
+        return (type(a).__name__,) + tuple(_signature(x) for x in a)
+    if isinstance(a, Mapping):
+        return ("map",) + tuple((k, _signature(v)) for k, v in sorted(a.items()))
+    return a                                             # static dataclasses (LayerSpec, BranchSpec): hashable
+
+
 def balanced_chunks(items: Sequence, chunk: int) -> List[list]:
     """Split `items` (n >= 1) into ceil(n / chunk) chunks of one size C = ceil(n / ceil(n / chunk)) <= chunk;
     the last chunk is padded by repeating its last item. Every chunk of a group then has the same

@@ -159,3 +159,10 @@ def test_enable_compilation_cache(tmp_path):
         jax.config.update("jax_persistent_cache_min_compile_time_secs", before[1])
         from jax.experimental.compilation_cache import compilation_cache
         compilation_cache.reset_cache()
+
+
+def test_cli_quantize_has_compile_cache_flag():
+    from qdit4sr_jax import cli
+    a = cli.build_parser().parse_args(["quantize", "--out", "q", "--compile-cache", "/tmp/c"])
+    assert a.compile_cache == "/tmp/c"
+    assert cli.build_parser().parse_args(["quantize", "--out", "q"]).compile_cache is None
