@@ -1,0 +1,22 @@
+#!/bin/bash
+# One batched H100 call (device tool, <= 600 s): the issue-7 measurements of this session, each bounded by
+# `timeout` so that one failure or overrun leaves the others their time. Results land in $OUT.
+#   run: bash benchmarks/gpu_session.sh
+export PYTHONUNBUFFERED=1
+OUT=${OUT:-/tmp/gpu_out}; mkdir -p $OUT
+nvidia-smi --query-gpu=name,clocks.sm --format=csv,noheader
+python -c "import jax; print('jax', jax.__version__, jax.devices())"
+t0=$(date +%s); el() { echo "== [$(( $(date +%s) - t0 )) s] $*"; }
+el attention; timeout 60 python benchmarks/attention_latency.py --sizes 1024 512 --q-scale 1 3 --iters 20 \
+    --deadline 50 --out $OUT/attention.json > $OUT/attention.log 2>&1; tail -25 $OUT/attention.log
+el step-cudnn; timeout 190 python benchmarks/step_latency.py --sizes 1024 --batch 1 --modes bf16 w4a4i-fused \
+    --attention cudnn --iters 8 --warmup 2 --deadline 180 --out $OUT/step_cudnn.json > $OUT/step_cudnn.log 2>&1
+tail -22 $OUT/step_cudnn.log
+el step-fp8; timeout 170 python benchmarks/step_latency.py --sizes 1024 --batch 1 --modes bf16 w4a4i-fused \
+    --attention fp8 --iters 8 --warmup 2 --deadline 160 --out $OUT/step_fp8.json > $OUT/step_fp8.log 2>&1
+tail -22 $OUT/step_fp8.log
+el linear; timeout 70 python benchmarks/linear_latency.py --recipes w8 w4g64i --configs 9 --shapes 3 \
+    --no-attention --deadline 60 --out $OUT/linear.json > $OUT/linear.log 2>&1; tail -30 $OUT/linear.log
+el quantize; timeout 100 python benchmarks/quantize_time.py --calib-size 0 --no-warm --deadline 95 \
+    --out $OUT/quantize_time.json > $OUT/quantize.log 2>&1; tail -15 $OUT/quantize.log
+el done
