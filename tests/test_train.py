@@ -108,8 +108,8 @@ def _fake_data(d):
     json.dump(dict(files=files), open(d / "manifest.json", "w"))
 
 
-def _args(data, out, steps):
-    return argparse.Namespace(preset="tiny", data=str(data), out=str(out), total_steps=10, steps=steps,
+def _args(data, out, steps, prediction=None):
+    return argparse.Namespace(prediction=prediction, residual_scale=0.1, preset="tiny", data=str(data), out=str(out), total_steps=10, steps=steps,
                               max_minutes=5.0, save_margin=0.0, save_every_minutes=0.0, batch=2, crop=32, lr=1e-3, warmup=2, rewarm=2,
                               weight_decay=0.0, dtype="float32", attention="auto", bridge_frac=0.5, bridge_sigma=0.25, bank=8, workers=1, log_every=1, val_every=2,
                               val_count=0, seed=0)
@@ -127,6 +127,11 @@ def test_train_runs_end_to_end_and_resumes(tmp_path):
     T.train(_args(tmp_path / "data", out, 2), None)           # resumes: config comes from the state
     meta = json.load(open(out / "state.json"))
     assert meta["step"] == 5 and [r["end"] for r in meta["runs"]] == [3, 5]
+    assert meta["config"]["prediction"] == "velocity"
+    # resuming with another output parametrisation switches it (and restarts the head at zero)
+    T.train(_args(tmp_path / "data", out, 1, prediction="lr_residual"), None)
+    meta = json.load(open(out / "state.json"))
+    assert meta["step"] == 6 and meta["config"]["prediction"] == "lr_residual"
 
 
 def test_lr_start_path_matches_the_sampler():
