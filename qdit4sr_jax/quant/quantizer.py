@@ -148,6 +148,17 @@ def _quantize_weight(w, bits, group_size, symmetric, clip_ratio, clip_search):
     return _quantize_weight_impl(w, bits, group_size, symmetric, clip_ratio, clip_search)
 
 
+def _checked_weight(w, fn: str, group_size):
+    """w as a jnp array after checking it is a non-empty 2-D [N, K] weight and group_size suits K."""
+    w = jnp.asarray(w)
+    if w.ndim != 2:
+        raise ValueError(f"{fn} expects a 2-D weight [N, K], got shape {w.shape}")
+    if w.size == 0:
+        raise ValueError(f"cannot quantize a zero-size weight of shape {w.shape}")
+    num_groups(w.shape[1], group_size)
+    return w
+
+
 def quantize_weight(w, bits, group_size: Optional[int] = None, symmetric: bool = True,
                     clip_ratio=1.0, clip_search: bool = False):
     """Quantize a weight W [N, K] (out, in) per output channel or per group along K.
@@ -158,12 +169,7 @@ def quantize_weight(w, bits, group_size: Optional[int] = None, symmetric: bool =
     dequantization error (times `clip_ratio`), a standard RTN refinement (e.g. AWQ's clip search, without data).
     """
     bits = check_bits(bits, "weight bits")
-    w = jnp.asarray(w)
-    if w.ndim != 2:
-        raise ValueError(f"quantize_weight expects a 2-D weight [N, K], got shape {w.shape}")
-    if w.size == 0:
-        raise ValueError(f"cannot quantize a zero-size weight of shape {w.shape}")
-    num_groups(w.shape[1], group_size)
+    w = _checked_weight(w, "quantize_weight", group_size)
     return _quantize_weight(w, bits, group_size, bool(symmetric), clip_ratio, bool(clip_search))
 
 
@@ -292,14 +298,9 @@ def quantize_weight_int_scales(w, bits, group_size: int, clip_ratio=1.0, clip_se
     `num_groups(K, group_size)`. A zero row gets s = 1 and codes 0.
     """
     bits = check_bits(bits, "weight bits")
-    w = jnp.asarray(w)
-    if w.ndim != 2:
-        raise ValueError(f"quantize_weight_int_scales expects a 2-D weight [N, K], got shape {w.shape}")
-    if w.size == 0:
-        raise ValueError(f"cannot quantize a zero-size weight of shape {w.shape}")
+    w = _checked_weight(w, "quantize_weight_int_scales", group_size)
     if group_size is None:
         raise ValueError("two-level integer group scales need a group size (group_size=None is per channel)")
-    num_groups(w.shape[1], group_size)
     return _quantize_weight_int_scales(w, bits, int(group_size), clip_ratio, bool(clip_search))
 
 
