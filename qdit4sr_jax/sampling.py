@@ -205,7 +205,7 @@ def _sample(params, lr_latent, noise, context, pooled, neg_context, neg_pooled, 
         if cfg_on:
             vu, vc = jnp.split(v, 2, axis=0)
             v = vu + guidance_scale * (vc - vu)
-        v = velocity(v.astype(jnp.float32), x, lr_latent.astype(jnp.float32), sig[i], prediction, residual_scale)
+        v = velocity(v.astype(jnp.float32), x, lr_latent, sig[i], prediction, residual_scale)
         x = x + (sig[i + 1] - sig[i]) * v
         return x, (stats if collect_stats else None)
 
