@@ -58,6 +58,10 @@ def main(argv=None):
     ap.add_argument("--use-cache", default=None, metavar="DIR", help=argparse.SUPPRESS)   # child mode
     ap.add_argument("--deadline", type=float, default=None,
                     help="seconds: skip the cache children / calibration once this much time has passed")
+    ap.add_argument("--phases", default="auto", choices=("auto", "cold", "warm", "all", "none"),
+                    help="which quantize run records wall seconds per phase (quantize_qdit4sr(timings=...); "
+                         "waits for each phase's device work, so host and device no longer overlap): auto = "
+                         "the warm run when there is one (the cold figure stays untimed), else the cold run")
     ap.add_argument("--out", default=None)
     a = ap.parse_args(argv)
     t_start = time.perf_counter()
@@ -70,6 +74,7 @@ def main(argv=None):
     from qdit4sr_jax.quant import rules
     from qdit4sr_jax.quant.config import QuantConfig
     from qdit4sr_jax.quant.qdit4sr import quantize_qdit4sr
+    from qdit4sr_jax.quant.timing import format_phases
     from qdit4sr_jax.quant.vasmp import allocate_weight_bits
     from qdit4sr_jax.quant.vatmp import schedule_activation_bits
 
@@ -91,14 +96,16 @@ def main(argv=None):
 
     # ---- 1. quantize
     runs = ["cold"] + ([] if a.no_warm else ["warm"])
+    timed = {"auto": {runs[-1]}, "cold": {"cold"}, "warm": {"warm"}, "all": set(runs), "none": set()}[a.phases]
     info = None
     for kind in runs:
+        tim = {} if kind in timed else None
         t0 = time.perf_counter()
         hits = [0]
         on_hit = lambda event, **kw: hits.__setitem__(0, hits[0] + (event == "/jax/compilation_cache/cache_hits"))
         jax.monitoring.register_event_listener(on_hit)
         with CompileTimer() as ct, ProgramLog() as pl:
-            q, info = quantize_qdit4sr(params, qcfg, calib, return_info=True)
+            q, info = quantize_qdit4sr(params, qcfg, calib, return_info=True, timings=tim)
             jax.block_until_ready(jax.tree_util.tree_leaves(q))
         res[f"quantize_{kind}_s"] = time.perf_counter() - t0
         res[f"quantize_{kind}_compile"] = dict(ct.summary(), persistent_cache_hits=hits[0])
@@ -108,6 +115,9 @@ def main(argv=None):
         except Exception:
             pass
         res[f"quantize_{kind}_programs"] = pl.summary()
+        if tim is not None:
+            res[f"quantize_{kind}_phases"] = tim
+            log(f"quantize ({kind}) phases (timed run: each phase waits for its device work):\n{format_phases(tim)}")
         res["quantized_weight_bytes"] = tree_bytes(q)
         log(f"quantize ({kind}) {res[f'quantize_{kind}_s']:.2f} s ({ct.summary()}), weights {gib(res['quantized_weight_bytes'])} GiB "
             f"(1/{res['bf16_weight_bytes'] / res['quantized_weight_bytes']:.2f} of bf16)")
@@ -181,6 +191,10 @@ def main(argv=None):
                   f"compile or load) |")
     print(f"weights: bf16 {gib(res['bf16_weight_bytes'])} GiB -> {gib(res['quantized_weight_bytes'])} GiB; "
           f"avg w bits {res['w_bits_avg']:.2f} {res['w_bits_hist']}; avg a bits {res['a_bits_avg']:.2f}")
+    for kind in runs:
+        if f"quantize_{kind}_phases" in res:
+            print(f"\nquantize ({kind}, timed by phase: {res[f'quantize_{kind}_s']:.3f} s):")
+            print(format_phases(res[f"quantize_{kind}_phases"]))
     return res
 
 

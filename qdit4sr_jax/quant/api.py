@@ -66,14 +66,16 @@ def enable_compilation_cache(path: str, *, min_compile_time_s: float = 0.0) -> s
 _PRECOMPILED: set = set()          # signatures `precompile` compiled in this process
 
 
-def precompile(fn, calls: Sequence[tuple], threads: Optional[int] = None) -> int:
-    """Compile the distinct programs of `fn(*args)` for every args tuple in `calls` concurrently (XLA
-    compilation runs outside the GIL), so that the calls made afterwards find them in jit's cache.
-    Only the first call of each distinct signature (shapes, dtypes, static values) is compiled, and
-    only once per process (a later quantize of the same shapes re-uses jit's cache without re-tracing).
-    threads: None = one per CPU core (at most one per program); <= 1 = do nothing. A compilation that
-    fails here is left to the real call (which then reports the error). Returns the number submitted."""
-    if threads is not None and threads <= 1:
+def precompile(fn, calls: Sequence[tuple], threads: int) -> int:
+    """Opt-in: compile the distinct programs of `fn(*args)` for every args tuple in `calls` in `threads`
+    concurrent threads (XLA compilation runs outside the GIL), so that the calls made afterwards find
+    them in jit's cache. Only the first call of each distinct signature (shapes, dtypes, static values)
+    is compiled, and only once per process. threads <= 1: do nothing (the programs compile on their
+    first call). On the H100 this did not shorten the full-model quantize (82.8 s concurrent vs 83.4 s
+    serial; summed compile time 165 s vs 33 s), so `quantize_qdit4sr` uses it only when asked
+    (`compile_threads`). A compilation that fails here is left to the real call (which then reports
+    the error). Returns the number of programs submitted."""
+    if threads <= 1:
         return 0
     seen, todo = set(), []
     for args in calls:
@@ -92,7 +94,7 @@ def precompile(fn, calls: Sequence[tuple], threads: Optional[int] = None) -> int
         except Exception:                                # the real call compiles and raises
             pass
 
-    with ThreadPoolExecutor(min(len(todo), threads or os.cpu_count() or 1)) as ex:
+    with ThreadPoolExecutor(min(len(todo), int(threads))) as ex:
         list(ex.map(one, todo))
     return len(todo)
 
@@ -152,7 +154,8 @@ def _get(tree, path):
 
 def quantize(params, cfg: Union[str, QuantConfig], calib=None, *,
              layer_w_bits: Optional[Mapping[str, int]] = None,
-             a_schedules: Optional[Mapping[str, object]] = None, chunk: int = 8):
+             a_schedules: Optional[Mapping[str, object]] = None, chunk: int = 8,
+             timings: Optional[dict] = None):
     """Quantize a params tree.
 
     params: the model's params (nested dicts; a {'params': ...} variables dict is accepted and kept).
@@ -161,17 +164,26 @@ def quantize(params, cfg: Union[str, QuantConfig], calib=None, *,
       needed by smoothing (SmoothQuant / SVDQuant): the per-channel absmax is maxed over steps.
     layer_w_bits: {module path: weight bits} overriding cfg.w_bits per layer (added to cfg.layer_w_bits).
     a_schedules: {module path: int array [T]} per-step activation bits (VaTMP), stored in the nodes.
+    timings: optional dict filled with wall seconds per phase (quant/timing.py; waits for the device
+      work of each phase, so leave it None when not measuring).
     Returns the quantized params (same tree paths; kernels replaced by QuantizedWeight nodes).
     """
     cfg = resolve_config(cfg)
     if isinstance(params, Mapping) and set(params) == {"params"}:
         return {"params": quantize(params["params"], cfg, calib, layer_w_bits=layer_w_bits,
-                                   a_schedules=a_schedules, chunk=chunk)}
+                                   a_schedules=a_schedules, chunk=chunk, timings=timings)}
     if cfg.method == "qdit4sr" or cfg.hsvd or cfg.vasmp or cfg.vatmp:
         # the paper's method (H-SVD -> VaSMP -> residual quantization, VaTMP schedules): quant/qdit4sr.py
         from qdit4sr_jax.quant.qdit4sr import quantize_qdit4sr
         return quantize_qdit4sr(params, cfg, calib, layer_w_bits=layer_w_bits, a_schedules=a_schedules,
-                                chunk=chunk)
+                                chunk=chunk, timings=timings)
+    from qdit4sr_jax.quant.timing import Phases
+    with Phases(timings) as tm:
+        return _quantize_baseline(params, cfg, calib, layer_w_bits, a_schedules, chunk, tm)
+
+
+def _quantize_baseline(params, cfg, calib, layer_w_bits, a_schedules, chunk, tm):
+    """The baseline methods (RTN / SmoothQuant / SVDQuant / rotation) of `quantize`; tm: timing.Phases."""
     paths = rules.select_linears(params, cfg.include, cfg.exclude)
     if rules.find_quantized(params) and not paths:
         raise ValueError("params are already quantized (QuantizedWeight nodes found, no float linear selected)")
@@ -222,6 +234,7 @@ def quantize(params, cfg: Union[str, QuantConfig], calib=None, *,
             sched = jnp.asarray(sched, jnp.int32)
         key = (tuple(kernel.shape), str(kernel.dtype), spec, None if sched is None else sched.shape)
         groups.setdefault(key, []).append((name, path, kernel, ch, sched))
+    tm.lap("select layers + per-layer specs")
 
     new = {}
     for (_, _, spec, _), items in groups.items():
@@ -236,7 +249,12 @@ def quantize(params, cfg: Union[str, QuantConfig], calib=None, *,
                     raise ValueError(f"layer {name!r}: kernel has non-finite values (NaN/Inf); "
                                      f"fix the checkpoint before quantizing")
                 new[path] = jax.tree_util.tree_map(lambda a, j=j: a[j], nodes)
-    return rules.replace_kernels(params, new)
+            tm.lap(f"quantize {'x'.join(map(str, ws.shape[1:]))} (stack + dispatch + device + unstack)")
+    out = rules.replace_kernels(params, new)
+    tm.lap("tree rebuild")
+    if tm.on:
+        tm.lap("wait for outputs", jax.tree_util.tree_leaves(out))
+    return out
 
 
 def quantized_layers(qparams) -> Dict[str, object]:

@@ -25,7 +25,8 @@ bits. Compiled programs: one per (layer shape, pass), whatever the number of lay
 picks: layers run in fixed-size chunks (`api.balanced_chunks`, the last padded with a repeat), the
 weight bits are data (`_residual_program`), and arrays stay on the device (the chunk's kernels go in as
 a tuple and the per-layer results come out as a tuple: no stacking, slicing or host round trip outside
-the programs). The programs of a pass are compiled concurrently (`api.precompile`) before they run.
+the programs). Each program compiles on its first call (concurrent compilation in threads is opt-in:
+`compile_threads`); `timings=` records wall seconds per phase (quant/timing.py).
 The full DiT4SR (6 layer shapes) compiles 12 programs instead of 52 (benchmarks/quantize_time.py).
 """
 from __future__ import annotations
@@ -42,7 +43,7 @@ from qdit4sr_jax.quant import hsvd as H
 from qdit4sr_jax.quant import quantizer as qz
 from qdit4sr_jax.quant import rules
 from qdit4sr_jax.quant.baselines import LayerSpec, hadamard_transform, smooth_scale
-from qdit4sr_jax.quant.qweight import ARRAY_FIELDS, STATIC_FIELDS, make_qweight
+from qdit4sr_jax.quant.qweight import ARRAY_FIELDS, STATIC_FIELDS, make_qweight, packs
 from qdit4sr_jax.quant.stats import lookup, normalize_calib
 from qdit4sr_jax.quant.vasmp import allocate_bits_table, allocate_weight_bits
 from qdit4sr_jax.quant.vatmp import schedule_activation_bits
@@ -171,9 +172,9 @@ def _residual_program(ws, chs, facs, idx, spec: LayerSpec, bspec: BranchSpec, bi
     vmap every width is computed and the right one selected, cheap next to pass 1).
 
     ws / chs: as `_branches_program`; facs: tuple of C factor dicts (its output).
-    Returns a tuple of C dicts of node arrays (`ARRAY_FIELDS` that are present); with packing and a
-    width <= 4 in `bits`, "qvalue_packed" holds `pack_int4(qvalue)` ("qvalue" is dropped when every
-    width packs)."""
+    Returns a tuple of C dicts of node arrays (`ARRAY_FIELDS` that are present); with packing, for every
+    width b in `bits` that packs (`qweight.packs`), "qvalue_packed_{b}" holds `pack_codes(qvalue, b)`
+    ("qvalue" is dropped when every width packs)."""
     w = jnp.stack(ws)
     ch = None if chs is None else jnp.stack(chs)
     fac = jax.tree_util.tree_map(lambda *a: jnp.stack(a), *facs)
@@ -185,11 +186,11 @@ def _residual_program(ws, chs, facs, idx, spec: LayerSpec, bspec: BranchSpec, bi
         fns = [partial(lambda r, s, f, b: _node_arrays(_residual_node(r, s, f, b, spec, bspec)), b=b)
                for b in bits]
         out = fns[0](r, s, f) if len(fns) == 1 else jax.lax.switch(i, fns, r, s, f)
-        packs = [spec.pack and b <= 4 for b in bits]
-        if any(packs):
-            out["qvalue_packed"] = qz.pack_int4(out["qvalue"])
-            if all(packs):
-                del out["qvalue"]
+        packed = [b for b in bits if packs(b, spec.pack)]
+        for b in packed:
+            out[f"qvalue_packed_{b}"] = qz.pack_codes(out["qvalue"], b)
+        if len(packed) == len(bits):
+            del out["qvalue"]
         return out
 
     return _unstack(jax.vmap(one)(w, ch, fac, idx), len(ws))
@@ -199,12 +200,12 @@ def _finish_node(template, arrays: dict, bits: int, pack: bool, a_schedule):
     """QuantizedWeight from `_residual_program`'s arrays for one layer and the static fields of
     `template` (jax.eval_shape of `_residual_node` at `bits`): packs like make_qweight(pack=pack)."""
     arrays = dict(arrays)
-    packed = bool(pack and bits <= 4)
-    q = arrays.pop("qvalue_packed", None)
+    packed = packs(bits, pack)
+    q = arrays.pop(f"qvalue_packed_{bits}", None)
+    for key in [key for key in arrays if key.startswith("qvalue_packed_")]:
+        del arrays[key]
     if packed:
         arrays["qvalue"] = q
-    else:
-        arrays.pop("qvalue_packed", None)
     if a_schedule is not None:
         arrays["a_schedule"] = jax.device_put(np.asarray(a_schedule, np.int32))
     fields = {name: arrays.get(name) for name in ARRAY_FIELDS}
@@ -269,17 +270,33 @@ def activation_schedules(stats: Mapping[str, dict], names, avg_bits, candidates)
 
 def quantize_qdit4sr(params, cfg, calib=None, *, layer_w_bits: Optional[Mapping[str, int]] = None,
                      a_schedules: Optional[Mapping[str, object]] = None, chunk: int = 8,
-                     return_info: bool = False, compile_threads: Optional[int] = None):
+                     return_info: bool = False, compile_threads: int = 1, timings: Optional[dict] = None):
     """Quantize `params` with the Q-DiT4SR recipe of `cfg` (a validated QuantConfig).
 
     params: the model params tree (kernels [d_in, d_out]). calib: calibration statistics (needed by
     VaTMP and smoothing). layer_w_bits / a_schedules: explicit per-layer overrides (layer_w_bits cannot
     be combined with VaSMP). chunk: layers per vmapped program call (memory vs dispatches).
-    compile_threads: concurrent compilations (None: one per CPU core; 1: compile on first call).
+    compile_threads: > 1 compiles each pass's programs concurrently in that many threads before they
+      run (`api.precompile`); default 1: each program compiles on its first call (on the H100 the
+      concurrent compilation did not shorten the quantize: 82.8 s vs 83.4 s, benchmarks/RESULTS.md).
+    timings: a dict to fill with wall seconds per phase (`timing.Phases`: "phases", "compile_s",
+      "compiles", "total_s"); timing waits for each phase's device work (block_until_ready), so it
+      serialises host and device. None (default): no timing, no synchronisation.
     Returns the quantized tree (same paths), or (tree, info) with
     return_info=True: info = {"w_bits": {path: bits}, "a_schedule": {path: int [T]},
     "residual_var": {path: float}, "size": {path: params}}.
     """
+    from qdit4sr_jax.quant.timing import Phases
+    with Phases(timings) as tm:
+        return _quantize_qdit4sr(params, cfg, calib, layer_w_bits, a_schedules, chunk, return_info,
+                                 compile_threads, tm)
+
+
+def _shape_name(shape) -> str:
+    return "x".join(str(int(d)) for d in shape)
+
+
+def _quantize_qdit4sr(params, cfg, calib, layer_w_bits, a_schedules, chunk, return_info, compile_threads, tm):
     from qdit4sr_jax.quant.api import balanced_chunks, layer_spec, precompile
     if cfg.hsvd and cfg.lowrank_rank <= 0:
         raise ValueError("QuantConfig.hsvd=True needs lowrank_rank > 0 (the parameter budget of the branches)")
@@ -315,6 +332,7 @@ def quantize_qdit4sr(params, cfg, calib=None, *, layer_w_bits: Optional[Mapping[
     if distortion not in ("measured", "model"):
         raise ValueError(f"QuantConfig.vasmp_distortion must be 'measured' or 'model', got {distortion!r}")
     measured = bool(cfg.vasmp) and distortion == "measured"
+    tm.lap("select layers + calib stats")
 
     # ---- pass 1: branches + residual variances ----------------------------------------------------
     layers = {}
@@ -331,6 +349,7 @@ def quantize_qdit4sr(params, cfg, calib=None, *, layer_w_bits: Optional[Mapping[
             if ch.shape != (k,):
                 raise ValueError(f"layer {name!r}: calibration ch_absmax has {ch.shape[0]} channels, kernel d_in={k}")
         layers[name] = dict(path=path, kernel=kernel, ch=ch, bspec=branch_spec(cfg, kernel.shape, spec0, measured))
+    tm.lap("layer specs (per-layer host loop)")
 
     def grouped(key_fn):
         g = {}
@@ -346,8 +365,15 @@ def quantize_qdit4sr(params, cfg, calib=None, *, layer_w_bits: Optional[Mapping[
             ws = tuple(layers[nm]["kernel"] for nm in part)
             chs = None if layers[part[0]]["ch"] is None else tuple(layers[nm]["ch"] for nm in part)
             calls.append((part, (ws, chs, bspec)))
-    precompile(_branches_program, [args for _, args in calls], compile_threads)
-    pending = [(part, _branches_program(*args)) for part, args in calls]      # dispatched, not awaited
+    tm.lap("pass 1 plan")
+    if compile_threads > 1:
+        precompile(_branches_program, [args for _, args in calls], compile_threads)
+        tm.lap("pass 1 precompile (threads)")
+    pending = []
+    for part, args in calls:
+        pending.append((part, _branches_program(*args)))                     # dispatched, not awaited
+        if tm.on:                                      # charge each shape's compile + device time to it
+            tm.lap(f"pass 1 H-SVD + sq. errors {_shape_name(args[0][0].shape)} (dispatch + device)", pending[-1][1])
     del calls
     for part, (facs, var, mse, finite) in pending:
         var, finite = np.asarray(var, np.float64), np.asarray(finite)
@@ -362,6 +388,7 @@ def quantize_qdit4sr(params, cfg, calib=None, *, layer_w_bits: Optional[Mapping[
             if mse is not None:
                 layers[nm]["mse"] = mse[j]
     del pending
+    tm.lap("pass 1 collect (device_get, per-layer loop)")
 
     # ---- VaSMP / VaTMP ---------------------------------------------------------------------------
     order = list(layers)
@@ -377,6 +404,7 @@ def quantize_qdit4sr(params, cfg, calib=None, *, layer_w_bits: Optional[Mapping[
         if float(cfg.w_bits) != int(cfg.w_bits):
             raise ValueError(f"w_bits={cfg.w_bits} is fractional; that needs vasmp=True")
         w_bits = {nm: int(fixed_bits.get(nm, cfg.w_bits)) for nm in order}
+    tm.lap("VaSMP")
     scheds = {}
     if cfg.vatmp:
         scheds = activation_schedules(stats, order, cfg.a_bits, cfg.a_bit_candidates)
@@ -385,6 +413,7 @@ def quantize_qdit4sr(params, cfg, calib=None, *, layer_w_bits: Optional[Mapping[
     for nm, s in scheds.items():
         if s.ndim != 1 or not np.issubdtype(s.dtype, np.integer) or s.min() < 2 or s.max() > 8:
             raise ValueError(f"layer {nm!r}: activation schedule must be integers in 2..8 of shape [T]")
+    tm.lap("VaTMP")
 
     # ---- pass 2: quantize the residuals ----------------------------------------------------------
     # one program per (shape, dtype, recipe, node structure): the weight bits are data (see
@@ -406,15 +435,24 @@ def quantize_qdit4sr(params, cfg, calib=None, *, layer_w_bits: Optional[Mapping[
                 facs = tuple(layers[nm]["fac"] for nm in part)
                 idx = np.array([bits_cls.index(w_bits[nm]) for nm in part], np.int32)
                 calls.append((part, temps, spec.pack, (ws, chs, facs, idx, spec, bspec, bits_cls)))
-    precompile(_residual_program, [c[-1] for c in calls], compile_threads)
+    tm.lap("pass 2 plan (bit classes, eval_shape)")
+    if compile_threads > 1:
+        precompile(_residual_program, [c[-1] for c in calls], compile_threads)
+        tm.lap("pass 2 precompile (threads)")
     new = {}
     for part, temps, pack, args in calls:
         outs = _residual_program(*args)
+        if tm.on:
+            tm.lap(f"pass 2 residual quantization {_shape_name(args[0][0].shape)} (dispatch + device)", outs)
         for nm, arrays in zip(part, outs):
             b = w_bits[nm]
             new[layers[nm]["path"]] = _finish_node(temps[b], arrays, b, pack, scheds.get(nm))
+        tm.lap("pass 2 finish nodes (per-layer host loop, a_schedule transfer)")
     del calls
     out = rules.replace_kernels(params, new)
+    tm.lap("tree rebuild")
+    if tm.on:
+        tm.lap("wait for outputs", jax.tree_util.tree_leaves(out))
     if not return_info:
         return out
     info = {"w_bits": w_bits, "a_schedule": scheds, "residual_var": {nm: layers[nm]["var"] for nm in order},
