@@ -2,10 +2,14 @@
 
 On-disk layout of `save(path, qparams, cfg)` (a directory):
   path/state/                orbax PyTree checkpoint of the arrays: every QuantizedWeight becomes a dict
-                             of its present arrays (packed 4-bit codes stay uint8, two per byte) at the
+                             of its present arrays (packed codes stay uint8 at their w_bits bits per code,
+                             `quantizer.pack_codes`) at the
                              node's own tree path; float leaves are stored as they are (dtype kept).
   path/qdit4sr_quant.json    {"format", "version", "quant_config": QuantConfig.to_dict(),
                              "nodes": {tree path of the kernel: static fields + "arrays": [names]}}
+Version 2 stores every w_bits < 8 node's codes b-bit packed (`quantizer.pack_codes`); version 1 (<= 4-bit
+codes as `pack_int4` nibbles, 5..7-bit codes as int8) still loads: its 2-/3-bit nibbles and unpacked
+5..7-bit codes are repacked on load (the 4-bit and 8-bit layouts did not change).
 The checkpoint is written to a temporary sibling directory and renamed to `path` only when complete,
 so a failure mid-save leaves nothing at `path`. `load` validates every node (present arrays, dtype and
 shape against the stored bits / layout, codes inside the bit-width's range) and raises ValueError
@@ -29,7 +33,8 @@ from qdit4sr_jax.quant.config import QuantConfig
 from qdit4sr_jax.quant.qweight import ARRAY_FIELDS, LAYOUTS, STATIC_FIELDS, QuantizedWeight
 
 FORMAT = "qdit4sr-jax/quantized-params"
-VERSION = 1
+VERSION = 2
+READ_VERSIONS = (1, 2)
 META = "qdit4sr_quant.json"
 STATE = "state"
 
@@ -96,14 +101,48 @@ def save(path: str, qparams, cfg: Optional[QuantConfig] = None, *, overwrite: bo
             "quantized_layers": len(nodes)}
 
 
+def _code_length(st) -> int:
+    """Codes per row along the packed axis: K ("nk") or the group length g ("gnk")."""
+    k, _ = st["shape"]
+    return k if st["layout"] == "nk" else qz.num_groups(k, st["group_size"])[1]
+
+
 def _expected_qvalue(st) -> tuple:
     k, n = st["shape"]
-    G, g = qz.num_groups(k, st["group_size"])
-    last = k if st["layout"] == "nk" else g
+    G, _ = qz.num_groups(k, st["group_size"])
+    last = _code_length(st)
     if st["packed"]:
-        last = -(-last // 2)
+        last = qz.packed_length(last, st["w_bits"])
     shape = (n, last) if st["layout"] == "nk" else (G, n, last)
     return shape, (np.uint8 if st["packed"] else np.int8)
+
+
+def _upgrade_v1(name: str, st: dict, arrays: dict) -> tuple:
+    """A version-1 node -> (static fields, arrays) of version 2: 2-/3-bit `pack_int4` nibbles and
+    unpacked (int8) 5..7-bit codes are repacked at their bit-width; 4- and 8-bit nodes are unchanged."""
+    w_bits, q = st.get("w_bits"), arrays.get("qvalue")
+    if (q is None or any(f not in st for f in STATIC_FIELDS) or st["layout"] not in LAYOUTS
+            or not isinstance(w_bits, int) or not 2 <= w_bits <= 7 or w_bits == 4):
+        return st, arrays
+    q = np.asarray(q)
+    last = _code_length(st)
+    if st.get("packed"):
+        if w_bits > 4:
+            raise ValueError(f"checkpoint layer {name!r}: packed codes but w_bits={w_bits} (version-1 files "
+                             f"pack only <= 4-bit codes): wrong bit-width in the metadata")
+        if q.dtype != np.uint8 or q.shape[-1] != -(-last // 2):
+            raise ValueError(f"checkpoint layer {name!r}: version-1 packed codes are {q.dtype} {tuple(q.shape)}, "
+                             f"not uint8 nibbles of {last} codes: wrong bit-width or corrupted metadata")
+        codes = np.asarray(qz.unpack_int4(q, last))
+    else:
+        if q.dtype != np.int8:
+            return st, arrays                          # reported by the version-2 checks
+        codes = q
+    lo, hi = -2 ** (w_bits - 1), 2 ** (w_bits - 1) - 1
+    if codes.size and (codes.min() < lo or codes.max() > hi):
+        raise ValueError(f"checkpoint layer {name!r}: codes span [{codes.min()}, {codes.max()}], outside the "
+                         f"{w_bits}-bit range [{lo}, {hi}]: wrong bit-width in the metadata")
+    return dict(st, packed=True), dict(arrays, qvalue=np.asarray(qz.pack_codes(codes, w_bits)))
 
 
 def _rebuild_node(name: str, st: dict, arrays: dict) -> QuantizedWeight:
@@ -122,9 +161,9 @@ def _rebuild_node(name: str, st: dict, arrays: dict) -> QuantizedWeight:
         raise ValueError(f"checkpoint layer {name!r}: {e}") from None
     if st["layout"] not in LAYOUTS:
         raise ValueError(f"checkpoint layer {name!r}: unknown layout {st['layout']!r}")
-    if st["packed"] and w_bits > 4:
-        raise ValueError(f"checkpoint layer {name!r}: packed codes but w_bits={w_bits} (> 4 cannot be packed): "
-                         f"wrong bit-width in the metadata")
+    if st["packed"] and w_bits == 8:
+        raise ValueError(f"checkpoint layer {name!r}: packed codes but w_bits=8 (8-bit codes are stored as "
+                         f"int8): wrong bit-width in the metadata")
     if not st["w_symmetric"] and "zero" not in arrays:
         raise ValueError(f"checkpoint layer {name!r}: asymmetric weights need a 'zero' array")
     q = np.asarray(arrays["qvalue"])
@@ -133,7 +172,7 @@ def _rebuild_node(name: str, st: dict, arrays: dict) -> QuantizedWeight:
         raise ValueError(f"checkpoint layer {name!r}: stored codes are {q.dtype} {tuple(q.shape)} but "
                          f"w_bits={w_bits}, layout={st['layout']}, packed={st['packed']} imply "
                          f"{np.dtype(dtype)} {shape}: wrong bit-width or corrupted metadata")
-    codes = np.asarray(qz.unpack_int4(q, (shape[-1] * 2))) if st["packed"] else q
+    codes = np.asarray(qz.unpack_codes(q, w_bits, _code_length(st))) if st["packed"] else q
     qmin, qmax = qz.code_range(w_bits, st["w_symmetric"])
     if codes.size and (codes.min() < qmin or codes.max() > qmax):
         raise ValueError(f"checkpoint layer {name!r}: codes span [{codes.min()}, {codes.max()}], outside the "
@@ -182,9 +221,9 @@ def load(path: str, *, expect_cfg: Optional[QuantConfig] = None):
                          f"with qdit4sr_jax.save") from None
     if not isinstance(meta, dict):
         raise ValueError(f"{meta_path} is not a JSON object; the checkpoint is damaged: re-export it")
-    if meta.get("format") != FORMAT or meta.get("version") != VERSION:
+    if meta.get("format") != FORMAT or meta.get("version") not in READ_VERSIONS:
         raise ValueError(f"{meta_path}: format {meta.get('format')!r} v{meta.get('version')} is not "
-                         f"{FORMAT!r} v{VERSION}")
+                         f"{FORMAT!r} v{' / v'.join(map(str, READ_VERSIONS))}")
     for key in ("quant_config", "nodes"):
         if key not in meta:
             raise ValueError(f"{meta_path}: missing field {key!r}")
@@ -215,6 +254,8 @@ def load(path: str, *, expect_cfg: Optional[QuantConfig] = None):
         arrays = get(state, name.split("/"))
         if not isinstance(arrays, dict):
             raise ValueError(f"checkpoint layer {name!r}: its arrays are missing from {path}/{STATE}")
+        if meta["version"] == 1:
+            st, arrays = _upgrade_v1(name, st, arrays)
         nodes[name] = _rebuild_node(name, st, arrays)
 
     def build(tree, parts):

@@ -1,4 +1,4 @@
-"""Uniform quantizers (2..8 bits), weight/activation granularities, and 4-bit packing.
+"""Uniform quantizers (2..8 bits), weight/activation granularities, and 4-bit / b-bit packing.
 
 Conventions (shared by every quantizer here, the quantized-weight node and `linear`):
 - Integer codes are stored *signed* in an int8 container, whatever the scheme:
@@ -20,6 +20,19 @@ Conventions (shared by every quantizer here, the quantized-weight node and `line
 Packing (`pack_int4` / `unpack_int4`) of codes with <= 4 bits, two per byte along the last axis:
 byte j holds element 2j in its low nibble and element 2j+1 in its high nibble, each as a 4-bit
 two's-complement value (code & 0xF). An odd last axis is padded with one zero code.
+
+b-bit packing (`pack_codes` / `unpack_codes`, b = 2..8), the storage of `QuantizedWeight` codes: a code
+is its b-bit two's-complement pattern u = q & (2^b - 1) (codes must lie in [-2^(b-1), 2^(b-1) - 1]).
+  b = 8: int8, unchanged.   b = 4: exactly `pack_int4` ([..., ceil(L/2)] uint8).
+  b in {2, 3, 5, 6, 7}: the last axis is zero-padded to a multiple of 8 and every run of 8 codes
+  (elements 8i .. 8i+7) becomes b bytes (bytes b*i .. b*i + b - 1 of [..., ceil(L/8) * b] uint8); the
+  byte at offset j in the run holds bit j of the codes:
+    b > 4: offsets 0..3 are the `pack_int4` bytes of the run's low nibbles (offset j: element 8i+2j in
+           the low nibble, 8i+2j+1 in the high one), offsets 4..b-1 are bit-planes: bit t of the byte
+           = bit j of u[8i + t];
+    b < 4: offsets 0..b-1 are bit-planes (bit t = bit j of u[8i + t]).
+  So b bits per code (plus padding of the last run), 8 codes in b consecutive bytes (shardable along the
+  axis in whole runs), and the codes come back with shifts / masks / ors that XLA fuses into one pass.
 """
 from __future__ import annotations
 
@@ -235,6 +248,80 @@ def _unpack_int4(p, length):
     hi = s >> 4
     out = jnp.stack([lo, hi], axis=-1).reshape(*p.shape[:-1], 2 * p.shape[-1])
     return out[..., :length]
+
+
+def packed_length(length: int, bits: int) -> int:
+    """Last-axis length of `pack_codes` output for `length` codes at `bits` (8: length, 4: ceil(L/2),
+    else ceil(L/8) * bits)."""
+    bits, length = check_bits(bits, "packing bits"), int(length)
+    if bits == 8:
+        return length
+    if bits == 4:
+        return -(-length // 2)
+    return -(-length // 8) * bits
+
+
+def pack_codes(q, bits: int):
+    """Pack signed codes at `bits` bits each along the last axis (layout: module docstring).
+
+    q: int [..., L] with values in [-2^(bits-1), 2^(bits-1) - 1] (higher bits are dropped).
+    Returns [..., packed_length(L, bits)]: uint8, or int8 unchanged for bits = 8. Traceable.
+    """
+    bits = check_bits(bits, "packing bits")
+    q = jnp.asarray(q)
+    if bits == 8:
+        return q.astype(jnp.int8)
+    if bits == 4:
+        return pack_int4(q)
+    return _pack_runs(q, bits)
+
+
+def unpack_codes(p, bits: int, length: int):
+    """Inverse of `pack_codes`: [..., packed_length(L, bits)] -> [..., L] int8 (sign-extended codes)."""
+    bits = check_bits(bits, "packing bits")
+    p = jnp.asarray(p)
+    want = (jnp.int8 if bits == 8 else jnp.uint8)
+    if p.dtype != want:
+        raise ValueError(f"unpack_codes: {bits}-bit codes are stored as {jnp.dtype(want)}, got {p.dtype}")
+    if p.shape[-1] != packed_length(length, bits):
+        raise ValueError(f"packed last axis {p.shape[-1]} does not hold {length} {bits}-bit values "
+                         f"(expected {packed_length(length, bits)})")
+    if bits == 8:
+        return p
+    if bits == 4:
+        return _unpack_int4(p, int(length))
+    return _unpack_runs(p, bits, int(length))
+
+
+@partial(jax.jit, static_argnums=1)
+def _pack_runs(q, bits):
+    lead, n8 = q.shape[:-1], -(-q.shape[-1] // 8)
+    q = jnp.pad(q.astype(jnp.int8), [(0, 0)] * len(lead) + [(0, 8 * n8 - q.shape[-1])])
+    u = jax.lax.bitcast_convert_type(q, jnp.uint8).reshape(*lead, n8, 8)
+    parts = []
+    if bits > 4:
+        nib = u & jnp.uint8(0xF)
+        parts.append(nib[..., 0::2] | (nib[..., 1::2] << jnp.uint8(4)))                   # [..., n8, 4]
+    t = jnp.arange(8, dtype=jnp.uint8)
+    for j in range(4 if bits > 4 else 0, bits):                                           # bit-plane j
+        parts.append(jnp.sum(((u >> jnp.uint8(j)) & jnp.uint8(1)) << t, axis=-1, dtype=jnp.uint8)[..., None])
+    return jnp.concatenate(parts, axis=-1).reshape(*lead, n8 * bits)
+
+
+@partial(jax.jit, static_argnums=(1, 2))
+def _unpack_runs(p, bits, length):
+    lead, n8 = p.shape[:-1], p.shape[-1] // bits
+    r = p.reshape(*lead, n8, bits)
+    t = jnp.arange(8, dtype=jnp.uint8)
+    if bits > 4:
+        nib = r[..., :4]
+        u = jnp.stack([nib & jnp.uint8(0xF), nib >> jnp.uint8(4)], axis=-1).reshape(*lead, n8, 8)
+    else:
+        u = jnp.zeros((*lead, n8, 8), jnp.uint8)
+    for j in range(4 if bits > 4 else 0, bits):
+        u = u | (((r[..., j:j + 1] >> t) & jnp.uint8(1)) << jnp.uint8(j))
+    s = jax.lax.bitcast_convert_type(u << jnp.uint8(8 - bits), jnp.int8) >> jnp.int8(8 - bits)   # sign-extend
+    return s.reshape(*lead, 8 * n8)[..., :length]
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -16,8 +16,11 @@ Array children (None when absent):
            "nk"  [N, K]      per-output-channel scales (one group spanning K);
            "gnk" [G, N, g]   group-wise scales, group-major so that the int8 GEMM contracts the last axis
                              of both operands with the group as a leading batch axis (no transpose).
-           int8, or packed two per byte into uint8 along the last axis when `packed` (w_bits <= 4;
-           layout of `quantizer.pack_int4`: low nibble = even index).
+           int8, or, when `packed` (every w_bits < 8; `packs`), stored at w_bits bits per code along the
+           last axis as `quantizer.pack_codes` (uint8 [..., packed_length(L, w_bits)], L = K or g):
+           4 bits: `pack_int4` (two per byte, low nibble = even index; `nibbles`); 5..7 bits: per run of
+           8 codes 4 nibble bytes + (w_bits - 4) bit-plane bytes; 2..3 bits: w_bits bit-plane bytes.
+           `codes()` unpacks to the same int8 codes whatever the width.
   scale:   float32 [N, G]            (G = 1 for "nk")
   gscale:  uint8 [N, ceil(G/2)]      two-level ("int") group scales, layout "nk" only: the integer group
            factors c[n, G] in 1..c_max (c_max = `quantizer.int_scale_max(w_bits)`, 16 at <= 4 bits) stored
@@ -96,12 +99,18 @@ class QuantizedWeight:
         """(G, g) as in `quantizer.num_groups`."""
         return qz.num_groups(self.k, self.group_size)
 
+    @property
+    def nibbles(self) -> bool:
+        """Whether `qvalue` is `quantizer.pack_int4` nibbles (packed 4-bit codes), the layout the fused
+        kernel can split itself (`kernels.fused.unpacks_in_kernel`)."""
+        return bool(self.packed and self.w_bits == 4)
+
     def codes(self):
         """Unpacked int8 codes in `layout` ([N, K] or [G, N, g]); with `gscale`, the folded codes c * q [N, K]."""
         q = self.qvalue
         if self.packed:
             last = self.k if self.layout == "nk" else self.groups[1]
-            q = qz.unpack_int4(q, last)
+            q = qz.unpack_codes(q, self.w_bits, last)
         if self.gscale is None:
             return q
         G, g = self.groups
@@ -173,6 +182,12 @@ def is_qweight(x) -> bool:
     return isinstance(x, QuantizedWeight)
 
 
+def packs(w_bits: int, pack: bool = True) -> bool:
+    """Whether a node at `w_bits` stores its codes packed (`QuantizedWeight.packed`) when packing is
+    asked for: every width below 8 (8-bit codes stay int8)."""
+    return bool(pack and int(w_bits) < 8)
+
+
 def make_qweight(w_nk, *, w_bits: int, group_size: Optional[int] = None, w_symmetric: bool = True,
                  a_bits: Optional[int] = None, a_symmetric: bool = True, clip_ratio: float = 1.0,
                  clip_search: bool = False, pack: bool = True, execution: str = "fake",
@@ -215,9 +230,9 @@ def make_qweight(w_nk, *, w_bits: int, group_size: Optional[int] = None, w_symme
         group_size = group_size if gscale is not None else None
     else:
         layout, q = "gnk", jnp.transpose(q, (1, 0, 2))
-    packed = bool(pack and w_bits <= 4)
+    packed = packs(w_bits, pack)
     if packed:
-        q = qz.pack_int4(q)
+        q = qz.pack_codes(q, w_bits)
     bdt = jnp.dtype(branch_dtype)
     cast = lambda a: None if a is None else jnp.asarray(a).astype(bdt)
     if (lr_a is None) != (lr_b is None):

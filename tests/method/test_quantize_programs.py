@@ -114,9 +114,9 @@ def test_bits_as_data_matches_static_bits(runs):
             for key, want in single[j].items():
                 np.testing.assert_array_equal(np.asarray(mixed[j][key]), np.asarray(want), err_msg=f"{n} {key}")
             node = nodes[j]
-            assert node.w_bits == b and node.packed == (b <= 4)
+            assert node.w_bits == b and node.packed == (b < 8)
             np.testing.assert_array_equal(np.asarray(node.qvalue),
-                                          np.asarray(single[j]["qvalue_packed" if b <= 4 else "qvalue"]))
+                                          np.asarray(single[j][f"qvalue_packed_{b}" if b < 8 else "qvalue"]))
             for f in ("scale", "smooth", "lr_a", "block_v"):
                 np.testing.assert_array_equal(np.asarray(getattr(node, f)), np.asarray(single[j][f]))
             np.testing.assert_array_equal(node.a_schedule, r["info"]["a_schedule"][n])

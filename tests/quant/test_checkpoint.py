@@ -91,7 +91,9 @@ def _edit_meta(path, fn):
 
 @pytest.mark.parametrize("edit,match", [
     (lambda m: m["nodes"]["transformer_blocks_0/attn/to_q/kernel"].update(w_bits=8), "wrong bit-width"),
-    (lambda m: m["nodes"]["transformer_blocks_0/attn/to_q/kernel"].update(w_bits=2), "outside the 2-bit range"),
+    (lambda m: m["nodes"]["transformer_blocks_0/attn/to_q/kernel"].update(w_bits=2), "wrong bit-width"),
+    (lambda m: (m.update(version=1), m["nodes"]["transformer_blocks_0/attn/to_q/kernel"].update(w_bits=2)),
+     "outside the 2-bit range"),                                      # a version-1 file: nibbles repacked
     (lambda m: m["nodes"]["transformer_blocks_0/attn/to_q/kernel"].update(w_bits=9), "unsupported weight bits"),
     (lambda m: m["nodes"]["transformer_blocks_0/attn/to_q/kernel"].pop("group_size"), "lacks static fields"),
     (lambda m: m["nodes"]["transformer_blocks_0/attn/to_q/kernel"]["arrays"].append("block_u"), "missing array"),

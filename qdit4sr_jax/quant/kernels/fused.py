@@ -88,7 +88,7 @@ def unpacks_in_kernel(w: QuantizedWeight, cfg: KernelConfig) -> bool:
     """Whether the kernel gets packed 4-bit bytes and splits the nibbles itself (unpack="kernel").
     Two-level ("int") group scales always arrive as folded int8 codes c * q (`QuantizedWeight.codes()`,
     once per call outside the kernel): with them unpack="kernel" falls back to unpack="xla"."""
-    return bool(w.packed and cfg.packed_in_kernel and w.gscale is None)
+    return bool(w.nibbles and cfg.packed_in_kernel and w.gscale is None)
 
 
 def _chunk(w: QuantizedWeight, cfg: KernelConfig) -> int:
@@ -157,7 +157,7 @@ def prologue(x2, w: QuantizedWeight, bits, *, pad_to: int = 1, chunk: Optional[i
         if G * g != k:
             q = jnp.pad(q, ((0, 0), (0, G * g - k)))
     c = 0
-    if w.packed and chunk:
+    if w.nibbles and chunk:
         c = chunk
         kp = q.shape[1]
         if kp % c or c % 2:
