@@ -1,0 +1,196 @@
+"""Stored weight bytes of a quantized full-size DiT4SR transformer, counted without computing it (CPU, seconds).
+
+Every selected linear's node is built by `jax.eval_shape` of the Q-DiT4SR quantize programs themselves
+(`quant.qdit4sr._branches_program` -> factor shapes, `_residual_program` at the layer's weight bits ->
+node arrays incl. b-bit packed codes, `_finish_node` -> the QuantizedWeight), then put into the tree like
+`quantize` does; the total is `common.tree_bytes` of that abstract tree, i.e. the bytes a real quantize
+stores (step_latency.py prints the same count from the real tree on the GPU). The bf16 baseline is the
+float tree in bf16 (step_latency.py's `param_dtype="bfloat16"`).
+
+Weight bits per layer (`--alloc`):
+  uniform         every layer at the preset's w_bits (4). With codes stored at exactly b bits each, this is
+                  an upper bound of the code bytes of any VaSMP allocation that meets the average-bits budget
+                  (sum n_l b_l <= 4 sum n_l; every DiT4SR K is a multiple of 8, so no run padding).
+  hist            `--hist 3:24,5:29` (the rest at w_bits), given by `--assign`: "largest" (the listed widths,
+                  lowest first, to the largest layers) or "smallest"; the mean bits per weight is printed.
+  FILE.json       {module path: bits} of a real allocation (e.g. quantize(..., return_info=True)[1]["w_bits"]).
+For comparison the code bytes are also given in the storage before b-bit packing (<= 4 bits as nibbles,
+5..7 bits as int8).
+
+  python benchmarks/weight_memory.py                                   # uniform 4 bits, qdit4sr-w4a4-fast
+  python benchmarks/weight_memory.py --alloc hist --hist 3:24,5:29 --assign largest
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from common import tree_bytes, write_json  # noqa: E402
+
+from qdit4sr_jax.config import ModelConfig  # noqa: E402
+from qdit4sr_jax.model.dit4sr import param_shapes  # noqa: E402
+from qdit4sr_jax.quant import qdit4sr as Q  # noqa: E402
+from qdit4sr_jax.quant import quantizer as qz  # noqa: E402
+from qdit4sr_jax.quant import rules  # noqa: E402
+from qdit4sr_jax.quant.api import layer_spec  # noqa: E402
+from qdit4sr_jax.quant.config import QuantConfig  # noqa: E402
+from qdit4sr_jax.quant.qweight import ARRAY_FIELDS, QuantizedWeight  # noqa: E402
+
+
+def abstract_params(model: str, dtype: str = "bfloat16"):
+    """ShapeDtypeStruct tree of the model's params with float leaves in `dtype`."""
+    def cast(s):
+        dt = jnp.dtype(dtype) if jnp.issubdtype(s.dtype, jnp.floating) else s.dtype
+        return jax.ShapeDtypeStruct(s.shape, dt)
+    return jax.tree_util.tree_map(cast, param_shapes(ModelConfig.preset(model)))
+
+
+def _kernel(tree, path):
+    for key in path:
+        tree = tree[key]
+    return tree["kernel"]
+
+
+def abstract_node(cfg: QuantConfig, shape, dtype, bits: int, steps: int) -> QuantizedWeight:
+    """The QuantizedWeight (ShapeDtypeStruct arrays) that Q-DiT4SR's quantize stores for a kernel [K, N]
+    at `bits`, from eval_shape of its pass-1 and pass-2 programs."""
+    k, n = shape
+    spec0 = layer_spec(cfg, shape, dtype, 8)
+    bspec = Q.branch_spec(cfg, shape, spec0, measured=False)      # the factors do not depend on `measured`
+    ws = (jax.ShapeDtypeStruct(shape, dtype),)
+    chs = (jax.ShapeDtypeStruct((k,), jnp.float32),) if spec0.smooth else None
+    facs = jax.eval_shape(lambda ws, chs: Q._branches_program(ws, chs, bspec), ws, chs)[0]
+    a_default = None if cfg.a_bits is None else int(round(cfg.a_bits))
+    spec = dataclasses.replace(spec0, a_bits=a_default)
+    idx = jax.ShapeDtypeStruct((1,), jnp.int32)
+    arrays = jax.eval_shape(lambda ws, chs, facs, idx: Q._residual_program(ws, chs, facs, idx, spec, bspec, (bits,)),
+                            ws, chs, facs, idx)[0]
+    (_, temps), = Q._bits_classes([bits], (n, k), spec, bspec, facs[0], k).values()
+    sched = np.full((steps,), a_default, np.int32) if (cfg.vatmp and a_default is not None) else None
+    node = Q._finish_node(temps[bits], arrays, bits, spec.pack, sched)
+    if node.a_schedule is not None:
+        node = node.replace(a_schedule=jax.ShapeDtypeStruct(node.a_schedule.shape, node.a_schedule.dtype))
+    return node
+
+
+def allocation(names, sizes, cfg, alloc: str, hist: str, assign: str):
+    """{module path: bits} for `--alloc`."""
+    base = int(round(cfg.w_bits))
+    if alloc == "uniform":
+        return {nm: base for nm in names}
+    if alloc == "hist":
+        counts = {int(b): int(c) for b, c in (kv.split(":") for kv in hist.split(","))}
+        if sum(counts.values()) > len(names):
+            raise ValueError(f"--hist {hist} lists {sum(counts.values())} layers, the model has {len(names)}")
+        order = sorted(range(len(names)), key=lambda i: (-sizes[i] if assign == "largest" else sizes[i], i))
+        out, pos = {nm: base for nm in names}, 0
+        for b in sorted(counts):
+            for i in order[pos: pos + counts[b]]:
+                out[names[i]] = b
+            pos += counts[b]
+        return out
+    with open(alloc) as f:
+        table = {str(k): int(v) for k, v in json.load(f).items()}
+    missing = sorted(set(names) - set(table))
+    if missing:
+        raise ValueError(f"{alloc}: no bits for {len(missing)} selected layers, e.g. {missing[:3]}")
+    return {nm: table[nm] for nm in names}
+
+
+def old_code_bytes(node: QuantizedWeight) -> int:
+    """Code bytes in the storage before b-bit packing: nibbles for <= 4 bits, int8 for 5..8 bits."""
+    rows = int(np.prod(node.qvalue.shape[:-1]))
+    last = node.k if node.layout == "nk" else node.groups[1]
+    return rows * (-(-last // 2) if node.w_bits <= 4 else last)
+
+
+def breakdown(tree) -> dict:
+    """Bytes by QuantizedWeight field ("other": every non-quantized leaf); sums to tree_bytes(tree)."""
+    out = {"other": 0}
+    is_q = lambda x: isinstance(x, QuantizedWeight)
+    for leaf in jax.tree_util.tree_leaves(tree, is_leaf=is_q):
+        if is_q(leaf):
+            for f in ARRAY_FIELDS:
+                a = getattr(leaf, f)
+                if a is not None:
+                    out[f] = out.get(f, 0) + int(np.prod(a.shape)) * jnp.dtype(a.dtype).itemsize
+        elif hasattr(leaf, "shape"):
+            out["other"] += int(np.prod(leaf.shape)) * jnp.dtype(leaf.dtype).itemsize
+    return out
+
+
+def measure(model="dit4sr", preset="qdit4sr-w4a4-fast", alloc="uniform", hist="3:24,5:29",
+            assign="largest", steps=40) -> dict:
+    cfg = QuantConfig.preset(preset)
+    params = abstract_params(model)
+    paths = rules.select_linears(params, cfg.include, cfg.exclude)
+    names = [rules.path_str(p) for p in paths]
+    sizes = [int(np.prod(_kernel(params, p).shape)) for p in paths]
+    bits = allocation(names, sizes, cfg, alloc, hist, assign)
+    cache, new = {}, {}
+    for p, nm in zip(paths, names):
+        kern = _kernel(params, p)
+        key = (tuple(kern.shape), str(kern.dtype), bits[nm])
+        if key not in cache:
+            cache[key] = abstract_node(cfg, tuple(kern.shape), kern.dtype, bits[nm], steps)
+        new[p] = cache[key]
+    q = rules.replace_kernels(params, new)
+    nodes = [new[p] for p in paths]
+    bf16, total = tree_bytes(params), tree_bytes(q)
+    old_codes = sum(old_code_bytes(n) for n in nodes)
+    parts = breakdown(q)
+    hist_out = {}
+    for nm in names:
+        hist_out[bits[nm]] = hist_out.get(bits[nm], 0) + 1
+    return {"model": model, "preset": preset, "alloc": alloc, "assign": assign if alloc == "hist" else None,
+            "layers": len(names), "bits_histogram": dict(sorted(hist_out.items())),
+            "mean_w_bits": float(np.dot([bits[nm] for nm in names], sizes) / np.sum(sizes)),
+            "bf16_bytes": bf16, "quantized_bytes": total, "ratio": bf16 / total,
+            "breakdown": parts, "codes_bytes_before_bbit": old_codes,
+            "quantized_bytes_before_bbit": total - parts["qvalue"] + old_codes,
+            "ratio_before_bbit": bf16 / (total - parts["qvalue"] + old_codes),
+            "bytes_for_target_3.5": bf16 / 3.5}
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="dit4sr")
+    ap.add_argument("--preset", default="qdit4sr-w4a4-fast")
+    ap.add_argument("--alloc", default="uniform", help="uniform | hist | FILE.json ({module path: bits})")
+    ap.add_argument("--hist", default="3:24,5:29", help="with --alloc hist: bits:count,... (rest at w_bits)")
+    ap.add_argument("--assign", default="largest", choices=("largest", "smallest"))
+    ap.add_argument("--steps", type=int, default=40, help="VaTMP schedule length (int32 per layer)")
+    ap.add_argument("--out", default=None, help="write the result as JSON")
+    a = ap.parse_args(argv)
+    r = measure(a.model, a.preset, a.alloc, a.hist, a.assign, a.steps)
+    gb = lambda b: f"{b / 1e9:.3f} GB"
+    print(f"{r['model']} / {r['preset']}: {r['layers']} quantized linears, bits {r['bits_histogram']} "
+          f"(alloc {r['alloc']}{'' if r['assign'] is None else ', ' + r['assign']}; mean {r['mean_w_bits']:.4f} "
+          f"bits per weight)")
+    print(f"  bf16 weights        {gb(r['bf16_bytes'])}")
+    print(f"  quantized weights   {gb(r['quantized_bytes'])}  = 1/{r['ratio']:.3f} of bf16 "
+          f"(target 1/3.5: <= {gb(r['bytes_for_target_3.5'])}, "
+          f"{'met' if r['ratio'] >= 3.5 else 'missed by ' + gb(r['quantized_bytes'] - r['bytes_for_target_3.5'])})")
+    print(f"  before b-bit packing {gb(r['quantized_bytes_before_bbit'])}  = 1/{r['ratio_before_bbit']:.3f} "
+          f"(codes {gb(r['codes_bytes_before_bbit'])})")
+    labels = {"qvalue": "codes", "lr_a": "low-rank lr_a", "lr_b": "low-rank lr_b", "block_u": "block u",
+              "block_v": "block v", "scale": "scales", "gscale": "int group factors", "smooth": "smoothing",
+              "a_schedule": "VaTMP schedules", "zero": "zero points", "other": "unquantized params"}
+    for f, b in sorted(r["breakdown"].items(), key=lambda kv: -kv[1]):
+        print(f"    {labels.get(f, f):20s} {gb(b)}")
+    write_json(a.out, r)
+    return r
+
+
+if __name__ == "__main__":
+    main()
