@@ -177,27 +177,27 @@ BLOCK_SOLVERS = ("svd", "subspace")
 
 def orthonormal_columns(y, rtol: float = 1e-4):
     """Orthonormal basis of the columns of y [..., m, k] (float32) by classical Gram-Schmidt with one
-    re-orthogonalisation (CGS2): batched matrix-vector products in full float32 precision, no solver
-    call. Used on GPU by the "subspace" block solver instead of jnp.linalg.qr, whose Householder
-    product (cuSOLVER orgqr) runs one call per matrix for m > 128 (17 calls per 256 x 256 block, ~670k
-    for the full DiT4SR). Spans the same subspace as QR's Q. A column whose norm after projection is
-    <= rtol times its norm before (numerically in the span of the previous ones, or zero) becomes zero.
+    re-orthogonalisation (CGS2) in a loop over the k columns: elementwise products and sums in float32
+    (no dot, so no reduced-precision matmul on GPU), no solver call. Used on GPU by the "subspace"
+    block solver instead of jnp.linalg.qr, whose Householder product (cuSOLVER orgqr) runs one call per
+    matrix for m > 128 (17 calls per 256 x 256 block: ~670k calls for the full DiT4SR). Spans the same
+    subspace as QR's Q. A column whose norm after projection is <= rtol times its norm before
+    (numerically in the span of the previous ones, or zero) becomes zero.
     Returns q [..., m, k]: q^T q = identity on the non-zero columns, zeros elsewhere."""
-    hi = jax.lax.Precision.HIGHEST
-    k = y.shape[-1]
+    yt = jnp.moveaxis(y, -1, 0)                                     # [k, ..., m]: columns leading
 
     def body(j, q):
-        v = jax.lax.dynamic_index_in_dim(y, j, axis=-1, keepdims=False)            # [..., m]
+        v = yt[j]
         n0 = jnp.sqrt(jnp.sum(v * v, -1))
-        for _ in range(2):                                   # columns >= j of q are still zero
-            c = jnp.einsum("...mk,...m->...k", q, v, precision=hi)
-            v = v - jnp.einsum("...mk,...k->...m", q, c, precision=hi)
+        for _ in range(2):                                          # rows >= j of q are still zero
+            c = jnp.sum(q * v[None], -1)                            # [k, ...]
+            v = v - jnp.sum(q * c[..., None], 0)
         n = jnp.sqrt(jnp.sum(v * v, -1))
         keep = (n > rtol * n0) & (n0 > 0)
         v = jnp.where(keep[..., None], v / jnp.where(keep, n, 1.0)[..., None], 0.0)
-        return jax.lax.dynamic_update_index_in_dim(q, v, j, axis=-1)
+        return q.at[j].set(v)
 
-    return jax.lax.fori_loop(0, k, body, jnp.zeros_like(y))
+    return jnp.moveaxis(jax.lax.fori_loop(0, yt.shape[0], body, jnp.zeros_like(yt)), 0, -1)
 
 
 def _top1_subspace(blocks, k: int = 8, iters: int = 8):
@@ -208,13 +208,14 @@ def _top1_subspace(blocks, k: int = 8, iters: int = 8):
     bo, bi = blocks.shape[-2:]
     k = max(1, min(k, bo, bi))
     bt = jnp.swapaxes(blocks, -1, -2)
-    if _fast_top_svd():                  # GPU: no per-matrix cuSOLVER calls (see orthonormal_columns)
-        orth = orthonormal_columns
+    y = blocks @ jax.random.normal(jax.random.PRNGKey(0), (bi, k), blocks.dtype)
+    if _fast_top_svd():                  # GPU: no per-matrix cuSOLVER calls (see orthonormal_columns);
+        orth = orthonormal_columns       # a loop, so that the program holds 3 orthonormalisations, not 17
+        y = jax.lax.fori_loop(0, iters, lambda _, y: blocks @ orth(bt @ orth(y)), y)
     else:
         orth = lambda a: jnp.linalg.qr(a)[0]
-    y = blocks @ jax.random.normal(jax.random.PRNGKey(0), (bi, k), blocks.dtype)
-    for _ in range(iters):
-        y = blocks @ orth(bt @ orth(y))
+        for _ in range(iters):
+            y = blocks @ orth(bt @ orth(y))
     q = orth(y)                                                     # [..., bo, k]
     sm = jnp.swapaxes(q, -1, -2) @ blocks                           # [..., k, bi]
     ev, evec = jnp.linalg.eigh(sm @ jnp.swapaxes(sm, -1, -2))      # ascending
