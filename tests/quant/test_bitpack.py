@@ -120,3 +120,37 @@ def test_mixed_bits_model_bit_identical(toy):
         outs[mode] = f(_mode(q, mode), x)
         np.testing.assert_array_equal(np.asarray(outs[mode]), np.asarray(f(_mode(qu, mode), x)), err_msg=mode)
     assert rel_err(outs["int"], outs["fake"]) < 1e-3                   # see test_api.py: rare rounding ties
+
+
+def test_checkpoint_v2_roundtrip_and_v1_files_load(tmp_path, monkeypatch):
+    """Checkpoints keep the b-bit storage (version 2); a version-1 file (<= 4 bits as nibbles, 5..7 bits as
+    int8) loads into the same b-bit packed nodes."""
+    from qdit4sr_jax import checkpoint
+    rng = np.random.default_rng(7)
+    nodes = {f"l{b}": make_qweight(jnp.asarray(rng.normal(size=(16, 40)).astype(np.float32)), w_bits=b,
+                                   group_size=gs, a_bits=4)
+             for b, gs in ((2, None), (3, 8), (4, None), (5, 8), (6, None), (8, None))}
+    tree = {k: {"kernel": n} for k, n in nodes.items()}
+    checkpoint.save(str(tmp_path / "v2"), tree)
+    back, _ = checkpoint.load(str(tmp_path / "v2"))
+    for k, n in nodes.items():
+        m = back[k]["kernel"]
+        assert m.packed == n.packed and m.qvalue.dtype == n.qvalue.dtype
+        np.testing.assert_array_equal(np.asarray(m.qvalue), np.asarray(n.qvalue))
+    # the same nodes in the version-1 storage
+    v1 = {}
+    for k, n in nodes.items():
+        c = n.codes()
+        if n.w_bits <= 4:
+            v1[k] = {"kernel": n.replace(qvalue=qz.pack_int4(c))}
+        else:
+            v1[k] = {"kernel": n.replace(qvalue=c, packed=False)}
+    monkeypatch.setattr(checkpoint, "VERSION", 1)
+    checkpoint.save(str(tmp_path / "v1"), v1)
+    monkeypatch.undo()
+    back, _ = checkpoint.load(str(tmp_path / "v1"))
+    for k, n in nodes.items():
+        m = back[k]["kernel"]
+        assert m.packed == n.packed and m.qvalue.shape == n.qvalue.shape, k
+        np.testing.assert_array_equal(np.asarray(m.qvalue), np.asarray(n.qvalue))
+        np.testing.assert_array_equal(np.asarray(m.codes()), np.asarray(n.codes()))
