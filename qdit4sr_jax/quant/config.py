@@ -47,7 +47,7 @@ class QuantConfig:
       weight MSE (data-free; like AWQ's clip search without activations).
     rotate_block: Hadamard block size; None = the largest power of 2 dividing d_in (block-diagonal
       Hadamard when d_in is not a power of 2, e.g. 512 for 1536; QuaRot uses a full Hadamard there).
-    pack: store <= 4-bit codes two per byte (uint8).
+    pack: store codes below 8 bits packed at their bit width (uint8, `quantizer.pack_codes`; 8-bit codes stay int8).
     lowrank_svd: "exact" (jnp.linalg.svd) or "randomized" (power-iteration range finder, Halko et al. 2011;
       O(N K r), for CPU quantization of the full model) for the low-rank branch.
     layer_w_bits: per-layer weight bits ((path, bits), ...) overriding w_bits (VaSMP's output; exact
