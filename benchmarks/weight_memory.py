@@ -19,6 +19,10 @@ For comparison the code bytes are also given in the storage before b-bit packing
 
   python benchmarks/weight_memory.py                                   # uniform 4 bits, qdit4sr-w4a4-fast
   python benchmarks/weight_memory.py --alloc hist --hist 3:24,5:29 --assign largest
+  python benchmarks/weight_memory.py --unpack-time        # + device time of codes() per width (GPU check)
+
+`--unpack-time` times `QuantizedWeight.codes()` (packed storage -> int8 codes, the per-call unpack of the
+int / fused-xla / Pallas unpack="xla" paths) of the DiT4SR layer shapes at 2..8 bits on the default device.
 """
 from __future__ import annotations
 
@@ -35,7 +39,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from common import tree_bytes, write_json  # noqa: E402
+from common import compile_and_time, environment, tree_bytes, write_json  # noqa: E402
 
 from qdit4sr_jax.config import ModelConfig  # noqa: E402
 from qdit4sr_jax.model.dit4sr import param_shapes  # noqa: E402
@@ -162,6 +166,30 @@ def measure(model="dit4sr", preset="qdit4sr-w4a4-fast", alloc="uniform", hist="3
             "bytes_for_target_3.5": bf16 / 3.5}
 
 
+UNPACK_SHAPES = ((1536, 1536), (1536, 6144), (6144, 1536))     # Flax kernels [K, N] of the DiT4SR linears
+
+
+def unpack_times(bits_list=(2, 3, 4, 5, 6, 7, 8), shapes=UNPACK_SHAPES, iters: int = 20) -> list:
+    """Median device ms of jit(node.codes()) for per-channel ("nk") nodes of random codes, per (shape, bits)."""
+    from qdit4sr_jax.quant.qweight import packs
+    rows = []
+    for k, n in shapes:
+        for b in bits_list:
+            lo, hi = -2 ** (b - 1) + 1, 2 ** (b - 1) - 1
+            q = jax.random.randint(jax.random.PRNGKey(b), (n, k), lo, hi + 1, jnp.int8)
+            stored = qz.pack_codes(q, b) if packs(b) else q
+            node = QuantizedWeight(qvalue=stored, scale=jnp.ones((n, 1), jnp.float32), shape=(k, n), w_bits=b,
+                                   packed=packs(b))
+            fn = jax.jit(lambda nd: nd.codes())
+            ok = bool(jnp.array_equal(fn(node), q))
+            t = compile_and_time(fn, (node,), warmup=3, iters=iters)
+            rows.append({"k": k, "n": n, "bits": b, "stored_bytes": int(stored.nbytes), "exact": ok,
+                         "median_ms": t["median_ms"], "p10_ms": t["p10_ms"], "p90_ms": t["p90_ms"]})
+            print(f"  unpack [{n}, {k}] {b} bits: {stored.nbytes / 2**20:7.2f} MiB stored, "
+                  f"{t['median_ms']:.4f} ms (p10 {t['p10_ms']:.4f}, p90 {t['p90_ms']:.4f}), exact {ok}")
+    return rows
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="dit4sr")
@@ -170,6 +198,7 @@ def main(argv=None):
     ap.add_argument("--hist", default="3:24,5:29", help="with --alloc hist: bits:count,... (rest at w_bits)")
     ap.add_argument("--assign", default="largest", choices=("largest", "smallest"))
     ap.add_argument("--steps", type=int, default=40, help="VaTMP schedule length (int32 per layer)")
+    ap.add_argument("--unpack-time", action="store_true", help="also time codes() per width on the device")
     ap.add_argument("--out", default=None, help="write the result as JSON")
     a = ap.parse_args(argv)
     r = measure(a.model, a.preset, a.alloc, a.hist, a.assign, a.steps)
@@ -188,6 +217,10 @@ def main(argv=None):
               "a_schedule": "VaTMP schedules", "zero": "zero points", "other": "unquantized params"}
     for f, b in sorted(r["breakdown"].items(), key=lambda kv: -kv[1]):
         print(f"    {labels.get(f, f):20s} {gb(b)}")
+    if a.unpack_time:
+        print(f"codes() unpack on {environment()['device']}:")
+        r["unpack"] = unpack_times()
+        r["environment"] = environment()
     write_json(a.out, r)
     return r
 
