@@ -86,6 +86,8 @@ def _next_pow2(n: int) -> int:
 
 def unpacks_in_kernel(w: QuantizedWeight, cfg: KernelConfig) -> bool:
     """Whether the kernel gets packed 4-bit bytes and splits the nibbles itself (unpack="kernel").
+    Codes packed at other widths (2, 3, 5..7 bits: `quantizer.pack_codes`) are always unpacked to int8
+    outside the kernel, like unpack="xla".
     Two-level ("int") group scales always arrive as folded int8 codes c * q (`QuantizedWeight.codes()`,
     once per call outside the kernel): with them unpack="kernel" falls back to unpack="xla"."""
     return bool(w.nibbles and cfg.packed_in_kernel and w.gscale is None)
