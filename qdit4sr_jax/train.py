@@ -56,6 +56,27 @@ def hr_latent(cfg: ModelConfig, hr_uint8):
     return vae_lib.encode(cfg.vae, {}, to_unit(hr_uint8), sample=False)
 
 
+_PERMS = np.array([[0, 1, 2], [0, 2, 1], [1, 0, 2], [1, 2, 0], [2, 0, 1], [2, 1, 0]], np.int32)
+
+
+def color_augment(hr_uint8, lr_uint8, rng, invert_prob: float = 0.0):
+    """The same random colour transform on each HR/LR pair: one of the 6 channel permutations (uniform) and,
+    with probability `invert_prob`, the negative image (255 - x). Both act per pixel, so the LR image stays
+    the degradation of the HR one up to the noise model's intensity dependence.
+
+    hr uint8 [B, H, W, 3], lr uint8 [B, h, w, 3] -> the same shapes and dtype.
+    """
+    kp, ki = jax.random.split(rng)
+    B = hr_uint8.shape[0]
+    perm = jnp.asarray(_PERMS)[jax.random.randint(kp, (B,), 0, 6)]          # [B, 3]
+    inv = jax.random.bernoulli(ki, invert_prob, (B,))
+
+    def f(x):
+        x = jnp.take_along_axis(x, perm[:, None, None, :], axis=-1)
+        return jnp.where(inv[:, None, None, None], jnp.uint8(255) - x, x)
+    return f(jnp.asarray(hr_uint8, jnp.uint8)), f(jnp.asarray(lr_uint8, jnp.uint8))
+
+
 def sample_sigmas(rng, n: int):
     """[n] float32 noise levels in (0, 1): half uniform, half logit-normal(0, 1) (SD3)."""
     k1, k2, k3 = jax.random.split(rng, 3)
@@ -149,8 +170,14 @@ def make_optimizer(peak_lr: float, total_steps: int, warmup: int, start_step: in
                        optax.adamw(lr, b1=0.9, b2=0.99, weight_decay=weight_decay)), sched
 
 
-def make_train_step(cfg: ModelConfig, opt, bridge_frac: float = 0.0, bridge_sigma: float = 1.0):
+def make_train_step(cfg: ModelConfig, opt, bridge_frac: float = 0.0, bridge_sigma: float = 1.0,
+                    color_aug: bool = False, invert_prob: float = 0.0):
+    """jit step (params, opt_state, hr uint8, lr uint8, rng) -> (params, opt_state, loss, grad norm); with
+    `color_aug` each pair first gets `color_augment` (channel permutation, negative with `invert_prob`)."""
     def step_fn(params, opt_state, hr, lr, rng):
+        if color_aug:
+            rng, ka = jax.random.split(rng)
+            hr, lr = color_augment(hr, lr, ka, invert_prob)
         loss, grads = jax.value_and_grad(flow_loss)(params, cfg, hr, lr, rng, bridge_frac=bridge_frac,
                                                     bridge_sigma=bridge_sigma)
         updates, opt_state = opt.update(grads, opt_state, params)
@@ -273,6 +300,17 @@ def val_loss(params, cfg, val_hr, val_lr, sigmas=(0.1, 0.3, 0.5, 0.7, 0.9), seed
     return out
 
 
+def start_psnr(vl: dict, cfg: ModelConfig, bridge_sigma) -> Optional[float]:
+    """PSNR (dB, [-1, 1] pixel range) of the x0 estimate at the sampler's first step, from `val_loss`'s
+    "b<s0>@<s0>" entry (None without it): the loss is |x0_hat - x0|^2 / c^2 with c = residual_scale
+    ("lr_residual") or s0 ("velocity"); the space-to-depth latent holds the pixels themselves."""
+    key = f"b{bridge_sigma:g}@{bridge_sigma:g}" if bridge_sigma else None
+    if key not in vl:
+        return None
+    c = cfg.residual_scale if cfg.prediction == "lr_residual" else bridge_sigma
+    return float(10 * np.log10(4.0 / max(vl[key] * c * c, 1e-20)))
+
+
 # ----------------------------------------------------------------------------- main
 
 def train(args, cfg: Optional[ModelConfig] = None):
@@ -319,8 +357,11 @@ def train(args, cfg: Optional[ModelConfig] = None):
 
     opt, sched = make_optimizer(peak, total, warmup, start_step, args.rewarm, args.weight_decay)
     opt_state = opt.init(params)
-    bridge = dict(bridge_frac=args.bridge_frac, bridge_sigma=args.bridge_sigma)
+    bridge = dict(bridge_frac=args.bridge_frac, bridge_sigma=args.bridge_sigma,
+                  color_aug=getattr(args, "color_aug", False), invert_prob=getattr(args, "invert_prob", 0.0))
     step_fn = make_train_step(tcfg, opt, **bridge)
+    best = dict(meta.get("best") or {})       # {"step", "psnr"}: the best start-PSNR state so far (--keep-best)
+    best_dir = os.path.join(args.out, "best")
     val = validation_set(args.data, cfg.scale)[:args.val_count or None]
     val_hr = np.stack([h for _, h, _ in val])
     val_lr = np.stack([l for _, _, l in val])
@@ -343,7 +384,18 @@ def train(args, cfg: Optional[ModelConfig] = None):
                                             bridge_frac=args.bridge_frac, bridge_sigma=args.bridge_sigma)]
         return dict(config=config_to_dict(cfg), step=at, total_steps=total, warmup=warmup, peak_lr=peak,
                     batch=args.batch, crop=args.crop, data_seed=meta.get("data_seed", args.seed * 10**9), log=log,
-                    runs=runs, val_loss=dict(vl or {}), n_params=n_params)
+                    runs=runs, val_loss=dict(vl or {}), n_params=n_params, best=dict(best))
+
+    bsig = args.bridge_frac and args.bridge_sigma
+
+    def _validate(at):
+        """Validation losses at step `at`; with --keep-best also saves `best_dir` when the start PSNR improves."""
+        vl = val_loss(params, tcfg, val_hr, val_lr, bridge_sigma=bsig)
+        ps = start_psnr(vl, cfg, bsig)
+        if getattr(args, "keep_best", False) and ps is not None and ps > best.get("psnr", -np.inf):
+            best.update(step=at, psnr=round(ps, 4))
+            save_state(best_dir, params, _meta(at, vl))
+        return vl, ps
 
     losses, t_last, s_last = [], time.time(), start_step
     end = min(total, start_step + args.steps) if args.steps else total
@@ -381,8 +433,10 @@ def train(args, cfg: Optional[ModelConfig] = None):
                              lr=float(sched(step)), samples_per_s=round(rate, 1),
                              pairs_made=bank.produced, minutes=round((time.time() - t_start) / 60, 2))
                 if args.val_every and (step % args.val_every == 0 or step == end):
-                    vl = val_loss(params, tcfg, val_hr, val_lr, bridge_sigma=args.bridge_frac and args.bridge_sigma)
+                    vl, ps = _validate(step)
                     entry["val"] = round(float(np.mean(list(vl.values()))), 5)
+                    if ps is not None:
+                        entry["val_psnr"] = round(ps, 3)
                 log.append(entry)
                 pbar.set_postfix(loss=f"{l:.4f}", val=entry.get("val", "-"), sps=f"{rate:.0f}")
             pbar.update(1)
@@ -398,7 +452,7 @@ def train(args, cfg: Optional[ModelConfig] = None):
     finally:
         pbar.close()
         bank.close()
-    vl = val_loss(params, tcfg, val_hr, val_lr, bridge_sigma=args.bridge_frac and args.bridge_sigma)
+    vl, ps = _validate(step)
     elapsed = time.time() - t_start
     save_state(args.out, params, _meta(step, vl))
     print(f"\nsaved {args.out} at step {step}/{total} after {elapsed / 60:.1f} min")
@@ -407,10 +461,12 @@ def train(args, cfg: Optional[ModelConfig] = None):
     except Exception:   # noqa: BLE001  (CPU backends have no memory stats)
         pass
     print("val loss by sigma: " + ", ".join(f"{k}: {v:.4f}" for k, v in vl.items()))
-    print(f"{'step':>7} {'loss':>8} {'val':>8} {'gnorm':>7} {'lr':>9} {'samp/s':>7} {'min':>6}")
-    for e in log[-12:]:
-        print(f"{e['step']:>7} {e['loss']:>8.4f} {e.get('val', float('nan')):>8.4f} {e['gnorm']:>7.3f} "
-              f"{e['lr']:>9.2e} {e['samples_per_s']:>7.0f} {e['minutes']:>6.2f}")
+    if ps is not None:
+        print(f"val start PSNR {ps:.3f} dB; best {best.get('psnr', float('nan'))} dB at step {best.get('step')}")
+    print(f"{'step':>7} {'loss':>8} {'val':>8} {'psnr':>7} {'gnorm':>7} {'lr':>9} {'samp/s':>7} {'min':>6}")
+    for e in log[-24:]:
+        print(f"{e['step']:>7} {e['loss']:>8.4f} {e.get('val', float('nan')):>8.4f} {e.get('val_psnr', float('nan')):>7.3f} "
+              f"{e['gnorm']:>7.3f} {e['lr']:>9.2e} {e['samples_per_s']:>7.0f} {e['minutes']:>6.2f}")
     return params, cfg
 
 
@@ -456,6 +512,12 @@ def main(argv=None):
                     help="output parametrisation (ModelConfig.prediction); switching it on a resumed run resets "
                          "proj_out to zero")
     ap.add_argument("--residual-scale", type=float, default=0.1, help="ModelConfig.residual_scale (lr_residual)")
+    ap.add_argument("--color-aug", action="store_true",
+                    help="random channel permutation (and negative, --invert-prob) of each HR/LR pair")
+    ap.add_argument("--invert-prob", type=float, default=0.0, help="with --color-aug: probability of the negative")
+    ap.add_argument("--keep-best", action="store_true",
+                    help="save OUT/best whenever the validation PSNR at the sampler's first step improves "
+                         "(needs --bridge-frac > 0)")
     ap.add_argument("--bank", type=int, default=8192)
     ap.add_argument("--workers", type=int, default=None)
     ap.add_argument("--log-every", type=int, default=100)

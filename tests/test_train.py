@@ -182,3 +182,52 @@ def test_lr_residual_loss_target_and_head_reset():
     x0, z = T.hr_latent(cfg, hr), T.lr_condition(cfg, lr)
     loss = T.flow_loss(params, cfg, hr, lr, jax.random.PRNGKey(0), bridge_frac=1.0, bridge_sigma=0.1)
     np.testing.assert_allclose(float(loss), float(jnp.mean(((z - x0) / 0.1) ** 2)), rtol=1e-5)
+
+
+def test_color_augment_applies_one_transform_per_pair():
+    """Each pair gets the same channel permutation (and negative) on HR and LR; across a batch all 6
+    permutations occur and about invert_prob of the pairs are negatives."""
+    rng = np.random.default_rng(0)
+    n = 256
+    base = rng.integers(0, 256, (n, 1, 1, 3), dtype=np.uint8)
+    hr = np.broadcast_to(base, (n, 4, 4, 3)).copy()
+    lr = np.broadcast_to(base, (n, 1, 1, 3)).copy()
+    ha, la = (np.asarray(a) for a in T.color_augment(hr, lr, jax.random.PRNGKey(3), invert_prob=0.25))
+    assert ha.dtype == la.dtype == np.uint8 and ha.shape == hr.shape and la.shape == lr.shape
+    np.testing.assert_array_equal(ha[:, :1, :1], la)                 # same transform on both images
+    seen, inverted = set(), 0
+    for b, a in zip(base[:, 0, 0].astype(int), ha[:, 0, 0].astype(int)):
+        match = [(tuple(p), inv) for p in T._PERMS for inv in (False, True)
+                 if list(((255 - b) if inv else b)[p]) == list(a)]
+        assert match, (b, a)
+        seen.add(match[0][0])
+        inverted += match[0][1]
+    assert len(seen) == 6 and 0.12 * n < inverted < 0.4 * n
+    plain = np.asarray(T.color_augment(hr, lr, jax.random.PRNGKey(3), invert_prob=0.0)[0])
+    np.testing.assert_array_equal(np.sort(plain, -1), np.sort(hr, -1))     # permutations only
+
+
+def test_start_psnr_from_validation_loss():
+    cfg = _tiny_cfg().replace(prediction="lr_residual", residual_scale=0.1)
+    # x0 MSE 4e-3 in [-1, 1] units -> 10 log10(4 / 4e-3) = 30 dB; the loss is that over c^2
+    assert T.start_psnr({"b0.1@0.1": 4e-3 / 0.01}, cfg, 0.1) == pytest.approx(30.0)
+    assert T.start_psnr({"b0.1@0.1": 4e-3 / 0.04}, _tiny_cfg(), 0.2) is None
+    assert T.start_psnr({"b0.2@0.2": 4e-3 / 0.04}, _tiny_cfg(), 0.2) == pytest.approx(30.0)
+
+
+@pytest.mark.slow
+def test_keep_best_saves_the_best_validation_state(tmp_path):
+    _fake_data(tmp_path / "data")
+    out = tmp_path / "run"
+    a = _args(tmp_path / "data", out, 3, prediction="lr_residual")
+    a.bridge_frac, a.bridge_sigma, a.keep_best, a.val_every, a.color_aug, a.invert_prob = 1.0, 0.1, True, 1, True, 0.5
+    T.train(a, _tiny_cfg())
+    meta = json.load(open(out / "state.json"))
+    best = json.load(open(out / "best" / "state.json"))
+    psnrs = {e["step"]: e["val_psnr"] for e in meta["log"] if "val_psnr" in e}
+    assert sorted(psnrs) == [1, 2, 3]
+    assert meta["best"]["step"] == best["step"] and psnrs[best["step"]] == max(psnrs.values())
+    assert meta["best"]["psnr"] == pytest.approx(max(psnrs.values()), abs=1e-3)
+    assert best["best"]["step"] == best["step"]
+    params, _ = T.load_state(str(out / "best"))
+    assert "proj_out" in params
