@@ -14,8 +14,14 @@
    never uses the cache (it is the one the target is about).
 
 Compiled programs are counted (JAX's backend-compile events) and listed by name in the JSON.
+--phases (default: the warm run, or the cold one with --no-warm) records wall seconds per phase of one
+quantize run (`quantize_qdit4sr(timings=...)`: layer setup, pass 1 per layer shape = H-SVD + VaSMP's
+squared errors, VaSMP, VaTMP, pass 2 per shape, node assembly, tree rebuild; XLA compile seconds per
+phase), printed as a table and stored as quantize_<run>_phases. The timed run waits for each phase's
+device work, so host and device work no longer overlap in it: compare its total with the untimed run.
 
   python benchmarks/quantize_time.py --out $OUT/quantize_time.json
+  python benchmarks/quantize_time.py --calib-size 0 --out $OUT/qt.json      # cold untimed, warm by phase
   python benchmarks/quantize_time.py --calib-size 0 --compile-cache /tmp/jaxcache --deadline 170 --out $OUT/qt.json
   python benchmarks/quantize_time.py --preset tiny --calib-size 64      # CPU smoke test
   OMP_NUM_THREADS=2 JAX_PLATFORMS=cpu python benchmarks/quantize_time.py --num-layers 2 --calib-size 0 --no-warm
@@ -62,6 +68,9 @@ def main(argv=None):
                     help="which quantize run records wall seconds per phase (quantize_qdit4sr(timings=...); "
                          "waits for each phase's device work, so host and device no longer overlap): auto = "
                          "the warm run when there is one (the cold figure stays untimed), else the cold run")
+    ap.add_argument("--xla-autotune", type=int, default=None, metavar="LEVEL",
+                    help="XLA:GPU autotune level for the quantize programs (qdit4sr.GPU_COMPILER_OPTIONS; default: "
+                         "the module's, 0 = no autotuning); -1: XLA's default (autotuning on)")
     ap.add_argument("--out", default=None)
     a = ap.parse_args(argv)
     t_start = time.perf_counter()
@@ -78,6 +87,10 @@ def main(argv=None):
     from qdit4sr_jax.quant.vasmp import allocate_weight_bits
     from qdit4sr_jax.quant.vatmp import schedule_activation_bits
 
+    from qdit4sr_jax.quant import qdit4sr as Q
+    if a.xla_autotune is not None:
+        Q.GPU_COMPILER_OPTIONS = {} if a.xla_autotune < 0 else {"xla_gpu_autotune_level": int(a.xla_autotune)}
+    res["compiler_options"] = {"options": dict(Q.GPU_COMPILER_OPTIONS), "backends": list(Q.COMPILER_OPTIONS_BACKENDS)}
     attn = "cudnn" if jax.default_backend() == "gpu" else None
     mcfg = ModelConfig.preset(a.preset).replace(dtype="bfloat16", param_dtype="bfloat16", attention_impl=attn)
     if a.num_layers:
@@ -244,7 +257,9 @@ def _cache_children(a, log, t_start):
     os.makedirs(cache, exist_ok=True)
     out = {"dir": cache}
     base = [sys.executable, os.path.abspath(__file__), "--preset", a.preset, "--quant", a.quant, "--no-warm",
-            "--calib-size", "0", "--use-cache", cache]
+            "--calib-size", "0", "--use-cache", cache, "--phases", "none"]
+    if a.xla_autotune is not None:
+        base += ["--xla-autotune", str(a.xla_autotune)]
     if a.steps:
         base += ["--steps", str(a.steps)]
     if a.num_layers:

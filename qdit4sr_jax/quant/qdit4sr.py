@@ -196,9 +196,41 @@ def _residual_program(ws, chs, facs, idx, spec: LayerSpec, bspec: BranchSpec, bi
     return _unstack(jax.vmap(one)(w, ch, fac, idx), len(ws))
 
 
+# XLA:GPU autotunes the matmuls / fusions of a program while compiling it (timing candidate kernels on
+# the card). The quantize programs run a few times each, so XLA's default kernels do: their compilation
+# skips the autotuning (`compiler_options`). Empty dict: XLA's defaults. Applied on these backends only.
+GPU_COMPILER_OPTIONS: Dict[str, object] = {"xla_gpu_autotune_level": 0}
+COMPILER_OPTIONS_BACKENDS = ("gpu",)
+_STATIC = {"_branches_program": ("spec",), "_residual_program": ("spec", "bspec", "bits")}
+_VARIANTS: Dict[tuple, object] = {}
+
+
+def _program(fn):
+    """`fn` (a jitted pass program) as compiled on this backend: with `GPU_COMPILER_OPTIONS` on GPU.
+    The options are tried once on a trivial program; an XLA that rejects them gets `fn` (with a warning)."""
+    if jax.default_backend() not in COMPILER_OPTIONS_BACKENDS or not GPU_COMPILER_OPTIONS:
+        return fn
+    opts = tuple(sorted(GPU_COMPILER_OPTIONS.items()))
+    if opts not in _VARIANTS:
+        try:
+            jax.jit(lambda x: x * 2.0, compiler_options=dict(opts)).lower(jnp.float32(1.0)).compile()
+            _VARIANTS[opts] = True
+        except Exception as e:
+            import warnings
+            warnings.warn(f"quantize: XLA rejected compiler options {dict(opts)} ({e!r:.300}); using its defaults")
+            _VARIANTS[opts] = False
+    if not _VARIANTS[opts]:
+        return fn
+    key = (fn.__name__, opts)
+    if key not in _VARIANTS:
+        _VARIANTS[key] = jax.jit(fn.__wrapped__, static_argnames=_STATIC[fn.__name__], compiler_options=dict(opts))
+    return _VARIANTS[key]
+
+
 def _finish_node(template, arrays: dict, bits: int, pack: bool, a_schedule):
     """QuantizedWeight from `_residual_program`'s arrays for one layer and the static fields of
-    `template` (jax.eval_shape of `_residual_node` at `bits`): packs like make_qweight(pack=pack)."""
+    `template` (jax.eval_shape of `_residual_node` at `bits`): packs like make_qweight(pack=pack).
+    a_schedule: int [T] (numpy, or an int32 device array), or None."""
     arrays = dict(arrays)
     packed = packs(bits, pack)
     q = arrays.pop(f"qvalue_packed_{bits}", None)
@@ -207,7 +239,8 @@ def _finish_node(template, arrays: dict, bits: int, pack: bool, a_schedule):
     if packed:
         arrays["qvalue"] = q
     if a_schedule is not None:
-        arrays["a_schedule"] = jax.device_put(np.asarray(a_schedule, np.int32))
+        arrays["a_schedule"] = (a_schedule if isinstance(a_schedule, jax.Array)
+                                else jax.device_put(np.asarray(a_schedule, np.int32)))
     fields = {name: arrays.get(name) for name in ARRAY_FIELDS}
     return dataclasses.replace(template, packed=packed, **fields)
 
@@ -336,16 +369,21 @@ def _quantize_qdit4sr(params, cfg, calib, layer_w_bits, a_schedules, chunk, retu
 
     # ---- pass 1: branches + residual variances ----------------------------------------------------
     layers = {}
+    ch_host = {}
+    if cfg.smooth:                       # every layer's ch_absmax on the host in one transfer, not one each
+        for name in names:
+            st = lookup(stats, name)
+            if st is None:
+                raise ValueError(f"layer {name!r}: no calibration statistics (smoothing needs them)")
+            ch_host[name] = st["ch_absmax"]
+        ch_host = jax.device_get(ch_host)
     for name, path in names.items():
         kernel = _get(params, path)["kernel"]
         k, n = kernel.shape
         spec0 = layer_spec(cfg, kernel.shape, kernel.dtype, 8)
         ch = None
         if spec0.smooth:
-            st = lookup(stats, name)
-            if st is None:
-                raise ValueError(f"layer {name!r}: no calibration statistics (smoothing needs them)")
-            ch = np.max(np.asarray(st["ch_absmax"], np.float32), axis=0)     # on the host: no compilation
+            ch = np.max(np.asarray(ch_host[name], np.float32), axis=0)        # on the host: no compilation
             if ch.shape != (k,):
                 raise ValueError(f"layer {name!r}: calibration ch_absmax has {ch.shape[0]} channels, kernel d_in={k}")
         layers[name] = dict(path=path, kernel=kernel, ch=ch, bspec=branch_spec(cfg, kernel.shape, spec0, measured))
@@ -367,11 +405,11 @@ def _quantize_qdit4sr(params, cfg, calib, layer_w_bits, a_schedules, chunk, retu
             calls.append((part, (ws, chs, bspec)))
     tm.lap("pass 1 plan")
     if compile_threads > 1:
-        precompile(_branches_program, [args for _, args in calls], compile_threads)
+        precompile(_program(_branches_program), [args for _, args in calls], compile_threads)
         tm.lap("pass 1 precompile (threads)")
     pending = []
     for part, args in calls:
-        pending.append((part, _branches_program(*args)))                     # dispatched, not awaited
+        pending.append((part, _program(_branches_program)(*args)))               # dispatched, not awaited
         if tm.on:                                      # charge each shape's compile + device time to it
             tm.lap(f"pass 1 H-SVD + sq. errors {_shape_name(args[0][0].shape)} (dispatch + device)", pending[-1][1])
     del calls
@@ -437,16 +475,17 @@ def _quantize_qdit4sr(params, cfg, calib, layer_w_bits, a_schedules, chunk, retu
                 calls.append((part, temps, spec.pack, (ws, chs, facs, idx, spec, bspec, bits_cls)))
     tm.lap("pass 2 plan (bit classes, eval_shape)")
     if compile_threads > 1:
-        precompile(_residual_program, [c[-1] for c in calls], compile_threads)
+        precompile(_program(_residual_program), [c[-1] for c in calls], compile_threads)
         tm.lap("pass 2 precompile (threads)")
+    sched_dev = jax.device_put({nm: np.asarray(s, np.int32) for nm, s in scheds.items()})   # one transfer
     new = {}
     for part, temps, pack, args in calls:
-        outs = _residual_program(*args)
+        outs = _program(_residual_program)(*args)
         if tm.on:
             tm.lap(f"pass 2 residual quantization {_shape_name(args[0][0].shape)} (dispatch + device)", outs)
         for nm, arrays in zip(part, outs):
             b = w_bits[nm]
-            new[layers[nm]["path"]] = _finish_node(temps[b], arrays, b, pack, scheds.get(nm))
+            new[layers[nm]["path"]] = _finish_node(temps[b], arrays, b, pack, sched_dev.get(nm))
         tm.lap("pass 2 finish nodes (per-layer host loop, a_schedule transfer)")
     del calls
     out = rules.replace_kernels(params, new)

@@ -128,3 +128,20 @@ def test_subspace_block_solver_gpu_orthonormalisation_matches_qr(monkeypatch):
     r1 = np.asarray(s1)[:, None, None] * np.einsum("ba,bc->bac", np.asarray(u1), np.asarray(v1))
     np.testing.assert_allclose(r1, r0, atol=2e-4 * float(jnp.abs(b).max()))
     assert float(s1[2]) == 0.0 and float(jnp.abs(u1[2]).max()) == 0.0
+
+
+def test_gpu_compiler_options_path(monkeypatch):
+    """The programs compiled with `GPU_COMPILER_OPTIONS` (exercised here on this backend; XLA:CPU ignores
+    the GPU autotuning level) give the same nodes; options XLA rejects fall back to the defaults."""
+    from qdit4sr_jax.quant import qdit4sr as Q
+    params, qcfg, calib = _setup()
+    want = quantize_qdit4sr(params, qcfg, calib)
+    monkeypatch.setattr(Q, "COMPILER_OPTIONS_BACKENDS", (jax.default_backend(),))
+    monkeypatch.setattr(Q, "_VARIANTS", {})
+    assert Q._program(Q._branches_program) is not Q._branches_program
+    _assert_same_tree(quantize_qdit4sr(params, qcfg, calib), want)
+    monkeypatch.setattr(Q, "GPU_COMPILER_OPTIONS", {"xla_no_such_option_for_this_test": 1})
+    with pytest.warns(UserWarning, match="rejected compiler options"):
+        assert Q._program(Q._residual_program) is Q._residual_program
+    monkeypatch.setattr(Q, "GPU_COMPILER_OPTIONS", {})
+    assert Q._program(Q._branches_program) is Q._branches_program
