@@ -9,7 +9,10 @@ On-disk layout of `save(path, qparams, cfg)` (a directory):
                              "nodes": {tree path of the kernel: static fields + "arrays": [names]}}
 Version 2 stores every w_bits < 8 node's codes b-bit packed (`quantizer.pack_codes`); version 1 (<= 4-bit
 codes as `pack_int4` nibbles, 5..7-bit codes as int8) still loads: its 2-/3-bit nibbles and unpacked
-5..7-bit codes are repacked on load (the 4-bit and 8-bit layouts did not change).
+5..7-bit codes are repacked on load (the 4-bit and 8-bit layouts did not change). Version 3 adds int8
+branch factors (`QuantConfig.lowrank_bits=8`: "lr_a_scale", "lr_b_scale", "block_u_scale",
+"block_v_scale" next to int8 "lr_a", ...); a file is written as version 3 only when it holds such factors
+(otherwise version 2, readable by version-2 code), and versions 1 and 2 still load.
 The checkpoint is written to a temporary sibling directory and renamed to `path` only when complete,
 so a failure mid-save leaves nothing at `path`. `load` validates every node (present arrays, dtype and
 shape against the stored bits / layout, codes inside the bit-width's range) and raises ValueError
@@ -30,11 +33,13 @@ import numpy as np
 
 from qdit4sr_jax.quant import quantizer as qz
 from qdit4sr_jax.quant.config import QuantConfig
-from qdit4sr_jax.quant.qweight import ARRAY_FIELDS, LAYOUTS, STATIC_FIELDS, QuantizedWeight
+from qdit4sr_jax.quant.qweight import (ARRAY_FIELDS, BRANCH_FACTORS, FACTOR_AXIS, LAYOUTS, STATIC_FIELDS,
+                                       QuantizedWeight)
 
 FORMAT = "qdit4sr-jax/quantized-params"
-VERSION = 2
-READ_VERSIONS = (1, 2)
+VERSION = 3
+READ_VERSIONS = (1, 2, 3)
+FACTOR_SCALES_VERSION = 3           # first version with int8 branch factors (lr_a_scale, ...)
 META = "qdit4sr_quant.json"
 STATE = "state"
 
@@ -76,7 +81,9 @@ def save(path: str, qparams, cfg: Optional[QuantConfig] = None, *, overwrite: bo
         raise FileExistsError(f"checkpoint path {path} exists; pass overwrite=True to replace it")
     nodes: dict = {}
     state = _flatten(qparams, nodes)
-    meta = {"format": FORMAT, "version": VERSION,
+    has_scales = any(f + "_scale" in st["arrays"] for st in nodes.values() for f in BRANCH_FACTORS)
+    version = VERSION if has_scales else min(VERSION, FACTOR_SCALES_VERSION - 1)
+    meta = {"format": FORMAT, "version": version,
             "quant_config": None if cfg is None else cfg.to_dict(), "nodes": nodes}
     parent = os.path.dirname(path)
     os.makedirs(parent, exist_ok=True)
@@ -179,11 +186,34 @@ def _rebuild_node(name: str, st: dict, arrays: dict) -> QuantizedWeight:
                          f"{w_bits}-bit range [{qmin}, {qmax}]: wrong bit-width in the metadata")
     if "gscale" in arrays:
         _check_group_factors(name, st, w_bits, np.asarray(arrays["gscale"]))
+    _check_branch_factors(name, arrays)
     static = {f: st[f] for f in STATIC_FIELDS}
     static["shape"] = tuple(static["shape"])
     static["block"] = None if static["block"] is None else tuple(static["block"])
     kw = {f: (jnp.asarray(arrays[f]) if f in arrays else None) for f in ARRAY_FIELDS}
     return QuantizedWeight(**kw, **static)
+
+
+def _check_branch_factors(name: str, arrays: dict) -> None:
+    """int8 branch factors (`QuantizedWeight.lr_a_scale`, ...): an int8 factor needs its float scale of
+    the factor's shape with the vector axis (`FACTOR_AXIS`) of size 1, and a scale needs an int8 factor."""
+    for f in BRANCH_FACTORS:
+        a, s = arrays.get(f), arrays.get(f + "_scale")
+        if a is None and s is None:
+            continue
+        if a is None:
+            raise ValueError(f"checkpoint layer {name!r}: factor scale {f + '_scale'!r} without its factor {f!r}")
+        a = np.asarray(a)
+        if s is None:
+            if a.dtype == np.int8:
+                raise ValueError(f"checkpoint layer {name!r}: int8 branch factor {f!r} without its scale "
+                                 f"{f + '_scale'!r}: corrupted checkpoint")
+            continue
+        s = np.asarray(s)
+        shape = tuple(1 if i == FACTOR_AXIS[f] else d for i, d in enumerate(a.shape))
+        if a.dtype != np.int8 or not jnp.issubdtype(s.dtype, jnp.floating) or tuple(s.shape) != shape:
+            raise ValueError(f"checkpoint layer {name!r}: branch factor {f!r} is {a.dtype} {tuple(a.shape)} with "
+                             f"scale {s.dtype} {tuple(s.shape)}; int8 factors need a float scale {shape}")
 
 
 def _check_group_factors(name: str, st: dict, w_bits: int, gs: np.ndarray) -> None:

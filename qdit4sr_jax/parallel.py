@@ -121,6 +121,8 @@ def _qweight_specs(w: QuantizedWeight, role: Optional[str], m: int) -> Dict[str,
         "block_v": 0 if col else (1 if row else None),   # [n_bo, n_bi, b_in]
         "a_schedule": None,
         "gscale": 0 if col else None,                # [N, ceil(G/2)] packed integer group factors (small)
+        # scales of int8 branch factors (QuantConfig.lowrank_bits=8): [1, r], [r, 1], [n_bo, n_bi, 1]: small
+        "lr_a_scale": None, "lr_b_scale": None, "block_u_scale": None, "block_v_scale": None,
     }
     specs = {f: (None if getattr(w, f) is None else _spec(tuple(getattr(w, f).shape), ax, m))
              for f, ax in axes.items()}

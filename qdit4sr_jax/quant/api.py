@@ -143,7 +143,8 @@ def layer_spec(cfg: QuantConfig, kernel_shape: Tuple[int, int], dtype, w_bits: i
         smooth_alpha=float(cfg.smooth_alpha), rotate=rotate,
         lowrank_rank=int(min(cfg.lowrank_rank, *kernel_shape)), lowrank_svd=cfg.lowrank_svd, pack=cfg.pack, execution=cfg.execution,
         branch_dtype=cfg.branch_dtype, dtype=str(jnp.dtype(dtype)),
-        **({} if getattr(cfg, "w_group_scale", "float") == "float" else {"group_scale": cfg.w_group_scale}))
+        **({} if getattr(cfg, "w_group_scale", "float") == "float" else {"group_scale": cfg.w_group_scale}),
+        **({} if getattr(cfg, "lowrank_bits", None) is None else {"lowrank_bits": int(cfg.lowrank_bits)}))
 
 
 def _get(tree, path):

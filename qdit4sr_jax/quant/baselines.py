@@ -133,6 +133,7 @@ class LayerSpec:
     branch_dtype: str = "bfloat16"
     dtype: str = "float32"           # original kernel dtype
     group_scale: str = "float"       # "float" | "int" (two-level integer group scales, qweight.make_qweight)
+    lowrank_bits: Optional[int] = None   # None: branch factors in branch_dtype; 8: int8 (qweight.make_qweight)
 
 
 def quantize_linear(w_nk, ch_absmax=None, a_schedule=None, *, spec: LayerSpec) -> QuantizedWeight:
@@ -155,7 +156,7 @@ def quantize_linear(w_nk, ch_absmax=None, a_schedule=None, *, spec: LayerSpec) -
         a_bits=spec.a_bits, a_symmetric=spec.a_symmetric, clip_ratio=spec.clip_ratio,
         clip_search=spec.clip_search, pack=spec.pack, execution=spec.execution, dtype=spec.dtype,
         smooth=smooth, lr_a=lr_a, lr_b=lr_b, rotate=spec.rotate, a_schedule=a_schedule,
-        branch_dtype=spec.branch_dtype, group_scale=spec.group_scale)
+        branch_dtype=spec.branch_dtype, group_scale=spec.group_scale, lowrank_bits=spec.lowrank_bits)
 
 
 def rtn(w_nk, spec: LayerSpec) -> QuantizedWeight:

@@ -60,6 +60,12 @@ class QuantConfig:
       int8 codes, so the layer runs at per-channel kernel speed (benchmarks/gpu_notes.md). Needs
       w_group_size and symmetric weights; layers with one group or 8-bit weights (c_max = 1) get plain
       per-channel scales. Presets "<method>-wXaY-fast" select it.
+    lowrank_bits: storage of the low-rank / H-SVD branch factors. None (default): `branch_dtype`. 8: int8
+      codes with one `branch_dtype` scale per factor vector (per rank-1 term: lr_a columns, lr_b rows,
+      block u / v vectors), dequantized on the fly by every execution path; the quantized residual is
+      W' - (int8 branch), so it absorbs the branch rounding (qweight.make_qweight). Halves the branch
+      bytes (full DiT4SR at W4A4: 0.158 -> ~0.08 GB). No effect without branches (lowrank_rank 0).
+      Presets "<method>-wXaY-small" = "-fast" + lowrank_bits=8.
     """
     method: str = "rtn"
     w_bits: float = 4
@@ -91,6 +97,7 @@ class QuantConfig:
     lowrank_svd: str = "exact"
     layer_w_bits: Tuple[Tuple[str, int], ...] = ()
     w_group_scale: str = "float"
+    lowrank_bits: Optional[int] = None
 
     @property
     def needs_calibration(self) -> bool:
@@ -135,6 +142,10 @@ class QuantConfig:
                              "cannot be folded into the int8 codes")
         if self.lowrank_svd not in ("exact", "randomized"):
             raise ValueError(f"QuantConfig.lowrank_svd must be 'exact' or 'randomized', got {self.lowrank_svd!r}")
+        if self.lowrank_bits is not None and (isinstance(self.lowrank_bits, bool) or self.lowrank_bits != 8):
+            raise ValueError(f"QuantConfig.lowrank_bits={self.lowrank_bits!r} is unsupported: use None (branch "
+                             f"factors kept in branch_dtype={self.branch_dtype!r}) or 8 (int8 factors with "
+                             f"per-vector scales)")
         if self.lowrank_rank < 0:
             raise ValueError(f"QuantConfig.lowrank_rank must be >= 0, got {self.lowrank_rank}")
         if not 0.0 <= self.smooth_alpha <= 1.0:

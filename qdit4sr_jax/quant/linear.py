@@ -23,7 +23,8 @@ Quantized node, two execution modes with one semantics (see qweight.py for the f
   sum (q_x - z_x)(q_w - z_w) = acc - z_x sum q_w - z_w sum q_x + g z_x z_w.
   With a_bits None (weight-only quantization) the int mode dequantizes the weight and runs in float.
 Both modes share the activation quantizer, so they agree to float rounding (tests: rel. err <= 1e-6).
-The 16-bit branches run in their stored dtype with float32 accumulation, identically in both modes.
+The 16-bit branches run in their stored dtype with float32 accumulation, identically in both modes
+(int8-stored factors, `QuantConfig.lowrank_bits=8`, first become codes * scale in the branch dtype).
 """
 from __future__ import annotations
 
@@ -79,7 +80,9 @@ def transform_input(x2, w: QuantizedWeight):
 
 
 def branches(xt, w: QuantizedWeight):
-    """16-bit branches on x' [M, K]: (x' lr_a) lr_b + blockwise rank-1, float32 [M, N] or None."""
+    """16-bit branches on x' [M, K]: (x' lr_a) lr_b + blockwise rank-1, float32 [M, N] or None.
+    int8-stored factors (`QuantizedWeight.branch_bits`) are dequantized to the branch dtype first."""
+    w = w.float_branches()
     y = None
     if w.lr_a is not None:
         dt = w.lr_a.dtype

@@ -4,7 +4,10 @@ Any X in 2..8 and Y in 2..8 parses; "a16" keeps activations in float (weight-onl
 A "-fast" suffix (e.g. "qdit4sr-w4a4-fast", "svdquant-w4a4-fast") keeps the method's group size but stores
 the group scales as two-level integer scales (`QuantConfig.w_group_scale="int"`: per-channel float scale
 times a 4-bit integer factor per group, folded into the int8 codes), so the layers run through the
-per-channel int8 kernels; only for presets with group-wise weights.
+per-channel int8 kernels; only for presets with group-wise weights. A "-small" suffix (e.g.
+"qdit4sr-w4a4-small", "svdquant-w4a4-small") is "-fast" plus int8 storage of the low-rank / H-SVD branch
+factors (`QuantConfig.lowrank_bits=8`: per-vector scales, half the branch bytes); only for methods with a
+branch (svdquant, qdit4sr).
 
 Per-method settings (and where they come from):
 - rtn:          weights RTN group 64 (per channel at 8 bits), activations per token.
@@ -30,14 +33,14 @@ _METHOD_FIELDS = {
     "qdit4sr": dict(smooth=True, smooth_alpha=0.5, hsvd=True, lowrank_rank=32, vasmp=True, vatmp=True),
 }
 
-_NAME = re.compile(r"^(?:(?P<method>[a-z0-9]+)-)?w(?P<w>\d+)a(?P<a>\d+)(?P<fast>-fast)?$")
+_NAME = re.compile(r"^(?:(?P<method>[a-z0-9]+)-)?w(?P<w>\d+)a(?P<a>\d+)(?P<fast>-fast|-small)?$")
 
 
 def preset(name: str) -> QuantConfig:
     """QuantConfig for a preset name; ValueError listing the grammar for unknown names."""
     m = _NAME.match(name.strip().lower())
     if not m or (m.group("method") or "rtn") not in METHODS:
-        raise ValueError(f"unknown quantization preset {name!r}: use '<method>-w<bits>a<bits>[-fast]' with method "
+        raise ValueError(f"unknown quantization preset {name!r}: use '<method>-w<bits>a<bits>[-fast|-small]' with method "
                          f"in {METHODS} (or bare 'w8a8', 'w4a8', 'w4a6', 'w4a4' for RTN)")
     method = m.group("method") or "rtn"
     w, a = int(m.group("w")), int(m.group("a"))
@@ -46,14 +49,21 @@ def preset(name: str) -> QuantConfig:
     fields = dict(_METHOD_FIELDS[method])
     if w == 8 and method == "rtn":
         fields["w_group_size"] = None                 # W8: per-channel is already near-lossless
-    if m.group("fast"):
+    suffix = m.group("fast")
+    if suffix:
         if fields.get("w_group_size", QuantConfig.w_group_size) is None:
-            raise ValueError(f"preset {name!r}: '-fast' (two-level integer group scales) applies to presets with "
-                             f"group-wise weight scales; {name[:-5]!r} already uses per-channel scales")
+            raise ValueError(f"preset {name!r}: '{suffix}' (two-level integer group scales) applies to presets "
+                             f"with group-wise weight scales; {name[:-len(suffix)]!r} already uses per-channel scales")
         fields["w_group_scale"] = "int"
+    if suffix == "-small":
+        if not fields.get("lowrank_rank"):
+            raise ValueError(f"preset {name!r}: '-small' (int8 low-rank branch factors) applies to methods with a "
+                             f"low-rank branch (svdquant, qdit4sr); {method!r} has none: use '-fast'")
+        fields["lowrank_bits"] = 8
     return QuantConfig(method=method, w_bits=w, a_bits=None if a == 16 else a, **fields).validate()
 
 
 PRESET_NAMES = tuple(f"{m}-{b}" for m in METHODS for b in ("w8a8", "w4a8", "w4a6", "w4a4")) + (
     "w8a8", "w4a8", "w4a6", "w4a4") + tuple(
-    f"{m}-{b}-fast" for m in ("rtn", "svdquant", "rotation", "qdit4sr") for b in ("w4a8", "w4a6", "w4a4"))
+    f"{m}-{b}-fast" for m in ("rtn", "svdquant", "rotation", "qdit4sr") for b in ("w4a8", "w4a6", "w4a4")) + tuple(
+    f"{m}-{b}-small" for m in ("svdquant", "qdit4sr") for b in ("w4a8", "w4a6", "w4a4"))

@@ -157,7 +157,8 @@ def _residual_node(r, s, f, bits: int, spec: LayerSpec, bspec: BranchSpec):
 def _group_scale_kw(spec) -> dict:
     """make_qweight's group_scale argument, passed only when it is not the default "float"."""
     gs = getattr(spec, "group_scale", "float")
-    return {} if gs == "float" else {"group_scale": gs}
+    lb = getattr(spec, "lowrank_bits", None)           # int8 branch factors: make_qweight quantizes them
+    return ({} if gs == "float" else {"group_scale": gs}) | ({} if lb is None else {"lowrank_bits": lb})
 
 
 def _node_arrays(node) -> dict:

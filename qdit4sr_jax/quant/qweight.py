@@ -34,6 +34,13 @@ Array children (None when absent):
            block (i, j) of the branch weight [N, K] (rows i*b_out.., cols j*b_in..) is u_ij v_ij^T; ragged
            edge blocks are zero-padded past N / K.
   a_schedule: int32 [T]              activation bits per sampling step (VaTMP), indexed by `step`.
+  lr_a_scale, lr_b_scale, block_u_scale, block_v_scale: int8 branch factors (`make_qweight(lowrank_bits=8)`):
+           the factor is stored as int8 codes of its shape and this scale, in the branch dtype, holds one
+           value per vector of the factor (the factor's shape with the vector axis kept as 1): lr_a [1, r]
+           (per column), lr_b [r, 1] (per row), block_u / block_v [n_bo, n_bi, 1] (per block vector), i.e.
+           one scale per vector of each rank-1 term. Every path uses the factor `factor(name)` =
+           codes.astype(scale.dtype) * scale (`dequantize_factor`), so all execution modes see the same
+           branch. None when the factors are stored in float (`branch_bits` None).
 
 Static fields: shape (K, N) of the original kernel, dtype of the original kernel, w_bits, group_size
 (None = per channel; with `gscale` the group length of the integer factors while layout is "nk"), layout, packed, w_symmetric, a_bits (int, or None = float activations; the bits
@@ -53,7 +60,14 @@ from qdit4sr_jax.quant import quantizer as qz
 
 LAYOUTS = ("nk", "gnk")
 EXECUTIONS = ("fake", "int", "fused")   # "fused": quant/kernels (same semantics as "int")
-ARRAY_FIELDS = ("qvalue", "scale", "zero", "smooth", "lr_a", "lr_b", "block_u", "block_v", "a_schedule", "gscale")
+ARRAY_FIELDS = ("qvalue", "scale", "zero", "smooth", "lr_a", "lr_b", "block_u", "block_v", "a_schedule", "gscale",
+                "lr_a_scale", "lr_b_scale", "block_u_scale", "block_v_scale")
+BRANCH_FACTORS = ("lr_a", "lr_b", "block_u", "block_v")
+# axis of each branch factor along which one scale is shared (its vectors): lr_a [K, r] columns, lr_b [r, N]
+# rows, block_u [n_bo, n_bi, b_out] / block_v [n_bo, n_bi, b_in] the block vectors: one scale per vector
+# of each rank-1 term u v^T (the SVD split puts sqrt(sigma_i) in both, so rank components differ in range)
+FACTOR_AXIS = {"lr_a": 0, "lr_b": 1, "block_u": 2, "block_v": 2}
+LOWRANK_BITS = (8,)                 # make_qweight(lowrank_bits=...): None (float factors) or one of these
 GROUP_SCALES = ("float", "int")     # make_qweight(group_scale=...): float32 [N, G] scales, or s[n] * int c[n, G]
 STATIC_FIELDS = ("shape", "dtype", "w_bits", "group_size", "layout", "packed", "w_symmetric",
                  "a_bits", "a_symmetric", "rotate", "block", "execution")
@@ -71,6 +85,10 @@ class QuantizedWeight:
     block_v: Any = None
     a_schedule: Any = None
     gscale: Any = None
+    lr_a_scale: Any = None
+    lr_b_scale: Any = None
+    block_u_scale: Any = None
+    block_v_scale: Any = None
     # static
     shape: Tuple[int, int] = (0, 0)
     dtype: str = "float32"
@@ -136,17 +154,31 @@ class QuantizedWeight:
         scales scale[n] * (c q)[n, k], the folded codes times the per-channel scale."""
         return qz.dequantize_weight(self.codes_nk(), self.scale, self.zero, self.k)
 
+    @property
+    def branch_bits(self) -> Optional[int]:
+        """Bits of the stored branch factors' codes (8), or None when they are stored in float."""
+        return 8 if any(getattr(self, f + "_scale") is not None for f in BRANCH_FACTORS) else None
+
+    def factor(self, name: str):
+        """Branch factor `name` ("lr_a", "lr_b", "block_u", "block_v") as used by every execution path:
+        the stored float array, or int8 codes dequantized to the scale's dtype (`dequantize_factor`); None
+        when absent."""
+        a, s = getattr(self, name), getattr(self, name + "_scale")
+        return a if a is None or s is None else dequantize_factor(a, s)
+
+    def float_branches(self) -> "QuantizedWeight":
+        """This node with its branch factors in float (`factor`) and no factor scales; `self` when the
+        factors are already float. The consumers (linear.branches, kernels.fused.branch_operands) call it,
+        so the int8 -> float conversion sits next to (and fuses into) the branch matmuls."""
+        if self.branch_bits is None:
+            return self
+        return dataclasses.replace(self, **{f: self.factor(f) for f in BRANCH_FACTORS},
+                                   **{f + "_scale": None for f in BRANCH_FACTORS})
+
     def branch_weight(self):
-        """Dense [N, K] float32 of the 16-bit branches (zeros when there are none)."""
-        w = jnp.zeros((self.n, self.k), jnp.float32)
-        if self.lr_a is not None:
-            w = w + (self.lr_a.astype(jnp.float32) @ self.lr_b.astype(jnp.float32)).T
-        if self.block_u is not None:
-            bo, bi = self.block
-            nbo, nbi = self.block_u.shape[:2]
-            blk = jnp.einsum("ijo,ijb->iojb", self.block_u.astype(jnp.float32), self.block_v.astype(jnp.float32))
-            w = w + blk.reshape(nbo * bo, nbi * bi)[: self.n, : self.k]
-        return w
+        """Dense [N, K] float32 of the 16-bit (or int8-stored) branches (zeros when there are none)."""
+        return branches_dense(self.factor("lr_a"), self.factor("lr_b"), self.factor("block_u"),
+                              self.factor("block_v"), self.block, self.n, self.k)
 
     def dequantize(self):
         """Effective float kernel [K, N] in the original input space (weights only, no activation
@@ -178,6 +210,48 @@ jax.tree_util.register_dataclass(QuantizedWeight, data_fields=list(ARRAY_FIELDS)
                                  meta_fields=list(STATIC_FIELDS))
 
 
+def branches_dense(lr_a, lr_b, block_u, block_v, block, n: int, k: int):
+    """Dense [N, K] float32 of float branch factors (lr_a [K, r], lr_b [r, N]; block_u [n_bo, n_bi, b_out],
+    block_v [n_bo, n_bi, b_in] with block = (b_out, b_in)); absent factors (None) contribute zeros."""
+    w = jnp.zeros((n, k), jnp.float32)
+    if lr_a is not None:
+        w = w + (lr_a.astype(jnp.float32) @ lr_b.astype(jnp.float32)).T
+    if block_u is not None:
+        bo, bi = block
+        nbo, nbi = block_u.shape[:2]
+        blk = jnp.einsum("ijo,ijb->iojb", block_u.astype(jnp.float32), block_v.astype(jnp.float32))
+        w = w + blk.reshape(nbo * bo, nbi * bi)[:n, :k]
+    return w
+
+
+def quantize_factor(f, axis: int, bits: int = 8, dtype="bfloat16"):
+    """Symmetric absmax quantization of a branch factor f [...] (float) with one scale per vector along
+    `axis`. Returns (codes int8, f's shape, in [-(2^(bits-1) - 1), 2^(bits-1) - 1]; scale `dtype`, f's
+    shape with `axis` of size 1). The scale is rounded to `dtype` before the codes are chosen, so
+    `dequantize_factor(codes, scale)` is the factor every path uses (all-zero vectors get scale 1)."""
+    if bits not in LOWRANK_BITS:
+        raise ValueError(f"branch factor bits must be one of {LOWRANK_BITS}, got {bits!r}")
+    f32 = jnp.asarray(f).astype(jnp.float32)
+    qmax = 2 ** (bits - 1) - 1
+    amax = jnp.max(jnp.abs(f32), axis=axis, keepdims=True)
+    s = (amax / qmax).astype(jnp.dtype(dtype))
+    s = jnp.where(s > 0, s, jnp.ones_like(s))
+    q = jnp.clip(jnp.round(f32 / s.astype(jnp.float32)), -qmax, qmax).astype(jnp.int8)
+    return q, s
+
+
+def dequantize_factor(q, s):
+    """int8 codes q [...] times their scale s (broadcast; s.dtype, the branch dtype) -> float in s.dtype:
+    the float32 product (exact: 8-bit code times a <= 24-bit scale) rounded once to s.dtype. The rounding
+    is an explicit `lax.reduce_precision`, so XLA cannot skip it when it widens the branch operand to
+    float32 (excess precision, e.g. the block einsums on CPU): every program sees the same factor."""
+    y = q.astype(jnp.float32) * s.astype(jnp.float32)
+    fi = jnp.finfo(s.dtype)
+    if fi.bits < 32:
+        y = jax.lax.reduce_precision(y, exponent_bits=fi.nexp, mantissa_bits=fi.nmant)
+    return y.astype(s.dtype)
+
+
 def is_qweight(x) -> bool:
     return isinstance(x, QuantizedWeight)
 
@@ -193,7 +267,8 @@ def make_qweight(w_nk, *, w_bits: int, group_size: Optional[int] = None, w_symme
                  clip_search: bool = False, pack: bool = True, execution: str = "fake",
                  dtype: str = "float32", smooth=None, lr_a=None, lr_b=None, block_u=None, block_v=None,
                  block: Optional[Tuple[int, int]] = None, rotate: int = 0, a_schedule=None,
-                 branch_dtype: str = "bfloat16", group_scale: str = "float") -> QuantizedWeight:
+                 branch_dtype: str = "bfloat16", group_scale: str = "float",
+                 lowrank_bits: Optional[int] = None) -> QuantizedWeight:
     """Quantize the (already transformed: smoothed / rotated / residual) weight W [N, K] into a node.
 
     w_nk: float [N, K] = (out, in), the part that goes to integers; every extra is given in the same
@@ -202,6 +277,10 @@ def make_qweight(w_nk, *, w_bits: int, group_size: Optional[int] = None, w_symme
     "nk" + `gscale`: `quantizer.quantize_weight_int_scales`; symmetric weights only). "int" falls back to
     plain per-channel scales where the factors cannot help: one group (group_size None or >= K), or
     c_max = 1 (8-bit weights).
+    lowrank_bits: None keeps the branch factors in `branch_dtype`; 8 stores each factor as int8 codes with
+    one `branch_dtype` scale per vector (`quantize_factor`, `FACTOR_AXIS`) and quantizes the residual
+    W' - branch_q instead of the given w_nk = W' - branch: w_nk + branch - branch_q (float32), so
+    dequantize() = residual_q + branch_q stays a quantization of W' with the branch rounding absorbed.
     Returns a QuantizedWeight whose `shape` is the Flax kernel shape (K, N). Traceable (jit-safe).
     """
     w_bits = qz.check_bits(w_bits, "weight bits")
@@ -212,6 +291,38 @@ def make_qweight(w_nk, *, w_bits: int, group_size: Optional[int] = None, w_symme
     if group_scale not in GROUP_SCALES:
         raise ValueError(f"group_scale must be one of {GROUP_SCALES}, got {group_scale!r}")
     n, k = w_nk.shape
+    bdt = jnp.dtype(branch_dtype)
+    cast = lambda a: None if a is None else jnp.asarray(a).astype(bdt)
+    if (lr_a is None) != (lr_b is None):
+        raise ValueError("low-rank branch needs both lr_a [K, r] and lr_b [r, N]")
+    if lr_a is not None and (lr_a.shape[0] != k or lr_b.shape[1] != n or lr_a.shape[1] != lr_b.shape[0]):
+        raise ValueError(f"low-rank factors {lr_a.shape} / {lr_b.shape} do not fit a [{k}, {n}] kernel")
+    if (block_u is None) != (block_v is None) or ((block_u is not None) and block is None):
+        raise ValueError("block branch needs block_u, block_v and block=(b_out, b_in)")
+    if block_u is not None:
+        bo, bi = block
+        nbo, nbi = -(-n // bo), -(-k // bi)
+        if block_u.shape != (nbo, nbi, bo) or block_v.shape != (nbo, nbi, bi):
+            raise ValueError(f"block factors {block_u.shape} / {block_v.shape} do not match blocks {block} "
+                             f"of a [{n}, {k}] weight: expected {(nbo, nbi, bo)} / {(nbo, nbi, bi)}")
+        block = (int(bo), int(bi))
+    scales = {}
+    if lowrank_bits is not None:
+        if lowrank_bits not in LOWRANK_BITS:
+            raise ValueError(f"lowrank_bits={lowrank_bits!r} is unsupported: None keeps the branch factors in "
+                             f"{branch_dtype}, {' / '.join(map(str, LOWRANK_BITS))} stores them as int8 codes "
+                             f"with per-vector scales")
+        fl = dict(lr_a=cast(lr_a), lr_b=cast(lr_b), block_u=cast(block_u), block_v=cast(block_v))
+        if any(v is not None for v in fl.values()):
+            before = branches_dense(*fl.values(), block, n, k)
+            for f, v in fl.items():
+                if v is not None:
+                    fl[f], scales[f + "_scale"] = quantize_factor(v, FACTOR_AXIS[f], lowrank_bits, bdt)
+            after = branches_dense(*(fl[f] if fl[f] is None else dequantize_factor(fl[f], scales[f + "_scale"])
+                                     for f in BRANCH_FACTORS), block, n, k)
+            w_nk = jnp.asarray(w_nk).astype(jnp.float32) + (before - after)
+            lr_a, lr_b, block_u, block_v = (fl[f] for f in BRANCH_FACTORS)
+            cast = lambda a: a
     G, g = qz.num_groups(k, group_size)
     gscale = None
     if group_scale == "int" and not w_symmetric:
@@ -233,21 +344,6 @@ def make_qweight(w_nk, *, w_bits: int, group_size: Optional[int] = None, w_symme
     packed = packs(w_bits, pack)
     if packed:
         q = qz.pack_codes(q, w_bits)
-    bdt = jnp.dtype(branch_dtype)
-    cast = lambda a: None if a is None else jnp.asarray(a).astype(bdt)
-    if (lr_a is None) != (lr_b is None):
-        raise ValueError("low-rank branch needs both lr_a [K, r] and lr_b [r, N]")
-    if lr_a is not None and (lr_a.shape[0] != k or lr_b.shape[1] != n or lr_a.shape[1] != lr_b.shape[0]):
-        raise ValueError(f"low-rank factors {lr_a.shape} / {lr_b.shape} do not fit a [{k}, {n}] kernel")
-    if (block_u is None) != (block_v is None) or ((block_u is not None) and block is None):
-        raise ValueError("block branch needs block_u, block_v and block=(b_out, b_in)")
-    if block_u is not None:
-        bo, bi = block
-        nbo, nbi = -(-n // bo), -(-k // bi)
-        if block_u.shape != (nbo, nbi, bo) or block_v.shape != (nbo, nbi, bi):
-            raise ValueError(f"block factors {block_u.shape} / {block_v.shape} do not match blocks {block} "
-                             f"of a [{n}, {k}] weight: expected {(nbo, nbi, bo)} / {(nbo, nbi, bi)}")
-        block = (int(bo), int(bi))
     if smooth is not None:
         smooth = jnp.asarray(smooth, jnp.float32)
         if smooth.shape != (k,):
@@ -258,7 +354,7 @@ def make_qweight(w_nk, *, w_bits: int, group_size: Optional[int] = None, w_symme
         a_schedule = jnp.asarray(a_schedule, jnp.int32)
     return QuantizedWeight(
         qvalue=q, scale=s, zero=z, gscale=gscale, smooth=smooth, lr_a=cast(lr_a), lr_b=cast(lr_b),
-        block_u=cast(block_u), block_v=cast(block_v), a_schedule=a_schedule,
+        block_u=cast(block_u), block_v=cast(block_v), a_schedule=a_schedule, **scales,
         shape=(int(k), int(n)), dtype=str(jnp.dtype(dtype)), w_bits=w_bits, group_size=group_size,
         layout=layout, packed=packed, w_symmetric=bool(w_symmetric), a_bits=a_bits,
         a_symmetric=bool(a_symmetric), rotate=int(rotate), block=block, execution=execution)

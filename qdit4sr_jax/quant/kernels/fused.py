@@ -170,7 +170,10 @@ def prologue(x2, w: QuantizedWeight, bits, *, pad_to: int = 1, chunk: Optional[i
 
 
 def branch_operands(xt, w: QuantizedWeight):
-    """Branch features D [M, n_bo * R] and the joint up-projection U [R, N] (see module docstring)."""
+    """Branch features D [M, n_bo * R] and the joint up-projection U [R, N] (see module docstring).
+    int8-stored factors (`QuantizedWeight.branch_bits`) are dequantized to the branch dtype here, as in
+    `linear.branches`, so the XLA and Pallas epilogues get the same float operands."""
+    w = w.float_branches()
     if w.lr_a is None and w.block_u is None:
         return None, None, 0
     m = xt.shape[0]

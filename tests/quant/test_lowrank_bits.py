@@ -1,0 +1,208 @@
+"""int8 storage of the low-rank / H-SVD branch factors (`QuantConfig.lowrank_bits=8`): per-vector
+factor quantization, the residual absorbing the branch rounding, every execution path against the
+fake-quant reference, stored bytes, checkpoints and bad values."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from conftest import rel_err
+import qdit4sr_jax
+from qdit4sr_jax.quant.api import quantized_layers
+from qdit4sr_jax.quant.config import QuantConfig
+from qdit4sr_jax.quant.kernels import KernelConfig, fused_linear
+from qdit4sr_jax.quant.linear import linear
+from qdit4sr_jax.quant.qweight import (BRANCH_FACTORS, FACTOR_AXIS, dequantize_factor, make_qweight,
+                                       quantize_factor)
+
+N, K = 64, 128
+CFG = KernelConfig(block_m=16, block_n=32, block_k=64, num_warps=4, num_stages=2)
+
+
+def _factors(seed, rank=8, block=(32, 64)):
+    """Branch factors with SVD-like per-component ranges (sqrt of decaying singular values)."""
+    rng = np.random.default_rng(seed)
+    sv = np.sqrt(np.geomspace(4.0, 0.05, rank))
+    bo, bi = block
+    nbo, nbi = -(-N // bo), -(-K // bi)
+    return dict(lr_a=rng.normal(size=(K, rank)) * sv[None, :] * 0.1, lr_b=rng.normal(size=(rank, N)) * sv[:, None] * 0.1,
+                block_u=rng.normal(size=(nbo, nbi, bo)) * 0.2, block_v=rng.normal(size=(nbo, nbi, bi)) * 0.2,
+                block=block)
+
+
+def _w(seed):
+    return jnp.asarray(np.random.default_rng(50 + seed).normal(size=(N, K)).astype(np.float32) * 0.05)
+
+
+def _x(seed, shape=(2, 9)):
+    x = np.random.default_rng(100 + seed).standard_t(5, size=shape + (K,)).astype(np.float32)
+    x[..., 5] *= 10.0
+    return jnp.asarray(x)
+
+
+def test_factor_roundtrip_error_bound():
+    """|f - q s| <= s / 2 per element (s = the vector's absmax / 127 rounded to bf16, <= 1/254 of the
+    vector's absmax up to the bf16 product rounding), codes in [-127, 127], zero vectors exact."""
+    f = _factors(0)
+    for name in BRANCH_FACTORS:
+        a = jnp.asarray(f[name], jnp.float32).astype(jnp.bfloat16)
+        if name == "lr_a":
+            a = a.at[:, 3].set(0)                                      # an all-zero vector
+        q, s = quantize_factor(a, FACTOR_AXIS[name])
+        assert q.dtype == jnp.int8 and s.dtype == jnp.bfloat16 and q.shape == a.shape
+        assert s.shape == tuple(1 if i == FACTOR_AXIS[name] else d for i, d in enumerate(a.shape))
+        assert int(jnp.max(jnp.abs(q.astype(jnp.int32)))) <= 127
+        d = np.asarray(dequantize_factor(q, s), np.float64)
+        a64, s64 = np.asarray(a, np.float64), np.asarray(s, np.float64)
+        amax = np.max(np.abs(a64), axis=FACTOR_AXIS[name], keepdims=True)
+        assert np.all(np.abs(d - a64) <= s64 * 0.5 + np.abs(a64) * 2.0 ** -8 + 1e-30), name
+        assert np.all(np.abs(d - a64) <= amax * (1 / 254 + 2.0 ** -8) + 1e-30), name
+        assert rel_err(d, a64) < 1e-2, (name, rel_err(d, a64))     # ~ step / sqrt(12) of Gaussian vectors
+    assert np.all(np.asarray(dequantize_factor(*quantize_factor(jnp.zeros((K, 4)), 0))) == 0)
+    # per-vector scales beat one scale per factor on SVD-like ranges (why not per tensor)
+    a = jnp.asarray(f["lr_a"], jnp.float32)
+    q, s = quantize_factor(a, 0)
+    qt, st = quantize_factor(a.reshape(-1, 1), 0)
+    worst = lambda d: max(rel_err(np.asarray(d)[:, j], np.asarray(a)[:, j]) for j in range(a.shape[1]))
+    assert worst(dequantize_factor(q, s)) < 0.3 * worst(dequantize_factor(qt, st).reshape(a.shape))
+
+
+def test_node_stores_int8_factors_and_absorbs_rounding():
+    """make_qweight(lowrank_bits=8): int8 factors, per-vector scales, the branch bytes about halve, and the
+    node's dequantize() = residual_q + branch_q approximates W' as well as the bf16 node (the residual is
+    W' - branch_q, so the int8 branch error is not added on top of the 4-bit error)."""
+    f, w = _factors(1), _w(1)
+    full = w + jnp.asarray(_dense(f))                                  # W' = residual + branches
+    ref = make_qweight(w, w_bits=4, group_size=64, a_bits=4, **f)
+    node = make_qweight(w, w_bits=4, group_size=64, a_bits=4, lowrank_bits=8, **f)
+    assert ref.branch_bits is None and node.branch_bits == 8
+    for name in BRANCH_FACTORS:
+        assert getattr(node, name).dtype == jnp.int8 and getattr(ref, name + "_scale") is None
+    fb = lambda n: sum(getattr(n, a).nbytes for a in BRANCH_FACTORS + tuple(x + "_scale" for x in BRANCH_FACTORS)
+                       if getattr(n, a) is not None)
+    assert 0.5 < fb(node) / fb(ref) < 0.53, fb(node) / fb(ref)
+    assert node.nbytes() < ref.nbytes()
+    e_ref = rel_err(ref.dequantize().T, full)
+    e_q = rel_err(node.dequantize().T, full)
+    assert e_q < 1.02 * e_ref, (e_q, e_ref)
+    # the branch itself is close to the bf16 branch, and the residual differs by exactly that rounding
+    assert rel_err(node.branch_weight(), ref.branch_weight()) < 1.5e-2     # two factors at ~0.6% each
+    plain = make_qweight(w + ref.branch_weight() - node.branch_weight(), w_bits=4, group_size=64, a_bits=4)
+    np.testing.assert_array_equal(np.asarray(node.codes()), np.asarray(plain.codes()))
+    np.testing.assert_allclose(np.asarray(node.scale), np.asarray(plain.scale), rtol=1e-6)   # summation order
+    fl = node.float_branches()
+    assert fl.branch_bits is None and fl.lr_a.dtype == jnp.bfloat16
+    assert node.float_branches() is not node and ref.float_branches() is ref
+
+
+def _dense(f):
+    from qdit4sr_jax.quant.qweight import branches_dense
+    cast = lambda a: jnp.asarray(a, jnp.float32).astype(jnp.bfloat16)
+    return branches_dense(cast(f["lr_a"]), cast(f["lr_b"]), cast(f["block_u"]), cast(f["block_v"]), f["block"], N, K)
+
+
+@pytest.mark.parametrize("backend", ["int", "xla", "interpret"])
+def test_paths_match_fake_reference(backend):
+    """The int, fused-XLA and Pallas (interpreter) paths of an int8-branch node agree with its fake-quant
+    reference (which uses the same dequantized factors) to the existing tests' tolerance."""
+    rng = np.random.default_rng(3)
+    node = make_qweight(_w(2), w_bits=4, group_size=32, a_bits=4, lowrank_bits=8,
+                        smooth=np.exp(rng.normal(size=(K,)) * 0.3).astype(np.float32), **_factors(2))
+    bias = jnp.asarray(rng.normal(size=(N,)).astype(np.float32))
+    for seed in range(2):
+        x = _x(seed)
+        ref = linear(x, node, bias, execution="fake")
+        if backend == "int":
+            y = linear(x, node, bias, execution="int")
+        else:
+            y = fused_linear(x, node, bias, backend=backend, config=CFG)
+        assert y.shape == ref.shape and rel_err(y, ref) <= 2e-6, rel_err(y, ref)
+    # the reference is the same as running the float-branch node (the int8 factors are only storage)
+    x = _x(5)
+    np.testing.assert_allclose(np.asarray(linear(x, node.float_branches(), bias)), np.asarray(linear(x, node, bias)),
+                               rtol=0, atol=0)
+
+
+@pytest.fixture(scope="module")
+def toy_small(toy):
+    model, params, x = toy
+    calib = qdit4sr_jax.calibrate(model, params, x)
+    cfg = QuantConfig.preset("qdit4sr-w4a4-small").replace(hsvd_block=(32, 32), w_group_size=32,
+                                                            w_bit_candidates=(4, 6), lowrank_rank=16)
+    return cfg, qdit4sr_jax.quantize(params, cfg, calib)
+
+
+def test_toy_model_qdit4sr_small(toy, toy_small):
+    """Q-DiT4SR (H-SVD, VaSMP, VaTMP) with int8 branches on the toy model: int8 factors in every node,
+    about half the bytes of the same factors in bf16, and the int / fused model outputs match the
+    fake-quant reference."""
+    model, params, x = toy
+    cfg, qs = toy_small
+    ns = quantized_layers(qs)
+    fields = BRANCH_FACTORS + tuple(f + "_scale" for f in BRANCH_FACTORS)
+    stored = sum(getattr(n, f).nbytes for n in ns.values() for f in fields if getattr(n, f) is not None)
+    bf16 = sum(2 * getattr(n, f).size for n in ns.values() for f in BRANCH_FACTORS)
+    for nm, n in ns.items():
+        assert n.block_u is not None and n.lr_a.dtype == n.block_v.dtype == jnp.int8, nm
+        assert n.branch_bits == 8 and n.a_schedule is not None, nm
+    assert 0.5 < stored / bf16 < 0.56, stored / bf16
+    f = jax.jit(lambda p, x, mode: model.apply({"params": _mode(p, mode)}, x, step=1), static_argnums=2)
+    ref = np.asarray(f(qs, x, "fake"))
+    for mode in ("int", "fused"):
+        # per token: float32-rounding drift (~1e-7) between the modes can flip a 4-bit activation code at
+        # a rounding tie of a later layer (one token of 32 at most here); the others agree to float rounding
+        y = np.asarray(f(qs, x, mode))
+        tok = np.linalg.norm(y - ref, axis=-1) / np.linalg.norm(ref, axis=-1)
+        assert np.sum(tok > 1e-5) <= 2 and np.median(tok) < 1e-6, (mode, np.sort(tok.ravel())[-3:])
+    fp = np.asarray(model.apply({"params": params}, x))
+    assert rel_err(ref, fp) < 0.3                                     # still a working W4A4 model
+
+
+def _mode(q, mode):
+    from qdit4sr_jax.quant.qweight import QuantizedWeight
+    return jax.tree_util.tree_map(lambda n: n.replace(execution=mode) if isinstance(n, QuantizedWeight) else n,
+                                  q, is_leaf=lambda n: isinstance(n, QuantizedWeight))
+
+
+def test_checkpoint_roundtrip(toy_small, tmp_path):
+    """int8 factors and their scales survive save / load bit-exactly (format version 3); a file without
+    them stays version 2; a missing scale is reported."""
+    import json
+    from qdit4sr_jax import checkpoint
+    cfg, qs = toy_small
+    qdit4sr_jax.save(tmp_path / "s", qs, cfg)
+    back, cfg2 = qdit4sr_jax.load(tmp_path / "s")
+    assert cfg2 == cfg and cfg2.lowrank_bits == 8
+    assert json.load(open(tmp_path / "s" / checkpoint.META))["version"] == 3
+    a, b = quantized_layers(qs), quantized_layers(back)
+    for nm, n in a.items():
+        for fld in BRANCH_FACTORS + tuple(f + "_scale" for f in BRANCH_FACTORS):
+            assert getattr(b[nm], fld).dtype == getattr(n, fld).dtype, (nm, fld)
+            np.testing.assert_array_equal(np.asarray(getattr(b[nm], fld)), np.asarray(getattr(n, fld)))
+    nm = next(iter(a))
+    plain = {"layer": {"kernel": a[nm].float_branches()}}             # bf16 factors: still version 2
+    qdit4sr_jax.save(tmp_path / "b", plain, cfg.replace(lowrank_bits=None))
+    assert json.load(open(tmp_path / "b" / checkpoint.META))["version"] == 2
+    back, _ = qdit4sr_jax.load(tmp_path / "b")
+    assert back["layer"]["kernel"].branch_bits is None
+    # a node whose int8 factor lost its scale
+    with pytest.raises(ValueError, match="without its scale"):
+        checkpoint._rebuild_node(nm, a[nm].static_dict() | {"arrays": []},
+                                 {"qvalue": np.asarray(a[nm].qvalue), "scale": np.asarray(a[nm].scale),
+                                  "lr_a": np.asarray(a[nm].lr_a), "lr_b": np.asarray(a[nm].lr_b)})
+
+
+def test_bad_values():
+    for bits in (3, 16, 4, True):
+        with pytest.raises(ValueError, match="lowrank_bits"):
+            QuantConfig(lowrank_bits=bits).validate()
+    with pytest.raises(ValueError, match="lowrank_bits=16"):
+        make_qweight(_w(0), w_bits=4, a_bits=4, lowrank_bits=16, **_factors(0))
+    with pytest.raises(ValueError, match="-small"):
+        QuantConfig.preset("rtn-w4a4-small")
+    cfg = QuantConfig.preset("qdit4sr-w4a4-small")
+    assert cfg.lowrank_bits == 8 and cfg == QuantConfig.preset("qdit4sr-w4a4-fast").replace(lowrank_bits=8)
+    assert QuantConfig.from_dict(cfg.to_dict()) == cfg
+    old = QuantConfig.preset("qdit4sr-w4a4-fast").to_dict()
+    del old["lowrank_bits"]                                            # a config written before the field
+    assert QuantConfig.from_dict(old).lowrank_bits is None
