@@ -20,6 +20,8 @@ For comparison the code bytes are also given in the storage before b-bit packing
   python benchmarks/weight_memory.py                                   # uniform 4 bits, qdit4sr-w4a4-fast
   python benchmarks/weight_memory.py --alloc hist --hist 3:24,5:29 --assign largest
   python benchmarks/weight_memory.py --unpack-time        # + device time of codes() per width (GPU check)
+  python benchmarks/weight_memory.py --preset qdit4sr-w4a4-small       # int8 branch factors (lowrank_bits=8)
+  python benchmarks/weight_memory.py --lowrank-bits 8                  # the same: override the preset's value
 
 `--unpack-time` times `QuantizedWeight.codes()` (packed storage -> int8 codes, the per-call unpack of the
 int / fused-xla / Pallas unpack="xla" paths) of the DiT4SR layer shapes at 2..8 bits on the default device.
@@ -134,8 +136,11 @@ def breakdown(tree) -> dict:
 
 
 def measure(model="dit4sr", preset="qdit4sr-w4a4-fast", alloc="uniform", hist="3:24,5:29",
-            assign="largest", steps=40) -> dict:
+            assign="largest", steps=40, lowrank_bits="preset") -> dict:
+    """lowrank_bits: "preset" keeps the preset's `QuantConfig.lowrank_bits`, else None / 8 overrides it."""
     cfg = QuantConfig.preset(preset)
+    if lowrank_bits != "preset":
+        cfg = cfg.replace(lowrank_bits=lowrank_bits).validate()
     params = abstract_params(model)
     paths = rules.select_linears(params, cfg.include, cfg.exclude)
     names = [rules.path_str(p) for p in paths]
@@ -156,7 +161,7 @@ def measure(model="dit4sr", preset="qdit4sr-w4a4-fast", alloc="uniform", hist="3
     hist_out = {}
     for nm in names:
         hist_out[bits[nm]] = hist_out.get(bits[nm], 0) + 1
-    return {"model": model, "preset": preset, "alloc": alloc, "assign": assign if alloc == "hist" else None,
+    return {"model": model, "preset": preset, "lowrank_bits": cfg.lowrank_bits, "alloc": alloc, "assign": assign if alloc == "hist" else None,
             "layers": len(names), "bits_histogram": dict(sorted(hist_out.items())),
             "mean_w_bits": float(np.dot([bits[nm] for nm in names], sizes) / np.sum(sizes)),
             "bf16_bytes": bf16, "quantized_bytes": total, "ratio": bf16 / total,
@@ -199,11 +204,14 @@ def main(argv=None):
     ap.add_argument("--assign", default="largest", choices=("largest", "smallest"))
     ap.add_argument("--steps", type=int, default=40, help="VaTMP schedule length (int32 per layer)")
     ap.add_argument("--unpack-time", action="store_true", help="also time codes() per width on the device")
+    ap.add_argument("--lowrank-bits", default="preset", choices=("preset", "none", "8"),
+                    help="storage of the branch factors: the preset's (default), none (branch_dtype) or 8 (int8)")
     ap.add_argument("--out", default=None, help="write the result as JSON")
     a = ap.parse_args(argv)
-    r = measure(a.model, a.preset, a.alloc, a.hist, a.assign, a.steps)
+    lb = {"preset": "preset", "none": None, "8": 8}[a.lowrank_bits]
+    r = measure(a.model, a.preset, a.alloc, a.hist, a.assign, a.steps, lb)
     gb = lambda b: f"{b / 1e9:.3f} GB"
-    print(f"{r['model']} / {r['preset']}: {r['layers']} quantized linears, bits {r['bits_histogram']} "
+    print(f"{r['model']} / {r['preset']} (lowrank_bits {r['lowrank_bits']}): {r['layers']} quantized linears, bits {r['bits_histogram']} "
           f"(alloc {r['alloc']}{'' if r['assign'] is None else ', ' + r['assign']}; mean {r['mean_w_bits']:.4f} "
           f"bits per weight)")
     print(f"  bf16 weights        {gb(r['bf16_bytes'])}")
@@ -214,7 +222,9 @@ def main(argv=None):
           f"(codes {gb(r['codes_bytes_before_bbit'])})")
     labels = {"qvalue": "codes", "lr_a": "low-rank lr_a", "lr_b": "low-rank lr_b", "block_u": "block u",
               "block_v": "block v", "scale": "scales", "gscale": "int group factors", "smooth": "smoothing",
-              "a_schedule": "VaTMP schedules", "zero": "zero points", "other": "unquantized params"}
+              "a_schedule": "VaTMP schedules", "zero": "zero points", "other": "unquantized params",
+              "lr_a_scale": "lr_a scales", "lr_b_scale": "lr_b scales", "block_u_scale": "block u scales",
+              "block_v_scale": "block v scales"}
     for f, b in sorted(r["breakdown"].items(), key=lambda kv: -kv[1]):
         print(f"    {labels.get(f, f):20s} {gb(b)}")
     if a.unpack_time:
