@@ -41,30 +41,30 @@ def _x(seed, shape=(2, 9)):
 
 
 def test_factor_roundtrip_error_bound():
-    """|f - q s| <= s / 2 per element (s = the vector's absmax / 127 rounded to bf16, <= 1/254 of the
-    vector's absmax up to the bf16 product rounding), codes in [-127, 127], zero vectors exact."""
+    """|f - q s| <= s / 2 per element up to the bf16 rounding of q s (s = the vector's absmax / 127 rounded
+    to bf16), codes in [-127, 127], zero vectors exact, per-vector scales far better than one per factor."""
     f = _factors(0)
+    roundtrip = jax.jit(lambda a, axis: (lambda q, s: (q, s, dequantize_factor(q, s)))(*quantize_factor(a, axis)),
+                        static_argnums=1)
     for name in BRANCH_FACTORS:
-        a = jnp.asarray(f[name], jnp.float32).astype(jnp.bfloat16)
+        a = np.array(jnp.asarray(f[name], jnp.float32).astype(jnp.bfloat16))
         if name == "lr_a":
-            a = a.at[:, 3].set(0)                                      # an all-zero vector
-        q, s = quantize_factor(a, FACTOR_AXIS[name])
-        assert q.dtype == jnp.int8 and s.dtype == jnp.bfloat16 and q.shape == a.shape
-        assert s.shape == tuple(1 if i == FACTOR_AXIS[name] else d for i, d in enumerate(a.shape))
-        assert int(jnp.max(jnp.abs(q.astype(jnp.int32)))) <= 127
-        d = np.asarray(dequantize_factor(q, s), np.float64)
-        a64, s64 = np.asarray(a, np.float64), np.asarray(s, np.float64)
+            a[:, 3] = 0                                                # an all-zero vector
+        q, s, d = roundtrip(jnp.asarray(a), FACTOR_AXIS[name])
+        assert q.dtype == jnp.int8 and s.dtype == d.dtype == jnp.bfloat16 and q.shape == a.shape
+        assert s.shape == tuple(1 if i == FACTOR_AXIS[name] else n for i, n in enumerate(a.shape))
+        assert int(np.max(np.abs(np.asarray(q, np.int32)))) <= 127
+        d, a64, s64 = (np.asarray(v, np.float64) for v in (d, a, s))
         amax = np.max(np.abs(a64), axis=FACTOR_AXIS[name], keepdims=True)
         assert np.all(np.abs(d - a64) <= s64 * 0.5 + np.abs(a64) * 2.0 ** -8 + 1e-30), name
         assert np.all(np.abs(d - a64) <= amax * (1 / 254 + 2.0 ** -8) + 1e-30), name
         assert rel_err(d, a64) < 1e-2, (name, rel_err(d, a64))     # ~ step / sqrt(12) of Gaussian vectors
-    assert np.all(np.asarray(dequantize_factor(*quantize_factor(jnp.zeros((K, 4)), 0))) == 0)
-    # per-vector scales beat one scale per factor on SVD-like ranges (why not per tensor)
-    a = jnp.asarray(f["lr_a"], jnp.float32)
-    q, s = quantize_factor(a, 0)
-    qt, st = quantize_factor(a.reshape(-1, 1), 0)
-    worst = lambda d: max(rel_err(np.asarray(d)[:, j], np.asarray(a)[:, j]) for j in range(a.shape[1]))
-    assert worst(dequantize_factor(q, s)) < 0.3 * worst(dequantize_factor(qt, st).reshape(a.shape))
+        if name == "lr_a":
+            assert np.all(d[:, 3] == 0)
+            # one scale for the whole factor: the weak rank components lose most of their precision
+            dt = np.asarray(roundtrip(jnp.asarray(a.reshape(-1, 1)), 0)[2], np.float64).reshape(a.shape)
+            worst = lambda d: max(rel_err(d[:, j], a64[:, j]) for j in range(a.shape[1]) if j != 3)
+            assert worst(d) < 0.3 * worst(dt), (worst(d), worst(dt))
 
 
 def test_node_stores_int8_factors_and_absorbs_rounding():
@@ -127,8 +127,10 @@ def test_paths_match_fake_reference(backend):
 def toy_small(toy):
     model, params, x = toy
     calib = qdit4sr_jax.calibrate(model, params, x)
+    # the attention linears only: one layer shape, so one program per pass to compile (test time)
     cfg = QuantConfig.preset("qdit4sr-w4a4-small").replace(hsvd_block=(32, 32), w_group_size=32,
-                                                            w_bit_candidates=(4, 6), lowrank_rank=16)
+                                                            w_bit_candidates=(4, 6), lowrank_rank=16,
+                                                            include=(r"transformer_blocks_\d+/attn/",))
     return cfg, qdit4sr_jax.quantize(params, cfg, calib)
 
 
@@ -142,6 +144,7 @@ def test_toy_model_qdit4sr_small(toy, toy_small):
     fields = BRANCH_FACTORS + tuple(f + "_scale" for f in BRANCH_FACTORS)
     stored = sum(getattr(n, f).nbytes for n in ns.values() for f in fields if getattr(n, f) is not None)
     bf16 = sum(2 * getattr(n, f).size for n in ns.values() for f in BRANCH_FACTORS)
+    assert len(ns) == 6
     for nm, n in ns.items():
         assert n.block_u is not None and n.lr_a.dtype == n.block_v.dtype == jnp.int8, nm
         assert n.branch_bits == 8 and n.a_schedule is not None, nm
