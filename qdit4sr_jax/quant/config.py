@@ -61,10 +61,10 @@ class QuantConfig:
       w_group_size and symmetric weights; layers with one group or 8-bit weights (c_max = 1) get plain
       per-channel scales. Presets "<method>-wXaY-fast" select it.
     lowrank_bits: storage of the low-rank / H-SVD branch factors. None (default): `branch_dtype`. 8: int8
-      codes with one `branch_dtype` scale per factor vector (per rank-1 term: lr_a columns, lr_b rows,
-      block u / v vectors), dequantized on the fly by every execution path; the quantized residual is
+      codes with one `branch_dtype` scale per factor vector (lr_a per input channel, lr_b per output
+      channel, block u / v per block vector), dequantized on the fly by every execution path; the quantized residual is
       W' - (int8 branch), so it absorbs the branch rounding (qweight.make_qweight). Halves the branch
-      bytes (full DiT4SR at W4A4: 0.158 -> ~0.08 GB). No effect without branches (lowrank_rank 0).
+      bytes (full DiT4SR at W4A4: 0.158 -> 0.084 GB). No effect without branches (lowrank_rank 0).
       Presets "<method>-wXaY-small" = "-fast" + lowrank_bits=8.
     """
     method: str = "rtn"
