@@ -131,9 +131,15 @@ def test_paths_match_fake_reference(backend):
 
 
 @pytest.fixture(scope="module")
-def toy_small(toy):
+def toy_calib(toy):
     model, params, x = toy
-    calib = qdit4sr_jax.calibrate(model, params, x)
+    return qdit4sr_jax.calibrate(model, params, x)
+
+
+@pytest.fixture(scope="module")
+def toy_small(toy, toy_calib):
+    model, params, x = toy
+    calib = toy_calib
     # the attention linears only: one layer shape, so one program per pass to compile (test time)
     cfg = QuantConfig.preset("qdit4sr-w4a4-small").replace(hsvd_block=(32, 32), w_group_size=32,
                                                             w_bit_candidates=(4, 6), lowrank_rank=16,
@@ -216,3 +222,16 @@ def test_bad_values():
     old = QuantConfig.preset("qdit4sr-w4a4-fast").to_dict()
     del old["lowrank_bits"]                                            # a config written before the field
     assert QuantConfig.from_dict(old).lowrank_bits is None
+
+
+def test_svdquant_small_preset(toy, toy_calib):
+    """The baseline path (api.quantize -> baselines.quantize_linear) stores int8 factors too, and its
+    nodes run like their fake reference through the int path."""
+    model, params, x = toy
+    calib = toy_calib
+    cfg = QuantConfig.preset("svdquant-w4a4-small").replace(lowrank_rank=8, w_group_size=32,
+                                                             include=(r"transformer_blocks_0/attn/to_q",))
+    (nm, n), = quantized_layers(qdit4sr_jax.quantize(params, cfg, calib)).items()
+    assert n.lr_a.dtype == n.lr_b.dtype == jnp.int8 and n.lr_a_scale.shape == (64, 1) and n.block_u is None
+    xi = jnp.asarray(np.random.default_rng(0).normal(size=(5, n.k)).astype(np.float32))
+    assert rel_err(linear(xi, n, execution="int"), linear(xi, n)) < 2e-6
