@@ -33,6 +33,15 @@ def _factors(seed, rank=8, block=(32, 64)):
                 block=block)
 
 
+def _make(w, f=None, smooth=None, **kw):
+    """make_qweight(w, **f, **kw) as one jitted program (faster than op-by-op here); f: _factors(...)."""
+    f = dict(f or {})
+    block = f.pop("block", None)
+    f = {k: jnp.asarray(v, jnp.float32) for k, v in f.items()}
+    s = None if smooth is None else jnp.asarray(smooth, jnp.float32)
+    return jax.jit(lambda w, f, s: make_qweight(w, block=block, smooth=s, **f, **kw))(w, f, s)
+
+
 def _w(seed):
     return jnp.asarray(np.random.default_rng(50 + seed).normal(size=(N, K)).astype(np.float32) * 0.05)
 
@@ -77,8 +86,8 @@ def test_node_stores_int8_factors_and_absorbs_rounding():
     W' - branch_q, so the int8 branch error is not added on top of the 4-bit error)."""
     f, w = _factors(1), _w(1)
     full = w + jnp.asarray(_dense(f))                                  # W' = residual + branches
-    ref = make_qweight(w, w_bits=4, group_size=64, a_bits=4, **f)
-    node = make_qweight(w, w_bits=4, group_size=64, a_bits=4, lowrank_bits=8, **f)
+    ref = _make(w, f, w_bits=4, group_size=64, a_bits=4)
+    node = _make(w, f, w_bits=4, group_size=64, a_bits=4, lowrank_bits=8)
     assert ref.branch_bits is None and node.branch_bits == 8
     for name in BRANCH_FACTORS:
         assert getattr(node, name).dtype == jnp.int8 and getattr(ref, name + "_scale") is None
@@ -94,7 +103,7 @@ def test_node_stores_int8_factors_and_absorbs_rounding():
     assert e_q < 1.02 * e_ref, (e_q, e_ref)
     # the branch itself is close to the bf16 branch, and the residual differs by exactly that rounding
     assert rel_err(node.branch_weight(), ref.branch_weight()) < 1.5e-2     # two factors at ~0.6% each
-    plain = make_qweight(w + ref.branch_weight() - node.branch_weight(), w_bits=4, group_size=64, a_bits=4)
+    plain = _make(w + ref.branch_weight() - node.branch_weight(), w_bits=4, group_size=64, a_bits=4)
     np.testing.assert_array_equal(np.asarray(node.codes()), np.asarray(plain.codes()))
     np.testing.assert_allclose(np.asarray(node.scale), np.asarray(plain.scale), rtol=1e-6)   # summation order
     fl = node.float_branches()
@@ -108,14 +117,19 @@ def _dense(f):
     return branches_dense(cast(f["lr_a"]), cast(f["lr_b"]), cast(f["block_u"]), cast(f["block_v"]), f["block"], N, K)
 
 
+@pytest.fixture(scope="module")
+def node8():
+    rng = np.random.default_rng(3)
+    node = _make(_w(2), _factors(2), smooth=np.exp(rng.normal(size=(K,)) * 0.3), w_bits=4, group_size=32,
+                 a_bits=4, lowrank_bits=8)
+    return node, jnp.asarray(rng.normal(size=(N,)).astype(np.float32))
+
+
 @pytest.mark.parametrize("backend", ["int", "xla", "interpret"])
-def test_paths_match_fake_reference(backend):
+def test_paths_match_fake_reference(backend, node8):
     """The int, fused-XLA and Pallas (interpreter) paths of an int8-branch node agree with its fake-quant
     reference (which uses the same dequantized factors) to the existing tests' tolerance."""
-    rng = np.random.default_rng(3)
-    node = make_qweight(_w(2), w_bits=4, group_size=32, a_bits=4, lowrank_bits=8,
-                        smooth=np.exp(rng.normal(size=(K,)) * 0.3).astype(np.float32), **_factors(2))
-    bias = jnp.asarray(rng.normal(size=(N,)).astype(np.float32))
+    node, bias = node8
     for seed in range(2):
         x = _x(seed)
         ref = linear(x, node, bias, execution="fake")
@@ -124,6 +138,8 @@ def test_paths_match_fake_reference(backend):
         else:
             y = fused_linear(x, node, bias, backend=backend, config=CFG)
         assert y.shape == ref.shape and rel_err(y, ref) <= 2e-6, rel_err(y, ref)
+    if backend != "int":
+        return
     # the reference is the same as running the float-branch node (the int8 factors are only storage)
     x = _x(5)
     np.testing.assert_allclose(np.asarray(linear(x, node.float_branches(), bias)), np.asarray(linear(x, node, bias)),
