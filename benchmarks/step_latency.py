@@ -19,6 +19,8 @@ Modes (--modes):
                 scale x 4-bit integer factor per group, folded into the int8 codes once per call), so the
                 fused kernel runs its per-channel loop; w4a4i-int / w4a4i-fake: the same weights through
                 XLA int8 / fake quantization
+  w4a4s-fused   qdit4sr-w4a4-small: w4a4i plus int8 low-rank branch factors (`lowrank_bits=8`, the smallest
+                tree: 1/3.59 of bf16); w4a4s-int: the same weights through XLA int8
   qwix-w8a8     qwix's int8 PTQ of the same model, when qwix is importable (else recorded as skipped)
 Each mode: compile time, median / p10 / p90 of `--iters` timed steps after warm-up (block_until_ready),
 weight bytes (all params: codes, scales, integer group factors, branches, smoothing, schedules and every
@@ -46,7 +48,7 @@ from common import (CompileTimer, compile_and_time, device_bytes_in_use, environ
                     random_params, tree_bytes, write_json)
 
 MODES = ("bf16", "w8a8-int", "w8a8-fused", "w4a4-int", "w4a4-fused", "w4a4-fake", "w4a4pc-fused", "qwix-w8a8",
-         "w4a4i-fused", "w4a4i-int", "w4a4i-fake")
+         "w4a4i-fused", "w4a4i-int", "w4a4i-fake", "w4a4s-fused", "w4a4s-int")
 
 
 def make_step(model, guidance: float):
@@ -108,6 +110,8 @@ def quantized_trees(params, modes, steps: int, log):
         recipes["w4a4pc"] = (QuantConfig.preset("qdit4sr-w4a4").replace(execution="int", w_group_size=None), "calib")
     if any(m.startswith("w4a4i-") for m in modes):
         recipes["w4a4i"] = (QuantConfig.preset("qdit4sr-w4a4-fast").replace(execution="int"), "calib")
+    if any(m.startswith("w4a4s-") for m in modes):
+        recipes["w4a4s"] = (QuantConfig.preset("qdit4sr-w4a4-small").replace(execution="int"), "calib")
     for name, (qcfg, need) in recipes.items():
         calib = random_calib(params, qcfg, steps) if need else None
         t0 = time.perf_counter()
