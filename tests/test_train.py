@@ -128,10 +128,19 @@ def test_train_runs_end_to_end_and_resumes(tmp_path):
     meta = json.load(open(out / "state.json"))
     assert meta["step"] == 5 and [r["end"] for r in meta["runs"]] == [3, 5]
     assert meta["config"]["prediction"] == "velocity"
-    # resuming with another output parametrisation switches it (and restarts the head at zero)
-    T.train(_args(tmp_path / "data", out, 1, prediction="lr_residual"), None)
+    # resuming with another output parametrisation switches it (and restarts the head at zero); this run
+    # also trains with colour augmentation and keeps the best validation state (--keep-best) in OUT/best
+    a = _args(tmp_path / "data", out, 2, prediction="lr_residual")
+    a.bridge_frac, a.bridge_sigma, a.keep_best, a.val_every, a.color_aug, a.invert_prob = 1.0, 0.1, True, 1, True, 0.5
+    T.train(a, None)
     meta = json.load(open(out / "state.json"))
-    assert meta["step"] == 6 and meta["config"]["prediction"] == "lr_residual"
+    assert meta["step"] == 7 and meta["config"]["prediction"] == "lr_residual"
+    best = json.load(open(out / "best" / "state.json"))
+    psnrs = {e["step"]: e["val_psnr"] for e in meta["log"] if "val_psnr" in e and e["step"] > 5}
+    assert sorted(psnrs) == [6, 7]
+    assert meta["best"]["step"] == best["step"] == best["best"]["step"] and psnrs[best["step"]] == max(psnrs.values())
+    assert meta["best"]["psnr"] == pytest.approx(max(psnrs.values()), abs=1e-3)
+    assert "proj_out" in T.load_state(str(out / "best"))[0]
 
 
 def test_lr_start_path_matches_the_sampler():
@@ -213,21 +222,3 @@ def test_start_psnr_from_validation_loss():
     assert T.start_psnr({"b0.1@0.1": 4e-3 / 0.01}, cfg, 0.1) == pytest.approx(30.0)
     assert T.start_psnr({"b0.1@0.1": 4e-3 / 0.04}, _tiny_cfg(), 0.2) is None
     assert T.start_psnr({"b0.2@0.2": 4e-3 / 0.04}, _tiny_cfg(), 0.2) == pytest.approx(30.0)
-
-
-@pytest.mark.slow
-def test_keep_best_saves_the_best_validation_state(tmp_path):
-    _fake_data(tmp_path / "data")
-    out = tmp_path / "run"
-    a = _args(tmp_path / "data", out, 3, prediction="lr_residual")
-    a.bridge_frac, a.bridge_sigma, a.keep_best, a.val_every, a.color_aug, a.invert_prob = 1.0, 0.1, True, 1, True, 0.5
-    T.train(a, _tiny_cfg())
-    meta = json.load(open(out / "state.json"))
-    best = json.load(open(out / "best" / "state.json"))
-    psnrs = {e["step"]: e["val_psnr"] for e in meta["log"] if "val_psnr" in e}
-    assert sorted(psnrs) == [1, 2, 3]
-    assert meta["best"]["step"] == best["step"] and psnrs[best["step"]] == max(psnrs.values())
-    assert meta["best"]["psnr"] == pytest.approx(max(psnrs.values()), abs=1e-3)
-    assert best["best"]["step"] == best["step"]
-    params, _ = T.load_state(str(out / "best"))
-    assert "proj_out" in params
