@@ -86,6 +86,24 @@ def tree_bytes(tree) -> int:
                    if hasattr(x, "shape")))
 
 
+def weight_breakdown(tree) -> dict:
+    """Bytes of a params tree by kind: {QuantizedWeight array field: bytes summed over the nodes, "other":
+    every other leaf (unquantized parameters)}; the values sum to `tree_bytes(tree)`. Works on
+    arrays and on `jax.eval_shape` trees (ShapeDtypeStruct leaves)."""
+    from qdit4sr_jax.quant.qweight import ARRAY_FIELDS, QuantizedWeight
+    out = {"other": 0}
+    is_q = lambda x: isinstance(x, QuantizedWeight)
+    for leaf in jax.tree_util.tree_leaves(tree, is_leaf=is_q):
+        if is_q(leaf):
+            for f in ARRAY_FIELDS:
+                a = getattr(leaf, f)
+                if a is not None:
+                    out[f] = out.get(f, 0) + int(np.prod(a.shape)) * jnp.dtype(a.dtype).itemsize
+        elif hasattr(leaf, "shape"):
+            out["other"] += int(np.prod(leaf.shape)) * jnp.dtype(leaf.dtype).itemsize
+    return out
+
+
 def device_bytes_in_use() -> Optional[int]:
     st = jax.devices()[0].memory_stats()
     return None if not st else int(st.get("bytes_in_use", 0))

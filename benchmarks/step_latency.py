@@ -42,9 +42,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
 
-from common import (CompileTimer, compile_and_time, device_bytes_in_use, environment, gib, random_calib,  # noqa: E402
+from common import (CompileTimer, weight_breakdown, compile_and_time, device_bytes_in_use, environment, gib, random_calib,  # noqa: E402
                     random_params, tree_bytes, write_json)
 
 MODES = ("bf16", "w8a8-int", "w8a8-fused", "w4a4-int", "w4a4-fused", "w4a4-fake", "w4a4pc-fused", "qwix-w8a8",
@@ -76,23 +75,6 @@ def inputs(model_cfg, size: int, batch: int, seed: int = 0):
            ).astype(model_cfg.compute_dtype)
     pooled = (jax.random.normal(k[3], (2 * batch, model_cfg.pooled_projection_dim)) * 0.5).astype(model_cfg.compute_dtype)
     return x, lr, ctx, pooled, jnp.float32(500.0), jnp.float32(-0.025), jnp.int32(10)
-
-
-def weight_breakdown(tree) -> dict:
-    """Bytes of a params tree by kind: {QuantizedWeight array field: bytes summed over the nodes, "other":
-    every other leaf (unquantized parameters)}; the values sum to `tree_bytes(tree)`."""
-    from qdit4sr_jax.quant.qweight import ARRAY_FIELDS, QuantizedWeight
-    out = {"other": 0}
-    is_q = lambda x: isinstance(x, QuantizedWeight)
-    for leaf in jax.tree_util.tree_leaves(tree, is_leaf=is_q):
-        if is_q(leaf):
-            for f in ARRAY_FIELDS:
-                a = getattr(leaf, f)
-                if a is not None:
-                    out[f] = out.get(f, 0) + int(np.prod(a.shape)) * jnp.dtype(a.dtype).itemsize
-        elif hasattr(leaf, "shape"):
-            out["other"] += int(np.prod(leaf.shape)) * jnp.dtype(leaf.dtype).itemsize
-    return out
 
 
 def quantized_trees(params, modes, steps: int, log):

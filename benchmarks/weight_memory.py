@@ -41,7 +41,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from common import compile_and_time, environment, tree_bytes, write_json  # noqa: E402
+from common import compile_and_time, environment, tree_bytes, weight_breakdown, write_json  # noqa: E402
 
 from qdit4sr_jax.config import ModelConfig  # noqa: E402
 from qdit4sr_jax.model.dit4sr import param_shapes  # noqa: E402
@@ -50,7 +50,7 @@ from qdit4sr_jax.quant import quantizer as qz  # noqa: E402
 from qdit4sr_jax.quant import rules  # noqa: E402
 from qdit4sr_jax.quant.api import layer_spec  # noqa: E402
 from qdit4sr_jax.quant.config import QuantConfig  # noqa: E402
-from qdit4sr_jax.quant.qweight import ARRAY_FIELDS, QuantizedWeight  # noqa: E402
+from qdit4sr_jax.quant.qweight import QuantizedWeight  # noqa: E402
 
 
 def abstract_params(model: str, dtype: str = "bfloat16"):
@@ -120,21 +120,6 @@ def old_code_bytes(node: QuantizedWeight) -> int:
     return rows * (-(-last // 2) if node.w_bits <= 4 else last)
 
 
-def breakdown(tree) -> dict:
-    """Bytes by QuantizedWeight field ("other": every non-quantized leaf); sums to tree_bytes(tree)."""
-    out = {"other": 0}
-    is_q = lambda x: isinstance(x, QuantizedWeight)
-    for leaf in jax.tree_util.tree_leaves(tree, is_leaf=is_q):
-        if is_q(leaf):
-            for f in ARRAY_FIELDS:
-                a = getattr(leaf, f)
-                if a is not None:
-                    out[f] = out.get(f, 0) + int(np.prod(a.shape)) * jnp.dtype(a.dtype).itemsize
-        elif hasattr(leaf, "shape"):
-            out["other"] += int(np.prod(leaf.shape)) * jnp.dtype(leaf.dtype).itemsize
-    return out
-
-
 def measure(model="dit4sr", preset="qdit4sr-w4a4-fast", alloc="uniform", hist="3:24,5:29",
             assign="largest", steps=40, lowrank_bits="preset") -> dict:
     """lowrank_bits: "preset" keeps the preset's `QuantConfig.lowrank_bits`, else None / 8 overrides it."""
@@ -157,7 +142,7 @@ def measure(model="dit4sr", preset="qdit4sr-w4a4-fast", alloc="uniform", hist="3
     nodes = [new[p] for p in paths]
     bf16, total = tree_bytes(params), tree_bytes(q)
     old_codes = sum(old_code_bytes(n) for n in nodes)
-    parts = breakdown(q)
+    parts = weight_breakdown(q)
     hist_out = {}
     for nm in names:
         hist_out[bits[nm]] = hist_out.get(bits[nm], 0) + 1
