@@ -203,7 +203,8 @@ def _residual_program(ws, chs, facs, idx, spec: LayerSpec, bspec: BranchSpec, bi
 GPU_COMPILER_OPTIONS: Dict[str, object] = {"xla_gpu_autotune_level": 0}
 COMPILER_OPTIONS_BACKENDS = ("gpu",)
 _STATIC = {"_branches_program": ("spec",), "_residual_program": ("spec", "bspec", "bits")}
-_VARIANTS: Dict[tuple, object] = {}
+_OPTIONS_ACCEPTED: Dict[tuple, bool] = {}   # compiler options -> whether this XLA accepts them
+_VARIANTS: Dict[tuple, object] = {}         # (program name, options) -> the program jitted with them
 
 
 def _program(fn):
@@ -212,15 +213,15 @@ def _program(fn):
     if jax.default_backend() not in COMPILER_OPTIONS_BACKENDS or not GPU_COMPILER_OPTIONS:
         return fn
     opts = tuple(sorted(GPU_COMPILER_OPTIONS.items()))
-    if opts not in _VARIANTS:
+    if opts not in _OPTIONS_ACCEPTED:
         try:
             jax.jit(lambda x: x * 2.0, compiler_options=dict(opts)).lower(jnp.float32(1.0)).compile()
-            _VARIANTS[opts] = True
+            _OPTIONS_ACCEPTED[opts] = True
         except Exception as e:
             import warnings
             warnings.warn(f"quantize: XLA rejected compiler options {dict(opts)} ({e!r:.300}); using its defaults")
-            _VARIANTS[opts] = False
-    if not _VARIANTS[opts]:
+            _OPTIONS_ACCEPTED[opts] = False
+    if not _OPTIONS_ACCEPTED[opts]:
         return fn
     key = (fn.__name__, opts)
     if key not in _VARIANTS:

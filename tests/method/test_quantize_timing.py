@@ -138,6 +138,7 @@ def test_gpu_compiler_options_path(monkeypatch):
     want = quantize_qdit4sr(params, qcfg, calib)
     monkeypatch.setattr(Q, "COMPILER_OPTIONS_BACKENDS", (jax.default_backend(),))
     monkeypatch.setattr(Q, "_VARIANTS", {})
+    monkeypatch.setattr(Q, "_OPTIONS_ACCEPTED", {})
     assert Q._program(Q._branches_program) is not Q._branches_program
     _assert_same_tree(quantize_qdit4sr(params, qcfg, calib), want)
     monkeypatch.setattr(Q, "GPU_COMPILER_OPTIONS", {"xla_no_such_option_for_this_test": 1})
