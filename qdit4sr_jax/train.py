@@ -170,20 +170,40 @@ def make_optimizer(peak_lr: float, total_steps: int, warmup: int, start_step: in
                        optax.adamw(lr, b1=0.9, b2=0.99, weight_decay=weight_decay)), sched
 
 
+def time_cosine(progress: float, final_frac: float = 0.05) -> float:
+    """Cosine factor in [final_frac, 1] of a schedule at `progress` in [0, 1] (clipped): the decay part
+    of `lr_schedule`, for a schedule driven by wall-clock time instead of the step count."""
+    p = min(max(float(progress), 0.0), 1.0)
+    return final_frac + (1 - final_frac) * 0.5 * (1 + math.cos(math.pi * p))
+
+
 def make_train_step(cfg: ModelConfig, opt, bridge_frac: float = 0.0, bridge_sigma: float = 1.0,
-                    color_aug: bool = False, invert_prob: float = 0.0):
-    """jit step (params, opt_state, hr uint8, lr uint8, rng) -> (params, opt_state, loss, grad norm); with
-    `color_aug` each pair first gets `color_augment` (channel permutation, negative with `invert_prob`)."""
-    def step_fn(params, opt_state, hr, lr, rng):
+                    color_aug: bool = False, invert_prob: float = 0.0, ema: float = 0.0):
+    """jit step (params, opt_state, hr uint8, lr uint8, rng[, lr_mult[, ema_params, ema_decay]]) ->
+    (params, opt_state, loss, grad norm[, ema_params]).
+
+    With `color_aug` each pair first gets `color_augment` (channel permutation, negative with
+    `invert_prob`). `lr_mult` (float32 scalar, default 1) scales the optimizer's update, i.e. its learning
+    rate (AdamW's decoupled weight decay included): the host can drive the schedule (`--schedule time`).
+    With `ema` > 0 the step also takes and returns an exponential moving average of the params,
+    ema <- d ema + (1 - d) params with d = the traced `ema_decay` argument.
+    """
+    def step_fn(params, opt_state, hr, lr, rng, lr_mult=1.0, ema_params=None, ema_decay=0.0):
         if color_aug:
             rng, ka = jax.random.split(rng)
             hr, lr = color_augment(hr, lr, ka, invert_prob)
         loss, grads = jax.value_and_grad(flow_loss)(params, cfg, hr, lr, rng, bridge_frac=bridge_frac,
                                                     bridge_sigma=bridge_sigma)
         updates, opt_state = opt.update(grads, opt_state, params)
+        updates = jax.tree_util.tree_map(lambda u: u * jnp.asarray(lr_mult, u.dtype), updates)
         gnorm = optax.global_norm(grads)
-        return optax.apply_updates(params, updates), opt_state, loss, gnorm
-    return jax.jit(step_fn, donate_argnums=(0, 1))
+        params = optax.apply_updates(params, updates)
+        if ema:
+            ema_params = jax.tree_util.tree_map(lambda e, p: ema_decay * e + (1.0 - ema_decay) * p,
+                                                ema_params, params)
+            return params, opt_state, loss, gnorm, ema_params
+        return params, opt_state, loss, gnorm
+    return jax.jit(step_fn, donate_argnums=(0, 1, 6) if ema else (0, 1))
 
 
 # ----------------------------------------------------------------------------- state files
@@ -355,10 +375,22 @@ def train(args, cfg: Optional[ModelConfig] = None):
         print("already trained to total_steps; nothing to do")
         return params, cfg
 
-    opt, sched = make_optimizer(peak, total, warmup, start_step, args.rewarm, args.weight_decay)
+    by_time = getattr(args, "schedule", "steps") == "time"
+    # --schedule time: warmup / rewarm by step as usual, the cosine decay by wall-clock progress through this
+    # run's budget (fed to the step as lr_mult); the step schedule then only holds the warmup.
+    opt, sched = make_optimizer(peak, 1 << 30 if by_time else total, warmup, start_step, args.rewarm,
+                                args.weight_decay)
     opt_state = opt.init(params)
+    ema_decay = float(getattr(args, "ema", 0.0) or 0.0)
+    ema_dir = os.path.join(args.out, "ema")
+    ema_params = None
+    if ema_decay:
+        ema_params = (load_state(ema_dir)[0] if resume and os.path.exists(os.path.join(ema_dir, "state.json"))
+                      else params)
+        ema_params = jax.tree_util.tree_map(lambda a: jnp.array(a, jnp.float32), ema_params)
     bridge = dict(bridge_frac=args.bridge_frac, bridge_sigma=args.bridge_sigma,
-                  color_aug=getattr(args, "color_aug", False), invert_prob=getattr(args, "invert_prob", 0.0))
+                  color_aug=getattr(args, "color_aug", False), invert_prob=getattr(args, "invert_prob", 0.0),
+                  ema=ema_decay)
     step_fn = make_train_step(tcfg, opt, **bridge)
     best = dict(meta.get("best") or {})       # {"step", "psnr"}: the best start-PSNR state so far (--keep-best)
     best_dir = os.path.join(args.out, "best")
@@ -383,19 +415,57 @@ def train(args, cfg: Optional[ModelConfig] = None):
                                             device=str(jax.devices()[0].device_kind), batch=args.batch,
                                             bridge_frac=args.bridge_frac, bridge_sigma=args.bridge_sigma)]
         return dict(config=config_to_dict(cfg), step=at, total_steps=total, warmup=warmup, peak_lr=peak,
+                    train_seconds=round(_train_seconds(), 1), schedule="time" if by_time else "steps",
                     batch=args.batch, crop=args.crop, data_seed=meta.get("data_seed", args.seed * 10**9), log=log,
                     runs=runs, val_loss=dict(vl or {}), n_params=n_params, best=dict(best))
 
     bsig = args.bridge_frac and args.bridge_sigma
 
     def _validate(at):
-        """Validation losses at step `at`; with --keep-best also saves `best_dir` when the start PSNR improves."""
-        vl = val_loss(params, tcfg, val_hr, val_lr, bridge_sigma=bsig)
+        """Validation losses at step `at` (of the EMA params with --ema); with --keep-best also saves
+        `best_dir` when the start PSNR improves."""
+        shipped = ema_params if ema_decay else params
+        vl = val_loss(shipped, tcfg, val_hr, val_lr, bridge_sigma=bsig)
         ps = start_psnr(vl, cfg, bsig)
         if getattr(args, "keep_best", False) and ps is not None and ps > best.get("psnr", -np.inf):
             best.update(step=at, psnr=round(ps, 4))
-            save_state(best_dir, params, _meta(at, vl))
+            save_state(best_dir, shipped, _meta(at, vl))
         return vl, ps
+
+    def _save(at, vl=None):
+        save_state(args.out, params, _meta(at, vl))
+        if ema_decay:
+            save_state(ema_dir, ema_params, dict(_meta(at, vl), ema=ema_decay))
+
+    t_train0, t_train_end = None, deadline - args.save_margin
+    prev_seconds = float(meta.get("train_seconds", 0.0))     # training seconds of earlier runs
+    anneal_s = 60.0 * float(getattr(args, "anneal_minutes", 0.0) or 0.0)
+
+    def _train_seconds():
+        return prev_seconds + (0.0 if t_train0 is None else time.time() - t_train0)
+
+    def _progress():
+        """Time-schedule progress in [0, 1]: training seconds so far over `--anneal-minutes` (all runs), or
+        by default over the seconds that end this run's budget."""
+        if t_train0 is None:
+            return 0.0
+        total_s = anneal_s or prev_seconds + max(t_train_end - t_train0, 1e-6)
+        return min(1.0, _train_seconds() / total_s)
+
+    def _lr_mult():
+        return time_cosine(_progress()) if by_time else 1.0
+
+    def _step(hr, lr, sk):
+        """One optimizer step; updates params / opt_state / ema_params in place; -> (loss, grad norm)."""
+        nonlocal params, opt_state, ema_params
+        mult = jnp.float32(_lr_mult())
+        if ema_decay:
+            k = step - start_step
+            d = jnp.float32(min(ema_decay, (1.0 + k) / (10.0 + k)))
+            params, opt_state, loss, gnorm, ema_params = step_fn(params, opt_state, hr, lr, sk, mult, ema_params, d)
+        else:
+            params, opt_state, loss, gnorm = step_fn(params, opt_state, hr, lr, sk, mult)
+        return loss, gnorm
 
     losses, t_last, s_last = [], time.time(), start_step
     end = min(total, start_step + args.steps) if args.steps else total
@@ -411,17 +481,16 @@ def train(args, cfg: Optional[ModelConfig] = None):
             hr, lr = np.ascontiguousarray(hr), np.ascontiguousarray(lr)
             if step == start_step and tcfg.attention_impl is not None:
                 try:     # the first call compiles; fall back to XLA attention if cuDNN refuses the shapes
-                    out = step_fn(params, opt_state, hr, lr, sk)
-                    jax.block_until_ready(out)
+                    loss, gnorm = _step(hr, lr, sk)
+                    jax.block_until_ready(loss)
                 except Exception as e:  # noqa: BLE001
                     print(f"attention {tcfg.attention_impl!r} failed ({type(e).__name__}: "
                           f"{str(e)[:300]}); using XLA attention", flush=True)
                     tcfg = tcfg.replace(attention_impl=None)
                     step_fn = make_train_step(tcfg, opt, **bridge)
-                    out = step_fn(params, opt_state, hr, lr, sk)
-                params, opt_state, loss, gnorm = out
+                    loss, gnorm = _step(hr, lr, sk)
             else:
-                params, opt_state, loss, gnorm = step_fn(params, opt_state, hr, lr, sk)
+                loss, gnorm = _step(hr, lr, sk)
             step += 1
             losses.append(loss)
             if step % args.log_every == 0 or step == end:
@@ -430,7 +499,7 @@ def train(args, cfg: Optional[ModelConfig] = None):
                 rate = (step - s_last) * args.batch / (time.time() - t_last)
                 t_last, s_last = time.time(), step
                 entry = dict(step=step, loss=round(l, 5), gnorm=round(float(gnorm), 3),
-                             lr=float(sched(step)), samples_per_s=round(rate, 1),
+                             lr=float(sched(step)) * _lr_mult(), samples_per_s=round(rate, 1),
                              pairs_made=bank.produced, minutes=round((time.time() - t_start) / 60, 2))
                 if args.val_every and (step % args.val_every == 0 or step == end):
                     vl, ps = _validate(step)
@@ -442,19 +511,23 @@ def train(args, cfg: Optional[ModelConfig] = None):
             pbar.update(1)
             if step == start_step + 1:
                 jax.block_until_ready(loss)
+                t_train0 = time.time()
                 print(f"\n[{time.time() - t_start:.1f}s] first step done (compiled)", flush=True)
             if time.time() > next_save:
-                save_state(args.out, params, _meta(step))
+                _save(step)
                 next_save = time.time() + 60 * args.save_every_minutes
             if time.time() > deadline - args.save_margin:
                 print(f"\ntime budget reached at step {step}", flush=True)
+                break
+            if by_time and anneal_s and _progress() >= 1.0:
+                print(f"\nend of the time schedule (--anneal-minutes) at step {step}", flush=True)
                 break
     finally:
         pbar.close()
         bank.close()
     vl, ps = _validate(step)
     elapsed = time.time() - t_start
-    save_state(args.out, params, _meta(step, vl))
+    _save(step, vl)
     print(f"\nsaved {args.out} at step {step}/{total} after {elapsed / 60:.1f} min")
     try:
         print(f"peak device memory {jax.devices()[0].memory_stats()['peak_bytes_in_use'] / 2**30:.1f} GiB")
@@ -518,6 +591,15 @@ def main(argv=None):
     ap.add_argument("--keep-best", action="store_true",
                     help="save OUT/best whenever the validation PSNR at the sampler's first step improves "
                          "(needs --bridge-frac > 0)")
+    ap.add_argument("--schedule", default="steps", choices=["steps", "time"],
+                    help="cosine decay over --total-steps (steps) or over this run's wall-clock budget "
+                         "--max-minutes from its first compiled step (time; --total-steps then only caps the run)")
+    ap.add_argument("--anneal-minutes", type=float, default=0.0,
+                    help="with --schedule time: training minutes, summed over resumed runs, at which the cosine "
+                         "reaches its end (0: the end of this run's budget)")
+    ap.add_argument("--ema", type=float, default=0.0,
+                    help="keep an exponential moving average of the params with this decay (0: off) in OUT/ema; "
+                         "validation and --keep-best then use the EMA params")
     ap.add_argument("--bank", type=int, default=8192)
     ap.add_argument("--workers", type=int, default=None)
     ap.add_argument("--log-every", type=int, default=100)

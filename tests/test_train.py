@@ -65,6 +65,37 @@ def test_optimisation_steps_reduce_loss():
     assert after < 0.8 * before, (before, after)
 
 
+def test_lr_mult_and_ema_in_the_step():
+    """lr_mult scales the whole update (0: params unchanged, AdamW's decay included); with ema the step returns
+    d * ema + (1 - d) * new params."""
+    cfg = _tiny_cfg()
+    params = T.init_train_params(cfg, seed=4)
+    opt, _ = T.make_optimizer(1e-2, total_steps=10, warmup=1, start_step=0, rewarm=0, weight_decay=0.1)
+    hr, lr = _batch(2)
+    key = jax.random.PRNGKey(1)
+    copy = lambda t: jax.tree_util.tree_map(jnp.array, t)        # noqa: E731  (the step donates its inputs)
+    step = T.make_train_step(cfg, opt)
+    p0, *_ = step(copy(params), opt.init(params), hr, lr, key, jnp.float32(0.0))
+    for a, b in zip(jax.tree_util.tree_leaves(params), jax.tree_util.tree_leaves(p0)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    p1, *_ = step(copy(params), opt.init(params), hr, lr, key, jnp.float32(1.0))
+    step_e = T.make_train_step(cfg, opt, ema=0.5)
+    ema0 = jax.tree_util.tree_map(lambda a: jnp.zeros_like(a), params)
+    p1e, _, _, _, ema = step_e(copy(params), opt.init(params), hr, lr, key, jnp.float32(1.0), ema0, jnp.float32(0.5))
+    for a, b, e in zip(jax.tree_util.tree_leaves(p1), jax.tree_util.tree_leaves(p1e), jax.tree_util.tree_leaves(ema)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-7)
+        np.testing.assert_allclose(np.asarray(e), 0.5 * np.asarray(b), rtol=1e-6, atol=1e-7)
+    assert any(float(jnp.abs(a - b).max()) > 0 for a, b in zip(jax.tree_util.tree_leaves(params),
+                                                                jax.tree_util.tree_leaves(p1)))
+
+
+def test_time_cosine():
+    assert T.time_cosine(0.0) == pytest.approx(1.0)
+    assert T.time_cosine(0.5) == pytest.approx(0.525)
+    assert T.time_cosine(1.0) == pytest.approx(0.05) == T.time_cosine(3.0)
+    assert T.time_cosine(-1.0) == pytest.approx(1.0)
+
+
 def test_lr_schedule_and_rewarm():
     sched = T.lr_schedule(1e-3, total_steps=100, warmup=10)
     assert float(sched(0)) == pytest.approx(1e-4)
@@ -132,9 +163,17 @@ def test_train_runs_end_to_end_and_resumes(tmp_path):
     # also trains with colour augmentation and keeps the best validation state (--keep-best) in OUT/best
     a = _args(tmp_path / "data", out, 2, prediction="lr_residual")
     a.bridge_frac, a.bridge_sigma, a.keep_best, a.val_every, a.color_aug, a.invert_prob = 1.0, 0.1, True, 1, True, 0.5
+    a.schedule, a.ema = "time", 0.9        # wall-clock cosine; EMA params in OUT/ema (validated, kept as best)
     T.train(a, None)
     meta = json.load(open(out / "state.json"))
     assert meta["step"] == 7 and meta["config"]["prediction"] == "lr_residual"
+    assert meta["schedule"] == "time" and meta["train_seconds"] > 0
+    assert all(0 < e["lr"] <= 1.0001e-3 for e in meta["log"] if e["step"] > 5)
+    ema, ema_meta = T.load_state(str(out / "ema"))
+    assert ema_meta["step"] == 7 and ema_meta["ema"] == 0.9
+    raw = T.load_state(str(out))[0]
+    assert any(float(np.abs(x - y).max()) > 0 for x, y in zip(jax.tree_util.tree_leaves(raw),
+                                                               jax.tree_util.tree_leaves(ema)))
     best = json.load(open(out / "best" / "state.json"))
     psnrs = {e["step"]: e["val_psnr"] for e in meta["log"] if "val_psnr" in e and e["step"] > 5}
     assert sorted(psnrs) == [6, 7]

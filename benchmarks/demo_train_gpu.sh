@@ -1,0 +1,73 @@
+#!/usr/bin/env bash
+# One continuous demo-model training run that outlives the device tool's 10-minute command limit.
+#
+#   bash benchmarks/demo_train_gpu.sh start MINUTES [extra train args]   # starts the trainer (setsid), watches ~9 min
+#   bash benchmarks/demo_train_gpu.sh watch                               # watches ~9.5 min more
+#   bash benchmarks/demo_train_gpu.sh finish                              # waits for the end, exports to $OUT
+#
+# The trainer runs in its own process session, so it survives the end of the `start` call as long as the
+# machine stays held: the next call must come within the device tool's warm period (30 s). It writes to
+# $RUN (default /root/demo_run, outside the working tree and $OUT, which is emptied before each command).
+# `start` and `watch` end by copying the trainer's latest periodic save (every 3 min) into $OUT/run
+# (float32 params + state.json) and $OUT/run/ema, so a machine lost between calls costs only the minutes
+# since that save: copy $OUT/run to runs/NAME here and resume with `RESUME=runs/NAME` + `carry:
+# ["data", "runs/NAME"]` (the trainer resumes a state it finds in $RUN; without Adam's moments, with a
+# re-warm). (2026-12-04: a 21.5-min run was lost at minute 18 because the call after `watch` came too late
+# and this copy did not exist yet.) `finish` exports the EMA, final and best-validation params as bf16 model
+# files (2-step LR-start sampler, the demo default) with the log into $OUT.
+# Needs `carry: ["data"]` (python -m qdit4sr_jax.data.gather --out data).
+set -uo pipefail
+RUN=${RUN:-/root/demo_run}
+LOG=$RUN.log
+phase=${1:?start MINUTES | watch | finish}
+
+watch_for() {     # print progress lines for up to $1 seconds, or until the trainer has exited
+  local until=$(( $(date +%s) + $1 ))
+  while [ "$(date +%s)" -lt "$until" ]; do
+    if ! kill -0 "$(cat "$RUN.pid" 2>/dev/null)" 2>/dev/null; then echo "trainer exited"; break; fi
+    sleep 20
+  done
+  tr '\r' '\n' < "$LOG" | grep -v '^train: ' | tail -n 25
+  tr '\r' '\n' < "$LOG" | grep '^train: ' | tail -n 1
+}
+
+bring_back() {    # the latest periodic save -> $OUT/run (+ ema), for a resume on a fresh machine
+  mkdir -p "$OUT/run/ema"
+  cp "$RUN"/state.json "$RUN"/params-*.npz "$OUT/run/" 2>/dev/null
+  cp "$RUN"/ema/state.json "$RUN"/ema/params-*.npz "$OUT/run/ema/" 2>/dev/null
+  ls -la "$OUT/run" "$OUT/run/ema"
+}
+
+case "$phase" in
+  start)
+    minutes=${2:?minutes}; shift 2
+    nvidia-smi --query-gpu=name,memory.total,clocks.sm --format=csv,noheader
+    mkdir -p "$(dirname "$RUN")"
+    if [ -n "${RESUME:-}" ]; then cp -r "$RESUME" "$RUN"; echo "resuming from $RESUME"; fi
+    PYTHONUNBUFFERED=1 setsid nohup python3 -m qdit4sr_jax.train --data data --out "$RUN" \
+      --max-minutes "$minutes" --total-steps 1000000 --schedule time --batch 128 --lr 4e-4 --warmup 500 \
+      --weight-decay 0.05 --bridge-frac 1.0 --bridge-sigma 0.1 --prediction lr_residual --residual-scale 0.1 \
+      --color-aug --invert-prob 0.25 --ema 0.999 --keep-best --val-every 250 --log-every 250 \
+      --save-every-minutes 3 "$@" > "$LOG" 2>&1 < /dev/null &
+    echo $! > "$RUN.pid"
+    echo "trainer pid $(cat "$RUN.pid")"
+    watch_for 530
+    bring_back
+    ;;
+  watch)
+    watch_for 555
+    bring_back
+    ;;
+  finish)
+    while kill -0 "$(cat "$RUN.pid" 2>/dev/null)" 2>/dev/null; do sleep 5; done
+    tr '\r' '\n' < "$LOG" | grep -v '^train: ' > "$OUT/train.log"
+    tail -n 40 "$OUT/train.log"
+    for d in ema "" best; do
+      src="$RUN/$d"; name=demo_${d:-final}.safetensors
+      [ -f "$src/state.json" ] && python3 -m qdit4sr_jax.train export --state "$src" --out "$OUT/$name" \
+        --num-steps 2 --start lr --start-sigma 0.1 --shift 1.0
+    done
+    cp "$RUN/state.json" "$OUT/state.json"
+    ;;
+  *) echo "unknown phase $phase" >&2; exit 2 ;;
+esac
