@@ -328,6 +328,26 @@ def calibrate_images(cfg: ModelConfig, params: Mapping[str, Any], images, *, see
     return merge_stats(*runs)
 
 
+def step_sensitivities(cfg: ModelConfig, params: Mapping[str, Any], images, *, seed: int = 0,
+                       num_steps: Optional[int] = None, guidance_scale: Optional[float] = None, prompt=None,
+                       process_size: Optional[int] = None, probes: int = 2, **sample_kwargs) -> np.ndarray:
+    """The sampler's step gains (`quant.stepgain.step_sensitivity`) for each image run as `upscale` runs
+    it (same preprocessing, seed, prompt, tiling), averaged over the images -> float64 [T]: VaTMP's
+    `step_weights` (`quantize(..., calib, step_weights=...)`)."""
+    from qdit4sr_jax.quant.stepgain import step_sensitivity
+    images = list(images)
+    if not images:
+        raise ValueError("step_sensitivities needs at least one image")
+    gains = []
+    for i, image in enumerate(images):
+        d = _prepare(cfg, params, image, seed, prompt, 0, guidance_scale, process_size)
+        gains.append(step_sensitivity(cfg, params["transformer"], d["lr_lat"], d["noise"], probes=probes,
+                                      seed=seed + i, context=d["ctx"], pooled=d["pool"], neg_context=d["nctx"],
+                                      neg_pooled=d["npool"], num_steps=num_steps, guidance_scale=d["g"],
+                                      **sample_kwargs))
+    return np.mean(gains, axis=0)
+
+
 # ----------------------------------------------------------------------------- files
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")

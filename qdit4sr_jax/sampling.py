@@ -174,7 +174,8 @@ def _rep(a, n):
 @functools.partial(jax.jit, static_argnames=("model_fn", "num_steps", "shift", "guidance_scale", "start",
                                              "start_sigma", "tile_latent", "tile_overlap", "tile_batch",
                                              "force_tiling", "collect_stats", "prediction", "residual_scale"))
-def _sample(params, lr_latent, noise, context, pooled, neg_context, neg_pooled, *, model_fn, num_steps,
+def _sample(params, lr_latent, noise, context, pooled, neg_context, neg_pooled, output_offsets=None, *, model_fn,
+            num_steps,
             shift, guidance_scale, start, start_sigma, tile_latent, tile_overlap, tile_batch, force_tiling,
             collect_stats, prediction="velocity", residual_scale=0.1):
     sigmas, timesteps = flow_schedule(num_steps, shift, start_sigma=start_sigma)
@@ -205,6 +206,8 @@ def _sample(params, lr_latent, noise, context, pooled, neg_context, neg_pooled, 
         if cfg_on:
             vu, vc = jnp.split(v, 2, axis=0)
             v = vu + guidance_scale * (vc - vu)
+        if output_offsets is not None:
+            v = v + output_offsets[i]
         v = velocity(v.astype(jnp.float32), x, lr_latent, sig[i], prediction, residual_scale)
         x = x + (sig[i + 1] - sig[i]) * v
         return x, (stats if collect_stats else None)
@@ -217,7 +220,7 @@ def sample(cfg: ModelConfig, params, lr_latent, noise, *, context=None, pooled=N
            neg_pooled=None, num_steps: Optional[int] = None, guidance_scale: Optional[float] = None,
            start: Optional[str] = None, start_sigma: Optional[float] = None, tile_latent: Optional[int] = -1,
            tile_overlap: Optional[int] = None, tile_batch: Optional[int] = None, force_tiling: bool = False,
-           collect_stats: bool = False, model_fn: Optional[Callable] = None):
+           collect_stats: bool = False, model_fn: Optional[Callable] = None, output_offsets=None):
     """Denoise from ``noise`` conditioned on ``lr_latent`` (both [B,h,w,C] float32) -> latents [B,h,w,C].
 
     params: the transformer's params. context [B,L,D] / pooled [B,P]: prompt embeddings (None with
@@ -226,6 +229,8 @@ def sample(cfg: ModelConfig, params, lr_latent, noise, *, context=None, pooled=N
     tile_latent=None or 0 disables tiling; ``force_tiling`` tiles even latents no larger than one tile;
     ``tile_batch`` runs that many tiles per model call). With ``collect_stats`` returns (latents, stats) where stats
     is the model's `calib` collection per step, each leaf stacked with a leading step axis [T, ...].
+    ``output_offsets`` [T, B, h, w, C] float32 (optional) is added to the (guided) model output of each step
+    before it becomes a velocity: the handle `quant.stepgain.step_sensitivity` differentiates through.
     """
     num_steps = int(cfg.num_steps if num_steps is None else num_steps)
     guidance_scale = float(cfg.guidance_scale if guidance_scale is None else guidance_scale)
@@ -264,9 +269,13 @@ def sample(cfg: ModelConfig, params, lr_latent, noise, *, context=None, pooled=N
             raise ValueError(f"{name} batch {a.shape[0]} != latent batch {B}")
         return a
 
+    if output_offsets is not None and tuple(output_offsets.shape) != (num_steps,) + tuple(noise.shape):
+        raise ValueError(f"output_offsets {tuple(output_offsets.shape)} must be [num_steps, B, h, w, C] = "
+                         f"{(num_steps,) + tuple(noise.shape)}")
     return _sample(params, jnp.asarray(lr_latent, jnp.float32), jnp.asarray(noise, jnp.float32),
                    _b(context, "context"), _b(pooled, "pooled"), _b(neg_context, "neg_context"),
                    _b(neg_pooled, "neg_pooled"),
+                   None if output_offsets is None else jnp.asarray(output_offsets, jnp.float32),
                    model_fn=model_fn or transformer_fn(cfg), num_steps=num_steps, shift=float(cfg.shift),
                    guidance_scale=guidance_scale, start=start, start_sigma=start_sigma,
                    tile_latent=int(tile_latent or 0), tile_overlap=tile_overlap, tile_batch=tile_batch,

@@ -156,7 +156,7 @@ def _get(tree, path):
 def quantize(params, cfg: Union[str, QuantConfig], calib=None, *,
              layer_w_bits: Optional[Mapping[str, int]] = None,
              a_schedules: Optional[Mapping[str, object]] = None, chunk: int = 8,
-             timings: Optional[dict] = None):
+             timings: Optional[dict] = None, step_weights=None):
     """Quantize a params tree.
 
     params: the model's params (nested dicts; a {'params': ...} variables dict is accepted and kept).
@@ -165,6 +165,9 @@ def quantize(params, cfg: Union[str, QuantConfig], calib=None, *,
       needed by smoothing (SmoothQuant / SVDQuant): the per-channel absmax is maxed over steps.
     layer_w_bits: {module path: weight bits} overriding cfg.w_bits per layer (added to cfg.layer_w_bits).
     a_schedules: {module path: int array [T]} per-step activation bits (VaTMP), stored in the nodes.
+    step_weights: optional [T] weights of the sampling steps in VaTMP's objective (needs cfg.vatmp), e.g.
+      `quant.stepgain.step_sensitivity(...)` / `pipeline.step_sensitivities(...)`; None: the paper's
+      unweighted sum over steps.
     timings: optional dict filled with wall seconds per phase (quant/timing.py; waits for the device
       work of each phase, so leave it None when not measuring).
     Returns the quantized params (same tree paths; kernels replaced by QuantizedWeight nodes).
@@ -172,12 +175,16 @@ def quantize(params, cfg: Union[str, QuantConfig], calib=None, *,
     cfg = resolve_config(cfg)
     if isinstance(params, Mapping) and set(params) == {"params"}:
         return {"params": quantize(params["params"], cfg, calib, layer_w_bits=layer_w_bits,
-                                   a_schedules=a_schedules, chunk=chunk, timings=timings)}
+                                   a_schedules=a_schedules, chunk=chunk, timings=timings,
+                                   step_weights=step_weights)}
     if cfg.method == "qdit4sr" or cfg.hsvd or cfg.vasmp or cfg.vatmp:
         # the paper's method (H-SVD -> VaSMP -> residual quantization, VaTMP schedules): quant/qdit4sr.py
         from qdit4sr_jax.quant.qdit4sr import quantize_qdit4sr
         return quantize_qdit4sr(params, cfg, calib, layer_w_bits=layer_w_bits, a_schedules=a_schedules,
-                                chunk=chunk, timings=timings)
+                                chunk=chunk, timings=timings, step_weights=step_weights)
+    if step_weights is not None:
+        raise ValueError(f"step_weights weight the steps of VaTMP's objective; method {cfg.method!r} has no "
+                         f"VaTMP (QuantConfig.vatmp=False)")
     from qdit4sr_jax.quant.timing import Phases
     with Phases(timings) as tm:
         return _quantize_baseline(params, cfg, calib, layer_w_bits, a_schedules, chunk, tm)

@@ -288,8 +288,12 @@ def branch_spec(cfg, kernel_shape, spec0: LayerSpec, measured: bool) -> BranchSp
                       group_scale=getattr(spec0, "group_scale", "float"))
 
 
-def activation_schedules(stats: Mapping[str, dict], names, avg_bits, candidates) -> Dict[str, np.ndarray]:
-    """VaTMP for the named layers from calibration stats ({path: {"var": [T], ...}}) -> {path: int [T]}."""
+def activation_schedules(stats: Mapping[str, dict], names, avg_bits, candidates,
+                         step_weights=None) -> Dict[str, np.ndarray]:
+    """VaTMP for the named layers from calibration stats ({path: {"var": [T], ...}}) -> {path: int [T]}.
+
+    step_weights: optional [T] weights w_t >= 0 of the steps (`quant.stepgain.step_sensitivity`): the DP then
+    minimises sum_t w_t sigma_{l,t}^2 2^(-2 a_t) instead of the paper's unweighted sum."""
     missing = [n for n in names if lookup(stats, n) is None]
     if missing:
         raise ValueError(f"VaTMP: no calibration statistics for layers {missing[:5]}; calibrated layers: "
@@ -299,13 +303,18 @@ def activation_schedules(stats: Mapping[str, dict], names, avg_bits, candidates)
     if len(steps) != 1:
         raise ValueError(f"VaTMP: calibration statistics have different step counts {sorted(steps)}; "
                          f"calibrate every layer over the same sampling run")
-    sched = schedule_activation_bits(np.stack(var), avg_bits, candidates)
+    var = np.stack(var)
+    if step_weights is not None:
+        from qdit4sr_jax.quant.stepgain import check_step_weights
+        var = var * check_step_weights(step_weights, var.shape[1])[None, :]
+    sched = schedule_activation_bits(var, avg_bits, candidates)
     return {n: sched[i] for i, n in enumerate(names)}
 
 
 def quantize_qdit4sr(params, cfg, calib=None, *, layer_w_bits: Optional[Mapping[str, int]] = None,
                      a_schedules: Optional[Mapping[str, object]] = None, chunk: int = 8,
-                     return_info: bool = False, compile_threads: int = 1, timings: Optional[dict] = None):
+                     return_info: bool = False, compile_threads: int = 1, timings: Optional[dict] = None,
+                     step_weights=None):
     """Quantize `params` with the Q-DiT4SR recipe of `cfg` (a validated QuantConfig).
 
     params: the model params tree (kernels [d_in, d_out]). calib: calibration statistics (needed by
@@ -317,6 +326,7 @@ def quantize_qdit4sr(params, cfg, calib=None, *, layer_w_bits: Optional[Mapping[
     timings: a dict to fill with wall seconds per phase (`timing.Phases`: "phases", "compile_s",
       "compiles", "total_s"); timing waits for each phase's device work (block_until_ready), so it
       serialises host and device. None (default): no timing, no synchronisation.
+    step_weights: optional [T] VaTMP step weights (`activation_schedules`; needs cfg.vatmp).
     Returns the quantized tree (same paths), or (tree, info) with
     return_info=True: info = {"w_bits": {path: bits}, "a_schedule": {path: int [T]},
     "residual_var": {path: float}, "size": {path: params}}.
@@ -324,14 +334,15 @@ def quantize_qdit4sr(params, cfg, calib=None, *, layer_w_bits: Optional[Mapping[
     from qdit4sr_jax.quant.timing import Phases
     with Phases(timings) as tm:
         return _quantize_qdit4sr(params, cfg, calib, layer_w_bits, a_schedules, chunk, return_info,
-                                 compile_threads, tm)
+                                 compile_threads, tm, step_weights)
 
 
 def _shape_name(shape) -> str:
     return "x".join(str(int(d)) for d in shape)
 
 
-def _quantize_qdit4sr(params, cfg, calib, layer_w_bits, a_schedules, chunk, return_info, compile_threads, tm):
+def _quantize_qdit4sr(params, cfg, calib, layer_w_bits, a_schedules, chunk, return_info, compile_threads, tm,
+                      step_weights=None):
     from qdit4sr_jax.quant.api import balanced_chunks, layer_spec, precompile
     if cfg.hsvd and cfg.lowrank_rank <= 0:
         raise ValueError("QuantConfig.hsvd=True needs lowrank_rank > 0 (the parameter budget of the branches)")
@@ -342,6 +353,8 @@ def _quantize_qdit4sr(params, cfg, calib, layer_w_bits, a_schedules, chunk, retu
                          "layer_w_bits (set vasmp=False to use explicit per-layer bits)")
     if cfg.vatmp and cfg.a_bits is None:
         raise ValueError("QuantConfig.vatmp=True needs a_bits (the target average activation bits)")
+    if step_weights is not None and not cfg.vatmp:
+        raise ValueError("step_weights weight the steps of VaTMP's objective: they need QuantConfig.vatmp=True")
     for on, avg, cands, what in ((cfg.vasmp, cfg.w_bits, cfg.w_bit_candidates, "weight"),
                                  (cfg.vatmp, cfg.a_bits, cfg.a_bit_candidates, "activation")):
         if on and float(avg) < min(cands):                       # fail before any SVD is computed
@@ -447,7 +460,7 @@ def _quantize_qdit4sr(params, cfg, calib, layer_w_bits, a_schedules, chunk, retu
     tm.lap("VaSMP")
     scheds = {}
     if cfg.vatmp:
-        scheds = activation_schedules(stats, order, cfg.a_bits, cfg.a_bit_candidates)
+        scheds = activation_schedules(stats, order, cfg.a_bits, cfg.a_bit_candidates, step_weights)
     for nm, s in (a_schedules or {}).items():
         scheds[nm] = np.asarray(s)
     for nm, s in scheds.items():

@@ -61,8 +61,11 @@ def test_presets_meet_targets_and_run_under_jit(tiny, tmp_path):
                                   QuantConfig.preset("qdit4sr-w4a6").a_bit_candidates)
     assert all(float(np.mean(s)) == 6.0 for s in sched6.values())
     qcfg = QuantConfig.preset("qdit4sr-w4a4")
-    qp = quantize(params, qcfg, calib)
+    step_w = np.array([1.0, 1.0, 2.0, 8.0])           # VaTMP step weights (quant/stepgain.py) reach the DP
+    qp = quantize(params, qcfg, calib, step_weights=step_w)
     nodes = quantized_layers(qp)
+    want = activation_schedules(calib, sorted(nodes), 4, qcfg.a_bit_candidates, step_weights=step_w)
+    assert all(np.array_equal(np.asarray(q.a_schedule), want[n]) for n, q in nodes.items())
     assert len(nodes) > 20 and all(q.block_u is not None and q.lr_a is not None for q in nodes.values())
     assert _avg_w_bits(nodes) == pytest.approx(4.0, abs=1e-12)           # VaSMP: size-weighted average
     for q in nodes.values():                                              # VaTMP: average over steps
@@ -138,3 +141,7 @@ def test_errors(tiny):
         quantize(params, QuantConfig.preset("qdit4sr-w4a4").replace(w_bits=2, w_bit_candidates=(3, 4)), calib)
     with pytest.raises(ValueError, match="lowrank_rank"):
         quantize(params, QuantConfig.preset("qdit4sr-w4a4").replace(lowrank_rank=0), calib)
+    with pytest.raises(ValueError, match="vatmp=True"):
+        quantize(params, QuantConfig.preset("qdit4sr-w4a4").replace(vatmp=False), calib, step_weights=np.ones(T))
+    with pytest.raises(ValueError, match="no VaTMP"):
+        quantize(params, "w4a4", step_weights=np.ones(T))
