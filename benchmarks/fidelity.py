@@ -180,6 +180,7 @@ def ablation_configs(bits: str = "w4a4") -> List[Tuple[str, object]]:
         ("+ smoothing + H-SVD", full.replace(**dict(off, hsvd=True))),
         ("+ smoothing + H-SVD + VaSMP", full.replace(**dict(off, hsvd=True, vasmp=True))),
         ("+ smoothing + H-SVD + VaSMP + VaTMP (Q-DiT4SR)", full),
+        ("Q-DiT4SR, VaTMP weighted by step sensitivity", full.replace(vatmp_step_weights="sensitivity")),
         ("SVD-only (same budget) + VaSMP + VaTMP", full.replace(hsvd=False)),
         ("SVD-only (same budget), fixed bits", full.replace(**off)),
     ]
@@ -259,7 +260,7 @@ class Study:
             lrs, self.calib_desc = calibration_lrs(self.calib_source, self.n_calib, max(self.hw),
                                                    self.cfg.scale, exclude=[n for n, _, _ in self.images])
             self._calib = pipeline.calibrate_images(self.cfg, self.params, lrs, seed=self.seed,
-                                                    num_steps=self.steps)
+                                                    num_steps=self.steps, step_gains=True)
             self.log(f"calibrated on {self.calib_desc} x {self.steps} steps in {time.perf_counter() - t0:.1f} s")
         return self._calib
 

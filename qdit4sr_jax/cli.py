@@ -50,7 +50,8 @@ def cmd_quantize(a) -> int:
     calib = None
     if qcfg.needs_calibration:
         images = pipeline.read_images(a.calib) if a.calib else [lr for lr in _demo_lrs(cfg)]
-        calib = pipeline.calibrate_images(cfg, params, images, seed=a.seed, num_steps=a.steps)
+        calib = pipeline.calibrate_images(cfg, params, images, seed=a.seed, num_steps=a.steps,
+                                          step_gains=qcfg.needs_step_gains)
     t0 = time.perf_counter()
     q = quantize(params["transformer"], qcfg, calib=calib)
     dt = time.perf_counter() - t0
@@ -81,7 +82,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="qdit4sr-jax", description=__doc__)
     sub = p.add_subparsers(dest="cmd", required=True)
 
-    d = sub.add_parser("demo", help="quantize the embedded demo model and compare FP / RTN / Q-DiT4SR at W4A4")
+    d = sub.add_parser("demo", help="quantize the embedded demo model and compare FP / RTN / Q-DiT4SR / "
+                                    "Q-DiT4SR-sens at W4A4")
     d.add_argument("--out", default="qdit4sr-demo", help="folder for demo_grid.png")
     d.add_argument("--model", default="demo", help="'demo' or a model .safetensors file")
     d.add_argument("--images", type=int, default=None, help="use only the first N bundled samples")

@@ -1,10 +1,11 @@
 """The main job: quantize the embedded demo model and compare FP, RTN and Q-DiT4SR on the bundled samples.
 
 `run_demo(out_dir)` loads the shipped demo model, degrades each bundled HR sample x4 with the project's
-seeded degradation, calibrates on those LR images over every sampling step, quantizes with RTN-W4A4 and
-Q-DiT4SR-W4A4, upscales every sample with FP / RTN / Q-DiT4SR (same seed), and returns one row per
-method: PSNR vs HR, PSNR vs the FP output, model size (M) and ops (G) by the paper's definitions, and
-seconds. `write_grid` saves a side-by-side PNG (LR bicubic | FP | RTN | Q-DiT4SR | HR per sample).
+seeded degradation, calibrates on those LR images over every sampling step (with the sampler's step
+sensitivities), quantizes with RTN-W4A4, the paper's Q-DiT4SR-W4A4 and Q-DiT4SR-W4A4 with step-weighted VaTMP
+("-sens"), upscales every sample with each (same seed), and returns one row per method: PSNR vs HR, PSNR vs
+the FP output, model size (M) and ops (G) by the paper's definitions, and seconds. `write_grid` saves a
+side-by-side PNG (LR bicubic | FP | RTN | Q-DiT4SR | Q-DiT4SR-sens | HR per sample).
 """
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ import numpy as np
 from PIL import Image
 
 SAMPLES_DIR = os.path.join(os.path.dirname(__file__), "assets", "samples")
-DEFAULT_METHODS = ("fp", "rtn-w4a4", "qdit4sr-w4a4")
+DEFAULT_METHODS = ("fp", "rtn-w4a4", "qdit4sr-w4a4", "qdit4sr-w4a4-sens")
 
 
 def psnr(a: np.ndarray, b: np.ndarray) -> float:
@@ -60,7 +61,9 @@ def run_demo(out_dir: str = "qdit4sr-demo", *, model: str = "demo", methods: Seq
     calib = None
     if any(m != "fp" and QuantConfig.preset(m).needs_calibration for m in methods):
         t0 = time.perf_counter()
-        calib = pipeline.calibrate_images(cfg, params, lrs, seed=seed, num_steps=num_steps, progress=progress)
+        gains = any(m != "fp" and QuantConfig.preset(m).needs_step_gains for m in methods)
+        calib = pipeline.calibrate_images(cfg, params, lrs, seed=seed, num_steps=num_steps, progress=progress,
+                                          step_gains=gains)
         log(f"calibrated on {len(lrs)} images x {num_steps or cfg.num_steps} steps in {time.perf_counter() - t0:.1f} s")
 
     rows, outputs = [], {}

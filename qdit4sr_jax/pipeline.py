@@ -305,12 +305,14 @@ def upscale(cfg: ModelConfig, params: Mapping[str, Any], image, *, seed: int = 0
 def calibrate_images(cfg: ModelConfig, params: Mapping[str, Any], images, *, seed: int = 0,
                      num_steps: Optional[int] = None, guidance_scale: Optional[float] = None,
                      prompt=None, process_size: Optional[int] = None, progress: bool = False,
-                     **sample_kwargs):
+                     step_gains: bool = False, probes: int = 2, **sample_kwargs):
     """Activation statistics of every transformer `Linear` over all sampling steps, for each image run
     exactly as `upscale` runs it (same preprocessing, seed, prompt, tiling), merged over the images.
 
     Returns {module path: {"var": [T], "absmax": [T], "ch_absmax": [T, d_in], "tok_var": [T]}}
-    (`qdit4sr_jax.quant.stats` form), T = num_steps.
+    (`qdit4sr_jax.quant.stats` form), T = num_steps. With ``step_gains`` every layer's stats also hold
+    "step_gain" [T]: the sampler's step sensitivities (`quant.stepgain.step_sensitivity`, `probes` reverse
+    passes per image), which QuantConfig.vatmp_step_weights="sensitivity" uses.
     """
     from qdit4sr_jax.quant.calibrate import calibrate_sampler
     from qdit4sr_jax.quant.stats import merge_stats
@@ -320,32 +322,19 @@ def calibrate_images(cfg: ModelConfig, params: Mapping[str, Any], images, *, see
     runs = []
     for i, image in enumerate(images):
         d = _prepare(cfg, params, image, seed, prompt, 0, guidance_scale, process_size)
-        runs.append(calibrate_sampler(cfg, params["transformer"], d["lr_lat"], d["noise"], context=d["ctx"],
-                                      pooled=d["pool"], neg_context=d["nctx"], neg_pooled=d["npool"],
-                                      num_steps=num_steps, guidance_scale=d["g"], **sample_kwargs))
+        run = calibrate_sampler(cfg, params["transformer"], d["lr_lat"], d["noise"], context=d["ctx"],
+                                pooled=d["pool"], neg_context=d["nctx"], neg_pooled=d["npool"],
+                                num_steps=num_steps, guidance_scale=d["g"], **sample_kwargs)
+        if step_gains:
+            from qdit4sr_jax.quant.stepgain import step_sensitivity
+            g = step_sensitivity(cfg, params["transformer"], d["lr_lat"], d["noise"], probes=probes, seed=seed + i,
+                                 context=d["ctx"], pooled=d["pool"], neg_context=d["nctx"], neg_pooled=d["npool"],
+                                 num_steps=num_steps, guidance_scale=d["g"], **sample_kwargs)
+            run = {k: dict(v, step_gain=np.asarray(g, np.float32)) for k, v in run.items()}
+        runs.append(run)
         if progress:
             print(f"calibration image {i + 1}/{len(images)}", flush=True)
     return merge_stats(*runs)
-
-
-def step_sensitivities(cfg: ModelConfig, params: Mapping[str, Any], images, *, seed: int = 0,
-                       num_steps: Optional[int] = None, guidance_scale: Optional[float] = None, prompt=None,
-                       process_size: Optional[int] = None, probes: int = 2, **sample_kwargs) -> np.ndarray:
-    """The sampler's step gains (`quant.stepgain.step_sensitivity`) for each image run as `upscale` runs
-    it (same preprocessing, seed, prompt, tiling), averaged over the images -> float64 [T]: VaTMP's
-    `step_weights` (`quantize(..., calib, step_weights=...)`)."""
-    from qdit4sr_jax.quant.stepgain import step_sensitivity
-    images = list(images)
-    if not images:
-        raise ValueError("step_sensitivities needs at least one image")
-    gains = []
-    for i, image in enumerate(images):
-        d = _prepare(cfg, params, image, seed, prompt, 0, guidance_scale, process_size)
-        gains.append(step_sensitivity(cfg, params["transformer"], d["lr_lat"], d["noise"], probes=probes,
-                                      seed=seed + i, context=d["ctx"], pooled=d["pool"], neg_context=d["nctx"],
-                                      neg_pooled=d["npool"], num_steps=num_steps, guidance_scale=d["g"],
-                                      **sample_kwargs))
-    return np.mean(gains, axis=0)
 
 
 # ----------------------------------------------------------------------------- files

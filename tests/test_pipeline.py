@@ -193,6 +193,11 @@ def test_calibrate_images(bundle):
     assert (np.asarray(s["absmax"]) >= np.asarray(one["absmax"]) - 1e-6).all()   # max over both images
     with pytest.raises(ValueError, match="at least one image"):
         pipeline.calibrate_images(CFG, bundle, [])
+    # step_gains: every layer's stats carry the sampler's step sensitivities (one vector per run, merged by mean)
+    g = pipeline.calibrate_images(CFG, bundle, imgs, num_steps=3, step_gains=True, probes=1)
+    gains = {tuple(np.asarray(v["step_gain"]).round(7)) for v in g.values()}
+    assert len(gains) == 1 and len(next(iter(gains))) == 3 and min(next(iter(gains))) > 0
+    np.testing.assert_allclose(np.asarray(g["transformer_blocks_0/attn/to_q"]["var"]), np.asarray(s["var"]), rtol=1e-5)
 
 
 def test_image_files_and_bicubic(tmp_path):

@@ -166,8 +166,8 @@ def quantize(params, cfg: Union[str, QuantConfig], calib=None, *,
     layer_w_bits: {module path: weight bits} overriding cfg.w_bits per layer (added to cfg.layer_w_bits).
     a_schedules: {module path: int array [T]} per-step activation bits (VaTMP), stored in the nodes.
     step_weights: optional [T] weights of the sampling steps in VaTMP's objective (needs cfg.vatmp), e.g.
-      `quant.stepgain.step_sensitivity(...)` / `pipeline.step_sensitivities(...)`; None: the paper's
-      unweighted sum over steps.
+      `quant.stepgain.step_sensitivity(...)`; None: cfg.vatmp_step_weights decides (the paper's unweighted
+      sum over steps, or the "step_gain" of the calibration statistics).
     timings: optional dict filled with wall seconds per phase (quant/timing.py; waits for the device
       work of each phase, so leave it None when not measuring).
     Returns the quantized params (same tree paths; kernels replaced by QuantizedWeight nodes).

@@ -32,6 +32,10 @@ class QuantConfig:
     hsvd / hsvd_block: H-SVD on (b_out, b_in) blocks (MISSION.md's example uses 256x256 at d=1536).
     vasmp / w_bit_candidates: data-free per-layer weight bits (VaSMP) from this candidate set.
     vatmp / a_bit_candidates: per-layer, per-timestep activation bits (VaTMP) from this candidate set.
+    vatmp_step_weights: how VaTMP weighs the sampling steps. "none" (default, the paper): sum_t sigma_{l,t}^2
+      2^(-2 a_t). "sensitivity": each step's term times the sampler's measured step gain (quant/stepgain.py:
+      how much an error in the model output at that step reaches the final sample), read from the calibration
+      statistics' "step_gain" (`calibrate_images(..., step_gains=True)`); matters with few sampling steps.
     vasmp_distortion: VaSMP's per-layer distortion at each candidate: "measured" (default: the squared
       error of this config's weight quantizer on the layer's residual, data-free) or "model" (MISSION.md's
       n sigma^2 2^(-2b); it under-rates the 2-bit error of a symmetric quantizer ~3x, so it over-uses 2 bits).
@@ -85,6 +89,7 @@ class QuantConfig:
     vatmp: bool = False
     a_bit_candidates: Tuple[int, ...] = (3, 4, 5, 6, 8)
     vasmp_distortion: str = "measured"
+    vatmp_step_weights: str = "none"
     hsvd_refine_iters: int = 0
     hsvd_block_solver: str = "subspace"
     rotate: bool = False
@@ -104,6 +109,11 @@ class QuantConfig:
         """True when `quantize` needs activation statistics: smoothing (per-channel absmax) or VaTMP
         (per-layer, per-step activation variances)."""
         return bool(self.smooth or (self.vatmp and self.a_bits is not None))
+
+    @property
+    def needs_step_gains(self) -> bool:
+        """True when VaTMP weights its steps by measured sensitivities: calibrate with step_gains=True."""
+        return bool(self.vatmp and self.a_bits is not None and self.vatmp_step_weights == "sensitivity")
 
     def validate(self) -> "QuantConfig":
         """Raise ValueError naming the bad field; returns self."""
@@ -132,6 +142,9 @@ class QuantConfig:
                 raise ValueError(f"QuantConfig.layer_w_bits: layer {path!r} has unsupported bits {bits!r} (2..8)")
         if self.w_group_size is not None and self.w_group_size < 1:
             raise ValueError(f"QuantConfig.w_group_size must be >= 1 or None, got {self.w_group_size}")
+        if self.vatmp_step_weights not in ("none", "sensitivity"):
+            raise ValueError(f"QuantConfig.vatmp_step_weights must be 'none' or 'sensitivity', "
+                             f"got {self.vatmp_step_weights!r}")
         if self.w_group_scale not in ("float", "int"):
             raise ValueError(f"QuantConfig.w_group_scale must be 'float' or 'int', got {self.w_group_scale!r}")
         if self.w_group_scale == "int" and self.w_group_size is None:

@@ -7,7 +7,11 @@ times a 4-bit integer factor per group, folded into the int8 codes), so the laye
 per-channel int8 kernels; only for presets with group-wise weights. A "-small" suffix (e.g.
 "qdit4sr-w4a4-small", "svdquant-w4a4-small") is "-fast" plus int8 storage of the low-rank / H-SVD branch
 factors (`QuantConfig.lowrank_bits=8`: per-vector scales, half the branch bytes); only for methods with a
-branch (svdquant, qdit4sr).
+branch (svdquant, qdit4sr). A final "-sens" suffix (e.g. "qdit4sr-w4a4-sens", "qdit4sr-w4a4-small-sens") weights
+VaTMP's steps by the sampler's measured step sensitivities (`QuantConfig.vatmp_step_weights="sensitivity"`,
+quant/stepgain.py; calibrate with `calibrate_images(..., step_gains=True)`): an extension of the paper, only for
+qdit4sr. On the demo model at W4A4 it gained 2.4 dB PSNR vs FP over the paper's VaTMP at 4 steps and 5.6 dB at
+2 steps (benchmarks/RESULTS.md, 2026-12-04).
 
 Per-method settings (and where they come from):
 - rtn:          weights RTN group 64 (per channel at 8 bits), activations per token.
@@ -33,14 +37,14 @@ _METHOD_FIELDS = {
     "qdit4sr": dict(smooth=True, smooth_alpha=0.5, hsvd=True, lowrank_rank=32, vasmp=True, vatmp=True),
 }
 
-_NAME = re.compile(r"^(?:(?P<method>[a-z0-9]+)-)?w(?P<w>\d+)a(?P<a>\d+)(?P<fast>-fast|-small)?$")
+_NAME = re.compile(r"^(?:(?P<method>[a-z0-9]+)-)?w(?P<w>\d+)a(?P<a>\d+)(?P<fast>-fast|-small)?(?P<sens>-sens)?$")
 
 
 def preset(name: str) -> QuantConfig:
     """QuantConfig for a preset name; ValueError listing the grammar for unknown names."""
     m = _NAME.match(name.strip().lower())
     if not m or (m.group("method") or "rtn") not in METHODS:
-        raise ValueError(f"unknown quantization preset {name!r}: use '<method>-w<bits>a<bits>[-fast|-small]' with method "
+        raise ValueError(f"unknown quantization preset {name!r}: use '<method>-w<bits>a<bits>[-fast|-small][-sens]' with method "
                          f"in {METHODS} (or bare 'w8a8', 'w4a8', 'w4a6', 'w4a4' for RTN)")
     method = m.group("method") or "rtn"
     w, a = int(m.group("w")), int(m.group("a"))
@@ -60,10 +64,16 @@ def preset(name: str) -> QuantConfig:
             raise ValueError(f"preset {name!r}: '-small' (int8 low-rank branch factors) applies to methods with a "
                              f"low-rank branch (svdquant, qdit4sr); {method!r} has none: use '-fast'")
         fields["lowrank_bits"] = 8
+    if m.group("sens"):
+        if not fields.get("vatmp") or a == 16:
+            raise ValueError(f"preset {name!r}: '-sens' (VaTMP weighted by step sensitivity) applies to methods with "
+                             f"VaTMP activation schedules (qdit4sr) and quantized activations")
+        fields["vatmp_step_weights"] = "sensitivity"
     return QuantConfig(method=method, w_bits=w, a_bits=None if a == 16 else a, **fields).validate()
 
 
 PRESET_NAMES = tuple(f"{m}-{b}" for m in METHODS for b in ("w8a8", "w4a8", "w4a6", "w4a4")) + (
     "w8a8", "w4a8", "w4a6", "w4a4") + tuple(
     f"{m}-{b}-fast" for m in ("rtn", "svdquant", "rotation", "qdit4sr") for b in ("w4a8", "w4a6", "w4a4")) + tuple(
-    f"{m}-{b}-small" for m in ("svdquant", "qdit4sr") for b in ("w4a8", "w4a6", "w4a4"))
+    f"{m}-{b}-small" for m in ("svdquant", "qdit4sr") for b in ("w4a8", "w4a6", "w4a4")) + tuple(
+    f"qdit4sr-{b}{s}-sens" for s in ("", "-fast", "-small") for b in ("w4a6", "w4a4"))

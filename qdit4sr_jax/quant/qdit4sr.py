@@ -289,11 +289,12 @@ def branch_spec(cfg, kernel_shape, spec0: LayerSpec, measured: bool) -> BranchSp
 
 
 def activation_schedules(stats: Mapping[str, dict], names, avg_bits, candidates,
-                         step_weights=None) -> Dict[str, np.ndarray]:
+                         step_weights=None, use_step_gain: bool = False) -> Dict[str, np.ndarray]:
     """VaTMP for the named layers from calibration stats ({path: {"var": [T], ...}}) -> {path: int [T]}.
 
     step_weights: optional [T] weights w_t >= 0 of the steps (`quant.stepgain.step_sensitivity`): the DP then
-    minimises sum_t w_t sigma_{l,t}^2 2^(-2 a_t) instead of the paper's unweighted sum."""
+    minimises sum_t w_t sigma_{l,t}^2 2^(-2 a_t) instead of the paper's unweighted sum. use_step_gain: take
+    each layer's weights from its stats' "step_gain" (QuantConfig.vatmp_step_weights="sensitivity")."""
     missing = [n for n in names if lookup(stats, n) is None]
     if missing:
         raise ValueError(f"VaTMP: no calibration statistics for layers {missing[:5]}; calibrated layers: "
@@ -304,9 +305,17 @@ def activation_schedules(stats: Mapping[str, dict], names, avg_bits, candidates,
         raise ValueError(f"VaTMP: calibration statistics have different step counts {sorted(steps)}; "
                          f"calibrate every layer over the same sampling run")
     var = np.stack(var)
+    from qdit4sr_jax.quant.stepgain import check_step_weights
     if step_weights is not None:
-        from qdit4sr_jax.quant.stepgain import check_step_weights
         var = var * check_step_weights(step_weights, var.shape[1])[None, :]
+    elif use_step_gain:
+        no_gain = [n for n in names if "step_gain" not in lookup(stats, n)]
+        if no_gain:
+            raise ValueError(f"QuantConfig.vatmp_step_weights='sensitivity' needs the sampler's step gains in the "
+                             f"calibration statistics (calibrate_images(..., step_gains=True)); layers without "
+                             f"them: {no_gain[:3]}")
+        var = var * np.stack([check_step_weights(np.asarray(lookup(stats, n)["step_gain"]).reshape(-1),
+                                                 var.shape[1]) for n in names])
     sched = schedule_activation_bits(var, avg_bits, candidates)
     return {n: sched[i] for i, n in enumerate(names)}
 
@@ -460,7 +469,8 @@ def _quantize_qdit4sr(params, cfg, calib, layer_w_bits, a_schedules, chunk, retu
     tm.lap("VaSMP")
     scheds = {}
     if cfg.vatmp:
-        scheds = activation_schedules(stats, order, cfg.a_bits, cfg.a_bit_candidates, step_weights)
+        scheds = activation_schedules(stats, order, cfg.a_bits, cfg.a_bit_candidates, step_weights,
+                                      use_step_gain=getattr(cfg, "vatmp_step_weights", "none") == "sensitivity")
     for nm, s in (a_schedules or {}).items():
         scheds[nm] = np.asarray(s)
     for nm, s in scheds.items():

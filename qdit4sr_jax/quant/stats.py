@@ -5,6 +5,8 @@
   absmax:    []      max |x|
   ch_absmax: [d_in]  per-input-channel max |x| (SmoothQuant / SVDQuant smoothing)
   tok_var:   []      mean over tokens of the per-token variance (per-token quantizer noise scale)
+Calibration over a sampler may add, per layer, `step_gain` [T]: the sampler's step sensitivities
+(`quant.stepgain`; the same vector for every layer of one run), averaged like variances when merged.
 """
 from __future__ import annotations
 
@@ -28,7 +30,7 @@ def activation_stats(x):
 # "tok_var": [T]}} with a leading step axis T (T = 1 for a single forward pass), float32: numpy arrays
 # when given numpy arrays (no extra axes to reduce), jax arrays otherwise.
 
-STAT_NAMES = ("var", "absmax", "ch_absmax", "tok_var")
+STAT_NAMES = ("var", "absmax", "ch_absmax", "tok_var", "step_gain")
 _MAX_STATS = ("absmax", "ch_absmax")
 
 

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from qdit4sr_jax import sampling
-from qdit4sr_jax.config import ModelConfig
+from qdit4sr_jax.config import ModelConfig, QuantConfig
 from qdit4sr_jax.model.dit4sr import DiT4SRTransformer, param_shapes
 from qdit4sr_jax.quant.qdit4sr import activation_schedules
 from qdit4sr_jax.quant.stepgain import check_step_weights, step_sensitivity
@@ -88,6 +88,25 @@ def test_weighted_vatmp_gives_the_sensitive_step_more_bits():
     w = activation_schedules(stats, ["a", "b"], 4, (3, 4, 5, 6, 8), step_weights=[1.0, 16.0])
     assert w["a"].tolist() == [3, 5] and w["b"].tolist() == [4, 4]
     np.testing.assert_array_equal(activation_schedules(stats, ["a", "b"], 4, (3, 4, 5, 6, 8))["b"], plain[1])
+    # QuantConfig.vatmp_step_weights="sensitivity": the weights come from each layer's stats' "step_gain"
+    gained = {n: dict(v, step_gain=np.array([1.0, 16.0])) for n, v in stats.items()}
+    np.testing.assert_array_equal(activation_schedules(gained, ["a", "b"], 4, (3, 4, 5, 6, 8), use_step_gain=True)["a"],
+                                  w["a"])
+    with pytest.raises(ValueError, match="step_gains=True"):
+        activation_schedules(stats, ["a", "b"], 4, (3, 4, 5, 6, 8), use_step_gain=True)
+    with pytest.raises(ValueError, match="vatmp_step_weights"):
+        QuantConfig(vatmp_step_weights="bogus").validate()
     for bad, msg in (([1.0], "shape"), ([1.0, np.nan], "finite"), ([1.0, -1.0], ">= 0"), ([0.0, 0.0], "zero")):
         with pytest.raises(ValueError, match=msg):
             check_step_weights(bad, 2)
+
+
+def test_sens_presets():
+    q = QuantConfig.preset("qdit4sr-w4a4-small-sens")
+    assert q.vatmp_step_weights == "sensitivity" and q.lowrank_bits == 8 and q.needs_step_gains
+    assert QuantConfig.preset("qdit4sr-w4a6-sens").a_bits == 6
+    assert not QuantConfig.preset("qdit4sr-w4a4").needs_step_gains
+    assert QuantConfig.from_dict(q.to_dict()) == q
+    for bad in ("svdquant-w4a4-sens", "qdit4sr-w4a16-sens", "qdit4sr-w4a4-sens-fast"):
+        with pytest.raises(ValueError):
+            QuantConfig.preset(bad)
