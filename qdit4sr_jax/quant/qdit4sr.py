@@ -391,6 +391,18 @@ def _quantize_qdit4sr(params, cfg, calib, layer_w_bits, a_schedules, chunk, retu
     measured = bool(cfg.vasmp) and distortion == "measured"
     tm.lap("select layers + calib stats")
 
+    # ---- VaTMP: a function of the calibration statistics alone, so it runs (and fails) before any SVD ----
+    scheds = {}
+    if cfg.vatmp:
+        scheds = activation_schedules(stats, list(names), cfg.a_bits, cfg.a_bit_candidates, step_weights,
+                                      use_step_gain=getattr(cfg, "vatmp_step_weights", "none") == "sensitivity")
+    for nm, s in (a_schedules or {}).items():
+        scheds[nm] = np.asarray(s)
+    for nm, s in scheds.items():
+        if s.ndim != 1 or not np.issubdtype(s.dtype, np.integer) or s.min() < 2 or s.max() > 8:
+            raise ValueError(f"layer {nm!r}: activation schedule must be integers in 2..8 of shape [T]")
+    tm.lap("VaTMP")
+
     # ---- pass 1: branches + residual variances ----------------------------------------------------
     layers = {}
     ch_host = {}
@@ -452,7 +464,7 @@ def _quantize_qdit4sr(params, cfg, calib, layer_w_bits, a_schedules, chunk, retu
     del pending
     tm.lap("pass 1 collect (device_get, per-layer loop)")
 
-    # ---- VaSMP / VaTMP ---------------------------------------------------------------------------
+    # ---- VaSMP ---------------------------------------------------------------------------------
     order = list(layers)
     sizes = np.array([int(np.prod(layers[nm]["kernel"].shape)) for nm in order], np.int64)
     if measured:
@@ -467,16 +479,6 @@ def _quantize_qdit4sr(params, cfg, calib, layer_w_bits, a_schedules, chunk, retu
             raise ValueError(f"w_bits={cfg.w_bits} is fractional; that needs vasmp=True")
         w_bits = {nm: int(fixed_bits.get(nm, cfg.w_bits)) for nm in order}
     tm.lap("VaSMP")
-    scheds = {}
-    if cfg.vatmp:
-        scheds = activation_schedules(stats, order, cfg.a_bits, cfg.a_bit_candidates, step_weights,
-                                      use_step_gain=getattr(cfg, "vatmp_step_weights", "none") == "sensitivity")
-    for nm, s in (a_schedules or {}).items():
-        scheds[nm] = np.asarray(s)
-    for nm, s in scheds.items():
-        if s.ndim != 1 or not np.issubdtype(s.dtype, np.integer) or s.min() < 2 or s.max() > 8:
-            raise ValueError(f"layer {nm!r}: activation schedule must be integers in 2..8 of shape [T]")
-    tm.lap("VaTMP")
 
     # ---- pass 2: quantize the residuals ----------------------------------------------------------
     # one program per (shape, dtype, recipe, node structure): the weight bits are data (see

@@ -145,3 +145,7 @@ def test_errors(tiny):
         quantize(params, QuantConfig.preset("qdit4sr-w4a4").replace(vatmp=False), calib, step_weights=np.ones(T))
     with pytest.raises(ValueError, match="no VaTMP"):
         quantize(params, "w4a4", step_weights=np.ones(T))
+    with pytest.raises(ValueError, match="step_gains=True"):      # VaTMP runs before any SVD: fails at once
+        quantize(params, "qdit4sr-w4a4-sens", calib)
+    with pytest.raises(ValueError, match="shape"):
+        quantize(params, "qdit4sr-w4a4", calib, step_weights=np.ones(T + 1))
