@@ -322,14 +322,13 @@ def calibrate_images(cfg: ModelConfig, params: Mapping[str, Any], images, *, see
     runs = []
     for i, image in enumerate(images):
         d = _prepare(cfg, params, image, seed, prompt, 0, guidance_scale, process_size)
-        run = calibrate_sampler(cfg, params["transformer"], d["lr_lat"], d["noise"], context=d["ctx"],
-                                pooled=d["pool"], neg_context=d["nctx"], neg_pooled=d["npool"],
-                                num_steps=num_steps, guidance_scale=d["g"], **sample_kwargs)
+        kw = dict(context=d["ctx"], pooled=d["pool"], neg_context=d["nctx"], neg_pooled=d["npool"],
+                  num_steps=num_steps, guidance_scale=d["g"], **sample_kwargs)
+        run = calibrate_sampler(cfg, params["transformer"], d["lr_lat"], d["noise"], **kw)
         if step_gains:
             from qdit4sr_jax.quant.stepgain import step_sensitivity
             g = step_sensitivity(cfg, params["transformer"], d["lr_lat"], d["noise"], probes=probes, seed=seed + i,
-                                 context=d["ctx"], pooled=d["pool"], neg_context=d["nctx"], neg_pooled=d["npool"],
-                                 num_steps=num_steps, guidance_scale=d["g"], **sample_kwargs)
+                                 **kw)
             run = {k: dict(v, step_gain=np.asarray(g, np.float32)) for k, v in run.items()}
         runs.append(run)
         if progress:

@@ -144,14 +144,18 @@ def reinit_head(params):
     return _unflatten(flat)
 
 
+def _cosine(prog, final_frac: float, cos):
+    """final_frac + (1 - final_frac) (1 + cos(pi prog)) / 2 with `cos` = jnp.cos (traced) or math.cos (host)."""
+    return final_frac + (1 - final_frac) * 0.5 * (1 + cos(math.pi * prog))
+
+
 def lr_schedule(peak: float, total_steps: int, warmup: int, final_frac: float = 0.05):
     """Linear warmup to `peak`, cosine decay to peak * final_frac at `total_steps`."""
     def f(step):
         step = jnp.asarray(step, jnp.float32)
         w = jnp.minimum(1.0, (step + 1) / max(warmup, 1))
         prog = jnp.clip((step - warmup) / max(total_steps - warmup, 1), 0.0, 1.0)
-        cos = final_frac + (1 - final_frac) * 0.5 * (1 + jnp.cos(math.pi * prog))
-        return peak * w * cos
+        return peak * w * _cosine(prog, final_frac, jnp.cos)
     return f
 
 
@@ -172,9 +176,8 @@ def make_optimizer(peak_lr: float, total_steps: int, warmup: int, start_step: in
 
 def time_cosine(progress: float, final_frac: float = 0.05) -> float:
     """Cosine factor in [final_frac, 1] of a schedule at `progress` in [0, 1] (clipped): the decay part
-    of `lr_schedule`, for a schedule driven by wall-clock time instead of the step count."""
-    p = min(max(float(progress), 0.0), 1.0)
-    return final_frac + (1 - final_frac) * 0.5 * (1 + math.cos(math.pi * p))
+    of `lr_schedule`, for a schedule driven by wall-clock time instead of the step count (host floats)."""
+    return _cosine(min(max(float(progress), 0.0), 1.0), final_frac, math.cos)
 
 
 def make_train_step(cfg: ModelConfig, opt, bridge_frac: float = 0.0, bridge_sigma: float = 1.0,
