@@ -4,6 +4,15 @@
 #   bash benchmarks/demo_train_gpu.sh start MINUTES [extra train args]   # starts the trainer (setsid), watches ~9 min
 #   bash benchmarks/demo_train_gpu.sh watch                               # watches ~9.5 min more
 #   bash benchmarks/demo_train_gpu.sh finish                              # waits for the end, exports to $OUT
+#   bash benchmarks/demo_train_gpu.sh once MINUTES [extra train args]    # all in one call (the safe way)
+#
+# Use `once` (MINUTES <= ~7.5: the trainer's start and compile take 1.5-2.5 min of them, the exports ~1 min,
+# all inside the 10-minute call) and chain calls with RESUME: on 2026-12-04 the machine was given back between
+# calls twice in one session although each next call was issued at once (the 30-s warm period is shorter than a
+# reply can take), so a trainer that outlives its call is lost with the minutes since its last save. `once`
+# brings back the final exports and the float32 params (no EMA: with the working tree, data and the shipped
+# model, a second copy would pass the 64-MiB limit of what travels): copy $OUT/run to runs/NAME here and resume
+# with `RESUME=runs/NAME` + `carry: ["data", "runs/NAME"]`.
 #
 # The trainer runs in its own process session, so it survives the end of the `start` call as long as the
 # machine stays held: the next call must come within the device tool's warm period (30 s). It writes to
@@ -19,7 +28,7 @@
 set -uo pipefail
 RUN=${RUN:-/root/demo_run}
 LOG=$RUN.log
-phase=${1:?start MINUTES | watch | finish}
+phase=${1:?start MINUTES | watch | finish | once MINUTES}
 
 watch_for() {     # print progress lines for up to $1 seconds, or until the trainer has exited
   local until=$(( $(date +%s) + $1 ))
@@ -57,6 +66,11 @@ case "$phase" in
   watch)
     watch_for 555
     bring_back
+    ;;
+  once)
+    bash "$0" start "${@:2}"
+    rm -rf "$OUT/run/ema"
+    bash "$0" finish
     ;;
   finish)
     while kill -0 "$(cat "$RUN.pid" 2>/dev/null)" 2>/dev/null; do sleep 5; done

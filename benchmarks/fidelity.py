@@ -46,7 +46,7 @@ from qdit4sr_jax.demo import SAMPLES_DIR, psnr  # noqa: E402
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 DEFAULT_DATA = os.path.join(ROOT, "data")
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "RESULTS.md")
-METHODS = ("rtn", "smoothquant", "svdquant", "rotation", "qdit4sr")
+METHODS = ("rtn", "smoothquant", "svdquant", "rotation", "qdit4sr", "qdit4sr-sens")
 BITS = ("w8a8", "w4a6", "w4a4")
 
 
@@ -163,9 +163,11 @@ def load_bundle(spec: str):
 # ----------------------------------------------------------------------------- configs
 
 def method_config(method: str, bits: str, **overrides):
-    """QuantConfig of `method` at `bits` ("w4a4"): the project's preset, with optional field overrides."""
+    """QuantConfig of `method` at `bits` ("w4a4"): the project's preset, with optional field overrides.
+    A method ending in "-sens" ("qdit4sr-sens") is the preset with step-weighted VaTMP ("qdit4sr-w4a4-sens")."""
     from qdit4sr_jax.quant.config import QuantConfig
-    q = QuantConfig.preset(f"{method}-{bits}")
+    base, sens = (method[:-5], "-sens") if method.endswith("-sens") else (method, "")
+    q = QuantConfig.preset(f"{base}-{bits}{sens}")
     return q.replace(**overrides).validate() if overrides else q
 
 
@@ -581,9 +583,11 @@ def main(argv=None) -> int:
         rows = [st.bicubic_result(), st.fp_result()]
         for bits in args.bits.split(","):
             for m in args.methods.split(","):
+                if m.endswith("-sens") and bits == "w8a8":
+                    continue            # W8A8 keeps 8-bit activations at every step: no VaTMP to weight
                 rows.append(st.run(f"{m}-{bits}", method_config(m, bits), m, bits))
         sections.append(("Fidelity: every method at W8A8 / W4A6 / W4A4", rows))
-        grid_labels = [lb for lb in (f"{m}-w4a4" for m in ("rtn", "svdquant", "qdit4sr")) if lb in st.results]
+        grid_labels = [lb for lb in (f"{m}-w4a4" for m in ("rtn", "svdquant", "qdit4sr", "qdit4sr-sens")) if lb in st.results]
         if args.grid and grid_labels:
             write_grid(args.grid, st, grid_labels)
     if args.mode in ("ablation", "all"):

@@ -140,16 +140,17 @@ MODEL_PRESETS = {
     # The shipped demo model (qdit4sr_jax/assets/demo.safetensors, trained by qdit4sr_jax.train): the DiT4SR
     # architecture (LR stream, control conv, joint attention, adaLN, dual attention in block 0, qk RMSNorm)
     # at width 192 (3 heads x 64) and depth 5 over a 4x space-to-depth autoencoder (256x256 RGB <-> 64x64x48),
-    # a learned constant context (8 tokens) instead of text, flow matching, no guidance; sampling: 4 Euler
-    # steps from the noised LR latent (start="lr", sigma 0.25), the path the last training run fitted.
+    # a learned constant context (8 tokens) instead of text, flow matching with an LR-residual output
+    # (x0_hat = z_lr - 0.1 F), no guidance; sampling: 2 Euler steps from the noised LR latent (start="lr",
+    # sigma 0.1), the only path the training run (MODEL_CARD.md) fitted.
     "demo": ModelConfig(
         name="demo", patch_size=2, in_channels=48, out_channels=48, num_layers=5, attention_head_dim=64,
         num_attention_heads=3, joint_attention_dim=64, caption_projection_dim=192, pooled_projection_dim=64,
         pos_embed_max_size=64, sample_size=64, dual_attention_layers=(0,), qk_norm="rms_norm",
         lr_key_mode="r1", context_mode="learned", context_len=8,
         vae=VAEConfig(kind="space_to_depth", s2d_factor=4),
-        scale=4, num_steps=4, shift=1.0, guidance_scale=1.0, start="lr", start_sigma=0.25,
-        tile_latent=64, tile_overlap=16,
+        scale=4, num_steps=2, shift=1.0, guidance_scale=1.0, start="lr", start_sigma=0.1,
+        prediction="lr_residual", residual_scale=0.1, tile_latent=64, tile_overlap=16,
     ),
 }
 
