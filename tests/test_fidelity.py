@@ -74,12 +74,10 @@ def test_reduced_study_ordering_w4a4():
     """Two bundled samples (48x48 HR centre crops), 2 sampling steps (the demo model's), calibration on the
     third sample. With 2 steps the paper's VaTMP (unweighted cost) gives one step 3-bit activations and falls
     to RTN's level on this model (MODEL_CARD.md); the step-weighted VaTMP preset is the one that must lead."""
-    from qdit4sr_jax.quant.config import QuantConfig
     st = F.Study("demo", images=F.SAMPLES_DIR, crop=48, limit=2, calib="samples", n_calib=1, num_steps=2,
                  log=lambda *a: None)
-    cfgs = {m: F.method_config(m, "w4a4") for m in ("rtn", "svdquant", "qdit4sr")}
-    cfgs["qdit4sr-sens"] = QuantConfig.preset("qdit4sr-w4a4-sens")
-    psnr_fp = {m: st.run(m, q, m, "w4a4").mean("psnr_fp") for m, q in cfgs.items()}
+    psnr_fp = {m: st.run(m, F.method_config(m, "w4a4"), m, "w4a4").mean("psnr_fp")
+               for m in ("rtn", "svdquant", "qdit4sr", "qdit4sr-sens")}
     assert "rocket" in st.calib_desc                     # calibration disjoint from the evaluation images
     assert np.isfinite(list(psnr_fp.values())).all()
     assert psnr_fp["qdit4sr-sens"] >= psnr_fp["svdquant"] >= psnr_fp["rtn"], psnr_fp

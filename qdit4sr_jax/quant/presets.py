@@ -10,8 +10,8 @@ factors (`QuantConfig.lowrank_bits=8`: per-vector scales, half the branch bytes)
 branch (svdquant, qdit4sr). A final "-sens" suffix (e.g. "qdit4sr-w4a4-sens", "qdit4sr-w4a4-small-sens") weights
 VaTMP's steps by the sampler's measured step sensitivities (`QuantConfig.vatmp_step_weights="sensitivity"`,
 quant/stepgain.py; calibrate with `calibrate_images(..., step_gains=True)`): an extension of the paper, only for
-qdit4sr. On the demo model at W4A4 it gained 2.4 dB PSNR vs FP over the paper's VaTMP at 4 steps and 5.6 dB at
-2 steps (benchmarks/RESULTS.md, 2026-12-04).
+qdit4sr. At W4A4 it gained 2.4 dB PSNR vs FP over the paper's VaTMP on the 4-step demo model shipped before
+2026-12-04 (5.6 dB with 2 steps), and 1.5 dB on the current 2-step demo model (benchmarks/RESULTS.md, 2026-12-04).
 
 Per-method settings (and where they come from):
 - rtn:          weights RTN group 64 (per channel at 8 bits), activations per token.

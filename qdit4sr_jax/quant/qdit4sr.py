@@ -395,7 +395,7 @@ def _quantize_qdit4sr(params, cfg, calib, layer_w_bits, a_schedules, chunk, retu
     scheds = {}
     if cfg.vatmp:
         scheds = activation_schedules(stats, list(names), cfg.a_bits, cfg.a_bit_candidates, step_weights,
-                                      use_step_gain=getattr(cfg, "vatmp_step_weights", "none") == "sensitivity")
+                                      use_step_gain=cfg.vatmp_step_weights == "sensitivity")
     for nm, s in (a_schedules or {}).items():
         scheds[nm] = np.asarray(s)
     for nm, s in scheds.items():
