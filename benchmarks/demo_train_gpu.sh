@@ -24,9 +24,15 @@
 # re-warm). (2026-12-04: a 21.5-min run was lost at minute 18 because the call after `watch` came too late
 # and this copy did not exist yet.) `finish` exports the EMA, final and best-validation params as bf16 model
 # files (2-step LR-start sampler, the demo default) with the log into $OUT.
+# INIT=MODEL_FILE (with `start` / `once`, no RESUME) starts the run from a model file instead of from scratch
+# (`python -m qdit4sr_jax.train import`: fine-tuning the shipped demo model at peak LR $INIT_LR, default 2e-4).
+# The trainer keeps JAX's persistent compilation cache in $CACHE (/root/jaxcache); `once` brings it back as
+# $OUT/jaxcache.tar, and a RESUME directory holding jaxcache.tar restores it, so that the next call skips the
+# ~90-s compile of the train step.
 # Needs `carry: ["data"]` (python -m qdit4sr_jax.data.gather --out data).
 set -uo pipefail
 RUN=${RUN:-/root/demo_run}
+CACHE=${CACHE:-/root/jaxcache}
 LOG=$RUN.log
 phase=${1:?start MINUTES | watch | finish | once MINUTES}
 
@@ -52,14 +58,22 @@ case "$phase" in
     minutes=${2:?minutes}; shift 2
     nvidia-smi --query-gpu=name,memory.total,clocks.sm --format=csv,noheader
     mkdir -p "$(dirname "$RUN")"
-    if [ -n "${RESUME:-}" ]; then cp -r "$RESUME" "$RUN"; echo "resuming from $RESUME"; fi
+    if [ -n "${RESUME:-}" ]; then
+      cp -r "$RESUME" "$RUN"; echo "resuming from $RESUME"
+      [ -f "$RESUME/jaxcache.tar" ] && tar -xf "$RESUME/jaxcache.tar" -C "$(dirname "$CACHE")" \
+        && echo "compilation cache restored: $(du -sh "$CACHE" | cut -f1)"
+    elif [ -n "${INIT:-}" ]; then
+      python3 -m qdit4sr_jax.train import --model "$INIT" --out "$RUN" --step "${INIT_STEP:-500}" --lr "${INIT_LR:-2e-4}" || exit 1
+    fi
     PYTHONUNBUFFERED=1 setsid nohup python3 -m qdit4sr_jax.train --data data --out "$RUN" \
+      --compile-cache "$CACHE" \
       --max-minutes "$minutes" --total-steps 1000000 --schedule time --batch 128 --lr 4e-4 --warmup 500 \
       --weight-decay 0.05 --bridge-frac 1.0 --bridge-sigma 0.1 --prediction lr_residual --residual-scale 0.1 \
       --color-aug --invert-prob 0.25 --ema 0.999 --keep-best --val-every 250 --log-every 250 \
       --save-every-minutes 3 "$@" > "$LOG" 2>&1 < /dev/null &
     echo $! > "$RUN.pid"
     echo "trainer pid $(cat "$RUN.pid")"
+    [ "${NO_WATCH:-0}" = 1 ] && exit 0
     watch_for 530
     bring_back
     ;;
@@ -67,21 +81,27 @@ case "$phase" in
     watch_for 555
     bring_back
     ;;
-  once)
-    bash "$0" start "${@:2}"
-    rm -rf "$OUT/run/ema"
-    bash "$0" finish
+  once)     # start, wait for the end, bring back the final float32 params (no EMA: size), export
+    NO_WATCH=1 bash "$0" start "${@:2}" || exit 1
+    while kill -0 "$(cat "$RUN.pid" 2>/dev/null)" 2>/dev/null; do sleep 5; done
+    mkdir -p "$OUT/run" && cp "$RUN"/state.json "$RUN"/params-*.npz "$OUT/run/"
+    SKIP_FINAL=1 bash "$0" finish
+    size=$(du -sb "$CACHE" 2>/dev/null | cut -f1)
+    if [ -n "$size" ] && [ "$size" -lt 16000000 ]; then tar -cf "$OUT/jaxcache.tar" -C "$(dirname "$CACHE")" \
+      "$(basename "$CACHE")"; else echo "compilation cache not brought back (${size:-0} bytes)"; fi
+    ls -la "$OUT" "$OUT/run"
     ;;
   finish)
     while kill -0 "$(cat "$RUN.pid" 2>/dev/null)" 2>/dev/null; do sleep 5; done
     tr '\r' '\n' < "$LOG" | grep -v '^train: ' > "$OUT/train.log"
     tail -n 40 "$OUT/train.log"
-    for d in ema "" best; do
-      src="$RUN/$d"; name=demo_${d:-final}.safetensors
-      [ -f "$src/state.json" ] && python3 -m qdit4sr_jax.train export --state "$src" --out "$OUT/$name" \
+    kinds="ema final best"; [ "${SKIP_FINAL:-0}" = 1 ] && kinds="ema best"
+    for d in $kinds; do
+      src="$RUN"; [ "$d" = final ] || src="$RUN/$d"; name=demo_$d.safetensors
+      [ -f "$src/state.json" ] && JAX_PLATFORMS=cpu python3 -m qdit4sr_jax.train export --state "$src" --out "$OUT/$name" \
         --num-steps 2 --start lr --start-sigma 0.1 --shift 1.0
     done
-    cp "$RUN/state.json" "$OUT/state.json"
+    [ "${SKIP_FINAL:-0}" = 1 ] || cp "$RUN/state.json" "$OUT/state.json"
     ;;
   *) echo "unknown phase $phase" >&2; exit 2 ;;
 esac

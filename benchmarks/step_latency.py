@@ -123,7 +123,8 @@ def qwix_tree(model, params, example, log):
     except Exception as e:                                    # benchmark-only dependency
         return None, f"qwix not importable: {e!r}"[:300]
     try:
-        rules = [qwix.QuantizationRule(module_path=r".*transformer_blocks_.*", weight_qtype=jnp.int8,
+        rules = [qwix.QuantizationRule(module_path=r".*transformer_blocks_.*", op_names=("dot_general", "einsum"),
+                                       weight_qtype=jnp.int8,
                                        act_qtype=jnp.int8)]
         qmodel = qwix.quantize_model(model, qwix.PtqProvider(rules))
         abs_q = jax.eval_shape(lambda: qmodel.init(jax.random.PRNGKey(0), *example))["params"]
@@ -134,11 +135,27 @@ def qwix_tree(model, params, example, log):
         return None, f"qwix failed: {e!r}"[:300]
 
 
+def parse_cases(items):
+    """['1024x1', '512x4'] -> [(1024, 1), (512, 4)]; a clear error for anything else."""
+    out = []
+    for it in items:
+        try:
+            size, b = (int(v) for v in it.lower().split("x"))
+        except ValueError:
+            raise SystemExit(f"--cases: {it!r} is not SIZExBATCH (e.g. 1024x1)") from None
+        if size <= 0 or b <= 0:
+            raise SystemExit(f"--cases: {it!r} needs a positive size and batch")
+        out.append((size, b))
+    return out
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", default="dit4sr")
     ap.add_argument("--sizes", type=int, nargs="+", default=[512, 1024], help="output sizes in pixels")
     ap.add_argument("--batch", type=int, nargs="+", default=[1])
+    ap.add_argument("--cases", nargs="+", default=None, metavar="SIZExBATCH",
+                    help="(size, batch) pairs in this order, e.g. 1024x1 512x1 512x4 (replaces --sizes x --batch)")
     ap.add_argument("--modes", nargs="+", default=list(MODES[:6]), choices=MODES)
     ap.add_argument("--attention", default="cudnn", help="'cudnn', 'fp8' (cuDNN FP8), 'fp8-ref' or 'xla' "
                     "(cudnn / fp8 fall back to xla if the bf16 step fails with them)")
@@ -148,6 +165,8 @@ def main(argv=None):
     ap.add_argument("--deadline", type=float, default=None, help="skip remaining work after this many seconds")
     ap.add_argument("--out", default=None, help="JSON results file")
     a = ap.parse_args(argv)
+    cases = parse_cases(a.cases) if a.cases else [(s, b) for s in a.sizes for b in a.batch]
+    a.sizes = sorted({s for s, _ in cases})
     t_start = time.perf_counter()
     log = lambda s: print(f"[{time.perf_counter() - t_start:7.1f}s] {s}", flush=True)
     from qdit4sr_jax.config import ModelConfig
@@ -181,50 +200,49 @@ def main(argv=None):
         else:
             models["qwix-w8a8"], trees["qwix-w8a8"] = got
     steps = {}
-    for size in a.sizes:
-        for b in a.batch:
-            args = inputs(mcfg, size, b)
-            base = None
-            for mode in [m for m in a.modes if m in trees]:
-                if a.deadline and time.perf_counter() - t_start > a.deadline:
-                    res["notes"].append(f"deadline: skipped {mode} at {size} batch {b}")
+    for size, b in cases:
+        args = inputs(mcfg, size, b)
+        base = None
+        for mode in [m for m in a.modes if m in trees]:
+            if a.deadline and time.perf_counter() - t_start > a.deadline:
+                res["notes"].append(f"deadline: skipped {mode} at {size} batch {b}")
+                continue
+            mdl = models[mode]
+            key = (id(mdl), mcfg.attention_impl)
+            if key not in steps:
+                steps[key] = make_step(mdl, mcfg.guidance_scale)
+            run = {"mode": mode, "size": size, "batch": b, "latent": size // mcfg.vae.downsample,
+                   "weight_bytes": tree_bytes(trees[mode])}
+            try:
+                left = None if not a.deadline else max(5.0, a.deadline - (time.perf_counter() - t_start))
+                run.update(compile_and_time(steps[key], (trees[mode],) + args, warmup=a.warmup,
+                                            iters=a.iters, budget_s=left))
+            except Exception as e:
+                if mode == "bf16" and mcfg.attention_impl in ("cudnn", "fp8"):
+                    res["notes"].append(f"{mcfg.attention_impl} attention failed ({e!r:.300}); falling back "
+                                        "to XLA attention")
+                    log(res["notes"][-1])
+                    mcfg = mcfg.replace(attention_impl=None)
+                    model = DiT4SRTransformer(mcfg)
+                    models = {m: (model if models[m] is mdl else models[m]) for m in models}
+                    steps.clear()
+                    steps[(id(model), None)] = make_step(model, mcfg.guidance_scale)
+                    run.update(compile_and_time(steps[(id(model), None)], (trees[mode],) + args,
+                                                warmup=a.warmup, iters=a.iters))
+                else:
+                    run["error"] = repr(e)[:500]
+                    log(f"{mode} {size} b{b} failed: {run['error']}")
+                    res["runs"].append(run)
                     continue
-                mdl = models[mode]
-                key = (id(mdl), mcfg.attention_impl)
-                if key not in steps:
-                    steps[key] = make_step(mdl, mcfg.guidance_scale)
-                run = {"mode": mode, "size": size, "batch": b, "latent": size // mcfg.vae.downsample,
-                       "weight_bytes": tree_bytes(trees[mode])}
-                try:
-                    left = None if not a.deadline else max(5.0, a.deadline - (time.perf_counter() - t_start))
-                    run.update(compile_and_time(steps[key], (trees[mode],) + args, warmup=a.warmup,
-                                                iters=a.iters, budget_s=left))
-                except Exception as e:
-                    if mode == "bf16" and mcfg.attention_impl in ("cudnn", "fp8"):
-                        res["notes"].append(f"{mcfg.attention_impl} attention failed ({e!r:.300}); falling back "
-                                            "to XLA attention")
-                        log(res["notes"][-1])
-                        mcfg = mcfg.replace(attention_impl=None)
-                        model = DiT4SRTransformer(mcfg)
-                        models = {m: (model if models[m] is mdl else models[m]) for m in models}
-                        steps.clear()
-                        steps[(id(model), None)] = make_step(model, mcfg.guidance_scale)
-                        run.update(compile_and_time(steps[(id(model), None)], (trees[mode],) + args,
-                                                    warmup=a.warmup, iters=a.iters))
-                    else:
-                        run["error"] = repr(e)[:500]
-                        log(f"{mode} {size} b{b} failed: {run['error']}")
-                        res["runs"].append(run)
-                        continue
-                run["attention"] = mcfg.attention_impl or "xla"
-                if mode == "bf16":
-                    base = run["median_ms"]
-                run["speedup_vs_bf16"] = None if base is None else base / run["median_ms"]
-                res["runs"].append(run)
-                log(f"{mode:13s} {size}px b{b}: {run['median_ms']:.2f} ms (p10 {run['p10_ms']:.2f}, "
-                    f"p90 {run['p90_ms']:.2f}, n={run['n']}), compile {run['compile_s']:.1f} s, "
-                    f"x{run['speedup_vs_bf16'] or 0:.2f} vs bf16")
-                write_json(a.out, res)
+            run["attention"] = mcfg.attention_impl or "xla"
+            if mode == "bf16":
+                base = run["median_ms"]
+            run["speedup_vs_bf16"] = None if base is None else base / run["median_ms"]
+            res["runs"].append(run)
+            log(f"{mode:13s} {size}px b{b}: {run['median_ms']:.2f} ms (p10 {run['p10_ms']:.2f}, "
+                f"p90 {run['p90_ms']:.2f}, n={run['n']}), compile {run['compile_s']:.1f} s, "
+                f"x{run['speedup_vs_bf16'] or 0:.2f} vs bf16")
+            write_json(a.out, res)
     write_json(a.out, res)
     print_table(res)
     return res

@@ -2,6 +2,7 @@
 
     python -m qdit4sr_jax.train --data data --out runs/demo --total-steps 20000 --max-minutes 8.5
     python -m qdit4sr_jax.train export --state runs/demo --out qdit4sr_jax/assets/demo.safetensors
+    python -m qdit4sr_jax.train import --model qdit4sr_jax/assets/demo.safetensors --out runs/ft   # fine-tune
 
 Objective (rectified flow, as SD3): x0 = the HR image through the space-to-depth autoencoder, z_lr = the
 bicubic-upsampled LR image through the same autoencoder, x_t = (1 - s) x0 + s eps, target v = eps - x0,
@@ -302,6 +303,27 @@ def export_model(state_dir: str, out_path: str, dtype: str = "bfloat16", **cfg_o
     return cfg
 
 
+def import_model(model_path: str, out_dir: str, *, step: int = 0, peak_lr: float = 2e-4, warmup: int = 500,
+                 data_seed: int = 10**9 + 7):
+    """Start a training state in `out_dir` from a model file (the inverse of `export_model`): its transformer
+    params as float32 and its ModelConfig, at `step` with a fresh wall-clock schedule (no training seconds,
+    peak `peak_lr`), so that `train` resumes from it (fine-tuning the shipped demo model, say). `data_seed`
+    selects a pair stream different from the original run's. Refuses a directory that already holds a state."""
+    from qdit4sr_jax.io.modelfile import load_model
+    if os.path.exists(os.path.join(out_dir, "state.json")):
+        raise FileExistsError(f"{out_dir!r} already holds a training state; import into an empty directory")
+    cfg, tree = load_model(model_path, check=True)
+    if "transformer" not in tree:
+        raise ValueError(f"{model_path!r} holds no transformer params")
+    params = jax.tree_util.tree_map(lambda a: np.asarray(a, np.float32), tree["transformer"])
+    n_params = sum(int(np.prod(a.shape)) for a in jax.tree_util.tree_leaves(params))
+    meta = dict(config=config_to_dict(cfg), step=int(step), total_steps=1_000_000, warmup=int(warmup),
+                peak_lr=float(peak_lr), train_seconds=0.0, schedule="time", data_seed=int(data_seed), log=[],
+                runs=[], val_loss={}, n_params=n_params, best={}, imported_from=os.path.basename(model_path))
+    save_state(out_dir, params, meta)
+    return cfg, meta
+
+
 # ----------------------------------------------------------------------------- validation
 
 _val_loss_fn = jax.jit(flow_loss, static_argnums=(1,))
@@ -342,6 +364,9 @@ def train(args, cfg: Optional[ModelConfig] = None):
     from qdit4sr_jax.data.datasets import PairBank, validation_set
 
     t_start = time.time()
+    if getattr(args, "compile_cache", None):
+        from qdit4sr_jax.quant.api import enable_compilation_cache
+        print(f"compilation cache {enable_compilation_cache(args.compile_cache, min_compile_time_s=1.0)}")
     resume = os.path.exists(os.path.join(args.out, "state.json"))
     if resume:
         params, meta = load_state(args.out)
@@ -563,6 +588,19 @@ def main(argv=None):
         print(f"wrote {a.out} ({os.path.getsize(a.out) / 2**20:.2f} MiB): {cfg.name}, steps {cfg.num_steps}, "
               f"shift {cfg.shift}, start {cfg.start}")
         return
+    if argv and argv[0] == "import":
+        ap = argparse.ArgumentParser(prog="python -m qdit4sr_jax.train import",
+                                     description="Start a training state from a model file (fine-tuning).")
+        ap.add_argument("--model", required=True, help="a qdit4sr-jax model file (e.g. the shipped demo model)")
+        ap.add_argument("--out", required=True, help="empty directory for the new training state")
+        ap.add_argument("--step", type=int, default=0, help="step count the state starts at (> 0: LR re-warm)")
+        ap.add_argument("--lr", type=float, default=2e-4, help="peak learning rate of the resumed run")
+        ap.add_argument("--data-seed", type=int, default=10**9 + 7)
+        a = ap.parse_args(argv[1:])
+        cfg, meta = import_model(a.model, a.out, step=a.step, peak_lr=a.lr, data_seed=a.data_seed)
+        print(f"imported {a.model} -> {a.out}: {cfg.name}, {meta['n_params']:,} params, step {a.step}, "
+              f"peak lr {a.lr}")
+        return
     ap = argparse.ArgumentParser(description="Train the demo DiT4SR model (flow matching, AdamW).")
     ap.add_argument("--preset", default="demo")
     ap.add_argument("--data", default="data")
@@ -609,6 +647,8 @@ def main(argv=None):
     ap.add_argument("--val-every", type=int, default=500)
     ap.add_argument("--val-count", type=int, default=0, help="use only the first N validation crops (0: all)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--compile-cache", default=None,
+                    help="directory of JAX's persistent compilation cache (a later run skips the compile)")
     train(ap.parse_args(argv))
 
 

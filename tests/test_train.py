@@ -115,6 +115,30 @@ def test_state_roundtrip_and_errors(tmp_path):
         T.load_state(str(tmp_path / "nowhere"))
 
 
+def test_import_model_inverts_export(tmp_path):
+    """A model file -> training state (fine-tuning the shipped model): bf16 values kept exactly as float32,
+    the config and the new schedule in the meta; an existing state is not overwritten."""
+    import ml_dtypes
+    cfg = _tiny_cfg()
+    params = T.init_train_params(cfg, seed=3)
+    T.save_state(str(tmp_path / "a"), params, dict(config=T.config_to_dict(cfg), step=5))
+    T.export_model(str(tmp_path / "a"), str(tmp_path / "m.safetensors"), num_steps=2)
+    cfg2, meta = T.import_model(str(tmp_path / "m.safetensors"), str(tmp_path / "b"), step=11, peak_lr=1e-4)
+    p2, meta2 = T.load_state(str(tmp_path / "b"))
+    assert cfg2.num_steps == 2 and T.config_from_dict(meta2["config"]) == cfg2
+    assert meta2["step"] == 11 and meta2["peak_lr"] == 1e-4 and meta2["train_seconds"] == 0.0
+    assert meta2["schedule"] == "time" and meta2["runs"] == [] and meta2["imported_from"] == "m.safetensors"
+    for a, b in zip(jax.tree_util.tree_leaves(params), jax.tree_util.tree_leaves(p2)):
+        assert b.dtype == np.float32
+        np.testing.assert_array_equal(np.asarray(a).astype(ml_dtypes.bfloat16).astype(np.float32), b)
+    with pytest.raises(FileExistsError, match="already holds"):
+        T.import_model(str(tmp_path / "m.safetensors"), str(tmp_path / "b"))
+    (tmp_path / "bad.safetensors").write_bytes(b"\x00" * 5)
+    with pytest.raises(ValueError, match="not a safetensors file"):
+        T.import_model(str(tmp_path / "bad.safetensors"), str(tmp_path / "c"))
+    assert not (tmp_path / "c" / "state.json").exists()
+
+
 def _fake_data(d):
     rng = np.random.default_rng(0)
     os.makedirs(d / "train")

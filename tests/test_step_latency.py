@@ -1,0 +1,34 @@
+"""CPU smoke test of benchmarks/step_latency.py: the case list and one tiny run per mode with ratios to bf16."""
+import json
+import os
+import sys
+
+import pytest
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
+
+from benchmarks import step_latency as S  # noqa: E402
+
+
+def test_parse_cases():
+    assert S.parse_cases(["1024x1", "512X4"]) == [(1024, 1), (512, 4)]
+    for bad in (["1024"], ["ax1"], ["0x1"], ["512x-1"]):
+        with pytest.raises(SystemExit, match="--cases"):
+            S.parse_cases(bad)
+
+
+def test_tiny_cases_in_the_given_order(tmp_path):
+    out = tmp_path / "step.json"
+    S.main(["--preset", "tiny", "--cases", "32x2", "16x1", "--modes", "bf16", "w8a8-fused", "--attention", "xla",
+            "--iters", "1", "--warmup", "0", "--out", str(out)])
+    res = json.load(open(out))
+    got = [(r["size"], r["batch"], r["mode"]) for r in res["runs"]]
+    assert got == [(32, 2, "bf16"), (32, 2, "w8a8-fused"), (16, 1, "bf16"), (16, 1, "w8a8-fused")]
+    for r in res["runs"]:
+        assert "error" not in r and r["median_ms"] > 0
+        assert r["speedup_vs_bf16"] == pytest.approx(
+            next(b["median_ms"] for b in res["runs"] if b["mode"] == "bf16" and b["size"] == r["size"])
+            / r["median_ms"])
+    w8 = next(r for r in res["runs"] if r["mode"] == "w8a8-fused")
+    assert w8["weight_bytes"] < res["bf16_weight_bytes"]
