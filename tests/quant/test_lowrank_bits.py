@@ -8,6 +8,7 @@ import pytest
 
 from conftest import rel_err
 import qdit4sr_jax
+from qdit4sr_jax import report
 from qdit4sr_jax.quant.api import quantized_layers
 from qdit4sr_jax.quant.config import QuantConfig
 from qdit4sr_jax.quant.kernels import KernelConfig, fused_linear
@@ -178,6 +179,22 @@ def test_toy_model_qdit4sr_small(toy, toy_small):
         assert n.block_u is not None and n.lr_a.dtype == n.block_v.dtype == jnp.int8, nm
         assert n.branch_bits == 8 and n.a_schedule is not None, nm
     assert stored / bf16 < 0.62, stored / bf16                          # int8 + (K + N + blocks) bf16 scales
+    # size as stored ("mission" convention): the int8 factors at 8 bits, their scales in scale_bits, the
+    # same from the tree and from the config (VaSMP aside: the tree's per-layer bits enter size_M)
+    lin = [report.LinearInfo(nm, n.shape[0], n.shape[1], False, 16) for nm, n in ns.items()]
+    inv = (lin, [], 0)
+    r = report.size_ops(report.ModelConfig.preset("tiny"), qparams=qs, inventory=inv, convention="mission",
+                        guidance=False)
+    branch_values = sum(getattr(n, f).size for n in ns.values() for f in BRANCH_FACTORS)
+    codes = sum(n.w_bits * n.shape[0] * n.shape[1] for n in ns.values())
+    assert r["size_M"] * 32e6 == pytest.approx(codes + 8 * branch_values)
+    scales = sum(8 * getattr(n, f + "_scale").nbytes for n in ns.values() for f in BRANCH_FACTORS)
+    assert r["scale_bits"] == pytest.approx(scales + sum(8 * (n.scale.nbytes + (0 if n.gscale is None else
+                                                                               n.gscale.nbytes)) for n in ns.values()))
+    r_cfg = report.size_ops(report.ModelConfig.preset("tiny"), cfg, inventory=inv, convention="mission",
+                            guidance=False)
+    assert r_cfg["scale_bits"] == pytest.approx(r["scale_bits"])
+    assert [p["branch_params"] for p in r_cfg["per_layer"]] == [p["branch_params"] for p in r["per_layer"]]
     f = jax.jit(lambda p, x, mode: model.apply({"params": _mode(p, mode)}, x, step=1), static_argnums=2)
     ref = np.asarray(f(qs, x, "fake"))
     for mode in ("int", "fused"):
