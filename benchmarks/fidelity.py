@@ -233,8 +233,11 @@ class Study:
 
     def __init__(self, model: str = "demo", images: Optional[str] = None, crop: Optional[int] = None,
                  limit: Optional[int] = None, calib: str = "train", n_calib: int = 4,
-                 num_steps: Optional[int] = None, seed: int = 0, log=print):
+                 num_steps: Optional[int] = None, seed: int = 0, log=print, step_gains: bool = True):
+        """step_gains: also measure the sampler's step sensitivities during calibration (probes; a few
+        seconds per calibration image), needed by configs with `vatmp_step_weights="sensitivity"`."""
         self.log = log
+        self.step_gains = bool(step_gains)
         self.cfg, self.params = load_bundle(model)
         self.model = model
         self.steps = int(num_steps or self.cfg.num_steps)
@@ -262,13 +265,16 @@ class Study:
             lrs, self.calib_desc = calibration_lrs(self.calib_source, self.n_calib, max(self.hw),
                                                    self.cfg.scale, exclude=[n for n, _, _ in self.images])
             self._calib = pipeline.calibrate_images(self.cfg, self.params, lrs, seed=self.seed,
-                                                    num_steps=self.steps, step_gains=True)
+                                                    num_steps=self.steps, step_gains=self.step_gains)
             self.log(f"calibrated on {self.calib_desc} x {self.steps} steps in {time.perf_counter() - t0:.1f} s")
         return self._calib
 
     def quantize(self, qcfg):
         from qdit4sr_jax.quant.api import quantize
         needs = qcfg.smooth or qcfg.vatmp
+        if qcfg.needs_step_gains and not self.step_gains:
+            raise ValueError("this Study calibrates without step gains (step_gains=False); a config with "
+                             "vatmp_step_weights='sensitivity' needs them")
         return quantize(self.params["transformer"], qcfg, calib=self.calib if needs else None)
 
     def run(self, label: str, qcfg, method: str = "", bits: str = "") -> Result:
@@ -574,7 +580,9 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     cmd = "python benchmarks/fidelity.py " + " ".join(sys.argv[1:] if argv is None else argv)
     t_start = time.perf_counter()
-    st = Study(args.model, args.images, args.crop, args.limit, args.calib, args.n_calib, args.steps, args.seed)
+    gains = args.mode in ("ablation", "all") or any(m.endswith("-sens") for m in args.methods.split(","))
+    st = Study(args.model, args.images, args.crop, args.limit, args.calib, args.n_calib, args.steps, args.seed,
+               step_gains=gains)
     sections = []
     desc = (f"Model `{args.model}` ({st.cfg.name}), {len(st.images)} evaluation images "
             f"{st.hw[1]}x{st.hw[0]} HR from `{os.path.relpath(default_eval_dir() if args.images is None else args.images, ROOT)}` "

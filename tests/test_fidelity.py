@@ -60,6 +60,16 @@ def test_calibration_folder_excludes_eval_images():
     assert len(lrs) == 1 and "rocket" in desc and lrs[0].shape == (8, 8, 3)
 
 
+def test_study_without_step_gains_refuses_sensitivity_configs():
+    """A Study that calibrates without step gains (fidelity.py without -sens methods) names the problem when a
+    step-weighted config reaches it, before anything is calibrated."""
+    st = F.Study.__new__(F.Study)
+    st.step_gains, st._calib = False, None
+    with pytest.raises(ValueError, match="step gains"):
+        st.quantize(F.method_config("qdit4sr-sens", "w4a4"))
+    assert st._calib is None
+
+
 def test_ablation_configs_are_valid():
     rows = F.ablation_configs("w4a4")
     labels = [lb for lb, _ in rows]
