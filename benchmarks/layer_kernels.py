@@ -1,0 +1,109 @@
+"""How many device kernels one fused quantized linear launches, feature by feature.
+
+A W4A4 Q-DiT4SR step on the H200 costs ~40 ms more than the W8A8 step at both 512 and 1024 px (RESULTS.md,
+2026-12-04 20:22 UTC), i.e. per-layer work, not per-token work; with 533 linears per step, every extra small
+kernel per layer costs ~533 launches. This script compiles `fused_linear` for one [M, K] x [K, N] layer with
+the features of the W4A4 presets added one at a time (packed 4-bit codes, two-level integer group scales,
+SmoothQuant smoothing, the low-rank branch, the H-SVD block branch, int8 branch factors, a VaTMP schedule
+read at a traced step) and counts the kernels in the optimized HLO's entry computation (fusions, custom
+calls such as cuBLAS GEMMs or the Pallas kernel, and unfused ops), on whatever backend runs it.
+
+    python benchmarks/layer_kernels.py                      # 1536 x 1536, M = 2048 (512 px, one stream)
+    python benchmarks/layer_kernels.py --k 256 --n 256 --m 64 --time   # small; --time adds a median time
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+_KERNEL_OPS = ("fusion", "custom-call", "dot", "convolution", "copy", "transpose", "reduce", "concatenate", "pad",
+               "dynamic-slice", "slice", "convert", "multiply", "add", "divide", "broadcast", "select", "clamp")
+
+
+def entry_kernels(compiled_text: str) -> dict:
+    """{op kind: count} of the ops in the ENTRY computation of an optimized HLO module's text that run as
+    kernels (parameters, tuples, bitcasts and constants are not counted)."""
+    entry = compiled_text[compiled_text.index("\nENTRY"):]
+    entry = entry[: entry.index("\n}") if "\n}" in entry else len(entry)]
+    ops = re.findall(r"= [^=]*? (" + "|".join(re.escape(o) for o in _KERNEL_OPS) + r")\(", entry)
+    return {o: ops.count(o) for o in sorted(set(ops))}
+
+
+def feature_cases(k: int, n: int, rank: int, block: int, seed: int = 0):
+    """[(label, make_qweight kwargs, traced step?)]: W8A8, then the W4A4 features added one at a time."""
+    rng = np.random.default_rng(seed)
+    nbo, nbi = -(-n // block), -(-k // block)
+    smooth = np.abs(rng.normal(size=k)) + 0.5
+    lr = dict(lr_a=rng.normal(size=(k, rank)) / k ** 0.5, lr_b=rng.normal(size=(rank, n)))
+    blocks = dict(block_u=rng.normal(size=(nbo, nbi, block)), block_v=rng.normal(size=(nbo, nbi, block)) / block,
+                  block=(block, block))
+    base = dict(w_bits=8, a_bits=8, execution="fused", group_size=None)
+    w4 = dict(base, w_bits=4, group_size=64, group_scale="int")
+    return [("W8A8 per-channel", base, False),
+            ("W4 packed per-channel", dict(base, w_bits=4), False),
+            ("W4 g64 int group scales", w4, False),
+            ("+ smoothing", dict(w4, smooth=smooth), False),
+            ("+ low-rank branch (bf16)", dict(w4, smooth=smooth, **lr), False),
+            ("+ H-SVD blocks (bf16)", dict(w4, smooth=smooth, **lr, **blocks), False),
+            ("+ int8 branch factors", dict(w4, smooth=smooth, **lr, **blocks, lowrank_bits=8), False),
+            ("+ VaTMP schedule, traced step", dict(w4, smooth=smooth, **lr, **blocks, lowrank_bits=8,
+                                                   a_schedule=np.array([4, 3, 5, 4], np.int32)), True)]
+
+
+def measure(m: int, k: int, n: int, rank: int = 32, block: int = 256, timed: bool = False, iters: int = 20):
+    """-> rows {label, kernels, by_op, ms (with timed)} for the feature cases on the default backend."""
+    from qdit4sr_jax.quant.kernels import fused_linear
+    from qdit4sr_jax.quant.qweight import make_qweight
+    rng = np.random.default_rng(1)
+    w = jnp.asarray(rng.normal(size=(n, k)) / k ** 0.5, jnp.float32)
+    x = jnp.asarray(rng.normal(size=(m, k)), jnp.bfloat16 if jax.default_backend() == "gpu" else jnp.float32)
+    rows = []
+    for label, kw, traced in feature_cases(k, n, min(rank, k, n), min(block, k, n)):
+        q = make_qweight(w, **kw)
+        f = jax.jit(lambda x, q, t, traced=traced: fused_linear(x, q, step=t if traced else None,
+                                                                act_bits=None if traced else q.a_bits))
+        compiled = f.lower(x, q, jnp.int32(1)).compile()
+        by_op = entry_kernels(compiled.as_text())
+        row = dict(label=label, kernels=sum(by_op.values()), by_op=by_op)
+        if timed:
+            jax.block_until_ready(compiled(x, q, jnp.int32(1)))
+            ts = []
+            for _ in range(iters):
+                t0 = time.perf_counter()
+                jax.block_until_ready(compiled(x, q, jnp.int32(1)))
+                ts.append(time.perf_counter() - t0)
+            row["ms"] = 1e3 * float(np.median(ts))
+        rows.append(row)
+    return rows
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--m", type=int, default=2048)
+    ap.add_argument("--k", type=int, default=1536)
+    ap.add_argument("--n", type=int, default=1536)
+    ap.add_argument("--rank", type=int, default=26, help="low-rank branch rank (H-SVD's global rank: 22-26)")
+    ap.add_argument("--block", type=int, default=256, help="H-SVD block size")
+    ap.add_argument("--time", action="store_true", help="also time each compiled layer (median of 20)")
+    a = ap.parse_args(argv)
+    rows = measure(a.m, a.k, a.n, a.rank, a.block, a.time)
+    print(f"{jax.devices()[0].device_kind}  jax {jax.__version__}  [{a.m} x {a.k}] x [{a.k} x {a.n}]")
+    print("| features | kernels | by op |" + (" median ms |" if a.time else "")
+          + "\n|---|---|---|" + ("---|" if a.time else ""))
+    for r in rows:
+        ops = ", ".join(f"{o} {c}" for o, c in r["by_op"].items())
+        print(f"| {r['label']} | {r['kernels']} | {ops} |" + (f" {r['ms']:.3f} |" if a.time else ""))
+    return rows
+
+
+if __name__ == "__main__":
+    main()
