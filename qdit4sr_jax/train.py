@@ -86,10 +86,28 @@ def sample_sigmas(rng, n: int):
     return jnp.where(jax.random.bernoulli(k3, 0.5, (n,)), u, ln)
 
 
+# optax.tree.norm where it exists (optax.global_norm is deprecated there), else the older name
+_global_norm = getattr(getattr(optax, "tree", None), "norm", None) or optax.global_norm
+
+LOSSES = ("mse", "charbonnier")
+CHARBONNIER_EPS = 1e-3
+
+
+def pointwise_loss(err, kind: str = "mse"):
+    """Mean over all elements of err**2 ("mse") or sqrt(err**2 + eps**2) ("charbonnier", a smooth L1 with
+    eps = CHARBONNIER_EPS, the loss of many PSNR-oriented SR networks); float32 scalar."""
+    if kind == "mse":
+        return jnp.mean(jnp.square(err))
+    if kind == "charbonnier":
+        return jnp.mean(jnp.sqrt(jnp.square(err) + CHARBONNIER_EPS ** 2))
+    raise ValueError(f"loss must be one of {LOSSES}, got {kind!r}")
+
+
 def flow_loss(params, cfg: ModelConfig, hr_uint8, lr_uint8, rng, sigmas=None, start_sigmas=None,
-              bridge_frac: float = 0.0, bridge_sigma: float = 1.0):
+              bridge_frac: float = 0.0, bridge_sigma: float = 1.0, loss: str = "mse"):
     """Mean squared velocity error over the batch (float32 scalar); with cfg.prediction "lr_residual" the
     mean squared error of F against (z_lr - x0) / cfg.residual_scale instead (x0 error / residual_scale).
+    loss: "mse" (default; also every validation figure) or "charbonnier" (`pointwise_loss`) of the same error.
 
     Each sample follows the straight path from its start x_s0 = (1 - s0) z_lr + s0 eps (s0 = 1: pure
     noise, plain flow matching; s0 < 1: the noised LR latent the sampler starts from with start="lr",
@@ -116,8 +134,8 @@ def flow_loss(params, cfg: ModelConfig, hr_uint8, lr_uint8, rng, sigmas=None, st
     xt = x0 + e(s / s0) * (start - x0)
     out = DiT4SRTransformer(cfg).apply({"params": params}, xt, zlr, 1000.0 * s).astype(jnp.float32)
     if cfg.prediction == "lr_residual":     # out = F, x0_hat = z_lr - c F: target (z_lr - x0) / c (x0 error / c)
-        return jnp.mean(jnp.square(out - (zlr - x0) / cfg.residual_scale))
-    return jnp.mean(jnp.square(out - (start - x0) / e(s0)))
+        return pointwise_loss(out - (zlr - x0) / cfg.residual_scale, loss)
+    return pointwise_loss(out - (start - x0) / e(s0), loss)
 
 
 # ----------------------------------------------------------------------------- init / optimizer
@@ -182,7 +200,7 @@ def time_cosine(progress: float, final_frac: float = 0.05) -> float:
 
 
 def make_train_step(cfg: ModelConfig, opt, bridge_frac: float = 0.0, bridge_sigma: float = 1.0,
-                    color_aug: bool = False, invert_prob: float = 0.0, ema: float = 0.0):
+                    color_aug: bool = False, invert_prob: float = 0.0, ema: float = 0.0, loss: str = "mse"):
     """jit step (params, opt_state, hr uint8, lr uint8, rng[, lr_mult[, ema_params, ema_decay]]) ->
     (params, opt_state, loss, grad norm[, ema_params]).
 
@@ -190,23 +208,25 @@ def make_train_step(cfg: ModelConfig, opt, bridge_frac: float = 0.0, bridge_sigm
     `invert_prob`). `lr_mult` (float32 scalar, default 1) scales the optimizer's update, i.e. its learning
     rate (AdamW's decoupled weight decay included): the host can drive the schedule (`--schedule time`).
     With `ema` > 0 the step also takes and returns an exponential moving average of the params,
-    ema <- d ema + (1 - d) params with d = the traced `ema_decay` argument.
+    ema <- d ema + (1 - d) params with d = the traced `ema_decay` argument. loss: `LOSSES` (training only).
     """
+    if loss not in LOSSES:
+        raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}")
     def step_fn(params, opt_state, hr, lr, rng, lr_mult=1.0, ema_params=None, ema_decay=0.0):
         if color_aug:
             rng, ka = jax.random.split(rng)
             hr, lr = color_augment(hr, lr, ka, invert_prob)
-        loss, grads = jax.value_and_grad(flow_loss)(params, cfg, hr, lr, rng, bridge_frac=bridge_frac,
-                                                    bridge_sigma=bridge_sigma)
+        value, grads = jax.value_and_grad(flow_loss)(params, cfg, hr, lr, rng, bridge_frac=bridge_frac,
+                                                     bridge_sigma=bridge_sigma, loss=loss)
         updates, opt_state = opt.update(grads, opt_state, params)
         updates = jax.tree_util.tree_map(lambda u: u * jnp.asarray(lr_mult, u.dtype), updates)
-        gnorm = optax.global_norm(grads)
+        gnorm = _global_norm(grads)
         params = optax.apply_updates(params, updates)
         if ema:
             ema_params = jax.tree_util.tree_map(lambda e, p: ema_decay * e + (1.0 - ema_decay) * p,
                                                 ema_params, params)
-            return params, opt_state, loss, gnorm, ema_params
-        return params, opt_state, loss, gnorm
+            return params, opt_state, value, gnorm, ema_params
+        return params, opt_state, value, gnorm
     return jax.jit(step_fn, donate_argnums=(0, 1, 6) if ema else (0, 1))
 
 
@@ -418,7 +438,7 @@ def train(args, cfg: Optional[ModelConfig] = None):
         ema_params = jax.tree_util.tree_map(lambda a: jnp.array(a, jnp.float32), ema_params)
     bridge = dict(bridge_frac=args.bridge_frac, bridge_sigma=args.bridge_sigma,
                   color_aug=getattr(args, "color_aug", False), invert_prob=getattr(args, "invert_prob", 0.0),
-                  ema=ema_decay)
+                  ema=ema_decay, loss=getattr(args, "loss", "mse"))
     step_fn = make_train_step(tcfg, opt, **bridge)
     best = dict(meta.get("best") or {})       # {"step", "psnr"}: the best start-PSNR state so far (--keep-best)
     best_dir = os.path.join(args.out, "best")
@@ -441,7 +461,8 @@ def train(args, cfg: Optional[ModelConfig] = None):
     def _meta(at, vl=None):
         runs = meta.get("runs", []) + [dict(start=start_step, end=at, seconds=round(time.time() - t_start, 1),
                                             device=str(jax.devices()[0].device_kind), batch=args.batch,
-                                            bridge_frac=args.bridge_frac, bridge_sigma=args.bridge_sigma)]
+                                            bridge_frac=args.bridge_frac, bridge_sigma=args.bridge_sigma,
+                                            loss=getattr(args, "loss", "mse"))]
         return dict(config=config_to_dict(cfg), step=at, total_steps=total, warmup=warmup, peak_lr=peak,
                     train_seconds=round(_train_seconds(), 1), schedule="time" if by_time else "steps",
                     batch=args.batch, crop=args.crop, data_seed=meta.get("data_seed", args.seed * 10**9), log=log,
@@ -647,6 +668,8 @@ def main(argv=None):
     ap.add_argument("--val-every", type=int, default=500)
     ap.add_argument("--val-count", type=int, default=0, help="use only the first N validation crops (0: all)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--loss", default="mse", choices=LOSSES,
+                    help="training loss of the same error (validation always reports the MSE)")
     ap.add_argument("--compile-cache", default=None,
                     help="directory of JAX's persistent compilation cache (a later run skips the compile)")
     train(ap.parse_args(argv))

@@ -79,6 +79,33 @@ def test_optimisation_steps_reduce_loss():
     assert after < 0.8 * before, (before, after)
 
 
+def test_charbonnier_loss_option():
+    """`pointwise_loss` values; flow_loss with loss="charbonnier" is the smooth L1 of the same error (below the
+    MSE for errors > 1, above it for small ones); a Charbonnier train step reduces the (MSE) loss too."""
+    err = jnp.array([0.0, 3.0, -4.0])
+    assert float(T.pointwise_loss(err)) == pytest.approx(25.0 / 3)
+    assert float(T.pointwise_loss(err, "charbonnier")) == pytest.approx((1e-3 + np.hypot(3, 1e-3) + np.hypot(4, 1e-3)) / 3)
+    with pytest.raises(ValueError, match="loss must be one of"):
+        T.pointwise_loss(err, "l3")
+    with pytest.raises(ValueError, match="loss must be one of"):
+        T.make_train_step(_tiny_cfg(), T.make_optimizer(1e-3, 10, 1, 0, 0)[0], loss="huber")
+    cfg = _tiny_cfg()
+    params = T.init_train_params(cfg, seed=4)
+    hr, lr = _batch(4)
+    key, sig = jax.random.PRNGKey(1), jnp.array([0.2, 0.4, 0.6, 0.8])
+    mse = float(T.flow_loss(params, cfg, hr, lr, key, sig))
+    cb = float(T.flow_loss(params, cfg, hr, lr, key, sig, loss="charbonnier"))
+    assert np.isfinite(cb) and cb != mse
+    opt, _ = T.make_optimizer(3e-3, total_steps=40, warmup=2, start_step=0, rewarm=0)
+    step = T.make_train_step(cfg, opt, loss="charbonnier")
+    state = opt.init(params)
+    p = jax.tree_util.tree_map(jnp.array, params)
+    for i in range(20):
+        p, state, value, gnorm = step(p, state, hr, lr, jax.random.fold_in(key, i))
+        assert np.isfinite(float(value)) and np.isfinite(float(gnorm))
+    assert float(T.flow_loss(p, cfg, hr, lr, key, sig)) < 0.9 * mse
+
+
 def test_time_cosine():
     assert T.time_cosine(0.0) == pytest.approx(1.0)
     assert T.time_cosine(0.5) == pytest.approx(0.525)
@@ -178,10 +205,12 @@ def test_train_runs_end_to_end_and_resumes(tmp_path):
     a = _args(tmp_path / "data", out, 2, prediction="lr_residual")
     a.bridge_frac, a.bridge_sigma, a.keep_best, a.val_every, a.color_aug, a.invert_prob = 1.0, 0.1, True, 1, True, 0.5
     a.schedule, a.ema = "time", 0.9        # wall-clock cosine; EMA params in OUT/ema (validated, kept as best)
+    a.loss = "charbonnier"
     T.train(a, None)
     meta = json.load(open(out / "state.json"))
     assert meta["step"] == 7 and meta["config"]["prediction"] == "lr_residual"
     assert meta["schedule"] == "time" and meta["train_seconds"] > 0
+    assert [r["loss"] for r in meta["runs"]] == ["mse", "mse", "charbonnier"]
     assert all(0 < e["lr"] <= 1.0001e-3 for e in meta["log"] if e["step"] > 5)
     ema, ema_meta = T.load_state(str(out / "ema"))
     assert ema_meta["step"] == 7 and ema_meta["ema"] == 0.9
