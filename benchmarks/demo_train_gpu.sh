@@ -46,9 +46,12 @@ watch_for() {     # print progress lines for up to $1 seconds, or until the trai
   tr '\r' '\n' < "$LOG" | grep '^train: ' | tail -n 1
 }
 
-bring_back() {    # the latest periodic save -> $OUT/run (+ ema), for a resume on a fresh machine
+bring_back() {    # the latest save -> $OUT/run (+ ema unless $1 = params-only), for a resume on a fresh machine
+  local err=/dev/null; [ "${1:-}" = params-only ] && err=/dev/stderr     # `once`: a missing state is an error
+  mkdir -p "$OUT/run"
+  cp "$RUN"/state.json "$RUN"/params-*.npz "$OUT/run/" 2>"$err"
+  [ "${1:-}" = params-only ] && return
   mkdir -p "$OUT/run/ema"
-  cp "$RUN"/state.json "$RUN"/params-*.npz "$OUT/run/" 2>/dev/null
   cp "$RUN"/ema/state.json "$RUN"/ema/params-*.npz "$OUT/run/ema/" 2>/dev/null
   ls -la "$OUT/run" "$OUT/run/ema"
 }
@@ -84,7 +87,7 @@ case "$phase" in
   once)     # start, wait for the end, bring back the final float32 params (no EMA: size), export
     NO_WATCH=1 bash "$0" start "${@:2}" || exit 1
     while kill -0 "$(cat "$RUN.pid" 2>/dev/null)" 2>/dev/null; do sleep 5; done
-    mkdir -p "$OUT/run" && cp "$RUN"/state.json "$RUN"/params-*.npz "$OUT/run/"
+    bring_back params-only
     SKIP_FINAL=1 bash "$0" finish
     size=$(du -sb "$CACHE" 2>/dev/null | cut -f1)
     if [ -n "$size" ] && [ "$size" -lt 16000000 ]; then tar -cf "$OUT/jaxcache.tar" -C "$(dirname "$CACHE")" \

@@ -147,7 +147,7 @@ def profile_step(step, args, iters: int, warmup: int, keep: str = None, tag: str
 
 
 def diff(base: dict, other: dict, top: int = 15) -> dict:
-    """Category and kernel-name differences other - base (us per step), the largest first."""
+    """Category and kernel-kind differences other - base (us and calls per step), the largest first."""
     cats = sorted(set(base["categories_us"]) | set(other["categories_us"]))
     dc = {c: other["categories_us"].get(c, 0.0) - base["categories_us"].get(c, 0.0) for c in cats}
     get = lambda r, n, f: r["by_kind"].get(n, {}).get(f, 0.0)

@@ -323,6 +323,11 @@ def export_model(state_dir: str, out_path: str, dtype: str = "bfloat16", **cfg_o
     return cfg
 
 
+def param_count(tree) -> int:
+    """Number of parameters (array elements) in a params tree."""
+    return sum(int(np.prod(a.shape)) for a in jax.tree_util.tree_leaves(tree))
+
+
 def import_model(model_path: str, out_dir: str, *, step: int = 0, peak_lr: float = 2e-4, warmup: int = 500,
                  data_seed: int = 10**9 + 7):
     """Start a training state in `out_dir` from a model file (the inverse of `export_model`): its transformer
@@ -336,7 +341,7 @@ def import_model(model_path: str, out_dir: str, *, step: int = 0, peak_lr: float
     if "transformer" not in tree:
         raise ValueError(f"{model_path!r} holds no transformer params")
     params = jax.tree_util.tree_map(lambda a: np.asarray(a, np.float32), tree["transformer"])
-    n_params = sum(int(np.prod(a.shape)) for a in jax.tree_util.tree_leaves(params))
+    n_params = param_count(params)
     meta = dict(config=config_to_dict(cfg), step=int(step), total_steps=1_000_000, warmup=int(warmup),
                 peak_lr=float(peak_lr), train_seconds=0.0, schedule="time", data_seed=int(data_seed), log=[],
                 runs=[], val_loss={}, n_params=n_params, best={}, imported_from=os.path.basename(model_path))
@@ -416,7 +421,7 @@ def train(args, cfg: Optional[ModelConfig] = None):
         attn = "cudnn" if jax.default_backend() == "gpu" and args.dtype in ("bfloat16", "float16") else "xla"
     tcfg = cfg.replace(dtype=args.dtype, attention_impl=None if attn == "xla" else attn)
     params = jax.tree_util.tree_map(lambda a: jnp.asarray(a, jnp.float32), params)
-    n_params = sum(int(np.prod(a.shape)) for a in jax.tree_util.tree_leaves(params))
+    n_params = param_count(params)
     print(f"config {cfg.name}: {n_params:,} params, hidden {cfg.hidden_size}, {cfg.num_layers} blocks; "
           f"devices {jax.devices()}; compute {args.dtype}; attention {attn}", flush=True)
     if start_step >= total:
