@@ -21,6 +21,10 @@ Modes (--modes):
                 XLA int8 / fake quantization
   w4a4s-fused   qdit4sr-w4a4-small: w4a4i plus int8 low-rank branch factors (`lowrank_bits=8`, the smallest
                 tree: 1/3.59 of bf16); w4a4s-int: the same weights through XLA int8
+  *-prep        (w8a8-prep, w4a4i-prep, w4a4s-prep) the fused mode with its weights `kernels.prepare`d before
+                the timed step (unpacked int8 codes, float branch factors, the joint up-projection), as
+                `sampling.sample` runs them: the per-step cost inside a sampling run; weight bytes are those
+                of the prepared tree
   qwix-w8a8     qwix's int8 PTQ of the same model, when qwix is importable (else recorded as skipped)
 Each mode: compile time, median / p10 / p90 of `--iters` timed steps after warm-up (block_until_ready),
 weight bytes (all params: codes, scales, integer group factors, branches, smoothing, schedules and every
@@ -48,7 +52,8 @@ from common import (CompileTimer, weight_breakdown, compile_and_time, device_byt
                     random_params, tree_bytes, write_json)
 
 MODES = ("bf16", "w8a8-int", "w8a8-fused", "w4a4-int", "w4a4-fused", "w4a4-fake", "w4a4pc-fused", "qwix-w8a8",
-         "w4a4i-fused", "w4a4i-int", "w4a4i-fake", "w4a4s-fused", "w4a4s-int")
+         "w4a4i-fused", "w4a4i-int", "w4a4i-fake", "w4a4s-fused", "w4a4s-int", "w8a8-prep", "w4a4i-prep",
+         "w4a4s-prep")
 
 
 def make_step(model, guidance: float, scan_steps: int = 1):
@@ -92,7 +97,7 @@ def quantized_trees(params, modes, steps: int, log):
     """{mode: params} for the requested quantized modes (quantizing each recipe once)."""
     from qdit4sr_jax.quant.api import quantize
     from qdit4sr_jax.quant.config import QuantConfig
-    from qdit4sr_jax.quant.kernels import with_execution
+    from qdit4sr_jax.quant.kernels import prepare, with_execution
     trees, info = {}, {}
     recipes = {}
     if any(m.startswith("w8a8") for m in modes):
@@ -122,8 +127,13 @@ def quantized_trees(params, modes, steps: int, log):
             f"{gib(info[name]['weight_bytes'])} GiB = 1/{tree_bytes(params) / info[name]['weight_bytes']:.2f} of "
             f"bf16; bytes by field {info[name]['weight_breakdown']}")
         for m in modes:
-            if m == name + "-int" or (m.startswith(name + "-") and m.split("-", 1)[1] in ("fused", "fake")):
-                trees[m] = q if m.endswith("-int") else with_execution(q, m.split("-", 1)[1])
+            kind = m.split("-", 1)[1] if m.startswith(name + "-") else None
+            if kind == "int":
+                trees[m] = q
+            elif kind in ("fused", "fake"):
+                trees[m] = with_execution(q, kind)
+            elif kind == "prep":
+                trees[m] = jax.block_until_ready(jax.jit(prepare)(with_execution(q, "fused")))
     return trees, info
 
 

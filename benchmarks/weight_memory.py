@@ -4,7 +4,8 @@ Every selected linear's node is built by `jax.eval_shape` of the Q-DiT4SR quanti
 (`quant.qdit4sr._branches_program` -> factor shapes, `_residual_program` at the layer's weight bits ->
 node arrays incl. b-bit packed codes, `_finish_node` -> the QuantizedWeight), then put into the tree like
 `quantize` does; the total is `common.tree_bytes` of that abstract tree, i.e. the bytes a real quantize
-stores (step_latency.py prints the same count from the real tree on the GPU). The bf16 baseline is the
+stores (step_latency.py prints the same count from the real tree on the GPU), and the bytes of the same tree
+`kernels.prepare`d for a sampling run (unpacked or still packed codes). The bf16 baseline is the
 float tree in bf16 (step_latency.py's `param_dtype="bfloat16"`).
 
 Weight bits per layer (`--alloc`):
@@ -141,6 +142,9 @@ def measure(model="dit4sr", preset="qdit4sr-w4a4-fast", alloc="uniform", hist="3
     q = rules.replace_kernels(params, new)
     nodes = [new[p] for p in paths]
     bf16, total = tree_bytes(params), tree_bytes(q)
+    from qdit4sr_jax.quant.kernels import prepare, with_execution
+    fused = with_execution(q, "fused")
+    prepared = {u: tree_bytes(jax.eval_shape(lambda t, u=u: prepare(t, unpack=u), fused)) for u in (True, False)}
     old_codes = sum(old_code_bytes(n) for n in nodes)
     parts = weight_breakdown(q)
     hist_out = {}
@@ -153,7 +157,8 @@ def measure(model="dit4sr", preset="qdit4sr-w4a4-fast", alloc="uniform", hist="3
             "breakdown": parts, "codes_bytes_before_bbit": old_codes,
             "quantized_bytes_before_bbit": total - parts["qvalue"] + old_codes,
             "ratio_before_bbit": bf16 / (total - parts["qvalue"] + old_codes),
-            "bytes_for_target_3.5": bf16 / 3.5}
+            "bytes_for_target_3.5": bf16 / 3.5,
+            "prepared_bytes": prepared[True], "prepared_packed_bytes": prepared[False]}
 
 
 UNPACK_SHAPES = ((1536, 1536), (1536, 6144), (6144, 1536))     # Flax kernels [K, N] of the DiT4SR linears
@@ -203,6 +208,9 @@ def main(argv=None):
     print(f"  quantized weights   {gb(r['quantized_bytes'])}  = 1/{r['ratio']:.3f} of bf16 "
           f"(target 1/3.5: <= {gb(r['bytes_for_target_3.5'])}, "
           f"{'met' if r['ratio'] >= 3.5 else 'missed by ' + gb(r['quantized_bytes'] - r['bytes_for_target_3.5'])})")
+    print(f"  prepared for a run   {gb(r['prepared_bytes'])}  = 1/{r['bf16_bytes'] / r['prepared_bytes']:.3f} "
+          f"(kernels.prepare, as sampling.sample holds them: int8 codes, float branches, U); codes kept packed "
+          f"{gb(r['prepared_packed_bytes'])} = 1/{r['bf16_bytes'] / r['prepared_packed_bytes']:.3f}")
     print(f"  before b-bit packing {gb(r['quantized_bytes_before_bbit'])}  = 1/{r['ratio_before_bbit']:.3f} "
           f"(codes {gb(r['codes_bytes_before_bbit'])})")
     labels = {"qvalue": "codes", "lr_a": "low-rank lr_a", "lr_b": "low-rank lr_b", "block_u": "block u",

@@ -173,11 +173,15 @@ def _rep(a, n):
 
 @functools.partial(jax.jit, static_argnames=("model_fn", "num_steps", "shift", "guidance_scale", "start",
                                              "start_sigma", "tile_latent", "tile_overlap", "tile_batch",
-                                             "force_tiling", "collect_stats", "prediction", "residual_scale"))
+                                             "force_tiling", "collect_stats", "prediction", "residual_scale",
+                                             "prepare_weights"))
 def _sample(params, lr_latent, noise, context, pooled, neg_context, neg_pooled, output_offsets=None, *, model_fn,
             num_steps,
             shift, guidance_scale, start, start_sigma, tile_latent, tile_overlap, tile_batch, force_tiling,
-            collect_stats, prediction="velocity", residual_scale=0.1):
+            collect_stats, prediction="velocity", residual_scale=0.1, prepare_weights=None):
+    if prepare_weights:                   # fused quantized layers: weight-side operands once, before the loop
+        from qdit4sr_jax.quant.kernels.prepared import prepare
+        params = prepare(params, unpack=prepare_weights == "unpacked")
     sigmas, timesteps = flow_schedule(num_steps, shift, start_sigma=start_sigma)
     B = noise.shape[0]
     cfg_on = guidance_scale != 1.0
@@ -220,7 +224,8 @@ def sample(cfg: ModelConfig, params, lr_latent, noise, *, context=None, pooled=N
            neg_pooled=None, num_steps: Optional[int] = None, guidance_scale: Optional[float] = None,
            start: Optional[str] = None, start_sigma: Optional[float] = None, tile_latent: Optional[int] = -1,
            tile_overlap: Optional[int] = None, tile_batch: Optional[int] = None, force_tiling: bool = False,
-           collect_stats: bool = False, model_fn: Optional[Callable] = None, output_offsets=None):
+           collect_stats: bool = False, model_fn: Optional[Callable] = None, output_offsets=None,
+           prepare_weights: Optional[str] = None):
     """Denoise from ``noise`` conditioned on ``lr_latent`` (both [B,h,w,C] float32) -> latents [B,h,w,C].
 
     params: the transformer's params. context [B,L,D] / pooled [B,P]: prompt embeddings (None with
@@ -231,7 +236,14 @@ def sample(cfg: ModelConfig, params, lr_latent, noise, *, context=None, pooled=N
     is the model's `calib` collection per step, each leaf stacked with a leading step axis [T, ...].
     ``output_offsets`` [T, B, h, w, C] float32 (optional) is added to the (guided) model output of each step
     before it becomes a velocity: the handle `quant.stepgain.step_sensitivity` differentiates through.
+    ``prepare_weights`` (quantized layers with execution "fused"; the outputs are the same): None computes
+    their weight-side kernel operands per call (XLA may hoist them out of the step loop); "unpacked" once per
+    run, before the loop: int8 codes, float branch factors and the joint up-projection (`quant.kernels.
+    prepared`; the full DiT4SR at W4A4-small then holds 2.88 GB instead of 1.45 GB); "packed" the same with
+    the codes left packed (1.62 GB; `python benchmarks/weight_memory.py --preset qdit4sr-w4a4-small`).
     """
+    if prepare_weights not in (None, "packed", "unpacked"):
+        raise ValueError(f"prepare_weights must be None, 'packed' or 'unpacked', got {prepare_weights!r}")
     num_steps = int(cfg.num_steps if num_steps is None else num_steps)
     guidance_scale = float(cfg.guidance_scale if guidance_scale is None else guidance_scale)
     start = cfg.start if start is None else start
@@ -280,4 +292,5 @@ def sample(cfg: ModelConfig, params, lr_latent, noise, *, context=None, pooled=N
                    guidance_scale=guidance_scale, start=start, start_sigma=start_sigma,
                    tile_latent=int(tile_latent or 0), tile_overlap=tile_overlap, tile_batch=tile_batch,
                    force_tiling=bool(force_tiling), collect_stats=bool(collect_stats),
-                   prediction=cfg.prediction, residual_scale=float(cfg.residual_scale))
+                   prediction=cfg.prediction, residual_scale=float(cfg.residual_scale),
+                   prepare_weights=prepare_weights)

@@ -2,7 +2,8 @@
 
 `linear(x, w, bias=None, *, act_bits=None, step=None, execution=None)`:
   x:    [..., d_in] activations (compute dtype)
-  w:    float kernel [d_in, d_out] (Flax layout), or a `QuantizedWeight` node (see quant/qweight.py)
+  w:    float kernel [d_in, d_out] (Flax layout), a `QuantizedWeight` node (see quant/qweight.py), or its
+        prepared form `quant.kernels.prepared.KernelWeight` (run by the fused path)
   bias: [d_out] or None
   act_bits: overrides the node's activation bits (Python int or traced int32 scalar in 2..8)
   step: sampling-step index (int or traced int32 scalar); a node with an `a_schedule` [T] uses
@@ -34,6 +35,7 @@ import jax
 import jax.numpy as jnp
 
 from qdit4sr_jax.quant import quantizer as qz
+from qdit4sr_jax.quant.kernels.prepared import KernelWeight
 from qdit4sr_jax.quant.qweight import QuantizedWeight
 
 # Upper bound on elements of the int32 [c, M, N] partial-sum block of the group-wise int GEMM.
@@ -41,6 +43,11 @@ GROUP_CHUNK_ELEMENTS = 1 << 26
 
 
 def linear(x, w, bias=None, *, act_bits=None, step=None, execution=None):
+    if isinstance(w, KernelWeight):                  # a prepared fused node (quant/kernels/prepared.py)
+        if execution in (None, "fused"):
+            from qdit4sr_jax.quant.kernels import fused_linear
+            return fused_linear(x, w, bias, act_bits=act_bits, step=step)
+        w = w.node                                   # the same function through the reference paths
     if isinstance(w, QuantizedWeight) and (execution or w.execution) == "fused":
         # the fused GPU kernel (same function; XLA fallback off GPU): quant/kernels
         from qdit4sr_jax.quant.kernels import fused_linear

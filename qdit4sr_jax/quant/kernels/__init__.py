@@ -6,3 +6,4 @@
 from qdit4sr_jax.quant.kernels.fused import (BACKENDS, DEFAULT_CONFIG, GROUPED_CONFIG, KernelConfig,  # noqa: F401
                                              default_config, fused_linear,
                                              supports_fused, tiles_ok, with_execution)
+from qdit4sr_jax.quant.kernels.prepared import KernelWeight, prepare, prepare_weight  # noqa: F401

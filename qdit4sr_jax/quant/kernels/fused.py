@@ -139,10 +139,10 @@ class Operands:
     chunk: int
 
 
-def prologue(x2, w: QuantizedWeight, bits, *, pad_to: int = 1, chunk: Optional[int] = None) -> Operands:
+def prologue(x2, w: QuantizedWeight, bits, *, pad_to: int = 1, chunk: Optional[int] = None, up=None) -> Operands:
     """x2 [M, K] -> `Operands` (stage 1 of the module docstring). bits: int or traced int32 scalar.
     pad_to: pad the rows to a multiple of this; chunk: with packed weights, split every run of `chunk`
-    codes into [even | odd] (None: keep the natural order)."""
+    codes into [even | odd] (None: keep the natural order); up: (U, R) of `joint_up`, when precomputed."""
     from qdit4sr_jax.quant.linear import transform_input
     m, k = x2.shape
     if w.smooth is not None or w.rotate:
@@ -165,19 +165,40 @@ def prologue(x2, w: QuantizedWeight, bits, *, pad_to: int = 1, chunk: Optional[i
         if kp % c or c % 2:
             raise ValueError(f"packed-code run {c} must be even and divide the padded K={kp}")
         q = q.reshape(mp, kp // c, c // 2, 2).transpose(0, 1, 3, 2).reshape(mp, kp)
-    d, u, r = branch_operands(xt, w)
+    d, u, r = branch_operands(xt, w, up)
     return Operands(q, s[:, 0], d, u, m, r, c)
 
 
-def branch_operands(xt, w: QuantizedWeight):
-    """Branch features D [M, n_bo * R] and the joint up-projection U [R, N] (see module docstring).
+def joint_up(w: QuantizedWeight):
+    """-> (U [R, N] in the branch dtype, R): the joint up-projection [lr_b ; u_blocks] of the epilogue, zero
+    rows padding it to R (a power of 2 >= 16); (None, 0) without branches. Weight-only: `kernels.prepare`
+    computes it once per run instead of once per call."""
+    w = w.float_branches()
+    if w.lr_a is None and w.block_u is None:
+        return None, 0
+    ups = []
+    if w.lr_a is not None:
+        ups.append(w.lr_b)
+    if w.block_u is not None:
+        nbo, nbi, bo = w.block_u.shape
+        ups.append(jnp.transpose(w.block_u, (1, 0, 2)).reshape(nbi, nbo * bo)[:, : w.n])  # [n_bi, N]
+    dt = (w.lr_a if w.lr_a is not None else w.block_u).dtype
+    u = jnp.concatenate(ups, axis=0).astype(dt)
+    r = _next_pow2(u.shape[0])
+    return jnp.pad(u, ((0, r - u.shape[0]), (0, 0))), r
+
+
+def branch_operands(xt, w: QuantizedWeight, up=None):
+    """Branch features D [M, n_bo * R] and the joint up-projection U [R, N] (see module docstring) -> (D, U, R).
     int8-stored factors (`QuantizedWeight.branch_bits`) are dequantized to the branch dtype here, as in
-    `linear.branches`, so the XLA and Pallas epilogues get the same float operands."""
+    `linear.branches`, so the XLA and Pallas epilogues get the same float operands. up: (U, R) computed
+    beforehand (`joint_up`; a `kernels.prepare`d weight), else built here."""
     w = w.float_branches()
     if w.lr_a is None and w.block_u is None:
         return None, None, 0
+    u, r = joint_up(w) if up is None else up
     m = xt.shape[0]
-    feats, ups = [], []
+    feats = []
     nbo = 1
     dt = (w.lr_a if w.lr_a is not None else w.block_u).dtype
     if w.block_u is not None:
@@ -185,19 +206,14 @@ def branch_operands(xt, w: QuantizedWeight):
     if w.lr_a is not None:
         h = jnp.dot(xt.astype(dt), w.lr_a, preferred_element_type=jnp.float32).astype(dt)   # [M, r]
         feats.append(jnp.broadcast_to(h[:, None, :], (m, nbo, h.shape[1])))
-        ups.append(w.lr_b)
     if w.block_u is not None:
         bo, bi = w.block
         xp = xt if nbi * bi == w.k else jnp.pad(xt, ((0, 0), (0, nbi * bi - w.k)))
         xb, bv = _widen_on_cpu(xp.reshape(m, nbi, bi).astype(dt), w.block_v)
         t = jnp.einsum("mjb,ijb->mij", xb, bv, preferred_element_type=jnp.float32).astype(dt)
         feats.append(t)                                                                   # [M, n_bo, n_bi]
-        ups.append(jnp.transpose(w.block_u, (1, 0, 2)).reshape(nbi, nbo * bo)[:, : w.n])  # [n_bi, N]
     d = jnp.concatenate(feats, axis=-1)
-    u = jnp.concatenate(ups, axis=0).astype(dt)
-    r = _next_pow2(d.shape[-1])
     d = jnp.pad(d, ((0, 0), (0, 0), (0, r - d.shape[-1]))).reshape(m, nbo * r)
-    u = jnp.pad(u, ((0, r - u.shape[0]), (0, 0)))
     return d, u, r
 
 
@@ -264,12 +280,17 @@ def choose_backend(backend: str, w: QuantizedWeight, cfg: KernelConfig) -> str:
 
 def fused_linear(x, w: QuantizedWeight, bias=None, *, act_bits=None, step=None, backend: str = "auto",
                  config: Optional[KernelConfig] = None):
-    """x [..., K] (float) through a QuantizedWeight node (+ bias [N]) -> [..., N] in x.dtype.
+    """x [..., K] (float) through a QuantizedWeight node or its `prepared.KernelWeight` (+ bias [N]) ->
+    [..., N] in x.dtype.
 
     Same function as `quant.linear.linear(x, w, bias, act_bits=..., step=...)`; see the module docstring
     for the stages and backends. config: tile sizes (`KernelConfig`).
     """
+    from qdit4sr_jax.quant.kernels.prepared import KernelWeight
     from qdit4sr_jax.quant.linear import quantized_linear, resolve_act_bits
+    up = None
+    if isinstance(w, KernelWeight):                      # weight-side operands computed beforehand
+        w, up = w.node, ((w.u, w.r) if w.u is not None else None)
     if not isinstance(w, QuantizedWeight):
         raise TypeError(f"fused_linear needs a QuantizedWeight node, got {type(w).__name__}")
     if x.shape[-1] != w.k:
@@ -283,11 +304,11 @@ def fused_linear(x, w: QuantizedWeight, bias=None, *, act_bits=None, step=None, 
     lead = x.shape[:-1]
     x2 = x.reshape(-1, w.k)
     if be == "xla":
-        ops = prologue(x2, w, bits)
+        ops = prologue(x2, w, bits, up=up)
         y = xla_gemm_epilogue(ops, w, bias, x.dtype)
     else:
         from qdit4sr_jax.quant.kernels.pallas_gpu import pallas_gemm_epilogue
-        ops = prologue(x2, w, bits, pad_to=cfg.block_m, chunk=_chunk(w, cfg))
+        ops = prologue(x2, w, bits, pad_to=cfg.block_m, chunk=_chunk(w, cfg), up=up)
         y = pallas_gemm_epilogue(ops, w, bias, x.dtype, cfg, interpret=(be == "interpret"))
     return y.reshape(*lead, w.n)
 

@@ -1,0 +1,114 @@
+"""Prepared weights (quant/kernels/prepared.py): a fused node's weight-side operands computed beforehand give
+exactly the stored node's outputs (both fused backends, every weight feature), dispatch through
+`quant.linear.linear`, leave other nodes alone, and the sampler runs prepared and unprepared alike."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from conftest import rel_err
+import qdit4sr_jax
+from qdit4sr_jax import sampling
+from qdit4sr_jax.config import ModelConfig
+from qdit4sr_jax.model.dit4sr import param_shapes
+from qdit4sr_jax.quant.kernels import KernelConfig, fused_linear, prepare, prepare_weight, with_execution
+from qdit4sr_jax.quant.kernels.prepared import KernelWeight, weight_bytes
+from qdit4sr_jax.quant.linear import linear
+from qdit4sr_jax.quant.qweight import QuantizedWeight, make_qweight
+
+N, K = 64, 128
+CFG = KernelConfig(block_m=16, block_n=32, block_k=64, num_warps=4, num_stages=2)
+CFG_K = KernelConfig(block_m=16, block_n=32, block_k=64, num_warps=4, num_stages=2, unpack="kernel")
+
+
+def _node(seed, **kw):
+    rng = np.random.default_rng(seed)
+    w = jnp.asarray(rng.normal(size=(N, K)).astype(np.float32) * 0.05)
+    extra = {}
+    if kw.pop("branches", False):
+        bo, bi = 32, 64
+        extra = dict(lr_a=rng.normal(size=(K, 12)) * 0.1, lr_b=rng.normal(size=(12, N)) * 0.1,
+                     block_u=rng.normal(size=(N // bo, K // bi, bo)) * 0.2,
+                     block_v=rng.normal(size=(N // bo, K // bi, bi)) * 0.2, block=(bo, bi),
+                     smooth=np.exp(rng.normal(size=(K,)) * 0.3).astype(np.float32))
+    return make_qweight(w, a_bits=4, execution="fused", **extra, **kw)
+
+
+def _x(seed):
+    x = np.random.default_rng(100 + seed).standard_t(5, size=(3, 7, K)).astype(np.float32)
+    x[..., 3] *= 10.0
+    return jnp.asarray(x)
+
+
+NODES = {  # name -> make_qweight kwargs
+    "w8 per channel": dict(w_bits=8),
+    "w4 packed, group 32": dict(w_bits=4, group_size=32),
+    "w4 int group scales + branches": dict(w_bits=4, group_size=32, group_scale="int", branches=True),
+    "w4 int8 branch factors": dict(w_bits=4, group_size=64, branches=True, lowrank_bits=8),
+    "w3 packed per channel + branches": dict(w_bits=3, branches=True),
+}
+
+
+@pytest.mark.parametrize("name", list(NODES))
+@pytest.mark.parametrize("backend,cfg,unpack", [("xla", CFG, True), ("interpret", CFG, True),
+                                                ("interpret", CFG_K, False)])
+def test_prepared_equals_stored(name, backend, cfg, unpack):
+    node = _node(len(name), **NODES[name])
+    kw = prepare_weight(node, unpack=unpack)
+    assert isinstance(kw, KernelWeight) and kw.shape == node.shape and kw.execution == "fused"
+    assert kw.node.branch_bits is None                                 # float factors
+    if unpack:
+        assert not kw.node.packed and kw.node.gscale is None and kw.node.qvalue.dtype == jnp.int8
+    bias = jnp.asarray(np.random.default_rng(1).normal(size=(N,)).astype(np.float32))
+    x = _x(len(name))
+    for bits in (4, 6):
+        out = fused_linear(x, kw, bias, act_bits=bits, backend=backend, config=cfg)
+        ref = fused_linear(x, node, bias, act_bits=bits, backend=backend, config=cfg)
+        np.testing.assert_array_equal(np.asarray(out), np.asarray(ref))
+        fake = linear(x, node, bias, act_bits=bits, execution="fake")
+        assert rel_err(out, fake) <= 2e-6
+    # unpacked codes are the stored codes() (two-level factors folded)
+    if unpack:
+        np.testing.assert_array_equal(np.asarray(kw.node.codes()), np.asarray(node.codes()))
+
+
+def test_linear_dispatch_tree_prepare_and_bytes():
+    fused = _node(3, w_bits=4, group_size=32, group_scale="int", branches=True)
+    fake = fused.replace(execution="fake")
+    tree = {"a": {"kernel": fused, "bias": jnp.zeros((N,))}, "b": {"kernel": fake}, "c": jnp.ones((4, 4))}
+    p = jax.jit(prepare)(tree)
+    assert isinstance(p["a"]["kernel"], KernelWeight)
+    assert isinstance(p["b"]["kernel"], QuantizedWeight)              # not fused: unchanged
+    assert p["c"] is not None and prepare(p)["a"]["kernel"].node.qvalue.shape == (N, K)   # idempotent
+    x = _x(0)
+    y = linear(x, p["a"]["kernel"], step=None)
+    np.testing.assert_array_equal(np.asarray(y), np.asarray(linear(x, fused)))
+    # the reference paths run the prepared node's function too
+    assert rel_err(linear(x, p["a"]["kernel"], execution="fake"), linear(x, fake)) <= 1e-6
+    # unpacking doubles the 4-bit codes' bytes; keeping them packed only adds U
+    stored = weight_bytes(fused)
+    assert weight_bytes(prepare_weight(fused)) > stored + N * K // 2 - 1
+    assert weight_bytes(prepare_weight(fused, unpack=False)) < weight_bytes(prepare_weight(fused))
+    assert weight_bytes(jax.eval_shape(prepare_weight, fused)) == weight_bytes(prepare_weight(fused))
+    with pytest.raises(TypeError, match="QuantizedWeight"):
+        prepare_weight(jnp.zeros((K, N)))
+
+
+@pytest.mark.slow
+def test_sampler_prepared_equals_per_call():
+    cfg = ModelConfig.preset("tiny")
+    r = np.random.default_rng(0)
+    params = jax.tree_util.tree_map(
+        lambda l: jnp.asarray(r.standard_normal(l.shape) / np.sqrt(np.prod(l.shape[:-1]) if l.ndim > 1 else 10),
+                              l.dtype), param_shapes(cfg))
+    lat = lambda s, shape: jnp.asarray(np.random.default_rng(s).normal(size=shape), jnp.float32)
+    lr, noise, ctx, pool = lat(1, (1, 16, 16, 4)), lat(2, (1, 16, 16, 4)), lat(3, (1, 7, 24)), lat(4, (1, 20))
+    q = with_execution(qdit4sr_jax.quantize(params, "w4a4"), "fused")
+    run = lambda prep: np.asarray(sampling.sample(cfg, q, lr, noise, context=ctx, pooled=pool, num_steps=2,
+                                                  guidance_scale=1.0, tile_latent=0, prepare_weights=prep))
+    base = run(None)
+    assert np.isfinite(base).all()
+    for prep in ("unpacked", "packed"):
+        np.testing.assert_allclose(run(prep), base, rtol=0, atol=1e-5)
+    with pytest.raises(ValueError, match="prepare_weights"):
+        run(True)
