@@ -5,7 +5,8 @@ A W4A4 Q-DiT4SR step on the H200 costs ~40 ms more than the W8A8 step at both 51
 kernel per layer costs ~533 launches. This script compiles `fused_linear` for one [M, K] x [K, N] layer with
 the features of the W4A4 presets added one at a time (packed 4-bit codes, two-level integer group scales,
 SmoothQuant smoothing, the low-rank branch, the H-SVD block branch, int8 branch factors, a VaTMP schedule
-read at a traced step; last, the same layer `kernels.prepare`d, as the sampler runs it) and counts the kernels in the optimized HLO's entry computation (fusions, custom
+read at a traced step; last, the same layer `kernels.prepare`d, as the sampler can run it, with the XLA
+prologue and with the prologue kernel, which only the Pallas backend (GPU) runs) and counts the kernels in the optimized HLO's entry computation (fusions, custom
 calls such as cuBLAS GEMMs or the Pallas kernel, and unfused ops), on whatever backend runs it.
 
     python benchmarks/layer_kernels.py                      # 1536 x 1536, M = 2048 (512 px, one stream)
@@ -70,13 +71,14 @@ def measure(m: int, k: int, n: int, rank: int = 32, block: int = 256, timed: boo
     rows = []
     cases = feature_cases(k, n, min(rank, k, n), min(block, k, n))
     label, kw, traced = cases[-1]                  # the whole W4A4 layer with its weight-side work done beforehand
-    cases.append(("prepared: weight-side operands once per run", dict(kw, prepared=True), traced))
+    cases.append(("prepared: weight-side operands once per run", dict(kw, prepared="xla"), traced))
+    cases.append(("prepared + prologue kernel (Pallas backend only)", dict(kw, prepared="pallas"), traced))
     for label, kw, traced in cases:
         kw = dict(kw)
-        prepared = kw.pop("prepared", False)
+        prepared = kw.pop("prepared", None)
         q = make_qweight(w, **kw)
         if prepared:
-            q = jax.block_until_ready(prepare_weight(q))
+            q = jax.block_until_ready(prepare_weight(q, prologue=prepared))
         f = jax.jit(lambda x, q, t, traced=traced: fused_linear(x, q, step=t if traced else None,
                                                                 act_bits=None if traced else q.a_bits))
         compiled = f.lower(x, q, jnp.int32(1)).compile()

@@ -25,6 +25,8 @@ Modes (--modes):
                 the timed step (unpacked int8 codes, float branch factors, the joint up-projection), as
                 `sampling.sample` runs them: the per-step cost inside a sampling run; weight bytes are those
                 of the prepared tree
+  *-prepk       the same with the prologue (smoothing, per-token quantization, branch down-projections) as one
+                Pallas kernel per layer (`kernels.prepare(..., prologue="pallas")`; GPU: Triton)
   qwix-w8a8     qwix's int8 PTQ of the same model, when qwix is importable (else recorded as skipped)
 Each mode: compile time, median / p10 / p90 of `--iters` timed steps after warm-up (block_until_ready),
 weight bytes (all params: codes, scales, integer group factors, branches, smoothing, schedules and every
@@ -53,7 +55,7 @@ from common import (CompileTimer, weight_breakdown, compile_and_time, device_byt
 
 MODES = ("bf16", "w8a8-int", "w8a8-fused", "w4a4-int", "w4a4-fused", "w4a4-fake", "w4a4pc-fused", "qwix-w8a8",
          "w4a4i-fused", "w4a4i-int", "w4a4i-fake", "w4a4s-fused", "w4a4s-int", "w8a8-prep", "w4a4i-prep",
-         "w4a4s-prep")
+         "w4a4s-prep", "w8a8-prepk", "w4a4i-prepk", "w4a4s-prepk")
 
 
 def make_step(model, guidance: float, scan_steps: int = 1):
@@ -132,8 +134,10 @@ def quantized_trees(params, modes, steps: int, log):
                 trees[m] = q
             elif kind in ("fused", "fake"):
                 trees[m] = with_execution(q, kind)
-            elif kind == "prep":
-                trees[m] = jax.block_until_ready(jax.jit(prepare)(with_execution(q, "fused")))
+            elif kind in ("prep", "prepk"):
+                pro = "pallas" if kind == "prepk" else "xla"
+                trees[m] = jax.block_until_ready(jax.jit(lambda t, pro=pro: prepare(t, prologue=pro))(
+                    with_execution(q, "fused")))
     return trees, info
 
 

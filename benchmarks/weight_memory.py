@@ -209,7 +209,7 @@ def main(argv=None):
           f"(target 1/3.5: <= {gb(r['bytes_for_target_3.5'])}, "
           f"{'met' if r['ratio'] >= 3.5 else 'missed by ' + gb(r['quantized_bytes'] - r['bytes_for_target_3.5'])})")
     print(f"  prepared for a run   {gb(r['prepared_bytes'])}  = 1/{r['bf16_bytes'] / r['prepared_bytes']:.3f} "
-          f"(kernels.prepare, as sampling.sample holds them: int8 codes, float branches, U); codes kept packed "
+          f"(kernels.prepare, as sampling.sample holds them: int8 codes, float branches in kernel layout); codes kept packed "
           f"{gb(r['prepared_packed_bytes'])} = 1/{r['bf16_bytes'] / r['prepared_packed_bytes']:.3f}")
     print(f"  before b-bit packing {gb(r['quantized_bytes_before_bbit'])}  = 1/{r['ratio_before_bbit']:.3f} "
           f"(codes {gb(r['codes_bytes_before_bbit'])})")

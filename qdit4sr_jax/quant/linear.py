@@ -47,7 +47,7 @@ def linear(x, w, bias=None, *, act_bits=None, step=None, execution=None):
         if execution in (None, "fused"):
             from qdit4sr_jax.quant.kernels import fused_linear
             return fused_linear(x, w, bias, act_bits=act_bits, step=step)
-        w = w.node                                   # the same function through the reference paths
+        w = w.reference_node()                       # the same function through the reference paths
     if isinstance(w, QuantizedWeight) and (execution or w.execution) == "fused":
         # the fused GPU kernel (same function; XLA fallback off GPU): quant/kernels
         from qdit4sr_jax.quant.kernels import fused_linear

@@ -112,3 +112,63 @@ def test_sampler_prepared_equals_per_call():
         np.testing.assert_allclose(run(prep), base, rtol=0, atol=1e-5)
     with pytest.raises(ValueError, match="prepare_weights"):
         run(True)
+
+
+PROLOGUE_NODES = {  # name -> make_qweight kwargs for the prologue kernel (K = 128: chunks of 64 = b_in)
+    "w8 per channel, no branches": dict(w_bits=8),
+    "w4 group 32 (gnk), branches, smoothing": dict(w_bits=4, group_size=32, branches=True),
+    "w4 int group scales + int8 branch factors": dict(w_bits=4, group_size=32, group_scale="int", branches=True,
+                                                      lowrank_bits=8),
+    "w4 low-rank only": dict(w_bits=4, lr_only=True),
+}
+
+
+def _prologue_node(name):
+    kw = dict(PROLOGUE_NODES[name])
+    if kw.pop("lr_only", False):
+        rng = np.random.default_rng(7)
+        kw.update(lr_a=rng.normal(size=(K, 5)) * 0.1, lr_b=rng.normal(size=(5, N)) * 0.1)
+    return _node(len(name) + 1, **kw)
+
+
+@pytest.mark.parametrize("name", list(PROLOGUE_NODES))
+def test_prologue_kernel_matches_xla_prologue(name):
+    from qdit4sr_jax.quant.kernels import prologue_kernel as pk
+    from qdit4sr_jax.quant.kernels.fused import prologue
+    node = _prologue_node(name)
+    kw = prepare_weight(node, prologue="pallas")
+    assert pk.fits(kw.node, kw.bw, 0)
+    x = _x(9).reshape(-1, K)                                       # 21 rows: padded to the row tile
+    for bits in (4, jnp.int32(6)):
+        a = prologue(x, kw.node, bits, pad_to=16, bw=kw.bw)
+        b = pk.pallas_prologue(x, kw.node, kw.bw, bits, pad_to=16, interpret=True)
+        assert b.m == a.m == 21 and b.xq.shape == a.xq.shape == (32, K)
+        np.testing.assert_array_equal(np.asarray(b.xq), np.asarray(a.xq))      # the same codes, bit for bit
+        np.testing.assert_array_equal(np.asarray(b.sx), np.asarray(a.sx))
+        for got, want in ((b.dh, a.dh), (b.dt, a.dt)):
+            assert (got is None) == (want is None)
+            if got is not None:                                    # per-chunk sums: within one bf16 rounding
+                got = np.asarray(got, np.float32)[:, : want.shape[1]]
+                np.testing.assert_allclose(got, np.asarray(want, np.float32), rtol=2 ** -7, atol=1e-6)
+        if b.dt is not None:                                       # the kernel's extra block rows are zero
+            assert not np.asarray(b.dt, np.float32)[:, a.dt.shape[1]:].any()
+
+
+@pytest.mark.parametrize("name", list(PROLOGUE_NODES))
+def test_prologue_kernel_end_to_end(name):
+    node = _prologue_node(name).replace(a_schedule=jnp.asarray([4, 3, 8], jnp.int32))
+    kw = prepare_weight(node, prologue="pallas")
+    bias = jnp.asarray(np.random.default_rng(2).normal(size=(N,)).astype(np.float32))
+    x = _x(4)
+    run = jax.jit(lambda x, t: fused_linear(x, kw, bias, step=t, backend="interpret", config=CFG))
+    for t in range(3):
+        ref = linear(x, node, bias, step=t, execution="fake")
+        assert rel_err(run(x, jnp.int32(t)), ref) <= 2e-5, (t, rel_err(run(x, jnp.int32(t)), ref))
+    # a layer the kernel does not cover (Hadamard rotation) takes the XLA prologue, same function
+    rot = prepare_weight(node.replace(rotate=32), prologue="pallas")
+    from qdit4sr_jax.quant.kernels import prologue_kernel as pk
+    assert not pk.fits(rot.node, rot.bw, 0)
+    ref = linear(x, node.replace(rotate=32), bias, act_bits=4, execution="fake")
+    assert rel_err(fused_linear(x, rot, bias, act_bits=4, backend="interpret", config=CFG), ref) <= 2e-6
+    with pytest.raises(ValueError, match="prologue"):
+        prepare_weight(node, prologue="triton")

@@ -7,9 +7,9 @@ stages:
 1. prologue (XLA; fuses into the producer of x): x' = transform(x) (smooth / Hadamard, when present),
    per-token symmetric codes q_x = clip(round(x' / s_x)) as int8 [Mp, K] (Mp = M padded to the row
    tile) with s_x [Mp] float32 (the same quantizer as the reference, so the codes are identical), and
-   the branch down-projections D [Mp, n_bo, R] in the branch dtype: D[m, i] = [x' lr_a | t[m, i, :]]
-   (global low-rank features, then the block rank-1 features t[m, i, j] = <v_ij, x'_j> of output block
-   row i), zero-padded to R (a power of 2 >= 16).
+   the branch features dh = x' lr_a and dt (the block rank-1 features t[m, i, j] = <v_ij, x'_j> laid
+   out by output block row i) in the branch dtype (`branch_ops`). A `prepared` weight with
+   prologue="pallas" does all of this in one Pallas kernel (`prologue_kernel.py`).
    Packed 4-bit weights are unpacked to int8 once per call outside the kernel (`KernelConfig.unpack=
    "xla"`, the default: H100 measurements in benchmarks/gpu_notes.md; two-level "int" group scales are
    folded there too, c * q, and then run as per-channel "nk" weights: `unpacks_in_kernel`), or inside the kernel
@@ -18,9 +18,9 @@ stages:
    the odd half (no interleave of the unpacked weight is ever needed).
 2. GEMM (Pallas on GPU, lowered by Triton): int8 x int8 -> int32 on the tensor cores; group-wise weights
    scale each group's int32 partial sum in float32 as it leaves the tensor cores.
-3. epilogue (same kernel): y = s_x[m] * acc[m, n] (* s_w[n] per channel) + D[m, i(n)] @ U[:, n] + bias,
-   written once in x.dtype; U [R, N] = [lr_b ; u_blocks] so that the global and block branches are one
-   small dot per output tile (i(n) = n // b_out, the block row of output column n).
+3. epilogue (same kernel): y = s_x[m] * acc[m, n] (* s_w[n] per channel) + dh[m] @ lr_b[:, n] +
+   dt[m, i(n)] @ ub[:, n] + bias, written once in x.dtype (i(n) = n // b_out, the block row of output column
+   n; `branch_ops` for the layouts).
 
 Backends: "pallas" (GPU only), "interpret" (the same Pallas kernel run by the Pallas interpreter: CI on
 CPU), "xla" (the same prologue and epilogue with XLA ops: the fallback on CPU / TPU, and on GPU for
@@ -37,6 +37,7 @@ import jax
 import jax.numpy as jnp
 
 from qdit4sr_jax.quant import quantizer as qz
+from qdit4sr_jax.quant.kernels.branch_ops import BranchWeights, branch_epilogue, branch_features, branch_weights
 from qdit4sr_jax.quant.qweight import QuantizedWeight
 
 BACKENDS = ("auto", "pallas", "interpret", "xla")
@@ -75,13 +76,6 @@ def default_config(w: QuantizedWeight) -> KernelConfig:
 def supports_fused(w: QuantizedWeight, bits) -> bool:
     """True when the fused path covers this node at these activation bits (else the reference int path)."""
     return bits is not None and w.a_symmetric and w.zero is None
-
-
-def _next_pow2(n: int) -> int:
-    p = 16
-    while p < n:
-        p *= 2
-    return p
 
 
 def unpacks_in_kernel(w: QuantizedWeight, cfg: KernelConfig) -> bool:
@@ -127,22 +121,24 @@ def tiles_ok(w: QuantizedWeight, cfg: KernelConfig) -> bool:
 
 @dataclasses.dataclass(frozen=True)
 class Operands:
-    """Prologue output. xq int8 [Mp, Kp] (packed: [even|odd] per chunk), sx f32 [Mp],
-    d branch features [Mp, n_bo * R] (branch dtype) or None, u [R, N] or None, m the unpadded rows,
-    r = R, chunk the [even | odd] run length of packed codes (0: not split)."""
+    """Prologue output. xq int8 [Mp, Kp] (packed: [even|odd] per chunk), sx f32 [Mp], branch features dh
+    [Mp, Rl] / dt [Mp, n_bo Rb] (branch dtype) or None and their weights bw (`branch_ops.BranchWeights`, None
+    without branches), m the unpadded rows, chunk the [even | odd] run length of packed codes (0: not split)."""
     xq: jax.Array
     sx: jax.Array
-    d: Optional[jax.Array]
-    u: Optional[jax.Array]
+    dh: Optional[jax.Array]
+    dt: Optional[jax.Array]
+    bw: Optional[BranchWeights]
     m: int
-    r: int
     chunk: int
 
 
-def prologue(x2, w: QuantizedWeight, bits, *, pad_to: int = 1, chunk: Optional[int] = None, up=None) -> Operands:
+def prologue(x2, w: QuantizedWeight, bits, *, pad_to: int = 1, chunk: Optional[int] = None,
+             bw: Optional[BranchWeights] = None) -> Operands:
     """x2 [M, K] -> `Operands` (stage 1 of the module docstring). bits: int or traced int32 scalar.
     pad_to: pad the rows to a multiple of this; chunk: with packed weights, split every run of `chunk`
-    codes into [even | odd] (None: keep the natural order); up: (U, R) of `joint_up`, when precomputed."""
+    codes into [even | odd] (None: keep the natural order); bw: the node's `branch_weights`, when
+    computed beforehand (a prepared weight), else built here."""
     from qdit4sr_jax.quant.linear import transform_input
     m, k = x2.shape
     if w.smooth is not None or w.rotate:
@@ -165,64 +161,10 @@ def prologue(x2, w: QuantizedWeight, bits, *, pad_to: int = 1, chunk: Optional[i
         if kp % c or c % 2:
             raise ValueError(f"packed-code run {c} must be even and divide the padded K={kp}")
         q = q.reshape(mp, kp // c, c // 2, 2).transpose(0, 1, 3, 2).reshape(mp, kp)
-    d, u, r = branch_operands(xt, w, up)
-    return Operands(q, s[:, 0], d, u, m, r, c)
-
-
-def joint_up(w: QuantizedWeight):
-    """-> (U [R, N] in the branch dtype, R): the joint up-projection [lr_b ; u_blocks] of the epilogue, zero
-    rows padding it to R (a power of 2 >= 16); (None, 0) without branches. Weight-only: `kernels.prepare`
-    computes it once per run instead of once per call."""
-    w = w.float_branches()
-    if w.lr_a is None and w.block_u is None:
-        return None, 0
-    ups = []
-    if w.lr_a is not None:
-        ups.append(w.lr_b)
-    if w.block_u is not None:
-        nbo, nbi, bo = w.block_u.shape
-        ups.append(jnp.transpose(w.block_u, (1, 0, 2)).reshape(nbi, nbo * bo)[:, : w.n])  # [n_bi, N]
-    dt = (w.lr_a if w.lr_a is not None else w.block_u).dtype
-    u = jnp.concatenate(ups, axis=0).astype(dt)
-    r = _next_pow2(u.shape[0])
-    return jnp.pad(u, ((0, r - u.shape[0]), (0, 0))), r
-
-
-def branch_operands(xt, w: QuantizedWeight, up=None):
-    """Branch features D [M, n_bo * R] and the joint up-projection U [R, N] (see module docstring) -> (D, U, R).
-    int8-stored factors (`QuantizedWeight.branch_bits`) are dequantized to the branch dtype here, as in
-    `linear.branches`, so the XLA and Pallas epilogues get the same float operands. up: (U, R) computed
-    beforehand (`joint_up`; a `kernels.prepare`d weight), else built here."""
-    w = w.float_branches()
-    if w.lr_a is None and w.block_u is None:
-        return None, None, 0
-    u, r = joint_up(w) if up is None else up
-    m = xt.shape[0]
-    feats = []
-    nbo = 1
-    dt = (w.lr_a if w.lr_a is not None else w.block_u).dtype
-    if w.block_u is not None:
-        nbo, nbi = w.block_u.shape[:2]
-    if w.lr_a is not None:
-        h = jnp.dot(xt.astype(dt), w.lr_a, preferred_element_type=jnp.float32).astype(dt)   # [M, r]
-        feats.append(jnp.broadcast_to(h[:, None, :], (m, nbo, h.shape[1])))
-    if w.block_u is not None:
-        bo, bi = w.block
-        xp = xt if nbi * bi == w.k else jnp.pad(xt, ((0, 0), (0, nbi * bi - w.k)))
-        xb, bv = _widen_on_cpu(xp.reshape(m, nbi, bi).astype(dt), w.block_v)
-        t = jnp.einsum("mjb,ijb->mij", xb, bv, preferred_element_type=jnp.float32).astype(dt)
-        feats.append(t)                                                                   # [M, n_bo, n_bi]
-    d = jnp.concatenate(feats, axis=-1)
-    d = jnp.pad(d, ((0, 0), (0, 0), (0, r - d.shape[-1]))).reshape(m, nbo * r)
-    return d, u, r
-
-
-def _widen_on_cpu(*arrays):
-    """XLA:CPU has no batched bf16 x bf16 -> f32 dot: widen to float32 there (exact: bf16 products are
-    exact in float32 and the accumulation is float32 either way)."""
-    if jax.default_backend() != "cpu":
-        return arrays
-    return tuple(a.astype(jnp.float32) for a in arrays)
+    if bw is None:
+        bw = branch_weights(w)
+    dh, dt = branch_features(xt, bw)
+    return Operands(q, s[:, 0], dh, dt, bw, m, c)
 
 
 def xla_gemm_epilogue(ops: Operands, w: QuantizedWeight, bias, out_dtype):
@@ -249,15 +191,8 @@ def xla_gemm_epilogue(ops: Operands, w: QuantizedWeight, bias, out_dtype):
         y, _ = jax.lax.scan(body, jnp.zeros((mp, w.n), jnp.float32),
                             (jnp.transpose(xg, (1, 0, 2)), wq, jnp.transpose(w.scale)))
     y = y * ops.sx[:, None]
-    if ops.d is not None:
-        nbo = ops.d.shape[1] // ops.r
-        d = ops.d.reshape(mp, nbo, ops.r)
-        bo = block_rows(w)
-        nbo_full = -(-w.n // bo)
-        u = jnp.pad(ops.u, ((0, 0), (0, nbo_full * bo - w.n))).reshape(ops.r, nbo_full, bo)
-        d, u = _widen_on_cpu(d, u)
-        yb = jnp.einsum("mir,rio->mio", d, u, preferred_element_type=jnp.float32)
-        y = y + yb.reshape(mp, nbo_full * bo)[:, : w.n]
+    if ops.bw is not None:
+        y = branch_epilogue(y, ops.dh, ops.dt, ops.bw)
     if bias is not None:
         y = y + bias.astype(jnp.float32)
     return y[: ops.m].astype(out_dtype)
@@ -288,9 +223,9 @@ def fused_linear(x, w: QuantizedWeight, bias=None, *, act_bits=None, step=None, 
     """
     from qdit4sr_jax.quant.kernels.prepared import KernelWeight
     from qdit4sr_jax.quant.linear import quantized_linear, resolve_act_bits
-    up = None
-    if isinstance(w, KernelWeight):                      # weight-side operands computed beforehand
-        w, up = w.node, ((w.u, w.r) if w.u is not None else None)
+    kw = w if isinstance(w, KernelWeight) else None      # weight-side operands computed beforehand
+    if kw is not None:
+        w = kw.reference_node()                          # (for the checks and fallbacks; unused arrays vanish)
     if not isinstance(w, QuantizedWeight):
         raise TypeError(f"fused_linear needs a QuantizedWeight node, got {type(w).__name__}")
     if x.shape[-1] != w.k:
@@ -301,14 +236,22 @@ def fused_linear(x, w: QuantizedWeight, bias=None, *, act_bits=None, step=None, 
         y = quantized_linear(x, w, act_bits=act_bits, step=step, execution="int")
         return y if bias is None else y + bias.astype(y.dtype)
     be = choose_backend(backend, w, cfg)
+    bw = None
+    if kw is not None:
+        w, bw = kw.node, kw.bw
     lead = x.shape[:-1]
     x2 = x.reshape(-1, w.k)
     if be == "xla":
-        ops = prologue(x2, w, bits, up=up)
+        ops = prologue(x2, w, bits, bw=bw)
         y = xla_gemm_epilogue(ops, w, bias, x.dtype)
     else:
         from qdit4sr_jax.quant.kernels.pallas_gpu import pallas_gemm_epilogue
-        ops = prologue(x2, w, bits, pad_to=cfg.block_m, chunk=_chunk(w, cfg), up=up)
+        from qdit4sr_jax.quant.kernels import prologue_kernel as pk
+        chunk = _chunk(w, cfg)
+        if kw is not None and kw.prologue == "pallas" and pk.fits(w, bw, chunk):
+            ops = pk.pallas_prologue(x2, w, bw, bits, pad_to=cfg.block_m, interpret=(be == "interpret"))
+        else:
+            ops = prologue(x2, w, bits, pad_to=cfg.block_m, chunk=chunk, bw=bw)
         y = pallas_gemm_epilogue(ops, w, bias, x.dtype, cfg, interpret=(be == "interpret"))
     return y.reshape(*lead, w.n)
 

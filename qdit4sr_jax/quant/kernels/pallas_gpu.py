@@ -8,8 +8,8 @@ Grid (Mp / block_m, N / block_n); each program owns one [block_m, block_n] outpu
   and split in registers, low nibble (p << 4) >> 4 and
   high nibble p >> 4 (arithmetic shifts sign-extend), multiplied with the [even | odd] halves of the
   prologue's activation run: two int8 dots of half the K step each.
-Epilogue: y * s_x (* s_w) + D[m-tile, block row] @ U[:, n-tile] (branch dtype, float32 accumulation)
-+ bias, stored in the output dtype. With `interpret=True` the same kernel runs in the Pallas
+Epilogue: y * s_x (* s_w) + dh[m-tile] @ lr_b[:, n-tile] + dt[m-tile, block row] @ ub[:, n-tile] (branch
+dtype, float32 accumulation; `branch_ops`) + bias, stored in the output dtype. With `interpret=True` the same kernel runs in the Pallas
 interpreter on any backend (the CPU tests).
 """
 from __future__ import annotations
@@ -33,12 +33,14 @@ def _nibbles(p):
     return jnp.right_shift(jnp.left_shift(p, 4), 4), jnp.right_shift(p, 4)
 
 
-def _kernel(*refs, layout, packed, n_steps, step, has_branch, has_bias, out_dtype, upcast):
+def _kernel(*refs, layout, packed, n_steps, step, has_lowrank, has_blocks, has_bias, out_dtype, upcast):
     xq_ref, sx_ref, w_ref, sw_ref = refs[:4]
     rest = list(refs[4:])
-    d_ref = u_ref = b_ref = None
-    if has_branch:
-        d_ref, u_ref = rest.pop(0), rest.pop(0)
+    dh_ref = lb_ref = dt_ref = ub_ref = b_ref = None
+    if has_lowrank:
+        dh_ref, lb_ref = rest.pop(0), rest.pop(0)
+    if has_blocks:
+        dt_ref, ub_ref = rest.pop(0), rest.pop(0)
     if has_bias:
         b_ref = rest.pop(0)
     (o_ref,) = rest
@@ -64,7 +66,9 @@ def _kernel(*refs, layout, packed, n_steps, step, has_branch, has_bias, out_dtyp
             return acc + partial_dot(kk, w_ref[:, pl.ds(kk * step, step)])
         acc = jax.lax.fori_loop(0, n_steps, body, jnp.zeros((bm, bn), jnp.int32))
         y = acc.astype(jnp.float32) * (sx_ref[...][:, None] * sw_ref[...][None, :])
-    if has_branch:
+    for d_ref, u_ref in ((dh_ref, lb_ref), (dt_ref, ub_ref)):
+        if d_ref is None:
+            continue
         d, u = d_ref[...], u_ref[...]
         if upcast:          # interpreter on CPU: XLA:CPU has no bf16 x bf16 -> f32 dot; products are exact in f32
             d, u = d.astype(jnp.float32), u.astype(jnp.float32)
@@ -107,18 +111,22 @@ def pallas_gemm_epilogue(ops, w: QuantizedWeight, bias, out_dtype, cfg, *, inter
     args = [ops.xq, ops.sx, wq, sw]
     specs = [pl.BlockSpec((bm, kp), lambda i, j: (i, 0)), pl.BlockSpec((bm,), lambda i, j: (i,)),
              w_spec, sw_spec]
-    has_branch = ops.d is not None
-    if has_branch:
-        r = ops.r
-        bo = w.block[0] if w.block_u is not None else n
-        args += [ops.d, ops.u]
-        specs += [pl.BlockSpec((bm, r), lambda i, j: (i, (j * bn) // bo)),
-                  pl.BlockSpec((r, bn), lambda i, j: (0, j))]
+    bw = ops.bw
+    if ops.dh is not None:                      # global low-rank: every output tile reads the same dh rows
+        rl = bw.lr_b.shape[0]
+        args += [ops.dh, bw.lr_b]
+        specs += [pl.BlockSpec((bm, rl), lambda i, j: (i, 0)), pl.BlockSpec((rl, bn), lambda i, j: (0, j))]
+    if ops.dt is not None:                      # blocks: the dt slice of the tile's block row i(n) = n // b_out
+        rb, bo = bw.rb, bw.block[0]
+        args += [ops.dt, bw.ub]
+        specs += [pl.BlockSpec((bm, rb), lambda i, j: (i, (j * bn) // bo)),
+                  pl.BlockSpec((rb, bn), lambda i, j: (0, j))]
     if bias is not None:
         args.append(bias.astype(jnp.float32))
         specs.append(pl.BlockSpec((bn,), lambda i, j: (j,)))
     kernel = functools.partial(_kernel, layout=w.layout, packed=packed, n_steps=n_steps, step=step,
-                               has_branch=has_branch, has_bias=bias is not None, out_dtype=out_dtype,
+                               has_lowrank=ops.dh is not None, has_blocks=ops.dt is not None,
+                               has_bias=bias is not None, out_dtype=out_dtype,
                                upcast=interpret)
     params = {}
     if not interpret:

@@ -1,0 +1,147 @@
+"""The 16-bit branches of a fused quantized linear in kernel layout: weight operands, features, epilogue.
+
+A node's branches (quant/qweight.py: global low-rank lr_a [K, r] / lr_b [r, N], H-SVD block rank-1 factors
+block_u [n_bo, n_bi, b_out] / block_v [n_bo, n_bi, b_in]) become, with every padding zero (so exact):
+
+weight side, `branch_weights(w)` (weight-only: `kernels.prepare` computes it once per run):
+  lr_a [K, Rl], lr_b [Rl, N]    the global factors, rank padded to Rl (a power of 2 >= 16)
+  vt   [n_bi, b_in, Bo]         block down-projection per input block j: vt[j, :, i] = v_ij (Bo = pow2 >= 16)
+  ub   [Rb, N]                  block up-projection: ub[j, n] = u_{i(n), j}[n - i(n) b_out], i(n) = n // b_out
+                                (Rb = pow2(n_bi) >= 16)
+activation side, `branch_features(xt, bw)` (XLA; `prologue_kernel.py` computes the same in one kernel):
+  dh [M, Rl]                    h = x' lr_a, rounded to the branch dtype (as the reference)
+  dt [M, n_bo Rb]               t[m, i, j] = <v_ij, x'_j> at column i Rb + j, rounded to the branch dtype
+epilogue, `branch_epilogue` (XLA) or the Pallas GEMM kernel per output tile:
+  y[m, n] += dh[m] . lr_b[:, n] + dt[m, i(n) Rb : (i(n) + 1) Rb] . ub[:, n]     (float32 accumulation)
+so an output tile inside one block row reads one [bm, Rb] slice of dt. The same quantities as
+`quant.linear.branches` (the fake-quant reference), summed in another order.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Optional
+
+import jax
+import jax.numpy as jnp
+
+from qdit4sr_jax.quant.qweight import QuantizedWeight
+
+
+def next_pow2(n: int, least: int = 16) -> int:
+    p = least
+    while p < n:
+        p *= 2
+    return p
+
+
+@dataclasses.dataclass(frozen=True)
+class BranchWeights:
+    """Weight-side branch operands (module docstring); absent parts are None; `block` = (b_out, b_in)."""
+    lr_a: Any = None
+    lr_b: Any = None
+    vt: Any = None
+    ub: Any = None
+    block: Optional[tuple] = None
+
+    @property
+    def has_lowrank(self) -> bool:
+        return self.lr_a is not None
+
+    @property
+    def has_blocks(self) -> bool:
+        return self.vt is not None
+
+    @property
+    def n_bo(self) -> int:
+        return 0 if self.vt is None else -(-self.ub.shape[1] // self.block[0])
+
+    @property
+    def rb(self) -> int:
+        return 0 if self.ub is None else self.ub.shape[0]
+
+
+jax.tree_util.register_dataclass(BranchWeights, data_fields=["lr_a", "lr_b", "vt", "ub"], meta_fields=["block"])
+
+
+def branch_weights(w: QuantizedWeight) -> Optional[BranchWeights]:
+    """The node's branches in kernel layout (None without branches). int8-stored factors are dequantized
+    to the branch dtype first (`QuantizedWeight.float_branches`), as every execution path does."""
+    w = w.float_branches()
+    if w.lr_a is None and w.block_u is None:
+        return None
+    kw = {}
+    if w.lr_a is not None:
+        r = w.lr_a.shape[1]
+        rl = next_pow2(r)
+        kw.update(lr_a=jnp.pad(w.lr_a, ((0, 0), (0, rl - r))), lr_b=jnp.pad(w.lr_b, ((0, rl - r), (0, 0))))
+    if w.block_u is not None:
+        nbo, nbi, bo = w.block_u.shape
+        bo_pad, rb = next_pow2(nbo), next_pow2(nbi)
+        vt = jnp.transpose(w.block_v, (1, 2, 0))                                         # [n_bi, b_in, n_bo]
+        ub = jnp.transpose(w.block_u, (1, 0, 2)).reshape(nbi, nbo * bo)[:, : w.n]        # [n_bi, N]
+        kw.update(vt=jnp.pad(vt, ((0, 0), (0, 0), (0, bo_pad - nbo))),
+                  ub=jnp.pad(ub, ((0, rb - nbi), (0, 0))).astype(w.block_u.dtype), block=tuple(w.block))
+    return BranchWeights(**kw)
+
+
+def node_factors(bw: Optional[BranchWeights], n: int) -> dict:
+    """The float branch factors {lr_a, lr_b, block_u, block_v} of a `QuantizedWeight` that `bw` was made
+    from, rebuilt from bw (None when absent): rank and block padding stay, as zeros, so the branch is the
+    same function exactly (zero terms add nothing). Lets a prepared weight hold its factors once."""
+    out = dict(lr_a=None, lr_b=None, block_u=None, block_v=None)
+    if bw is None:
+        return out
+    if bw.has_lowrank:
+        out.update(lr_a=bw.lr_a, lr_b=bw.lr_b)
+    if bw.has_blocks:
+        nbi, _, _ = bw.vt.shape
+        nbo, bo = bw.n_bo, bw.block[0]
+        ub = jnp.pad(bw.ub[:nbi], ((0, 0), (0, nbo * bo - n))).reshape(nbi, nbo, bo)
+        out.update(block_u=jnp.transpose(ub, (1, 0, 2)), block_v=jnp.transpose(bw.vt[:, :, :nbo], (2, 0, 1)))
+    return out
+
+
+def widen_on_cpu(*arrays):
+    """XLA:CPU has no batched bf16 x bf16 -> f32 dot: widen to float32 there (exact: bf16 products are
+    exact in float32 and the accumulation is float32 either way)."""
+    if jax.default_backend() != "cpu":
+        return arrays
+    return tuple(None if a is None else a.astype(jnp.float32) for a in arrays)
+
+
+def branch_features(xt, bw: Optional[BranchWeights]):
+    """x' [M, K] (float32) -> (dh [M, Rl] | None, dt [M, n_bo Rb] | None) in the branch dtype (XLA ops)."""
+    if bw is None:
+        return None, None
+    m, k = xt.shape
+    dh = dt = None
+    if bw.has_lowrank:
+        dtype = bw.lr_a.dtype
+        dh = jnp.dot(xt.astype(dtype), bw.lr_a, preferred_element_type=jnp.float32).astype(dtype)
+    if bw.has_blocks:
+        nbi, bi, _ = bw.vt.shape
+        nbo, rb, dtype = bw.n_bo, bw.rb, bw.vt.dtype
+        xp = xt if nbi * bi == k else jnp.pad(xt, ((0, 0), (0, nbi * bi - k)))
+        xb, vt = widen_on_cpu(xp.reshape(m, nbi, bi).astype(dtype), bw.vt[:, :, :nbo])
+        t = jnp.einsum("mjb,jbi->mij", xb, vt, preferred_element_type=jnp.float32).astype(dtype)  # [M, n_bo, n_bi]
+        dt = jnp.pad(t, ((0, 0), (0, 0), (0, rb - nbi))).reshape(m, nbo * rb)
+    return dh, dt
+
+
+def branch_epilogue(y, dh, dt, bw: BranchWeights):
+    """y [M, N] float32 + the branches of (dh, dt) -> [M, N] float32 (XLA ops)."""
+    m, n = y.shape
+    if dh is not None:                  # (a plain 2-D dot: XLA:CPU has bf16 x bf16 -> f32 for it)
+        y = y + jnp.dot(dh, bw.lr_b, preferred_element_type=jnp.float32)
+    if dt is not None:
+        bo = bw.block[0]
+        nbo, rb = bw.n_bo, bw.rb
+        ub = jnp.pad(bw.ub, ((0, 0), (0, nbo * bo - n))).reshape(rb, nbo, bo)
+        d, u = widen_on_cpu(dt[:, : nbo * rb].reshape(m, nbo, rb), ub)     # (a kernel's dt may have more rows)
+        yb = jnp.einsum("mir,rio->mio", d, u, preferred_element_type=jnp.float32)
+        y = y + yb.reshape(m, nbo * bo)[:, :n]
+    return y
+
+
+__all__ = ["BranchWeights", "branch_weights", "branch_features", "branch_epilogue", "node_factors", "next_pow2",
+           "widen_on_cpu"]

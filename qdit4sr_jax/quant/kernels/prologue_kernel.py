@@ -1,0 +1,196 @@
+"""The fused linear's prologue as one Pallas kernel (Triton on GPU): stage 1 of `fused.py` in a single pass.
+
+The XLA prologue of a W4A4 Q-DiT4SR layer is several kernels per layer and step (smoothing, the per-token
+absmax, the quantization, a bf16 copy of x', the low-rank and block down-projections, the layout of their
+features: benchmarks/layer_kernels.py). This kernel does all of it for a tile of `block_m` rows:
+
+  pass 1, over K in chunks of `block_k` (= b_in with block branches, so that chunk j is input block j):
+      x'_c = x_c / smooth_c                              (float32, as `linear.transform_input`)
+      amax = max(amax, max|x'_c|)                        per row
+      dh  += bf16(x'_c) @ lr_a[c]                        [bm, Rl]   (float32 accumulation)
+      t_c  = bf16(bf16(x'_c) @ vt[c])                    [bm, Bo]   t[m, i, c] for every block row i
+      dt  += t_c @ E_c                                   [bm, Bo Rb] E_c[i, i Rb + c] = 1: places t[:, i, c]
+                                                                    at column i Rb + c (exact: one 1 per column)
+  s = amax / lev (1 where 0), lev = 2^(bits-1) - 1; pass 2, over K again: q_c = clip(round(x'_c / s), +-lev)
+
+Outputs: q int8 [Mp, K], s float32 [Mp], dh [Mp, Rl] and dt [Mp, Bo Rb] in the branch dtype (`branch_ops`
+layouts; dt has Bo >= n_bo block rows, the extra ones zero, because Triton tiles are powers of 2). The
+codes and scales are those of the XLA prologue bit for bit (the same float32 operations per element);
+dh / dt are the same sums accumulated per chunk, so they may differ from XLA's in the last bf16 bit.
+
+Covered: symmetric per-token activations (the fused path), no Hadamard rotation, K a multiple of
+`block_k`, natural code order (`KernelConfig.unpack="xla"`, the default). Otherwise `fits` is False and
+the XLA prologue runs. `interpret=True` runs the kernel in the Pallas interpreter (tests on CPU).
+"""
+from __future__ import annotations
+
+import functools
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+
+from qdit4sr_jax.quant import quantizer as qz
+from qdit4sr_jax.quant.kernels.branch_ops import BranchWeights
+from qdit4sr_jax.quant.qweight import QuantizedWeight
+
+BLOCK_M = 16          # rows per program: keeps the [bm, Bo Rb] float32 dt accumulator in registers
+BLOCK_K = 256         # K chunk without block branches
+
+
+def chunk_size(w: QuantizedWeight, bw: Optional[BranchWeights]) -> int:
+    """K chunk of the kernel: the input block b_in with block branches, else min(BLOCK_K, K)."""
+    if bw is not None and bw.has_blocks:
+        return bw.block[1]
+    return min(BLOCK_K, w.k)
+
+
+def fits(w: QuantizedWeight, bw: Optional[BranchWeights], chunk: int) -> bool:
+    """Whether the kernel covers this layer (else the XLA prologue runs)."""
+    c = chunk_size(w, bw)
+    pow2 = lambda v: v >= 16 and not (v & (v - 1))
+    if chunk or w.rotate or not w.a_symmetric or not pow2(c) or w.k % c:
+        return False
+    if w.layout == "gnk" and w.groups[0] * w.groups[1] != w.k:
+        return False
+    return True
+
+
+def round_half_even(v):
+    """jnp.round (round half to even) from floor, compares and selects: Pallas' Triton lowering has no round
+    (jax 0.10). Exact for |v| < 2^23: v - floor(v) is exact there."""
+    f = jnp.floor(v)
+    d = v - f
+    odd = (f - 2.0 * jnp.floor(f * 0.5)) == 1.0
+    up = (d > 0.5) | ((d == 0.5) & odd)
+    return jnp.where(up, f + 1.0, f)
+
+
+def _kernel(*refs, n_chunks, bk, lev_static, has_smooth, has_lowrank, has_blocks, rb, upcast):
+    refs = list(refs)
+    x_ref = refs.pop(0)
+    sm_ref = refs.pop(0) if has_smooth else None
+    lev_ref = refs.pop(0) if lev_static is None else None
+    la_ref = refs.pop(0) if has_lowrank else None
+    vt_ref = refs.pop(0) if has_blocks else None
+    q_ref, s_ref = refs.pop(0), refs.pop(0)
+    dh_ref = refs.pop(0) if has_lowrank else None
+    dt_ref = refs.pop(0) if has_blocks else None
+    bm = x_ref.shape[0]
+    f32 = jnp.float32
+
+    def xprime(c):
+        xc = x_ref[:, pl.ds(c * bk, bk)].astype(f32)
+        if has_smooth:
+            xc = xc / sm_ref[pl.ds(c * bk, bk)][None, :]
+        return xc
+
+    def dot(a, b):
+        if upcast:          # interpreter on CPU: XLA:CPU has no bf16 x bf16 -> f32 dot; products are exact in f32
+            a, b = a.astype(f32), b.astype(f32)
+        return jax.lax.dot_general(a, b, (((1,), (0,)), ((), ())), preferred_element_type=f32)
+
+    carry = [jnp.zeros((bm,), f32)]
+    if has_lowrank:
+        carry.append(jnp.zeros((bm, la_ref.shape[1]), f32))
+    if has_blocks:
+        bo_pad = vt_ref.shape[2]
+        carry.append(jnp.zeros((bm, bo_pad * rb), f32))
+
+    def pass1(c, carry):
+        carry = list(carry)
+        xc = xprime(c)
+        out = [jnp.maximum(carry.pop(0), jnp.max(jnp.abs(xc), axis=1))]
+        if has_lowrank or has_blocks:
+            dtype = (la_ref if has_lowrank else vt_ref).dtype
+            xb = xc.astype(dtype)
+        if has_lowrank:
+            out.append(carry.pop(0) + dot(xb, la_ref[pl.ds(c * bk, bk), :]))
+        if has_blocks:
+            t = dot(xb, vt_ref[c, :, :]).astype(vt_ref.dtype)                       # [bm, Bo]
+            rows = jax.lax.broadcasted_iota(jnp.int32, (bo_pad, bo_pad * rb), 0)
+            cols = jax.lax.broadcasted_iota(jnp.int32, (bo_pad, bo_pad * rb), 1)
+            place = (cols == rows * rb + c).astype(vt_ref.dtype)                   # E_c
+            out.append(carry.pop(0) + dot(t, place))
+        return tuple(out)
+
+    res = list(jax.lax.fori_loop(0, n_chunks, pass1, tuple(carry)))
+    amax = res.pop(0)
+    if has_lowrank:
+        dh_ref[...] = res.pop(0).astype(dh_ref.dtype)
+    if has_blocks:
+        dt_ref[...] = res.pop(0).astype(dt_ref.dtype)
+    lev = lev_static if lev_static is not None else lev_ref[...]
+    s = amax / lev
+    s = jnp.where(s > 0, s, 1.0)
+    s_ref[...] = s
+
+    def pass2(c, _):
+        q = jnp.clip(round_half_even(xprime(c) / s[:, None]), -lev, lev)
+        q_ref[:, pl.ds(c * bk, bk)] = q.astype(jnp.int8)
+        return 0
+
+    jax.lax.fori_loop(0, n_chunks, pass2, 0)
+
+
+def pallas_prologue(x2, w: QuantizedWeight, bw: Optional[BranchWeights], bits, *, pad_to: int,
+                    interpret: bool = False, block_m: int = BLOCK_M, num_warps: int = 4):
+    """x2 [M, K] -> `fused.Operands` through the kernel (rows padded to a multiple of lcm(pad_to, block_m)).
+    bits: int or traced int32 scalar. The caller checks `fits(w, bw, 0)`."""
+    from qdit4sr_jax.quant.kernels.fused import Operands
+    m, k = x2.shape
+    bk = chunk_size(w, bw)
+    step = max(pad_to, block_m)
+    if step % pad_to or step % block_m:
+        raise ValueError(f"prologue kernel: row tiles {block_m} and {pad_to} must divide one another")
+    mp = -(-m // step) * step
+    x = x2 if mp == m else jnp.pad(x2, ((0, mp - m), (0, 0)))
+    has_lowrank = bw is not None and bw.has_lowrank
+    has_blocks = bw is not None and bw.has_blocks
+    args = [x]
+    specs = [pl.BlockSpec((block_m, k), lambda i: (i, 0))]
+    if w.smooth is not None:
+        args.append(w.smooth.astype(jnp.float32))
+        specs.append(pl.BlockSpec((k,), lambda i: (0,)))
+    lev_static = None
+    try:
+        lev_static = float(qz.code_range(int(bits), True)[1])
+    except (jax.errors.ConcretizationTypeError, jax.errors.TracerIntegerConversionError, TypeError):
+        args.append(jnp.reshape(qz.code_range(bits, True)[1], (1,)).astype(jnp.float32))
+        specs.append(pl.BlockSpec((1,), lambda i: (0,)))
+    out_shape = [jax.ShapeDtypeStruct((mp, k), jnp.int8), jax.ShapeDtypeStruct((mp,), jnp.float32)]
+    out_specs = [pl.BlockSpec((block_m, k), lambda i: (i, 0)), pl.BlockSpec((block_m,), lambda i: (i,))]
+    rb = 0
+    if has_lowrank:
+        rl = bw.lr_a.shape[1]
+        args.append(bw.lr_a)
+        specs.append(pl.BlockSpec((k, rl), lambda i: (0, 0)))
+        out_shape.append(jax.ShapeDtypeStruct((mp, rl), bw.lr_a.dtype))
+        out_specs.append(pl.BlockSpec((block_m, rl), lambda i: (i, 0)))
+    if has_blocks:
+        nbi, bi, bo_pad = bw.vt.shape
+        rb = bw.rb
+        args.append(bw.vt)
+        specs.append(pl.BlockSpec((nbi, bi, bo_pad), lambda i: (0, 0, 0)))
+        out_shape.append(jax.ShapeDtypeStruct((mp, bo_pad * rb), bw.vt.dtype))
+        out_specs.append(pl.BlockSpec((block_m, bo_pad * rb), lambda i: (i, 0)))
+    kernel = functools.partial(_kernel, n_chunks=k // bk, bk=bk, lev_static=lev_static,
+                               has_smooth=w.smooth is not None, has_lowrank=has_lowrank, has_blocks=has_blocks,
+                               rb=rb, upcast=interpret)
+    params = {}
+    if not interpret:
+        from jax.experimental.pallas import triton as plgpu
+        params = dict(compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=1))
+    outs = list(pl.pallas_call(kernel, grid=(mp // block_m,), in_specs=specs, out_specs=out_specs,
+                               out_shape=out_shape, interpret=interpret, name="qlinear_prologue",
+                               **params)(*args))
+    q, s = outs.pop(0), outs.pop(0)
+    dh = outs.pop(0) if has_lowrank else None
+    dt = outs.pop(0) if has_blocks else None
+    if w.layout == "gnk" and w.groups[0] * w.groups[1] != k:
+        raise ValueError("prologue kernel: group-wise codes need K = G * g")     # (fits() excludes it)
+    return Operands(q, s, dh, dt, bw, m, 0)
+
+
+__all__ = ["pallas_prologue", "fits", "chunk_size", "round_half_even", "BLOCK_M", "BLOCK_K"]

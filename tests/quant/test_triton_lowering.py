@@ -1,0 +1,51 @@
+"""The Pallas kernels lower to Triton for CUDA on any machine: `lower(lowering_platforms=("cuda",))` runs
+Pallas' Triton lowering (no GPU needed, nothing compiled), so a primitive the lowering lacks or a tile shape
+it refuses fails here, in CI on the CPU, instead of on the GPU. Full DiT4SR layer shapes, abstract weights
+(`jax.eval_shape`): the prologue kernel and the GEMM kernel of a prepared Q-DiT4SR W4A4 layer."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from qdit4sr_jax.quant.kernels import DEFAULT_CONFIG, prepare_weight
+from qdit4sr_jax.quant.kernels import prologue_kernel as pk
+from qdit4sr_jax.quant.kernels.pallas_gpu import pallas_gemm_epilogue
+from qdit4sr_jax.quant.qweight import make_qweight
+
+
+def _abstract_layer(k, n, rank=26, block=256):
+    nbo, nbi = -(-n // block), -(-k // block)
+
+    def build(w):
+        return prepare_weight(make_qweight(
+            w, w_bits=4, group_size=64, group_scale="int", a_bits=4, execution="fused",
+            smooth=jnp.ones((k,)), lr_a=jnp.zeros((k, rank)), lr_b=jnp.zeros((rank, n)),
+            block_u=jnp.zeros((nbo, nbi, block)), block_v=jnp.zeros((nbo, nbi, block)), block=(block, block),
+            lowrank_bits=8, a_schedule=np.array([4, 5, 3], np.int32)), prologue="pallas")
+
+    return jax.eval_shape(build, jax.ShapeDtypeStruct((n, k), jnp.float32))
+
+
+@pytest.mark.parametrize("k,n", [(1536, 1536), (1536, 6144), (6144, 1536)])
+def test_prologue_and_gemm_kernels_lower_to_triton(k, n):
+    kw = _abstract_layer(k, n)
+    assert pk.fits(kw.node, kw.bw, 0)
+
+    def layer(kw, x, step):
+        bits = kw.node.a_schedule[jnp.clip(step, 0, 2)]
+        ops = pk.pallas_prologue(x, kw.node, kw.bw, bits, pad_to=DEFAULT_CONFIG.block_m)
+        return pallas_gemm_epilogue(ops, kw.node, None, jnp.bfloat16, DEFAULT_CONFIG)
+
+    x = jax.ShapeDtypeStruct((2 * 1024 + 7, k), jnp.bfloat16)
+    text = jax.jit(layer).trace(kw, x, jax.ShapeDtypeStruct((), jnp.int32)).lower(
+        lowering_platforms=("cuda",)).as_text()
+    assert text.count("__gpu$xla.gpu.triton") == 2            # one prologue kernel, one GEMM kernel
+    assert "qlinear_prologue" in text and "qlinear_nk" in text
+
+
+def test_round_half_even_matches_jnp_round():
+    v = np.array([0.5, 1.5, 2.5, -0.5, -1.5, -2.5, 0.49999997, -0.49999997, 126.5, 127.49999, -126.5, 3.0, 0.0,
+                  -0.0, 1e-30, 0.5000001], np.float32)
+    v = np.concatenate([v, np.random.default_rng(0).uniform(-130, 130, 10000).astype(np.float32),
+                        np.round(np.random.default_rng(1).uniform(-130, 130, 1000)).astype(np.float32) + 0.5])
+    np.testing.assert_array_equal(np.asarray(pk.round_half_even(jnp.asarray(v))), np.asarray(jnp.round(v)))
