@@ -54,12 +54,13 @@ from qdit4sr_jax.quant.config import QuantConfig  # noqa: E402
 from qdit4sr_jax.quant.qweight import QuantizedWeight  # noqa: E402
 
 
-def abstract_params(model: str, dtype: str = "bfloat16"):
-    """ShapeDtypeStruct tree of the model's params with float leaves in `dtype`."""
+def abstract_params(model, dtype: str = "bfloat16"):
+    """ShapeDtypeStruct tree of the model's params (a preset name or a ModelConfig) with float leaves in `dtype`."""
     def cast(s):
         dt = jnp.dtype(dtype) if jnp.issubdtype(s.dtype, jnp.floating) else s.dtype
         return jax.ShapeDtypeStruct(s.shape, dt)
-    return jax.tree_util.tree_map(cast, param_shapes(ModelConfig.preset(model)))
+    cfg = model if isinstance(model, ModelConfig) else ModelConfig.preset(model)
+    return jax.tree_util.tree_map(cast, param_shapes(cfg))
 
 
 def _kernel(tree, path):

@@ -35,6 +35,7 @@ import jax
 import jax.numpy as jnp
 
 from qdit4sr_jax.quant import quantizer as qz
+from qdit4sr_jax.quant.kernels.branch_ops import target_platform
 from qdit4sr_jax.quant.kernels.prepared import KernelWeight
 from qdit4sr_jax.quant.qweight import QuantizedWeight
 
@@ -103,7 +104,7 @@ def branches(xt, w: QuantizedWeight):
         xp = xt if nbi * bi == w.k else jnp.pad(xt, ((0, 0), (0, nbi * bi - w.k)))
         xb = xp.reshape(m, nbi, bi).astype(dt)
         bv, bu = w.block_v, w.block_u
-        if jax.default_backend() == "cpu":   # XLA:CPU has no batched BF16 x BF16 -> F32 dot: widen (exact)
+        if target_platform() == "cpu":       # XLA:CPU has no batched BF16 x BF16 -> F32 dot: widen (exact)
             xb, bv, bu = xb.astype(jnp.float32), bv.astype(jnp.float32), bu.astype(jnp.float32)
         t = jnp.einsum("mjb,ijb->mij", xb, bv, preferred_element_type=jnp.float32)
         yb = jnp.einsum("mij,ijo->mio", t.astype(dt).astype(bu.dtype), bu, preferred_element_type=jnp.float32)

@@ -7,9 +7,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from qdit4sr_jax.quant.kernels import DEFAULT_CONFIG, prepare_weight
+from qdit4sr_jax.quant.kernels import (DEFAULT_CONFIG, GROUPED_CONFIG, KernelConfig, fused_linear, lowering_for,
+                                       prepare_weight)
 from qdit4sr_jax.quant.kernels import prologue_kernel as pk
-from qdit4sr_jax.quant.kernels.pallas_gpu import pallas_gemm_epilogue
+from qdit4sr_jax.quant.linear import linear
 from qdit4sr_jax.quant.qweight import make_qweight
 
 
@@ -31,16 +32,32 @@ def test_prologue_and_gemm_kernels_lower_to_triton(k, n):
     kw = _abstract_layer(k, n)
     assert pk.fits(kw.node, kw.bw, 0)
 
-    def layer(kw, x, step):
-        bits = kw.node.a_schedule[jnp.clip(step, 0, 2)]
-        ops = pk.pallas_prologue(x, kw.node, kw.bw, bits, pad_to=DEFAULT_CONFIG.block_m)
-        return pallas_gemm_epilogue(ops, kw.node, None, jnp.bfloat16, DEFAULT_CONFIG)
+    def layer(kw, x, step):                  # through the dispatch: "auto" picks the kernels for a GPU
+        return linear(x, kw, None, step=step)
 
     x = jax.ShapeDtypeStruct((2 * 1024 + 7, k), jnp.bfloat16)
-    text = jax.jit(layer).trace(kw, x, jax.ShapeDtypeStruct((), jnp.int32)).lower(
-        lowering_platforms=("cuda",)).as_text()
+    with lowering_for("gpu"):
+        text = jax.jit(layer).trace(kw, x, jax.ShapeDtypeStruct((), jnp.int32)).lower(
+            lowering_platforms=("cuda",)).as_text()
     assert text.count("__gpu$xla.gpu.triton") == 2            # one prologue kernel, one GEMM kernel
     assert "qlinear_prologue" in text and "qlinear_nk" in text
+
+
+@pytest.mark.parametrize("cfg", [DEFAULT_CONFIG, GROUPED_CONFIG,
+                                 KernelConfig(unpack="kernel"), KernelConfig(num_warps=4, unpack="kernel")])
+@pytest.mark.parametrize("group_size", [None, 64])
+def test_stored_node_gemm_kernel_lowers_to_triton(cfg, group_size):
+    """The GEMM kernel of stored (unprepared) nodes: per-channel and group-wise, unpacked outside or inside."""
+    def build(w):
+        return make_qweight(w, w_bits=4, group_size=group_size, a_bits=4, execution="fused",
+                            lr_a=jnp.zeros((1536, 32)), lr_b=jnp.zeros((32, 1536)))
+
+    node = jax.eval_shape(build, jax.ShapeDtypeStruct((1536, 1536), jnp.float32))
+    x = jax.ShapeDtypeStruct((2048, 1536), jnp.bfloat16)
+    with lowering_for("gpu"):
+        text = jax.jit(lambda node, x: fused_linear(x, node, None, config=cfg)).trace(node, x).lower(
+            lowering_platforms=("cuda",)).as_text()
+    assert text.count("__gpu$xla.gpu.triton") == 1
 
 
 def test_round_half_even_matches_jnp_round():

@@ -7,3 +7,4 @@ from qdit4sr_jax.quant.kernels.fused import (BACKENDS, DEFAULT_CONFIG, GROUPED_C
                                              default_config, fused_linear,
                                              supports_fused, tiles_ok, with_execution)
 from qdit4sr_jax.quant.kernels.prepared import KernelWeight, prepare, prepare_weight  # noqa: F401
+from qdit4sr_jax.quant.kernels.branch_ops import lowering_for  # noqa: F401

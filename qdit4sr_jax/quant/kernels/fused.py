@@ -37,7 +37,8 @@ import jax
 import jax.numpy as jnp
 
 from qdit4sr_jax.quant import quantizer as qz
-from qdit4sr_jax.quant.kernels.branch_ops import BranchWeights, branch_epilogue, branch_features, branch_weights
+from qdit4sr_jax.quant.kernels.branch_ops import (BranchWeights, branch_epilogue, branch_features, branch_weights,
+                                                  target_platform)
 from qdit4sr_jax.quant.qweight import QuantizedWeight
 
 BACKENDS = ("auto", "pallas", "interpret", "xla")
@@ -202,13 +203,13 @@ def choose_backend(backend: str, w: QuantizedWeight, cfg: KernelConfig) -> str:
     if backend not in BACKENDS:
         raise ValueError(f"fused_linear backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "auto":
-        return "pallas" if jax.default_backend() == "gpu" and tiles_ok(w, cfg) else "xla"
+        return "pallas" if target_platform() == "gpu" and tiles_ok(w, cfg) else "xla"
     if backend in ("pallas", "interpret") and not tiles_ok(w, cfg):
         raise ValueError(f"the fused kernel cannot tile a [{w.k} -> {w.n}] layer (layout {w.layout}, groups "
                          f"{w.groups}, packed={w.packed}, block={w.block}) with {cfg}; use backend='xla' "
                          f"or 'auto'")
-    if backend == "pallas" and jax.default_backend() != "gpu":
-        raise ValueError(f"backend='pallas' needs a GPU (default backend is {jax.default_backend()!r}); "
+    if backend == "pallas" and target_platform() != "gpu":
+        raise ValueError(f"backend='pallas' needs a GPU (default backend is {target_platform()!r}); "
                          f"use 'interpret' or 'xla'")
     return backend
 

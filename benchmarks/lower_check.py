@@ -1,0 +1,93 @@
+"""Lower a whole quantized DiT4SR step for CUDA on any machine and count its Pallas (Triton) kernels.
+
+Device time is scarce; Pallas' Triton lowering is not. This builds the quantized params tree of a preset
+abstractly (`weight_memory.abstract_node`: the shapes and dtypes Q-DiT4SR's quantize stores, nothing
+computed), optionally `kernels.prepare`s it, traces one CFG step (`step_latency.make_step`) as for a GPU
+(`kernels.lowering_for("gpu")`: the fused layers pick the Pallas kernels) and lowers it with
+`lowering_platforms=("cuda",)`. That runs every layer's Pallas -> Triton lowering, so an unsupported
+primitive or tile shape shows up here. Triton's own compilation to PTX and everything XLA does afterwards
+still need a GPU. XLA attention (cuDNN's needs a GPU to lower).
+
+    python benchmarks/lower_check.py                                   # dit4sr, qdit4sr-w4a4-small, 512 px
+    python benchmarks/lower_check.py --prepare pallas --size 1024      # prepared, prologue kernel
+    python benchmarks/lower_check.py --model tiny --size 32 --prepare pallas
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import jax  # noqa: E402
+
+
+def abstract_quantized(model, preset: str, steps: int = 40):
+    """ShapeDtypeStruct params tree of `model` (preset name or ModelConfig) quantized with `preset` at its
+    w_bits, every node fused; -> (tree, number of quantized linears)."""
+    import weight_memory as WM
+    from qdit4sr_jax.quant import rules
+    from qdit4sr_jax.quant.config import QuantConfig
+    from qdit4sr_jax.quant.kernels import with_execution
+    cfg = QuantConfig.preset(preset)
+    params = WM.abstract_params(model)
+    cache, new = {}, {}
+    for p in rules.select_linears(params, cfg.include, cfg.exclude):
+        kern = WM._kernel(params, p)
+        key = (tuple(kern.shape), str(kern.dtype))
+        if key not in cache:
+            cache[key] = WM.abstract_node(cfg, key[0], kern.dtype, int(round(cfg.w_bits)), steps)
+        new[p] = cache[key]
+    return with_execution(rules.replace_kernels(params, new), "fused"), len(new)
+
+
+def check(model="dit4sr", preset: str = "qdit4sr-w4a4-small", size: int = 512, batch: int = 1,
+          prepare: str = "none") -> dict:
+    """-> {layers, triton_kernels, by_name, lower_s}. model: preset name or ModelConfig; prepare: none | xla |
+    pallas (the prologue)."""
+    import step_latency as S
+    from qdit4sr_jax.config import ModelConfig
+    from qdit4sr_jax.model.dit4sr import DiT4SRTransformer
+    from qdit4sr_jax.quant.kernels import lowering_for
+    from qdit4sr_jax.quant.kernels import prepare as prep
+    if prepare not in ("none", "xla", "pallas"):
+        raise ValueError(f"prepare must be none, xla or pallas, got {prepare!r}")
+    t0 = time.perf_counter()
+    q, layers = abstract_quantized(model, preset)
+    mcfg = model if isinstance(model, ModelConfig) else ModelConfig.preset(model)
+    mcfg = mcfg.replace(dtype="bfloat16", param_dtype="bfloat16", attention_impl=None)
+    step = S.make_step(DiT4SRTransformer(mcfg), mcfg.guidance_scale, 1)
+    args = jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), S.inputs(mcfg, size, batch))
+    fn = step if prepare == "none" else jax.jit(lambda t, *a: step(prep(t, prologue=prepare), *a))
+    with lowering_for("gpu"):
+        text = fn.trace(q, *args).lower(lowering_platforms=("cuda",)).as_text()
+    names = re.findall(r'kernel_name = "([^"]+)"', text) or re.findall(r"name = \"(qlinear[^\"]*)\"", text)
+    by_name = {}
+    for nm in names:
+        by_name[nm] = by_name.get(nm, 0) + 1
+    return {"model": mcfg.name, "preset": preset, "size": size, "batch": batch, "prepare": prepare, "layers": layers,
+            "triton_kernels": text.count("__gpu$xla.gpu.triton"), "by_name": by_name,
+            "lower_s": time.perf_counter() - t0}
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="dit4sr")
+    ap.add_argument("--preset", default="qdit4sr-w4a4-small")
+    ap.add_argument("--size", type=int, default=512)
+    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--prepare", default="none", choices=("none", "xla", "pallas"))
+    a = ap.parse_args(argv)
+    r = check(a.model, a.preset, a.size, a.batch, a.prepare)
+    print(f"{r['model']} / {r['preset']} {r['size']} px batch {r['batch']}, prepare {r['prepare']}: {r['layers']} "
+          f"quantized linears -> {r['triton_kernels']} Triton kernels {r['by_name']} (traced and lowered for CUDA "
+          f"in {r['lower_s']:.1f} s, jax {jax.__version__})")
+    return r
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,24 @@
+"""benchmarks/lower_check.py: a whole quantized step, traced as for a GPU and lowered for CUDA on the CPU,
+has one GEMM kernel per quantized linear (and one prologue kernel each when prepared with prologue="pallas")."""
+import os
+import sys
+
+import pytest
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+
+from benchmarks import lower_check as L  # noqa: E402
+from qdit4sr_jax.config import ModelConfig  # noqa: E402
+
+# the tiny model at width 128 (2 heads x 64): every linear tiles the kernels' 128-wide output tiles
+CFG = ModelConfig.preset("tiny").replace(attention_head_dim=64, caption_projection_dim=128)
+
+
+@pytest.mark.parametrize("prepare,per_layer", [("none", 1), ("pallas", 2)])
+def test_step_lowers_with_a_kernel_per_layer(prepare, per_layer):
+    r = L.check(CFG, "qdit4sr-w4a4-small", size=64, prepare=prepare)
+    assert r["layers"] > 20
+    assert r["triton_kernels"] == per_layer * r["layers"], r
+    assert sum(r["by_name"].values()) == r["triton_kernels"]
+    if prepare == "pallas":
+        assert r["by_name"]["qlinear_prologue"] == r["layers"]
