@@ -59,6 +59,9 @@ def _flatten(tree, nodes, path=()):
                 continue
             out[k] = _flatten(v, nodes, path + (k,))
         return out
+    if type(tree).__name__ == "KernelWeight":
+        raise ValueError(f"checkpoint: {'/'.join(path)} is a prepared weight (quant.kernels.prepare), an execution "
+                         f"form for one run; save the quantized tree it was prepared from")
     if not hasattr(tree, "dtype"):
         raise ValueError(f"checkpoint: leaf at {'/'.join(path)} is a {type(tree).__name__}, not an array")
     return tree

@@ -94,6 +94,14 @@ def test_linear_dispatch_tree_prepare_and_bytes():
         prepare_weight(jnp.zeros((K, N)))
 
 
+def test_prepared_tree_is_not_saved(tmp_path):
+    from qdit4sr_jax import checkpoint
+    tree = {"a": {"kernel": _node(4, w_bits=4, group_size=32)}}
+    with pytest.raises(ValueError, match="prepared weight"):
+        checkpoint.save(str(tmp_path / "q"), prepare(tree))
+    assert not (tmp_path / "q").exists()                           # nothing half-written
+
+
 @pytest.mark.slow
 def test_sampler_prepared_equals_per_call():
     cfg = ModelConfig.preset("tiny")
