@@ -40,11 +40,42 @@ def load(spec: str):
     return load_pretrained(spec)
 
 
-def evaluate(cfg, params, val, **kw):
-    """-> (outputs list of uint8 images, psnrs, sharpness, seconds)."""
+def ensemble_views(kind: str):
+    """[(forward, inverse)] image transforms of a self-ensemble: "none" (identity), "geometric" (the 8
+    rotations / flips, the x8 self-ensemble of SR papers) or "color" (the 6 channel orders x identity /
+    negative: the colour augmentation the demo model was trained with)."""
+    if kind == "none":
+        return [(lambda a: a, lambda a: a)]
+    if kind == "geometric":
+        return [(lambda a, k=k, f=f: np.rot90(a, k)[:, ::-1] if f else np.rot90(a, k),
+                 lambda a, k=k, f=f: np.rot90(a[:, ::-1] if f else a, -k)) for k in range(4) for f in (0, 1)]
+    if kind == "color":
+        import itertools
+        views = []
+        for perm in itertools.permutations(range(3)):
+            inv = list(np.argsort(perm))
+            for neg in (False, True):
+                views.append((lambda a, p=list(perm), n=neg: 255 - a[..., p] if n else a[..., p],
+                              lambda a, i=inv, n=neg: (255.0 - a if n else a)[..., i]))
+        return views
+    raise ValueError(f"ensemble must be none, geometric or color, got {kind!r}")
+
+
+def ensemble_upscale(upscale, lr, kind: str = "none"):
+    """Mean of upscale(view(lr)) mapped back, over `ensemble_views(kind)` -> uint8 [H, W, 3]."""
+    acc = None
+    views = ensemble_views(kind)
+    for fwd, inv in views:
+        y = inv(np.asarray(upscale(np.ascontiguousarray(fwd(lr)))).astype(np.float64))
+        acc = y if acc is None else acc + y
+    return np.clip(np.round(acc / len(views)), 0, 255).astype(np.uint8)
+
+
+def evaluate(cfg, params, val, ensemble: str = "none", **kw):
+    """-> (outputs list of uint8 images, psnrs, sharpness, seconds). ensemble: `ensemble_views` kind."""
     outs, t0 = [], time.time()
     for _, _, lr in val:
-        outs.append(pipeline.upscale(cfg, params, lr, seed=0, **kw))
+        outs.append(ensemble_upscale(lambda a: pipeline.upscale(cfg, params, a, seed=0, **kw), lr, ensemble))
     dt = time.time() - t0
     ps = [psnr(o, hr) for o, (_, hr, _) in zip(outs, val)]
     sh = [texture(o) / texture(hr) for o, (_, hr, _) in zip(outs, val)]
@@ -73,6 +104,8 @@ def main(argv=None):
     ap.add_argument("--sweep", action="store_true", help="also try other step counts and samplers")
     ap.add_argument("--limit", type=int, default=0, help="use only the first N validation crops")
     ap.add_argument("--every", type=int, default=1, help="use every k-th validation crop (quick looks)")
+    ap.add_argument("--ensemble", default="none", choices=("none", "geometric", "color"),
+                    help="self-ensemble: average the outputs of 8 rotated / flipped or 12 recoloured inputs")
     ap.add_argument("--out", default="out/demo_validation")
     a = ap.parse_args(argv)
 
@@ -86,13 +119,13 @@ def main(argv=None):
     b_sh = [texture(b) / texture(hr) for b, (_, hr, _) in zip(bic, val)]
     kw = {} if a.color_fix is None else {"color_fix": None if a.color_fix == "none" else a.color_fix}
     steps = a.steps or cfg.num_steps
-    outs, ps, sh, dt = evaluate(cfg, params, val, num_steps=steps, **kw)
+    outs, ps, sh, dt = evaluate(cfg, params, val, num_steps=steps, ensemble=a.ensemble, **kw)
     write_grid(os.path.join(a.out, "grid.png"), val, bic, outs)
     for (name, _, _), o in zip(val, outs):
         Image.fromarray(o).save(os.path.join(a.out, os.path.basename(name)))
 
     print(f"model {a.model} ({cfg.name}): {steps} steps, start {cfg.start} (sigma {cfg.start_sigma}), "
-          f"shift {cfg.shift}; "
+          f"shift {cfg.shift}; self-ensemble {a.ensemble}; "
           f"{len(val)} validation crops, x{cfg.scale}")
     print(f"{'image':<28} {'bicubic dB':>10} {'model dB':>9} {'gain':>6} {'sharp bic':>9} {'sharp model':>11}")
     for (name, _, _), bp, p, bs, s in zip(val, b_ps, ps, b_sh, sh):
@@ -102,7 +135,7 @@ def main(argv=None):
           f"{np.mean(sh):>11.2f}")
     print(f"model time {dt:.1f} s for {len(val)} images ({dt / len(val):.2f} s each, CPU/GPU as run)")
     res = dict(model=a.model, config=cfg.name, steps=steps, start=cfg.start, start_sigma=cfg.start_sigma,
-               shift=cfg.shift,
+               shift=cfg.shift, ensemble=a.ensemble,
                images=[os.path.basename(n) for n, _, _ in val], bicubic_psnr=b_ps, model_psnr=ps,
                bicubic_sharpness=b_sh, model_sharpness=sh, mean_gain_db=gain, seconds=dt, sweep=[])
     if a.sweep:

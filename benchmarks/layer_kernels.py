@@ -79,9 +79,15 @@ def measure(m: int, k: int, n: int, rank: int = 32, block: int = 256, timed: boo
         q = make_qweight(w, **kw)
         if prepared:
             q = jax.block_until_ready(prepare_weight(q, prologue=prepared))
+        a_bits = q.node.a_bits if prepared else q.a_bits
         f = jax.jit(lambda x, q, t, traced=traced: fused_linear(x, q, step=t if traced else None,
-                                                                act_bits=None if traced else q.a_bits))
-        compiled = f.lower(x, q, jnp.int32(1)).compile()
+                                                                act_bits=None if traced else a_bits))
+        try:
+            compiled = f.lower(x, q, jnp.int32(1)).compile()
+        except Exception as e:                   # keep the other rows (e.g. a kernel Triton cannot compile)
+            rows.append(dict(label=label, kernels=0, by_op={}, error=repr(e)[:300], ms=float("nan")))
+            print(f"{label}: failed: {rows[-1]['error']}", flush=True)
+            continue
         by_op = entry_kernels(compiled.as_text())
         row = dict(label=label, kernels=sum(by_op.values()), by_op=by_op)
         if timed:
