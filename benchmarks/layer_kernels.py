@@ -11,10 +11,12 @@ calls such as cuBLAS GEMMs or the Pallas kernel, and unfused ops), on whatever b
 
     python benchmarks/layer_kernels.py                      # 1536 x 1536, M = 2048 (512 px, one stream)
     python benchmarks/layer_kernels.py --k 256 --n 256 --m 64 --time   # small; --time adds a median time
+    python benchmarks/layer_kernels.py --time --prologue-tiles 16x4 32x8 64x8   # GPU: prologue kernel tiles
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import re
 import sys
@@ -60,8 +62,11 @@ def feature_cases(k: int, n: int, rank: int, block: int, seed: int = 0):
                                                    a_schedule=np.array([4, 3, 5, 4], np.int32)), True)]
 
 
-def measure(m: int, k: int, n: int, rank: int = 32, block: int = 256, timed: bool = False, iters: int = 20):
-    """-> rows {label, kernels, by_op, ms (with timed)} for the feature cases on the default backend."""
+def measure(m: int, k: int, n: int, rank: int = 32, block: int = 256, timed: bool = False, iters: int = 20,
+            prologue_tiles=()):
+    """-> rows {label, kernels, by_op, ms (with timed)} for the feature cases on the default backend.
+    prologue_tiles: extra rows of the prepared layer with the prologue kernel at these (block_m, warps)."""
+    from qdit4sr_jax.quant.kernels import DEFAULT_CONFIG
     from qdit4sr_jax.quant.kernels import fused_linear
     from qdit4sr_jax.quant.qweight import make_qweight
     rng = np.random.default_rng(1)
@@ -73,15 +78,21 @@ def measure(m: int, k: int, n: int, rank: int = 32, block: int = 256, timed: boo
     label, kw, traced = cases[-1]                  # the whole W4A4 layer with its weight-side work done beforehand
     cases.append(("prepared: weight-side operands once per run", dict(kw, prepared="xla"), traced))
     cases.append(("prepared + prologue kernel (Pallas backend only)", dict(kw, prepared="pallas"), traced))
+    for bm, warps in prologue_tiles:
+        cases.append((f"  prologue kernel at {bm} rows, {warps} warps", dict(kw, prepared="pallas", tile=(bm, warps)),
+                      traced))
     for label, kw, traced in cases:
         kw = dict(kw)
         prepared = kw.pop("prepared", None)
+        tile = kw.pop("tile", None)
+        cfg = None if tile is None else dataclasses.replace(DEFAULT_CONFIG, prologue_block_m=tile[0],
+                                                            prologue_warps=tile[1])
         q = make_qweight(w, **kw)
         if prepared:
             q = jax.block_until_ready(prepare_weight(q, prologue=prepared))
         a_bits = q.node.a_bits if prepared else q.a_bits
-        f = jax.jit(lambda x, q, t, traced=traced: fused_linear(x, q, step=t if traced else None,
-                                                                act_bits=None if traced else a_bits))
+        f = jax.jit(lambda x, q, t, traced=traced, cfg=cfg: fused_linear(
+            x, q, step=t if traced else None, act_bits=None if traced else a_bits, config=cfg))
         try:
             compiled = f.lower(x, q, jnp.int32(1)).compile()
         except Exception as e:                   # keep the other rows (e.g. a kernel Triton cannot compile)
@@ -110,8 +121,11 @@ def main(argv=None):
     ap.add_argument("--rank", type=int, default=26, help="low-rank branch rank (H-SVD's global rank: 22-26)")
     ap.add_argument("--block", type=int, default=256, help="H-SVD block size")
     ap.add_argument("--time", action="store_true", help="also time each compiled layer (median of 20)")
+    ap.add_argument("--prologue-tiles", nargs="*", default=[], metavar="ROWSxWARPS",
+                    help="extra rows: the prologue kernel at these tiles, e.g. 16x4 32x8 64x8 (GPU sweep)")
     a = ap.parse_args(argv)
-    rows = measure(a.m, a.k, a.n, a.rank, a.block, a.time)
+    tiles = [tuple(int(v) for v in t.lower().split("x")) for t in a.prologue_tiles]
+    rows = measure(a.m, a.k, a.n, a.rank, a.block, a.time, prologue_tiles=tiles)
     print(f"{jax.devices()[0].device_kind}  jax {jax.__version__}  [{a.m} x {a.k}] x [{a.k} x {a.n}]")
     print("| features | kernels | by op |" + (" median ms |" if a.time else "")
           + "\n|---|---|---|" + ("---|" if a.time else ""))

@@ -160,6 +160,12 @@ def test_prologue_kernel_matches_xla_prologue(name):
                 np.testing.assert_allclose(got, np.asarray(want, np.float32), rtol=2 ** -7, atol=1e-6)
         if b.dt is not None:                                       # the kernel's extra block rows are zero
             assert not np.asarray(b.dt, np.float32)[:, a.dt.shape[1]:].any()
+    # another row tile (KernelConfig.prologue_block_m): the rows pad to the larger tile, same codes
+    c = pk.pallas_prologue(x, kw.node, kw.bw, 4, pad_to=16, interpret=True, block_m=32, num_warps=8)
+    a = prologue(x, kw.node, 4, pad_to=32, bw=kw.bw)
+    np.testing.assert_array_equal(np.asarray(c.xq), np.asarray(a.xq))
+    with pytest.raises(ValueError, match="row tiles"):
+        pk.pallas_prologue(x, kw.node, kw.bw, 4, pad_to=48, interpret=True, block_m=32)
 
 
 @pytest.mark.parametrize("name", list(PROLOGUE_NODES))

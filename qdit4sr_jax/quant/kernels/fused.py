@@ -55,6 +55,8 @@ class KernelConfig:
     num_stages: int = 3
     unpack: str = "xla"           # packed 4-bit weights: "xla" (unpacked to int8 per call, outside the
                                   # kernel) or "kernel" (nibbles split in registers inside the K loop)
+    prologue_block_m: int = 16    # rows per program of the prologue kernel (prepared weights, prologue="pallas")
+    prologue_warps: int = 4
 
     @property
     def packed_in_kernel(self) -> bool:
@@ -250,7 +252,8 @@ def fused_linear(x, w: QuantizedWeight, bias=None, *, act_bits=None, step=None, 
         from qdit4sr_jax.quant.kernels import prologue_kernel as pk
         chunk = _chunk(w, cfg)
         if kw is not None and kw.prologue == "pallas" and pk.fits(w, bw, chunk):
-            ops = pk.pallas_prologue(x2, w, bw, bits, pad_to=cfg.block_m, interpret=(be == "interpret"))
+            ops = pk.pallas_prologue(x2, w, bw, bits, pad_to=cfg.block_m, interpret=(be == "interpret"),
+                                     block_m=cfg.prologue_block_m, num_warps=cfg.prologue_warps)
         else:
             ops = prologue(x2, w, bits, pad_to=cfg.block_m, chunk=chunk, bw=bw)
         y = pallas_gemm_epilogue(ops, w, bias, x.dtype, cfg, interpret=(be == "interpret"))
