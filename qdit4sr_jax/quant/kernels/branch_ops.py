@@ -63,20 +63,22 @@ class BranchWeights:
 jax.tree_util.register_dataclass(BranchWeights, data_fields=["lr_a", "lr_b", "vt", "ub"], meta_fields=["block"])
 
 
-def branch_weights(w: QuantizedWeight) -> Optional[BranchWeights]:
+def branch_weights(w: QuantizedWeight, pad: bool = True) -> Optional[BranchWeights]:
     """The node's branches in kernel layout (None without branches). int8-stored factors are dequantized
-    to the branch dtype first (`QuantizedWeight.float_branches`), as every execution path does."""
+    to the branch dtype first (`QuantizedWeight.float_branches`), as every execution path does.
+    pad=False leaves Rl = r, Bo = n_bo, Rb = n_bi (no zero padding: the XLA path, which needs no tiles)."""
     w = w.float_branches()
     if w.lr_a is None and w.block_u is None:
         return None
+    size = next_pow2 if pad else (lambda v: v)
     kw = {}
     if w.lr_a is not None:
         r = w.lr_a.shape[1]
-        rl = next_pow2(r)
+        rl = size(r)
         kw.update(lr_a=jnp.pad(w.lr_a, ((0, 0), (0, rl - r))), lr_b=jnp.pad(w.lr_b, ((0, rl - r), (0, 0))))
     if w.block_u is not None:
         nbo, nbi, bo = w.block_u.shape
-        bo_pad, rb = next_pow2(nbo), next_pow2(nbi)
+        bo_pad, rb = size(nbo), size(nbi)
         vt = jnp.transpose(w.block_v, (1, 2, 0))                                         # [n_bi, b_in, n_bo]
         ub = jnp.transpose(w.block_u, (1, 0, 2)).reshape(nbi, nbo * bo)[:, : w.n]        # [n_bi, N]
         kw.update(vt=jnp.pad(vt, ((0, 0), (0, 0), (0, bo_pad - nbo))),

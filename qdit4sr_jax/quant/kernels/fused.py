@@ -137,11 +137,12 @@ class Operands:
 
 
 def prologue(x2, w: QuantizedWeight, bits, *, pad_to: int = 1, chunk: Optional[int] = None,
-             bw: Optional[BranchWeights] = None) -> Operands:
+             bw: Optional[BranchWeights] = None, pad_branches: bool = False) -> Operands:
     """x2 [M, K] -> `Operands` (stage 1 of the module docstring). bits: int or traced int32 scalar.
     pad_to: pad the rows to a multiple of this; chunk: with packed weights, split every run of `chunk`
     codes into [even | odd] (None: keep the natural order); bw: the node's `branch_weights`, when
-    computed beforehand (a prepared weight), else built here."""
+    computed beforehand (a prepared weight), else built here (pad_branches: with the zero padding of ranks
+    and block rows that the Pallas kernels' tiles need)."""
     from qdit4sr_jax.quant.linear import transform_input
     m, k = x2.shape
     if w.smooth is not None or w.rotate:
@@ -165,7 +166,7 @@ def prologue(x2, w: QuantizedWeight, bits, *, pad_to: int = 1, chunk: Optional[i
             raise ValueError(f"packed-code run {c} must be even and divide the padded K={kp}")
         q = q.reshape(mp, kp // c, c // 2, 2).transpose(0, 1, 3, 2).reshape(mp, kp)
     if bw is None:
-        bw = branch_weights(w)
+        bw = branch_weights(w, pad=pad_branches)
     dh, dt = branch_features(xt, bw)
     return Operands(q, s[:, 0], dh, dt, bw, m, c)
 
@@ -255,7 +256,7 @@ def fused_linear(x, w: QuantizedWeight, bias=None, *, act_bits=None, step=None, 
             ops = pk.pallas_prologue(x2, w, bw, bits, pad_to=cfg.block_m, interpret=(be == "interpret"),
                                      block_m=cfg.prologue_block_m, num_warps=cfg.prologue_warps)
         else:
-            ops = prologue(x2, w, bits, pad_to=cfg.block_m, chunk=chunk, bw=bw)
+            ops = prologue(x2, w, bits, pad_to=cfg.block_m, chunk=chunk, bw=bw, pad_branches=True)
         y = pallas_gemm_epilogue(ops, w, bias, x.dtype, cfg, interpret=(be == "interpret"))
     return y.reshape(*lead, w.n)
 
