@@ -253,8 +253,10 @@ def fused_linear(x, w: QuantizedWeight, bias=None, *, act_bits=None, step=None, 
         from qdit4sr_jax.quant.kernels import prologue_kernel as pk
         chunk = _chunk(w, cfg)
         if kw is not None and kw.prologue == "pallas" and pk.fits(w, bw, chunk):
+            table = kw.levels is not None and act_bits is None and step is not None
             ops = pk.pallas_prologue(x2, w, bw, bits, pad_to=cfg.block_m, interpret=(be == "interpret"),
-                                     block_m=cfg.prologue_block_m, num_warps=cfg.prologue_warps)
+                                     block_m=cfg.prologue_block_m, num_warps=cfg.prologue_warps,
+                                     levels=kw.levels if table else None, step=step if table else None)
         else:
             ops = prologue(x2, w, bits, pad_to=cfg.block_m, chunk=chunk, bw=bw, pad_branches=True)
         y = pallas_gemm_epilogue(ops, w, bias, x.dtype, cfg, interpret=(be == "interpret"))

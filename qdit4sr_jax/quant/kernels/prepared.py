@@ -42,10 +42,13 @@ PROLOGUES = ("xla", "pallas")
 class KernelWeight:
     """node: the QuantizedWeight without its branch factors and, when unpacked, with int8 codes (packed=False;
     two-level factors folded: layout "nk", gscale None); bw: its branches, in float, in kernel layout
-    (`branch_ops.BranchWeights`, None without branches); prologue (static): "xla" (XLA ops) or "pallas"
-    (one Pallas kernel: `prologue_kernel.py`, where the layer fits it, else XLA)."""
+    (`branch_ops.BranchWeights`, None without branches); levels: with prologue="pallas" and a VaTMP schedule,
+    the code levels per step (`prologue_kernel.level_table`), which the kernel indexes at the traced step;
+    prologue (static): "xla" (XLA ops) or "pallas" (one Pallas kernel: `prologue_kernel.py`, where the layer
+    fits it, else XLA)."""
     node: QuantizedWeight
     bw: Any = None
+    levels: Any = None            # prologue="pallas" with a VaTMP schedule: code levels per step, float32 [T]
     prologue: str = "xla"
 
     def reference_node(self) -> QuantizedWeight:
@@ -63,7 +66,7 @@ class KernelWeight:
         return self.node.shape
 
 
-jax.tree_util.register_dataclass(KernelWeight, data_fields=["node", "bw"], meta_fields=["prologue"])
+jax.tree_util.register_dataclass(KernelWeight, data_fields=["node", "bw", "levels"], meta_fields=["prologue"])
 
 
 def prepare_weight(w: QuantizedWeight, *, unpack: bool = True, prologue: str = "xla") -> KernelWeight:
@@ -79,7 +82,11 @@ def prepare_weight(w: QuantizedWeight, *, unpack: bool = True, prologue: str = "
         node = node.replace(qvalue=node.codes(), packed=False, gscale=None,
                             group_size=None if folded else node.group_size)
     bw = branch_weights(node)                                # the factors live on in bw only
-    return KernelWeight(node.replace(lr_a=None, lr_b=None, block_u=None, block_v=None), bw, prologue)
+    levels = None
+    if prologue == "pallas" and node.a_schedule is not None:  # the kernel looks the step's levels up itself
+        from qdit4sr_jax.quant.kernels.prologue_kernel import level_table
+        levels = level_table(node.a_schedule)
+    return KernelWeight(node.replace(lr_a=None, lr_b=None, block_u=None, block_v=None), bw, levels, prologue)
 
 
 def _is_node(n) -> bool:

@@ -12,6 +12,8 @@ features: benchmarks/layer_kernels.py). This kernel does all of it for a tile of
       dt  += t_c @ E_c                                   [bm, Bo Rb] E_c[i, i Rb + c] = 1: places t[:, i, c]
                                                                     at column i Rb + c (exact: one 1 per column)
   s = amax / lev (1 where 0), lev = 2^(bits-1) - 1; pass 2, over K again: q_c = clip(round(x'_c / s), +-lev)
+  (with a VaTMP schedule the kernel reads lev from the prepared per-step table at the traced step, so a layer
+  needs no XLA scalar ops for its bits)
 
 Outputs: q int8 [Mp, K], s float32 [Mp], dh [Mp, Rl] and dt [Mp, Bo Rb] in the branch dtype (`branch_ops`
 layouts; dt has Bo >= n_bo block rows, the extra ones zero, because Triton tiles are powers of 2). The
@@ -67,11 +69,12 @@ def round_half_even(v):
     return jnp.where(up, f + 1.0, f)
 
 
-def _kernel(*refs, n_chunks, bk, lev_static, has_smooth, has_lowrank, has_blocks, rb, upcast):
+def _kernel(*refs, n_chunks, bk, lev_static, lev_steps, has_smooth, has_lowrank, has_blocks, rb, upcast):
     refs = list(refs)
     x_ref = refs.pop(0)
     sm_ref = refs.pop(0) if has_smooth else None
     lev_ref = refs.pop(0) if lev_static is None else None
+    step_ref = refs.pop(0) if lev_steps else None
     la_ref = refs.pop(0) if has_lowrank else None
     vt_ref = refs.pop(0) if has_blocks else None
     q_ref, s_ref = refs.pop(0), refs.pop(0)
@@ -121,7 +124,12 @@ def _kernel(*refs, n_chunks, bk, lev_static, has_smooth, has_lowrank, has_blocks
         dh_ref[...] = res.pop(0).astype(dh_ref.dtype)
     if has_blocks:
         dt_ref[...] = res.pop(0).astype(dt_ref.dtype)
-    lev = lev_static if lev_static is not None else lev_ref[...]
+    if lev_static is not None:
+        lev = lev_static
+    elif lev_steps:                        # per-step table: lev[clip(step, 0, T - 1)], looked up here
+        lev = lev_ref[jnp.clip(step_ref[0], 0, lev_steps - 1)]
+    else:
+        lev = lev_ref[...]
     s = amax / lev
     s = jnp.where(s > 0, s, 1.0)
     s_ref[...] = s
@@ -134,17 +142,24 @@ def _kernel(*refs, n_chunks, bk, lev_static, has_smooth, has_lowrank, has_blocks
     jax.lax.fori_loop(0, n_chunks, pass2, 0)
 
 
+def level_table(a_schedule):
+    """Per-step code levels 2^(bits - 1) - 1 (float32 [T]) of a VaTMP schedule int32 [T]: what the kernel
+    looks up at the traced step instead of per-layer scalar ops (`prepared.prepare_weight` stores it)."""
+    return qz.code_range(jnp.asarray(a_schedule, jnp.int32), True)[1].astype(jnp.float32)
+
+
 def pallas_prologue(x2, w: QuantizedWeight, bw: Optional[BranchWeights], bits, *, pad_to: int,
-                    interpret: bool = False, block_m: int = BLOCK_M, num_warps: int = 4):
+                    interpret: bool = False, block_m: int = BLOCK_M, num_warps: int = 4, levels=None, step=None):
     """x2 [M, K] -> `fused.Operands` through the kernel (rows padded to a multiple of lcm(pad_to, block_m)).
-    bits: int or traced int32 scalar. The caller checks `fits(w, bw, 0)`."""
+    bits: int or traced int32 scalar; or levels (`level_table` [T]) with step (traced int32 scalar), looked up
+    inside the kernel (bits is then ignored). The caller checks `fits(w, bw, 0)`."""
     from qdit4sr_jax.quant.kernels.fused import Operands
     m, k = x2.shape
     bk = chunk_size(w, bw)
-    step = max(pad_to, block_m)
-    if step % pad_to or step % block_m:
+    rows = max(pad_to, block_m)
+    if rows % pad_to or rows % block_m:
         raise ValueError(f"prologue kernel: row tiles {block_m} and {pad_to} must divide one another")
-    mp = -(-m // step) * step
+    mp = -(-m // rows) * rows
     x = x2 if mp == m else jnp.pad(x2, ((0, mp - m), (0, 0)))
     has_lowrank = bw is not None and bw.has_lowrank
     has_blocks = bw is not None and bw.has_blocks
@@ -153,12 +168,19 @@ def pallas_prologue(x2, w: QuantizedWeight, bw: Optional[BranchWeights], bits, *
     if w.smooth is not None:
         args.append(w.smooth.astype(jnp.float32))
         specs.append(pl.BlockSpec((k,), lambda i: (0,)))
-    lev_static = None
-    try:
-        lev_static = float(qz.code_range(int(bits), True)[1])
-    except (jax.errors.ConcretizationTypeError, jax.errors.TracerIntegerConversionError, TypeError):
-        args.append(jnp.reshape(qz.code_range(bits, True)[1], (1,)).astype(jnp.float32))
-        specs.append(pl.BlockSpec((1,), lambda i: (0,)))
+    lev_static, lev_steps = None, 0
+    if levels is not None:
+        if step is None:
+            raise ValueError("prologue kernel: a level table needs the step")
+        lev_steps = int(levels.shape[0])
+        args += [levels.astype(jnp.float32), jnp.reshape(jnp.asarray(step, jnp.int32), (1,))]
+        specs += [pl.BlockSpec((lev_steps,), lambda i: (0,)), pl.BlockSpec((1,), lambda i: (0,))]
+    else:
+        try:
+            lev_static = float(qz.code_range(int(bits), True)[1])
+        except (jax.errors.ConcretizationTypeError, jax.errors.TracerIntegerConversionError, TypeError):
+            args.append(jnp.reshape(qz.code_range(bits, True)[1], (1,)).astype(jnp.float32))
+            specs.append(pl.BlockSpec((1,), lambda i: (0,)))
     out_shape = [jax.ShapeDtypeStruct((mp, k), jnp.int8), jax.ShapeDtypeStruct((mp,), jnp.float32)]
     out_specs = [pl.BlockSpec((block_m, k), lambda i: (i, 0)), pl.BlockSpec((block_m,), lambda i: (i,))]
     rb = 0
@@ -175,7 +197,7 @@ def pallas_prologue(x2, w: QuantizedWeight, bw: Optional[BranchWeights], bits, *
         specs.append(pl.BlockSpec((nbi, bi, bo_pad), lambda i: (0, 0, 0)))
         out_shape.append(jax.ShapeDtypeStruct((mp, bo_pad * rb), bw.vt.dtype))
         out_specs.append(pl.BlockSpec((block_m, bo_pad * rb), lambda i: (i, 0)))
-    kernel = functools.partial(_kernel, n_chunks=k // bk, bk=bk, lev_static=lev_static,
+    kernel = functools.partial(_kernel, n_chunks=k // bk, bk=bk, lev_static=lev_static, lev_steps=lev_steps,
                                has_smooth=w.smooth is not None, has_lowrank=has_lowrank, has_blocks=has_blocks,
                                rb=rb, upcast=interpret)
     params = {}
@@ -193,4 +215,4 @@ def pallas_prologue(x2, w: QuantizedWeight, bw: Optional[BranchWeights], bits, *
     return Operands(q, s, dh, dt, bw, m, 0)
 
 
-__all__ = ["pallas_prologue", "fits", "chunk_size", "round_half_even", "BLOCK_M", "BLOCK_K"]
+__all__ = ["pallas_prologue", "fits", "chunk_size", "level_table", "round_half_even", "BLOCK_M", "BLOCK_K"]
