@@ -240,7 +240,7 @@ def sample(cfg: ModelConfig, params, lr_latent, noise, *, context=None, pooled=N
     their weight-side kernel operands per call (XLA may hoist them out of the step loop); "unpacked" once per
     run, before the loop: int8 codes, float branch factors and the joint up-projection (`quant.kernels.
     prepared`; the full DiT4SR at W4A4-small then holds 2.88 GB instead of 1.45 GB); "packed" the same with
-    the codes left packed (1.61 GB; `python benchmarks/weight_memory.py --preset qdit4sr-w4a4-small`).
+    the codes left packed (1.62 GB; `python benchmarks/weight_memory.py --preset qdit4sr-w4a4-small`).
     """
     if prepare_weights not in (None, "packed", "unpacked"):
         raise ValueError(f"prepare_weights must be None, 'packed' or 'unpacked', got {prepare_weights!r}")

@@ -75,9 +75,12 @@ def test_prepared_equals_stored(name, backend, cfg, unpack):
 def test_linear_dispatch_tree_prepare_and_bytes():
     fused = _node(3, w_bits=4, group_size=32, group_scale="int", branches=True)
     fake = fused.replace(execution="fake")
-    tree = {"a": {"kernel": fused, "bias": jnp.zeros((N,))}, "b": {"kernel": fake}, "c": jnp.ones((4, 4))}
+    bias = jnp.asarray(np.random.default_rng(5).normal(size=(N,)), jnp.bfloat16)
+    tree = {"a": {"kernel": fused, "bias": bias}, "b": {"kernel": fake, "bias": bias}, "c": jnp.ones((4, 4))}
     p = jax.jit(prepare)(tree)
     assert isinstance(p["a"]["kernel"], KernelWeight)
+    assert p["a"]["bias"].dtype == jnp.float32 and p["b"]["bias"].dtype == jnp.bfloat16   # only beside fused nodes
+    np.testing.assert_array_equal(np.asarray(p["a"]["bias"]), np.asarray(bias, np.float32))
     assert isinstance(p["b"]["kernel"], QuantizedWeight)              # not fused: unchanged
     assert p["c"] is not None and prepare(p)["a"]["kernel"].node.qvalue.shape == (N, K)   # idempotent
     x = _x(0)

@@ -16,8 +16,8 @@ kernel: tests compare prepared and stored nodes bit for bit); `quant.linear.line
 
 Memory, for as long as the prepared tree lives (a sampling run): unpacked codes take 8 bits per weight instead
 of 4, and int8 branch factors become bf16 (zero-padded to the kernels' tile sizes). The full DiT4SR at
-qdit4sr-w4a4-small: 1.445 GB stored (1/3.59 of bf16), 2.877 GB prepared (1/1.80), 1.612 GB prepared with
-unpack=False (1/3.22; packed codes are then unpacked per call, or inside the kernel with
+qdit4sr-w4a4-small: 1.445 GB stored (1/3.59 of bf16), 2.880 GB prepared (1/1.80), 1.615 GB prepared with
+unpack=False (1/3.21; packed codes are then unpacked per call, or inside the kernel with
 `KernelConfig(unpack="kernel")`) (`python benchmarks/weight_memory.py --preset qdit4sr-w4a4-small`). Hence
 not the sampler's default.
 
@@ -95,13 +95,24 @@ def _is_node(n) -> bool:
 
 def prepare(tree, *, unpack: bool = True, prologue: str = "xla"):
     """The params tree with every QuantizedWeight whose execution is "fused" replaced by its `KernelWeight`
-    (other nodes, float leaves and already prepared nodes unchanged). Traceable: call it inside the jit
-    that runs the steps, before the loop."""
-    def one(n):
-        if isinstance(n, QuantizedWeight) and n.execution == "fused":
-            return prepare_weight(n, unpack=unpack, prologue=prologue)
-        return n
-    return jax.tree_util.tree_map(one, tree, is_leaf=_is_node)
+    and the "bias" beside it in float32, the kernels' epilogue dtype (bf16 values are exact in float32; saves a
+    convert per layer and call); other nodes, float leaves and already prepared nodes unchanged. Traceable:
+    call it inside the jit that runs the steps, before the loop."""
+    def fused(n):
+        return isinstance(n, QuantizedWeight) and n.execution == "fused"
+
+    def walk(t):
+        if fused(t):
+            return prepare_weight(t, unpack=unpack, prologue=prologue)
+        if isinstance(t, dict):
+            out = {k: walk(v) for k, v in t.items()}
+            if fused(t.get("kernel")) and t.get("bias") is not None:
+                out["bias"] = t["bias"].astype(jax.numpy.float32)
+            return out
+        if isinstance(t, (list, tuple)) and not hasattr(t, "_fields"):
+            return type(t)(walk(v) for v in t)
+        return t
+    return walk(tree)
 
 
 def weight_bytes(tree) -> int:
