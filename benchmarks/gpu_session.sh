@@ -4,7 +4,7 @@
 #   bash benchmarks/gpu_session.sh            # the 2026-11 H100 batch (RESULTS.md entry of code 7003b8b)
 #   bash benchmarks/gpu_session.sh profile    # where the W4A4 step's ~40 ms over W8A8 goes (gpu_notes.md):
 #       kernels per layer on the GPU, per-kernel profile of the 512 px step, steps inside a lax.scan with
-#       weights as stored, `kernels.prepare`d, and prepared with the prologue kernel (timeouts sum to 545 s)
+#       weights as stored and prepared with the prologue kernel (timeouts sum to 545 s)
 export PYTHONUNBUFFERED=1
 if [ "${1:-}" = profile ]; then
   OUT=${OUT:-/tmp/gpu_out}; mkdir -p "$OUT"
@@ -13,11 +13,11 @@ if [ "${1:-}" = profile ]; then
   el layer-kernels; timeout 60 python3 benchmarks/layer_kernels.py --time --prologue-tiles 32x4 32x8 64x8 \
       > "$OUT/layer_kernels.log" 2>&1
   tail -16 "$OUT/layer_kernels.log"
-  el step-profile; timeout 230 python3 benchmarks/step_profile.py --cases 512x1 --modes w8a8-fused w4a4s-fused \
-      --iters 3 --warmup 2 --deadline 215 --out "$OUT/profile.json" > "$OUT/profile.log" 2>&1
-  grep -v "^W[0-9]" "$OUT/profile.log" | tail -60
-  el scan; timeout 255 python3 benchmarks/step_latency.py --cases 512x1 --modes bf16 w4a4s-fused w4a4s-prep \
-      w4a4s-prepk --scan-steps 4 --attention cudnn --iters 5 --warmup 1 --deadline 240 --out "$OUT/scan.json" \
+  el step-profile; timeout 250 python3 benchmarks/step_profile.py --cases 512x1 --modes w8a8-fused w4a4s-fused \
+      w4a4s-prepk --iters 3 --warmup 2 --deadline 235 --out "$OUT/profile.json" > "$OUT/profile.log" 2>&1
+  grep -v "^W[0-9]" "$OUT/profile.log" | tail -70
+  el scan; timeout 235 python3 benchmarks/step_latency.py --cases 512x1 --modes bf16 w4a4s-fused w4a4s-prepk \
+      --scan-steps 4 --attention cudnn --iters 5 --warmup 1 --deadline 220 --out "$OUT/scan.json" \
       > "$OUT/scan.log" 2>&1
   tail -8 "$OUT/scan.log"
   el done
