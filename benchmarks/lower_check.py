@@ -6,11 +6,13 @@ computed), optionally `kernels.prepare`s it, traces one CFG step (`step_latency.
 (`kernels.lowering_for("gpu")`: the fused layers pick the Pallas kernels) and lowers it with
 `lowering_platforms=("cuda",)`. That runs every layer's Pallas -> Triton lowering, so an unsupported
 primitive or tile shape shows up here. Triton's own compilation to PTX and everything XLA does afterwards
-still need a GPU. XLA attention (cuDNN's needs a GPU to lower).
+still need a GPU. XLA attention (cuDNN's needs a GPU to lower). `--platform tpu` lowers the same step for
+TPU, where the fused layers take their XLA path (no Pallas kernel yet: no custom calls).
 
     python benchmarks/lower_check.py                                   # dit4sr, qdit4sr-w4a4-small, 512 px
     python benchmarks/lower_check.py --prepare pallas --size 1024      # prepared, prologue kernel
     python benchmarks/lower_check.py --model tiny --size 32 --prepare pallas
+    python benchmarks/lower_check.py --platform tpu --prepare pallas     # TPU: the XLA path, no custom calls
 """
 from __future__ import annotations
 
@@ -46,9 +48,10 @@ def abstract_quantized(model, preset: str, steps: int = 40):
 
 
 def check(model="dit4sr", preset: str = "qdit4sr-w4a4-small", size: int = 512, batch: int = 1,
-          prepare: str = "none") -> dict:
-    """-> {layers, triton_kernels, by_name, lower_s}. model: preset name or ModelConfig; prepare: none | xla |
-    pallas (the prologue)."""
+          prepare: str = "none", platform: str = "gpu") -> dict:
+    """-> {layers, triton_kernels, custom_calls, by_name, lower_s}. model: preset name or ModelConfig;
+    prepare: none | xla | pallas (the prologue); platform: "gpu" (lowered for CUDA) or "tpu" (the fused
+    layers take their XLA path there: no custom calls expected)."""
     import step_latency as S
     from qdit4sr_jax.config import ModelConfig
     from qdit4sr_jax.model.dit4sr import DiT4SRTransformer
@@ -56,6 +59,8 @@ def check(model="dit4sr", preset: str = "qdit4sr-w4a4-small", size: int = 512, b
     from qdit4sr_jax.quant.kernels import prepare as prep
     if prepare not in ("none", "xla", "pallas"):
         raise ValueError(f"prepare must be none, xla or pallas, got {prepare!r}")
+    if platform not in ("gpu", "tpu"):
+        raise ValueError(f"platform must be gpu or tpu, got {platform!r}")
     t0 = time.perf_counter()
     q, layers = abstract_quantized(model, preset)
     mcfg = model if isinstance(model, ModelConfig) else ModelConfig.preset(model)
@@ -63,14 +68,15 @@ def check(model="dit4sr", preset: str = "qdit4sr-w4a4-small", size: int = 512, b
     step = S.make_step(DiT4SRTransformer(mcfg), mcfg.guidance_scale, 1)
     args = jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), S.inputs(mcfg, size, batch))
     fn = step if prepare == "none" else jax.jit(lambda t, *a: step(prep(t, prologue=prepare), *a))
-    with lowering_for("gpu"):
-        text = fn.trace(q, *args).lower(lowering_platforms=("cuda",)).as_text()
+    with lowering_for(platform):
+        text = fn.trace(q, *args).lower(lowering_platforms=("cuda" if platform == "gpu" else "tpu",)).as_text()
     names = re.findall(r'kernel_name = "([^"]+)"', text) or re.findall(r"name = \"(qlinear[^\"]*)\"", text)
     by_name = {}
     for nm in names:
         by_name[nm] = by_name.get(nm, 0) + 1
     return {"model": mcfg.name, "preset": preset, "size": size, "batch": batch, "prepare": prepare, "layers": layers,
-            "triton_kernels": text.count("__gpu$xla.gpu.triton"), "by_name": by_name,
+            "platform": platform, "triton_kernels": text.count("__gpu$xla.gpu.triton"),
+            "custom_calls": text.count("stablehlo.custom_call"), "by_name": by_name,
             "lower_s": time.perf_counter() - t0}
 
 
@@ -81,11 +87,12 @@ def main(argv=None):
     ap.add_argument("--size", type=int, default=512)
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--prepare", default="none", choices=("none", "xla", "pallas"))
+    ap.add_argument("--platform", default="gpu", choices=("gpu", "tpu"))
     a = ap.parse_args(argv)
-    r = check(a.model, a.preset, a.size, a.batch, a.prepare)
+    r = check(a.model, a.preset, a.size, a.batch, a.prepare, a.platform)
     print(f"{r['model']} / {r['preset']} {r['size']} px batch {r['batch']}, prepare {r['prepare']}: {r['layers']} "
-          f"quantized linears -> {r['triton_kernels']} Triton kernels {r['by_name']} (traced and lowered for CUDA "
-          f"in {r['lower_s']:.1f} s, jax {jax.__version__})")
+          f"quantized linears -> {r['triton_kernels']} Triton kernels {r['by_name']}, {r['custom_calls']} custom "
+          f"calls in all (traced and lowered for {r['platform']} in {r['lower_s']:.1f} s, jax {jax.__version__})")
     return r
 
 

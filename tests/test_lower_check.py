@@ -22,3 +22,10 @@ def test_step_lowers_with_a_kernel_per_layer(prepare, per_layer):
     assert sum(r["by_name"].values()) == r["triton_kernels"]
     if prepare == "pallas":
         assert r["by_name"]["qlinear_prologue"] == r["layers"]
+
+
+def test_tpu_lowering_takes_the_xla_path():
+    r = L.check(CFG, "qdit4sr-w4a4-small", size=64, prepare="pallas", platform="tpu")
+    assert r["triton_kernels"] == 0 and r["custom_calls"] == 0 and r["layers"] > 20
+    with pytest.raises(ValueError, match="platform"):
+        L.check(CFG, "qdit4sr-w4a4-small", size=64, platform="rocm")
