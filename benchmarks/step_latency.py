@@ -22,7 +22,7 @@ Modes (--modes):
   w4a4s-fused   qdit4sr-w4a4-small: w4a4i plus int8 low-rank branch factors (`lowrank_bits=8`, the smallest
                 tree: 1/3.59 of bf16); w4a4s-int: the same weights through XLA int8
   *-prep        (w8a8-prep, w4a4i-prep, w4a4s-prep) the fused mode with its weights `kernels.prepare`d before
-                the timed step (unpacked int8 codes, float branch factors, the joint up-projection), as
+                the timed step (unpacked int8 codes, float branch factors in kernel layout), as
                 `sampling.sample` runs them: the per-step cost inside a sampling run; weight bytes are those
                 of the prepared tree
   *-prepk       the same with the prologue (smoothing, per-token quantization, branch down-projections) as one

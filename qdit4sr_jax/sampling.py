@@ -238,9 +238,10 @@ def sample(cfg: ModelConfig, params, lr_latent, noise, *, context=None, pooled=N
     before it becomes a velocity: the handle `quant.stepgain.step_sensitivity` differentiates through.
     ``prepare_weights`` (quantized layers with execution "fused"; the outputs are the same): None computes
     their weight-side kernel operands per call (XLA may hoist them out of the step loop); "unpacked" once per
-    run, before the loop: int8 codes, float branch factors and the joint up-projection (`quant.kernels.
+    run, before the loop: int8 codes and float branch factors in kernel layout (`quant.kernels.
     prepared`; the full DiT4SR at W4A4-small then holds 2.88 GB instead of 1.45 GB); "packed" the same with
-    the codes left packed (1.62 GB; `python benchmarks/weight_memory.py --preset qdit4sr-w4a4-small`).
+    the codes left packed (1.62 GB; `python benchmarks/weight_memory.py --preset qdit4sr-w4a4-small`). A tree
+    prepared beforehand (e.g. `quant.kernels.prepare(q, prologue="pallas")`: the prologue kernel) runs as given.
     """
     if prepare_weights not in (None, "packed", "unpacked"):
         raise ValueError(f"prepare_weights must be None, 'packed' or 'unpacked', got {prepare_weights!r}")

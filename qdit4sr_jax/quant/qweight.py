@@ -171,7 +171,7 @@ class QuantizedWeight:
 
     def float_branches(self) -> "QuantizedWeight":
         """This node with its branch factors in float (`factor`) and no factor scales; `self` when the
-        factors are already float. The consumers (linear.branches, kernels.fused.branch_operands) call it,
+        factors are already float. The consumers (linear.branches, kernels.branch_ops.branch_weights) call it,
         so the int8 -> float conversion sits next to (and fuses into) the branch matmuls."""
         if self.branch_bits is None:
             return self
