@@ -121,6 +121,9 @@ def test_sampler_prepared_equals_per_call():
     assert np.isfinite(base).all()
     for prep in ("unpacked", "packed"):
         np.testing.assert_allclose(run(prep), base, rtol=0, atol=1e-5)
+    ahead = np.asarray(sampling.sample(cfg, prepare(q, prologue="pallas"), lr, noise, context=ctx, pooled=pool,
+                                       num_steps=2, guidance_scale=1.0, tile_latent=0))     # prepared beforehand
+    np.testing.assert_allclose(ahead, base, rtol=0, atol=1e-5)
     with pytest.raises(ValueError, match="prepare_weights"):
         run(True)
 
