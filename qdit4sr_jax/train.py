@@ -104,7 +104,7 @@ def pointwise_loss(err, kind: str = "mse"):
 
 
 def flow_loss(params, cfg: ModelConfig, hr_uint8, lr_uint8, rng, sigmas=None, start_sigmas=None,
-              bridge_frac: float = 0.0, bridge_sigma: float = 1.0, loss: str = "mse"):
+              bridge_frac: float = 0.0, bridge_sigma: float = 1.0, loss: str = "mse", bridge_exact: float = 0.25):
     """Mean squared velocity error over the batch (float32 scalar); with cfg.prediction "lr_residual" the
     mean squared error of F against (z_lr - x0) / cfg.residual_scale instead (x0 error / residual_scale).
     loss: "mse" (default; also every validation figure) or "charbonnier" (`pointwise_loss`) of the same error.
@@ -115,7 +115,8 @@ def flow_loss(params, cfg: ModelConfig, hr_uint8, lr_uint8, rng, sigmas=None, st
     which is what the sampler's Euler step x <- x + (s' - s) v integrates exactly for a perfect model.
     `sigmas` / `start_sigmas` [B] fix s and s0; otherwise s is drawn by `sample_sigmas` with s0 = 1,
     except for a `bridge_frac` share of the batch that gets s0 = bridge_sigma and s uniform in
-    (0, bridge_sigma] (a quarter of those exactly at bridge_sigma, the sampler's first step).
+    (0, bridge_sigma], a `bridge_exact` share of those (default a quarter) exactly at bridge_sigma, the
+    sampler's first step.
     """
     x0 = hr_latent(cfg, hr_uint8)
     zlr = lr_condition(cfg, lr_uint8)
@@ -126,7 +127,7 @@ def flow_loss(params, cfg: ModelConfig, hr_uint8, lr_uint8, rng, sigmas=None, st
     if sigmas is None and bridge_frac > 0:
         use = jax.random.bernoulli(kb, bridge_frac, (B,))
         sb = bridge_sigma * jax.random.uniform(ku, (B,), minval=1e-3, maxval=1.0)
-        sb = jnp.where(jax.random.bernoulli(kf, 0.25, (B,)), bridge_sigma, sb)
+        sb = jnp.where(jax.random.bernoulli(kf, bridge_exact, (B,)), bridge_sigma, sb)
         s, s0 = jnp.where(use, sb, s), jnp.where(use, bridge_sigma, s0)
     eps = jax.random.normal(kn, x0.shape, jnp.float32)
     e = lambda a: a[:, None, None, None]  # noqa: E731
@@ -200,7 +201,8 @@ def time_cosine(progress: float, final_frac: float = 0.05) -> float:
 
 
 def make_train_step(cfg: ModelConfig, opt, bridge_frac: float = 0.0, bridge_sigma: float = 1.0,
-                    color_aug: bool = False, invert_prob: float = 0.0, ema: float = 0.0, loss: str = "mse"):
+                    color_aug: bool = False, invert_prob: float = 0.0, ema: float = 0.0, loss: str = "mse",
+                    bridge_exact: float = 0.25):
     """jit step (params, opt_state, hr uint8, lr uint8, rng[, lr_mult[, ema_params, ema_decay]]) ->
     (params, opt_state, loss, grad norm[, ema_params]).
 
@@ -209,15 +211,20 @@ def make_train_step(cfg: ModelConfig, opt, bridge_frac: float = 0.0, bridge_sigm
     rate (AdamW's decoupled weight decay included): the host can drive the schedule (`--schedule time`).
     With `ema` > 0 the step also takes and returns an exponential moving average of the params,
     ema <- d ema + (1 - d) params with d = the traced `ema_decay` argument. loss: `LOSSES` (training only).
+    bridge_exact: `flow_loss`'s share of LR-start samples at exactly the start sigma.
     """
     if loss not in LOSSES:
         raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}")
+    if not 0.0 <= bridge_exact <= 1.0:
+        raise ValueError(f"bridge_exact (--bridge-exact) is a share: it must be in [0, 1], got {bridge_exact!r}")
+
     def step_fn(params, opt_state, hr, lr, rng, lr_mult=1.0, ema_params=None, ema_decay=0.0):
         if color_aug:
             rng, ka = jax.random.split(rng)
             hr, lr = color_augment(hr, lr, ka, invert_prob)
         value, grads = jax.value_and_grad(flow_loss)(params, cfg, hr, lr, rng, bridge_frac=bridge_frac,
-                                                     bridge_sigma=bridge_sigma, loss=loss)
+                                                     bridge_sigma=bridge_sigma, loss=loss,
+                                                     bridge_exact=bridge_exact)
         updates, opt_state = opt.update(grads, opt_state, params)
         updates = jax.tree_util.tree_map(lambda u: u * jnp.asarray(lr_mult, u.dtype), updates)
         gnorm = _global_norm(grads)
@@ -443,7 +450,7 @@ def train(args, cfg: Optional[ModelConfig] = None):
         ema_params = jax.tree_util.tree_map(lambda a: jnp.array(a, jnp.float32), ema_params)
     bridge = dict(bridge_frac=args.bridge_frac, bridge_sigma=args.bridge_sigma,
                   color_aug=getattr(args, "color_aug", False), invert_prob=getattr(args, "invert_prob", 0.0),
-                  ema=ema_decay, loss=getattr(args, "loss", "mse"))
+                  ema=ema_decay, loss=getattr(args, "loss", "mse"), bridge_exact=getattr(args, "bridge_exact", 0.25))
     step_fn = make_train_step(tcfg, opt, **bridge)
     best = dict(meta.get("best") or {})       # {"step", "psnr"}: the best start-PSNR state so far (--keep-best)
     best_dir = os.path.join(args.out, "best")
@@ -467,7 +474,8 @@ def train(args, cfg: Optional[ModelConfig] = None):
         runs = meta.get("runs", []) + [dict(start=start_step, end=at, seconds=round(time.time() - t_start, 1),
                                             device=str(jax.devices()[0].device_kind), batch=args.batch,
                                             bridge_frac=args.bridge_frac, bridge_sigma=args.bridge_sigma,
-                                            loss=getattr(args, "loss", "mse"))]
+                                            loss=getattr(args, "loss", "mse"),
+                                            bridge_exact=getattr(args, "bridge_exact", 0.25))]
         return dict(config=config_to_dict(cfg), step=at, total_steps=total, warmup=warmup, peak_lr=peak,
                     train_seconds=round(_train_seconds(), 1), schedule="time" if by_time else "steps",
                     batch=args.batch, crop=args.crop, data_seed=meta.get("data_seed", args.seed * 10**9), log=log,
@@ -647,6 +655,9 @@ def main(argv=None):
     ap.add_argument("--bridge-frac", type=float, default=0.0,
                     help="share of each batch trained on the LR-start path (s0 = --bridge-sigma)")
     ap.add_argument("--bridge-sigma", type=float, default=0.3, help="start sigma of the LR-start path")
+    ap.add_argument("--bridge-exact", type=float, default=0.25,
+                    help="share of the LR-start samples taken exactly at --bridge-sigma (the sampler's first step; "
+                         "the demo's 2-step schedule is [0.1, 0.001, 0], so that step does almost all the work)")
     ap.add_argument("--attention", default="auto", choices=["auto", "cudnn", "xla"])
     ap.add_argument("--prediction", default=None, choices=["velocity", "lr_residual"],
                     help="output parametrisation (ModelConfig.prediction); switching it on a resumed run resets "

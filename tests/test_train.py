@@ -106,6 +106,27 @@ def test_charbonnier_loss_option():
     assert float(T.flow_loss(p, cfg, hr, lr, key, sig)) < 0.9 * mse
 
 
+def test_bridge_exact_share():
+    """bridge_exact=1 puts every LR-start sample at the start sigma: the loss of fixed sigmas = start sigmas;
+    0 puts none there; out-of-range shares are refused."""
+    cfg = _tiny_cfg()
+    params = T.init_train_params(cfg, seed=5)          # zero-initialised head: perturb so that s matters
+    leaves, tdef = jax.tree_util.tree_flatten(params)
+    ks = jax.random.split(jax.random.PRNGKey(9), len(leaves))
+    params = jax.tree_util.tree_unflatten(tdef, [a + 0.05 * jax.random.normal(k, a.shape, a.dtype)
+                                                 for a, k in zip(leaves, ks)])
+    hr, lr = _batch(4)
+    key, s0 = jax.random.PRNGKey(3), 0.1
+    loss = jax.jit(T.flow_loss, static_argnames=("cfg", "bridge_frac", "bridge_sigma"))   # bridge_exact traced
+    fixed = float(loss(params, cfg, hr, lr, key, jnp.full((4,), s0), jnp.full((4,), s0)))
+    exact = float(loss(params, cfg, hr, lr, key, bridge_frac=1.0, bridge_sigma=s0, bridge_exact=1.0))
+    assert exact == pytest.approx(fixed, rel=1e-5)
+    spread = float(loss(params, cfg, hr, lr, key, bridge_frac=1.0, bridge_sigma=s0, bridge_exact=0.0))
+    assert np.isfinite(spread) and spread != pytest.approx(fixed, rel=1e-4)
+    with pytest.raises(ValueError, match="bridge-exact"):
+        T.make_train_step(cfg, T.make_optimizer(1e-3, 10, 1, 0, 0)[0], bridge_exact=1.5)
+
+
 def test_time_cosine():
     assert T.time_cosine(0.0) == pytest.approx(1.0)
     assert T.time_cosine(0.5) == pytest.approx(0.525)
