@@ -28,11 +28,19 @@ def cmd_upscale(a) -> int:
     cfg, params = _load_model(a.model)
     if a.quantized:
         qparams, qcfg = load_quantized(a.quantized)
+        if a.execution != "stored":
+            from qdit4sr_jax.quant.kernels import with_execution
+            qparams = with_execution(qparams, a.execution)
         params = dict(params, transformer=qparams)
         print(f"quantized transformer: {qcfg.name if hasattr(qcfg, 'name') else qcfg}")
+    elif a.execution != "stored" or a.prepare != "none":
+        raise ValueError("--execution / --prepare apply to a quantized transformer: pass --quantized DIR")
+    if a.prepare != "none" and a.execution not in ("fused", "stored"):
+        raise ValueError(f"--prepare {a.prepare} prepares fused layers: use --execution fused")
     img = pipeline.read_images(a.input)[0]
     out = pipeline.upscale(cfg, params, img, seed=a.seed, num_steps=a.steps,
-                           color_fix=None if a.color_fix == "none" else a.color_fix)
+                           color_fix=None if a.color_fix == "none" else a.color_fix,
+                           prepare_weights=None if a.prepare == "none" else a.prepare)
     pipeline.save_image(out, a.output)
     print(f"wrote {a.output} ({out.shape[1]}x{out.shape[0]})")
     return 0
@@ -101,6 +109,10 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("--steps", type=int, default=None)
     u.add_argument("--seed", type=int, default=0)
     u.add_argument("--color-fix", default="adain", choices=["adain", "wavelet", "none"])
+    u.add_argument("--execution", default="stored", choices=["stored", "fake", "int", "fused"],
+                   help="how the quantized layers run: as saved, fake-quant, XLA int8, or the fused kernels")
+    u.add_argument("--prepare", default="none", choices=["none", "packed", "unpacked"],
+                   help="fused layers: weight-side kernel operands once per run (more memory; see README)")
     u.set_defaults(fn=cmd_upscale)
 
     q = sub.add_parser("quantize", help="quantize a model's transformer and save it with orbax")

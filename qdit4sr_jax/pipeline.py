@@ -273,7 +273,7 @@ def upscale(cfg: ModelConfig, params: Mapping[str, Any], image, *, seed: int = 0
             prompt_index: int = 0, start: Optional[str] = None, start_sigma: Optional[float] = None,
             tile_latent: Optional[int] = -1, tile_overlap: Optional[int] = None,
             tile_batch: Optional[int] = None, force_tiling: bool = False, process_size: Optional[int] = None,
-            return_latents: bool = False):
+            return_latents: bool = False, prepare_weights: Optional[str] = None):
     """Super-resolve one image by cfg.scale.
 
     image: PIL image or numpy array (see `to_rgb_uint8`). Returns the same kind (PIL RGB image or
@@ -283,7 +283,8 @@ def upscale(cfg: ModelConfig, params: Mapping[str, Any], image, *, seed: int = 0
     tile_latent=None or 0 disables tiling; ``force_tiling`` tiles even a latent no larger than one tile
     (testing/diagnostics). ``process_size`` (DiT4SR's test scripts: 512): an input whose short side is
     below process_size // scale is first enlarged (bicubic) so that it is, and the result resized back
-    to H*s x W*s. Deterministic for a given seed.
+    to H*s x W*s. Deterministic for a given seed. ``prepare_weights`` (None | "packed" | "unpacked"): see
+    `sampling.sample` (fused quantized layers' weight-side operands once per run).
     """
     if color_fix not in (None, "none", "adain", "wavelet"):
         raise ValueError(f"color_fix must be 'adain', 'wavelet' or None, got {color_fix!r}")
@@ -291,7 +292,8 @@ def upscale(cfg: ModelConfig, params: Mapping[str, Any], image, *, seed: int = 0
     lat = sampling.sample(cfg, params["transformer"], d["lr_lat"], d["noise"], context=d["ctx"], pooled=d["pool"],
                           neg_context=d["nctx"], neg_pooled=d["npool"], num_steps=num_steps,
                           guidance_scale=d["g"], start=start, start_sigma=start_sigma, tile_latent=tile_latent,
-                          tile_overlap=tile_overlap, tile_batch=tile_batch, force_tiling=force_tiling)
+                          tile_overlap=tile_overlap, tile_batch=tile_batch, force_tiling=force_tiling,
+                          prepare_weights=prepare_weights)
     img = _vae.decode_jit(cfg.vae, params.get("vae", {}), lat)[0]
     out = _to_uint8(img * 0.5 + 0.5)
     if color_fix not in (None, "none"):
