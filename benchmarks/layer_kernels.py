@@ -66,21 +66,19 @@ def measure(m: int, k: int, n: int, rank: int = 32, block: int = 256, timed: boo
             prologue_tiles=()):
     """-> rows {label, kernels, by_op, ms (with timed)} for the feature cases on the default backend.
     prologue_tiles: extra rows of the prepared layer with the prologue kernel at these (block_m, warps)."""
-    from qdit4sr_jax.quant.kernels import DEFAULT_CONFIG
-    from qdit4sr_jax.quant.kernels import fused_linear
+    from qdit4sr_jax.quant.kernels import DEFAULT_CONFIG, fused_linear, prepare_weight
     from qdit4sr_jax.quant.qweight import make_qweight
     rng = np.random.default_rng(1)
     w = jnp.asarray(rng.normal(size=(n, k)) / k ** 0.5, jnp.float32)
     x = jnp.asarray(rng.normal(size=(m, k)), jnp.bfloat16 if jax.default_backend() == "gpu" else jnp.float32)
-    from qdit4sr_jax.quant.kernels.prepared import prepare_weight
     rows = []
     cases = feature_cases(k, n, min(rank, k, n), min(block, k, n))
-    label, kw, traced = cases[-1]                  # the whole W4A4 layer with its weight-side work done beforehand
-    cases.append(("prepared: weight-side operands once per run", dict(kw, prepared="xla"), traced))
-    cases.append(("prepared + prologue kernel (Pallas backend only)", dict(kw, prepared="pallas"), traced))
+    _, whole, traced_step = cases[-1]             # the whole W4A4 layer, then with its weight-side work done beforehand
+    cases.append(("prepared: weight-side operands once per run", dict(whole, prepared="xla"), traced_step))
+    cases.append(("prepared + prologue kernel (Pallas backend only)", dict(whole, prepared="pallas"), traced_step))
     for bm, warps in prologue_tiles:
-        cases.append((f"  prologue kernel at {bm} rows, {warps} warps", dict(kw, prepared="pallas", tile=(bm, warps)),
-                      traced))
+        cases.append((f"  prologue kernel at {bm} rows, {warps} warps",
+                      dict(whole, prepared="pallas", tile=(bm, warps)), traced_step))
     for label, kw, traced in cases:
         kw = dict(kw)
         prepared = kw.pop("prepared", None)

@@ -37,14 +37,9 @@ def abstract_quantized(model, preset: str, steps: int = 40):
     from qdit4sr_jax.quant.kernels import with_execution
     cfg = QuantConfig.preset(preset)
     params = WM.abstract_params(model)
-    cache, new = {}, {}
-    for p in rules.select_linears(params, cfg.include, cfg.exclude):
-        kern = WM._kernel(params, p)
-        key = (tuple(kern.shape), str(kern.dtype))
-        if key not in cache:
-            cache[key] = WM.abstract_node(cfg, key[0], kern.dtype, int(round(cfg.w_bits)), steps)
-        new[p] = cache[key]
-    return with_execution(rules.replace_kernels(params, new), "fused"), len(new)
+    paths = rules.select_linears(params, cfg.include, cfg.exclude)
+    q, _ = WM.abstract_tree(params, cfg, paths, [int(round(cfg.w_bits))] * len(paths), steps)
+    return with_execution(q, "fused"), len(paths)
 
 
 def check(model="dit4sr", preset: str = "qdit4sr-w4a4-small", size: int = 512, batch: int = 1,
@@ -70,7 +65,7 @@ def check(model="dit4sr", preset: str = "qdit4sr-w4a4-small", size: int = 512, b
     fn = step if prepare == "none" else jax.jit(lambda t, *a: step(prep(t, prologue=prepare), *a))
     with lowering_for(platform):
         text = fn.trace(q, *args).lower(lowering_platforms=("cuda" if platform == "gpu" else "tpu",)).as_text()
-    names = re.findall(r'kernel_name = "([^"]+)"', text) or re.findall(r"name = \"(qlinear[^\"]*)\"", text)
+    names = re.findall(r"name = \"(qlinear[^\"]*)\"", text)          # the Pallas calls' names
     by_name = {}
     for nm in names:
         by_name[nm] = by_name.get(nm, 0) + 1

@@ -91,6 +91,19 @@ def abstract_node(cfg: QuantConfig, shape, dtype, bits: int, steps: int) -> Quan
     return node
 
 
+def abstract_tree(params, cfg: QuantConfig, paths, bits, steps: int):
+    """The abstract params tree with the kernel at each of `paths` replaced by its `abstract_node` at
+    `bits[i]` (one node per distinct (shape, dtype, bits)) -> (tree, nodes in the order of paths)."""
+    cache, nodes = {}, []
+    for p, b in zip(paths, bits):
+        kern = _kernel(params, p)
+        key = (tuple(kern.shape), str(kern.dtype), b)
+        if key not in cache:
+            cache[key] = abstract_node(cfg, key[0], kern.dtype, b, steps)
+        nodes.append(cache[key])
+    return rules.replace_kernels(params, dict(zip(paths, nodes))), nodes
+
+
 def allocation(names, sizes, cfg, alloc: str, hist: str, assign: str):
     """{module path: bits} for `--alloc`."""
     base = int(round(cfg.w_bits))
@@ -133,15 +146,7 @@ def measure(model="dit4sr", preset="qdit4sr-w4a4-fast", alloc="uniform", hist="3
     names = [rules.path_str(p) for p in paths]
     sizes = [int(np.prod(_kernel(params, p).shape)) for p in paths]
     bits = allocation(names, sizes, cfg, alloc, hist, assign)
-    cache, new = {}, {}
-    for p, nm in zip(paths, names):
-        kern = _kernel(params, p)
-        key = (tuple(kern.shape), str(kern.dtype), bits[nm])
-        if key not in cache:
-            cache[key] = abstract_node(cfg, tuple(kern.shape), kern.dtype, bits[nm], steps)
-        new[p] = cache[key]
-    q = rules.replace_kernels(params, new)
-    nodes = [new[p] for p in paths]
+    q, nodes = abstract_tree(params, cfg, paths, [bits[nm] for nm in names], steps)
     bf16, total = tree_bytes(params), tree_bytes(q)
     from qdit4sr_jax.quant.kernels import prepare, with_execution
     fused = with_execution(q, "fused")

@@ -33,6 +33,7 @@ import numpy as np
 
 from qdit4sr_jax.quant import quantizer as qz
 from qdit4sr_jax.quant.config import QuantConfig
+from qdit4sr_jax.quant.kernels.prepared import KernelWeight
 from qdit4sr_jax.quant.qweight import (ARRAY_FIELDS, BRANCH_FACTORS, FACTOR_AXIS, LAYOUTS, STATIC_FIELDS,
                                        QuantizedWeight)
 
@@ -59,7 +60,7 @@ def _flatten(tree, nodes, path=()):
                 continue
             out[k] = _flatten(v, nodes, path + (k,))
         return out
-    if type(tree).__name__ == "KernelWeight":
+    if isinstance(tree, KernelWeight):
         raise ValueError(f"checkpoint: {'/'.join(path)} is a prepared weight (quant.kernels.prepare), an execution "
                          f"form for one run; save the quantized tree it was prepared from")
     if not hasattr(tree, "dtype"):

@@ -474,8 +474,7 @@ def train(args, cfg: Optional[ModelConfig] = None):
         runs = meta.get("runs", []) + [dict(start=start_step, end=at, seconds=round(time.time() - t_start, 1),
                                             device=str(jax.devices()[0].device_kind), batch=args.batch,
                                             bridge_frac=args.bridge_frac, bridge_sigma=args.bridge_sigma,
-                                            loss=getattr(args, "loss", "mse"),
-                                            bridge_exact=getattr(args, "bridge_exact", 0.25))]
+                                            loss=bridge["loss"], bridge_exact=bridge["bridge_exact"])]
         return dict(config=config_to_dict(cfg), step=at, total_steps=total, warmup=warmup, peak_lr=peak,
                     train_seconds=round(_train_seconds(), 1), schedule="time" if by_time else "steps",
                     batch=args.batch, crop=args.crop, data_seed=meta.get("data_seed", args.seed * 10**9), log=log,

@@ -1,6 +1,9 @@
 """Prepared weights (quant/kernels/prepared.py): a fused node's weight-side operands computed beforehand give
 exactly the stored node's outputs (both fused backends, every weight feature), dispatch through
 `quant.linear.linear`, leave other nodes alone, and the sampler runs prepared and unprepared alike."""
+import os
+import sys
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -12,9 +15,12 @@ from qdit4sr_jax import sampling
 from qdit4sr_jax.config import ModelConfig
 from qdit4sr_jax.model.dit4sr import param_shapes
 from qdit4sr_jax.quant.kernels import KernelConfig, fused_linear, prepare, prepare_weight, with_execution
-from qdit4sr_jax.quant.kernels.prepared import KernelWeight, weight_bytes
+from qdit4sr_jax.quant.kernels.prepared import KernelWeight
 from qdit4sr_jax.quant.linear import linear
 from qdit4sr_jax.quant.qweight import QuantizedWeight, make_qweight
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
+from benchmarks.common import tree_bytes  # noqa: E402  (the benchmarks' byte count of a tree)
 
 N, K = 64, 128
 CFG = KernelConfig(block_m=16, block_n=32, block_k=64, num_warps=4, num_stages=2)
@@ -89,10 +95,10 @@ def test_linear_dispatch_tree_prepare_and_bytes():
     # the reference paths run the prepared node's function too
     assert rel_err(linear(x, p["a"]["kernel"], execution="fake"), linear(x, fake)) <= 1e-6
     # unpacking doubles the 4-bit codes' bytes; keeping them packed only adds U
-    stored = weight_bytes(fused)
-    assert weight_bytes(prepare_weight(fused)) > stored + N * K // 2 - 1
-    assert weight_bytes(prepare_weight(fused, unpack=False)) < weight_bytes(prepare_weight(fused))
-    assert weight_bytes(jax.eval_shape(prepare_weight, fused)) == weight_bytes(prepare_weight(fused))
+    stored = tree_bytes(fused)
+    assert tree_bytes(prepare_weight(fused)) > stored + N * K // 2 - 1
+    assert tree_bytes(prepare_weight(fused, unpack=False)) < tree_bytes(prepare_weight(fused))
+    assert tree_bytes(jax.eval_shape(prepare_weight, fused)) == tree_bytes(prepare_weight(fused))
     with pytest.raises(TypeError, match="QuantizedWeight"):
         prepare_weight(jnp.zeros((K, N)))
 

@@ -34,6 +34,11 @@ def next_pow2(n: int, least: int = 16) -> int:
     return p
 
 
+def is_tile(v: int) -> bool:
+    """Whether v can be a Triton tile dimension of the kernels: a power of 2, at least 16."""
+    return v >= 16 and not (v & (v - 1))
+
+
 @dataclasses.dataclass(frozen=True)
 class BranchWeights:
     """Weight-side branch operands (module docstring); absent parts are None; `block` = (b_out, b_in)."""
@@ -174,4 +179,4 @@ def branch_epilogue(y, dh, dt, bw: BranchWeights):
 
 
 __all__ = ["BranchWeights", "branch_weights", "branch_features", "branch_epilogue", "node_factors", "next_pow2",
-           "widen_on_cpu", "lowering_for", "target_platform"]
+           "is_tile", "widen_on_cpu", "lowering_for", "target_platform"]

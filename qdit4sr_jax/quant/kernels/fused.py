@@ -38,7 +38,7 @@ import jax.numpy as jnp
 
 from qdit4sr_jax.quant import quantizer as qz
 from qdit4sr_jax.quant.kernels.branch_ops import (BranchWeights, branch_epilogue, branch_features, branch_weights,
-                                                  target_platform)
+                                                  is_tile, target_platform)
 from qdit4sr_jax.quant.qweight import QuantizedWeight
 
 BACKENDS = ("auto", "pallas", "interpret", "xla")
@@ -109,17 +109,16 @@ def tiles_ok(w: QuantizedWeight, cfg: KernelConfig) -> bool:
     packed runs of even length, output tiles inside one block row of the block branch."""
     bn, bk = cfg.block_n, cfg.block_k
     packed = unpacks_in_kernel(w, cfg)
-    pow2 = lambda v: v >= 16 and not (v & (v - 1))
-    if not (pow2(cfg.block_m) and pow2(bn) and w.n % bn == 0):
+    if not (is_tile(cfg.block_m) and is_tile(bn) and w.n % bn == 0):
         return False
     if w.block_u is not None and block_rows(w) % bn:
         return False
     if w.layout == "gnk":
         G, g = w.groups
         step = g // 2 if packed else g
-        return pow2(step) and step >= 16 and G * g == w.k
+        return is_tile(step) and G * g == w.k
     step = bk // 2 if packed else bk
-    return pow2(step) and w.k % bk == 0
+    return is_tile(step) and w.k % bk == 0
 
 
 @dataclasses.dataclass(frozen=True)

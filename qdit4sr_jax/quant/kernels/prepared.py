@@ -89,10 +89,6 @@ def prepare_weight(w: QuantizedWeight, *, unpack: bool = True, prologue: str = "
     return KernelWeight(node.replace(lr_a=None, lr_b=None, block_u=None, block_v=None), bw, levels, prologue)
 
 
-def _is_node(n) -> bool:
-    return isinstance(n, (QuantizedWeight, KernelWeight))
-
-
 def prepare(tree, *, unpack: bool = True, prologue: str = "xla"):
     """The params tree with every QuantizedWeight whose execution is "fused" replaced by its `KernelWeight`
     and the "bias" beside it in float32, the kernels' epilogue dtype (bf16 values are exact in float32; saves a
@@ -115,11 +111,4 @@ def prepare(tree, *, unpack: bool = True, prologue: str = "xla"):
     return walk(tree)
 
 
-def weight_bytes(tree) -> int:
-    """Bytes of the arrays of a (possibly prepared) tree; works on `jax.eval_shape` outputs too."""
-    import numpy as np
-    leaves = jax.tree_util.tree_leaves(tree)
-    return int(sum(np.dtype(a.dtype).itemsize * int(np.prod(a.shape)) for a in leaves))
-
-
-__all__ = ["KernelWeight", "PROLOGUES", "prepare", "prepare_weight", "weight_bytes"]
+__all__ = ["KernelWeight", "PROLOGUES", "prepare", "prepare_weight"]

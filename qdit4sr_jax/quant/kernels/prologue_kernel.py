@@ -34,7 +34,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 from qdit4sr_jax.quant import quantizer as qz
-from qdit4sr_jax.quant.kernels.branch_ops import BranchWeights
+from qdit4sr_jax.quant.kernels.branch_ops import BranchWeights, is_tile
 from qdit4sr_jax.quant.qweight import QuantizedWeight
 
 BLOCK_M = 16          # rows per program: keeps the [bm, Bo Rb] float32 dt accumulator in registers
@@ -51,8 +51,7 @@ def chunk_size(w: QuantizedWeight, bw: Optional[BranchWeights]) -> int:
 def fits(w: QuantizedWeight, bw: Optional[BranchWeights], chunk: int) -> bool:
     """Whether the kernel covers this layer (else the XLA prologue runs)."""
     c = chunk_size(w, bw)
-    pow2 = lambda v: v >= 16 and not (v & (v - 1))
-    if chunk or w.rotate or not w.a_symmetric or not pow2(c) or w.k % c:
+    if chunk or w.rotate or not w.a_symmetric or not is_tile(c) or w.k % c:
         return False
     if w.layout == "gnk" and w.groups[0] * w.groups[1] != w.k:
         return False
@@ -175,12 +174,11 @@ def pallas_prologue(x2, w: QuantizedWeight, bw: Optional[BranchWeights], bits, *
         lev_steps = int(levels.shape[0])
         args += [levels.astype(jnp.float32), jnp.reshape(jnp.asarray(step, jnp.int32), (1,))]
         specs += [pl.BlockSpec((lev_steps,), lambda i: (0,)), pl.BlockSpec((1,), lambda i: (0,))]
+    elif qz._is_static(bits):
+        lev_static = float(qz.code_range(bits, True)[1])
     else:
-        try:
-            lev_static = float(qz.code_range(int(bits), True)[1])
-        except (jax.errors.ConcretizationTypeError, jax.errors.TracerIntegerConversionError, TypeError):
-            args.append(jnp.reshape(qz.code_range(bits, True)[1], (1,)).astype(jnp.float32))
-            specs.append(pl.BlockSpec((1,), lambda i: (0,)))
+        args.append(jnp.reshape(qz.code_range(bits, True)[1], (1,)).astype(jnp.float32))
+        specs.append(pl.BlockSpec((1,), lambda i: (0,)))
     out_shape = [jax.ShapeDtypeStruct((mp, k), jnp.int8), jax.ShapeDtypeStruct((mp,), jnp.float32)]
     out_specs = [pl.BlockSpec((block_m, k), lambda i: (i, 0)), pl.BlockSpec((block_m,), lambda i: (i,))]
     rb = 0
@@ -210,8 +208,6 @@ def pallas_prologue(x2, w: QuantizedWeight, bw: Optional[BranchWeights], bits, *
     q, s = outs.pop(0), outs.pop(0)
     dh = outs.pop(0) if has_lowrank else None
     dt = outs.pop(0) if has_blocks else None
-    if w.layout == "gnk" and w.groups[0] * w.groups[1] != k:
-        raise ValueError("prologue kernel: group-wise codes need K = G * g")     # (fits() excludes it)
     return Operands(q, s, dh, dt, bw, m, 0)
 
 
