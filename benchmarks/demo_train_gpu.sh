@@ -23,7 +23,7 @@
 # ["data", "runs/NAME"]` (the trainer resumes a state it finds in $RUN; without Adam's moments, with a
 # re-warm). (2026-12-04: a 21.5-min run was lost at minute 18 because the call after `watch` came too late
 # and this copy did not exist yet.) `finish` exports the EMA, final and best-validation params as bf16 model
-# files (2-step LR-start sampler, the demo default) with the log into $OUT.
+# files (the demo preset's sampler: 3 steps from the LR latent at sigma 0.1 without its noise, wavelet colour fix) with the log into $OUT.
 # INIT=MODEL_FILE (with `start` / `once`, no RESUME) starts the run from a model file instead of from scratch
 # (`python -m qdit4sr_jax.train import`: fine-tuning the shipped demo model at peak LR $INIT_LR, default 2e-4).
 # The trainer keeps JAX's persistent compilation cache in $CACHE (/root/jaxcache); `once` brings it back as
@@ -102,7 +102,7 @@ case "$phase" in
     for d in $kinds; do
       src="$RUN"; [ "$d" = final ] || src="$RUN/$d"; name=demo_$d.safetensors
       [ -f "$src/state.json" ] && JAX_PLATFORMS=cpu python3 -m qdit4sr_jax.train export --state "$src" --out "$OUT/$name" \
-        --num-steps 2 --start lr --start-sigma 0.1 --shift 1.0
+        --sampler-from demo
     done
     [ "${SKIP_FINAL:-0}" = 1 ] || cp "$RUN/state.json" "$OUT/state.json"
     ;;

@@ -39,7 +39,7 @@ def cmd_upscale(a) -> int:
         raise ValueError(f"--prepare {a.prepare} prepares fused layers: use --execution fused")
     img = pipeline.read_images(a.input)[0]
     out = pipeline.upscale(cfg, params, img, seed=a.seed, num_steps=a.steps,
-                           color_fix=None if a.color_fix == "none" else a.color_fix,
+                           color_fix=a.color_fix,
                            prepare_weights=None if a.prepare == "none" else a.prepare)
     pipeline.save_image(out, a.output)
     print(f"wrote {a.output} ({out.shape[1]}x{out.shape[0]})")
@@ -108,7 +108,8 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("--quantized", default=None, help="a quantized transformer saved by `quantize`")
     u.add_argument("--steps", type=int, default=None)
     u.add_argument("--seed", type=int, default=0)
-    u.add_argument("--color-fix", default="adain", choices=["adain", "wavelet", "none"])
+    u.add_argument("--color-fix", default="model", choices=["model", "adain", "wavelet", "none"],
+                   help="colour correction towards the bicubic input (model: the model's default)")
     u.add_argument("--execution", default="stored", choices=["stored", "fake", "int", "fused"],
                    help="how the quantized layers run: as saved, fake-quant, XLA int8, or the fused kernels")
     u.add_argument("--prepare", default="none", choices=["none", "packed", "unpacked"],

@@ -66,6 +66,18 @@ def wavelet_color_fix(target, source):
     return jnp.clip(th + sl, 0.0, 1.0)
 
 
+def resolve(method, cfg):
+    """A `pipeline.upscale`-style colour-fix argument -> 'adain' | 'wavelet' | None. method: 'model' (the
+    model's default, `ModelConfig.color_fix`), 'adain', 'wavelet', 'none' or None (no fix)."""
+    if method == "model":
+        method = cfg.color_fix
+    if method is None or method == "none":
+        return None
+    if method not in ("adain", "wavelet"):
+        raise ValueError(f"color_fix must be 'model', 'adain', 'wavelet' or None, got {method!r}")
+    return method
+
+
 def color_fix(method, target, source):
     """method: 'adain' | 'wavelet' | None (target unchanged, clipped)."""
     if method is None or method == "none":

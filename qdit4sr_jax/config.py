@@ -16,6 +16,7 @@ import jax.numpy as jnp
 # "fp8-ref" (the same FP8 arithmetic in plain jnp).
 PREDICTIONS = ("velocity", "lr_residual")
 ATTENTION_IMPLS = (None, "xla", "cudnn", "fp8", "fp8-ref")
+COLOR_FIXES = ("adain", "wavelet", "none")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,6 +91,12 @@ class ModelConfig:
     guidance_scale: float = 8.0
     start: str = "noise"                    # "noise" | "lr" (start from the noised LR latent)
     start_sigma: float = 1.0                # with start="lr": sigma of the first step
+    # with start="lr": scale of the noise in the start latent (1 - sigma0) z_lr + sigma0 * start_noise * eps;
+    # 1.0 is DiT4SR's noised LR latent, 0.0 starts from its mean (deterministic: the seed no longer matters)
+    start_noise: float = 1.0
+    # colour correction of the decoded output towards the bicubic-upsampled input (`colorfix.py`), the
+    # default of `pipeline.upscale`: "adain" (DiT4SR's test scripts), "wavelet" or "none"
+    color_fix: str = "adain"
     # what the transformer's output means to the sampler (sampling.velocity):
     # "velocity": the flow-matching velocity v (DiT4SR, SD3);
     # "lr_residual": F with x0_hat = z_lr - residual_scale * F (a skip connection from the LR latent, EDM-style
@@ -106,6 +113,10 @@ class ModelConfig:
             raise ValueError(f"prediction {self.prediction!r} not in {PREDICTIONS}")
         if not self.residual_scale > 0:
             raise ValueError(f"residual_scale must be > 0, got {self.residual_scale}")
+        if not 0.0 <= self.start_noise <= 1.0:
+            raise ValueError(f"start_noise must be in [0, 1], got {self.start_noise}")
+        if self.color_fix not in COLOR_FIXES:
+            raise ValueError(f"color_fix {self.color_fix!r} not in {COLOR_FIXES}")
 
     @property
     def hidden_size(self) -> int:
@@ -141,16 +152,17 @@ MODEL_PRESETS = {
     # architecture (LR stream, control conv, joint attention, adaLN, dual attention in block 0, qk RMSNorm)
     # at width 192 (3 heads x 64) and depth 5 over a 4x space-to-depth autoencoder (256x256 RGB <-> 64x64x48),
     # a learned constant context (8 tokens) instead of text, flow matching with an LR-residual output
-    # (x0_hat = z_lr - 0.1 F), no guidance; sampling: 2 Euler steps from the noised LR latent (start="lr",
-    # sigma 0.1), the only path the training run (MODEL_CARD.md) fitted.
+    # (x0_hat = z_lr - 0.1 F), no guidance; sampling: 3 Euler steps from the LR latent at sigma 0.1 (start="lr",
+    # the path the training run (MODEL_CARD.md) fitted) without its noise (start_noise=0) and a wavelet colour fix:
+    # the sampler chosen on a development set apart from the validation crops (MODEL_CARD.md, "Sampler").
     "demo": ModelConfig(
         name="demo", patch_size=2, in_channels=48, out_channels=48, num_layers=5, attention_head_dim=64,
         num_attention_heads=3, joint_attention_dim=64, caption_projection_dim=192, pooled_projection_dim=64,
         pos_embed_max_size=64, sample_size=64, dual_attention_layers=(0,), qk_norm="rms_norm",
         lr_key_mode="r1", context_mode="learned", context_len=8,
         vae=VAEConfig(kind="space_to_depth", s2d_factor=4),
-        scale=4, num_steps=2, shift=1.0, guidance_scale=1.0, start="lr", start_sigma=0.1,
-        prediction="lr_residual", residual_scale=0.1, tile_latent=64, tile_overlap=16,
+        scale=4, num_steps=3, shift=1.0, guidance_scale=1.0, start="lr", start_sigma=0.1, start_noise=0.0,
+        color_fix="wavelet", prediction="lr_residual", residual_scale=0.1, tile_latent=64, tile_overlap=16,
     ),
 }
 

@@ -247,7 +247,7 @@ def _pad_batch(a: np.ndarray, mult: int) -> np.ndarray:
 def upscale_batch(cfg: ModelConfig, params: Mapping[str, Any], images: Sequence[Any], *,
                   mesh: Optional[Mesh] = None, seed: int = 0, seeds: Optional[Sequence[int]] = None,
                   num_steps: Optional[int] = None, guidance_scale: Optional[float] = None,
-                  color_fix: Optional[str] = "adain", prompt=None, prompt_index: int = 0,
+                  color_fix: Optional[str] = "model", prompt=None, prompt_index: int = 0,
                   start: Optional[str] = None, start_sigma: Optional[float] = None,
                   tile_latent: Optional[int] = -1, tile_overlap: Optional[int] = None,
                   tile_batch: Optional[int] = None, force_tiling: bool = False,
@@ -264,13 +264,12 @@ def upscale_batch(cfg: ModelConfig, params: Mapping[str, Any], images: Sequence[
     from PIL import Image
 
     from qdit4sr_jax import pipeline
-    from qdit4sr_jax.colorfix import color_fix as _color_fix
+    from qdit4sr_jax.colorfix import color_fix as _color_fix, resolve
     images = list(images)
     if not images:
         raise ValueError("upscale_batch: no images given")
     pipeline.check_bundle(cfg, params)
-    if color_fix not in (None, "none", "adain", "wavelet"):
-        raise ValueError(f"color_fix must be 'adain', 'wavelet' or None, got {color_fix!r}")
+    color_fix = resolve(color_fix, cfg)
     seeds = [int(seed)] * len(images) if seeds is None else [int(s) for s in seeds]
     if len(seeds) != len(images):
         raise ValueError(f"got {len(seeds)} seeds for {len(images)} images")
@@ -308,7 +307,7 @@ def upscale_batch(cfg: ModelConfig, params: Mapping[str, Any], images: Sequence[
     outs = []
     for i, (u, (Ht, Wt)) in enumerate(prepared):
         o = pipeline._to_uint8(img[i] * 0.5 + 0.5)
-        if color_fix not in (None, "none"):
+        if color_fix is not None:
             o = pipeline._to_uint8(_color_fix(color_fix, o.astype(np.float32) / 255.0,
                                               u.astype(np.float32) / 255.0))
         o = pipeline._resize(o, Wt, Ht)

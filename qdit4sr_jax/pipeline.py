@@ -29,6 +29,7 @@ import numpy as np
 from PIL import Image
 
 from qdit4sr_jax import sampling
+from qdit4sr_jax import colorfix as _colorfix
 from qdit4sr_jax.colorfix import color_fix as _color_fix
 from qdit4sr_jax.config import ModelConfig
 from qdit4sr_jax.model import vae as _vae
@@ -269,7 +270,7 @@ def _prepare(cfg: ModelConfig, params, image, seed, prompt, prompt_index, guidan
 
 def upscale(cfg: ModelConfig, params: Mapping[str, Any], image, *, seed: int = 0,
             num_steps: Optional[int] = None, guidance_scale: Optional[float] = None,
-            color_fix: Optional[str] = "adain", prompt: Union[None, str, Mapping[str, Any]] = None,
+            color_fix: Optional[str] = "model", prompt: Union[None, str, Mapping[str, Any]] = None,
             prompt_index: int = 0, start: Optional[str] = None, start_sigma: Optional[float] = None,
             tile_latent: Optional[int] = -1, tile_overlap: Optional[int] = None,
             tile_batch: Optional[int] = None, force_tiling: bool = False, process_size: Optional[int] = None,
@@ -279,15 +280,15 @@ def upscale(cfg: ModelConfig, params: Mapping[str, Any], image, *, seed: int = 0
     image: PIL image or numpy array (see `to_rgb_uint8`). Returns the same kind (PIL RGB image or
     np.uint8 [H*s, W*s, 3]); with ``return_latents`` also the final latents [1, h, w, C].
     prompt: None (params['prompt'], or the learned context), a dict or a .npz path of prompt embeddings.
-    Defaults (num_steps, guidance_scale, start, start_sigma, tile_latent, tile_overlap) come from cfg;
+    Defaults (num_steps, guidance_scale, start, start_sigma, tile_latent, tile_overlap) come from cfg, and so
+    does the colour fix (color_fix="model": cfg.color_fix; or 'adain' | 'wavelet' | None);
     tile_latent=None or 0 disables tiling; ``force_tiling`` tiles even a latent no larger than one tile
     (testing/diagnostics). ``process_size`` (DiT4SR's test scripts: 512): an input whose short side is
     below process_size // scale is first enlarged (bicubic) so that it is, and the result resized back
     to H*s x W*s. Deterministic for a given seed. ``prepare_weights`` (None | "packed" | "unpacked"): see
     `sampling.sample` (fused quantized layers' weight-side operands once per run).
     """
-    if color_fix not in (None, "none", "adain", "wavelet"):
-        raise ValueError(f"color_fix must be 'adain', 'wavelet' or None, got {color_fix!r}")
+    color_fix = _colorfix.resolve(color_fix, cfg)
     d = _prepare(cfg, params, image, seed, prompt, prompt_index, guidance_scale, process_size)
     lat = sampling.sample(cfg, params["transformer"], d["lr_lat"], d["noise"], context=d["ctx"], pooled=d["pool"],
                           neg_context=d["nctx"], neg_pooled=d["npool"], num_steps=num_steps,
@@ -296,7 +297,7 @@ def upscale(cfg: ModelConfig, params: Mapping[str, Any], image, *, seed: int = 0
                           prepare_weights=prepare_weights)
     img = _vae.decode_jit(cfg.vae, params.get("vae", {}), lat)[0]
     out = _to_uint8(img * 0.5 + 0.5)
-    if color_fix not in (None, "none"):
+    if color_fix is not None:
         fixed = _color_fix(color_fix, out.astype(np.float32) / 255.0, d["up"].astype(np.float32) / 255.0)
         out = _to_uint8(fixed)
     out = _resize(out, *d["size"])

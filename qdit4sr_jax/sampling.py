@@ -145,12 +145,13 @@ def transformer_fn(cfg: ModelConfig) -> Callable:
 
 # ----------------------------------------------------------------------------- loop
 
-def initial_latents(noise, lr_latent, sigma0, start: str):
-    """start 'noise': the noise; 'lr': (1 - sigma0) * lr_latent + sigma0 * noise (DiT4SR's LR start)."""
+def initial_latents(noise, lr_latent, sigma0, start: str, noise_scale: float = 1.0):
+    """start 'noise': the noise; 'lr': (1 - sigma0) * lr_latent + sigma0 * noise_scale * noise (DiT4SR's LR
+    start at noise_scale 1; `ModelConfig.start_noise`)."""
     if start == "noise":
         return noise
     if start == "lr":
-        return (1.0 - sigma0) * lr_latent + sigma0 * noise
+        return (1.0 - sigma0) * lr_latent + (sigma0 * noise_scale) * noise
     raise ValueError(f"start must be 'noise' or 'lr', got {start!r}")
 
 
@@ -172,13 +173,13 @@ def _rep(a, n):
 
 
 @functools.partial(jax.jit, static_argnames=("model_fn", "num_steps", "shift", "guidance_scale", "start",
-                                             "start_sigma", "tile_latent", "tile_overlap", "tile_batch",
+                                             "start_sigma", "start_noise", "tile_latent", "tile_overlap", "tile_batch",
                                              "force_tiling", "collect_stats", "prediction", "residual_scale",
                                              "prepare_weights"))
 def _sample(params, lr_latent, noise, context, pooled, neg_context, neg_pooled, output_offsets=None, *, model_fn,
             num_steps,
             shift, guidance_scale, start, start_sigma, tile_latent, tile_overlap, tile_batch, force_tiling,
-            collect_stats, prediction="velocity", residual_scale=0.1, prepare_weights=None):
+            collect_stats, prediction="velocity", residual_scale=0.1, prepare_weights=None, start_noise=1.0):
     if prepare_weights:                   # fused quantized layers: weight-side operands once, before the loop
         from qdit4sr_jax.quant.kernels.prepared import prepare
         params = prepare(params, unpack=prepare_weights == "unpacked")
@@ -192,7 +193,8 @@ def _sample(params, lr_latent, noise, context, pooled, neg_context, neg_pooled, 
     else:
         ctx, pool, lr_in = context, pooled, lr_latent
     nb = 2 * B if cfg_on else B
-    x0 = initial_latents(noise.astype(jnp.float32), lr_latent.astype(jnp.float32), float(sigmas[0]), start)
+    x0 = initial_latents(noise.astype(jnp.float32), lr_latent.astype(jnp.float32), float(sigmas[0]), start,
+                         start_noise)
     sig = jnp.asarray(sigmas)
     tsj = jnp.asarray(timesteps)
 
@@ -225,12 +227,12 @@ def sample(cfg: ModelConfig, params, lr_latent, noise, *, context=None, pooled=N
            start: Optional[str] = None, start_sigma: Optional[float] = None, tile_latent: Optional[int] = -1,
            tile_overlap: Optional[int] = None, tile_batch: Optional[int] = None, force_tiling: bool = False,
            collect_stats: bool = False, model_fn: Optional[Callable] = None, output_offsets=None,
-           prepare_weights: Optional[str] = None):
+           prepare_weights: Optional[str] = None, start_noise: Optional[float] = None):
     """Denoise from ``noise`` conditioned on ``lr_latent`` (both [B,h,w,C] float32) -> latents [B,h,w,C].
 
     params: the transformer's params. context [B,L,D] / pooled [B,P]: prompt embeddings (None with
     cfg.context_mode == 'learned'); neg_*: negative embeddings, required when guidance_scale != 1.
-    Defaults come from cfg (num_steps, guidance_scale, start, start_sigma, tile_latent, tile_overlap;
+    Defaults come from cfg (num_steps, guidance_scale, start, start_sigma, start_noise, tile_latent, tile_overlap;
     tile_latent=None or 0 disables tiling; ``force_tiling`` tiles even latents no larger than one tile;
     ``tile_batch`` runs that many tiles per model call). With ``collect_stats`` returns (latents, stats) where stats
     is the model's `calib` collection per step, each leaf stacked with a leading step axis [T, ...].
@@ -249,6 +251,9 @@ def sample(cfg: ModelConfig, params, lr_latent, noise, *, context=None, pooled=N
     guidance_scale = float(cfg.guidance_scale if guidance_scale is None else guidance_scale)
     start = cfg.start if start is None else start
     start_sigma = float(cfg.start_sigma if start_sigma is None else start_sigma)
+    start_noise = float(cfg.start_noise if start_noise is None else start_noise)
+    if not 0.0 <= start_noise <= 1.0:
+        raise ValueError(f"start_noise must be in [0, 1], got {start_noise}")
     tile_latent = cfg.tile_latent if tile_latent == -1 else (tile_latent or 0)
     tile_overlap = int(cfg.tile_overlap if tile_overlap is None else tile_overlap)
     if start not in ("noise", "lr"):
@@ -294,4 +299,4 @@ def sample(cfg: ModelConfig, params, lr_latent, noise, *, context=None, pooled=N
                    tile_latent=int(tile_latent or 0), tile_overlap=tile_overlap, tile_batch=tile_batch,
                    force_tiling=bool(force_tiling), collect_stats=bool(collect_stats),
                    prediction=cfg.prediction, residual_scale=float(cfg.residual_scale),
-                   prepare_weights=prepare_weights)
+                   prepare_weights=prepare_weights, start_noise=start_noise)

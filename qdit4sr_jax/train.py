@@ -317,6 +317,9 @@ def load_state(out_dir: str):
     return _unflatten(flat), meta
 
 
+SAMPLER_FIELDS = ("num_steps", "shift", "start", "start_sigma", "start_noise", "color_fix")
+
+
 def export_model(state_dir: str, out_path: str, dtype: str = "bfloat16", **cfg_overrides):
     """Write the trained params as a float model file ({"transformer": params} cast to `dtype`, the config
     with float32 compute and any sampler overrides) through `qdit4sr_jax.io.modelfile.save_model`."""
@@ -614,12 +617,23 @@ def main(argv=None):
         ap.add_argument("--shift", type=float, default=None)
         ap.add_argument("--start", default=None)
         ap.add_argument("--start-sigma", type=float, default=None)
+        ap.add_argument("--start-noise", type=float, default=None)
+        ap.add_argument("--color-fix", default=None, choices=["adain", "wavelet", "none"])
+        ap.add_argument("--sampler-from", default=None, metavar="PRESET",
+                        help="take the sampler defaults (steps, shift, start, start sigma / noise, colour fix) "
+                             "from this model preset, e.g. demo; the options above override them")
         a = ap.parse_args(argv[1:])
-        over = {k: v for k, v in dict(num_steps=a.num_steps, shift=a.shift, start=a.start,
-                                      start_sigma=a.start_sigma).items() if v is not None}
+        over = {}
+        if a.sampler_from:
+            pre = ModelConfig.preset(a.sampler_from)
+            over = {k: getattr(pre, k) for k in SAMPLER_FIELDS}
+        over.update({k: v for k, v in dict(num_steps=a.num_steps, shift=a.shift, start=a.start,
+                                           start_sigma=a.start_sigma, start_noise=a.start_noise,
+                                           color_fix=a.color_fix).items() if v is not None})
         cfg = export_model(a.state, a.out, **over)
         print(f"wrote {a.out} ({os.path.getsize(a.out) / 2**20:.2f} MiB): {cfg.name}, steps {cfg.num_steps}, "
-              f"shift {cfg.shift}, start {cfg.start}")
+              f"shift {cfg.shift}, start {cfg.start} (sigma {cfg.start_sigma}, noise {cfg.start_noise}), "
+              f"colour fix {cfg.color_fix}")
         return
     if argv and argv[0] == "import":
         ap = argparse.ArgumentParser(prog="python -m qdit4sr_jax.train import",
@@ -655,8 +669,8 @@ def main(argv=None):
                     help="share of each batch trained on the LR-start path (s0 = --bridge-sigma)")
     ap.add_argument("--bridge-sigma", type=float, default=0.3, help="start sigma of the LR-start path")
     ap.add_argument("--bridge-exact", type=float, default=0.25,
-                    help="share of the LR-start samples taken exactly at --bridge-sigma (the sampler's first step; "
-                         "the demo's 2-step schedule is [0.1, 0.001, 0], so that step does almost all the work)")
+                    help="share of the LR-start samples taken exactly at --bridge-sigma (the sampler's first step, "
+                         "which does most of the work: the demo's 3-step schedule is [0.1, 0.0505, 0.001, 0])")
     ap.add_argument("--attention", default="auto", choices=["auto", "cudnn", "xla"])
     ap.add_argument("--prediction", default=None, choices=["velocity", "lr_residual"],
                     help="output parametrisation (ModelConfig.prediction); switching it on a resumed run resets "

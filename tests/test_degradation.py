@@ -116,3 +116,45 @@ def test_random_crop_and_pairs():
     np.testing.assert_array_equal(hr, hr2)
     np.testing.assert_array_equal(lr, lr2)
     assert texture(hr) > 0
+
+
+def _data_dir(tmp_path, splits):
+    import json
+    files = []
+    for split, names in splits.items():
+        (tmp_path / split).mkdir()
+        for i, n in enumerate(names):
+            Image.fromarray(_photo(64, 64, seed=len(files))).save(tmp_path / split / n)
+            files.append({"file": f"{split}/{n}", "split": split})
+    (tmp_path / "manifest.json").write_text(json.dumps({"files": files}))
+    return str(tmp_path)
+
+
+def test_development_set_apart_from_validation(tmp_path):
+    """dev crops at their own seeds, then the validation crops under other degradations (other LR, same HR);
+    a data folder gathered before the dev split gets a message saying to re-gather."""
+    from qdit4sr_jax.data.datasets import DEV_RESEEDS, development_set, validation_set
+    d = _data_dir(tmp_path, {"val": ["a_0.png", "b_0.png"], "dev": ["a_3.png"]})
+    val, dev = validation_set(d), development_set(d)
+    assert [n for n, _, _ in dev] == ["dev/a_3.png"] + [f"val/{x}~{r}" for r in DEV_RESEEDS
+                                                       for x in ("a_0.png", "b_0.png")]
+    by_name = {n: (hr, lr) for n, hr, lr in val}
+    for n, hr, lr in dev[1:]:
+        base = n.split("~")[0]
+        np.testing.assert_array_equal(hr, by_name[base][0])
+        assert lr.shape == (16, 16, 3) and not np.array_equal(lr, by_name[base][1])
+    (tmp_path / "old").mkdir()
+    old = _data_dir(tmp_path / "old", {"val": ["a_0.png"]})
+    with pytest.raises(ValueError, match="re-run"):
+        development_set(old)
+
+
+def test_val_crops_order_and_all():
+    from qdit4sr_jax.data.gather import val_crops
+    img = _photo(600, 900)
+    every = val_crops(img, 256, k=None)
+    assert len(every) == 2 * 3
+    energy = [float(np.abs(np.diff(c.astype(np.float32).mean(-1), axis=1)).mean()
+                    + np.abs(np.diff(c.astype(np.float32).mean(-1), axis=0)).mean()) for c in every]
+    assert energy == sorted(energy, reverse=True)
+    np.testing.assert_array_equal(np.stack(val_crops(img, 256, k=3)), np.stack(every[:3]))

@@ -25,3 +25,13 @@ def test_views_invert_and_ensemble_of_an_equivariant_upscaler(kind, n):
         assert not np.array_equal(shifted, np.roll(up(a), 1, axis=0))
     with pytest.raises(ValueError, match="ensemble"):
         V.ensemble_views("mirror")
+
+
+def test_output_names_and_sweep_grid():
+    from qdit4sr_jax.config import ModelConfig
+    assert V.output_name("val/mate_Dune_0.png") == "mate_Dune_0.png"
+    assert V.output_name("val/mate_Dune_0.png~2") == "mate_Dune_0_seed2.png"
+    cfg = ModelConfig.preset("demo")
+    grid = V.sweep_grid(cfg)
+    assert (cfg.num_steps, cfg.start_noise, cfg.color_fix) in grid and len(set(grid)) == len(grid)
+    assert {cf for _, _, cf in grid} == {"adain", "wavelet", "none"} and {n for _, n, _ in grid} == {0.0, 0.5, 1.0}

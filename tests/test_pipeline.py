@@ -126,6 +126,13 @@ def test_color_fix_in_pipeline(bundle):
     assert err_ada <= 1.0 < err_raw
     with pytest.raises(ValueError, match="color_fix"):
         pipeline.upscale(CFG, bundle, img, color_fix="hist")
+    # the default ("model") is the config's colour fix
+    np.testing.assert_array_equal(pipeline.upscale(CFG.replace(color_fix="wavelet"), bundle, img, seed=0), wav)
+    np.testing.assert_array_equal(pipeline.upscale(CFG.replace(color_fix="none"), bundle, img, seed=0), raw)
+    assert CFG.color_fix == "adain"
+    np.testing.assert_array_equal(pipeline.upscale(CFG, bundle, img, seed=0), ada)
+    with pytest.raises(ValueError, match="color_fix"):
+        CFG.replace(color_fix="hist")
 
 
 def test_input_validation():

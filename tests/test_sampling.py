@@ -89,6 +89,26 @@ def test_lr_start():
     np.testing.assert_array_equal(np.asarray(out), np.asarray(noise))
 
 
+def test_lr_start_noise_scale():
+    """start_noise scales the noise of the LR start: 0 starts from (1 - sigma0) lr whatever the noise (the seed
+    no longer matters), 1 is DiT4SR's start; the model config's value is the default; out of [0, 1] is refused."""
+    def model_fn(params, x, lr, t, ctx, pooled, step, collect):
+        return jnp.zeros_like(x), {}
+    lr = _lat(1)
+    kw = dict(num_steps=2, guidance_scale=1.0, start="lr", start_sigma=0.25, tile_latent=0, model_fn=model_fn)
+    outs = [np.asarray(sampling.sample(CFG, {}, lr, _lat(s), start_noise=0.0, **kw)) for s in (0, 7)]
+    np.testing.assert_array_equal(outs[0], outs[1])
+    np.testing.assert_allclose(outs[0], np.asarray(0.75 * lr), rtol=1e-6)
+    half = sampling.sample(CFG, {}, lr, _lat(0), start_noise=0.5, **kw)
+    np.testing.assert_allclose(np.asarray(half), np.asarray(0.75 * lr + 0.125 * _lat(0)), rtol=1e-5, atol=1e-6)
+    by_cfg = sampling.sample(CFG.replace(start_noise=0.5), {}, lr, _lat(0), **kw)
+    np.testing.assert_array_equal(np.asarray(by_cfg), np.asarray(half))
+    with pytest.raises(ValueError, match="start_noise"):
+        sampling.sample(CFG, {}, lr, _lat(0), start_noise=1.5, **kw)
+    with pytest.raises(ValueError, match="start_noise"):
+        CFG.replace(start_noise=-0.1)
+
+
 def test_lr_residual_prediction():
     """prediction "lr_residual": the output F gives x0_hat = lr - c F and the Euler steps land on x0_hat:
     a zero output returns the LR latent itself, a constant output the LR latent shifted by -c F,

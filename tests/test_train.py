@@ -187,6 +187,22 @@ def test_import_model_inverts_export(tmp_path):
     assert not (tmp_path / "c" / "state.json").exists()
 
 
+def test_export_cli_takes_the_sampler_of_a_preset(tmp_path, capsys):
+    """`export --sampler-from demo` writes the demo preset's sampler defaults into the model file; single
+    options override them."""
+    from qdit4sr_jax.io.modelfile import load_model
+    cfg = _tiny_cfg()
+    T.save_state(str(tmp_path / "a"), T.init_train_params(cfg, seed=3), dict(config=T.config_to_dict(cfg), step=5))
+    out = str(tmp_path / "m.safetensors")
+    T.main(["export", "--state", str(tmp_path / "a"), "--out", out, "--sampler-from", "demo", "--num-steps", "5"])
+    got, _ = load_model(out)
+    demo = ModelConfig.preset("demo")
+    assert got.num_steps == 5 and got.name == cfg.name and got.num_layers == cfg.num_layers
+    assert {k: getattr(got, k) for k in T.SAMPLER_FIELDS if k != "num_steps"} == \
+        {k: getattr(demo, k) for k in T.SAMPLER_FIELDS if k != "num_steps"}
+    assert (got.start_noise, got.color_fix) == (0.0, "wavelet") and "noise 0.0" in capsys.readouterr().out
+
+
 def _fake_data(d):
     rng = np.random.default_rng(0)
     os.makedirs(d / "train")

@@ -32,15 +32,17 @@ def _manifest(data_dir: str) -> dict:
 
 
 def load_photos(data_dir: str, split: str = "train") -> List[Tuple[str, np.ndarray]]:
-    """[(file, uint8 [H, W, 3])] of one split ("train" | "val") of the gathered data."""
-    if split not in ("train", "val"):
-        raise ValueError(f"split must be 'train' or 'val', got {split!r}")
+    """[(file, uint8 [H, W, 3])] of one split ("train" | "val" | "dev") of the gathered data."""
+    if split not in ("train", "val", "dev"):
+        raise ValueError(f"split must be 'train', 'val' or 'dev', got {split!r}")
     out = []
     for f in _manifest(data_dir)["files"]:
         if f["split"] == split:
             out.append((f["file"], np.asarray(Image.open(os.path.join(data_dir, f["file"])).convert("RGB"))))
     if not out:
-        raise ValueError(f"no {split} photos listed in {data_dir}/manifest.json")
+        hint = " (gathered before the dev split existed: re-run `python -m qdit4sr_jax.data.gather`)" \
+            if split == "dev" else ""
+        raise ValueError(f"no {split} photos listed in {data_dir}/manifest.json{hint}")
     return out
 
 
@@ -177,3 +179,18 @@ def val_seed(name: str) -> int:
 def validation_set(data_dir: str, scale: int = 4) -> List[Tuple[str, np.ndarray, np.ndarray]]:
     """[(file, hr uint8 [256, 256, 3], lr uint8 [64, 64, 3])] with `degrade(hr, val_seed(file))`."""
     return [(f, hr, degrade(hr, val_seed(f), scale)) for f, hr in load_photos(data_dir, "val")]
+
+
+DEV_RESEEDS = (1, 2)
+
+
+def development_set(data_dir: str, scale: int = 4) -> List[Tuple[str, np.ndarray, np.ndarray]]:
+    """The development set, for choosing settings (e.g. the sampler's) apart from the validation figures:
+    the dev/ crops (other crops of the held-out photos, no overlap with the validation crops) with
+    `degrade(hr, val_seed(file))`, then the validation crops under other degradations, seeds
+    `val_seed(f"{file}~{r}")` for r in DEV_RESEEDS (names "file~r"). Same format as `validation_set`."""
+    out = [(f, hr, degrade(hr, val_seed(f), scale)) for f, hr in load_photos(data_dir, "dev")]
+    val = load_photos(data_dir, "val")
+    for r in DEV_RESEEDS:
+        out += [(f"{f}~{r}", hr, degrade(hr, val_seed(f"{f}~{r}"), scale)) for f, hr in val]
+    return out

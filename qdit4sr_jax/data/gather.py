@@ -12,7 +12,10 @@ The packages are fetched with `apt-get download` and unpacked with `dpkg -x` (ne
 Written under `--out`:
   train/<name>.jpg|png   training photos (Debian JPEGs copied byte for byte; the 6028x3391 lomiri photo
                          downscaled 2x to JPEG q95; scikit-image photos as PNG)
-  val/<name>_<k>.png     256x256 validation crops of the held-out photos (`HELD_OUT`)
+  val/<name>_<k>.png     256x256 validation crops of the held-out photos (`HELD_OUT`): the 3 most textured
+                         crops of a centred grid
+  dev/<name>_<k>.png     the next (up to 5) crops of the same grid: a development set for choosing sampler
+                         settings apart from the validation crops (no overlap with them)
   manifest.json          every file: source, package, copyright, license, size, split
 `--samples DIR` also writes the bundled sample images (the first 256x256 validation crop of each of three
 held-out photos).
@@ -64,6 +67,8 @@ SAMPLE_FROM = ["skimage_chelsea", "skimage_rocket", "mate_LadyBird"]
 VAL_CROP = 256
 VAL_MAX_SIDE = 1024          # held-out photos are downscaled (Lanczos) to at most this long side first
 VAL_CROPS_PER_PHOTO = 3
+DEV_CROPS_PER_PHOTO = 5      # dev/: the grid crops after the validation ones (Dune, LadyBird; chelsea and rocket
+                             # have no more than their validation crops)
 SAMPLE_SIZE = 256            # bundled samples: the first validation crop whole (the demo model's training size:
                              # it degrades on smaller token grids, e.g. 2-3 dB lower PSNR at 192x192)
 
@@ -131,8 +136,9 @@ def _grad_energy(a: np.ndarray) -> float:
     return float(np.abs(np.diff(g, axis=0)).mean() + np.abs(np.diff(g, axis=1)).mean())
 
 
-def val_crops(img: np.ndarray, size: int = VAL_CROP, k: int = VAL_CROPS_PER_PHOTO) -> List[np.ndarray]:
-    """Up to `k` non-overlapping `size` crops of a centred grid, most textured (mean |gradient|) first."""
+def val_crops(img: np.ndarray, size: int = VAL_CROP, k: Optional[int] = VAL_CROPS_PER_PHOTO) -> List[np.ndarray]:
+    """Up to `k` (None: all) non-overlapping `size` crops of a centred grid, most textured (mean |gradient|)
+    first."""
     H, W = img.shape[:2]
     ny, nx = H // size, W // size
     if ny == 0 or nx == 0:
@@ -141,7 +147,7 @@ def val_crops(img: np.ndarray, size: int = VAL_CROP, k: int = VAL_CROPS_PER_PHOT
     crops = [img[y0 + i * size:y0 + (i + 1) * size, x0 + j * size:x0 + (j + 1) * size]
              for i in range(ny) for j in range(nx)]
     crops.sort(key=_grad_energy, reverse=True)
-    return crops[:k]
+    return crops if k is None else crops[:k]
 
 
 def _load_source(name: str, src: dict, root: Optional[str]) -> tuple:
@@ -173,7 +179,7 @@ def gather(out: str, debs: Optional[str] = None, samples: Optional[str] = None) 
         versions = {f.split("_")[0]: f.split("_")[1] for f in os.listdir(debs) if f.endswith(".deb")}
         import skimage
         versions["scikit-image"] = skimage.__version__
-        for sub in ("train", "val"):
+        for sub in ("train", "val", "dev"):
             shutil.rmtree(os.path.join(out, sub), ignore_errors=True)
             os.makedirs(os.path.join(out, sub))
         if samples:
@@ -188,10 +194,11 @@ def gather(out: str, debs: Optional[str] = None, samples: Optional[str] = None) 
                 s = min(1.0, VAL_MAX_SIDE / max(pil.size))
                 if s < 1.0:
                     pil = pil.resize((round(pil.width * s), round(pil.height * s)), Image.LANCZOS)
-                for k, c in enumerate(val_crops(np.asarray(pil))):
-                    fn = f"val/{name}_{k}.png"
+                for k, c in enumerate(val_crops(np.asarray(pil), k=VAL_CROPS_PER_PHOTO + DEV_CROPS_PER_PHOTO)):
+                    split = "val" if k < VAL_CROPS_PER_PHOTO else "dev"
+                    fn = f"{split}/{name}_{k}.png"
                     Image.fromarray(c).save(os.path.join(out, fn))
-                    manifest["files"].append(dict(entry, file=fn, split="val", size=[VAL_CROP, VAL_CROP]))
+                    manifest["files"].append(dict(entry, file=fn, split=split, size=[VAL_CROP, VAL_CROP]))
                     if samples and k == 0 and name in SAMPLE_FROM:
                         o = (VAL_CROP - SAMPLE_SIZE) // 2
                         Image.fromarray(c[o:o + SAMPLE_SIZE, o:o + SAMPLE_SIZE]).save(
@@ -231,8 +238,10 @@ def main(argv=None):
     m = gather(a.out, a.debs, a.samples)
     n_tr = sum(f["split"] == "train" for f in m["files"])
     n_va = sum(f["split"] == "val" for f in m["files"])
+    n_dev = sum(f["split"] == "dev" for f in m["files"])
     mb = sum(os.path.getsize(os.path.join(a.out, f["file"])) for f in m["files"]) / 2**20
-    print(f"wrote {n_tr} training photos and {n_va} validation crops to {a.out}/ ({mb:.1f} MiB)")
+    print(f"wrote {n_tr} training photos, {n_va} validation crops and {n_dev} development crops to {a.out}/ "
+          f"({mb:.1f} MiB)")
 
 
 if __name__ == "__main__":
