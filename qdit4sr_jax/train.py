@@ -104,7 +104,8 @@ def pointwise_loss(err, kind: str = "mse"):
 
 
 def flow_loss(params, cfg: ModelConfig, hr_uint8, lr_uint8, rng, sigmas=None, start_sigmas=None,
-              bridge_frac: float = 0.0, bridge_sigma: float = 1.0, loss: str = "mse", bridge_exact: float = 0.25):
+              bridge_frac: float = 0.0, bridge_sigma: float = 1.0, loss: str = "mse", bridge_exact: float = 0.25,
+              start_noise: float = 1.0):
     """Mean squared velocity error over the batch (float32 scalar); with cfg.prediction "lr_residual" the
     mean squared error of F against (z_lr - x0) / cfg.residual_scale instead (x0 error / residual_scale).
     loss: "mse" (default; also every validation figure) or "charbonnier" (`pointwise_loss`) of the same error.
@@ -116,7 +117,8 @@ def flow_loss(params, cfg: ModelConfig, hr_uint8, lr_uint8, rng, sigmas=None, st
     `sigmas` / `start_sigmas` [B] fix s and s0; otherwise s is drawn by `sample_sigmas` with s0 = 1,
     except for a `bridge_frac` share of the batch that gets s0 = bridge_sigma and s uniform in
     (0, bridge_sigma], a `bridge_exact` share of those (default a quarter) exactly at bridge_sigma, the
-    sampler's first step.
+    sampler's first step. `start_noise` scales eps in the LR starts (s0 < 1) as `ModelConfig.start_noise` does
+    in the sampler (0: the path from (1 - s0) z_lr, the deterministic start); pure-noise starts keep eps.
     """
     x0 = hr_latent(cfg, hr_uint8)
     zlr = lr_condition(cfg, lr_uint8)
@@ -131,7 +133,8 @@ def flow_loss(params, cfg: ModelConfig, hr_uint8, lr_uint8, rng, sigmas=None, st
         s, s0 = jnp.where(use, sb, s), jnp.where(use, bridge_sigma, s0)
     eps = jax.random.normal(kn, x0.shape, jnp.float32)
     e = lambda a: a[:, None, None, None]  # noqa: E731
-    start = (1.0 - e(s0)) * zlr + e(s0) * eps
+    scale = jnp.where(s0 < 1.0, jnp.asarray(start_noise, jnp.float32), 1.0)
+    start = (1.0 - e(s0)) * zlr + e(s0 * scale) * eps
     xt = x0 + e(s / s0) * (start - x0)
     out = DiT4SRTransformer(cfg).apply({"params": params}, xt, zlr, 1000.0 * s).astype(jnp.float32)
     if cfg.prediction == "lr_residual":     # out = F, x0_hat = z_lr - c F: target (z_lr - x0) / c (x0 error / c)
@@ -202,7 +205,7 @@ def time_cosine(progress: float, final_frac: float = 0.05) -> float:
 
 def make_train_step(cfg: ModelConfig, opt, bridge_frac: float = 0.0, bridge_sigma: float = 1.0,
                     color_aug: bool = False, invert_prob: float = 0.0, ema: float = 0.0, loss: str = "mse",
-                    bridge_exact: float = 0.25):
+                    bridge_exact: float = 0.25, start_noise: float = 1.0):
     """jit step (params, opt_state, hr uint8, lr uint8, rng[, lr_mult[, ema_params, ema_decay]]) ->
     (params, opt_state, loss, grad norm[, ema_params]).
 
@@ -211,12 +214,15 @@ def make_train_step(cfg: ModelConfig, opt, bridge_frac: float = 0.0, bridge_sigm
     rate (AdamW's decoupled weight decay included): the host can drive the schedule (`--schedule time`).
     With `ema` > 0 the step also takes and returns an exponential moving average of the params,
     ema <- d ema + (1 - d) params with d = the traced `ema_decay` argument. loss: `LOSSES` (training only).
-    bridge_exact: `flow_loss`'s share of LR-start samples at exactly the start sigma.
+    bridge_exact: `flow_loss`'s share of LR-start samples at exactly the start sigma; start_noise: its scale of
+    the LR starts' noise.
     """
     if loss not in LOSSES:
         raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}")
     if not 0.0 <= bridge_exact <= 1.0:
         raise ValueError(f"bridge_exact (--bridge-exact) is a share: it must be in [0, 1], got {bridge_exact!r}")
+    if not 0.0 <= start_noise <= 1.0:
+        raise ValueError(f"start_noise (--start-noise) must be in [0, 1], got {start_noise!r}")
 
     def step_fn(params, opt_state, hr, lr, rng, lr_mult=1.0, ema_params=None, ema_decay=0.0):
         if color_aug:
@@ -224,7 +230,7 @@ def make_train_step(cfg: ModelConfig, opt, bridge_frac: float = 0.0, bridge_sigm
             hr, lr = color_augment(hr, lr, ka, invert_prob)
         value, grads = jax.value_and_grad(flow_loss)(params, cfg, hr, lr, rng, bridge_frac=bridge_frac,
                                                      bridge_sigma=bridge_sigma, loss=loss,
-                                                     bridge_exact=bridge_exact)
+                                                     bridge_exact=bridge_exact, start_noise=start_noise)
         updates, opt_state = opt.update(grads, opt_state, params)
         updates = jax.tree_util.tree_map(lambda u: u * jnp.asarray(lr_mult, u.dtype), updates)
         gnorm = _global_norm(grads)
@@ -361,12 +367,13 @@ def import_model(model_path: str, out_dir: str, *, step: int = 0, peak_lr: float
 
 # ----------------------------------------------------------------------------- validation
 
-_val_loss_fn = jax.jit(flow_loss, static_argnums=(1,))
+_val_loss_fn = jax.jit(flow_loss, static_argnums=(1,), static_argnames=("start_noise",))
 
 
 def val_loss(params, cfg, val_hr, val_lr, sigmas=(0.1, 0.3, 0.5, 0.7, 0.9), seed=1234, bridge_sigma=None):
     """Velocity loss on the validation crops at fixed noise levels and noise: {name: loss}; names are the
-    sigmas of plain flow matching, and "b<s0>@<s>" for the LR-start path of `bridge_sigma` (s = s0, s0/2)."""
+    sigmas of plain flow matching, and "b<s0>@<s>" for the LR-start path of `bridge_sigma` (s = s0, s0/2), started
+    as the model's sampler starts (`cfg.start_noise`), so that the start PSNR measures the deployed first step."""
     n = val_hr.shape[0]
     out = {}
     for s in sigmas:
@@ -376,7 +383,7 @@ def val_loss(params, cfg, val_hr, val_lr, sigmas=(0.1, 0.3, 0.5, 0.7, 0.9), seed
         for s in (bridge_sigma, bridge_sigma / 2):
             out[f"b{bridge_sigma:g}@{s:g}"] = float(_val_loss_fn(
                 params, cfg, val_hr, val_lr, jax.random.PRNGKey(seed), jnp.full((n,), s),
-                jnp.full((n,), bridge_sigma)))
+                jnp.full((n,), bridge_sigma), start_noise=float(cfg.start_noise)))
     return out
 
 
@@ -453,7 +460,8 @@ def train(args, cfg: Optional[ModelConfig] = None):
         ema_params = jax.tree_util.tree_map(lambda a: jnp.array(a, jnp.float32), ema_params)
     bridge = dict(bridge_frac=args.bridge_frac, bridge_sigma=args.bridge_sigma,
                   color_aug=getattr(args, "color_aug", False), invert_prob=getattr(args, "invert_prob", 0.0),
-                  ema=ema_decay, loss=getattr(args, "loss", "mse"), bridge_exact=getattr(args, "bridge_exact", 0.25))
+                  ema=ema_decay, loss=getattr(args, "loss", "mse"), bridge_exact=getattr(args, "bridge_exact", 0.25),
+                  start_noise=getattr(args, "start_noise", 1.0))
     step_fn = make_train_step(tcfg, opt, **bridge)
     best = dict(meta.get("best") or {})       # {"step", "psnr"}: the best start-PSNR state so far (--keep-best)
     best_dir = os.path.join(args.out, "best")
@@ -477,7 +485,8 @@ def train(args, cfg: Optional[ModelConfig] = None):
         runs = meta.get("runs", []) + [dict(start=start_step, end=at, seconds=round(time.time() - t_start, 1),
                                             device=str(jax.devices()[0].device_kind), batch=args.batch,
                                             bridge_frac=args.bridge_frac, bridge_sigma=args.bridge_sigma,
-                                            loss=bridge["loss"], bridge_exact=bridge["bridge_exact"])]
+                                            loss=bridge["loss"], bridge_exact=bridge["bridge_exact"],
+                                            start_noise=bridge["start_noise"])]
         return dict(config=config_to_dict(cfg), step=at, total_steps=total, warmup=warmup, peak_lr=peak,
                     train_seconds=round(_train_seconds(), 1), schedule="time" if by_time else "steps",
                     batch=args.batch, crop=args.crop, data_seed=meta.get("data_seed", args.seed * 10**9), log=log,
@@ -671,6 +680,10 @@ def main(argv=None):
     ap.add_argument("--bridge-exact", type=float, default=0.25,
                     help="share of the LR-start samples taken exactly at --bridge-sigma (the sampler's first step, "
                          "which does most of the work: the demo's 3-step schedule is [0.1, 0.0505, 0.001, 0])")
+    ap.add_argument("--start-noise", type=float, default=1.0,
+                    help="scale of the noise in the LR-start training paths: 1 (default) DiT4SR's noised LR latent; "
+                         "0 the deterministic start the demo's sampler uses (ModelConfig.start_noise; validation "
+                         "always starts as the model's sampler does)")
     ap.add_argument("--attention", default="auto", choices=["auto", "cudnn", "xla"])
     ap.add_argument("--prediction", default=None, choices=["velocity", "lr_residual"],
                     help="output parametrisation (ModelConfig.prediction); switching it on a resumed run resets "

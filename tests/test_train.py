@@ -127,6 +127,32 @@ def test_bridge_exact_share():
         T.make_train_step(cfg, T.make_optimizer(1e-3, 10, 1, 0, 0)[0], bridge_exact=1.5)
 
 
+def test_start_noise_of_the_lr_start_paths():
+    """start_noise 0: the LR-start loss no longer depends on the drawn noise (the deterministic start the demo's
+    sampler uses); 1 does; pure-noise starts (s0 = 1) keep their noise; the validation's start PSNR follows the
+    model config's start noise; out-of-range values are refused."""
+    cfg = _tiny_cfg()
+    params = T.init_train_params(cfg, seed=5)
+    leaves, tdef = jax.tree_util.tree_flatten(params)
+    ks = jax.random.split(jax.random.PRNGKey(9), len(leaves))
+    params = jax.tree_util.tree_unflatten(tdef, [a + 0.05 * jax.random.normal(k, a.shape, a.dtype)
+                                                 for a, k in zip(leaves, ks)])
+    hr, lr = _batch(4)
+    s, s0 = jnp.full((4,), 0.05), jnp.full((4,), 0.1)
+    f = lambda key, noise, start=s0: float(T.flow_loss(params, cfg, hr, lr, jax.random.PRNGKey(key), s, start,  # noqa
+                                                       start_noise=noise))
+    assert f(0, 0.0) == pytest.approx(f(1, 0.0), rel=1e-6)
+    assert f(0, 1.0) != pytest.approx(f(1, 1.0), rel=1e-4)
+    ones = jnp.ones((4,))
+    assert f(0, 0.0, ones) == pytest.approx(f(0, 1.0, ones), rel=1e-6)     # plain flow matching unchanged
+    assert f(0, 0.0, ones) != pytest.approx(f(1, 0.0, ones), rel=1e-4)
+    v0 = T.val_loss(params, cfg.replace(start_noise=0.0), hr, lr, sigmas=(), bridge_sigma=0.1)
+    v1 = T.val_loss(params, cfg, hr, lr, sigmas=(), bridge_sigma=0.1)
+    assert v0["b0.1@0.05"] == pytest.approx(f(1234, 0.0), rel=1e-5) and v1["b0.1@0.05"] == pytest.approx(f(1234, 1.0), rel=1e-5)
+    with pytest.raises(ValueError, match="start-noise"):
+        T.make_train_step(cfg, T.make_optimizer(1e-3, 10, 1, 0, 0)[0], start_noise=2.0)
+
+
 def test_time_cosine():
     assert T.time_cosine(0.0) == pytest.approx(1.0)
     assert T.time_cosine(0.5) == pytest.approx(0.525)
