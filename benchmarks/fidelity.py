@@ -464,14 +464,10 @@ def layer_report(study: "Study", methods: Sequence[str], bits: str = "w4a4", n_i
 
 def _decode(study: "Study", lat, d) -> np.ndarray:
     """Latents -> uint8 image exactly as `pipeline.upscale` finishes (decode, colour fix, resize)."""
-    from qdit4sr_jax.colorfix import color_fix, resolve
+    from qdit4sr_jax.colorfix import resolve
     from qdit4sr_jax.model import vae as _vae
     img = _vae.decode_jit(study.cfg.vae, study.params.get("vae", {}), lat)[0]
-    out = pipeline._to_uint8(img * 0.5 + 0.5)
-    method = resolve("model", study.cfg)
-    if method is not None:
-        out = pipeline._to_uint8(color_fix(method, out.astype(np.float32) / 255.0, d["up"].astype(np.float32) / 255.0))
-    return pipeline._resize(out, *d["size"])
+    return pipeline.finish_image(img, d["up"], d["size"], resolve("model", study.cfg))
 
 
 # ----------------------------------------------------------------------------- output

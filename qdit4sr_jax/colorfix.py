@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 
+from qdit4sr_jax.config import COLOR_FIXES
+
 _EPS = 1e-5
 _K = ((0.0625, 0.125, 0.0625), (0.125, 0.25, 0.125), (0.0625, 0.125, 0.0625))
 
@@ -73,7 +75,7 @@ def resolve(method, cfg):
         method = cfg.color_fix
     if method is None or method == "none":
         return None
-    if method not in ("adain", "wavelet"):
+    if method not in COLOR_FIXES:
         raise ValueError(f"color_fix must be 'model', 'adain', 'wavelet' or None, got {method!r}")
     return method
 

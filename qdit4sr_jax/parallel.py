@@ -264,7 +264,7 @@ def upscale_batch(cfg: ModelConfig, params: Mapping[str, Any], images: Sequence[
     from PIL import Image
 
     from qdit4sr_jax import pipeline
-    from qdit4sr_jax.colorfix import color_fix as _color_fix, resolve
+    from qdit4sr_jax.colorfix import resolve
     images = list(images)
     if not images:
         raise ValueError("upscale_batch: no images given")
@@ -306,11 +306,7 @@ def upscale_batch(cfg: ModelConfig, params: Mapping[str, Any], images: Sequence[
     img = np.asarray(img)[:B]
     outs = []
     for i, (u, (Ht, Wt)) in enumerate(prepared):
-        o = pipeline._to_uint8(img[i] * 0.5 + 0.5)
-        if color_fix is not None:
-            o = pipeline._to_uint8(_color_fix(color_fix, o.astype(np.float32) / 255.0,
-                                              u.astype(np.float32) / 255.0))
-        o = pipeline._resize(o, Wt, Ht)
+        o = pipeline.finish_image(img[i], u, (Wt, Ht), color_fix)
         outs.append(Image.fromarray(o, "RGB") if isinstance(images[i], Image.Image) else o)
     return (outs, np.asarray(lat)[:B]) if return_latents else outs
 

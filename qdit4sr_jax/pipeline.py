@@ -268,6 +268,16 @@ def _prepare(cfg: ModelConfig, params, image, seed, prompt, prompt_index, guidan
                 size=(Wt, Ht))
 
 
+def finish_image(img, up, size, color_fix: Optional[str]) -> np.ndarray:
+    """A decoded image [H, W, 3] in [-1, 1] -> uint8 [size[1], size[0], 3], as `upscale` finishes: to 8 bits,
+    the colour fix (resolved by `colorfix.resolve`: 'adain' | 'wavelet' | None) towards `up` (the
+    bicubic-upsampled input, uint8 [H, W, 3]), resized to size = (width, height)."""
+    out = _to_uint8(img * 0.5 + 0.5)
+    if color_fix is not None:
+        out = _to_uint8(_color_fix(color_fix, out.astype(np.float32) / 255.0, up.astype(np.float32) / 255.0))
+    return _resize(out, *size)
+
+
 def upscale(cfg: ModelConfig, params: Mapping[str, Any], image, *, seed: int = 0,
             num_steps: Optional[int] = None, guidance_scale: Optional[float] = None,
             color_fix: Optional[str] = "model", prompt: Union[None, str, Mapping[str, Any]] = None,
@@ -295,12 +305,7 @@ def upscale(cfg: ModelConfig, params: Mapping[str, Any], image, *, seed: int = 0
                           guidance_scale=d["g"], start=start, start_sigma=start_sigma, tile_latent=tile_latent,
                           tile_overlap=tile_overlap, tile_batch=tile_batch, force_tiling=force_tiling,
                           prepare_weights=prepare_weights)
-    img = _vae.decode_jit(cfg.vae, params.get("vae", {}), lat)[0]
-    out = _to_uint8(img * 0.5 + 0.5)
-    if color_fix is not None:
-        fixed = _color_fix(color_fix, out.astype(np.float32) / 255.0, d["up"].astype(np.float32) / 255.0)
-        out = _to_uint8(fixed)
-    out = _resize(out, *d["size"])
+    out = finish_image(_vae.decode_jit(cfg.vae, params.get("vae", {}), lat)[0], d["up"], d["size"], color_fix)
     result = Image.fromarray(out, "RGB") if isinstance(image, Image.Image) else out
     return (result, lat) if return_latents else result
 
