@@ -5,7 +5,27 @@
 #   bash benchmarks/gpu_session.sh profile    # where the W4A4 step's ~40 ms over W8A8 goes (gpu_notes.md):
 #       kernels per layer on the GPU, per-kernel profile of the 512 px step, steps inside a lax.scan with
 #       weights as stored and prepared with the prologue kernel (timeouts sum to 545 s)
+#   bash benchmarks/gpu_session.sh step1024   # 1024 x 1 steps incl. prepared + prologue kernel and qwix, 1024 x 4
 export PYTHONUNBUFFERED=1
+if [ "${1:-}" = step1024 ]; then
+  # The 1024-px figures of issue 7 with the prepared weights + prologue kernel, then what no run has reached yet
+  # (qwix at 1024 x 1, batch 4 at 1024). Carry [".whl"] for qwix. Timeouts sum to 560 s.
+  OUT=${OUT:-/tmp/gpu_out}; mkdir -p "$OUT"
+  nvidia-smi --query-gpu=name,clocks.sm --format=csv,noheader
+  if ls .whl/qwix-*.whl >/dev/null 2>&1; then
+    python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/qwix-*.whl && export PYTHONPATH=/tmp/site:$PWD
+  fi
+  t0=$(date +%s); el() { echo "== [$(( $(date +%s) - t0 )) s] $*"; }
+  el step-1024x1; timeout 400 python3 benchmarks/step_latency.py --cases 1024x1 --modes bf16 w4a4s-prepk w8a8-fused \
+      w4a4s-fused qwix-w8a8 --attention cudnn --iters 8 --warmup 2 --deadline 385 --out "$OUT/step1024.json" \
+      > "$OUT/step1024.log" 2>&1
+  grep -v "^W[0-9]" "$OUT/step1024.log" | tail -14
+  el step-1024x4; timeout 160 python3 benchmarks/step_latency.py --cases 1024x4 --modes bf16 w4a4s-prepk \
+      --attention cudnn --iters 5 --warmup 1 --deadline 150 --out "$OUT/step1024x4.json" > "$OUT/step1024x4.log" 2>&1
+  grep -v "^W[0-9]" "$OUT/step1024x4.log" | tail -8
+  el done
+  exit 0
+fi
 if [ "${1:-}" = profile ]; then
   OUT=${OUT:-/tmp/gpu_out}; mkdir -p "$OUT"
   nvidia-smi --query-gpu=name,clocks.sm --format=csv,noheader
