@@ -5,24 +5,44 @@
 #   bash benchmarks/gpu_session.sh profile    # where the W4A4 step's ~40 ms over W8A8 goes (gpu_notes.md):
 #       kernels per layer on the GPU, per-kernel profile of the 512 px step, steps inside a lax.scan with
 #       weights as stored and prepared with the prologue kernel (timeouts sum to 545 s)
-#   bash benchmarks/gpu_session.sh step1024   # 1024 x 1 steps incl. prepared + prologue kernel and qwix, 1024 x 4
+#   bash benchmarks/gpu_session.sh core       # 1024 x 1 steps incl. prepared + prologue kernel; profile of that
+#   bash benchmarks/gpu_session.sh rest       # profile of the stored W4A4 step; qwix at 1024 x 1; 1024 x 4
 export PYTHONUNBUFFERED=1
-if [ "${1:-}" = step1024 ]; then
-  # The 1024-px figures of issue 7 with the prepared weights + prologue kernel, then what no run has reached yet
-  # (qwix at 1024 x 1, batch 4 at 1024). Carry [".whl"] for qwix. Timeouts sum to 560 s.
+if [ "${1:-}" = core ] || [ "${1:-}" = rest ]; then
+  # core (timeouts sum to 580 s): the prologue kernel per layer on the GPU, the 1024 x 1 step of bf16 / W8A8 /
+  #   W4A4-small as stored and prepared with the prologue kernel, and the per-kernel profile of the 512 x 1
+  #   W8A8 vs prepared W4A4 step.
+  # rest (560 s): the per-kernel profile of W8A8 vs W4A4-small as stored, qwix at 1024 x 1 (carry [".whl"]),
+  #   batch 4 at 1024.
   OUT=${OUT:-/tmp/gpu_out}; mkdir -p "$OUT"
   nvidia-smi --query-gpu=name,clocks.sm --format=csv,noheader
+  python3 -c "import jax; print('jax', jax.__version__, jax.devices())"
   if ls .whl/qwix-*.whl >/dev/null 2>&1; then
     python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/qwix-*.whl && export PYTHONPATH=/tmp/site:$PWD
   fi
   t0=$(date +%s); el() { echo "== [$(( $(date +%s) - t0 )) s] $*"; }
-  el step-1024x1; timeout 400 python3 benchmarks/step_latency.py --cases 1024x1 --modes bf16 w4a4s-prepk w8a8-fused \
-      w4a4s-fused qwix-w8a8 --attention cudnn --iters 8 --warmup 2 --deadline 385 --out "$OUT/step1024.json" \
-      > "$OUT/step1024.log" 2>&1
-  grep -v "^W[0-9]" "$OUT/step1024.log" | tail -14
-  el step-1024x4; timeout 160 python3 benchmarks/step_latency.py --cases 1024x4 --modes bf16 w4a4s-prepk \
-      --attention cudnn --iters 5 --warmup 1 --deadline 150 --out "$OUT/step1024x4.json" > "$OUT/step1024x4.log" 2>&1
-  grep -v "^W[0-9]" "$OUT/step1024x4.log" | tail -8
+  if [ "$1" = core ]; then
+    el layer-kernels; timeout 60 python3 benchmarks/layer_kernels.py --time --prologue-tiles 32x4 32x8 \
+        > "$OUT/layer_kernels.log" 2>&1
+    tail -14 "$OUT/layer_kernels.log"
+    el step-1024x1; timeout 330 python3 benchmarks/step_latency.py --cases 1024x1 --modes bf16 w4a4s-prepk \
+        w8a8-fused w4a4s-fused --attention cudnn --iters 8 --warmup 2 --deadline 315 --out "$OUT/step1024.json" \
+        > "$OUT/step1024.log" 2>&1
+    grep -v "^W[0-9]" "$OUT/step1024.log" | tail -9
+    el profile-prepk; timeout 190 python3 benchmarks/step_profile.py --cases 512x1 --modes w8a8-fused w4a4s-prepk \
+        --iters 3 --warmup 2 --deadline 178 --out "$OUT/profile_prepk.json" > "$OUT/profile_prepk.log" 2>&1
+    grep -v "^W[0-9]" "$OUT/profile_prepk.log" | tail -45
+  else
+    el profile-stored; timeout 200 python3 benchmarks/step_profile.py --cases 512x1 --modes w8a8-fused w4a4s-fused \
+        --iters 3 --warmup 2 --deadline 188 --out "$OUT/profile_stored.json" > "$OUT/profile_stored.log" 2>&1
+    grep -v "^W[0-9]" "$OUT/profile_stored.log" | tail -45
+    el qwix-1024x1; timeout 180 python3 benchmarks/step_latency.py --cases 1024x1 --modes bf16 qwix-w8a8 \
+        --attention cudnn --iters 8 --warmup 2 --deadline 170 --out "$OUT/qwix1024.json" > "$OUT/qwix1024.log" 2>&1
+    grep -v "^W[0-9]" "$OUT/qwix1024.log" | tail -6
+    el step-1024x4; timeout 180 python3 benchmarks/step_latency.py --cases 1024x4 --modes bf16 w4a4s-prepk \
+        --attention cudnn --iters 5 --warmup 1 --deadline 170 --out "$OUT/step1024x4.json" > "$OUT/step1024x4.log" 2>&1
+    grep -v "^W[0-9]" "$OUT/step1024x4.log" | tail -6
+  fi
   el done
   exit 0
 fi
