@@ -5,15 +5,14 @@
 #   bash benchmarks/gpu_session.sh profile    # where the W4A4 step's ~40 ms over W8A8 goes (gpu_notes.md):
 #       kernels per layer on the GPU, per-kernel profile of the 512 px step, steps inside a lax.scan with
 #       weights as stored and prepared with the prologue kernel (timeouts sum to 545 s)
-#   bash benchmarks/gpu_session.sh core       # 1024 x 1 steps incl. prepared + prologue kernel; profile of that
-#   bash benchmarks/gpu_session.sh rest       # profile of the stored W4A4 step; qwix at 1024 x 1; 1024 x 4
+#   bash benchmarks/gpu_session.sh core       # Mosaic int8 GEMM; 1024 x 1 steps incl. prepared + prologue kernel
+#   bash benchmarks/gpu_session.sh rest       # per-kernel profiles at 512 x 1; qwix at 1024 x 1; 1024 x 4
 export PYTHONUNBUFFERED=1
 if [ "${1:-}" = core ] || [ "${1:-}" = rest ]; then
-  # core (timeouts sum to 580 s): the prologue kernel per layer on the GPU, the 1024 x 1 step of bf16 / W8A8 /
-  #   W4A4-small as stored and prepared with the prologue kernel, and the per-kernel profile of the 512 x 1
-  #   W8A8 vs prepared W4A4 step.
-  # rest (560 s): the per-kernel profile of W8A8 vs W4A4-small as stored, qwix at 1024 x 1 (carry [".whl"]),
-  #   batch 4 at 1024.
+  # core (timeouts sum to 530 s): the Mosaic GPU int8 GEMM against cuBLAS bf16 / Triton, the prologue kernel
+  #   per layer, the 1024 x 1 step of bf16 / W8A8 / W4A4-small as stored and prepared with the prologue kernel.
+  # rest (560 s): the per-kernel profile of the 512 x 1 W8A8 / W4A4-small stored / prepared steps, qwix at
+  #   1024 x 1 (carry [".whl"]), batch 4 at 1024.
   OUT=${OUT:-/tmp/gpu_out}; mkdir -p "$OUT"
   nvidia-smi --query-gpu=name,clocks.sm --format=csv,noheader
   python3 -c "import jax; print('jax', jax.__version__, jax.devices())"
@@ -22,25 +21,25 @@ if [ "${1:-}" = core ] || [ "${1:-}" = rest ]; then
   fi
   t0=$(date +%s); el() { echo "== [$(( $(date +%s) - t0 )) s] $*"; }
   if [ "$1" = core ]; then
-    el layer-kernels; timeout 60 python3 benchmarks/layer_kernels.py --time --prologue-tiles 32x4 32x8 \
+    el mosaic-gemm; timeout 90 python3 benchmarks/mosaic_gemm.py --sweep --deadline 60 --out "$OUT/mosaic_gemm.json" \
+        > "$OUT/mosaic_gemm.log" 2>&1
+    grep -v "^W[0-9]\|Deprecat\|out_shape" "$OUT/mosaic_gemm.log" | tail -16
+    el layer-kernels; timeout 50 python3 benchmarks/layer_kernels.py --time --prologue-tiles 32x4 32x8 \
         > "$OUT/layer_kernels.log" 2>&1
     tail -14 "$OUT/layer_kernels.log"
-    el step-1024x1; timeout 330 python3 benchmarks/step_latency.py --cases 1024x1 --modes bf16 w4a4s-prepk \
-        w8a8-fused w4a4s-fused --attention cudnn --iters 8 --warmup 2 --deadline 315 --out "$OUT/step1024.json" \
+    el step-1024x1; timeout 390 python3 benchmarks/step_latency.py --cases 1024x1 --modes bf16 w4a4s-prepk \
+        w8a8-fused w4a4s-fused --attention cudnn --iters 8 --warmup 2 --deadline 375 --out "$OUT/step1024.json" \
         > "$OUT/step1024.log" 2>&1
     grep -v "^W[0-9]" "$OUT/step1024.log" | tail -9
-    el profile-prepk; timeout 190 python3 benchmarks/step_profile.py --cases 512x1 --modes w8a8-fused w4a4s-prepk \
-        --iters 3 --warmup 2 --deadline 178 --out "$OUT/profile_prepk.json" > "$OUT/profile_prepk.log" 2>&1
-    grep -v "^W[0-9]" "$OUT/profile_prepk.log" | tail -45
   else
-    el profile-stored; timeout 200 python3 benchmarks/step_profile.py --cases 512x1 --modes w8a8-fused w4a4s-fused \
-        --iters 3 --warmup 2 --deadline 188 --out "$OUT/profile_stored.json" > "$OUT/profile_stored.log" 2>&1
-    grep -v "^W[0-9]" "$OUT/profile_stored.log" | tail -45
-    el qwix-1024x1; timeout 180 python3 benchmarks/step_latency.py --cases 1024x1 --modes bf16 qwix-w8a8 \
-        --attention cudnn --iters 8 --warmup 2 --deadline 170 --out "$OUT/qwix1024.json" > "$OUT/qwix1024.log" 2>&1
+    el profile-512x1; timeout 250 python3 benchmarks/step_profile.py --cases 512x1 --modes w8a8-fused w4a4s-fused \
+        w4a4s-prepk --iters 3 --warmup 2 --deadline 238 --out "$OUT/profile.json" > "$OUT/profile.log" 2>&1
+    grep -v "^W[0-9]" "$OUT/profile.log" | tail -60
+    el qwix-1024x1; timeout 150 python3 benchmarks/step_latency.py --cases 1024x1 --modes bf16 qwix-w8a8 \
+        --attention cudnn --iters 8 --warmup 2 --deadline 140 --out "$OUT/qwix1024.json" > "$OUT/qwix1024.log" 2>&1
     grep -v "^W[0-9]" "$OUT/qwix1024.log" | tail -6
-    el step-1024x4; timeout 180 python3 benchmarks/step_latency.py --cases 1024x4 --modes bf16 w4a4s-prepk \
-        --attention cudnn --iters 5 --warmup 1 --deadline 170 --out "$OUT/step1024x4.json" > "$OUT/step1024x4.log" 2>&1
+    el step-1024x4; timeout 160 python3 benchmarks/step_latency.py --cases 1024x4 --modes bf16 w4a4s-prepk \
+        --attention cudnn --iters 5 --warmup 1 --deadline 150 --out "$OUT/step1024x4.json" > "$OUT/step1024x4.log" 2>&1
     grep -v "^W[0-9]" "$OUT/step1024x4.log" | tail -6
   fi
   el done

@@ -1,0 +1,120 @@
+"""int8 GEMM with the fused linear's scale / bias epilogue as a Pallas Mosaic GPU kernel (Hopper wgmma + TMA).
+
+The Triton kernel of `pallas_gpu.py` reaches ~0.8x of cuBLAS bf16 at DiT4SR's shapes (benchmarks/gpu_notes.md):
+Triton, as Pallas drives it, issues no TMA loads and no asynchronous warpgroup MMAs. This kernel is the same
+GEMM written against Mosaic GPU, which does both: each program owns one [tile_m, tile_n] output tile, a
+`plgpu.emit_pipeline` streams K in `tile_k` steps of TMA copies (128-byte swizzled tiles, `stages` in
+flight) into shared memory, and `plgpu.wgmma` accumulates int8 x int8 -> int32 asynchronously. Hopper's 8-bit
+wgmma needs both operands K-major: activations [M, K] and weights [N, K] (the stored "nk" layout) are.
+
+  y[m, n] = float(acc[m, n]) * sx[m] * sw[n] (+ bias[n]) (+ addend[m, n]), stored in out_dtype
+
+The addend carries what this kernel does not compute itself (the low-rank branches' contribution, from XLA).
+GPU only (Hopper or newer); there is no interpreter for wgmma, so off the GPU the tests check that it lowers
+(tests/quant/test_mosaic_lowering.py) and benchmarks/mosaic_gemm.py checks it against XLA's int8 dot on the GPU.
+"""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+
+SWIZZLE = 128          # bytes: one int8 K step of 128 is one 128-byte swizzle span
+
+
+def tiles_ok(m: int, n: int, k: int, tile_m: int = 128, tile_n: int = 128, tile_k: int = 128) -> bool:
+    """Whether an [m, k] x [n, k] problem tiles exactly (rows are padded by the caller)."""
+    return m % tile_m == 0 and n % tile_n == 0 and k % tile_k == 0 and tile_k == SWIZZLE and tile_m % 64 == 0
+
+
+def _check(xq, wq, sx, sw, bias, addend, tile_m, tile_n, tile_k):
+    m, k = xq.shape
+    n = wq.shape[0]
+    if xq.dtype != jnp.int8 or wq.dtype != jnp.int8:
+        raise TypeError(f"mosaic_int8_gemm needs int8 operands, got {xq.dtype} x {wq.dtype}")
+    if wq.shape[1] != k:
+        raise ValueError(f"mosaic_int8_gemm: activations [{m}, {k}] and weights {tuple(wq.shape)} disagree on K")
+    if sx.shape != (m,) or sw.shape != (n,):
+        raise ValueError(f"mosaic_int8_gemm: scales {tuple(sx.shape)} / {tuple(sw.shape)} must be [{m}] / [{n}]")
+    if bias is not None and bias.shape != (n,):
+        raise ValueError(f"mosaic_int8_gemm: bias {tuple(bias.shape)} must be [{n}]")
+    if addend is not None and addend.shape != (m, n):
+        raise ValueError(f"mosaic_int8_gemm: addend {tuple(addend.shape)} must be [{m}, {n}]")
+    if not tiles_ok(m, n, k, tile_m, tile_n, tile_k):
+        raise ValueError(f"mosaic_int8_gemm: [{m}, {k}] x [{n}, {k}] does not tile by {tile_m}x{tile_n}x{tile_k} "
+                         f"(tile_k must be {SWIZZLE}, tile_m a multiple of 64)")
+    return m, n, k
+
+
+def mosaic_int8_gemm(xq, wq, sx, sw, bias=None, addend=None, *, out_dtype=jnp.bfloat16, tile_m: int = 128,
+                     tile_n: int = 128, tile_k: int = 128, stages: int = 4):
+    """xq int8 [M, K], wq int8 [N, K], sx f32 [M], sw f32 [N], bias f32 [N] | None, addend [M, N] | None
+    -> [M, N] out_dtype (see the module docstring). M, N, K must tile exactly (`tiles_ok`)."""
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+    m, n, k = _check(xq, wq, sx, sw, bias, addend, tile_m, tile_n, tile_k)
+    steps = k // tile_k
+    transforms = (plgpu.TilingTransform((8, SWIZZLE)), plgpu.SwizzleTransform(SWIZZLE))
+    row = plgpu.Layout.WGMMA.reduce(1)
+    col = plgpu.Layout.WGMMA.reduce(0)
+    has_bias, has_add = bias is not None, addend is not None
+
+    def body(x_g, w_g, sx_g, sw_g, *rest):
+        rest = list(rest)
+        b_g = rest.pop(0) if has_bias else None
+        a_g = rest.pop(0) if has_add else None
+        (o_g,) = rest
+        mi = jax.lax.axis_index("m")
+        ni = jax.lax.axis_index("n")
+        rows, cols = pl.ds(mi * tile_m, tile_m), pl.ds(ni * tile_n, tile_n)
+
+        def gemm(acc):
+            def step(_, x_s, w_s):
+                plgpu.wgmma(acc, x_s, plgpu.transpose_ref(w_s, (1, 0)))
+                plgpu.wgmma_wait(1)            # keep one MMA in flight; its inputs stay until the next step
+
+            plgpu.emit_pipeline(
+                step, grid=(steps,),
+                in_specs=[plgpu.BlockSpec((tile_m, tile_k), lambda kk: (mi, kk), transforms=transforms,
+                                          delay_release=1),
+                          plgpu.BlockSpec((tile_n, tile_k), lambda kk: (ni, kk), transforms=transforms,
+                                          delay_release=1)],
+                max_concurrent_steps=stages)(x_g, w_g)
+            plgpu.wgmma_wait(0)
+            return acc[...]
+
+        acc = pl.run_scoped(gemm, plgpu.ACC((tile_m, tile_n), jnp.int32))
+        shape = (tile_m, tile_n)
+        s_x = plgpu.load(sx_g.at[rows], (), layout=row, optimized=False)
+        s_w = plgpu.load(sw_g.at[cols], (), layout=col, optimized=False)
+        y = acc.astype(jnp.float32) * jax.lax.broadcast_in_dim(s_x, shape, [0])
+        y = y * jax.lax.broadcast_in_dim(s_w, shape, [1])
+        if has_bias:
+            y = y + jax.lax.broadcast_in_dim(plgpu.load(b_g.at[cols], (), layout=col, optimized=False), shape, [1])
+        if has_add:
+            y = y + plgpu.load(a_g.at[rows, cols], (), layout=plgpu.Layout.WGMMA, optimized=False).astype(jnp.float32)
+        o_g[rows, cols] = y.astype(out_dtype)
+
+    args = [xq, wq, sx.astype(jnp.float32), sw.astype(jnp.float32)]
+    if has_bias:
+        args.append(bias.astype(jnp.float32))
+    if has_add:
+        args.append(addend)
+    kernel = plgpu.kernel(body, jax.ShapeDtypeStruct((m, n), out_dtype), grid=(m // tile_m, n // tile_n),
+                          grid_names=("m", "n"))
+    return kernel(*args)
+
+
+def reference(xq, wq, sx, sw, bias=None, addend=None, *, out_dtype=jnp.bfloat16):
+    """The same function with XLA ops (int8 dot_general -> int32, scales in float32): the check."""
+    acc = jax.lax.dot_general(xq, wq, (((1,), (1,)), ((), ())), preferred_element_type=jnp.int32)
+    y = acc.astype(jnp.float32) * sx.astype(jnp.float32)[:, None] * sw.astype(jnp.float32)[None, :]
+    if bias is not None:
+        y = y + bias.astype(jnp.float32)[None, :]
+    if addend is not None:
+        y = y + addend.astype(jnp.float32)
+    return y.astype(out_dtype)
+
+
+__all__ = ["mosaic_int8_gemm", "reference", "tiles_ok", "SWIZZLE"]
