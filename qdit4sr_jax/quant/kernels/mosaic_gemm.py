@@ -101,7 +101,7 @@ def mosaic_int8_gemm(xq, wq, sx, sw, bias=None, addend=None, *, out_dtype=jnp.bf
         args.append(bias.astype(jnp.float32))
     if has_add:
         args.append(addend)
-    kernel = plgpu.kernel(body, jax.ShapeDtypeStruct((m, n), out_dtype), grid=(m // tile_m, n // tile_n),
+    kernel = plgpu.kernel(body, out_type=jax.ShapeDtypeStruct((m, n), out_dtype), grid=(m // tile_m, n // tile_n),
                           grid_names=("m", "n"))
     return kernel(*args)
 

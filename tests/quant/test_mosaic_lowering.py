@@ -1,0 +1,57 @@
+"""The Mosaic GPU int8 GEMM (quant/kernels/mosaic_gemm.py) lowers for CUDA on any machine: `lower(
+lowering_platforms=("cuda",))` runs Pallas' Mosaic GPU lowering (wgmma operand checks, layouts, the TMA
+pipeline) without a GPU, so a refused operand layout or epilogue op fails here in CI instead of on the GPU.
+Its numbers are checked against `mosaic_gemm.reference` on the GPU only (benchmarks/mosaic_gemm.py): wgmma
+has no interpreter. At DiT4SR's layer shapes and a small one; with and without bias / addend."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from qdit4sr_jax.quant.kernels import mosaic_gemm as mg
+
+S = jax.ShapeDtypeStruct
+
+
+def _lower(m, k, n, bias, addend, **tiles):
+    args = [S((m, k), jnp.int8), S((n, k), jnp.int8), S((m,), jnp.float32), S((n,), jnp.float32),
+            S((n,), jnp.float32) if bias else None, S((m, n), jnp.bfloat16) if addend else None]
+    f = lambda x, w, sx, sw, b, a: mg.mosaic_int8_gemm(x, w, sx, sw, b, a, **tiles)  # noqa: E731
+    return jax.jit(f).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+
+
+@pytest.mark.parametrize("m,k,n,bias,addend", [(256, 256, 128, False, False), (2048, 1536, 1536, True, False),
+                                               (2048, 6144, 1536, True, True), (2048, 1536, 6144, False, True)])
+def test_mosaic_gemm_lowers_for_cuda(m, k, n, bias, addend):
+    text = _lower(m, k, n, bias, addend)
+    assert "mosaic_gpu" in text
+
+
+def test_mosaic_gemm_tile_variants_lower():
+    assert "mosaic_gpu" in _lower(256, 256, 256, True, False, tile_m=64, tile_n=128, stages=2)
+    assert "mosaic_gpu" in _lower(256, 256, 256, True, False, tile_n=64, stages=3)
+
+
+def test_mosaic_gemm_rejects_bad_operands():
+    x, w = jnp.zeros((256, 256), jnp.int8), jnp.zeros((128, 256), jnp.int8)
+    sx, sw = jnp.ones((256,)), jnp.ones((128,))
+    with pytest.raises(TypeError, match="int8 operands"):
+        mg.mosaic_int8_gemm(x.astype(jnp.int32), w, sx, sw)
+    with pytest.raises(ValueError, match="disagree on K"):
+        mg.mosaic_int8_gemm(x, jnp.zeros((128, 128), jnp.int8), sx, sw)
+    with pytest.raises(ValueError, match="does not tile"):
+        mg.mosaic_int8_gemm(x[:200], w, sx[:200], sw)
+    with pytest.raises(ValueError, match="addend"):
+        mg.mosaic_int8_gemm(x, w, sx, sw, None, jnp.zeros((128, 128)))
+
+
+def test_reference_is_the_scaled_integer_product():
+    rng = np.random.default_rng(0)
+    x = rng.integers(-127, 128, (64, 96)).astype(np.int8)
+    w = rng.integers(-127, 128, (32, 96)).astype(np.int8)
+    sx, sw, b = rng.uniform(0.1, 1, 64), rng.uniform(0.1, 1, 32), rng.normal(size=32)
+    a = rng.normal(size=(64, 32))
+    want = (x.astype(np.float64) @ w.T.astype(np.float64)) * sx[:, None] * sw[None, :] + b + a
+    got = mg.reference(jnp.asarray(x), jnp.asarray(w), jnp.asarray(sx, jnp.float32), jnp.asarray(sw, jnp.float32),
+                       jnp.asarray(b, jnp.float32), jnp.asarray(a, jnp.float32), out_dtype=jnp.float32)
+    np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-3)
