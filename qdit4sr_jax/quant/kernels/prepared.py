@@ -23,7 +23,9 @@ not the sampler's default.
 
 prologue="pallas" also replaces the XLA prologue (smoothing, per-token quantization, the branch
 down-projections: several kernels) by one Pallas kernel per layer (`prologue_kernel.py`) wherever the Pallas
-GEMM runs (GPU; the interpreter in tests); the XLA backend (CPU, TPU) keeps the XLA prologue.
+GEMM runs (GPU; the interpreter in tests); the XLA backend (CPU, TPU) keeps the XLA prologue. On an H200 it
+did not pay: the 1024-px W4A4-small step took 199.15 ms prepared with it vs 199.43 ms stored (benchmarks/RESULTS.md,
+2026-12-05), hence "xla" is the default.
 """
 from __future__ import annotations
 
