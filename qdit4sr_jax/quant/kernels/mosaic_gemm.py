@@ -1,8 +1,8 @@
 """int8 GEMM with the fused linear's scale / bias epilogue as a Pallas Mosaic GPU kernel (Hopper wgmma + TMA).
 
-The Triton kernel of `pallas_gpu.py` reaches ~0.8x of cuBLAS bf16 at DiT4SR's shapes (benchmarks/gpu_notes.md):
-Triton, as Pallas drives it, issues no TMA loads and no asynchronous warpgroup MMAs. This kernel is the same
-GEMM written against Mosaic GPU, which does both: each program owns one [tile_m, tile_n] output tile, a
+The Triton kernel of `pallas_gpu.py` measured ~0.8x of cuBLAS bf16 at DiT4SR's shapes on an H100
+(benchmarks/gpu_notes.md): Triton, as Pallas drives it, issues no TMA loads and no asynchronous warpgroup MMAs.
+This kernel is the same GEMM written against Mosaic GPU, which does both: each program owns one [tile_m, tile_n] output tile, a
 `plgpu.emit_pipeline` streams K in `tile_k` steps of TMA copies (128-byte swizzled tiles, `stages` in
 flight) into shared memory, and `plgpu.wgmma` accumulates int8 x int8 -> int32 asynchronously. Hopper's 8-bit
 wgmma needs both operands K-major: activations [M, K] and weights [N, K] (the stored "nk" layout) are.
@@ -10,6 +10,9 @@ wgmma needs both operands K-major: activations [M, K] and weights [N, K] (the st
   y[m, n] = float(acc[m, n]) * sx[m] * sw[n] (+ bias[n]) (+ addend[m, n]), stored in out_dtype
 
 The addend carries what this kernel does not compute itself (the low-rank branches' contribution, from XLA).
+Measured on an H200 (benchmarks/RESULTS.md, 2026-12-05): exact, and 0.95-1.45x of cuBLAS bf16 over four DiT4SR
+shapes, i.e. cuBLASLt's int8 rate (1.11-1.46x) only at K = 6144, so `fused_linear` does not use it; kept as the
+Hopper-native starting point (warp specialisation and a longer K pipeline are what it lacks).
 GPU only (Hopper or newer); there is no interpreter for wgmma, so off the GPU the tests check that it lowers
 (tests/quant/test_mosaic_lowering.py) and benchmarks/mosaic_gemm.py checks it against XLA's int8 dot on the GPU.
 """
