@@ -11,6 +11,9 @@ import pytest
 from qdit4sr_jax.quant.kernels import mosaic_gemm as mg
 
 S = jax.ShapeDtypeStruct
+# Pallas Mosaic GPU changes from release to release; the kernel is written against JAX 0.10-0.11 (CI and the GPU)
+OLD_JAX = tuple(int(p) for p in jax.__version__.split(".")[:2]) < (0, 10)
+lowering = pytest.mark.skipif(OLD_JAX, reason=f"Mosaic GPU kernel written for JAX >= 0.10, have {jax.__version__}")
 
 
 def _lower(m, k, n, bias, addend, **tiles):
@@ -20,6 +23,7 @@ def _lower(m, k, n, bias, addend, **tiles):
     return jax.jit(f).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
 
 
+@lowering
 @pytest.mark.parametrize("m,k,n,bias,addend", [(256, 256, 128, False, False), (2048, 1536, 1536, True, False),
                                                (2048, 6144, 1536, True, True), (2048, 1536, 6144, False, True)])
 def test_mosaic_gemm_lowers_for_cuda(m, k, n, bias, addend):
@@ -27,6 +31,7 @@ def test_mosaic_gemm_lowers_for_cuda(m, k, n, bias, addend):
     assert "mosaic_gpu" in text
 
 
+@lowering
 def test_mosaic_gemm_tile_variants_lower():
     assert "mosaic_gpu" in _lower(256, 256, 256, True, False, tile_m=64, tile_n=128, stages=2)
     assert "mosaic_gpu" in _lower(256, 256, 256, True, False, tile_n=64, stages=3)
