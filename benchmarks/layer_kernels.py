@@ -10,7 +10,10 @@ prologue and with the prologue kernel, which only the Pallas backend (GPU) runs)
 calls such as cuBLAS GEMMs or the Pallas kernel, and unfused ops), on whatever backend runs it.
 
     python benchmarks/layer_kernels.py                      # 1536 x 1536, M = 2048 (512 px, one stream)
-    python benchmarks/layer_kernels.py --k 256 --n 256 --m 64 --time   # small; --time adds a median time
+    python benchmarks/layer_kernels.py --k 256 --n 256 --m 64 --time   # small; --time adds times
+--time adds two times per layer: the median host wall time of one call (on a GPU mostly dispatch of a
+one-layer program: 0.35-0.70 ms for a ~15 us GEMM on the H200, 2026-12-05) and the device kernel time per call
+from a profiler trace (`step_profile.profile_step`), the figure to compare.
     python benchmarks/layer_kernels.py --time --prologue-tiles 16x4 32x8 64x8   # GPU: prologue kernel tiles
 """
 from __future__ import annotations
@@ -23,6 +26,7 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -107,6 +111,9 @@ def measure(m: int, k: int, n: int, rank: int = 32, block: int = 256, timed: boo
                 jax.block_until_ready(compiled(x, q, jnp.int32(1)))
                 ts.append(time.perf_counter() - t0)
             row["ms"] = 1e3 * float(np.median(ts))
+            from step_profile import profile_step
+            prof = profile_step(compiled, (x, q, jnp.int32(1)), iters=iters, warmup=1)
+            row["device_us"] = prof["kernel_us_per_step"]
         rows.append(row)
     return rows
 
@@ -125,11 +132,12 @@ def main(argv=None):
     tiles = [tuple(int(v) for v in t.lower().split("x")) for t in a.prologue_tiles]
     rows = measure(a.m, a.k, a.n, a.rank, a.block, a.time, prologue_tiles=tiles)
     print(f"{jax.devices()[0].device_kind}  jax {jax.__version__}  [{a.m} x {a.k}] x [{a.k} x {a.n}]")
-    print("| features | kernels | by op |" + (" median ms |" if a.time else "")
-          + "\n|---|---|---|" + ("---|" if a.time else ""))
+    print("| features | kernels | by op |" + (" wall ms (host) | device us |" if a.time else "")
+          + "\n|---|---|---|" + ("---|---|" if a.time else ""))
     for r in rows:
         ops = ", ".join(f"{o} {c}" for o, c in r["by_op"].items())
-        print(f"| {r['label']} | {r['kernels']} | {ops} |" + (f" {r['ms']:.3f} |" if a.time else ""))
+        print(f"| {r['label']} | {r['kernels']} | {ops} |"
+              + (f" {r['ms']:.3f} | {r.get('device_us', float('nan')):.1f} |" if a.time else ""))
     return rows
 
 
