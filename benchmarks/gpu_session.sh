@@ -8,8 +8,9 @@
 #   bash benchmarks/gpu_session.sh core       # Mosaic int8 GEMM; 1024 x 1 steps incl. prepared + prologue kernel
 #   bash benchmarks/gpu_session.sh rest       # per-kernel profiles at 512 x 1; qwix at 1024 x 1; 1024 x 4
 #   bash benchmarks/gpu_session.sh next       # prepared weights with the XLA prologue in the step; 1024 x 4
+#   bash benchmarks/gpu_session.sh next2      # steps inside the sampler's scan; W8A8 / qwix at batch 4
 export PYTHONUNBUFFERED=1
-if [ "${1:-}" = core ] || [ "${1:-}" = rest ] || [ "${1:-}" = next ]; then
+if [ "${1:-}" = core ] || [ "${1:-}" = rest ] || [ "${1:-}" = next ] || [ "${1:-}" = next2 ]; then
   # core (timeouts sum to 530 s): the Mosaic GPU int8 GEMM against cuBLAS bf16 / Triton, the prologue kernel
   #   per layer, the 1024 x 1 step of bf16 / W8A8 / W4A4-small as stored and prepared with the prologue kernel.
   # rest (560 s): the per-kernel profile of the 512 x 1 W8A8 / W4A4-small stored / prepared steps, qwix at
@@ -36,6 +37,16 @@ if [ "${1:-}" = core ] || [ "${1:-}" = rest ] || [ "${1:-}" = next ]; then
     el step-1024x4; timeout 175 python3 benchmarks/step_latency.py --cases 1024x4 --modes w4a4s-prep bf16 \
         --attention cudnn --iters 5 --warmup 1 --deadline 165 --out "$OUT/step1024x4.json" > "$OUT/step1024x4.log" 2>&1
     grep -v "^W[0-9]" "$OUT/step1024x4.log" | tail -5
+  elif [ "$1" = next2 ]; then
+    # the sampler's view: per step inside a 4-step lax.scan (does XLA:GPU hoist the stored tree's weight-side work
+    # out of the loop, as XLA:CPU does?), then W8A8 and qwix at batch 4 (carry [".whl"]) (560 s)
+    el scan-512x1; timeout 250 python3 benchmarks/step_latency.py --cases 512x1 --modes bf16 w4a4s-fused w4a4s-prep \
+        w8a8-fused --scan-steps 4 --attention cudnn --iters 5 --warmup 1 --deadline 238 --out "$OUT/scan.json" \
+        > "$OUT/scan.log" 2>&1
+    grep -v "^W[0-9]" "$OUT/scan.log" | tail -7
+    el batch4; timeout 310 python3 benchmarks/step_latency.py --cases 1024x4 512x4 --modes w8a8-fused qwix-w8a8 bf16 \
+        --attention cudnn --iters 5 --warmup 1 --deadline 298 --out "$OUT/batch4.json" > "$OUT/batch4.log" 2>&1
+    grep -v "^W[0-9]" "$OUT/batch4.log" | tail -9
   elif [ "$1" = core ]; then
     el mosaic-gemm; timeout 90 python3 benchmarks/mosaic_gemm.py --sweep --deadline 60 --out "$OUT/mosaic_gemm.json" \
         > "$OUT/mosaic_gemm.log" 2>&1
