@@ -367,3 +367,29 @@ def test_start_psnr_from_validation_loss():
     assert T.start_psnr({"b0.1@0.1": 4e-3 / 0.01}, cfg, 0.1) == pytest.approx(30.0)
     assert T.start_psnr({"b0.1@0.1": 4e-3 / 0.04}, _tiny_cfg(), 0.2) is None
     assert T.start_psnr({"b0.2@0.2": 4e-3 / 0.04}, _tiny_cfg(), 0.2) == pytest.approx(30.0)
+
+
+def test_pair_bank_closes_while_refreshing_and_when_the_pool_stalls(tmp_path, monkeypatch):
+    """PairBank.close returns with the refresh thread mid-batch (the case that once deadlocked
+    multiprocessing.Pool.terminate in CI), and kills the workers if the pool's own shutdown stalls."""
+    import threading
+    import time
+    from qdit4sr_jax.data.datasets import PairBank
+    _fake_data(tmp_path / "data")
+    bank = PairBank(str(tmp_path / "data"), capacity=8, size=32, scale=4, workers=1)
+    hr, lr = bank.batch(3, np.random.default_rng(0))
+    assert hr.shape == (3, 32, 32, 3) and lr.shape == (3, 8, 8, 3)
+    t0 = time.perf_counter()
+    bank.close()                                   # the refresh thread is making pairs right now
+    assert not bank._thread.is_alive() and time.perf_counter() - t0 < 60
+    assert not any(p.is_alive() for p in bank._pool._pool)
+
+    stalled = PairBank(str(tmp_path / "data"), capacity=8, size=32, scale=4, workers=1, seed=100)
+    workers = list(stalled._pool._pool)
+    monkeypatch.setattr(stalled._pool, "terminate", lambda: threading.Event().wait())    # never returns
+    t0 = time.perf_counter()
+    stalled.close(timeout=2.0)
+    assert time.perf_counter() - t0 < 10
+    time.sleep(0.5)
+    assert not any(p.is_alive() for p in workers)
+    assert stalled._pool._worker_handler._state != 0           # no respawns (pool state RUN is 0)

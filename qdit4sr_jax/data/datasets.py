@@ -159,10 +159,34 @@ class PairBank:
         with self._lock:
             return self.hr[idx], self.lr[idx]
 
-    def close(self):
+    def close(self, timeout: float = 60.0):
+        """Stop the refresh, then the worker processes. The refresh thread finishes the batch of pairs it is
+        making first: `multiprocessing.Pool.terminate` while a `map` is feeding tasks can deadlock (its task
+        handler blocks on the input queue's lock and terminate joins it forever; seen once in CI on two cores).
+        Should the pool's own shutdown still stall past `timeout` seconds, its workers are killed and close
+        returns anyway."""
         self._stop.set()
-        self._pool.terminate()
-        self._pool.join()
+        if self._thread.is_alive() and self._thread is not threading.current_thread():
+            self._thread.join(timeout)
+
+        def shutdown():
+            self._pool.terminate()
+            self._pool.join()
+
+        stopper = threading.Thread(target=shutdown, daemon=True)
+        stopper.start()
+        stopper.join(timeout)
+        if stopper.is_alive():                   # give up on the pool: no respawns, workers killed, and no
+            from multiprocessing.pool import TERMINATE   # second terminate at interpreter exit (it would stall too)
+            handler = getattr(self._pool, "_worker_handler", None)
+            if handler is not None:
+                handler._state = TERMINATE
+            for proc in list(getattr(self._pool, "_pool", ())):
+                if proc.is_alive():
+                    proc.kill()
+            finalizer = getattr(self._pool, "_terminate", None)
+            if finalizer is not None and hasattr(finalizer, "cancel"):
+                finalizer.cancel()
 
     def __enter__(self):
         return self
