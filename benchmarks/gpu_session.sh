@@ -7,8 +7,8 @@
 #       weights as stored and prepared with the prologue kernel (timeouts sum to 545 s)
 #   bash benchmarks/gpu_session.sh core       # Mosaic int8 GEMM; 1024 x 1 steps incl. prepared + prologue kernel
 #   bash benchmarks/gpu_session.sh rest       # per-kernel profiles at 512 x 1; qwix at 1024 x 1; 1024 x 4
-#   bash benchmarks/gpu_session.sh next       # prepared weights with the XLA prologue in the step; 1024 x 4
-#   bash benchmarks/gpu_session.sh next2      # steps inside the sampler's scan; W8A8 / qwix at batch 4
+#   bash benchmarks/gpu_session.sh next       # prepared weights with the XLA prologue in the step; 1024 x 4 (ran 12-05 10:46, H100)
+#   bash benchmarks/gpu_session.sh next2      # steps inside the sampler's scan; W8A8 / qwix at batch 4  (ran 12-05 10:58, H100)
 export PYTHONUNBUFFERED=1
 if [ "${1:-}" = core ] || [ "${1:-}" = rest ] || [ "${1:-}" = next ] || [ "${1:-}" = next2 ]; then
   # core (timeouts sum to 530 s): the Mosaic GPU int8 GEMM against cuBLAS bf16 / Triton, the prologue kernel

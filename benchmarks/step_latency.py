@@ -266,13 +266,16 @@ def main(argv=None):
             if a.scan_steps > 1:           # per step: the timed call ran scan_steps steps
                 for f in ("median_ms", "p10_ms", "p90_ms", "min_ms", "max_ms", "warmup_ms"):
                     run[f] /= a.scan_steps
-            if mode == "bf16":
-                base = run["median_ms"]
-            run["speedup_vs_bf16"] = None if base is None else base / run["median_ms"]
             res["runs"].append(run)
+            if mode == "bf16":             # also the ratios of modes of this case timed before bf16
+                base = run["median_ms"]
+                for r in res["runs"]:
+                    if (r["size"], r["batch"]) == (size, b) and "median_ms" in r:
+                        r["speedup_vs_bf16"] = base / r["median_ms"]
+            run["speedup_vs_bf16"] = None if base is None else base / run["median_ms"]
+            ratio = "-" if base is None else f"{run['speedup_vs_bf16']:.2f}"
             log(f"{mode:13s} {size}px b{b}: {run['median_ms']:.2f} ms (p10 {run['p10_ms']:.2f}, "
-                f"p90 {run['p90_ms']:.2f}, n={run['n']}), compile {run['compile_s']:.1f} s, "
-                f"x{run['speedup_vs_bf16'] or 0:.2f} vs bf16")
+                f"p90 {run['p90_ms']:.2f}, n={run['n']}), compile {run['compile_s']:.1f} s, x{ratio} vs bf16")
             write_json(a.out, res)
     write_json(a.out, res)
     print_table(res)

@@ -18,8 +18,10 @@ Memory, for as long as the prepared tree lives (a sampling run): unpacked codes 
 of 4, and int8 branch factors become bf16 (zero-padded to the kernels' tile sizes). The full DiT4SR at
 qdit4sr-w4a4-small: 1.445 GB stored (1/3.59 of bf16), 2.880 GB prepared (1/1.80), 1.615 GB prepared with
 unpack=False (1/3.21; packed codes are then unpacked per call, or inside the kernel with
-`KernelConfig(unpack="kernel")`) (`python benchmarks/weight_memory.py --preset qdit4sr-w4a4-small`). Hence
-not the sampler's default.
+`KernelConfig(unpack="kernel")`) (`python benchmarks/weight_memory.py --preset qdit4sr-w4a4-small`). Speed: the
+1024-px W4A4-small step ran 0.77x of bf16 prepared (H100, 192.25 vs 147.93 ms) and 0.73-0.77x stored (H200), so
+the weight-side work is not what makes W4A4 slow (benchmarks/RESULTS.md, 2026-12-05). Hence not the sampler's
+default.
 
 prologue="pallas" also replaces the XLA prologue (smoothing, per-token quantization, the branch
 down-projections: several kernels) by one Pallas kernel per layer (`prologue_kernel.py`) wherever the Pallas
