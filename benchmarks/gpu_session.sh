@@ -9,8 +9,11 @@
 #   bash benchmarks/gpu_session.sh rest       # per-kernel profiles at 512 x 1; qwix at 1024 x 1; 1024 x 4
 #   bash benchmarks/gpu_session.sh next       # prepared weights with the XLA prologue in the step; 1024 x 4 (ran 12-05 10:46, H100)
 #   bash benchmarks/gpu_session.sh next2      # steps inside the sampler's scan; W8A8 / qwix at batch 4  (ran 12-05 10:58, H100)
+#   bash benchmarks/gpu_session.sh next3      # what 12-05's calls left: the prepared W4A4 step's per-kernel profile,
+#                                             # prepared / W8A8 inside the scan, W4A4 prepared and bf16 at batch 4
 export PYTHONUNBUFFERED=1
-if [ "${1:-}" = core ] || [ "${1:-}" = rest ] || [ "${1:-}" = next ] || [ "${1:-}" = next2 ]; then
+if [ "${1:-}" = core ] || [ "${1:-}" = rest ] || [ "${1:-}" = next ] || [ "${1:-}" = next2 ] \
+    || [ "${1:-}" = next3 ]; then
   # core (timeouts sum to 530 s): the Mosaic GPU int8 GEMM against cuBLAS bf16 / Triton, the prologue kernel
   #   per layer, the 1024 x 1 step of bf16 / W8A8 / W4A4-small as stored and prepared with the prologue kernel.
   # rest (560 s): the per-kernel profile of the 512 x 1 W8A8 / W4A4-small stored / prepared steps, qwix at
@@ -37,6 +40,18 @@ if [ "${1:-}" = core ] || [ "${1:-}" = rest ] || [ "${1:-}" = next ] || [ "${1:-
     el step-1024x4; timeout 175 python3 benchmarks/step_latency.py --cases 1024x4 --modes w4a4s-prep bf16 \
         --attention cudnn --iters 5 --warmup 1 --deadline 165 --out "$OUT/step1024x4.json" > "$OUT/step1024x4.log" 2>&1
     grep -v "^W[0-9]" "$OUT/step1024x4.log" | tail -5
+  elif [ "$1" = next3 ]; then
+    # after 2026-12-05 11:08 (H100): the measurements that ran into their timeouts (575 s)
+    el profile-prep-512x1; timeout 230 python3 benchmarks/step_profile.py --cases 512x1 --modes w4a4s-prep w8a8-fused \
+        --iters 3 --warmup 2 --deadline 215 --out "$OUT/profile_prep.json" > "$OUT/profile_prep.log" 2>&1
+    grep -v "^W[0-9]" "$OUT/profile_prep.log" | tail -40
+    el scan-prep-512x1; timeout 165 python3 benchmarks/step_latency.py --cases 512x1 --modes bf16 w4a4s-prep w8a8-fused \
+        --scan-steps 4 --attention cudnn --iters 5 --warmup 1 --deadline 155 --out "$OUT/scan_prep.json" \
+        > "$OUT/scan_prep.log" 2>&1
+    grep -v "^W[0-9]" "$OUT/scan_prep.log" | tail -6
+    el batch4-prep; timeout 175 python3 benchmarks/step_latency.py --cases 512x4 1024x4 --modes bf16 w4a4s-prep \
+        --attention cudnn --iters 5 --warmup 1 --deadline 165 --out "$OUT/batch4_prep.json" > "$OUT/batch4_prep.log" 2>&1
+    grep -v "^W[0-9]" "$OUT/batch4_prep.log" | tail -8
   elif [ "$1" = next2 ]; then
     # the sampler's view: per step inside a 4-step lax.scan (does XLA:GPU hoist the stored tree's weight-side work
     # out of the loop, as XLA:CPU does?), then W8A8 and qwix at batch 4 (carry [".whl"]) (560 s)
