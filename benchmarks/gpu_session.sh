@@ -12,8 +12,7 @@
 #   bash benchmarks/gpu_session.sh next3      # what 12-05's calls left: the prepared W4A4 step's per-kernel profile,
 #                                             # prepared / W8A8 inside the scan, W4A4 prepared and bf16 at batch 4
 export PYTHONUNBUFFERED=1
-if [ "${1:-}" = core ] || [ "${1:-}" = rest ] || [ "${1:-}" = next ] || [ "${1:-}" = next2 ] \
-    || [ "${1:-}" = next3 ]; then
+if [[ "${1:-}" =~ ^(core|rest|next|next2|next3)$ ]]; then
   # core (timeouts sum to 530 s): the Mosaic GPU int8 GEMM against cuBLAS bf16 / Triton, the prologue kernel
   #   per layer, the 1024 x 1 step of bf16 / W8A8 / W4A4-small as stored and prepared with the prologue kernel.
   # rest (560 s): the per-kernel profile of the 512 x 1 W8A8 / W4A4-small stored / prepared steps, qwix at

@@ -267,12 +267,13 @@ def main(argv=None):
                 for f in ("median_ms", "p10_ms", "p90_ms", "min_ms", "max_ms", "warmup_ms"):
                     run[f] /= a.scan_steps
             res["runs"].append(run)
-            if mode == "bf16":             # also the ratios of modes of this case timed before bf16
+            if mode == "bf16":             # the ratios of this case's runs, those timed before bf16 included
                 base = run["median_ms"]
                 for r in res["runs"]:
                     if (r["size"], r["batch"]) == (size, b) and "median_ms" in r:
                         r["speedup_vs_bf16"] = base / r["median_ms"]
-            run["speedup_vs_bf16"] = None if base is None else base / run["median_ms"]
+            else:
+                run["speedup_vs_bf16"] = None if base is None else base / run["median_ms"]
             ratio = "-" if base is None else f"{run['speedup_vs_bf16']:.2f}"
             log(f"{mode:13s} {size}px b{b}: {run['median_ms']:.2f} ms (p10 {run['p10_ms']:.2f}, "
                 f"p90 {run['p90_ms']:.2f}, n={run['n']}), compile {run['compile_s']:.1f} s, x{ratio} vs bf16")
