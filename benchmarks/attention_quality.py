@@ -39,7 +39,8 @@ def main(argv=None):
     from qdit4sr_jax import pipeline
     from qdit4sr_jax.data.datasets import val_seed
     from qdit4sr_jax.data.degradation import degrade
-    from qdit4sr_jax.demo import bundled_samples, psnr
+    from qdit4sr_jax.demo import bundled_samples
+    from qdit4sr_jax.metrics import psnr
     from qdit4sr_jax.io.modelfile import load_pretrained
     from qdit4sr_jax.quant.api import quantize
     from qdit4sr_jax.quant.config import QuantConfig

@@ -30,7 +30,7 @@ from PIL import Image  # noqa: E402
 
 from qdit4sr_jax import pipeline  # noqa: E402
 from qdit4sr_jax.data.datasets import development_set, texture, validation_set  # noqa: E402
-from qdit4sr_jax.demo import psnr  # noqa: E402
+from qdit4sr_jax.metrics import psnr  # noqa: E402
 
 
 def load(spec: str):

@@ -13,7 +13,8 @@ the quantization error alone. Calibration (activation statistics over every samp
 SmoothQuant / SVDQuant smoothing and by VaTMP): --calib "train" (default: seeded random crops of the
 *training* photos, disjoint from the evaluation photos), "samples" (the bundled samples), or a folder.
 
-Metrics per image, then averaged: PSNR (dB, RGB, peak 255) and SSIM (skimage, RGB) vs HR; PSNR vs the
+Metrics per image, then averaged (`qdit4sr_jax.metrics`): PSNR (dB, RGB, peak 255) and SSIM (RGB, scikit-image's
+conventions) vs HR; PSNR vs the
 FP output; HF-PSNR vs FP: PSNR of the high band x - G_1(x) (Gaussian sigma 1 per channel, level 0 of a
 Laplacian pyramid) of the output vs that of the FP output (the local-texture error the paper is about).
 Also per config: the size-weighted average weight bits, the MAC-weighted average activation bits
@@ -41,7 +42,8 @@ import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from qdit4sr_jax import pipeline  # noqa: E402
-from qdit4sr_jax.demo import SAMPLES_DIR, psnr  # noqa: E402
+from qdit4sr_jax.demo import SAMPLES_DIR  # noqa: E402
+from qdit4sr_jax.metrics import high_band, hf_psnr, psnr, ssim  # noqa: E402,F401  (one implementation)
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 DEFAULT_DATA = os.path.join(ROOT, "data")
@@ -51,29 +53,6 @@ BITS = ("w8a8", "w4a6", "w4a4")
 
 
 # ----------------------------------------------------------------------------- metrics
-
-def ssim(a: np.ndarray, b: np.ndarray) -> float:
-    """SSIM of two uint8 RGB images [H, W, 3] (skimage, per channel averaged, data range 255)."""
-    from skimage.metrics import structural_similarity
-    if a.shape != b.shape:
-        raise ValueError(f"ssim: shapes differ {a.shape} vs {b.shape}")
-    return float(structural_similarity(a, b, channel_axis=-1, data_range=255))
-
-
-def high_band(img: np.ndarray, sigma: float = 1.0) -> np.ndarray:
-    """Level-0 Laplacian-pyramid band x - G_sigma(x) of a uint8 [H, W, 3] image -> float64 [H, W, 3]."""
-    from scipy.ndimage import gaussian_filter
-    x = img.astype(np.float64)
-    return x - gaussian_filter(x, sigma=(sigma, sigma, 0), mode="reflect")
-
-
-def hf_psnr(a: np.ndarray, ref: np.ndarray, sigma: float = 1.0) -> float:
-    """PSNR (dB, peak 255) of the high band of `a` vs that of `ref` (both uint8 [H, W, 3])."""
-    if a.shape != ref.shape:
-        raise ValueError(f"hf_psnr: shapes differ {a.shape} vs {ref.shape}")
-    mse = np.mean((high_band(a, sigma) - high_band(ref, sigma)) ** 2)
-    return float("inf") if mse == 0 else float(10 * np.log10(255.0 ** 2 / mse))
-
 
 def image_metrics(out: np.ndarray, hr: np.ndarray, fp: Optional[np.ndarray]) -> Dict[str, float]:
     """{psnr_hr, ssim_hr, psnr_fp, hf_fp} of one output (fp=None: the FP output itself -> inf)."""

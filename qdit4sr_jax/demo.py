@@ -16,16 +16,10 @@ from typing import Dict, List, Optional, Sequence
 import numpy as np
 from PIL import Image
 
+from qdit4sr_jax.metrics import psnr  # noqa: F401  (re-exported: demo.psnr)
+
 SAMPLES_DIR = os.path.join(os.path.dirname(__file__), "assets", "samples")
 DEFAULT_METHODS = ("fp", "rtn-w4a4", "qdit4sr-w4a4", "qdit4sr-w4a4-sens")
-
-
-def psnr(a: np.ndarray, b: np.ndarray) -> float:
-    """PSNR (dB) of two uint8 images [H, W, 3] over all pixels, peak 255."""
-    if a.shape != b.shape:
-        raise ValueError(f"psnr: shapes differ {a.shape} vs {b.shape}")
-    mse = np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2)
-    return float("inf") if mse == 0 else float(10 * np.log10(255.0 ** 2 / mse))
 
 
 def bundled_samples(limit: Optional[int] = None, crop: Optional[int] = None) -> List[tuple]:

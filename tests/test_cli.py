@@ -6,7 +6,8 @@ import pytest
 from PIL import Image
 
 from qdit4sr_jax import cli
-from qdit4sr_jax.demo import DEFAULT_METHODS, SAMPLES_DIR, psnr
+from qdit4sr_jax.demo import DEFAULT_METHODS, SAMPLES_DIR
+from qdit4sr_jax.metrics import psnr
 
 
 @pytest.mark.slow
