@@ -14,7 +14,7 @@ from typing import Optional, Tuple
 DEFAULT_INCLUDE = (r"(^|/)transformer_blocks_\d+/",)
 DEFAULT_EXCLUDE: Tuple[str, ...] = ()
 
-METHODS = ("rtn", "smoothquant", "svdquant", "rotation", "qdit4sr")
+from qdit4sr_jax.quant.presets import METHODS, preset_fields
 
 
 @dataclasses.dataclass(frozen=True)
@@ -188,5 +188,5 @@ class QuantConfig:
 
     @staticmethod
     def preset(name: str) -> "QuantConfig":
-        from qdit4sr_jax.quant.presets import preset
-        return preset(name)
+        """The named preset (quant/presets.py), validated."""
+        return QuantConfig(**preset_fields(name)).validate()

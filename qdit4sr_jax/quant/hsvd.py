@@ -263,7 +263,7 @@ def block_dense(u, v, d_out: int, d_in: int):
 
 def _top_factors(m, r: int, solver: str):
     """Top-r factors (U sqrt(S) [m, r], V sqrt(S) [n, r]) of m [m, n] float32. solver "exact"
-    (jnp.linalg.svd; subspace iteration on GPU, see above) or "randomized" (`baselines.top_svd`)."""
+    (jnp.linalg.svd; subspace iteration on GPU, see above) or "randomized" (`top_svd`)."""
     if solver == "exact":
         if _fast_top_svd():
             su, ss, sv = top_svd_subspace(m, r)
@@ -272,7 +272,6 @@ def _top_factors(m, r: int, solver: str):
         return _split_sv(su, ss, svt, r)
     if solver != "randomized":
         raise ValueError(f"global SVD solver must be 'exact' or 'randomized', got {solver!r}")
-    from qdit4sr_jax.quant.baselines import top_svd
     u, s, vt = top_svd(m, r, "randomized")
     return _split_sv(u, s, vt, r)
 
@@ -377,6 +376,44 @@ def relative_error(w, approx) -> jax.Array:
     return jnp.linalg.norm(w - approx.astype(jnp.float32)) / jnp.maximum(jnp.linalg.norm(w), 1e-30)
 
 
-__all__ = ["HSVD", "SVDBranch", "hsvd", "svd_branch", "matched_global_rank", "effective_block",
+__all__ = ["HSVD", "SVDBranch", "hsvd", "svd_branch", "top_svd", "lowrank_split", "matched_global_rank", "effective_block",
            "block_grid", "block_params", "hsvd_params", "fit_block_rank1", "block_dense", "branch_dense",
            "reconstruct", "apply_block", "apply_branches", "branch_param_count", "relative_error"]
+
+
+def top_svd(w, rank: int, method: str = "exact", oversample: int = 16, iters: int = 4):
+    """Top-`rank` singular triplets (u [N, r], s [r], vt [r, K]) of w [N, K] float32.
+
+    method "exact": `jnp.linalg.svd`. "randomized": randomized range finder with `iters` orthonormalised
+    power iterations and `oversample` extra columns (Halko, Martinsson & Tropp 2011, alg. 4.4), then an exact
+    SVD of the small projected matrix; O(N K (r + p)) instead of O(N K min(N, K)), with a fixed PRNG key
+    (deterministic)."""
+    if method == "exact":
+        u, s, vt = jnp.linalg.svd(w, full_matrices=False)
+        return u[:, :rank], s[:rank], vt[:rank]
+    if method != "randomized":
+        raise ValueError(f"svd method must be 'exact' or 'randomized', got {method!r}")
+    n, k = w.shape
+    p = min(rank + oversample, n, k)
+    omega = jax.random.normal(jax.random.PRNGKey(0), (k, p), jnp.float32)
+    hi = jax.lax.Precision.HIGHEST
+    q, _ = jnp.linalg.qr(jnp.dot(w, omega, precision=hi))
+    for _ in range(iters):
+        z, _ = jnp.linalg.qr(jnp.dot(w.T, q, precision=hi))
+        q, _ = jnp.linalg.qr(jnp.dot(w, z, precision=hi))
+    ub, s, vt = jnp.linalg.svd(jnp.dot(q.T, w, precision=hi), full_matrices=False)
+    return jnp.dot(q, ub[:, :rank], precision=hi), s[:rank], vt[:rank]
+
+
+def lowrank_split(w_nk, rank: int, dtype="bfloat16", method: str = "exact"):
+    """Rank-r SVD branch of W [N, K]: (lr_a [K, r], lr_b [r, N]) in `dtype`, residual W - lr_b^T lr_a^T
+    [N, K] float32 computed from the rounded factors (so the quantized residual absorbs their rounding).
+    method: "exact" or "randomized" (see `top_svd`)."""
+    w = w_nk.astype(jnp.float32)
+    r = min(rank, *w.shape)
+    u, s, vt = top_svd(w, r, method)
+    rs = jnp.sqrt(s)
+    lr_a = (vt.T * rs[None, :]).astype(dtype)                 # [K, r]
+    lr_b = (u * rs[None, :]).T.astype(dtype)                  # [r, N]
+    resid = w - (lr_a.astype(jnp.float32) @ lr_b.astype(jnp.float32)).T
+    return lr_a, lr_b, resid

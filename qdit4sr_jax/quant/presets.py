@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import re
 
-from qdit4sr_jax.quant.config import METHODS, QuantConfig
+METHODS = ("rtn", "smoothquant", "svdquant", "rotation", "qdit4sr")
 
 _METHOD_FIELDS = {
     "rtn": {},
@@ -40,8 +40,10 @@ _METHOD_FIELDS = {
 _NAME = re.compile(r"^(?:(?P<method>[a-z0-9]+)-)?w(?P<w>\d+)a(?P<a>\d+)(?P<fast>-fast|-small)?(?P<sens>-sens)?$")
 
 
-def preset(name: str) -> QuantConfig:
-    """QuantConfig for a preset name; ValueError listing the grammar for unknown names."""
+def preset_fields(name: str) -> dict:
+    """QuantConfig fields for a preset name (`QuantConfig.preset` builds and validates the config from them);
+    ValueError listing the grammar for unknown names. This module imports nothing of the project, so that
+    quant/config.py can use it."""
     m = _NAME.match(name.strip().lower())
     if not m or (m.group("method") or "rtn") not in METHODS:
         raise ValueError(f"unknown quantization preset {name!r}: use '<method>-w<bits>a<bits>[-fast|-small][-sens]' with method "
@@ -55,7 +57,7 @@ def preset(name: str) -> QuantConfig:
         fields["w_group_size"] = None                 # W8: per-channel is already near-lossless
     suffix = m.group("fast")
     if suffix:
-        if fields.get("w_group_size", QuantConfig.w_group_size) is None:
+        if "w_group_size" in fields and fields["w_group_size"] is None:   # absent: QuantConfig's group 64
             raise ValueError(f"preset {name!r}: '{suffix}' (two-level integer group scales) applies to presets "
                              f"with group-wise weight scales; {name[:-len(suffix)]!r} already uses per-channel scales")
         fields["w_group_scale"] = "int"
@@ -69,7 +71,7 @@ def preset(name: str) -> QuantConfig:
             raise ValueError(f"preset {name!r}: '-sens' (VaTMP weighted by step sensitivity) applies to methods with "
                              f"VaTMP activation schedules (qdit4sr) and quantized activations")
         fields["vatmp_step_weights"] = "sensitivity"
-    return QuantConfig(method=method, w_bits=w, a_bits=None if a == 16 else a, **fields).validate()
+    return dict(method=method, w_bits=w, a_bits=None if a == 16 else a, **fields)
 
 
 PRESET_NAMES = tuple(f"{m}-{b}" for m in METHODS for b in ("w8a8", "w4a8", "w4a6", "w4a4")) + (

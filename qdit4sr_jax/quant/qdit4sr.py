@@ -42,7 +42,8 @@ import numpy as np
 from qdit4sr_jax.quant import hsvd as H
 from qdit4sr_jax.quant import quantizer as qz
 from qdit4sr_jax.quant import rules
-from qdit4sr_jax.quant.baselines import LayerSpec, hadamard_transform, smooth_scale
+from qdit4sr_jax.quant.plan import LayerSpec, balanced_chunks, layer_spec, precompile
+from qdit4sr_jax.quant.transforms import hadamard_transform, smooth_scale
 from qdit4sr_jax.quant.qweight import ARRAY_FIELDS, STATIC_FIELDS, make_qweight, packs
 from qdit4sr_jax.quant.stats import lookup, normalize_calib
 from qdit4sr_jax.quant.vasmp import allocate_bits_table, allocate_weight_bits
@@ -352,7 +353,6 @@ def _shape_name(shape) -> str:
 
 def _quantize_qdit4sr(params, cfg, calib, layer_w_bits, a_schedules, chunk, return_info, compile_threads, tm,
                       step_weights=None):
-    from qdit4sr_jax.quant.api import balanced_chunks, layer_spec, precompile
     if cfg.hsvd and cfg.lowrank_rank <= 0:
         raise ValueError("QuantConfig.hsvd=True needs lowrank_rank > 0 (the parameter budget of the branches)")
     fixed_bits = dict(cfg.layer_w_bits)

@@ -186,7 +186,7 @@ class QuantizedWeight:
     def dequantize(self):
         """Effective float kernel [K, N] in the original input space (weights only, no activation
         quantization): x @ dequantize() == linear(x, node) with a_bits=None, up to float rounding."""
-        from qdit4sr_jax.quant.baselines import hadamard_transform
+        from qdit4sr_jax.quant.transforms import hadamard_transform
         w = self.dequantize_residual() + self.branch_weight()        # [N, K], acts on x'
         if self.rotate:
             w = hadamard_transform(w, self.rotate)                   # (x H) W^T = x (W H)^T, H symmetric
