@@ -5,7 +5,8 @@ seeded degradation, calibrates on those LR images over every sampling step (with
 sensitivities), quantizes with RTN-W4A4, the paper's Q-DiT4SR-W4A4 and Q-DiT4SR-W4A4 with step-weighted VaTMP
 ("-sens"), upscales every sample with each (same seed), and returns one row per method: PSNR vs HR, PSNR vs
 the FP output, model size (M) and ops (G) by the paper's definitions, and seconds. `write_grid` saves a
-side-by-side PNG (LR bicubic | FP | RTN | Q-DiT4SR | Q-DiT4SR-sens | HR per sample).
+side-by-side PNG (LR bicubic | FP | RTN | Q-DiT4SR | Q-DiT4SR-sens | HR per sample) with a header row naming
+each column and each tile's PSNR vs HR under it.
 """
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from typing import Dict, List, Optional, Sequence
 import numpy as np
 from PIL import Image
 
-from qdit4sr_jax.metrics import psnr  # noqa: F401  (re-exported: demo.psnr)
+from qdit4sr_jax.metrics import psnr  # also re-exported: demo.psnr
 
 SAMPLES_DIR = os.path.join(os.path.dirname(__file__), "assets", "samples")
 DEFAULT_METHODS = ("fp", "rtn-w4a4", "qdit4sr-w4a4", "qdit4sr-w4a4-sens")
@@ -101,11 +102,72 @@ def format_table(rows: List[Dict]) -> str:
     return "\n".join(lines)
 
 
+HEADER_PX = 18   # height of the column-name strip at the top of the grid
+CAPTION_PX = 16  # height of the PSNR strip under each row of tiles
+
+
+def column_label(method: str) -> str:
+    """Header text of a method's column: "FP" for the float model, else the preset name."""
+    return "FP" if method == "fp" else method
+
+
+def _font(size: int):
+    """Pillow's built-in font at `size` px (scalable where Pillow >= 10.1 has FreeType, else its bitmap font)."""
+    from PIL import ImageFont
+    try:
+        return ImageFont.load_default(size=size)
+    except TypeError:  # Pillow < 10.1: no size argument
+        return ImageFont.load_default()
+
+
+def _draw_centered(draw, text: str, x0: int, y0: int, width: int, height: int) -> None:
+    """Write `text` centred in the box (x0, y0, width, height), shrinking the font and then cutting the text
+    until it fits the box's width."""
+    for size in (12, 11, 10, 9, 8, 7):
+        font = _font(size)
+        box = draw.textbbox((0, 0), text, font=font)
+        if box[2] - box[0] <= width - 4:
+            break
+    while len(text) > 2 and box[2] - box[0] > width - 4:
+        text = text[:-2] + "~"
+        box = draw.textbbox((0, 0), text, font=font)
+    tw, th = box[2] - box[0], box[3] - box[1]
+    draw.text((x0 + (width - tw) // 2 - box[0], y0 + (height - th) // 2 - box[1]), text, fill=(0, 0, 0), font=font)
+
+
+def grid_image(samples, bicubic: Sequence[np.ndarray], outputs: Dict[str, Sequence[np.ndarray]]) -> np.ndarray:
+    """The demo grid as uint8 [H, W, 3]: a header strip naming each column (bicubic | FP / each method | HR),
+    then one row of tiles per sample with a caption strip under it giving each tile's PSNR vs that sample's HR
+    ("reference" under the HR tile). `samples`: [(name, hr uint8 [h, w, 3])]; `bicubic` and every `outputs[m]`: one
+    uint8 [h, w, 3] per sample. Tiles of a row share its HR's height; columns are as wide as the widest tile."""
+    from PIL import ImageDraw
+
+    names = ["bicubic"] + [column_label(m) for m in outputs] + ["HR"]
+    cols = [list(bicubic)] + [list(outputs[m]) for m in outputs] + [[hr for _, hr in samples]]
+    for name, c in zip(names, cols):
+        if len(c) != len(samples):
+            raise ValueError(f"column {name!r} has {len(c)} images for {len(samples)} samples")
+    tile_w = max(img.shape[1] for c in cols for img in c)
+    heights = [max(c[i].shape[0] for c in cols) for i in range(len(samples))]
+    H = HEADER_PX + sum(h + CAPTION_PX for h in heights)
+    canvas = Image.new("RGB", (tile_w * len(cols), H), (255, 255, 255))
+    draw = ImageDraw.Draw(canvas)
+    for j, name in enumerate(names):
+        _draw_centered(draw, name, j * tile_w, 0, tile_w, HEADER_PX)
+    y = HEADER_PX
+    for i, (_, hr) in enumerate(samples):
+        for j, c in enumerate(cols):
+            img = np.asarray(c[i], np.uint8)
+            canvas.paste(Image.fromarray(img), (j * tile_w, y))
+            last = j == len(cols) - 1
+            caption = "reference" if last else (f"{psnr(img, hr):.2f} dB" if img.shape == hr.shape else "-")
+            _draw_centered(draw, caption, j * tile_w, y + heights[i], tile_w, CAPTION_PX)
+        y += heights[i] + CAPTION_PX
+    return np.asarray(canvas)
+
+
 def write_grid(path: str, samples, bicubic: Sequence[np.ndarray], outputs: Dict[str, Sequence[np.ndarray]]) -> None:
-    """PNG grid, one row per sample: bicubic | each method's output | HR. Written atomically."""
-    cols = [bicubic] + [outputs[m] for m in outputs] + [[hr for _, hr in samples]]
-    rows = [np.concatenate([c[i] for c in cols], axis=1) for i in range(len(samples))]
-    h = max(r.shape[0] for r in rows)
-    grid = np.concatenate([np.pad(r, ((0, h - r.shape[0]), (0, 0), (0, 0))) for r in rows], axis=0)
+    """Save `grid_image(samples, bicubic, outputs)` (labelled columns, PSNR vs HR under every tile) as a PNG,
+    atomically."""
     from qdit4sr_jax.pipeline import save_image
-    save_image(grid, path)
+    save_image(grid_image(samples, bicubic, outputs), path)

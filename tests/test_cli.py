@@ -6,7 +6,7 @@ import pytest
 from PIL import Image
 
 from qdit4sr_jax import cli
-from qdit4sr_jax.demo import DEFAULT_METHODS, SAMPLES_DIR
+from qdit4sr_jax.demo import CAPTION_PX, DEFAULT_METHODS, HEADER_PX, SAMPLES_DIR
 from qdit4sr_jax.metrics import psnr
 
 
@@ -19,8 +19,8 @@ def test_demo_job_shortened(tmp_path, capsys):
     for m in ("bicubic",) + DEFAULT_METHODS:
         assert f"| {m} |" in out
     grid = Image.open(tmp_path / "demo_grid.png")
-    # one sample row: bicubic | fp | rtn | qdit4sr | HR, each 64x64
-    assert grid.size == (64 * (len(DEFAULT_METHODS) + 2), 64)
+    # one sample row: bicubic | fp | rtn | qdit4sr | HR, each 64x64, under the header strip, over its PSNR captions
+    assert grid.size == (64 * (len(DEFAULT_METHODS) + 2), HEADER_PX + 64 + CAPTION_PX)
     size = {m: float([l for l in out.splitlines() if l.startswith(f"| {m} |")][0].split("|")[4])
             for m in DEFAULT_METHODS}
     # RTN W4 < Q-DiT4SR W4 (+ its 16-bit branches, counted at 32 bits as the paper does) < FP
