@@ -25,7 +25,6 @@ Caches within one run: FP outputs, calibration statistics, and every quantized m
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import os
 import platform
 import sys
@@ -39,39 +38,26 @@ for _v in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
     os.environ.setdefault(_v, "1")
 
 import numpy as np  # noqa: E402
-from PIL import Image  # noqa: E402
 
 from qdit4sr_jax import pipeline  # noqa: E402
 from qdit4sr_jax.demo import SAMPLES_DIR  # noqa: E402
 from qdit4sr_jax.metrics import high_band, hf_psnr, psnr, ssim  # noqa: E402,F401  (one implementation)
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
-DEFAULT_DATA = os.path.join(ROOT, "data")
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "RESULTS.md")
 METHODS = ("rtn", "smoothquant", "svdquant", "rotation", "qdit4sr", "qdit4sr-sens")
 BITS = ("w8a8", "w4a6", "w4a4")
 
 
-# ----------------------------------------------------------------------------- metrics
-
-def image_metrics(out: np.ndarray, hr: np.ndarray, fp: Optional[np.ndarray]) -> Dict[str, float]:
-    """{psnr_hr, ssim_hr, psnr_fp, hf_fp} of one output (fp=None: the FP output itself -> inf)."""
-    return dict(psnr_hr=psnr(out, hr), ssim_hr=ssim(out, hr),
-                psnr_fp=float("inf") if fp is None else psnr(out, fp),
-                hf_fp=float("inf") if fp is None else hf_psnr(out, fp))
+from qdit4sr_jax.evaluation.data import DEFAULT_DATA, calibration_lrs, crop16 as _crop16  # noqa: E402,F401
+from qdit4sr_jax.evaluation.data import eval_images as _eval_images  # noqa: E402
+from qdit4sr_jax.evaluation.data import load_bundle as _load_bundle  # noqa: E402
+from qdit4sr_jax.evaluation.output import fmt as _f, format_table, grid_image, write_png  # noqa: E402,F401
+from qdit4sr_jax.evaluation.run import Result, effective_bits  # noqa: E402,F401
+from qdit4sr_jax.evaluation.scores import image_metrics  # noqa: E402,F401
 
 
 # ----------------------------------------------------------------------------- data
-
-def _crop16(a: np.ndarray, crop: Optional[int]) -> np.ndarray:
-    h, w = a.shape[:2]
-    ch, cw = (min(crop, h), min(crop, w)) if crop else (h, w)
-    ch, cw = ch // 16 * 16, cw // 16 * 16
-    if ch < 16 or cw < 16:
-        raise ValueError(f"image {w}x{h} is too small: evaluation needs at least 16x16 HR pixels")
-    y, x = (h - ch) // 2, (w - cw) // 2
-    return np.ascontiguousarray(a[y:y + ch, x:x + cw])
-
 
 def default_eval_dir() -> str:
     d = os.path.join(DEFAULT_DATA, "val")
@@ -80,63 +66,19 @@ def default_eval_dir() -> str:
 
 def eval_images(folder: Optional[str] = None, crop: Optional[int] = None, limit: Optional[int] = None,
                 scale: int = 4) -> List[Tuple[str, np.ndarray, np.ndarray]]:
-    """[(name, hr uint8 [H, W, 3], lr uint8 [H/s, W/s, 3])] from a folder of HR images (sorted by name),
-    centre-cropped to a multiple of 16 (and to `crop`), LR = degrade(hr, val_seed(file name))."""
-    from qdit4sr_jax.data.datasets import val_seed
-    from qdit4sr_jax.data.degradation import degrade
-    folder = folder or default_eval_dir()
-    if not os.path.isdir(folder):
-        raise FileNotFoundError(f"evaluation folder {folder!r} does not exist")
-    files = sorted(f for f in os.listdir(folder) if f.lower().endswith(pipeline.IMAGE_EXTS))
-    if not files:
-        raise FileNotFoundError(f"no images ({', '.join(pipeline.IMAGE_EXTS)}) in {folder!r}")
-    out = []
-    for f in files[:limit]:
-        with Image.open(os.path.join(folder, f)) as im:
-            hr = _crop16(pipeline.to_rgb_uint8(im), crop)
-        out.append((os.path.splitext(f)[0], hr, degrade(hr, val_seed(f), scale)))
-    return out
-
-
-def calibration_lrs(source: str, n: int, size: int, scale: int = 4, exclude: Sequence[str] = ()) \
-        -> Tuple[List[np.ndarray], str]:
-    """(LR images for calibration, a description). source: "train" (seeded random crops of the training
-    photos: `make_pair` seeds 10_000.., disjoint photos from data/val), "samples", or a folder (files
-    whose stem is in `exclude` are skipped, so a folder can be shared with the evaluation set)."""
-    from qdit4sr_jax.data.datasets import load_photos, make_pair, val_seed
-    from qdit4sr_jax.data.degradation import degrade
-    if source == "train":
-        photos = [p for _, p in load_photos(DEFAULT_DATA, "train")]
-        lrs = [make_pair(photos, 10_000 + i, size, scale)[1] for i in range(n)]
-        return lrs, f"{n} seeded {size}x{size} crops of the {len(photos)} training photos (data/train)"
-    folder = SAMPLES_DIR if source == "samples" else source
-    if not os.path.isdir(folder):
-        raise FileNotFoundError(f"calibration source {source!r}: use 'train', 'samples' or a folder")
-    files = [f for f in sorted(os.listdir(folder)) if f.lower().endswith(pipeline.IMAGE_EXTS)
-             and os.path.splitext(f)[0] not in set(exclude)][:n]
-    if not files:
-        raise FileNotFoundError(f"no calibration images left in {folder!r}")
-    lrs = []
-    for f in files:
-        with Image.open(os.path.join(folder, f)) as im:
-            hr = _crop16(pipeline.to_rgb_uint8(im), size)
-        lrs.append(degrade(hr, val_seed(f), scale))
-    return lrs, f"{len(files)} images of {os.path.relpath(folder, ROOT)} ({', '.join(files)})"
+    """`qdit4sr_jax.evaluation.data.eval_images` with the study's default folder (data/val, else the samples)."""
+    return _eval_images(folder or default_eval_dir(), crop, limit, scale)
 
 
 def load_bundle(spec: str):
-    """-> (ModelConfig, params bundle) from "demo", a model file, or a training-state folder (runs/...)."""
-    if os.path.isdir(spec) and os.path.exists(os.path.join(spec, "state.json")):
-        from qdit4sr_jax.train import config_from_dict, load_state
-        params, meta = load_state(spec)
-        return config_from_dict(meta["config"]).replace(dtype="float32"), {"transformer": params, "vae": {}}
-    if spec == "random-demo":                   # development only: random weights of the demo config
+    """-> (ModelConfig, params bundle) from "demo", a model file, a training-state folder (runs/...), or
+    "random-demo" (development only: random weights of the demo config)."""
+    if spec == "random-demo":
         from benchmarks.common import random_params
         from qdit4sr_jax.config import ModelConfig
         cfg = ModelConfig.preset("demo")
         return cfg, {"transformer": random_params(cfg), "vae": {}}
-    from qdit4sr_jax.io.modelfile import load_pretrained
-    return load_pretrained(spec)
+    return _load_bundle(spec)
 
 
 # ----------------------------------------------------------------------------- configs
@@ -173,39 +115,6 @@ def ablation_configs(bits: str = "w4a4") -> List[Tuple[str, object]]:
 
 
 # ----------------------------------------------------------------------------- the study
-
-@dataclasses.dataclass
-class Result:
-    label: str
-    method: str
-    bits: str
-    per_image: List[Dict[str, float]]
-    w_bits: float
-    a_bits: float
-    size_m: float
-    ops_g: float
-    quantize_s: float
-    upscale_s: float
-    outputs: List[np.ndarray]
-
-    def mean(self, key: str) -> float:
-        v = [m[key] for m in self.per_image]
-        return float(np.mean(v))
-
-
-def effective_bits(model_cfg, qparams, hw) -> Tuple[float, float, float, float]:
-    """(size-weighted weight bits, MAC-weighted activation bits, size M, ops G) over the quantized linears."""
-    from qdit4sr_jax import report
-    r = report.size_ops(model_cfg, qparams=qparams, height=hw[0], width=hw[1], count_unused=False)
-    q = [p for p in r["per_layer"] if p["w_bits"] < 32]
-    if not q:
-        return 32.0, 32.0, r["size_M"], r["ops_G"]
-    n = np.array([p["d_in"] * p["d_out"] for p in q], np.float64)
-    macs = np.array([p["macs"] for p in q], np.float64)
-    wb = float(np.sum(n * [p["w_bits"] for p in q]) / n.sum())
-    ab = float(np.sum(macs * [p["a_bits"] for p in q]) / macs.sum())
-    return wb, ab, r["size_M"], r["ops_G"]
-
 
 class Study:
     """FP outputs, calibration statistics and every evaluated config cached for one run."""
@@ -451,22 +360,6 @@ def _decode(study: "Study", lat, d) -> np.ndarray:
 
 # ----------------------------------------------------------------------------- output
 
-def _f(v: float, d: int = 2) -> str:
-    return "-" if v != v else ("inf" if v == float("inf") else f"{v:.{d}f}")
-
-
-def format_table(rows: Sequence[Result], bits_col: bool = True) -> str:
-    head = ["config", "W/A bits (eff.)", "PSNR vs HR", "SSIM vs HR", "PSNR vs FP", "HF-PSNR vs FP",
-            "size (M)", "ops (G)", "quantize (s)", "upscale (s)"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for r in rows:
-        wa = "-" if r.w_bits != r.w_bits else ("32/32" if r.w_bits >= 32 else f"{r.w_bits:.2f}/{r.a_bits:.2f}")
-        lines.append(f"| {r.label} | {wa} | {_f(r.mean('psnr_hr'))} | {_f(r.mean('ssim_hr'), 4)} | "
-                     f"{_f(r.mean('psnr_fp'))} | {_f(r.mean('hf_fp'))} | {_f(r.size_m, 3)} | {_f(r.ops_g, 2)} | "
-                     f"{r.quantize_s:.1f} | {r.upscale_s:.1f} |")
-    return "\n".join(lines)
-
-
 def format_per_image(study: Study, rows: Sequence[Result], key: str = "psnr_fp") -> str:
     names = [n for n, _, _ in study.images]
     lines = ["| config | " + " | ".join(names) + " |", "|" + "---|" * (len(names) + 1)]
@@ -477,30 +370,12 @@ def format_per_image(study: Study, rows: Sequence[Result], key: str = "psnr_fp")
 
 def write_grid(path: str, study: Study, labels: Sequence[str], crop: int = 64, max_images: int = 4) -> None:
     """PNG grid of crops (the centre `crop` pixels, shown 2x nearest): rows = images, columns = bicubic,
-    FP, each label's output, HR; a header strip names the columns. Written atomically."""
-    from PIL import ImageDraw
-    cols = [("bicubic", study.bicubic), ("FP", study.fp)] + [(lb, study.results[lb].outputs) for lb in labels] + \
-        [("HR", [hr for _, hr, _ in study.images])]
-    H, W = study.hw
-    c = min(crop, H, W)
-    y, x = (H - c) // 2, (W - c) // 2
-    z = 2
-    pad = 2
-    cell = c * z
-    head = 14
-    n_img = min(max_images, len(study.images))
-    grid = np.full((head + n_img * (cell + pad), len(cols) * (cell + pad), 3), 255, np.uint8)
-    for j, (_, outs) in enumerate(cols):
-        for i in range(n_img):
-            tile = outs[i][y:y + c, x:x + c].repeat(z, 0).repeat(z, 1)
-            grid[head + i * (cell + pad): head + i * (cell + pad) + cell, j * (cell + pad): j * (cell + pad) + cell] = tile
-    im = Image.fromarray(grid)
-    d = ImageDraw.Draw(im)
-    for j, (name, _) in enumerate(cols):
-        d.text((j * (cell + pad) + 2, 1), name[:22], fill=(0, 0, 0))
-    tmp = path + ".tmp.png"
-    im.save(tmp, optimize=True)
-    os.replace(tmp, path)
+    FP, each label's output, HR; a header strip names the columns, each tile its PSNR vs HR. Written atomically
+    (`qdit4sr_jax.evaluation.output.grid_image`, the grid of `qdit4sr-jax evaluate`)."""
+    cols = [("bicubic", study.bicubic), ("FP", study.fp)] + [(lb, study.results[lb].outputs) for lb in labels]
+    hrs = [hr for _, hr, _ in study.images]
+    scores = {name: [psnr(o, h) for o, h in zip(outs[:max_images], hrs)] for name, outs in cols}
+    write_png(path, grid_image(cols + [("HR", hrs)], scores=scores, crop=crop, max_images=max_images))
 
 
 def append_results(text: str, path: str = RESULTS) -> None:

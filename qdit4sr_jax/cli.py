@@ -1,4 +1,4 @@
-"""`qdit4sr-jax` command line: demo | upscale | quantize | report | convert."""
+"""`qdit4sr-jax` command line: demo | upscale | quantize | evaluate | report | convert."""
 from __future__ import annotations
 
 import argparse
@@ -76,6 +76,20 @@ def _demo_lrs(cfg):
     return [degrade(hr, seed=val_seed(n), scale=cfg.scale) for n, hr in bundled_samples()]
 
 
+def cmd_evaluate(a) -> int:
+    from qdit4sr_jax.evaluation import Evaluation, Options, report_text
+    o = Options(model=a.model, hr=a.hr, lr=a.lr, methods=a.methods, steps=a.steps, seed=a.seed, calib=a.calib,
+                calib_on_eval=a.calib_on_eval, crop=a.crop, border=a.border, y_channel=a.y_channel, out=a.out,
+                limit=a.limit, devices=a.devices, grid_crop=a.grid_crop, progress=not a.no_progress,
+                learned=not a.no_learned)
+    t0 = time.perf_counter()
+    ev = Evaluation(o, log=lambda *m: print(*m, file=sys.stderr))     # every input checked, nothing written yet
+    res = ev.run()
+    print(report_text(res, a.out))
+    print(f"total {time.perf_counter() - t0:.1f} s")
+    return 0
+
+
 def cmd_report(a) -> int:
     from qdit4sr_jax import report
     return report.main(["--config", a.config] + (["--plots", a.plots] if a.plots else []))
@@ -127,6 +141,37 @@ def build_parser() -> argparse.ArgumentParser:
                    help="JAX persistent compilation cache directory (opt-in): a later run with the same model, "
                         "preset and JAX version loads the compiled programs instead of compiling them")
     q.set_defaults(fn=cmd_quantize)
+
+    e = sub.add_parser("evaluate", help="the paper's table on your model and images: PSNR / SSIM / NIQE / texture, "
+                                        "size and ops of FP and each quantization method",
+                       description="Evaluate FP, bicubic and quantization presets on an image set; writes "
+                                   "results.csv, results.json, images/<method>/, grid.png into --out and resumes "
+                                   "an interrupted run from there.")
+    e.add_argument("--model", default="demo", help="'demo', a model .safetensors file or a training-state folder")
+    e.add_argument("--hr", default=None, help="folder of HR images (alone: LR made by the seeded x4 degradation)")
+    e.add_argument("--lr", default=None, help="folder of LR images (with --hr: paired by file name; alone: "
+                                              "no-reference metrics)")
+    e.add_argument("--methods", default="fp,rtn-w4a4,svdquant-w4a4,qdit4sr-w4a4",
+                   help="comma-separated: fp, bicubic and quantization presets (rtn-w4a4, svdquant-w4a6, "
+                        "qdit4sr-w4a4, qdit4sr-w4a4-sens, ...); fp and bicubic are always included")
+    e.add_argument("--steps", type=int, default=None, help="sampling steps (default: the model's)")
+    e.add_argument("--seed", type=int, default=0, help="sampling seed, the same for every method")
+    e.add_argument("--calib", default="samples",
+                   help="calibration inputs: 'samples' (bundled samples not scored; default), 'train', N (the "
+                        "first N inputs, then not scored) or a folder of LR images")
+    e.add_argument("--calib-on-eval", action="store_true", help="allow calibrating on images that are scored")
+    e.add_argument("--crop", type=int, default=None, help="centre crop, HR pixels (a multiple of 16)")
+    e.add_argument("--border", type=int, default=0, help="pixels cropped from every side before PSNR / SSIM vs HR "
+                                                         "(SR papers: the scale)")
+    e.add_argument("--y-channel", action="store_true", help="PSNR / SSIM vs HR on the BT.601 Y channel (default RGB)")
+    e.add_argument("--limit", type=int, default=None, help="use only the first N images")
+    e.add_argument("--devices", type=int, default=None,
+                   help="spread images over this many local devices (qdit4sr_jax.parallel)")
+    e.add_argument("--grid-crop", type=int, default=64, help="crop size (HR px) of the comparison grid's tiles")
+    e.add_argument("--out", default="qdit4sr-eval", help="output folder (a rerun resumes from it)")
+    e.add_argument("--no-progress", action="store_true")
+    e.add_argument("--no-learned", action="store_true", help="do not look for LPIPS / pyiqa")
+    e.set_defaults(fn=cmd_evaluate)
 
     r = sub.add_parser("report", help="size / ops report (paper's definitions) and plots")
     r.add_argument("--config", default="dit4sr")
