@@ -1,10 +1,10 @@
-"""benchmarks/layer_kernels.py: HLO entry parsing and a small run of every feature case on CPU."""
+"""benchmarks/gpu/layer_kernels.py: HLO entry parsing and a small run of every feature case on CPU."""
 import os
 import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from benchmarks import layer_kernels as L  # noqa: E402
+from benchmarks.gpu import layer_kernels as L  # noqa: E402
 
 HLO = """HloModule jit_f, entry_computation_layout={(f32[4]{0})->f32[4]{0}}
 

@@ -1,4 +1,4 @@
-"""benchmarks/lower_check.py: a whole quantized step, traced as for a GPU and lowered for CUDA on the CPU,
+"""benchmarks/gpu/lower_check.py: a whole quantized step, traced as for a GPU and lowered for CUDA on the CPU,
 has one GEMM kernel per quantized linear (and one prologue kernel each when prepared with prologue="pallas")."""
 import os
 import sys
@@ -7,7 +7,7 @@ import pytest
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from benchmarks import lower_check as L  # noqa: E402
+from benchmarks.gpu import lower_check as L  # noqa: E402
 from qdit4sr_jax.config import ModelConfig  # noqa: E402
 
 # the tiny model at width 128 (2 heads x 64): every linear tiles the kernels' 128-wide output tiles

@@ -1,4 +1,4 @@
-"""benchmarks/step_profile.py: trace parsing on a synthetic GPU-layout trace and a tiny CPU run end to end."""
+"""benchmarks/gpu/step_profile.py: trace parsing on a synthetic GPU-layout trace and a tiny CPU run end to end."""
 import gzip
 import json
 import os
@@ -7,9 +7,9 @@ import sys
 import pytest
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks", "gpu"))
 
-from benchmarks import step_profile as P  # noqa: E402
+from benchmarks.gpu import step_profile as P  # noqa: E402
 
 
 def _gpu_trace(path):

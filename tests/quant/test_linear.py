@@ -182,10 +182,10 @@ def test_float_path_unchanged():
 @pytest.mark.parametrize("wsym,asym", [(True, True), (False, False)])
 def test_group_chunked_int_path(monkeypatch, wsym, asym):
     """Large M*N: the group-wise int GEMM runs as a scan over chunks of groups; same numbers."""
-    import qdit4sr_jax.quant.linear as lin
+    import qdit4sr_jax.quant.reference as ref_mod                       # where the int path reads its budget
     node = make_qweight(W, w_bits=4, group_size=32, w_symmetric=wsym, a_bits=6, a_symmetric=asym)  # G = 5
     ref = jax.jit(lambda x, n: linear(x, n, B, execution="int"))(X, node)
-    monkeypatch.setattr(lin, "GROUP_CHUNK_ELEMENTS", 18 * 40)          # M*N = 720 -> one group per chunk
+    monkeypatch.setattr(ref_mod, "GROUP_CHUNK_ELEMENTS", 18 * 40)          # M*N = 720 -> one group per chunk
     jax.clear_caches()                                                  # the budget is read at trace time
     jaxpr = str(jax.make_jaxpr(lambda x, n: linear(x, n, B, execution="int"))(X, node))
     assert "scan" in jaxpr

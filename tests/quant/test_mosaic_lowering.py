@@ -1,7 +1,7 @@
 """The Mosaic GPU int8 GEMM (quant/kernels/mosaic_gemm.py) lowers for CUDA on any machine: `lower(
 lowering_platforms=("cuda",))` runs Pallas' Mosaic GPU lowering (wgmma operand checks, layouts, the TMA
 pipeline) without a GPU, so a refused operand layout or epilogue op fails here in CI instead of on the GPU.
-Its numbers are checked against `mosaic_gemm.reference` on the GPU only (benchmarks/mosaic_gemm.py): wgmma
+Its numbers are checked against `mosaic_gemm.reference` on the GPU only (benchmarks/gpu/mosaic_gemm.py): wgmma
 has no interpreter. At DiT4SR's layer shapes and a small one; with and without bias / addend."""
 import jax
 import jax.numpy as jnp

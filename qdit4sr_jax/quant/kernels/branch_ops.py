@@ -14,7 +14,7 @@ activation side, `branch_features(xt, bw)` (XLA; `prologue_kernel.py` computes t
 epilogue, `branch_epilogue` (XLA) or the Pallas GEMM kernel per output tile:
   y[m, n] += dh[m] . lr_b[:, n] + dt[m, i(n) Rb : (i(n) + 1) Rb] . ub[:, n]     (float32 accumulation)
 so an output tile inside one block row reads one [bm, Rb] slice of dt. The same quantities as
-`quant.linear.branches` (the fake-quant reference), summed in another order.
+`quant.reference.branches` (the fake-quant reference), summed in another order.
 """
 from __future__ import annotations
 
@@ -24,6 +24,7 @@ from typing import Any, Optional
 import jax
 import jax.numpy as jnp
 
+from qdit4sr_jax.quant.lowering import lowering_for, target_platform, widen_on_cpu  # noqa: F401 (re-exported)
 from qdit4sr_jax.quant.qweight import QuantizedWeight
 
 
@@ -106,42 +107,6 @@ def node_factors(bw: Optional[BranchWeights], n: int) -> dict:
         ub = jnp.pad(bw.ub[:nbi], ((0, 0), (0, nbo * bo - n))).reshape(nbi, nbo, bo)
         out.update(block_u=jnp.transpose(ub, (1, 0, 2)), block_v=jnp.transpose(bw.vt[:, :, :nbo], (2, 0, 1)))
     return out
-
-
-_TARGET = []          # platform being lowered for (`lowering_for`), innermost last
-
-
-def target_platform() -> str:
-    """The platform the kernels are traced for: "cpu" | "gpu" | "tpu" (the default backend, unless inside
-    `lowering_for`)."""
-    return _TARGET[-1] if _TARGET else jax.default_backend()
-
-
-class lowering_for:
-    """Context manager: trace the fused path as for `platform` ("gpu" picks the Pallas kernels) while
-    lowering for it on another machine, e.g. `jit(f).trace(...).lower(lowering_platforms=("cuda",))` on a
-    CPU (tests/quant/test_triton_lowering.py, benchmarks/lower_check.py)."""
-
-    def __init__(self, platform: str):
-        if platform not in ("cpu", "gpu", "tpu"):
-            raise ValueError(f"platform must be 'cpu', 'gpu' or 'tpu', got {platform!r}")
-        self.platform = platform
-
-    def __enter__(self):
-        _TARGET.append(self.platform)
-        return self
-
-    def __exit__(self, *exc):
-        _TARGET.pop()
-        return False
-
-
-def widen_on_cpu(*arrays):
-    """XLA:CPU has no batched bf16 x bf16 -> f32 dot: widen to float32 there (exact: bf16 products are
-    exact in float32 and the accumulation is float32 either way)."""
-    if target_platform() != "cpu":
-        return arrays
-    return tuple(None if a is None else a.astype(jnp.float32) for a in arrays)
 
 
 def branch_features(xt, bw: Optional[BranchWeights]):

@@ -14,7 +14,7 @@ Measured on an H200 (benchmarks/RESULTS.md, 2026-12-05): exact, and 0.95-1.45x o
 shapes, i.e. cuBLASLt's int8 rate (1.11-1.46x) only at K = 6144, so `fused_linear` does not use it; kept as the
 Hopper-native starting point (warp specialisation and a longer K pipeline are what it lacks).
 GPU only (Hopper or newer); there is no interpreter for wgmma, so off the GPU the tests check that it lowers
-(tests/quant/test_mosaic_lowering.py) and benchmarks/mosaic_gemm.py checks it against XLA's int8 dot on the GPU.
+(tests/quant/test_mosaic_lowering.py) and benchmarks/gpu/mosaic_gemm.py checks it against XLA's int8 dot on the GPU.
 """
 from __future__ import annotations
 

@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
+from qdit4sr_jax.quant.kernels.operands import unpacks_in_kernel
 from qdit4sr_jax.quant.qweight import QuantizedWeight
 
 
@@ -79,14 +80,13 @@ def _kernel(*refs, layout, packed, n_steps, step, has_lowrank, has_blocks, has_b
 
 
 def pallas_gemm_epilogue(ops, w: QuantizedWeight, bias, out_dtype, cfg, *, interpret: bool = False):
-    """Stages 2-3 through the Pallas kernel. ops: `fused.Operands` from `prologue(..., pad_to=block_m,
+    """Stages 2-3 through the Pallas kernel. ops: `operands.Operands` from `prologue(..., pad_to=block_m,
     chunk=...)`; returns [M, N] in out_dtype."""
     mp, kp = ops.xq.shape
     bm, bn = cfg.block_m, cfg.block_n
     n = w.n
     if mp % bm or n % bn:
         raise ValueError(f"pallas kernel: rows {mp} / columns {n} are not multiples of the tile {bm}x{bn}")
-    from qdit4sr_jax.quant.kernels.fused import unpacks_in_kernel
     packed = unpacks_in_kernel(w, cfg)
     if packed:
         wq = jax.lax.bitcast_convert_type(w.qvalue, jnp.int8)

@@ -4,7 +4,7 @@ A stored `QuantizedWeight` keeps its codes packed (4-bit nibbles, two-level inte
 branch factors possibly in int8; `fused_linear` turns them into kernel operands on every call: int8 codes
 (unpacked, group factors folded, c * q), float branch factors, and the branch factors padded and laid
 out for the kernels (`branch_ops`). On one 1536 x 1536 layer that is 5 of the W4A4 layer's 20 XLA kernels (CPU; see
-benchmarks/layer_kernels.py), and every one of them is a launch per layer and step on a GPU unless XLA
+benchmarks/gpu/layer_kernels.py), and every one of them is a launch per layer and step on a GPU unless XLA
 happens to hoist it out of the sampler's loop.
 
 `prepare(tree, unpack=True)` replaces every fused node by a `KernelWeight`: the same node with float branch

@@ -2,7 +2,7 @@
 
 The XLA prologue of a W4A4 Q-DiT4SR layer is several kernels per layer and step (smoothing, the per-token
 absmax, the quantization, a bf16 copy of x', the low-rank and block down-projections, the layout of their
-features: benchmarks/layer_kernels.py). This kernel does all of it for a tile of `block_m` rows:
+features: benchmarks/gpu/layer_kernels.py). This kernel does all of it for a tile of `block_m` rows:
 
   pass 1, over K in chunks of `block_k` (= b_in with block branches, so that chunk j is input block j):
       x'_c = x_c / smooth_c                              (float32, as `linear.transform_input`)
@@ -35,6 +35,7 @@ from jax.experimental import pallas as pl
 
 from qdit4sr_jax.quant import quantizer as qz
 from qdit4sr_jax.quant.kernels.branch_ops import BranchWeights, is_tile
+from qdit4sr_jax.quant.kernels.operands import Operands
 from qdit4sr_jax.quant.qweight import QuantizedWeight
 
 BLOCK_M = 16          # rows per program: keeps the [bm, Bo Rb] float32 dt accumulator in registers
@@ -149,10 +150,9 @@ def level_table(a_schedule):
 
 def pallas_prologue(x2, w: QuantizedWeight, bw: Optional[BranchWeights], bits, *, pad_to: int,
                     interpret: bool = False, block_m: int = BLOCK_M, num_warps: int = 4, levels=None, step=None):
-    """x2 [M, K] -> `fused.Operands` through the kernel (rows padded to a multiple of lcm(pad_to, block_m)).
+    """x2 [M, K] -> `operands.Operands` through the kernel (rows padded to a multiple of lcm(pad_to, block_m)).
     bits: int or traced int32 scalar; or levels (`level_table` [T]) with step (traced int32 scalar), looked up
     inside the kernel (bits is then ignored). The caller checks `fits(w, bw, 0)`."""
-    from qdit4sr_jax.quant.kernels.fused import Operands
     m, k = x2.shape
     bk = chunk_size(w, bw)
     rows = max(pad_to, block_m)

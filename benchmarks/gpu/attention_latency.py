@@ -15,8 +15,8 @@ Errors (relative Frobenius norm on --error-queries queries spread over T, all ke
 attention; fp8 vs the FP8 reference in both P modes ("flash": un-normalised exp(S - max) rounded to e4m3,
 "normalized": softmax rounded), which tells which one cuDNN computes; the reference vs float32.
 
-  python benchmarks/attention_latency.py --out $OUT/attention.json
-  python benchmarks/attention_latency.py --small --out /tmp/attention_small.json   # CPU smoke run
+  python benchmarks/gpu/attention_latency.py --out $OUT/attention.json
+  python benchmarks/gpu/attention_latency.py --small --out /tmp/attention_small.json   # CPU smoke run
 """
 from __future__ import annotations
 
@@ -25,8 +25,10 @@ import os
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+_HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(os.path.dirname(_HERE)))      # the repository root
+sys.path.insert(0, os.path.dirname(_HERE))                       # benchmarks/ (common, step_latency)
+sys.path.insert(0, _HERE)                                        # benchmarks/gpu/
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402

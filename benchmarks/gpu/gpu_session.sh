@@ -1,15 +1,15 @@
 #!/bin/bash
 # One batched GPU call (device tool, <= 600 s), each measurement bounded by `timeout` so that one failure or
 # overrun leaves the others their time. Results land in $OUT.
-#   bash benchmarks/gpu_session.sh            # the 2026-11 H100 batch (RESULTS.md entry of code 7003b8b)
-#   bash benchmarks/gpu_session.sh profile    # where the W4A4 step's ~40 ms over W8A8 goes (gpu_notes.md):
+#   bash benchmarks/gpu/gpu_session.sh            # the 2026-11 H100 batch (RESULTS.md entry of code 7003b8b)
+#   bash benchmarks/gpu/gpu_session.sh profile    # where the W4A4 step's ~40 ms over W8A8 goes (gpu_notes.md):
 #       kernels per layer on the GPU, per-kernel profile of the 512 px step, steps inside a lax.scan with
 #       weights as stored and prepared with the prologue kernel (timeouts sum to 545 s)
-#   bash benchmarks/gpu_session.sh core       # Mosaic int8 GEMM; 1024 x 1 steps incl. prepared + prologue kernel
-#   bash benchmarks/gpu_session.sh rest       # per-kernel profiles at 512 x 1; qwix at 1024 x 1; 1024 x 4
-#   bash benchmarks/gpu_session.sh next       # prepared weights with the XLA prologue in the step; 1024 x 4 (ran 12-05 10:46, H100)
-#   bash benchmarks/gpu_session.sh next2      # steps inside the sampler's scan; W8A8 / qwix at batch 4  (ran 12-05 10:58, H100)
-#   bash benchmarks/gpu_session.sh next3      # what 12-05's calls left: the prepared W4A4 step's per-kernel profile,
+#   bash benchmarks/gpu/gpu_session.sh core       # Mosaic int8 GEMM; 1024 x 1 steps incl. prepared + prologue kernel
+#   bash benchmarks/gpu/gpu_session.sh rest       # per-kernel profiles at 512 x 1; qwix at 1024 x 1; 1024 x 4
+#   bash benchmarks/gpu/gpu_session.sh next       # prepared weights with the XLA prologue in the step; 1024 x 4 (ran 12-05 10:46, H100)
+#   bash benchmarks/gpu/gpu_session.sh next2      # steps inside the sampler's scan; W8A8 / qwix at batch 4  (ran 12-05 10:58, H100)
+#   bash benchmarks/gpu/gpu_session.sh next3      # what 12-05's calls left: the prepared W4A4 step's per-kernel profile,
 #                                             # prepared / W8A8 inside the scan, W4A4 prepared and bf16 at batch 4
 export PYTHONUNBUFFERED=1
 if [[ "${1:-}" =~ ^(core|rest|next|next2|next3)$ ]]; then
@@ -27,13 +27,13 @@ if [[ "${1:-}" =~ ^(core|rest|next|next2|next3)$ ]]; then
   if [ "$1" = next ]; then
     # after 2026-12-05: prepared weights with the XLA prologue (never timed in a step), the Triton column of the
     # GEMM benchmark re-taken (that run built its non-square weights transposed), batch 4 at 1024 px (570 s)
-    el mosaic-gemm; timeout 45 python3 benchmarks/mosaic_gemm.py --shapes 3 --deadline 30 --out "$OUT/mosaic_gemm.json" \
+    el mosaic-gemm; timeout 45 python3 benchmarks/gpu/mosaic_gemm.py --shapes 3 --deadline 30 --out "$OUT/mosaic_gemm.json" \
         > "$OUT/mosaic_gemm.log" 2>&1
     grep -v "^W[0-9]\|Deprecat\|out_shape" "$OUT/mosaic_gemm.log" | tail -8
     el step-1024x1; timeout 180 python3 benchmarks/step_latency.py --cases 1024x1 --modes bf16 w4a4s-prep \
         --attention cudnn --iters 8 --warmup 2 --deadline 170 --out "$OUT/step1024.json" > "$OUT/step1024.log" 2>&1
     grep -v "^W[0-9]" "$OUT/step1024.log" | tail -5
-    el profile-512x1; timeout 170 python3 benchmarks/step_profile.py --cases 512x1 --modes w8a8-fused w4a4s-prep \
+    el profile-512x1; timeout 170 python3 benchmarks/gpu/step_profile.py --cases 512x1 --modes w8a8-fused w4a4s-prep \
         --iters 3 --warmup 2 --deadline 160 --out "$OUT/profile.json" > "$OUT/profile.log" 2>&1
     grep -v "^W[0-9]" "$OUT/profile.log" | tail -30
     el step-1024x4; timeout 175 python3 benchmarks/step_latency.py --cases 1024x4 --modes w4a4s-prep bf16 \
@@ -41,7 +41,7 @@ if [[ "${1:-}" =~ ^(core|rest|next|next2|next3)$ ]]; then
     grep -v "^W[0-9]" "$OUT/step1024x4.log" | tail -5
   elif [ "$1" = next3 ]; then
     # after 2026-12-05 11:08 (H100): the measurements that ran into their timeouts (575 s)
-    el profile-prep-512x1; timeout 230 python3 benchmarks/step_profile.py --cases 512x1 --modes w4a4s-prep w8a8-fused \
+    el profile-prep-512x1; timeout 230 python3 benchmarks/gpu/step_profile.py --cases 512x1 --modes w4a4s-prep w8a8-fused \
         --iters 3 --warmup 2 --deadline 215 --out "$OUT/profile_prep.json" > "$OUT/profile_prep.log" 2>&1
     grep -v "^W[0-9]" "$OUT/profile_prep.log" | tail -40
     el scan-prep-512x1; timeout 165 python3 benchmarks/step_latency.py --cases 512x1 --modes bf16 w4a4s-prep w8a8-fused \
@@ -62,10 +62,10 @@ if [[ "${1:-}" =~ ^(core|rest|next|next2|next3)$ ]]; then
         --attention cudnn --iters 5 --warmup 1 --deadline 298 --out "$OUT/batch4.json" > "$OUT/batch4.log" 2>&1
     grep -v "^W[0-9]" "$OUT/batch4.log" | tail -9
   elif [ "$1" = core ]; then
-    el mosaic-gemm; timeout 90 python3 benchmarks/mosaic_gemm.py --sweep --deadline 60 --out "$OUT/mosaic_gemm.json" \
+    el mosaic-gemm; timeout 90 python3 benchmarks/gpu/mosaic_gemm.py --sweep --deadline 60 --out "$OUT/mosaic_gemm.json" \
         > "$OUT/mosaic_gemm.log" 2>&1
     grep -v "^W[0-9]\|Deprecat\|out_shape" "$OUT/mosaic_gemm.log" | tail -16
-    el layer-kernels; timeout 50 python3 benchmarks/layer_kernels.py --time --prologue-tiles 32x4 32x8 \
+    el layer-kernels; timeout 50 python3 benchmarks/gpu/layer_kernels.py --time --prologue-tiles 32x4 32x8 \
         > "$OUT/layer_kernels.log" 2>&1
     tail -14 "$OUT/layer_kernels.log"
     el step-1024x1; timeout 390 python3 benchmarks/step_latency.py --cases 1024x1 --modes bf16 w4a4s-prepk \
@@ -73,7 +73,7 @@ if [[ "${1:-}" =~ ^(core|rest|next|next2|next3)$ ]]; then
         > "$OUT/step1024.log" 2>&1
     grep -v "^W[0-9]" "$OUT/step1024.log" | tail -9
   else
-    el profile-512x1; timeout 235 python3 benchmarks/step_profile.py --cases 512x1 --modes w8a8-fused w4a4s-fused \
+    el profile-512x1; timeout 235 python3 benchmarks/gpu/step_profile.py --cases 512x1 --modes w8a8-fused w4a4s-fused \
         --iters 3 --warmup 2 --deadline 222 --out "$OUT/profile.json" > "$OUT/profile.log" 2>&1
     grep -v "^W[0-9]" "$OUT/profile.log" | tail -60
     el qwix-1024x1; timeout 165 python3 benchmarks/step_latency.py --cases 1024x1 --modes bf16 qwix-w8a8 w8a8-int \
@@ -90,10 +90,10 @@ if [ "${1:-}" = profile ]; then
   OUT=${OUT:-/tmp/gpu_out}; mkdir -p "$OUT"
   nvidia-smi --query-gpu=name,clocks.sm --format=csv,noheader
   t0=$(date +%s); el() { echo "== [$(( $(date +%s) - t0 )) s] $*"; }
-  el layer-kernels; timeout 60 python3 benchmarks/layer_kernels.py --time --prologue-tiles 32x4 32x8 64x8 \
+  el layer-kernels; timeout 60 python3 benchmarks/gpu/layer_kernels.py --time --prologue-tiles 32x4 32x8 64x8 \
       > "$OUT/layer_kernels.log" 2>&1
   tail -16 "$OUT/layer_kernels.log"
-  el step-profile; timeout 235 python3 benchmarks/step_profile.py --cases 512x1 --modes w8a8-fused w4a4s-fused \
+  el step-profile; timeout 235 python3 benchmarks/gpu/step_profile.py --cases 512x1 --modes w8a8-fused w4a4s-fused \
       w4a4s-prepk --iters 3 --warmup 2 --deadline 235 --out "$OUT/profile.json" > "$OUT/profile.log" 2>&1
   grep -v "^W[0-9]" "$OUT/profile.log" | tail -70
   el scan; timeout 235 python3 benchmarks/step_latency.py --cases 512x1 --modes bf16 w4a4s-fused w4a4s-prepk \
@@ -107,7 +107,7 @@ OUT=${OUT:-/tmp/gpu_out}; mkdir -p $OUT
 nvidia-smi --query-gpu=name,clocks.sm --format=csv,noheader
 python -c "import jax; print('jax', jax.__version__, jax.devices())"
 t0=$(date +%s); el() { echo "== [$(( $(date +%s) - t0 )) s] $*"; }
-el attention; timeout 60 python benchmarks/attention_latency.py --sizes 1024 512 --q-scale 1 3 --iters 20 \
+el attention; timeout 60 python benchmarks/gpu/attention_latency.py --sizes 1024 512 --q-scale 1 3 --iters 20 \
     --deadline 50 --out $OUT/attention.json > $OUT/attention.log 2>&1; tail -25 $OUT/attention.log
 el step-cudnn; timeout 190 python benchmarks/step_latency.py --sizes 1024 --batch 1 --modes bf16 w4a4i-fused \
     --attention cudnn --iters 8 --warmup 2 --deadline 180 --out $OUT/step_cudnn.json > $OUT/step_cudnn.log 2>&1
@@ -115,7 +115,7 @@ tail -22 $OUT/step_cudnn.log
 el step-fp8; timeout 170 python benchmarks/step_latency.py --sizes 1024 --batch 1 --modes bf16 w4a4i-fused \
     --attention fp8 --iters 8 --warmup 2 --deadline 160 --out $OUT/step_fp8.json > $OUT/step_fp8.log 2>&1
 tail -22 $OUT/step_fp8.log
-el linear; timeout 70 python benchmarks/linear_latency.py --recipes w8 w4g64i --configs 9 --shapes 3 \
+el linear; timeout 70 python benchmarks/gpu/linear_latency.py --recipes w8 w4g64i --configs 9 --shapes 3 \
     --no-attention --deadline 60 --out $OUT/linear.json > $OUT/linear.log 2>&1; tail -30 $OUT/linear.log
 el quantize; timeout 100 python benchmarks/quantize_time.py --calib-size 0 --no-warm --deadline 95 \
     --out $OUT/quantize_time.json > $OUT/quantize.log 2>&1; tail -15 $OUT/quantize.log

@@ -7,8 +7,8 @@ preset in --quant (calibrated on the same LR images with float attention, as dem
 PSNR of every output vs the float model's float-attention output ("vs FP") and vs HR, and PSNR of
 FP8-attention output vs the same weights with float attention ("vs same weights").
 
-  python benchmarks/attention_quality.py --out /tmp/attention_quality.json
-  python benchmarks/attention_quality.py --quant qdit4sr-w4a4 --out /tmp/attention_quality.json
+  python benchmarks/gpu/attention_quality.py --out /tmp/attention_quality.json
+  python benchmarks/gpu/attention_quality.py --quant qdit4sr-w4a4 --out /tmp/attention_quality.json
 """
 from __future__ import annotations
 
@@ -17,8 +17,10 @@ import os
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+_HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(os.path.dirname(_HERE)))      # the repository root
+sys.path.insert(0, os.path.dirname(_HERE))                       # benchmarks/ (common, step_latency)
+sys.path.insert(0, _HERE)                                        # benchmarks/gpu/
 
 import numpy as np  # noqa: E402
 

@@ -14,8 +14,8 @@ real shapes, CFG batch doubled, the same quantized trees), runs `--warmup` steps
 and, for each case, the difference of every category and kernel kind against the first mode given
 (the question it answers: what does W4A4 run that W8A8 does not, and how long does it take).
 
-  python benchmarks/step_profile.py --cases 512x1 --modes w8a8-fused w4a4s-fused --out $OUT/profile.json
-  python benchmarks/step_profile.py --preset tiny --cases 32x1 --modes bf16 w8a8-fused --attention xla   # CPU
+  python benchmarks/gpu/step_profile.py --cases 512x1 --modes w8a8-fused w4a4s-fused --out $OUT/profile.json
+  python benchmarks/gpu/step_profile.py --preset tiny --cases 32x1 --modes bf16 w8a8-fused --attention xla   # CPU
 `--keep-trace DIR` also copies each perfetto trace (json.gz, open it in ui.perfetto.dev) to DIR.
 """
 from __future__ import annotations
@@ -32,8 +32,10 @@ import sys
 import tempfile
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+_HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(os.path.dirname(_HERE)))      # the repository root
+sys.path.insert(0, os.path.dirname(_HERE))                       # benchmarks/ (common, step_latency)
+sys.path.insert(0, _HERE)                                        # benchmarks/gpu/
 
 import jax  # noqa: E402
 

@@ -6,7 +6,7 @@ against `mosaic_gemm.reference` (int32 accumulation is exact, so the two differ 
 the epilogue); then the median ms of each, after warm-up, and the ratios to bf16. A tile / stage sweep of the
 Mosaic kernel on the first shape (`--sweep`).
 
-  python benchmarks/mosaic_gemm.py --out $OUT/mosaic_gemm.json          # GPU (Hopper)
+  python benchmarks/gpu/mosaic_gemm.py --out $OUT/mosaic_gemm.json          # GPU (Hopper)
 """
 from __future__ import annotations
 
@@ -15,8 +15,10 @@ import os
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+_HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(os.path.dirname(_HERE)))      # the repository root
+sys.path.insert(0, os.path.dirname(_HERE))                       # benchmarks/ (common, step_latency)
+sys.path.insert(0, _HERE)                                        # benchmarks/gpu/
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -26,7 +28,7 @@ from common import environment, write_json  # noqa: E402
 from linear_latency import rel_err, time_call  # noqa: E402
 
 # (M, K, N): the 1024-px step's linears with CFG (M = 2 x 4096 image tokens per stream x 2 streams joint),
-# then the 512-px ones (benchmarks/linear_latency.py SHAPES)
+# then the 512-px ones (benchmarks/gpu/linear_latency.py SHAPES)
 SHAPES = [(16384, 1536, 1536), (16384, 1536, 6144), (16384, 6144, 1536), (8192, 1536, 1536), (4096, 1536, 6144)]
 SWEEP = [(128, 128, 4), (128, 128, 2), (128, 128, 6), (128, 64, 4), (64, 128, 4)]   # (tile_m, tile_n, stages)
 

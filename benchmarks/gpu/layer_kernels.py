@@ -9,12 +9,12 @@ read at a traced step; last, the same layer `kernels.prepare`d, as the sampler c
 prologue and with the prologue kernel, which only the Pallas backend (GPU) runs) and counts the kernels in the optimized HLO's entry computation (fusions, custom
 calls such as cuBLAS GEMMs or the Pallas kernel, and unfused ops), on whatever backend runs it.
 
-    python benchmarks/layer_kernels.py                      # 1536 x 1536, M = 2048 (512 px, one stream)
-    python benchmarks/layer_kernels.py --k 256 --n 256 --m 64 --time   # small; --time adds times
+    python benchmarks/gpu/layer_kernels.py                      # 1536 x 1536, M = 2048 (512 px, one stream)
+    python benchmarks/gpu/layer_kernels.py --k 256 --n 256 --m 64 --time   # small; --time adds times
 --time adds two times per layer: the median host wall time of one call (on a GPU mostly dispatch of a
 one-layer program: 0.35-0.70 ms for a ~15 us GEMM on the H200, 2026-12-05) and the device kernel time per call
 from a profiler trace (`step_profile.profile_step`), the figure to compare.
-    python benchmarks/layer_kernels.py --time --prologue-tiles 16x4 32x8 64x8   # GPU: prologue kernel tiles
+    python benchmarks/gpu/layer_kernels.py --time --prologue-tiles 16x4 32x8 64x8   # GPU: prologue kernel tiles
 """
 from __future__ import annotations
 
@@ -25,8 +25,10 @@ import re
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+_HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(os.path.dirname(_HERE)))      # the repository root
+sys.path.insert(0, os.path.dirname(_HERE))                       # benchmarks/ (common, step_latency)
+sys.path.insert(0, _HERE)                                        # benchmarks/gpu/
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402

@@ -9,10 +9,10 @@ primitive or tile shape shows up here. Triton's own compilation to PTX and every
 still need a GPU. XLA attention (cuDNN's needs a GPU to lower). `--platform tpu` lowers the same step for
 TPU, where the fused layers take their XLA path (no Pallas kernel yet: no custom calls).
 
-    python benchmarks/lower_check.py                                   # dit4sr, qdit4sr-w4a4-small, 512 px
-    python benchmarks/lower_check.py --prepare pallas --size 1024      # prepared, prologue kernel
-    python benchmarks/lower_check.py --model tiny --size 32 --prepare pallas
-    python benchmarks/lower_check.py --platform tpu --prepare pallas     # TPU: the XLA path, no custom calls
+    python benchmarks/gpu/lower_check.py                                   # dit4sr, qdit4sr-w4a4-small, 512 px
+    python benchmarks/gpu/lower_check.py --prepare pallas --size 1024      # prepared, prologue kernel
+    python benchmarks/gpu/lower_check.py --model tiny --size 32 --prepare pallas
+    python benchmarks/gpu/lower_check.py --platform tpu --prepare pallas     # TPU: the XLA path, no custom calls
 """
 from __future__ import annotations
 
@@ -22,8 +22,10 @@ import re
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+_HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(os.path.dirname(_HERE)))      # the repository root
+sys.path.insert(0, os.path.dirname(_HERE))                       # benchmarks/ (common, step_latency)
+sys.path.insert(0, _HERE)                                        # benchmarks/gpu/
 
 import jax  # noqa: E402
 

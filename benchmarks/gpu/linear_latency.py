@@ -7,8 +7,8 @@ two-level integer group scales, `group_scale="int"`: per-channel float scale x 4
 group, folded into the int8 codes once per call, then the per-channel kernel; same branches); activations
 8 / 4 bits per token.
 
-  python benchmarks/linear_latency.py --out $OUT/linear.json
-  python benchmarks/linear_latency.py --small        # CPU smoke test (interpreter / XLA paths only)
+  python benchmarks/gpu/linear_latency.py --out $OUT/linear.json
+  python benchmarks/gpu/linear_latency.py --small        # CPU smoke test (interpreter / XLA paths only)
 """
 from __future__ import annotations
 
@@ -18,8 +18,10 @@ import statistics
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+_HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(os.path.dirname(_HERE)))      # the repository root
+sys.path.insert(0, os.path.dirname(_HERE))                       # benchmarks/ (common, step_latency)
+sys.path.insert(0, _HERE)                                        # benchmarks/gpu/
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402

@@ -6,7 +6,7 @@ Times `jnp.linalg.svd` (cuSOLVER, one matrix after the other), lax.linalg.svd's 
 algorithms, and matmul-only alternatives (subspace iteration with Rayleigh-Ritz for the block rank-1,
 randomized range finder for the global rank-r), with their error against the exact SVD.
 
-  python benchmarks/svd_latency.py --out $OUT/svd.json
+  python benchmarks/gpu/svd_latency.py --out $OUT/svd.json
 """
 from __future__ import annotations
 
@@ -15,7 +15,8 @@ import os
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+_HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(_HERE))                       # benchmarks/ (common)
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402

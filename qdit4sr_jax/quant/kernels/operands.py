@@ -1,0 +1,109 @@
+"""The small types and rules every fused-kernel module shares (a leaf of `quant.kernels`): the kernels' tile
+configuration `KernelConfig` and its defaults, which layers they tile (`tiles_ok`), whether packed codes are
+split inside the kernel (`unpacks_in_kernel`), and the prologue's output `Operands` that the GEMM kernels read.
+Imports only the weight node and `branch_ops` (for `BranchWeights`, `is_tile`).
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional
+
+import jax
+
+from qdit4sr_jax.quant.kernels.branch_ops import BranchWeights, is_tile
+from qdit4sr_jax.quant.qweight import QuantizedWeight
+
+
+@dataclasses.dataclass(frozen=True)
+class KernelConfig:
+    """Tile sizes of the Pallas kernel. block_k is the K step per loop iteration for per-channel weights
+    (group-wise weights step one group at a time). num_warps / num_stages go to Triton."""
+    block_m: int = 128
+    block_n: int = 128
+    block_k: int = 128
+    num_warps: int = 8
+    num_stages: int = 3
+    unpack: str = "xla"           # packed 4-bit weights: "xla" (unpacked to int8 per call, outside the
+                                  # kernel) or "kernel" (nibbles split in registers inside the K loop)
+    prologue_block_m: int = 16    # rows per program of the prologue kernel (prepared weights, prologue="pallas")
+    prologue_warps: int = 4
+
+    @property
+    def packed_in_kernel(self) -> bool:
+        if self.unpack not in ("xla", "kernel"):
+            raise ValueError(f"KernelConfig.unpack must be 'xla' or 'kernel', got {self.unpack!r}")
+        return self.unpack == "kernel"
+
+
+DEFAULT_CONFIG = KernelConfig()                  # per-channel weights ("nk")
+# group-wise weights ("gnk"): 4 warps; H100 sweep (RESULTS.md, 08:18 run) at M=8525: 0.89 vs 1.49 ms
+# (K=1536, N=6144), 1.09 vs 1.67 ms (K=6144, N=1536) for 4 vs 8 warps with 128x128 tiles.
+GROUPED_CONFIG = KernelConfig(num_warps=4)
+
+
+def default_config(w: QuantizedWeight) -> KernelConfig:
+    """Tile sizes used when `fused_linear` gets no config: by weight layout."""
+    return GROUPED_CONFIG if w.layout == "gnk" else DEFAULT_CONFIG
+
+
+def supports_fused(w: QuantizedWeight, bits) -> bool:
+    """True when the fused path covers this node at these activation bits (else the reference int path)."""
+    return bits is not None and w.a_symmetric and w.zero is None
+
+
+def unpacks_in_kernel(w: QuantizedWeight, cfg: KernelConfig) -> bool:
+    """Whether the kernel gets packed 4-bit bytes and splits the nibbles itself (unpack="kernel").
+    Codes packed at other widths (2, 3, 5..7 bits: `quantizer.pack_codes`) are always unpacked to int8
+    outside the kernel, like unpack="xla".
+    Two-level ("int") group scales always arrive as folded int8 codes c * q (`QuantizedWeight.codes()`,
+    once per call outside the kernel): with them unpack="kernel" falls back to unpack="xla"."""
+    return bool(w.nibbles and cfg.packed_in_kernel and w.gscale is None)
+
+
+def packed_run(w: QuantizedWeight, cfg: KernelConfig) -> int:
+    """Input-channel run over which packed codes are split [even | odd] (one kernel K step)."""
+    if not unpacks_in_kernel(w, cfg):
+        return 0
+    if w.layout == "gnk":
+        return w.groups[1]
+    return min(cfg.block_k, w.k)
+
+
+def block_rows(w: QuantizedWeight) -> int:
+    """b_out of the block branch (output columns sharing one D slice); N when there is none."""
+    return w.block[0] if w.block_u is not None else w.n
+
+
+def tiles_ok(w: QuantizedWeight, cfg: KernelConfig) -> bool:
+    """Whether the Pallas kernel tiles this layer: power-of-2 tiles dividing N, K steps dividing K,
+    packed runs of even length, output tiles inside one block row of the block branch."""
+    bn, bk = cfg.block_n, cfg.block_k
+    packed = unpacks_in_kernel(w, cfg)
+    if not (is_tile(cfg.block_m) and is_tile(bn) and w.n % bn == 0):
+        return False
+    if w.block_u is not None and block_rows(w) % bn:
+        return False
+    if w.layout == "gnk":
+        G, g = w.groups
+        step = g // 2 if packed else g
+        return is_tile(step) and G * g == w.k
+    step = bk // 2 if packed else bk
+    return is_tile(step) and w.k % bk == 0
+
+
+@dataclasses.dataclass(frozen=True)
+class Operands:
+    """Prologue output. xq int8 [Mp, Kp] (packed: [even|odd] per chunk), sx f32 [Mp], branch features dh
+    [Mp, Rl] / dt [Mp, n_bo Rb] (branch dtype) or None and their weights bw (`branch_ops.BranchWeights`, None
+    without branches), m the unpadded rows, chunk the [even | odd] run length of packed codes (0: not split)."""
+    xq: jax.Array
+    sx: jax.Array
+    dh: Optional[jax.Array]
+    dt: Optional[jax.Array]
+    bw: Optional[BranchWeights]
+    m: int
+    chunk: int
+
+
+__all__ = ["KernelConfig", "DEFAULT_CONFIG", "GROUPED_CONFIG", "default_config", "supports_fused",
+           "unpacks_in_kernel", "packed_run", "block_rows", "tiles_ok", "Operands"]
