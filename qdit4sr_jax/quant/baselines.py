@@ -29,7 +29,7 @@ import jax.numpy as jnp
 from qdit4sr_jax.quant.hsvd import lowrank_split, top_svd  # noqa: F401  (re-exported)
 from qdit4sr_jax.quant.plan import LayerSpec
 from qdit4sr_jax.quant.qweight import QuantizedWeight, make_qweight
-from qdit4sr_jax.quant.transforms import hadamard_transform, largest_pow2_divisor, smooth_scale  # noqa: F401
+from qdit4sr_jax.quant.transforms import fold_signs, hadamard_transform, largest_pow2_divisor, smooth_scale  # noqa: F401
 
 
 def quantize_linear(w_nk, ch_absmax=None, a_schedule=None, *, spec: LayerSpec) -> QuantizedWeight:
@@ -42,6 +42,8 @@ def quantize_linear(w_nk, ch_absmax=None, a_schedule=None, *, spec: LayerSpec) -
             raise ValueError("smoothing needs per-channel activation absmax (calibration statistics)")
         smooth = smooth_scale(ch_absmax, w, spec.smooth_alpha)
         w = w * smooth[None, :]
+    if spec.rotate and spec.rotate_signs:                 # randomised Hadamard: signs ride in the divisor
+        w, smooth = fold_signs(w, smooth)
     if spec.rotate:
         w = hadamard_transform(w, spec.rotate)
     lr_a = lr_b = None

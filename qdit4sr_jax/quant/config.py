@@ -6,7 +6,7 @@ Presets are named "<method>-<wXaY>", e.g. "rtn-w4a4", "smoothquant-w8a8", "svdqu
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional, Tuple
+from typing import Optional, Tuple, Union
 
 # Linear layers quantized by default: every linear inside the joint blocks (attention q/k/v/out of all
 # streams, the LR-stream *_control projections, FFNs, adaLN modulation linears). Regexes over the
@@ -15,6 +15,7 @@ DEFAULT_INCLUDE = (r"(^|/)transformer_blocks_\d+/",)
 DEFAULT_EXCLUDE: Tuple[str, ...] = ()
 
 from qdit4sr_jax.quant.presets import METHODS, preset_fields
+from qdit4sr_jax.quant.transforms import HADAMARD_BASES, is_hadamard_block
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,6 +37,9 @@ class QuantConfig:
       2^(-2 a_t). "sensitivity": each step's term times the sampler's measured step gain (quant/stepgain.py:
       how much an error in the model output at that step reaches the final sample), read from the calibration
       statistics' "step_gain" (`calibrate_images(..., step_gains=True)`); matters with few sampling steps.
+    vasmp_solver: "dp" (default: the exact multiple-choice knapsack, vasmp.py) or "greedy" (the paper's
+      continuous relaxation - reverse water-filling on n sigma^2 2^(-2b), or the LP over each layer's convex
+      hull for a measured table - then greedy discretisation; vasmp.allocate_*(solver="greedy")).
     vasmp_distortion: VaSMP's per-layer distortion at each candidate: "measured" (default: the squared
       error of this config's weight quantizer on the layer's residual, data-free) or "model" (MISSION.md's
       n sigma^2 2^(-2b); it under-rates the 2-bit error of a symmetric quantizer ~3x, so it over-uses 2 bits).
@@ -49,8 +53,13 @@ class QuantConfig:
     w_clip_ratio: weight range multiplier before the scale is computed (1.0 = plain min/max RTN).
     w_clip_search: per weight group, search the clip ratio in [0.5, 1] x w_clip_ratio minimising the
       weight MSE (data-free; like AWQ's clip search without activations).
-    rotate_block: Hadamard block size; None = the largest power of 2 dividing d_in (block-diagonal
-      Hadamard when d_in is not a power of 2, e.g. 512 for 1536; QuaRot uses a full Hadamard there).
+    rotate_block: Hadamard block size (transforms.rotation_block): None = the largest power of 2 dividing d_in
+      (block-diagonal Hadamard when d_in is not a power of 2, e.g. 512 for 1536); "full" = the whole input
+      dimension where it is m * 2^j with m in (1, 12, 20) (1536 = 12 * 128, 6144 = 12 * 512; QuaRot's
+      choice), else its largest such divisor; an int m * 2^j = a cap of that form.
+    rotate_signs: QuaRot's randomised Hadamard diag(signs) H with fixed random signs
+      (transforms.rotation_signs), folded into the node's `smooth` divisor (x / (s * signs), then H): every
+      execution path and checkpoint carries them with no new field. Needs rotate.
     pack: store codes below 8 bits packed at their bit width (uint8, `quantizer.pack_codes`; 8-bit codes stay int8).
     lowrank_svd: "exact" (jnp.linalg.svd) or "randomized" (power-iteration range finder, Halko et al. 2011;
       O(N K r), for CPU quantization of the full model) for the low-rank branch.
@@ -90,6 +99,7 @@ class QuantConfig:
     a_bit_candidates: Tuple[int, ...] = (3, 4, 5, 6, 8)
     vasmp_distortion: str = "measured"
     vatmp_step_weights: str = "none"
+    vasmp_solver: str = "dp"
     hsvd_refine_iters: int = 0
     hsvd_block_solver: str = "subspace"
     rotate: bool = False
@@ -97,7 +107,8 @@ class QuantConfig:
     branch_dtype: str = "bfloat16"
     w_clip_ratio: float = 1.0
     w_clip_search: bool = False
-    rotate_block: Optional[int] = None
+    rotate_block: Union[None, int, str] = None
+    rotate_signs: bool = False
     pack: bool = True
     lowrank_svd: str = "exact"
     layer_w_bits: Tuple[Tuple[str, int], ...] = ()
@@ -163,8 +174,13 @@ class QuantConfig:
             raise ValueError(f"QuantConfig.lowrank_rank must be >= 0, got {self.lowrank_rank}")
         if not 0.0 <= self.smooth_alpha <= 1.0:
             raise ValueError(f"QuantConfig.smooth_alpha must be in [0, 1], got {self.smooth_alpha}")
-        if self.rotate_block is not None and (self.rotate_block < 1 or self.rotate_block & (self.rotate_block - 1)):
-            raise ValueError(f"QuantConfig.rotate_block must be a power of 2, got {self.rotate_block}")
+        if self.rotate_block is not None and self.rotate_block != "full" and not is_hadamard_block(self.rotate_block):
+            raise ValueError(f"QuantConfig.rotate_block must be None, 'full' or an int m * 2^j with m in "
+                             f"{HADAMARD_BASES} (e.g. 256, 1536 = 12 * 128), got {self.rotate_block!r}")
+        if self.rotate_signs and not self.rotate:
+            raise ValueError("QuantConfig.rotate_signs=True (randomised Hadamard) needs rotate=True")
+        if self.vasmp_solver not in ("dp", "greedy"):
+            raise ValueError(f"QuantConfig.vasmp_solver must be 'dp' or 'greedy', got {self.vasmp_solver!r}")
         return self
 
     def to_dict(self) -> dict:

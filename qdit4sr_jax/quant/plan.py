@@ -12,7 +12,7 @@ from typing import List, Mapping, Optional, Sequence, Tuple
 import jax.numpy as jnp
 
 from qdit4sr_jax.quant.config import QuantConfig
-from qdit4sr_jax.quant.transforms import largest_pow2_divisor
+from qdit4sr_jax.quant.transforms import rotation_block
 
 
 @dataclasses.dataclass(frozen=True)
@@ -28,6 +28,7 @@ class LayerSpec:
     smooth: bool = False
     smooth_alpha: float = 0.5
     rotate: int = 0                  # Hadamard block, 0 = off
+    rotate_signs: bool = False       # randomised Hadamard: fixed signs folded into the smooth divisor
     lowrank_rank: int = 0
     lowrank_svd: str = "exact"       # "exact" | "randomized"
     pack: bool = True
@@ -110,13 +111,14 @@ def layer_spec(cfg: QuantConfig, kernel_shape: Tuple[int, int], dtype, w_bits: i
     k = kernel_shape[0]
     rotate = 0
     if cfg.rotate:
-        rotate = largest_pow2_divisor(k, cfg.rotate_block)
+        rotate = rotation_block(k, cfg.rotate_block)
         rotate = 0 if rotate == 1 else rotate
     return LayerSpec(
         w_bits=int(w_bits), a_bits=None if cfg.a_bits is None else int(round(cfg.a_bits)),
         group_size=cfg.w_group_size, w_symmetric=cfg.w_symmetric, a_symmetric=cfg.a_symmetric,
         clip_ratio=float(cfg.w_clip_ratio), clip_search=bool(cfg.w_clip_search), smooth=cfg.smooth,
         smooth_alpha=float(cfg.smooth_alpha), rotate=rotate,
+        **({"rotate_signs": True} if rotate and getattr(cfg, "rotate_signs", False) else {}),
         lowrank_rank=int(min(cfg.lowrank_rank, *kernel_shape)), lowrank_svd=cfg.lowrank_svd, pack=cfg.pack, execution=cfg.execution,
         branch_dtype=cfg.branch_dtype, dtype=str(jnp.dtype(dtype)),
         **({} if getattr(cfg, "w_group_scale", "float") == "float" else {"group_scale": cfg.w_group_scale}),

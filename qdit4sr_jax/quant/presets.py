@@ -1,5 +1,5 @@
 """Named `QuantConfig` presets: "<method>-w<X>a<Y>" (e.g. "rtn-w4a4", "smoothquant-w8a8",
-"svdquant-w4a4", "rotation-w4a6", "qdit4sr-w4a4") and the bare "w8a8", "w4a8", "w4a6", "w4a4" (RTN).
+"svdquant-w4a4", "rotation-w4a6", "qdit4sr-w4a4", "qdit4sr-paper-w4a4") and the bare "w8a8", "w4a8", "w4a6", "w4a4" (RTN).
 Any X in 2..8 and Y in 2..8 parses; "a16" keeps activations in float (weight-only).
 A "-fast" suffix (e.g. "qdit4sr-w4a4-fast", "svdquant-w4a4-fast") keeps the method's group size but stores
 the group scales as two-level integer scales (`QuantConfig.w_group_scale="int"`: per-channel float scale
@@ -22,12 +22,19 @@ Per-method settings (and where they come from):
                 VaTMP activation schedule (the paper). Smoothing: without it W4A4 lost 4.6 dB PSNR vs FP to
                 SVDQuant on the demo model (per-token A4 needs the outliers migrated); with it, +1.4 dB ahead
                 (benchmarks/RESULTS.md, fidelity study).
+- qdit4sr-paper: the paper's method as its overview figure draws it (arXiv 2602.01273, figs/overview.png): an
+                orthonormal Hadamard of the whole input dimension (rotate_block="full": 1536 = H_12 kron H_128,
+                6144 = H_12 kron H_512) with QuaRot's random signs, no smoothing, H-SVD of the rotated weight
+                at SVDQuant's rank-32 budget, VaSMP from the residual variance (n sigma^2 2^(-2b)) solved by
+                continuous relaxation + greedy discretisation, VaTMP; bit candidates (X-1, X, X+1) around the
+                target (3, 4, 5 at W4A4, as the figure's cells; (5, 6, 7) for A6, whose average 6 a {3, 4, 5}
+                set cannot reach).
 """
 from __future__ import annotations
 
 import re
 
-METHODS = ("rtn", "smoothquant", "svdquant", "rotation", "qdit4sr")
+METHODS = ("rtn", "smoothquant", "svdquant", "rotation", "qdit4sr", "qdit4sr-paper")
 
 _METHOD_FIELDS = {
     "rtn": {},
@@ -35,9 +42,12 @@ _METHOD_FIELDS = {
     "svdquant": dict(smooth=True, smooth_alpha=0.5, lowrank_rank=32, w_group_size=64),
     "rotation": dict(rotate=True),
     "qdit4sr": dict(smooth=True, smooth_alpha=0.5, hsvd=True, lowrank_rank=32, vasmp=True, vatmp=True),
+    "qdit4sr-paper": dict(rotate=True, rotate_block="full", rotate_signs=True, smooth=False, hsvd=True,
+                          lowrank_rank=32, vasmp=True, vatmp=True, vasmp_solver="greedy", vasmp_distortion="model"),
 }
+PAPER_METHODS = ("qdit4sr-paper",)      # bit candidates (X-1, X, X+1) around the target bits
 
-_NAME = re.compile(r"^(?:(?P<method>[a-z0-9]+)-)?w(?P<w>\d+)a(?P<a>\d+)(?P<fast>-fast|-small)?(?P<sens>-sens)?$")
+_NAME = re.compile(r"^(?:(?P<method>[a-z0-9]+(?:-paper)?)-)?w(?P<w>\d+)a(?P<a>\d+)(?P<fast>-fast|-small)?(?P<sens>-sens)?$")
 
 
 def preset_fields(name: str) -> dict:
@@ -53,6 +63,11 @@ def preset_fields(name: str) -> dict:
     if not 2 <= w <= 8 or not (2 <= a <= 8 or a == 16):
         raise ValueError(f"preset {name!r}: weight bits must be 2..8 and activation bits 2..8 or 16")
     fields = dict(_METHOD_FIELDS[method])
+    if method in PAPER_METHODS:
+        around = lambda b: tuple(c for c in (b - 1, b, b + 1) if 2 <= c <= 8)
+        fields["w_bit_candidates"] = around(w)
+        if a != 16:
+            fields["a_bit_candidates"] = around(a)
     if w == 8 and method == "rtn":
         fields["w_group_size"] = None                 # W8: per-channel is already near-lossless
     suffix = m.group("fast")
@@ -78,4 +93,5 @@ PRESET_NAMES = tuple(f"{m}-{b}" for m in METHODS for b in ("w8a8", "w4a8", "w4a6
     "w8a8", "w4a8", "w4a6", "w4a4") + tuple(
     f"{m}-{b}-fast" for m in ("rtn", "svdquant", "rotation", "qdit4sr") for b in ("w4a8", "w4a6", "w4a4")) + tuple(
     f"{m}-{b}-small" for m in ("svdquant", "qdit4sr") for b in ("w4a8", "w4a6", "w4a4")) + tuple(
-    f"qdit4sr-{b}{s}-sens" for s in ("", "-fast", "-small") for b in ("w4a6", "w4a4"))
+    f"{m}-{b}{s}-sens" for m in ("qdit4sr", "qdit4sr-paper") for s in ("", "-fast", "-small")
+    for b in ("w4a6", "w4a4")) + tuple(f"qdit4sr-paper-{b}{s}" for s in ("-fast", "-small") for b in ("w4a6", "w4a4"))

@@ -43,7 +43,7 @@ from qdit4sr_jax.quant import hsvd as H
 from qdit4sr_jax.quant import quantizer as qz
 from qdit4sr_jax.quant import rules
 from qdit4sr_jax.quant.plan import LayerSpec, balanced_chunks, layer_spec, precompile
-from qdit4sr_jax.quant.transforms import hadamard_transform, smooth_scale
+from qdit4sr_jax.quant.transforms import fold_signs, hadamard_transform, smooth_scale
 from qdit4sr_jax.quant.qweight import ARRAY_FIELDS, STATIC_FIELDS, make_qweight, packs
 from qdit4sr_jax.quant.stats import lookup, normalize_calib
 from qdit4sr_jax.quant.vasmp import allocate_bits_table, allocate_weight_bits
@@ -70,6 +70,12 @@ class BranchSpec:
     clip_ratio: float = 1.0
     clip_search: bool = False
     group_scale: str = "float"                  # "float" | "int" (two-level integer group scales)
+    rotate_signs: bool = False                  # randomised Hadamard (signs folded into the smooth divisor)
+
+    @property
+    def has_divisor(self) -> bool:
+        """Whether the nodes carry a `smooth` divisor (smoothing and/or rotation signs)."""
+        return bool(self.smooth or (self.rotate and self.rotate_signs))
 
 
 def _transformed(w_kn, ch, spec):
@@ -79,6 +85,8 @@ def _transformed(w_kn, ch, spec):
     if spec.smooth:
         s = smooth_scale(ch, w, spec.smooth_alpha)
         w = w * s[None, :]
+    if spec.rotate and spec.rotate_signs:
+        w, s = fold_signs(w, s)
     if spec.rotate:
         w = hadamard_transform(w, spec.rotate)
     return w, s
@@ -253,7 +261,7 @@ def _bits_classes(bits_used, r_shape, spec: LayerSpec, bspec: BranchSpec, f_exam
     static fields other than w_bits / packed): widths of one class share a `_residual_program`.
     Returns ({class key: (bits tuple, {bits: template node})})."""
     r = jax.ShapeDtypeStruct(r_shape, jnp.float32)
-    s = jax.ShapeDtypeStruct((k,), jnp.float32) if bspec.smooth else None
+    s = jax.ShapeDtypeStruct((k,), jnp.float32) if bspec.has_divisor else None
     classes = {}
     for b in sorted(set(bits_used)):
         t = jax.eval_shape(lambda r, s, f, b=b: _residual_node(r, s, f, b, spec, bspec), r, s, f_example)
@@ -286,7 +294,8 @@ def branch_spec(cfg, kernel_shape, spec0: LayerSpec, measured: bool) -> BranchSp
                       mse_bits=tuple(int(b) for b in cfg.w_bit_candidates) if measured else (),
                       group_size=spec0.group_size, w_symmetric=spec0.w_symmetric,
                       clip_ratio=spec0.clip_ratio, clip_search=spec0.clip_search,
-                      group_scale=getattr(spec0, "group_scale", "float"))
+                      group_scale=getattr(spec0, "group_scale", "float"),
+                      rotate_signs=bool(getattr(spec0, "rotate_signs", False)))
 
 
 def activation_schedules(stats: Mapping[str, dict], names, avg_bits, candidates,
@@ -469,10 +478,11 @@ def _quantize_qdit4sr(params, cfg, calib, layer_w_bits, a_schedules, chunk, retu
     sizes = np.array([int(np.prod(layers[nm]["kernel"].shape)) for nm in order], np.int64)
     if measured:
         bits = allocate_bits_table(np.stack([layers[nm]["mse"] for nm in order]), sizes, cfg.w_bits,
-                                   cfg.w_bit_candidates)
+                                   cfg.w_bit_candidates, solver=cfg.vasmp_solver)
         w_bits = {nm: int(b) for nm, b in zip(order, bits)}
     elif cfg.vasmp:
-        bits = allocate_weight_bits([layers[nm]["var"] for nm in order], sizes, cfg.w_bits, cfg.w_bit_candidates)
+        bits = allocate_weight_bits([layers[nm]["var"] for nm in order], sizes, cfg.w_bits, cfg.w_bit_candidates,
+                                    solver=cfg.vasmp_solver)
         w_bits = {nm: int(b) for nm, b in zip(order, bits)}
     else:
         if float(cfg.w_bits) != int(cfg.w_bits):

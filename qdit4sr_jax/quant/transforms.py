@@ -1,16 +1,30 @@
 """Input-dimension transforms of a quantized linear, applied to the weight once and mirrored online on the
-activation: the Walsh-Hadamard rotation (QuaRot-style) and the SmoothQuant migration scale.
+activation: the Hadamard rotation (QuaRot-style) and the SmoothQuant migration scale.
 
 Both keep the layer's function: x W^T = (x diag(1/s)) (W diag(s))^T and x W^T = (x H)(W H)^T for H
 orthonormal (H H^T = I). Floor 2 of the package (docs/ARCHITECTURE.md): imports nothing of the project.
+
+Hadamard blocks. A block of size b = m * 2^j with m in `HADAMARD_BASES` = (1, 12, 20) uses
+H_b = H_m (x) H_{2^j} (Kronecker product, orthonormal): H_{2^j} the Sylvester (Walsh-Hadamard) matrix,
+applied with the fast butterflies, H_12 / H_20 stored symmetric Paley type-II matrices (Paley 1933,
+q = 5 and q = 9), applied as a small matmul on the m axis. Every H_b here is symmetric, so H_b H_b = I
+(the transform is its own inverse). That covers the full input dimension of DiT4SR's linears
+(1536 = 12 * 128, 6144 = 12 * 512) and of the demo model's (192 = 12 * 16, 768 = 12 * 64).
+
+Random signs (QuaRot's randomised Hadamard H' = diag(signs) H): `rotation_signs(k)` gives the fixed +-1
+vector; the recipes fold it into the node's `smooth` divisor (x / (s * signs), then H), so no new field.
 """
 from __future__ import annotations
 
-from functools import partial
-from typing import Optional
+from functools import lru_cache, partial
+from typing import Optional, Tuple, Union
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+
+HADAMARD_BASES = (1, 12, 20)        # m of a block m * 2^j (stored H_m for m > 1)
+SIGN_SEED = 20240125                # fixed seed of `rotation_signs` (deterministic quantization)
 
 
 def largest_pow2_divisor(d: int, cap: Optional[int] = None) -> int:
@@ -22,31 +36,146 @@ def largest_pow2_divisor(d: int, cap: Optional[int] = None) -> int:
     return b
 
 
+def _paley2(q: int, chi) -> np.ndarray:
+    """Symmetric Hadamard matrix of order 2 (q + 1) (Paley construction II, q = 1 mod 4) from the
+    quadratic character chi(a, b) = chi(a - b) of GF(q) given as a q x q matrix; entries +-1, float64."""
+    c = np.zeros((q + 1, q + 1))
+    c[0, 1:] = c[1:, 0] = 1.0
+    c[1:, 1:] = chi
+    h = np.kron(c, np.array([[1.0, -1.0], [-1.0, -1.0]])) + np.kron(np.eye(q + 1), np.array([[1.0, 1.0], [1.0, -1.0]]))
+    return h
+
+
+def _jacobsthal_prime(p: int) -> np.ndarray:
+    squares = {(x * x) % p for x in range(1, p)}
+    chi = lambda a: 0.0 if a % p == 0 else (1.0 if a % p in squares else -1.0)
+    return np.array([[chi(a - b) for b in range(p)] for a in range(p)])
+
+
+def _jacobsthal_gf9() -> np.ndarray:
+    """GF(9) = GF(3)[i] / (i^2 + 1): elements a + b i, index 3 a + b."""
+    els = [(a, b) for a in range(3) for b in range(3)]
+    mul = lambda x, y: ((x[0] * y[0] - x[1] * y[1]) % 3, (x[0] * y[1] + x[1] * y[0]) % 3)
+    squares = {mul(x, x) for x in els if x != (0, 0)}
+    chi = lambda x: 0.0 if x == (0, 0) else (1.0 if x in squares else -1.0)
+    sub = lambda x, y: ((x[0] - y[0]) % 3, (x[1] - y[1]) % 3)
+    return np.array([[chi(sub(x, y)) for y in els] for x in els])
+
+
+@lru_cache(maxsize=None)
+def hadamard_base(m: int) -> np.ndarray:
+    """The stored orthonormal, symmetric H_m (m in HADAMARD_BASES), float64 [m, m]; checked on build."""
+    if m == 1:
+        h = np.ones((1, 1))
+    elif m == 12:
+        h = _paley2(5, _jacobsthal_prime(5))
+    elif m == 20:
+        h = _paley2(9, _jacobsthal_gf9())
+    else:
+        raise ValueError(f"no stored Hadamard matrix of order {m}; stored: {HADAMARD_BASES}")
+    if not (np.allclose(h @ h.T, m * np.eye(m)) and np.array_equal(h, h.T)):   # pragma: no cover
+        raise AssertionError(f"stored H_{m} is not a symmetric Hadamard matrix")
+    return h / np.sqrt(m)
+
+
+def hadamard_factors(block: int) -> Tuple[int, int]:
+    """block = m * p with m in HADAMARD_BASES and p a power of 2 -> (m, p); ValueError otherwise.
+    The largest m that fits is taken (e.g. 24 -> (12, 2); 64 -> (1, 64))."""
+    block = int(block)
+    for m in sorted(HADAMARD_BASES, reverse=True):
+        if block >= m and block % m == 0:
+            p = block // m
+            if p & (p - 1) == 0:
+                return m, p
+    raise ValueError(f"Hadamard block {block} is not of the form m * 2^j with m in {HADAMARD_BASES}")
+
+
+def is_hadamard_block(block) -> bool:
+    try:
+        hadamard_factors(block)
+        return int(block) >= 1
+    except (ValueError, TypeError):
+        return False
+
+
+def hadamard_matrix(block: int) -> np.ndarray:
+    """Dense orthonormal H_b [b, b] float64 (the reference `hadamard_transform` computes x @ blockdiag(H_b))."""
+    m, p = hadamard_factors(block)
+    hp = np.ones((1, 1))
+    while hp.shape[0] < p:
+        hp = np.block([[hp, hp], [hp, -hp]])
+    return np.kron(hadamard_base(m), hp / np.sqrt(p))
+
+
+def rotation_block(d_in: int, setting: Union[None, int, str] = None) -> int:
+    """Hadamard block for an input dimension d_in under `QuantConfig.rotate_block`:
+    None: the largest power of 2 dividing d_in (block-diagonal Hadamard, e.g. 512 for 1536);
+    "full": the largest block m * 2^j (m in HADAMARD_BASES) dividing d_in (d_in itself when it has that
+    form: 1536 = 12 * 128, 6144 = 12 * 512, 192 = 12 * 16);
+    an int b = m * 2^j: a cap with b's base: m * (largest power of 2 <= 2^j dividing d_in / m) when m
+    divides d_in, else the largest power of 2 <= b dividing d_in (so a power-of-2 b is the old cap).
+    Returns 1 when no rotation fits (d_in odd)."""
+    d_in = int(d_in)
+    if setting is None:
+        return largest_pow2_divisor(d_in)
+    if setting == "full":
+        best = 1
+        for m in HADAMARD_BASES:
+            if d_in % m == 0:
+                best = max(best, m * largest_pow2_divisor(d_in // m))
+        return best
+    if isinstance(setting, bool) or not isinstance(setting, (int, np.integer)) or not is_hadamard_block(setting):
+        raise ValueError(f"rotate_block must be None, 'full' or an int m * 2^j (m in {HADAMARD_BASES}), got {setting!r}")
+    m, p = hadamard_factors(setting)
+    if m > 1 and d_in % m == 0:
+        return m * largest_pow2_divisor(d_in // m, p)
+    return largest_pow2_divisor(d_in, int(setting))
+
+
+def rotation_signs(k: int, seed: int = SIGN_SEED) -> np.ndarray:
+    """Fixed random signs float32 [k] in {-1, +1} (QuaRot's randomised Hadamard diag(signs) H); the same
+    vector for every layer of input dimension k."""
+    rng = np.random.default_rng([int(seed), int(k)])
+    return np.where(rng.random(int(k)) < 0.5, -1.0, 1.0).astype(np.float32)
+
+
+def fold_signs(w_nk, smooth=None):
+    """Fold `rotation_signs(K)` into a weight W [N, K] (float32) and its input divisor s [K] (None = ones):
+    returns (W diag(signs), s * signs). With x' = hadamard(x / (s * signs)) the layer is unchanged and the
+    rotation is QuaRot's randomised diag(signs) H."""
+    sg = jnp.asarray(rotation_signs(w_nk.shape[-1]))
+    return w_nk * sg[None, :], (sg if smooth is None else smooth * sg)
+
+
 def hadamard_transform(x, block: int):
-    """x [..., K] -> x @ blockdiag(H_b, ..., H_b), H_b the orthonormal Sylvester Hadamard matrix of size
-    b = `block` (a power of 2 dividing K). H_b is symmetric and H_b H_b = I. float32, O(K log b)."""
+    """x [..., K] -> x @ blockdiag(H_b, ..., H_b) (float32), H_b = H_m (x) H_{2^j} the orthonormal symmetric
+    Hadamard matrix of size b = `block` = m * 2^j (m in HADAMARD_BASES), b dividing K. H_b H_b = I.
+    Cost O(K (j + m)) per row: 2^j-point butterflies, then an m x m matmul on the m axis."""
     k = x.shape[-1]
-    if block < 1 or block & (block - 1) or k % block:
-        raise ValueError(f"Hadamard block {block} must be a power of 2 dividing d_in={k}")
+    if not is_hadamard_block(block) or k % int(block):
+        raise ValueError(f"Hadamard block {block} must be m * 2^j (a power of 2 times m in {HADAMARD_BASES}) "
+                         f"dividing d_in={k}")
     return _hadamard(x, int(block))
 
 
 @partial(jax.jit, static_argnums=1)
 def _hadamard(x, block: int):
-    """x [..., K] -> x @ blockdiag(H_b, ..., H_b), H_b the orthonormal Sylvester Hadamard matrix of size
-    b = `block` (a power of 2 dividing K). H_b is symmetric and H_b H_b = I. float32, O(K log b)."""
+    m, p = hadamard_factors(block)
     k = x.shape[-1]
-    if block < 1 or block & (block - 1) or k % block:
-        raise ValueError(f"Hadamard block {block} must be a power of 2 dividing d_in={k}")
     lead = x.shape[:-1]
-    y = x.astype(jnp.float32).reshape(*lead, k // block, block)
+    nb = k // block
+    y = x.astype(jnp.float32).reshape(*lead, nb, m, p)
     h = 1
-    while h < block:
-        y = y.reshape(*lead, k // block, block // (2 * h), 2, h)
+    while h < p:
+        y = y.reshape(*lead, nb, m, p // (2 * h), 2, h)
         a, c = y[..., 0, :], y[..., 1, :]
         y = jnp.stack([a + c, a - c], axis=-2)
         h *= 2
-    return (y.reshape(*lead, k) * (1.0 / jnp.sqrt(jnp.float32(block))))
+    y = y.reshape(*lead, nb, m, p) * (1.0 / np.sqrt(np.float32(p))).astype(np.float32)
+    if m > 1:                                # H_m symmetric: y[.., a', :] = sum_a H_m[a', a] y[.., a, :]
+        hm = jnp.asarray(hadamard_base(m), jnp.float32)
+        y = jnp.einsum("...ap,ca->...cp", y, hm, precision=jax.lax.Precision.HIGHEST)
+    return y.reshape(*lead, k)
 
 
 def smooth_scale(ch_absmax, w_nk, alpha: float, eps: float = 1e-5):

@@ -17,6 +17,11 @@ This is a multiple-choice knapsack; `allocate_weight_bits` solves it exactly:
      greedy fill in decreasing marginal-gain order) against the greedy integer solution. Pruning only
      removes dominated states or states provably worse than a known feasible solution, so the result
      is optimal.
+`solver="greedy"` (both functions) is the paper's solver instead: a continuous relaxation (for the variance
+model, reverse water-filling: b_l = clip(theta + log2(sigma_l), b_min, b_max) with theta set by bisection so
+that sum n_l b_l = budget, every layer rounded down to a candidate; for a distortion table, every layer at the
+smallest candidate), then greedy discretisation (upgrades in decreasing gain per budget unit while they fit).
+Feasible by construction, never better than the DP's optimum.
 `allocate_bits_table` solves the same problem for any per-layer, per-candidate distortion table (e.g. the
 measured quantization error of each layer at each width; the LP bound then uses each layer's lower convex
 hull). Budgets are exact integer arithmetic (avg_bits is read through its decimal repr, so 4.1 means 41/10).
@@ -65,7 +70,8 @@ def _check_variances(v, name="variances") -> np.ndarray:
 
 def allocate_weight_bits(variances: Sequence[float], sizes: Sequence[int], avg_bits: float,
                          candidates: Sequence[int] = (2, 3, 4, 5, 6, 8), *, method: str = "auto",
-                         dense_limit: int = 20_000_000, max_states: int = 5_000_000) -> np.ndarray:
+                         dense_limit: int = 20_000_000, max_states: int = 5_000_000,
+                         solver: str = "dp") -> np.ndarray:
     """Optimal per-layer weight bits.
 
     variances: [L] float >= 0 (e.g. the variance of each layer's quantized residual).
@@ -73,7 +79,9 @@ def allocate_weight_bits(variances: Sequence[float], sizes: Sequence[int], avg_b
     avg_bits:  size-weighted average budget; must be >= min(candidates).
     candidates: allowed bit-widths (positive integers).
     method: "auto" | "dense" | "pareto" (both exact; "auto" picks dense when L * W <= dense_limit).
-    Returns int64 [L] of candidate bit-widths minimising sum n var 2^(-2b) with sum n b <= avg_bits sum n.
+    solver: "dp" (exact, `method`) or "greedy" (the paper's relaxation + greedy discretisation).
+    Returns int64 [L] of candidate bit-widths minimising sum n var 2^(-2b) with sum n b <= avg_bits sum n
+    (exactly with "dp"; approximately with "greedy").
     """
     var = _check_variances(variances)
     if var.ndim != 1:
@@ -90,17 +98,22 @@ def allocate_weight_bits(variances: Sequence[float], sizes: Sequence[int], avg_b
                          f"{bmin} (candidates {cand.tolist()})")
     act = var > 0
     dist = (sz.astype(np.float64) * var)[:, None] * np.exp2(-2.0 * cand.astype(np.float64))[None, :]
+    _check_solver(solver)
+    if solver == "greedy":
+        return _water_fill_greedy(var, sz, budget, cand, dist)
     return _allocate(dist, sz, budget, cand, act, method, dense_limit, max_states)
 
 
 def allocate_bits_table(distortion, sizes: Sequence[int], avg_bits: float,
                         candidates: Sequence[int] = (2, 3, 4, 5, 6, 8), *, method: str = "auto",
-                        dense_limit: int = 20_000_000, max_states: int = 5_000_000) -> np.ndarray:
+                        dense_limit: int = 20_000_000, max_states: int = 5_000_000,
+                        solver: str = "dp") -> np.ndarray:
     """Optimal per-layer bits for an arbitrary distortion table (same constraint as allocate_weight_bits).
 
     distortion: [L, K] float >= 0, distortion[l, k] = total distortion of layer l at candidates[k]
       (e.g. the measured squared error of quantizing the layer at that width; need not be convex).
-    sizes, avg_bits, candidates, method: as for `allocate_weight_bits`.
+    sizes, avg_bits, candidates, method, solver: as for `allocate_weight_bits` ("greedy": the LP relaxation over
+      each layer's lower convex hull filled greedily, then the fractional layer rounded down).
     Layers whose distortion is the same for every candidate get the smallest candidate.
     Returns int64 [L] minimising sum_l distortion[l, b_l] s.t. sum_l n_l b_l <= avg_bits sum_l n_l.
     """
@@ -121,7 +134,69 @@ def allocate_bits_table(distortion, sizes: Sequence[int], avg_bits: float,
         raise ValueError(f"infeasible weight-bit budget: avg_bits={avg_bits} is below the smallest candidate "
                          f"{int(cand[0])} (candidates {cand.tolist()})")
     act = np.any(dist != dist[:, :1], axis=1)
+    _check_solver(solver)
+    if solver == "greedy":
+        start = np.zeros(dist.shape[0], np.int64)
+        return cand[_greedy_fill(dist, sz[:, None] * cand[None, :], start, budget)]
     return _allocate(dist, sz, budget, cand, act, method, dense_limit, max_states)
+
+
+def _check_solver(solver):
+    if solver not in ("dp", "greedy"):
+        raise ValueError(f"VaSMP solver must be 'dp' (exact) or 'greedy' (relaxation + greedy), got {solver!r}")
+
+
+def water_fill(variances, sizes, budget_bits: float, lo: float, hi: float) -> np.ndarray:
+    """The continuous relaxation of the VaSMP problem: minimise sum n_l var_l 2^(-2 b_l) over real b_l in
+    [lo, hi] with sum n_l b_l = budget_bits (reverse water-filling). The KKT conditions give
+    b_l = clip(theta + 0.5 log2(var_l), lo, hi) for one level theta, found by bisection (100 halvings).
+    Zero-variance layers get lo. Returns float64 [L]."""
+    v = np.asarray(variances, np.float64)
+    n = np.asarray(sizes, np.float64)
+    act = v > 0
+    half_log = np.where(act, 0.5 * np.log2(np.where(act, v, 1.0)), 0.0)
+    spend = lambda th: float(np.sum(n * np.where(act, np.clip(th + half_log, lo, hi), lo)))
+    if not act.any() or spend(-1e9) >= budget_bits:
+        return np.full(v.shape, float(lo))
+    a, b = lo - half_log[act].max() - 1.0, hi - half_log[act].min() + 1.0
+    if spend(b) <= budget_bits:
+        return np.where(act, hi, lo).astype(np.float64)
+    for _ in range(100):
+        mid = 0.5 * (a + b)
+        a, b = (mid, b) if spend(mid) <= budget_bits else (a, mid)
+    return np.where(act, np.clip(a + half_log, lo, hi), lo)
+
+
+def _water_fill_greedy(var, sz, budget, cand, dist):
+    """The paper's VaSMP solver: water-filling relaxation, round down to candidates, greedy upgrades."""
+    b = water_fill(var, sz, float(budget), float(cand[0]), float(cand[-1]))
+    start = np.searchsorted(cand, b + 1e-9, side="right") - 1                # largest candidate <= b_l
+    start = np.clip(start, 0, cand.size - 1)
+    return cand[_greedy_fill(dist, sz[:, None] * cand[None, :], start, budget)]
+
+
+def _greedy_fill(dist, cost, start, budget):
+    """Greedy discretisation: from option indices `start` [L] (feasible: sum cost <= budget), repeatedly
+    take the single-option upgrade of best distortion gain per extra budget (over every layer and every
+    higher option) that still fits; stop when none fits or gains. dist / cost [L, K] (ascending cost).
+    Returns option indices [L]."""
+    L, K = dist.shape
+    k = np.asarray(start, np.int64).copy()
+    spent = int(cost[np.arange(L), k].sum())
+    if spent > budget:
+        raise ValueError(f"greedy start spends {spent} > budget {budget}")
+    while True:
+        cur_d = dist[np.arange(L), k][:, None]
+        cur_c = cost[np.arange(L), k][:, None]
+        dc = cost - cur_c
+        gain = cur_d - dist
+        ok = (dc > 0) & (gain > 0) & (spent + dc <= budget)
+        if not ok.any():
+            return k
+        ratio = np.where(ok, gain / np.where(dc > 0, dc, 1), -np.inf)
+        l, j = np.unravel_index(int(np.argmax(ratio)), ratio.shape)
+        spent += int(dc[l, j])
+        k[l] = j
 
 
 def _check_sizes(sizes, shape):
@@ -315,4 +390,4 @@ def average_bits(sizes, bits) -> float:
     return float(np.sum(s * np.asarray(bits, np.float64)) / np.sum(s))
 
 
-__all__ = ["allocate_weight_bits", "allocate_bits_table", "expected_distortion", "average_bits", "check_candidates"]
+__all__ = ["allocate_weight_bits", "allocate_bits_table", "water_fill", "expected_distortion", "average_bits", "check_candidates"]

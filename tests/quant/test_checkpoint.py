@@ -140,3 +140,25 @@ def test_roundtrip_block_branch_schedule_and_config(tmp_path):
         a, b = getattr(node, f), getattr(n2, f)
         assert a.dtype == b.dtype and np.array_equal(np.asarray(a).view(np.uint8), np.asarray(b).view(np.uint8)), f
     assert back["transformer_blocks_0"]["attn"]["to_q"]["bias"].dtype == jnp.bfloat16
+
+
+def test_roundtrip_full_rotation_with_signs(tmp_path):
+    """A node rotated over its full input dimension (192 = 12 * 16, stored H_12 kron H_16) with QuaRot's random
+    signs folded into `smooth`: save/load keeps the block, the signs, the packed codes and the function."""
+    from qdit4sr_jax.quant.linear import linear
+    from qdit4sr_jax.quant.transforms import rotation_signs
+    rng = np.random.default_rng(4)
+    params = {"transformer_blocks_0": {"ff": {"net_2": {"kernel": jnp.asarray(rng.normal(size=(192, 48)), jnp.float32),
+                                                        "bias": jnp.zeros(48, jnp.float32)}}}}
+    cfg = QuantConfig.preset("qdit4sr-paper-w4a4").replace(vatmp=False, lowrank_rank=8, hsvd_block=(16, 64))
+    q = qdit4sr_jax.quantize(params, cfg)
+    node = q["transformer_blocks_0"]["ff"]["net_2"]["kernel"]
+    assert node.rotate == 192 and node.packed
+    np.testing.assert_array_equal(np.asarray(node.smooth), rotation_signs(192))
+    qdit4sr_jax.save(tmp_path / "ck", q, cfg)
+    back, cfg2 = qdit4sr_jax.load(tmp_path / "ck")
+    assert cfg2 == cfg and cfg2.rotate_block == "full" and cfg2.rotate_signs
+    n2 = back["transformer_blocks_0"]["ff"]["net_2"]["kernel"]
+    assert n2.static_dict() == node.static_dict() and n2.qvalue.dtype == jnp.uint8
+    x = jnp.asarray(rng.normal(size=(5, 192)).astype(np.float32))
+    np.testing.assert_array_equal(np.asarray(linear(x, node)), np.asarray(linear(x, n2)))
