@@ -224,7 +224,7 @@ def calibration_lrs(source: str, n: int, size: int, scale: int = 4, exclude: Seq
         hr = crop16(read_rgb(os.path.join(folder, f)), size)
         lrs.append(degrade(hr, val_seed(f), scale))
     where = os.path.relpath(folder, ROOT) if folder.startswith(ROOT) else folder
-    return lrs, f"{len(files)} images of {where} ({', '.join(files)})"
+    return lrs, f"{len(files)} image{'' if len(files) == 1 else 's'} of {where} ({', '.join(files)})"
 
 
 def lr_folder(folder: str, *, min_lr: int, crop_lr: Optional[int] = None, exclude: Sequence[str] = (),

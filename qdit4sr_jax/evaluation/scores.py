@@ -48,11 +48,23 @@ def optional_metric(name: str) -> Optional[Callable]:
     return fn
 
 
-def _lpips_fn() -> Tuple[Optional[Callable], str]:
+def _optional_package(name: str):
+    """The module `name` when installed, else None. Learned-metric packages are optional plugins, never
+    dependencies (pyproject.toml declares none of them): they are looked up by name, not imported statically."""
+    import importlib
+    import importlib.util
+    if importlib.util.find_spec(name) is None:
+        return None
     try:
-        import lpips  # noqa: F401
-        import torch
-    except ImportError:
+        return importlib.import_module(name)
+    except Exception:  # noqa: BLE001  (a broken optional install counts as absent)
+        return None
+
+
+def _lpips_fn() -> Tuple[Optional[Callable], str]:
+    lpips = _optional_package("lpips")
+    torch = _optional_package("torch") if lpips is not None else None
+    if lpips is None or torch is None:
         return None, "LPIPS: skipped (the `lpips` package is not installed)"
     hub = os.path.join(torch.hub.get_dir(), "checkpoints")
     if not (os.path.isdir(hub) and any(f.startswith("alexnet") for f in os.listdir(hub))):
@@ -78,11 +90,10 @@ def learned_metrics() -> Tuple[Dict[str, Callable], List[str]]:
     if fn is not None:
         fns["lpips"] = fn
     notes.append(note)
-    try:
-        import pyiqa  # noqa: F401
+    if _optional_package("pyiqa") is not None:
         notes.append("MUSIQ / MANIQA / CLIPIQA: skipped (`pyiqa` is installed, but it downloads weights on first use; "
                      "evaluate downloads nothing)")
-    except ImportError:
+    else:
         notes.append("MUSIQ / MANIQA / CLIPIQA: skipped (the `pyiqa` package is not installed)")
     return fns, notes
 
