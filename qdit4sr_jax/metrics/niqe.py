@@ -15,7 +15,9 @@ Pipeline, for an image given as uint8 (or float on the 0..255 scale) [H, W, 3] R
    the AGGD fit of its MSCN coefficients (shape alpha, (beta_l + beta_r) / 2) and, for each of the four
    pairwise products with the neighbour at shifts (0, 1), (1, 0), (1, 1), (1, -1) (circular within the patch,
    as the MATLAB `circshift`), the AGGD fit (shape alpha, mean (beta_r - beta_l) G(2/a) / G(1/a),
-   left variance beta_l^2, right variance beta_r^2). 2 scales x 18 = 36 features per patch.
+   left scale beta_l, right scale beta_r). 2 scales x 18 = 36 features per patch. (The paper's text names
+   the last two the left and right variances; the authors' release `computefeature.m` stores beta_l and
+   beta_r, and so does every port that reproduces its figures: we follow the release.)
 3. pristine model (`fit_pristine`): over a set of pristine photos, keep in each photo the patches whose
    sharpness (the mean of the scale-1 local std sigma over the patch) exceeds 0.75 x the largest in that
    photo, and fit a multivariate Gaussian (mu, Sigma) to their features (sample covariance, N - 1).
@@ -28,12 +30,16 @@ Gamma(2/a)^2 / (Gamma(1/a) Gamma(3/a)) on the grid a = 0.2, 0.201, ..., 10 (near
 function is increasing in a, so a binary search finds the same point as MATLAB's argmin).
 
 Patch size: the paper uses P = 96 on large photos. The evaluation crops of this project are 256 x 256
-(128 x 128 with small `--crop`), where P = 96 leaves 2 x 2 (1 x 1) patches, too few for Sigma2. The
+(128 x 128 with a small `--crop`), where P = 96 leaves 2 x 2 (1 x 1) patches, too few for Sigma2. The
 shipped model `qdit4sr_jax/assets/niqe_pristine.npz` therefore holds one pristine fit per patch size in
-`PATCH_SIZES`, fitted on the project's 15 training photos (`data/train`, never the evaluation photos) by
-`python -m qdit4sr_jax.metrics.niqe fit --data data/train --out qdit4sr_jax/assets/niqe_pristine.npz`;
-`niqe(img)` uses `DEFAULT_PATCH` (see docs/METRICS.md). Scores are comparable only at the same patch size.
-An image needs at least `MIN_PATCHES` whole patches (a clear ValueError says the minimum size otherwise).
+`PATCH_SIZES`, fitted on the project's 15 training photos (`data/train`, never the evaluation photos),
+each at long sides 1024, 724 and 512 px (`fit_scales`: the validation crops are cut from photos
+downscaled to <= 1024 px, and NIQE depends on the pixel scale), by
+`python -m qdit4sr_jax.metrics.niqe fit --data data/train --out qdit4sr_jax/assets/niqe_pristine.npz`.
+`niqe(img)` uses `DEFAULT_PATCH` = 48, chosen on the development crops (docs/METRICS.md). Scores are
+comparable only at the same patch size. An image needs at least `MIN_PATCHES` whole patches (a clear
+ValueError says the minimum size otherwise). `python -m qdit4sr_jax.metrics.niqe check` prints the
+figures of docs/METRICS.md; `... score FILE...` scores image files.
 """
 from __future__ import annotations
 
@@ -177,7 +183,7 @@ def _patch_features(m: np.ndarray) -> np.ndarray:
         prod = (m * np.roll(m, sh, axis=(1, 2))).reshape(n, -1)
         a, bl, br = aggd_fit(prod)
         mean = (br - bl) * np.exp(gammaln(2 / a) - gammaln(1 / a))
-        feats += [a, mean, bl ** 2, br ** 2]
+        feats += [a, mean, bl, br]
     return np.stack(feats, 1)
 
 
@@ -186,10 +192,10 @@ def _check_size(shape, patch: int, name: str) -> None:
     if patch < 4 or patch % 2:
         raise ValueError(f"{name}: patch must be an even size >= 4, got {patch}")
     if (h // patch) * (w // patch) < MIN_PATCHES:
+        smaller = [p for p in PATCH_SIZES if p < patch]
         raise ValueError(f"{name}: image {h} x {w} holds fewer than {MIN_PATCHES} whole {patch} x {patch} patches; "
                          f"needs at least {patch} x {MIN_PATCHES * patch} (or {MIN_PATCHES * patch} x {patch}) px "
-                         f"at patch={patch}" + (f"; smaller patch sizes shipped: {[p for p in PATCH_SIZES if p < patch]}"
-                                                if any(p < patch for p in PATCH_SIZES) else ""))
+                         f"at patch={patch}" + (f"; smaller patch sizes shipped: {smaller}" if smaller else ""))
 
 
 def features(img, patch: int = DEFAULT_PATCH):
@@ -316,6 +322,63 @@ def _read_folder(folder: str):
     return [(n, np.asarray(Image.open(os.path.join(folder, n)).convert("RGB"))) for n in names]
 
 
+def _distortions(a: np.ndarray) -> Dict[str, np.ndarray]:
+    """Gaussian blur sigma 2, Gaussian noise sigma 15 (seed 0), JPEG quality 10 of a uint8 [H, W, 3] image."""
+    import io
+    from PIL import Image
+    from scipy.ndimage import gaussian_filter
+    x = a.astype(np.float64)
+    buf = io.BytesIO()
+    Image.fromarray(a).save(buf, format="JPEG", quality=10)
+    return {"blur2": np.clip(gaussian_filter(x, (2, 2, 0)), 0, 255).round().astype(np.uint8),
+            "noise15": np.clip(x + np.random.default_rng(0).normal(0, 15, a.shape), 0, 255).round().astype(np.uint8),
+            "jpeg10": np.asarray(Image.open(io.BytesIO(buf.getvalue())).convert("RGB"))}
+
+
+def _check(data: str, patches, split: str = "val", crop: int = 0, timing: bool = True,
+           model_path: Optional[str] = None) -> int:
+    from qdit4sr_jax.data.datasets import development_set, validation_set
+    from qdit4sr_jax.data.degradation import bicubic_upsample
+    from qdit4sr_jax.metrics.spectral import texture_ratio
+    val = validation_set(data) if split == "val" else [v for v in development_set(data) if "~" not in v[0]]
+    if crop:
+        def cc(a, c):
+            y, x = (a.shape[0] - c) // 2, (a.shape[1] - c) // 2
+            return a[y:y + c, x:x + c]
+        val = [(n, cc(hr, crop), cc(lr, crop // 4)) for n, hr, lr in val]
+    print(f"{split} crops: {len(val)}" + (f", centre {crop} x {crop}" if crop else ""))
+    for p in patches:
+        model = load_pristine(p, model_path)
+        print(f"\npatch {p}: NIQE (lower is better); texture = texture_ratio(bicubic, HR)")
+        print("| crop | HR | bicubic x4 of LR | HR blur2 | HR noise15 | HR jpeg10 | texture |")
+        print("|---|---|---|---|---|---|---|")
+        rows, wins = [], 0
+        for name, hr, lr in val:
+            bic = bicubic_upsample(lr)
+            d = _distortions(hr)
+            r = [niqe(x, model=model) for x in (hr, bic, d["blur2"], d["noise15"], d["jpeg10"])]
+            t = texture_ratio(bic, hr)
+            wins += sum(v > r[0] for v in r[2:])
+            rows.append(r + [t])
+            print(f"| {os.path.basename(name)} | " + " | ".join(f"{v:.2f}" for v in r) + f" | {t:.3f} |")
+        m = np.mean(rows, 0)
+        print("| **mean** | " + " | ".join(f"**{v:.2f}**" for v in m[:5]) + f" | **{m[5]:.3f}** |")
+        print(f"distorted copy scored worse than HR in {wins} of {3 * len(val)} cases; bicubic worse than HR in "
+              f"{sum(r[1] > r[0] for r in rows)} of {len(val)}")
+    rng = np.random.default_rng(0)
+    for side in (256, 1024) if timing else ():
+        img = bicubic_upsample(rng.integers(0, 256, (side // 4, side // 4, 3), dtype=np.uint8), 4)   # any content
+        niqe(img)
+        ts = []
+        for _ in range(5):
+            t = time.perf_counter()
+            niqe(img)
+            ts.append(time.perf_counter() - t)
+        print(f"niqe() at {side} x {side} (patch {DEFAULT_PATCH}): median {1e3 * np.median(ts):.1f} ms of 5 "
+              f"(min {1e3 * min(ts):.1f}, OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')})")
+    return 0
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m qdit4sr_jax.metrics.niqe", description=__doc__.split("\n")[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -328,7 +391,18 @@ def main(argv=None) -> int:
     s = sub.add_parser("score", help="print NIQE of image files")
     s.add_argument("images", nargs="+")
     s.add_argument("--patch", type=int, default=None)
+    c = sub.add_parser("check", help="NIQE of the validation crops (HR, bicubic x4 of their LR, blurred / noised / "
+                                     "JPEG copies), texture_ratio of the bicubic upscales, niqe() wall time")
+    c.add_argument("--data", default="data", help="the gathered data folder (data/val, manifest.json)")
+    c.add_argument("--patches", type=int, nargs="+", default=[DEFAULT_PATCH])
+    c.add_argument("--split", choices=("val", "dev"), default="val",
+                   help="val: the 9 validation crops; dev: the 10 data/dev crops (for choosing settings)")
+    c.add_argument("--crop", type=int, default=0, help="score the centre crop of this size instead (0: whole)")
+    c.add_argument("--no-timing", action="store_true")
+    c.add_argument("--model", default=None, help="a pristine .npz other than the shipped one")
     args = ap.parse_args(argv)
+    if args.cmd == "check":
+        return _check(args.data, args.patches, args.split, args.crop, not args.no_timing, args.model)
     if args.cmd == "score":
         from PIL import Image
         for p in args.images:

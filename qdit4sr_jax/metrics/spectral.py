@@ -24,6 +24,7 @@ import numpy as np
 from qdit4sr_jax.metrics.niqe import to_luminance
 
 DEFAULT_BAND = (0.25, 0.5)
+FLAT_ENERGY = 1e-6      # below this a reference counts as flat (one pixel one grey level off on 8 x 8 px gives 36)
 
 
 def _check_band(band) -> Tuple[float, float]:
@@ -59,7 +60,7 @@ def texture_ratio(out, ref, band=DEFAULT_BAND) -> float:
     if o.shape != r.shape:
         raise ValueError(f"texture_ratio: shapes differ {o.shape} vs {r.shape}")
     er = band_energy(r, band)
-    if er <= 0:
+    if er < FLAT_ENERGY:
         raise ValueError(f"texture_ratio: the reference has no energy in band {band} (flat image?)")
     return band_energy(o, band) / er
 
