@@ -80,8 +80,8 @@ def cmd_evaluate(a) -> int:
     from qdit4sr_jax.evaluation import Evaluation, Options, report_text
     o = Options(model=a.model, hr=a.hr, lr=a.lr, methods=a.methods, steps=a.steps, seed=a.seed, calib=a.calib,
                 calib_on_eval=a.calib_on_eval, crop=a.crop, border=a.border, y_channel=a.y_channel, out=a.out,
-                limit=a.limit, devices=a.devices, grid_crop=a.grid_crop, progress=not a.no_progress,
-                learned=not a.no_learned)
+                limit=a.limit, devices=a.devices, grid_crop=a.grid_crop, niqe_patch=a.niqe_patch,
+                progress=not a.no_progress, learned=not a.no_learned)
     t0 = time.perf_counter()
     ev = Evaluation(o, log=lambda *m: print(*m, file=sys.stderr))     # every input checked, nothing written yet
     res = ev.run()
@@ -167,6 +167,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--limit", type=int, default=None, help="use only the first N images")
     e.add_argument("--devices", type=int, default=None,
                    help="spread images over this many local devices (qdit4sr_jax.parallel)")
+    e.add_argument("--niqe-patch", type=int, default=None,
+                   help="NIQE patch size (default: the metric's; shipped pristine models: 96, 48, 32; an image needs "
+                        "two whole patches)")
     e.add_argument("--grid-crop", type=int, default=64, help="crop size (HR px) of the comparison grid's tiles")
     e.add_argument("--out", default="qdit4sr-eval", help="output folder (a rerun resumes from it)")
     e.add_argument("--no-progress", action="store_true")

@@ -65,3 +65,12 @@ def test_quantize_then_upscale_quantized(tmp_path, capsys):
     np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "f.png")), np.asarray(Image.open(tmp_path / "p.png")))
     assert cli.main(["upscale", str(src), str(tmp_path / "x.png"), "--prepare", "packed"]) == 2   # no --quantized
     assert "--quantized" in capsys.readouterr().err
+
+
+def test_evaluate_subcommand_is_wired(capsys):
+    """`qdit4sr-jax evaluate` parses its flags (the run itself: tests/test_evaluate.py)."""
+    a = cli.build_parser().parse_args(["evaluate", "--hr", "x", "--methods", "fp,qdit4sr-w4a4", "--crop", "64",
+                                       "--y-channel", "--border", "4", "--calib", "2", "--devices", "1"])
+    assert a.fn is cli.cmd_evaluate and a.y_channel and a.border == 4 and a.calib == "2" and a.devices == 1
+    assert cli.main(["evaluate", "--hr", "x", "--methods", "nonsense"]) == 2
+    assert "unknown method(s) ['nonsense']" in capsys.readouterr().err

@@ -243,12 +243,14 @@ def test_bad_image_sets_fail_clearly(tmp_path, case):
 
 
 @needs_demo
-@pytest.mark.parametrize("case", ["method", "calib_n", "out_foreign", "hr_missing"])
+@pytest.mark.parametrize("case", ["method", "calib_n", "out_foreign", "hr_missing", "niqe_patch", "border", "devices"])
 def test_cli_bad_inputs_write_nothing(tmp_path, hr_dir, capsys, case):
     out = tmp_path / "out"
     args = ["evaluate", "--hr", str(hr_dir), "--out", str(out), "--crop", "48", "--steps", "1", "--no-progress"]
     expect = {"method": "unknown method(s) ['svdqant-w4a4']", "calib_n": "nothing would be left to score",
-              "out_foreign": "is not empty and holds no evaluate.json", "hr_missing": "does not exist"}[case]
+              "out_foreign": "is not empty and holds no evaluate.json", "hr_missing": "does not exist",
+              "niqe_patch": "--niqe-patch 50", "border": "--border 30 leaves too little",
+              "devices": "--devices 64: this machine has"}[case]
     if case == "method":
         args += ["--methods", "fp,svdqant-w4a4"]
     elif case == "calib_n":
@@ -259,6 +261,9 @@ def test_cli_bad_inputs_write_nothing(tmp_path, hr_dir, capsys, case):
         args += ["--methods", "fp"]
     elif case == "hr_missing":
         args[2] = str(tmp_path / "nope")
+    elif case in ("niqe_patch", "border", "devices"):
+        args += ["--methods", "fp", {"niqe_patch": "--niqe-patch", "border": "--border", "devices": "--devices"}[case],
+                 {"niqe_patch": "50", "border": "30", "devices": "64"}[case]]
     assert cli.main(args) == 2
     assert expect in capsys.readouterr().err
     assert (sorted(os.listdir(out)) == ["mine.txt"]) if case == "out_foreign" else not out.exists()

@@ -112,6 +112,7 @@ class Options:
     limit: Optional[int] = None
     devices: Optional[int] = None
     grid_crop: int = 64
+    niqe_patch: Optional[int] = None    # NIQE patch size (None: qdit4sr_jax.metrics.niqe's default)
     progress: bool = True
     learned: bool = True
 
@@ -126,7 +127,8 @@ def _calib_plan(o: Options, items: List[D.Item], cfg) -> Tuple[List[D.Item], Opt
         if o.calib_on_eval:
             if n > len(items):
                 raise ValueError(f"--calib {n}: only {len(items)} input image(s)")
-            return items, [it.lr for it in items[:n]], f"the first {n} input(s) ({', '.join(i.name for i in items[:n])}), also scored (--calib-on-eval)"
+            return items, [it.lr for it in items[:n]], \
+                f"the first {n} input(s) ({', '.join(i.name for i in items[:n])}), also scored (--calib-on-eval)"
         if n >= len(items):
             raise ValueError(f"--calib {n} holds out the first {n} input(s) for calibration but there are only "
                              f"{len(items)}: nothing would be left to score (use a smaller N, --calib DIR, or "
@@ -189,7 +191,7 @@ class Evaluation:
         self.gains = any(q is not None and q.needs_step_gains for _, q in self.methods)
         self.items, self._calib_lrs, self.calib_desc = _calib_plan(o, items, self.cfg) if self.needs_calib \
             else (items, None, "not needed by these methods")
-        self.scorer = Scorer(o.y_channel, o.border, learned=o.learned)
+        self.scorer = Scorer(o.y_channel, o.border, learned=o.learned, niqe_patch=o.niqe_patch)
         if o.border:
             small = min(min(it.lr.shape[:2]) * self.cfg.scale for it in self.items)
             if small <= 2 * o.border + 6:
@@ -208,7 +210,7 @@ class Evaluation:
         return dict(model=o.model if o.model == "demo" else os.path.abspath(o.model), model_config=self.cfg.name,
                     hr=ab(o.hr), lr=ab(o.lr), steps=self.steps, seed=o.seed, crop=o.crop, limit=o.limit,
                     calib=str(o.calib), calib_on_eval=o.calib_on_eval, y_channel=o.y_channel, border=o.border,
-                    images=[it.name for it in self.items], methods=[m for m, _ in self.methods])
+                    niqe_patch=o.niqe_patch, images=[it.name for it in self.items], methods=[m for m, _ in self.methods])
 
     def _path(self, *parts) -> str:
         return os.path.join(self.o.out, *parts)
@@ -328,7 +330,7 @@ class Evaluation:
     def _finish(self, records: List[dict]) -> dict:
         o = self.o
         keys = self.scorer.keys(self.has_hr)
-        conv = [self.scorer.convention(),
+        conv = [self.scorer.convention(self.has_hr),
                 f"size (M) and ops (G): the paper's definitions (qdit4sr_jax.report.size_ops) at a {self.hw[1]}x"
                 f"{self.hw[0]} output, {self.steps} steps; W/A bits: size-weighted weight / MAC-weighted activation "
                 f"bits of the quantized linears",
@@ -362,6 +364,7 @@ def report_text(res: dict, out: str) -> str:
     lines += [f"- {c}" for c in res["conventions"]]
     lines += [f"- {n}" for n in res["notes"]]
     if res["resumed"]:
-        lines.append(f"Resumed: {res['resumed']} (method, image) result(s) were already in {out} and were not recomputed.")
+        lines.append(f"Resumed: {res['resumed']} (method, image) result(s) were already in {out} and were not "
+                     f"recomputed.")
     lines.append(f"Files: {os.path.join(out, 'results.csv')}, results.json, grid.png, images/<method>/")
     return "\n".join(lines)

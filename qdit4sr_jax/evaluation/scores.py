@@ -101,13 +101,23 @@ def learned_metrics() -> Tuple[Dict[str, Callable], List[str]]:
 class Scorer:
     """Per-image figures of outputs (uint8 [H, W, 3]) against HR (or None) and the FP output (or None)."""
 
-    def __init__(self, y_channel: bool = False, border: int = 0, learned: bool = True):
+    def __init__(self, y_channel: bool = False, border: int = 0, learned: bool = True,
+                 niqe_patch: Optional[int] = None):
+        """niqe_patch: NIQE's patch size (None: the metric's default; NIQE figures compare only at one size)."""
         if border < 0:
             raise ValueError(f"--border must be >= 0, got {border}")
         self.y_channel, self.border = bool(y_channel), int(border)
+        self.niqe_patch = niqe_patch
         self.niqe = optional_metric("niqe")
         self.texture = optional_metric("texture_ratio")
         self.learned, self.notes = learned_metrics() if learned else ({}, [])
+        if self.niqe is not None and niqe_patch is not None:
+            load = optional_metric("load_pristine")
+            if load is not None:
+                try:
+                    load(int(niqe_patch))              # the shipped pristine model for that patch size
+                except ValueError as e:
+                    raise ValueError(f"--niqe-patch {niqe_patch}: {e}") from None
         if self.niqe is None:
             self.notes.append("NIQE: skipped (qdit4sr_jax.metrics.niqe is not in this version)")
         if self.texture is None:
@@ -125,8 +135,11 @@ class Scorer:
             k += sorted(self.learned)
         return k
 
-    def convention(self) -> str:
+    def convention(self, has_hr: bool = True) -> str:
         """One line naming the PSNR / SSIM convention."""
+        if not has_hr:
+            return ("no HR: PSNR / SSIM vs HR not computed; PSNR / HF-PSNR vs FP on RGB, whole image (same seed: "
+                    "the quantization error alone)")
         ch = "the Y channel (BT.601)" if self.y_channel else "RGB"
         bd = f"{self.border} px cropped from every side" if self.border else "no border crop"
         return (f"PSNR / SSIM vs HR on {ch}, {bd} (peak 255; SSIM: 7x7 window, scikit-image's conventions); "
@@ -164,7 +177,7 @@ class Scorer:
         else:
             r["psnr_fp"] = r["hf_fp"] = NAN
         if self.niqe is not None:
-            r["niqe"] = self._safe("niqe", self.niqe, out)
+            r["niqe"] = self._safe("niqe", self.niqe, out, self.niqe_patch)
         if self.texture is not None:
             if hr is not None:
                 r["texture_hr"] = self._safe("texture_ratio", self.texture, out, hr)
