@@ -244,7 +244,7 @@ def fit_pristine(images: Iterable, patch: int, threshold: float = SHARPNESS_THRE
                 n_images=len(kept))
 
 
-_CACHE: Dict[int, Dict] = {}
+_CACHE: Dict[tuple, Dict] = {}
 
 
 def load_pristine(patch: Optional[int] = None, path: Optional[str] = None) -> Dict:
@@ -260,9 +260,11 @@ def load_pristine(patch: Optional[int] = None, path: Optional[str] = None) -> Di
             sizes = [int(v) for v in z["patch_sizes"]]
             if patch not in sizes:
                 raise ValueError(f"niqe: no pristine model for patch={patch} in {p}; shipped patch sizes: {sizes}")
-            _CACHE[key] = dict(mu=z[f"mu_{patch}"], cov=z[f"cov_{patch}"], patch=patch,
-                               n_patches=int(z[f"n_patches_{patch}"]))
-    return _CACHE[key]
+            mu, cov = z[f"mu_{patch}"], z[f"cov_{patch}"]
+            mu.setflags(write=False)
+            cov.setflags(write=False)                  # cached: shared by every caller
+            _CACHE[key] = dict(mu=mu, cov=cov, patch=patch, n_patches=int(z[f"n_patches_{patch}"]))
+    return dict(_CACHE[key])
 
 
 def niqe(img, patch: Optional[int] = None, model: Optional[Dict] = None) -> float:
@@ -283,13 +285,12 @@ def niqe(img, patch: Optional[int] = None, model: Optional[Dict] = None) -> floa
     return mvg_distance(model["mu"], model["cov"], f.mean(0), np.cov(f, rowvar=False))
 
 
-# ------------------------------------------------------------------------------------------------ CLI
-
 def fit_scales(photo: np.ndarray, sides=FIT_SIDES):
     """A pristine photo uint8 [H, W, 3] at each long side in `sides` (Lanczos, never upscaled; repeats of
     the same size dropped) -> list of uint8 images. The validation crops are cut from photos downscaled
     to <= 1024 px, and NIQE depends on the pixel scale, so the pristine model sees photos at that scale
-    and two smaller steps (1024 / sqrt 2, 512), which also triples the number of sharp patches."""
+    and two smaller steps (1024 / sqrt 2, 512), which also keeps more sharp patches (401 vs 207 at P = 48
+    than the photos at their native size; docs/METRICS.md)."""
     from PIL import Image
     out, seen = [], set()
     h, w = photo.shape[:2]
@@ -302,6 +303,8 @@ def fit_scales(photo: np.ndarray, sides=FIT_SIDES):
         out.append(photo if f == 1.0 else np.asarray(Image.fromarray(photo).resize(size, Image.LANCZOS)))
     return out
 
+
+# ------------------------------------------------------------------------------------------------ CLI
 
 def _read_folder(folder: str):
     """[(name, uint8 [H, W, 3])] of the photos in a folder; refuses evaluation photos (data/val, data/dev)."""

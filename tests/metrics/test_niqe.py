@@ -174,3 +174,24 @@ def test_errors():
         niqe(np.full((128, 128, 3), 90, np.uint8))
     with pytest.raises(ValueError, match="fitted at patch=48"):
         niqe(img, patch=32, model=load_pristine(48))
+
+
+def test_cli_refuses_evaluation_photos_and_scores(tmp_path, capsys):
+    """`fit` fits on training photos only; `score` prints NIQE per file."""
+    import json
+    folder = tmp_path / "val"
+    folder.mkdir()
+    Image.fromarray(_sample("chelsea")).save(folder / "c.png")
+    (tmp_path / "manifest.json").write_text(json.dumps({"files": [{"file": "val/c.png", "split": "val"}]}))
+    with pytest.raises(ValueError, match="evaluation photos"):
+        niqe_mod.main(["fit", "--data", str(folder), "--out", str(tmp_path / "m.npz")])
+    assert not (tmp_path / "m.npz").exists()
+    assert niqe_mod.main(["score", str(folder / "c.png")]) == 0
+    assert f"{niqe(_sample('chelsea')):.4f}" in capsys.readouterr().out
+
+
+def test_fit_scales():
+    photo = np.zeros((600, 1500, 3), np.uint8)
+    sizes = [im.shape[:2] for im in niqe_mod.fit_scales(photo)]
+    assert sizes == [(410, 1024), (290, 724), (205, 512)]
+    assert [im.shape[:2] for im in niqe_mod.fit_scales(photo[:300, :400])] == [(300, 400)]   # never upscaled
