@@ -16,7 +16,9 @@ SmoothQuant / SVDQuant smoothing and by VaTMP): --calib "train" (default: seeded
 Metrics per image, then averaged (`qdit4sr_jax.metrics`): PSNR (dB, RGB, peak 255) and SSIM (RGB, scikit-image's
 conventions) vs HR; PSNR vs the
 FP output; HF-PSNR vs FP: PSNR of the high band x - G_1(x) (Gaussian sigma 1 per channel, level 0 of a
-Laplacian pyramid) of the output vs that of the FP output (the local-texture error the paper is about).
+Laplacian pyramid) of the output vs that of the FP output (the local-texture error the paper is about);
+NIQE and the texture ratios vs HR / FP (`qdit4sr_jax.metrics.niqe`, `texture_ratio`). The per-image figures
+come from `qdit4sr_jax.evaluation.scores.Scorer` (RGB, no border crop), the scorer of `qdit4sr-jax evaluate`.
 Also per config: the size-weighted average weight bits, the MAC-weighted average activation bits
 (under mixed precision), and size (M) / ops (G) by the paper's convention (`report.size_ops`).
 
@@ -54,7 +56,7 @@ from qdit4sr_jax.evaluation.data import eval_images as _eval_images  # noqa: E40
 from qdit4sr_jax.evaluation.data import load_bundle as _load_bundle  # noqa: E402
 from qdit4sr_jax.evaluation.output import fmt as _f, format_table, grid_image, write_png  # noqa: E402,F401
 from qdit4sr_jax.evaluation.run import Result, effective_bits  # noqa: E402,F401
-from qdit4sr_jax.evaluation.scores import image_metrics  # noqa: E402,F401
+from qdit4sr_jax.evaluation.scores import Scorer, image_metrics  # noqa: E402,F401
 
 
 # ----------------------------------------------------------------------------- data
@@ -136,6 +138,9 @@ class Study:
         self._calib = None
         self.calib_desc = ""
         self.results: Dict[str, Result] = {}
+        # per-image figures: evaluate's scorer (RGB, no border: image_metrics' four figures, plus NIQE and the
+        # texture ratios vs HR / FP), one implementation of each metric
+        self.scorer = Scorer(learned=False)
         t0 = time.perf_counter()
         self.fp = self._upscale(self.params)
         self.fp_s = time.perf_counter() - t0
@@ -175,8 +180,8 @@ class Study:
         t0 = time.perf_counter()
         outs = self._upscale(p)
         tu = time.perf_counter() - t0
-        wb, ab, size, ops = effective_bits(self.cfg, qt, self.hw)
-        per = [image_metrics(o, hr, f) for o, (_, hr, _), f in zip(outs, self.images, self.fp)]
+        wb, ab, size, ops = effective_bits(self.cfg, qt, self.hw, self.steps)
+        per = [self.scorer.score(o, hr, f) for o, (_, hr, _), f in zip(outs, self.images, self.fp)]
         r = Result(label, method, bits, per, wb, ab, size, ops, tq, tu, outs)
         self.results[label] = r
         self.log(f"{label:44s} PSNR-FP {r.mean('psnr_fp'):6.2f}  HF {r.mean('hf_fp'):6.2f}  "
@@ -185,13 +190,12 @@ class Study:
 
     def fp_result(self) -> Result:
         from qdit4sr_jax import report
-        r = report.size_ops(self.cfg, height=self.hw[0], width=self.hw[1], count_unused=False)
-        per = [image_metrics(o, hr, None) for o, (_, hr, _) in zip(self.fp, self.images)]
+        r = report.size_ops(self.cfg, height=self.hw[0], width=self.hw[1], steps=self.steps, count_unused=False)
+        per = [self.scorer.score(o, hr, None, is_fp=True) for o, (_, hr, _) in zip(self.fp, self.images)]
         return Result("FP", "fp", "w32a32", per, 32.0, 32.0, r["size_M"], r["ops_G"], 0.0, self.fp_s, self.fp)
 
     def bicubic_result(self) -> Result:
-        per = [dict(psnr_hr=psnr(b, hr), ssim_hr=ssim(b, hr), psnr_fp=psnr(b, f), hf_fp=hf_psnr(b, f))
-               for b, (_, hr, _), f in zip(self.bicubic, self.images, self.fp)]
+        per = [self.scorer.score(b, hr, f) for b, (_, hr, _), f in zip(self.bicubic, self.images, self.fp)]
         return Result("bicubic", "bicubic", "-", per, float("nan"), float("nan"), float("nan"), float("nan"),
                       0.0, 0.0, self.bicubic)
 
@@ -466,7 +470,9 @@ def main(argv=None) -> int:
            f"Command: `{cmd}`  ", f"Machine: this CPU ({machine()}); whole run {total / 60:.1f} min.  ", desc + "  ",
            f"Calibration: {st.calib_desc or 'not needed'}.  ",
            "Metrics: PSNR / SSIM vs HR; PSNR vs the FP output (same seed); HF-PSNR = PSNR of the x - G_1(x) "
-           "high band vs FP's. W/A bits: size-weighted weight / MAC-weighted activation averages over the "
+           "high band vs FP's; NIQE (no reference, lower is better, qdit4sr_jax.metrics.niqe's default patch); "
+           "texture / HR, / FP = high-band (0.25-0.5 cycles/px) spectral energy over the reference's "
+           "(qdit4sr_jax.metrics.texture_ratio). W/A bits: size-weighted weight / MAC-weighted activation averages over the "
            "quantized linears. " + qwix_note()]
     for title, rows in sections:
         out += ["", f"### {title}", "", format_table(rows), "", "PSNR vs FP per image:", "",

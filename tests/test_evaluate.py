@@ -122,7 +122,7 @@ def test_same_figures_as_the_fidelity_study(run, hr_dir):
                  step_gains=False)
     r = st.run("rtn-w4a4", F.method_config("rtn", "w4a4"), "rtn", "w4a4")
     ev = {m["method"]: m for m in run["results"]["methods"]}
-    for key in ("psnr_hr", "ssim_hr", "psnr_fp", "hf_fp"):
+    for key in ("psnr_hr", "ssim_hr", "psnr_fp", "hf_fp", "texture_hr", "texture_fp"):
         assert [p[key] for p in ev["rtn-w4a4"]["per_image"]] == [m[key] for m in r.per_image], key
         assert [p[key] for p in ev["bicubic"]["per_image"]] == [m[key] for m in st.bicubic_result().per_image], key
     assert [p["psnr_hr"] for p in ev["fp"]["per_image"]] == [m["psnr_hr"] for m in st.fp_result().per_image]

@@ -82,13 +82,16 @@ def strict_json(v):
 
 def format_table(rows: Sequence, bits_col: bool = True) -> str:
     """The fidelity study's table of `Result` rows (label, w_bits, a_bits, mean(key), size_m, ops_g,
-    quantize_s, upscale_s)."""
-    head = ["config", "W/A bits (eff.)", "PSNR vs HR", "SSIM vs HR", "PSNR vs FP", "HF-PSNR vs FP",
-            "size (M)", "ops (G)", "quantize (s)", "upscale (s)"]
+    quantize_s, upscale_s); NIQE / texture columns when every row has those figures."""
+    extra = [k for k in ("niqe", "texture_hr", "texture_fp") if rows and all(r.per_image and k in r.per_image[0]
+                                                                             for r in rows)]
+    head = ["config", "W/A bits (eff.)", "PSNR vs HR", "SSIM vs HR", "PSNR vs FP", "HF-PSNR vs FP"] + \
+        [LABELS[k] for k in extra] + ["size (M)", "ops (G)", "quantize (s)", "upscale (s)"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
+        cells = "".join(f"{fmt(r.mean(k), DIGITS.get(k, 2))} | " for k in extra)
         lines.append(f"| {r.label} | {bits_cell(r.w_bits, r.a_bits)} | {fmt(r.mean('psnr_hr'))} | "
-                     f"{fmt(r.mean('ssim_hr'), 4)} | {fmt(r.mean('psnr_fp'))} | {fmt(r.mean('hf_fp'))} | "
+                     f"{fmt(r.mean('ssim_hr'), 4)} | {fmt(r.mean('psnr_fp'))} | {fmt(r.mean('hf_fp'))} | {cells}"
                      f"{fmt(r.size_m, 3)} | {fmt(r.ops_g, 2)} | {r.quantize_s:.1f} | {r.upscale_s:.1f} |")
     return "\n".join(lines)
 
