@@ -362,6 +362,33 @@ def _shape_name(shape) -> str:
 
 def _quantize_qdit4sr(params, cfg, calib, layer_w_bits, a_schedules, chunk, return_info, compile_threads, tm,
                       step_weights=None):
+    """The recipe in five phases: checks -> VaTMP -> pass 1 (branches) -> VaSMP -> pass 2 (residuals)."""
+    names, fixed_bits, stats, measured = _check_inputs(params, cfg, calib, layer_w_bits, a_schedules, step_weights)
+    tm.lap("select layers + calib stats")
+    scheds = _vatmp_phase(cfg, stats, names, a_schedules, step_weights)
+    tm.lap("VaTMP")
+    layers = _layer_table(params, cfg, names, stats, measured)
+    tm.lap("layer specs (per-layer host loop)")
+    _pass1(layers, chunk, compile_threads, tm)
+    order, sizes, w_bits = _vasmp_phase(layers, cfg, fixed_bits, measured)
+    tm.lap("VaSMP")
+    new = _pass2(layers, cfg, w_bits, scheds, chunk, compile_threads, tm)
+    out = rules.replace_kernels(params, new)
+    tm.lap("tree rebuild")
+    if tm.on:
+        tm.lap("wait for outputs", jax.tree_util.tree_leaves(out))
+    if not return_info:
+        return out
+    info = {"w_bits": w_bits, "a_schedule": scheds, "residual_var": {nm: layers[nm]["var"] for nm in order},
+            "size": {nm: int(s) for nm, s in zip(order, sizes)}}
+    if measured:
+        info["sq_err"] = {nm: dict(zip(map(int, cfg.w_bit_candidates), layers[nm]["mse"].tolist())) for nm in order}
+    return out, info
+
+
+def _check_inputs(params, cfg, calib, layer_w_bits, a_schedules, step_weights):
+    """Phase 0: every check that needs no SVD. Returns (names {path str: tree path}, fixed_bits {path: bits},
+    stats (normalised calibration statistics), measured: VaSMP uses the measured distortion table)."""
     if cfg.hsvd and cfg.lowrank_rank <= 0:
         raise ValueError("QuantConfig.hsvd=True needs lowrank_rank > 0 (the parameter budget of the branches)")
     fixed_bits = dict(cfg.layer_w_bits)
@@ -393,14 +420,15 @@ def _quantize_qdit4sr(params, cfg, calib, layer_w_bits, a_schedules, chunk, retu
         raise ValueError("VaTMP (QuantConfig.vatmp=True) needs calibration statistics over the sampling "
                          "steps: pass calib=qdit4sr_jax.calibrate(model_cfg, params, lr_latent, noise, ...) "
                          "or set vatmp=False")
-
     distortion = getattr(cfg, "vasmp_distortion", "measured")
     if distortion not in ("measured", "model"):
         raise ValueError(f"QuantConfig.vasmp_distortion must be 'measured' or 'model', got {distortion!r}")
-    measured = bool(cfg.vasmp) and distortion == "measured"
-    tm.lap("select layers + calib stats")
+    return names, fixed_bits, stats, bool(cfg.vasmp) and distortion == "measured"
 
-    # ---- VaTMP: a function of the calibration statistics alone, so it runs (and fails) before any SVD ----
+
+def _vatmp_phase(cfg, stats, names, a_schedules, step_weights) -> Dict[str, np.ndarray]:
+    """Phase 1: VaTMP's per-layer, per-step activation bits (a function of the calibration statistics alone, so it
+    runs, and fails, before any SVD), with explicit `a_schedules` overriding. Returns {path: int [T]}."""
     scheds = {}
     if cfg.vatmp:
         scheds = activation_schedules(stats, list(names), cfg.a_bits, cfg.a_bit_candidates, step_weights,
@@ -410,10 +438,11 @@ def _quantize_qdit4sr(params, cfg, calib, layer_w_bits, a_schedules, chunk, retu
     for nm, s in scheds.items():
         if s.ndim != 1 or not np.issubdtype(s.dtype, np.integer) or s.min() < 2 or s.max() > 8:
             raise ValueError(f"layer {nm!r}: activation schedule must be integers in 2..8 of shape [T]")
-    tm.lap("VaTMP")
+    return scheds
 
-    # ---- pass 1: branches + residual variances ----------------------------------------------------
-    layers = {}
+
+def _layer_table(params, cfg, names, stats, measured) -> Dict[str, dict]:
+    """Per layer: {path, kernel [K, N], ch (smoothing's ch_absmax [K] on the host) | None, bspec (BranchSpec)}."""
     ch_host = {}
     if cfg.smooth:                       # every layer's ch_absmax on the host in one transfer, not one each
         for name in names:
@@ -422,6 +451,7 @@ def _quantize_qdit4sr(params, cfg, calib, layer_w_bits, a_schedules, chunk, retu
                 raise ValueError(f"layer {name!r}: no calibration statistics (smoothing needs them)")
             ch_host[name] = st["ch_absmax"]
         ch_host = jax.device_get(ch_host)
+    layers = {}
     for name, path in names.items():
         kernel = _get(params, path)["kernel"]
         k, n = kernel.shape
@@ -432,18 +462,23 @@ def _quantize_qdit4sr(params, cfg, calib, layer_w_bits, a_schedules, chunk, retu
             if ch.shape != (k,):
                 raise ValueError(f"layer {name!r}: calibration ch_absmax has {ch.shape[0]} channels, kernel d_in={k}")
         layers[name] = dict(path=path, kernel=kernel, ch=ch, bspec=branch_spec(cfg, kernel.shape, spec0, measured))
-    tm.lap("layer specs (per-layer host loop)")
+    return layers
 
-    def grouped(key_fn):
-        g = {}
-        for name, L in layers.items():
-            g.setdefault(key_fn(name, L), []).append(name)
-        return g
 
-    # one program per (shape, dtype, recipe): fixed-size chunks, the last padded with its last layer
+def _grouped(layers) -> Dict[tuple, list]:
+    """Layer names by (kernel shape, dtype, BranchSpec): one program per group."""
+    g = {}
+    for name, L in layers.items():
+        g.setdefault((tuple(L["kernel"].shape), str(L["kernel"].dtype), L["bspec"]), []).append(name)
+    return g
+
+
+def _pass1(layers, chunk, compile_threads, tm) -> None:
+    """Phase 2: the branches (H-SVD or SVD) of every layer, the residual variance and (measured VaSMP) the
+    squared errors at each candidate; fills layers[name]["fac"], ["var"], ["mse"]. One program per group,
+    fixed-size chunks, the last padded with its last layer."""
     calls = []
-    for (_, _, bspec), group in grouped(lambda nm, L: (tuple(L["kernel"].shape), str(L["kernel"].dtype),
-                                                      L["bspec"])).items():
+    for (_, _, bspec), group in _grouped(layers).items():
         for part in balanced_chunks(group, chunk):
             ws = tuple(layers[nm]["kernel"] for nm in part)
             chs = None if layers[part[0]]["ch"] is None else tuple(layers[nm]["ch"] for nm in part)
@@ -473,32 +508,35 @@ def _quantize_qdit4sr(params, cfg, calib, layer_w_bits, a_schedules, chunk, retu
     del pending
     tm.lap("pass 1 collect (device_get, per-layer loop)")
 
-    # ---- VaSMP ---------------------------------------------------------------------------------
+
+def _vasmp_phase(layers, cfg, fixed_bits, measured):
+    """Phase 3: every layer's weight bits: VaSMP (measured table or the variance model; cfg.vasmp_solver) or the
+    fixed / per-layer bits. Returns (layer order, sizes int64 [L], {path: bits})."""
     order = list(layers)
     sizes = np.array([int(np.prod(layers[nm]["kernel"].shape)) for nm in order], np.int64)
     if measured:
         bits = allocate_bits_table(np.stack([layers[nm]["mse"] for nm in order]), sizes, cfg.w_bits,
                                    cfg.w_bit_candidates, solver=cfg.vasmp_solver)
-        w_bits = {nm: int(b) for nm, b in zip(order, bits)}
     elif cfg.vasmp:
         bits = allocate_weight_bits([layers[nm]["var"] for nm in order], sizes, cfg.w_bits, cfg.w_bit_candidates,
                                     solver=cfg.vasmp_solver)
-        w_bits = {nm: int(b) for nm, b in zip(order, bits)}
     else:
         if float(cfg.w_bits) != int(cfg.w_bits):
             raise ValueError(f"w_bits={cfg.w_bits} is fractional; that needs vasmp=True")
-        w_bits = {nm: int(fixed_bits.get(nm, cfg.w_bits)) for nm in order}
-    tm.lap("VaSMP")
+        bits = [fixed_bits.get(nm, cfg.w_bits) for nm in order]
+    return order, sizes, {nm: int(b) for nm, b in zip(order, bits)}
 
-    # ---- pass 2: quantize the residuals ----------------------------------------------------------
-    # one program per (shape, dtype, recipe, node structure): the weight bits are data (see
-    # `_residual_program`), so VaSMP's choice of widths does not multiply the compilations
+
+def _pass2(layers, cfg, w_bits, scheds, chunk, compile_threads, tm) -> dict:
+    """Phase 4: every residual (rebuilt from pass 1's factors, no second SVD) quantized at its bits, with its
+    activation schedule. One program per (shape, dtype, recipe, node structure): the weight bits are data (see
+    `_residual_program`), so VaSMP's choice of widths does not multiply the compilations.
+    Returns {tree path: QuantizedWeight}."""
     a_default = None if cfg.a_bits is None else int(round(cfg.a_bits))
     if scheds and a_default is None:
         raise ValueError("an activation-bit schedule needs a default a_bits (used when no step is given)")
     calls = []
-    for (shape, dt, bspec), group in grouped(lambda nm, L: (tuple(L["kernel"].shape), str(L["kernel"].dtype),
-                                                           L["bspec"])).items():
+    for (shape, dt, bspec), group in _grouped(layers).items():
         spec = dataclasses.replace(layer_spec(cfg, shape, dt, 8), a_bits=a_default)
         f0 = layers[group[0]]["fac"]
         classes = _bits_classes([w_bits[nm] for nm in group], (shape[1], shape[0]), spec, bspec, f0, shape[0])
@@ -524,18 +562,7 @@ def _quantize_qdit4sr(params, cfg, calib, layer_w_bits, a_schedules, chunk, retu
             b = w_bits[nm]
             new[layers[nm]["path"]] = _finish_node(temps[b], arrays, b, pack, sched_dev.get(nm))
         tm.lap("pass 2 finish nodes (per-layer host loop, a_schedule transfer)")
-    del calls
-    out = rules.replace_kernels(params, new)
-    tm.lap("tree rebuild")
-    if tm.on:
-        tm.lap("wait for outputs", jax.tree_util.tree_leaves(out))
-    if not return_info:
-        return out
-    info = {"w_bits": w_bits, "a_schedule": scheds, "residual_var": {nm: layers[nm]["var"] for nm in order},
-            "size": {nm: int(s) for nm, s in zip(order, sizes)}}
-    if measured:
-        info["sq_err"] = {nm: dict(zip(map(int, cfg.w_bit_candidates), layers[nm]["mse"].tolist())) for nm in order}
-    return out, info
+    return new
 
 
 __all__ = ["quantize_qdit4sr", "activation_schedules", "BranchSpec"]
