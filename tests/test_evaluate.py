@@ -206,7 +206,7 @@ def test_pairs_by_name_odd_images_and_lr_only(tmp_path):
 
 
 @pytest.mark.parametrize("case", ["missing", "empty", "unreadable", "tiny", "not4x", "unmatched", "crop_odd",
-                                  "crop_big", "no_dirs"])
+                                  "crop_big", "no_dirs", "same_stem"])
 def test_bad_image_sets_fail_clearly(tmp_path, case):
     rng = np.random.default_rng(2)
     lr, hr = tmp_path / "lr", tmp_path / "hr"
@@ -218,7 +218,8 @@ def test_bad_image_sets_fail_clearly(tmp_path, case):
               "unreadable": (ValueError, "cannot read image"), "tiny": (ValueError, "too small"),
               "not4x": (ValueError, "HR must be exactly 4x the LR"), "unmatched": (ValueError, "do not pair up"),
               "crop_odd": (ValueError, "--crop 40 is infeasible: use a positive multiple of 16"),
-              "crop_big": (ValueError, "--crop 64 is infeasible for"), "no_dirs": (ValueError, "give --hr DIR")}[case]
+              "crop_big": (ValueError, "--crop 64 is infeasible for"), "no_dirs": (ValueError, "give --hr DIR"),
+              "same_stem": (ValueError, "several files share the name")}[case]
     if case == "missing":
         kw["lr_dir"] = str(tmp_path / "nope")
     elif case == "empty":
@@ -238,6 +239,9 @@ def test_bad_image_sets_fail_clearly(tmp_path, case):
         kw["crop"] = 64
     elif case == "no_dirs":
         kw["hr_dir"] = kw["lr_dir"] = None
+    elif case == "same_stem":
+        Image.fromarray(rng.integers(0, 256, (48, 48, 3), dtype=np.uint8)).save(hr / "a.jpg")
+        kw["lr_dir"] = None
     with pytest.raises(expect[0], match=expect[1]):
         D.load_items(**kw)
 

@@ -143,7 +143,13 @@ def load_items(hr_dir: Optional[str], lr_dir: Optional[str], *, scale: int, min_
     items: List[Item] = []
     lc = crop // scale if crop else None
     if hr_dir and not lr_dir:
-        for f in list_images(hr_dir, "HR")[:limit]:
+        files = list_images(hr_dir, "HR")
+        stems = [os.path.splitext(f)[0] for f in files]
+        dup = sorted({s for s in stems if stems.count(s) > 1})
+        if dup:
+            raise ValueError(f"{hr_dir!r}: several files share the name {dup[:5]} (e.g. a.png and a.jpg): results are "
+                             f"stored by name, keep one of each")
+        for f in files[:limit]:
             path = os.path.join(hr_dir, f)
             hr = read_rgb(path, notes)
             if crop and min(hr.shape[:2]) < crop:

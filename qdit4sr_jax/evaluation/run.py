@@ -290,7 +290,8 @@ class Evaluation:
             order = sorted(self.methods, key=lambda m: m[0] != "fp")      # FP first: the others are scored against it
             for name, q in order:
                 cdir = self._path("cache", name)
-                pending = [it for it in self.items if not os.path.exists(os.path.join(cdir, f"{it.name}.json"))]
+                pending = [it for it in self.items if not (os.path.exists(os.path.join(cdir, f"{it.name}.json")) and
+                                                           os.path.exists(self._path("images", name, f"{it.name}.png")))]
                 done_before += len(self.items) - len(pending)
                 bar.update(len(self.items) - len(pending))
                 rec_path = os.path.join(cdir, "_method.json")
