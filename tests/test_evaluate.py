@@ -247,11 +247,13 @@ def test_bad_image_sets_fail_clearly(tmp_path, case):
 
 
 @needs_demo
-@pytest.mark.parametrize("case", ["method", "calib_n", "out_foreign", "hr_missing", "niqe_patch", "border", "devices"])
+@pytest.mark.parametrize("case", ["method", "calib_n", "calib_samples", "out_foreign", "hr_missing", "niqe_patch",
+                                  "border", "devices"])
 def test_cli_bad_inputs_write_nothing(tmp_path, hr_dir, capsys, case):
     out = tmp_path / "out"
     args = ["evaluate", "--hr", str(hr_dir), "--out", str(out), "--crop", "48", "--steps", "1", "--no-progress"]
     expect = {"method": "unknown method(s) ['svdqant-w4a4']", "calib_n": "nothing would be left to score",
+              "calib_samples": "every bundled sample is scored",
               "out_foreign": "is not empty and holds no evaluate.json", "hr_missing": "does not exist",
               "niqe_patch": "--niqe-patch 50", "border": "--border 30 leaves too little",
               "devices": "--devices 64: this machine has"}[case]
@@ -259,6 +261,9 @@ def test_cli_bad_inputs_write_nothing(tmp_path, hr_dir, capsys, case):
         args += ["--methods", "fp,svdqant-w4a4"]
     elif case == "calib_n":
         args += ["--methods", "svdquant-w4a4", "--calib", "2"]
+    elif case == "calib_samples":                  # evaluating all bundled samples: the default calibration is empty
+        args[2] = SAMPLES_DIR
+        args += ["--methods", "qdit4sr-w4a4"]
     elif case == "out_foreign":
         out.mkdir()
         (out / "mine.txt").write_text("x")

@@ -23,7 +23,7 @@ import numpy as np
 from PIL import Image
 
 from qdit4sr_jax import pipeline
-from qdit4sr_jax.demo import SAMPLES_DIR
+from qdit4sr_jax.demo import SAMPLES_DIR  # noqa: F401  (re-exported: data.SAMPLES_DIR)
 
 ROOT = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
 DEFAULT_DATA = os.path.join(ROOT, "data")

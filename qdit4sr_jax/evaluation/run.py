@@ -136,6 +136,12 @@ def _calib_plan(o: Options, items: List[D.Item], cfg) -> Tuple[List[D.Item], Opt
         return items[n:], [it.lr for it in items[:n]], \
             f"the first {n} input(s) ({', '.join(i.name for i in items[:n])}), held out from scoring"
     names = [] if o.calib_on_eval else [D.match_key(it.name) for it in items]
+    if spec == "samples" and not o.calib_on_eval:
+        scored = {it.name for it in items}
+        if all(os.path.splitext(f)[0] in scored for f in D.list_images(D.SAMPLES_DIR, "samples")):
+            raise ValueError("--calib samples (the default): every bundled sample is scored, and calibration never "
+                             "uses scored images; pass --calib N (hold out the first N inputs), --calib DIR (LR "
+                             "images), --calib train (data/train) or --calib-on-eval")
     if spec in ("samples", "train"):
         size = max(max(it.lr.shape[:2]) for it in items) * cfg.scale
         lrs, desc = D.calibration_lrs(spec, 4, size, cfg.scale, exclude=[it.name for it in items]
