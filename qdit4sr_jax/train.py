@@ -23,7 +23,7 @@ import math
 import os
 import sys
 import time
-from typing import Optional
+from typing import Any, Optional
 
 import jax
 import jax.numpy as jnp
@@ -398,222 +398,323 @@ def start_psnr(vl: dict, cfg: ModelConfig, bridge_sigma) -> Optional[float]:
     return float(10 * np.log10(4.0 / max(vl[key] * c * c, 1e-20)))
 
 
-# ----------------------------------------------------------------------------- main
+# ----------------------------------------------------------------------------- one training run
 
-def train(args, cfg: Optional[ModelConfig] = None):
-    """Run (or resume) training with the parsed CLI `args`; `cfg` overrides `args.preset` on a fresh start."""
-    from tqdm import tqdm
-    from qdit4sr_jax.data.datasets import PairBank, validation_set
+@dataclasses.dataclass
+class RunStart:
+    """Where a run starts: the float32 params (numpy or jax), the model config, the stored meta of the state it
+    resumes ({} on a fresh start), the learning-rate schedule (total steps, warmup, peak) and the step count."""
+    params: Any
+    cfg: ModelConfig
+    meta: dict
+    total: int
+    warmup: int
+    peak: float
+    start_step: int
+    log: list
+    resumed: bool
 
-    t_start = time.time()
-    if getattr(args, "compile_cache", None):
-        from qdit4sr_jax.quant.api import enable_compilation_cache
-        print(f"compilation cache {enable_compilation_cache(args.compile_cache, min_compile_time_s=1.0)}")
-    resume = os.path.exists(os.path.join(args.out, "state.json"))
-    if resume:
+
+def start_or_resume(args, cfg: Optional[ModelConfig] = None) -> RunStart:
+    """Resume the state in `args.out` if there is one (its config wins over `cfg`; `--total-steps` replaces the
+    stored schedule length; `--prediction` switches the output parametrisation, restarting the head at zero),
+    else start fresh from `cfg` or `args.preset` with `init_train_params`."""
+    if os.path.exists(os.path.join(args.out, "state.json")):
         params, meta = load_state(args.out)
         cfg = config_from_dict(meta["config"])
         total, warmup, peak = meta["total_steps"], meta["warmup"], meta["peak_lr"]
         if args.total_steps:     # lengthen / shorten the schedule of a resumed run
             total = args.total_steps
-        start_step = meta["step"]
-        log = meta.get("log", [])
-        print(f"resuming {args.out} at step {start_step}/{total}")
+        start = RunStart(params, cfg, meta, total, warmup, peak, meta["step"], meta.get("log", []), True)
+        print(f"resuming {args.out} at step {start.start_step}/{total}")
         if args.prediction and args.prediction != cfg.prediction:
             # switch the output parametrisation: the trunk is kept, the output head restarts at zero
             # (with "lr_residual" the model then returns the bicubic-upsampled input exactly)
-            cfg = cfg.replace(prediction=args.prediction, residual_scale=args.residual_scale)
-            params = reinit_head(params)
-            print(f"prediction -> {cfg.prediction} (residual_scale {cfg.residual_scale}); proj_out reset to 0")
-    else:
-        cfg = cfg or ModelConfig.preset(args.preset)
-        if args.prediction:
-            cfg = cfg.replace(prediction=args.prediction, residual_scale=args.residual_scale)
-        params = init_train_params(cfg, args.seed)
-        total, warmup, peak = args.total_steps or 20000, args.warmup, args.lr
-        start_step, log, meta = 0, [], {}
-    print(f"[{time.time() - t_start:.1f}s] params ready", flush=True)
+            start.cfg = cfg.replace(prediction=args.prediction, residual_scale=args.residual_scale)
+            start.params = reinit_head(params)
+            print(f"prediction -> {start.cfg.prediction} (residual_scale {start.cfg.residual_scale}); "
+                  "proj_out reset to 0")
+        return start
+    cfg = cfg or ModelConfig.preset(args.preset)
+    if args.prediction:
+        cfg = cfg.replace(prediction=args.prediction, residual_scale=args.residual_scale)
+    return RunStart(init_train_params(cfg, args.seed), cfg, {}, args.total_steps or 20000, args.warmup, args.lr,
+                    0, [], False)
+
+
+def compute_config(args, cfg: ModelConfig):
+    """-> (the config the step computes with: `--dtype` and the attention kernel, attention name). "auto"
+    attention: cuDNN flash attention on GPU in 16-bit compute, else XLA's."""
     attn = args.attention
-    if attn == "auto":     # cuDNN flash attention on GPU in 16-bit compute, else XLA's
+    if attn == "auto":
         attn = "cudnn" if jax.default_backend() == "gpu" and args.dtype in ("bfloat16", "float16") else "xla"
-    tcfg = cfg.replace(dtype=args.dtype, attention_impl=None if attn == "xla" else attn)
-    params = jax.tree_util.tree_map(lambda a: jnp.asarray(a, jnp.float32), params)
-    n_params = param_count(params)
-    print(f"config {cfg.name}: {n_params:,} params, hidden {cfg.hidden_size}, {cfg.num_layers} blocks; "
-          f"devices {jax.devices()}; compute {args.dtype}; attention {attn}", flush=True)
-    if start_step >= total:
-        print("already trained to total_steps; nothing to do")
-        return params, cfg
+    return cfg.replace(dtype=args.dtype, attention_impl=None if attn == "xla" else attn), attn
 
-    by_time = getattr(args, "schedule", "steps") == "time"
-    # --schedule time: warmup / rewarm by step as usual, the cosine decay by wall-clock progress through this
-    # run's budget (fed to the step as lr_mult); the step schedule then only holds the warmup.
-    opt, sched = make_optimizer(peak, 1 << 30 if by_time else total, warmup, start_step, args.rewarm,
-                                args.weight_decay)
-    opt_state = opt.init(params)
-    ema_decay = float(getattr(args, "ema", 0.0) or 0.0)
-    ema_dir = os.path.join(args.out, "ema")
-    ema_params = None
-    if ema_decay:
-        ema_params = (load_state(ema_dir)[0] if resume and os.path.exists(os.path.join(ema_dir, "state.json"))
-                      else params)
-        ema_params = jax.tree_util.tree_map(lambda a: jnp.array(a, jnp.float32), ema_params)
-    bridge = dict(bridge_frac=args.bridge_frac, bridge_sigma=args.bridge_sigma,
-                  color_aug=getattr(args, "color_aug", False), invert_prob=getattr(args, "invert_prob", 0.0),
-                  ema=ema_decay, loss=getattr(args, "loss", "mse"), bridge_exact=getattr(args, "bridge_exact", 0.25),
-                  start_noise=getattr(args, "start_noise", 1.0))
-    step_fn = make_train_step(tcfg, opt, **bridge)
-    best = dict(meta.get("best") or {})       # {"step", "psnr"}: the best start-PSNR state so far (--keep-best)
-    best_dir = os.path.join(args.out, "best")
-    val = validation_set(args.data, cfg.scale)[:args.val_count or None]
-    val_hr = np.stack([h for _, h, _ in val])
-    val_lr = np.stack([l for _, _, l in val])
 
-    t_bank = time.time()
-    seed0 = meta.get("data_seed", args.seed * 10**9) + 10**7 * len(meta.get("runs", []))  # fresh pairs per run
-    bank = PairBank(args.data, capacity=args.bank, size=args.crop, scale=cfg.scale, workers=args.workers,
-                    seed=seed0)
-    print(f"[{time.time() - t_start:.1f}s] pair bank: {args.bank} pairs filled in {time.time() - t_bank:.1f}s",
-          flush=True)
-    rng = np.random.default_rng(args.seed + start_step)
-    key = jax.random.PRNGKey(args.seed * 7919 + start_step)
-    deadline = t_start + 60 * args.max_minutes
-    next_save = time.time() + 60 * args.save_every_minutes if args.save_every_minutes else float("inf")
-    step = start_step
+def dihedral(hr, lr, k: int):
+    """The same one of the 8 dihedral transforms (k in [0, 8): bit 2 flips, bits 0-1 rotate) of an HR and an LR
+    batch [B, H, W, 3], as contiguous arrays."""
+    if k & 4:
+        hr, lr = hr[:, :, ::-1], lr[:, :, ::-1]
+    hr, lr = np.rot90(hr, k & 3, axes=(1, 2)), np.rot90(lr, k & 3, axes=(1, 2))
+    return np.ascontiguousarray(hr), np.ascontiguousarray(lr)
 
-    def _meta(at, vl=None):
-        runs = meta.get("runs", []) + [dict(start=start_step, end=at, seconds=round(time.time() - t_start, 1),
-                                            device=str(jax.devices()[0].device_kind), batch=args.batch,
-                                            bridge_frac=args.bridge_frac, bridge_sigma=args.bridge_sigma,
-                                            loss=bridge["loss"], bridge_exact=bridge["bridge_exact"],
-                                            start_noise=bridge["start_noise"])]
-        return dict(config=config_to_dict(cfg), step=at, total_steps=total, warmup=warmup, peak_lr=peak,
-                    train_seconds=round(_train_seconds(), 1), schedule="time" if by_time else "steps",
-                    batch=args.batch, crop=args.crop, data_seed=meta.get("data_seed", args.seed * 10**9), log=log,
-                    runs=runs, val_loss=dict(vl or {}), n_params=n_params, best=dict(best))
 
-    bsig = args.bridge_frac and args.bridge_sigma
+class TrainingRun:
+    """One run of `train` between a start (fresh or resumed) and a save: the optimizer and its schedule, the EMA,
+    the jitted step, the validation crops, the pair bank, the step / log counters and the files it writes
+    (`args.out`, `args.out`/ema, `args.out`/best). Methods: `step_once` (one optimizer step), `run_steps` (the
+    loop until the step limit or the time budget), `validate`, `save`, `summary`."""
 
-    def _validate(at):
-        """Validation losses at step `at` (of the EMA params with --ema); with --keep-best also saves
-        `best_dir` when the start PSNR improves."""
-        shipped = ema_params if ema_decay else params
-        vl = val_loss(shipped, tcfg, val_hr, val_lr, bridge_sigma=bsig)
-        ps = start_psnr(vl, cfg, bsig)
-        if getattr(args, "keep_best", False) and ps is not None and ps > best.get("psnr", -np.inf):
-            best.update(step=at, psnr=round(ps, 4))
-            save_state(best_dir, shipped, _meta(at, vl))
-        return vl, ps
+    def __init__(self, args, start: RunStart, t_start: float):
+        self.args, self.t_start = args, t_start
+        self.cfg, self.meta, self.log = start.cfg, start.meta, start.log
+        self.total, self.warmup, self.peak = start.total, start.warmup, start.peak
+        self.start_step = self.step = start.start_step
+        self.resumed = start.resumed
+        self.tcfg, self.attention = compute_config(args, self.cfg)
+        self.params = jax.tree_util.tree_map(lambda a: jnp.asarray(a, jnp.float32), start.params)
+        self.n_params = param_count(self.params)
+        self.by_time = getattr(args, "schedule", "steps") == "time"
+        self.ema_decay = float(getattr(args, "ema", 0.0) or 0.0)
+        self.ema_dir = os.path.join(args.out, "ema")
+        self.best_dir = os.path.join(args.out, "best")
+        self.best = dict(self.meta.get("best") or {})   # {"step", "psnr"}: the best start-PSNR state (--keep-best)
+        self.bsig = args.bridge_frac and args.bridge_sigma
+        self.deadline = t_start + 60 * args.max_minutes
+        self.t_train0, self.t_train_end = None, self.deadline - args.save_margin
+        self.prev_seconds = float(self.meta.get("train_seconds", 0.0))     # training seconds of earlier runs
+        self.anneal_s = 60.0 * float(getattr(args, "anneal_minutes", 0.0) or 0.0)
 
-    def _save(at, vl=None):
-        save_state(args.out, params, _meta(at, vl))
-        if ema_decay:
-            save_state(ema_dir, ema_params, dict(_meta(at, vl), ema=ema_decay))
+    # -- setup
+    def build_optimizer(self):
+        """The optimizer, its state, the EMA params (resumed from OUT/ema when there) and the jitted step.
+        --schedule time: warmup / rewarm by step as usual, the cosine decay by wall-clock progress through this
+        run's budget (fed to the step as lr_mult); the step schedule then only holds the warmup."""
+        a = self.args
+        self.opt, self.sched = make_optimizer(self.peak, 1 << 30 if self.by_time else self.total, self.warmup,
+                                              self.start_step, a.rewarm, a.weight_decay)
+        self.opt_state = self.opt.init(self.params)
+        self.ema_params = None
+        if self.ema_decay:
+            ema = (load_state(self.ema_dir)[0]
+                   if self.resumed and os.path.exists(os.path.join(self.ema_dir, "state.json")) else self.params)
+            self.ema_params = jax.tree_util.tree_map(lambda x: jnp.array(x, jnp.float32), ema)
+        self.step_options = dict(
+            bridge_frac=a.bridge_frac, bridge_sigma=a.bridge_sigma, color_aug=getattr(a, "color_aug", False),
+            invert_prob=getattr(a, "invert_prob", 0.0), ema=self.ema_decay, loss=getattr(a, "loss", "mse"),
+            bridge_exact=getattr(a, "bridge_exact", 0.25), start_noise=getattr(a, "start_noise", 1.0))
+        self.step_fn = make_train_step(self.tcfg, self.opt, **self.step_options)
 
-    t_train0, t_train_end = None, deadline - args.save_margin
-    prev_seconds = float(meta.get("train_seconds", 0.0))     # training seconds of earlier runs
-    anneal_s = 60.0 * float(getattr(args, "anneal_minutes", 0.0) or 0.0)
+    def open_data(self):
+        """The validation crops (`--val-count`) and the pair bank, seeded afresh for every run of a state."""
+        from qdit4sr_jax.data.datasets import PairBank, validation_set
+        a = self.args
+        val = validation_set(a.data, self.cfg.scale)[:a.val_count or None]
+        self.val_hr = np.stack([h for _, h, _ in val])
+        self.val_lr = np.stack([l for _, _, l in val])
+        t_bank = time.time()
+        seed0 = self.data_seed + 10**7 * len(self.meta.get("runs", []))  # fresh pairs per run
+        self.bank = PairBank(a.data, capacity=a.bank, size=a.crop, scale=self.cfg.scale, workers=a.workers,
+                             seed=seed0)
+        print(f"[{time.time() - self.t_start:.1f}s] pair bank: {a.bank} pairs filled in {time.time() - t_bank:.1f}s",
+              flush=True)
+        self.rng = np.random.default_rng(a.seed + self.start_step)
+        self.key = jax.random.PRNGKey(a.seed * 7919 + self.start_step)
 
-    def _train_seconds():
-        return prev_seconds + (0.0 if t_train0 is None else time.time() - t_train0)
+    @property
+    def data_seed(self) -> int:
+        return self.meta.get("data_seed", self.args.seed * 10**9)
 
-    def _progress():
+    # -- the wall-clock schedule
+    def train_seconds(self) -> float:
+        return self.prev_seconds + (0.0 if self.t_train0 is None else time.time() - self.t_train0)
+
+    def progress(self) -> float:
         """Time-schedule progress in [0, 1]: training seconds so far over `--anneal-minutes` (all runs), or
         by default over the seconds that end this run's budget."""
-        if t_train0 is None:
+        if self.t_train0 is None:
             return 0.0
-        total_s = anneal_s or prev_seconds + max(t_train_end - t_train0, 1e-6)
-        return min(1.0, _train_seconds() / total_s)
+        total_s = self.anneal_s or self.prev_seconds + max(self.t_train_end - self.t_train0, 1e-6)
+        return min(1.0, self.train_seconds() / total_s)
 
-    def _lr_mult():
-        return time_cosine(_progress()) if by_time else 1.0
+    def lr_mult(self) -> float:
+        return time_cosine(self.progress()) if self.by_time else 1.0
 
-    def _step(hr, lr, sk):
-        """One optimizer step; updates params / opt_state / ema_params in place; -> (loss, grad norm)."""
-        nonlocal params, opt_state, ema_params
-        mult = jnp.float32(_lr_mult())
-        if ema_decay:
-            k = step - start_step
-            d = jnp.float32(min(ema_decay, (1.0 + k) / (10.0 + k)))
-            params, opt_state, loss, gnorm, ema_params = step_fn(params, opt_state, hr, lr, sk, mult, ema_params, d)
+    # -- checkpoint
+    def state_meta(self, at: int, vl=None) -> dict:
+        """state.json of this run's state at step `at` (with the validation losses `vl`)."""
+        a, o = self.args, self.step_options
+        runs = self.meta.get("runs", []) + [dict(
+            start=self.start_step, end=at, seconds=round(time.time() - self.t_start, 1),
+            device=str(jax.devices()[0].device_kind), batch=a.batch, bridge_frac=a.bridge_frac,
+            bridge_sigma=a.bridge_sigma, loss=o["loss"], bridge_exact=o["bridge_exact"],
+            start_noise=o["start_noise"])]
+        return dict(config=config_to_dict(self.cfg), step=at, total_steps=self.total, warmup=self.warmup,
+                    peak_lr=self.peak, train_seconds=round(self.train_seconds(), 1),
+                    schedule="time" if self.by_time else "steps", batch=a.batch, crop=a.crop,
+                    data_seed=self.data_seed, log=self.log, runs=runs, val_loss=dict(vl or {}),
+                    n_params=self.n_params, best=dict(self.best))
+
+    def save(self, at: int, vl=None):
+        """Write the params (and the EMA params in OUT/ema) with `state_meta(at, vl)`."""
+        save_state(self.args.out, self.params, self.state_meta(at, vl))
+        if self.ema_decay:
+            save_state(self.ema_dir, self.ema_params, dict(self.state_meta(at, vl), ema=self.ema_decay))
+
+    # -- validation
+    def validate(self, at: int):
+        """Validation losses at step `at` (of the EMA params with --ema) and the start PSNR; with --keep-best
+        also saves OUT/best when the start PSNR improves. -> (losses {name: loss}, PSNR or None)."""
+        shipped = self.ema_params if self.ema_decay else self.params
+        vl = val_loss(shipped, self.tcfg, self.val_hr, self.val_lr, bridge_sigma=self.bsig)
+        ps = start_psnr(vl, self.cfg, self.bsig)
+        if getattr(self.args, "keep_best", False) and ps is not None and ps > self.best.get("psnr", -np.inf):
+            self.best.update(step=at, psnr=round(ps, 4))
+            save_state(self.best_dir, shipped, self.state_meta(at, vl))
+        return vl, ps
+
+    # -- steps
+    def step_once(self, hr, lr, sk):
+        """One optimizer step; updates params / opt_state / ema_params; -> (loss, grad norm)."""
+        mult = jnp.float32(self.lr_mult())
+        if self.ema_decay:
+            k = self.step - self.start_step
+            d = jnp.float32(min(self.ema_decay, (1.0 + k) / (10.0 + k)))
+            self.params, self.opt_state, loss, gnorm, self.ema_params = self.step_fn(
+                self.params, self.opt_state, hr, lr, sk, mult, self.ema_params, d)
         else:
-            params, opt_state, loss, gnorm = step_fn(params, opt_state, hr, lr, sk, mult)
+            self.params, self.opt_state, loss, gnorm = self.step_fn(self.params, self.opt_state, hr, lr, sk, mult)
         return loss, gnorm
 
-    losses, t_last, s_last = [], time.time(), start_step
-    end = min(total, start_step + args.steps) if args.steps else total
-    pbar = tqdm(total=end - start_step, desc="train", mininterval=5, file=sys.stdout)
-    try:
-        while step < end:
-            hr, lr = bank.batch(args.batch, rng)
-            k = int(rng.integers(0, 8))     # one random dihedral transform per batch
-            if k & 4:
-                hr, lr = hr[:, :, ::-1], lr[:, :, ::-1]
-            hr, lr = np.rot90(hr, k & 3, axes=(1, 2)), np.rot90(lr, k & 3, axes=(1, 2))
-            key, sk = jax.random.split(key)
-            hr, lr = np.ascontiguousarray(hr), np.ascontiguousarray(lr)
-            if step == start_step and tcfg.attention_impl is not None:
-                try:     # the first call compiles; fall back to XLA attention if cuDNN refuses the shapes
-                    loss, gnorm = _step(hr, lr, sk)
+    def first_step(self, hr, lr, sk):
+        """The run's first step (it compiles): falls back to XLA attention if cuDNN refuses the shapes."""
+        if self.tcfg.attention_impl is None:
+            return self.step_once(hr, lr, sk)
+        try:
+            loss, gnorm = self.step_once(hr, lr, sk)
+            jax.block_until_ready(loss)
+            return loss, gnorm
+        except Exception as e:  # noqa: BLE001
+            print(f"attention {self.tcfg.attention_impl!r} failed ({type(e).__name__}: "
+                  f"{str(e)[:300]}); using XLA attention", flush=True)
+            self.tcfg = self.tcfg.replace(attention_impl=None)
+            self.step_fn = make_train_step(self.tcfg, self.opt, **self.step_options)
+            return self.step_once(hr, lr, sk)
+
+    def next_batch(self):
+        """(hr, lr, key) of the next step: a batch from the bank under one random dihedral transform."""
+        hr, lr = self.bank.batch(self.args.batch, self.rng)
+        k = int(self.rng.integers(0, 8))     # one random dihedral transform per batch
+        self.key, sk = jax.random.split(self.key)
+        hr, lr = dihedral(hr, lr, k)
+        return hr, lr, sk
+
+    def log_entry(self, losses, gnorm, rate: float, end: int) -> dict:
+        """The log line of the current step (mean loss since the last one), validated every `--val-every`."""
+        a = self.args
+        entry = dict(step=self.step, loss=round(float(np.mean(jax.device_get(losses))), 5),
+                     gnorm=round(float(gnorm), 3), lr=float(self.sched(self.step)) * self.lr_mult(),
+                     samples_per_s=round(rate, 1), pairs_made=self.bank.produced,
+                     minutes=round((time.time() - self.t_start) / 60, 2))
+        if a.val_every and (self.step % a.val_every == 0 or self.step == end):
+            vl, ps = self.validate(self.step)
+            entry["val"] = round(float(np.mean(list(vl.values()))), 5)
+            if ps is not None:
+                entry["val_psnr"] = round(ps, 3)
+        return entry
+
+    def stop_reason(self) -> Optional[str]:
+        """Why the loop stops after this step (time budget, end of the time schedule), or None."""
+        if time.time() > self.deadline - self.args.save_margin:
+            return f"time budget reached at step {self.step}"
+        if self.by_time and self.anneal_s and self.progress() >= 1.0:
+            return f"end of the time schedule (--anneal-minutes) at step {self.step}"
+        return None
+
+    def run_steps(self):
+        """Step until `--steps` / the schedule's total, the time budget or the end of the time schedule; log every
+        `--log-every` steps, save every `--save-every-minutes`. Closes the pair bank."""
+        from tqdm import tqdm
+        a = self.args
+        next_save = time.time() + 60 * a.save_every_minutes if a.save_every_minutes else float("inf")
+        losses, t_last, s_last = [], time.time(), self.start_step
+        end = min(self.total, self.start_step + a.steps) if a.steps else self.total
+        pbar = tqdm(total=end - self.start_step, desc="train", mininterval=5, file=sys.stdout)
+        try:
+            while self.step < end:
+                hr, lr, sk = self.next_batch()
+                first = self.step == self.start_step
+                loss, gnorm = self.first_step(hr, lr, sk) if first else self.step_once(hr, lr, sk)
+                self.step += 1
+                losses.append(loss)
+                if self.step % a.log_every == 0 or self.step == end:
+                    rate = (self.step - s_last) * a.batch / (time.time() - t_last)
+                    t_last, s_last = time.time(), self.step
+                    entry = self.log_entry(losses, gnorm, rate, end)
+                    losses = []
+                    self.log.append(entry)
+                    pbar.set_postfix(loss=f"{entry['loss']:.4f}", val=entry.get("val", "-"), sps=f"{rate:.0f}")
+                pbar.update(1)
+                if first:
                     jax.block_until_ready(loss)
-                except Exception as e:  # noqa: BLE001
-                    print(f"attention {tcfg.attention_impl!r} failed ({type(e).__name__}: "
-                          f"{str(e)[:300]}); using XLA attention", flush=True)
-                    tcfg = tcfg.replace(attention_impl=None)
-                    step_fn = make_train_step(tcfg, opt, **bridge)
-                    loss, gnorm = _step(hr, lr, sk)
-            else:
-                loss, gnorm = _step(hr, lr, sk)
-            step += 1
-            losses.append(loss)
-            if step % args.log_every == 0 or step == end:
-                l = float(np.mean(jax.device_get(losses)))
-                losses = []
-                rate = (step - s_last) * args.batch / (time.time() - t_last)
-                t_last, s_last = time.time(), step
-                entry = dict(step=step, loss=round(l, 5), gnorm=round(float(gnorm), 3),
-                             lr=float(sched(step)) * _lr_mult(), samples_per_s=round(rate, 1),
-                             pairs_made=bank.produced, minutes=round((time.time() - t_start) / 60, 2))
-                if args.val_every and (step % args.val_every == 0 or step == end):
-                    vl, ps = _validate(step)
-                    entry["val"] = round(float(np.mean(list(vl.values()))), 5)
-                    if ps is not None:
-                        entry["val_psnr"] = round(ps, 3)
-                log.append(entry)
-                pbar.set_postfix(loss=f"{l:.4f}", val=entry.get("val", "-"), sps=f"{rate:.0f}")
-            pbar.update(1)
-            if step == start_step + 1:
-                jax.block_until_ready(loss)
-                t_train0 = time.time()
-                print(f"\n[{time.time() - t_start:.1f}s] first step done (compiled)", flush=True)
-            if time.time() > next_save:
-                _save(step)
-                next_save = time.time() + 60 * args.save_every_minutes
-            if time.time() > deadline - args.save_margin:
-                print(f"\ntime budget reached at step {step}", flush=True)
-                break
-            if by_time and anneal_s and _progress() >= 1.0:
-                print(f"\nend of the time schedule (--anneal-minutes) at step {step}", flush=True)
-                break
-    finally:
-        pbar.close()
-        bank.close()
-    vl, ps = _validate(step)
+                    self.t_train0 = time.time()
+                    print(f"\n[{time.time() - self.t_start:.1f}s] first step done (compiled)", flush=True)
+                if time.time() > next_save:
+                    self.save(self.step)
+                    next_save = time.time() + 60 * a.save_every_minutes
+                reason = self.stop_reason()
+                if reason:
+                    print(f"\n{reason}", flush=True)
+                    break
+        finally:
+            pbar.close()
+            self.bank.close()
+
+    def summary(self, vl: dict, ps: Optional[float], elapsed: float):
+        """Print the end of the run (`elapsed` seconds): where it saved, peak device memory, the validation and
+        the last log lines."""
+        print(f"\nsaved {self.args.out} at step {self.step}/{self.total} after {elapsed / 60:.1f} min")
+        try:
+            print(f"peak device memory {jax.devices()[0].memory_stats()['peak_bytes_in_use'] / 2**30:.1f} GiB")
+        except Exception:   # noqa: BLE001  (CPU backends have no memory stats)
+            pass
+        print("val loss by sigma: " + ", ".join(f"{k}: {v:.4f}" for k, v in vl.items()))
+        if ps is not None:
+            print(f"val start PSNR {ps:.3f} dB; best {self.best.get('psnr', float('nan'))} dB at step "
+                  f"{self.best.get('step')}")
+        print(f"{'step':>7} {'loss':>8} {'val':>8} {'psnr':>7} {'gnorm':>7} {'lr':>9} {'samp/s':>7} {'min':>6}")
+        for e in self.log[-24:]:
+            print(f"{e['step']:>7} {e['loss']:>8.4f} {e.get('val', float('nan')):>8.4f} "
+                  f"{e.get('val_psnr', float('nan')):>7.3f} {e['gnorm']:>7.3f} {e['lr']:>9.2e} "
+                  f"{e['samples_per_s']:>7.0f} {e['minutes']:>6.2f}")
+
+
+# ----------------------------------------------------------------------------- main
+
+def train(args, cfg: Optional[ModelConfig] = None):
+    """Run (or resume) training with the parsed CLI `args`; `cfg` overrides `args.preset` on a fresh start.
+    -> (float32 params, ModelConfig) at the end of the run, saved in `args.out`."""
+    t_start = time.time()
+    if getattr(args, "compile_cache", None):
+        from qdit4sr_jax.quant.api import enable_compilation_cache
+        print(f"compilation cache {enable_compilation_cache(args.compile_cache, min_compile_time_s=1.0)}")
+    start = start_or_resume(args, cfg)
+    print(f"[{time.time() - t_start:.1f}s] params ready", flush=True)
+    run = TrainingRun(args, start, t_start)
+    print(f"config {run.cfg.name}: {run.n_params:,} params, hidden {run.cfg.hidden_size}, {run.cfg.num_layers} "
+          f"blocks; devices {jax.devices()}; compute {args.dtype}; attention {run.attention}", flush=True)
+    if run.step >= run.total:
+        print("already trained to total_steps; nothing to do")
+        return run.params, run.cfg
+    run.build_optimizer()
+    run.open_data()
+    run.run_steps()
+    vl, ps = run.validate(run.step)
     elapsed = time.time() - t_start
-    _save(step, vl)
-    print(f"\nsaved {args.out} at step {step}/{total} after {elapsed / 60:.1f} min")
-    try:
-        print(f"peak device memory {jax.devices()[0].memory_stats()['peak_bytes_in_use'] / 2**30:.1f} GiB")
-    except Exception:   # noqa: BLE001  (CPU backends have no memory stats)
-        pass
-    print("val loss by sigma: " + ", ".join(f"{k}: {v:.4f}" for k, v in vl.items()))
-    if ps is not None:
-        print(f"val start PSNR {ps:.3f} dB; best {best.get('psnr', float('nan'))} dB at step {best.get('step')}")
-    print(f"{'step':>7} {'loss':>8} {'val':>8} {'psnr':>7} {'gnorm':>7} {'lr':>9} {'samp/s':>7} {'min':>6}")
-    for e in log[-24:]:
-        print(f"{e['step']:>7} {e['loss']:>8.4f} {e.get('val', float('nan')):>8.4f} {e.get('val_psnr', float('nan')):>7.3f} "
-              f"{e['gnorm']:>7.3f} {e['lr']:>9.2e} {e['samples_per_s']:>7.0f} {e['minutes']:>6.2f}")
-    return params, cfg
+    run.save(run.step, vl)
+    run.summary(vl, ps, elapsed)
+    return run.params, run.cfg
 
 
 def main(argv=None):

@@ -252,6 +252,10 @@ def _args(data, out, steps, prediction=None):
 
 @pytest.mark.slow
 def test_train_runs_end_to_end_and_resumes(tmp_path):
+    """A fresh run, then one resumed run that changes everything a resume may change: the config comes from
+    the state (cfg=None), the output parametrisation switches (head restarted at zero), and it trains with
+    colour augmentation, the wall-clock cosine, EMA params in OUT/ema, a Charbonnier loss, and keeps the best
+    validation state (--keep-best) in OUT/best."""
     _fake_data(tmp_path / "data")
     out = tmp_path / "run"
     cfg = _tiny_cfg()
@@ -259,34 +263,31 @@ def test_train_runs_end_to_end_and_resumes(tmp_path):
     meta = json.load(open(out / "state.json"))
     assert meta["step"] == 3 and len(meta["runs"]) == 1 and len(meta["log"]) == 3
     assert all(np.isfinite(e["loss"]) for e in meta["log"])
-    T.train(_args(tmp_path / "data", out, 2), None)           # resumes: config comes from the state
-    meta = json.load(open(out / "state.json"))
-    assert meta["step"] == 5 and [r["end"] for r in meta["runs"]] == [3, 5]
-    assert meta["config"]["prediction"] == "velocity"
-    # resuming with another output parametrisation switches it (and restarts the head at zero); this run
-    # also trains with colour augmentation and keeps the best validation state (--keep-best) in OUT/best
+    assert meta["config"]["prediction"] == "velocity" and T.config_from_dict(meta["config"]) == cfg
     a = _args(tmp_path / "data", out, 2, prediction="lr_residual")
     a.bridge_frac, a.bridge_sigma, a.keep_best, a.val_every, a.color_aug, a.invert_prob = 1.0, 0.1, True, 1, True, 0.5
     a.schedule, a.ema = "time", 0.9        # wall-clock cosine; EMA params in OUT/ema (validated, kept as best)
     a.loss = "charbonnier"
-    T.train(a, None)
+    T.train(a, None)                       # resumes: the config comes from the state, not from a.preset
     meta = json.load(open(out / "state.json"))
-    assert meta["step"] == 7 and meta["config"]["prediction"] == "lr_residual"
+    assert meta["step"] == 5 and [r["end"] for r in meta["runs"]] == [3, 5]
+    assert meta["config"]["prediction"] == "lr_residual"
+    assert T.config_from_dict(meta["config"]) == cfg.replace(prediction="lr_residual", residual_scale=0.1)
     assert meta["schedule"] == "time" and meta["train_seconds"] > 0
-    assert [r["loss"] for r in meta["runs"]] == ["mse", "mse", "charbonnier"]
-    assert all(0 < e["lr"] <= 1.0001e-3 for e in meta["log"] if e["step"] > 5)
+    assert [r["loss"] for r in meta["runs"]] == ["mse", "charbonnier"]
+    assert [e["step"] for e in meta["log"]] == [1, 2, 3, 4, 5]
+    assert all(0 < e["lr"] <= 1.0001e-3 for e in meta["log"] if e["step"] > 3)
     ema, ema_meta = T.load_state(str(out / "ema"))
-    assert ema_meta["step"] == 7 and ema_meta["ema"] == 0.9
+    assert ema_meta["step"] == 5 and ema_meta["ema"] == 0.9
     raw = T.load_state(str(out))[0]
     assert any(float(np.abs(x - y).max()) > 0 for x, y in zip(jax.tree_util.tree_leaves(raw),
                                                                jax.tree_util.tree_leaves(ema)))
     best = json.load(open(out / "best" / "state.json"))
-    psnrs = {e["step"]: e["val_psnr"] for e in meta["log"] if "val_psnr" in e and e["step"] > 5}
-    assert sorted(psnrs) == [6, 7]
+    psnrs = {e["step"]: e["val_psnr"] for e in meta["log"] if "val_psnr" in e and e["step"] > 3}
+    assert sorted(psnrs) == [4, 5]
     assert meta["best"]["step"] == best["step"] == best["best"]["step"] and psnrs[best["step"]] == max(psnrs.values())
     assert meta["best"]["psnr"] == pytest.approx(max(psnrs.values()), abs=1e-3)
     assert "proj_out" in T.load_state(str(out / "best"))[0]
-
 
 def test_lr_start_path_matches_the_sampler():
     """On the LR-start path the velocity target is (x_s - x0) / s, and at s = s0 the input is exactly the
