@@ -51,6 +51,8 @@ from typing import Dict, Iterable, Optional
 
 import numpy as np
 
+from qdit4sr_jax.metrics.luminance import RGB2GRAY, to_luminance  # noqa: F401  (re-exported)
+
 PATCH_SIZES = (96, 48, 32)      # shipped pristine models (one per patch size)
 DEFAULT_PATCH = 48              # niqe(img) with patch=None: 256 x 256 crops -> 25 patches, 128 x 128 -> 4
 MIN_PATCHES = 2                 # a test image needs at least this many whole patches (for Sigma2)
@@ -58,7 +60,6 @@ SHARPNESS_THRESHOLD = 0.75      # pristine patches kept: sharpness > 0.75 x the 
 FIT_SIDES = (1024, 724, 512)    # pristine photos are fitted at these long sides (Lanczos down, never up)
 GAUSS_WIN, GAUSS_SIGMA, C = 7, 7.0 / 6.0, 1.0
 N_FEATURES = 36
-RGB2GRAY = np.array([0.298936021293775, 0.587043074451121, 0.114020904255103])
 ASSET = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets", "niqe_pristine.npz")
 SHIFTS = ((0, 1), (1, 0), (1, 1), (1, -1))
 
@@ -75,29 +76,6 @@ def _r_gam() -> np.ndarray:
 
 
 # --------------------------------------------------------------------------------------------- input
-
-def to_luminance(img, name: str = "niqe") -> np.ndarray:
-    """uint8 (or float on 0..255) [H, W, 3] RGB or [H, W] gray -> float64 [H, W] luminance (checked)."""
-    a = np.asarray(img)
-    if a.ndim == 3 and a.shape[-1] == 1:
-        a = a[..., 0]
-    if a.ndim not in (2, 3) or (a.ndim == 3 and a.shape[-1] != 3):
-        raise ValueError(f"{name}: expected an [H, W, 3] RGB or [H, W] gray image, got shape {a.shape}")
-    if a.dtype == np.uint8:
-        x = a.astype(np.float64)
-    elif np.issubdtype(a.dtype, np.floating):
-        x = a.astype(np.float64)
-        if not np.all(np.isfinite(x)):
-            raise ValueError(f"{name}: image has NaN or inf values")
-        if x.size and (x.min() < 0 or x.max() > 255):
-            raise ValueError(f"{name}: float image values must lie in [0, 255], got [{x.min():.3g}, {x.max():.3g}]")
-        if x.size and 0 < x.max() <= 1.0:
-            raise ValueError(f"{name}: float image looks like it is on a 0..1 scale (max {x.max():.3g}); "
-                             f"pass uint8 or values on 0..255")
-    else:
-        raise ValueError(f"{name}: expected a uint8 (or float 0..255) image, got dtype {a.dtype}")
-    return x @ RGB2GRAY if x.ndim == 3 else x
-
 
 # ------------------------------------------------------------------------------------------ features
 

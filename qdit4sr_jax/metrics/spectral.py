@@ -21,7 +21,7 @@ from typing import Tuple
 
 import numpy as np
 
-from qdit4sr_jax.metrics.niqe import to_luminance
+from qdit4sr_jax.metrics.luminance import to_luminance
 
 DEFAULT_BAND = (0.25, 0.5)
 FLAT_ENERGY = 1e-6      # below this a reference counts as flat (one pixel one grey level off on 8 x 8 px gives 36)
