@@ -80,7 +80,7 @@ def cmd_evaluate(a) -> int:
     from qdit4sr_jax.evaluation import Evaluation, Options, report_text
     o = Options(model=a.model, hr=a.hr, lr=a.lr, methods=a.methods, steps=a.steps, seed=a.seed, calib=a.calib,
                 calib_on_eval=a.calib_on_eval, crop=a.crop, border=a.border, y_channel=a.y_channel, out=a.out,
-                limit=a.limit, devices=a.devices, grid_crop=a.grid_crop, niqe_patch=a.niqe_patch,
+                limit=a.limit, devices=a.devices, grid_crop=a.grid_crop, niqe_patch=a.niqe_patch, prompt=a.prompt,
                 progress=not a.no_progress, learned=not a.no_learned)
     t0 = time.perf_counter()
     ev = Evaluation(o, log=lambda *m: print(*m, file=sys.stderr))     # every input checked, nothing written yet
@@ -167,6 +167,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--limit", type=int, default=None, help="use only the first N images")
     e.add_argument("--devices", type=int, default=None,
                    help="spread images over this many local devices (qdit4sr_jax.parallel)")
+    e.add_argument("--prompt", default=None, metavar="NPZ",
+                   help="prompt embeddings (python -m converters prompts); default: the model file's")
     e.add_argument("--niqe-patch", type=int, default=None,
                    help="NIQE patch size (default: the metric's; shipped pristine models: 96, 48, 32; an image needs "
                         "two whole patches)")

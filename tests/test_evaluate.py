@@ -248,7 +248,7 @@ def test_bad_image_sets_fail_clearly(tmp_path, case):
 
 @needs_demo
 @pytest.mark.parametrize("case", ["method", "calib_n", "calib_samples", "out_foreign", "hr_missing", "niqe_patch",
-                                  "border", "devices"])
+                                  "border", "devices", "no_prompt"])
 def test_cli_bad_inputs_write_nothing(tmp_path, hr_dir, capsys, case):
     out = tmp_path / "out"
     args = ["evaluate", "--hr", str(hr_dir), "--out", str(out), "--crop", "48", "--steps", "1", "--no-progress"]
@@ -256,7 +256,7 @@ def test_cli_bad_inputs_write_nothing(tmp_path, hr_dir, capsys, case):
               "calib_samples": "every bundled sample is scored",
               "out_foreign": "is not empty and holds no evaluate.json", "hr_missing": "does not exist",
               "niqe_patch": "--niqe-patch 50", "border": "--border 30 leaves too little",
-              "devices": "--devices 64: this machine has"}[case]
+              "devices": "--devices 64: this machine has", "no_prompt": "no prompt embeddings"}[case]
     if case == "method":
         args += ["--methods", "fp,svdqant-w4a4"]
     elif case == "calib_n":
@@ -270,6 +270,15 @@ def test_cli_bad_inputs_write_nothing(tmp_path, hr_dir, capsys, case):
         args += ["--methods", "fp"]
     elif case == "hr_missing":
         args[2] = str(tmp_path / "nope")
+    elif case == "no_prompt":                      # a model file of another config that needs prompt embeddings
+        import jax
+        from qdit4sr_jax.config import ModelConfig
+        from qdit4sr_jax.io import modelfile
+        from qdit4sr_jax.model.dit4sr import param_shapes
+        tiny = ModelConfig.preset("tiny").replace(vae=ModelConfig.preset("demo").vae, in_channels=48, out_channels=48)
+        tree = jax.tree_util.tree_map(lambda a: np.zeros(a.shape, a.dtype), param_shapes(tiny))
+        modelfile.save_model(str(tmp_path / "tiny.safetensors"), tiny, {"transformer": tree})
+        args += ["--methods", "fp", "--model", str(tmp_path / "tiny.safetensors")]
     elif case in ("niqe_patch", "border", "devices"):
         args += ["--methods", "fp", {"niqe_patch": "--niqe-patch", "border": "--border", "devices": "--devices"}[case],
                  {"niqe_patch": "50", "border": "30", "devices": "64"}[case]]

@@ -113,6 +113,7 @@ class Options:
     devices: Optional[int] = None
     grid_crop: int = 64
     niqe_patch: Optional[int] = None    # NIQE patch size (None: qdit4sr_jax.metrics.niqe's default)
+    prompt: Optional[str] = None        # prompt-embeddings .npz (None: the model file's, or its learned context)
     progress: bool = True
     learned: bool = True
 
@@ -189,6 +190,8 @@ class Evaluation:
         self.methods = resolve_methods(o.methods)
         self.cfg, self.params = D.load_bundle(o.model)
         self.steps = int(o.steps or self.cfg.num_steps)
+        self.prompt = pipeline.load_prompts(o.prompt, self.cfg) if o.prompt else None
+        pipeline._resolve_prompt(self.cfg, self.params, self.prompt, 0)     # a missing prompt fails here, not mid-run
         self.notes: List[str] = []
         items, self.lr_desc = D.load_items(o.hr, o.lr, scale=self.cfg.scale, min_lr=pipeline.min_input_size(self.cfg),
                                            crop=o.crop, limit=o.limit, notes=self.notes)
@@ -216,7 +219,7 @@ class Evaluation:
         return dict(model=o.model if o.model == "demo" else os.path.abspath(o.model), model_config=self.cfg.name,
                     hr=ab(o.hr), lr=ab(o.lr), steps=self.steps, seed=o.seed, crop=o.crop, limit=o.limit,
                     calib=str(o.calib), calib_on_eval=o.calib_on_eval, y_channel=o.y_channel, border=o.border,
-                    niqe_patch=o.niqe_patch, images=[it.name for it in self.items], methods=[m for m, _ in self.methods])
+                    niqe_patch=o.niqe_patch, prompt=ab(o.prompt), images=[it.name for it in self.items], methods=[m for m, _ in self.methods])
 
     def _path(self, *parts) -> str:
         return os.path.join(self.o.out, *parts)
@@ -226,7 +229,7 @@ class Evaluation:
         if self._calib is None:
             t0 = time.perf_counter()
             self._calib = pipeline.calibrate_images(self.cfg, self.params, self._calib_lrs, seed=self.o.seed,
-                                                    num_steps=self.steps, step_gains=self.gains)
+                                                    num_steps=self.steps, step_gains=self.gains, prompt=self.prompt)
             self.log(f"calibrated on {self.calib_desc} x {self.steps} steps in {time.perf_counter() - t0:.1f} s")
         return self._calib
 
@@ -257,7 +260,8 @@ class Evaluation:
         if not self.o.devices:
             for it in pending:
                 t0 = time.perf_counter()
-                out = pipeline.upscale(self.cfg, params, it.lr, seed=self.o.seed, num_steps=self.steps)
+                out = pipeline.upscale(self.cfg, params, it.lr, seed=self.o.seed, num_steps=self.steps,
+                                       prompt=self.prompt)
                 yield it, out, time.perf_counter() - t0
             return
         import jax
@@ -272,7 +276,7 @@ class Evaluation:
                 chunk = group[k:k + n]
                 t0 = time.perf_counter()
                 outs = parallel.upscale_batch(self.cfg, params, [it.lr for it in chunk], mesh=mesh, seed=self.o.seed,
-                                              num_steps=self.steps)
+                                              num_steps=self.steps, prompt=self.prompt)
                 dt = (time.perf_counter() - t0) / len(chunk)
                 for it, out in zip(chunk, outs):
                     yield it, out, dt
