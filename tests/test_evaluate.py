@@ -193,8 +193,8 @@ def test_pairs_by_name_odd_images_and_lr_only(tmp_path):
     notes = []
     items, desc = D.load_items(str(hr), str(lr), scale=4, min_lr=4, notes=notes)
     assert [i.name for i in items] == ["Canon_001_LR4", "deep", "gray"] and "paired by file name" in desc
-    assert all(i.lr.dtype == np.uint8 and i.lr.shape[2] == 3 and i.hr.shape[:2] == (i.lr.shape[0] * 4, i.lr.shape[1] * 4)
-               for i in items)
+    assert all(i.lr.dtype == np.uint8 and i.lr.shape[2] == 3 and
+               i.hr.shape[:2] == (i.lr.shape[0] * 4, i.lr.shape[1] * 4) for i in items)
     text = " ".join(notes)
     assert "gray.png: converted L image" in text and "alpha channel is dropped" in text and "16-bit" in text
     items, _ = D.load_items(str(hr), str(lr), scale=4, min_lr=4, crop=32)        # centre crops stay aligned

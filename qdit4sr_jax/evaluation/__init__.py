@@ -12,7 +12,8 @@
 """
 from __future__ import annotations
 
-from qdit4sr_jax.evaluation.run import Evaluation, Options, Result, effective_bits, report_text, resolve_methods  # noqa: F401
+from qdit4sr_jax.evaluation.run import (Evaluation, Options, Result, effective_bits, report_text,  # noqa: F401
+                                        resolve_methods)
 from qdit4sr_jax.evaluation.scores import Scorer, image_metrics  # noqa: F401
 
 

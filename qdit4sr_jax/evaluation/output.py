@@ -132,7 +132,8 @@ def results_csv(methods: Sequence[dict], keys: Sequence[str]) -> str:
 
 # ----------------------------------------------------------------------------- grid
 
-def grid_image(columns: Sequence[Tuple[str, Sequence[np.ndarray]]], *, scores: Optional[Dict[str, Sequence[float]]] = None,
+def grid_image(columns: Sequence[Tuple[str, Sequence[np.ndarray]]], *,
+               scores: Optional[Dict[str, Sequence[float]]] = None,
                crop: int = 64, max_images: int = 4, score_label: str = "dB") -> np.ndarray:
     """A labelled comparison grid -> uint8 [H, W, 3]: rows = images (at most `max_images`), columns = (label,
     [uint8 [H, W, 3] per image]) in order (e.g. bicubic, FP, each method, HR), each tile the centre

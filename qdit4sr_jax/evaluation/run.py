@@ -154,8 +154,8 @@ def _calib_plan(o: Options, items: List[D.Item], cfg) -> Tuple[List[D.Item], Opt
                                ", files named like a scored image skipped")
 
 
-def _prepare_out(out: str, settings: dict) -> int:
-    """Create --out or check that it holds a run with the same settings; returns how many cached results exist."""
+def _prepare_out(out: str, settings: dict) -> None:
+    """Create --out (writing evaluate.json) or check that it holds a run with the same settings."""
     meta = os.path.join(out, "evaluate.json")
     if os.path.exists(meta):
         import json
@@ -169,9 +169,6 @@ def _prepare_out(out: str, settings: dict) -> int:
         raise FileExistsError(f"--out {out!r} exists, is not empty and holds no evaluate.json: choose a new or empty "
                               f"folder (evaluate never mixes its files with others)")
     O.write_json(meta, dict(settings, format=FORMAT))
-    cache = os.path.join(out, "cache")
-    return sum(len([f for f in fs if not f.startswith("_") and f.endswith(".json")])
-               for _, _, fs in os.walk(cache)) if os.path.isdir(cache) else 0
 
 
 # ----------------------------------------------------------------------------- the run
@@ -219,7 +216,8 @@ class Evaluation:
         return dict(model=o.model if o.model == "demo" else os.path.abspath(o.model), model_config=self.cfg.name,
                     hr=ab(o.hr), lr=ab(o.lr), steps=self.steps, seed=o.seed, crop=o.crop, limit=o.limit,
                     calib=str(o.calib), calib_on_eval=o.calib_on_eval, y_channel=o.y_channel, border=o.border,
-                    niqe_patch=o.niqe_patch, prompt=ab(o.prompt), images=[it.name for it in self.items], methods=[m for m, _ in self.methods])
+                    niqe_patch=o.niqe_patch, prompt=ab(o.prompt), images=[it.name for it in self.items],
+                    methods=[m for m, _ in self.methods])
 
     def _path(self, *parts) -> str:
         return os.path.join(self.o.out, *parts)
@@ -281,6 +279,11 @@ class Evaluation:
                 for it, out in zip(chunk, outs):
                     yield it, out, dt
 
+    def _done(self, method: str, name: str) -> bool:
+        """Both the figures and the output PNG of (method, image) are in --out."""
+        return os.path.exists(self._path("cache", method, f"{name}.json")) and \
+            os.path.exists(self._path("images", method, f"{name}.png"))
+
     def _fp(self, name: str) -> np.ndarray:
         if name not in self.fp_outputs:
             self.fp_outputs[name] = O.read_png(self._path("images", "fp", f"{name}.png"))
@@ -290,7 +293,7 @@ class Evaluation:
         """Evaluate every method on every image (resuming from --out) -> the results.json object."""
         from tqdm import tqdm
         o = self.o
-        reused = _prepare_out(o.out, self.settings())
+        _prepare_out(o.out, self.settings())
         total = len(self.methods) * len(self.items)
         bar = tqdm(total=total, desc="images x methods", unit="img", disable=not o.progress, file=sys.stderr,
                    dynamic_ncols=True)
@@ -300,8 +303,7 @@ class Evaluation:
             order = sorted(self.methods, key=lambda m: m[0] != "fp")      # FP first: the others are scored against it
             for name, q in order:
                 cdir = self._path("cache", name)
-                pending = [it for it in self.items if not (os.path.exists(os.path.join(cdir, f"{it.name}.json")) and
-                                                           os.path.exists(self._path("images", name, f"{it.name}.png")))]
+                pending = [it for it in self.items if not self._done(name, it.name)]
                 done_before += len(self.items) - len(pending)
                 bar.update(len(self.items) - len(pending))
                 rec_path = os.path.join(cdir, "_method.json")

@@ -68,7 +68,8 @@ def _lpips_fn() -> Tuple[Optional[Callable], str]:
         return None, "LPIPS: skipped (the `lpips` package is not installed)"
     hub = os.path.join(torch.hub.get_dir(), "checkpoints")
     if not (os.path.isdir(hub) and any(f.startswith("alexnet") for f in os.listdir(hub))):
-        return None, f"LPIPS: skipped (`lpips` is installed but the AlexNet weights are not in {hub}; nothing is downloaded)"
+        return None, (f"LPIPS: skipped (`lpips` is installed but the AlexNet weights are not in {hub}; nothing is "
+                      f"downloaded)")
     try:
         net = lpips.LPIPS(net="alex", verbose=False)
     except Exception as e:  # noqa: BLE001  (any failure of an optional package: skip with its reason)
