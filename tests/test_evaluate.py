@@ -90,6 +90,8 @@ def test_table_csv_json_images_and_grid(run):
         assert f"| {m} |" in text
     assert "PSNR / SSIM vs HR on RGB, no border crop" in text and "LPIPS" in text
     assert [m["method"] for m in res["methods"]] == ["bicubic", "fp", "rtn-w4a4"]
+    from qdit4sr_jax.data.datasets import val_seed
+    assert res["degradation_seeds"] == {n: val_seed(f"{n}.png") for n in NAMES} and "val_seed" in text
     for m in res["methods"]:
         assert [p["image"] for p in m["per_image"]] == list(NAMES)
         for p in m["per_image"]:

@@ -31,10 +31,12 @@ GRID = 16            # HR crops are multiples of this (x4 LR on whole latent pat
 
 
 class Item(NamedTuple):
-    """One evaluation image: name (file stem), lr uint8 [h, w, 3], hr uint8 [h*s, w*s, 3] or None."""
+    """One evaluation image: name (file stem), lr uint8 [h, w, 3], hr uint8 [h*s, w*s, 3] or None, and the seed
+    of the degradation that made lr from hr (None when lr was given)."""
     name: str
     lr: np.ndarray
     hr: Optional[np.ndarray]
+    lr_seed: Optional[int] = None
 
 
 def crop16(a: np.ndarray, crop: Optional[int]) -> np.ndarray:
@@ -158,8 +160,9 @@ def load_items(hr_dir: Optional[str], lr_dir: Optional[str], *, scale: int, min_
             if min(hr.shape[:2]) < max(GRID, min_lr * scale):
                 raise _too_small(path, hr, max(GRID, min_lr * scale), "an HR image")
             hr = crop16(hr, crop)
-            items.append(Item(os.path.splitext(f)[0], degrade(hr, val_seed(f), scale), hr))
-        return items, f"LR = degrade(HR, seed=val_seed(file name)) (x{scale}, the project's seeded degradation)"
+            items.append(Item(os.path.splitext(f)[0], degrade(hr, val_seed(f), scale), hr, val_seed(f)))
+        return items, (f"LR = degrade(HR, seed=val_seed(file name): crc32 of the name, listed in results.json) "
+                       f"(x{scale}, the project's seeded degradation)")
     lr_files = list_images(lr_dir, "LR")
     hr_files = list_images(hr_dir, "HR") if hr_dir else []
     for files, d in ((lr_files, lr_dir), (hr_files, hr_dir)):

@@ -352,7 +352,9 @@ class Evaluation:
                 "method includes compilation; every image's seconds are in results.csv)",
                 "NIQE: no reference, lower is better; texture / HR and / FP: high-band spectral energy of the output "
                 "over the reference's (1 = same)"]
-        res = dict(format=FORMAT, settings=self.settings(), inputs=self.lr_desc, calibration=self.calib_desc,
+        seeds = {it.name: it.lr_seed for it in self.items if it.lr_seed is not None}
+        res = dict(format=FORMAT, settings=self.settings(), inputs=self.lr_desc, degradation_seeds=seeds or None,
+                   calibration=self.calib_desc,
                    conventions=conv, notes=self.scorer.notes + self.notes + self.scorer.errors,
                    resumed=self.resumed, methods=records)
         O.write_json(self._path("results.json"), O.strict_json(res))
