@@ -36,6 +36,8 @@ argument bytes; ratios to bf16 of the same run.
   python benchmarks/step_latency.py --sizes 512 1024 --batch 1 --out $OUT/step_latency.json
   python benchmarks/step_latency.py --preset tiny --sizes 32 --iters 3       # CPU smoke test
   python benchmarks/step_latency.py --cases 512x1 --modes bf16 w4a4s-fused --scan-steps 4   # per step, in a scan
+  python benchmarks/step_latency.py --cases 512x1 --scan-steps 4 --xla-variants default cb-off cb-while
+      # the same steps compiled under XLA option sets (`XLA_VARIANTS`: command buffers / CUDA graphs), one process
 """
 from __future__ import annotations
 
@@ -43,6 +45,7 @@ import argparse
 import os
 import sys
 import time
+from functools import partial
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -58,7 +61,22 @@ MODES = ("bf16", "w8a8-int", "w8a8-fused", "w4a4-int", "w4a4-fused", "w4a4-fake"
          "w4a4s-prep", "w8a8-prepk", "w4a4i-prepk", "w4a4s-prepk")
 
 
-def make_step(model, guidance: float, scan_steps: int = 1):
+# XLA compile options per variant (passed to `jax.jit(compiler_options=...)`, so one process compiles each):
+# XLA's default command buffers (CUDA graphs) hold fusions, cuBLAS / cuBLASLt, custom calls, cuDNN and dynamic-slice
+# fusions in graphs of >= 5 ops; "cb-off" runs every thunk as its own launch; "cb-while" adds while loops and
+# conditionals (the sampler's scan becomes one graph, CUDA conditional nodes); "-min1" graphs every sequence.
+_CB_DEFAULT = "FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,DYNAMIC_SLICE_FUSION"
+XLA_VARIANTS = {
+    "default": {},
+    "cb-off": {"xla_gpu_enable_command_buffer": ""},
+    "cb-while": {"xla_gpu_enable_command_buffer": _CB_DEFAULT + ",WHILE,CONDITIONAL"},
+    "cb-while-min1": {"xla_gpu_enable_command_buffer": _CB_DEFAULT + ",WHILE,CONDITIONAL",
+                      "xla_gpu_graph_min_graph_size": 1},
+    "cb-min1": {"xla_gpu_graph_min_graph_size": 1},
+}
+
+
+def make_step(model, guidance: float, scan_steps: int = 1, compiler_options=None):
     """Jitted step(params, x [B,h,w,C], lr [B,h,w,C], ctx [2B,L,D], pooled [2B,P], t [], dsig [], i [] int32).
     scan_steps > 1: that many steps inside one `lax.scan` (as `sampling.sample` runs them, so XLA may hoist the
     weight-only work of the quantized layers out of the loop); step index i, i + 1, ... for the VaTMP lookup."""
@@ -71,10 +89,11 @@ def make_step(model, guidance: float, scan_steps: int = 1):
         vu, vc = jnp.split(v.astype(jnp.float32), 2, axis=0)
         return x + dsig * (vu + guidance * (vc - vu))
 
+    opts = dict(compiler_options) if compiler_options else None
     if scan_steps <= 1:
-        return jax.jit(one)
+        return jax.jit(one, compiler_options=opts)
 
-    @jax.jit
+    @partial(jax.jit, compiler_options=opts)
     def steps(params, x, lr, ctx, pooled, t, dsig, i):
         def body(xc, k):
             return one(params, xc, lr, ctx, pooled, t, dsig, i + k), None
@@ -187,6 +206,9 @@ def main(argv=None):
     ap.add_argument("--iters", type=int, default=20)
     ap.add_argument("--scan-steps", type=int, default=1,
                     help="time N steps inside one lax.scan (as the sampler runs them); figures are per step")
+    ap.add_argument("--xla-variants", nargs="+", default=["default"], choices=sorted(XLA_VARIANTS),
+                    help="compile every step under each of these XLA option sets (XLA_VARIANTS); ratios are to bf16 "
+                         "of the same variant")
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--calib-steps", type=int, default=40)
     ap.add_argument("--deadline", type=float, default=None, help="skip remaining work after this many seconds")
@@ -227,19 +249,20 @@ def main(argv=None):
         else:
             models["qwix-w8a8"], trees["qwix-w8a8"] = got
     steps = {}
-    for size, b in cases:
+    for (size, b), variant in [(c, v) for c in cases for v in a.xla_variants]:
         args = inputs(mcfg, size, b)
         base = None
+        xopts = XLA_VARIANTS[variant]
         for mode in [m for m in a.modes if m in trees]:
             if a.deadline and time.perf_counter() - t_start > a.deadline:
                 res["notes"].append(f"deadline: skipped {mode} at {size} batch {b}")
                 continue
             mdl = models[mode]
-            key = (id(mdl), mcfg.attention_impl)
+            key = (id(mdl), mcfg.attention_impl, variant)
             if key not in steps:
-                steps[key] = make_step(mdl, mcfg.guidance_scale, a.scan_steps)
+                steps[key] = make_step(mdl, mcfg.guidance_scale, a.scan_steps, xopts)
             run = {"mode": mode, "size": size, "batch": b, "latent": size // mcfg.vae.downsample,
-                   "weight_bytes": tree_bytes(trees[mode])}
+                   "weight_bytes": tree_bytes(trees[mode]), "xla_variant": variant}
             try:
                 left = None if not a.deadline else max(5.0, a.deadline - (time.perf_counter() - t_start))
                 run.update(compile_and_time(steps[key], (trees[mode],) + args, warmup=a.warmup,
@@ -253,8 +276,8 @@ def main(argv=None):
                     model = DiT4SRTransformer(mcfg)
                     models = {m: (model if models[m] is mdl else models[m]) for m in models}
                     steps.clear()
-                    steps[(id(model), None)] = make_step(model, mcfg.guidance_scale, a.scan_steps)
-                    run.update(compile_and_time(steps[(id(model), None)], (trees[mode],) + args,
+                    steps[(id(model), None, variant)] = make_step(model, mcfg.guidance_scale, a.scan_steps, xopts)
+                    run.update(compile_and_time(steps[(id(model), None, variant)], (trees[mode],) + args,
                                                 warmup=a.warmup, iters=a.iters))
                 else:
                     run["error"] = repr(e)[:500]
@@ -270,12 +293,12 @@ def main(argv=None):
             if mode == "bf16":             # the ratios of this case's runs, those timed before bf16 included
                 base = run["median_ms"]
                 for r in res["runs"]:
-                    if (r["size"], r["batch"]) == (size, b) and "median_ms" in r:
+                    if (r["size"], r["batch"], r.get("xla_variant")) == (size, b, variant) and "median_ms" in r:
                         r["speedup_vs_bf16"] = base / r["median_ms"]
             else:
                 run["speedup_vs_bf16"] = None if base is None else base / run["median_ms"]
             ratio = "-" if base is None else f"{run['speedup_vs_bf16']:.2f}"
-            log(f"{mode:13s} {size}px b{b}: {run['median_ms']:.2f} ms (p10 {run['p10_ms']:.2f}, "
+            log(f"{mode:13s} {variant:8s} {size}px b{b}: {run['median_ms']:.2f} ms (p10 {run['p10_ms']:.2f}, "
                 f"p90 {run['p90_ms']:.2f}, n={run['n']}), compile {run['compile_s']:.1f} s, x{ratio} vs bf16")
             write_json(a.out, res)
     write_json(a.out, res)
@@ -286,14 +309,14 @@ def main(argv=None):
 def print_table(res):
     bw = res.get("bf16_weight_bytes")
     print(f"\n{res['env']['device']}  jax {res['env']['jax']}  model {res['model']}  (CFG: batch doubled)")
-    print("| mode | size | batch | median ms | p10-p90 ms | x bf16 | compile s | weights GiB | w / bf16 | temp GiB |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("| mode | XLA | size | batch | median ms | p10-p90 ms | x bf16 | compile s | weights GiB | w / bf16 | temp GiB |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in res["runs"]:
         if "error" in r:
-            print(f"| {r['mode']} | {r['size']} | {r['batch']} | error | | | | | | |")
+            print(f"| {r['mode']} | {r.get('xla_variant', 'default')} | {r['size']} | {r['batch']} | error | | | | | | |")
             continue
         sp = r.get("speedup_vs_bf16")
-        print(f"| {r['mode']} | {r['size']} | {r['batch']} | {r['median_ms']:.2f} | {r['p10_ms']:.2f}-{r['p90_ms']:.2f} "
+        print(f"| {r['mode']} | {r.get('xla_variant', 'default')} | {r['size']} | {r['batch']} | {r['median_ms']:.2f} | {r['p10_ms']:.2f}-{r['p90_ms']:.2f} "
               f"| {'-' if sp is None else f'{sp:.2f}'} | {r['compile_s']:.1f} | {gib(r['weight_bytes'])} "
               f"| 1/{bw / r['weight_bytes']:.2f} | {gib(r.get('temp_bytes'))} |")
     for n in res.get("notes", []):

@@ -11,7 +11,48 @@
 #   bash benchmarks/gpu/gpu_session.sh next2      # steps inside the sampler's scan; W8A8 / qwix at batch 4  (ran 12-05 10:58, H100)
 #   bash benchmarks/gpu/gpu_session.sh next3      # what 12-05's calls left: the prepared W4A4 step's per-kernel profile,
 #                                             # prepared / W8A8 inside the scan, W4A4 prepared and bf16 at batch 4
+#   bash benchmarks/gpu/gpu_session.sh i24a      # issue 24, first call: FP8 vs int8 GEMM and the joint down-projection
+#                                             # per layer (routes.py), the online Hadamard per layer (layer_kernels
+#                                             # --rotations), command buffers for the scanned step (cb-while)
+#   bash benchmarks/gpu/gpu_session.sh i24b      # issue 24, second call: routes.py with FP8 codes made beforehand, the
+#                                             # Hadamard as dense Kronecker factors, the joint down-projection;
+#                                             # bf16 and W4A4-small scans under default / cb-off
 export PYTHONUNBUFFERED=1
+if [ "${1:-}" = i24b ]; then
+  OUT=${OUT:-/tmp/gpu_out}; mkdir -p "$OUT"
+  nvidia-smi --query-gpu=name,clocks.sm --format=csv,noheader
+  t0=$(date +%s); el() { echo "== [$(( $(date +%s) - t0 )) s] $*"; }
+  el routes; ROUTES_NO_FP8B=1 timeout 150 python3 benchmarks/gpu/routes.py --reps 10 --out "$OUT/routes.json" 2>&1 | grep -v Warning | tail -12
+  el scan-bf16; timeout 90 python3 benchmarks/step_latency.py --cases 512x1 --scan-steps 4 --modes bf16 \
+      --xla-variants default cb-off --attention cudnn --iters 5 --warmup 1 --out "$OUT/scan_bf16.json" \
+      2>&1 | grep -v Warning | grep "px b\|^|"
+  el scan-w4a4; timeout 300 python3 benchmarks/step_latency.py --cases 512x1 --scan-steps 4 --modes w4a4s-fused \
+      --xla-variants default cb-off --attention cudnn --iters 5 --warmup 1 --out "$OUT/scan_w4_off.json" \
+      2>&1 | grep -v Warning | grep "px b\|^|"
+  el done
+  exit 0
+fi
+if [ "${1:-}" = i24a ]; then
+  OUT=${OUT:-/tmp/gpu_out}; mkdir -p "$OUT"
+  nvidia-smi --query-gpu=name,clocks.sm --format=csv,noheader
+  python3 -c "import jax; print('jax', jax.__version__, jax.devices())"
+  python3 -c "
+import sys; sys.path.insert(0, 'benchmarks'); import jax, jax.numpy as jnp; from step_latency import XLA_VARIANTS
+for n, o in XLA_VARIANTS.items():
+    try: jax.jit(lambda x: jnp.sin(x) * 2, compiler_options=o or None).lower(jnp.ones(4)).compile(); print(n, 'accepted')
+    except Exception as e: print(n, 'REJECTED', str(e)[:150])" 2>&1 | grep -v Warning
+  t0=$(date +%s); el() { echo "== [$(( $(date +%s) - t0 )) s] $*"; }
+  el routes; timeout 80 python3 benchmarks/gpu/routes.py --out "$OUT/routes.json" 2>&1 | grep -v Warning | tail -25
+  el rotations-1536; timeout 70 python3 benchmarks/gpu/layer_kernels.py --m 8192 --k 1536 --n 1536 --time --rotations \
+      --only VaTMP prepared Hadamard 2>&1 | grep -v Warning | tail -12
+  el rotations-6144; timeout 50 python3 benchmarks/gpu/layer_kernels.py --m 8192 --k 6144 --n 1536 --time --rotations \
+      --only VaTMP Hadamard 2>&1 | grep -v Warning | tail -8
+  el scan-variants; timeout 345 python3 benchmarks/step_latency.py --cases 512x1 --scan-steps 4 --modes w4a4s-fused bf16 \
+      --xla-variants default cb-while --attention cudnn --iters 5 --warmup 1 --deadline 300 --out "$OUT/scan_cb.json" \
+      2>&1 | grep -v Warning | tail -14
+  el done
+  exit 0
+fi
 if [[ "${1:-}" =~ ^(core|rest|next|next2|next3)$ ]]; then
   # core (timeouts sum to 530 s): the Mosaic GPU int8 GEMM against cuBLAS bf16 / Triton, the prologue kernel
   #   per layer, the 1024 x 1 step of bf16 / W8A8 / W4A4-small as stored and prepared with the prologue kernel.

@@ -15,6 +15,7 @@ calls such as cuBLAS GEMMs or the Pallas kernel, and unfused ops), on whatever b
 one-layer program: 0.35-0.70 ms for a ~15 us GEMM on the H200, 2026-12-05) and the device kernel time per call
 from a profiler trace (`step_profile.profile_step`), the figure to compare.
     python benchmarks/gpu/layer_kernels.py --time --prologue-tiles 16x4 32x8 64x8   # GPU: prologue kernel tiles
+    python benchmarks/gpu/layer_kernels.py --time --rotations --only W8A8 VaTMP prepared Hadamard   # issue 24 (c)
 """
 from __future__ import annotations
 
@@ -68,10 +69,25 @@ def feature_cases(k: int, n: int, rank: int, block: int, seed: int = 0):
                                                    a_schedule=np.array([4, 3, 5, 4], np.int32)), True)]
 
 
+def rotation_blocks(k: int):
+    """[(label, Hadamard block)] of the online rotation the paper preset adds (issue 24): the largest power-of-2
+    block dividing K, and the full-dimension Kronecker block m * 2^j (1536 = 12 x 128, 6144 = 12 x 512) where
+    `quant.transforms` provides it."""
+    from qdit4sr_jax.quant import transforms as T
+    out = [(f"+ Hadamard 2^k block {T.largest_pow2_divisor(k)}", T.largest_pow2_divisor(k))]
+    if hasattr(T, "rotation_block"):
+        full = T.rotation_block(k, "full")
+        if full != out[0][1]:
+            out.append((f"+ Hadamard full {full} (Kronecker)", full))
+    return out
+
+
 def measure(m: int, k: int, n: int, rank: int = 32, block: int = 256, timed: bool = False, iters: int = 20,
-            prologue_tiles=()):
+            prologue_tiles=(), rotations: bool = False, only=()):
     """-> rows {label, kernels, by_op, ms (with timed)} for the feature cases on the default backend.
-    prologue_tiles: extra rows of the prepared layer with the prologue kernel at these (block_m, warps)."""
+    prologue_tiles: extra rows of the prepared layer with the prologue kernel at these (block_m, warps);
+    rotations: extra rows of the whole W4A4 layer with the online Hadamard rotation (`rotation_blocks`), stored
+    and prepared; only: keep the rows whose label contains one of these strings (all when empty)."""
     from qdit4sr_jax.quant.kernels import DEFAULT_CONFIG, fused_linear, prepare_weight
     from qdit4sr_jax.quant.qweight import make_qweight
     rng = np.random.default_rng(1)
@@ -82,6 +98,12 @@ def measure(m: int, k: int, n: int, rank: int = 32, block: int = 256, timed: boo
     _, whole, traced_step = cases[-1]             # the whole W4A4 layer, then with its weight-side work done beforehand
     cases.append(("prepared: weight-side operands once per run", dict(whole, prepared="xla"), traced_step))
     cases.append(("prepared + prologue kernel (Pallas backend only)", dict(whole, prepared="pallas"), traced_step))
+    if rotations:
+        for lab, rot in rotation_blocks(k):
+            cases.append((lab, dict(whole, rotate=rot), traced_step))
+            cases.append((f"prepared {lab}", dict(whole, rotate=rot, prepared="xla"), traced_step))
+    if only:
+        cases = [c for c in cases if any(o in c[0] for o in only)]
     for bm, warps in prologue_tiles:
         cases.append((f"  prologue kernel at {bm} rows, {warps} warps",
                       dict(whole, prepared="pallas", tile=(bm, warps)), traced_step))
@@ -91,13 +113,13 @@ def measure(m: int, k: int, n: int, rank: int = 32, block: int = 256, timed: boo
         tile = kw.pop("tile", None)
         cfg = None if tile is None else dataclasses.replace(DEFAULT_CONFIG, prologue_block_m=tile[0],
                                                             prologue_warps=tile[1])
-        q = make_qweight(w, **kw)
-        if prepared:
-            q = jax.block_until_ready(prepare_weight(q, prologue=prepared))
-        a_bits = q.node.a_bits if prepared else q.a_bits
-        f = jax.jit(lambda x, q, t, traced=traced, cfg=cfg: fused_linear(
-            x, q, step=t if traced else None, act_bits=None if traced else a_bits, config=cfg))
         try:
+            q = make_qweight(w, **kw)
+            if prepared:
+                q = jax.block_until_ready(prepare_weight(q, prologue=prepared))
+            a_bits = q.node.a_bits if prepared else q.a_bits
+            f = jax.jit(lambda x, q, t, traced=traced, cfg=cfg: fused_linear(
+                x, q, step=t if traced else None, act_bits=None if traced else a_bits, config=cfg))
             compiled = f.lower(x, q, jnp.int32(1)).compile()
         except Exception as e:                   # keep the other rows (e.g. a kernel Triton cannot compile)
             rows.append(dict(label=label, kernels=0, by_op={}, error=repr(e)[:300], ms=float("nan")))
@@ -128,11 +150,14 @@ def main(argv=None):
     ap.add_argument("--rank", type=int, default=26, help="low-rank branch rank (H-SVD's global rank: 22-26)")
     ap.add_argument("--block", type=int, default=256, help="H-SVD block size")
     ap.add_argument("--time", action="store_true", help="also time each compiled layer (median of 20)")
+    ap.add_argument("--rotations", action="store_true",
+                    help="add the whole W4A4 layer with the online Hadamard rotation (2^k block and full Kronecker)")
+    ap.add_argument("--only", nargs="*", default=[], help="keep only rows whose label contains one of these")
     ap.add_argument("--prologue-tiles", nargs="*", default=[], metavar="ROWSxWARPS",
                     help="extra rows: the prologue kernel at these tiles, e.g. 16x4 32x8 64x8 (GPU sweep)")
     a = ap.parse_args(argv)
     tiles = [tuple(int(v) for v in t.lower().split("x")) for t in a.prologue_tiles]
-    rows = measure(a.m, a.k, a.n, a.rank, a.block, a.time, prologue_tiles=tiles)
+    rows = measure(a.m, a.k, a.n, a.rank, a.block, a.time, prologue_tiles=tiles, rotations=a.rotations, only=a.only)
     print(f"{jax.devices()[0].device_kind}  jax {jax.__version__}  [{a.m} x {a.k}] x [{a.k} x {a.n}]")
     print("| features | kernels | by op |" + (" wall ms (host) | device us |" if a.time else "")
           + "\n|---|---|---|" + ("---|---|" if a.time else ""))
