@@ -2,7 +2,7 @@
 
     python benchmarks/rotation_study.py timing                 # cost of the online rotation per layer (CPU)
     python benchmarks/rotation_study.py layers                 # per-layer activation / weight statistics
-    python benchmarks/rotation_study.py fidelity --images data/dev --variants rot-block,rot-full,...
+    python benchmarks/rotation_study.py fidelity --images data/dev --variants "svdquant;qdit4sr-paper (full, signs)"
 
 `layers`: every quantized linear of the model, its input activations captured over the whole sampler (every
 step) on calibration LR crops (the training photos, disjoint from data/dev and data/val), a strided subsample
@@ -267,14 +267,19 @@ def variant_configs(bits: str = "w4a4"):
         "svdquant + full rotation": sv.replace(rotate=True, rotate_block="full"),
         "rotation (full, signs), RTN": QuantConfig.preset(f"rotation-{bits}").replace(rotate_block="full",
                                                                                         rotate_signs=True),
+        "qdit4sr-sens (smoothing)": QuantConfig.preset(f"qdit4sr-{bits}-sens"),
+        "qdit4sr-paper-sens (full, signs)": QuantConfig.preset(f"qdit4sr-paper-{bits}-sens"),
+        "qdit4sr-sens, smoothing + full rotation + signs": QuantConfig.preset(f"qdit4sr-{bits}-sens").replace(
+            rotate=True, rotate_block="full", rotate_signs=True),
     }
 
 
 def run_fidelity(labels: Optional[List[str]], images: str, crop: int, limit: Optional[int], bits: str = "w4a4",
                  steps: Optional[int] = None, log=print):
     from benchmarks.fidelity import Study
-    st = Study(images=images, crop=crop, limit=limit, num_steps=steps, log=log, step_gains=False)
     cfgs = variant_configs(bits)
+    gains = any(cfgs[lb].needs_step_gains for lb in (labels or list(cfgs)))
+    st = Study(images=images, crop=crop, limit=limit, num_steps=steps, log=log, step_gains=gains)
     rows = []
     for lb in labels or list(cfgs):
         r = st.run(lb, cfgs[lb], lb, bits)
@@ -301,7 +306,7 @@ def main(argv=None) -> int:
     ap.add_argument("--crop", type=int, default=128)
     ap.add_argument("--limit", type=int, default=None)
     ap.add_argument("--bits", default="w4a4")
-    ap.add_argument("--variants", default="", help="comma-separated labels of variant_configs (default: all)")
+    ap.add_argument("--variants", default="", help="';'-separated labels of variant_configs (default: all)")
     ap.add_argument("--list", action="store_true", help="list the variant labels and exit")
     a = ap.parse_args(argv)
     if a.list:
@@ -314,7 +319,7 @@ def main(argv=None) -> int:
         print(f"calibration: {desc}")
         print(format_layers(res, by_kind=not a.per_layer))
     else:
-        labels = [s.strip() for s in a.variants.split(",") if s.strip()] if a.variants else None
+        labels = [s.strip() for s in a.variants.split(";") if s.strip()] if a.variants else None
         rows, st = run_fidelity(labels, a.images, a.crop, a.limit, a.bits, a.steps)
         print(f"{len(st.images)} crops of {a.images} at {a.crop} px, {st.steps} steps, calibration {st.calib_desc}")
         print(format_fidelity(rows))

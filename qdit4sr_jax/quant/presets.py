@@ -17,11 +17,18 @@ Per-method settings (and where they come from):
 - rtn:          weights RTN group 64 (per channel at 8 bits), activations per token.
 - smoothquant:  alpha 0.5, per-channel weights, per-token activations (SmoothQuant, Xiao et al. 2023).
 - svdquant:     smoothing alpha 0.5, rank-32 16-bit branch, 4-bit group-64 residual (SVDQuant, Li et al. 2025).
-- rotation:     block Hadamard on d_in, RTN weights (QuaRot-RTN, Ashkboos et al. 2024), group 64 at <= 4 bits.
+- rotation:     randomised Hadamard diag(signs) H over the whole d_in (1536 = H_12 kron H_128), RTN weights
+                (QuaRot-RTN, Ashkboos et al. 2024), group 64 at <= 4 bits. Before 2026-12-05 it was the block
+                Hadamard of the largest power of 2 without signs: on post-GELU / post-SiLU inputs (ff/net_2,
+                norm1/linear) a plain Hadamard turns the common positive offset into one huge coefficient
+                (per-token kurtosis 44 on ff/net_2; benchmarks/RESULTS.md, rotation study).
 - qdit4sr:      smoothing alpha 0.5 (as SVDQuant) before H-SVD at SVDQuant's rank-32 budget, VaSMP weight bits,
                 VaTMP activation schedule (the paper). Smoothing: without it W4A4 lost 4.6 dB PSNR vs FP to
                 SVDQuant on the demo model (per-token A4 needs the outliers migrated); with it, +1.4 dB ahead
                 (benchmarks/RESULTS.md, fidelity study).
+- qdit4sr-rot:  qdit4sr with the randomised full Hadamard after the smoothing (x / s, then diag(signs) H): the
+                best W4A4 variant of the rotation study (benchmarks/RESULTS.md, 2026-12-05: +1.5 dB PSNR vs FP over
+                qdit4sr on data/val, chosen on data/dev).
 - qdit4sr-paper: the paper's method as its overview figure draws it (arXiv 2602.01273, figs/overview.png): an
                 orthonormal Hadamard of the whole input dimension (rotate_block="full": 1536 = H_12 kron H_128,
                 6144 = H_12 kron H_512) with QuaRot's random signs, no smoothing, H-SVD of the rotated weight
@@ -34,20 +41,22 @@ from __future__ import annotations
 
 import re
 
-METHODS = ("rtn", "smoothquant", "svdquant", "rotation", "qdit4sr", "qdit4sr-paper")
+METHODS = ("rtn", "smoothquant", "svdquant", "rotation", "qdit4sr", "qdit4sr-rot", "qdit4sr-paper")
 
 _METHOD_FIELDS = {
     "rtn": {},
     "smoothquant": dict(smooth=True, smooth_alpha=0.5, w_group_size=None),
     "svdquant": dict(smooth=True, smooth_alpha=0.5, lowrank_rank=32, w_group_size=64),
-    "rotation": dict(rotate=True),
+    "rotation": dict(rotate=True, rotate_block="full", rotate_signs=True),
     "qdit4sr": dict(smooth=True, smooth_alpha=0.5, hsvd=True, lowrank_rank=32, vasmp=True, vatmp=True),
+    "qdit4sr-rot": dict(smooth=True, smooth_alpha=0.5, rotate=True, rotate_block="full", rotate_signs=True, hsvd=True,
+                        lowrank_rank=32, vasmp=True, vatmp=True),
     "qdit4sr-paper": dict(rotate=True, rotate_block="full", rotate_signs=True, smooth=False, hsvd=True,
                           lowrank_rank=32, vasmp=True, vatmp=True, vasmp_solver="greedy", vasmp_distortion="model"),
 }
 PAPER_METHODS = ("qdit4sr-paper",)      # bit candidates (X-1, X, X+1) around the target bits
 
-_NAME = re.compile(r"^(?:(?P<method>[a-z0-9]+(?:-paper)?)-)?w(?P<w>\d+)a(?P<a>\d+)(?P<fast>-fast|-small)?(?P<sens>-sens)?$")
+_NAME = re.compile(r"^(?:(?P<method>[a-z0-9]+(?:-paper|-rot)?)-)?w(?P<w>\d+)a(?P<a>\d+)(?P<fast>-fast|-small)?(?P<sens>-sens)?$")
 
 
 def preset_fields(name: str) -> dict:
@@ -93,5 +102,6 @@ PRESET_NAMES = tuple(f"{m}-{b}" for m in METHODS for b in ("w8a8", "w4a8", "w4a6
     "w8a8", "w4a8", "w4a6", "w4a4") + tuple(
     f"{m}-{b}-fast" for m in ("rtn", "svdquant", "rotation", "qdit4sr") for b in ("w4a8", "w4a6", "w4a4")) + tuple(
     f"{m}-{b}-small" for m in ("svdquant", "qdit4sr") for b in ("w4a8", "w4a6", "w4a4")) + tuple(
-    f"{m}-{b}{s}-sens" for m in ("qdit4sr", "qdit4sr-paper") for s in ("", "-fast", "-small")
-    for b in ("w4a6", "w4a4")) + tuple(f"qdit4sr-paper-{b}{s}" for s in ("-fast", "-small") for b in ("w4a6", "w4a4"))
+    f"{m}-{b}{s}-sens" for m in ("qdit4sr", "qdit4sr-rot", "qdit4sr-paper") for s in ("", "-fast", "-small")
+    for b in ("w4a6", "w4a4")) + tuple(f"{m}-{b}{s}" for m in ("qdit4sr-rot", "qdit4sr-paper") for s in ("-fast", "-small")
+                                       for b in ("w4a6", "w4a4"))

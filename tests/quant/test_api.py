@@ -205,3 +205,23 @@ def test_presets_parse_and_config_json_roundtrip():
     assert QuantConfig.preset("rotation-w4a6").rotate and QuantConfig.preset("w4a16").a_bits is None
     with pytest.raises(ValueError, match="unknown fields"):
         QuantConfig.from_dict({"w_bits": 4, "bogus": 1})
+
+
+def test_rotation_presets():
+    """qdit4sr-paper: the paper as drawn (signed full Hadamard, no smoothing, greedy VaSMP on the variance model,
+    candidates around the target); qdit4sr-rot: smoothing then the signed full Hadamard; rotation: QuaRot's
+    randomised full Hadamard; every suffix applies."""
+    p = QuantConfig.preset("qdit4sr-paper-w4a4")
+    assert (p.rotate, p.rotate_block, p.rotate_signs, p.smooth, p.hsvd, p.lowrank_rank) == (True, "full", True, False, True, 32)
+    assert p.w_bit_candidates == (3, 4, 5) and p.a_bit_candidates == (3, 4, 5)
+    assert (p.vasmp_solver, p.vasmp_distortion, p.vasmp, p.vatmp) == ("greedy", "model", True, True)
+    assert QuantConfig.preset("qdit4sr-paper-w4a6").a_bit_candidates == (5, 6, 7)
+    r = QuantConfig.preset("qdit4sr-rot-w4a4")
+    assert r.smooth and r.rotate and r.rotate_block == "full" and r.rotate_signs and r.vasmp_solver == "dp"
+    q = QuantConfig.preset("rotation-w4a4")
+    assert q.rotate_block == "full" and q.rotate_signs and not q.smooth
+    s = QuantConfig.preset("qdit4sr-paper-w4a4-small-sens")
+    assert s.lowrank_bits == 8 and s.w_group_scale == "int" and s.vatmp_step_weights == "sensitivity"
+    assert QuantConfig.preset("qdit4sr-w4a4").rotate is False and QuantConfig.preset("qdit4sr-w4a4").vasmp_solver == "dp"
+    with pytest.raises(ValueError, match="unknown quantization preset"):
+        QuantConfig.preset("svdquant-paper-w4a4")
