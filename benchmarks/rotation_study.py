@@ -3,6 +3,7 @@
     python benchmarks/rotation_study.py timing                 # cost of the online rotation per layer (CPU)
     python benchmarks/rotation_study.py layers                 # per-layer activation / weight statistics
     python benchmarks/rotation_study.py fidelity --images data/dev --variants "svdquant;qdit4sr-paper (full, signs)"
+    python benchmarks/rotation_study.py per-layer --images data/dev   # smoothing or smoothing + rotation per layer
 
 `layers`: every quantized linear of the model, its input activations captured over the whole sampler (every
 step) on calibration LR crops (the training photos, disjoint from data/dev and data/val), a strided subsample
@@ -119,6 +120,7 @@ def capture_inputs(cfg, params, lrs, tokens: int = 256, seed: int = 0, num_steps
             walk(calib.get("calib", calib), ())
     finally:
         layers.activation_stats = real
+        jax.clear_caches()           # the sampler's jitted trace sowed the subsample: never reuse it
     res = {}
     for p, calls in out.items():
         x = np.concatenate([np.asarray(c["x"]).reshape(-1, np.asarray(c["x"]).shape[-1]) for c in calls])
@@ -287,6 +289,37 @@ def run_fidelity(labels: Optional[List[str]], images: str, crop: int, limit: Opt
     return rows, st
 
 
+def per_layer_tree(st, layer_res: Dict[str, dict], cfg_a, cfg_b, t_a: str = "smooth", t_b: str = "smooth+full+signs"):
+    """Quantize with cfg_a and cfg_b and keep, per layer, cfg_b's node where the calibration statistics
+    (`study_layers` output, computed on calibration crops, never on the evaluation crops) give transform t_b a lower
+    out_err than t_a. Returns (tree, number of layers taken from cfg_b)."""
+    from qdit4sr_jax.quant import rules
+    qa, qb = st.quantize(cfg_a), st.quantize(cfg_b)
+    pick = {}
+    for path in rules.find_quantized(qa):
+        name = rules.path_str(path)
+        if layer_res[name][t_b]["out_err"] < layer_res[name][t_a]["out_err"]:
+            node = qb
+            for p in path:
+                node = node[p]
+            pick[path] = node["kernel"]
+    return rules.replace_kernels(qa, pick), len(pick)
+
+
+def run_tree(st, label: str, qt, bits: str = "w4a4"):
+    """`Study.run` for an already quantized transformer tree."""
+    from qdit4sr_jax.evaluation.run import Result, effective_bits
+    from qdit4sr_jax.evaluation.scores import image_metrics
+    t0 = time.perf_counter()
+    outs = st._upscale(dict(st.params, transformer=qt))
+    tu = time.perf_counter() - t0
+    wb, ab, size, ops = effective_bits(st.cfg, qt, st.hw)
+    per = [image_metrics(o, hr, f) for o, (_, hr, _), f in zip(outs, st.images, st.fp)]
+    r = Result(label, label, bits, per, wb, ab, size, ops, 0.0, tu, outs)
+    st.results[label] = r
+    return (label, r.mean("psnr_fp"), r.mean("hf_fp"), r.mean("psnr_hr"), wb, ab)
+
+
 def format_fidelity(rows) -> str:
     out = ["| variant | PSNR vs FP (dB) | HF-PSNR vs FP | PSNR vs HR | W / A bits |", "|---|---|---|---|---|"]
     for lb, pf, hf, ph, wb, ab in rows:
@@ -296,7 +329,7 @@ def format_fidelity(rows) -> str:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("mode", choices=("timing", "layers", "fidelity"))
+    ap.add_argument("mode", choices=("timing", "layers", "fidelity", "per-layer"))
     ap.add_argument("--model", default="demo")
     ap.add_argument("--n-calib", type=int, default=4)
     ap.add_argument("--tokens", type=int, default=256)
@@ -318,6 +351,18 @@ def main(argv=None) -> int:
         res, desc = study_layers(a.model, a.n_calib, a.tokens, a.steps)
         print(f"calibration: {desc}")
         print(format_layers(res, by_kind=not a.per_layer))
+    elif a.mode == "per-layer":                   # smoothing vs smoothing + signed rotation, chosen per layer
+        from benchmarks.fidelity import Study
+        from qdit4sr_jax.quant.config import QuantConfig
+        res, desc = study_layers(a.model, a.n_calib, a.tokens, a.steps)
+        st = Study(images=a.images, crop=a.crop, limit=a.limit, num_steps=a.steps, step_gains=False)
+        ca, cb = QuantConfig.preset(f"qdit4sr-{a.bits}"), QuantConfig.preset(f"qdit4sr-rot-{a.bits}")
+        rows = [st.run(lb, c, lb, a.bits) for lb, c in ((f"qdit4sr-{a.bits}", ca), (f"qdit4sr-rot-{a.bits}", cb))]
+        rows = [(r.label, r.mean("psnr_fp"), r.mean("hf_fp"), r.mean("psnr_hr"), r.w_bits, r.a_bits) for r in rows]
+        tree, n = per_layer_tree(st, res, ca, cb)
+        rows.append(run_tree(st, f"per layer: rotation on {n} of {len(res)} layers (calibration out_err)", tree, a.bits))
+        print(f"{len(st.images)} crops of {a.images} at {a.crop} px, {st.steps} steps, calibration {st.calib_desc}")
+        print(format_fidelity(rows))
     else:
         labels = [s.strip() for s in a.variants.split(";") if s.strip()] if a.variants else None
         rows, st = run_fidelity(labels, a.images, a.crop, a.limit, a.bits, a.steps)
