@@ -16,7 +16,7 @@
 #                                             # --rotations), command buffers for the scanned step (cb-while)
 #   bash benchmarks/gpu/gpu_session.sh i24b      # issue 24, second call: routes.py with FP8 codes made beforehand, the
 #                                             # Hadamard as dense Kronecker factors, the joint down-projection;
-#                                             # bf16 and W4A4-small scans under default / cb-off
+#                                             # bf16 scan under default / cb-off, W4A4-small under cb-off
 export PYTHONUNBUFFERED=1
 if [ "${1:-}" = i24b ]; then
   OUT=${OUT:-/tmp/gpu_out}; mkdir -p "$OUT"
@@ -26,8 +26,8 @@ if [ "${1:-}" = i24b ]; then
   el scan-bf16; timeout 90 python3 benchmarks/step_latency.py --cases 512x1 --scan-steps 4 --modes bf16 \
       --xla-variants default cb-off --attention cudnn --iters 5 --warmup 1 --out "$OUT/scan_bf16.json" \
       2>&1 | grep -v Warning | grep "px b\|^|"
-  el scan-w4a4; timeout 300 python3 benchmarks/step_latency.py --cases 512x1 --scan-steps 4 --modes w4a4s-fused \
-      --xla-variants default cb-off --attention cudnn --iters 5 --warmup 1 --out "$OUT/scan_w4_off.json" \
+  el scan-w4a4; timeout 200 python3 benchmarks/step_latency.py --cases 512x1 --scan-steps 4 --modes w4a4s-fused \
+      --xla-variants cb-off --attention cudnn --iters 5 --warmup 1 --out "$OUT/scan_w4_off.json" \
       2>&1 | grep -v Warning | grep "px b\|^|"
   el done
   exit 0
