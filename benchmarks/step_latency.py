@@ -28,6 +28,11 @@ Modes (--modes):
   *-prepk       the same with the prologue (smoothing, per-token quantization, branch down-projections) as one
                 Pallas kernel per layer (`kernels.prepare(..., prologue="pallas")`; GPU: Triton)
   qwix-w8a8     qwix's int8 PTQ of the same model, when qwix is importable (else recorded as skipped)
+  p:PRESET:KIND any `QuantConfig.preset` name (e.g. p:qdit4sr-paper-w4a4-small:prep) run as KIND: fused (stored
+                tree), prep (`kernels.prepare`d: joint down-projection, the default), prepsplit (prepared with
+                down="split"), prepk (prepared, prologue kernel), int (XLA int8 reference path)
+--hadamard IMPL runs the online rotation of the rotating presets as `transforms.set_hadamard_impl(IMPL)`
+(default "auto" = "dense"; "butterfly" is the implementation before 2026-12-05).
 Each mode: compile time, median / p10 / p90 of `--iters` timed steps after warm-up (block_until_ready),
 weight bytes (all params: codes, scales, integer group factors, branches, smoothing, schedules and every
 unquantized parameter; `quantize.<recipe>.weight_breakdown` splits them) and the compiled step's temp /
@@ -74,6 +79,23 @@ XLA_VARIANTS = {
                       "xla_gpu_graph_min_graph_size": 1},
     "cb-min1": {"xla_gpu_graph_min_graph_size": 1},
 }
+
+
+PRESET_KINDS = ("fused", "prep", "prepsplit", "prepk", "int")
+
+
+def is_mode(m: str) -> bool:
+    """A fixed mode (MODES) or p:PRESET:KIND (KIND in PRESET_KINDS)."""
+    if m in MODES:
+        return True
+    parts = m.split(":")
+    return len(parts) == 3 and parts[0] == "p" and parts[2] in PRESET_KINDS and bool(parts[1])
+
+
+def mode_arg(m: str) -> str:
+    if not is_mode(m):
+        raise argparse.ArgumentTypeError(f"mode {m!r}: one of {MODES} or p:PRESET:KIND with KIND in {PRESET_KINDS}")
+    return m
 
 
 def make_step(model, guidance: float, scan_steps: int = 1, compiler_options=None):
@@ -131,6 +153,14 @@ def quantized_trees(params, modes, steps: int, log):
         recipes["w4a4i"] = (QuantConfig.preset("qdit4sr-w4a4-fast").replace(execution="int"), "calib")
     if any(m.startswith("w4a4s-") for m in modes):
         recipes["w4a4s"] = (QuantConfig.preset("qdit4sr-w4a4-small").replace(execution="int"), "calib")
+    for m in modes:
+        if m.startswith("p:"):
+            preset = m.split(":")[1]
+            try:
+                recipes["p:" + preset] = (QuantConfig.preset(preset).replace(execution="int"), "calib")
+            except Exception as e:                              # an unknown preset: record, keep the others
+                info["p:" + preset] = {"error": repr(e)[:300]}
+                log(f"preset {preset}: {e!r:.300}")
     for name, (qcfg, need) in recipes.items():
         calib = random_calib(params, qcfg, steps) if need else None
         t0 = time.perf_counter()
@@ -149,7 +179,11 @@ def quantized_trees(params, modes, steps: int, log):
             f"bf16; bytes by field {info[name]['weight_breakdown']}")
         for m in modes:
             kind = m.split("-", 1)[1] if m.startswith(name + "-") else None
-            if kind == "int":
+            if m.startswith("p:"):
+                kind = m.split(":")[2] if m.rsplit(":", 1)[0] == name else None
+            if kind == "prepsplit":
+                trees[m] = jax.block_until_ready(jax.jit(lambda t: prepare(t, down="split"))(with_execution(q, "fused")))
+            elif kind == "int":
                 trees[m] = q
             elif kind in ("fused", "fake"):
                 trees[m] = with_execution(q, kind)
@@ -200,7 +234,9 @@ def main(argv=None):
     ap.add_argument("--batch", type=int, nargs="+", default=[1])
     ap.add_argument("--cases", nargs="+", default=None, metavar="SIZExBATCH",
                     help="(size, batch) pairs in this order, e.g. 1024x1 512x1 512x4 (replaces --sizes x --batch)")
-    ap.add_argument("--modes", nargs="+", default=list(MODES[:6]), choices=MODES)
+    ap.add_argument("--modes", nargs="+", default=list(MODES[:6]), type=mode_arg,
+                    help=f"{', '.join(MODES)}, or p:PRESET:KIND (KIND in {PRESET_KINDS})")
+    ap.add_argument("--hadamard", default="auto", help="online Hadamard implementation (transforms.HADAMARD_IMPLS)")
     ap.add_argument("--attention", default="cudnn", help="'cudnn', 'fp8' (cuDNN FP8), 'fp8-ref' or 'xla' "
                     "(cudnn / fp8 fall back to xla if the bf16 step fails with them)")
     ap.add_argument("--iters", type=int, default=20)
@@ -215,6 +251,8 @@ def main(argv=None):
     ap.add_argument("--out", default=None, help="JSON results file")
     a = ap.parse_args(argv)
     cases = parse_cases(a.cases) if a.cases else [(s, b) for s in a.sizes for b in a.batch]
+    from qdit4sr_jax.quant.transforms import set_hadamard_impl
+    set_hadamard_impl(a.hadamard)
     a.sizes = sorted({s for s, _ in cases})
     t_start = time.perf_counter()
     log = lambda s: print(f"[{time.perf_counter() - t_start:7.1f}s] {s}", flush=True)

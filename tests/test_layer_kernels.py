@@ -32,6 +32,8 @@ def test_every_feature_case_compiles_and_runs():
     rows = L.measure(m=16, k=128, n=128, rank=8, block=64, timed=True, iters=2)
     labels = [c[0] for c in L.feature_cases(128, 128, 8, 64)]
     assert [r["label"] for r in rows] == labels + ["prepared: weight-side operands once per run",
+                                                   "prepared, down=split (before 2026-12-05)",
                                                    "prepared + prologue kernel (Pallas backend only)"]
     assert all(r["kernels"] >= 1 and r["ms"] > 0 and r["device_us"] > 0 for r in rows)   # device time from a trace
-    assert rows[-2]["kernels"] < rows[-3]["kernels"]        # the prepared layer leaves weight-side kernels out
+    assert rows[-3]["kernels"] < rows[-4]["kernels"]        # the prepared layer leaves weight-side kernels out
+    assert rows[-3]["kernels"] <= rows[-2]["kernels"]       # one down-projection GEMM, not several kernels

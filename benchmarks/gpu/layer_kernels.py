@@ -16,6 +16,10 @@ one-layer program: 0.35-0.70 ms for a ~15 us GEMM on the H200, 2026-12-05) and t
 from a profiler trace (`step_profile.profile_step`), the figure to compare.
     python benchmarks/gpu/layer_kernels.py --time --prologue-tiles 16x4 32x8 64x8   # GPU: prologue kernel tiles
     python benchmarks/gpu/layer_kernels.py --time --rotations --only W8A8 VaTMP prepared Hadamard   # issue 24 (c)
+    python benchmarks/gpu/layer_kernels.py --time --rotations --hadamard-impls butterfly dense dense-sum full \
+        --only "prepared"      # the prepared layer with each online Hadamard implementation (transforms.HADAMARD_IMPLS)
+Prepared rows use `kernels.prepare`'s default down="joint" (one GEMM for the branch down-projections); the row
+"prepared, down=split" is the path before 2026-12-05.
 """
 from __future__ import annotations
 
@@ -83,11 +87,13 @@ def rotation_blocks(k: int):
 
 
 def measure(m: int, k: int, n: int, rank: int = 32, block: int = 256, timed: bool = False, iters: int = 20,
-            prologue_tiles=(), rotations: bool = False, only=()):
+            prologue_tiles=(), rotations: bool = False, only=(), impls=()):
     """-> rows {label, kernels, by_op, ms (with timed)} for the feature cases on the default backend.
     prologue_tiles: extra rows of the prepared layer with the prologue kernel at these (block_m, warps);
     rotations: extra rows of the whole W4A4 layer with the online Hadamard rotation (`rotation_blocks`), stored
-    and prepared; only: keep the rows whose label contains one of these strings (all when empty)."""
+    and prepared; only: keep the rows whose label contains one of these strings (all when empty); impls: the
+    prepared rotation rows once per online Hadamard implementation (`transforms.set_hadamard_impl`)."""
+    from qdit4sr_jax.quant.transforms import set_hadamard_impl
     from qdit4sr_jax.quant.kernels import DEFAULT_CONFIG, fused_linear, prepare_weight
     from qdit4sr_jax.quant.qweight import make_qweight
     rng = np.random.default_rng(1)
@@ -97,11 +103,14 @@ def measure(m: int, k: int, n: int, rank: int = 32, block: int = 256, timed: boo
     cases = feature_cases(k, n, min(rank, k, n), min(block, k, n))
     _, whole, traced_step = cases[-1]             # the whole W4A4 layer, then with its weight-side work done beforehand
     cases.append(("prepared: weight-side operands once per run", dict(whole, prepared="xla"), traced_step))
+    cases.append(("prepared, down=split (before 2026-12-05)", dict(whole, prepared="xla", down="split"), traced_step))
     cases.append(("prepared + prologue kernel (Pallas backend only)", dict(whole, prepared="pallas"), traced_step))
     if rotations:
         for lab, rot in rotation_blocks(k):
             cases.append((lab, dict(whole, rotate=rot), traced_step))
             cases.append((f"prepared {lab}", dict(whole, rotate=rot, prepared="xla"), traced_step))
+            for impl in impls:
+                cases.append((f"prepared {lab} [{impl}]", dict(whole, rotate=rot, prepared="xla", impl=impl), traced_step))
     if only:
         cases = [c for c in cases if any(o in c[0] for o in only)]
     for bm, warps in prologue_tiles:
@@ -111,12 +120,14 @@ def measure(m: int, k: int, n: int, rank: int = 32, block: int = 256, timed: boo
         kw = dict(kw)
         prepared = kw.pop("prepared", None)
         tile = kw.pop("tile", None)
+        down = kw.pop("down", "joint")
+        set_hadamard_impl(kw.pop("impl", "auto"))
         cfg = None if tile is None else dataclasses.replace(DEFAULT_CONFIG, prologue_block_m=tile[0],
                                                             prologue_warps=tile[1])
         try:
             q = make_qweight(w, **kw)
             if prepared:
-                q = jax.block_until_ready(prepare_weight(q, prologue=prepared))
+                q = jax.block_until_ready(prepare_weight(q, prologue=prepared, down=down))
             a_bits = q.node.a_bits if prepared else q.a_bits
             f = jax.jit(lambda x, q, t, traced=traced, cfg=cfg: fused_linear(
                 x, q, step=t if traced else None, act_bits=None if traced else a_bits, config=cfg))
@@ -153,11 +164,17 @@ def main(argv=None):
     ap.add_argument("--rotations", action="store_true",
                     help="add the whole W4A4 layer with the online Hadamard rotation (2^k block and full Kronecker)")
     ap.add_argument("--only", nargs="*", default=[], help="keep only rows whose label contains one of these")
+    ap.add_argument("--hadamard-impls", nargs="*", default=[], help="with --rotations: prepared rows per implementation")
+    ap.add_argument("--out", default=None, help="JSON rows")
     ap.add_argument("--prologue-tiles", nargs="*", default=[], metavar="ROWSxWARPS",
                     help="extra rows: the prologue kernel at these tiles, e.g. 16x4 32x8 64x8 (GPU sweep)")
     a = ap.parse_args(argv)
     tiles = [tuple(int(v) for v in t.lower().split("x")) for t in a.prologue_tiles]
-    rows = measure(a.m, a.k, a.n, a.rank, a.block, a.time, prologue_tiles=tiles, rotations=a.rotations, only=a.only)
+    rows = measure(a.m, a.k, a.n, a.rank, a.block, a.time, prologue_tiles=tiles, rotations=a.rotations, only=a.only,
+                   impls=a.hadamard_impls)
+    if a.out:
+        from common import write_json
+        write_json(a.out, {"m": a.m, "k": a.k, "n": a.n, "device": jax.devices()[0].device_kind, "rows": rows})
     print(f"{jax.devices()[0].device_kind}  jax {jax.__version__}  [{a.m} x {a.k}] x [{a.k} x {a.n}]")
     print("| features | kernels | by op |" + (" wall ms (host) | device us |" if a.time else "")
           + "\n|---|---|---|" + ("---|---|" if a.time else ""))

@@ -9,8 +9,10 @@ are the point; the CPU run is a smoke test).
      fp8    e4m3 . e4m3 -> float32 (cuBLASLt FP8), then the scales
      fp8b   e4m3 . e4m3 -> bf16 out, then the scales (not exact: the sum is rounded to bf16; for contrast)
    The int32 and float32 accumulators are compared exactly (max |int8 acc - fp8 acc| must be 0).
-2. `hadamard`: the online rotation of a layer's input (the paper preset's): `transforms.hadamard_transform`
-   (butterflies: one XLA fusion per stage on the GPU, 2026-12-05) against one dense matmul per Kronecker factor.
+2. `hadamard`: the online rotation of a layer's input (the paper preset's): `transforms.hadamard_transform` with
+   each of its implementations (`transforms.HADAMARD_IMPLS`: butterflies, one XLA fusion per stage on the GPU,
+   the implementation before 2026-12-05; dense +-1 factors as exact bf16 GEMMs, the default since), each checked
+   against float64, and the float32 dense Kronecker factors of 12-05's call (`kron_hadamard`).
 3. `down`: the branch down-projections of a prepared H-SVD layer (low-rank rank r, 256-blocks) as the fused
    prologue computes them today (`branch_ops.branch_features`: one GEMM for lr_a, a batched einsum over the input
    blocks, a pad / reshape into the kernel layout) against one GEMM of x' with the joint matrix
@@ -203,27 +205,47 @@ def kron_hadamard(x, block: int):
     return y.reshape(m, k)
 
 
-def run_hadamard(shapes, log):
-    """The online rotation of a layer's input x [M, K] (bf16 in, float32 out, as `transform_input` runs it):
-    `transforms.hadamard_transform` (butterflies) vs `kron_hadamard` (dense factors), for the 2^k and full blocks."""
+def hadamard_ref64(x: np.ndarray, block: int) -> np.ndarray:
+    """x [M, K] (float64) @ blockdiag(H_block) in float64, through the Kronecker factors (cheap at M = 8192)."""
+    from qdit4sr_jax.quant import transforms as T
+    m, p = T.hadamard_factors(block)
+    mm, k = x.shape
+    y = x.reshape(mm, k // block, m, p) @ (T.hadamard_matrix(p))              # S_p / sqrt(p) on the last axis
+    if m > 1:
+        y = np.einsum("nbap,ca->nbcp", y, T.hadamard_base(m))
+    return y.reshape(mm, k)
+
+
+def run_hadamard(shapes, log, impls=("butterfly", "dense", "dense-sum", "full")):
+    """The online rotation of a layer's input x [M, K] as `transforms.hadamard_transform` runs it with each
+    implementation (bf16 x in, float32 out, as `transform_input` runs it without smoothing; "dense f32-in": a
+    float32 x, as after smoothing, through the three-part bf16 split), for the 2^k and full blocks; each checked
+    against float64 (max |y - ref| / max |ref|) on fresh random inputs; and the dense Kronecker factors of
+    2026-12-05's call (`kron_hadamard`) for contrast."""
     from qdit4sr_jax.quant import transforms as T
     rows = []
     for m, k in shapes:
-        blocks = [T.largest_pow2_divisor(k)]
-        if hasattr(T, "rotation_block"):
-            blocks.append(T.rotation_block(k, "full"))
-        x = jnp.asarray(np.random.default_rng(3).normal(size=(m, k)), jnp.bfloat16)
+        blocks = [T.largest_pow2_divisor(k), T.rotation_block(k, "full")]
+        rng = np.random.default_rng(3)
+        x = jnp.asarray(rng.normal(size=(m, k)), jnp.bfloat16)
+        xf = jnp.asarray(rng.normal(size=(m, k)) * np.exp(rng.normal(size=(1, k))), jnp.float32)
         for b in dict.fromkeys(blocks):
-            ref = jax.jit(lambda x, b=b: T.hadamard_transform(x.astype(jnp.float32), b))
-            alt = jax.jit(lambda x, b=b: kron_hadamard(x, b))
-            y0, y1 = ref(x), alt(x)
-            row = {"m": m, "k": k, "block": b, "factors": [f.shape[0] for f in kron_factors(b)],
-                   "max_rel_diff": float(jnp.max(jnp.abs(y0 - y1)) / jnp.max(jnp.abs(y0))),
-                   "butterfly": {"wall_ms": wall_ms(ref, (x,)), **device(ref, (x,))},
-                   "kron_dense": {"wall_ms": wall_ms(alt, (x,)), **device(alt, (x,))}}
+            ref = hadamard_ref64(np.asarray(x.astype(jnp.float32), np.float64), b)
+            reff = hadamard_ref64(np.asarray(xf, np.float64), b)
+            row = {"m": m, "k": k, "block": b, "impls": {}}
+            variants = [(i, x, ref) for i in impls if i != "full" or b <= 2048] + [("dense f32-in", xf, reff)]
+            for name, xin, r in variants:
+                impl = name.split()[0]
+                f = jax.jit(lambda v, b=b, impl=impl: T.hadamard_transform(v, b, impl=impl))
+                y = np.asarray(f(xin), np.float64)
+                err = float(np.max(np.abs(y - r)) / np.max(np.abs(r)))
+                row["impls"][name] = {"max_rel_err_f64": err, "wall_ms": wall_ms(f, (xin,)), **device(f, (xin,))}
+            alt = jax.jit(lambda v, b=b: kron_hadamard(v, b))
+            row["impls"]["kron f32 (12-05)"] = {"wall_ms": wall_ms(alt, (x,)), **device(alt, (x,))}
             rows.append(row)
-            log(f"hadamard {m}x{k} block {b}: butterfly {row['butterfly']}, kron {row['kron_dense']}, "
-                f"diff {row['max_rel_diff']:.1e}")
+            log(f"hadamard {m}x{k} block {b}: " + " | ".join(
+                f"{n} {v.get('device_us')} us {v.get('kernels')} k err {v.get('max_rel_err_f64', float('nan')):.1e}"
+                for n, v in row["impls"].items()))
     return rows
 
 
@@ -262,9 +284,9 @@ def main(argv=None):
               f"{g['int8']:.1f} ({g['bf16'] / g['int8']:.2f}) | {g['fp8']:.1f} ({g['bf16'] / g['fp8']:.2f}) | "
               f"{g.get('fp8b', float('nan')):.1f} |")
     for r in res.get("hadamard", []):
-        print(f"hadamard {r['m']}x{r['k']} block {r['block']} {r['factors']}: butterfly {r['butterfly'].get('device_us')} us "
-              f"in {r['butterfly'].get('kernels')} kernels, dense factors {r['kron_dense'].get('device_us')} us in "
-              f"{r['kron_dense'].get('kernels')} kernels, max rel diff {r['max_rel_diff']:.1e}")
+        print(f"hadamard {r['m']}x{r['k']} block {r['block']}: " + "; ".join(
+            f"{n} {v.get('device_us')} us / {v.get('kernels')} k (err {v.get('max_rel_err_f64', float('nan')):.1e})"
+            for n, v in r["impls"].items()))
     for r in res.get("down", []):
         print(f"down {r['m']}x{r['k']}->{r['n']}: current {r['current'].get('device_us')} us in "
               f"{r['current'].get('kernels')} kernels, joint {r['joint'].get('device_us')} us in "

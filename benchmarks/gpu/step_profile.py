@@ -166,7 +166,7 @@ def main(argv=None):
     ap.add_argument("--preset", default="dit4sr")
     ap.add_argument("--cases", nargs="+", default=["512x1"], metavar="SIZExBATCH")
     ap.add_argument("--modes", nargs="+", default=["w8a8-fused", "w4a4s-fused"],
-                    choices=[m for m in S.MODES if m != "qwix-w8a8"])
+                    type=S.mode_arg)
     ap.add_argument("--attention", default="cudnn", help="'cudnn' or 'xla' (cudnn is replaced by xla off GPU)")
     ap.add_argument("--iters", type=int, default=5)
     ap.add_argument("--warmup", type=int, default=2)

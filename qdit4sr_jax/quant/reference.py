@@ -52,13 +52,14 @@ def resolve_act_bits(w: QuantizedWeight, act_bits=None, step=None):
 
 
 def transform_input(x2, w: QuantizedWeight):
-    """x' = hadamard(x / smooth) for x2 [M, K] float32."""
+    """x' = hadamard(x / smooth) float32 [M, K] for x2 [M, K] (any float dtype: a bf16 x goes into the
+    Hadamard as is, whose +-1 products are exact in bf16; the same values as from its float32 upcast)."""
     if w.smooth is not None:
-        x2 = x2 / w.smooth.astype(jnp.float32)
+        x2 = x2.astype(jnp.float32) / w.smooth.astype(jnp.float32)
     if w.rotate:
         from qdit4sr_jax.quant.transforms import hadamard_transform
         x2 = hadamard_transform(x2, w.rotate)
-    return x2
+    return x2.astype(jnp.float32)
 
 
 def branches(xt, w: QuantizedWeight):
@@ -174,7 +175,7 @@ def quantized_linear(x, w: QuantizedWeight, *, act_bits=None, step=None, executi
 def _qlinear(x, w, traced_bits, *, mode, static_bits):
     bits = static_bits if traced_bits is None else traced_bits
     lead = x.shape[:-1]
-    xt = transform_input(x.reshape(-1, w.k).astype(jnp.float32), w)
+    xt = transform_input(x.reshape(-1, w.k), w)
     if mode == "int" and bits is not None:
         y = _int_main(xt, w, bits)
     else:

@@ -147,15 +147,126 @@ def fold_signs(w_nk, smooth=None):
     return w_nk * sg[None, :], (sg if smooth is None else smooth * sg)
 
 
-def hadamard_transform(x, block: int):
+HADAMARD_IMPLS = ("auto", "dense", "dense-sum", "full", "butterfly")
+DENSE_CAP = 128                     # the 2^j factor applied as one dense matmul (the rest joins H_m)
+_IMPL = ["auto"]                    # process-wide choice (`set_hadamard_impl`); "auto" = "dense"
+
+
+def set_hadamard_impl(impl: str) -> str:
+    """Choose how `hadamard_transform` runs (the same H; the previous choice is returned):
+    "dense" (the default, "auto"): x [.., g, c] -> (G (x) S_c) as two matmuls: S_c (the Sylvester +-1 matrix of
+        the 2^j factor, c <= `DENSE_CAP`) on the last axis, then G = H_m (x) S_{2^j / c} (+-1, size <= 48 on
+        DiT4SR) on the g axis; on a GPU each as a bf16 tensor-core GEMM with float32 accumulation that is exact:
+        the +-1 entries are exact in bf16, and a float32 operand is split into three bf16 parts (hi + mid + lo,
+        by bit truncation) whose products are exact, so only the float32 sums round (as the butterflies' do);
+        off GPU, float32 matmuls at HIGHEST precision.
+    "dense-sum": the same first matmul, G applied as an unrolled sum of +-rows (one elementwise XLA fusion).
+    "full": one +-1 matmul of the whole block (b <= 2048, else "dense").
+    "butterfly": the 2^j-point butterflies (one XLA fusion per stage on a GPU: 3.7-4.9x the cost of the whole
+        W4A4 layer on an H100, benchmarks/gpu_notes.md), then H_m: the implementation before 2026-12-05."""
+    if impl not in HADAMARD_IMPLS:
+        raise ValueError(f"Hadamard implementation must be one of {HADAMARD_IMPLS}, got {impl!r}")
+    prev, _IMPL[0] = _IMPL[0], impl
+    return prev
+
+
+def hadamard_transform(x, block: int, impl: Optional[str] = None, exact_bf16: Optional[bool] = None):
     """x [..., K] -> x @ blockdiag(H_b, ..., H_b) (float32), H_b = H_m (x) H_{2^j} the orthonormal symmetric
     Hadamard matrix of size b = `block` = m * 2^j (m in HADAMARD_BASES), b dividing K. H_b H_b = I.
-    Cost O(K (j + m)) per row: 2^j-point butterflies, then an m x m matmul on the m axis."""
+    x may be bf16 / f16 (used as is: exact +-1 products) or float32. impl: one of HADAMARD_IMPLS (None: the
+    process-wide `set_hadamard_impl` choice); exact_bf16: run the matmuls as exact bf16 tensor-core GEMMs
+    (None: on a GPU backend only; True on a CPU runs the GPU formulation, for tests)."""
     k = x.shape[-1]
     if not is_hadamard_block(block) or k % int(block):
         raise ValueError(f"Hadamard block {block} must be m * 2^j (a power of 2 times m in {HADAMARD_BASES}) "
                          f"dividing d_in={k}")
-    return _hadamard(x, int(block))
+    impl = _IMPL[0] if impl is None else impl
+    if impl not in HADAMARD_IMPLS:
+        raise ValueError(f"Hadamard implementation must be one of {HADAMARD_IMPLS}, got {impl!r}")
+    if impl == "butterfly":
+        return _hadamard(x.astype(jnp.float32), int(block))
+    if exact_bf16 is None:
+        exact_bf16 = jax.default_backend() == "gpu"
+    if impl == "full" and int(block) > 2048:
+        impl = "dense"
+    return _hadamard_dense(x, int(block), "dense" if impl == "auto" else impl, bool(exact_bf16))
+
+
+@lru_cache(maxsize=None)
+def _pm1(n_or_block: int, kind: str) -> np.ndarray:
+    """+-1 matrices (float32): kind "s" the Sylvester S_n; "g" H_m (x) S_r for (m, r) packed as m * r with the
+    base m of `hadamard_factors`; "full" the whole H_b * sqrt(b)."""
+    if kind == "s":
+        h = np.ones((1, 1))
+        while h.shape[0] < n_or_block:
+            h = np.block([[h, h], [h, -h]])
+        return h.astype(np.float32)
+    return np.rint(hadamard_matrix(n_or_block) * np.sqrt(n_or_block)).astype(np.float32)
+
+
+def _split_bf16(y):
+    """float32 y -> (hi, mid, lo) bf16 with hi + mid + lo == y exactly (normal range): each part is the top 8
+    significant bits left, by truncation of the float32 bit pattern (no rounding step that XLA's excess-precision
+    rewrites could remove)."""
+    def top(v):
+        return jax.lax.bitcast_convert_type(jax.lax.bitcast_convert_type(v, jnp.uint32) & jnp.uint32(0xFFFF0000),
+                                            jnp.float32)
+    y = y.astype(jnp.float32)
+    hi = top(y)
+    r = y - hi
+    mid = top(r)
+    lo = r - mid
+    return hi.astype(jnp.bfloat16), mid.astype(jnp.bfloat16), lo.astype(jnp.bfloat16)
+
+
+def _pm1_dot(y, mat: np.ndarray, axis: int, exact_bf16: bool):
+    """sum_a y[.., a, ..] mat[a, b] along `axis` (mat +-1, float32 [n, n]) -> float32 with b at `axis`.
+    exact_bf16: bf16 operands (y as is when bf16 / f16, else its three-part split), float32 accumulation."""
+    nd = y.ndim
+    axis = axis % nd
+    if not exact_bf16:
+        parts, m = [y.astype(jnp.float32)], jnp.asarray(mat, jnp.float32)
+        prec = jax.lax.Precision.HIGHEST
+    elif y.dtype in (jnp.bfloat16, jnp.float16):
+        parts, m, prec = [y], jnp.asarray(mat, y.dtype), None
+    else:
+        parts, m, prec = list(_split_bf16(y)), jnp.asarray(mat, jnp.bfloat16), None
+    if axis == nd - 1:                       # a plain 2-D GEMM [rows, n] x [n, n]
+        lead = y.shape[:-1]
+        n = y.shape[-1]
+        lhs = jnp.concatenate([p.reshape(-1, n) for p in parts], axis=1) if len(parts) > 1 else parts[0].reshape(-1, n)
+        rhs = jnp.concatenate([m] * len(parts), axis=0) if len(parts) > 1 else m
+        out = jnp.dot(lhs, rhs, preferred_element_type=jnp.float32, precision=prec)
+        return out.reshape(*lead, n)
+    stacked = jnp.stack(parts, axis=axis) if len(parts) > 1 else jnp.expand_dims(parts[0], axis)
+    rhs = jnp.stack([m] * len(parts), axis=0)                       # [s, a, b]
+    out = jax.lax.dot_general(stacked, rhs, (((axis, axis + 1), (0, 1)), ((), ())), precision=prec,
+                              preferred_element_type=jnp.float32)   # [.. (without s, a) .., b]
+    return jnp.moveaxis(out, -1, axis)
+
+
+@partial(jax.jit, static_argnums=(1, 2, 3))
+def _hadamard_dense(x, block: int, impl: str, exact_bf16: bool):
+    m, p = hadamard_factors(block)
+    k = x.shape[-1]
+    lead = x.shape[:-1]
+    if x.dtype not in (jnp.bfloat16, jnp.float16):
+        x = x.astype(jnp.float32)
+    if impl == "full":
+        y = _pm1_dot(x.reshape(-1, block), _pm1(block, "full"), -1, exact_bf16)
+    else:
+        c = min(p, DENSE_CAP)
+        g = block // c                                               # G = H_m (x) S_{p / c}, size g
+        y = _pm1_dot(x.reshape(-1, g, c), _pm1(c, "s"), -1, exact_bf16)  # [rows, g, c] float32
+        if g > 1:
+            gm = _pm1(g, "full") if is_hadamard_block(g) and hadamard_factors(g)[0] == m else None
+            if gm is None:                                           # (m, p / c) not a stored factorisation
+                gm = np.kron(_pm1(m, "full") if m > 1 else np.ones((1, 1), np.float32), _pm1(p // c, "s"))
+            if impl == "dense-sum":
+                y = jnp.stack([sum(float(gm[a, b]) * y[:, a, :] for a in range(g)) for b in range(g)], axis=1)
+            else:
+                y = _pm1_dot(y, gm, 1, exact_bf16)
+    return (y * np.float32(1.0 / np.sqrt(block))).reshape(*lead, k)
 
 
 @partial(jax.jit, static_argnums=1)

@@ -11,6 +11,9 @@ weight side, `branch_weights(w)` (weight-only: `kernels.prepare` computes it onc
 activation side, `branch_features(xt, bw)` (XLA; `prologue_kernel.py` computes the same in one kernel):
   dh [M, Rl]                    h = x' lr_a, rounded to the branch dtype (as the reference)
   dt [M, n_bo Rb]               t[m, i, j] = <v_ij, x'_j> at column i Rb + j, rounded to the branch dtype
+joint down-projection (optional, `branch_weights(..., joint=True)`: `kernels.prepare(..., down="joint")`):
+  jd   [K, Rl + n_bo Rb]        [lr_a | V_d], V_d[j b_in + c, i Rb + j] = vt[j, c, i] (zero elsewhere): dh and dt
+                                from one GEMM x' jd (the zeros add nothing: the same sums, another order)
 epilogue, `branch_epilogue` (XLA) or the Pallas GEMM kernel per output tile:
   y[m, n] += dh[m] . lr_b[:, n] + dt[m, i(n) Rb : (i(n) + 1) Rb] . ub[:, n]     (float32 accumulation)
 so an output tile inside one block row reads one [bm, Rb] slice of dt. The same quantities as
@@ -48,6 +51,7 @@ class BranchWeights:
     vt: Any = None
     ub: Any = None
     block: Optional[tuple] = None
+    jd: Any = None                # [K, Rl + n_bo Rb] joint down-projection [lr_a | V_d], or None
 
     @property
     def has_lowrank(self) -> bool:
@@ -66,13 +70,15 @@ class BranchWeights:
         return 0 if self.ub is None else self.ub.shape[0]
 
 
-jax.tree_util.register_dataclass(BranchWeights, data_fields=["lr_a", "lr_b", "vt", "ub"], meta_fields=["block"])
+jax.tree_util.register_dataclass(BranchWeights, data_fields=["lr_a", "lr_b", "vt", "ub", "jd"],
+                                 meta_fields=["block"])
 
 
-def branch_weights(w: QuantizedWeight, pad: bool = True) -> Optional[BranchWeights]:
+def branch_weights(w: QuantizedWeight, pad: bool = True, joint: bool = False) -> Optional[BranchWeights]:
     """The node's branches in kernel layout (None without branches). int8-stored factors are dequantized
     to the branch dtype first (`QuantizedWeight.float_branches`), as every execution path does.
-    pad=False leaves Rl = r, Bo = n_bo, Rb = n_bi (no zero padding: the XLA path, which needs no tiles)."""
+    pad=False leaves Rl = r, Bo = n_bo, Rb = n_bi (no zero padding: the XLA path, which needs no tiles).
+    joint=True also builds `jd` (`joint_down`) when the branch factors share one dtype."""
     w = w.float_branches()
     if w.lr_a is None and w.block_u is None:
         return None
@@ -89,7 +95,28 @@ def branch_weights(w: QuantizedWeight, pad: bool = True) -> Optional[BranchWeigh
         ub = jnp.transpose(w.block_u, (1, 0, 2)).reshape(nbi, nbo * bo)[:, : w.n]        # [n_bi, N]
         kw.update(vt=jnp.pad(vt, ((0, 0), (0, 0), (0, bo_pad - nbo))),
                   ub=jnp.pad(ub, ((0, rb - nbi), (0, 0))).astype(w.block_u.dtype), block=tuple(w.block))
-    return BranchWeights(**kw)
+    bw = BranchWeights(**kw)
+    if joint:
+        bw = dataclasses.replace(bw, jd=joint_down(bw, w.k))
+    return bw
+
+
+def joint_down(bw: BranchWeights, k: int):
+    """[lr_a | V_d] [K, Rl + n_bo Rb] in the branch dtype (module docstring), or None when the low-rank and block
+    factors differ in dtype. x' jd = [dh | dt] before the bf16 rounding (columns i Rb + j, j >= n_bi, are zero)."""
+    parts = []
+    if bw.has_lowrank:
+        parts.append(bw.lr_a)
+    if bw.has_blocks:
+        nbi, bi, _ = bw.vt.shape
+        nbo, rb = bw.n_bo, bw.rb
+        vt = bw.vt[:, :, :nbo]                                               # [n_bi, b_in, n_bo]
+        eye = jnp.eye(nbi, rb, dtype=vt.dtype)                               # [n_bi, Rb]: column j of input block j
+        vd = vt[:, :, :, None] * eye[:, None, None, :]                       # [n_bi, b_in, n_bo, Rb] (exact: x 1 / 0)
+        parts.append(vd.reshape(nbi * bi, nbo * rb)[:k])
+    if not parts or len({p.dtype for p in parts}) > 1:
+        return None
+    return jnp.concatenate(parts, axis=1)
 
 
 def node_factors(bw: Optional[BranchWeights], n: int) -> dict:
@@ -115,6 +142,11 @@ def branch_features(xt, bw: Optional[BranchWeights]):
         return None, None
     m, k = xt.shape
     dh = dt = None
+    if bw.jd is not None:                      # one GEMM for both (`joint_down`)
+        dtype = bw.jd.dtype
+        d = jnp.dot(xt.astype(dtype), bw.jd, preferred_element_type=jnp.float32).astype(dtype)
+        rl = bw.lr_a.shape[1] if bw.has_lowrank else 0
+        return (d[:, :rl] if bw.has_lowrank else None), (d[:, rl:] if bw.has_blocks else None)
     if bw.has_lowrank:
         dtype = bw.lr_a.dtype
         dh = jnp.dot(xt.astype(dtype), bw.lr_a, preferred_element_type=jnp.float32).astype(dtype)
@@ -143,5 +175,5 @@ def branch_epilogue(y, dh, dt, bw: BranchWeights):
     return y
 
 
-__all__ = ["BranchWeights", "branch_weights", "branch_features", "branch_epilogue", "node_factors", "next_pow2",
+__all__ = ["BranchWeights", "branch_weights", "joint_down", "branch_features", "branch_epilogue", "node_factors", "next_pow2",
            "is_tile", "widen_on_cpu", "lowering_for", "target_platform"]

@@ -57,7 +57,7 @@ def prologue(x2, w: QuantizedWeight, bits, *, pad_to: int = 1, chunk: Optional[i
     and block rows that the Pallas kernels' tiles need)."""
     m, k = x2.shape
     if w.smooth is not None or w.rotate:
-        xt = transform_input(x2.astype(jnp.float32), w)
+        xt = transform_input(x2, w)
     else:
         xt = x2
     mp = -(-m // pad_to) * pad_to

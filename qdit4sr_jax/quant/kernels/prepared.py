@@ -40,6 +40,7 @@ from qdit4sr_jax.quant.qweight import QuantizedWeight
 
 
 PROLOGUES = ("xla", "pallas")
+DOWNS = ("joint", "split")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,19 +74,24 @@ class KernelWeight:
 jax.tree_util.register_dataclass(KernelWeight, data_fields=["node", "bw", "levels"], meta_fields=["prologue"])
 
 
-def prepare_weight(w: QuantizedWeight, *, unpack: bool = True, prologue: str = "xla") -> KernelWeight:
-    """One node -> its `KernelWeight` (traceable; see the module docstring)."""
+def prepare_weight(w: QuantizedWeight, *, unpack: bool = True, prologue: str = "xla",
+                   down: str = "joint") -> KernelWeight:
+    """One node -> its `KernelWeight` (traceable; see the module docstring). down: "joint" (the low-rank and
+    H-SVD down-projections of the XLA prologue as one GEMM, `branch_ops.joint_down`) or "split" (one GEMM for
+    the low-rank factor, a batched einsum over the input blocks and a layout pass for the blocks)."""
     from qdit4sr_jax.quant.kernels.branch_ops import branch_weights
     if not isinstance(w, QuantizedWeight):
         raise TypeError(f"prepare_weight needs a QuantizedWeight node, got {type(w).__name__}")
     if prologue not in PROLOGUES:
         raise ValueError(f"prologue must be one of {PROLOGUES}, got {prologue!r}")
+    if down not in DOWNS:
+        raise ValueError(f"down must be one of {DOWNS}, got {down!r}")
     node = w.float_branches()
     if unpack and (node.packed or node.gscale is not None):
         folded = node.gscale is not None                     # folded codes c * q are per-channel int8 codes
         node = node.replace(qvalue=node.codes(), packed=False, gscale=None,
                             group_size=None if folded else node.group_size)
-    bw = branch_weights(node)                                # the factors live on in bw only
+    bw = branch_weights(node, joint=down == "joint")         # the factors live on in bw only
     levels = None
     if prologue == "pallas" and node.a_schedule is not None:  # the kernel looks the step's levels up itself
         from qdit4sr_jax.quant.kernels.prologue_kernel import level_table
@@ -93,17 +99,17 @@ def prepare_weight(w: QuantizedWeight, *, unpack: bool = True, prologue: str = "
     return KernelWeight(node.replace(lr_a=None, lr_b=None, block_u=None, block_v=None), bw, levels, prologue)
 
 
-def prepare(tree, *, unpack: bool = True, prologue: str = "xla"):
+def prepare(tree, *, unpack: bool = True, prologue: str = "xla", down: str = "joint"):
     """The params tree with every QuantizedWeight whose execution is "fused" replaced by its `KernelWeight`
     and the "bias" beside it in float32, the kernels' epilogue dtype (bf16 values are exact in float32; saves a
     convert per layer and call); other nodes, float leaves and already prepared nodes unchanged. Traceable:
-    call it inside the jit that runs the steps, before the loop."""
+    call it inside the jit that runs the steps, before the loop. down: `prepare_weight`'s."""
     def fused(n):
         return isinstance(n, QuantizedWeight) and n.execution == "fused"
 
     def walk(t):
         if fused(t):
-            return prepare_weight(t, unpack=unpack, prologue=prologue)
+            return prepare_weight(t, unpack=unpack, prologue=prologue, down=down)
         if isinstance(t, dict):
             out = {k: walk(v) for k, v in t.items()}
             if fused(t.get("kernel")) and t.get("bias") is not None:
@@ -115,4 +121,4 @@ def prepare(tree, *, unpack: bool = True, prologue: str = "xla"):
     return walk(tree)
 
 
-__all__ = ["KernelWeight", "PROLOGUES", "prepare", "prepare_weight"]
+__all__ = ["KernelWeight", "PROLOGUES", "DOWNS", "prepare", "prepare_weight"]

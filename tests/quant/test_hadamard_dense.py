@@ -1,0 +1,88 @@
+"""The online Hadamard as dense +-1 matmuls (`transforms.hadamard_transform`'s default since 2026-12-05) against a
+float64 reference (orthonormal, exact inverse, equal to the butterflies of before), the exact three-part bf16 split
+the GPU formulation uses, and the joint branch down-projection of `kernels.prepare(..., down="joint")` against the
+split one and the fake-quant reference, on fresh random inputs."""
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from qdit4sr_jax.quant import transforms as T
+from qdit4sr_jax.quant.kernels import fused_linear, prepare, prepare_weight
+from qdit4sr_jax.quant.linear import linear
+from qdit4sr_jax.quant.qweight import make_qweight
+
+IMPLS = ("dense", "dense-sum", "full", "butterfly")
+
+
+def _ref64(x, block):
+    h = T.hadamard_matrix(block)
+    m, k = x.shape
+    return (x.reshape(m, k // block, block) @ h).reshape(m, k)
+
+
+def _maxrel(a, b):
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.max(np.abs(a - b)) / np.max(np.abs(b)))
+
+
+@pytest.mark.parametrize("block,k", [(12, 24), (20, 40), (64, 128), (192, 192), (512, 1536), (1536, 1536),
+                                     (6144, 6144)])
+@pytest.mark.parametrize("impl", IMPLS)
+def test_every_implementation_equals_float64(block, k, impl):
+    rng = np.random.default_rng(block + k + len(impl))
+    x = rng.normal(size=(3, k)) * np.exp(rng.normal(size=(1, k)))
+    xb = np.asarray(jnp.asarray(x, jnp.bfloat16).astype(jnp.float32), np.float64)
+    for exact in (False, True):                       # True: the GPU formulation (exact bf16 GEMMs), run on the CPU
+        y = T.hadamard_transform(jnp.asarray(x, jnp.float32), block, impl=impl, exact_bf16=exact)
+        assert y.dtype == jnp.float32
+        assert _maxrel(y, _ref64(x, block)) < 1e-6
+        yb = T.hadamard_transform(jnp.asarray(xb, jnp.bfloat16), block, impl=impl, exact_bf16=exact)   # bf16 in
+        assert _maxrel(yb, _ref64(xb, block)) < 1e-6
+        back = T.hadamard_transform(y, block, impl=impl, exact_bf16=exact)        # H H = I
+        assert _maxrel(back, x) < 2e-6
+    old = T.hadamard_transform(jnp.asarray(x, jnp.float32), block, impl="butterfly")
+    assert _maxrel(T.hadamard_transform(jnp.asarray(x, jnp.float32), block, impl=impl), old) < 1e-6
+
+
+def test_bf16_split_is_exact():
+    rng = np.random.default_rng(1)
+    y = jnp.asarray(rng.normal(size=(257,)) * np.exp(3 * rng.normal(size=(257,))), jnp.float32)
+    hi, mid, lo = T._split_bf16(y)
+    s = hi.astype(jnp.float32) + mid.astype(jnp.float32) + lo.astype(jnp.float32)
+    np.testing.assert_array_equal(np.asarray(s), np.asarray(y))
+
+
+def test_default_and_choice():
+    prev = T.set_hadamard_impl("butterfly")
+    try:
+        assert T.set_hadamard_impl("dense") == "butterfly"
+        with pytest.raises(ValueError, match="implementation"):
+            T.set_hadamard_impl("fft")
+        with pytest.raises(ValueError, match="implementation"):
+            T.hadamard_transform(jnp.ones((1, 12)), 12, impl="fft")
+    finally:
+        T.set_hadamard_impl(prev)
+    assert prev == "auto"
+
+
+@pytest.mark.parametrize("k,n,rank,block,rot", [(128, 64, 8, 32, 0), (96, 192, 6, 32, 96), (192, 96, 5, 64, 192)])
+def test_joint_down_projection_equals_split_and_reference(k, n, rank, block, rot):
+    rng = np.random.default_rng(k + n)
+    nbo, nbi = -(-n // block), -(-k // block)
+    q = make_qweight(jnp.asarray(rng.normal(size=(n, k)) / k ** 0.5, jnp.float32), w_bits=4, a_bits=4,
+                     execution="fused", lr_a=rng.normal(size=(k, rank)) / k ** 0.5, lr_b=rng.normal(size=(rank, n)),
+                     block_u=rng.normal(size=(nbo, nbi, block)), block_v=rng.normal(size=(nbo, nbi, block)) / block,
+                     block=(block, block), dtype="bfloat16", rotate=rot)
+    x = jnp.asarray(rng.normal(size=(2, 5, k)), jnp.bfloat16)
+    ref = linear(x, q.replace(execution="fake")).astype(jnp.float32)
+    joint, split = prepare_weight(q), prepare_weight(q, down="split")
+    assert joint.bw.jd is not None and split.bw.jd is None
+    assert joint.bw.jd.shape == (k, joint.bw.lr_a.shape[1] + joint.bw.n_bo * joint.bw.rb)
+    yj = fused_linear(x, joint).astype(jnp.float32)
+    ys = fused_linear(x, split).astype(jnp.float32)
+    assert _maxrel(yj, ys) < 1e-2                     # bf16 output; the same sums in another order
+    assert float(jnp.linalg.norm(yj - ref) / jnp.linalg.norm(ref)) < 1e-2
+    tree = prepare({"l": {"kernel": q, "bias": None}})
+    assert tree["l"]["kernel"].bw.jd is not None      # prepare's default is the joint GEMM
+    with pytest.raises(ValueError, match="down"):
+        prepare_weight(q, down="both")
