@@ -18,30 +18,47 @@
 #                                             # Hadamard as dense Kronecker factors, the joint down-projection;
 #                                             # bf16 scan under default / cb-off, W4A4-small under cb-off
 #   bash benchmarks/gpu/gpu_session.sh i24c      # Hadamard implementations per call and per prepared layer, joint
-#                                             # down-projection, 512-px steps of the explicit presets (2-step scan)
-#   bash benchmarks/gpu/gpu_session.sh i24d      # the same presets' 1024-px steps
+#                                             # down-projection, 1024- and 512-px steps of bf16, W8A8 and the paper /
+#                                             # smoothing + rotation W4A4-small presets (2-step scan)
+#   bash benchmarks/gpu/gpu_session.sh i24d      # all six modes' 1024-px steps (+ smoothing-only -small, paper W4A4)
 export PYTHONUNBUFFERED=1
+if [ "${1:-}" = i24e ]; then
+  # the short form of i24c (<= 330 s): Hadamard implementations per call and per prepared layer, then the 1024-px
+  # steps of bf16, the paper preset's -small form and W8A8 (2-step scan)
+  OUT=${OUT:-/tmp/gpu_out}; mkdir -p "$OUT"
+  nvidia-smi --query-gpu=name,clocks.sm --format=csv,noheader
+  t0=$(date +%s); el() { echo "== [$(( $(date +%s) - t0 )) s] $*"; }
+  el hadamard; timeout 60 python3 benchmarks/gpu/routes.py --parts hadamard --reps 10 --out "$OUT/routes.json" \
+      2>&1 | grep -v Warning | tail -4
+  el layer-1536; timeout 45 python3 benchmarks/gpu/layer_kernels.py --m 8192 --k 1536 --n 1536 --time --rotations \
+      --hadamard-impls butterfly dense dense-sum full --only prepared --out "$OUT/layer1536.json" 2>&1 | grep "^|"
+  left=$(( 320 - ($(date +%s) - t0) ))
+  el "steps 1024 ($left s)"; timeout $left python3 benchmarks/step_latency.py --cases 1024x1 --scan-steps 2 \
+      --modes bf16 p:qdit4sr-paper-w4a4-small:prep w8a8-fused --attention cudnn --iters 3 --warmup 1 \
+      --deadline $(( left - 10 )) --out "$OUT/steps.json" > "$OUT/steps.log" 2>&1
+  grep -v "^W[0-9]\|Warning" "$OUT/steps.log" | grep "quantized\|px b\|^|\|note" | cut -c1-230
+  el done
+  exit 0
+fi
 if [ "${1:-}" = i24c ] || [ "${1:-}" = i24d ]; then
   # issue 24, 12-05 evening. i24c: the online Hadamard per implementation (exactness vs float64 on the GPU, device
-  # time), the prepared layer with each implementation and the joint down-projection (K = 1536 / 6144), then the
-  # 512-px steps in a 2-step scan. i24d: the 1024-px steps. Explicit presets (p:PRESET:prep = prepared, joint down).
+  # time), the prepared layer with each implementation and the joint down-projection (K = 1536), then the
+  # 1024- and 512-px steps in a 2-step scan. i24d: the 1024-px steps of all six modes. Explicit presets (p:PRESET:prep = prepared, joint down).
   OUT=${OUT:-/tmp/gpu_out}; mkdir -p "$OUT"
   nvidia-smi --query-gpu=name,clocks.sm --format=csv,noheader
   python3 -c "import jax; print('jax', jax.__version__, jax.devices())" 2>&1 | grep -v Warning
   t0=$(date +%s); el() { echo "== [$(( $(date +%s) - t0 )) s] $*"; }
   MODES="bf16 p:qdit4sr-paper-w4a4-small:prep w8a8-fused p:qdit4sr-rot-w4a4-small:prep p:qdit4sr-smooth-w4a4-small:prep p:qdit4sr-paper-w4a4:prep"
   if [ "$1" = i24c ]; then
-    el hadamard; timeout 75 python3 benchmarks/gpu/routes.py --parts hadamard down --reps 10 --out "$OUT/routes.json" \
+    el hadamard; timeout 60 python3 benchmarks/gpu/routes.py --parts hadamard down --reps 10 --out "$OUT/routes.json" \
         2>&1 | grep -v Warning | tail -7
-    el layer-1536; timeout 60 python3 benchmarks/gpu/layer_kernels.py --m 8192 --k 1536 --n 1536 --time --rotations \
+    el layer-1536; timeout 50 python3 benchmarks/gpu/layer_kernels.py --m 8192 --k 1536 --n 1536 --time --rotations \
         --hadamard-impls butterfly dense dense-sum full --only prepared --out "$OUT/layer1536.json" 2>&1 | grep "^|"
-    el layer-6144; timeout 55 python3 benchmarks/gpu/layer_kernels.py --m 8192 --k 6144 --n 1536 --time --rotations \
-        --hadamard-impls butterfly dense dense-sum --only "prepared +" "prepared:" "split" --out "$OUT/layer6144.json" \
-        2>&1 | grep "^|"
-    left=$(( 575 - ($(date +%s) - t0) ))
-    el "steps 512 ($left s)"; timeout $left python3 benchmarks/step_latency.py --cases 512x1 --scan-steps 2 --modes $MODES \
-        --attention cudnn --iters 4 --warmup 1 --deadline $(( left - 15 )) --out "$OUT/steps512.json" > "$OUT/steps512.log" 2>&1
-    grep -v "^W[0-9]\|Warning" "$OUT/steps512.log" | grep "quantized\|px b\|^|\|note" | cut -c1-230
+    left=$(( 580 - ($(date +%s) - t0) ))
+    el "steps 1024 + 512 ($left s)"; timeout $left python3 benchmarks/step_latency.py --cases 1024x1 512x1 --scan-steps 2 \
+        --modes bf16 p:qdit4sr-paper-w4a4-small:prep w8a8-fused p:qdit4sr-rot-w4a4-small:prep --attention cudnn \
+        --iters 3 --warmup 1 --deadline $(( left - 12 )) --out "$OUT/steps.json" > "$OUT/steps.log" 2>&1
+    grep -v "^W[0-9]\|Warning" "$OUT/steps.log" | grep "quantized\|px b\|^|\|note" | cut -c1-230
   else
     el "steps 1024"; timeout 570 python3 benchmarks/step_latency.py --cases 1024x1 --scan-steps 2 --modes $MODES \
         --attention cudnn --iters 3 --warmup 1 --deadline 555 --out "$OUT/steps1024.json" > "$OUT/steps1024.log" 2>&1
