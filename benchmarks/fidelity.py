@@ -47,7 +47,7 @@ from qdit4sr_jax.metrics import high_band, hf_psnr, psnr, ssim  # noqa: E402,F40
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "RESULTS.md")
-METHODS = ("rtn", "smoothquant", "svdquant", "rotation", "qdit4sr", "qdit4sr-sens")
+METHODS = ("rtn", "smoothquant", "svdquant", "rotation", "qdit4sr-smooth", "qdit4sr-paper", "qdit4sr", "qdit4sr-sens")
 BITS = ("w8a8", "w4a6", "w4a4")
 
 
@@ -98,16 +98,21 @@ def ablation_configs(bits: str = "w4a4") -> List[Tuple[str, object]]:
     """[(label, QuantConfig)] of the Q-DiT4SR ablation at `bits`: the components added one by one on top
     of RTN, the block size / rank split of H-SVD, and plain SVD at the same branch budget."""
     full = method_config("qdit4sr", bits)
-    off = dict(hsvd=False, vasmp=False, vatmp=False)
+    off = dict(rotate=False, hsvd=False, vasmp=False, vatmp=False)
     rows = [
         ("RTN", method_config("rtn", bits)),
         ("+ smoothing (alpha 0.5)", method_config("rtn", bits).replace(smooth=True, smooth_alpha=full.smooth_alpha)),
-        ("+ smoothing + H-SVD", full.replace(**dict(off, hsvd=True))),
-        ("+ smoothing + H-SVD + VaSMP", full.replace(**dict(off, hsvd=True, vasmp=True))),
-        ("+ smoothing + H-SVD + VaSMP + VaTMP (Q-DiT4SR)", full),
+        ("+ smoothing + signed Hadamard", method_config("rtn", bits).replace(
+            smooth=True, smooth_alpha=full.smooth_alpha, rotate=True, rotate_block=full.rotate_block,
+            rotate_signs=full.rotate_signs)),
+        ("+ smoothing + signed Hadamard + H-SVD", full.replace(**dict(off, rotate=True, hsvd=True))),
+        ("+ smoothing + signed Hadamard + H-SVD + VaSMP", full.replace(**dict(off, rotate=True, hsvd=True, vasmp=True))),
+        ("+ smoothing + signed Hadamard + H-SVD + VaSMP + VaTMP (Q-DiT4SR)", full),
         ("Q-DiT4SR, VaTMP weighted by step sensitivity", full.replace(vatmp_step_weights="sensitivity")),
+        ("Q-DiT4SR without the rotation (qdit4sr-smooth)", method_config("qdit4sr-smooth", bits)),
+        ("Q-DiT4SR as the paper draws it (qdit4sr-paper)", method_config("qdit4sr-paper", bits)),
         ("SVD-only (same budget) + VaSMP + VaTMP", full.replace(hsvd=False)),
-        ("SVD-only (same budget), fixed bits", full.replace(**off)),
+        ("SVD-only (same budget), fixed bits", full.replace(**dict(off, rotate=True))),
     ]
     for blk in ((32, 32), (64, 64), (96, 96), (64, 192)):
         if tuple(blk) != tuple(full.hsvd_block):

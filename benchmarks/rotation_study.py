@@ -12,7 +12,7 @@ of tokens per call. For each input transform T (the table's columns):
   block       x H_b, b the largest power of 2 dividing d_in (the old `rotate_block=None`)
   full        x H_d over the whole d_in (H_12 kron H_2^j), no signs
   full+signs  x diag(signs) H_d (QuaRot's randomised Hadamard)
-  smooth      x / s, s = SmoothQuant alpha 0.5 from the calibration ch_absmax (the `qdit4sr-w4a4` preset)
+  smooth      x / s, s = SmoothQuant alpha 0.5 from the calibration ch_absmax (the `qdit4sr-smooth-w4a4` preset)
   smooth+full (x / s) H_d
   smooth+full+signs (x / s) diag(signs) H_d
 it reports, per layer: channel outliers (max over channels of the channel absmax / its median), mean per-token
@@ -251,7 +251,7 @@ def format_layers(res: Dict[str, dict], by_kind: bool = True) -> str:
 def variant_configs(bits: str = "w4a4"):
     """{label: QuantConfig}: the rotation variants at `bits` (QuantConfig fields named in each label)."""
     from qdit4sr_jax.quant.config import QuantConfig
-    q = QuantConfig.preset(f"qdit4sr-{bits}")
+    q = QuantConfig.preset(f"qdit4sr-smooth-{bits}")
     p = QuantConfig.preset(f"qdit4sr-paper-{bits}")
     sv = QuantConfig.preset(f"svdquant-{bits}")
     return {
@@ -269,9 +269,9 @@ def variant_configs(bits: str = "w4a4"):
         "svdquant + full rotation": sv.replace(rotate=True, rotate_block="full"),
         "rotation (full, signs), RTN": QuantConfig.preset(f"rotation-{bits}").replace(rotate_block="full",
                                                                                         rotate_signs=True),
-        "qdit4sr-sens (smoothing)": QuantConfig.preset(f"qdit4sr-{bits}-sens"),
+        "qdit4sr-sens (smoothing)": QuantConfig.preset(f"qdit4sr-smooth-{bits}-sens"),
         "qdit4sr-paper-sens (full, signs)": QuantConfig.preset(f"qdit4sr-paper-{bits}-sens"),
-        "qdit4sr-sens, smoothing + full rotation + signs": QuantConfig.preset(f"qdit4sr-{bits}-sens").replace(
+        "qdit4sr-sens, smoothing + full rotation + signs": QuantConfig.preset(f"qdit4sr-smooth-{bits}-sens").replace(
             rotate=True, rotate_block="full", rotate_signs=True),
     }
 
@@ -356,8 +356,8 @@ def main(argv=None) -> int:
         from qdit4sr_jax.quant.config import QuantConfig
         res, desc = study_layers(a.model, a.n_calib, a.tokens, a.steps)
         st = Study(images=a.images, crop=a.crop, limit=a.limit, num_steps=a.steps, step_gains=False)
-        ca, cb = QuantConfig.preset(f"qdit4sr-{a.bits}"), QuantConfig.preset(f"qdit4sr-rot-{a.bits}")
-        rows = [st.run(lb, c, lb, a.bits) for lb, c in ((f"qdit4sr-{a.bits}", ca), (f"qdit4sr-rot-{a.bits}", cb))]
+        ca, cb = QuantConfig.preset(f"qdit4sr-smooth-{a.bits}"), QuantConfig.preset(f"qdit4sr-{a.bits}")
+        rows = [st.run(lb, c, lb, a.bits) for lb, c in ((f"qdit4sr-smooth-{a.bits}", ca), (f"qdit4sr-{a.bits}", cb))]
         rows = [(r.label, r.mean("psnr_fp"), r.mean("hf_fp"), r.mean("psnr_hr"), r.w_bits, r.a_bits) for r in rows]
         tree, n = per_layer_tree(st, res, ca, cb)
         rows.append(run_tree(st, f"per layer: rotation on {n} of {len(res)} layers (calibration out_err)", tree, a.bits))

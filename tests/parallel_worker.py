@@ -84,7 +84,8 @@ def main():
     emit("data_parallel_calibration", set(st1) == set(st8) and worst <= 1e-4, layers=len(st1),
          steps=int(np.asarray(next(iter(st1.values()))["var"]).shape[0]), max_rel_diff=worst)
 
-    # 4. quantized tree (H-SVD branches, VaSMP bits, VaTMP schedules, packed 4-bit, group-wise rows):
+    # 4. quantized tree (smoothing + signed Hadamard rotation, H-SVD branches, VaTMP schedules, packed 4-bit,
+    #    group-wise rows; the row-parallel net_2 rotates a d_in that is split over the model axis):
     #    tensor-parallel on a 4 x 2 mesh equals the unsharded quantized model
     from qdit4sr_jax.quant.config import QuantConfig
     # H-SVD branches + VaTMP schedules at W4 (packed, group-wise rows) with a few 8-bit layers (unpacked codes);
@@ -104,8 +105,10 @@ def main():
     v8 = sq["transformer_blocks_0"]["attn"]["to_v"]["kernel"]
     ok = isinstance(node, QuantizedWeight) and node.layout == "gnk" and "model" in specs["qvalue"] \
         and "model" in cspecs["qvalue"] and "model" in cspecs["lr_b"] and "model" in specs["lr_a"] \
-        and v8.w_bits == 8 and not v8.packed and v8.qvalue.sharding.spec == jax.sharding.PartitionSpec("model", None)
-    emit("quantized_placement", ok, row_net_2=specs, column_to_q=cspecs, int8_to_v=str(v8.qvalue.sharding.spec))
+        and v8.w_bits == 8 and not v8.packed and v8.qvalue.sharding.spec == jax.sharding.PartitionSpec("model", None) \
+        and node.rotate > 1 and col.rotate > 1
+    emit("quantized_placement", ok, row_net_2=specs, column_to_q=cspecs, int8_to_v=str(v8.qvalue.sharding.spec),
+         rotate_net_2=node.rotate, rotate_to_q=col.rotate)
     outs, lat = parallel.upscale_batch(CFG, dict(qbundle, transformer=sq), imgs, mesh=mesh_q, seeds=SEEDS,
                                        return_latents=True)
     d_img = max(int(np.abs(a.astype(np.int32) - b).max()) for (a, _), b in zip(qref, outs))

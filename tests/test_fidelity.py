@@ -1,5 +1,6 @@
 """The fidelity study (benchmarks/fidelity.py): metrics, data handling, and a reduced run on the shipped
-demo model asserting the W4A4 ordering Q-DiT4SR >= SVDQuant-style >= RTN on PSNR vs the FP output."""
+demo model asserting the W4A4 ordering best Q-DiT4SR variant >= SVDQuant-style >= RTN on PSNR vs the FP output,
+and the rotation's gain over smoothing alone."""
 import os
 import sys
 
@@ -74,22 +75,31 @@ def test_ablation_configs_are_valid():
     rows = F.ablation_configs("w4a4")
     labels = [lb for lb, _ in rows]
     assert labels[0] == "RTN" and any("SVD-only" in lb for lb in labels)
-    full = dict(rows)["+ smoothing + H-SVD + VaSMP + VaTMP (Q-DiT4SR)"]
-    assert full.hsvd and full.vasmp and full.vatmp
-    assert not dict(rows)["+ smoothing + H-SVD"].vasmp and dict(rows)["+ smoothing (alpha 0.5)"].smooth
+    full = dict(rows)["+ smoothing + signed Hadamard + H-SVD + VaSMP + VaTMP (Q-DiT4SR)"]
+    assert full.hsvd and full.vasmp and full.vatmp and full.rotate and full.smooth
+    hs = dict(rows)["+ smoothing + signed Hadamard + H-SVD"]
+    assert hs.hsvd and hs.rotate and not hs.vasmp and dict(rows)["+ smoothing (alpha 0.5)"].smooth
+    assert not dict(rows)["+ smoothing (alpha 0.5)"].rotate
+    rot = dict(rows)["+ smoothing + signed Hadamard"]
+    assert rot.rotate and rot.smooth and rot.lowrank_rank == 0 and not rot.hsvd     # no branch yet
+    assert not dict(rows)["Q-DiT4SR without the rotation (qdit4sr-smooth)"].rotate
 
 
 @pytest.mark.skipif(not os.path.exists(PRETRAINED["demo"]), reason="the demo model is not shipped in this checkout")
 def test_reduced_study_ordering_w4a4():
     """Two bundled samples (48x48 HR centre crops), the demo model's 3 sampling steps, calibration on the
-    third sample. With few steps the paper's VaTMP (unweighted cost) gives the step that matters most the fewest
-    activation bits (MODEL_CARD.md); the step-weighted VaTMP preset is the one that must lead (2026-12-05:
-    37.8 > 35.0 (SVDQuant-style) > 30.0 dB (RTN) vs FP; at 2 steps SVDQuant-style edges it, 35.7 vs 35.4)."""
+    third sample (one 12 x 12 LR crop: far less than the study's). 2026-12-05, PSNR vs FP: qdit4sr-sens 39.6 >
+    svdquant 35.1 > qdit4sr 34.3 > qdit4sr-paper 33.9 > qdit4sr-smooth 31.8 > rtn 30.0 dB. On so little
+    calibration the unweighted Q-DiT4SR trails SVDQuant-style (on data/val it leads: benchmarks/RESULTS.md), so
+    the ordering asserted is the issue's: the best Q-DiT4SR variant >= SVDQuant-style >= RTN, and the signed
+    Hadamard ahead of smoothing alone (qdit4sr vs qdit4sr-smooth)."""
     st = F.Study("demo", images=F.SAMPLES_DIR, crop=48, limit=2, calib="samples", n_calib=1, num_steps=None,
                  log=lambda *a: None)
     assert st.steps == 3
     psnr_fp = {m: st.run(m, F.method_config(m, "w4a4"), m, "w4a4").mean("psnr_fp")
-               for m in ("rtn", "svdquant", "qdit4sr", "qdit4sr-sens")}
+               for m in ("rtn", "svdquant", "qdit4sr", "qdit4sr-sens", "qdit4sr-smooth")}
     assert "rocket" in st.calib_desc                     # calibration disjoint from the evaluation images
     assert np.isfinite(list(psnr_fp.values())).all()
-    assert psnr_fp["qdit4sr-sens"] >= psnr_fp["svdquant"] >= psnr_fp["rtn"], psnr_fp
+    best = max(psnr_fp["qdit4sr"], psnr_fp["qdit4sr-sens"])
+    assert best >= psnr_fp["svdquant"] >= psnr_fp["rtn"], psnr_fp
+    assert psnr_fp["qdit4sr"] > psnr_fp["qdit4sr-smooth"], psnr_fp

@@ -14,13 +14,16 @@ from qdit4sr_jax.config import ModelConfig  # noqa: E402
 CFG = ModelConfig.preset("tiny").replace(attention_head_dim=64, caption_projection_dim=128)
 
 
-@pytest.mark.parametrize("prepare,per_layer", [("none", 1), ("pallas", 2)])
-def test_step_lowers_with_a_kernel_per_layer(prepare, per_layer):
-    r = L.check(CFG, "qdit4sr-w4a4-small", size=64, prepare=prepare)
+# the Pallas prologue kernel does not rotate: a rotating preset (qdit4sr, qdit4sr-paper) keeps the XLA prologue
+@pytest.mark.parametrize("preset,prepare,per_layer", [("qdit4sr-w4a4-small", "none", 1),
+                                                      ("qdit4sr-paper-w4a4-small", "pallas", 1),
+                                                      ("qdit4sr-smooth-w4a4-small", "pallas", 2)])
+def test_step_lowers_with_a_kernel_per_layer(preset, prepare, per_layer):
+    r = L.check(CFG, preset, size=64, prepare=prepare)
     assert r["layers"] > 20
     assert r["triton_kernels"] == per_layer * r["layers"], r
     assert sum(r["by_name"].values()) == r["triton_kernels"]
-    if prepare == "pallas":
+    if per_layer == 2:
         assert r["by_name"]["qlinear_prologue"] == r["layers"]
 
 

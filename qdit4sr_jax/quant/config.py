@@ -22,7 +22,8 @@ from qdit4sr_jax.quant.transforms import HADAMARD_BASES, is_hadamard_block
 class QuantConfig:
     """How to quantize. Bit-widths are targets (averages, under mixed precision).
 
-    method: "rtn" | "smoothquant" | "svdquant" | "rotation" | "qdit4sr".
+    method: one of presets.METHODS ("rtn" | "smoothquant" | "svdquant" | "rotation" | "qdit4sr" | "qdit4sr-smooth" |
+      "qdit4sr-paper"; a name only: the fields below say what runs).
     w_bits / a_bits: weight and activation bits (a_bits=None keeps activations in float).
     w_group_size: group size along the input dimension (None = per output channel). SVDQuant uses 64.
     a_granularity: activations are quantized dynamically per token (SVDQuant, QuaRot do the same).

@@ -22,13 +22,15 @@ Per-method settings (and where they come from):
                 Hadamard of the largest power of 2 without signs: on post-GELU / post-SiLU inputs (ff/net_2,
                 norm1/linear) a plain Hadamard turns the common positive offset into one huge coefficient
                 (per-token kurtosis 44 on ff/net_2; benchmarks/RESULTS.md, rotation study).
-- qdit4sr:      smoothing alpha 0.5 (as SVDQuant) before H-SVD at SVDQuant's rank-32 budget, VaSMP weight bits,
-                VaTMP activation schedule (the paper). Smoothing: without it W4A4 lost 4.6 dB PSNR vs FP to
-                SVDQuant on the demo model (per-token A4 needs the outliers migrated); with it, +1.4 dB ahead
-                (benchmarks/RESULTS.md, fidelity study).
-- qdit4sr-rot:  qdit4sr with the randomised full Hadamard after the smoothing (x / s, then diag(signs) H): the
-                best W4A4 variant of the rotation study (benchmarks/RESULTS.md, 2026-12-05: +1.5 dB PSNR vs FP over
-                qdit4sr on data/val, chosen on data/dev).
+- qdit4sr:      the recommended Q-DiT4SR: smoothing alpha 0.5 (as SVDQuant), then the randomised full Hadamard
+                (x / s, then diag(signs) H), H-SVD at SVDQuant's rank-32 budget, VaSMP weight bits, VaTMP activation
+                schedule. The winner of the rotation study (benchmarks/RESULTS.md, 2026-12-05, data/val, chosen on
+                data/dev): W4A4 PSNR vs FP 32.65 dB vs 32.36 for the paper as drawn, 31.63 SVDQuant-style, 31.18
+                smoothing alone (3 steps); first again at 20 steps. Until 2026-12-05 "qdit4sr" meant smoothing alone
+                (now "qdit4sr-smooth"); "qdit4sr-rot" is kept as another name of "qdit4sr" for the recorded commands.
+- qdit4sr-smooth: qdit4sr without the rotation (smoothing only before H-SVD): the preset's meaning before 2026-12-05.
+                Without smoothing or rotation W4A4 lost 4.6 dB PSNR vs FP to SVDQuant on the demo model (per-token A4
+                needs the outliers migrated).
 - qdit4sr-paper: the paper's method as its overview figure draws it (arXiv 2602.01273, figs/overview.png): an
                 orthonormal Hadamard of the whole input dimension (rotate_block="full": 1536 = H_12 kron H_128,
                 6144 = H_12 kron H_512) with QuaRot's random signs, no smoothing, H-SVD of the rotated weight
@@ -41,22 +43,23 @@ from __future__ import annotations
 
 import re
 
-METHODS = ("rtn", "smoothquant", "svdquant", "rotation", "qdit4sr", "qdit4sr-rot", "qdit4sr-paper")
+METHODS = ("rtn", "smoothquant", "svdquant", "rotation", "qdit4sr", "qdit4sr-smooth", "qdit4sr-paper", "qdit4sr-rot")
+ALIASES = {"qdit4sr-rot": "qdit4sr"}    # an earlier name, kept so that recorded commands still run
 
 _METHOD_FIELDS = {
     "rtn": {},
     "smoothquant": dict(smooth=True, smooth_alpha=0.5, w_group_size=None),
     "svdquant": dict(smooth=True, smooth_alpha=0.5, lowrank_rank=32, w_group_size=64),
     "rotation": dict(rotate=True, rotate_block="full", rotate_signs=True),
-    "qdit4sr": dict(smooth=True, smooth_alpha=0.5, hsvd=True, lowrank_rank=32, vasmp=True, vatmp=True),
-    "qdit4sr-rot": dict(smooth=True, smooth_alpha=0.5, rotate=True, rotate_block="full", rotate_signs=True, hsvd=True,
+    "qdit4sr-smooth": dict(smooth=True, smooth_alpha=0.5, hsvd=True, lowrank_rank=32, vasmp=True, vatmp=True),
+    "qdit4sr": dict(smooth=True, smooth_alpha=0.5, rotate=True, rotate_block="full", rotate_signs=True, hsvd=True,
                         lowrank_rank=32, vasmp=True, vatmp=True),
     "qdit4sr-paper": dict(rotate=True, rotate_block="full", rotate_signs=True, smooth=False, hsvd=True,
                           lowrank_rank=32, vasmp=True, vatmp=True, vasmp_solver="greedy", vasmp_distortion="model"),
 }
 PAPER_METHODS = ("qdit4sr-paper",)      # bit candidates (X-1, X, X+1) around the target bits
 
-_NAME = re.compile(r"^(?:(?P<method>[a-z0-9]+(?:-paper|-rot)?)-)?w(?P<w>\d+)a(?P<a>\d+)(?P<fast>-fast|-small)?(?P<sens>-sens)?$")
+_NAME = re.compile(r"^(?:(?P<method>[a-z0-9]+(?:-paper|-rot|-smooth)?)-)?w(?P<w>\d+)a(?P<a>\d+)(?P<fast>-fast|-small)?(?P<sens>-sens)?$")
 
 
 def preset_fields(name: str) -> dict:
@@ -67,7 +70,7 @@ def preset_fields(name: str) -> dict:
     if not m or (m.group("method") or "rtn") not in METHODS:
         raise ValueError(f"unknown quantization preset {name!r}: use '<method>-w<bits>a<bits>[-fast|-small][-sens]' with method "
                          f"in {METHODS} (or bare 'w8a8', 'w4a8', 'w4a6', 'w4a4' for RTN)")
-    method = m.group("method") or "rtn"
+    method = ALIASES.get(m.group("method") or "rtn", m.group("method") or "rtn")
     w, a = int(m.group("w")), int(m.group("a"))
     if not 2 <= w <= 8 or not (2 <= a <= 8 or a == 16):
         raise ValueError(f"preset {name!r}: weight bits must be 2..8 and activation bits 2..8 or 16")
@@ -102,6 +105,6 @@ PRESET_NAMES = tuple(f"{m}-{b}" for m in METHODS for b in ("w8a8", "w4a8", "w4a6
     "w8a8", "w4a8", "w4a6", "w4a4") + tuple(
     f"{m}-{b}-fast" for m in ("rtn", "svdquant", "rotation", "qdit4sr") for b in ("w4a8", "w4a6", "w4a4")) + tuple(
     f"{m}-{b}-small" for m in ("svdquant", "qdit4sr") for b in ("w4a8", "w4a6", "w4a4")) + tuple(
-    f"{m}-{b}{s}-sens" for m in ("qdit4sr", "qdit4sr-rot", "qdit4sr-paper") for s in ("", "-fast", "-small")
-    for b in ("w4a6", "w4a4")) + tuple(f"{m}-{b}{s}" for m in ("qdit4sr-rot", "qdit4sr-paper") for s in ("-fast", "-small")
+    f"{m}-{b}{s}-sens" for m in ("qdit4sr", "qdit4sr-smooth", "qdit4sr-paper") for s in ("", "-fast", "-small")
+    for b in ("w4a6", "w4a4")) + tuple(f"{m}-{b}{s}" for m in ("qdit4sr-smooth", "qdit4sr-paper") for s in ("-fast", "-small")
                                        for b in ("w4a6", "w4a4"))

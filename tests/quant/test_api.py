@@ -222,6 +222,9 @@ def test_rotation_presets():
     assert q.rotate_block == "full" and q.rotate_signs and not q.smooth
     s = QuantConfig.preset("qdit4sr-paper-w4a4-small-sens")
     assert s.lowrank_bits == 8 and s.w_group_scale == "int" and s.vatmp_step_weights == "sensitivity"
-    assert QuantConfig.preset("qdit4sr-w4a4").rotate is False and QuantConfig.preset("qdit4sr-w4a4").vasmp_solver == "dp"
+    assert QuantConfig.preset("qdit4sr-w4a4") == r and r.method == "qdit4sr"
+    sm = QuantConfig.preset("qdit4sr-smooth-w4a4")
+    assert sm.rotate is False and sm.smooth and sm.vasmp_solver == "dp" and sm.hsvd and sm.method == "qdit4sr-smooth"
+    assert QuantConfig.preset("qdit4sr-smooth-w4a4-small-sens").lowrank_bits == 8
     with pytest.raises(ValueError, match="unknown quantization preset"):
         QuantConfig.preset("svdquant-paper-w4a4")
