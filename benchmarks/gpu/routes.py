@@ -122,24 +122,8 @@ def run_gemm(shapes, reps: int, log):
     return rows
 
 
-def joint_down(bw, k: int):
-    """[K, Rl + n_bo Rb] = [lr_a | V_d] from prepared branch weights (`branch_ops.BranchWeights`)."""
-    parts = []
-    if bw.has_lowrank:
-        parts.append(bw.lr_a)
-    if bw.has_blocks:
-        nbi, bi, _ = bw.vt.shape
-        nbo, rb = bw.n_bo, bw.rb
-        vt = bw.vt[:, :, :nbo]                                         # [n_bi, b_in, n_bo]
-        vd = jnp.zeros((nbi, bi, nbo, rb), vt.dtype)
-        for j in range(nbi):                                            # column i Rb + j of input block j
-            vd = vd.at[j, :, :, j].set(vt[j])
-        parts.append(vd.reshape(nbi * bi, nbo * rb)[:k])
-    return jnp.concatenate(parts, axis=1)
-
-
 def run_down(shapes, rank: int, block: int, log):
-    from qdit4sr_jax.quant.kernels.branch_ops import branch_features, branch_weights
+    from qdit4sr_jax.quant.kernels.branch_ops import branch_features, branch_weights, joint_down
     from qdit4sr_jax.quant.qweight import make_qweight
     rows = []
     for m, k, n in shapes:
@@ -150,7 +134,9 @@ def run_down(shapes, rank: int, block: int, log):
                          lr_b=rng.normal(size=(rank, n)), block_u=rng.normal(size=(nbo, nbi, block)),
                          block_v=rng.normal(size=(nbo, nbi, block)) / block, block=(block, block), dtype="bfloat16")
         bw = branch_weights(q)
-        jd = joint_down(bw, k)
+        jd = joint_down(bw, k)                          # the one `prepare(down="joint")` builds
+        if jd is None:
+            raise ValueError(f"{m}x{k}x{n}: low-rank and block factors differ in dtype: no joint down-projection")
         rl = bw.lr_a.shape[1]
         xt = jnp.asarray(rng.normal(size=(m, k)), jnp.float32)
         cur = jax.jit(lambda xt, bw: branch_features(xt, bw))
