@@ -12,7 +12,10 @@ codes as `pack_int4` nibbles, 5..7-bit codes as int8) still loads: its 2-/3-bit 
 5..7-bit codes are repacked on load (the 4-bit and 8-bit layouts did not change). Version 3 adds int8
 branch factors (`QuantConfig.lowrank_bits=8`: "lr_a_scale", "lr_b_scale", "block_u_scale",
 "block_v_scale" next to int8 "lr_a", ...); a file is written as version 3 only when it holds such factors
-(otherwise version 2, readable by version-2 code), and versions 1 and 2 still load.
+(otherwise version 2, readable by version-2 code), and versions 1 and 2 still load. Version 4 adds the
+static field "signs" (rotation signs as a constant, `QuantizedWeight.signs`); a file is written as version 4
+only when a node has signs=True (older readers would drop them silently), and a node without the field loads
+with signs=False, its old meaning.
 The checkpoint is written to a temporary sibling directory and renamed to `path` only when complete,
 so a failure mid-save leaves nothing at `path`. `load` validates every node (present arrays, dtype and
 shape against the stored bits / layout, codes inside the bit-width's range) and raises ValueError
@@ -34,13 +37,14 @@ import numpy as np
 from qdit4sr_jax.quant import quantizer as qz
 from qdit4sr_jax.quant.config import QuantConfig
 from qdit4sr_jax.quant.kernels.prepared import KernelWeight
-from qdit4sr_jax.quant.qweight import (ARRAY_FIELDS, BRANCH_FACTORS, FACTOR_AXIS, LAYOUTS, STATIC_FIELDS,
-                                       QuantizedWeight)
+from qdit4sr_jax.quant.qweight import (ARRAY_FIELDS, BRANCH_FACTORS, FACTOR_AXIS, LAYOUTS, OPTIONAL_STATIC,
+                                       STATIC_FIELDS, QuantizedWeight)
 
 FORMAT = "qdit4sr-jax/quantized-params"
-VERSION = 3
-READ_VERSIONS = (1, 2, 3)
+VERSION = 4
+READ_VERSIONS = (1, 2, 3, 4)
 FACTOR_SCALES_VERSION = 3           # first version with int8 branch factors (lr_a_scale, ...)
+SIGNS_VERSION = 4                   # first version with the static field "signs"
 META = "qdit4sr_quant.json"
 STATE = "state"
 
@@ -86,7 +90,9 @@ def save(path: str, qparams, cfg: Optional[QuantConfig] = None, *, overwrite: bo
     nodes: dict = {}
     state = _flatten(qparams, nodes)
     has_scales = any(f + "_scale" in st["arrays"] for st in nodes.values() for f in BRANCH_FACTORS)
-    version = VERSION if has_scales else min(VERSION, FACTOR_SCALES_VERSION - 1)
+    has_signs = any(st.get("signs") for st in nodes.values())
+    version = min(VERSION, SIGNS_VERSION if has_signs else FACTOR_SCALES_VERSION if has_scales
+                  else FACTOR_SCALES_VERSION - 1)
     meta = {"format": FORMAT, "version": version,
             "quant_config": None if cfg is None else cfg.to_dict(), "nodes": nodes}
     parent = os.path.dirname(path)
@@ -132,7 +138,7 @@ def _upgrade_v1(name: str, st: dict, arrays: dict) -> tuple:
     """A version-1 node -> (static fields, arrays) of version 2: 2-/3-bit `pack_int4` nibbles and
     unpacked (int8) 5..7-bit codes are repacked at their bit-width; 4- and 8-bit nodes are unchanged."""
     w_bits, q = st.get("w_bits"), arrays.get("qvalue")
-    if (q is None or any(f not in st for f in STATIC_FIELDS) or st["layout"] not in LAYOUTS
+    if (q is None or any(f not in st and f not in OPTIONAL_STATIC for f in STATIC_FIELDS) or st["layout"] not in LAYOUTS
             or not isinstance(w_bits, int) or not 2 <= w_bits <= 7 or w_bits == 4):
         return st, arrays
     q = np.asarray(q)
@@ -157,6 +163,7 @@ def _upgrade_v1(name: str, st: dict, arrays: dict) -> tuple:
 
 
 def _rebuild_node(name: str, st: dict, arrays: dict) -> QuantizedWeight:
+    st = {**OPTIONAL_STATIC, **st}                     # fields newer than the file take their old meaning
     missing = [f for f in STATIC_FIELDS if f not in st]
     if missing:
         raise ValueError(f"checkpoint layer {name!r}: metadata lacks static fields {missing}")

@@ -52,8 +52,8 @@ if [ "${1:-}" = i24c ] || [ "${1:-}" = i24d ]; then
   if [ "$1" = i24c ]; then
     el hadamard; timeout 60 python3 benchmarks/gpu/routes.py --parts hadamard down --reps 10 --out "$OUT/routes.json" \
         2>&1 | grep -v Warning | tail -7
-    el layer-1536; timeout 50 python3 benchmarks/gpu/layer_kernels.py --m 8192 --k 1536 --n 1536 --time --rotations \
-        --hadamard-impls butterfly dense dense-sum full --only prepared --out "$OUT/layer1536.json" 2>&1 | grep "^|"
+    el layer-1536; timeout 75 python3 benchmarks/gpu/layer_kernels.py --m 8192 --k 1536 --n 1536 --time --rotations \
+        --hadamard-impls dense dense-sum full --only prepared --out "$OUT/layer1536.json" 2>&1 | grep "^|"
     left=$(( 580 - ($(date +%s) - t0) ))
     el "steps 1024 + 512 ($left s)"; timeout $left python3 benchmarks/step_latency.py --cases 1024x1 512x1 --scan-steps 2 \
         --modes bf16 p:qdit4sr-paper-w4a4-small:prep w8a8-fused p:qdit4sr-rot-w4a4-small:prep --attention cudnn \

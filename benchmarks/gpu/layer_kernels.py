@@ -111,6 +111,10 @@ def measure(m: int, k: int, n: int, rank: int = 32, block: int = 256, timed: boo
             cases.append((f"prepared {lab}", dict(whole, rotate=rot, prepared="xla"), traced_step))
             for impl in impls:
                 cases.append((f"prepared {lab} [{impl}]", dict(whole, rotate=rot, prepared="xla", impl=impl), traced_step))
+            paper = {kk: v for kk, v in whole.items() if kk != "smooth"}      # the paper preset: signs, no smoothing
+            for impl in impls or ["auto"]:                                   # (a bf16 x stays bf16 into the rotation)
+                cases.append((f"prepared {lab} signs, no smoothing [{impl}]",
+                              dict(paper, rotate=rot, signs=True, prepared="xla", impl=impl), traced_step))
     if only:
         cases = [c for c in cases if any(o in c[0] for o in only)]
     for bm, warps in prologue_tiles:

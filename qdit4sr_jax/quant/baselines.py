@@ -29,7 +29,7 @@ import jax.numpy as jnp
 from qdit4sr_jax.quant.hsvd import lowrank_split, top_svd  # noqa: F401  (re-exported)
 from qdit4sr_jax.quant.plan import LayerSpec
 from qdit4sr_jax.quant.qweight import QuantizedWeight, make_qweight
-from qdit4sr_jax.quant.transforms import fold_signs, hadamard_transform, largest_pow2_divisor, smooth_scale  # noqa: F401
+from qdit4sr_jax.quant.transforms import sign_weight, hadamard_transform, largest_pow2_divisor, smooth_scale  # noqa: F401
 
 
 def quantize_linear(w_nk, ch_absmax=None, a_schedule=None, *, spec: LayerSpec) -> QuantizedWeight:
@@ -42,8 +42,8 @@ def quantize_linear(w_nk, ch_absmax=None, a_schedule=None, *, spec: LayerSpec) -
             raise ValueError("smoothing needs per-channel activation absmax (calibration statistics)")
         smooth = smooth_scale(ch_absmax, w, spec.smooth_alpha)
         w = w * smooth[None, :]
-    if spec.rotate and spec.rotate_signs:                 # randomised Hadamard: signs ride in the divisor
-        w, smooth = fold_signs(w, smooth)
+    if spec.rotate and spec.rotate_signs:                 # randomised Hadamard: the node multiplies x by the signs
+        w = sign_weight(w)
     if spec.rotate:
         w = hadamard_transform(w, spec.rotate)
     lr_a = lr_b = None
@@ -53,7 +53,8 @@ def quantize_linear(w_nk, ch_absmax=None, a_schedule=None, *, spec: LayerSpec) -
         w, w_bits=spec.w_bits, group_size=spec.group_size, w_symmetric=spec.w_symmetric,
         a_bits=spec.a_bits, a_symmetric=spec.a_symmetric, clip_ratio=spec.clip_ratio,
         clip_search=spec.clip_search, pack=spec.pack, execution=spec.execution, dtype=spec.dtype,
-        smooth=smooth, lr_a=lr_a, lr_b=lr_b, rotate=spec.rotate, a_schedule=a_schedule,
+        smooth=smooth, lr_a=lr_a, lr_b=lr_b, rotate=spec.rotate, signs=bool(spec.rotate and spec.rotate_signs),
+        a_schedule=a_schedule,
         branch_dtype=spec.branch_dtype, group_scale=spec.group_scale, lowrank_bits=spec.lowrank_bits)
 
 

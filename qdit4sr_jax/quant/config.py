@@ -59,8 +59,8 @@ class QuantConfig:
       dimension where it is m * 2^j with m in (1, 12, 20) (1536 = 12 * 128, 6144 = 12 * 512; QuaRot's
       choice), else its largest such divisor; an int m * 2^j = a cap of that form.
     rotate_signs: QuaRot's randomised Hadamard diag(signs) H with fixed random signs
-      (transforms.rotation_signs), folded into the node's `smooth` divisor (x / (s * signs), then H): every
-      execution path and checkpoint carries them with no new field. Needs rotate.
+      (transforms.rotation_signs), folded into the weight and marked on the node (`QuantizedWeight.signs`,
+      static: x -> signs * x in x's dtype, exact, then H). Needs rotate.
     pack: store codes below 8 bits packed at their bit width (uint8, `quantizer.pack_codes`; 8-bit codes stay int8).
     lowrank_svd: "exact" (jnp.linalg.svd) or "randomized" (power-iteration range finder, Halko et al. 2011;
       O(N K r), for CPU quantization of the full model) for the low-rank branch.

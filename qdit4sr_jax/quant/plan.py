@@ -28,7 +28,7 @@ class LayerSpec:
     smooth: bool = False
     smooth_alpha: float = 0.5
     rotate: int = 0                  # Hadamard block, 0 = off
-    rotate_signs: bool = False       # randomised Hadamard: fixed signs folded into the smooth divisor
+    rotate_signs: bool = False       # randomised Hadamard: fixed signs (the node's static `signs`)
     lowrank_rank: int = 0
     lowrank_svd: str = "exact"       # "exact" | "randomized"
     pack: bool = True

@@ -43,7 +43,7 @@ from qdit4sr_jax.quant import hsvd as H
 from qdit4sr_jax.quant import quantizer as qz
 from qdit4sr_jax.quant import rules
 from qdit4sr_jax.quant.plan import LayerSpec, balanced_chunks, layer_spec, precompile
-from qdit4sr_jax.quant.transforms import fold_signs, hadamard_transform, smooth_scale
+from qdit4sr_jax.quant.transforms import sign_weight, hadamard_transform, smooth_scale
 from qdit4sr_jax.quant.qweight import ARRAY_FIELDS, STATIC_FIELDS, make_qweight, packs
 from qdit4sr_jax.quant.stats import lookup, normalize_calib
 from qdit4sr_jax.quant.vasmp import allocate_bits_table, allocate_weight_bits
@@ -70,12 +70,12 @@ class BranchSpec:
     clip_ratio: float = 1.0
     clip_search: bool = False
     group_scale: str = "float"                  # "float" | "int" (two-level integer group scales)
-    rotate_signs: bool = False                  # randomised Hadamard (signs folded into the smooth divisor)
+    rotate_signs: bool = False                  # randomised Hadamard (the nodes' static `signs`)
 
     @property
     def has_divisor(self) -> bool:
-        """Whether the nodes carry a `smooth` divisor (smoothing and/or rotation signs)."""
-        return bool(self.smooth or (self.rotate and self.rotate_signs))
+        """Whether the nodes carry a `smooth` divisor (smoothing; rotation signs are the static `signs`)."""
+        return bool(self.smooth)
 
 
 def _transformed(w_kn, ch, spec):
@@ -85,8 +85,8 @@ def _transformed(w_kn, ch, spec):
     if spec.smooth:
         s = smooth_scale(ch, w, spec.smooth_alpha)
         w = w * s[None, :]
-    if spec.rotate and spec.rotate_signs:
-        w, s = fold_signs(w, s)
+    if spec.rotate and spec.rotate_signs:          # randomised Hadamard: the node multiplies x by the signs
+        w = sign_weight(w)
     if spec.rotate:
         w = hadamard_transform(w, spec.rotate)
     return w, s
@@ -160,7 +160,8 @@ def _residual_node(r, s, f, bits: int, spec: LayerSpec, bspec: BranchSpec):
         clip_search=spec.clip_search, pack=False, execution=spec.execution, dtype=spec.dtype,
         smooth=s, lr_a=f.get("lr_a"), lr_b=f.get("lr_b"), block_u=f.get("block_u"),
         block_v=f.get("block_v"), block=bspec.block if "block_u" in f else None, rotate=spec.rotate,
-        a_schedule=None, branch_dtype=spec.branch_dtype, **_group_scale_kw(spec))
+        signs=bool(spec.rotate and spec.rotate_signs), a_schedule=None, branch_dtype=spec.branch_dtype,
+        **_group_scale_kw(spec))
 
 
 def _group_scale_kw(spec) -> dict:

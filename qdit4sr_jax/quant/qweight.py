@@ -6,7 +6,8 @@ configuration value is static aux data (hashable), so the node passes through `j
 bits/layout recompiles while new array values do not.
 
 Semantics. With x [M, K] the layer input, the layer computes
-    x' = hadamard_b(x / smooth)                       (each step only if present; b = `rotate`)
+    x' = hadamard_b(signs * (x / smooth))             (each step only if present; b = `rotate`; signs =
+                                                       `transforms.rotation_signs(K)` when `signs`)
     y  = Q_a(x') @ W_q^T + (x' @ lr_a) @ lr_b + blockwise(x') + bias
 where W_q = dequantized codes [N, K], Q_a the per-token activation fake-quantizer (identity when
 activations stay in float), and every factor acts in the transformed input space x'.
@@ -45,7 +46,10 @@ Array children (None when absent):
 Static fields: shape (K, N) of the original kernel, dtype of the original kernel, w_bits, group_size
 (None = per channel; with `gscale` the group length of the integer factors while layout is "nk"), layout, packed, w_symmetric, a_bits (int, or None = float activations; the bits
 used when no `step` / `act_bits` is given), a_symmetric, rotate (Hadamard block size, 0 = none),
-block ((b_out, b_in) or None), execution ("fake" | "int" | "fused").
+block ((b_out, b_in) or None), execution ("fake" | "int" | "fused"), signs (QuaRot's random signs before the
+Hadamard: `transforms.rotation_signs(K)`, a constant of K rebuilt at trace time, so the multiply is exact in any
+float dtype and a bf16 x stays bf16 on its way into the rotation; nodes made before 2026-12-06 carry the signs
+folded into `smooth` instead, and run unchanged).
 """
 from __future__ import annotations
 
@@ -73,7 +77,8 @@ FACTOR_AXIS = {"lr_a": 1, "lr_b": 0, "block_u": 2, "block_v": 2}
 LOWRANK_BITS = (8,)                 # make_qweight(lowrank_bits=...): None (float factors) or one of these
 GROUP_SCALES = ("float", "int")     # make_qweight(group_scale=...): float32 [N, G] scales, or s[n] * int c[n, G]
 STATIC_FIELDS = ("shape", "dtype", "w_bits", "group_size", "layout", "packed", "w_symmetric",
-                 "a_bits", "a_symmetric", "rotate", "block", "execution")
+                 "a_bits", "a_symmetric", "rotate", "block", "execution", "signs")
+OPTIONAL_STATIC = {"signs": False}  # static fields added after version 3: value when a stored node lacks them
 
 
 @dataclasses.dataclass(frozen=True)
@@ -105,6 +110,7 @@ class QuantizedWeight:
     rotate: int = 0
     block: Optional[Tuple[int, int]] = None
     execution: str = "fake"
+    signs: bool = False
 
     # ---- derived sizes -------------------------------------------------------------------------
     @property
@@ -190,6 +196,8 @@ class QuantizedWeight:
         w = self.dequantize_residual() + self.branch_weight()        # [N, K], acts on x'
         if self.rotate:
             w = hadamard_transform(w, self.rotate)                   # (x H) W^T = x (W H)^T, H symmetric
+        if self.signs:
+            w = w * self.sign_vector()[None, :]
         if self.smooth is not None:
             w = w / self.smooth[None, :]
         return w.T
@@ -198,6 +206,13 @@ class QuantizedWeight:
         """Bytes held by the node's arrays."""
         return int(sum(np.dtype(a.dtype).itemsize * int(np.prod(a.shape))
                        for a in (getattr(self, f) for f in ARRAY_FIELDS) if a is not None))
+
+    def sign_vector(self):
+        """The +-1 float32 [K] of `signs` (a trace-time constant), or None."""
+        if not self.signs:
+            return None
+        from qdit4sr_jax.quant.transforms import rotation_signs
+        return jnp.asarray(rotation_signs(self.k))
 
     def static_dict(self) -> dict:
         d = {f: getattr(self, f) for f in STATIC_FIELDS}
@@ -271,7 +286,7 @@ def make_qweight(w_nk, *, w_bits: int, group_size: Optional[int] = None, w_symme
                  dtype: str = "float32", smooth=None, lr_a=None, lr_b=None, block_u=None, block_v=None,
                  block: Optional[Tuple[int, int]] = None, rotate: int = 0, a_schedule=None,
                  branch_dtype: str = "bfloat16", group_scale: str = "float",
-                 lowrank_bits: Optional[int] = None) -> QuantizedWeight:
+                 lowrank_bits: Optional[int] = None, signs: bool = False) -> QuantizedWeight:
     """Quantize the (already transformed: smoothed / rotated / residual) weight W [N, K] into a node.
 
     w_nk: float [N, K] = (out, in), the part that goes to integers; every extra is given in the same
@@ -280,6 +295,8 @@ def make_qweight(w_nk, *, w_bits: int, group_size: Optional[int] = None, w_symme
     "nk" + `gscale`: `quantizer.quantize_weight_int_scales`; symmetric weights only). "int" falls back to
     plain per-channel scales where the factors cannot help: one group (group_size None or >= K), or
     c_max = 1 (8-bit weights).
+    signs: the input is multiplied by `transforms.rotation_signs(K)` before the rotation (needs rotate > 0;
+    w_nk already carries them: W' = H(diag(signs) W)).
     lowrank_bits: None keeps the branch factors in `branch_dtype`; 8 stores each factor as int8 codes with
     one `branch_dtype` scale per vector (`quantize_factor`, `FACTOR_AXIS`) and quantizes the residual
     W' - branch_q instead of the given w_nk = W' - branch: w_nk + branch - branch_q (float32), so
@@ -351,6 +368,8 @@ def make_qweight(w_nk, *, w_bits: int, group_size: Optional[int] = None, w_symme
         smooth = jnp.asarray(smooth, jnp.float32)
         if smooth.shape != (k,):
             raise ValueError(f"smoothing scale must be [{k}], got {smooth.shape}")
+    if signs and not rotate:
+        raise ValueError("signs=True (QuaRot's randomised Hadamard) needs a rotation (rotate > 0)")
     if a_schedule is not None:
         if a_bits is None:
             raise ValueError("an activation-bit schedule needs a default a_bits (used when no step is given)")
@@ -360,4 +379,5 @@ def make_qweight(w_nk, *, w_bits: int, group_size: Optional[int] = None, w_symme
         block_u=cast(block_u), block_v=cast(block_v), a_schedule=a_schedule, **scales,
         shape=(int(k), int(n)), dtype=str(jnp.dtype(dtype)), w_bits=w_bits, group_size=group_size,
         layout=layout, packed=packed, w_symmetric=bool(w_symmetric), a_bits=a_bits,
-        a_symmetric=bool(a_symmetric), rotate=int(rotate), block=block, execution=execution)
+        a_symmetric=bool(a_symmetric), rotate=int(rotate), block=block, execution=execution,
+        signs=bool(signs))

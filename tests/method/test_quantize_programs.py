@@ -126,7 +126,7 @@ def test_bits_as_data_matches_static_bits(runs):
     want = jax.eval_shape(lambda x: make_qweight(x, w_bits=nd.w_bits, group_size=qcfg.w_group_size, a_bits=4,
                                                  pack=True, smooth=nd.smooth, lr_a=nd.lr_a, lr_b=nd.lr_b,
                                                  block_u=nd.block_u, block_v=nd.block_v, block=nd.block,
-                                                 rotate=nd.rotate, a_schedule=nd.a_schedule), res)
+                                                 rotate=nd.rotate, signs=nd.signs, a_schedule=nd.a_schedule), res)
     for f in STATIC_FIELDS:
         assert getattr(nd, f) == getattr(want, f), f
     for f in ARRAY_FIELDS:

@@ -97,10 +97,25 @@ def _rotated_node(execution="fake", k=192, n=48, signs=True, smooth=True, lowran
     return node, w
 
 
-def test_signs_ride_in_the_smooth_divisor():
+def test_signs_are_a_static_constant():
+    """The signs are the node's static `signs` (no smooth divisor without smoothing), multiplied in x's dtype:
+    a bf16 x reaches the rotation as bf16, with the same x' as the float32 path."""
+    from qdit4sr_jax.quant.reference import transform_input
     node, w = _rotated_node(smooth=False)
-    assert node.rotate == 192
-    np.testing.assert_array_equal(np.asarray(node.smooth), T.rotation_signs(192))
+    assert node.rotate == 192 and node.signs and node.smooth is None
+    np.testing.assert_array_equal(np.asarray(node.sign_vector()), T.rotation_signs(192))
+    xb = jnp.asarray(np.random.default_rng(2).normal(size=(5, 192)), jnp.bfloat16)
+    np.testing.assert_array_equal(np.asarray(transform_input(xb, node)),
+                                  np.asarray(transform_input(xb.astype(jnp.float32), node)))
+    # the same function as the former layout (signs folded into the float32 smooth divisor)
+    old = node.replace(smooth=jnp.asarray(T.rotation_signs(192)), signs=False)
+    np.testing.assert_array_equal(np.asarray(transform_input(xb, old)), np.asarray(transform_input(xb, node)))
+    smoothed, _ = _rotated_node(smooth=True)
+    assert smoothed.signs and smoothed.smooth is not None
+    old = smoothed.replace(smooth=smoothed.smooth * jnp.asarray(T.rotation_signs(192)), signs=False)
+    xf = xb.astype(jnp.float32)
+    np.testing.assert_array_equal(np.asarray(transform_input(xf, old)), np.asarray(transform_input(xf, smoothed)))
+    np.testing.assert_allclose(np.asarray(old.dequantize()), np.asarray(smoothed.dequantize()), rtol=1e-6, atol=1e-6)
     # weights only (a_bits None path): the node's effective kernel is a 4-bit quantization of W
     eff = np.asarray(node.dequantize())                                    # [K, N]
     assert _rel(eff.T, w) < 0.2
@@ -140,6 +155,7 @@ def test_quantize_carries_full_rotation_and_signs():
         nodes = quantized_layers(qdit4sr_jax.quantize(params, cfg))
         b = nodes["transformer_blocks_0/b"]
         assert nodes["transformer_blocks_0/a"].rotate == 192 and b.rotate == 768
-        np.testing.assert_array_equal(np.asarray(b.smooth), T.rotation_signs(768))
+        assert b.signs and b.smooth is None
+        np.testing.assert_array_equal(np.asarray(b.sign_vector()), T.rotation_signs(768))
         w = np.asarray(params["transformer_blocks_0"]["b"]["kernel"])
         assert _rel(np.asarray(linear(x, b.replace(a_bits=None))), np.asarray(x) @ w) < 0.2

@@ -11,6 +11,7 @@ import qdit4sr_jax
 from qdit4sr_jax import checkpoint
 from qdit4sr_jax.quant.api import quantized_layers
 from qdit4sr_jax.quant.config import QuantConfig
+from qdit4sr_jax.quant.qweight import QuantizedWeight
 
 
 @pytest.fixture(scope="module")
@@ -144,7 +145,8 @@ def test_roundtrip_block_branch_schedule_and_config(tmp_path):
 
 def test_roundtrip_full_rotation_with_signs(tmp_path):
     """A node rotated over its full input dimension (192 = 12 * 16, stored H_12 kron H_16) with QuaRot's random
-    signs folded into `smooth`: save/load keeps the block, the signs, the packed codes and the function."""
+    signs (the node's static `signs`): save/load keeps the block, the signs, the packed codes and the function,
+    in a version-4 file."""
     from qdit4sr_jax.quant.linear import linear
     from qdit4sr_jax.quant.transforms import rotation_signs
     rng = np.random.default_rng(4)
@@ -154,11 +156,45 @@ def test_roundtrip_full_rotation_with_signs(tmp_path):
     q = qdit4sr_jax.quantize(params, cfg)
     node = q["transformer_blocks_0"]["ff"]["net_2"]["kernel"]
     assert node.rotate == 192 and node.packed
-    np.testing.assert_array_equal(np.asarray(node.smooth), rotation_signs(192))
+    assert node.smooth is None and node.signs
+    np.testing.assert_array_equal(np.asarray(node.sign_vector()), rotation_signs(192))
     qdit4sr_jax.save(tmp_path / "ck", q, cfg)
+    assert json.load(open(tmp_path / "ck" / checkpoint.META))["version"] == checkpoint.SIGNS_VERSION
     back, cfg2 = qdit4sr_jax.load(tmp_path / "ck")
     assert cfg2 == cfg and cfg2.rotate_block == "full" and cfg2.rotate_signs
     n2 = back["transformer_blocks_0"]["ff"]["net_2"]["kernel"]
     assert n2.static_dict() == node.static_dict() and n2.qvalue.dtype == jnp.uint8
     x = jnp.asarray(rng.normal(size=(5, 192)).astype(np.float32))
     np.testing.assert_array_equal(np.asarray(linear(x, node)), np.asarray(linear(x, n2)))
+
+
+def test_signs_in_smooth_of_older_files(tmp_path, monkeypatch):
+    """A version-3 file whose node carries the signs folded into `smooth` (how nodes were made before
+    2026-12-06) and no `signs` field loads with signs=False and computes what the new node computes."""
+    from qdit4sr_jax.quant.linear import linear
+    from qdit4sr_jax.quant.transforms import rotation_signs
+    rng = np.random.default_rng(5)
+    params = {"transformer_blocks_0": {"ff": {"net_2": {"kernel": jnp.asarray(rng.normal(size=(192, 48)), jnp.float32),
+                                                        "bias": jnp.zeros(48, jnp.float32)}}}}
+    cfg = QuantConfig.preset("qdit4sr-paper-w4a4").replace(vatmp=False, lowrank_rank=8, hsvd_block=(16, 64))
+    q = qdit4sr_jax.quantize(params, cfg)
+    node = q["transformer_blocks_0"]["ff"]["net_2"]["kernel"]
+    old = node.replace(smooth=jnp.asarray(rotation_signs(192)), signs=False)
+    real_static = QuantizedWeight.static_dict
+
+    def without_signs(self):
+        d = real_static(self)
+        d.pop("signs")
+        return d
+    monkeypatch.setattr(QuantizedWeight, "static_dict", without_signs)
+    qdit4sr_jax.save(tmp_path / "old", {"transformer_blocks_0": {"ff": {"net_2": {"kernel": old}}}}, cfg)
+    monkeypatch.undo()
+    meta = json.load(open(tmp_path / "old" / checkpoint.META))
+    assert meta["version"] == 2 and "signs" not in meta["nodes"]["transformer_blocks_0/ff/net_2/kernel"]
+    back, _ = qdit4sr_jax.load(tmp_path / "old")
+    n2 = back["transformer_blocks_0"]["ff"]["net_2"]["kernel"]
+    assert not n2.signs and n2.smooth is not None
+    for dt in (jnp.float32, jnp.bfloat16):
+        x = jnp.asarray(rng.normal(size=(5, 192)).astype(np.float32)).astype(dt)
+        np.testing.assert_array_equal(np.asarray(linear(x, node)), np.asarray(linear(x, n2)))
+    np.testing.assert_allclose(np.asarray(n2.dequantize()), np.asarray(node.dequantize()), rtol=1e-6, atol=1e-6)
