@@ -32,7 +32,8 @@ Modes (--modes):
                 tree), prep (`kernels.prepare`d: joint down-projection, the default), prepsplit (prepared with
                 down="split"), prepk (prepared, prologue kernel), int (XLA int8 reference path)
 --hadamard IMPL runs the online rotation of the rotating presets as `transforms.set_hadamard_impl(IMPL)`
-(default "auto" = "dense"; "butterfly" is the implementation before 2026-12-05).
+(default "auto" = `transforms.auto_impl`: "full" up to 2048 on a GPU, else "dense"; "butterfly" is the
+implementation before 2026-12-05).
 Each mode: compile time, median / p10 / p90 of `--iters` timed steps after warm-up (block_until_ready),
 weight bytes (all params: codes, scales, integer group factors, branches, smoothing, schedules and every
 unquantized parameter; `quantize.<recipe>.weight_breakdown` splits them) and the compiled step's temp /

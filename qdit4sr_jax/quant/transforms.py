@@ -156,19 +156,31 @@ def fold_signs(w_nk, smooth=None):
 
 HADAMARD_IMPLS = ("auto", "dense", "dense-sum", "full", "butterfly")
 DENSE_CAP = 128                     # the 2^j factor applied as one dense matmul (the rest joins H_m)
-_IMPL = ["auto"]                    # process-wide choice (`set_hadamard_impl`); "auto" = "dense"
+_IMPL = ["auto"]                    # process-wide choice (`set_hadamard_impl`); "auto": `auto_impl`
+FULL_CAP = 2048                     # the largest block "full" runs as one +-1 GEMM (else "dense")
+
+
+def auto_impl(block: int, backend: Optional[str] = None) -> str:
+    """What "auto" runs for a block: on a GPU "full" up to `FULL_CAP` (one +-1 GEMM at cuBLAS speed: 53.9 us at
+    8192 x 1536 vs 288.1 for "dense", 148.9 "dense-sum", 336.2 the butterflies; the paper preset's 1024-px step
+    0.62x vs 0.51x of bf16; H100, benchmarks/RESULTS.md 2026-12-06 02:26) and "dense" above it (8192 x 6144,
+    block 6144: 520.0 us vs 635.1 dense-sum, 1561.3 butterflies); elsewhere "dense" (unmeasured off GPU; the
+    CPU figures of this project were made with it)."""
+    backend = jax.default_backend() if backend is None else backend
+    return "full" if backend == "gpu" and int(block) <= FULL_CAP else "dense"
 
 
 def set_hadamard_impl(impl: str) -> str:
     """Choose how `hadamard_transform` runs (the same H; the previous choice is returned):
-    "dense" (the default, "auto"): x [.., g, c] -> (G (x) S_c) as two matmuls: S_c (the Sylvester +-1 matrix of
+    "auto" (the default): per block and backend, `auto_impl`.
+    "dense": x [.., g, c] -> (G (x) S_c) as two matmuls: S_c (the Sylvester +-1 matrix of
         the 2^j factor, c <= `DENSE_CAP`) on the last axis, then G = H_m (x) S_{2^j / c} (+-1, size <= 48 on
         DiT4SR) on the g axis; on a GPU each as a bf16 tensor-core GEMM with float32 accumulation that is exact:
         the +-1 entries are exact in bf16, and a float32 operand is split into three bf16 parts (hi + mid + lo,
         by bit truncation) whose products are exact, so only the float32 sums round (as the butterflies' do);
         off GPU, float32 matmuls at HIGHEST precision.
     "dense-sum": the same first matmul, G applied as an unrolled sum of +-rows (one elementwise XLA fusion).
-    "full": one +-1 matmul of the whole block (b <= 2048, else "dense").
+    "full": one +-1 matmul of the whole block (b <= `FULL_CAP`, else "dense"); exact on a GPU as "dense" is.
     "butterfly": the 2^j-point butterflies (one XLA fusion per stage on a GPU: 3.7-4.9x the cost of the whole
         W4A4 layer on an H100, benchmarks/gpu_notes.md), then H_m: the implementation before 2026-12-05."""
     if impl not in HADAMARD_IMPLS:
@@ -194,9 +206,11 @@ def hadamard_transform(x, block: int, impl: Optional[str] = None, exact_bf16: Op
         return _hadamard(x.astype(jnp.float32), int(block))
     if exact_bf16 is None:
         exact_bf16 = jax.default_backend() == "gpu"
-    if impl == "full" and int(block) > 2048:
+    if impl == "auto":
+        impl = auto_impl(block)
+    if impl == "full" and int(block) > FULL_CAP:
         impl = "dense"
-    return _hadamard_dense(x, int(block), "dense" if impl == "auto" else impl, bool(exact_bf16))
+    return _hadamard_dense(x, int(block), impl, bool(exact_bf16))
 
 
 @lru_cache(maxsize=None)

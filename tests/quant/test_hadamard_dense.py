@@ -86,3 +86,15 @@ def test_joint_down_projection_equals_split_and_reference(k, n, rank, block, rot
     assert tree["l"]["kernel"].bw.jd is not None      # prepare's default is the joint GEMM
     with pytest.raises(ValueError, match="down"):
         prepare_weight(q, down="both")
+
+
+def test_auto_picks_the_measured_fastest():
+    """"auto" = one +-1 GEMM per block up to FULL_CAP on a GPU (measured fastest on an H100), "dense" above it and
+    off GPU; every choice computes the same H to float rounding."""
+    assert T.auto_impl(1536, "gpu") == "full" and T.auto_impl(512, "gpu") == "full"
+    assert T.auto_impl(6144, "gpu") == "dense" and T.auto_impl(T.FULL_CAP * 2, "gpu") == "dense"
+    assert T.auto_impl(1536, "cpu") == "dense" and T.auto_impl(1536, "tpu") == "dense"
+    x = jnp.asarray(np.random.default_rng(7).normal(size=(4, 1536)), jnp.bfloat16)
+    ref = _ref64(np.asarray(x.astype(jnp.float32), np.float64), 1536)
+    for impl in ("auto", "full"):
+        assert _maxrel(T.hadamard_transform(x, 1536, impl=impl, exact_bf16=True), ref) < 1e-6
