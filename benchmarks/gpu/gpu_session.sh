@@ -21,7 +21,40 @@
 #                                             # down-projection, 1024- and 512-px steps of bf16, W8A8 and the paper /
 #                                             # smoothing + rotation W4A4-small presets (2-step scan)
 #   bash benchmarks/gpu/gpu_session.sh i24d      # all six modes' 1024-px steps (+ smoothing-only -small, paper W4A4)
+#   bash benchmarks/gpu/gpu_session.sh i24f      # after 12-06: Hadamard impls per call, 512-px steps (bf16, paper-small,
+#                                             # W8A8, qdit4sr-small); i24g: 1024-px paper W4A4 and dense-wide
 export PYTHONUNBUFFERED=1
+if [ "${1:-}" = i24f ] || [ "${1:-}" = i24g ]; then
+  # issue 24 after 12-06 (Hadamard default "auto" = one +-1 GEMM per block <= 2048 on a GPU).
+  # i24f (<= 560 s): the Hadamard implementations per call (with dense-wide for the 6144 blocks), then the 512-px
+  #   steps of bf16, the paper preset's -small form, W8A8 and qdit4sr-small in a 2-step scan (the must-show size
+  #   that 12-06's call did not reach).
+  # i24g (<= 560 s): the 1024-px steps of bf16, qdit4sr-paper-w4a4 (not -small) and -small with dense-wide for
+  #   the 6144 blocks.
+  OUT=${OUT:-/tmp/gpu_out}; mkdir -p "$OUT"
+  nvidia-smi --query-gpu=name,clocks.sm --format=csv,noheader
+  t0=$(date +%s); el() { echo "== [$(( $(date +%s) - t0 )) s] $*"; }
+  if [ "$1" = i24f ]; then
+    el hadamard; timeout 70 python3 benchmarks/gpu/routes.py --parts hadamard --reps 10 --out "$OUT/routes.json" \
+        2>&1 | grep -v Warning | tail -4
+    left=$(( 550 - ($(date +%s) - t0) ))
+    el "steps 512 ($left s)"; timeout $left python3 benchmarks/step_latency.py --cases 512x1 --scan-steps 2 \
+        --modes bf16 p:qdit4sr-paper-w4a4-small:prep w8a8-fused p:qdit4sr-w4a4-small:prep --attention cudnn \
+        --iters 5 --warmup 1 --deadline $(( left - 12 )) --out "$OUT/steps512.json" > "$OUT/steps512.log" 2>&1
+    grep -v "^W[0-9]\|Warning" "$OUT/steps512.log" | grep "quantized\|px b\|note" | cut -c1-230
+  else
+    el "steps 1024"; timeout 300 python3 benchmarks/step_latency.py --cases 1024x1 --scan-steps 2 \
+        --modes bf16 p:qdit4sr-paper-w4a4:prep --attention cudnn --iters 3 --warmup 1 --deadline 285 \
+        --out "$OUT/steps1024.json" > "$OUT/steps1024.log" 2>&1
+    grep -v "^W[0-9]\|Warning" "$OUT/steps1024.log" | grep "quantized\|px b\|note" | cut -c1-230
+    left=$(( 550 - ($(date +%s) - t0) ))
+    el "dense-wide ($left s)"; timeout $left python3 benchmarks/step_latency.py --cases 1024x1 --scan-steps 2 \
+        --modes p:qdit4sr-paper-w4a4-small:prep --hadamard dense-wide --attention cudnn --iters 3 --warmup 1 \
+        --out "$OUT/wide.json" 2>&1 | grep -v "^W[0-9]\|Warning" | grep "px b" | cut -c1-230
+  fi
+  el done
+  exit 0
+fi
 if [ "${1:-}" = i24e ]; then
   # the short form of i24c (<= 330 s): Hadamard implementations per call and per prepared layer, then the 1024-px
   # steps of bf16, the paper preset's -small form and W8A8 (2-step scan)

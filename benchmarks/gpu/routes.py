@@ -202,7 +202,7 @@ def hadamard_ref64(x: np.ndarray, block: int) -> np.ndarray:
     return y.reshape(mm, k)
 
 
-def run_hadamard(shapes, log, impls=("butterfly", "dense", "dense-sum", "full")):
+def run_hadamard(shapes, log, impls=("butterfly", "dense", "dense-sum", "dense-wide", "full")):
     """The online rotation of a layer's input x [M, K] as `transforms.hadamard_transform` runs it with each
     implementation (bf16 x in, float32 out, as `transform_input` runs it without smoothing; "dense f32-in": a
     float32 x, as after smoothing, through the three-part bf16 split), for the 2^k and full blocks; each checked

@@ -154,7 +154,7 @@ def fold_signs(w_nk, smooth=None):
     return w_nk * sg[None, :], (sg if smooth is None else smooth * sg)
 
 
-HADAMARD_IMPLS = ("auto", "dense", "dense-sum", "full", "butterfly")
+HADAMARD_IMPLS = ("auto", "dense", "dense-sum", "dense-wide", "full", "butterfly")
 DENSE_CAP = 128                     # the 2^j factor applied as one dense matmul (the rest joins H_m)
 _IMPL = ["auto"]                    # process-wide choice (`set_hadamard_impl`); "auto": `auto_impl`
 FULL_CAP = 2048                     # the largest block "full" runs as one +-1 GEMM (else "dense")
@@ -180,6 +180,8 @@ def set_hadamard_impl(impl: str) -> str:
         by bit truncation) whose products are exact, so only the float32 sums round (as the butterflies' do);
         off GPU, float32 matmuls at HIGHEST precision.
     "dense-sum": the same first matmul, G applied as an unrolled sum of +-rows (one elementwise XLA fusion).
+    "dense-wide": "dense" with the whole 2^j factor (up to `FULL_CAP`) in the first matmul, so G = H_m alone
+        (6144 = 12 x 512: one K = 512 GEMM, then H_12; "dense" runs K = 128, then H_12 (x) S_4). Not yet timed.
     "full": one +-1 matmul of the whole block (b <= `FULL_CAP`, else "dense"); exact on a GPU as "dense" is.
     "butterfly": the 2^j-point butterflies (one XLA fusion per stage on a GPU: 3.7-4.9x the cost of the whole
         W4A4 layer on an H100, benchmarks/gpu_notes.md), then H_m: the implementation before 2026-12-05."""
@@ -298,7 +300,7 @@ def _hadamard_dense(x, block: int, impl: str, exact_bf16: bool):
     if impl == "full":
         y = _pm1_dot(x.reshape(-1, block), _pm1(block, "full"), -1, exact_bf16)
     else:
-        c = min(p, DENSE_CAP)
+        c = min(p, FULL_CAP if impl == "dense-wide" else DENSE_CAP)
         g = block // c                                               # G = H_m (x) S_{p / c}, size g
         y = _pm1_dot(x.reshape(-1, g, c), _pm1(c, "s"), -1, exact_bf16)  # [rows, g, c] float32
         if g > 1:
