@@ -59,7 +59,8 @@ _METHOD_FIELDS = {
 }
 PAPER_METHODS = ("qdit4sr-paper",)      # bit candidates (X-1, X, X+1) around the target bits
 
-_NAME = re.compile(r"^(?:(?P<method>[a-z0-9]+(?:-paper|-rot|-smooth)?)-)?w(?P<w>\d+)a(?P<a>\d+)(?P<fast>-fast|-small)?(?P<sens>-sens)?$")
+_METHOD_RE = "|".join(re.escape(m) for m in sorted(METHODS, key=len, reverse=True))   # longest first
+_NAME = re.compile(rf"^(?:(?P<method>{_METHOD_RE})-)?w(?P<w>\d+)a(?P<a>\d+)(?P<fast>-fast|-small)?(?P<sens>-sens)?$")
 
 
 def preset_fields(name: str) -> dict:
@@ -67,7 +68,7 @@ def preset_fields(name: str) -> dict:
     ValueError listing the grammar for unknown names. This module imports nothing of the project, so that
     quant/config.py can use it."""
     m = _NAME.match(name.strip().lower())
-    if not m or (m.group("method") or "rtn") not in METHODS:
+    if not m:
         raise ValueError(f"unknown quantization preset {name!r}: use '<method>-w<bits>a<bits>[-fast|-small][-sens]' with method "
                          f"in {METHODS} (or bare 'w8a8', 'w4a8', 'w4a6', 'w4a4' for RTN)")
     method = ALIASES.get(m.group("method") or "rtn", m.group("method") or "rtn")
