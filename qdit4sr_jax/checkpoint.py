@@ -138,7 +138,7 @@ def _upgrade_v1(name: str, st: dict, arrays: dict) -> tuple:
     """A version-1 node -> (static fields, arrays) of version 2: 2-/3-bit `pack_int4` nibbles and
     unpacked (int8) 5..7-bit codes are repacked at their bit-width; 4- and 8-bit nodes are unchanged."""
     w_bits, q = st.get("w_bits"), arrays.get("qvalue")
-    if (q is None or any(f not in st and f not in OPTIONAL_STATIC for f in STATIC_FIELDS) or st["layout"] not in LAYOUTS
+    if (q is None or any(f not in st for f in STATIC_FIELDS) or st["layout"] not in LAYOUTS
             or not isinstance(w_bits, int) or not 2 <= w_bits <= 7 or w_bits == 4):
         return st, arrays
     q = np.asarray(q)
@@ -163,7 +163,6 @@ def _upgrade_v1(name: str, st: dict, arrays: dict) -> tuple:
 
 
 def _rebuild_node(name: str, st: dict, arrays: dict) -> QuantizedWeight:
-    st = {**OPTIONAL_STATIC, **st}                     # fields newer than the file take their old meaning
     missing = [f for f in STATIC_FIELDS if f not in st]
     if missing:
         raise ValueError(f"checkpoint layer {name!r}: metadata lacks static fields {missing}")
@@ -292,6 +291,7 @@ def load(path: str, *, expect_cfg: Optional[QuantConfig] = None):
 
     nodes = {}
     for name, st in meta["nodes"].items():
+        st = {**OPTIONAL_STATIC, **st}                 # fields newer than the file take their old meaning
         arrays = get(state, name.split("/"))
         if not isinstance(arrays, dict):
             raise ValueError(f"checkpoint layer {name!r}: its arrays are missing from {path}/{STATE}")

@@ -14,7 +14,7 @@ q = 5 and q = 9), applied as a small matmul on the m axis. Every H_b here is sym
 Random signs (QuaRot's randomised Hadamard H' = diag(signs) H): `rotation_signs(k)` gives the fixed +-1
 vector; the recipes fold it into the weight (`sign_weight`) and mark the node (`QuantizedWeight.signs`), whose
 execution multiplies x by it in x's own dtype (exact; before 2026-12-06 the signs rode in the float32 `smooth`
-divisor, `fold_signs`, which made every rotated input float32).
+divisor, which made every rotated input float32).
 """
 from __future__ import annotations
 
@@ -146,14 +146,6 @@ def sign_weight(w_nk):
     return w_nk * jnp.asarray(rotation_signs(w_nk.shape[-1]))[None, :]
 
 
-def fold_signs(w_nk, smooth=None):
-    """Fold `rotation_signs(K)` into a weight W [N, K] (float32) and its input divisor s [K] (None = ones):
-    returns (W diag(signs), s * signs). With x' = hadamard(x / (s * signs)) the layer is unchanged and the
-    rotation is QuaRot's randomised diag(signs) H."""
-    sg = jnp.asarray(rotation_signs(w_nk.shape[-1]))
-    return w_nk * sg[None, :], (sg if smooth is None else smooth * sg)
-
-
 HADAMARD_IMPLS = ("auto", "dense", "dense-sum", "dense-wide", "full", "butterfly")
 DENSE_CAP = 128                     # the 2^j factor applied as one dense matmul (the rest joins H_m)
 _IMPL = ["auto"]                    # process-wide choice (`set_hadamard_impl`); "auto": `auto_impl`
@@ -217,8 +209,8 @@ def hadamard_transform(x, block: int, impl: Optional[str] = None, exact_bf16: Op
 
 @lru_cache(maxsize=None)
 def _pm1(n_or_block: int, kind: str) -> np.ndarray:
-    """+-1 matrices (float32): kind "s" the Sylvester S_n; "g" H_m (x) S_r for (m, r) packed as m * r with the
-    base m of `hadamard_factors`; "full" the whole H_b * sqrt(b)."""
+    """+-1 matrices (float32): kind "s" the Sylvester S_n; "full" the whole H_b * sqrt(b) (H_m (x) S_p for the
+    b = m * p of `hadamard_factors`)."""
     if kind == "s":
         h = np.ones((1, 1))
         while h.shape[0] < n_or_block:
@@ -268,15 +260,12 @@ def _pm1_dot(y, mat: np.ndarray, axis: int, exact_bf16: bool):
     return jnp.moveaxis(out, -1, axis)
 
 
-def _pm1_sum(y, m: int, r, gm: np.ndarray):
-    """y [rows, g, c] float32 -> y with G (+-1, g x g) applied on axis 1 as unrolled elementwise sums (one XLA
-    loop fusion, fusable into its consumers). G = H_m (x) S_r (r a power of 2, or None: G used whole) is applied
-    factor by factor: S_r by r-point butterflies, then H_m by m-term sums, so each element costs m + log2 r
-    additions instead of g (48 -> 14 on DiT4SR's 6144)."""
+def _pm1_sum(y, m: int, r: int):
+    """y [rows, g, c] float32 (g = m r) -> y with G = H_m (x) S_r (+-1, r a power of 2) applied on axis 1 as
+    unrolled elementwise sums (one XLA loop fusion, fusable into its consumers), factor by factor: S_r by r-point
+    butterflies, then H_m by m-term sums, so each element costs m + log2 r additions instead of g (48 -> 14 on
+    DiT4SR's 6144)."""
     rows, g, c = y.shape
-    if r is None or m * r != g or not np.array_equal(gm, np.kron(_pm1(m, "full") if m > 1 else np.ones((1, 1)),
-                                                                   _pm1(r, "s"))):
-        return jnp.stack([sum(float(gm[a, b]) * y[:, a, :] for a in range(g)) for b in range(g)], axis=1)
     z = y.reshape(rows, m, r, c)
     h = 1
     while h < r:                                                   # S_r on axis 2 (Sylvester butterflies)
@@ -304,13 +293,10 @@ def _hadamard_dense(x, block: int, impl: str, exact_bf16: bool):
         g = block // c                                               # G = H_m (x) S_{p / c}, size g
         y = _pm1_dot(x.reshape(-1, g, c), _pm1(c, "s"), -1, exact_bf16)  # [rows, g, c] float32
         if g > 1:
-            gm = _pm1(g, "full") if is_hadamard_block(g) and hadamard_factors(g)[0] == m else None
-            if gm is None:                                           # (m, p / c) not a stored factorisation
-                gm = np.kron(_pm1(m, "full") if m > 1 else np.ones((1, 1), np.float32), _pm1(p // c, "s"))
             if impl == "dense-sum":
-                y = _pm1_sum(y, m, g // m if g % m == 0 and (g // m) & (g // m - 1) == 0 else None, gm)
-            else:
-                y = _pm1_dot(y, gm, 1, exact_bf16)
+                y = _pm1_sum(y, m, p // c)
+            else:                                                    # G = H_m (x) S_{p / c}, +-1
+                y = _pm1_dot(y, np.kron(_pm1(m, "full"), _pm1(p // c, "s")), 1, exact_bf16)
     return (y * np.float32(1.0 / np.sqrt(block))).reshape(*lead, k)
 
 

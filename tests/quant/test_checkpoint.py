@@ -143,18 +143,24 @@ def test_roundtrip_block_branch_schedule_and_config(tmp_path):
     assert back["transformer_blocks_0"]["attn"]["to_q"]["bias"].dtype == jnp.bfloat16
 
 
+def _rotated_net_2(seed: int):
+    """(quantized tree, config, node) of one 192 -> 48 ff/net_2 layer under the paper preset (full rotation, signs)."""
+    rng = np.random.default_rng(seed)
+    params = {"transformer_blocks_0": {"ff": {"net_2": {"kernel": jnp.asarray(rng.normal(size=(192, 48)), jnp.float32),
+                                                        "bias": jnp.zeros(48, jnp.float32)}}}}
+    cfg = QuantConfig.preset("qdit4sr-paper-w4a4").replace(vatmp=False, lowrank_rank=8, hsvd_block=(16, 64))
+    q = qdit4sr_jax.quantize(params, cfg)
+    return q, cfg, q["transformer_blocks_0"]["ff"]["net_2"]["kernel"]
+
+
 def test_roundtrip_full_rotation_with_signs(tmp_path):
     """A node rotated over its full input dimension (192 = 12 * 16, stored H_12 kron H_16) with QuaRot's random
     signs (the node's static `signs`): save/load keeps the block, the signs, the packed codes and the function,
     in a version-4 file."""
     from qdit4sr_jax.quant.linear import linear
     from qdit4sr_jax.quant.transforms import rotation_signs
+    q, cfg, node = _rotated_net_2(4)
     rng = np.random.default_rng(4)
-    params = {"transformer_blocks_0": {"ff": {"net_2": {"kernel": jnp.asarray(rng.normal(size=(192, 48)), jnp.float32),
-                                                        "bias": jnp.zeros(48, jnp.float32)}}}}
-    cfg = QuantConfig.preset("qdit4sr-paper-w4a4").replace(vatmp=False, lowrank_rank=8, hsvd_block=(16, 64))
-    q = qdit4sr_jax.quantize(params, cfg)
-    node = q["transformer_blocks_0"]["ff"]["net_2"]["kernel"]
     assert node.rotate == 192 and node.packed
     assert node.smooth is None and node.signs
     np.testing.assert_array_equal(np.asarray(node.sign_vector()), rotation_signs(192))
@@ -173,12 +179,8 @@ def test_signs_in_smooth_of_older_files(tmp_path, monkeypatch):
     2026-12-06) and no `signs` field loads with signs=False and computes what the new node computes."""
     from qdit4sr_jax.quant.linear import linear
     from qdit4sr_jax.quant.transforms import rotation_signs
+    _, cfg, node = _rotated_net_2(5)
     rng = np.random.default_rng(5)
-    params = {"transformer_blocks_0": {"ff": {"net_2": {"kernel": jnp.asarray(rng.normal(size=(192, 48)), jnp.float32),
-                                                        "bias": jnp.zeros(48, jnp.float32)}}}}
-    cfg = QuantConfig.preset("qdit4sr-paper-w4a4").replace(vatmp=False, lowrank_rank=8, hsvd_block=(16, 64))
-    q = qdit4sr_jax.quantize(params, cfg)
-    node = q["transformer_blocks_0"]["ff"]["net_2"]["kernel"]
     old = node.replace(smooth=jnp.asarray(rotation_signs(192)), signs=False)
     real_static = QuantizedWeight.static_dict
 
