@@ -21,9 +21,41 @@
 #                                             # down-projection, 1024- and 512-px steps of bf16, W8A8 and the paper /
 #                                             # smoothing + rotation W4A4-small presets (2-step scan)
 #   bash benchmarks/gpu/gpu_session.sh i24d      # all six modes' 1024-px steps (+ smoothing-only -small, paper W4A4)
+#   bash benchmarks/gpu/gpu_session.sh i24h      # 12-06 (2): the rotation inside the prologue kernel: GPU check, layer,
+#                                             # 512-px steps (prep vs prepk); i24i: the 1024-px steps
 #   bash benchmarks/gpu/gpu_session.sh i24f      # after 12-06: Hadamard impls per call, 512-px steps (bf16, paper-small,
 #                                             # W8A8, qdit4sr-small); i24g: 1024-px paper W4A4 and dense-wide
 export PYTHONUNBUFFERED=1
+if [ "${1:-}" = i24h ] || [ "${1:-}" = i24i ]; then
+  # issue 24, 12-06 session 2: the rotation inside the prologue kernel (prologue_kernel._kernel_rotated).
+  # i24h (<= 560 s): GPU check of the kernel vs the XLA prologue, the 8192 x 1536 layer with the rotation in the
+  #   kernel vs in XLA (tiles 16x4, 16x8), then the 512-px steps: bf16, the paper preset's -small form with the
+  #   XLA prologue (prep) and the kernel (prepk), W8A8, qdit4sr-small with the kernel.
+  # i24i (<= 560 s): the 1024-px steps of bf16, paper-small prep / prepk and qdit4sr-paper-w4a4 (not -small) prepk.
+  OUT=${OUT:-/tmp/gpu_out}; mkdir -p "$OUT"
+  nvidia-smi --query-gpu=name,clocks.sm --format=csv,noheader
+  t0=$(date +%s); el() { echo "== [$(( $(date +%s) - t0 )) s] $*"; }
+  P=p:qdit4sr-paper-w4a4-small
+  if [ "$1" = i24h ]; then
+    el check; timeout 100 python3 benchmarks/gpu/prologue_check.py --m 8192 --k 1536 --n 1536 \
+        --out "$OUT/check.json" 2>&1 | grep -v Warning | tail -3
+    el layer; timeout 150 python3 benchmarks/gpu/layer_kernels.py --m 8192 --k 1536 --n 1536 --time --rotations \
+        --only "prologue kernel" "no smoothing [auto]" --prologue-tiles 16x4 16x8 --out "$OUT/layer.json" 2>&1 \
+        | grep "^|\|failed" | cut -c1-200
+    left=$(( 550 - ($(date +%s) - t0) ))
+    el "steps 512 ($left s)"; timeout $left python3 benchmarks/step_latency.py --cases 512x1 --scan-steps 2 \
+        --modes bf16 $P:prep $P:prepk w8a8-fused p:qdit4sr-w4a4-small:prepk --attention cudnn \
+        --iters 5 --warmup 1 --deadline $(( left - 12 )) --out "$OUT/steps512.json" > "$OUT/steps512.log" 2>&1
+    grep -v "^W[0-9]\|Warning" "$OUT/steps512.log" | grep "quantized\|px b\|note" | cut -c1-230
+  else
+    el "steps 1024"; timeout 540 python3 benchmarks/step_latency.py --cases 1024x1 --scan-steps 2 \
+        --modes bf16 $P:prepk $P:prep p:qdit4sr-paper-w4a4:prepk --attention cudnn --iters 3 --warmup 1 \
+        --deadline 525 --out "$OUT/steps1024.json" > "$OUT/steps1024.log" 2>&1
+    grep -v "^W[0-9]\|Warning" "$OUT/steps1024.log" | grep "quantized\|px b\|note" | cut -c1-230
+  fi
+  el done
+  exit 0
+fi
 if [ "${1:-}" = i24f ] || [ "${1:-}" = i24g ]; then
   # issue 24 after 12-06 (Hadamard default "auto" = one +-1 GEMM per block <= 2048 on a GPU).
   # i24f (<= 560 s): the Hadamard implementations per call (with dense-wide for the 6144 blocks), then the 512-px

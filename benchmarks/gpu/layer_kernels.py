@@ -18,6 +18,8 @@ from a profiler trace (`step_profile.profile_step`), the figure to compare.
     python benchmarks/gpu/layer_kernels.py --time --rotations --only W8A8 VaTMP prepared Hadamard   # issue 24 (c)
     python benchmarks/gpu/layer_kernels.py --time --rotations --hadamard-impls butterfly dense dense-sum full \
         --only "prepared"      # the prepared layer with each online Hadamard implementation (transforms.HADAMARD_IMPLS)
+    python benchmarks/gpu/layer_kernels.py --m 8192 --time --rotations --only "prologue kernel" "no smoothing [auto]" \
+        --prologue-tiles 16x4 16x8      # the rotation inside the prologue kernel vs the XLA rotation (2026-12-06)
 Prepared rows use `kernels.prepare`'s default down="joint" (one GEMM for the branch down-projections); the row
 "prepared, down=split" is the path before 2026-12-05.
 """
@@ -115,6 +117,13 @@ def measure(m: int, k: int, n: int, rank: int = 32, block: int = 256, timed: boo
             for impl in impls or ["auto"]:                                   # (a bf16 x stays bf16 into the rotation)
                 cases.append((f"prepared {lab} signs, no smoothing [{impl}]",
                               dict(paper, rotate=rot, signs=True, prepared="xla", impl=impl), traced_step))
+            # the rotation inside the prologue kernel (2 kernels per layer; the XLA prologue where it does not fit)
+            cases.append((f"prepared + prologue kernel {lab} signs, no smoothing",
+                          dict(paper, rotate=rot, signs=True, prepared="pallas"), traced_step))
+            cases.append((f"prepared + prologue kernel {lab}", dict(whole, rotate=rot, prepared="pallas"), traced_step))
+            for bm, warps in prologue_tiles:
+                cases.append((f"  prologue kernel {lab} signs, no smoothing at {bm} rows, {warps} warps",
+                              dict(paper, rotate=rot, signs=True, prepared="pallas", tile=(bm, warps)), traced_step))
     if only:
         cases = [c for c in cases if any(o in c[0] for o in only)]
     for bm, warps in prologue_tiles:

@@ -219,7 +219,23 @@ def _pm1(n_or_block: int, kind: str) -> np.ndarray:
     return np.rint(hadamard_matrix(n_or_block) * np.sqrt(n_or_block)).astype(np.float32)
 
 
-def _split_bf16(y):
+def kronecker_plan(block: int, cap: int = DENSE_CAP) -> Tuple[int, int, np.ndarray]:
+    """The "dense" form of H_b (b = m * p, `hadamard_factors`): (c, g, G) with c = min(p, cap) the Sylvester
+    factor S_c applied to each run of c inputs, g = b / c and G = H_m (x) S_{p / c} (+-1, float32 [g, g],
+    symmetric) mixing the g runs: H_b sqrt(b) = G (x) S_c, so x H_b = ((x_runs S_c) G) / sqrt(b)."""
+    m, p = hadamard_factors(block)
+    c = min(p, int(cap))
+    return c, int(block) // c, np.kron(_pm1(m, "full"), _pm1(p // c, "s"))
+
+
+def sylvester(n: int) -> np.ndarray:
+    """The Sylvester +-1 matrix S_n (float32 [n, n], n a power of 2; S_n / sqrt(n) = H_n, symmetric)."""
+    if n < 1 or n & (n - 1):
+        raise ValueError(f"Sylvester matrix order must be a power of 2, got {n}")
+    return _pm1(int(n), "s")
+
+
+def split_bf16(y):
     """float32 y -> (hi, mid, lo) bf16 with hi + mid + lo == y exactly (normal range): each part is the top 8
     significant bits left, by truncation of the float32 bit pattern (no rounding step that XLA's excess-precision
     rewrites could remove)."""
@@ -245,7 +261,7 @@ def _pm1_dot(y, mat: np.ndarray, axis: int, exact_bf16: bool):
     elif y.dtype in (jnp.bfloat16, jnp.float16):
         parts, m, prec = [y], jnp.asarray(mat, y.dtype), None
     else:
-        parts, m, prec = list(_split_bf16(y)), jnp.asarray(mat, jnp.bfloat16), None
+        parts, m, prec = list(split_bf16(y)), jnp.asarray(mat, jnp.bfloat16), None
     if axis == nd - 1:                       # a plain 2-D GEMM [rows, n] x [n, n]
         lead = y.shape[:-1]
         n = y.shape[-1]
@@ -289,14 +305,13 @@ def _hadamard_dense(x, block: int, impl: str, exact_bf16: bool):
     if impl == "full":
         y = _pm1_dot(x.reshape(-1, block), _pm1(block, "full"), -1, exact_bf16)
     else:
-        c = min(p, FULL_CAP if impl == "dense-wide" else DENSE_CAP)
-        g = block // c                                               # G = H_m (x) S_{p / c}, size g
+        c, g, gmat = kronecker_plan(block, FULL_CAP if impl == "dense-wide" else DENSE_CAP)
         y = _pm1_dot(x.reshape(-1, g, c), _pm1(c, "s"), -1, exact_bf16)  # [rows, g, c] float32
         if g > 1:
             if impl == "dense-sum":
                 y = _pm1_sum(y, m, p // c)
             else:                                                    # G = H_m (x) S_{p / c}, +-1
-                y = _pm1_dot(y, np.kron(_pm1(m, "full"), _pm1(p // c, "s")), 1, exact_bf16)
+                y = _pm1_dot(y, gmat, 1, exact_bf16)
     return (y * np.float32(1.0 / np.sqrt(block))).reshape(*lead, k)
 
 

@@ -47,7 +47,7 @@ def test_every_implementation_equals_float64(block, k, impl):
 def test_bf16_split_is_exact():
     rng = np.random.default_rng(1)
     y = jnp.asarray(rng.normal(size=(257,)) * np.exp(3 * rng.normal(size=(257,))), jnp.float32)
-    hi, mid, lo = T._split_bf16(y)
+    hi, mid, lo = T.split_bf16(y)
     s = hi.astype(jnp.float32) + mid.astype(jnp.float32) + lo.astype(jnp.float32)
     np.testing.assert_array_equal(np.asarray(s), np.asarray(y))
 

@@ -190,11 +190,11 @@ def test_prologue_kernel_end_to_end(name):
     for t in range(3):
         ref = linear(x, node, bias, step=t, execution="fake")
         assert rel_err(run(x, jnp.int32(t)), ref) <= 2e-5, (t, rel_err(run(x, jnp.int32(t)), ref))
-    # a layer the kernel does not cover (Hadamard rotation) takes the XLA prologue, same function
-    rot = prepare_weight(node.replace(rotate=32), prologue="pallas")
+    # a layer the kernel does not cover (a Hadamard in runs of 8, below a Triton tile) takes the XLA prologue
+    rot = prepare_weight(node.replace(rotate=8), prologue="pallas")
     from qdit4sr_jax.quant.kernels import prologue_kernel as pk
     assert not pk.fits(rot.node, rot.bw, 0)
-    ref = linear(x, node.replace(rotate=32), bias, act_bits=4, execution="fake")
+    ref = linear(x, node.replace(rotate=8), bias, act_bits=4, execution="fake")
     assert rel_err(fused_linear(x, rot, bias, act_bits=4, backend="interpret", config=CFG), ref) <= 2e-6
     with pytest.raises(ValueError, match="prologue"):
         prepare_weight(node, prologue="triton")

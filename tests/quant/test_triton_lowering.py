@@ -66,3 +66,26 @@ def test_round_half_even_matches_jnp_round():
     v = np.concatenate([v, np.random.default_rng(0).uniform(-130, 130, 10000).astype(np.float32),
                         np.round(np.random.default_rng(1).uniform(-130, 130, 1000)).astype(np.float32) + 0.5])
     np.testing.assert_array_equal(np.asarray(pk.round_half_even(jnp.asarray(v))), np.asarray(jnp.round(v)))
+
+
+@pytest.mark.parametrize("k,smooth", [(1536, False), (1536, True), (6144, False)])
+def test_rotating_prologue_lowers_to_triton(k, smooth):
+    """The paper preset's layer (signs, the full Hadamard 1536 = H_12 (x) S_128, H-SVD branches; the rotation
+    inside the prologue kernel) lowers to the same two Triton kernels; with smoothing too (three bf16 parts per
+    dot). K = 6144 is over the kernel's register budget (`ROT_TILE`) and keeps the XLA prologue: one kernel."""
+    n, rank, block = 1536, 32, 256
+
+    def build(w):
+        return prepare_weight(make_qweight(
+            w, w_bits=4, group_size=64, group_scale="int", a_bits=4, execution="fused", rotate=k, signs=True,
+            smooth=jnp.ones((k,)) if smooth else None, lr_a=jnp.zeros((k, rank)), lr_b=jnp.zeros((rank, n)),
+            block_u=jnp.zeros((n // block, k // block, block)), block_v=jnp.zeros((n // block, k // block, block)),
+            block=(block, block), lowrank_bits=8), prologue="pallas")
+
+    kw = jax.eval_shape(build, jax.ShapeDtypeStruct((n, k), jnp.float32))
+    assert pk.fits(kw.node, kw.bw, 0) == (k <= 2048)
+    x = jax.ShapeDtypeStruct((8192, k), jnp.bfloat16)
+    with lowering_for("gpu"):
+        text = jax.jit(lambda kw, x: linear(x, kw, None, act_bits=4)).trace(kw, x).lower(
+            lowering_platforms=("cuda",)).as_text()
+    assert text.count("__gpu$xla.gpu.triton") == (2 if k <= 2048 else 1)

@@ -162,7 +162,7 @@ def fused_linear(x, w: QuantizedWeight, bias=None, *, act_bits=None, step=None, 
         from qdit4sr_jax.quant.kernels.pallas_gpu import pallas_gemm_epilogue
         from qdit4sr_jax.quant.kernels import prologue_kernel as pk
         chunk = packed_run(w, cfg)
-        if kw is not None and kw.prologue == "pallas" and pk.fits(w, bw, chunk):
+        if kw is not None and kw.prologue == "pallas" and pk.fits(w, bw, chunk, cfg.prologue_block_m):
             table = kw.levels is not None and act_bits is None and step is not None
             ops = pk.pallas_prologue(x2, w, bw, bits, pad_to=cfg.block_m, interpret=(be == "interpret"),
                                      block_m=cfg.prologue_block_m, num_warps=cfg.prologue_warps,

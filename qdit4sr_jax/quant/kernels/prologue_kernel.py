@@ -20,9 +20,20 @@ layouts; dt has Bo >= n_bo block rows, the extra ones zero, because Triton tiles
 codes and scales are those of the XLA prologue bit for bit (the same float32 operations per element);
 dh / dt are the same sums accumulated per chunk, so they may differ from XLA's in the last bf16 bit.
 
-Covered: symmetric per-token activations (the fused path), no Hadamard rotation, K a multiple of
-`block_k`, natural code order (`KernelConfig.unpack="xla"`, the default). Otherwise `fits` is False and
-the XLA prologue runs. `interpret=True` runs the kernel in the Pallas interpreter (tests on CPU).
+Rotated layers (QuaRot signs and / or the online Hadamard H_b, `transforms.hadamard_transform`) run the
+rotation inside the same kernel, in the "dense" form of `transforms.kronecker_plan` (H_b sqrt(b) = G (x) S_c,
+c = min(p, 128), g = b / c): every run j of c inputs is loaded once and multiplied by diag(signs_j) S_c (one
++-1 dot per run, the signs folded into the stacked [K, c] matrix: exact, like the dots of
+`transforms._pm1_dot`; a float32 x' (smoothing, or a float32 x) enters as its exact three-part bf16 split),
+then x'_i = (sum_j G[j, i] u_j) / sqrt(b) as unrolled additions. The whole rotated row tile stays in
+registers (bm * K float32; `ROT_TILE` elements at most), so x is read from memory once; both passes run over
+it. The codes equal the XLA prologue's up to the float32 rounding of the differently ordered sums (a code
+can move by one where x' / s falls within that rounding of a half-integer).
+
+Covered: symmetric per-token activations (the fused path), K a multiple of `block_k`, natural code order
+(`KernelConfig.unpack="xla"`, the default), rotation runs c >= 16 with b_in a multiple of min(c, b_in) and
+bm * K <= `ROT_TILE`. Otherwise `fits` is False and the XLA prologue runs. `interpret=True` runs the kernel in
+the Pallas interpreter (tests on CPU).
 """
 from __future__ import annotations
 
@@ -31,15 +42,18 @@ from typing import Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.experimental import pallas as pl
 
 from qdit4sr_jax.quant import quantizer as qz
 from qdit4sr_jax.quant.kernels.branch_ops import BranchWeights, is_tile
 from qdit4sr_jax.quant.kernels.operands import Operands
 from qdit4sr_jax.quant.qweight import QuantizedWeight
+from qdit4sr_jax.quant.transforms import kronecker_plan, rotation_signs, split_bf16, sylvester
 
 BLOCK_M = 16          # rows per program: keeps the [bm, Bo Rb] float32 dt accumulator in registers
 BLOCK_K = 256         # K chunk without block branches
+ROT_TILE = 16 * 2048  # rotated layers: float32 elements of the rotated row tile held in registers (bm * K)
 
 
 def chunk_size(w: QuantizedWeight, bw: Optional[BranchWeights]) -> int:
@@ -49,13 +63,29 @@ def chunk_size(w: QuantizedWeight, bw: Optional[BranchWeights]) -> int:
     return min(BLOCK_K, w.k)
 
 
-def fits(w: QuantizedWeight, bw: Optional[BranchWeights], chunk: int) -> bool:
-    """Whether the kernel covers this layer (else the XLA prologue runs)."""
+def rotation_unit(w: QuantizedWeight, bw: Optional[BranchWeights]) -> int:
+    """Columns of x' computed per dot in a rotated layer: min(c, b_in) (c of `transforms.kronecker_plan`;
+    b_in only with block branches); K itself for signs without a Hadamard."""
+    c = kronecker_plan(w.rotate)[0] if w.rotate else min(w.k, 128)
+    if bw is not None and bw.has_blocks:
+        c = min(c, bw.block[1])
+    return c
+
+
+def fits(w: QuantizedWeight, bw: Optional[BranchWeights], chunk: int, block_m: int = BLOCK_M) -> bool:
+    """Whether the kernel covers this layer with `block_m` rows per program (else the XLA prologue runs)."""
     c = chunk_size(w, bw)
-    if chunk or w.rotate or not w.a_symmetric or not is_tile(c) or w.k % c:
+    if chunk or not w.a_symmetric or not is_tile(c) or w.k % c:
         return False
     if w.layout == "gnk" and w.groups[0] * w.groups[1] != w.k:
         return False
+    if w.signs and not w.rotate:
+        return False
+    if w.rotate:
+        e = rotation_unit(w, bw)
+        if not is_tile(e) or block_m * w.k > ROT_TILE or w.k % e or (bw is not None and bw.has_blocks
+                                                                    and bw.block[1] % e):
+            return False
     return True
 
 
@@ -67,6 +97,30 @@ def round_half_even(v):
     odd = (f - 2.0 * jnp.floor(f * 0.5)) == 1.0
     up = (d > 0.5) | ((d == 0.5) & odd)
     return jnp.where(up, f + 1.0, f)
+
+
+def _dot(a, b, *, upcast):
+    """a @ b with float32 accumulation (a [m, k], b [k, n]). upcast: the interpreter on CPU, where XLA:CPU has no
+    bf16 x bf16 -> f32 dot; the products of the kernel's operands are exact in float32."""
+    if upcast:
+        a, b = a.astype(jnp.float32), b.astype(jnp.float32)
+    return jax.lax.dot_general(a, b, (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+
+
+def _placement(bo_pad: int, rb: int, c, dtype):
+    """E_c [Bo, Bo Rb]: E_c[i, i Rb + c] = 1 (c: int or traced int32), placing t[:, i] at column i Rb + c."""
+    rows = jax.lax.broadcasted_iota(jnp.int32, (bo_pad, bo_pad * rb), 0)
+    cols = jax.lax.broadcasted_iota(jnp.int32, (bo_pad, bo_pad * rb), 1)
+    return (cols == rows * rb + c).astype(dtype)
+
+
+def _level(lev_static, lev_steps, lev_ref, step_ref):
+    """The code level 2^(bits-1) - 1: static, from the per-step table at the traced step, or a traced scalar."""
+    if lev_static is not None:
+        return lev_static
+    if lev_steps:                          # per-step table: lev[clip(step, 0, T - 1)], looked up here
+        return lev_ref[jnp.clip(step_ref[0], 0, lev_steps - 1)]
+    return lev_ref[...]
 
 
 def _kernel(*refs, n_chunks, bk, lev_static, lev_steps, has_smooth, has_lowrank, has_blocks, rb, upcast):
@@ -82,17 +136,13 @@ def _kernel(*refs, n_chunks, bk, lev_static, lev_steps, has_smooth, has_lowrank,
     dt_ref = refs.pop(0) if has_blocks else None
     bm = x_ref.shape[0]
     f32 = jnp.float32
+    dot = functools.partial(_dot, upcast=upcast)
 
     def xprime(c):
         xc = x_ref[:, pl.ds(c * bk, bk)].astype(f32)
         if has_smooth:
             xc = xc / sm_ref[pl.ds(c * bk, bk)][None, :]
         return xc
-
-    def dot(a, b):
-        if upcast:          # interpreter on CPU: XLA:CPU has no bf16 x bf16 -> f32 dot; products are exact in f32
-            a, b = a.astype(f32), b.astype(f32)
-        return jax.lax.dot_general(a, b, (((1,), (0,)), ((), ())), preferred_element_type=f32)
 
     carry = [jnp.zeros((bm,), f32)]
     if has_lowrank:
@@ -112,10 +162,7 @@ def _kernel(*refs, n_chunks, bk, lev_static, lev_steps, has_smooth, has_lowrank,
             out.append(carry.pop(0) + dot(xb, la_ref[pl.ds(c * bk, bk), :]))
         if has_blocks:
             t = dot(xb, vt_ref[c, :, :]).astype(vt_ref.dtype)                       # [bm, Bo]
-            rows = jax.lax.broadcasted_iota(jnp.int32, (bo_pad, bo_pad * rb), 0)
-            cols = jax.lax.broadcasted_iota(jnp.int32, (bo_pad, bo_pad * rb), 1)
-            place = (cols == rows * rb + c).astype(vt_ref.dtype)                   # E_c
-            out.append(carry.pop(0) + dot(t, place))
+            out.append(carry.pop(0) + dot(t, _placement(bo_pad, rb, c, vt_ref.dtype)))
         return tuple(out)
 
     res = list(jax.lax.fori_loop(0, n_chunks, pass1, tuple(carry)))
@@ -124,12 +171,7 @@ def _kernel(*refs, n_chunks, bk, lev_static, lev_steps, has_smooth, has_lowrank,
         dh_ref[...] = res.pop(0).astype(dh_ref.dtype)
     if has_blocks:
         dt_ref[...] = res.pop(0).astype(dt_ref.dtype)
-    if lev_static is not None:
-        lev = lev_static
-    elif lev_steps:                        # per-step table: lev[clip(step, 0, T - 1)], looked up here
-        lev = lev_ref[jnp.clip(step_ref[0], 0, lev_steps - 1)]
-    else:
-        lev = lev_ref[...]
+    lev = _level(lev_static, lev_steps, lev_ref, step_ref)
     s = amax / lev
     s = jnp.where(s > 0, s, 1.0)
     s_ref[...] = s
@@ -140,6 +182,99 @@ def _kernel(*refs, n_chunks, bk, lev_static, lev_steps, has_smooth, has_lowrank,
         return 0
 
     jax.lax.fori_loop(0, n_chunks, pass2, 0)
+
+
+def _rotated_tile(x_ref, sm_ref, hs_ref, *, k, c, e, g, gmat, scale, parts, dot):
+    """x' of the row tile (module docstring, rotated layers) as K / e float32 [bm, e] tiles in column order.
+    hs_ref [K, c]: run j's rows hold diag(signs_j) S_c; gmat: G as nested tuples of +-1."""
+    f32 = jnp.float32
+    cols = []
+    for blk in range(k // (c * g)):
+        u = []                                             # u[j][s] = x_j diag(signs_j) S_c[:, s e:(s + 1) e]
+        for j in range(g):
+            col = (blk * g + j) * c
+            xc = x_ref[:, pl.ds(col, c)]
+            if sm_ref is not None:
+                xc = xc.astype(f32) / sm_ref[pl.ds(col, c)][None, :]
+            ops = [xc] if parts == 1 else list(split_bf16(xc.astype(f32)))
+            row = []
+            for s_ in range(c // e):
+                mat = hs_ref[pl.ds(col, c), pl.ds(s_ * e, e)]
+                acc = dot(ops[0], mat)
+                for op in ops[1:]:
+                    acc = acc + dot(op, mat)
+                row.append(acc)
+            u.append(row)
+        for i in range(g):
+            for s_ in range(c // e):
+                z = None
+                for j in range(g):
+                    t, plus = u[j][s_], gmat[j][i] > 0
+                    z = (t if plus else -t) if z is None else (z + t if plus else z - t)
+                cols.append(z * scale)
+    return cols
+
+
+def _kernel_rotated(*refs, k, c, e, g, gmat, scale, parts, bk_in, lev_static, lev_steps, has_smooth,
+                    has_lowrank, has_blocks, rb, upcast):
+    """The prologue of a rotated layer: x' in registers (`_rotated_tile`), then pass 1 and pass 2 over it."""
+    refs = list(refs)
+    x_ref = refs.pop(0)
+    sm_ref = refs.pop(0) if has_smooth else None
+    hs_ref = refs.pop(0)
+    lev_ref = refs.pop(0) if lev_static is None else None
+    step_ref = refs.pop(0) if lev_steps else None
+    la_ref = refs.pop(0) if has_lowrank else None
+    vt_ref = refs.pop(0) if has_blocks else None
+    q_ref, s_ref = refs.pop(0), refs.pop(0)
+    dh_ref = refs.pop(0) if has_lowrank else None
+    dt_ref = refs.pop(0) if has_blocks else None
+    dot = functools.partial(_dot, upcast=upcast)
+    xp = _rotated_tile(x_ref, sm_ref, hs_ref, k=k, c=c, e=e, g=g, gmat=gmat, scale=scale, parts=parts, dot=dot)
+    amax = None
+    dh = dt = t = None
+    for u, xu in enumerate(xp):                            # pass 1: amax and the branch features
+        col = u * e
+        m_u = jnp.max(jnp.abs(xu), axis=1)
+        amax = m_u if amax is None else jnp.maximum(amax, m_u)
+        if has_lowrank or has_blocks:
+            xb = xu.astype((la_ref if has_lowrank else vt_ref).dtype)
+        if has_lowrank:
+            d = dot(xb, la_ref[pl.ds(col, e), :])
+            dh = d if dh is None else dh + d
+        if has_blocks:
+            cb, sub = col // bk_in, (col % bk_in) // e
+            d = dot(xb, vt_ref[cb, pl.ds(sub * e, e), :])
+            t = d if t is None else t + d
+            if sub == bk_in // e - 1:                      # input block cb complete: place t[:, i] at i Rb + cb
+                d = dot(t.astype(vt_ref.dtype), _placement(vt_ref.shape[2], rb, cb, vt_ref.dtype))
+                dt, t = (d if dt is None else dt + d), None
+    if has_lowrank:
+        dh_ref[...] = dh.astype(dh_ref.dtype)
+    if has_blocks:
+        dt_ref[...] = dt.astype(dt_ref.dtype)
+    lev = _level(lev_static, lev_steps, lev_ref, step_ref)
+    s = amax / lev
+    s = jnp.where(s > 0, s, 1.0)
+    s_ref[...] = s
+    for u, xu in enumerate(xp):                            # pass 2: the codes
+        q = jnp.clip(round_half_even(xu / s[:, None]), -lev, lev)
+        q_ref[:, pl.ds(u * e, e)] = q.astype(jnp.int8)
+
+
+def rotation_operands(w: QuantizedWeight, bw: Optional[BranchWeights], x_dtype):
+    """(static plan, hs) of a rotated layer for `_kernel_rotated`: the plan's c, e, g, G (nested tuples),
+    1/sqrt(b) and the number of bf16 parts of x' (1: a bf16 / f16 x without smoothing enters as is; 3: the
+    exact split of a float32 x'); hs [K, c] in the dots' dtype, run j's rows diag(signs_j) S_c."""
+    c, g, gmat = kronecker_plan(w.rotate)
+    plain = x_dtype in (jnp.bfloat16, jnp.float16) and w.smooth is None
+    dtype = x_dtype if plain else jnp.bfloat16
+    hs = np.tile(sylvester(c), (w.k // c, 1))
+    if w.signs:
+        hs = hs * rotation_signs(w.k)[:, None]
+    plan = dict(c=c, e=rotation_unit(w, bw), g=g, gmat=tuple(tuple(float(v) for v in r) for r in gmat),
+                scale=float(np.float32(1.0 / np.sqrt(w.rotate))), parts=1 if plain else 3)
+    return plan, jnp.asarray(hs, dtype)
 
 
 def level_table(a_schedule):
@@ -167,6 +302,11 @@ def pallas_prologue(x2, w: QuantizedWeight, bw: Optional[BranchWeights], bits, *
     if w.smooth is not None:
         args.append(w.smooth.astype(jnp.float32))
         specs.append(pl.BlockSpec((k,), lambda i: (0,)))
+    rot = None
+    if w.rotate:
+        rot, hs = rotation_operands(w, bw, x.dtype)
+        args.append(hs)
+        specs.append(pl.BlockSpec(hs.shape, lambda i: (0, 0)))
     lev_static, lev_steps = None, 0
     if levels is not None:
         if step is None:
@@ -195,9 +335,12 @@ def pallas_prologue(x2, w: QuantizedWeight, bw: Optional[BranchWeights], bits, *
         specs.append(pl.BlockSpec((nbi, bi, bo_pad), lambda i: (0, 0, 0)))
         out_shape.append(jax.ShapeDtypeStruct((mp, bo_pad * rb), bw.vt.dtype))
         out_specs.append(pl.BlockSpec((block_m, bo_pad * rb), lambda i: (i, 0)))
-    kernel = functools.partial(_kernel, n_chunks=k // bk, bk=bk, lev_static=lev_static, lev_steps=lev_steps,
-                               has_smooth=w.smooth is not None, has_lowrank=has_lowrank, has_blocks=has_blocks,
-                               rb=rb, upcast=interpret)
+    flags = dict(lev_static=lev_static, lev_steps=lev_steps, has_smooth=w.smooth is not None,
+                 has_lowrank=has_lowrank, has_blocks=has_blocks, rb=rb, upcast=interpret)
+    if rot is None:
+        kernel = functools.partial(_kernel, n_chunks=k // bk, bk=bk, **flags)
+    else:
+        kernel = functools.partial(_kernel_rotated, k=k, bk_in=bw.block[1] if has_blocks else k, **rot, **flags)
     params = {}
     if not interpret:
         from jax.experimental.pallas import triton as plgpu
@@ -211,4 +354,4 @@ def pallas_prologue(x2, w: QuantizedWeight, bw: Optional[BranchWeights], bits, *
     return Operands(q, s, dh, dt, bw, m, 0)
 
 
-__all__ = ["pallas_prologue", "fits", "chunk_size", "level_table", "round_half_even", "BLOCK_M", "BLOCK_K"]
+__all__ = ["pallas_prologue", "fits", "chunk_size", "rotation_unit", "rotation_operands", "ROT_TILE", "level_table", "round_half_even", "BLOCK_M", "BLOCK_K"]

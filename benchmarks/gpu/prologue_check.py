@@ -1,0 +1,103 @@
+"""GPU check of the prologue kernel with the rotation inside (quant/kernels/prologue_kernel.py) at DiT4SR's shapes:
+the kernel (Triton) against the XLA prologue on the same device, and the whole prepared layer against the
+fake-quant reference.
+
+    python3 benchmarks/gpu/prologue_check.py --m 8192 --k 1536 --n 1536 --out /tmp/check.json
+
+Per case (the paper preset's layer: signs, full Hadamard, no smoothing, bf16 x; and the same with smoothing):
+codes that differ from XLA's (count, largest difference: float32 rounding of differently ordered sums moves a
+code by one at most), the largest relative difference of the per-token scales and of the branch features, and
+the layer's relative error vs `linear(..., execution="fake")` with and without the kernel. Runs on CPU too
+(the Pallas interpreter, slow: use small --m / --k there).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+_HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(os.path.dirname(_HERE)))      # the repository root
+sys.path.insert(0, os.path.dirname(_HERE))                       # benchmarks/ (common)
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+
+def _layer(k, n, smooth, seed=0, rank=32, block=256):
+    from qdit4sr_jax.quant.qweight import make_qweight
+    rng = np.random.default_rng(seed)
+    nbo, nbi = -(-n // block), -(-k // block)
+    extra = dict(lr_a=rng.normal(size=(k, rank)) / k ** 0.5, lr_b=rng.normal(size=(rank, n)) * 0.1,
+                 block_u=rng.normal(size=(nbo, nbi, block)) * 0.1, block_v=rng.normal(size=(nbo, nbi, block)) / block,
+                 block=(block, block))
+    if smooth:
+        extra["smooth"] = np.exp(rng.normal(size=k) * 0.3).astype(np.float32)
+    w = jnp.asarray(rng.normal(size=(n, k)) / k ** 0.5, jnp.float32)
+    return make_qweight(w, w_bits=4, group_size=64, group_scale="int", a_bits=4, execution="fused", rotate=k,
+                        signs=True, lowrank_bits=8, **extra)
+
+
+def rel(a, b):
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
+
+
+def check(m, k, n, smooth, interpret, block=256):
+    from qdit4sr_jax.quant.kernels import KernelConfig, fused_linear, prepare_weight
+    from qdit4sr_jax.quant.kernels import prologue_kernel as pk
+    from qdit4sr_jax.quant.kernels.fused import prologue
+    from qdit4sr_jax.quant.linear import linear
+    node = _layer(k, n, smooth, block=block)
+    kw = prepare_weight(node, prologue="pallas")
+    if not pk.fits(kw.node, kw.bw, 0):
+        return dict(case=f"K={k} smooth={smooth}", fits=False)
+    rng = np.random.default_rng(1)
+    x = rng.standard_t(5, size=(m, k)).astype(np.float32)
+    x[:, 7] *= 20.0
+    x = jnp.asarray(x, jnp.bfloat16)
+    fields = lambda o: (o.xq, o.sx, o.dh, o.dt)
+    a = dict(zip(("xq", "sx", "dh", "dt"), jax.jit(lambda x: fields(prologue(x, kw.node, 4, pad_to=16, bw=kw.bw)))(x)))
+    b = dict(zip(("xq", "sx", "dh", "dt"), jax.jit(lambda x: fields(pk.pallas_prologue(
+        x, kw.node, kw.bw, 4, pad_to=16, interpret=interpret)))(x)))
+    d = np.abs(np.asarray(a["xq"], np.int32) - np.asarray(b["xq"], np.int32))
+    out = dict(case=f"K={k} smooth={smooth}", fits=True, codes_differing=int((d > 0).sum()), codes_total=int(d.size),
+               code_diff_max=int(d.max()), scale_rel_max=float(np.max(np.abs(np.asarray(a["sx"]) / np.asarray(b["sx"]) - 1))))
+    for name in ("dh", "dt"):
+        ga, gb = a[name], b[name]
+        if ga is not None:
+            out[f"{name}_rel"] = rel(np.asarray(gb, np.float32)[:, : ga.shape[1]], np.asarray(ga, np.float32))
+    backend = "interpret" if interpret else "auto"
+    cfg = KernelConfig(block_m=16, block_n=16, block_k=64, num_warps=4, num_stages=2) if interpret else None
+    ref = linear(x, node, None, act_bits=4, execution="fake")
+    for lab, p in (("xla_prologue", "xla"), ("kernel", "pallas")):
+        kp = prepare_weight(node, prologue=p)
+        y = jax.jit(lambda x, kp=kp: fused_linear(x, kp, None, act_bits=4, backend=backend,
+                                                                config=cfg))(x)
+        out[f"layer_rel_{lab}"] = rel(np.asarray(y, np.float32), np.asarray(ref, np.float32))
+    return out
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--m", type=int, default=8192)
+    ap.add_argument("--k", type=int, default=1536)
+    ap.add_argument("--n", type=int, default=1536)
+    ap.add_argument("--block", type=int, default=256, help="H-SVD block (b_out = b_in)")
+    ap.add_argument("--out", default=None)
+    a = ap.parse_args(argv)
+    interpret = jax.default_backend() != "gpu"
+    rows = [check(a.m, a.k, a.n, s, interpret, a.block) for s in (False, True)]
+    print(f"{jax.devices()[0].device_kind}  jax {jax.__version__}  [{a.m} x {a.k}] -> {a.n}"
+          + ("  (Pallas interpreter)" if interpret else ""))
+    for r in rows:
+        print(r, flush=True)
+    if a.out:
+        from common import write_json
+        write_json(a.out, {"m": a.m, "k": a.k, "n": a.n, "device": jax.devices()[0].device_kind, "rows": rows})
+    return rows
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,117 @@
+"""The prologue kernel with the rotation inside (quant/kernels/prologue_kernel.py, `_kernel_rotated`): the signs,
+the Hadamard in its Kronecker form, the per-token codes and the branch features of a rotated layer in one
+kernel, against the XLA prologue and the fake-quant reference (Pallas interpreter on CPU)."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from conftest import rel_err
+from qdit4sr_jax.quant.kernels import KernelConfig, fused_linear, prepare_weight
+from qdit4sr_jax.quant.kernels import prologue_kernel as pk
+from qdit4sr_jax.quant.kernels.fused import prologue
+from qdit4sr_jax.quant.linear import linear
+from qdit4sr_jax.quant.qweight import make_qweight
+
+CFG = KernelConfig(block_m=16, block_n=16, block_k=64, num_warps=4, num_stages=2)
+
+# name -> (K, N, make_qweight kwargs, branches (b_out, b_in) or None, low-rank rank or 0)
+LAYERS = {
+    # DiT4SR's full rotation in small: 192 = H_12 (x) S_16, runs of 16 mixed by G = H_12, the paper preset's form
+    "full 12 x 16, signs, low-rank + blocks": (192, 48, dict(rotate=192, signs=True), (16, 64), 6),
+    # block-diagonal Hadamard 32 with smoothing: x' is float32 (three bf16 parts per dot)
+    "block 32, smoothing, blocks": (128, 32, dict(rotate=32, smooth=True), (16, 32), 0),
+    # one Sylvester block of 128, signs, low-rank only
+    "block 128, signs, low-rank": (128, 32, dict(rotate=128, signs=True), None, 5),
+}
+
+
+def _layer(name, seed=0):
+    k, n, kw, blocks, rank = LAYERS[name]
+    rng = np.random.default_rng(seed)
+    kw = dict(kw)
+    extra = {}
+    if kw.pop("smooth", False):
+        extra["smooth"] = np.exp(rng.normal(size=(k,)) * 0.3).astype(np.float32)
+    if rank:
+        extra.update(lr_a=rng.normal(size=(k, rank)) * 0.1, lr_b=rng.normal(size=(rank, n)) * 0.1)
+    if blocks:
+        bo, bi = blocks
+        extra.update(block_u=rng.normal(size=(n // bo, k // bi, bo)) * 0.2,
+                     block_v=rng.normal(size=(n // bo, k // bi, bi)) * 0.2, block=blocks)
+    w = jnp.asarray(rng.normal(size=(n, k)).astype(np.float32) * 0.05)
+    return make_qweight(w, w_bits=4, a_bits=4, execution="fused", **kw, **extra)
+
+
+def _x(k, rows, seed, dtype=jnp.float32):
+    x = np.random.default_rng(50 + seed).standard_t(5, size=(rows, k)).astype(np.float32)
+    x[:, 5] *= 8.0                                                  # an outlier channel, as after GELU / LN
+    return jnp.asarray(x, dtype)
+
+
+def _assert_codes_close(got, want):
+    """The kernel's and XLA's sums differ in order (float32 rounding): a code may move by one where x' / s lies
+    within that rounding of a half-integer, nowhere by more, and almost nowhere at all."""
+    d = np.abs(np.asarray(got, np.int32) - np.asarray(want, np.int32))
+    assert d.max() <= 1 and d.mean() < 2e-3, (d.max(), d.mean())
+
+
+@pytest.mark.parametrize("name", list(LAYERS))
+def test_rotating_prologue_matches_xla_prologue(name):
+    node = _layer(name)
+    kw = prepare_weight(node, prologue="pallas")
+    assert pk.fits(kw.node, kw.bw, 0)
+    for dtype, bits in ((jnp.float32, 4), (jnp.bfloat16, jnp.int32(6))):   # x' float32 (3 parts) / bf16 x as is
+        x = _x(node.k, 37, 1, dtype)                               # 37 rows: padded to the row tile
+        a = prologue(x, kw.node, bits, pad_to=16, bw=kw.bw)
+        b = pk.pallas_prologue(x, kw.node, kw.bw, bits, pad_to=16, interpret=True)
+        assert b.m == a.m == 37 and b.xq.shape == a.xq.shape == (48, node.k)
+        _assert_codes_close(b.xq, a.xq)
+        np.testing.assert_allclose(np.asarray(b.sx), np.asarray(a.sx), rtol=1e-6)
+        for got, want in ((b.dh, a.dh), (b.dt, a.dt)):
+            assert (got is None) == (want is None)
+            if got is not None:                # per-run sums, t and dt each rounded to bf16: two roundings
+                got = np.asarray(got, np.float32)[:, : want.shape[1]]
+                np.testing.assert_allclose(got, np.asarray(want, np.float32), rtol=2 ** -6, atol=1e-5)
+
+
+def test_rotated_tile_is_the_hadamard_of_the_signed_input():
+    """x' inside the kernel (dumped through the codes at 8 bits with a known scale) is x diag(signs) H_192 to
+    float32 rounding: the Kronecker form, the signs and 1/sqrt(b) are the reference's."""
+    from qdit4sr_jax.quant.transforms import hadamard_matrix, rotation_signs
+    node = _layer("full 12 x 16, signs, low-rank + blocks")
+    kw = prepare_weight(node, prologue="pallas")
+    x = _x(192, 16, 3)
+    ops = pk.pallas_prologue(x, kw.node, kw.bw, 8, pad_to=16, interpret=True)
+    xp = np.asarray(x, np.float64) * rotation_signs(192)[None, :] @ hadamard_matrix(192)
+    s = np.abs(xp).max(axis=1) / 127.0
+    np.testing.assert_allclose(np.asarray(ops.sx), s, rtol=1e-6)
+    want = np.clip(np.round(xp / s[:, None]), -127, 127)
+    d = np.abs(np.asarray(ops.xq, np.int32) - want)
+    assert d.max() <= 1 and d.mean() < 2e-3
+
+
+@pytest.mark.parametrize("name", list(LAYERS))
+def test_rotating_prologue_end_to_end(name):
+    """fused_linear with the kernel equals the fake-quant reference at every step of a VaTMP schedule."""
+    node = _layer(name, seed=2).replace(a_schedule=jnp.asarray([4, 3, 8], jnp.int32))
+    kw = prepare_weight(node, prologue="pallas")
+    bias = jnp.asarray(np.random.default_rng(2).normal(size=(node.n,)).astype(np.float32))
+    x = _x(node.k, 21, 4).reshape(3, 7, node.k)
+    run = jax.jit(lambda x, t: fused_linear(x, kw, bias, step=t, backend="interpret", config=CFG))
+    for t in range(3):
+        ref = linear(x, node, bias, step=t, execution="fake")
+        assert rel_err(run(x, jnp.int32(t)), ref) <= 2e-3, (t, rel_err(run(x, jnp.int32(t)), ref))
+
+
+def test_rotations_the_kernel_does_not_cover_take_the_xla_prologue():
+    node = _layer("block 128, signs, low-rank")
+    small = prepare_weight(node.replace(rotate=8), prologue="pallas")     # runs of 8: below a Triton tile
+    assert not pk.fits(small.node, small.bw, 0)
+    kw = prepare_weight(node, prologue="pallas")
+    assert pk.fits(kw.node, kw.bw, 0, block_m=16)
+    assert not pk.fits(kw.node, kw.bw, 0, block_m=pk.ROT_TILE // 64)   # bm * K over the register budget
+    bias = jnp.zeros((node.n,), jnp.float32)
+    x = _x(node.k, 21, 5)
+    ref = linear(x, node.replace(rotate=8), bias, act_bits=4, execution="fake")
+    assert rel_err(fused_linear(x, small, bias, act_bits=4, backend="interpret", config=CFG), ref) <= 2e-6
