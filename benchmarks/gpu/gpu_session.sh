@@ -21,11 +21,41 @@
 #                                             # down-projection, 1024- and 512-px steps of bf16, W8A8 and the paper /
 #                                             # smoothing + rotation W4A4-small presets (2-step scan)
 #   bash benchmarks/gpu/gpu_session.sh i24d      # all six modes' 1024-px steps (+ smoothing-only -small, paper W4A4)
+#   bash benchmarks/gpu/gpu_session.sh i24j      # 12-06 (2) after i24h: per-kernel paper layer, 512-px prepk at 8 warps,
+#                                             # paper (not -small) at 512; i24k: paper (not -small) at 1024
 #   bash benchmarks/gpu/gpu_session.sh i24h      # 12-06 (2): the rotation inside the prologue kernel: GPU check, layer,
 #                                             # 512-px steps (prep vs prepk); i24i: the 1024-px steps
 #   bash benchmarks/gpu/gpu_session.sh i24f      # after 12-06: Hadamard impls per call, 512-px steps (bf16, paper-small,
 #                                             # W8A8, qdit4sr-small); i24g: 1024-px paper W4A4 and dense-wide
 export PYTHONUNBUFFERED=1
+if [ "${1:-}" = i24j ] || [ "${1:-}" = i24k ]; then
+  # issue 24, 12-06 session 2, after i24h (the rotating prologue kernel lost at 16 rows x 4 warps: 0.24x at 512 px).
+  # i24j (<= 560 s): per-kernel device times of the paper layer (XLA rotation vs the kernel, now 8 warps for
+  #   rotated layers) at 8192 and 2048 rows, then the 512-px steps of bf16, paper-small prepk, paper (not -small) prep.
+  # i24k (<= 400 s): the 1024-px steps of bf16 and qdit4sr-paper-w4a4 (not -small) prep.
+  OUT=${OUT:-/tmp/gpu_out}; mkdir -p "$OUT"
+  nvidia-smi --query-gpu=name,clocks.sm --format=csv,noheader
+  t0=$(date +%s); el() { echo "== [$(( $(date +%s) - t0 )) s] $*"; }
+  if [ "$1" = i24j ]; then
+    for m in 8192 2048; do
+      el "layer $m"; timeout 90 python3 benchmarks/gpu/layer_kernels.py --m $m --k 1536 --n 1536 --time --rotations \
+          --only "prologue kernel (Pallas" "full 1536 (Kronecker) signs" --per-kernel --out "$OUT/layer$m.json" 2>&1 \
+          | grep "^|\|failed\|: " | grep -v Warning | cut -c1-400
+    done
+    left=$(( 550 - ($(date +%s) - t0) ))
+    el "steps 512 ($left s)"; timeout $left python3 benchmarks/step_latency.py --cases 512x1 --scan-steps 2 \
+        --modes bf16 p:qdit4sr-paper-w4a4-small:prepk p:qdit4sr-paper-w4a4:prep --attention cudnn \
+        --iters 5 --warmup 1 --deadline $(( left - 12 )) --out "$OUT/steps512.json" > "$OUT/steps512.log" 2>&1
+    grep -v "^W[0-9]\|Warning" "$OUT/steps512.log" | grep "quantized\|px b\|note" | cut -c1-230
+  else
+    el "steps 1024"; timeout 390 python3 benchmarks/step_latency.py --cases 1024x1 --scan-steps 2 \
+        --modes bf16 p:qdit4sr-paper-w4a4:prep --attention cudnn --iters 3 --warmup 1 \
+        --deadline 375 --out "$OUT/steps1024.json" > "$OUT/steps1024.log" 2>&1
+    grep -v "^W[0-9]\|Warning" "$OUT/steps1024.log" | grep "quantized\|px b\|note" | cut -c1-230
+  fi
+  el done
+  exit 0
+fi
 if [ "${1:-}" = i24h ] || [ "${1:-}" = i24i ]; then
   # issue 24, 12-06 session 2: the rotation inside the prologue kernel (prologue_kernel._kernel_rotated).
   # i24h (<= 560 s): GPU check of the kernel vs the XLA prologue, the 8192 x 1536 layer with the rotation in the

@@ -136,7 +136,7 @@ def measure(m: int, k: int, n: int, rank: int = 32, block: int = 256, timed: boo
         down = kw.pop("down", "joint")
         set_hadamard_impl(kw.pop("impl", "auto"))
         cfg = None if tile is None else dataclasses.replace(DEFAULT_CONFIG, prologue_block_m=tile[0],
-                                                            prologue_warps=tile[1])
+                                                            prologue_warps=tile[1], prologue_rot_warps=tile[1])
         try:
             q = make_qweight(w, **kw)
             if prepared:
@@ -162,6 +162,7 @@ def measure(m: int, k: int, n: int, rank: int = 32, block: int = 256, timed: boo
             from step_profile import profile_step
             prof = profile_step(compiled, (x, q, jnp.int32(1)), iters=iters, warmup=1)
             row["device_us"] = prof["kernel_us_per_step"]
+            row["per_kernel"] = [dict(name=t["name"][:80], us=round(t["us"], 1)) for t in prof["top_kernels"][:6]]
         rows.append(row)
     return rows
 
@@ -179,6 +180,7 @@ def main(argv=None):
     ap.add_argument("--only", nargs="*", default=[], help="keep only rows whose label contains one of these")
     ap.add_argument("--hadamard-impls", nargs="*", default=[], help="with --rotations: prepared rows per implementation")
     ap.add_argument("--out", default=None, help="JSON rows")
+    ap.add_argument("--per-kernel", action="store_true", help="with --time: each row's six longest kernels")
     ap.add_argument("--prologue-tiles", nargs="*", default=[], metavar="ROWSxWARPS",
                     help="extra rows: the prologue kernel at these tiles, e.g. 16x4 32x8 64x8 (GPU sweep)")
     a = ap.parse_args(argv)
@@ -195,6 +197,9 @@ def main(argv=None):
         ops = ", ".join(f"{o} {c}" for o, c in r["by_op"].items())
         print(f"| {r['label']} | {r['kernels']} | {ops} |"
               + (f" {r['ms']:.3f} | {r.get('device_us', float('nan')):.1f} |" if a.time else ""))
+    if a.per_kernel:
+        for r in rows:
+            print(f"{r['label']}: " + "; ".join(f"{k['name']} {k['us']} us" for k in r.get("per_kernel", [])))
     return rows
 
 

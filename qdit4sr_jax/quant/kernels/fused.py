@@ -165,7 +165,8 @@ def fused_linear(x, w: QuantizedWeight, bias=None, *, act_bits=None, step=None, 
         if kw is not None and kw.prologue == "pallas" and pk.fits(w, bw, chunk, cfg.prologue_block_m):
             table = kw.levels is not None and act_bits is None and step is not None
             ops = pk.pallas_prologue(x2, w, bw, bits, pad_to=cfg.block_m, interpret=(be == "interpret"),
-                                     block_m=cfg.prologue_block_m, num_warps=cfg.prologue_warps,
+                                     block_m=cfg.prologue_block_m,
+                                     num_warps=cfg.prologue_rot_warps if w.rotate else cfg.prologue_warps,
                                      levels=kw.levels if table else None, step=step if table else None)
         else:
             ops = prologue(x2, w, bits, pad_to=cfg.block_m, chunk=chunk, bw=bw, pad_branches=True)

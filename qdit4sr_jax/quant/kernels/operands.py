@@ -27,6 +27,8 @@ class KernelConfig:
                                   # kernel) or "kernel" (nibbles split in registers inside the K loop)
     prologue_block_m: int = 16    # rows per program of the prologue kernel (prepared weights, prologue="pallas")
     prologue_warps: int = 4
+    prologue_rot_warps: int = 8   # the same for rotated layers (the rotation inside the kernel): H100, 8192 x 1536
+                                  # paper layer 179.8 us at 8 warps vs 256.2 at 4 (RESULTS.md 2026-12-06 04:40)
 
     @property
     def packed_in_kernel(self) -> bool:
