@@ -20,15 +20,8 @@ layouts; dt has Bo >= n_bo block rows, the extra ones zero, because Triton tiles
 codes and scales are those of the XLA prologue bit for bit (the same float32 operations per element);
 dh / dt are the same sums accumulated per chunk, so they may differ from XLA's in the last bf16 bit.
 
-Rotated layers (QuaRot signs and / or the online Hadamard H_b, `transforms.hadamard_transform`) run the
-rotation inside the same kernel, in the "dense" form of `transforms.kronecker_plan` (H_b sqrt(b) = G (x) S_c,
-c = min(p, 128), g = b / c): every run j of c inputs is loaded once and multiplied by diag(signs_j) S_c (one
-+-1 dot per run, the signs folded into the stacked [K, c] matrix: exact, like the dots of
-`transforms._pm1_dot`; a float32 x' (smoothing, or a float32 x) enters as its exact three-part bf16 split),
-then x'_i = (sum_j G[j, i] u_j) / sqrt(b) as unrolled additions. The whole rotated row tile stays in
-registers (bm * K float32; `ROT_TILE` elements at most), so x is read from memory once; both passes run over
-it. The codes equal the XLA prologue's up to the float32 rounding of the differently ordered sums (a code
-can move by one where x' / s falls within that rounding of a half-integer).
+Rotated layers (the online Hadamard, with or without QuaRot's signs) take `prologue_rotated.kernel_rotated`:
+the rotation inside the same single pass (opt-in; its module docstring has the measurements).
 
 Covered: symmetric per-token activations (the fused path), K a multiple of `block_k`, natural code order
 (`KernelConfig.unpack="xla"`, the default), rotation runs c >= 16 with b_in a multiple of min(c, b_in) and
@@ -42,18 +35,17 @@ from typing import Optional
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax.experimental import pallas as pl
 
 from qdit4sr_jax.quant import quantizer as qz
 from qdit4sr_jax.quant.kernels.branch_ops import BranchWeights, is_tile
 from qdit4sr_jax.quant.kernels.operands import Operands
+from qdit4sr_jax.quant.kernels.prologue_ops import dot as _dot, level, placement, round_half_even
+from qdit4sr_jax.quant.kernels.prologue_rotated import ROT_TILE, kernel_rotated, rotation_operands, rotation_unit
 from qdit4sr_jax.quant.qweight import QuantizedWeight
-from qdit4sr_jax.quant.transforms import kronecker_plan, rotation_signs, split_bf16, sylvester
 
 BLOCK_M = 16          # rows per program: keeps the [bm, Bo Rb] float32 dt accumulator in registers
 BLOCK_K = 256         # K chunk without block branches
-ROT_TILE = 16 * 2048  # rotated layers: float32 elements of the rotated row tile held in registers (bm * K)
 
 
 def chunk_size(w: QuantizedWeight, bw: Optional[BranchWeights]) -> int:
@@ -61,15 +53,6 @@ def chunk_size(w: QuantizedWeight, bw: Optional[BranchWeights]) -> int:
     if bw is not None and bw.has_blocks:
         return bw.block[1]
     return min(BLOCK_K, w.k)
-
-
-def rotation_unit(w: QuantizedWeight, bw: Optional[BranchWeights]) -> int:
-    """Columns of x' computed per dot in a rotated layer: min(c, b_in) (c of `transforms.kronecker_plan`;
-    b_in only with block branches); K itself for signs without a Hadamard."""
-    c = kronecker_plan(w.rotate)[0] if w.rotate else min(w.k, 128)
-    if bw is not None and bw.has_blocks:
-        c = min(c, bw.block[1])
-    return c
 
 
 def fits(w: QuantizedWeight, bw: Optional[BranchWeights], chunk: int, block_m: int = BLOCK_M) -> bool:
@@ -87,40 +70,6 @@ def fits(w: QuantizedWeight, bw: Optional[BranchWeights], chunk: int, block_m: i
                                                                     and bw.block[1] % e):
             return False
     return True
-
-
-def round_half_even(v):
-    """jnp.round (round half to even) from floor, compares and selects: Pallas' Triton lowering has no round
-    (jax 0.10). Exact for |v| < 2^23: v - floor(v) is exact there."""
-    f = jnp.floor(v)
-    d = v - f
-    odd = (f - 2.0 * jnp.floor(f * 0.5)) == 1.0
-    up = (d > 0.5) | ((d == 0.5) & odd)
-    return jnp.where(up, f + 1.0, f)
-
-
-def _dot(a, b, *, upcast):
-    """a @ b with float32 accumulation (a [m, k], b [k, n]). upcast: the interpreter on CPU, where XLA:CPU has no
-    bf16 x bf16 -> f32 dot; the products of the kernel's operands are exact in float32."""
-    if upcast:
-        a, b = a.astype(jnp.float32), b.astype(jnp.float32)
-    return jax.lax.dot_general(a, b, (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32)
-
-
-def _placement(bo_pad: int, rb: int, c, dtype):
-    """E_c [Bo, Bo Rb]: E_c[i, i Rb + c] = 1 (c: int or traced int32), placing t[:, i] at column i Rb + c."""
-    rows = jax.lax.broadcasted_iota(jnp.int32, (bo_pad, bo_pad * rb), 0)
-    cols = jax.lax.broadcasted_iota(jnp.int32, (bo_pad, bo_pad * rb), 1)
-    return (cols == rows * rb + c).astype(dtype)
-
-
-def _level(lev_static, lev_steps, lev_ref, step_ref):
-    """The code level 2^(bits-1) - 1: static, from the per-step table at the traced step, or a traced scalar."""
-    if lev_static is not None:
-        return lev_static
-    if lev_steps:                          # per-step table: lev[clip(step, 0, T - 1)], looked up here
-        return lev_ref[jnp.clip(step_ref[0], 0, lev_steps - 1)]
-    return lev_ref[...]
 
 
 def _kernel(*refs, n_chunks, bk, lev_static, lev_steps, has_smooth, has_lowrank, has_blocks, rb, upcast):
@@ -162,7 +111,7 @@ def _kernel(*refs, n_chunks, bk, lev_static, lev_steps, has_smooth, has_lowrank,
             out.append(carry.pop(0) + dot(xb, la_ref[pl.ds(c * bk, bk), :]))
         if has_blocks:
             t = dot(xb, vt_ref[c, :, :]).astype(vt_ref.dtype)                       # [bm, Bo]
-            out.append(carry.pop(0) + dot(t, _placement(bo_pad, rb, c, vt_ref.dtype)))
+            out.append(carry.pop(0) + dot(t, placement(bo_pad, rb, c, vt_ref.dtype)))
         return tuple(out)
 
     res = list(jax.lax.fori_loop(0, n_chunks, pass1, tuple(carry)))
@@ -171,7 +120,7 @@ def _kernel(*refs, n_chunks, bk, lev_static, lev_steps, has_smooth, has_lowrank,
         dh_ref[...] = res.pop(0).astype(dh_ref.dtype)
     if has_blocks:
         dt_ref[...] = res.pop(0).astype(dt_ref.dtype)
-    lev = _level(lev_static, lev_steps, lev_ref, step_ref)
+    lev = level(lev_static, lev_steps, lev_ref, step_ref)
     s = amax / lev
     s = jnp.where(s > 0, s, 1.0)
     s_ref[...] = s
@@ -182,99 +131,6 @@ def _kernel(*refs, n_chunks, bk, lev_static, lev_steps, has_smooth, has_lowrank,
         return 0
 
     jax.lax.fori_loop(0, n_chunks, pass2, 0)
-
-
-def _rotated_tile(x_ref, sm_ref, hs_ref, *, k, c, e, g, gmat, scale, parts, dot):
-    """x' of the row tile (module docstring, rotated layers) as K / e float32 [bm, e] tiles in column order.
-    hs_ref [K, c]: run j's rows hold diag(signs_j) S_c; gmat: G as nested tuples of +-1."""
-    f32 = jnp.float32
-    cols = []
-    for blk in range(k // (c * g)):
-        u = []                                             # u[j][s] = x_j diag(signs_j) S_c[:, s e:(s + 1) e]
-        for j in range(g):
-            col = (blk * g + j) * c
-            xc = x_ref[:, pl.ds(col, c)]
-            if sm_ref is not None:
-                xc = xc.astype(f32) / sm_ref[pl.ds(col, c)][None, :]
-            ops = [xc] if parts == 1 else list(split_bf16(xc.astype(f32)))
-            row = []
-            for s_ in range(c // e):
-                mat = hs_ref[pl.ds(col, c), pl.ds(s_ * e, e)]
-                acc = dot(ops[0], mat)
-                for op in ops[1:]:
-                    acc = acc + dot(op, mat)
-                row.append(acc)
-            u.append(row)
-        for i in range(g):
-            for s_ in range(c // e):
-                z = None
-                for j in range(g):
-                    t, plus = u[j][s_], gmat[j][i] > 0
-                    z = (t if plus else -t) if z is None else (z + t if plus else z - t)
-                cols.append(z * scale)
-    return cols
-
-
-def _kernel_rotated(*refs, k, c, e, g, gmat, scale, parts, bk_in, lev_static, lev_steps, has_smooth,
-                    has_lowrank, has_blocks, rb, upcast):
-    """The prologue of a rotated layer: x' in registers (`_rotated_tile`), then pass 1 and pass 2 over it."""
-    refs = list(refs)
-    x_ref = refs.pop(0)
-    sm_ref = refs.pop(0) if has_smooth else None
-    hs_ref = refs.pop(0)
-    lev_ref = refs.pop(0) if lev_static is None else None
-    step_ref = refs.pop(0) if lev_steps else None
-    la_ref = refs.pop(0) if has_lowrank else None
-    vt_ref = refs.pop(0) if has_blocks else None
-    q_ref, s_ref = refs.pop(0), refs.pop(0)
-    dh_ref = refs.pop(0) if has_lowrank else None
-    dt_ref = refs.pop(0) if has_blocks else None
-    dot = functools.partial(_dot, upcast=upcast)
-    xp = _rotated_tile(x_ref, sm_ref, hs_ref, k=k, c=c, e=e, g=g, gmat=gmat, scale=scale, parts=parts, dot=dot)
-    amax = None
-    dh = dt = t = None
-    for u, xu in enumerate(xp):                            # pass 1: amax and the branch features
-        col = u * e
-        m_u = jnp.max(jnp.abs(xu), axis=1)
-        amax = m_u if amax is None else jnp.maximum(amax, m_u)
-        if has_lowrank or has_blocks:
-            xb = xu.astype((la_ref if has_lowrank else vt_ref).dtype)
-        if has_lowrank:
-            d = dot(xb, la_ref[pl.ds(col, e), :])
-            dh = d if dh is None else dh + d
-        if has_blocks:
-            cb, sub = col // bk_in, (col % bk_in) // e
-            d = dot(xb, vt_ref[cb, pl.ds(sub * e, e), :])
-            t = d if t is None else t + d
-            if sub == bk_in // e - 1:                      # input block cb complete: place t[:, i] at i Rb + cb
-                d = dot(t.astype(vt_ref.dtype), _placement(vt_ref.shape[2], rb, cb, vt_ref.dtype))
-                dt, t = (d if dt is None else dt + d), None
-    if has_lowrank:
-        dh_ref[...] = dh.astype(dh_ref.dtype)
-    if has_blocks:
-        dt_ref[...] = dt.astype(dt_ref.dtype)
-    lev = _level(lev_static, lev_steps, lev_ref, step_ref)
-    s = amax / lev
-    s = jnp.where(s > 0, s, 1.0)
-    s_ref[...] = s
-    for u, xu in enumerate(xp):                            # pass 2: the codes
-        q = jnp.clip(round_half_even(xu / s[:, None]), -lev, lev)
-        q_ref[:, pl.ds(u * e, e)] = q.astype(jnp.int8)
-
-
-def rotation_operands(w: QuantizedWeight, bw: Optional[BranchWeights], x_dtype):
-    """(static plan, hs) of a rotated layer for `_kernel_rotated`: the plan's c, e, g, G (nested tuples),
-    1/sqrt(b) and the number of bf16 parts of x' (1: a bf16 / f16 x without smoothing enters as is; 3: the
-    exact split of a float32 x'); hs [K, c] in the dots' dtype, run j's rows diag(signs_j) S_c."""
-    c, g, gmat = kronecker_plan(w.rotate)
-    plain = x_dtype in (jnp.bfloat16, jnp.float16) and w.smooth is None
-    dtype = x_dtype if plain else jnp.bfloat16
-    hs = np.tile(sylvester(c), (w.k // c, 1))
-    if w.signs:
-        hs = hs * rotation_signs(w.k)[:, None]
-    plan = dict(c=c, e=rotation_unit(w, bw), g=g, gmat=tuple(tuple(float(v) for v in r) for r in gmat),
-                scale=float(np.float32(1.0 / np.sqrt(w.rotate))), parts=1 if plain else 3)
-    return plan, jnp.asarray(hs, dtype)
 
 
 def level_table(a_schedule):
@@ -340,7 +196,7 @@ def pallas_prologue(x2, w: QuantizedWeight, bw: Optional[BranchWeights], bits, *
     if rot is None:
         kernel = functools.partial(_kernel, n_chunks=k // bk, bk=bk, **flags)
     else:
-        kernel = functools.partial(_kernel_rotated, k=k, bk_in=bw.block[1] if has_blocks else k, **rot, **flags)
+        kernel = functools.partial(kernel_rotated, k=k, bk_in=bw.block[1] if has_blocks else k, **rot, **flags)
     params = {}
     if not interpret:
         from jax.experimental.pallas import triton as plgpu
@@ -354,4 +210,4 @@ def pallas_prologue(x2, w: QuantizedWeight, bw: Optional[BranchWeights], bits, *
     return Operands(q, s, dh, dt, bw, m, 0)
 
 
-__all__ = ["pallas_prologue", "fits", "chunk_size", "rotation_unit", "rotation_operands", "ROT_TILE", "level_table", "round_half_even", "BLOCK_M", "BLOCK_K"]
+__all__ = ["pallas_prologue", "fits", "chunk_size", "level_table", "round_half_even", "ROT_TILE", "BLOCK_M", "BLOCK_K"]
