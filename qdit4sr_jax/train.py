@@ -384,18 +384,18 @@ def val_loss(params, cfg, val_hr, val_lr, sigmas=(0.1, 0.3, 0.5, 0.7, 0.9), seed
     as the model's sampler starts (`cfg.start_noise`), so that the start PSNR measures the deployed first step."""
     n = val_hr.shape[0]
     out = {}
-    # one compiled loss for both kinds: start_noise only scales the LR starts (s0 < 1), so the pure-noise
-    # starts (s0 = 1) get the same value with it, and passing the same static argument every time avoids a
-    # second compile of the same program
+    # one compiled loss for both kinds: the same static start_noise (it only scales the LR starts, s0 < 1, so
+    # the pure-noise starts, s0 = 1, get the same value with it) and float32 (not weak-typed) sigma arrays
     noise = float(cfg.start_noise)
+    full = lambda v: jnp.full((n,), v, jnp.float32)  # noqa: E731
     for s in sigmas:
-        out[str(s)] = float(_val_loss_fn(params, cfg, val_hr, val_lr, jax.random.PRNGKey(seed),
-                                         jnp.full((n,), s), jnp.ones((n,)), start_noise=noise))
+        out[str(s)] = float(_val_loss_fn(params, cfg, val_hr, val_lr, jax.random.PRNGKey(seed), full(s), full(1.0),
+                                         start_noise=noise))
     if bridge_sigma:
         for s in (bridge_sigma, bridge_sigma / 2):
             out[f"b{bridge_sigma:g}@{s:g}"] = float(_val_loss_fn(
-                params, cfg, val_hr, val_lr, jax.random.PRNGKey(seed), jnp.full((n,), s),
-                jnp.full((n,), bridge_sigma), start_noise=noise))
+                params, cfg, val_hr, val_lr, jax.random.PRNGKey(seed), full(s), full(bridge_sigma),
+                start_noise=noise))
     return out
 
 

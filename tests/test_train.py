@@ -13,9 +13,19 @@ from qdit4sr_jax import train as T
 
 
 def _tiny_cfg():
+    """Two blocks (block 0 dual attention, block 1 the last, context_pre_only) over space-to-depth: every test
+    here compiles a loss or a train step of it, and a block less is a quarter less to compile."""
     return ModelConfig.preset("tiny").replace(
-        in_channels=12, out_channels=12, context_mode="learned", lr_key_mode="r1",
+        num_layers=2, in_channels=12, out_channels=12, context_mode="learned", lr_key_mode="r1",
         vae=VAEConfig(kind="space_to_depth", s2d_factor=2))
+
+
+def _perturbed_params(seed=5):
+    """init_train_params(seed) plus N(0, 0.05^2) noise on every leaf (the zero-initialised head would make the
+    loss independent of s); numpy noise: jax.random.normal would compile once per leaf shape."""
+    params = T.init_train_params(_tiny_cfg(), seed=seed)
+    rng = np.random.default_rng(9)
+    return jax.tree_util.tree_map(lambda a: a + jnp.asarray(0.05 * rng.standard_normal(a.shape), a.dtype), params)
 
 
 def _batch(n=2, size=16, seed=0):
@@ -110,11 +120,7 @@ def test_bridge_exact_share():
     """bridge_exact=1 puts every LR-start sample at the start sigma: the loss of fixed sigmas = start sigmas;
     0 puts none there; out-of-range shares are refused."""
     cfg = _tiny_cfg()
-    params = T.init_train_params(cfg, seed=5)          # zero-initialised head: perturb so that s matters
-    leaves, tdef = jax.tree_util.tree_flatten(params)
-    ks = jax.random.split(jax.random.PRNGKey(9), len(leaves))
-    params = jax.tree_util.tree_unflatten(tdef, [a + 0.05 * jax.random.normal(k, a.shape, a.dtype)
-                                                 for a, k in zip(leaves, ks)])
+    params = _perturbed_params()                       # zero-initialised head: perturb so that s matters
     hr, lr = _batch(4)
     key, s0 = jax.random.PRNGKey(3), 0.1
     loss = jax.jit(T.flow_loss, static_argnames=("cfg", "bridge_frac", "bridge_sigma"))   # bridge_exact traced
@@ -132,11 +138,7 @@ def test_start_noise_of_the_lr_start_paths():
     sampler uses); 1 does; pure-noise starts (s0 = 1) keep their noise; the validation's start PSNR follows the
     model config's start noise; out-of-range values are refused."""
     cfg = _tiny_cfg()
-    params = T.init_train_params(cfg, seed=5)
-    leaves, tdef = jax.tree_util.tree_flatten(params)
-    ks = jax.random.split(jax.random.PRNGKey(9), len(leaves))
-    params = jax.tree_util.tree_unflatten(tdef, [a + 0.05 * jax.random.normal(k, a.shape, a.dtype)
-                                                 for a, k in zip(leaves, ks)])
+    params = _perturbed_params()
     hr, lr = _batch(4)
     s, s0 = jnp.full((4,), 0.05), jnp.full((4,), 0.1)
     f = lambda key, noise, start=s0: float(T.flow_loss(params, cfg, hr, lr, jax.random.PRNGKey(key), s, start,  # noqa
@@ -289,12 +291,13 @@ def test_train_runs_end_to_end_and_resumes(tmp_path):
     assert meta["best"]["psnr"] == pytest.approx(max(psnrs.values()), abs=1e-3)
     assert "proj_out" in T.load_state(str(out / "best"))[0]
 
+
 def test_lr_start_path_matches_the_sampler():
     """On the LR-start path the velocity target is (x_s - x0) / s, and at s = s0 the input is exactly the
     sampler's start latent (1 - s0) z_lr + s0 eps; s0 = 1 is plain flow matching."""
     from qdit4sr_jax import sampling
     cfg = _tiny_cfg()
-    hr, lr = _batch(2)
+    hr, lr = _batch(4)                  # batch 4 as the other eager losses here: their op kernels are reused
     params = T.init_train_params(cfg, seed=3)
     key = jax.random.PRNGKey(5)
     seen = {}
@@ -307,7 +310,7 @@ def test_lr_start_path_matches_the_sampler():
     orig = T.DiT4SRTransformer
     T.DiT4SRTransformer = Spy
     try:
-        s0 = jnp.array([0.3, 1.0])
+        s0 = jnp.array([0.3, 1.0, 0.6, 0.1])
         loss = T.flow_loss(params, cfg, hr, lr, key, sigmas=s0, start_sigmas=s0)
     finally:
         T.DiT4SRTransformer = orig
@@ -327,7 +330,7 @@ def test_lr_residual_loss_target_and_head_reset():
     """prediction "lr_residual": the loss is the MSE of F against (z_lr - x0) / c, and switching a trained
     model to it (`reinit_head`) zeroes proj_out so that the model starts as the bicubic upsampler."""
     cfg = _tiny_cfg().replace(prediction="lr_residual", residual_scale=0.1)
-    hr, lr = _batch(2)
+    hr, lr = _batch(4)
     params = T.init_train_params(_tiny_cfg(), seed=1)
     flat = T._flatten(params)
     flat = {k: (v + 0.5 if k.startswith("proj_out/") else v) for k, v in flat.items()}   # a non-zero head
