@@ -33,7 +33,8 @@ Modes (--modes):
                 down="split"), prepk (prepared, prologue kernel), int (XLA int8 reference path)
 --hadamard IMPL runs the online rotation of the rotating presets as `transforms.set_hadamard_impl(IMPL)`
 (default "auto" = `transforms.auto_impl`: "full" up to 2048 on a GPU, else "dense"; "butterfly" is the
-implementation before 2026-12-05).
+implementation before 2026-12-05). --prologue-tile 16x4x16 sets the prologue kernel's rows x warps (x warps of
+rotated layers) of the prepk modes (`kernels.operands.set_prologue_tiles`).
 Each mode: compile time, median / p10 / p90 of `--iters` timed steps after warm-up (block_until_ready),
 weight bytes (all params: codes, scales, integer group factors, branches, smoothing, schedules and every
 unquantized parameter; `quantize.<recipe>.weight_breakdown` splits them) and the compiled step's temp /
@@ -238,6 +239,8 @@ def main(argv=None):
     ap.add_argument("--modes", nargs="+", default=list(MODES[:6]), type=mode_arg,
                     help=f"{', '.join(MODES)}, or p:PRESET:KIND (KIND in {PRESET_KINDS})")
     ap.add_argument("--hadamard", default="auto", help="online Hadamard implementation (transforms.HADAMARD_IMPLS)")
+    ap.add_argument("--prologue-tile", default=None, metavar="ROWSxWARPS[xROTWARPS]",
+                    help="prologue kernel tile of the prepk modes (kernels.set_prologue_tiles), e.g. 16x4x16")
     ap.add_argument("--attention", default="cudnn", help="'cudnn', 'fp8' (cuDNN FP8), 'fp8-ref' or 'xla' "
                     "(cudnn / fp8 fall back to xla if the bf16 step fails with them)")
     ap.add_argument("--iters", type=int, default=20)
@@ -254,6 +257,12 @@ def main(argv=None):
     cases = parse_cases(a.cases) if a.cases else [(s, b) for s in a.sizes for b in a.batch]
     from qdit4sr_jax.quant.transforms import set_hadamard_impl
     set_hadamard_impl(a.hadamard)
+    if a.prologue_tile:
+        from qdit4sr_jax.quant.kernels.operands import set_prologue_tiles
+        t = [int(v) for v in a.prologue_tile.lower().split("x")]
+        if len(t) not in (2, 3):
+            raise SystemExit(f"--prologue-tile: {a.prologue_tile!r} is not ROWSxWARPS[xROTWARPS]")
+        set_prologue_tiles(prologue_block_m=t[0], prologue_warps=t[1], prologue_rot_warps=t[-1])
     a.sizes = sorted({s for s, _ in cases})
     t_start = time.perf_counter()
     log = lambda s: print(f"[{time.perf_counter() - t_start:7.1f}s] {s}", flush=True)

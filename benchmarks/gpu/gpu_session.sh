@@ -21,6 +21,7 @@
 #                                             # down-projection, 1024- and 512-px steps of bf16, W8A8 and the paper /
 #                                             # smoothing + rotation W4A4-small presets (2-step scan)
 #   bash benchmarks/gpu/gpu_session.sh i24d      # all six modes' 1024-px steps (+ smoothing-only -small, paper W4A4)
+#   bash benchmarks/gpu/gpu_session.sh i24l      # next: the prologue kernel's time feature by feature, 16 warps, 512 px
 #   bash benchmarks/gpu/gpu_session.sh i24j      # 12-06 (2) after i24h: per-kernel paper layer, 512-px prepk at 8 warps,
 #                                             # paper (not -small) at 512; i24k: paper (not -small) at 1024
 #   bash benchmarks/gpu/gpu_session.sh i24h      # 12-06 (2): the rotation inside the prologue kernel: GPU check, layer,
@@ -28,6 +29,27 @@
 #   bash benchmarks/gpu/gpu_session.sh i24f      # after 12-06: Hadamard impls per call, 512-px steps (bf16, paper-small,
 #                                             # W8A8, qdit4sr-small); i24g: 1024-px paper W4A4 and dense-wide
 export PYTHONUNBUFFERED=1
+if [ "${1:-}" = i24l ]; then
+  # issue 24, next session (<= 560 s): where the prologue kernel's time goes, feature by feature (ablation rows,
+  # per-kernel device times) at 2048 and 8192 rows, tiles 16 x 4 / 8 / 16 warps (16 warps: 48 registers per thread
+  # for the rotated tile instead of 96); then the 512-px steps of bf16, paper-small prep and prepk at 16 warps.
+  OUT=${OUT:-/tmp/gpu_out}; mkdir -p "$OUT"
+  nvidia-smi --query-gpu=name,clocks.sm --format=csv,noheader
+  t0=$(date +%s); el() { echo "== [$(( $(date +%s) - t0 )) s] $*"; }
+  for m in 2048 8192; do
+    el "layer $m"; timeout 120 python3 benchmarks/gpu/layer_kernels.py --m $m --k 1536 --n 1536 --time --rotations \
+        --prologue-ablation --only ablation "prologue kernel + Hadamard full" --prologue-tiles 16x4 16x8 16x16 \
+        --per-kernel --out "$OUT/ablation$m.json" 2>&1 | grep "^|\|failed\|: " | grep -v Warning | cut -c1-300
+  done
+  left=$(( 550 - ($(date +%s) - t0) ))
+  el "steps 512 ($left s)"; timeout $left python3 benchmarks/step_latency.py --cases 512x1 --scan-steps 2 \
+      --modes bf16 p:qdit4sr-paper-w4a4-small:prep p:qdit4sr-paper-w4a4-small:prepk --prologue-tile 16x4x16 \
+      --attention cudnn --iters 5 --warmup 1 --deadline $(( left - 12 )) --out "$OUT/steps512.json" \
+      > "$OUT/steps512.log" 2>&1
+  grep -v "^W[0-9]\|Warning" "$OUT/steps512.log" | grep "quantized\|px b\|note" | cut -c1-230
+  el done
+  exit 0
+fi
 if [ "${1:-}" = i24j ] || [ "${1:-}" = i24k ]; then
   # issue 24, 12-06 session 2, after i24h (the rotating prologue kernel lost at 16 rows x 4 warps: 0.24x at 512 px).
   # i24j (<= 560 s): per-kernel device times of the paper layer (XLA rotation vs the kernel, now 8 warps for

@@ -89,12 +89,14 @@ def rotation_blocks(k: int):
 
 
 def measure(m: int, k: int, n: int, rank: int = 32, block: int = 256, timed: bool = False, iters: int = 20,
-            prologue_tiles=(), rotations: bool = False, only=(), impls=()):
+            prologue_tiles=(), rotations: bool = False, only=(), impls=(), ablation: bool = False):
     """-> rows {label, kernels, by_op, ms (with timed)} for the feature cases on the default backend.
     prologue_tiles: extra rows of the prepared layer with the prologue kernel at these (block_m, warps);
     rotations: extra rows of the whole W4A4 layer with the online Hadamard rotation (`rotation_blocks`), stored
     and prepared; only: keep the rows whose label contains one of these strings (all when empty); impls: the
-    prepared rotation rows once per online Hadamard implementation (`transforms.set_hadamard_impl`)."""
+    prepared rotation rows once per online Hadamard implementation (`transforms.set_hadamard_impl`); ablation:
+    rows of the prologue kernel with one feature more each (smoothing, low-rank, blocks, int8 factors; rotation
+    alone), to read its own time per feature with the per-kernel times."""
     from qdit4sr_jax.quant.transforms import set_hadamard_impl
     from qdit4sr_jax.quant.kernels import DEFAULT_CONFIG, fused_linear, prepare_weight
     from qdit4sr_jax.quant.qweight import make_qweight
@@ -124,6 +126,13 @@ def measure(m: int, k: int, n: int, rank: int = 32, block: int = 256, timed: boo
             for bm, warps in prologue_tiles:
                 cases.append((f"  prologue kernel {lab} signs, no smoothing at {bm} rows, {warps} warps",
                               dict(paper, rotate=rot, signs=True, prepared="pallas", tile=(bm, warps)), traced_step))
+    if ablation:                                 # the prologue kernel's own time, feature by feature (--per-kernel)
+        for label, kw, traced in feature_cases(k, n, min(rank, k, n), min(block, k, n))[3:7]:
+            cases.append((f"prologue kernel ablation: {label}", dict(kw, prepared="pallas"), traced))
+        from qdit4sr_jax.quant.transforms import rotation_block
+        w4 = {kk: v for kk, v in whole.items() if kk in ("w_bits", "a_bits", "execution", "group_size", "group_scale")}
+        cases.append(("prologue kernel ablation: rotation only (signs, full Hadamard, no branches)",
+                      dict(w4, rotate=rotation_block(k, "full"), signs=True, prepared="pallas"), False))
     if only:
         cases = [c for c in cases if any(o in c[0] for o in only)]
     for bm, warps in prologue_tiles:
@@ -181,12 +190,14 @@ def main(argv=None):
     ap.add_argument("--hadamard-impls", nargs="*", default=[], help="with --rotations: prepared rows per implementation")
     ap.add_argument("--out", default=None, help="JSON rows")
     ap.add_argument("--per-kernel", action="store_true", help="with --time: each row's six longest kernels")
+    ap.add_argument("--prologue-ablation", action="store_true",
+                    help="rows of the prologue kernel feature by feature (with --per-kernel: its own time)")
     ap.add_argument("--prologue-tiles", nargs="*", default=[], metavar="ROWSxWARPS",
                     help="extra rows: the prologue kernel at these tiles, e.g. 16x4 32x8 64x8 (GPU sweep)")
     a = ap.parse_args(argv)
     tiles = [tuple(int(v) for v in t.lower().split("x")) for t in a.prologue_tiles]
     rows = measure(a.m, a.k, a.n, a.rank, a.block, a.time, prologue_tiles=tiles, rotations=a.rotations, only=a.only,
-                   impls=a.hadamard_impls)
+                   impls=a.hadamard_impls, ablation=a.prologue_ablation)
     if a.out:
         from common import write_json
         write_json(a.out, {"m": a.m, "k": a.k, "n": a.n, "device": jax.devices()[0].device_kind, "rows": rows})

@@ -115,3 +115,21 @@ def test_rotations_the_kernel_does_not_cover_take_the_xla_prologue():
     x = _x(node.k, 21, 5)
     ref = linear(x, node.replace(rotate=8), bias, act_bits=4, execution="fake")
     assert rel_err(fused_linear(x, small, bias, act_bits=4, backend="interpret", config=CFG), ref) <= 2e-6
+
+
+def test_set_prologue_tiles_overrides_the_default_config():
+    from qdit4sr_jax.quant.kernels import operands
+    node = _layer("block 128, signs, low-rank")
+    base = operands.default_config(node)
+    prev = operands.set_prologue_tiles(prologue_block_m=32, prologue_rot_warps=16)
+    try:
+        cfg = operands.default_config(node)
+        assert (cfg.prologue_block_m, cfg.prologue_warps, cfg.prologue_rot_warps) == (32, base.prologue_warps, 16)
+        assert cfg.block_m == base.block_m
+        with pytest.raises(ValueError, match="set_prologue_tiles"):
+            operands.set_prologue_tiles(prologue_warps=0)
+        with pytest.raises(ValueError, match="set_prologue_tiles"):
+            operands.set_prologue_tiles(block_n=64)
+    finally:
+        operands.set_prologue_tiles(**prev)
+    assert operands.default_config(node) == base

@@ -43,9 +43,27 @@ DEFAULT_CONFIG = KernelConfig()                  # per-channel weights ("nk")
 GROUPED_CONFIG = KernelConfig(num_warps=4)
 
 
+_PROLOGUE = {}                                   # process-wide prologue tile override (`set_prologue_tiles`)
+
+
 def default_config(w: QuantizedWeight) -> KernelConfig:
-    """Tile sizes used when `fused_linear` gets no config: by weight layout."""
-    return GROUPED_CONFIG if w.layout == "gnk" else DEFAULT_CONFIG
+    """Tile sizes used when `fused_linear` gets no config: by weight layout (with `set_prologue_tiles`' choice)."""
+    cfg = GROUPED_CONFIG if w.layout == "gnk" else DEFAULT_CONFIG
+    return dataclasses.replace(cfg, **_PROLOGUE) if _PROLOGUE else cfg
+
+
+def set_prologue_tiles(**fields) -> dict:
+    """Process-wide prologue kernel tiles for calls without a config (benchmarks sweep them in whole steps):
+    prologue_block_m / prologue_warps / prologue_rot_warps as ints; no arguments restores the defaults.
+    Returns the previous override."""
+    bad = set(fields) - {"prologue_block_m", "prologue_warps", "prologue_rot_warps"}
+    if bad or any(not isinstance(v, int) or v < 1 for v in fields.values()):
+        raise ValueError(f"set_prologue_tiles takes positive ints for prologue_block_m / prologue_warps / "
+                         f"prologue_rot_warps, got {fields}")
+    prev = dict(_PROLOGUE)
+    _PROLOGUE.clear()
+    _PROLOGUE.update(fields)
+    return prev
 
 
 def supports_fused(w: QuantizedWeight, bits) -> bool:
@@ -107,5 +125,5 @@ class Operands:
     chunk: int
 
 
-__all__ = ["KernelConfig", "DEFAULT_CONFIG", "GROUPED_CONFIG", "default_config", "supports_fused",
+__all__ = ["KernelConfig", "DEFAULT_CONFIG", "GROUPED_CONFIG", "default_config", "set_prologue_tiles", "supports_fused",
            "unpacks_in_kernel", "packed_run", "block_rows", "tiles_ok", "Operands"]
