@@ -21,7 +21,8 @@
 #                                             # down-projection, 1024- and 512-px steps of bf16, W8A8 and the paper /
 #                                             # smoothing + rotation W4A4-small presets (2-step scan)
 #   bash benchmarks/gpu/gpu_session.sh i24d      # all six modes' 1024-px steps (+ smoothing-only -small, paper W4A4)
-#   bash benchmarks/gpu/gpu_session.sh i24l      # next: the prologue kernel's time feature by feature, 16 warps, 512 px
+#   bash benchmarks/gpu/gpu_session.sh i24l      # next: the prologue kernel feature by feature, 16 warps, down="input",
+#                                             # 512 px; i24m: 1024 px prep vs prepin
 #   bash benchmarks/gpu/gpu_session.sh i24j      # 12-06 (2) after i24h: per-kernel paper layer, 512-px prepk at 8 warps,
 #                                             # paper (not -small) at 512; i24k: paper (not -small) at 1024
 #   bash benchmarks/gpu/gpu_session.sh i24h      # 12-06 (2): the rotation inside the prologue kernel: GPU check, layer,
@@ -29,24 +30,32 @@
 #   bash benchmarks/gpu/gpu_session.sh i24f      # after 12-06: Hadamard impls per call, 512-px steps (bf16, paper-small,
 #                                             # W8A8, qdit4sr-small); i24g: 1024-px paper W4A4 and dense-wide
 export PYTHONUNBUFFERED=1
-if [ "${1:-}" = i24l ]; then
-  # issue 24, next session (<= 560 s): where the prologue kernel's time goes, feature by feature (ablation rows,
-  # per-kernel device times) at 2048 and 8192 rows, tiles 16 x 4 / 8 / 16 warps (16 warps: 48 registers per thread
-  # for the rotated tile instead of 96); then the 512-px steps of bf16, paper-small prep and prepk at 16 warps.
+if [ "${1:-}" = i24l ] || [ "${1:-}" = i24m ]; then
+  # issue 24, next session. i24l (<= 560 s): where the prologue kernel's time goes, feature by feature (ablation
+  # rows, per-kernel device times) at 8192 rows with tiles 16 x 4 / 8 / 16 warps (16 warps: 48 registers per thread
+  # for the rotated tile instead of 96) and the down-projection on the layer's input (down="input"); then the 512-px
+  # steps of bf16 and paper-small prep / prepin / prepk (16 warps).
+  # i24m (<= 560 s): the 1024-px steps of bf16, paper-small prep / prepin, qdit4sr-small prep / prepin.
   OUT=${OUT:-/tmp/gpu_out}; mkdir -p "$OUT"
   nvidia-smi --query-gpu=name,clocks.sm --format=csv,noheader
   t0=$(date +%s); el() { echo "== [$(( $(date +%s) - t0 )) s] $*"; }
-  for m in 2048 8192; do
-    el "layer $m"; timeout 120 python3 benchmarks/gpu/layer_kernels.py --m $m --k 1536 --n 1536 --time --rotations \
-        --prologue-ablation --only ablation "prologue kernel + Hadamard full" --prologue-tiles 16x4 16x8 16x16 \
-        --per-kernel --out "$OUT/ablation$m.json" 2>&1 | grep "^|\|failed\|: " | grep -v Warning | cut -c1-300
-  done
-  left=$(( 550 - ($(date +%s) - t0) ))
-  el "steps 512 ($left s)"; timeout $left python3 benchmarks/step_latency.py --cases 512x1 --scan-steps 2 \
-      --modes bf16 p:qdit4sr-paper-w4a4-small:prep p:qdit4sr-paper-w4a4-small:prepk --prologue-tile 16x4x16 \
-      --attention cudnn --iters 5 --warmup 1 --deadline $(( left - 12 )) --out "$OUT/steps512.json" \
-      > "$OUT/steps512.log" 2>&1
-  grep -v "^W[0-9]\|Warning" "$OUT/steps512.log" | grep "quantized\|px b\|note" | cut -c1-230
+  P=p:qdit4sr-paper-w4a4-small
+  if [ "$1" = i24l ]; then
+    el "layer 8192"; timeout 150 python3 benchmarks/gpu/layer_kernels.py --m 8192 --k 1536 --n 1536 --time \
+        --rotations --prologue-ablation --only ablation "prologue kernel + Hadamard full" "full 1536 (Kronecker) signs" \
+        "down=input" --prologue-tiles 16x4 16x8 16x16 --per-kernel --out "$OUT/ablation8192.json" 2>&1 \
+        | grep "^|\|failed\|: " | grep -v Warning | cut -c1-300
+    left=$(( 550 - ($(date +%s) - t0) ))
+    el "steps 512 ($left s)"; timeout $left python3 benchmarks/step_latency.py --cases 512x1 --scan-steps 2 \
+        --modes bf16 $P:prep $P:prepin $P:prepk --prologue-tile 16x4x16 --attention cudnn --iters 5 --warmup 1 \
+        --deadline $(( left - 12 )) --out "$OUT/steps512.json" > "$OUT/steps512.log" 2>&1
+    grep -v "^W[0-9]\|Warning" "$OUT/steps512.log" | grep "quantized\|px b\|note" | cut -c1-230
+  else
+    el "steps 1024"; timeout 540 python3 benchmarks/step_latency.py --cases 1024x1 --scan-steps 2 \
+        --modes bf16 $P:prepin $P:prep p:qdit4sr-w4a4-small:prepin p:qdit4sr-w4a4-small:prep --attention cudnn \
+        --iters 3 --warmup 1 --deadline 525 --out "$OUT/steps1024.json" > "$OUT/steps1024.log" 2>&1
+    grep -v "^W[0-9]\|Warning" "$OUT/steps1024.log" | grep "quantized\|px b\|note" | cut -c1-230
+  fi
   el done
   exit 0
 fi

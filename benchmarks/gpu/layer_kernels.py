@@ -119,6 +119,10 @@ def measure(m: int, k: int, n: int, rank: int = 32, block: int = 256, timed: boo
             for impl in impls or ["auto"]:                                   # (a bf16 x stays bf16 into the rotation)
                 cases.append((f"prepared {lab} signs, no smoothing [{impl}]",
                               dict(paper, rotate=rot, signs=True, prepared="xla", impl=impl), traced_step))
+            cases.append((f"prepared {lab} signs, no smoothing [down=input]",         # the down GEMM reads x itself
+                          dict(paper, rotate=rot, signs=True, prepared="xla", down="input"), traced_step))
+            cases.append((f"prepared {lab} [down=input]", dict(whole, rotate=rot, prepared="xla", down="input"),
+                          traced_step))
             # the rotation inside the prologue kernel (2 kernels per layer; the XLA prologue where it does not fit)
             cases.append((f"prepared + prologue kernel {lab} signs, no smoothing",
                           dict(paper, rotate=rot, signs=True, prepared="pallas"), traced_step))

@@ -133,3 +133,46 @@ def test_set_prologue_tiles_overrides_the_default_config():
     finally:
         operands.set_prologue_tiles(**prev)
     assert operands.default_config(node) == base
+
+
+@pytest.mark.parametrize("name", list(LAYERS))
+def test_input_space_down_projection(name):
+    """prepare(down="input"): [dh | dt] = x jd_in with jd_in = diag(signs / smooth) H jd, the layer's own input
+    instead of x'. The same function as down="joint" up to the branch's bf16 rounding; jd_in itself is T jd to
+    one bf16 rounding (float64 check)."""
+    from qdit4sr_jax.quant.transforms import hadamard_matrix, rotation_signs
+    node = _layer(name, seed=3)
+    joint, inp = prepare_weight(node, down="joint"), prepare_weight(node, down="input")
+    assert inp.bw.jd_input and not joint.bw.jd_input
+    t = np.kron(np.eye(node.k // node.rotate), hadamard_matrix(node.rotate))
+    scale = np.ones(node.k)
+    if node.signs:
+        scale = scale * rotation_signs(node.k)
+    if node.smooth is not None:
+        scale = scale / np.asarray(node.smooth, np.float64)
+    want = scale[:, None] * (t @ np.asarray(joint.bw.jd, np.float64))
+    np.testing.assert_allclose(np.asarray(inp.bw.jd, np.float64), want, rtol=2 ** -8, atol=1e-6)
+    from qdit4sr_jax.quant.reference import branches, transform_input
+    bias = jnp.asarray(np.random.default_rng(3).normal(size=(node.n,)).astype(np.float32))
+    x = _x(node.k, 21, 6)
+    xp = np.asarray(transform_input(x, node), np.float64)            # the exact branch, float64
+    f = node.float_branches()
+    exact = xp @ np.asarray(f.lr_a, np.float64) @ np.asarray(f.lr_b, np.float64) if f.lr_a is not None else 0.0
+    if f.block_u is not None:
+        bo, bi = f.block
+        v, u = np.asarray(f.block_v, np.float64), np.asarray(f.block_u, np.float64)   # [n_bo, n_bi, b]
+        t = np.einsum("mjb,ijb->mij", xp.reshape(len(xp), -1, bi), v)
+        exact = exact + np.einsum("mij,ijo->mio", t, u).reshape(len(xp), -1)[:, : node.n]
+    branch = np.asarray(branches(transform_input(x, node), node), np.float64)          # the reference's rounding
+    no_branch = linear(x, node.replace(lr_a=None, lr_b=None, block_u=None, block_v=None), bias, act_bits=4,
+                       execution="fake")
+    ref = linear(x, node, bias, act_bits=4, execution="fake")
+    a = fused_linear(x, joint, bias, act_bits=4, backend="xla")
+    b = fused_linear(x, inp, bias, act_bits=4, backend="xla")
+    assert rel_err(a, ref) <= 1e-5
+    err_ref = np.linalg.norm(branch - exact)                          # bf16(x') lr_a: the reference's own error
+    err_in = np.linalg.norm(np.asarray(b, np.float64) - np.asarray(no_branch, np.float64) - exact)
+    assert err_in <= 2.0 * err_ref + 1e-6 * np.linalg.norm(exact), (err_in, err_ref)   # as close as the reference
+    with pytest.raises(ValueError, match="x_in"):
+        from qdit4sr_jax.quant.kernels.branch_ops import branch_features
+        branch_features(x, inp.bw)

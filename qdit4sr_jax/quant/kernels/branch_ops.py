@@ -14,6 +14,11 @@ activation side, `branch_features(xt, bw)` (XLA; `prologue_kernel.py` computes t
 joint down-projection (optional, `branch_weights(..., joint=True)`: `kernels.prepare(..., down="joint")`):
   jd   [K, Rl + n_bo Rb]        [lr_a | V_d], V_d[j b_in + c, i Rb + j] = vt[j, c, i] (zero elsewhere): dh and dt
                                 from one GEMM x' jd (the zeros add nothing: the same sums, another order)
+  with jd_input (`input_space_down`, `kernels.prepare(..., down="input")`): jd_in = T jd with x' = x T (T =
+                                diag(signs / smooth) H_b, the node's input transform), so [dh | dt] = x jd_in reads
+                                the layer's own input x and not x': the down GEMM no longer waits for the rotation
+                                nor needs a bf16 copy of x'. The same function; the rounding differs (x, not
+                                bf16(x'), enters it, and jd_in is rounded to the branch dtype)
 epilogue, `branch_epilogue` (XLA) or the Pallas GEMM kernel per output tile:
   y[m, n] += dh[m] . lr_b[:, n] + dt[m, i(n) Rb : (i(n) + 1) Rb] . ub[:, n]     (float32 accumulation)
 so an output tile inside one block row reads one [bm, Rb] slice of dt. The same quantities as
@@ -52,6 +57,7 @@ class BranchWeights:
     ub: Any = None
     block: Optional[tuple] = None
     jd: Any = None                # [K, Rl + n_bo Rb] joint down-projection [lr_a | V_d], or None
+    jd_input: bool = False        # jd maps the layer's input x (not x') to [dh | dt] (`input_space_down`)
 
     @property
     def has_lowrank(self) -> bool:
@@ -71,7 +77,7 @@ class BranchWeights:
 
 
 jax.tree_util.register_dataclass(BranchWeights, data_fields=["lr_a", "lr_b", "vt", "ub", "jd"],
-                                 meta_fields=["block"])
+                                 meta_fields=["block", "jd_input"])
 
 
 def branch_weights(w: QuantizedWeight, pad: bool = True, joint: bool = False) -> Optional[BranchWeights]:
@@ -119,6 +125,26 @@ def joint_down(bw: BranchWeights, k: int):
     return jnp.concatenate(parts, axis=1)
 
 
+def input_space_down(bw: BranchWeights, w: QuantizedWeight) -> BranchWeights:
+    """bw (with its joint `jd`) -> the same with jd_in = T jd [K, Rl + n_bo Rb] (module docstring), T = diag(signs
+    / smooth) H_b the node's input transform (x' = x T, `reference.transform_input`); computed in float32 and
+    rounded once to the branch dtype. Nodes without a transform keep jd (x' = x)."""
+    if bw is None or bw.jd is None:
+        raise ValueError("input-space down-projection needs the joint down-projection (branch_weights(joint=True))")
+    if w.smooth is None and not w.signs and not w.rotate:
+        return bw
+    from qdit4sr_jax.quant.transforms import hadamard_transform
+    t = bw.jd.astype(jnp.float32).T                                  # [R, K]; H_b symmetric: H jd = (jd^T H)^T
+    if w.rotate:
+        t = hadamard_transform(t, w.rotate)
+    scale = jnp.ones((w.k,), jnp.float32)
+    if w.signs:
+        scale = scale * w.sign_vector()
+    if w.smooth is not None:
+        scale = scale / w.smooth.astype(jnp.float32)
+    return dataclasses.replace(bw, jd=(t.T * scale[:, None]).astype(bw.jd.dtype), jd_input=True)
+
+
 def node_factors(bw: Optional[BranchWeights], n: int) -> dict:
     """The float branch factors {lr_a, lr_b, block_u, block_v} of a `QuantizedWeight` that `bw` was made
     from, rebuilt from bw (None when absent): rank and block padding stay, as zeros, so the branch is the
@@ -136,15 +162,21 @@ def node_factors(bw: Optional[BranchWeights], n: int) -> dict:
     return out
 
 
-def branch_features(xt, bw: Optional[BranchWeights]):
-    """x' [M, K] (float32) -> (dh [M, Rl] | None, dt [M, n_bo Rb] | None) in the branch dtype (XLA ops)."""
+def branch_features(xt, bw: Optional[BranchWeights], x_in=None):
+    """x' [M, K] (float32) -> (dh [M, Rl] | None, dt [M, n_bo Rb] | None) in the branch dtype (XLA ops).
+    x_in [M, K]: the layer's input before its transform, which an input-space jd (`bw.jd_input`) reads."""
     if bw is None:
         return None, None
     m, k = xt.shape
     dh = dt = None
     if bw.jd is not None:                      # one GEMM for both (`joint_down`)
         dtype = bw.jd.dtype
-        d = jnp.dot(xt.astype(dtype), bw.jd, preferred_element_type=jnp.float32).astype(dtype)
+        src = xt
+        if bw.jd_input:
+            if x_in is None:
+                raise ValueError("an input-space down-projection (jd_input) needs the layer's input x_in")
+            src = x_in
+        d = jnp.dot(src.astype(dtype), bw.jd, preferred_element_type=jnp.float32).astype(dtype)
         rl = bw.lr_a.shape[1] if bw.has_lowrank else 0
         return (d[:, :rl] if bw.has_lowrank else None), (d[:, rl:] if bw.has_blocks else None)
     if bw.has_lowrank:
@@ -175,5 +207,5 @@ def branch_epilogue(y, dh, dt, bw: BranchWeights):
     return y
 
 
-__all__ = ["BranchWeights", "branch_weights", "joint_down", "branch_features", "branch_epilogue", "node_factors", "next_pow2",
+__all__ = ["BranchWeights", "branch_weights", "joint_down", "input_space_down", "branch_features", "branch_epilogue", "node_factors", "next_pow2",
            "is_tile", "widen_on_cpu", "lowering_for", "target_platform"]

@@ -78,7 +78,10 @@ def prologue(x2, w: QuantizedWeight, bits, *, pad_to: int = 1, chunk: Optional[i
         q = q.reshape(mp, kp // c, c // 2, 2).transpose(0, 1, 3, 2).reshape(mp, kp)
     if bw is None:
         bw = branch_weights(w, pad=pad_branches)
-    dh, dt = branch_features(xt, bw)
+    x_in = None
+    if bw is not None and bw.jd_input:                                  # the down GEMM reads x itself
+        x_in = x2 if mp == m else jnp.pad(x2, ((0, mp - m), (0, 0)))
+    dh, dt = branch_features(xt, bw, x_in)
     return Operands(q, s[:, 0], dh, dt, bw, m, c)
 
 

@@ -40,7 +40,7 @@ from qdit4sr_jax.quant.qweight import QuantizedWeight
 
 
 PROLOGUES = ("xla", "pallas")
-DOWNS = ("joint", "split")
+DOWNS = ("joint", "split", "input")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,8 +77,11 @@ jax.tree_util.register_dataclass(KernelWeight, data_fields=["node", "bw", "level
 def prepare_weight(w: QuantizedWeight, *, unpack: bool = True, prologue: str = "xla",
                    down: str = "joint") -> KernelWeight:
     """One node -> its `KernelWeight` (traceable; see the module docstring). down: "joint" (the low-rank and
-    H-SVD down-projections of the XLA prologue as one GEMM, `branch_ops.joint_down`) or "split" (one GEMM for
-    the low-rank factor, a batched einsum over the input blocks and a layout pass for the blocks)."""
+    H-SVD down-projections of the XLA prologue as one GEMM, `branch_ops.joint_down`), "split" (one GEMM for
+    the low-rank factor, a batched einsum over the input blocks and a layout pass for the blocks) or "input"
+    (the joint GEMM moved to the layer's input x: `branch_ops.input_space_down`; for rotated / smoothed layers
+    the down GEMM then skips the bf16 copy of x' and no longer waits for the rotation; the same function, the
+    branch rounded differently; the Pallas prologue kernel, which computes x' anyway, ignores it)."""
     from qdit4sr_jax.quant.kernels.branch_ops import branch_weights
     if not isinstance(w, QuantizedWeight):
         raise TypeError(f"prepare_weight needs a QuantizedWeight node, got {type(w).__name__}")
@@ -91,7 +94,10 @@ def prepare_weight(w: QuantizedWeight, *, unpack: bool = True, prologue: str = "
         folded = node.gscale is not None                     # folded codes c * q are per-channel int8 codes
         node = node.replace(qvalue=node.codes(), packed=False, gscale=None,
                             group_size=None if folded else node.group_size)
-    bw = branch_weights(node, joint=down == "joint")         # the factors live on in bw only
+    bw = branch_weights(node, joint=down in ("joint", "input"))   # the factors live on in bw only
+    if down == "input" and bw is not None and bw.jd is not None:
+        from qdit4sr_jax.quant.kernels.branch_ops import input_space_down
+        bw = input_space_down(bw, node)
     levels = None
     if prologue == "pallas" and node.a_schedule is not None:  # the kernel looks the step's levels up itself
         from qdit4sr_jax.quant.kernels.prologue_kernel import level_table

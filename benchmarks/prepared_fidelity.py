@@ -1,0 +1,60 @@
+"""Fidelity of the prepared execution variants: the demo model's outputs with fused, `kernels.prepare`d weights,
+one run per down-projection mode (`prepare(down=...)`: "joint" the default, "input" the GEMM on the layer's
+input), PSNR vs the FP outputs and between the modes (the same study as benchmarks/fidelity.py: held-out crops,
+calibration on the training photos; XLA path on CPU).
+
+    python benchmarks/prepared_fidelity.py --presets qdit4sr-paper-w4a4-small qdit4sr-w4a4-small --crop 128
+
+A W4A4 model turns any rounding change into a different quantization noise a few layers later (a code that
+flips), so two equally exact paths differ from each other by about as much as each differs from FP; what
+matters is that PSNR vs FP does not drop.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import numpy as np  # noqa: E402
+
+from fidelity import Study  # noqa: E402
+
+
+def psnr(a, b) -> float:
+    mse = np.mean((np.asarray(a, np.float64) - np.asarray(b, np.float64)) ** 2)
+    return float(10 * np.log10(255.0 ** 2 / max(mse, 1e-12)))
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--presets", nargs="+", default=["qdit4sr-paper-w4a4-small"])
+    ap.add_argument("--downs", nargs="+", default=["joint", "input"], help="prepare(down=...) modes")
+    ap.add_argument("--crop", type=int, default=128)
+    ap.add_argument("--limit", type=int, default=None, help="at most this many evaluation images")
+    a = ap.parse_args(argv)
+    from qdit4sr_jax.quant.config import QuantConfig
+    from qdit4sr_jax.quant.kernels import prepare, with_execution
+    st = Study(crop=a.crop, limit=a.limit, step_gains=False)
+    rows = []
+    for preset in a.presets:
+        qt = st.quantize(QuantConfig.preset(preset))
+        outs = {}
+        for down in a.downs:
+            t0 = time.perf_counter()
+            outs[down] = st._upscale(dict(st.params, transformer=prepare(with_execution(qt, "fused"), down=down)))
+            rows.append(dict(preset=preset, down=down, psnr_fp=float(np.mean([psnr(o, f) for o, f in
+                                                                               zip(outs[down], st.fp)]))))
+            print(f"{preset} down={down}: PSNR vs FP {rows[-1]['psnr_fp']:.3f} dB "
+                  f"({time.perf_counter() - t0:.0f} s)", flush=True)
+        first = a.downs[0]
+        for down in a.downs[1:]:
+            print(f"{preset}: {first} vs {down} {np.mean([psnr(x, y) for x, y in zip(outs[first], outs[down])]):.2f}"
+                  " dB", flush=True)
+    return rows
+
+
+if __name__ == "__main__":
+    main()
