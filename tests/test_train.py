@@ -12,6 +12,17 @@ from qdit4sr_jax.config import ModelConfig, VAEConfig
 from qdit4sr_jax import train as T
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _cheap_compiles():
+    """Every test here is bound by XLA's CPU compile time (train steps, losses: runs take milliseconds); they
+    test the training logic, not XLA's optimisations, so the module compiles at XLA's lowest optimisation
+    level (about a third less compile time; same results), and restores the setting for the next module."""
+    old = jax.config.values["jax_disable_most_optimizations"]
+    jax.config.update("jax_disable_most_optimizations", True)
+    yield
+    jax.config.update("jax_disable_most_optimizations", old)
+
+
 def _tiny_cfg():
     """Two blocks (block 0 dual attention, block 1 the last, context_pre_only) over space-to-depth: every test
     here compiles a loss or a train step of it, and a block less is a quarter less to compile."""
