@@ -1,7 +1,8 @@
 """Fidelity of the prepared execution variants: the demo model's outputs with fused, `kernels.prepare`d weights,
-one run per down-projection mode (`prepare(down=...)`: "joint" the default, "input" the GEMM on the layer's
-input), PSNR vs the FP outputs and between the modes (the same study as benchmarks/fidelity.py: held-out crops,
-calibration on the training photos; XLA path on CPU).
+one run per variant (`VARIANTS`: the down-projection mode, `prepare(down=...)`, "joint" the default, "input" the
+GEMM on the layer's input; and x' rounded to bf16 before its quantization, `prepare(xprime="bfloat16")`), PSNR vs
+the FP outputs and vs the first variant (the same study as benchmarks/fidelity.py: held-out crops, calibration on
+the training photos; XLA path on CPU).
 
     python benchmarks/prepared_fidelity.py --presets qdit4sr-paper-w4a4-small qdit4sr-w4a4-small --crop 128
 
@@ -23,6 +24,10 @@ import numpy as np  # noqa: E402
 from fidelity import Study  # noqa: E402
 
 
+VARIANTS = {"joint": dict(down="joint"), "input": dict(down="input"),
+            "input-bf16": dict(down="input", xprime="bfloat16"), "joint-bf16": dict(down="joint", xprime="bfloat16")}
+
+
 def psnr(a, b) -> float:
     mse = np.mean((np.asarray(a, np.float64) - np.asarray(b, np.float64)) ** 2)
     return float(10 * np.log10(255.0 ** 2 / max(mse, 1e-12)))
@@ -31,7 +36,8 @@ def psnr(a, b) -> float:
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--presets", nargs="+", default=["qdit4sr-paper-w4a4-small"])
-    ap.add_argument("--downs", nargs="+", default=["joint", "input"], help="prepare(down=...) modes")
+    ap.add_argument("--variants", nargs="+", default=["joint", "input"], choices=sorted(VARIANTS),
+                    help="prepare() variants (VARIANTS)")
     ap.add_argument("--crop", type=int, default=128)
     ap.add_argument("--limit", type=int, default=None, help="at most this many evaluation images")
     a = ap.parse_args(argv)
@@ -42,17 +48,17 @@ def main(argv=None):
     for preset in a.presets:
         qt = st.quantize(QuantConfig.preset(preset))
         outs = {}
-        for down in a.downs:
+        for v in a.variants:
             t0 = time.perf_counter()
-            outs[down] = st._upscale(dict(st.params, transformer=prepare(with_execution(qt, "fused"), down=down)))
-            rows.append(dict(preset=preset, down=down, psnr_fp=float(np.mean([psnr(o, f) for o, f in
-                                                                               zip(outs[down], st.fp)]))))
-            print(f"{preset} down={down}: PSNR vs FP {rows[-1]['psnr_fp']:.3f} dB "
-                  f"({time.perf_counter() - t0:.0f} s)", flush=True)
-        first = a.downs[0]
-        for down in a.downs[1:]:
-            print(f"{preset}: {first} vs {down} {np.mean([psnr(x, y) for x, y in zip(outs[first], outs[down])]):.2f}"
-                  " dB", flush=True)
+            outs[v] = st._upscale(dict(st.params, transformer=prepare(with_execution(qt, "fused"), **VARIANTS[v])))
+            rows.append(dict(preset=preset, variant=v, psnr_fp=float(np.mean([psnr(o, f) for o, f in
+                                                                             zip(outs[v], st.fp)]))))
+            print(f"{preset} {v}: PSNR vs FP {rows[-1]['psnr_fp']:.3f} dB ({time.perf_counter() - t0:.0f} s)",
+                  flush=True)
+        first = a.variants[0]
+        for v in a.variants[1:]:
+            print(f"{preset}: {first} vs {v} {np.mean([psnr(x, y) for x, y in zip(outs[first], outs[v])]):.2f} dB",
+                  flush=True)
     return rows
 
 

@@ -30,7 +30,8 @@ Modes (--modes):
   qwix-w8a8     qwix's int8 PTQ of the same model, when qwix is importable (else recorded as skipped)
   p:PRESET:KIND any `QuantConfig.preset` name (e.g. p:qdit4sr-paper-w4a4-small:prep) run as KIND: fused (stored
                 tree), prep (`kernels.prepare`d: joint down-projection, the default), prepsplit (prepared with
-                down="split"), prepin (prepared, the down-projection on the layer's input: down="input"),
+                down="split"), prepin (prepared, the down-projection on the layer's input: down="input"), prepbf
+                (prepin with x' rounded to bf16 before its quantization: xprime="bfloat16"),
                 prepk (prepared, prologue kernel), int (XLA int8 reference path)
 --hadamard IMPL runs the online rotation of the rotating presets as `transforms.set_hadamard_impl(IMPL)`
 (default "auto" = `transforms.auto_impl`: "full" up to 2048 on a GPU, else "dense"; "butterfly" is the
@@ -84,7 +85,7 @@ XLA_VARIANTS = {
 }
 
 
-PRESET_KINDS = ("fused", "prep", "prepsplit", "prepin", "prepk", "int")
+PRESET_KINDS = ("fused", "prep", "prepsplit", "prepin", "prepbf", "prepk", "int")
 
 
 def is_mode(m: str) -> bool:
@@ -184,9 +185,10 @@ def quantized_trees(params, modes, steps: int, log):
             kind = m.split("-", 1)[1] if m.startswith(name + "-") else None
             if m.startswith("p:"):
                 kind = m.split(":")[2] if m.rsplit(":", 1)[0] == name else None
-            if kind in ("prepsplit", "prepin"):
-                down = "split" if kind == "prepsplit" else "input"
-                trees[m] = jax.block_until_ready(jax.jit(lambda t, down=down: prepare(t, down=down))(
+            if kind in ("prepsplit", "prepin", "prepbf"):
+                kw = dict(prepsplit=dict(down="split"), prepin=dict(down="input"),
+                          prepbf=dict(down="input", xprime="bfloat16"))[kind]
+                trees[m] = jax.block_until_ready(jax.jit(lambda t, kw=kw: prepare(t, **kw))(
                     with_execution(q, "fused")))
             elif kind == "int":
                 trees[m] = q

@@ -34,8 +34,9 @@ if [ "${1:-}" = i24l ] || [ "${1:-}" = i24m ]; then
   # issue 24, next session. i24l (<= 560 s): where the prologue kernel's time goes, feature by feature (ablation
   # rows, per-kernel device times) at 8192 rows with tiles 16 x 4 / 8 / 16 warps (16 warps: 48 registers per thread
   # for the rotated tile instead of 96) and the down-projection on the layer's input (down="input"); then the 512-px
-  # steps of bf16 and paper-small prep / prepin / prepk (16 warps).
-  # i24m (<= 560 s): the 1024-px steps of bf16, paper-small prep / prepin, qdit4sr-small prep / prepin.
+  # steps of bf16 and paper-small prep / prepbf / prepin / prepk (16 warps).
+  # i24m (<= 560 s): the 1024-px steps of bf16, paper-small prepbf / prep, qdit4sr-small prepbf / prep, paper-small
+  # prepin (prepbf = down="input" + xprime="bfloat16").
   OUT=${OUT:-/tmp/gpu_out}; mkdir -p "$OUT"
   nvidia-smi --query-gpu=name,clocks.sm --format=csv,noheader
   t0=$(date +%s); el() { echo "== [$(( $(date +%s) - t0 )) s] $*"; }
@@ -47,12 +48,12 @@ if [ "${1:-}" = i24l ] || [ "${1:-}" = i24m ]; then
         | grep "^|\|failed\|: " | grep -v Warning | cut -c1-300
     left=$(( 550 - ($(date +%s) - t0) ))
     el "steps 512 ($left s)"; timeout $left python3 benchmarks/step_latency.py --cases 512x1 --scan-steps 2 \
-        --modes bf16 $P:prep $P:prepin $P:prepk --prologue-tile 16x4x16 --attention cudnn --iters 5 --warmup 1 \
+        --modes bf16 $P:prep $P:prepbf $P:prepin $P:prepk --prologue-tile 16x4x16 --attention cudnn --iters 5 --warmup 1 \
         --deadline $(( left - 12 )) --out "$OUT/steps512.json" > "$OUT/steps512.log" 2>&1
     grep -v "^W[0-9]\|Warning" "$OUT/steps512.log" | grep "quantized\|px b\|note" | cut -c1-230
   else
     el "steps 1024"; timeout 540 python3 benchmarks/step_latency.py --cases 1024x1 --scan-steps 2 \
-        --modes bf16 $P:prepin $P:prep p:qdit4sr-w4a4-small:prepin p:qdit4sr-w4a4-small:prep --attention cudnn \
+        --modes bf16 $P:prepbf $P:prep p:qdit4sr-w4a4-small:prepbf p:qdit4sr-w4a4-small:prep $P:prepin --attention cudnn \
         --iters 3 --warmup 1 --deadline 525 --out "$OUT/steps1024.json" > "$OUT/steps1024.log" 2>&1
     grep -v "^W[0-9]\|Warning" "$OUT/steps1024.log" | grep "quantized\|px b\|note" | cut -c1-230
   fi

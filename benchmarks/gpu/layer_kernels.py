@@ -121,6 +121,9 @@ def measure(m: int, k: int, n: int, rank: int = 32, block: int = 256, timed: boo
                               dict(paper, rotate=rot, signs=True, prepared="xla", impl=impl), traced_step))
             cases.append((f"prepared {lab} signs, no smoothing [down=input]",         # the down GEMM reads x itself
                           dict(paper, rotate=rot, signs=True, prepared="xla", down="input"), traced_step))
+            cases.append((f"prepared {lab} signs, no smoothing [down=input, x' bf16]",
+                          dict(paper, rotate=rot, signs=True, prepared="xla", down="input", xprime="bfloat16"),
+                          traced_step))
             cases.append((f"prepared {lab} [down=input]", dict(whole, rotate=rot, prepared="xla", down="input"),
                           traced_step))
             # the rotation inside the prologue kernel (2 kernels per layer; the XLA prologue where it does not fit)
@@ -147,13 +150,14 @@ def measure(m: int, k: int, n: int, rank: int = 32, block: int = 256, timed: boo
         prepared = kw.pop("prepared", None)
         tile = kw.pop("tile", None)
         down = kw.pop("down", "joint")
+        xprime = kw.pop("xprime", "float32")
         set_hadamard_impl(kw.pop("impl", "auto"))
         cfg = None if tile is None else dataclasses.replace(DEFAULT_CONFIG, prologue_block_m=tile[0],
                                                             prologue_warps=tile[1], prologue_rot_warps=tile[1])
         try:
             q = make_qweight(w, **kw)
             if prepared:
-                q = jax.block_until_ready(prepare_weight(q, prologue=prepared, down=down))
+                q = jax.block_until_ready(prepare_weight(q, prologue=prepared, down=down, xprime=xprime))
             a_bits = q.node.a_bits if prepared else q.a_bits
             f = jax.jit(lambda x, q, t, traced=traced, cfg=cfg: fused_linear(
                 x, q, step=t if traced else None, act_bits=None if traced else a_bits, config=cfg))

@@ -176,3 +176,31 @@ def test_input_space_down_projection(name):
     with pytest.raises(ValueError, match="x_in"):
         from qdit4sr_jax.quant.kernels.branch_ops import branch_features
         branch_features(x, inp.bw)
+
+
+@pytest.mark.parametrize("name", list(LAYERS))
+def test_bf16_xprime_quantizes_the_rounded_rotation(name):
+    """prepare(xprime="bfloat16"): the XLA prologue of a rotated layer quantizes bf16(x'): its codes, scales and
+    branch features are those of the same layer without a transform fed bf16(x') itself."""
+    from qdit4sr_jax.quant.kernels.fused import prologue
+    from qdit4sr_jax.quant.reference import transform_input
+    node = _layer(name, seed=4)
+    kw = prepare_weight(node, xprime="bfloat16")
+    assert kw.xprime == "bfloat16" and prepare_weight(node).xprime == "float32"
+    plain = node.replace(rotate=0, signs=False, smooth=None)
+    x = _x(node.k, 21, 7, jnp.bfloat16)
+    a = prologue(x, kw.node, 4, pad_to=16, bw=kw.bw, xprime="bfloat16")
+    b = prologue(transform_input(x, node).astype(jnp.bfloat16), plain, 4, pad_to=16, bw=kw.bw)
+    for f in ("xq", "sx", "dh", "dt"):
+        got, want = getattr(a, f), getattr(b, f)
+        assert (got is None) == (want is None)
+        if got is not None:
+            np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(want, np.float32), err_msg=f)
+    f32 = prologue(x, kw.node, 4, pad_to=16, bw=kw.bw)              # the reference's codes: a few move by one
+    d = np.abs(np.asarray(a.xq, np.int32) - np.asarray(f32.xq, np.int32))
+    assert d.max() <= 1 and d.mean() < 0.02, (d.max(), d.mean())
+    ref = linear(x, node, None, act_bits=4, execution="fake")
+    y = fused_linear(x, kw, None, act_bits=4, backend="xla")
+    assert rel_err(y, ref) <= 0.03                                  # measured 1.2-2.1 % (a code step per flip)
+    with pytest.raises(ValueError, match="xprime"):
+        prepare_weight(node, xprime="float16")

@@ -49,15 +49,18 @@ BACKENDS = ("auto", "pallas", "interpret", "xla")
 
 
 def prologue(x2, w: QuantizedWeight, bits, *, pad_to: int = 1, chunk: Optional[int] = None,
-             bw: Optional[BranchWeights] = None, pad_branches: bool = False) -> Operands:
+             bw: Optional[BranchWeights] = None, pad_branches: bool = False, xprime: str = "float32") -> Operands:
     """x2 [M, K] -> `Operands` (stage 1 of the module docstring). bits: int or traced int32 scalar.
     pad_to: pad the rows to a multiple of this; chunk: with packed weights, split every run of `chunk`
     codes into [even | odd] (None: keep the natural order); bw: the node's `branch_weights`, when
     computed beforehand (a prepared weight), else built here (pad_branches: with the zero padding of ranks
-    and block rows that the Pallas kernels' tiles need)."""
+    and block rows that the Pallas kernels' tiles need); xprime: the dtype a transformed x' is kept in before
+    its quantization ("float32", as the reference; "bfloat16": rounded once, `prepare(..., xprime=)`)."""
     m, k = x2.shape
     if w.smooth is not None or w.rotate:
         xt = transform_input(x2, w)
+        if xprime != "float32":
+            xt = xt.astype(xprime)
     else:
         xt = x2
     mp = -(-m // pad_to) * pad_to
@@ -158,8 +161,9 @@ def fused_linear(x, w: QuantizedWeight, bias=None, *, act_bits=None, step=None, 
         w, bw = kw.node, kw.bw
     lead = x.shape[:-1]
     x2 = x.reshape(-1, w.k)
+    xprime = kw.xprime if kw is not None else "float32"
     if be == "xla":
-        ops = prologue(x2, w, bits, bw=bw)
+        ops = prologue(x2, w, bits, bw=bw, xprime=xprime)
         y = xla_gemm_epilogue(ops, w, bias, x.dtype)
     else:
         from qdit4sr_jax.quant.kernels.pallas_gpu import pallas_gemm_epilogue
@@ -172,7 +176,7 @@ def fused_linear(x, w: QuantizedWeight, bias=None, *, act_bits=None, step=None, 
                                      num_warps=cfg.prologue_rot_warps if w.rotate else cfg.prologue_warps,
                                      levels=kw.levels if table else None, step=step if table else None)
         else:
-            ops = prologue(x2, w, bits, pad_to=cfg.block_m, chunk=chunk, bw=bw, pad_branches=True)
+            ops = prologue(x2, w, bits, pad_to=cfg.block_m, chunk=chunk, bw=bw, pad_branches=True, xprime=xprime)
         y = pallas_gemm_epilogue(ops, w, bias, x.dtype, cfg, interpret=(be == "interpret"))
     return y.reshape(*lead, w.n)
 

@@ -41,6 +41,7 @@ from qdit4sr_jax.quant.qweight import QuantizedWeight
 
 PROLOGUES = ("xla", "pallas")
 DOWNS = ("joint", "split", "input")
+XPRIMES = ("float32", "bfloat16")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,11 +51,13 @@ class KernelWeight:
     (`branch_ops.BranchWeights`, None without branches); levels: with prologue="pallas" and a VaTMP schedule,
     the code levels per step (`prologue_kernel.level_table`), which the kernel indexes at the traced step;
     prologue (static): "xla" (XLA ops) or "pallas" (one Pallas kernel: `prologue_kernel.py`, where the layer
-    fits it, else XLA)."""
+    fits it, else XLA); xprime (static): the dtype of a transformed x' before its quantization in the XLA
+    prologue (`prepare_weight`)."""
     node: QuantizedWeight
     bw: Any = None
     levels: Any = None            # prologue="pallas" with a VaTMP schedule: code levels per step, float32 [T]
     prologue: str = "xla"
+    xprime: str = "float32"
 
     def reference_node(self) -> QuantizedWeight:
         """The QuantizedWeight this weight computes (branch factors rebuilt from `bw`, padding as zeros):
@@ -71,17 +74,22 @@ class KernelWeight:
         return self.node.shape
 
 
-jax.tree_util.register_dataclass(KernelWeight, data_fields=["node", "bw", "levels"], meta_fields=["prologue"])
+jax.tree_util.register_dataclass(KernelWeight, data_fields=["node", "bw", "levels"],
+                                 meta_fields=["prologue", "xprime"])
 
 
 def prepare_weight(w: QuantizedWeight, *, unpack: bool = True, prologue: str = "xla",
-                   down: str = "joint") -> KernelWeight:
+                   down: str = "joint", xprime: str = "float32") -> KernelWeight:
     """One node -> its `KernelWeight` (traceable; see the module docstring). down: "joint" (the low-rank and
     H-SVD down-projections of the XLA prologue as one GEMM, `branch_ops.joint_down`), "split" (one GEMM for
     the low-rank factor, a batched einsum over the input blocks and a layout pass for the blocks) or "input"
     (the joint GEMM moved to the layer's input x: `branch_ops.input_space_down`; for rotated / smoothed layers
     the down GEMM then skips the bf16 copy of x' and no longer waits for the rotation; the same function, the
-    branch rounded differently; the Pallas prologue kernel, which computes x' anyway, ignores it)."""
+    branch rounded differently; the Pallas prologue kernel, which computes x' anyway, ignores it). xprime:
+    "float32" (the reference's x') or "bfloat16": a rotated / smoothed layer's x' rounded once to bf16 before the
+    per-token quantization in the XLA prologue, so the rotation GEMM writes and the absmax / quantization passes
+    read 2 bytes per element instead of 4 (the codes are those of bf16(x'); the Pallas prologue kernel keeps
+    float32)."""
     from qdit4sr_jax.quant.kernels.branch_ops import branch_weights
     if not isinstance(w, QuantizedWeight):
         raise TypeError(f"prepare_weight needs a QuantizedWeight node, got {type(w).__name__}")
@@ -89,6 +97,8 @@ def prepare_weight(w: QuantizedWeight, *, unpack: bool = True, prologue: str = "
         raise ValueError(f"prologue must be one of {PROLOGUES}, got {prologue!r}")
     if down not in DOWNS:
         raise ValueError(f"down must be one of {DOWNS}, got {down!r}")
+    if xprime not in XPRIMES:
+        raise ValueError(f"xprime must be one of {XPRIMES}, got {xprime!r}")
     node = w.float_branches()
     if unpack and (node.packed or node.gscale is not None):
         folded = node.gscale is not None                     # folded codes c * q are per-channel int8 codes
@@ -102,20 +112,20 @@ def prepare_weight(w: QuantizedWeight, *, unpack: bool = True, prologue: str = "
     if prologue == "pallas" and node.a_schedule is not None:  # the kernel looks the step's levels up itself
         from qdit4sr_jax.quant.kernels.prologue_kernel import level_table
         levels = level_table(node.a_schedule)
-    return KernelWeight(node.replace(lr_a=None, lr_b=None, block_u=None, block_v=None), bw, levels, prologue)
+    return KernelWeight(node.replace(lr_a=None, lr_b=None, block_u=None, block_v=None), bw, levels, prologue, xprime)
 
 
-def prepare(tree, *, unpack: bool = True, prologue: str = "xla", down: str = "joint"):
+def prepare(tree, *, unpack: bool = True, prologue: str = "xla", down: str = "joint", xprime: str = "float32"):
     """The params tree with every QuantizedWeight whose execution is "fused" replaced by its `KernelWeight`
     and the "bias" beside it in float32, the kernels' epilogue dtype (bf16 values are exact in float32; saves a
     convert per layer and call); other nodes, float leaves and already prepared nodes unchanged. Traceable:
-    call it inside the jit that runs the steps, before the loop. down: `prepare_weight`'s."""
+    call it inside the jit that runs the steps, before the loop. down, xprime: `prepare_weight`'s."""
     def fused(n):
         return isinstance(n, QuantizedWeight) and n.execution == "fused"
 
     def walk(t):
         if fused(t):
-            return prepare_weight(t, unpack=unpack, prologue=prologue, down=down)
+            return prepare_weight(t, unpack=unpack, prologue=prologue, down=down, xprime=xprime)
         if isinstance(t, dict):
             out = {k: walk(v) for k, v in t.items()}
             if fused(t.get("kernel")) and t.get("bias") is not None:
@@ -127,4 +137,4 @@ def prepare(tree, *, unpack: bool = True, prologue: str = "xla", down: str = "jo
     return walk(tree)
 
 
-__all__ = ["KernelWeight", "PROLOGUES", "DOWNS", "prepare", "prepare_weight"]
+__all__ = ["KernelWeight", "PROLOGUES", "DOWNS", "XPRIMES", "prepare", "prepare_weight"]
