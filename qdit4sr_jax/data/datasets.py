@@ -102,7 +102,16 @@ def make_pair(photos: List[np.ndarray], seed: int, size: int = 256, scale: int =
 _W: dict = {}
 
 
+# niceness added to the pair workers: the bank refreshes without pause, so on a machine with few free cores its
+# workers would take CPU from the process that compiles and feeds the train step (idle cores they still get)
+WORKER_NICE = 10
+
+
 def _init_worker(data_dir, size, scale):
+    try:
+        os.nice(WORKER_NICE)
+    except (AttributeError, OSError):     # no nice on this platform, or not permitted
+        pass
     photos = [p for _, p in load_photos(data_dir, "train")]
     _W.update(photos=photos, weights=photo_weights(photos), size=size, scale=scale)
 
