@@ -40,7 +40,8 @@ from jax.experimental import pallas as pl
 from qdit4sr_jax.quant import quantizer as qz
 from qdit4sr_jax.quant.kernels.branch_ops import BranchWeights, is_tile
 from qdit4sr_jax.quant.kernels.operands import Operands
-from qdit4sr_jax.quant.kernels.prologue_ops import dot as _dot, level, placement, round_half_even
+from qdit4sr_jax.quant.kernels.prologue_ops import (codes, dot as _dot, level, placement, round_half_even,  # noqa: F401
+                                                    store_scale, unpack_refs)
 from qdit4sr_jax.quant.kernels.prologue_rotated import ROT_TILE, kernel_rotated, rotation_operands, rotation_unit
 from qdit4sr_jax.quant.qweight import QuantizedWeight
 
@@ -73,16 +74,9 @@ def fits(w: QuantizedWeight, bw: Optional[BranchWeights], chunk: int, block_m: i
 
 
 def _kernel(*refs, n_chunks, bk, lev_static, lev_steps, has_smooth, has_lowrank, has_blocks, rb, upcast):
-    refs = list(refs)
-    x_ref = refs.pop(0)
-    sm_ref = refs.pop(0) if has_smooth else None
-    lev_ref = refs.pop(0) if lev_static is None else None
-    step_ref = refs.pop(0) if lev_steps else None
-    la_ref = refs.pop(0) if has_lowrank else None
-    vt_ref = refs.pop(0) if has_blocks else None
-    q_ref, s_ref = refs.pop(0), refs.pop(0)
-    dh_ref = refs.pop(0) if has_lowrank else None
-    dt_ref = refs.pop(0) if has_blocks else None
+    r = unpack_refs(refs, has_smooth=has_smooth, has_rotation=False, lev_static=lev_static, lev_steps=lev_steps,
+                    has_lowrank=has_lowrank, has_blocks=has_blocks)
+    x_ref, sm_ref, la_ref, vt_ref = r.x, r.sm, r.la, r.vt
     bm = x_ref.shape[0]
     f32 = jnp.float32
     dot = functools.partial(_dot, upcast=upcast)
@@ -117,17 +111,14 @@ def _kernel(*refs, n_chunks, bk, lev_static, lev_steps, has_smooth, has_lowrank,
     res = list(jax.lax.fori_loop(0, n_chunks, pass1, tuple(carry)))
     amax = res.pop(0)
     if has_lowrank:
-        dh_ref[...] = res.pop(0).astype(dh_ref.dtype)
+        r.dh[...] = res.pop(0).astype(r.dh.dtype)
     if has_blocks:
-        dt_ref[...] = res.pop(0).astype(dt_ref.dtype)
-    lev = level(lev_static, lev_steps, lev_ref, step_ref)
-    s = amax / lev
-    s = jnp.where(s > 0, s, 1.0)
-    s_ref[...] = s
+        r.dt[...] = res.pop(0).astype(r.dt.dtype)
+    lev = level(lev_static, lev_steps, r.lev, r.step)
+    s = store_scale(amax, lev, r.s)
 
     def pass2(c, _):
-        q = jnp.clip(round_half_even(xprime(c) / s[:, None]), -lev, lev)
-        q_ref[:, pl.ds(c * bk, bk)] = q.astype(jnp.int8)
+        r.q[:, pl.ds(c * bk, bk)] = codes(xprime(c), s, lev)
         return 0
 
     jax.lax.fori_loop(0, n_chunks, pass2, 0)

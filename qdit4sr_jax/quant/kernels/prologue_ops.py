@@ -1,9 +1,23 @@
-"""In-kernel helpers shared by the prologue kernels (`prologue_kernel.py`, `prologue_rotated.py`): rounding, the
-float32-accumulating dot, the placement matrix of the block-branch features and the code level."""
+"""In-kernel helpers shared by the prologue kernels (`prologue_kernel.py`, `prologue_rotated.py`): their refs,
+rounding, the float32-accumulating dot, the placement matrix of the block-branch features, the code level, the
+per-token scale and the codes."""
 from __future__ import annotations
+
+from types import SimpleNamespace
 
 import jax
 import jax.numpy as jnp
+
+
+def unpack_refs(refs, *, has_smooth, has_rotation, lev_static, lev_steps, has_lowrank, has_blocks):
+    """The kernel's refs in `prologue_kernel.pallas_prologue`'s order -> a namespace x, sm, hs, lev, step, la,
+    vt (inputs), q, s, dh, dt (outputs); the absent ones None."""
+    refs = list(refs)
+    take = lambda present: refs.pop(0) if present else None
+    r = SimpleNamespace(x=take(True), sm=take(has_smooth), hs=take(has_rotation), lev=take(lev_static is None),
+                        step=take(bool(lev_steps)), la=take(has_lowrank), vt=take(has_blocks))
+    r.q, r.s, r.dh, r.dt = take(True), take(True), take(has_lowrank), take(has_blocks)
+    return r
 
 
 def round_half_even(v):
@@ -40,4 +54,17 @@ def level(lev_static, lev_steps, lev_ref, step_ref):
     return lev_ref[...]
 
 
-__all__ = ["round_half_even", "dot", "placement", "level"]
+def store_scale(amax, lev, s_ref):
+    """Per-token scale s = amax / lev (1 where amax is 0), float32 [bm], written to s_ref and returned."""
+    s = amax / lev
+    s = jnp.where(s > 0, s, 1.0)
+    s_ref[...] = s
+    return s
+
+
+def codes(xc, s, lev):
+    """int8 codes clip(round(x' / s), +-lev) of x' [bm, c] float32 with the per-token scales s [bm]."""
+    return jnp.clip(round_half_even(xc / s[:, None]), -lev, lev).astype(jnp.int8)
+
+
+__all__ = ["unpack_refs", "round_half_even", "dot", "placement", "level", "store_scale", "codes"]

@@ -24,7 +24,7 @@ import numpy as np
 from jax.experimental import pallas as pl
 
 from qdit4sr_jax.quant.kernels.branch_ops import BranchWeights
-from qdit4sr_jax.quant.kernels.prologue_ops import dot as _dot, level, placement, round_half_even
+from qdit4sr_jax.quant.kernels.prologue_ops import codes, dot as _dot, level, placement, store_scale, unpack_refs
 from qdit4sr_jax.quant.qweight import QuantizedWeight
 from qdit4sr_jax.quant.transforms import kronecker_plan, rotation_signs, split_bf16, sylvester
 
@@ -74,19 +74,11 @@ def rotated_tile(x_ref, sm_ref, hs_ref, *, k, c, e, g, gmat, scale, parts, dot):
 def kernel_rotated(*refs, k, c, e, g, gmat, scale, parts, bk_in, lev_static, lev_steps, has_smooth,
                     has_lowrank, has_blocks, rb, upcast):
     """The prologue of a rotated layer: x' in registers (`_rotated_tile`), then pass 1 and pass 2 over it."""
-    refs = list(refs)
-    x_ref = refs.pop(0)
-    sm_ref = refs.pop(0) if has_smooth else None
-    hs_ref = refs.pop(0)
-    lev_ref = refs.pop(0) if lev_static is None else None
-    step_ref = refs.pop(0) if lev_steps else None
-    la_ref = refs.pop(0) if has_lowrank else None
-    vt_ref = refs.pop(0) if has_blocks else None
-    q_ref, s_ref = refs.pop(0), refs.pop(0)
-    dh_ref = refs.pop(0) if has_lowrank else None
-    dt_ref = refs.pop(0) if has_blocks else None
+    r = unpack_refs(refs, has_smooth=has_smooth, has_rotation=True, lev_static=lev_static, lev_steps=lev_steps,
+                    has_lowrank=has_lowrank, has_blocks=has_blocks)
+    la_ref, vt_ref = r.la, r.vt
     dot = functools.partial(_dot, upcast=upcast)
-    xp = rotated_tile(x_ref, sm_ref, hs_ref, k=k, c=c, e=e, g=g, gmat=gmat, scale=scale, parts=parts, dot=dot)
+    xp = rotated_tile(r.x, r.sm, r.hs, k=k, c=c, e=e, g=g, gmat=gmat, scale=scale, parts=parts, dot=dot)
     amax = None
     dh = dt = t = None
     for u, xu in enumerate(xp):                            # pass 1: amax and the branch features
@@ -106,16 +98,13 @@ def kernel_rotated(*refs, k, c, e, g, gmat, scale, parts, bk_in, lev_static, lev
                 d = dot(t.astype(vt_ref.dtype), placement(vt_ref.shape[2], rb, cb, vt_ref.dtype))
                 dt, t = (d if dt is None else dt + d), None
     if has_lowrank:
-        dh_ref[...] = dh.astype(dh_ref.dtype)
+        r.dh[...] = dh.astype(r.dh.dtype)
     if has_blocks:
-        dt_ref[...] = dt.astype(dt_ref.dtype)
-    lev = level(lev_static, lev_steps, lev_ref, step_ref)
-    s = amax / lev
-    s = jnp.where(s > 0, s, 1.0)
-    s_ref[...] = s
+        r.dt[...] = dt.astype(r.dt.dtype)
+    lev = level(lev_static, lev_steps, r.lev, r.step)
+    s = store_scale(amax, lev, r.s)
     for u, xu in enumerate(xp):                            # pass 2: the codes
-        q = jnp.clip(round_half_even(xu / s[:, None]), -lev, lev)
-        q_ref[:, pl.ds(u * e, e)] = q.astype(jnp.int8)
+        r.q[:, pl.ds(u * e, e)] = codes(xu, s, lev)
 
 
 def rotation_operands(w: QuantizedWeight, bw: Optional[BranchWeights], x_dtype):
