@@ -30,6 +30,16 @@
 #   bash benchmarks/gpu/gpu_session.sh i24f      # after 12-06: Hadamard impls per call, 512-px steps (bf16, paper-small,
 #                                             # W8A8, qdit4sr-small); i24g: 1024-px paper W4A4 and dense-wide
 export PYTHONUNBUFFERED=1
+OUT=${OUT:-/tmp/gpu_out}; mkdir -p "$OUT"
+nvidia-smi --query-gpu=name,clocks.sm --format=csv,noheader
+t0=$(date +%s); el() { echo "== [$(( $(date +%s) - t0 )) s] $*"; }
+# steps NAME TIMEOUT ARGS...: benchmarks/step_latency.py ARGS bounded by TIMEOUT, its JSON and log as $OUT/NAME.json /
+# .log, then its result lines (the JAX warnings left out)
+steps() {
+  local name=$1 limit=$2; shift 2
+  timeout "$limit" python3 benchmarks/step_latency.py "$@" --out "$OUT/$name.json" > "$OUT/$name.log" 2>&1
+  grep -v "^W[0-9]\|Warning" "$OUT/$name.log" | grep "quantized\|px b\|note" | cut -c1-230
+}
 if [ "${1:-}" = i24l ] || [ "${1:-}" = i24m ]; then
   # issue 24, next session. i24l (<= 560 s): where the prologue kernel's time goes, feature by feature (ablation
   # rows, per-kernel device times) at 8192 rows with tiles 16 x 4 / 8 / 16 warps (16 warps: 48 registers per thread
@@ -37,9 +47,6 @@ if [ "${1:-}" = i24l ] || [ "${1:-}" = i24m ]; then
   # steps of bf16 and paper-small prep / prepbf / prepin / prepk (16 warps).
   # i24m (<= 560 s): the 1024-px steps of bf16, paper-small prepbf / prep, qdit4sr-small prepbf / prep, paper-small
   # prepin (prepbf = down="input" + xprime="bfloat16").
-  OUT=${OUT:-/tmp/gpu_out}; mkdir -p "$OUT"
-  nvidia-smi --query-gpu=name,clocks.sm --format=csv,noheader
-  t0=$(date +%s); el() { echo "== [$(( $(date +%s) - t0 )) s] $*"; }
   P=p:qdit4sr-paper-w4a4-small
   if [ "$1" = i24l ]; then
     el "layer 8192"; timeout 150 python3 benchmarks/gpu/layer_kernels.py --m 8192 --k 1536 --n 1536 --time \
@@ -47,15 +54,13 @@ if [ "${1:-}" = i24l ] || [ "${1:-}" = i24m ]; then
         "down=input" --prologue-tiles 16x4 16x8 16x16 --per-kernel --out "$OUT/ablation8192.json" 2>&1 \
         | grep "^|\|failed\|: " | grep -v Warning | cut -c1-300
     left=$(( 550 - ($(date +%s) - t0) ))
-    el "steps 512 ($left s)"; timeout $left python3 benchmarks/step_latency.py --cases 512x1 --scan-steps 2 \
+    el "steps 512 ($left s)"; steps steps512 $left --cases 512x1 --scan-steps 2 \
         --modes bf16 $P:prep $P:prepbf $P:prepin $P:prepk --prologue-tile 16x4x16 --attention cudnn --iters 5 --warmup 1 \
-        --deadline $(( left - 12 )) --out "$OUT/steps512.json" > "$OUT/steps512.log" 2>&1
-    grep -v "^W[0-9]\|Warning" "$OUT/steps512.log" | grep "quantized\|px b\|note" | cut -c1-230
+        --deadline $(( left - 12 ))
   else
-    el "steps 1024"; timeout 540 python3 benchmarks/step_latency.py --cases 1024x1 --scan-steps 2 \
+    el "steps 1024"; steps steps1024 540 --cases 1024x1 --scan-steps 2 \
         --modes bf16 $P:prepbf $P:prep p:qdit4sr-w4a4-small:prepbf p:qdit4sr-w4a4-small:prep $P:prepin --attention cudnn \
-        --iters 3 --warmup 1 --deadline 525 --out "$OUT/steps1024.json" > "$OUT/steps1024.log" 2>&1
-    grep -v "^W[0-9]\|Warning" "$OUT/steps1024.log" | grep "quantized\|px b\|note" | cut -c1-230
+        --iters 3 --warmup 1 --deadline 525
   fi
   el done
   exit 0
@@ -65,9 +70,6 @@ if [ "${1:-}" = i24j ] || [ "${1:-}" = i24k ]; then
   # i24j (<= 560 s): per-kernel device times of the paper layer (XLA rotation vs the kernel, now 8 warps for
   #   rotated layers) at 8192 and 2048 rows, then the 512-px steps of bf16, paper-small prepk, paper (not -small) prep.
   # i24k (<= 400 s): the 1024-px steps of bf16 and qdit4sr-paper-w4a4 (not -small) prep.
-  OUT=${OUT:-/tmp/gpu_out}; mkdir -p "$OUT"
-  nvidia-smi --query-gpu=name,clocks.sm --format=csv,noheader
-  t0=$(date +%s); el() { echo "== [$(( $(date +%s) - t0 )) s] $*"; }
   if [ "$1" = i24j ]; then
     for m in 8192 2048; do
       el "layer $m"; timeout 90 python3 benchmarks/gpu/layer_kernels.py --m $m --k 1536 --n 1536 --time --rotations \
@@ -75,15 +77,13 @@ if [ "${1:-}" = i24j ] || [ "${1:-}" = i24k ]; then
           | grep "^|\|failed\|: " | grep -v Warning | cut -c1-400
     done
     left=$(( 550 - ($(date +%s) - t0) ))
-    el "steps 512 ($left s)"; timeout $left python3 benchmarks/step_latency.py --cases 512x1 --scan-steps 2 \
+    el "steps 512 ($left s)"; steps steps512 $left --cases 512x1 --scan-steps 2 \
         --modes bf16 p:qdit4sr-paper-w4a4-small:prepk p:qdit4sr-paper-w4a4:prep --attention cudnn \
-        --iters 5 --warmup 1 --deadline $(( left - 12 )) --out "$OUT/steps512.json" > "$OUT/steps512.log" 2>&1
-    grep -v "^W[0-9]\|Warning" "$OUT/steps512.log" | grep "quantized\|px b\|note" | cut -c1-230
+        --iters 5 --warmup 1 --deadline $(( left - 12 ))
   else
-    el "steps 1024"; timeout 390 python3 benchmarks/step_latency.py --cases 1024x1 --scan-steps 2 \
+    el "steps 1024"; steps steps1024 390 --cases 1024x1 --scan-steps 2 \
         --modes bf16 p:qdit4sr-paper-w4a4:prep --attention cudnn --iters 3 --warmup 1 \
-        --deadline 375 --out "$OUT/steps1024.json" > "$OUT/steps1024.log" 2>&1
-    grep -v "^W[0-9]\|Warning" "$OUT/steps1024.log" | grep "quantized\|px b\|note" | cut -c1-230
+        --deadline 375
   fi
   el done
   exit 0
@@ -94,9 +94,6 @@ if [ "${1:-}" = i24h ] || [ "${1:-}" = i24i ]; then
   #   kernel vs in XLA (tiles 16x4, 16x8), then the 512-px steps: bf16, the paper preset's -small form with the
   #   XLA prologue (prep) and the kernel (prepk), W8A8, qdit4sr-small with the kernel.
   # i24i (<= 560 s): the 1024-px steps of bf16, paper-small prep / prepk and qdit4sr-paper-w4a4 (not -small) prepk.
-  OUT=${OUT:-/tmp/gpu_out}; mkdir -p "$OUT"
-  nvidia-smi --query-gpu=name,clocks.sm --format=csv,noheader
-  t0=$(date +%s); el() { echo "== [$(( $(date +%s) - t0 )) s] $*"; }
   P=p:qdit4sr-paper-w4a4-small
   if [ "$1" = i24h ]; then
     el check; timeout 100 python3 benchmarks/gpu/prologue_check.py --m 8192 --k 1536 --n 1536 \
@@ -105,15 +102,13 @@ if [ "${1:-}" = i24h ] || [ "${1:-}" = i24i ]; then
         --only "prologue kernel" "no smoothing [auto]" --prologue-tiles 16x4 16x8 --out "$OUT/layer.json" 2>&1 \
         | grep "^|\|failed" | cut -c1-200
     left=$(( 550 - ($(date +%s) - t0) ))
-    el "steps 512 ($left s)"; timeout $left python3 benchmarks/step_latency.py --cases 512x1 --scan-steps 2 \
+    el "steps 512 ($left s)"; steps steps512 $left --cases 512x1 --scan-steps 2 \
         --modes bf16 $P:prep $P:prepk w8a8-fused p:qdit4sr-w4a4-small:prepk --attention cudnn \
-        --iters 5 --warmup 1 --deadline $(( left - 12 )) --out "$OUT/steps512.json" > "$OUT/steps512.log" 2>&1
-    grep -v "^W[0-9]\|Warning" "$OUT/steps512.log" | grep "quantized\|px b\|note" | cut -c1-230
+        --iters 5 --warmup 1 --deadline $(( left - 12 ))
   else
-    el "steps 1024"; timeout 540 python3 benchmarks/step_latency.py --cases 1024x1 --scan-steps 2 \
+    el "steps 1024"; steps steps1024 540 --cases 1024x1 --scan-steps 2 \
         --modes bf16 $P:prepk $P:prep p:qdit4sr-paper-w4a4:prepk --attention cudnn --iters 3 --warmup 1 \
-        --deadline 525 --out "$OUT/steps1024.json" > "$OUT/steps1024.log" 2>&1
-    grep -v "^W[0-9]\|Warning" "$OUT/steps1024.log" | grep "quantized\|px b\|note" | cut -c1-230
+        --deadline 525
   fi
   el done
   exit 0
@@ -125,22 +120,17 @@ if [ "${1:-}" = i24f ] || [ "${1:-}" = i24g ]; then
   #   that 12-06's call did not reach).
   # i24g (<= 560 s): the 1024-px steps of bf16, qdit4sr-paper-w4a4 (not -small) and -small with dense-wide for
   #   the 6144 blocks.
-  OUT=${OUT:-/tmp/gpu_out}; mkdir -p "$OUT"
-  nvidia-smi --query-gpu=name,clocks.sm --format=csv,noheader
-  t0=$(date +%s); el() { echo "== [$(( $(date +%s) - t0 )) s] $*"; }
   if [ "$1" = i24f ]; then
     el hadamard; timeout 70 python3 benchmarks/gpu/routes.py --parts hadamard --reps 10 --out "$OUT/routes.json" \
         2>&1 | grep -v Warning | tail -4
     left=$(( 550 - ($(date +%s) - t0) ))
-    el "steps 512 ($left s)"; timeout $left python3 benchmarks/step_latency.py --cases 512x1 --scan-steps 2 \
+    el "steps 512 ($left s)"; steps steps512 $left --cases 512x1 --scan-steps 2 \
         --modes bf16 p:qdit4sr-paper-w4a4-small:prep w8a8-fused p:qdit4sr-w4a4-small:prep --attention cudnn \
-        --iters 5 --warmup 1 --deadline $(( left - 12 )) --out "$OUT/steps512.json" > "$OUT/steps512.log" 2>&1
-    grep -v "^W[0-9]\|Warning" "$OUT/steps512.log" | grep "quantized\|px b\|note" | cut -c1-230
+        --iters 5 --warmup 1 --deadline $(( left - 12 ))
   else
-    el "steps 1024"; timeout 300 python3 benchmarks/step_latency.py --cases 1024x1 --scan-steps 2 \
+    el "steps 1024"; steps steps1024 300 --cases 1024x1 --scan-steps 2 \
         --modes bf16 p:qdit4sr-paper-w4a4:prep --attention cudnn --iters 3 --warmup 1 --deadline 285 \
-        --out "$OUT/steps1024.json" > "$OUT/steps1024.log" 2>&1
-    grep -v "^W[0-9]\|Warning" "$OUT/steps1024.log" | grep "quantized\|px b\|note" | cut -c1-230
+       
     left=$(( 550 - ($(date +%s) - t0) ))
     el "dense-wide ($left s)"; timeout $left python3 benchmarks/step_latency.py --cases 1024x1 --scan-steps 2 \
         --modes p:qdit4sr-paper-w4a4-small:prep --hadamard dense-wide --attention cudnn --iters 3 --warmup 1 \
@@ -152,9 +142,6 @@ fi
 if [ "${1:-}" = i24e ]; then
   # the short form of i24c (<= 330 s): Hadamard implementations per call and per prepared layer, then the 1024-px
   # steps of bf16, the paper preset's -small form and W8A8 (2-step scan)
-  OUT=${OUT:-/tmp/gpu_out}; mkdir -p "$OUT"
-  nvidia-smi --query-gpu=name,clocks.sm --format=csv,noheader
-  t0=$(date +%s); el() { echo "== [$(( $(date +%s) - t0 )) s] $*"; }
   el hadamard; timeout 60 python3 benchmarks/gpu/routes.py --parts hadamard --reps 10 --out "$OUT/routes.json" \
       2>&1 | grep -v Warning | tail -4
   el layer-1536; timeout 45 python3 benchmarks/gpu/layer_kernels.py --m 8192 --k 1536 --n 1536 --time --rotations \
@@ -171,10 +158,7 @@ if [ "${1:-}" = i24c ] || [ "${1:-}" = i24d ]; then
   # issue 24, 12-05 evening. i24c: the online Hadamard per implementation (exactness vs float64 on the GPU, device
   # time), the prepared layer with each implementation and the joint down-projection (K = 1536), then the
   # 1024- and 512-px steps in a 2-step scan. i24d: the 1024-px steps of all six modes. Explicit presets (p:PRESET:prep = prepared, joint down).
-  OUT=${OUT:-/tmp/gpu_out}; mkdir -p "$OUT"
-  nvidia-smi --query-gpu=name,clocks.sm --format=csv,noheader
   python3 -c "import jax; print('jax', jax.__version__, jax.devices())" 2>&1 | grep -v Warning
-  t0=$(date +%s); el() { echo "== [$(( $(date +%s) - t0 )) s] $*"; }
   MODES="bf16 p:qdit4sr-paper-w4a4-small:prep w8a8-fused p:qdit4sr-rot-w4a4-small:prep p:qdit4sr-smooth-w4a4-small:prep p:qdit4sr-paper-w4a4:prep"
   if [ "$1" = i24c ]; then
     el hadamard; timeout 60 python3 benchmarks/gpu/routes.py --parts hadamard down --reps 10 --out "$OUT/routes.json" \
@@ -195,9 +179,6 @@ if [ "${1:-}" = i24c ] || [ "${1:-}" = i24d ]; then
   exit 0
 fi
 if [ "${1:-}" = i24b ]; then
-  OUT=${OUT:-/tmp/gpu_out}; mkdir -p "$OUT"
-  nvidia-smi --query-gpu=name,clocks.sm --format=csv,noheader
-  t0=$(date +%s); el() { echo "== [$(( $(date +%s) - t0 )) s] $*"; }
   el routes; ROUTES_NO_FP8B=1 timeout 150 python3 benchmarks/gpu/routes.py --reps 10 --out "$OUT/routes.json" 2>&1 | grep -v Warning | tail -12
   el scan-bf16; timeout 90 python3 benchmarks/step_latency.py --cases 512x1 --scan-steps 4 --modes bf16 \
       --xla-variants default cb-off --attention cudnn --iters 5 --warmup 1 --out "$OUT/scan_bf16.json" \
@@ -209,15 +190,12 @@ if [ "${1:-}" = i24b ]; then
   exit 0
 fi
 if [ "${1:-}" = i24a ]; then
-  OUT=${OUT:-/tmp/gpu_out}; mkdir -p "$OUT"
-  nvidia-smi --query-gpu=name,clocks.sm --format=csv,noheader
   python3 -c "import jax; print('jax', jax.__version__, jax.devices())"
   python3 -c "
 import sys; sys.path.insert(0, 'benchmarks'); import jax, jax.numpy as jnp; from step_latency import XLA_VARIANTS
 for n, o in XLA_VARIANTS.items():
     try: jax.jit(lambda x: jnp.sin(x) * 2, compiler_options=o or None).lower(jnp.ones(4)).compile(); print(n, 'accepted')
     except Exception as e: print(n, 'REJECTED', str(e)[:150])" 2>&1 | grep -v Warning
-  t0=$(date +%s); el() { echo "== [$(( $(date +%s) - t0 )) s] $*"; }
   el routes; timeout 80 python3 benchmarks/gpu/routes.py --out "$OUT/routes.json" 2>&1 | grep -v Warning | tail -25
   el rotations-1536; timeout 70 python3 benchmarks/gpu/layer_kernels.py --m 8192 --k 1536 --n 1536 --time --rotations \
       --only VaTMP prepared Hadamard 2>&1 | grep -v Warning | tail -12
@@ -234,13 +212,10 @@ if [[ "${1:-}" =~ ^(core|rest|next|next2|next3)$ ]]; then
   #   per layer, the 1024 x 1 step of bf16 / W8A8 / W4A4-small as stored and prepared with the prologue kernel.
   # rest (560 s): the per-kernel profile of the 512 x 1 W8A8 / W4A4-small stored / prepared steps, qwix at
   #   1024 x 1 (carry [".whl"]), batch 4 at 1024.
-  OUT=${OUT:-/tmp/gpu_out}; mkdir -p "$OUT"
-  nvidia-smi --query-gpu=name,clocks.sm --format=csv,noheader
   python3 -c "import jax; print('jax', jax.__version__, jax.devices())"
   if ls .whl/qwix-*.whl >/dev/null 2>&1; then
     python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/qwix-*.whl && export PYTHONPATH=/tmp/site:$PWD
   fi
-  t0=$(date +%s); el() { echo "== [$(( $(date +%s) - t0 )) s] $*"; }
   if [ "$1" = next ]; then
     # after 2026-12-05: prepared weights with the XLA prologue (never timed in a step), the Triton column of the
     # GEMM benchmark re-taken (that run built its non-square weights transposed), batch 4 at 1024 px (570 s)
@@ -304,9 +279,6 @@ if [[ "${1:-}" =~ ^(core|rest|next|next2|next3)$ ]]; then
   exit 0
 fi
 if [ "${1:-}" = profile ]; then
-  OUT=${OUT:-/tmp/gpu_out}; mkdir -p "$OUT"
-  nvidia-smi --query-gpu=name,clocks.sm --format=csv,noheader
-  t0=$(date +%s); el() { echo "== [$(( $(date +%s) - t0 )) s] $*"; }
   el layer-kernels; timeout 60 python3 benchmarks/gpu/layer_kernels.py --time --prologue-tiles 32x4 32x8 64x8 \
       > "$OUT/layer_kernels.log" 2>&1
   tail -16 "$OUT/layer_kernels.log"
@@ -320,10 +292,7 @@ if [ "${1:-}" = profile ]; then
   el done
   exit 0
 fi
-OUT=${OUT:-/tmp/gpu_out}; mkdir -p $OUT
-nvidia-smi --query-gpu=name,clocks.sm --format=csv,noheader
 python -c "import jax; print('jax', jax.__version__, jax.devices())"
-t0=$(date +%s); el() { echo "== [$(( $(date +%s) - t0 )) s] $*"; }
 el attention; timeout 60 python benchmarks/gpu/attention_latency.py --sizes 1024 512 --q-scale 1 3 --iters 20 \
     --deadline 50 --out $OUT/attention.json > $OUT/attention.log 2>&1; tail -25 $OUT/attention.log
 el step-cudnn; timeout 190 python benchmarks/step_latency.py --sizes 1024 --batch 1 --modes bf16 w4a4i-fused \
