@@ -182,6 +182,12 @@ class CompileTimer:
         return {**self.totals, "compiles": self.count}
 
 
+def rel_err(a, b) -> float:
+    """||a - b|| / ||b|| in float64 (host arrays; b all zero counts as norm 1e-30)."""
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
+
+
 def write_json(path: Optional[str], obj) -> None:
     if not path:
         return

@@ -22,15 +22,11 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import numpy as np  # noqa: E402
 
 from fidelity import Study  # noqa: E402
+from qdit4sr_jax.metrics.fullref import psnr  # noqa: E402
 
 
 VARIANTS = {"joint": dict(down="joint"), "input": dict(down="input"),
             "input-bf16": dict(down="input", xprime="bfloat16"), "joint-bf16": dict(down="joint", xprime="bfloat16")}
-
-
-def psnr(a, b) -> float:
-    mse = np.mean((np.asarray(a, np.float64) - np.asarray(b, np.float64)) ** 2)
-    return float(10 * np.log10(255.0 ** 2 / max(mse, 1e-12)))
 
 
 def main(argv=None):

@@ -27,7 +27,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from common import environment, write_json  # noqa: E402
+from common import environment, rel_err, write_json  # noqa: E402
 
 # (M, K, N) of the step's linears with CFG (make_jaxpr count): 1024x1024 has 111 x (16384, 1536, 1536),
 # 24 x (16384, 1536, 6144), 24 x (16384, 6144, 1536), 185 x (8192, 1536, 1536); 512x512 the same at M / 4.
@@ -70,11 +70,6 @@ def time_call(fn, *args, inner=10, reps=7):
         jax.block_until_ready(out)
         ts.append((time.perf_counter() - t0) * 1e3 / inner)
     return statistics.median(ts), min(ts)
-
-
-def rel_err(a, b):
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
 
 
 def main(argv=None):

@@ -24,6 +24,8 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
+from common import rel_err  # noqa: E402
+
 
 def _layer(k, n, smooth, seed=0, rank=32, block=256):
     from qdit4sr_jax.quant.qweight import make_qweight
@@ -37,11 +39,6 @@ def _layer(k, n, smooth, seed=0, rank=32, block=256):
     w = jnp.asarray(rng.normal(size=(n, k)) / k ** 0.5, jnp.float32)
     return make_qweight(w, w_bits=4, group_size=64, group_scale="int", a_bits=4, execution="fused", rotate=k,
                         signs=True, lowrank_bits=8, **extra)
-
-
-def rel(a, b):
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
 
 
 def check(m, k, n, smooth, interpret, block=256):
@@ -67,7 +64,7 @@ def check(m, k, n, smooth, interpret, block=256):
     for name in ("dh", "dt"):
         ga, gb = a[name], b[name]
         if ga is not None:
-            out[f"{name}_rel"] = rel(np.asarray(gb, np.float32)[:, : ga.shape[1]], np.asarray(ga, np.float32))
+            out[f"{name}_rel"] = rel_err(np.asarray(gb, np.float32)[:, : ga.shape[1]], np.asarray(ga, np.float32))
     backend = "interpret" if interpret else "auto"
     cfg = KernelConfig(block_m=16, block_n=16, block_k=64, num_warps=4, num_stages=2) if interpret else None
     ref = linear(x, node, None, act_bits=4, execution="fake")
@@ -75,7 +72,7 @@ def check(m, k, n, smooth, interpret, block=256):
         kp = prepare_weight(node, prologue=p)
         y = jax.jit(lambda x, kp=kp: fused_linear(x, kp, None, act_bits=4, backend=backend,
                                                                 config=cfg))(x)
-        out[f"layer_rel_{lab}"] = rel(np.asarray(y, np.float32), np.asarray(ref, np.float32))
+        out[f"layer_rel_{lab}"] = rel_err(np.asarray(y, np.float32), np.asarray(ref, np.float32))
     return out
 
 
