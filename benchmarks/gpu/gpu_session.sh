@@ -21,6 +21,8 @@
 #                                             # down-projection, 1024- and 512-px steps of bf16, W8A8 and the paper /
 #                                             # smoothing + rotation W4A4-small presets (2-step scan)
 #   bash benchmarks/gpu/gpu_session.sh i24d      # all six modes' 1024-px steps (+ smoothing-only -small, paper W4A4)
+#   bash benchmarks/gpu/gpu_session.sh i24n      # 12-06 (4): 512-px step profile bf16 / W8A8 / paper-small prepbf, then
+#                                             # 1024-px prepbf steps
 #   bash benchmarks/gpu/gpu_session.sh i24l      # next: the prologue kernel feature by feature, 16 warps, down="input",
 #                                             # 512 px; i24m: 1024 px prep vs prepin
 #   bash benchmarks/gpu/gpu_session.sh i24j      # 12-06 (2) after i24h: per-kernel paper layer, 512-px prepk at 8 warps,
@@ -40,6 +42,20 @@ steps() {
   timeout "$limit" python3 benchmarks/step_latency.py "$@" --out "$OUT/$name.json" > "$OUT/$name.log" 2>&1
   grep -v "^W[0-9]\|Warning" "$OUT/$name.log" | grep "quantized\|px b\|note" | cut -c1-230
 }
+if [ "${1:-}" = i24n ]; then
+  # issue 24, 12-06 session 4, after i24l (prepbf 0.49x at 512 px): where the 512-px W4A4 step's extra ~29 ms go,
+  # per kernel kind against bf16 and W8A8 (calls and device ms per step), then the 1024-px steps of bf16 and
+  # paper-small / qdit4sr-small prepbf with the time left.
+  P=p:qdit4sr-paper-w4a4-small
+  el "profile 512"; timeout 260 python3 benchmarks/gpu/step_profile.py --cases 512x1 --modes bf16 w8a8-fused $P:prepbf \
+      --attention cudnn --iters 3 --warmup 1 --top 30 --deadline 240 --out "$OUT/profile512.json" > "$OUT/profile512.log" 2>&1
+  grep -v "^W[0-9]\|Warning" "$OUT/profile512.log" | grep "^|\|^#" | cut -c1-160 | head -150
+  left=$(( 550 - ($(date +%s) - t0) ))
+  el "steps 1024 ($left s)"; steps steps1024 $left --cases 1024x1 --scan-steps 2 \
+      --modes bf16 $P:prepbf p:qdit4sr-w4a4-small:prepbf --attention cudnn --iters 3 --warmup 1 --deadline $(( left - 12 ))
+  el done
+  exit 0
+fi
 if [ "${1:-}" = i24l ] || [ "${1:-}" = i24m ]; then
   # issue 24, next session. i24l (<= 560 s): where the prologue kernel's time goes, feature by feature (ablation
   # rows, per-kernel device times) at 8192 rows with tiles 16 x 4 / 8 / 16 warps (16 warps: 48 registers per thread
