@@ -198,3 +198,39 @@ def test_prologue_kernel_end_to_end(name):
     assert rel_err(fused_linear(x, rot, bias, act_bits=4, backend="interpret", config=CFG), ref) <= 2e-6
     with pytest.raises(ValueError, match="prologue"):
         prepare_weight(node, prologue="triton")
+
+
+@pytest.mark.parametrize("rank,bi,down", [(12, 4, "joint"), (40, 64, "joint"), (12, 4, "input"), (0, 8, "input"),
+                                          (12, 0, "joint")])
+def test_joint_features_are_read_in_place(rank, bi, down):
+    """A joint down-projection's features [dh | dt] reach the GEMM kernel unsliced (`Operands.joint`, no copy of
+    either part): dt starts on an Rb block (dt_col = max(Rl, Rb): 16 < 32, 64 > 16 here), the parts equal the
+    sliced ones, and the kernel's output is the reference's to float rounding (low-rank and / or blocks, x' and
+    input-space jd)."""
+    from qdit4sr_jax.quant.kernels.fused import prologue
+    rng = np.random.default_rng(rank + bi)
+    extra, bo = {}, 32
+    if rank:
+        extra.update(lr_a=rng.normal(size=(K, rank)) * 0.1, lr_b=rng.normal(size=(rank, N)) * 0.1)
+    if bi:
+        extra.update(block_u=rng.normal(size=(N // bo, K // bi, bo)) * 0.2,
+                     block_v=rng.normal(size=(N // bo, K // bi, bi)) * 0.2, block=(bo, bi))
+    w = jnp.asarray(rng.normal(size=(N, K)).astype(np.float32) * 0.05)
+    node = make_qweight(w, w_bits=4, a_bits=4, execution="fused", rotate=K, signs=True, **extra)
+    kw = prepare_weight(node, down=down)
+    bw = kw.bw
+    x2 = _x(rank + bi).reshape(-1, K)
+    ops = prologue(x2, kw.node, 4, pad_to=16, bw=bw, joint=True)
+    sep = prologue(x2, kw.node, 4, pad_to=16, bw=bw)
+    assert ops.joint and not sep.joint
+    if rank:
+        np.testing.assert_array_equal(np.asarray(ops.dh[:, : bw.lr_a.shape[1]]), np.asarray(sep.dh))
+    if bi:
+        assert bw.dt_col % bw.rb == 0 and bw.dt_col >= (bw.lr_a.shape[1] if rank else 0)
+        np.testing.assert_array_equal(np.asarray(ops.dt[:, bw.dt_col:]), np.asarray(sep.dt))
+    if rank and bi:
+        assert ops.dh is ops.dt and bw.dt_col == max(bw.lr_a.shape[1], bw.rb)
+    bias = jnp.asarray(rng.normal(size=(N,)).astype(np.float32))
+    out = fused_linear(_x(rank + bi), kw, bias, act_bits=4, backend="interpret", config=CFG)
+    ref = fused_linear(_x(rank + bi), kw, bias, act_bits=4, backend="xla")
+    assert rel_err(out, ref) <= 2e-6

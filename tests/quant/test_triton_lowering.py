@@ -89,3 +89,26 @@ def test_rotating_prologue_lowers_to_triton(k, smooth):
         text = jax.jit(lambda kw, x: linear(x, kw, None, act_bits=4)).trace(kw, x).lower(
             lowering_platforms=("cuda",)).as_text()
     assert text.count("__gpu$xla.gpu.triton") == (2 if k <= 2048 else 1)
+
+
+@pytest.mark.parametrize("down", ["joint", "input"])
+def test_joint_branch_features_reach_the_gemm_kernel_unsliced(down):
+    """A prepared layer on the XLA prologue (`prepare(down="joint" | "input")`): the joint down-projection's
+    features go into the GEMM kernel as one array (read in place: `Operands.joint`), so the lowered step has
+    no slice op at all (before: two copies per layer and call, ~1,000 slice kernels in a 512-px W4A4 step)."""
+    k = n = 1536
+
+    def build(w):
+        return prepare_weight(make_qweight(
+            w, w_bits=4, group_size=64, group_scale="int", a_bits=4, execution="fused", rotate=k, signs=True,
+            lr_a=jnp.zeros((k, 26)), lr_b=jnp.zeros((26, n)), block_u=jnp.zeros((6, 6, 256)),
+            block_v=jnp.zeros((6, 6, 256)), block=(256, 256)), down=down, xprime="bfloat16")
+
+    kw = jax.eval_shape(build, jax.ShapeDtypeStruct((n, k), jnp.float32))
+    assert kw.bw.dt_col == 32 and kw.bw.rb == 16
+    x = jax.ShapeDtypeStruct((2048, k), jnp.bfloat16)
+    with lowering_for("gpu"):
+        text = jax.jit(lambda kw, x: linear(x, kw, None, act_bits=4)).trace(kw, x).lower(
+            lowering_platforms=("cuda",)).as_text()
+    assert text.count("__gpu$xla.gpu.triton") == 1
+    assert "stablehlo.slice" not in text

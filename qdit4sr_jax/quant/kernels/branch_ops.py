@@ -12,8 +12,10 @@ activation side, `branch_features(xt, bw)` (XLA; `prologue_kernel.py` computes t
   dh [M, Rl]                    h = x' lr_a, rounded to the branch dtype (as the reference)
   dt [M, n_bo Rb]               t[m, i, j] = <v_ij, x'_j> at column i Rb + j, rounded to the branch dtype
 joint down-projection (optional, `branch_weights(..., joint=True)`: `kernels.prepare(..., down="joint")`):
-  jd   [K, Rl + n_bo Rb]        [lr_a | V_d], V_d[j b_in + c, i Rb + j] = vt[j, c, i] (zero elsewhere): dh and dt
-                                from one GEMM x' jd (the zeros add nothing: the same sums, another order)
+  jd   [K, dt_col + n_bo Rb]    [lr_a | V_d], V_d[j b_in + c, dt_col + i Rb + j] = vt[j, c, i] (zero elsewhere; dt_col
+                                = Rl, or max(Rl, Rb) with kernel tiles): dh and dt from one GEMM x' jd (the zeros
+                                add nothing: the same sums, another order), which the GEMM kernel reads in place
+                                (`joint_features`: no copy of the dh / dt slices)
   with jd_input (`input_space_down`, `kernels.prepare(..., down="input")`): jd_in = T jd with x' = x T (T =
                                 diag(signs / smooth) H_b, the node's input transform), so [dh | dt] = x jd_in reads
                                 the layer's own input x and not x': the down GEMM no longer waits for the rotation
@@ -75,6 +77,18 @@ class BranchWeights:
     def rb(self) -> int:
         return 0 if self.ub is None else self.ub.shape[0]
 
+    @property
+    def dt_col(self) -> int:
+        """The first column of dt in jd and in the joint features [dh | dt]: Rl, rounded up to a multiple of Rb
+        when both are kernel tiles (then max(Rl, Rb)), so that the GEMM kernel reads dt in place, in Rb-wide
+        blocks, and no slice of the joint features is ever copied (`joint_features`)."""
+        if not self.has_lowrank:
+            return 0
+        rl = self.lr_a.shape[1]
+        if self.has_blocks and is_tile(rl) and is_tile(self.rb):
+            return -(-rl // self.rb) * self.rb
+        return rl
+
 
 jax.tree_util.register_dataclass(BranchWeights, data_fields=["lr_a", "lr_b", "vt", "ub", "jd"],
                                  meta_fields=["block", "jd_input"])
@@ -108,11 +122,11 @@ def branch_weights(w: QuantizedWeight, pad: bool = True, joint: bool = False) ->
 
 
 def joint_down(bw: BranchWeights, k: int):
-    """[lr_a | V_d] [K, Rl + n_bo Rb] in the branch dtype (module docstring), or None when the low-rank and block
-    factors differ in dtype. x' jd = [dh | dt] before the bf16 rounding (columns i Rb + j, j >= n_bi, are zero)."""
+    """[lr_a | V_d] [K, dt_col + n_bo Rb] in the branch dtype (module docstring; V_d starts at `dt_col`, zero
+    columns between), or None when the low-rank and block factors differ in dtype. x' jd = [dh | dt] before the bf16 rounding (columns i Rb + j, j >= n_bi, are zero)."""
     parts = []
     if bw.has_lowrank:
-        parts.append(bw.lr_a)
+        parts.append(jnp.pad(bw.lr_a, ((0, 0), (0, bw.dt_col - bw.lr_a.shape[1]))))
     if bw.has_blocks:
         nbi, bi, _ = bw.vt.shape
         nbo, rb = bw.n_bo, bw.rb
@@ -162,6 +176,19 @@ def node_factors(bw: Optional[BranchWeights], n: int) -> dict:
     return out
 
 
+def joint_features(xt, bw: BranchWeights, x_in=None):
+    """[dh | dt] [M, dt_col + n_bo Rb] (branch dtype) from one GEMM with the joint down-projection `bw.jd`:
+    x' jd, or x_in jd for an input-space jd (`bw.jd_input`; x_in [M, K] the layer's input before its transform).
+    dh is columns [0, Rl), dt columns [dt_col, end) (`BranchWeights.dt_col`)."""
+    src = xt
+    if bw.jd_input:
+        if x_in is None:
+            raise ValueError("an input-space down-projection (jd_input) needs the layer's input x_in")
+        src = x_in
+    dtype = bw.jd.dtype
+    return jnp.dot(src.astype(dtype), bw.jd, preferred_element_type=jnp.float32).astype(dtype)
+
+
 def branch_features(xt, bw: Optional[BranchWeights], x_in=None):
     """x' [M, K] (float32) -> (dh [M, Rl] | None, dt [M, n_bo Rb] | None) in the branch dtype (XLA ops).
     x_in [M, K]: the layer's input before its transform, which an input-space jd (`bw.jd_input`) reads."""
@@ -170,15 +197,9 @@ def branch_features(xt, bw: Optional[BranchWeights], x_in=None):
     m, k = xt.shape
     dh = dt = None
     if bw.jd is not None:                      # one GEMM for both (`joint_down`)
-        dtype = bw.jd.dtype
-        src = xt
-        if bw.jd_input:
-            if x_in is None:
-                raise ValueError("an input-space down-projection (jd_input) needs the layer's input x_in")
-            src = x_in
-        d = jnp.dot(src.astype(dtype), bw.jd, preferred_element_type=jnp.float32).astype(dtype)
+        d = joint_features(xt, bw, x_in)
         rl = bw.lr_a.shape[1] if bw.has_lowrank else 0
-        return (d[:, :rl] if bw.has_lowrank else None), (d[:, rl:] if bw.has_blocks else None)
+        return (d[:, :rl] if bw.has_lowrank else None), (d[:, bw.dt_col:] if bw.has_blocks else None)
     if bw.has_lowrank:
         dtype = bw.lr_a.dtype
         dh = jnp.dot(xt.astype(dtype), bw.lr_a, preferred_element_type=jnp.float32).astype(dtype)
@@ -207,5 +228,5 @@ def branch_epilogue(y, dh, dt, bw: BranchWeights):
     return y
 
 
-__all__ = ["BranchWeights", "branch_weights", "joint_down", "input_space_down", "branch_features", "branch_epilogue", "node_factors", "next_pow2",
+__all__ = ["BranchWeights", "branch_weights", "joint_down", "input_space_down", "branch_features", "joint_features", "branch_epilogue", "node_factors", "next_pow2",
            "is_tile", "widen_on_cpu", "lowering_for", "target_platform"]

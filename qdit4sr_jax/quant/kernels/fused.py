@@ -37,7 +37,8 @@ import jax
 import jax.numpy as jnp
 
 from qdit4sr_jax.quant import quantizer as qz
-from qdit4sr_jax.quant.kernels.branch_ops import BranchWeights, branch_epilogue, branch_features, branch_weights
+from qdit4sr_jax.quant.kernels.branch_ops import (BranchWeights, branch_epilogue, branch_features, branch_weights,
+                                                  joint_features)
 from qdit4sr_jax.quant.kernels.operands import (DEFAULT_CONFIG, GROUPED_CONFIG, KernelConfig,  # noqa: F401 (re-exported)
                                                 Operands, block_rows, default_config, packed_run, supports_fused,
                                                 tiles_ok, unpacks_in_kernel)
@@ -49,13 +50,16 @@ BACKENDS = ("auto", "pallas", "interpret", "xla")
 
 
 def prologue(x2, w: QuantizedWeight, bits, *, pad_to: int = 1, chunk: Optional[int] = None,
-             bw: Optional[BranchWeights] = None, pad_branches: bool = False, xprime: str = "float32") -> Operands:
+             bw: Optional[BranchWeights] = None, pad_branches: bool = False, xprime: str = "float32",
+             joint: bool = False) -> Operands:
     """x2 [M, K] -> `Operands` (stage 1 of the module docstring). bits: int or traced int32 scalar.
     pad_to: pad the rows to a multiple of this; chunk: with packed weights, split every run of `chunk`
     codes into [even | odd] (None: keep the natural order); bw: the node's `branch_weights`, when
     computed beforehand (a prepared weight), else built here (pad_branches: with the zero padding of ranks
     and block rows that the Pallas kernels' tiles need); xprime: the dtype a transformed x' is kept in before
-    its quantization ("float32", as the reference; "bfloat16": rounded once, `prepare(..., xprime=)`)."""
+    its quantization ("float32", as the reference; "bfloat16": rounded once, `prepare(..., xprime=)`); joint:
+    with a joint down-projection whose dt starts on an Rb block (`BranchWeights.dt_col`), return the joint
+    features unsliced (`Operands.joint`: for the GEMM kernel, which reads them in place)."""
     m, k = x2.shape
     if w.smooth is not None or w.rotate:
         xt = transform_input(x2, w)
@@ -84,6 +88,9 @@ def prologue(x2, w: QuantizedWeight, bits, *, pad_to: int = 1, chunk: Optional[i
     x_in = None
     if bw is not None and bw.jd_input:                                  # the down GEMM reads x itself
         x_in = x2 if mp == m else jnp.pad(x2, ((0, mp - m), (0, 0)))
+    if joint and bw is not None and bw.jd is not None and (not bw.has_blocks or bw.dt_col % bw.rb == 0):
+        d = joint_features(xt, bw, x_in)
+        return Operands(q, s[:, 0], d if bw.has_lowrank else None, d if bw.has_blocks else None, bw, m, c, True)
     dh, dt = branch_features(xt, bw, x_in)
     return Operands(q, s[:, 0], dh, dt, bw, m, c)
 
@@ -176,7 +183,8 @@ def fused_linear(x, w: QuantizedWeight, bias=None, *, act_bits=None, step=None, 
                                      num_warps=cfg.prologue_rot_warps if w.rotate else cfg.prologue_warps,
                                      levels=kw.levels if table else None, step=step if table else None)
         else:
-            ops = prologue(x2, w, bits, pad_to=cfg.block_m, chunk=chunk, bw=bw, pad_branches=True, xprime=xprime)
+            ops = prologue(x2, w, bits, pad_to=cfg.block_m, chunk=chunk, bw=bw, pad_branches=True, xprime=xprime,
+                           joint=True)
         y = pallas_gemm_epilogue(ops, w, bias, x.dtype, cfg, interpret=(be == "interpret"))
     return y.reshape(*lead, w.n)
 

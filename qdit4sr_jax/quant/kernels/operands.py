@@ -115,7 +115,10 @@ def tiles_ok(w: QuantizedWeight, cfg: KernelConfig) -> bool:
 class Operands:
     """Prologue output. xq int8 [Mp, Kp] (packed: [even|odd] per chunk), sx f32 [Mp], branch features dh
     [Mp, Rl] / dt [Mp, n_bo Rb] (branch dtype) or None and their weights bw (`branch_ops.BranchWeights`, None
-    without branches), m the unpadded rows, chunk the [even | odd] run length of packed codes (0: not split)."""
+    without branches), m the unpadded rows, chunk the [even | odd] run length of packed codes (0: not split).
+    joint: dh and dt are both (where present) the joint features [dh | dt] [Mp, dt_col + n_bo Rb] of one GEMM
+    (`branch_ops.joint_features`), which the GEMM kernel reads in place: dh in columns [0, Rl), dt from
+    `bw.dt_col` (a multiple of Rb)."""
     xq: jax.Array
     sx: jax.Array
     dh: Optional[jax.Array]
@@ -123,6 +126,7 @@ class Operands:
     bw: Optional[BranchWeights]
     m: int
     chunk: int
+    joint: bool = False
 
 
 __all__ = ["KernelConfig", "DEFAULT_CONFIG", "GROUPED_CONFIG", "default_config", "set_prologue_tiles", "supports_fused",

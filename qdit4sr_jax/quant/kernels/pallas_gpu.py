@@ -9,7 +9,7 @@ Grid (Mp / block_m, N / block_n); each program owns one [block_m, block_n] outpu
   high nibble p >> 4 (arithmetic shifts sign-extend), multiplied with the [even | odd] halves of the
   prologue's activation run: two int8 dots of half the K step each.
 Epilogue: y * s_x (* s_w) + dh[m-tile] @ lr_b[:, n-tile] + dt[m-tile, block row] @ ub[:, n-tile] (branch
-dtype, float32 accumulation; `branch_ops`) + bias, stored in the output dtype. With `interpret=True` the same kernel runs in the Pallas
+dtype, float32 accumulation; `branch_ops`; dh and dt read in place from one joint array when `Operands.joint`) + bias, stored in the output dtype. With `interpret=True` the same kernel runs in the Pallas
 interpreter on any backend (the CPU tests).
 """
 from __future__ import annotations
@@ -113,13 +113,15 @@ def pallas_gemm_epilogue(ops, w: QuantizedWeight, bias, out_dtype, cfg, *, inter
              w_spec, sw_spec]
     bw = ops.bw
     if ops.dh is not None:                      # global low-rank: every output tile reads the same dh rows
+                                                # (joint features: their first Rl columns)
         rl = bw.lr_b.shape[0]
         args += [ops.dh, bw.lr_b]
         specs += [pl.BlockSpec((bm, rl), lambda i, j: (i, 0)), pl.BlockSpec((rl, bn), lambda i, j: (0, j))]
     if ops.dt is not None:                      # blocks: the dt slice of the tile's block row i(n) = n // b_out
         rb, bo = bw.rb, bw.block[0]
+        off = bw.dt_col // rb if ops.joint else 0   # joint features: dt starts at column dt_col (Rb blocks)
         args += [ops.dt, bw.ub]
-        specs += [pl.BlockSpec((bm, rb), lambda i, j: (i, (j * bn) // bo)),
+        specs += [pl.BlockSpec((bm, rb), lambda i, j: (i, off + (j * bn) // bo)),
                   pl.BlockSpec((rb, bn), lambda i, j: (0, j))]
     if bias is not None:
         args.append(bias.astype(jnp.float32))
