@@ -181,8 +181,8 @@ def _sample(params, lr_latent, noise, context, pooled, neg_context, neg_pooled, 
             shift, guidance_scale, start, start_sigma, tile_latent, tile_overlap, tile_batch, force_tiling,
             collect_stats, prediction="velocity", residual_scale=0.1, prepare_weights=None, start_noise=1.0):
     if prepare_weights:                   # fused quantized layers: weight-side operands once, before the loop
-        from qdit4sr_jax.quant.kernels.prepared import prepare
-        params = prepare(params, unpack=prepare_weights == "unpacked")
+        from qdit4sr_jax.quant.kernels.prepared import SAMPLER_MODES, prepare
+        params = prepare(params, **SAMPLER_MODES[prepare_weights])
     sigmas, timesteps = flow_schedule(num_steps, shift, start_sigma=start_sigma)
     B = noise.shape[0]
     cfg_on = guidance_scale != 1.0
@@ -238,15 +238,17 @@ def sample(cfg: ModelConfig, params, lr_latent, noise, *, context=None, pooled=N
     is the model's `calib` collection per step, each leaf stacked with a leading step axis [T, ...].
     ``output_offsets`` [T, B, h, w, C] float32 (optional) is added to the (guided) model output of each step
     before it becomes a velocity: the handle `quant.stepgain.step_sensitivity` differentiates through.
-    ``prepare_weights`` (quantized layers with execution "fused"; the outputs are the same): None computes
+    ``prepare_weights`` (quantized layers with execution "fused"; the outputs are the same except "fast"): None computes
     their weight-side kernel operands per call (XLA may hoist them out of the step loop); "unpacked" once per
     run, before the loop: int8 codes and float branch factors in kernel layout (`quant.kernels.
     prepared`; the full DiT4SR at W4A4-small then holds 2.88 GB instead of 1.45 GB); "packed" the same with
-    the codes left packed (1.62 GB; `python benchmarks/weight_memory.py --preset qdit4sr-w4a4-small`). A tree
+    the codes left packed (1.62 GB; `python benchmarks/weight_memory.py --preset qdit4sr-w4a4-small`); "fast"
+    "unpacked" with the branch down-projection on each layer's input and x' rounded once to bf16 (rounds
+    differently; the fastest on the H100: `quant.kernels.prepared.SAMPLER_MODES`). A tree
     prepared beforehand (e.g. `quant.kernels.prepare(q, prologue="pallas")`: the prologue kernel) runs as given.
     """
-    if prepare_weights not in (None, "packed", "unpacked"):
-        raise ValueError(f"prepare_weights must be None, 'packed' or 'unpacked', got {prepare_weights!r}")
+    if prepare_weights not in (None, "packed", "unpacked", "fast"):
+        raise ValueError(f"prepare_weights must be None, 'packed', 'unpacked' or 'fast', got {prepare_weights!r}")
     num_steps = int(cfg.num_steps if num_steps is None else num_steps)
     guidance_scale = float(cfg.guidance_scale if guidance_scale is None else guidance_scale)
     start = cfg.start if start is None else start

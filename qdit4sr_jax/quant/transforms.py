@@ -146,7 +146,7 @@ def sign_weight(w_nk):
     return w_nk * jnp.asarray(rotation_signs(w_nk.shape[-1]))[None, :]
 
 
-HADAMARD_IMPLS = ("auto", "dense", "dense-sum", "dense-wide", "full", "butterfly")
+HADAMARD_IMPLS = ("auto", "dense", "dense-sum", "dense-wide", "wide-sum", "full", "butterfly")
 DENSE_CAP = 128                     # the 2^j factor applied as one dense matmul (the rest joins H_m)
 _IMPL = ["auto"]                    # process-wide choice (`set_hadamard_impl`); "auto": `auto_impl`
 FULL_CAP = 2048                     # the largest block "full" runs as one +-1 GEMM (else "dense")
@@ -174,6 +174,10 @@ def set_hadamard_impl(impl: str) -> str:
     "dense-sum": the same first matmul, G applied as an unrolled sum of +-rows (one elementwise XLA fusion).
     "dense-wide": "dense" with the whole 2^j factor (up to `FULL_CAP`) in the first matmul, so G = H_m alone
         (6144 = 12 x 512: one K = 512 GEMM, then H_12; "dense" runs K = 128, then H_12 (x) S_4). Not yet timed.
+    "wide-sum": "full" up to `FULL_CAP`; above it the whole 2^j factor (up to `FULL_CAP`) as one +-1 GEMM on x
+        as it comes (bf16 stays bf16: exact, no three-part split), then the rest of G (H_m alone on DiT4SR:
+        6144 = 12 x 512) as m-term float32 sums (one elementwise XLA fusion that fuses into its consumers: no
+        split, concatenation or transpose of the float32 intermediate, as "dense" needs for its second GEMM).
     "full": one +-1 matmul of the whole block (b <= `FULL_CAP`, else "dense"); exact on a GPU as "dense" is.
     "butterfly": the 2^j-point butterflies (one XLA fusion per stage on a GPU: 3.7-4.9x the cost of the whole
         W4A4 layer on an H100, benchmarks/gpu_notes.md), then H_m: the implementation before 2026-12-05."""
@@ -204,6 +208,8 @@ def hadamard_transform(x, block: int, impl: Optional[str] = None, exact_bf16: Op
         impl = auto_impl(block)
     if impl == "full" and int(block) > FULL_CAP:
         impl = "dense"
+    if impl == "wide-sum" and int(block) <= FULL_CAP:
+        impl = "full"
     return _hadamard_dense(x, int(block), impl, bool(exact_bf16))
 
 
@@ -305,10 +311,10 @@ def _hadamard_dense(x, block: int, impl: str, exact_bf16: bool):
     if impl == "full":
         y = _pm1_dot(x.reshape(-1, block), _pm1(block, "full"), -1, exact_bf16)
     else:
-        c, g, gmat = kronecker_plan(block, FULL_CAP if impl == "dense-wide" else DENSE_CAP)
+        c, g, gmat = kronecker_plan(block, FULL_CAP if impl in ("dense-wide", "wide-sum") else DENSE_CAP)
         y = _pm1_dot(x.reshape(-1, g, c), _pm1(c, "s"), -1, exact_bf16)  # [rows, g, c] float32
         if g > 1:
-            if impl == "dense-sum":
+            if impl in ("dense-sum", "wide-sum"):
                 y = _pm1_sum(y, m, p // c)
             else:                                                    # G = H_m (x) S_{p / c}, +-1
                 y = _pm1_dot(y, gmat, 1, exact_bf16)

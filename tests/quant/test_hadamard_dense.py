@@ -11,7 +11,7 @@ from qdit4sr_jax.quant.kernels import fused_linear, prepare, prepare_weight
 from qdit4sr_jax.quant.linear import linear
 from qdit4sr_jax.quant.qweight import make_qweight
 
-IMPLS = ("dense", "dense-sum", "dense-wide", "full", "butterfly")
+IMPLS = ("dense", "dense-sum", "dense-wide", "wide-sum", "full", "butterfly")
 
 
 def _ref64(x, block):

@@ -127,6 +127,14 @@ def test_sampler_prepared_equals_per_call():
     assert np.isfinite(base).all()
     for prep in ("unpacked", "packed"):
         np.testing.assert_allclose(run(prep), base, rtol=0, atol=1e-5)
+    assert np.array_equal(run("fast"), base)      # no transform, no branches: "fast" has nothing to round otherwise
+    qr = with_execution(qdit4sr_jax.quantize(params, "rotation-w4a4"), "fused")   # signed Hadamard: x' exists
+    rot = lambda prep: np.asarray(sampling.sample(cfg, qr, lr, noise, context=ctx, pooled=pool, num_steps=2,
+                                                  guidance_scale=1.0, tile_latent=0, prepare_weights=prep))
+    fp = np.asarray(sampling.sample(cfg, params, lr, noise, context=ctx, pooled=pool, num_steps=2,
+                                    guidance_scale=1.0, tile_latent=0))
+    fast, stored = rot("fast"), rot(None)       # x' rounded to bf16: other codes, a new draw of W4A4 noise
+    assert rel_err(fast, stored) > 0 and rel_err(fast, fp) <= 1.1 * rel_err(stored, fp)   # (0.146 vs 0.147)
     ahead = np.asarray(sampling.sample(cfg, prepare(q, prologue="pallas"), lr, noise, context=ctx, pooled=pool,
                                        num_steps=2, guidance_scale=1.0, tile_latent=0))     # prepared beforehand
     np.testing.assert_allclose(ahead, base, rtol=0, atol=1e-5)

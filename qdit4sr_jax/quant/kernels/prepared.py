@@ -42,6 +42,13 @@ from qdit4sr_jax.quant.qweight import QuantizedWeight
 PROLOGUES = ("xla", "pallas")
 DOWNS = ("joint", "split", "input")
 XPRIMES = ("float32", "bfloat16")
+# The sampler's `prepare_weights` modes -> `prepare` arguments. "unpacked" / "packed" compute what the stored
+# tree computes (the same operands reach the same kernels); "fast" (unpacked, the branch down-projection on the
+# layer's input, x' rounded once to bf16) rounds differently and ran fastest on the H100: the paper preset's
+# -small form 0.49x / 0.67x of bf16 at 512 / 1024 px vs 0.47x / 0.62x "unpacked" (benchmarks/RESULTS.md,
+# 2026-12-06 07:10), PSNR vs FP on the demo 32.289 vs 32.274 dB (2026-12-06 05:30).
+SAMPLER_MODES = {"unpacked": dict(unpack=True), "packed": dict(unpack=False),
+                 "fast": dict(unpack=True, down="input", xprime="bfloat16")}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -137,4 +144,4 @@ def prepare(tree, *, unpack: bool = True, prologue: str = "xla", down: str = "jo
     return walk(tree)
 
 
-__all__ = ["KernelWeight", "PROLOGUES", "DOWNS", "XPRIMES", "prepare", "prepare_weight"]
+__all__ = ["KernelWeight", "PROLOGUES", "DOWNS", "XPRIMES", "SAMPLER_MODES", "prepare", "prepare_weight"]
