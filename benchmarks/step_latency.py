@@ -32,7 +32,8 @@ Modes (--modes):
                 tree), prep (`kernels.prepare`d: joint down-projection, the default), prepsplit (prepared with
                 down="split"), prepin (prepared, the down-projection on the layer's input: down="input"), prepbf
                 (prepin with x' rounded to bf16 before its quantization: xprime="bfloat16"),
-                prepk (prepared, prologue kernel), int (XLA int8 reference path)
+                prepk (prepared, prologue kernel), int (XLA int8 reference path); p:PRESET:KIND:IMPL the same
+                with the online Hadamard as IMPL (`transforms.HADAMARD_IMPLS`) for this mode only
 --hadamard IMPL runs the online rotation of the rotating presets as `transforms.set_hadamard_impl(IMPL)`
 (default "auto" = `transforms.auto_impl`: "full" up to 2048 on a GPU, else "dense"; "butterfly" is the
 implementation before 2026-12-05). --prologue-tile 16x4x16 sets the prologue kernel's rows x warps (x warps of
@@ -89,16 +90,25 @@ PRESET_KINDS = ("fused", "prep", "prepsplit", "prepin", "prepbf", "prepk", "int"
 
 
 def is_mode(m: str) -> bool:
-    """A fixed mode (MODES) or p:PRESET:KIND (KIND in PRESET_KINDS)."""
+    """A fixed mode (MODES) or p:PRESET:KIND[:HADAMARD] (KIND in PRESET_KINDS, HADAMARD in HADAMARD_IMPLS)."""
+    from qdit4sr_jax.quant.transforms import HADAMARD_IMPLS
     if m in MODES:
         return True
     parts = m.split(":")
-    return len(parts) == 3 and parts[0] == "p" and parts[2] in PRESET_KINDS and bool(parts[1])
+    return (len(parts) in (3, 4) and parts[0] == "p" and parts[2] in PRESET_KINDS and bool(parts[1])
+            and (len(parts) == 3 or parts[3] in HADAMARD_IMPLS))
+
+
+def mode_hadamard(m: str, default: str) -> str:
+    """The online Hadamard implementation a mode runs: its p:PRESET:KIND:HADAMARD field, else default."""
+    parts = m.split(":")
+    return parts[3] if m.startswith("p:") and len(parts) == 4 else default
 
 
 def mode_arg(m: str) -> str:
     if not is_mode(m):
-        raise argparse.ArgumentTypeError(f"mode {m!r}: one of {MODES} or p:PRESET:KIND with KIND in {PRESET_KINDS}")
+        raise argparse.ArgumentTypeError(f"mode {m!r}: one of {MODES} or p:PRESET:KIND[:HADAMARD] with KIND in "
+                                         f"{PRESET_KINDS}")
     return m
 
 
@@ -145,6 +155,7 @@ def quantized_trees(params, modes, steps: int, log):
     from qdit4sr_jax.quant.api import quantize
     from qdit4sr_jax.quant.config import QuantConfig
     from qdit4sr_jax.quant.kernels import prepare, with_execution
+    from qdit4sr_jax.quant.kernels.prepared import SAMPLER_MODES
     trees, info = {}, {}
     recipes = {}
     if any(m.startswith("w8a8") for m in modes):
@@ -184,10 +195,10 @@ def quantized_trees(params, modes, steps: int, log):
         for m in modes:
             kind = m.split("-", 1)[1] if m.startswith(name + "-") else None
             if m.startswith("p:"):
-                kind = m.split(":")[2] if m.rsplit(":", 1)[0] == name else None
+                kind = m.split(":")[2] if ":".join(m.split(":")[:2]) == name else None
             if kind in ("prepsplit", "prepin", "prepbf"):
                 kw = dict(prepsplit=dict(down="split"), prepin=dict(down="input"),
-                          prepbf=dict(down="input", xprime="bfloat16"))[kind]
+                          prepbf=SAMPLER_MODES["fast"])[kind]
                 trees[m] = jax.block_until_ready(jax.jit(lambda t, kw=kw: prepare(t, **kw))(
                     with_execution(q, "fused")))
             elif kind == "int":
@@ -260,7 +271,7 @@ def main(argv=None):
     ap.add_argument("--out", default=None, help="JSON results file")
     a = ap.parse_args(argv)
     cases = parse_cases(a.cases) if a.cases else [(s, b) for s in a.sizes for b in a.batch]
-    from qdit4sr_jax.quant.transforms import set_hadamard_impl
+    from qdit4sr_jax.quant.transforms import hadamard_impl, set_hadamard_impl
     set_hadamard_impl(a.hadamard)
     if a.prologue_tile:
         from qdit4sr_jax.quant.kernels.operands import set_prologue_tiles
@@ -311,15 +322,17 @@ def main(argv=None):
                 res["notes"].append(f"deadline: skipped {mode} at {size} batch {b}")
                 continue
             mdl = models[mode]
-            key = (id(mdl), mcfg.attention_impl, variant)
+            had = mode_hadamard(mode, a.hadamard)
+            key = (id(mdl), mcfg.attention_impl, variant, had)    # one jit per Hadamard impl (read when traced)
             if key not in steps:
                 steps[key] = make_step(mdl, mcfg.guidance_scale, a.scan_steps, xopts)
             run = {"mode": mode, "size": size, "batch": b, "latent": size // mcfg.vae.downsample,
                    "weight_bytes": tree_bytes(trees[mode]), "xla_variant": variant}
             try:
                 left = None if not a.deadline else max(5.0, a.deadline - (time.perf_counter() - t_start))
-                run.update(compile_and_time(steps[key], (trees[mode],) + args, warmup=a.warmup,
-                                            iters=a.iters, budget_s=left))
+                with hadamard_impl(had):
+                    run.update(compile_and_time(steps[key], (trees[mode],) + args, warmup=a.warmup,
+                                                iters=a.iters, budget_s=left))
             except Exception as e:
                 if mode == "bf16" and mcfg.attention_impl in ("cudnn", "fp8"):
                     res["notes"].append(f"{mcfg.attention_impl} attention failed ({e!r:.300}); falling back "
@@ -329,8 +342,9 @@ def main(argv=None):
                     model = DiT4SRTransformer(mcfg)
                     models = {m: (model if models[m] is mdl else models[m]) for m in models}
                     steps.clear()
-                    steps[(id(model), None, variant)] = make_step(model, mcfg.guidance_scale, a.scan_steps, xopts)
-                    run.update(compile_and_time(steps[(id(model), None, variant)], (trees[mode],) + args,
+                    steps[(id(model), None, variant, had)] = make_step(model, mcfg.guidance_scale, a.scan_steps,
+                                                                       xopts)
+                    run.update(compile_and_time(steps[(id(model), None, variant, had)], (trees[mode],) + args,
                                                 warmup=a.warmup, iters=a.iters))
                 else:
                     run["error"] = repr(e)[:500]

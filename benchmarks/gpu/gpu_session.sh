@@ -21,6 +21,8 @@
 #                                             # down-projection, 1024- and 512-px steps of bf16, W8A8 and the paper /
 #                                             # smoothing + rotation W4A4-small presets (2-step scan)
 #   bash benchmarks/gpu/gpu_session.sh i24d      # all six modes' 1024-px steps (+ smoothing-only -small, paper W4A4)
+#   bash benchmarks/gpu/gpu_session.sh i24o      # 12-06 (5): 6144 Hadamard wide-sum per call; 512-px profile + optimized
+#                                             # HLO + steps (prepbf, joint features in place, wide-sum); i24p: 1024 px
 #   bash benchmarks/gpu/gpu_session.sh i24n      # 12-06 (4): 512-px step profile bf16 / W8A8 / paper-small prepbf, then
 #                                             # 1024-px prepbf steps
 #   bash benchmarks/gpu/gpu_session.sh i24l      # next: the prologue kernel feature by feature, 16 warps, down="input",
@@ -42,6 +44,30 @@ steps() {
   timeout "$limit" python3 benchmarks/step_latency.py "$@" --out "$OUT/$name.json" > "$OUT/$name.log" 2>&1
   grep -v "^W[0-9]\|Warning" "$OUT/$name.log" | grep "quantized\|px b\|note" | cut -c1-230
 }
+if [ "${1:-}" = i24o ] || [ "${1:-}" = i24p ]; then
+  # issue 24, 12-06 session 5. i24o (<= 560 s): the 6144 Hadamard as "wide-sum" (one K = 512 +-1 GEMM, H_12 as
+  # float32 sums) vs "dense" / "dense-wide" per call; the 512-px step's per-kernel profile and optimized HLO (fusions
+  # by source line) for bf16 and paper-small prepbf (the joint branch features now read in place by the GEMM
+  # kernel) with auto / wide-sum rotation; the 512-px steps in a 2-step scan. i24p (<= 560 s): the 1024-px steps.
+  P=p:qdit4sr-paper-w4a4-small
+  if [ "$1" = i24o ]; then
+    el "hadamard 8192 x 6144"; timeout 100 python3 benchmarks/gpu/routes.py --parts hadamard --hadamard-k 6144 \
+        --hadamard-impls dense dense-wide wide-sum --out "$OUT/hadamard.json" 2>&1 | grep "hadamard 8192" | cut -c1-500
+    el "profile 512 + HLO"; timeout 230 python3 benchmarks/gpu/step_profile.py --cases 512x1 \
+        --modes bf16 $P:prepbf $P:prepbf:wide-sum --hlo "$OUT/hlo" --attention cudnn --iters 2 --warmup 1 --top 30 \
+        --deadline 200 --out "$OUT/profile512.json" > "$OUT/profile512.log" 2>&1
+    grep -v "^W[0-9]\|Warning" "$OUT/profile512.log" | grep "^|\|^#\|^fusions\|ms of kernels" | cut -c1-170 | head -260
+    left=$(( 550 - ($(date +%s) - t0) ))
+    el "steps 512 ($left s)"; steps steps512 $left --cases 512x1 --scan-steps 2 \
+        --modes bf16 $P:prepbf $P:prepbf:wide-sum $P:prep --attention cudnn --iters 5 --warmup 1 --deadline $(( left - 12 ))
+  else
+    el "steps 1024"; steps steps1024 540 --cases 1024x1 --scan-steps 2 \
+        --modes bf16 $P:prepbf $P:prepbf:wide-sum p:qdit4sr-w4a4-small:prepbf:wide-sum --attention cudnn \
+        --iters 3 --warmup 1 --deadline 525
+  fi
+  el done
+  exit 0
+fi
 if [ "${1:-}" = i24n ]; then
   # issue 24, 12-06 session 4, after i24l (prepbf 0.49x at 512 px): where the 512-px W4A4 step's extra ~29 ms go,
   # per kernel kind against bf16 and W8A8 (calls and device ms per step), then the 1024-px steps of bf16 and

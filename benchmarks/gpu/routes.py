@@ -202,7 +202,7 @@ def hadamard_ref64(x: np.ndarray, block: int) -> np.ndarray:
     return y.reshape(mm, k)
 
 
-def run_hadamard(shapes, log, impls=("butterfly", "dense", "dense-sum", "dense-wide", "full")):
+def run_hadamard(shapes, log, impls=("butterfly", "dense", "dense-sum", "dense-wide", "wide-sum", "full")):
     """The online rotation of a layer's input x [M, K] as `transforms.hadamard_transform` runs it with each
     implementation (bf16 x in, float32 out, as `transform_input` runs it without smoothing; "dense f32-in": a
     float32 x, as after smoothing, through the three-part bf16 split), for the 2^k and full blocks; each checked
@@ -240,6 +240,9 @@ def main(argv=None):
     ap.add_argument("--small", action="store_true", help="tiny shapes (CPU smoke test)")
     ap.add_argument("--parts", nargs="+", default=["gemm", "down", "hadamard"], choices=["gemm", "down", "hadamard"])
     ap.add_argument("--reps", type=int, default=20)
+    ap.add_argument("--hadamard-k", type=int, nargs="+", default=None, help="the hadamard part's input sizes K "
+                    "(default 1536 and 6144; rows 8192)")
+    ap.add_argument("--hadamard-impls", nargs="+", default=None, help="the hadamard part's implementations")
     ap.add_argument("--out", default=None)
     a = ap.parse_args(argv)
     t_start = time.perf_counter()
@@ -256,7 +259,9 @@ def main(argv=None):
         res["gemm"] = run_gemm(gshapes, a.reps, log)
         write_json(a.out, res)
     if "hadamard" in a.parts:
-        res["hadamard"] = run_hadamard(hshapes, log)
+        if a.hadamard_k:
+            hshapes = [(hshapes[0][0], k) for k in a.hadamard_k]
+        res["hadamard"] = run_hadamard(hshapes, log, **({"impls": tuple(a.hadamard_impls)} if a.hadamard_impls else {}))
         write_json(a.out, res)
     if "down" in a.parts:
         res["down"] = run_down(dshapes, rank, block, log)

@@ -148,6 +148,86 @@ def profile_step(step, args, iters: int, warmup: int, keep: str = None, tag: str
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+_FUSION = re.compile(r"^\s*(?:ROOT )?%?([\w.-]+) = \S+ fusion\(.*?kind=(\w+).*?calls=%?([\w.-]+)(.*)$")
+_META = re.compile(r'op_name="([^"]*)"(?:.*?source_file="([^"]*)")?(?:.*?source_line=(\d+))?')
+_FRAME = re.compile(r"stack_frame_id=(\d+)")
+
+
+def _stack_tables(text: str):
+    """The optimized HLO's FileNames / FunctionNames / FileLocations / StackFrames tables -> a function
+    frame_id -> "file:line<file:line" of the innermost two frames in this project's files."""
+    sec, files, locs, frames = None, {}, {}, {}
+    for line in text.splitlines():
+        if line in ("FileNames", "FunctionNames", "FileLocations", "StackFrames"):
+            sec = line
+            continue
+        if not line or line.startswith(("HloModule", "ENTRY", "%", " ")):
+            if line.startswith(("ENTRY", "%")):
+                sec = None
+            continue
+        m = re.match(r"(\d+) (.*)$", line)
+        if not m or sec is None:
+            continue
+        i, rest = int(m.group(1)), m.group(2)
+        if sec == "FileNames":
+            files[i] = rest.strip('"')
+        elif sec == "FileLocations":
+            f = re.search(r"file_name_id=(\d+).*?line=(\d+)", rest)
+            locs[i] = (int(f.group(1)), int(f.group(2))) if f else (0, 0)
+        elif sec == "StackFrames":
+            f = re.search(r"file_location_id=(\d+).*?parent_frame_id=(\d+)", rest)
+            if f:
+                frames[i] = (int(f.group(1)), int(f.group(2)))
+
+    def source(fid: int) -> str:
+        out, seen = [], set()
+        while fid in frames and fid not in seen and len(out) < 2:
+            seen.add(fid)
+            loc, parent = frames[fid]
+            fn, ln = locs.get(loc, (0, 0))
+            path = files.get(fn, "?")
+            if "qdit4sr_jax" in path:
+                out.append(f"{os.path.basename(path)}:{ln}")
+            fid = parent
+        return "<".join(out) or "?"
+    return source
+
+
+def hlo_fusions(text: str, top: int = 40) -> list:
+    """Optimized HLO text -> the fusions of every computation grouped by kernel kind (the profile's name without
+    its numeric suffix, e.g. input_concatenate_fusion) and source (the jax op and file:line of XLA's metadata):
+    [{kind, op, source, count}], most frequent first (static counts; a scanned body counts once)."""
+    groups = collections.Counter()
+    source = _stack_tables(text)
+    for line in text.splitlines():
+        m = _FUSION.match(line)
+        if not m:
+            continue
+        name, rest = m.group(1), m.group(4)
+        meta = _META.search(rest)
+        op = src = "?"
+        if meta:
+            op = re.sub(r"^jit\([^)]*\)/", "", meta.group(1))
+            op = re.sub(r"jit\(([^)]*)\)/", r"\1/", op)[-120:]
+            if meta.group(2):
+                src = f"{os.path.basename(meta.group(2))}:{meta.group(3)}"
+        frame = _FRAME.search(rest)
+        if frame:
+            src = source(int(frame.group(1)))
+        groups[(re.sub(r"[.\d]+$", "", name), op.split("/")[-1], src)] += 1
+    return [{"kind": k, "op": o, "source": s, "count": c} for (k, o, s), c in groups.most_common(top)]
+
+
+def write_hlo(step, args, out_dir: str, tag: str) -> dict:
+    """Compile step(*args), write its optimized HLO to out_dir/tag.hlo.txt.gz and return {path, fusions}."""
+    os.makedirs(out_dir, exist_ok=True)
+    text = step.lower(*args).compile().as_text()
+    path = os.path.join(out_dir, f"{tag}.hlo.txt.gz")
+    with gzip.open(path, "wt") as f:
+        f.write(text)
+    return {"path": path, "fusions": hlo_fusions(text)}
+
+
 def diff(base: dict, other: dict, top: int = 15) -> dict:
     """Category and kernel-kind differences other - base (us and calls per step), the largest first."""
     cats = sorted(set(base["categories_us"]) | set(other["categories_us"]))
@@ -173,6 +253,9 @@ def main(argv=None):
     ap.add_argument("--calib-steps", type=int, default=40)
     ap.add_argument("--top", type=int, default=25)
     ap.add_argument("--keep-trace", default=None, help="directory for the perfetto traces")
+    ap.add_argument("--hlo", default=None, metavar="DIR", help="also write each mode's optimized HLO (gzip) and "
+                    "its fusions by source line (`hlo_fusions`) to DIR")
+    ap.add_argument("--hadamard", default="auto", help="online Hadamard implementation (transforms.HADAMARD_IMPLS)")
     ap.add_argument("--deadline", type=float, default=None, help="skip remaining work after this many seconds")
     ap.add_argument("--out", default=None, help="JSON results file")
     a = ap.parse_args(argv)
@@ -187,7 +270,9 @@ def main(argv=None):
     params = random_params(mcfg)
     trees, qinfo = S.quantized_trees(params, [m for m in a.modes if m != "bf16"], a.calib_steps, log)
     trees["bf16"] = params
-    step = S.make_step(DiT4SRTransformer(mcfg), mcfg.guidance_scale)
+    from qdit4sr_jax.quant.transforms import hadamard_impl
+    model = DiT4SRTransformer(mcfg)
+    steps = {}                            # one jit per Hadamard implementation (read when the step is traced)
     res = {"env": environment(), "args": vars(a), "model": a.preset, "attention": attn or "xla", "runs": [],
            "diffs": [], "notes": []}
     for size, b in cases:
@@ -200,7 +285,14 @@ def main(argv=None):
             if a.deadline and time.perf_counter() - t0 > a.deadline:
                 res["notes"].append(f"deadline: skipped {mode} at {size} batch {b}")
                 continue
-            prof = profile_step(step, (trees[mode],) + inp, a.iters, a.warmup, a.keep_trace, f"{mode}_{size}x{b}")
+            had = S.mode_hadamard(mode, a.hadamard)
+            step = steps.setdefault(had, S.make_step(model, mcfg.guidance_scale))
+            tag = f"{mode}_{size}x{b}".replace(":", "_")
+            with hadamard_impl(had):
+                hlo = write_hlo(step, (trees[mode],) + inp, a.hlo, tag) if a.hlo else None
+                prof = profile_step(step, (trees[mode],) + inp, a.iters, a.warmup, a.keep_trace, tag)
+            if hlo:
+                prof["hlo"] = hlo
             got[mode] = prof
             res["runs"].append({"mode": mode, "size": size, "batch": b, **prof})
             log(f"{mode:13s} {size}px b{b}: {prof['kernel_us_per_step'] / 1e3:.2f} ms of kernels per step, "
@@ -227,6 +319,11 @@ def print_report(res):
         print("| kernel | calls / step | ms / step | category |\n|---|---|---|---|")
         for t in r["top"]:
             print(f"| {t['name'][:90]} | {t['calls']:.0f} | {t['us'] / 1e3:.3f} | {t['category']} |")
+        if r.get("hlo"):
+            print(f"fusions in the optimized HLO ({r['hlo']['path']}), by kind and source:\n"
+                  "| kind | op | source | count |\n|---|---|---|---|")
+            for f in r["hlo"]["fusions"]:
+                print(f"| {f['kind']} | {f['op'][:60]} | {f['source']} | {f['count']} |")
     for d in res["diffs"]:
         print(f"\n## {d['mode']} - {d['base']} at {d['size']}px batch {d['batch']}: {d['total_us'] / 1e3:+.2f} ms")
         print("| category / kernel kind | calls / step | ms / step |\n|---|---|---|")

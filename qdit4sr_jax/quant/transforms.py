@@ -18,6 +18,7 @@ divisor, which made every rotated input float32).
 """
 from __future__ import annotations
 
+import contextlib
 from functools import lru_cache, partial
 from typing import Optional, Tuple, Union
 
@@ -160,6 +161,16 @@ def auto_impl(block: int, backend: Optional[str] = None) -> str:
     CPU figures of this project were made with it)."""
     backend = jax.default_backend() if backend is None else backend
     return "full" if backend == "gpu" and int(block) <= FULL_CAP else "dense"
+
+
+@contextlib.contextmanager
+def hadamard_impl(impl: str):
+    """`set_hadamard_impl(impl)` for the duration of a with block (what is traced inside uses it)."""
+    prev = set_hadamard_impl(impl)
+    try:
+        yield
+    finally:
+        set_hadamard_impl(prev)
 
 
 def set_hadamard_impl(impl: str) -> str:
