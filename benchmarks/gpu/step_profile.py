@@ -148,7 +148,7 @@ def profile_step(step, args, iters: int, warmup: int, keep: str = None, tag: str
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-_FUSION = re.compile(r"^\s*(?:ROOT )?%?([\w.-]+) = \S+ fusion\(.*?kind=(\w+).*?calls=%?([\w.-]+)(.*)$")
+_FUSION = re.compile(r"^\s*(?:ROOT )?%?([\w.-]+) = (\S+) fusion\(.*?kind=(\w+).*?calls=%?([\w.-]+)(.*)$")
 _META = re.compile(r'op_name="([^"]*)"(?:.*?source_file="([^"]*)")?(?:.*?source_line=(\d+))?')
 _FRAME = re.compile(r"stack_frame_id=(\d+)")
 
@@ -195,15 +195,16 @@ def _stack_tables(text: str):
 
 def hlo_fusions(text: str, top: int = 40) -> list:
     """Optimized HLO text -> the fusions of every computation grouped by kernel kind (the profile's name without
-    its numeric suffix, e.g. input_concatenate_fusion) and source (the jax op and file:line of XLA's metadata):
-    [{kind, op, source, count}], most frequent first (static counts; a scanned body counts once)."""
+    its numeric suffix, e.g. input_concatenate_fusion), result shape and source (the jax op and file:line of XLA's
+    metadata): [{kind, shape, op, source, count}], most frequent first (static counts; a scanned body counts
+    once)."""
     groups = collections.Counter()
     source = _stack_tables(text)
     for line in text.splitlines():
         m = _FUSION.match(line)
         if not m:
             continue
-        name, rest = m.group(1), m.group(4)
+        name, shape, rest = m.group(1), re.sub(r"\{[^}]*\}", "", m.group(2)), m.group(5)
         meta = _META.search(rest)
         op = src = "?"
         if meta:
@@ -214,8 +215,9 @@ def hlo_fusions(text: str, top: int = 40) -> list:
         frame = _FRAME.search(rest)
         if frame:
             src = source(int(frame.group(1)))
-        groups[(re.sub(r"[.\d]+$", "", name), op.split("/")[-1], src)] += 1
-    return [{"kind": k, "op": o, "source": s, "count": c} for (k, o, s), c in groups.most_common(top)]
+        groups[(re.sub(r"[.\d]+$", "", name), shape[:48], op.split("/")[-1], src)] += 1
+    return [{"kind": k, "shape": sh, "op": o, "source": s, "count": c}
+            for (k, sh, o, s), c in groups.most_common(top)]
 
 
 def write_hlo(step, args, out_dir: str, tag: str) -> dict:
@@ -256,9 +258,16 @@ def main(argv=None):
     ap.add_argument("--hlo", default=None, metavar="DIR", help="also write each mode's optimized HLO (gzip) and "
                     "its fusions by source line (`hlo_fusions`) to DIR")
     ap.add_argument("--hadamard", default="auto", help="online Hadamard implementation (transforms.HADAMARD_IMPLS)")
+    ap.add_argument("--analyze-hlo", default=None, metavar="FILE", help="only print the fusions of a written HLO "
+                    "(.hlo.txt.gz from --hlo; no device needed) and exit")
     ap.add_argument("--deadline", type=float, default=None, help="skip remaining work after this many seconds")
     ap.add_argument("--out", default=None, help="JSON results file")
     a = ap.parse_args(argv)
+    if a.analyze_hlo:
+        with gzip.open(a.analyze_hlo, "rt") as f:
+            fusions = hlo_fusions(f.read(), a.top)
+        print_fusions(fusions)
+        return {"fusions": fusions}
     cases = S.parse_cases(a.cases)
     t0 = time.perf_counter()
     log = lambda s: print(f"[{time.perf_counter() - t0:7.1f}s] {s}", flush=True)
@@ -308,6 +317,12 @@ def main(argv=None):
     return res
 
 
+def print_fusions(fusions):
+    print("| kind | shape | op | source | count |\n|---|---|---|---|---|")
+    for f in fusions:
+        print(f"| {f['kind']} | {f.get('shape', '')} | {f['op'][:60]} | {f['source']} | {f['count']} |")
+
+
 def print_report(res):
     print(f"\n{res['env']['device']}  jax {res['env']['jax']}  model {res['model']}  attention {res['attention']}")
     for r in res["runs"]:
@@ -320,10 +335,8 @@ def print_report(res):
         for t in r["top"]:
             print(f"| {t['name'][:90]} | {t['calls']:.0f} | {t['us'] / 1e3:.3f} | {t['category']} |")
         if r.get("hlo"):
-            print(f"fusions in the optimized HLO ({r['hlo']['path']}), by kind and source:\n"
-                  "| kind | op | source | count |\n|---|---|---|---|")
-            for f in r["hlo"]["fusions"]:
-                print(f"| {f['kind']} | {f['op'][:60]} | {f['source']} | {f['count']} |")
+            print(f"fusions in the optimized HLO ({r['hlo']['path']}):")
+            print_fusions(r["hlo"]["fusions"])
     for d in res["diffs"]:
         print(f"\n## {d['mode']} - {d['base']} at {d['size']}px batch {d['batch']}: {d['total_us'] / 1e3:+.2f} ms")
         print("| category / kernel kind | calls / step | ms / step |\n|---|---|---|")
