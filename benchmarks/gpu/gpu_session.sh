@@ -21,6 +21,8 @@
 #                                             # down-projection, 1024- and 512-px steps of bf16, W8A8 and the paper /
 #                                             # smoothing + rotation W4A4-small presets (2-step scan)
 #   bash benchmarks/gpu/gpu_session.sh i24d      # all six modes' 1024-px steps (+ smoothing-only -small, paper W4A4)
+#   bash benchmarks/gpu/gpu_session.sh i24q      # next: 512-px steps bf16 / paper-small prepbf (shift, bf16 inner stage),
+#                                             # its profile and HLO; i24r: the 1024-px steps
 #   bash benchmarks/gpu/gpu_session.sh i24o      # 12-06 (5): 6144 Hadamard wide-sum per call; 512-px profile + optimized
 #                                             # HLO + steps (prepbf, joint features in place, wide-sum); i24p: 1024 px
 #   bash benchmarks/gpu/gpu_session.sh i24n      # 12-06 (4): 512-px step profile bf16 / W8A8 / paper-small prepbf, then
@@ -44,6 +46,27 @@ steps() {
   timeout "$limit" python3 benchmarks/step_latency.py "$@" --out "$OUT/$name.json" > "$OUT/$name.log" 2>&1
   grep -v "^W[0-9]\|Warning" "$OUT/$name.log" | grep "quantized\|px b\|note" | cut -c1-230
 }
+if [ "${1:-}" = i24q ] || [ "${1:-}" = i24r ]; then
+  # issue 24, next session (two W4A4 modes at most per call: each costs ~50 s to prepare and 25-80 s to compile).
+  # i24q (<= 560 s): the 512-px steps of bf16 and paper-small "fast" (prepbf: 2^(bits-1) by a shift instead of exp2,
+  # the 6144 rotation's inner stage in bf16, the branch features in place), then its per-kernel profile and
+  # optimized HLO (did the 496 scalar kernels and the 47 three-part splits go?). i24r (<= 560 s): the 1024-px steps.
+  P=p:qdit4sr-paper-w4a4-small
+  if [ "$1" = i24q ]; then
+    el "steps 512"; steps steps512 300 --cases 512x1 --scan-steps 2 --modes bf16 $P:prepbf --attention cudnn \
+        --iters 8 --warmup 2 --deadline 290
+    left=$(( 550 - ($(date +%s) - t0) ))
+    el "profile 512 + HLO ($left s)"; timeout $left python3 benchmarks/gpu/step_profile.py --cases 512x1 \
+        --modes $P:prepbf --hlo "$OUT/hlo" --attention cudnn --iters 2 --warmup 1 --top 40 \
+        --out "$OUT/profile512.json" > "$OUT/profile512.log" 2>&1
+    grep -v "^W[0-9]\|Warning" "$OUT/profile512.log" | grep "^|\|^#\|^fusions\|ms of kernels" | cut -c1-170 | head -120
+  else
+    el "steps 1024"; steps steps1024 540 --cases 1024x1 --scan-steps 2 --modes bf16 $P:prepbf --attention cudnn \
+        --iters 4 --warmup 1 --deadline 525
+  fi
+  el done
+  exit 0
+fi
 if [ "${1:-}" = i24o ] || [ "${1:-}" = i24p ]; then
   # issue 24, 12-06 session 5. i24o (<= 560 s): the 6144 Hadamard as "wide-sum" (one K = 512 +-1 GEMM, H_12 as
   # float32 sums) vs "dense" / "dense-wide" per call; the 512-px step's per-kernel profile and optimized HLO (fusions

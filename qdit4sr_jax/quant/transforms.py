@@ -198,12 +198,16 @@ def set_hadamard_impl(impl: str) -> str:
     return prev
 
 
-def hadamard_transform(x, block: int, impl: Optional[str] = None, exact_bf16: Optional[bool] = None):
+def hadamard_transform(x, block: int, impl: Optional[str] = None, exact_bf16: Optional[bool] = None,
+                       inner: str = "float32"):
     """x [..., K] -> x @ blockdiag(H_b, ..., H_b) (float32), H_b = H_m (x) H_{2^j} the orthonormal symmetric
     Hadamard matrix of size b = `block` = m * 2^j (m in HADAMARD_BASES), b dividing K. H_b H_b = I.
     x may be bf16 / f16 (used as is: exact +-1 products) or float32. impl: one of HADAMARD_IMPLS (None: the
     process-wide `set_hadamard_impl` choice); exact_bf16: run the matmuls as exact bf16 tensor-core GEMMs
-    (None: on a GPU backend only; True on a CPU runs the GPU formulation, for tests)."""
+    (None: on a GPU backend only; True on a CPU runs the GPU formulation, for tests). inner="bfloat16": in the GPU
+    formulation (exact_bf16) of a two-stage "dense" block, the first stage's float32 output is rounded once to bf16
+    so that the second stage is one bf16 GEMM instead of three on a three-part split (for callers that round x' to
+    bf16 anyway: `prepare(..., xprime="bfloat16")`; the DiT4SR 6144 blocks); elsewhere ignored."""
     k = x.shape[-1]
     if not is_hadamard_block(block) or k % int(block):
         raise ValueError(f"Hadamard block {block} must be m * 2^j (a power of 2 times m in {HADAMARD_BASES}) "
@@ -221,7 +225,9 @@ def hadamard_transform(x, block: int, impl: Optional[str] = None, exact_bf16: Op
         impl = "dense"
     if impl == "wide-sum" and int(block) <= FULL_CAP:
         impl = "full"
-    return _hadamard_dense(x, int(block), impl, bool(exact_bf16))
+    if inner not in ("float32", "bfloat16"):
+        raise ValueError(f"Hadamard inner dtype must be 'float32' or 'bfloat16', got {inner!r}")
+    return _hadamard_dense(x, int(block), impl, bool(exact_bf16), inner == "bfloat16" and bool(exact_bf16))
 
 
 @lru_cache(maxsize=None)
@@ -312,8 +318,8 @@ def _pm1_sum(y, m: int, r: int):
     return z.reshape(rows, g, c)
 
 
-@partial(jax.jit, static_argnums=(1, 2, 3))
-def _hadamard_dense(x, block: int, impl: str, exact_bf16: bool):
+@partial(jax.jit, static_argnums=(1, 2, 3, 4))
+def _hadamard_dense(x, block: int, impl: str, exact_bf16: bool, inner_bf16: bool = False):
     m, p = hadamard_factors(block)
     k = x.shape[-1]
     lead = x.shape[:-1]
@@ -327,6 +333,8 @@ def _hadamard_dense(x, block: int, impl: str, exact_bf16: bool):
         if g > 1:
             if impl in ("dense-sum", "wide-sum"):
                 y = _pm1_sum(y, m, p // c)
+            elif inner_bf16:                                         # one rounding: no three-part split
+                y = _pm1_dot(y.astype(jnp.bfloat16), gmat, 1, exact_bf16)
             else:                                                    # G = H_m (x) S_{p / c}, +-1
                 y = _pm1_dot(y, gmat, 1, exact_bf16)
     return (y * np.float32(1.0 / np.sqrt(block))).reshape(*lead, k)

@@ -98,3 +98,28 @@ def test_auto_picks_the_measured_fastest():
     ref = _ref64(np.asarray(x.astype(jnp.float32), np.float64), 1536)
     for impl in ("auto", "full"):
         assert _maxrel(T.hadamard_transform(x, 1536, impl=impl, exact_bf16=True), ref) < 1e-6
+
+
+@pytest.mark.parametrize("block", [1536, 6144])
+def test_bf16_inner_stage_for_callers_that_round_to_bf16(block):
+    """inner="bfloat16" (`prepare(..., xprime="bfloat16")`): the GPU formulation of a two-stage "dense" block rounds
+    its first stage's output once to bf16, so the second stage is one bf16 GEMM (no three-part split: no
+    concatenation in the lowered code); x' stays within a bf16 rounding of float64; elsewhere nothing changes."""
+    import jax
+    rng = np.random.default_rng(block)
+    x = jnp.asarray(rng.normal(size=(5, block)) * np.exp(rng.normal(size=(1, block))), jnp.bfloat16)
+    ref = _ref64(np.asarray(x.astype(jnp.float32), np.float64), block)
+    exact = T.hadamard_transform(x, block, impl="dense", exact_bf16=True)
+    inner = T.hadamard_transform(x, block, impl="dense", exact_bf16=True, inner="bfloat16")
+    assert _maxrel(exact, ref) < 1e-6
+    assert 0 < _maxrel(inner, ref) < 2 ** -8
+    rel = np.linalg.norm(np.asarray(inner, np.float64) - ref) / np.linalg.norm(ref)
+    assert rel < 2 ** -9                                              # about one bf16 rounding
+    off = T.hadamard_transform(x, block, impl="dense", exact_bf16=False, inner="bfloat16")  # CPU formulation
+    np.testing.assert_array_equal(np.asarray(off), np.asarray(T.hadamard_transform(x, block, impl="dense",
+                                                                                   exact_bf16=False)))
+    text = lambda **kw: jax.jit(lambda v: T.hadamard_transform(v, block, impl="dense", exact_bf16=True, **kw)).lower(
+        x).as_text()
+    assert "concatenate" in text() and "concatenate" not in text(inner="bfloat16")
+    with pytest.raises(ValueError, match="inner"):
+        T.hadamard_transform(x, block, inner="float16")

@@ -62,7 +62,7 @@ def prologue(x2, w: QuantizedWeight, bits, *, pad_to: int = 1, chunk: Optional[i
     features unsliced (`Operands.joint`: for the GEMM kernel, which reads them in place)."""
     m, k = x2.shape
     if w.smooth is not None or w.rotate:
-        xt = transform_input(x2, w)
+        xt = transform_input(x2, w, inner=xprime)        # x' rounded to bf16 anyway: so may its inner stage
         if xprime != "float32":
             xt = xt.astype(xprime)
     else:
