@@ -58,11 +58,14 @@ def test_quantize_then_upscale_quantized(tmp_path, capsys):
     Image.fromarray(hr[:16, :16]).save(src)
     assert cli.main(["upscale", str(src), str(tmp_path / "q.png"), "--quantized", str(ck), "--steps", "1"]) == 0
     assert np.asarray(Image.open(tmp_path / "q.png")).shape == (64, 64, 3)
-    # the fused kernels' path, per call and with prepared weights: the same image
-    for extra, name in ((["--execution", "fused"], "f.png"), (["--execution", "fused", "--prepare", "unpacked"], "p.png")):
+    # the fused kernels' path, per call and with prepared weights: the same image ("fast" too: RTN has no
+    # transform and no branches, so nothing of it rounds otherwise)
+    for extra, name in ((["--execution", "fused"], "f.png"), (["--execution", "fused", "--prepare", "unpacked"], "p.png"),
+                        (["--execution", "fused", "--prepare", "fast"], "pf.png")):
         assert cli.main(["upscale", str(src), str(tmp_path / name), "--quantized", str(ck), "--steps", "1"]
                         + extra) == 0
-    np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "f.png")), np.asarray(Image.open(tmp_path / "p.png")))
+    for name in ("p.png", "pf.png"):
+        np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "f.png")), np.asarray(Image.open(tmp_path / name)))
     assert cli.main(["upscale", str(src), str(tmp_path / "x.png"), "--prepare", "packed"]) == 2   # no --quantized
     assert "--quantized" in capsys.readouterr().err
 
