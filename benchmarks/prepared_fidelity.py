@@ -1,6 +1,7 @@
 """Fidelity of the prepared execution variants: the demo model's outputs with fused, `kernels.prepare`d weights,
 one run per variant (`VARIANTS`: the down-projection mode, `prepare(down=...)`, "joint" the default, "input" the
-GEMM on the layer's input; and x' rounded to bf16 before its quantization, `prepare(xprime="bfloat16")`), PSNR vs
+GEMM on the layer's input; and x' rounded to bf16 before its quantization, `prepare(xprime="bfloat16")`; "fast-gpu":
+input-bf16 in the Hadamard's GPU formulation, whose two-stage blocks then round their inner stage to bf16), PSNR vs
 the FP outputs and vs the first variant (the same study as benchmarks/fidelity.py: held-out crops, calibration on
 the training photos; XLA path on CPU).
 
@@ -26,7 +27,10 @@ from qdit4sr_jax.metrics.fullref import psnr  # noqa: E402
 
 
 VARIANTS = {"joint": dict(down="joint"), "input": dict(down="input"),
-            "input-bf16": dict(down="input", xprime="bfloat16"), "joint-bf16": dict(down="joint", xprime="bfloat16")}
+            "input-bf16": dict(down="input", xprime="bfloat16"), "joint-bf16": dict(down="joint", xprime="bfloat16"),
+            "fast-gpu": dict(down="input", xprime="bfloat16")}
+GPU_FORMULATION = ("fast-gpu",)   # run with the Hadamard's GPU formulation (`transforms.set_exact_bf16(True)`):
+#                                   exact bf16 GEMMs, and with x' in bf16 every two-stage block's inner stage in bf16
 
 
 def main(argv=None):
@@ -38,7 +42,9 @@ def main(argv=None):
     ap.add_argument("--limit", type=int, default=None, help="at most this many evaluation images")
     a = ap.parse_args(argv)
     from qdit4sr_jax.quant.config import QuantConfig
+    import jax
     from qdit4sr_jax.quant.kernels import prepare, with_execution
+    from qdit4sr_jax.quant.transforms import set_exact_bf16
     st = Study(crop=a.crop, limit=a.limit, step_gains=False)
     rows = []
     for preset in a.presets:
@@ -46,7 +52,14 @@ def main(argv=None):
         outs = {}
         for v in a.variants:
             t0 = time.perf_counter()
-            outs[v] = st._upscale(dict(st.params, transformer=prepare(with_execution(qt, "fused"), **VARIANTS[v])))
+            prev = set_exact_bf16(True if v in GPU_FORMULATION else None)
+            jax.clear_caches()                      # the formulation is read when the sampler is traced
+            try:
+                outs[v] = st._upscale(dict(st.params, transformer=prepare(with_execution(qt, "fused"),
+                                                                         **VARIANTS[v])))
+            finally:
+                set_exact_bf16(prev)
+                jax.clear_caches()
             rows.append(dict(preset=preset, variant=v, psnr_fp=float(np.mean([psnr(o, f) for o, f in
                                                                              zip(outs[v], st.fp)]))))
             print(f"{preset} {v}: PSNR vs FP {rows[-1]['psnr_fp']:.3f} dB ({time.perf_counter() - t0:.0f} s)",

@@ -150,6 +150,7 @@ def sign_weight(w_nk):
 HADAMARD_IMPLS = ("auto", "dense", "dense-sum", "dense-wide", "wide-sum", "full", "butterfly")
 DENSE_CAP = 128                     # the 2^j factor applied as one dense matmul (the rest joins H_m)
 _IMPL = ["auto"]                    # process-wide choice (`set_hadamard_impl`); "auto": `auto_impl`
+_EXACT = [None]                     # process-wide exact_bf16 default (`set_exact_bf16`); None: on a GPU only
 FULL_CAP = 2048                     # the largest block "full" runs as one +-1 GEMM (else "dense")
 
 
@@ -161,6 +162,16 @@ def auto_impl(block: int, backend: Optional[str] = None) -> str:
     CPU figures of this project were made with it)."""
     backend = jax.default_backend() if backend is None else backend
     return "full" if backend == "gpu" and int(block) <= FULL_CAP else "dense"
+
+
+def set_exact_bf16(value: Optional[bool]) -> Optional[bool]:
+    """The process-wide default of `hadamard_transform(exact_bf16=None)`: None (on a GPU backend only), True (the
+    GPU formulation everywhere: to study its numerics on a CPU) or False; returns the previous value. Read when a
+    function is traced (clear jit caches after a change)."""
+    if value not in (None, True, False):
+        raise ValueError(f"exact_bf16 default must be None, True or False, got {value!r}")
+    prev, _EXACT[0] = _EXACT[0], value
+    return prev
 
 
 @contextlib.contextmanager
@@ -218,7 +229,7 @@ def hadamard_transform(x, block: int, impl: Optional[str] = None, exact_bf16: Op
     if impl == "butterfly":
         return _hadamard(x.astype(jnp.float32), int(block))
     if exact_bf16 is None:
-        exact_bf16 = jax.default_backend() == "gpu"
+        exact_bf16 = _EXACT[0] if _EXACT[0] is not None else jax.default_backend() == "gpu"
     if impl == "auto":
         impl = auto_impl(block)
     if impl == "full" and int(block) > FULL_CAP:

@@ -123,3 +123,23 @@ def test_bf16_inner_stage_for_callers_that_round_to_bf16(block):
     assert "concatenate" in text() and "concatenate" not in text(inner="bfloat16")
     with pytest.raises(ValueError, match="inner"):
         T.hadamard_transform(x, block, inner="float16")
+
+
+def test_process_wide_gpu_formulation():
+    """`set_exact_bf16(True)` runs the GPU formulation where exact_bf16 is left None (a CPU study of its numerics):
+    the same as passing exact_bf16=True; None restores the backend's choice; anything else is refused."""
+    rng = np.random.default_rng(5)
+    x = jnp.asarray(rng.normal(size=(4, 1536)), jnp.bfloat16)
+    want = T.hadamard_transform(x, 1536, impl="dense", exact_bf16=True, inner="bfloat16")
+    prev = T.set_exact_bf16(True)
+    try:
+        got = T.hadamard_transform(x, 1536, impl="dense", inner="bfloat16")
+    finally:
+        assert T.set_exact_bf16(prev) is True
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+    import jax
+    if jax.default_backend() != "gpu":                                         # backend's choice: no rounding on CPU
+        cpu = T.hadamard_transform(x, 1536, impl="dense", inner="bfloat16")
+        assert not np.array_equal(np.asarray(cpu), np.asarray(want))
+    with pytest.raises(ValueError, match="exact_bf16"):
+        T.set_exact_bf16("yes")
