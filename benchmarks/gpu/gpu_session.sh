@@ -48,7 +48,7 @@ steps() {
 }
 if [ "${1:-}" = i24q ] || [ "${1:-}" = i24r ]; then
   # issue 24, next session (two W4A4 modes at most per call: each costs ~50 s to prepare and 25-80 s to compile).
-  # i24q (<= 560 s): the 512-px steps of bf16 and paper-small "fast" (prepbf: 2^(bits-1) by a shift instead of exp2,
+  # i24q (<= 560 s): the 512-px steps of bf16 and paper-small "fast" (prepbf: the code levels from per-step tables,
   # the 6144 rotation's inner stage in bf16, the branch features in place), then its per-kernel profile and
   # optimized HLO (did the 496 scalar kernels and the 47 three-part splits go?). i24r (<= 560 s): the 1024-px steps.
   P=p:qdit4sr-paper-w4a4-small

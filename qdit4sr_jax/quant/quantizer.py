@@ -69,7 +69,8 @@ def code_range(bits, symmetric: bool):
         return (-(half - 1), half - 1) if symmetric else (-half, half - 1)
     # 2^(bits-1) by an integer shift (exact, as exp2 was), not a transcendental: the exp2 chain was a scalar
     # kernel per layer and call (496 in a 512-px W4A4 step on the H100, benchmarks/RESULTS.md 2026-12-06 19:53).
-    # XLA still computes 1 / levels once per layer (a scalar divide of its own in the CPU HLO): untimed on a GPU
+    # XLA still makes 1 / levels a scalar kernel per layer; prepared weights look both up from per-step tables
+    # (`kernels.prepared.KernelWeight.levels` / `inv_levels`)
     half = jnp.left_shift(jnp.int32(1), jnp.asarray(bits, jnp.int32) - 1).astype(jnp.float32)
     return ((-(half - 1.0), half - 1.0) if symmetric else (-half, half - 1.0))
 

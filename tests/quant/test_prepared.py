@@ -242,3 +242,29 @@ def test_joint_features_are_read_in_place(rank, bi, down):
     out = fused_linear(_x(rank + bi), kw, bias, act_bits=4, backend="interpret", config=CFG)
     ref = fused_linear(_x(rank + bi), kw, bias, act_bits=4, backend="xla")
     assert rel_err(out, ref) <= 2e-6
+
+
+@pytest.mark.parametrize("backend", ["xla", "interpret"])
+def test_level_tables_give_the_stored_codes(backend):
+    """A prepared node with a VaTMP schedule carries its per-step code levels and their reciprocals
+    (`KernelWeight.levels` / `inv_levels`); the XLA prologue looks them up at the traced step instead of computing
+    2^(bits-1) - 1 and 1 / levels per call, with the stored node's outputs bit for bit at every step (also past the
+    schedule's end, clipped as `resolve_act_bits` clips), and the scalar level kernels gone from the compiled step."""
+    import re
+    rng = np.random.default_rng(11)
+    sched = np.array([4, 6, 3, 8, 5], np.int32)
+    w = jnp.asarray(rng.normal(size=(N, K)).astype(np.float32) * 0.05)
+    node = make_qweight(w, w_bits=4, a_bits=4, execution="fused", rotate=K, signs=True, a_schedule=sched,
+                        lr_a=rng.normal(size=(K, 12)) * 0.1, lr_b=rng.normal(size=(12, N)) * 0.1)
+    kw = prepare_weight(node)
+    np.testing.assert_array_equal(np.asarray(kw.levels), 2.0 ** (sched - 1) - 1)
+    np.testing.assert_array_equal(np.asarray(kw.inv_levels), np.float32(1) / (2.0 ** (sched - 1) - 1).astype(np.float32))
+    bias = jnp.asarray(rng.normal(size=(N,)).astype(np.float32))
+    x = _x(11)
+    run = jax.jit(lambda n, t: fused_linear(x, n, bias, step=t, backend=backend, config=CFG))
+    for t in range(len(sched) + 2):
+        np.testing.assert_array_equal(np.asarray(run(kw, jnp.int32(t))), np.asarray(run(node, jnp.int32(t))))
+    if backend == "xla":
+        hlo = run.lower(kw, jnp.int32(0)).compile().as_text()
+        assert not re.search(r"= f32\[1?\]\{?0?\}? fusion\(", hlo)          # no scalar fusion left
+        assert re.search(r"= f32\[1?\]\{?0?\}? fusion\(", run.lower(node, jnp.int32(0)).compile().as_text())

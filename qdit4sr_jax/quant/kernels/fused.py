@@ -51,7 +51,7 @@ BACKENDS = ("auto", "pallas", "interpret", "xla")
 
 def prologue(x2, w: QuantizedWeight, bits, *, pad_to: int = 1, chunk: Optional[int] = None,
              bw: Optional[BranchWeights] = None, pad_branches: bool = False, xprime: str = "float32",
-             joint: bool = False) -> Operands:
+             joint: bool = False, levels=None, inv_levels=None, step=None) -> Operands:
     """x2 [M, K] -> `Operands` (stage 1 of the module docstring). bits: int or traced int32 scalar.
     pad_to: pad the rows to a multiple of this; chunk: with packed weights, split every run of `chunk`
     codes into [even | odd] (None: keep the natural order); bw: the node's `branch_weights`, when
@@ -59,7 +59,10 @@ def prologue(x2, w: QuantizedWeight, bits, *, pad_to: int = 1, chunk: Optional[i
     and block rows that the Pallas kernels' tiles need); xprime: the dtype a transformed x' is kept in before
     its quantization ("float32", as the reference; "bfloat16": rounded once, `prepare(..., xprime=)`); joint:
     with a joint down-projection whose dt starts on an Rb block (`BranchWeights.dt_col`), return the joint
-    features unsliced (`Operands.joint`: for the GEMM kernel, which reads them in place)."""
+    features unsliced (`Operands.joint`: for the GEMM kernel, which reads them in place); levels, inv_levels
+    (float32 [T], `prepared.KernelWeight`) with step (traced int32): the step's code levels 2^(bits-1) - 1 and
+    their reciprocal looked up (bits then unused): the same codes and scales as from bits (XLA computes a / levels
+    as a * (1 / levels)), without two scalar kernels per layer and call."""
     m, k = x2.shape
     if w.smooth is not None or w.rotate:
         xt = transform_input(x2, w, inner=xprime)        # x' rounded to bf16 anyway: so may its inner stage
@@ -70,8 +73,15 @@ def prologue(x2, w: QuantizedWeight, bits, *, pad_to: int = 1, chunk: Optional[i
     mp = -(-m // pad_to) * pad_to
     if mp != m:
         xt = jnp.pad(xt, ((0, mp - m), (0, 0)))
-    s, _ = qz.scale_zero(xt, bits, True, -1)                         # [Mp, 1] f32, as the reference
-    q = qz.quantize_codes(xt, s, None, bits, True).astype(jnp.int8)  # [Mp, K]
+    if levels is not None:
+        i = jnp.clip(jnp.asarray(step, jnp.int32), 0, levels.shape[0] - 1)
+        lev = levels[i]
+        s = jnp.max(jnp.abs(xt.astype(jnp.float32)), axis=-1, keepdims=True) * inv_levels[i]
+        s = jnp.where(s > 0, s, 1.0)                                  # as `quantizer.scale_zero`
+        q = jnp.clip(jnp.round(xt.astype(jnp.float32) / s), -lev, lev).astype(jnp.int8)
+    else:
+        s, _ = qz.scale_zero(xt, bits, True, -1)                     # [Mp, 1] f32, as the reference
+        q = qz.quantize_codes(xt, s, None, bits, True).astype(jnp.int8)  # [Mp, K]
     if w.layout == "gnk":
         G, g = w.groups
         if G * g != k:
@@ -169,22 +179,23 @@ def fused_linear(x, w: QuantizedWeight, bias=None, *, act_bits=None, step=None, 
     lead = x.shape[:-1]
     x2 = x.reshape(-1, w.k)
     xprime = kw.xprime if kw is not None else "float32"
+    table = kw is not None and kw.levels is not None and act_bits is None and step is not None
+    tables = dict(levels=kw.levels, inv_levels=kw.inv_levels, step=step) if table else {}
     if be == "xla":
-        ops = prologue(x2, w, bits, bw=bw, xprime=xprime)
+        ops = prologue(x2, w, bits, bw=bw, xprime=xprime, **tables)
         y = xla_gemm_epilogue(ops, w, bias, x.dtype)
     else:
         from qdit4sr_jax.quant.kernels.pallas_gpu import pallas_gemm_epilogue
         from qdit4sr_jax.quant.kernels import prologue_kernel as pk
         chunk = packed_run(w, cfg)
         if kw is not None and kw.prologue == "pallas" and pk.fits(w, bw, chunk, cfg.prologue_block_m):
-            table = kw.levels is not None and act_bits is None and step is not None
             ops = pk.pallas_prologue(x2, w, bw, bits, pad_to=cfg.block_m, interpret=(be == "interpret"),
                                      block_m=cfg.prologue_block_m,
                                      num_warps=cfg.prologue_rot_warps if w.rotate else cfg.prologue_warps,
                                      levels=kw.levels if table else None, step=step if table else None)
         else:
             ops = prologue(x2, w, bits, pad_to=cfg.block_m, chunk=chunk, bw=bw, pad_branches=True, xprime=xprime,
-                           joint=True)
+                           joint=True, **tables)
         y = pallas_gemm_epilogue(ops, w, bias, x.dtype, cfg, interpret=(be == "interpret"))
     return y.reshape(*lead, w.n)
 

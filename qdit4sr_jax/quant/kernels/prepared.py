@@ -55,14 +55,17 @@ SAMPLER_MODES = {"unpacked": dict(unpack=True), "packed": dict(unpack=False),
 class KernelWeight:
     """node: the QuantizedWeight without its branch factors and, when unpacked, with int8 codes (packed=False;
     two-level factors folded: layout "nk", gscale None); bw: its branches, in float, in kernel layout
-    (`branch_ops.BranchWeights`, None without branches); levels: with prologue="pallas" and a VaTMP schedule,
-    the code levels per step (`prologue_kernel.level_table`), which the kernel indexes at the traced step;
+    (`branch_ops.BranchWeights`, None without branches); levels / inv_levels: with a VaTMP schedule, the code
+    levels per step (`prologue_kernel.level_table`) and their reciprocals, which the prologue (kernel or XLA)
+    indexes at the traced step instead of computing 2^(bits-1) - 1 and 1 / levels per layer and call (scalar
+    kernels of their own on a GPU: 496 per 512-px W4A4 step, benchmarks/RESULTS.md 2026-12-06 19:53);
     prologue (static): "xla" (XLA ops) or "pallas" (one Pallas kernel: `prologue_kernel.py`, where the layer
     fits it, else XLA); xprime (static): the dtype of a transformed x' before its quantization in the XLA
     prologue (`prepare_weight`)."""
     node: QuantizedWeight
     bw: Any = None
-    levels: Any = None            # prologue="pallas" with a VaTMP schedule: code levels per step, float32 [T]
+    levels: Any = None            # with a VaTMP schedule: code levels per step, float32 [T]
+    inv_levels: Any = None        # ... and 1 / levels, float32 [T]
     prologue: str = "xla"
     xprime: str = "float32"
 
@@ -81,7 +84,7 @@ class KernelWeight:
         return self.node.shape
 
 
-jax.tree_util.register_dataclass(KernelWeight, data_fields=["node", "bw", "levels"],
+jax.tree_util.register_dataclass(KernelWeight, data_fields=["node", "bw", "levels", "inv_levels"],
                                  meta_fields=["prologue", "xprime"])
 
 
@@ -115,11 +118,13 @@ def prepare_weight(w: QuantizedWeight, *, unpack: bool = True, prologue: str = "
     if down == "input" and bw is not None and bw.jd is not None:
         from qdit4sr_jax.quant.kernels.branch_ops import input_space_down
         bw = input_space_down(bw, node)
-    levels = None
-    if prologue == "pallas" and node.a_schedule is not None:  # the kernel looks the step's levels up itself
+    levels = inv_levels = None
+    if node.a_schedule is not None:                  # the prologue looks the step's levels up
         from qdit4sr_jax.quant.kernels.prologue_kernel import level_table
         levels = level_table(node.a_schedule)
-    return KernelWeight(node.replace(lr_a=None, lr_b=None, block_u=None, block_v=None), bw, levels, prologue, xprime)
+        inv_levels = 1.0 / levels
+    return KernelWeight(node.replace(lr_a=None, lr_b=None, block_u=None, block_v=None), bw, levels, inv_levels,
+                        prologue, xprime)
 
 
 def prepare(tree, *, unpack: bool = True, prologue: str = "xla", down: str = "joint", xprime: str = "float32"):
