@@ -78,6 +78,11 @@ MODES = ("bf16", "w8a8-int", "w8a8-fused", "w4a4-int", "w4a4-fused", "w4a4-fake"
 _CB_DEFAULT = "FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,DYNAMIC_SLICE_FUSION"
 XLA_VARIANTS = {
     "default": {},
+    # XLA's DotMerger (default: up to 32 MB) joins dots that share an operand into one dot against a concatenation
+    # of the others, then slices the result: in the W4A4 step the branch down GEMMs of to_q / to_k / to_v (231 slice
+    # kernels per 512-px step) and the streams' rotations by one +-1 matrix (45 concatenations of their inputs);
+    # in bf16 the q / k / v weights, copied every step. "no-dot-merge" turns it off.
+    "no-dot-merge": {"xla_gpu_dot_merger_threshold_mb": 0},
     "cb-off": {"xla_gpu_enable_command_buffer": ""},
     "cb-while": {"xla_gpu_enable_command_buffer": _CB_DEFAULT + ",WHILE,CONDITIONAL"},
     "cb-while-min1": {"xla_gpu_enable_command_buffer": _CB_DEFAULT + ",WHILE,CONDITIONAL",

@@ -49,12 +49,13 @@ steps() {
 if [ "${1:-}" = i24q ] || [ "${1:-}" = i24r ]; then
   # issue 24, next session (two W4A4 modes at most per call: each costs ~50 s to prepare and 25-80 s to compile).
   # i24q (<= 560 s): the 512-px steps of bf16 and paper-small "fast" (prepbf: the code levels from per-step tables,
-  # the 6144 rotation's inner stage in bf16, the branch features in place), then its per-kernel profile and
-  # optimized HLO (did the 496 scalar kernels and the 47 three-part splits go?). i24r (<= 560 s): the 1024-px steps.
+  # the 6144 rotation's inner stage in bf16, the branch features in place), each with XLA's DotMerger on (default)
+  # and off (no-dot-merge), then the per-kernel profile and optimized HLO of paper-small prepbf (did the 496 scalar
+  # kernels and the 47 three-part splits go?). i24r (<= 560 s): the 1024-px steps, DotMerger on and off.
   P=p:qdit4sr-paper-w4a4-small
   if [ "$1" = i24q ]; then
-    el "steps 512"; steps steps512 300 --cases 512x1 --scan-steps 2 --modes bf16 $P:prepbf --attention cudnn \
-        --iters 8 --warmup 2 --deadline 290
+    el "steps 512"; steps steps512 340 --cases 512x1 --scan-steps 2 --modes bf16 $P:prepbf --attention cudnn \
+        --xla-variants default no-dot-merge --iters 8 --warmup 2 --deadline 330
     left=$(( 550 - ($(date +%s) - t0) ))
     el "profile 512 + HLO ($left s)"; timeout $left python3 benchmarks/gpu/step_profile.py --cases 512x1 \
         --modes $P:prepbf --hlo "$OUT/hlo" --attention cudnn --iters 2 --warmup 1 --top 40 \
@@ -62,7 +63,7 @@ if [ "${1:-}" = i24q ] || [ "${1:-}" = i24r ]; then
     grep -v "^W[0-9]\|Warning" "$OUT/profile512.log" | grep "^|\|^#\|^fusions\|ms of kernels" | cut -c1-170 | head -120
   else
     el "steps 1024"; steps steps1024 540 --cases 1024x1 --scan-steps 2 --modes bf16 $P:prepbf --attention cudnn \
-        --iters 4 --warmup 1 --deadline 525
+        --xla-variants default no-dot-merge --iters 4 --warmup 1 --deadline 525
   fi
   el done
   exit 0
