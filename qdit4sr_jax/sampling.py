@@ -238,8 +238,8 @@ def sample(cfg: ModelConfig, params, lr_latent, noise, *, context=None, pooled=N
     is the model's `calib` collection per step, each leaf stacked with a leading step axis [T, ...].
     ``output_offsets`` [T, B, h, w, C] float32 (optional) is added to the (guided) model output of each step
     before it becomes a velocity: the handle `quant.stepgain.step_sensitivity` differentiates through.
-    ``prepare_weights`` (quantized layers with execution "fused"; the outputs are the same except "fast"): None computes
-    their weight-side kernel operands per call (XLA may hoist them out of the step loop); "unpacked" once per
+    ``prepare_weights`` (quantized layers with execution "fused"; the outputs are the same except "fast"): None
+    computes their weight-side kernel operands per call (XLA may hoist them out of the step loop); "unpacked" once per
     run, before the loop: int8 codes and float branch factors in kernel layout (`quant.kernels.
     prepared`; the full DiT4SR at W4A4-small then holds 2.88 GB instead of 1.45 GB); "packed" the same with
     the codes left packed (1.62 GB; `python benchmarks/weight_memory.py --preset qdit4sr-w4a4-small`); "fast"
@@ -247,8 +247,11 @@ def sample(cfg: ModelConfig, params, lr_latent, noise, *, context=None, pooled=N
     differently; the fastest on the H100: `quant.kernels.prepared.SAMPLER_MODES`). A tree
     prepared beforehand (e.g. `quant.kernels.prepare(q, prologue="pallas")`: the prologue kernel) runs as given.
     """
-    if prepare_weights not in (None, "packed", "unpacked", "fast"):
-        raise ValueError(f"prepare_weights must be None, 'packed', 'unpacked' or 'fast', got {prepare_weights!r}")
+    from qdit4sr_jax.quant.kernels.prepared import SAMPLER_MODES
+    if prepare_weights is not None and prepare_weights not in SAMPLER_MODES:
+        *first, last = SAMPLER_MODES
+        raise ValueError(f"prepare_weights must be None, {', '.join(map(repr, first))} or {last!r}, "
+                         f"got {prepare_weights!r}")
     num_steps = int(cfg.num_steps if num_steps is None else num_steps)
     guidance_scale = float(cfg.guidance_scale if guidance_scale is None else guidance_scale)
     start = cfg.start if start is None else start

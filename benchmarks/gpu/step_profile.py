@@ -220,14 +220,16 @@ def hlo_fusions(text: str, top: int = 40) -> list:
             for (k, sh, o, s), c in groups.most_common(top)]
 
 
-def write_hlo(step, args, out_dir: str, tag: str) -> dict:
-    """Compile step(*args), write its optimized HLO to out_dir/tag.hlo.txt.gz and return {path, fusions}."""
+def write_hlo(step, args, out_dir: str, tag: str):
+    """Compile step(*args), write its optimized HLO to out_dir/tag.hlo.txt.gz -> ({path, fusions}, the compiled
+    step: callable with the same args, so that the profile runs it instead of compiling it again)."""
     os.makedirs(out_dir, exist_ok=True)
-    text = step.lower(*args).compile().as_text()
+    compiled = step.lower(*args).compile()
+    text = compiled.as_text()
     path = os.path.join(out_dir, f"{tag}.hlo.txt.gz")
     with gzip.open(path, "wt") as f:
         f.write(text)
-    return {"path": path, "fusions": hlo_fusions(text)}
+    return {"path": path, "fusions": hlo_fusions(text)}, compiled
 
 
 def diff(base: dict, other: dict, top: int = 15) -> dict:
@@ -298,8 +300,8 @@ def main(argv=None):
             step = steps.setdefault(had, S.make_step(model, mcfg.guidance_scale))
             tag = f"{mode}_{size}x{b}".replace(":", "_")
             with hadamard_impl(had):
-                hlo = write_hlo(step, (trees[mode],) + inp, a.hlo, tag) if a.hlo else None
-                prof = profile_step(step, (trees[mode],) + inp, a.iters, a.warmup, a.keep_trace, tag)
+                hlo, run = write_hlo(step, (trees[mode],) + inp, a.hlo, tag) if a.hlo else (None, step)
+                prof = profile_step(run, (trees[mode],) + inp, a.iters, a.warmup, a.keep_trace, tag)
             if hlo:
                 prof["hlo"] = hlo
             got[mode] = prof

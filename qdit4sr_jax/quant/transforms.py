@@ -223,6 +223,8 @@ def hadamard_transform(x, block: int, impl: Optional[str] = None, exact_bf16: Op
     if not is_hadamard_block(block) or k % int(block):
         raise ValueError(f"Hadamard block {block} must be m * 2^j (a power of 2 times m in {HADAMARD_BASES}) "
                          f"dividing d_in={k}")
+    if inner not in ("float32", "bfloat16"):
+        raise ValueError(f"Hadamard inner dtype must be 'float32' or 'bfloat16', got {inner!r}")
     impl = _IMPL[0] if impl is None else impl
     if impl not in HADAMARD_IMPLS:
         raise ValueError(f"Hadamard implementation must be one of {HADAMARD_IMPLS}, got {impl!r}")
@@ -236,8 +238,6 @@ def hadamard_transform(x, block: int, impl: Optional[str] = None, exact_bf16: Op
         impl = "dense"
     if impl == "wide-sum" and int(block) <= FULL_CAP:
         impl = "full"
-    if inner not in ("float32", "bfloat16"):
-        raise ValueError(f"Hadamard inner dtype must be 'float32' or 'bfloat16', got {inner!r}")
     return _hadamard_dense(x, int(block), impl, bool(exact_bf16), inner == "bfloat16" and bool(exact_bf16))
 
 

@@ -123,7 +123,8 @@ def branch_weights(w: QuantizedWeight, pad: bool = True, joint: bool = False) ->
 
 def joint_down(bw: BranchWeights, k: int):
     """[lr_a | V_d] [K, dt_col + n_bo Rb] in the branch dtype (module docstring; V_d starts at `dt_col`, zero
-    columns between), or None when the low-rank and block factors differ in dtype. x' jd = [dh | dt] before the bf16 rounding (columns i Rb + j, j >= n_bi, are zero)."""
+    columns between), or None when the low-rank and block factors differ in dtype. x' jd = [dh | dt] before the
+    bf16 rounding (columns i Rb + j, j >= n_bi, are zero)."""
     parts = []
     if bw.has_lowrank:
         parts.append(jnp.pad(bw.lr_a, ((0, 0), (0, bw.dt_col - bw.lr_a.shape[1]))))
@@ -228,5 +229,6 @@ def branch_epilogue(y, dh, dt, bw: BranchWeights):
     return y
 
 
-__all__ = ["BranchWeights", "branch_weights", "joint_down", "input_space_down", "branch_features", "joint_features", "branch_epilogue", "node_factors", "next_pow2",
+__all__ = ["BranchWeights", "branch_weights", "joint_down", "input_space_down", "branch_features", "joint_features",
+           "branch_epilogue", "node_factors", "next_pow2",
            "is_tile", "widen_on_cpu", "lowering_for", "target_platform"]

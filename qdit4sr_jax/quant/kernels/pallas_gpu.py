@@ -9,8 +9,9 @@ Grid (Mp / block_m, N / block_n); each program owns one [block_m, block_n] outpu
   high nibble p >> 4 (arithmetic shifts sign-extend), multiplied with the [even | odd] halves of the
   prologue's activation run: two int8 dots of half the K step each.
 Epilogue: y * s_x (* s_w) + dh[m-tile] @ lr_b[:, n-tile] + dt[m-tile, block row] @ ub[:, n-tile] (branch
-dtype, float32 accumulation; `branch_ops`; dh and dt read in place from one joint array when `Operands.joint`) + bias, stored in the output dtype. With `interpret=True` the same kernel runs in the Pallas
-interpreter on any backend (the CPU tests).
+dtype, float32 accumulation; `branch_ops`; dh and dt read in place from one joint array when `Operands.joint`)
++ bias, stored in the output dtype. With `interpret=True` the same kernel runs in the Pallas interpreter on any
+backend (the CPU tests).
 """
 from __future__ import annotations
 

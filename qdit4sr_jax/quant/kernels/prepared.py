@@ -47,7 +47,7 @@ XPRIMES = ("float32", "bfloat16")
 # layer's input, x' rounded once to bf16) rounds differently and ran fastest on the H100: the paper preset's
 # -small form 0.49x / 0.67x of bf16 at 512 / 1024 px vs 0.47x / 0.62x "unpacked" (benchmarks/RESULTS.md,
 # 2026-12-06 07:10), PSNR vs FP on the demo 32.289 vs 32.274 dB (2026-12-06 05:30).
-SAMPLER_MODES = {"unpacked": dict(unpack=True), "packed": dict(unpack=False),
+SAMPLER_MODES = {"packed": dict(unpack=False), "unpacked": dict(unpack=True),
                  "fast": dict(unpack=True, down="input", xprime="bfloat16")}
 
 
