@@ -83,6 +83,10 @@ XLA_VARIANTS = {
     # kernels per 512-px step) and the streams' rotations by one +-1 matrix (45 concatenations of their inputs);
     # in bf16 the q / k / v weights, copied every step. "no-dot-merge" turns it off.
     "no-dot-merge": {"xla_gpu_dot_merger_threshold_mb": 0},
+    # XLA emits its own dots (the branch down / up GEMMs, the rotation's +-1 GEMMs) as Triton GEMMs, the branch down
+    # GEMM (K = 1536, N = rank) split 4-way along K plus a reduce kernel (241 + 241 per 512-px W4A4 step);
+    # "no-triton-gemm" sends them to cuBLAS instead (our Pallas int GEMMs are custom calls, unaffected).
+    "no-triton-gemm": {"xla_gpu_enable_triton_gemm": False},
     "cb-off": {"xla_gpu_enable_command_buffer": ""},
     "cb-while": {"xla_gpu_enable_command_buffer": _CB_DEFAULT + ",WHILE,CONDITIONAL"},
     "cb-while-min1": {"xla_gpu_enable_command_buffer": _CB_DEFAULT + ",WHILE,CONDITIONAL",

@@ -65,3 +65,13 @@ def test_xla_variants_compile_each_step_with_their_options(tmp_path):
         base = next(b for b in res["runs"] if b["mode"] == "bf16" and b["xla_variant"] == r["xla_variant"])
         assert r["speedup_vs_bf16"] == pytest.approx(base["median_ms"] / r["median_ms"])
     assert set(S.XLA_VARIANTS) >= {"default", "cb-off", "cb-while"} and S.XLA_VARIANTS["default"] == {}
+
+
+def test_every_xla_variant_is_a_known_compile_option():
+    """Each variant's options name fields XLA knows (a removed or misspelled flag fails the compile here on CPU,
+    not after a device machine has been started)."""
+    import jax
+    import jax.numpy as jnp
+    f = jax.jit(lambda x: x @ x)
+    for name, opts in S.XLA_VARIANTS.items():
+        f.lower(jnp.ones((4, 4))).compile(compiler_options=opts)

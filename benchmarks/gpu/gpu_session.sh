@@ -49,13 +49,15 @@ steps() {
 if [ "${1:-}" = i24q ] || [ "${1:-}" = i24r ]; then
   # issue 24, next session (two W4A4 modes at most per call: each costs ~50 s to prepare and 25-80 s to compile).
   # i24q (<= 560 s): the 512-px steps of bf16 and paper-small "fast" (prepbf: the code levels from per-step tables,
-  # the 6144 rotation's inner stage in bf16, the branch features in place), each with XLA's DotMerger on (default)
-  # and off (no-dot-merge), then the per-kernel profile and optimized HLO of paper-small prepbf (did the 496 scalar
-  # kernels and the 47 three-part splits go?). i24r (<= 560 s): the 1024-px steps, DotMerger on and off.
+  # the 6144 rotation's inner stage in bf16, the branch features in place) with XLA's defaults, DotMerger off
+  # (no-dot-merge) and XLA's dots on cuBLAS instead of Triton (no-triton-gemm: no split-K reduce kernels), then the
+  # per-kernel profile and optimized HLO of paper-small prepbf if time is left (did the 496 scalar kernels and the
+  # 47 three-part splits go?). i24r (<= 560 s): the 1024-px steps, with the variants in $V (default: default
+  # no-dot-merge).
   P=p:qdit4sr-paper-w4a4-small
   if [ "$1" = i24q ]; then
-    el "steps 512"; steps steps512 340 --cases 512x1 --scan-steps 2 --modes bf16 $P:prepbf --attention cudnn \
-        --xla-variants default no-dot-merge --iters 8 --warmup 2 --deadline 330
+    el "steps 512"; steps steps512 400 --cases 512x1 --scan-steps 2 --modes bf16 $P:prepbf --attention cudnn \
+        --xla-variants default no-dot-merge no-triton-gemm --iters 8 --warmup 2 --deadline 340
     left=$(( 550 - ($(date +%s) - t0) ))
     el "profile 512 + HLO ($left s)"; timeout $left python3 benchmarks/gpu/step_profile.py --cases 512x1 \
         --modes $P:prepbf --hlo "$OUT/hlo" --attention cudnn --iters 2 --warmup 1 --top 40 \
@@ -63,7 +65,7 @@ if [ "${1:-}" = i24q ] || [ "${1:-}" = i24r ]; then
     grep -v "^W[0-9]\|Warning" "$OUT/profile512.log" | grep "^|\|^#\|^fusions\|ms of kernels" | cut -c1-170 | head -120
   else
     el "steps 1024"; steps steps1024 540 --cases 1024x1 --scan-steps 2 --modes bf16 $P:prepbf --attention cudnn \
-        --xla-variants default no-dot-merge --iters 4 --warmup 1 --deadline 525
+        --xla-variants ${V:-default no-dot-merge} --iters 4 --warmup 1 --deadline 525
   fi
   el done
   exit 0
