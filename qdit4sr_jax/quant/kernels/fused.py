@@ -44,7 +44,7 @@ from qdit4sr_jax.quant.kernels.operands import (DEFAULT_CONFIG, GROUPED_CONFIG, 
                                                 tiles_ok, unpacks_in_kernel)
 from qdit4sr_jax.quant.lowering import target_platform
 from qdit4sr_jax.quant.qweight import QuantizedWeight
-from qdit4sr_jax.quant.reference import quantized_linear, resolve_act_bits, transform_input
+from qdit4sr_jax.quant.reference import quantized_linear, resolve_act_bits, signed_input, transform_input
 
 BACKENDS = ("auto", "pallas", "interpret", "xla")
 
@@ -64,8 +64,14 @@ def prologue(x2, w: QuantizedWeight, bits, *, pad_to: int = 1, chunk: Optional[i
     their reciprocal looked up (bits then unused): the same codes and scales as from bits (XLA computes a / levels
     as a * (1 / levels)), without two scalar kernels per layer and call."""
     m, k = x2.shape
-    if w.smooth is not None or w.rotate:
-        xt = transform_input(x2, w, inner=xprime)        # x' rounded to bf16 anyway: so may its inner stage
+    if bw is None:
+        bw = branch_weights(w, pad=pad_branches)
+    x_in = x2 if bw is not None and bw.jd_input else None               # the down GEMM reads x itself ...
+    signed = bw is not None and bw.jd_signed
+    if signed:          # ... with the signs applied: one multiply for both GEMMs, x's only reader (fusable into
+        x2 = x_in = signed_input(x2, w)                                 # the producer of x)
+    if w.smooth is not None or w.rotate or w.signs:
+        xt = transform_input(x2, w, inner=xprime, signed=signed)  # x' rounded to bf16 anyway: so may its inner stage
         if xprime != "float32":
             xt = xt.astype(xprime)
     else:
@@ -96,9 +102,6 @@ def prologue(x2, w: QuantizedWeight, bits, *, pad_to: int = 1, chunk: Optional[i
         if kp % c or c % 2:
             raise ValueError(f"packed-code run {c} must be even and divide the padded K={kp}")
         q = q.reshape(mp, kp // c, c // 2, 2).transpose(0, 1, 3, 2).reshape(mp, kp)
-    if bw is None:
-        bw = branch_weights(w, pad=pad_branches)
-    x_in = x2 if bw is not None and bw.jd_input else None               # the down GEMM reads x itself
     if joint and bw is not None and bw.jd is not None and (not bw.has_blocks or bw.dt_col % bw.rb == 0):
         d = rows(joint_features(xt, bw, x_in))
         return Operands(q, s[:, 0], d if bw.has_lowrank else None, d if bw.has_blocks else None, bw, m, c, True)
