@@ -66,6 +66,13 @@ def prologue(x2, w: QuantizedWeight, bits, *, pad_to: int = 1, chunk: Optional[i
     m, k = x2.shape
     if bw is None:
         bw = branch_weights(w, pad=pad_branches)
+    mp = -(-m // pad_to) * pad_to
+    # Rows are padded once, on the layer's input (zero rows: zero codes and features, scale 1; one pad for the
+    # layers sharing x, to_q / to_k / to_v). Padding the codes, scales and features after they were made cost 379
+    # pad kernels per 512-px W4A4 step on the H100 (0.92 ms; XLA fused none into the kernels writing them), padding
+    # x' and x 94 (0.38 ms): benchmarks/RESULTS.md 2026-12-06 22:16.
+    if mp != m:
+        x2 = jnp.pad(x2, ((0, mp - m), (0, 0)))
     x_in = x2 if bw is not None and bw.jd_input else None               # the down GEMM reads x itself ...
     signed = bw is not None and bw.jd_signed
     if signed:          # ... with the signs applied: one multiply for both GEMMs, x's only reader (fusable into
@@ -76,11 +83,6 @@ def prologue(x2, w: QuantizedWeight, bits, *, pad_to: int = 1, chunk: Optional[i
             xt = xt.astype(xprime)
     else:
         xt = x2
-    mp = -(-m // pad_to) * pad_to
-    rows = lambda a, v=0: a if mp == m else jnp.pad(a, ((0, mp - m),) + ((0, 0),) * (a.ndim - 1), constant_values=v)
-    # Rows are padded after the quantization and the branch features (zero codes and features, scale 1: what zero
-    # rows give), so the pad fuses into the kernels that write them instead of a bf16 pass over x' and x of its own
-    # (93 per 512-px W4A4 step on the H100: the context stream's 666 rows, benchmarks/RESULTS.md 2026-12-06 19:53).
     if levels is not None:
         i = jnp.clip(jnp.asarray(step, jnp.int32), 0, levels.shape[0] - 1)
         lev = levels[i]
@@ -89,8 +91,7 @@ def prologue(x2, w: QuantizedWeight, bits, *, pad_to: int = 1, chunk: Optional[i
         q = jnp.clip(jnp.round(xt.astype(jnp.float32) / s), -lev, lev).astype(jnp.int8)
     else:
         s, _ = qz.scale_zero(xt, bits, True, -1)                     # [Mp, 1] f32, as the reference
-        q = qz.quantize_codes(xt, s, None, bits, True).astype(jnp.int8)  # [M, K]
-    q, s = rows(q), rows(s, 1.0)                                      # [Mp, K], [Mp, 1]
+        q = qz.quantize_codes(xt, s, None, bits, True).astype(jnp.int8)  # [Mp, K]
     if w.layout == "gnk":
         G, g = w.groups
         if G * g != k:
@@ -103,10 +104,10 @@ def prologue(x2, w: QuantizedWeight, bits, *, pad_to: int = 1, chunk: Optional[i
             raise ValueError(f"packed-code run {c} must be even and divide the padded K={kp}")
         q = q.reshape(mp, kp // c, c // 2, 2).transpose(0, 1, 3, 2).reshape(mp, kp)
     if joint and bw is not None and bw.jd is not None and (not bw.has_blocks or bw.dt_col % bw.rb == 0):
-        d = rows(joint_features(xt, bw, x_in))
+        d = joint_features(xt, bw, x_in)
         return Operands(q, s[:, 0], d if bw.has_lowrank else None, d if bw.has_blocks else None, bw, m, c, True)
     dh, dt = branch_features(xt, bw, x_in)
-    return Operands(q, s[:, 0], None if dh is None else rows(dh), None if dt is None else rows(dt), bw, m, c)
+    return Operands(q, s[:, 0], dh, dt, bw, m, c)
 
 
 def xla_gemm_epilogue(ops: Operands, w: QuantizedWeight, bias, out_dtype):
