@@ -21,8 +21,10 @@
 #                                             # down-projection, 1024- and 512-px steps of bf16, W8A8 and the paper /
 #                                             # smoothing + rotation W4A4-small presets (2-step scan)
 #   bash benchmarks/gpu/gpu_session.sh i24d      # all six modes' 1024-px steps (+ smoothing-only -small, paper W4A4)
-#   bash benchmarks/gpu/gpu_session.sh i24q      # next: 512-px steps bf16 / paper-small prepbf (shift, bf16 inner stage),
-#                                             # its profile and HLO; i24r: the 1024-px steps
+#   bash benchmarks/gpu/gpu_session.sh i24s      # next: 512 + 1024-px steps bf16 / paper-small prepbf (input rows padded
+#                                             # once, signs folded again), DotMerger off; then the 512-px profile + HLO
+#   bash benchmarks/gpu/gpu_session.sh i24q      # 12-06 (6): 512-px steps bf16 / paper-small prepbf (level tables, bf16
+#                                             # inner stage), 3 XLA variants, profile + HLO; i24r: 1024 px (ran)
 #   bash benchmarks/gpu/gpu_session.sh i24o      # 12-06 (5): 6144 Hadamard wide-sum per call; 512-px profile + optimized
 #                                             # HLO + steps (prepbf, joint features in place, wide-sum); i24p: 1024 px
 #   bash benchmarks/gpu/gpu_session.sh i24n      # 12-06 (4): 512-px step profile bf16 / W8A8 / paper-small prepbf, then
@@ -46,6 +48,22 @@ steps() {
   timeout "$limit" python3 benchmarks/step_latency.py "$@" --out "$OUT/$name.json" > "$OUT/$name.log" 2>&1
   grep -v "^W[0-9]\|Warning" "$OUT/$name.log" | grep "quantized\|px b\|note" | cut -c1-230
 }
+if [ "${1:-}" = i24s ]; then
+  # issue 24, next session (<= 560 s): the reverts of 12-06 22:16 (input rows padded once on x, the signs folded
+  # into the input-space down-projection again) timed: the 512 and 1024-px steps of bf16 and paper-small "fast"
+  # with XLA's DotMerger off (best at 22:16), then the 512-px per-kernel profile and HLO if time is left (expect
+  # ~94 pads, no reference.py sign passes but the 24 ff/net_2 ones).
+  P=p:qdit4sr-paper-w4a4-small
+  el "steps 512 + 1024"; steps steps 380 --cases 512x1 1024x1 --scan-steps 2 --modes bf16 $P:prepbf --attention cudnn \
+      --xla-variants no-dot-merge --iters 6 --warmup 1 --deadline 330
+  left=$(( 550 - ($(date +%s) - t0) ))
+  el "profile 512 + HLO ($left s)"; timeout $left python3 benchmarks/gpu/step_profile.py --cases 512x1 \
+      --modes $P:prepbf --hlo "$OUT/hlo" --attention cudnn --iters 2 --warmup 1 --top 40 \
+      --out "$OUT/profile512.json" > "$OUT/profile512.log" 2>&1
+  grep -v "^W[0-9]\|Warning" "$OUT/profile512.log" | grep "^|\|^#\|^fusions\|ms of kernels" | cut -c1-170 | head -90
+  el done
+  exit 0
+fi
 if [ "${1:-}" = i24q ] || [ "${1:-}" = i24r ]; then
   # issue 24, next session (two W4A4 modes at most per call: each costs ~50 s to prepare and 25-80 s to compile).
   # i24q (<= 560 s): the 512-px steps of bf16 and paper-small "fast" (prepbf: the code levels from per-step tables,

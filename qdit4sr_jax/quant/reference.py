@@ -51,26 +51,20 @@ def resolve_act_bits(w: QuantizedWeight, act_bits=None, step=None):
     return w.a_bits
 
 
-def transform_input(x2, w: QuantizedWeight, inner: str = "float32", signed: bool = False):
+def transform_input(x2, w: QuantizedWeight, inner: str = "float32"):
     """x' = hadamard(signs * (x / smooth)) float32 [M, K] for x2 [M, K] (any float dtype: a bf16 x goes into
     the Hadamard as is, whose +-1 products are exact in bf16; the same values as from its float32 upcast).
     The signs multiply in x's dtype (exact), so without smoothing a bf16 x stays bf16 (one exact bf16 GEMM
     per Hadamard stage on a GPU instead of three for a float32 operand: `transforms._pm1_dot`). inner: the
-    dtype between the Hadamard's stages (`transforms.hadamard_transform`); signed: x2 already carries the signs
-    (`signed_input`)."""
+    dtype between the Hadamard's stages (`transforms.hadamard_transform`)."""
     if w.smooth is not None:
         x2 = x2.astype(jnp.float32) / w.smooth.astype(jnp.float32)
-    if w.signs and not signed:
-        x2 = signed_input(x2, w)
+    if w.signs:
+        x2 = x2 * w.sign_vector().astype(x2.dtype)
     if w.rotate:
         from qdit4sr_jax.quant.transforms import hadamard_transform
         x2 = hadamard_transform(x2, w.rotate, inner=inner)
     return x2.astype(jnp.float32)
-
-
-def signed_input(x2, w: QuantizedWeight):
-    """x2 diag(signs) [M, K] in x2's dtype (exact: a sign flip), the first step of a signed node's transform."""
-    return x2 * w.sign_vector().astype(x2.dtype)
 
 
 def branches(xt, w: QuantizedWeight):

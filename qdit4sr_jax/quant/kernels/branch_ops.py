@@ -20,10 +20,7 @@ joint down-projection (optional, `branch_weights(..., joint=True)`: `kernels.pre
                                 diag(signs / smooth) H_b, the node's input transform), so [dh | dt] = x jd_in reads
                                 the layer's own input x and not x': the down GEMM no longer waits for the rotation
                                 nor needs a bf16 copy of x'. The same function; the rounding differs (x, not
-                                bf16(x'), enters it, and jd_in is rounded to the branch dtype). For a node with
-                                signs and no smoothing, jd_in = H_b jd reads x diag(signs) instead (`jd_signed`):
-                                the transform's own sign multiply then feeds both GEMMs and is x's only reader, so
-                                XLA fuses it into the producer of x (the same products: bit-identical features)
+                                bf16(x'), enters it, and jd_in is rounded to the branch dtype)
 epilogue, `branch_epilogue` (XLA) or the Pallas GEMM kernel per output tile:
   y[m, n] += dh[m] . lr_b[:, n] + dt[m, i(n) Rb : (i(n) + 1) Rb] . ub[:, n]     (float32 accumulation)
 so an output tile inside one block row reads one [bm, Rb] slice of dt. The same quantities as
@@ -63,7 +60,6 @@ class BranchWeights:
     block: Optional[tuple] = None
     jd: Any = None                # [K, Rl + n_bo Rb] joint down-projection [lr_a | V_d], or None
     jd_input: bool = False        # jd maps the layer's input x (not x') to [dh | dt] (`input_space_down`)
-    jd_signed: bool = False       # ... the input with the node's signs applied, x diag(signs) (`input_space_down`)
 
     @property
     def has_lowrank(self) -> bool:
@@ -95,7 +91,7 @@ class BranchWeights:
 
 
 jax.tree_util.register_dataclass(BranchWeights, data_fields=["lr_a", "lr_b", "vt", "ub", "jd"],
-                                 meta_fields=["block", "jd_input", "jd_signed"])
+                                 meta_fields=["block", "jd_input"])
 
 
 def branch_weights(w: QuantizedWeight, pad: bool = True, joint: bool = False) -> Optional[BranchWeights]:
@@ -147,9 +143,7 @@ def joint_down(bw: BranchWeights, k: int):
 def input_space_down(bw: BranchWeights, w: QuantizedWeight) -> BranchWeights:
     """bw (with its joint `jd`) -> the same with jd_in = T jd [K, Rl + n_bo Rb] (module docstring), T = diag(signs
     / smooth) H_b the node's input transform (x' = x T, `reference.transform_input`); computed in float32 and
-    rounded once to the branch dtype. A node with signs and no smoothing keeps its signs on the activation side:
-    jd_in = H_b jd, read by x diag(signs) (`jd_signed`; exact in x's dtype, and the same products as x (diag(signs)
-    H_b jd), so the same features to the bit). Nodes without a transform keep jd (x' = x)."""
+    rounded once to the branch dtype. Nodes without a transform keep jd (x' = x)."""
     if bw is None or bw.jd is None:
         raise ValueError("input-space down-projection needs the joint down-projection (branch_weights(joint=True))")
     if w.smooth is None and not w.signs and not w.rotate:
@@ -158,13 +152,12 @@ def input_space_down(bw: BranchWeights, w: QuantizedWeight) -> BranchWeights:
     t = bw.jd.astype(jnp.float32).T                                  # [R, K]; H_b symmetric: H jd = (jd^T H)^T
     if w.rotate:
         t = hadamard_transform(t, w.rotate)
-    signed = bool(w.signs) and w.smooth is None
     scale = jnp.ones((w.k,), jnp.float32)
-    if w.signs and not signed:
+    if w.signs:
         scale = scale * w.sign_vector()
     if w.smooth is not None:
         scale = scale / w.smooth.astype(jnp.float32)
-    return dataclasses.replace(bw, jd=(t.T * scale[:, None]).astype(bw.jd.dtype), jd_input=True, jd_signed=signed)
+    return dataclasses.replace(bw, jd=(t.T * scale[:, None]).astype(bw.jd.dtype), jd_input=True)
 
 
 def node_factors(bw: Optional[BranchWeights], n: int) -> dict:

@@ -44,7 +44,7 @@ from qdit4sr_jax.quant.kernels.operands import (DEFAULT_CONFIG, GROUPED_CONFIG, 
                                                 tiles_ok, unpacks_in_kernel)
 from qdit4sr_jax.quant.lowering import target_platform
 from qdit4sr_jax.quant.qweight import QuantizedWeight
-from qdit4sr_jax.quant.reference import quantized_linear, resolve_act_bits, signed_input, transform_input
+from qdit4sr_jax.quant.reference import quantized_linear, resolve_act_bits, transform_input
 
 BACKENDS = ("auto", "pallas", "interpret", "xla")
 
@@ -73,12 +73,9 @@ def prologue(x2, w: QuantizedWeight, bits, *, pad_to: int = 1, chunk: Optional[i
     # x' and x 94 (0.38 ms): benchmarks/RESULTS.md 2026-12-06 22:16.
     if mp != m:
         x2 = jnp.pad(x2, ((0, mp - m), (0, 0)))
-    x_in = x2 if bw is not None and bw.jd_input else None               # the down GEMM reads x itself ...
-    signed = bw is not None and bw.jd_signed
-    if signed:          # ... with the signs applied: one multiply for both GEMMs, x's only reader (fusable into
-        x2 = x_in = signed_input(x2, w)                                 # the producer of x)
-    if w.smooth is not None or w.rotate or w.signs:
-        xt = transform_input(x2, w, inner=xprime, signed=signed)  # x' rounded to bf16 anyway: so may its inner stage
+    x_in = x2 if bw is not None and bw.jd_input else None               # the down GEMM reads x itself
+    if w.smooth is not None or w.rotate:
+        xt = transform_input(x2, w, inner=xprime)        # x' rounded to bf16 anyway: so may its inner stage
         if xprime != "float32":
             xt = xt.astype(xprime)
     else:
