@@ -178,6 +178,42 @@ def test_input_space_down_projection(name):
         branch_features(x, inp.bw)
 
 
+def _primitives(jaxpr):
+    """Every primitive name in a jaxpr, nested jaxprs (pjit, custom_jvp, ...) included."""
+    names = []
+    for e in jaxpr.eqns:
+        names.append(e.primitive.name)
+        for v in e.params.values():
+            for j in (v if isinstance(v, (list, tuple)) else [v]):
+                inner = getattr(j, "jaxpr", j)
+                if hasattr(inner, "eqns"):
+                    names += _primitives(inner)
+    return names
+
+
+@pytest.mark.parametrize("down", ["joint", "input"])
+def test_rows_are_padded_once_on_the_input(down):
+    """The XLA prologue pads the rows of the layer's input once (one pad shared by x' and the down GEMM's x), not
+    its codes, scales and features one by one (on the H100 XLA fused none of those pads: 379 kernels per 512-px
+    step, RESULTS 2026-12-06 22:16); padded rows come out as zero codes and features with scale 1."""
+    node = _layer("full 12 x 16, signs, low-rank + blocks", seed=6)
+    kw = prepare_weight(node, down=down, xprime="bfloat16")
+    x = _x(node.k, 21, 8, jnp.bfloat16)
+    ops = lambda o: (o.xq, o.sx, o.dh, o.dt)
+    jaxpr = jax.make_jaxpr(lambda v: ops(prologue(v, node, 4, bw=kw.bw, xprime="bfloat16", pad_to=16)))(x).jaxpr
+    assert _primitives(jaxpr).count("pad") == 1
+    padded, plain = prologue(x, node, 4, bw=kw.bw, xprime="bfloat16", pad_to=16), prologue(x, node, 4, bw=kw.bw,
+                                                                                          xprime="bfloat16")
+    assert padded.xq.shape[0] == 32 and padded.m == 21
+    np.testing.assert_array_equal(np.asarray(padded.xq[:21]), np.asarray(plain.xq))
+    np.testing.assert_array_equal(np.asarray(padded.sx[:21]), np.asarray(plain.sx))
+    assert not np.asarray(padded.xq[21:]).any() and (np.asarray(padded.sx[21:]) == 1.0).all()
+    for f in ("dh", "dt"):
+        np.testing.assert_array_equal(np.asarray(getattr(padded, f)[:21], np.float32),
+                                      np.asarray(getattr(plain, f), np.float32))
+        assert not np.asarray(getattr(padded, f)[21:], np.float32).any()
+
+
 @pytest.mark.parametrize("name", list(LAYERS))
 def test_bf16_xprime_quantizes_the_rounded_rotation(name):
     """prepare(xprime="bfloat16"): the XLA prologue of a rotated layer quantizes bf16(x'): its codes, scales and
