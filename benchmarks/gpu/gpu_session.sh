@@ -22,7 +22,7 @@
 #                                             # smoothing + rotation W4A4-small presets (2-step scan)
 #   bash benchmarks/gpu/gpu_session.sh i24d      # all six modes' 1024-px steps (+ smoothing-only -small, paper W4A4)
 #   bash benchmarks/gpu/gpu_session.sh i24s      # next: 512 + 1024-px steps bf16 / paper-small prepbf (input rows padded
-#                                             # once, signs folded again), DotMerger off; then the 512-px profile + HLO
+#                                             # once, signs folded again, scale without select), DotMerger off; profile
 #   bash benchmarks/gpu/gpu_session.sh i24q      # 12-06 (6): 512-px steps bf16 / paper-small prepbf (level tables, bf16
 #                                             # inner stage), 3 XLA variants, profile + HLO; i24r: 1024 px (ran)
 #   bash benchmarks/gpu/gpu_session.sh i24o      # 12-06 (5): 6144 Hadamard wide-sum per call; 512-px profile + optimized
@@ -50,9 +50,10 @@ steps() {
 }
 if [ "${1:-}" = i24s ]; then
   # issue 24, next session (<= 560 s): the reverts of 12-06 22:16 (input rows padded once on x, the signs folded
-  # into the input-space down-projection again) timed: the 512 and 1024-px steps of bf16 and paper-small "fast"
-  # with XLA's DotMerger off (best at 22:16), then the 512-px per-kernel profile and HLO if time is left (expect
-  # ~94 pads, no reference.py sign passes but the 24 ff/net_2 ones).
+  # into the input-space down-projection again) and the per-token scale as the max-reduce's output (1 / levels
+  # before the max, no select kernel) timed: the 512 and 1024-px steps of bf16 and paper-small "fast" with XLA's
+  # DotMerger off (best at 22:16), then the 512-px per-kernel profile and HLO if time is left (expect ~94 pads, no
+  # reference.py sign passes but the 24 ff/net_2 ones, no f32[M, 1] loop_select_fusion).
   P=p:qdit4sr-paper-w4a4-small
   el "steps 512 + 1024"; steps steps 380 --cases 512x1 1024x1 --scan-steps 2 --modes bf16 $P:prepbf --attention cudnn \
       --xla-variants no-dot-merge --iters 6 --warmup 1 --deadline 330

@@ -260,10 +260,18 @@ def test_level_tables_give_the_stored_codes(backend):
     np.testing.assert_array_equal(np.asarray(kw.levels), 2.0 ** (sched - 1) - 1)
     np.testing.assert_array_equal(np.asarray(kw.inv_levels), np.float32(1) / (2.0 ** (sched - 1) - 1).astype(np.float32))
     bias = jnp.asarray(rng.normal(size=(N,)).astype(np.float32))
-    x = _x(11)
+    x = _x(11).at[1, 2].set(0.0)                    # a zero token: scale 2^-126 here, 1 in the stored node
     run = jax.jit(lambda n, t: fused_linear(x, n, bias, step=t, backend=backend, config=CFG))
     for t in range(len(sched) + 2):
         np.testing.assert_array_equal(np.asarray(run(kw, jnp.int32(t))), np.asarray(run(node, jnp.int32(t))))
+    from qdit4sr_jax.quant.kernels.fused import prologue
+    ops = prologue(x.reshape(-1, K), node, 4, bw=kw.bw, levels=kw.levels, inv_levels=kw.inv_levels,
+                   step=jnp.int32(2), pad_to=16)
+    assert not np.asarray(ops.xq[9]).any() and not np.asarray(ops.xq[21:]).any()   # the zero token, padded rows
+    assert np.asarray(ops.sx[9]) == np.finfo(np.float32).tiny
+    jaxpr = jax.make_jaxpr(lambda v: prologue(v, node, 4, bw=kw.bw, levels=kw.levels, inv_levels=kw.inv_levels,
+                                              step=jnp.int32(2)).sx)(x.reshape(-1, K))
+    assert not re.search(r":f32\[[0-9,]*\] = select_n", str(jaxpr))   # the scale: the max-reduce's output as is
     if backend == "xla":
         hlo = run.lower(kw, jnp.int32(0)).compile().as_text()
         assert not re.search(r"= f32\[1?\]\{?0?\}? fusion\(", hlo)          # no scalar fusion left

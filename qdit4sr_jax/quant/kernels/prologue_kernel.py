@@ -17,7 +17,8 @@ features: benchmarks/gpu/layer_kernels.py). This kernel does all of it for a til
 
 Outputs: q int8 [Mp, K], s float32 [Mp], dh [Mp, Rl] and dt [Mp, Bo Rb] in the branch dtype (`branch_ops`
 layouts; dt has Bo >= n_bo block rows, the extra ones zero, because Triton tiles are powers of 2). The
-codes and scales are those of the XLA prologue bit for bit (the same float32 operations per element);
+codes and scales are those of the XLA prologue bit for bit (the same float32 operations per element; an
+all-zero row gets scale 1 here, 2^-126 from the XLA prologue with level tables, zero codes in both);
 dh / dt are the same sums accumulated per chunk, so they may differ from XLA's in the last bf16 bit.
 
 Rotated layers (the online Hadamard, with or without QuaRot's signs) take `prologue_rotated.kernel_rotated`:
