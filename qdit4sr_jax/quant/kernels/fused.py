@@ -68,10 +68,10 @@ def prologue(x2, w: QuantizedWeight, bits, *, pad_to: int = 1, chunk: Optional[i
     if bw is None:
         bw = branch_weights(w, pad=pad_branches)
     mp = -(-m // pad_to) * pad_to
-    # Rows are padded once, on the layer's input (zero rows: zero codes and features, scale 1; one pad for the
-    # layers sharing x, to_q / to_k / to_v). Padding the codes, scales and features after they were made cost 379
-    # pad kernels per 512-px W4A4 step on the H100 (0.92 ms; XLA fused none into the kernels writing them), padding
-    # x' and x 94 (0.38 ms): benchmarks/RESULTS.md 2026-12-06 22:16.
+    # Rows are padded once, on the layer's input (zero rows: zero codes and features, scale 1 or, with level
+    # tables, 2^-126; one pad for the layers sharing x, to_q / to_k / to_v). Padding the codes, scales and features
+    # after they were made cost 379 pad kernels per 512-px W4A4 step on the H100 (0.92 ms; XLA fused none into the
+    # kernels writing them), padding x' and x 94 (0.38 ms): benchmarks/RESULTS.md 2026-12-06 22:16.
     if mp != m:
         x2 = jnp.pad(x2, ((0, mp - m), (0, 0)))
     x_in = x2 if bw is not None and bw.jd_input else None               # the down GEMM reads x itself
@@ -89,9 +89,9 @@ def prologue(x2, w: QuantizedWeight, bits, *, pad_to: int = 1, chunk: Optional[i
         # is the scale, with no kernel of its own (219 select kernels per 512-px W4A4 step on the H100). A zero row
         # gets scale 2^-126 instead of 1 (its codes and outputs are zero either way); rows with max|x'| below
         # 2^-126 levels (subnormal activations) are the only ones whose codes can differ from the stored node's.
-        s = jnp.max(jnp.abs(xt.astype(jnp.float32)) * inv_levels[i], axis=-1, keepdims=True,
-                    initial=float(jnp.finfo(jnp.float32).tiny))
-        q = jnp.clip(jnp.round(xt.astype(jnp.float32) / s), -lev, lev).astype(jnp.int8)
+        xf = xt.astype(jnp.float32)
+        s = jnp.max(jnp.abs(xf) * inv_levels[i], axis=-1, keepdims=True, initial=float(jnp.finfo(jnp.float32).tiny))
+        q = jnp.clip(jnp.round(xf / s), -lev, lev).astype(jnp.int8)
     else:
         s, _ = qz.scale_zero(xt, bits, True, -1)                     # [Mp, 1] f32, as the reference
         q = qz.quantize_codes(xt, s, None, bits, True).astype(jnp.int8)  # [Mp, K]
@@ -200,7 +200,7 @@ def fused_linear(x, w: QuantizedWeight, bias=None, *, act_bits=None, step=None, 
             ops = pk.pallas_prologue(x2, w, bw, bits, pad_to=cfg.block_m, interpret=(be == "interpret"),
                                      block_m=cfg.prologue_block_m,
                                      num_warps=cfg.prologue_rot_warps if w.rotate else cfg.prologue_warps,
-                                     levels=kw.levels if table else None, step=step if table else None)
+                                     levels=tables.get("levels"), step=tables.get("step"))
         else:
             ops = prologue(x2, w, bits, pad_to=cfg.block_m, chunk=chunk, bw=bw, pad_branches=True, xprime=xprime,
                            joint=True, **tables)
