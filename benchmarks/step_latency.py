@@ -30,8 +30,10 @@ Modes (--modes):
   qwix-w8a8     qwix's int8 PTQ of the same model, when qwix is importable (else recorded as skipped)
   p:PRESET:KIND any `QuantConfig.preset` name (e.g. p:qdit4sr-paper-w4a4-small:prep) run as KIND: fused (stored
                 tree), prep (`kernels.prepare`d: joint down-projection, the default), prepsplit (prepared with
-                down="split"), prepin (prepared, the down-projection on the layer's input: down="input"), prepbf
-                (prepin with x' rounded to bf16 before its quantization: xprime="bfloat16"),
+                down="split"), prepin (prepared, the down-projection on the layer's input: down="input", one
+                down GEMM per to_q / to_k / to_v group: `prepared.share_inputs`), prepbf (prepin with x' rounded
+                to bf16 before its quantization: xprime="bfloat16", the sampler's "fast"), prepbfns (prepbf with
+                a down GEMM per layer: share=False),
                 prepk (prepared, prologue kernel), int (XLA int8 reference path); p:PRESET:KIND:IMPL the same
                 with the online Hadamard as IMPL (`transforms.HADAMARD_IMPLS`) for this mode only
 --hadamard IMPL runs the online rotation of the rotating presets as `transforms.set_hadamard_impl(IMPL)`
@@ -95,7 +97,7 @@ XLA_VARIANTS = {
 }
 
 
-PRESET_KINDS = ("fused", "prep", "prepsplit", "prepin", "prepbf", "prepk", "int")
+PRESET_KINDS = ("fused", "prep", "prepsplit", "prepin", "prepbf", "prepbfns", "prepk", "int")
 
 
 def is_mode(m: str) -> bool:
@@ -205,9 +207,9 @@ def quantized_trees(params, modes, steps: int, log):
             kind = m.split("-", 1)[1] if m.startswith(name + "-") else None
             if m.startswith("p:"):
                 kind = m.split(":")[2] if ":".join(m.split(":")[:2]) == name else None
-            if kind in ("prepsplit", "prepin", "prepbf"):
-                kw = dict(prepsplit=dict(down="split"), prepin=dict(down="input"),
-                          prepbf=SAMPLER_MODES["fast"])[kind]
+            if kind in ("prepsplit", "prepin", "prepbf", "prepbfns"):
+                kw = dict(prepsplit=dict(down="split"), prepin=dict(down="input"), prepbf=SAMPLER_MODES["fast"],
+                          prepbfns=dict(SAMPLER_MODES["fast"], share=False))[kind]
                 trees[m] = jax.block_until_ready(jax.jit(lambda t, kw=kw: prepare(t, **kw))(
                     with_execution(q, "fused")))
             elif kind == "int":

@@ -17,7 +17,8 @@ CFG = ModelConfig.preset("tiny").replace(attention_head_dim=64, caption_projecti
 # the Pallas prologue kernel rotates too (prologue_rotated.py; the tiny model's K <= 512 fit its register budget)
 @pytest.mark.parametrize("preset,prepare,per_layer", [("qdit4sr-w4a4-small", "none", 1),
                                                       ("qdit4sr-paper-w4a4-small", "pallas", 2),
-                                                      ("qdit4sr-smooth-w4a4-small", "pallas", 2)])
+                                                      ("qdit4sr-smooth-w4a4-small", "pallas", 2),
+                                                      ("qdit4sr-paper-w4a4-small", "fast", 1)])
 def test_step_lowers_with_a_kernel_per_layer(preset, prepare, per_layer):
     r = L.check(CFG, preset, size=64, prepare=prepare)
     assert r["layers"] > 20

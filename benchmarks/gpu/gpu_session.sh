@@ -21,7 +21,10 @@
 #                                             # down-projection, 1024- and 512-px steps of bf16, W8A8 and the paper /
 #                                             # smoothing + rotation W4A4-small presets (2-step scan)
 #   bash benchmarks/gpu/gpu_session.sh i24d      # all six modes' 1024-px steps (+ smoothing-only -small, paper W4A4)
-#   bash benchmarks/gpu/gpu_session.sh i24s      # next: 512 + 1024-px steps bf16 / paper-small prepbf (input rows padded
+#   bash benchmarks/gpu/gpu_session.sh i24t      # next: GPU check of the shared q/k/v down-projection, 512-px steps bf16 /
+#                                             # paper-small prepbf (shared) / prepbfns (per layer), DotMerger off;
+#                                             # profile + HLO; i24u: the same steps at 1024 px
+#   bash benchmarks/gpu/gpu_session.sh i24s      # (folded into i24t): 512 + 1024-px steps bf16 / paper-small prepbf (input rows padded
 #                                             # once, signs folded again, scale without select), DotMerger off; profile
 #   bash benchmarks/gpu/gpu_session.sh i24q      # 12-06 (6): 512-px steps bf16 / paper-small prepbf (level tables, bf16
 #                                             # inner stage), 3 XLA variants, profile + HLO; i24r: 1024 px (ran)
@@ -48,6 +51,30 @@ steps() {
   timeout "$limit" python3 benchmarks/step_latency.py "$@" --out "$OUT/$name.json" > "$OUT/$name.log" 2>&1
   grep -v "^W[0-9]\|Warning" "$OUT/$name.log" | grep "quantized\|px b\|note" | cut -c1-230
 }
+if [ "${1:-}" = i24t ] || [ "${1:-}" = i24u ]; then
+  # issue 24, 12-07 (<= 560 s each). Untimed since 12-06 22:16: input rows padded once on x, the signs folded into
+  # the input-space down-projection again, the per-token scale as the max-reduce's output (no select kernel), and
+  # new: one down-projection GEMM per to_q / to_k / to_v group (`prepared.share_inputs`; prepbf has it, prepbfns
+  # is the same without it). i24t: GPU check of the shared path (each member vs unshared and vs fake-quant), the
+  # 512-px steps with DotMerger off, then the profile + HLO of prepbf. i24u: the 1024-px steps ($V: variants).
+  P=p:qdit4sr-paper-w4a4-small
+  if [ "$1" = i24t ]; then
+    el "shared down-projection check"; timeout 90 python3 benchmarks/gpu/prologue_check.py --shared --m 8192 \
+        --k 1536 --n 1536 --out "$OUT/shared_check.json" 2>&1 | grep -v "^W[0-9]\|Warning" | tail -4 | cut -c1-230
+    el "steps 512"; steps steps512 380 --cases 512x1 --scan-steps 2 --modes bf16 $P:prepbf $P:prepbfns \
+        --attention cudnn --xla-variants no-dot-merge --iters 8 --warmup 2 --deadline 330
+    left=$(( 550 - ($(date +%s) - t0) ))
+    el "profile 512 + HLO ($left s)"; timeout $left python3 benchmarks/gpu/step_profile.py --cases 512x1 \
+        --modes $P:prepbf --hlo "$OUT/hlo" --attention cudnn --iters 2 --warmup 1 --top 40 \
+        --out "$OUT/profile512.json" > "$OUT/profile512.log" 2>&1
+    grep -v "^W[0-9]\|Warning" "$OUT/profile512.log" | grep "^|\|^#\|^fusions\|ms of kernels" | cut -c1-170 | head -90
+  else
+    el "steps 1024"; steps steps1024 550 --cases 1024x1 --scan-steps 2 --modes bf16 $P:prepbf $P:prepbfns \
+        --attention cudnn --xla-variants ${V:-no-dot-merge} --iters 4 --warmup 1 --deadline 500
+  fi
+  el done
+  exit 0
+fi
 if [ "${1:-}" = i24s ]; then
   # issue 24, next session (<= 560 s): the reverts of 12-06 22:16 (input rows padded once on x, the signs folded
   # into the input-space down-projection again) and the per-token scale as the max-reduce's output (1 / levels

@@ -47,15 +47,17 @@ def abstract_quantized(model, preset: str, steps: int = 40):
 def check(model="dit4sr", preset: str = "qdit4sr-w4a4-small", size: int = 512, batch: int = 1,
           prepare: str = "none", platform: str = "gpu") -> dict:
     """-> {layers, triton_kernels, custom_calls, by_name, lower_s}. model: preset name or ModelConfig;
-    prepare: none | xla | pallas (the prologue); platform: "gpu" (lowered for CUDA) or "tpu" (the fused
+    prepare: none | xla | pallas (the prologue) | fast (the sampler's "fast": input-space down-projections, shared
+    by the layers reading one input); platform: "gpu" (lowered for CUDA) or "tpu" (the fused
     layers take their XLA path there: no custom calls expected)."""
     import step_latency as S
     from qdit4sr_jax.config import ModelConfig
     from qdit4sr_jax.model.dit4sr import DiT4SRTransformer
     from qdit4sr_jax.quant.kernels import lowering_for
     from qdit4sr_jax.quant.kernels import prepare as prep
-    if prepare not in ("none", "xla", "pallas"):
-        raise ValueError(f"prepare must be none, xla or pallas, got {prepare!r}")
+    from qdit4sr_jax.quant.kernels.prepared import SAMPLER_MODES
+    if prepare not in ("none", "xla", "pallas", "fast"):
+        raise ValueError(f"prepare must be none, xla, pallas or fast, got {prepare!r}")
     if platform not in ("gpu", "tpu"):
         raise ValueError(f"platform must be gpu or tpu, got {platform!r}")
     t0 = time.perf_counter()
@@ -64,7 +66,8 @@ def check(model="dit4sr", preset: str = "qdit4sr-w4a4-small", size: int = 512, b
     mcfg = mcfg.replace(dtype="bfloat16", param_dtype="bfloat16", attention_impl=None)
     step = S.make_step(DiT4SRTransformer(mcfg), mcfg.guidance_scale, 1)
     args = jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), S.inputs(mcfg, size, batch))
-    fn = step if prepare == "none" else jax.jit(lambda t, *a: step(prep(t, prologue=prepare), *a))
+    kw = SAMPLER_MODES["fast"] if prepare == "fast" else dict(prologue=prepare)
+    fn = step if prepare == "none" else jax.jit(lambda t, *a: step(prep(t, **kw), *a))
     with lowering_for(platform):
         text = fn.trace(q, *args).lower(lowering_platforms=("cuda" if platform == "gpu" else "tpu",)).as_text()
     names = re.findall(r"name = \"(qlinear[^\"]*)\"", text)          # the Pallas calls' names
@@ -83,7 +86,7 @@ def main(argv=None):
     ap.add_argument("--preset", default="qdit4sr-w4a4-small")
     ap.add_argument("--size", type=int, default=512)
     ap.add_argument("--batch", type=int, default=1)
-    ap.add_argument("--prepare", default="none", choices=("none", "xla", "pallas"))
+    ap.add_argument("--prepare", default="none", choices=("none", "xla", "pallas", "fast"))
     ap.add_argument("--platform", default="gpu", choices=("gpu", "tpu"))
     a = ap.parse_args(argv)
     r = check(a.model, a.preset, a.size, a.batch, a.prepare, a.platform)

@@ -9,6 +9,12 @@ codes that differ from XLA's (count, largest difference: float32 rounding of dif
 code by one at most), the largest relative difference of the per-token scales and of the branch features, and
 the layer's relative error vs `linear(..., execution="fake")` with and without the kernel. Runs on CPU too
 (the Pallas interpreter, slow: use small --m / --k there).
+
+    python3 benchmarks/gpu/prologue_check.py --shared --m 8192 --k 1536 --n 1536
+
+checks instead the shared down-projection of to_q / to_k / to_v (`prepared.share_inputs`, prepared "fast"): each
+member's output through the GEMM kernel reading its features in place at its column offset vs the same member
+prepared unshared, and both vs the fake-quant reference.
 """
 from __future__ import annotations
 
@@ -76,16 +82,51 @@ def check(m, k, n, smooth, interpret, block=256):
     return out
 
 
+def shared_check(m, k, n, interpret, block=256):
+    """Rows {member, rel_shared_vs_alone, max_abs_diff, rel_vs_fake, rel_alone_vs_fake, jd_col} of three layers
+    reading one x [m, k] (bf16), prepared "fast" with and without their `SharedDown`."""
+    from qdit4sr_jax.quant.kernels import KernelConfig, fused_linear, prepare
+    from qdit4sr_jax.quant.kernels.prepared import SAMPLER_MODES
+    from qdit4sr_jax.quant.linear import linear
+    names = ("to_q", "to_k", "to_v")
+    tree = {nm: {"kernel": _layer(k, n, False, seed=i, block=block)} for i, nm in enumerate(names)}
+    shared = jax.jit(lambda t: prepare(t, **SAMPLER_MODES["fast"]))(tree)
+    alone = jax.jit(lambda t: prepare(t, **SAMPLER_MODES["fast"], share=False))(tree)
+    if "qkv_down" not in shared:
+        raise RuntimeError("prepare made no shared down-projection for these layers")
+    rng = np.random.default_rng(1)
+    x = rng.standard_t(5, size=(m, k)).astype(np.float32)
+    x[:, 7] *= 20.0
+    x = jnp.asarray(x, jnp.bfloat16)
+    backend = "interpret" if interpret else "auto"
+    cfg = KernelConfig(block_m=16, block_n=16, block_k=64, num_warps=4, num_stages=2) if interpret else None
+    run = jax.jit(lambda t, v: [fused_linear(v, t[nm]["kernel"], None, act_bits=4, backend=backend, config=cfg,
+                                             shared=t.get("qkv_down")) for nm in names])
+    ys, ya = run(shared, x), run(alone, x)
+    rows = []
+    for nm, a, b in zip(names, ys, ya):
+        ref = np.asarray(linear(x, tree[nm]["kernel"], None, act_bits=4, execution="fake"), np.float32)
+        a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+        rows.append(dict(member=nm, jd_col=shared[nm]["kernel"].bw.jd_col, rel_shared_vs_alone=rel_err(a, b),
+                         max_abs_diff=float(np.abs(a - b).max()), rel_vs_fake=rel_err(a, ref),
+                         rel_alone_vs_fake=rel_err(b, ref)))
+    return rows
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--m", type=int, default=8192)
     ap.add_argument("--k", type=int, default=1536)
     ap.add_argument("--n", type=int, default=1536)
     ap.add_argument("--block", type=int, default=256, help="H-SVD block (b_out = b_in)")
+    ap.add_argument("--shared", action="store_true", help="check the shared q / k / v down-projection instead")
     ap.add_argument("--out", default=None)
     a = ap.parse_args(argv)
     interpret = jax.default_backend() != "gpu"
-    rows = [check(a.m, a.k, a.n, s, interpret, a.block) for s in (False, True)]
+    if a.shared:
+        rows = shared_check(a.m, a.k, a.n, interpret, a.block)
+    else:
+        rows = [check(a.m, a.k, a.n, s, interpret, a.block) for s in (False, True)]
     print(f"{jax.devices()[0].device_kind}  jax {jax.__version__}  [{a.m} x {a.k}] -> {a.n}"
           + ("  (Pallas interpreter)" if interpret else ""))
     for r in rows:

@@ -17,7 +17,8 @@ class Linear(nn.Module):
 
     The kernel is read as stored (any pytree node) when present, so a quantized tree applies unchanged.
     When the caller makes the `calib` collection mutable, the input statistics are sown there under
-    the module's own path (same path as its params).
+    the module's own path (same path as its params). shared: `quant.linear.linear`'s (a prepared tree's
+    down-projection of the layers reading x, which the parent module passes).
     """
     features: int
     use_bias: bool = True
@@ -25,7 +26,7 @@ class Linear(nn.Module):
     param_dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, x, step=None):
+    def __call__(self, x, step=None, shared=None):
         if self.has_variable("params", "kernel"):
             kernel = self.get_variable("params", "kernel")
         else:
@@ -33,4 +34,4 @@ class Linear(nn.Module):
         bias = self.param("bias", nn.initializers.zeros, (self.features,), self.param_dtype) if self.use_bias else None
         if self.is_mutable_collection(CALIB) and not self.is_initializing():
             self.sow(CALIB, "act", activation_stats(x))
-        return linear(x, kernel, bias, step=step)
+        return linear(x, kernel, bias, step=step, shared=shared)

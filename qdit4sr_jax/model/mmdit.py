@@ -92,7 +92,10 @@ class JointAttention(nn.Module):
                                      name=n, **kw)
         zero = dict(kernel_init=nn.initializers.zeros)
         B, n_x, _ = x.shape
-        q, k, v = (self._heads(lin(n)(x, step=step)) for n in ("to_q", "to_k", "to_v"))
+        # a prepared tree's one down-projection of the layers that read x / context (quant.kernels.prepared)
+        shared = lambda key: self.get_variable("params", key) if self.has_variable("params", key) else None
+        sx = shared("qkv_down")
+        q, k, v = (self._heads(lin(n)(x, step=step, shared=sx)) for n in ("to_q", "to_k", "to_v"))
         norm_q = RMSNorm(param_dtype=self.param_dtype, name="norm_q") if self.qk_norm else (lambda t: t)
         norm_k = RMSNorm(param_dtype=self.param_dtype, name="norm_k") if self.qk_norm else (lambda t: t)
         if self.lr_stream:
@@ -117,7 +120,9 @@ class JointAttention(nn.Module):
         if context is not None:
             if not self.added_kv:
                 raise ValueError("this attention has no context projections (attn2)")
-            cq, ck, cv = (self._heads(Linear(inner, param_dtype=self.param_dtype, name=n)(context, step=step))
+            sc = shared("add_qkv_down")
+            cq, ck, cv = (self._heads(Linear(inner, param_dtype=self.param_dtype, name=n)(context, step=step,
+                                                                                       shared=sc))
                           for n in ("add_q_proj", "add_k_proj", "add_v_proj"))
             if self.qk_norm:
                 cq = RMSNorm(param_dtype=self.param_dtype, name="norm_added_q")(cq)

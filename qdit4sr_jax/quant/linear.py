@@ -9,6 +9,8 @@
   step: sampling-step index (int or traced int32 scalar); a node with an `a_schedule` [T] uses
         a_schedule[clip(step, 0, T-1)] as activation bits (no recompilation per step)
   execution: overrides the node's execution mode ("fake" | "int" | "fused": quant/kernels.fused_linear)
+  shared: the `SharedDown` that a prepared tree holds beside w and the other layers reading x (e.g. to_q / to_k /
+        to_v: `kernels.prepared.SHARED_INPUTS`), where w's branch down-projection lives; None elsewhere
 Returns [..., d_out] in x.dtype.
 
 Dispatch: a float kernel -> one einsum; a `QuantizedWeight` with execution "fake" | "int" -> the reference
@@ -29,11 +31,11 @@ from qdit4sr_jax.quant.reference import (GROUP_CHUNK_ELEMENTS, branches, quantiz
                                          resolve_act_bits, transform_input)
 
 
-def linear(x, w, bias=None, *, act_bits=None, step=None, execution=None):
+def linear(x, w, bias=None, *, act_bits=None, step=None, execution=None, shared=None):
     if isinstance(w, KernelWeight):                  # a prepared fused node (quant/kernels/prepared.py)
         if execution in (None, "fused"):
             from qdit4sr_jax.quant.kernels import fused_linear
-            return fused_linear(x, w, bias, act_bits=act_bits, step=step)
+            return fused_linear(x, w, bias, act_bits=act_bits, step=step, shared=shared)
         w = w.reference_node()                       # the same function through the reference paths
     if isinstance(w, QuantizedWeight) and (execution or w.execution) == "fused":
         # the fused GPU kernel (same function; XLA fallback off GPU): quant/kernels

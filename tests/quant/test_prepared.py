@@ -276,3 +276,89 @@ def test_level_tables_give_the_stored_codes(backend):
         hlo = run.lower(kw, jnp.int32(0)).compile().as_text()
         assert not re.search(r"= f32\[1?\]\{?0?\}? fusion\(", hlo)          # no scalar fusion left
         assert re.search(r"= f32\[1?\]\{?0?\}? fusion\(", run.lower(node, jnp.int32(0)).compile().as_text())
+
+
+def _qkv(seed, ranks=(12, 40, 12)):
+    """{to_q, to_k, to_v} of one input (K = 128): rotated with signs, low-rank ranks `ranks` (Rl 16 / 64 / 16) and
+    64-wide input blocks (Rb 16), so the members' features need aligning in a shared down-projection."""
+    rng = np.random.default_rng(seed)
+    out = {}
+    for name, r in zip(("to_q", "to_k", "to_v"), ranks):
+        w = jnp.asarray(rng.normal(size=(N, K)).astype(np.float32) * 0.05)
+        node = make_qweight(w, w_bits=4, a_bits=4, execution="fused", rotate=K, signs=True,
+                            lr_a=rng.normal(size=(K, r)) * 0.1, lr_b=rng.normal(size=(r, N)) * 0.1,
+                            block_u=rng.normal(size=(N // 32, K // 64, 32)) * 0.2,
+                            block_v=rng.normal(size=(N // 32, K // 64, 64)) * 0.2, block=(32, 64))
+        out[name] = {"kernel": node, "bias": jnp.asarray(rng.normal(size=(N,)).astype(np.float32))}
+    return out
+
+
+@pytest.mark.parametrize("backend", ["xla", "interpret"])
+def test_layers_reading_one_input_share_one_down_projection(backend):
+    """prepare(..., down="input") puts the input-space down-projections of to_q / to_k / to_v side by side in one
+    `SharedDown` beside them (`SHARED_INPUTS`), each member's columns aligned to its Rl and Rb (the kernel reads
+    them in place); with it every member gives what it gives unshared, both backends; without it (a member called
+    alone) the member still computes its function (its features from x' with its own factors); the compiled
+    step computes the shared features once for the three layers (XLA's CSE of one dot with the same operands)."""
+    from qdit4sr_jax.quant.kernels.branch_ops import SharedDown
+    from qdit4sr_jax.quant.kernels.prepared import SAMPLER_MODES
+    tree = {"attn": _qkv(3)}
+    shared = prepare(tree, **SAMPLER_MODES["fast"])["attn"]
+    alone = prepare(tree, **SAMPLER_MODES["fast"], share=False)["attn"]
+    sd = shared["qkv_down"]
+    assert isinstance(sd, SharedDown) and "qkv_down" not in alone
+    cols = [shared[n]["kernel"].bw.jd_col for n in ("to_q", "to_k", "to_v")]
+    widths = [alone[n]["kernel"].bw.jd.shape[1] for n in ("to_q", "to_k", "to_v")]
+    assert widths == [48, 96, 48] and cols == [0, 64, 160] and sd.jd.shape == (K, 208)   # to_k starts on 64
+    for n, c, wd in zip(("to_q", "to_k", "to_v"), cols, widths):
+        assert shared[n]["kernel"].bw.jd is None
+        np.testing.assert_array_equal(np.asarray(sd.jd[:, c:c + wd]), np.asarray(alone[n]["kernel"].bw.jd))
+    np.testing.assert_array_equal(np.asarray(sd.jd[:, 48:64]), 0)
+    assert tree_bytes(shared) == tree_bytes(alone) + K * 16 * 2          # + the 16 zero columns (bf16)
+    x = _x(3)
+    for n in ("to_q", "to_k", "to_v"):
+        kw, b = shared[n]["kernel"], shared[n]["bias"]
+        want = fused_linear(x, alone[n]["kernel"], b, act_bits=4, backend=backend, config=CFG)
+        got = fused_linear(x, kw, b, act_bits=4, backend=backend, config=CFG, shared=sd)
+        assert rel_err(got, want) <= 2e-6
+        assert np.array_equal(np.asarray(linear(x, kw, b, act_bits=4, shared=sd)),
+                              np.asarray(fused_linear(x, kw, b, act_bits=4, shared=sd)))
+        ref = linear(x, kw.reference_node(), b, act_bits=4, execution="fake")     # W4A4, x' in bf16: ~1.7e-2
+        own = fused_linear(x, kw, b, act_bits=4, backend=backend, config=CFG)   # features from x', own factors
+        assert rel_err(own, want) <= 5e-3 and rel_err(own, ref) <= 1.05 * rel_err(want, ref)
+    with pytest.raises(ValueError, match="shared down-projection"):
+        fused_linear(x, shared["to_v"]["kernel"], act_bits=4, shared=SharedDown(sd.jd[:, :160]))
+    if backend == "xla":
+        import re
+        f = jax.jit(lambda t, v: [fused_linear(v, t[n]["kernel"], t[n]["bias"], act_bits=4, shared=t.get("qkv_down"))
+                                  for n in ("to_q", "to_k", "to_v")])
+        feat = lambda t, w: len(re.findall(rf"\[21,{w}\]\{{1,0\}} dot\(", f.lower(t, x).compile().as_text()))
+        assert feat(shared, 208) == 1 and feat(shared, 48) + feat(shared, 96) == 0
+        assert feat(alone, 48) == 2 and feat(alone, 96) == 1
+
+
+@pytest.mark.slow
+def test_model_reads_the_shared_down_projections():
+    """The tiny DiT4SR under the paper preset's -small form (rotation with signs, H-SVD branches), prepared "fast":
+    every attention's to_q / to_k / to_v and add_*_proj get their `SharedDown` (`SHARED_INPUTS`), the model
+    passes it to them (`model.mmdit.JointAttention`), and two sampler steps give what the unshared tree gives."""
+    from qdit4sr_jax.quant.config import QuantConfig
+    from qdit4sr_jax.quant.kernels.prepared import SAMPLER_MODES, SHARED_INPUTS
+    cfg = ModelConfig.preset("tiny")
+    r = np.random.default_rng(0)
+    params = jax.tree_util.tree_map(
+        lambda l: jnp.asarray(r.standard_normal(l.shape) / np.sqrt(np.prod(l.shape[:-1]) if l.ndim > 1 else 10),
+                              l.dtype), param_shapes(cfg))
+    qc = QuantConfig.preset("qdit4sr-paper-w4a4-small").replace(vatmp=False, hsvd_block=(16, 16), lowrank_rank=8)
+    q = with_execution(qdit4sr_jax.quantize(params, qc), "fused")
+    shared, alone = prepare(q, **SAMPLER_MODES["fast"]), prepare(q, **SAMPLER_MODES["fast"], share=False)
+    attn = [shared[b][a] for b in shared if b.startswith("transformer_blocks_") for a in shared[b] if "attn" in a]
+    assert len(attn) == 4 and all("qkv_down" in a for a in attn)
+    assert sum("add_qkv_down" in a for a in attn) == 3 and set(SHARED_INPUTS) == {"qkv_down", "add_qkv_down"}
+    assert all(a[n]["kernel"].bw.jd is None for a in attn for n in SHARED_INPUTS["qkv_down"])
+    lat = lambda s, shape: jnp.asarray(np.random.default_rng(s).normal(size=shape), jnp.float32)
+    lr, noise, ctx, pool = lat(1, (1, 16, 16, 4)), lat(2, (1, 16, 16, 4)), lat(3, (1, 7, 24)), lat(4, (1, 20))
+    run = lambda t: np.asarray(sampling.sample(cfg, t, lr, noise, context=ctx, pooled=pool, num_steps=2,
+                                               guidance_scale=1.0, tile_latent=0))
+    a, b = run(shared), run(alone)
+    assert np.isfinite(a).all() and rel_err(a, b) <= 1e-6

@@ -21,6 +21,10 @@ joint down-projection (optional, `branch_weights(..., joint=True)`: `kernels.pre
                                 the layer's own input x and not x': the down GEMM no longer waits for the rotation
                                 nor needs a bf16 copy of x'. The same function; the rounding differs (x, not
                                 bf16(x'), enters it, and jd_in is rounded to the branch dtype)
+shared down-projection (`share_down`, `kernels.prepare(..., down="input")` on to_q / to_k / to_v): layers that read
+one input put their input-space jd side by side in one `SharedDown` [K, sum W_i] held once beside them; one GEMM
+                                x jd_shared gives every member's [dh | dt], member i's from column `jd_col`
+                                (a multiple of its Rl and Rb: its GEMM kernel reads them in place)
 epilogue, `branch_epilogue` (XLA) or the Pallas GEMM kernel per output tile:
   y[m, n] += dh[m] . lr_b[:, n] + dt[m, i(n) Rb : (i(n) + 1) Rb] . ub[:, n]     (float32 accumulation)
 so an output tile inside one block row reads one [bm, Rb] slice of dt. The same quantities as
@@ -60,6 +64,7 @@ class BranchWeights:
     block: Optional[tuple] = None
     jd: Any = None                # [K, Rl + n_bo Rb] joint down-projection [lr_a | V_d], or None
     jd_input: bool = False        # jd maps the layer's input x (not x') to [dh | dt] (`input_space_down`)
+    jd_col: Optional[int] = None  # jd moved into a `SharedDown`: the first column of this layer's [dh | dt] there
 
     @property
     def has_lowrank(self) -> bool:
@@ -90,8 +95,64 @@ class BranchWeights:
         return rl
 
 
+    @property
+    def joint_width(self) -> int:
+        """Columns of the joint features [dh | dt]: dt_col + n_bo Rb with blocks, else Rl."""
+        return self.dt_col + self.n_bo * self.rb if self.has_blocks else self.lr_a.shape[1]
+
+    @property
+    def joint_align(self) -> int:
+        """The column alignment the GEMM kernel needs to read [dh | dt] in place: max(Rl, Rb) (powers of 2)."""
+        return max(self.lr_a.shape[1] if self.has_lowrank else 1, self.rb if self.has_blocks else 1)
+
+
 jax.tree_util.register_dataclass(BranchWeights, data_fields=["lr_a", "lr_b", "vt", "ub", "jd"],
-                                 meta_fields=["block", "jd_input"])
+                                 meta_fields=["block", "jd_input", "jd_col"])
+
+
+@dataclasses.dataclass(frozen=True)
+class SharedDown:
+    """The input-space joint down-projections of layers that read one input, side by side (`share_down`):
+    jd [K, W] in the branch dtype; member i's [dh | dt] are columns [jd_col_i, jd_col_i + W_i) of x jd (zero
+    columns between members keep every jd_col_i aligned)."""
+    jd: Any
+
+
+jax.tree_util.register_dataclass(SharedDown, data_fields=["jd"], meta_fields=[])
+
+
+def can_share_down(bws) -> bool:
+    """Whether these layers' (their `BranchWeights`) input-space down-projections can be one `SharedDown`: all
+    have an input-space jd of one dtype and K, and tile sizes the GEMM kernel can offset by (powers of 2)."""
+    if len(bws) < 2 or any(b is None or b.jd is None or not b.jd_input or b.jd_col is not None for b in bws):
+        return False
+    parts = [b.lr_a.shape[1] for b in bws if b.has_lowrank] + [b.rb for b in bws if b.has_blocks]
+    return (len({b.jd.dtype for b in bws}) == 1 and len({b.jd.shape[0] for b in bws}) == 1
+            and all(is_tile(v) for v in parts))
+
+
+def share_down(bws):
+    """Input-space `BranchWeights` of layers reading one input (`can_share_down`) -> (SharedDown, the same
+    BranchWeights with jd moved out: jd None, jd_col their first column in it). Member i starts at the first
+    multiple of its `joint_align` after member i - 1 (zero columns between: exact)."""
+    if not can_share_down(bws):
+        raise ValueError("share_down needs >= 2 input-space joint down-projections of one dtype and K, "
+                         "with power-of-2 ranks")
+    parts, out, col = [], [], 0
+    for b in bws:
+        start = -(-col // b.joint_align) * b.joint_align
+        if start > col:
+            parts.append(jnp.zeros((b.jd.shape[0], start - col), b.jd.dtype))
+        parts.append(b.jd)
+        out.append(dataclasses.replace(b, jd=None, jd_col=start))
+        col = start + b.jd.shape[1]
+    return SharedDown(jnp.concatenate(parts, axis=1)), out
+
+
+def shared_features(x_in, shared: SharedDown):
+    """x_in [M, K] (the members' common input) -> x jd [M, W] in the branch dtype: every member's [dh | dt]."""
+    dtype = shared.jd.dtype
+    return jnp.dot(x_in.astype(dtype), shared.jd, preferred_element_type=jnp.float32).astype(dtype)
 
 
 def branch_weights(w: QuantizedWeight, pad: bool = True, joint: bool = False) -> Optional[BranchWeights]:
@@ -186,8 +247,7 @@ def joint_features(xt, bw: BranchWeights, x_in=None):
         if x_in is None:
             raise ValueError("an input-space down-projection (jd_input) needs the layer's input x_in")
         src = x_in
-    dtype = bw.jd.dtype
-    return jnp.dot(src.astype(dtype), bw.jd, preferred_element_type=jnp.float32).astype(dtype)
+    return shared_features(src, SharedDown(bw.jd))
 
 
 def branch_features(xt, bw: Optional[BranchWeights], x_in=None):
@@ -229,6 +289,6 @@ def branch_epilogue(y, dh, dt, bw: BranchWeights):
     return y
 
 
-__all__ = ["BranchWeights", "branch_weights", "joint_down", "input_space_down", "branch_features", "joint_features",
-           "branch_epilogue", "node_factors", "next_pow2",
-           "is_tile", "widen_on_cpu", "lowering_for", "target_platform"]
+__all__ = ["BranchWeights", "SharedDown", "can_share_down", "share_down", "shared_features", "branch_weights",
+           "joint_down", "input_space_down", "branch_features", "joint_features", "branch_epilogue", "node_factors",
+           "next_pow2", "is_tile", "widen_on_cpu", "lowering_for", "target_platform"]

@@ -37,8 +37,8 @@ import jax
 import jax.numpy as jnp
 
 from qdit4sr_jax.quant import quantizer as qz
-from qdit4sr_jax.quant.kernels.branch_ops import (BranchWeights, branch_epilogue, branch_features, branch_weights,
-                                                  joint_features)
+from qdit4sr_jax.quant.kernels.branch_ops import (BranchWeights, SharedDown, branch_epilogue, branch_features,
+                                                  branch_weights, joint_features, shared_features)
 from qdit4sr_jax.quant.kernels.operands import (DEFAULT_CONFIG, GROUPED_CONFIG, KernelConfig,  # noqa: F401 (re-exported)
                                                 Operands, block_rows, default_config, packed_run, supports_fused,
                                                 tiles_ok, unpacks_in_kernel)
@@ -51,7 +51,8 @@ BACKENDS = ("auto", "pallas", "interpret", "xla")
 
 def prologue(x2, w: QuantizedWeight, bits, *, pad_to: int = 1, chunk: Optional[int] = None,
              bw: Optional[BranchWeights] = None, pad_branches: bool = False, xprime: str = "float32",
-             joint: bool = False, levels=None, inv_levels=None, step=None) -> Operands:
+             joint: bool = False, levels=None, inv_levels=None, step=None,
+             shared: Optional[SharedDown] = None) -> Operands:
     """x2 [M, K] -> `Operands` (stage 1 of the module docstring). bits: int or traced int32 scalar.
     pad_to: pad the rows to a multiple of this; chunk: with packed weights, split every run of `chunk`
     codes into [even | odd] (None: keep the natural order); bw: the node's `branch_weights`, when
@@ -63,7 +64,11 @@ def prologue(x2, w: QuantizedWeight, bits, *, pad_to: int = 1, chunk: Optional[i
     (float32 [T], `prepared.KernelWeight`) with step (traced int32): the step's code levels 2^(bits-1) - 1 and
     their reciprocal looked up (bits then unused): the same codes and scales as from bits (XLA computes a / levels
     as a * (1 / levels)) but for all-zero rows (scale 2^-126, not 1; codes zero either way), without two scalar
-    kernels per layer and call nor a select after the absmax."""
+    kernels per layer and call nor a select after the absmax; shared: the `SharedDown` of the layers reading x
+    with this one, for a bw whose jd lives there (`bw.jd_col`): the features come from x shared.jd, one GEMM that
+    XLA computes once for all members (the same operands: common-subexpression elimination), and this layer's
+    start at `Operands.col` (without shared, such a layer computes its features from x' with its own factors: the
+    same function, rounded differently)."""
     m, k = x2.shape
     if bw is None:
         bw = branch_weights(w, pad=pad_branches)
@@ -106,7 +111,20 @@ def prologue(x2, w: QuantizedWeight, bits, *, pad_to: int = 1, chunk: Optional[i
         if kp % c or c % 2:
             raise ValueError(f"packed-code run {c} must be even and divide the padded K={kp}")
         q = q.reshape(mp, kp // c, c // 2, 2).transpose(0, 1, 3, 2).reshape(mp, kp)
-    if joint and bw is not None and bw.jd is not None and (not bw.has_blocks or bw.dt_col % bw.rb == 0):
+    in_place = joint and bw is not None and (not bw.has_blocks or bw.dt_col % bw.rb == 0)
+    if bw is not None and bw.jd_col is not None and shared is not None:
+        col, width = bw.jd_col, bw.joint_width
+        if shared.jd.shape[0] != k or col + width > shared.jd.shape[1]:
+            raise ValueError(f"shared down-projection {tuple(shared.jd.shape)} does not hold this layer's features "
+                             f"(K={k}, columns {col}..{col + width})")
+        d = shared_features(x2, shared)
+        if in_place:
+            return Operands(q, s[:, 0], d if bw.has_lowrank else None, d if bw.has_blocks else None, bw, m, c,
+                            True, col)
+        rl = bw.lr_a.shape[1] if bw.has_lowrank else 0
+        return Operands(q, s[:, 0], d[:, col:col + rl] if bw.has_lowrank else None,
+                        d[:, col + bw.dt_col:col + width] if bw.has_blocks else None, bw, m, c)
+    if in_place and bw.jd is not None:
         d = joint_features(xt, bw, x_in)
         return Operands(q, s[:, 0], d if bw.has_lowrank else None, d if bw.has_blocks else None, bw, m, c, True)
     dh, dt = branch_features(xt, bw, x_in)
@@ -160,12 +178,13 @@ def choose_backend(backend: str, w: QuantizedWeight, cfg: KernelConfig) -> str:
 
 
 def fused_linear(x, w: QuantizedWeight, bias=None, *, act_bits=None, step=None, backend: str = "auto",
-                 config: Optional[KernelConfig] = None):
+                 config: Optional[KernelConfig] = None, shared: Optional[SharedDown] = None):
     """x [..., K] (float) through a QuantizedWeight node or its `prepared.KernelWeight` (+ bias [N]) ->
     [..., N] in x.dtype.
 
     Same function as `quant.linear.linear(x, w, bias, act_bits=..., step=...)`; see the module docstring
-    for the stages and backends. config: tile sizes (`KernelConfig`).
+    for the stages and backends. config: tile sizes (`KernelConfig`). shared: the `SharedDown` a prepared tree
+    holds beside this layer and the others reading x (`prepared.SHARED_INPUTS`), which holds its down-projection.
     """
     from qdit4sr_jax.quant.kernels.prepared import KernelWeight
     kw = w if isinstance(w, KernelWeight) else None      # weight-side operands computed beforehand
@@ -190,7 +209,7 @@ def fused_linear(x, w: QuantizedWeight, bias=None, *, act_bits=None, step=None, 
     table = kw is not None and kw.levels is not None and act_bits is None and step is not None
     tables = dict(levels=kw.levels, inv_levels=kw.inv_levels, step=step) if table else {}
     if be == "xla":
-        ops = prologue(x2, w, bits, bw=bw, xprime=xprime, **tables)
+        ops = prologue(x2, w, bits, bw=bw, xprime=xprime, shared=shared, **tables)
         y = xla_gemm_epilogue(ops, w, bias, x.dtype)
     else:
         from qdit4sr_jax.quant.kernels.pallas_gpu import pallas_gemm_epilogue
@@ -203,7 +222,7 @@ def fused_linear(x, w: QuantizedWeight, bias=None, *, act_bits=None, step=None, 
                                      levels=tables.get("levels"), step=tables.get("step"))
         else:
             ops = prologue(x2, w, bits, pad_to=cfg.block_m, chunk=chunk, bw=bw, pad_branches=True, xprime=xprime,
-                           joint=True, **tables)
+                           joint=True, shared=shared, **tables)
         y = pallas_gemm_epilogue(ops, w, bias, x.dtype, cfg, interpret=(be == "interpret"))
     return y.reshape(*lead, w.n)
 

@@ -118,7 +118,8 @@ class Operands:
     without branches), m the unpadded rows, chunk the [even | odd] run length of packed codes (0: not split).
     joint: dh and dt are both (where present) the joint features [dh | dt] [Mp, dt_col + n_bo Rb] of one GEMM
     (`branch_ops.joint_features`), which the GEMM kernel reads in place: dh in columns [0, Rl), dt from
-    `bw.dt_col` (a multiple of Rb)."""
+    `bw.dt_col` (a multiple of Rb); col: the first column of this layer's [dh | dt] in them (a `SharedDown`'s
+    features, `bw.jd_col`: a multiple of Rl and Rb), else 0."""
     xq: jax.Array
     sx: jax.Array
     dh: Optional[jax.Array]
@@ -127,6 +128,7 @@ class Operands:
     m: int
     chunk: int
     joint: bool = False
+    col: int = 0
 
 
 __all__ = ["KernelConfig", "DEFAULT_CONFIG", "GROUPED_CONFIG", "default_config", "set_prologue_tiles", "supports_fused",

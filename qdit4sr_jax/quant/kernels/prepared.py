@@ -49,6 +49,10 @@ XPRIMES = ("float32", "bfloat16")
 # 2026-12-06 07:10), PSNR vs FP on the demo 32.289 vs 32.274 dB (2026-12-06 05:30).
 SAMPLER_MODES = {"packed": dict(unpack=False), "unpacked": dict(unpack=True),
                  "fast": dict(unpack=True, down="input", xprime="bfloat16")}
+# Layers that read one input, by the key of the `branch_ops.SharedDown` that `prepare(..., down="input")` puts
+# beside them in their parent dict (the model passes it to each: `model.mmdit.JointAttention`).
+SHARED_INPUTS = {"qkv_down": ("to_q", "to_k", "to_v"),
+                 "add_qkv_down": ("add_q_proj", "add_k_proj", "add_v_proj")}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -127,11 +131,35 @@ def prepare_weight(w: QuantizedWeight, *, unpack: bool = True, prologue: str = "
                         prologue, xprime)
 
 
-def prepare(tree, *, unpack: bool = True, prologue: str = "xla", down: str = "joint", xprime: str = "float32"):
+def share_inputs(params: dict) -> dict:
+    """One dict of a prepared tree -> the same with the input-space down-projections of each `SHARED_INPUTS`
+    group present (e.g. to_q / to_k / to_v: all prepared, XLA prologue, `branch_ops.can_share_down`) moved
+    into one `branch_ops.SharedDown` under the group's key; other dicts unchanged. Memory is unchanged (the same
+    columns, held once); the step computes one down GEMM per group instead of one per layer (XLA's DotMerger
+    otherwise concatenated the three weights in every step and sliced the features apart: 37 concatenations and
+    78 slices per 512-px W4A4 step on the H100, benchmarks/RESULTS.md 2026-12-06 22:16)."""
+    from qdit4sr_jax.quant.kernels.branch_ops import can_share_down, share_down
+    out = dict(params)
+    for key, names in SHARED_INPUTS.items():
+        kws = [params.get(n, {}).get("kernel") if isinstance(params.get(n), dict) else None for n in names]
+        if key in params or not all(isinstance(k, KernelWeight) and k.prologue == "xla" for k in kws):
+            continue
+        if not can_share_down([k.bw for k in kws]):
+            continue
+        shared, bws = share_down([k.bw for k in kws])
+        for n, k, b in zip(names, kws, bws):
+            out[n] = {**params[n], "kernel": dataclasses.replace(k, bw=b)}
+        out[key] = shared
+    return out
+
+
+def prepare(tree, *, unpack: bool = True, prologue: str = "xla", down: str = "joint", xprime: str = "float32",
+            share: bool = True):
     """The params tree with every QuantizedWeight whose execution is "fused" replaced by its `KernelWeight`
     and the "bias" beside it in float32, the kernels' epilogue dtype (bf16 values are exact in float32; saves a
     convert per layer and call); other nodes, float leaves and already prepared nodes unchanged. Traceable:
-    call it inside the jit that runs the steps, before the loop. down, xprime: `prepare_weight`'s."""
+    call it inside the jit that runs the steps, before the loop. down, xprime: `prepare_weight`'s; share (with
+    down="input"): layers reading one input get one down-projection (`share_inputs`)."""
     def fused(n):
         return isinstance(n, QuantizedWeight) and n.execution == "fused"
 
@@ -142,11 +170,12 @@ def prepare(tree, *, unpack: bool = True, prologue: str = "xla", down: str = "jo
             out = {k: walk(v) for k, v in t.items()}
             if fused(t.get("kernel")) and t.get("bias") is not None:
                 out["bias"] = t["bias"].astype(jax.numpy.float32)
-            return out
+            return share_inputs(out) if share else out
         if isinstance(t, (list, tuple)) and not hasattr(t, "_fields"):
             return type(t)(walk(v) for v in t)
         return t
     return walk(tree)
 
 
-__all__ = ["KernelWeight", "PROLOGUES", "DOWNS", "XPRIMES", "SAMPLER_MODES", "prepare", "prepare_weight"]
+__all__ = ["KernelWeight", "PROLOGUES", "DOWNS", "XPRIMES", "SAMPLER_MODES", "SHARED_INPUTS", "prepare",
+           "prepare_weight", "share_inputs"]
