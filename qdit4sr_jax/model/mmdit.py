@@ -172,7 +172,9 @@ class FeedForward(nn.Module):
             conv = nn.Conv(inner, (3, 3), padding=((1, 1), (1, 1)), feature_group_count=inner,
                            kernel_init=nn.initializers.zeros, dtype=h.dtype, param_dtype=self.param_dtype,
                            name="control_conv")(h_lr.reshape(B, gh, gw, inner)).reshape(B, n, inner)
-            h = jnp.concatenate([h_x + self.control_scale * conv, h_lr], axis=1)
+            # the noisy half updated in place (not a concatenation with h_lr: XLA fuses no consumer into a
+            # concatenation, so net_2's input transform became a pass of its own; benchmarks/gpu_notes.md)
+            h = jax.lax.dynamic_update_slice_in_dim(h, h_x + self.control_scale * conv, 0, axis=1)
         return Linear(self.dim, param_dtype=self.param_dtype, name="net_2")(h, step=step)
 
 
