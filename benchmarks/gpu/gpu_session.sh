@@ -23,7 +23,7 @@
 #   bash benchmarks/gpu/gpu_session.sh i24d      # all six modes' 1024-px steps (+ smoothing-only -small, paper W4A4)
 #   bash benchmarks/gpu/gpu_session.sh i24t      # next: GPU check of the shared q/k/v down-projection, 512-px steps bf16 /
 #                                             # paper-small prepbf (shared) / prepbfns (per layer), DotMerger off;
-#                                             # profile + HLO; i24u: the same steps at 1024 px
+#                                             # profile + HLO; i24u: 1024 px bf16 / paper-small / paper prepbf
 #   bash benchmarks/gpu/gpu_session.sh i24s      # (folded into i24t): 512 + 1024-px steps bf16 / paper-small prepbf (input rows padded
 #                                             # once, signs folded again, scale without select), DotMerger off; profile
 #   bash benchmarks/gpu/gpu_session.sh i24q      # 12-06 (6): 512-px steps bf16 / paper-small prepbf (level tables, bf16
@@ -56,7 +56,8 @@ if [ "${1:-}" = i24t ] || [ "${1:-}" = i24u ]; then
   # the input-space down-projection again, the per-token scale as the max-reduce's output (no select kernel), and
   # new: one down-projection GEMM per to_q / to_k / to_v group (`prepared.share_inputs`; prepbf has it, prepbfns
   # is the same without it). i24t: GPU check of the shared path (each member vs unshared and vs fake-quant), the
-  # 512-px steps with DotMerger off, then the profile + HLO of prepbf. i24u: the 1024-px steps ($V: variants).
+  # 512-px steps with DotMerger off, then the profile + HLO of prepbf. i24u: the 1024-px steps of bf16, paper-small
+  # and the paper preset itself, "fast" ($V: variants).
   P=p:qdit4sr-paper-w4a4-small
   if [ "$1" = i24t ]; then
     el "shared down-projection check"; timeout 90 python3 benchmarks/gpu/prologue_check.py --shared --m 8192 \
@@ -69,7 +70,7 @@ if [ "${1:-}" = i24t ] || [ "${1:-}" = i24u ]; then
         --out "$OUT/profile512.json" > "$OUT/profile512.log" 2>&1
     grep -v "^W[0-9]\|Warning" "$OUT/profile512.log" | grep "^|\|^#\|^fusions\|ms of kernels" | cut -c1-170 | head -90
   else
-    el "steps 1024"; steps steps1024 550 --cases 1024x1 --scan-steps 2 --modes bf16 $P:prepbf $P:prepbfns \
+    el "steps 1024"; steps steps1024 550 --cases 1024x1 --scan-steps 2 --modes bf16 $P:prepbf p:qdit4sr-paper-w4a4:prepbf \
         --attention cudnn --xla-variants ${V:-no-dot-merge} --iters 4 --warmup 1 --deadline 500
   fi
   el done
