@@ -23,6 +23,13 @@ unpack=False (1/3.21; packed codes are then unpacked per call, or inside the ker
 the weight-side work is not what makes W4A4 slow (benchmarks/RESULTS.md, 2026-12-05). Hence not the sampler's
 default.
 
+With down="input" (the sampler's "fast"), layers that read one input (to_q / to_k / to_v, add_q / k / v_proj:
+`SHARED_INPUTS`) get one down-projection: `share_inputs` puts their input-space [lr_a | V_d] side by side in a
+`branch_ops.SharedDown` under the group's key (e.g. attn/qkv_down), the model passes it to each member
+(`model.mmdit.JointAttention`), and the step computes one x jd GEMM per group, whose columns each member's GEMM
+kernel reads in place, instead of one per layer (which XLA's DotMerger joined by concatenating the three weights in
+every step and slicing the features apart).
+
 prologue="pallas" also replaces the XLA prologue (smoothing, per-token quantization, the branch
 down-projections: several kernels) by one Pallas kernel per layer (`prologue_kernel.py`) wherever the Pallas
 GEMM runs (GPU; the interpreter in tests); the XLA backend (CPU, TPU) keeps the XLA prologue. On an H200 it
