@@ -21,6 +21,7 @@
 #                                             # down-projection, 1024- and 512-px steps of bf16, W8A8 and the paper /
 #                                             # smoothing + rotation W4A4-small presets (2-step scan)
 #   bash benchmarks/gpu/gpu_session.sh i24d      # all six modes' 1024-px steps (+ smoothing-only -small, paper W4A4)
+#   bash benchmarks/gpu/gpu_session.sh i24v      # one short call: shared-down GPU check, 512 + 1024-px bf16 / prepbf, profile
 #   bash benchmarks/gpu/gpu_session.sh i24t      # next: GPU check of the shared q/k/v down-projection, 512-px steps bf16 /
 #                                             # paper-small prepbf (shared) / prepbfns (per layer), DotMerger off;
 #                                             # profile + HLO; i24u: 1024 px bf16 / paper-small / paper prepbf
@@ -51,6 +52,23 @@ steps() {
   timeout "$limit" python3 benchmarks/step_latency.py "$@" --out "$OUT/$name.json" > "$OUT/$name.log" 2>&1
   grep -v "^W[0-9]\|Warning" "$OUT/$name.log" | grep "quantized\|px b\|note" | cut -c1-230
 }
+if [ "${1:-}" = i24v ]; then
+  # issue 24, 12-07, one call when device time is short (<= 560 s): the GPU check of the shared q / k / v
+  # down-projection, then the 512 + 1024-px steps of bf16 and paper-small "fast" (everything since 12-06 22:16), DotMerger
+  # off, then the 512-px profile + HLO with what time is left.
+  P=p:qdit4sr-paper-w4a4-small
+  el "shared down-projection check"; timeout 70 python3 benchmarks/gpu/prologue_check.py --shared --m 8192 \
+      --k 1536 --n 1536 --out "$OUT/shared_check.json" 2>&1 | grep -v "^W[0-9]\|Warning" | tail -4 | cut -c1-230
+  el "steps 512 + 1024"; steps steps 380 --cases 512x1 1024x1 --scan-steps 2 --modes bf16 $P:prepbf \
+      --attention cudnn --xla-variants no-dot-merge --iters 6 --warmup 1 --deadline 330
+  left=$(( 550 - ($(date +%s) - t0) ))
+  el "profile 512 + HLO ($left s)"; timeout $left python3 benchmarks/gpu/step_profile.py --cases 512x1 \
+      --modes $P:prepbf --hlo "$OUT/hlo" --attention cudnn --iters 2 --warmup 1 --top 40 \
+      --out "$OUT/profile512.json" > "$OUT/profile512.log" 2>&1
+  grep -v "^W[0-9]\|Warning" "$OUT/profile512.log" | grep "^|\|^#\|^fusions\|ms of kernels" | cut -c1-170 | head -90
+  el done
+  exit 0
+fi
 if [ "${1:-}" = i24t ] || [ "${1:-}" = i24u ]; then
   # issue 24, 12-07 (<= 560 s each). Untimed since 12-06 22:16: input rows padded once on x, the signs folded into
   # the input-space down-projection again, the per-token scale as the max-reduce's output (no select kernel), and
