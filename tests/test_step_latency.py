@@ -38,10 +38,11 @@ def test_tiny_cases_in_the_given_order(tmp_path):
 def test_scan_steps_report_per_step_times(tmp_path):
     """--scan-steps N runs N steps in one lax.scan (quantized trees included) and reports per-step figures."""
     out = tmp_path / "scan.json"
-    S.main(["--preset", "tiny", "--cases", "16x1", "--modes", "bf16", "w4a4s-fused", "w4a4s-prep", "w4a4s-prepk",
-            "--attention", "xla", "--iters", "3", "--warmup", "1", "--scan-steps", "2", "--out", str(out)])
+    S.main(["--preset", "tiny", "--cases", "16x1", "--modes", "bf16", "w4a4s-fused", "w4a4s-prep",
+            "p:qdit4sr-w4a4-small:prepbf", "--attention", "xla", "--iters", "3", "--warmup", "1", "--scan-steps", "2",
+            "--out", str(out)])
     res = json.load(open(out))
-    assert [r["mode"] for r in res["runs"]] == ["bf16", "w4a4s-fused", "w4a4s-prep", "w4a4s-prepk"]
+    assert [r["mode"] for r in res["runs"]] == ["bf16", "w4a4s-fused", "w4a4s-prep", "p:qdit4sr-w4a4-small:prepbf"]
     stored, prepared, _ = (r["weight_bytes"] for r in res["runs"][1:])
     assert prepared > stored                      # the prepared tree: unpacked codes, float branches, U
     for r in res["runs"]:

@@ -55,13 +55,13 @@ steps() {
 if [ "${1:-}" = i24v ]; then
   # issue 24, 12-07, one call when device time is short (<= 560 s): the GPU check of the shared q / k / v
   # down-projection, then the 512 + 1024-px steps of bf16 and paper-small "fast" (everything since 12-06 22:16), DotMerger
-  # off, then the 512-px profile + HLO with what time is left.
+  # off, then the 512-px profile + HLO with what time is left of ${T:-550} s.
   P=p:qdit4sr-paper-w4a4-small
   el "shared down-projection check"; timeout 70 python3 benchmarks/gpu/prologue_check.py --shared --m 8192 \
       --k 1536 --n 1536 --out "$OUT/shared_check.json" 2>&1 | grep -v "^W[0-9]\|Warning" | tail -4 | cut -c1-230
   el "steps 512 + 1024"; steps steps 380 --cases 512x1 1024x1 --scan-steps 2 --modes bf16 $P:prepbf \
       --attention cudnn --xla-variants no-dot-merge --iters 6 --warmup 1 --deadline 330
-  left=$(( 550 - ($(date +%s) - t0) ))
+  left=$(( ${T:-550} - ($(date +%s) - t0) ))
   el "profile 512 + HLO ($left s)"; timeout $left python3 benchmarks/gpu/step_profile.py --cases 512x1 \
       --modes $P:prepbf --hlo "$OUT/hlo" --attention cudnn --iters 2 --warmup 1 --top 40 \
       --out "$OUT/profile512.json" > "$OUT/profile512.log" 2>&1
