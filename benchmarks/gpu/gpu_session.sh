@@ -59,8 +59,8 @@ if [ "${1:-}" = i24v ]; then
   P=p:qdit4sr-paper-w4a4-small
   el "shared down-projection check"; timeout 70 python3 benchmarks/gpu/prologue_check.py --shared --m 8192 \
       --k 1536 --n 1536 --out "$OUT/shared_check.json" 2>&1 | grep -v "^W[0-9]\|Warning" | tail -4 | cut -c1-230
-  el "steps 512 + 1024"; steps steps 380 --cases 512x1 1024x1 --scan-steps 2 --modes bf16 $P:prepbf \
-      --attention cudnn --xla-variants no-dot-merge --iters 6 --warmup 1 --deadline 330
+  el "steps ${CASES:-512x1 1024x1}"; steps steps $(( ${T:-550} - 60 )) --cases ${CASES:-512x1 1024x1} --scan-steps 2 --modes bf16 \
+      $P:prepbf --attention cudnn --xla-variants no-dot-merge --iters 6 --warmup 1 --deadline $(( ${T:-550} - 90 ))
   left=$(( ${T:-550} - ($(date +%s) - t0) ))
   el "profile 512 + HLO ($left s)"; timeout $left python3 benchmarks/gpu/step_profile.py --cases 512x1 \
       --modes $P:prepbf --hlo "$OUT/hlo" --attention cudnn --iters 2 --warmup 1 --top 40 \
