@@ -62,10 +62,12 @@ if [ "${1:-}" = i24v ]; then
   el "steps ${CASES:-512x1 1024x1}"; steps steps $(( ${T:-550} - 60 )) --cases ${CASES:-512x1 1024x1} --scan-steps 2 --modes bf16 \
       $P:prepbf --attention cudnn --xla-variants no-dot-merge --iters 6 --warmup 1 --deadline $(( ${T:-550} - 90 ))
   left=$(( ${T:-550} - ($(date +%s) - t0) ))
-  el "profile 512 + HLO ($left s)"; timeout $left python3 benchmarks/gpu/step_profile.py --cases 512x1 \
-      --modes $P:prepbf --hlo "$OUT/hlo" --attention cudnn --iters 2 --warmup 1 --top 40 \
-      --out "$OUT/profile512.json" > "$OUT/profile512.log" 2>&1
-  grep -v "^W[0-9]\|Warning" "$OUT/profile512.log" | grep "^|\|^#\|^fusions\|ms of kernels" | cut -c1-170 | head -90
+  if [ $left -ge 120 ]; then        # (timeout 0 would mean no limit)
+    el "profile 512 + HLO ($left s)"; timeout $left python3 benchmarks/gpu/step_profile.py --cases 512x1 \
+        --modes $P:prepbf --hlo "$OUT/hlo" --attention cudnn --iters 2 --warmup 1 --top 40 \
+        --out "$OUT/profile512.json" > "$OUT/profile512.log" 2>&1
+    grep -v "^W[0-9]\|Warning" "$OUT/profile512.log" | grep "^|\|^#\|^fusions\|ms of kernels" | cut -c1-170 | head -90
+  fi
   el done
   exit 0
 fi
