@@ -141,10 +141,11 @@ def prepare_weight(w: QuantizedWeight, *, unpack: bool = True, prologue: str = "
 def share_inputs(params: dict) -> dict:
     """One dict of a prepared tree -> the same with the input-space down-projections of each `SHARED_INPUTS`
     group present (e.g. to_q / to_k / to_v: all prepared, XLA prologue, `branch_ops.can_share_down`) moved
-    into one `branch_ops.SharedDown` under the group's key; other dicts unchanged. Memory is unchanged (the same
-    columns, held once); the step computes one down GEMM per group instead of one per layer (XLA's DotMerger
-    otherwise concatenated the three weights in every step and sliced the features apart: 37 concatenations and
-    78 slices per 512-px W4A4 step on the H100, benchmarks/RESULTS.md 2026-12-06 22:16)."""
+    into one `branch_ops.SharedDown` under the group's key; other dicts unchanged. Memory: the same columns, held
+    once, plus zero columns where a member's start must align (none on DiT4SR: 128 columns per member); the step
+    computes one down GEMM per group instead of one per layer (which XLA's DotMerger joined by concatenating the
+    three weights in every step, 37 x bf16[1536, 384] per 512-px W4A4 step in the optimized HLO of 2026-12-06,
+    and slicing the features apart: benchmarks/gpu_notes.md)."""
     from qdit4sr_jax.quant.kernels.branch_ops import can_share_down, share_down
     out = dict(params)
     for key, names in SHARED_INPUTS.items():
