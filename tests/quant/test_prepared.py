@@ -341,7 +341,7 @@ def test_layers_reading_one_input_share_one_down_projection(backend):
 def test_model_reads_the_shared_down_projections():
     """The tiny DiT4SR under the paper preset's -small form (rotation with signs, H-SVD branches), prepared "fast":
     every attention's to_q / to_k / to_v and add_*_proj get their `SharedDown` (`SHARED_INPUTS`), the model
-    passes it to them (`model.mmdit.JointAttention`), and two sampler steps give what the unshared tree gives."""
+    passes it to them (`model.mmdit.JointAttention`), and the transformer gives what it gives with the unshared tree."""
     from qdit4sr_jax.quant.config import QuantConfig
     from qdit4sr_jax.quant.kernels.prepared import SAMPLER_MODES, SHARED_INPUTS
     cfg = ModelConfig.preset("tiny")
@@ -349,16 +349,18 @@ def test_model_reads_the_shared_down_projections():
     params = jax.tree_util.tree_map(
         lambda l: jnp.asarray(r.standard_normal(l.shape) / np.sqrt(np.prod(l.shape[:-1]) if l.ndim > 1 else 10),
                               l.dtype), param_shapes(cfg))
-    qc = QuantConfig.preset("qdit4sr-paper-w4a4-small").replace(vatmp=False, hsvd_block=(16, 16), lowrank_rank=8)
+    qc = QuantConfig.preset("qdit4sr-paper-w4a4-small").replace(vatmp=False, vasmp=False, hsvd_block=(16, 16),
+                                                               lowrank_rank=8)       # (no VaSMP: 7 s less)
     q = with_execution(qdit4sr_jax.quantize(params, qc), "fused")
-    shared, alone = prepare(q, **SAMPLER_MODES["fast"]), prepare(q, **SAMPLER_MODES["fast"], share=False)
+    prep = jax.jit(prepare, static_argnames=("unpack", "down", "xprime", "share"))   # (eager: 8 s per tree)
+    shared, alone = prep(q, **SAMPLER_MODES["fast"]), prep(q, **SAMPLER_MODES["fast"], share=False)
     attn = [shared[b][a] for b in shared if b.startswith("transformer_blocks_") for a in shared[b] if "attn" in a]
     assert len(attn) == 4 and all("qkv_down" in a for a in attn)
     assert sum("add_qkv_down" in a for a in attn) == 3 and set(SHARED_INPUTS) == {"qkv_down", "add_qkv_down"}
     assert all(a[n]["kernel"].bw.jd is None for a in attn for n in SHARED_INPUTS["qkv_down"])
+    from qdit4sr_jax.model.dit4sr import DiT4SRTransformer
     lat = lambda s, shape: jnp.asarray(np.random.default_rng(s).normal(size=shape), jnp.float32)
-    lr, noise, ctx, pool = lat(1, (1, 16, 16, 4)), lat(2, (1, 16, 16, 4)), lat(3, (1, 7, 24)), lat(4, (1, 20))
-    run = lambda t: np.asarray(sampling.sample(cfg, t, lr, noise, context=ctx, pooled=pool, num_steps=2,
-                                               guidance_scale=1.0, tile_latent=0))
-    a, b = run(shared), run(alone)
+    x, lr, ctx, pool = lat(1, (1, 16, 16, 4)), lat(2, (1, 16, 16, 4)), lat(3, (1, 7, 24)), lat(4, (1, 20))
+    run = jax.jit(lambda t: DiT4SRTransformer(cfg).apply({"params": t}, x, lr, jnp.full((1,), 500.0), ctx, pool))
+    a, b = np.asarray(run(shared)), np.asarray(run(alone))
     assert np.isfinite(a).all() and rel_err(a, b) <= 1e-6
