@@ -14,7 +14,8 @@ the layer's relative error vs `linear(..., execution="fake")` with and without t
 
 checks instead the shared down-projection of to_q / to_k / to_v (`prepared.share_inputs`, prepared "fast"): each
 member's output through the GEMM kernel reading its features in place at its column offset vs the same member
-prepared unshared, and both vs the fake-quant reference.
+prepared unshared, and both vs the fake-quant reference; on a GPU also the group's three layers per call, shared
+vs per layer, and three bf16 GEMMs of the same shapes.
 """
 from __future__ import annotations
 
@@ -110,6 +111,13 @@ def shared_check(m, k, n, interpret, block=256):
         rows.append(dict(member=nm, jd_col=shared[nm]["kernel"].bw.jd_col, rel_shared_vs_alone=rel_err(a, b),
                          max_abs_diff=float(np.abs(a - b).max()), rel_vs_fake=rel_err(a, ref),
                          rel_alone_vs_fake=rel_err(b, ref)))
+    if not interpret:       # the group's three layers per call (host clock: dispatch included), bf16 GEMMs beside
+        from common import compile_and_time
+        ws = [jnp.asarray(np.random.default_rng(i).normal(size=(k, n)) / k ** 0.5, jnp.bfloat16) for i in range(3)]
+        t = {lab: compile_and_time(f, a, warmup=3, iters=30)["median_ms"] * 1e3 for lab, f, a in (
+            ("shared_us", run, (shared, x)), ("per_layer_us", run, (alone, x)),
+            ("bf16_us", jax.jit(lambda v, w: [v @ wi for wi in w]), (x, ws)))}
+        rows.append(dict(member="q/k/v group, median per call", **t))
     return rows
 
 
