@@ -25,8 +25,8 @@
 #   bash benchmarks/gpu/gpu_session.sh i24t      # next: GPU check of the shared q/k/v down-projection, 512-px steps bf16 /
 #                                             # paper-small prepbf (shared) / prepbfns (per layer), DotMerger off;
 #                                             # profile + HLO; i24u: 1024 px bf16 / paper-small / paper prepbf
-#   bash benchmarks/gpu/gpu_session.sh i24s      # (folded into i24t): 512 + 1024-px steps bf16 / paper-small prepbf (input rows padded
-#                                             # once, signs folded again, scale without select), DotMerger off; profile
+#   (i24s, written 12-06 and never run, was i24v without the shared check: 512 + 1024-px steps bf16 / paper-small
+#                                             # prepbf, DotMerger off; profile)
 #   bash benchmarks/gpu/gpu_session.sh i24q      # 12-06 (6): 512-px steps bf16 / paper-small prepbf (level tables, bf16
 #                                             # inner stage), 3 XLA variants, profile + HLO; i24r: 1024 px (ran)
 #   bash benchmarks/gpu/gpu_session.sh i24o      # 12-06 (5): 6144 Hadamard wide-sum per call; 512-px profile + optimized
@@ -52,22 +52,30 @@ steps() {
   timeout "$limit" python3 benchmarks/step_latency.py "$@" --out "$OUT/$name.json" > "$OUT/$name.log" 2>&1
   grep -v "^W[0-9]\|Warning" "$OUT/$name.log" | grep "quantized\|px b\|note" | cut -c1-230
 }
+# shared_check LIMIT: the GPU check of the shared q / k / v down-projection (benchmarks/gpu/prologue_check.py --shared)
+shared_check() {
+  el "shared down-projection check"; timeout "$1" python3 benchmarks/gpu/prologue_check.py --shared --m 8192 \
+      --k 1536 --n 1536 --out "$OUT/shared_check.json" 2>&1 | grep -v "^W[0-9]\|Warning" | tail -4 | cut -c1-230
+}
+# profile512 MODE: the 512-px per-kernel profile + optimized HLO of MODE with what is left of ${T:-550} s since t0
+# (none below 120 s: `timeout 0` would mean no limit), as $OUT/profile512.json / .log and $OUT/hlo
+profile512() {
+  local left=$(( ${T:-550} - ($(date +%s) - t0) ))
+  [ $left -ge 120 ] || { el "profile 512 skipped ($left s left)"; return 0; }
+  el "profile 512 + HLO ($left s)"; timeout $left python3 benchmarks/gpu/step_profile.py --cases 512x1 \
+      --modes "$1" --hlo "$OUT/hlo" --attention cudnn --iters 2 --warmup 1 --top 40 \
+      --out "$OUT/profile512.json" > "$OUT/profile512.log" 2>&1
+  grep -v "^W[0-9]\|Warning" "$OUT/profile512.log" | grep "^|\|^#\|^fusions\|ms of kernels" | cut -c1-170 | head -90
+}
 if [ "${1:-}" = i24v ]; then
   # issue 24, 12-07, one call when device time is short (<= 560 s): the GPU check of the shared q / k / v
   # down-projection, then the 512 + 1024-px steps of bf16 and paper-small "fast" (everything since 12-06 22:16), DotMerger
   # off, then the 512-px profile + HLO with what time is left of ${T:-550} s.
   P=p:qdit4sr-paper-w4a4-small
-  el "shared down-projection check"; timeout 70 python3 benchmarks/gpu/prologue_check.py --shared --m 8192 \
-      --k 1536 --n 1536 --out "$OUT/shared_check.json" 2>&1 | grep -v "^W[0-9]\|Warning" | tail -4 | cut -c1-230
-  el "steps ${CASES:-512x1 1024x1}"; steps steps $(( ${T:-550} - 60 )) --cases ${CASES:-512x1 1024x1} --scan-steps 2 --modes bf16 \
-      $P:prepbf --attention cudnn --xla-variants no-dot-merge --iters 6 --warmup 1 --deadline $(( ${T:-550} - 90 ))
-  left=$(( ${T:-550} - ($(date +%s) - t0) ))
-  if [ $left -ge 120 ]; then        # (timeout 0 would mean no limit)
-    el "profile 512 + HLO ($left s)"; timeout $left python3 benchmarks/gpu/step_profile.py --cases 512x1 \
-        --modes $P:prepbf --hlo "$OUT/hlo" --attention cudnn --iters 2 --warmup 1 --top 40 \
-        --out "$OUT/profile512.json" > "$OUT/profile512.log" 2>&1
-    grep -v "^W[0-9]\|Warning" "$OUT/profile512.log" | grep "^|\|^#\|^fusions\|ms of kernels" | cut -c1-170 | head -90
-  fi
+  shared_check 70
+  el "steps ${CASES:-512x1 1024x1}"; steps steps $(( ${T:-550} - 60 )) --cases ${CASES:-512x1 1024x1} \
+      --scan-steps 2 --modes bf16 $P:prepbf --attention cudnn --xla-variants no-dot-merge --iters 6 --warmup 1 --deadline $(( ${T:-550} - 90 ))
+  profile512 $P:prepbf
   el done
   exit 0
 fi
@@ -80,36 +88,14 @@ if [ "${1:-}" = i24t ] || [ "${1:-}" = i24u ]; then
   # and the paper preset itself, "fast" ($V: variants).
   P=p:qdit4sr-paper-w4a4-small
   if [ "$1" = i24t ]; then
-    el "shared down-projection check"; timeout 90 python3 benchmarks/gpu/prologue_check.py --shared --m 8192 \
-        --k 1536 --n 1536 --out "$OUT/shared_check.json" 2>&1 | grep -v "^W[0-9]\|Warning" | tail -4 | cut -c1-230
+    shared_check 90
     el "steps 512"; steps steps512 380 --cases 512x1 --scan-steps 2 --modes bf16 $P:prepbf $P:prepbfns \
         --attention cudnn --xla-variants no-dot-merge --iters 8 --warmup 2 --deadline 330
-    left=$(( 550 - ($(date +%s) - t0) ))
-    el "profile 512 + HLO ($left s)"; timeout $left python3 benchmarks/gpu/step_profile.py --cases 512x1 \
-        --modes $P:prepbf --hlo "$OUT/hlo" --attention cudnn --iters 2 --warmup 1 --top 40 \
-        --out "$OUT/profile512.json" > "$OUT/profile512.log" 2>&1
-    grep -v "^W[0-9]\|Warning" "$OUT/profile512.log" | grep "^|\|^#\|^fusions\|ms of kernels" | cut -c1-170 | head -90
+    profile512 $P:prepbf
   else
     el "steps 1024"; steps steps1024 550 --cases 1024x1 --scan-steps 2 --modes bf16 $P:prepbf p:qdit4sr-paper-w4a4:prepbf \
         --attention cudnn --xla-variants ${V:-no-dot-merge} --iters 4 --warmup 1 --deadline 500
   fi
-  el done
-  exit 0
-fi
-if [ "${1:-}" = i24s ]; then
-  # issue 24, next session (<= 560 s): the reverts of 12-06 22:16 (input rows padded once on x, the signs folded
-  # into the input-space down-projection again) and the per-token scale as the max-reduce's output (1 / levels
-  # before the max, no select kernel) timed: the 512 and 1024-px steps of bf16 and paper-small "fast" with XLA's
-  # DotMerger off (best at 22:16), then the 512-px per-kernel profile and HLO if time is left (expect ~94 pads, no
-  # reference.py sign passes but the 24 ff/net_2 ones, no f32[M, 1] loop_select_fusion).
-  P=p:qdit4sr-paper-w4a4-small
-  el "steps 512 + 1024"; steps steps 380 --cases 512x1 1024x1 --scan-steps 2 --modes bf16 $P:prepbf --attention cudnn \
-      --xla-variants no-dot-merge --iters 6 --warmup 1 --deadline 330
-  left=$(( 550 - ($(date +%s) - t0) ))
-  el "profile 512 + HLO ($left s)"; timeout $left python3 benchmarks/gpu/step_profile.py --cases 512x1 \
-      --modes $P:prepbf --hlo "$OUT/hlo" --attention cudnn --iters 2 --warmup 1 --top 40 \
-      --out "$OUT/profile512.json" > "$OUT/profile512.log" 2>&1
-  grep -v "^W[0-9]\|Warning" "$OUT/profile512.log" | grep "^|\|^#\|^fusions\|ms of kernels" | cut -c1-170 | head -90
   el done
   exit 0
 fi
@@ -125,11 +111,7 @@ if [ "${1:-}" = i24q ] || [ "${1:-}" = i24r ]; then
   if [ "$1" = i24q ]; then
     el "steps 512"; steps steps512 400 --cases 512x1 --scan-steps 2 --modes bf16 $P:prepbf --attention cudnn \
         --xla-variants default no-dot-merge no-triton-gemm --iters 8 --warmup 2 --deadline 340
-    left=$(( 550 - ($(date +%s) - t0) ))
-    el "profile 512 + HLO ($left s)"; timeout $left python3 benchmarks/gpu/step_profile.py --cases 512x1 \
-        --modes $P:prepbf --hlo "$OUT/hlo" --attention cudnn --iters 2 --warmup 1 --top 40 \
-        --out "$OUT/profile512.json" > "$OUT/profile512.log" 2>&1
-    grep -v "^W[0-9]\|Warning" "$OUT/profile512.log" | grep "^|\|^#\|^fusions\|ms of kernels" | cut -c1-170 | head -120
+    profile512 $P:prepbf
   else
     el "steps 1024"; steps steps1024 540 --cases 1024x1 --scan-steps 2 --modes bf16 $P:prepbf --attention cudnn \
         --xla-variants ${V:-default no-dot-merge} --iters 4 --warmup 1 --deadline 525

@@ -48,8 +48,23 @@ def _layer(k, n, smooth, seed=0, rank=32, block=256):
                         signs=True, lowrank_bits=8, **extra)
 
 
+def _input(m, k):
+    """The checks' activations: bf16 [m, k], Student-t rows with one outlier channel."""
+    x = np.random.default_rng(1).standard_t(5, size=(m, k)).astype(np.float32)
+    x[:, 7] *= 20.0
+    return jnp.asarray(x, jnp.bfloat16)
+
+
+def _backend(interpret):
+    """(fused_linear backend, KernelConfig or None): the Pallas interpreter with small tiles off a GPU."""
+    from qdit4sr_jax.quant.kernels import KernelConfig
+    if not interpret:
+        return "auto", None
+    return "interpret", KernelConfig(block_m=16, block_n=16, block_k=64, num_warps=4, num_stages=2)
+
+
 def check(m, k, n, smooth, interpret, block=256):
-    from qdit4sr_jax.quant.kernels import KernelConfig, fused_linear, prepare_weight
+    from qdit4sr_jax.quant.kernels import fused_linear, prepare_weight
     from qdit4sr_jax.quant.kernels import prologue_kernel as pk
     from qdit4sr_jax.quant.kernels.fused import prologue
     from qdit4sr_jax.quant.linear import linear
@@ -57,10 +72,7 @@ def check(m, k, n, smooth, interpret, block=256):
     kw = prepare_weight(node, prologue="pallas")
     if not pk.fits(kw.node, kw.bw, 0):
         return dict(case=f"K={k} smooth={smooth}", fits=False)
-    rng = np.random.default_rng(1)
-    x = rng.standard_t(5, size=(m, k)).astype(np.float32)
-    x[:, 7] *= 20.0
-    x = jnp.asarray(x, jnp.bfloat16)
+    x = _input(m, k)
     fields = lambda o: (o.xq, o.sx, o.dh, o.dt)
     a = dict(zip(("xq", "sx", "dh", "dt"), jax.jit(lambda x: fields(prologue(x, kw.node, 4, pad_to=16, bw=kw.bw)))(x)))
     b = dict(zip(("xq", "sx", "dh", "dt"), jax.jit(lambda x: fields(pk.pallas_prologue(
@@ -72,8 +84,7 @@ def check(m, k, n, smooth, interpret, block=256):
         ga, gb = a[name], b[name]
         if ga is not None:
             out[f"{name}_rel"] = rel_err(np.asarray(gb, np.float32)[:, : ga.shape[1]], np.asarray(ga, np.float32))
-    backend = "interpret" if interpret else "auto"
-    cfg = KernelConfig(block_m=16, block_n=16, block_k=64, num_warps=4, num_stages=2) if interpret else None
+    backend, cfg = _backend(interpret)
     ref = linear(x, node, None, act_bits=4, execution="fake")
     for lab, p in (("xla_prologue", "xla"), ("kernel", "pallas")):
         kp = prepare_weight(node, prologue=p)
@@ -86,7 +97,7 @@ def check(m, k, n, smooth, interpret, block=256):
 def shared_check(m, k, n, interpret, block=256):
     """Rows {member, rel_shared_vs_alone, max_abs_diff, rel_vs_fake, rel_alone_vs_fake, jd_col} of three layers
     reading one x [m, k] (bf16), prepared "fast" with and without their `SharedDown`."""
-    from qdit4sr_jax.quant.kernels import KernelConfig, fused_linear, prepare
+    from qdit4sr_jax.quant.kernels import fused_linear, prepare
     from qdit4sr_jax.quant.kernels.prepared import SAMPLER_MODES
     from qdit4sr_jax.quant.linear import linear
     names = ("to_q", "to_k", "to_v")
@@ -95,12 +106,8 @@ def shared_check(m, k, n, interpret, block=256):
     alone = jax.jit(lambda t: prepare(t, **SAMPLER_MODES["fast"], share=False))(tree)
     if "qkv_down" not in shared:
         raise RuntimeError("prepare made no shared down-projection for these layers")
-    rng = np.random.default_rng(1)
-    x = rng.standard_t(5, size=(m, k)).astype(np.float32)
-    x[:, 7] *= 20.0
-    x = jnp.asarray(x, jnp.bfloat16)
-    backend = "interpret" if interpret else "auto"
-    cfg = KernelConfig(block_m=16, block_n=16, block_k=64, num_warps=4, num_stages=2) if interpret else None
+    x = _input(m, k)
+    backend, cfg = _backend(interpret)
     run = jax.jit(lambda t, v: [fused_linear(v, t[nm]["kernel"], None, act_bits=4, backend=backend, config=cfg,
                                              shared=t.get("qkv_down")) for nm in names])
     ys, ya = run(shared, x), run(alone, x)

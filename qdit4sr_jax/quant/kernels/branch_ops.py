@@ -149,10 +149,10 @@ def share_down(bws):
     return SharedDown(jnp.concatenate(parts, axis=1)), out
 
 
-def shared_features(x_in, shared: SharedDown):
-    """x_in [M, K] (the members' common input) -> x jd [M, W] in the branch dtype: every member's [dh | dt]."""
-    dtype = shared.jd.dtype
-    return jnp.dot(x_in.astype(dtype), shared.jd, preferred_element_type=jnp.float32).astype(dtype)
+def down_features(x, jd):
+    """x [M, K] @ a joint down-projection jd [K, W] (a layer's `BranchWeights.jd` or a `SharedDown.jd`) -> [M, W]
+    in jd's dtype (float32 accumulation): the joint features [dh | dt] of every layer whose columns jd holds."""
+    return jnp.dot(x.astype(jd.dtype), jd, preferred_element_type=jnp.float32).astype(jd.dtype)
 
 
 def branch_weights(w: QuantizedWeight, pad: bool = True, joint: bool = False) -> Optional[BranchWeights]:
@@ -247,7 +247,7 @@ def joint_features(xt, bw: BranchWeights, x_in=None):
         if x_in is None:
             raise ValueError("an input-space down-projection (jd_input) needs the layer's input x_in")
         src = x_in
-    return shared_features(src, SharedDown(bw.jd))
+    return down_features(src, bw.jd)
 
 
 def branch_features(xt, bw: Optional[BranchWeights], x_in=None):
@@ -289,6 +289,6 @@ def branch_epilogue(y, dh, dt, bw: BranchWeights):
     return y
 
 
-__all__ = ["BranchWeights", "SharedDown", "can_share_down", "share_down", "shared_features", "branch_weights",
+__all__ = ["BranchWeights", "SharedDown", "can_share_down", "share_down", "down_features", "branch_weights",
            "joint_down", "input_space_down", "branch_features", "joint_features", "branch_epilogue", "node_factors",
            "next_pow2", "is_tile", "widen_on_cpu", "lowering_for", "target_platform"]

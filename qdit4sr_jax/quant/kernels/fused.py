@@ -38,7 +38,7 @@ import jax.numpy as jnp
 
 from qdit4sr_jax.quant import quantizer as qz
 from qdit4sr_jax.quant.kernels.branch_ops import (BranchWeights, SharedDown, branch_epilogue, branch_features,
-                                                  branch_weights, joint_features, shared_features)
+                                                  branch_weights, down_features, joint_features)
 from qdit4sr_jax.quant.kernels.operands import (DEFAULT_CONFIG, GROUPED_CONFIG, KernelConfig,  # noqa: F401 (re-exported)
                                                 Operands, block_rows, default_config, packed_run, supports_fused,
                                                 tiles_ok, unpacks_in_kernel)
@@ -111,24 +111,23 @@ def prologue(x2, w: QuantizedWeight, bits, *, pad_to: int = 1, chunk: Optional[i
         if kp % c or c % 2:
             raise ValueError(f"packed-code run {c} must be even and divide the padded K={kp}")
         q = q.reshape(mp, kp // c, c // 2, 2).transpose(0, 1, 3, 2).reshape(mp, kp)
-    in_place = joint and bw is not None and (not bw.has_blocks or bw.dt_col % bw.rb == 0)
+    d = None                                   # joint features [dh | dt] holding this layer's from column col
     if bw is not None and bw.jd_col is not None and shared is not None:
-        col, width = bw.jd_col, bw.joint_width
-        if shared.jd.shape[0] != k or col + width > shared.jd.shape[1]:
+        col = bw.jd_col
+        if shared.jd.shape[0] != k or col + bw.joint_width > shared.jd.shape[1]:
             raise ValueError(f"shared down-projection {tuple(shared.jd.shape)} does not hold this layer's features "
-                             f"(K={k}, columns {col}..{col + width})")
-        d = shared_features(x2, shared)
-        if in_place:
-            return Operands(q, s[:, 0], d if bw.has_lowrank else None, d if bw.has_blocks else None, bw, m, c,
-                            True, col)
-        rl = bw.lr_a.shape[1] if bw.has_lowrank else 0
-        return Operands(q, s[:, 0], d[:, col:col + rl] if bw.has_lowrank else None,
-                        d[:, col + bw.dt_col:col + width] if bw.has_blocks else None, bw, m, c)
-    if in_place and bw.jd is not None:
-        d = joint_features(xt, bw, x_in)
-        return Operands(q, s[:, 0], d if bw.has_lowrank else None, d if bw.has_blocks else None, bw, m, c, True)
-    dh, dt = branch_features(xt, bw, x_in)
-    return Operands(q, s[:, 0], dh, dt, bw, m, c)
+                             f"(K={k}, columns {col}..{col + bw.joint_width})")
+        d = down_features(x2, shared.jd)
+    elif bw is not None and bw.jd is not None:
+        d, col = joint_features(xt, bw, x_in), 0
+    if d is None:
+        dh, dt = branch_features(xt, bw, x_in)
+        return Operands(q, s[:, 0], dh, dt, bw, m, c)
+    if joint and (not bw.has_blocks or bw.dt_col % bw.rb == 0):        # read in place by the GEMM kernel
+        return Operands(q, s[:, 0], d if bw.has_lowrank else None, d if bw.has_blocks else None, bw, m, c, True, col)
+    rl = bw.lr_a.shape[1] if bw.has_lowrank else 0
+    return Operands(q, s[:, 0], d[:, col:col + rl] if bw.has_lowrank else None,
+                    d[:, col + bw.dt_col:col + bw.joint_width] if bw.has_blocks else None, bw, m, c)
 
 
 def xla_gemm_epilogue(ops: Operands, w: QuantizedWeight, bias, out_dtype):

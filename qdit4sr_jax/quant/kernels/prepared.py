@@ -149,7 +149,7 @@ def share_inputs(params: dict) -> dict:
     from qdit4sr_jax.quant.kernels.branch_ops import can_share_down, share_down
     out = dict(params)
     for key, names in SHARED_INPUTS.items():
-        kws = [params.get(n, {}).get("kernel") if isinstance(params.get(n), dict) else None for n in names]
+        kws = [params[n].get("kernel") if isinstance(params.get(n), dict) else None for n in names]
         if key in params or not all(isinstance(k, KernelWeight) and k.prologue == "xla" for k in kws):
             continue
         if not can_share_down([k.bw for k in kws]):
