@@ -95,7 +95,8 @@ def prologue(x2, w: QuantizedWeight, bits, *, pad_to: int = 1, chunk: Optional[i
         # gets scale 2^-126 instead of 1 (its codes and outputs are zero either way); rows with max|x'| below
         # 2^-126 levels (subnormal activations) are the only ones whose codes can differ from the stored node's.
         xf = xt.astype(jnp.float32)
-        s = jnp.max(jnp.abs(xf) * inv_levels[i], axis=-1, keepdims=True, initial=float(jnp.finfo(jnp.float32).tiny))
+        tiny = float(jnp.finfo(jnp.float32).tiny)
+        s = jnp.max(jnp.maximum(jnp.abs(xf) * inv_levels[i], tiny), axis=-1, keepdims=True)
         q = jnp.clip(jnp.round(xf / s), -lev, lev).astype(jnp.int8)
     else:
         s, _ = qz.scale_zero(xt, bits, True, -1)                     # [Mp, 1] f32, as the reference
