@@ -21,10 +21,12 @@
 #                                             # down-projection, 1024- and 512-px steps of bf16, W8A8 and the paper /
 #                                             # smoothing + rotation W4A4-small presets (2-step scan)
 #   bash benchmarks/gpu/gpu_session.sh i24d      # all six modes' 1024-px steps (+ smoothing-only -small, paper W4A4)
-#   bash benchmarks/gpu/gpu_session.sh i24v      # one short call: shared-down GPU check, 512 + 1024-px bf16 / prepbf, profile
-#   bash benchmarks/gpu/gpu_session.sh i24t      # next: GPU check of the shared q/k/v down-projection, 512-px steps bf16 /
-#                                             # paper-small prepbf (shared) / prepbfns (per layer), DotMerger off;
-#                                             # profile + HLO; i24u: 1024 px bf16 / paper-small / paper prepbf
+#   bash benchmarks/gpu/gpu_session.sh i24t      # next (after 12-07 03:26): GPU check of the shared q/k/v down-projection,
+#                                             # 512-px steps bf16 / paper-small prepbf (shared) / prepbfns (per layer),
+#                                             # DotMerger off; profile + HLO (the scale from one shared max-reduce);
+#                                             # i24u: 1024 px bf16 / paper-small / paper prepbf
+#   bash benchmarks/gpu/gpu_session.sh i24v      # 12-07 03:26 (ran): shared-down GPU check, 512 + 1024-px bf16 / prepbf,
+#                                             # profile (`CASES`, `T` set its sizes and time)
 #   (i24s, written 12-06 and never run, was i24v without the shared check: 512 + 1024-px steps bf16 / paper-small
 #                                             # prepbf, DotMerger off; profile)
 #   bash benchmarks/gpu/gpu_session.sh i24q      # 12-06 (6): 512-px steps bf16 / paper-small prepbf (level tables, bf16

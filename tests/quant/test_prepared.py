@@ -18,6 +18,7 @@ from qdit4sr_jax.quant.kernels import KernelConfig, fused_linear, prepare, prepa
 from qdit4sr_jax.quant.kernels.prepared import KernelWeight
 from qdit4sr_jax.quant.linear import linear
 from qdit4sr_jax.quant.qweight import QuantizedWeight, make_qweight
+from qdit4sr_jax.quant.reference import transform_input
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
 from benchmarks.common import tree_bytes  # noqa: E402  (the benchmarks' byte count of a tree)
@@ -269,6 +270,12 @@ def test_level_tables_give_the_stored_codes(backend):
                    step=jnp.int32(2), pad_to=16)
     assert not np.asarray(ops.xq[9]).any() and not np.asarray(ops.xq[21:]).any()   # the zero token, padded rows
     assert np.asarray(ops.sx[9]) == np.finfo(np.float32).tiny
+    deferred = prologue(x.reshape(-1, K), node, 4, bw=kw.bw, levels=kw.levels, inv_levels=kw.inv_levels,
+                        step=jnp.int32(2), pad_to=16, defer_scale=True)     # the GEMM kernel makes the scale
+    np.testing.assert_array_equal(np.asarray(deferred.xq), np.asarray(ops.xq))
+    np.testing.assert_array_equal(np.asarray(deferred.row_scale()), np.asarray(ops.sx))
+    x_rot = np.asarray(transform_input(x.reshape(-1, K), node))                         # x', float32 [21, K]
+    np.testing.assert_array_equal(np.asarray(deferred.sx[:21]), np.abs(x_rot).max(-1))  # its rows' max|x'|
     jaxpr = jax.make_jaxpr(lambda v: prologue(v, node, 4, bw=kw.bw, levels=kw.levels, inv_levels=kw.inv_levels,
                                               step=jnp.int32(2)).sx)(x.reshape(-1, K))
     assert not re.search(r":f32\[[0-9,]*\] = select_n", str(jaxpr))   # the scale: the max-reduce's output as is
@@ -335,6 +342,33 @@ def test_layers_reading_one_input_share_one_down_projection(backend):
         feat = lambda t, w: len(re.findall(rf"\[21,{w}\]\{{1,0\}} dot\(", f.lower(t, x).compile().as_text()))
         assert feat(shared, 208) == 1 and feat(shared, 48) + feat(shared, 96) == 0
         assert feat(alone, 48) == 2 and feat(alone, 96) == 1
+
+
+@pytest.mark.parametrize("backend", ["xla", "interpret"])
+def test_layers_reading_one_input_share_one_row_max(backend):
+    """With VaTMP level tables the per-token scale is max(max|x'| / levels, 2^-126) with the max-reduce over x'
+    alone (`operands.scale_from_max`), so to_q / to_k / to_v, whose x' is one array, share one reduce in the compiled
+    step whatever their schedules (it was three: 1 / levels inside the reduce); the Pallas kernel makes each
+    layer's scale from the shared maxima (`Operands.row_scale`). Every member gives its stored node's outputs bit for
+    bit at every step."""
+    import re
+    from qdit4sr_jax.quant.kernels.prepared import SAMPLER_MODES
+    tree = {"attn": _qkv(5)}
+    for n, sched in zip(("to_q", "to_k", "to_v"), ([4, 3, 8], [4, 4, 4], [6, 3, 5])):
+        tree["attn"][n]["kernel"] = tree["attn"][n]["kernel"].replace(a_schedule=jnp.asarray(sched, jnp.int32))
+    stored = tree["attn"]
+    for kw in (dict(unpack=True), SAMPLER_MODES["fast"]):
+        p = prepare(tree, **kw)["attn"]
+        x = _x(5)
+        f = jax.jit(lambda t, v, s: [fused_linear(v, t[n]["kernel"], t[n]["bias"], step=s, backend=backend,
+                                                  config=CFG, shared=t.get("qkv_down")) for n in ("to_q", "to_k", "to_v")])
+        if backend == "xla":
+            assert len(re.findall(r" reduce\(", f.lower(p, x, jnp.int32(0)).compile().as_text())) == 1
+        if kw.get("xprime", "float32") != "float32":
+            continue                                  # "fast" rounds x' to bf16: not the stored node's codes
+        for t in range(4):
+            for got, want in zip(f(p, x, jnp.int32(t)), f(stored, x, jnp.int32(t))):
+                np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
 
 
 @pytest.mark.slow

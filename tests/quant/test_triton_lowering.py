@@ -112,3 +112,27 @@ def test_joint_branch_features_reach_the_gemm_kernel_unsliced(down):
             lowering_platforms=("cuda",)).as_text()
     assert text.count("__gpu$xla.gpu.triton") == 1
     assert "stablehlo.slice" not in text
+
+
+def test_gemm_kernel_makes_the_scale_from_the_level_table():
+    """A prepared layer with a VaTMP schedule (40 steps, the full sampler's) on the XLA prologue: the GEMM kernel
+    receives the rows' max|x'|, the layer's 1 / levels table and the step and makes the scale itself
+    (`Operands.row_scale`), so the lowered step passes no per-layer scale array: one Triton kernel, reading the
+    float32 [40] table."""
+    k = n = 1536
+    sched = np.tile(np.array([4, 5, 3, 4], np.int32), 10)
+
+    def build(w):
+        return prepare_weight(make_qweight(
+            w, w_bits=4, a_bits=4, execution="fused", rotate=k, signs=True, a_schedule=sched,
+            lr_a=jnp.zeros((k, 32)), lr_b=jnp.zeros((32, n))), down="input", xprime="bfloat16")
+
+    kw = jax.eval_shape(build, jax.ShapeDtypeStruct((n, k), jnp.float32))
+    assert kw.inv_levels.shape == (40,)
+    x = jax.ShapeDtypeStruct((2048, k), jnp.bfloat16)
+    with lowering_for("gpu"):
+        text = jax.jit(lambda kw, x, t: linear(x, kw, None, step=t)).trace(
+            kw, x, jax.ShapeDtypeStruct((), jnp.int32)).lower(lowering_platforms=("cuda",)).as_text()
+    assert text.count("__gpu$xla.gpu.triton") == 1
+    call = next(line for line in text.splitlines() if "__gpu$xla.gpu.triton" in line)
+    assert "tensor<40xf32>" in call and "tensor<1xi32>" in call

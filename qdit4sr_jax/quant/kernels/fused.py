@@ -40,8 +40,8 @@ from qdit4sr_jax.quant import quantizer as qz
 from qdit4sr_jax.quant.kernels.branch_ops import (BranchWeights, SharedDown, branch_epilogue, branch_features,
                                                   branch_weights, down_features, joint_features)
 from qdit4sr_jax.quant.kernels.operands import (DEFAULT_CONFIG, GROUPED_CONFIG, KernelConfig,  # noqa: F401 (re-exported)
-                                                Operands, block_rows, default_config, packed_run, supports_fused,
-                                                tiles_ok, unpacks_in_kernel)
+                                                Operands, block_rows, default_config, packed_run, scale_from_max,
+                                                supports_fused, tiles_ok, unpacks_in_kernel)
 from qdit4sr_jax.quant.lowering import target_platform
 from qdit4sr_jax.quant.qweight import QuantizedWeight
 from qdit4sr_jax.quant.reference import quantized_linear, resolve_act_bits, transform_input
@@ -52,7 +52,7 @@ BACKENDS = ("auto", "pallas", "interpret", "xla")
 def prologue(x2, w: QuantizedWeight, bits, *, pad_to: int = 1, chunk: Optional[int] = None,
              bw: Optional[BranchWeights] = None, pad_branches: bool = False, xprime: str = "float32",
              joint: bool = False, levels=None, inv_levels=None, step=None,
-             shared: Optional[SharedDown] = None) -> Operands:
+             shared: Optional[SharedDown] = None, defer_scale: bool = False) -> Operands:
     """x2 [M, K] -> `Operands` (stage 1 of the module docstring). bits: int or traced int32 scalar.
     pad_to: pad the rows to a multiple of this; chunk: with packed weights, split every run of `chunk`
     codes into [even | odd] (None: keep the natural order); bw: the node's `branch_weights`, when
@@ -68,7 +68,9 @@ def prologue(x2, w: QuantizedWeight, bits, *, pad_to: int = 1, chunk: Optional[i
     with this one, for a bw whose jd lives there (`bw.jd_col`): the features come from x shared.jd, one GEMM that
     XLA computes once for all members (the same operands: common-subexpression elimination), and this layer's
     start at `Operands.col` (without shared, such a layer computes its features from x' with its own factors: the
-    same function, rounded differently)."""
+    same function, rounded differently). defer_scale (with levels): return each row's max|x'| as `Operands.sx`
+    with the table and step (`Operands.sx_inv` / `sx_step`) for the GEMM kernel to make the scale from (the same
+    scale; no kernel of its own for it)."""
     m, k = x2.shape
     if bw is None:
         bw = branch_weights(w, pad=pad_branches)
@@ -86,18 +88,22 @@ def prologue(x2, w: QuantizedWeight, bits, *, pad_to: int = 1, chunk: Optional[i
             xt = xt.astype(xprime)
     else:
         xt = x2
+    deferred = {}
     if levels is not None:
         i = jnp.clip(jnp.asarray(step, jnp.int32), 0, levels.shape[0] - 1)
         lev = levels[i]
-        # s = max|x'| / levels with 1 / levels applied before the max (the same value: rounding is monotone) and the
-        # max starting from the smallest normal float instead of `where(s > 0, s, 1)` after it: the reduce's output
-        # is the scale, with no kernel of its own (219 select kernels per 512-px W4A4 step on the H100). A zero row
-        # gets scale 2^-126 instead of 1 (its codes and outputs are zero either way); rows with max|x'| below
-        # 2^-126 levels (subnormal activations) are the only ones whose codes can differ from the stored node's.
+        # s = max(max|x'| * (1 / levels), 2^-126) (`operands.scale_from_max`): the reduce reads x' alone, so the
+        # layers reading one x' (to_q / to_k / to_v) share it, and the floor replaces `where(s > 0, s, 1)` (a select
+        # kernel per layer on the H100, 12-06; inside the reduce, 1 / levels made the reduce per layer, 12-07). A
+        # zero row gets scale 2^-126 instead of 1 (its codes and outputs are zero either way); rows with max|x'|
+        # below 2^-126 levels (subnormal activations) are the only ones whose codes can differ from the stored node's.
         xf = xt.astype(jnp.float32)
-        tiny = float(jnp.finfo(jnp.float32).tiny)
-        s = jnp.max(jnp.maximum(jnp.abs(xf) * inv_levels[i], tiny), axis=-1, keepdims=True)
+        amax = jnp.max(jnp.abs(xf), axis=-1, keepdims=True)
+        s = scale_from_max(amax, inv_levels, step)
         q = jnp.clip(jnp.round(xf / s), -lev, lev).astype(jnp.int8)
+        if defer_scale:
+            s = amax
+            deferred = dict(sx_inv=inv_levels, sx_step=jnp.reshape(jnp.asarray(step, jnp.int32), (1,)))
     else:
         s, _ = qz.scale_zero(xt, bits, True, -1)                     # [Mp, 1] f32, as the reference
         q = qz.quantize_codes(xt, s, None, bits, True).astype(jnp.int8)  # [Mp, K]
@@ -123,12 +129,13 @@ def prologue(x2, w: QuantizedWeight, bits, *, pad_to: int = 1, chunk: Optional[i
         d, col = joint_features(xt, bw, x_in), 0
     if d is None:
         dh, dt = branch_features(xt, bw, x_in)
-        return Operands(q, s[:, 0], dh, dt, bw, m, c)
+        return Operands(q, s[:, 0], dh, dt, bw, m, c, **deferred)
     if joint and (not bw.has_blocks or bw.dt_col % bw.rb == 0):        # read in place by the GEMM kernel
-        return Operands(q, s[:, 0], d if bw.has_lowrank else None, d if bw.has_blocks else None, bw, m, c, True, col)
+        return Operands(q, s[:, 0], d if bw.has_lowrank else None, d if bw.has_blocks else None, bw, m, c, True, col,
+                        **deferred)
     rl = bw.lr_a.shape[1] if bw.has_lowrank else 0
     return Operands(q, s[:, 0], d[:, col:col + rl] if bw.has_lowrank else None,
-                    d[:, col + bw.dt_col:col + bw.joint_width] if bw.has_blocks else None, bw, m, c)
+                    d[:, col + bw.dt_col:col + bw.joint_width] if bw.has_blocks else None, bw, m, c, **deferred)
 
 
 def xla_gemm_epilogue(ops: Operands, w: QuantizedWeight, bias, out_dtype):
@@ -154,7 +161,7 @@ def xla_gemm_epilogue(ops: Operands, w: QuantizedWeight, bias, out_dtype):
 
         y, _ = jax.lax.scan(body, jnp.zeros((mp, w.n), jnp.float32),
                             (jnp.transpose(xg, (1, 0, 2)), wq, jnp.transpose(w.scale)))
-    y = y * ops.sx[:, None]
+    y = y * ops.row_scale()[:, None]
     if ops.bw is not None:
         y = branch_epilogue(y, ops.dh, ops.dt, ops.bw)
     if bias is not None:
@@ -222,7 +229,7 @@ def fused_linear(x, w: QuantizedWeight, bias=None, *, act_bits=None, step=None, 
                                      levels=tables.get("levels"), step=tables.get("step"))
         else:
             ops = prologue(x2, w, bits, pad_to=cfg.block_m, chunk=chunk, bw=bw, pad_branches=True, xprime=xprime,
-                           joint=True, shared=shared, **tables)
+                           joint=True, shared=shared, defer_scale=True, **tables)
         y = pallas_gemm_epilogue(ops, w, bias, x.dtype, cfg, interpret=(be == "interpret"))
     return y.reshape(*lead, w.n)
 

@@ -119,7 +119,12 @@ class Operands:
     joint: dh and dt are both (where present) the joint features [dh | dt] [Mp, dt_col + n_bo Rb] of one GEMM
     (`branch_ops.joint_features`), which the GEMM kernel reads in place: dh in columns [0, Rl), dt from
     `bw.dt_col` (a multiple of Rb); col: the first column of this layer's [dh | dt] in them (a `SharedDown`'s
-    features, `bw.jd_col`: a multiple of Rl and Rb), else 0."""
+    features, `bw.jd_col`: a multiple of Rl and Rb), else 0. sx_inv / sx_step: with a VaTMP level table, sx
+    may hold each row's max|x'| instead of its scale, which is then max(sx * sx_inv[clip(step, 0, T - 1)],
+    2^-126) (`row_scale`), computed by the GEMM kernel: sx_inv the layer's 1 / levels float32 [T], sx_step the
+    traced step int32 [1]. The max-reduce then does not depend on the layer's levels and is one for the
+    layers reading one x' (to_q / to_k / to_v: XLA's common-subexpression elimination), and the scale is no
+    array of its own (a kernel per layer when the Pallas kernel reads it)."""
     xq: jax.Array
     sx: jax.Array
     dh: Optional[jax.Array]
@@ -129,7 +134,29 @@ class Operands:
     chunk: int
     joint: bool = False
     col: int = 0
+    sx_inv: Optional[jax.Array] = None
+    sx_step: Optional[jax.Array] = None
+
+    def row_scale(self):
+        """The per-row scale s_x, float32 [Mp] (sx itself, or computed from the row maxima and the table)."""
+        if self.sx_inv is None:
+            return self.sx
+        return scale_from_max(self.sx, self.sx_inv, self.sx_step)
+
+
+SCALE_FLOOR = 2.0 ** -126         # the smallest normal float32: the scale of an all-zero row under a level table
+
+
+def scale_from_max(amax, inv_levels, step):
+    """Per-row scale max(amax * inv_levels[clip(step, 0, T - 1)], 2^-126), float32 of amax's shape (amax
+    float32 [...], inv_levels float32 [T], step int32 scalar or [1]): the value of max(max_k |x'_k| / levels,
+    2^-126), since rounding is monotone. Shared by the XLA prologue, the GEMM kernel and `Operands.row_scale`,
+    so that the codes and the epilogue use one scale to the bit."""
+    import jax.numpy as jnp
+    t = inv_levels.shape[0]
+    i = jnp.clip(jnp.reshape(jnp.asarray(step, jnp.int32), (-1,))[0], 0, t - 1)
+    return jnp.maximum(amax * inv_levels[i], SCALE_FLOOR)
 
 
 __all__ = ["KernelConfig", "DEFAULT_CONFIG", "GROUPED_CONFIG", "default_config", "set_prologue_tiles", "supports_fused",
-           "unpacks_in_kernel", "packed_run", "block_rows", "tiles_ok", "Operands"]
+           "unpacks_in_kernel", "packed_run", "block_rows", "tiles_ok", "Operands", "SCALE_FLOOR", "scale_from_max"]

@@ -10,7 +10,8 @@ Grid (Mp / block_m, N / block_n); each program owns one [block_m, block_n] outpu
   prologue's activation run: two int8 dots of half the K step each.
 Epilogue: y * s_x (* s_w) + dh[m-tile] @ lr_b[:, n-tile] + dt[m-tile, block row] @ ub[:, n-tile] (branch
 dtype, float32 accumulation; `branch_ops`; dh and dt read in place from one joint array when `Operands.joint`)
-+ bias, stored in the output dtype. With `interpret=True` the same kernel runs in the Pallas interpreter on any
++ bias, stored in the output dtype; s_x made here from the rows' max|x'| and the step's 1 / levels when the
+prologue defers it (`operands.Operands.row_scale`). With `interpret=True` the same kernel runs in the Pallas interpreter on any
 backend (the CPU tests).
 """
 from __future__ import annotations
@@ -21,7 +22,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from qdit4sr_jax.quant.kernels.operands import unpacks_in_kernel
+from qdit4sr_jax.quant.kernels.operands import SCALE_FLOOR, unpacks_in_kernel
 from qdit4sr_jax.quant.qweight import QuantizedWeight
 
 
@@ -35,10 +36,14 @@ def _nibbles(p):
     return jnp.right_shift(jnp.left_shift(p, 4), 4), jnp.right_shift(p, 4)
 
 
-def _kernel(*refs, layout, packed, n_steps, step, has_lowrank, has_blocks, has_bias, out_dtype, upcast):
+def _kernel(*refs, layout, packed, n_steps, step, lev_steps, has_lowrank, has_blocks, has_bias, out_dtype, upcast):
     xq_ref, sx_ref, w_ref, sw_ref = refs[:4]
     rest = list(refs[4:])
     dh_ref = lb_ref = dt_ref = ub_ref = b_ref = None
+    sx = sx_ref[...]
+    if lev_steps:                  # sx holds the rows' max|x'|: the scale from the step's 1 / levels
+        inv_ref, step_ref = rest.pop(0), rest.pop(0)
+        sx = jnp.maximum(sx * inv_ref[jnp.clip(step_ref[0], 0, lev_steps - 1)], SCALE_FLOOR)
     if has_lowrank:
         dh_ref, lb_ref = rest.pop(0), rest.pop(0)
     if has_blocks:
@@ -62,12 +67,12 @@ def _kernel(*refs, layout, packed, n_steps, step, has_lowrank, has_blocks, has_b
             a = partial_dot(gi, w_ref[gi, :, :])
             return y + a.astype(jnp.float32) * sw_ref[gi, :][None, :]
         y = jax.lax.fori_loop(0, n_steps, body, jnp.zeros((bm, bn), jnp.float32))
-        y = y * sx_ref[...][:, None]
+        y = y * sx[:, None]
     else:
         def body(kk, acc):
             return acc + partial_dot(kk, w_ref[:, pl.ds(kk * step, step)])
         acc = jax.lax.fori_loop(0, n_steps, body, jnp.zeros((bm, bn), jnp.int32))
-        y = acc.astype(jnp.float32) * (sx_ref[...][:, None] * sw_ref[...][None, :])
+        y = acc.astype(jnp.float32) * (sx[:, None] * sw_ref[...][None, :])
     for d_ref, u_ref in ((dh_ref, lb_ref), (dt_ref, ub_ref)):
         if d_ref is None:
             continue
@@ -112,6 +117,11 @@ def pallas_gemm_epilogue(ops, w: QuantizedWeight, bias, out_dtype, cfg, *, inter
     args = [ops.xq, ops.sx, wq, sw]
     specs = [pl.BlockSpec((bm, kp), lambda i, j: (i, 0)), pl.BlockSpec((bm,), lambda i, j: (i,)),
              w_spec, sw_spec]
+    lev_steps = 0
+    if ops.sx_inv is not None:                  # the scale made here from the rows' max|x'| (`Operands.row_scale`)
+        lev_steps = int(ops.sx_inv.shape[0])
+        args += [ops.sx_inv.astype(jnp.float32), ops.sx_step]
+        specs += [pl.BlockSpec((lev_steps,), lambda i, j: (0,)), pl.BlockSpec((1,), lambda i, j: (0,))]
     bw = ops.bw
     if ops.dh is not None:                      # global low-rank: every output tile reads the same dh rows
                                                 # (joint features: their first Rl columns)
@@ -129,7 +139,7 @@ def pallas_gemm_epilogue(ops, w: QuantizedWeight, bias, out_dtype, cfg, *, inter
         args.append(bias.astype(jnp.float32))
         specs.append(pl.BlockSpec((bn,), lambda i, j: (j,)))
     kernel = functools.partial(_kernel, layout=w.layout, packed=packed, n_steps=n_steps, step=step,
-                               has_lowrank=ops.dh is not None, has_blocks=ops.dt is not None,
+                               lev_steps=lev_steps, has_lowrank=ops.dh is not None, has_blocks=ops.dt is not None,
                                has_bias=bias is not None, out_dtype=out_dtype,
                                upcast=interpret)
     params = {}
