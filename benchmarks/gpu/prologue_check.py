@@ -94,37 +94,45 @@ def check(m, k, n, smooth, interpret, block=256):
     return out
 
 
-def shared_check(m, k, n, interpret, block=256):
-    """Rows {member, rel_shared_vs_alone, max_abs_diff, rel_vs_fake, rel_alone_vs_fake, jd_col} of three layers
-    reading one x [m, k] (bf16), prepared "fast" with and without their `SharedDown`."""
+def shared_check(m, k, n, interpret, block=256, step=2):
+    """Rows {member, jd_col, rel_shared_vs_alone, max_abs_diff, rel_vs_fake, rel_alone_vs_fake,
+    max_abs_diff_exact_vs_stored} of three layers reading one x [m, k] (bf16) with different VaTMP schedules, at
+    `step`: prepared "fast" with and without their `SharedDown`, and prepared exact (`unpack=True`, the scale made
+    in the GEMM kernel from one shared max-reduce: `operands.Operands.row_scale`) vs the stored nodes (expected:
+    0.0); then, on a GPU, the group per call."""
     from qdit4sr_jax.quant.kernels import fused_linear, prepare
     from qdit4sr_jax.quant.kernels.prepared import SAMPLER_MODES
     from qdit4sr_jax.quant.linear import linear
     names = ("to_q", "to_k", "to_v")
-    tree = {nm: {"kernel": _layer(k, n, False, seed=i, block=block)} for i, nm in enumerate(names)}
+    scheds = ([4, 3, 5, 4], [4, 4, 4, 4], [5, 4, 3, 4])
+    tree = {nm: {"kernel": _layer(k, n, False, seed=i, block=block).replace(a_schedule=jnp.asarray(sc, jnp.int32))}
+            for i, (nm, sc) in enumerate(zip(names, scheds))}
     shared = jax.jit(lambda t: prepare(t, **SAMPLER_MODES["fast"]))(tree)
     alone = jax.jit(lambda t: prepare(t, **SAMPLER_MODES["fast"], share=False))(tree)
+    exact = jax.jit(lambda t: prepare(t, unpack=True))(tree)
     if "qkv_down" not in shared:
         raise RuntimeError("prepare made no shared down-projection for these layers")
     x = _input(m, k)
+    t = jnp.int32(step)
     backend, cfg = _backend(interpret)
-    run = jax.jit(lambda t, v: [fused_linear(v, t[nm]["kernel"], None, act_bits=4, backend=backend, config=cfg,
-                                             shared=t.get("qkv_down")) for nm in names])
-    ys, ya = run(shared, x), run(alone, x)
+    run = jax.jit(lambda tr, v, s: [fused_linear(v, tr[nm]["kernel"], None, step=s, backend=backend, config=cfg,
+                                                 shared=tr.get("qkv_down")) for nm in names])
+    ys, ya, ye, yt = run(shared, x, t), run(alone, x, t), run(exact, x, t), run(tree, x, t)
     rows = []
-    for nm, a, b in zip(names, ys, ya):
-        ref = np.asarray(linear(x, tree[nm]["kernel"], None, act_bits=4, execution="fake"), np.float32)
+    for nm, a, b, e, st in zip(names, ys, ya, ye, yt):
+        ref = np.asarray(linear(x, tree[nm]["kernel"], None, step=t, execution="fake"), np.float32)
         a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
         rows.append(dict(member=nm, jd_col=shared[nm]["kernel"].bw.jd_col, rel_shared_vs_alone=rel_err(a, b),
                          max_abs_diff=float(np.abs(a - b).max()), rel_vs_fake=rel_err(a, ref),
-                         rel_alone_vs_fake=rel_err(b, ref)))
+                         rel_alone_vs_fake=rel_err(b, ref), max_abs_diff_exact_vs_stored=float(
+                             np.abs(np.asarray(e, np.float32) - np.asarray(st, np.float32)).max())))
     if not interpret:       # the group's three layers per call (host clock: dispatch included), bf16 GEMMs beside
         from common import compile_and_time
         ws = [jnp.asarray(np.random.default_rng(i).normal(size=(k, n)) / k ** 0.5, jnp.bfloat16) for i in range(3)]
-        t = {lab: compile_and_time(f, a, warmup=3, iters=30)["median_ms"] * 1e3 for lab, f, a in (
-            ("shared_us", run, (shared, x)), ("per_layer_us", run, (alone, x)),
+        tm = {lab: compile_and_time(f, a, warmup=3, iters=30)["median_ms"] * 1e3 for lab, f, a in (
+            ("shared_us", run, (shared, x, t)), ("per_layer_us", run, (alone, x, t)),
             ("bf16_us", jax.jit(lambda v, w: [v @ wi for wi in w]), (x, ws)))}
-        rows.append(dict(member="q/k/v group, median per call", **t))
+        rows.append(dict(member="q/k/v group, median per call", **tm))
     return rows
 
 
