@@ -38,13 +38,13 @@ def test_tiny_cases_in_the_given_order(tmp_path):
 def test_scan_steps_report_per_step_times(tmp_path):
     """--scan-steps N runs N steps in one lax.scan (quantized trees included) and reports per-step figures."""
     out = tmp_path / "scan.json"
-    S.main(["--preset", "tiny", "--cases", "16x1", "--modes", "bf16", "w4a4s-fused", "w4a4s-prep",
-            "p:qdit4sr-w4a4-small:prepbf", "--attention", "xla", "--iters", "3", "--warmup", "1", "--scan-steps", "2",
-            "--out", str(out)])
+    modes = ["bf16", "p:qdit4sr-w4a4-small:fused", "p:qdit4sr-w4a4-small:prepbf"]    # one quantize for both
+    S.main(["--preset", "tiny", "--cases", "16x1", "--modes", *modes, "--attention", "xla", "--iters", "3",
+            "--warmup", "1", "--scan-steps", "2", "--out", str(out)])
     res = json.load(open(out))
-    assert [r["mode"] for r in res["runs"]] == ["bf16", "w4a4s-fused", "w4a4s-prep", "p:qdit4sr-w4a4-small:prepbf"]
-    stored, prepared, _ = (r["weight_bytes"] for r in res["runs"][1:])
-    assert prepared > stored                      # the prepared tree: unpacked codes, float branches, U
+    assert [r["mode"] for r in res["runs"]] == modes
+    stored, prepared = (r["weight_bytes"] for r in res["runs"][1:])
+    assert prepared > stored                      # the prepared tree: unpacked codes, float branches
     for r in res["runs"]:
         assert r["scan_steps"] == 2 and "error" not in r
         assert r["min_ms"] <= r["median_ms"] <= r["max_ms"]
