@@ -29,6 +29,8 @@ def test_entry_kernels_counts_only_the_entry_computation():
 
 
 def test_every_feature_case_compiles_and_runs():
+    import jax
+    jax.clear_caches()      # the profiler's trace carries every live executable: in a long pytest worker 10x the run
     rows = L.measure(m=16, k=128, n=128, rank=8, block=64, timed=True, iters=2)
     labels = [c[0] for c in L.feature_cases(128, 128, 8, 64)]
     assert [r["label"] for r in rows] == labels + ["prepared: weight-side operands once per run",

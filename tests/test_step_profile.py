@@ -57,6 +57,8 @@ def test_kind_and_category():
 
 def test_tiny_profile_on_cpu(tmp_path):
     out = tmp_path / "prof.json"
+    import jax
+    jax.clear_caches()      # the profiler's trace carries every live executable: in a long pytest worker 10x the run
     res = P.main(["--preset", "tiny", "--cases", "16x1", "--modes", "bf16", "w8a8-fused", "--attention", "xla",
                   "--iters", "1", "--warmup", "1", "--out", str(out)])
     assert [r["mode"] for r in res["runs"]] == ["bf16", "w8a8-fused"]
