@@ -278,7 +278,7 @@ def test_level_tables_give_the_stored_codes(backend):
     np.testing.assert_array_equal(np.asarray(deferred.sx[:21]), np.abs(x_rot).max(-1))  # its rows' max|x'|
     jaxpr = jax.make_jaxpr(lambda v: prologue(v, node, 4, bw=kw.bw, levels=kw.levels, inv_levels=kw.inv_levels,
                                               step=jnp.int32(2)).sx)(x.reshape(-1, K))
-    assert not re.search(r":f32\[[0-9,]*\] = select_n", str(jaxpr))   # the scale: the max-reduce's output as is
+    assert not re.search(r":f32\[[0-9,]*\] = select_n", str(jaxpr))   # the scale: a floor after the reduce, no select
     if backend == "xla":
         hlo = run.lower(kw, jnp.int32(0)).compile().as_text()
         assert not re.search(r"= f32\[1?\]\{?0?\}? fusion\(", hlo)          # no scalar fusion left
@@ -361,7 +361,8 @@ def test_layers_reading_one_input_share_one_row_max(backend):
         p = prepare(tree, **kw)["attn"]
         x = _x(5)
         f = jax.jit(lambda t, v, s: [fused_linear(v, t[n]["kernel"], t[n]["bias"], step=s, backend=backend,
-                                                  config=CFG, shared=t.get("qkv_down")) for n in ("to_q", "to_k", "to_v")])
+                                                  config=CFG, shared=t.get("qkv_down"))
+                                     for n in ("to_q", "to_k", "to_v")])
         if backend == "xla":
             assert len(re.findall(r" reduce\(", f.lower(p, x, jnp.int32(0)).compile().as_text())) == 1
         if kw.get("xprime", "float32") != "float32":

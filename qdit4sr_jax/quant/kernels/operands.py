@@ -9,6 +9,7 @@ import dataclasses
 from typing import Optional
 
 import jax
+import jax.numpy as jnp
 
 from qdit4sr_jax.quant.kernels.branch_ops import BranchWeights, is_tile
 from qdit4sr_jax.quant.qweight import QuantizedWeight
@@ -152,7 +153,6 @@ def scale_from_max(amax, inv_levels, step):
     float32 [...], inv_levels float32 [T], step int32 scalar or [1]): the value of max(max_k |x'_k| / levels,
     2^-126), since rounding is monotone. Shared by the XLA prologue, the GEMM kernel and `Operands.row_scale`,
     so that the codes and the epilogue use one scale to the bit."""
-    import jax.numpy as jnp
     t = inv_levels.shape[0]
     i = jnp.clip(jnp.reshape(jnp.asarray(step, jnp.int32), (-1,))[0], 0, t - 1)
     return jnp.maximum(amax * inv_levels[i], SCALE_FLOOR)

@@ -11,8 +11,8 @@ Grid (Mp / block_m, N / block_n); each program owns one [block_m, block_n] outpu
 Epilogue: y * s_x (* s_w) + dh[m-tile] @ lr_b[:, n-tile] + dt[m-tile, block row] @ ub[:, n-tile] (branch
 dtype, float32 accumulation; `branch_ops`; dh and dt read in place from one joint array when `Operands.joint`)
 + bias, stored in the output dtype; s_x made here from the rows' max|x'| and the step's 1 / levels when the
-prologue defers it (`operands.Operands.row_scale`). With `interpret=True` the same kernel runs in the Pallas interpreter on any
-backend (the CPU tests).
+prologue defers it (`operands.Operands.row_scale`). With `interpret=True` the same kernel runs in the Pallas
+interpreter on any backend (the CPU tests).
 """
 from __future__ import annotations
 
