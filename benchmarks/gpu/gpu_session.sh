@@ -21,6 +21,7 @@
 #                                             # down-projection, 1024- and 512-px steps of bf16, W8A8 and the paper /
 #                                             # smoothing + rotation W4A4-small presets (2-step scan)
 #   bash benchmarks/gpu/gpu_session.sh i24d      # all six modes' 1024-px steps (+ smoothing-only -small, paper W4A4)
+#   bash benchmarks/gpu/gpu_session.sh i24w      # 12-07: the warp-specialized Mosaic int8 GEMM, sweep + shapes (<= 300 s)
 #   bash benchmarks/gpu/gpu_session.sh i24t      # next (after 12-07 03:26): GPU check of the shared q/k/v down-projection,
 #                                             # 512-px steps bf16 / paper-small prepbf (shared) / prepbfns (per layer),
 #                                             # DotMerger off; profile + HLO (the scale from one shared max-reduce);
@@ -78,6 +79,15 @@ if [ "${1:-}" = i24v ]; then
   el "steps ${CASES:-512x1 1024x1}"; steps steps $(( ${T:-550} - 60 )) --cases ${CASES:-512x1 1024x1} \
       --scan-steps 2 --modes bf16 $P:prepbf --attention cudnn --xla-variants no-dot-merge --iters 6 --warmup 1 --deadline $(( ${T:-550} - 90 ))
   profile512 $P:prepbf
+  el done
+  exit 0
+fi
+if [ "${1:-}" = i24w ]; then
+  # issue 24, 12-07 (<= 300 s): the persistent warp-specialized Mosaic int8 GEMM (mosaic_int8_gemm_ws) at the
+  # step's linear shapes vs cuBLAS bf16 / XLA int8 / our Triton GEMM: exactness, tile sweep, best configs per shape
+  el ws-gemm; timeout ${T:-290} python3 benchmarks/gpu/ws_gemm.py --deadline $(( ${T:-290} - 60 )) \
+      --out "$OUT/ws_gemm.json" > "$OUT/ws_gemm.log" 2>&1
+  grep -v "^W[0-9]\|Warning\|Deprecat" "$OUT/ws_gemm.log" | cut -c1-260 | tail -60
   el done
   exit 0
 fi

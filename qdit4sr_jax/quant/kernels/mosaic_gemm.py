@@ -109,6 +109,127 @@ def mosaic_int8_gemm(xq, wq, sx, sw, bias=None, addend=None, *, out_dtype=jnp.bf
     return kernel(*args)
 
 
+def _num_sms(default: int = 132) -> int:
+    """Streaming multiprocessors of the default device (132 on an H100 SXM / H200; the default off the GPU,
+    where the kernel is only lowered)."""
+    dev = jax.devices()[0]
+    return int(getattr(dev, "core_count", 0) or default) if dev.platform == "gpu" else default
+
+
+def ws_tiles_ok(m: int, n: int, k: int, tile_m: int = 128, tile_n: int = 128, wg_dim: str = "m",
+                epi: int = 64) -> bool:
+    """Whether [m, k] x [n, k] tiles for `mosaic_int8_gemm_ws` (two warpgroups side by side along `wg_dim`)."""
+    cta_m, cta_n = tile_m * (2 if wg_dim == "m" else 1), tile_n * (2 if wg_dim == "n" else 1)
+    return (wg_dim in ("m", "n") and m % cta_m == 0 and n % cta_n == 0 and k % SWIZZLE == 0 and tile_m % 64 == 0
+            and tile_n % epi == 0 and tile_m % epi == 0 and tile_m * tile_n <= 128 * 128)
+
+
+def mosaic_int8_gemm_ws(xq, wq, sx, sw, bias=None, addend=None, *, out_dtype=jnp.bfloat16, tile_m: int = 128,
+                        tile_n: int = 128, wg_dim: str = "m", stages: int = 4, epi: int = 64, grid_minor: int = 1,
+                        grid_width: int = 8, in_flight: int = 1, num_sms: int | None = None):
+    """The same GEMM and epilogue as `mosaic_int8_gemm`, structured the way Hopper GEMMs reach the tensor cores'
+    rate: persistent (one program per SM walking the output tiles in a snake of `grid_width` tiles along
+    dimension `grid_minor`, 0 = M, 1 = N), warp-specialized (a memory warpgroup issues the TMA copies of K steps
+    `stages` ahead; two compute warpgroups each own a [tile_m, tile_n] int32 accumulator, side by side along
+    `wg_dim`, and keep `in_flight` wgmma groups outstanding), and an epilogue that goes through shared memory in
+    [epi, epi] tiles and leaves by TMA stores, overlapping the next tile's main loop.
+
+    xq int8 [M, K], wq int8 [N, K], sx f32 [M], sw f32 [N], bias f32 [N] | None, addend [M, N] | None
+    -> [M, N] out_dtype. M, N, K must tile (`ws_tiles_ok`)."""
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+    m, n, k = _check(xq, wq, sx, sw, bias, addend, 64, 64, SWIZZLE)
+    if not ws_tiles_ok(m, n, k, tile_m, tile_n, wg_dim, epi):
+        raise ValueError(f"mosaic_int8_gemm_ws: [{m}, {k}] x [{n}, {k}] does not tile by two {tile_m}x{tile_n} "
+                         f"warpgroup tiles along {wg_dim!r} (K a multiple of {SWIZZLE}, epilogue tiles {epi})")
+    if not 0 <= in_flight < stages:
+        raise ValueError(f"mosaic_int8_gemm_ws: in_flight={in_flight} needs 0 <= in_flight < stages={stages}")
+    cta_m, cta_n = tile_m * (2 if wg_dim == "m" else 1), tile_n * (2 if wg_dim == "n" else 1)
+    m_iters, n_iters, k_iters = m // cta_m, n // cta_n, k // SWIZZLE
+    transforms = (plgpu.TilingTransform((8, SWIZZLE)), plgpu.SwizzleTransform(SWIZZLE))
+    out_bytes = jnp.dtype(out_dtype).itemsize
+    out_swizzle = plgpu.find_swizzle(epi * out_bytes * 8)
+    out_transforms = (plgpu.TilingTransform((8, out_swizzle // out_bytes)), plgpu.SwizzleTransform(out_swizzle))
+    row, col = plgpu.Layout.WGMMA.reduce(1), plgpu.Layout.WGMMA.reduce(0)
+    has_bias, has_add = bias is not None, addend is not None
+
+    def pipeline(body, context):
+        return plgpu.emit_pipeline_warp_specialized(
+            body, grid=(k_iters,), memory_registers=40, wg_axis="wg", num_compute_wgs=2,
+            max_concurrent_steps=stages, compute_context=context,
+            in_specs=[plgpu.BlockSpec((cta_m, SWIZZLE), lambda kk: (0, kk), transforms=transforms,
+                                      delay_release=in_flight),
+                      plgpu.BlockSpec((cta_n, SWIZZLE), lambda kk: (0, kk), transforms=transforms,
+                                      delay_release=in_flight)])
+
+    def body(x_g, w_g, sx_g, sw_g, *rest):
+        rest = list(rest)
+        b_g = rest.pop(0) if has_bias else None
+        a_g = rest.pop(0) if has_add else None
+        (o_g,) = rest
+        ignore = lambda *_, **__: None  # noqa: E731 - the allocations do not depend on the bodies
+
+        def scope(allocs, out_smem):
+            wg = jax.lax.axis_index("wg")
+
+            @plgpu.nd_loop((m_iters * n_iters,), collective_axes="sm")
+            def _tile(info):
+                (lin,) = info.index if hasattr(info, "index") else info
+                mi, ni = plgpu.planar_snake(lin, (m_iters, n_iters), grid_minor, grid_width)
+                r0 = mi * cta_m + (wg * tile_m if wg_dim == "m" else 0)
+                c0 = ni * cta_n + (wg * tile_n if wg_dim == "n" else 0)
+                wg_rows = pl.ds(wg * tile_m, tile_m) if wg_dim == "m" else slice(None)
+                wg_cols = pl.ds(wg * tile_n, tile_n) if wg_dim == "n" else slice(None)
+
+                def context(run):
+                    def with_acc(acc_ref):
+                        run(acc_ref)
+                        shape = (tile_m, tile_n)
+                        s_x = plgpu.load(sx_g.at[pl.ds(r0, tile_m)], (), layout=row, optimized=False)
+                        s_w = plgpu.load(sw_g.at[pl.ds(c0, tile_n)], (), layout=col, optimized=False)
+                        y = acc_ref[...].astype(jnp.float32) * jax.lax.broadcast_in_dim(s_x, shape, [0])
+                        y = y * jax.lax.broadcast_in_dim(s_w, shape, [1])
+                        if has_bias:
+                            b = plgpu.load(b_g.at[pl.ds(c0, tile_n)], (), layout=col, optimized=False)
+                            y = y + jax.lax.broadcast_in_dim(b, shape, [1])
+                        if has_add:
+                            y = y + plgpu.load(a_g.at[pl.ds(r0, tile_m), pl.ds(c0, tile_n)], (),
+                                               layout=plgpu.Layout.WGMMA, optimized=False).astype(jnp.float32)
+                        y = y.astype(out_dtype)
+                        plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+                        for i in range(tile_m // epi):
+                            for j in range(tile_n // epi):
+                                slot = (i * (tile_n // epi) + j) % 2
+                                plgpu.wait_smem_to_gmem(1, wait_read_only=True)
+                                out_smem[wg, slot] = y[i * epi:(i + 1) * epi, j * epi:(j + 1) * epi]
+                                plgpu.commit_smem()
+                                plgpu.copy_smem_to_gmem(out_smem.at[wg, slot],
+                                                        o_g.at[pl.ds(r0 + i * epi, epi), pl.ds(c0 + j * epi, epi)])
+
+                    pl.run_scoped(with_acc, plgpu.ACC((tile_m, tile_n), jnp.int32))
+
+                def mma(_, x_s, w_s, acc_ref):
+                    plgpu.wgmma(acc_ref, x_s.at[wg_rows], plgpu.transpose_ref(w_s.at[wg_cols], (1, 0)))
+                    plgpu.wgmma_wait(in_flight)
+                    return acc_ref
+
+                pipeline(mma, context)(x_g.at[pl.ds(mi * cta_m, cta_m), :], w_g.at[pl.ds(ni * cta_n, cta_n), :],
+                                       allocations=allocs)
+
+        pl.run_scoped(scope, pipeline(ignore, ignore).get_allocations(x_g, w_g),
+                      plgpu.SMEM((2, 2, epi, epi), out_dtype, transforms=out_transforms), collective_axes="wg")
+        plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+
+    args = [xq, wq, sx.astype(jnp.float32), sw.astype(jnp.float32)]
+    if has_bias:
+        args.append(bias.astype(jnp.float32))
+    if has_add:
+        args.append(addend)
+    kernel = plgpu.kernel(body, out_type=jax.ShapeDtypeStruct((m, n), out_dtype),
+                          grid=(min(num_sms or _num_sms(), m_iters * n_iters),), grid_names=("sm",),
+                          num_threads=3, thread_name="wg")
+    return kernel(*args)
+
+
 def reference(xq, wq, sx, sw, bias=None, addend=None, *, out_dtype=jnp.bfloat16):
     """The same function with XLA ops (int8 dot_general -> int32, scales in float32): the check."""
     acc = jax.lax.dot_general(xq, wq, (((1,), (1,)), ((), ())), preferred_element_type=jnp.int32)
@@ -120,4 +241,4 @@ def reference(xq, wq, sx, sw, bias=None, addend=None, *, out_dtype=jnp.bfloat16)
     return y.astype(out_dtype)
 
 
-__all__ = ["mosaic_int8_gemm", "reference", "tiles_ok", "SWIZZLE"]
+__all__ = ["mosaic_int8_gemm", "mosaic_int8_gemm_ws", "reference", "tiles_ok", "ws_tiles_ok", "SWIZZLE"]
