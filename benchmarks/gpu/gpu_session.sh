@@ -21,6 +21,7 @@
 #                                             # down-projection, 1024- and 512-px steps of bf16, W8A8 and the paper /
 #                                             # smoothing + rotation W4A4-small presets (2-step scan)
 #   bash benchmarks/gpu/gpu_session.sh i24d      # all six modes' 1024-px steps (+ smoothing-only -small, paper W4A4)
+#   bash benchmarks/gpu/gpu_session.sh i24x      # next: fused linear on the Mosaic GEMM: check + 512-px steps (<= 400 s)
 #   bash benchmarks/gpu/gpu_session.sh i24w      # 12-07: the warp-specialized Mosaic int8 GEMM, sweep + shapes (<= 300 s)
 #   bash benchmarks/gpu/gpu_session.sh i24t      # next (after 12-07 03:26): GPU check of the shared q/k/v down-projection,
 #                                             # 512-px steps bf16 / paper-small prepbf (shared) / prepbfns (per layer),
@@ -82,11 +83,25 @@ if [ "${1:-}" = i24v ]; then
   el done
   exit 0
 fi
+if [ "${1:-}" = i24x ]; then
+  # issue 24, 12-07 (<= 400 s): the fused linear on the warp-specialized Mosaic GEMM (prepare(gemm="mosaic")):
+  # GPU check vs the Triton GEMM and fake-quant + time per call, then the 512-px steps bf16 / paper-small "fast"
+  # on Triton (prepbf) / on Mosaic (prepbfm)
+  el "mosaic fused check"; timeout 100 python3 benchmarks/gpu/mosaic_fused_check.py --out "$OUT/mosaic_fused_check.json" \
+      2>&1 | grep -v "^W[0-9]\|Warning" | cut -c1-300 | tail -14
+  P=p:qdit4sr-paper-w4a4-small
+  left=$(( ${T:-390} - ($(date +%s) - t0) ))
+  el "steps 512 ($left s)"; steps steps512 $left --cases 512x1 --scan-steps 2 --modes bf16 $P:prepbf $P:prepbfm \
+      --attention cudnn --xla-variants no-dot-merge --iters 8 --warmup 2 --deadline $(( left - 20 ))
+  el done
+  exit 0
+fi
 if [ "${1:-}" = i24w ]; then
   # issue 24, 12-07 (<= 300 s): the persistent warp-specialized Mosaic int8 GEMM (mosaic_int8_gemm_ws) at the
   # step's linear shapes vs cuBLAS bf16 / XLA int8 / our Triton GEMM: exactness, tile sweep, best configs per shape
+  # (WS_CONFIGS: skip the check and sweep, time those configs on every shape)
   el ws-gemm; timeout ${T:-290} python3 benchmarks/gpu/ws_gemm.py --deadline $(( ${T:-290} - 60 )) \
-      --out "$OUT/ws_gemm.json" > "$OUT/ws_gemm.log" 2>&1
+      ${WS_CONFIGS:+--configs $WS_CONFIGS} --out "$OUT/ws_gemm.json" > "$OUT/ws_gemm.log" 2>&1
   grep -v "^W[0-9]\|Warning\|Deprecat" "$OUT/ws_gemm.log" | cut -c1-260 | tail -60
   el done
   exit 0

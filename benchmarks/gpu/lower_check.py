@@ -44,11 +44,15 @@ def abstract_quantized(model, preset: str, steps: int = 40):
     return with_execution(q, "fused"), len(paths)
 
 
+PREPARES = ("none", "xla", "pallas", "fast", "fast-mosaic")
+
+
 def check(model="dit4sr", preset: str = "qdit4sr-w4a4-small", size: int = 512, batch: int = 1,
           prepare: str = "none", platform: str = "gpu") -> dict:
     """-> {layers, triton_kernels, custom_calls, by_name, lower_s}. model: preset name or ModelConfig;
     prepare: none | xla | pallas (the prologue) | fast (the sampler's "fast": input-space down-projections, shared
-    by the layers reading one input); platform: "gpu" (lowered for CUDA) or "tpu" (the fused
+    by the layers reading one input) | fast-mosaic ("fast" with the GEMMs on the warp-specialized Mosaic kernel,
+    counted as mosaic_kernels); platform: "gpu" (lowered for CUDA) or "tpu" (the fused
     layers take their XLA path there: no custom calls expected)."""
     import step_latency as S
     from qdit4sr_jax.config import ModelConfig
@@ -56,8 +60,8 @@ def check(model="dit4sr", preset: str = "qdit4sr-w4a4-small", size: int = 512, b
     from qdit4sr_jax.quant.kernels import lowering_for
     from qdit4sr_jax.quant.kernels import prepare as prep
     from qdit4sr_jax.quant.kernels.prepared import SAMPLER_MODES
-    if prepare not in ("none", "xla", "pallas", "fast"):
-        raise ValueError(f"prepare must be none, xla, pallas or fast, got {prepare!r}")
+    if prepare not in PREPARES:
+        raise ValueError(f"prepare must be one of {PREPARES}, got {prepare!r}")
     if platform not in ("gpu", "tpu"):
         raise ValueError(f"platform must be gpu or tpu, got {platform!r}")
     t0 = time.perf_counter()
@@ -66,7 +70,8 @@ def check(model="dit4sr", preset: str = "qdit4sr-w4a4-small", size: int = 512, b
     mcfg = mcfg.replace(dtype="bfloat16", param_dtype="bfloat16", attention_impl=None)
     step = S.make_step(DiT4SRTransformer(mcfg), mcfg.guidance_scale, 1)
     args = jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), S.inputs(mcfg, size, batch))
-    kw = SAMPLER_MODES["fast"] if prepare == "fast" else dict(prologue=prepare)
+    kw = (SAMPLER_MODES["fast"] if prepare == "fast" else dict(SAMPLER_MODES["fast"], gemm="mosaic")
+          if prepare == "fast-mosaic" else dict(prologue=prepare))
     fn = step if prepare == "none" else jax.jit(lambda t, *a: step(prep(t, **kw), *a))
     with lowering_for(platform):
         text = fn.trace(q, *args).lower(lowering_platforms=("cuda" if platform == "gpu" else "tpu",)).as_text()
@@ -77,6 +82,7 @@ def check(model="dit4sr", preset: str = "qdit4sr-w4a4-small", size: int = 512, b
     return {"model": mcfg.name, "preset": preset, "size": size, "batch": batch, "prepare": prepare, "layers": layers,
             "platform": platform, "triton_kernels": text.count("__gpu$xla.gpu.triton"),
             "custom_calls": text.count("stablehlo.custom_call"), "by_name": by_name,
+            "mosaic_kernels": text.count("@mosaic_gpu"),
             "lower_s": time.perf_counter() - t0}
 
 
@@ -86,12 +92,13 @@ def main(argv=None):
     ap.add_argument("--preset", default="qdit4sr-w4a4-small")
     ap.add_argument("--size", type=int, default=512)
     ap.add_argument("--batch", type=int, default=1)
-    ap.add_argument("--prepare", default="none", choices=("none", "xla", "pallas", "fast"))
+    ap.add_argument("--prepare", default="none", choices=PREPARES)
     ap.add_argument("--platform", default="gpu", choices=("gpu", "tpu"))
     a = ap.parse_args(argv)
     r = check(a.model, a.preset, a.size, a.batch, a.prepare, a.platform)
     print(f"{r['model']} / {r['preset']} {r['size']} px batch {r['batch']}, prepare {r['prepare']}: {r['layers']} "
-          f"quantized linears -> {r['triton_kernels']} Triton kernels {r['by_name']}, {r['custom_calls']} custom "
+          f"quantized linears -> {r['triton_kernels']} Triton kernels {r['by_name']}, {r['mosaic_kernels']} Mosaic "
+          f"kernels, {r['custom_calls']} custom "
           f"calls in all (traced and lowered for {r['platform']} in {r['lower_s']:.1f} s, jax {jax.__version__})")
     return r
 

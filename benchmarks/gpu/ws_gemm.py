@@ -59,7 +59,7 @@ def per_call_ms(fn, xs, *rest):
 
 def config_name(c):
     (tm, tn, wd, st, fl), (gm, gw) = c
-    return f"{tm}x{tn}{wd} s{st} f{fl} g{'MN'[gm]}{gw}"
+    return f"{tm}x{tn}{wd}_s{st}_f{fl}_g{'MN'[gm]}{gw}"
 
 
 def ws_fn(c, out_dtype=jnp.bfloat16, stages=None):
@@ -94,6 +94,8 @@ def main(argv=None):
     ap.add_argument("--reps", type=int, default=12, help="GEMMs per timed jit (R)")
     ap.add_argument("--keep", type=int, default=3, help="configs of the sweep timed on every shape")
     ap.add_argument("--deadline", type=float, default=None, help="seconds; what is left after it is skipped")
+    ap.add_argument("--configs", nargs="+", default=None,
+                    help="skip the check and the sweep; time these configs (names as printed, e.g. 64x128n_s4_f1_gN8)")
     ap.add_argument("--lower", action="store_true", help="only lower every config for CUDA (any machine)")
     ap.add_argument("--out", default=None)
     a = ap.parse_args(argv)
@@ -112,7 +114,7 @@ def main(argv=None):
     configs = list(itertools.product(TILES, GRIDS[:1])) + [(TILES[0], g) for g in GRIDS[1:]]
 
     # exactness: float32 outputs (stages 3) and bf16 outputs of each tile config on two shapes
-    for (m, k, n) in [SHAPES[0], SHAPES[2]]:
+    for (m, k, n) in ([] if a.configs else [SHAPES[0], SHAPES[2]]):
         xs, wq, sx, sw, bias = operands(m, k, n, 1)
         want32 = jax.jit(lambda *t: reference(*t, out_dtype=jnp.float32))(xs[0], wq, sx, sw, bias)
         want16 = jax.jit(lambda *t: reference(*t))(xs[0], wq, sx, sw, bias)
@@ -153,10 +155,11 @@ def main(argv=None):
 
     # the sweep on the first shape
     m, k, n = SHAPES[0]
-    ops = operands(m, k, n, a.reps)
-    base = baselines(m, k, n, *ops)
-    print("baselines", base, flush=True)
-    for c in configs:
+    if not a.configs:
+        ops = operands(m, k, n, a.reps)
+        base = baselines(m, k, n, *ops)
+        print("baselines", base, flush=True)
+    for c in ([] if a.configs else configs):
         if late():
             break
         if not ws_tiles_ok(m, n, k, c[0][0], c[0][1], c[0][2]):
@@ -168,7 +171,8 @@ def main(argv=None):
         res["sweep"].append(r)
         print("sweep", r, flush=True)
     ranked = sorted((r for r in res["sweep"] if "ms" in r), key=lambda r: r["ms"])
-    best = [c for name in [r["config"] for r in ranked[: a.keep]] for c in configs if config_name(c) == name]
+    names = a.configs or [r["config"] for r in ranked[: a.keep]]
+    best = [c for name in names for c in itertools.product(TILES, GRIDS) if config_name(c) == name]
 
     # the best configs on every shape
     for (m, k, n) in SHAPES[: a.shapes]:

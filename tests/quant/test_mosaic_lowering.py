@@ -103,3 +103,65 @@ def test_warp_specialized_gemm_rejects_bad_tiles():
     with pytest.raises(TypeError, match="int8 operands"):
         mg.mosaic_int8_gemm_ws(x.astype(jnp.float32), w, sx, sw)
     assert mg.ws_tiles_ok(4096, 1536, 1536) and not mg.ws_tiles_ok(4096, 1536, 1536, tile_n=256)
+
+
+def _prepared_paper_layer(k, n, gemm):
+    """Abstract prepared W4A4 layer as the "fast" sampler mode makes it (rotation, H-SVD branches, a 40-step VaTMP
+    schedule), with the given GEMM kernel."""
+    from qdit4sr_jax.quant.kernels import prepare_weight
+    from qdit4sr_jax.quant.qweight import make_qweight
+    nbo, nbi = -(-n // 256), -(-k // 256)
+    sched = np.tile(np.array([4, 5, 3, 4], np.int32), 10)
+
+    def build(w):
+        return prepare_weight(make_qweight(
+            w, w_bits=4, group_size=64, group_scale="int", a_bits=4, execution="fused", rotate=k, signs=True,
+            lr_a=jnp.zeros((k, 26)), lr_b=jnp.zeros((26, n)), block_u=jnp.zeros((nbo, nbi, 256)),
+            block_v=jnp.zeros((nbo, nbi, 256)), block=(256, 256), lowrank_bits=8, a_schedule=sched),
+            down="input", xprime="bfloat16", gemm=gemm)
+
+    return jax.eval_shape(build, S((n, k), jnp.float32))
+
+
+@lowering
+@pytest.mark.parametrize("k,n", [(1536, 1536), (1536, 6144), (6144, 1536)])
+def test_prepared_layer_runs_its_gemm_on_the_warp_specialized_kernel(k, n):
+    """prepare(..., gemm="mosaic"): the fused linear's GEMM + epilogue (scale from the level table, low-rank and
+    block branches, bias) is one Mosaic GPU kernel and no Triton kernel is left (the prologue is XLA's);
+    gemm="triton" keeps the Triton kernel."""
+    from qdit4sr_jax.quant.kernels import lowering_for
+    from qdit4sr_jax.quant.linear import linear
+    x, t, b = S((2 * 1024 + 7, k), jnp.bfloat16), S((), jnp.int32), S((n,), jnp.float32)
+    texts = {}
+    for gemm in ("mosaic", "triton"):
+        kw = _prepared_paper_layer(k, n, gemm)
+        with lowering_for("gpu"):
+            texts[gemm] = jax.jit(lambda kw, x, t, b: linear(x, kw, b, step=t)).trace(kw, x, t, b).lower(
+                lowering_platforms=("cuda",)).as_text()
+    assert "mosaic_gpu" in texts["mosaic"] and "__gpu$xla.gpu.triton" not in texts["mosaic"]
+    assert "mosaic_gpu" not in texts["triton"] and texts["triton"].count("__gpu$xla.gpu.triton") == 1
+
+
+def test_fits_names_what_the_warp_specialized_kernel_takes():
+    """`mosaic_gemm.fits`: per-channel int8 codes whose rows, columns and K tile, 16-bit branches."""
+    from qdit4sr_jax.quant.kernels.fused import prologue
+    from qdit4sr_jax.quant.kernels import prepare_weight
+    from qdit4sr_jax.quant.qweight import make_qweight
+    rng = np.random.default_rng(0)
+    k, n = 256, 512
+    w = jnp.asarray(rng.normal(size=(n, k)), jnp.float32)
+    extra = dict(lr_a=jnp.asarray(rng.normal(size=(k, 16)), jnp.float32),
+                 lr_b=jnp.asarray(rng.normal(size=(16, n)), jnp.float32))
+    x = jnp.asarray(rng.normal(size=(128, k)), jnp.bfloat16)
+    kw = prepare_weight(make_qweight(w, w_bits=4, a_bits=4, execution="fused", **extra), gemm="mosaic")
+    kw = kw.__class__(kw.node, kw.bw.__class__(**{**vars(kw.bw), "lr_b": kw.bw.lr_b.astype(jnp.bfloat16)}),
+                      gemm="mosaic")
+    ops = prologue(x, kw.node, 4, pad_to=128, bw=kw.bw, pad_branches=True, joint=True)
+    ops = ops.__class__(**{**vars(ops), "dh": ops.dh.astype(jnp.bfloat16)})
+    assert mg.fits(ops, kw.node)
+    assert not mg.fits(ops.__class__(**{**vars(ops), "dh": ops.dh.astype(jnp.float32)}), kw.node)  # mixed dtypes
+    assert not mg.fits(ops, kw.node, {"tile_n": 512})                 # N = 512 is no pair of 512-wide tiles
+    packed = make_qweight(w, w_bits=4, a_bits=4, execution="fused")
+    assert packed.packed and not mg.fits(prologue(x, packed, 4, pad_to=128), packed)
+    with pytest.raises(ValueError, match="gemm must be one of"):
+        prepare_weight(packed, gemm="cublas")

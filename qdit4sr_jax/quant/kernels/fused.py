@@ -220,6 +220,7 @@ def fused_linear(x, w: QuantizedWeight, bias=None, *, act_bits=None, step=None, 
         y = xla_gemm_epilogue(ops, w, bias, x.dtype)
     else:
         from qdit4sr_jax.quant.kernels.pallas_gpu import pallas_gemm_epilogue
+        from qdit4sr_jax.quant.kernels.mosaic_gemm import fits as mosaic_fits, mosaic_gemm_epilogue
         from qdit4sr_jax.quant.kernels import prologue_kernel as pk
         chunk = packed_run(w, cfg)
         if kw is not None and kw.prologue == "pallas" and pk.fits(w, bw, chunk, cfg.prologue_block_m):
@@ -230,7 +231,10 @@ def fused_linear(x, w: QuantizedWeight, bias=None, *, act_bits=None, step=None, 
         else:
             ops = prologue(x2, w, bits, pad_to=cfg.block_m, chunk=chunk, bw=bw, pad_branches=True, xprime=xprime,
                            joint=True, shared=shared, defer_scale=True, **tables)
-        y = pallas_gemm_epilogue(ops, w, bias, x.dtype, cfg, interpret=(be == "interpret"))
+        if be == "pallas" and kw is not None and kw.gemm == "mosaic" and mosaic_fits(ops, w):
+            y = mosaic_gemm_epilogue(ops, w, bias, x.dtype)
+        else:
+            y = pallas_gemm_epilogue(ops, w, bias, x.dtype, cfg, interpret=(be == "interpret"))
     return y.reshape(*lead, w.n)
 
 

@@ -18,11 +18,15 @@ GPU only (Hopper or newer); there is no interpreter for wgmma, so off the GPU th
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
+from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
+
+from qdit4sr_jax.quant.kernels.operands import SCALE_FLOOR
 
 SWIZZLE = 128          # bytes: one int8 K step of 128 is one 128-byte swizzle span
 
@@ -124,9 +128,22 @@ def ws_tiles_ok(m: int, n: int, k: int, tile_m: int = 128, tile_n: int = 128, wg
             and tile_n % epi == 0 and tile_m % epi == 0 and tile_m * tile_n <= 128 * 128)
 
 
+@dataclasses.dataclass(frozen=True)
+class Branch:
+    """A 16-bit branch added in the epilogue: y[m, n] += feats[m, col(n) : col(n) + r] @ up[:, n], with
+    col(n) = col0 + (n // block_out) * r (block_out 0: col0 for every n). feats bf16 [M, C], up bf16 [r, N]
+    (r a multiple of 16). The low-rank branch is (dh, col0, lr_b); the H-SVD blocks' rank-1 features are
+    (dt, dt_col0, ub) with block_out = b_out: each output tile reads its block row's r features."""
+    feats: Any
+    up: Any
+    col0: int = 0
+    block_out: int = 0
+
+
 def mosaic_int8_gemm_ws(xq, wq, sx, sw, bias=None, addend=None, *, out_dtype=jnp.bfloat16, tile_m: int = 128,
                         tile_n: int = 128, wg_dim: str = "m", stages: int = 4, epi: int = 64, grid_minor: int = 1,
-                        grid_width: int = 8, in_flight: int = 1, num_sms: int | None = None):
+                        grid_width: int = 8, in_flight: int = 1, num_sms: int | None = None,
+                        inv_levels=None, step=None, branches: Sequence[Branch] = ()):
     """The same GEMM and epilogue as `mosaic_int8_gemm`, structured the way Hopper GEMMs reach the tensor cores'
     rate: persistent (one program per SM walking the output tiles in a snake of `grid_width` tiles along
     dimension `grid_minor`, 0 = M, 1 = N), warp-specialized (a memory warpgroup issues the TMA copies of K steps
@@ -135,7 +152,11 @@ def mosaic_int8_gemm_ws(xq, wq, sx, sw, bias=None, addend=None, *, out_dtype=jnp
     [epi, epi] tiles and leaves by TMA stores, overlapping the next tile's main loop.
 
     xq int8 [M, K], wq int8 [N, K], sx f32 [M], sw f32 [N], bias f32 [N] | None, addend [M, N] | None
-    -> [M, N] out_dtype. M, N, K must tile (`ws_tiles_ok`)."""
+    -> [M, N] out_dtype. M, N, K must tile (`ws_tiles_ok`).
+    With inv_levels (f32 [T]) and step (int32 [1]), sx holds each row's max|x'| and the kernel makes the scale
+    max(sx * inv_levels[clip(step, 0, T - 1)], 2^-126) (`operands.scale_from_max`). branches: `Branch`es whose
+    products the epilogue adds (bf16 wgmmas into a float32 accumulator started from the scaled int32 one):
+    y = acc * s_x * s_w + sum_b feats_b @ up_b + bias (+ addend)."""
     from jax.experimental.pallas import mosaic_gpu as plgpu
     m, n, k = _check(xq, wq, sx, sw, bias, addend, 64, 64, SWIZZLE)
     if not ws_tiles_ok(m, n, k, tile_m, tile_n, wg_dim, epi):
@@ -143,14 +164,31 @@ def mosaic_int8_gemm_ws(xq, wq, sx, sw, bias=None, addend=None, *, out_dtype=jnp
                          f"warpgroup tiles along {wg_dim!r} (K a multiple of {SWIZZLE}, epilogue tiles {epi})")
     if not 0 <= in_flight < stages:
         raise ValueError(f"mosaic_int8_gemm_ws: in_flight={in_flight} needs 0 <= in_flight < stages={stages}")
+    if (inv_levels is None) != (step is None):
+        raise ValueError("mosaic_int8_gemm_ws: inv_levels and step come together")
+    branches = tuple(branches)
+    for b in branches:
+        r = b.up.shape[0]
+        if b.feats.shape[0] != m or b.up.shape[1] != n or r % 16 or b.feats.dtype != b.up.dtype:
+            raise ValueError(f"mosaic_int8_gemm_ws: branch features {tuple(b.feats.shape)} {b.feats.dtype} / up "
+                             f"{tuple(b.up.shape)} {b.up.dtype} do not fit [{m}, C] x [r, {n}] (r a multiple of 16)")
+        if b.block_out and b.block_out % tile_n:
+            raise ValueError(f"mosaic_int8_gemm_ws: block_out {b.block_out} is not a multiple of tile_n {tile_n}")
     cta_m, cta_n = tile_m * (2 if wg_dim == "m" else 1), tile_n * (2 if wg_dim == "n" else 1)
     m_iters, n_iters, k_iters = m // cta_m, n // cta_n, k // SWIZZLE
     transforms = (plgpu.TilingTransform((8, SWIZZLE)), plgpu.SwizzleTransform(SWIZZLE))
     out_bytes = jnp.dtype(out_dtype).itemsize
     out_swizzle = plgpu.find_swizzle(epi * out_bytes * 8)
     out_transforms = (plgpu.TilingTransform((8, out_swizzle // out_bytes)), plgpu.SwizzleTransform(out_swizzle))
-    row, col = plgpu.Layout.WGMMA.reduce(1), plgpu.Layout.WGMMA.reduce(0)
-    has_bias, has_add = bias is not None, addend is not None
+    row, col, acc_layout = plgpu.Layout.WGMMA.reduce(1), plgpu.Layout.WGMMA.reduce(0), plgpu.Layout.WGMMA
+    has_bias, has_add, table = bias is not None, addend is not None, inv_levels is not None
+    n_lev = int(inv_levels.shape[0]) if table else 0
+
+    def up_smem(b):
+        bb = jnp.dtype(b.up.dtype).itemsize      # wgmma steps K by one swizzle span: r (16, 32, 48 ...) sets it
+        sw_ = max(s_ for s_ in (32, 64, 128) if b.up.shape[0] % (s_ // bb) == 0)
+        return plgpu.SMEM((2, b.up.shape[0], tile_n), b.up.dtype,
+                          transforms=(plgpu.TilingTransform((8, sw_ // bb)), plgpu.SwizzleTransform(sw_)))
 
     def pipeline(body, context):
         return plgpu.emit_pipeline_warp_specialized(
@@ -163,17 +201,19 @@ def mosaic_int8_gemm_ws(xq, wq, sx, sw, bias=None, addend=None, *, out_dtype=jnp
 
     def body(x_g, w_g, sx_g, sw_g, *rest):
         rest = list(rest)
+        inv_g, step_g = (rest.pop(0), rest.pop(0)) if table else (None, None)
         b_g = rest.pop(0) if has_bias else None
         a_g = rest.pop(0) if has_add else None
+        br_g = [(rest.pop(0), rest.pop(0)) for _ in branches]
         (o_g,) = rest
         ignore = lambda *_, **__: None  # noqa: E731 - the allocations do not depend on the bodies
 
-        def scope(allocs, out_smem):
+        def scope(allocs, out_smem, up_s, up_bar):
             wg = jax.lax.axis_index("wg")
 
             @plgpu.nd_loop((m_iters * n_iters,), collective_axes="sm")
             def _tile(info):
-                (lin,) = info.index if hasattr(info, "index") else info
+                (lin,) = info.index
                 mi, ni = plgpu.planar_snake(lin, (m_iters, n_iters), grid_minor, grid_width)
                 r0 = mi * cta_m + (wg * tile_m if wg_dim == "m" else 0)
                 c0 = ni * cta_n + (wg * tile_n if wg_dim == "n" else 0)
@@ -181,31 +221,48 @@ def mosaic_int8_gemm_ws(xq, wq, sx, sw, bias=None, addend=None, *, out_dtype=jnp
                 wg_cols = pl.ds(wg * tile_n, tile_n) if wg_dim == "n" else slice(None)
 
                 def context(run):
+                    for i, (_, up_g) in enumerate(br_g):     # the up-projection columns, while the main loop runs
+                        plgpu.copy_gmem_to_smem(up_g.at[:, pl.ds(c0, tile_n)], up_s[i].at[wg], up_bar[i].at[wg])
+
                     def with_acc(acc_ref):
                         run(acc_ref)
                         shape = (tile_m, tile_n)
                         s_x = plgpu.load(sx_g.at[pl.ds(r0, tile_m)], (), layout=row, optimized=False)
+                        if table:
+                            lev = inv_g[jnp.clip(step_g[0], 0, n_lev - 1)]
+                            s_x = jnp.maximum(s_x * lev, SCALE_FLOOR)
                         s_w = plgpu.load(sw_g.at[pl.ds(c0, tile_n)], (), layout=col, optimized=False)
                         y = acc_ref[...].astype(jnp.float32) * jax.lax.broadcast_in_dim(s_x, shape, [0])
-                        y = y * jax.lax.broadcast_in_dim(s_w, shape, [1])
-                        if has_bias:
-                            b = plgpu.load(b_g.at[pl.ds(c0, tile_n)], (), layout=col, optimized=False)
-                            y = y + jax.lax.broadcast_in_dim(b, shape, [1])
-                        if has_add:
-                            y = y + plgpu.load(a_g.at[pl.ds(r0, tile_m), pl.ds(c0, tile_n)], (),
-                                               layout=plgpu.Layout.WGMMA, optimized=False).astype(jnp.float32)
-                        y = y.astype(out_dtype)
-                        plgpu.wait_smem_to_gmem(0, wait_read_only=True)
-                        for i in range(tile_m // epi):
-                            for j in range(tile_n // epi):
-                                slot = (i * (tile_n // epi) + j) % 2
-                                plgpu.wait_smem_to_gmem(1, wait_read_only=True)
-                                out_smem[wg, slot] = y[i * epi:(i + 1) * epi, j * epi:(j + 1) * epi]
-                                plgpu.commit_smem()
-                                plgpu.copy_smem_to_gmem(out_smem.at[wg, slot],
-                                                        o_g.at[pl.ds(r0 + i * epi, epi), pl.ds(c0 + j * epi, epi)])
+                        return y * jax.lax.broadcast_in_dim(s_w, shape, [1])
 
-                    pl.run_scoped(with_acc, plgpu.ACC((tile_m, tile_n), jnp.int32))
+                    y = pl.run_scoped(with_acc, plgpu.ACC((tile_m, tile_n), jnp.int32))
+                    if branches:
+                        def add_branches(acc_ref):
+                            for i, (b, (f_g, _)) in enumerate(zip(branches, br_g)):
+                                r = b.up.shape[0]
+                                c = b.col0 + (c0 // b.block_out) * r if b.block_out else b.col0
+                                feats = plgpu.load(f_g.at[pl.ds(r0, tile_m), pl.ds(c, r)], (), layout=acc_layout,
+                                                   optimized=False)
+                                plgpu.barrier_wait(up_bar[i].at[wg])
+                                plgpu.wgmma(acc_ref, feats, up_s[i].at[wg])
+                            plgpu.wgmma_wait(0)
+                        y = pl.run_state(add_branches)(plgpu.ACC.init(y))
+                    if has_bias:
+                        bvec = plgpu.load(b_g.at[pl.ds(c0, tile_n)], (), layout=col, optimized=False)
+                        y = y + jax.lax.broadcast_in_dim(bvec, (tile_m, tile_n), [1])
+                    if has_add:
+                        y = y + plgpu.load(a_g.at[pl.ds(r0, tile_m), pl.ds(c0, tile_n)], (),
+                                           layout=acc_layout, optimized=False).astype(jnp.float32)
+                    y = y.astype(out_dtype)
+                    plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+                    for i in range(tile_m // epi):
+                        for j in range(tile_n // epi):
+                            slot = (i * (tile_n // epi) + j) % 2
+                            plgpu.wait_smem_to_gmem(1, wait_read_only=True)
+                            out_smem[wg, slot] = y[i * epi:(i + 1) * epi, j * epi:(j + 1) * epi]
+                            plgpu.commit_smem()
+                            plgpu.copy_smem_to_gmem(out_smem.at[wg, slot],
+                                                    o_g.at[pl.ds(r0 + i * epi, epi), pl.ds(c0 + j * epi, epi)])
 
                 def mma(_, x_s, w_s, acc_ref):
                     plgpu.wgmma(acc_ref, x_s.at[wg_rows], plgpu.transpose_ref(w_s.at[wg_cols], (1, 0)))
@@ -216,14 +273,20 @@ def mosaic_int8_gemm_ws(xq, wq, sx, sw, bias=None, addend=None, *, out_dtype=jnp
                                        allocations=allocs)
 
         pl.run_scoped(scope, pipeline(ignore, ignore).get_allocations(x_g, w_g),
-                      plgpu.SMEM((2, 2, epi, epi), out_dtype, transforms=out_transforms), collective_axes="wg")
+                      plgpu.SMEM((2, 2, epi, epi), out_dtype, transforms=out_transforms),
+                      [up_smem(b) for b in branches],
+                      [plgpu.Barrier(num_barriers=2) for _ in branches], collective_axes="wg")
         plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
     args = [xq, wq, sx.astype(jnp.float32), sw.astype(jnp.float32)]
+    if table:
+        args += [inv_levels.astype(jnp.float32), jnp.asarray(step, jnp.int32).reshape(1)]
     if has_bias:
         args.append(bias.astype(jnp.float32))
     if has_add:
         args.append(addend)
+    for b in branches:
+        args += [b.feats, b.up]
     kernel = plgpu.kernel(body, out_type=jax.ShapeDtypeStruct((m, n), out_dtype),
                           grid=(min(num_sms or _num_sms(), m_iters * n_iters),), grid_names=("sm",),
                           num_threads=3, thread_name="wg")
@@ -241,4 +304,55 @@ def reference(xq, wq, sx, sw, bias=None, addend=None, *, out_dtype=jnp.bfloat16)
     return y.astype(out_dtype)
 
 
-__all__ = ["mosaic_int8_gemm", "mosaic_int8_gemm_ws", "reference", "tiles_ok", "ws_tiles_ok", "SWIZZLE"]
+
+# The warp-specialized kernel's tiles inside `fused_linear` (prepared weights with gemm="mosaic"): two 64 x 128
+# warpgroup tiles side by side along N. With the branches' up-projection columns in shared memory this is the
+# fastest of the H200 sweep that fits (benchmarks/RESULTS.md, 2026-12-07: 28.8 us at 4096 x 1536 x 1536, 1.57x of
+# cuBLAS bf16, Triton 1.14x); 128 x 128 along M (faster at N = 6144 and M = 2048) needs 254 KiB with them.
+FUSED_TILES = dict(tile_m=64, tile_n=128, wg_dim="n", stages=4, in_flight=1, grid_minor=1, grid_width=8)
+
+
+def _branches(ops):
+    """The prologue's branch features as `Branch`es (the same columns the Triton kernel reads)."""
+    bw, out = ops.bw, []
+    if ops.dh is not None:
+        out.append(Branch(ops.dh, bw.lr_b, ops.col if ops.joint else 0))
+    if ops.dt is not None:
+        rb = bw.rb
+        off = (ops.col + bw.dt_col) // rb if ops.joint else 0
+        out.append(Branch(ops.dt, bw.ub, off * rb, bw.block[0]))
+    return out
+
+
+def fits(ops, w, tiles=None) -> bool:
+    """Whether `mosaic_gemm_epilogue` runs this layer: per-channel int8 codes ("nk", unpacked, not split into
+    [even | odd] runs), rows / columns / K that tile, branch features and up-projections in one 16-bit dtype
+    with ranks a multiple of 16 and blocks a multiple of tile_n."""
+    t = dict(FUSED_TILES, **(tiles or {}))
+    mp, kp = ops.xq.shape
+    if w.layout != "nk" or ops.chunk or w.packed or ops.xq.dtype != jnp.int8 or w.k != kp:
+        return False
+    if not ws_tiles_ok(mp, w.n, kp, t["tile_m"], t["tile_n"], t["wg_dim"]):
+        return False
+    for b in _branches(ops):
+        r = b.up.shape[0]
+        if (b.feats.dtype != b.up.dtype or jnp.dtype(b.up.dtype).itemsize != 2 or r % 16 or b.up.shape[1] != w.n
+                or (b.block_out and b.block_out % t["tile_n"])):
+            return False
+    return True
+
+
+def mosaic_gemm_epilogue(ops, w, bias, out_dtype, tiles=None):
+    """Stages 2-3 of `fused_linear` through `mosaic_int8_gemm_ws` (GPU, Hopper): ops from the XLA prologue
+    (`fused.prologue(..., pad_to=..., joint=True, defer_scale=True)`), w the per-channel QuantizedWeight with
+    int8 codes; returns [M, N] in out_dtype. The same function as `pallas_gpu.pallas_gemm_epilogue` (equal up to
+    float32 rounding in the epilogue). Layers that do not `fits` are the caller's to route elsewhere."""
+    t = dict(FUSED_TILES, **(tiles or {}))
+    table = dict(inv_levels=ops.sx_inv, step=ops.sx_step) if ops.sx_inv is not None else {}
+    y = mosaic_int8_gemm_ws(ops.xq, w.codes(), ops.sx, w.scale[:, 0], bias, out_dtype=out_dtype,
+                            branches=_branches(ops), **table, **t)
+    return y[: ops.m]
+
+
+__all__ = ["Branch", "FUSED_TILES", "fits", "mosaic_gemm_epilogue", "mosaic_int8_gemm", "mosaic_int8_gemm_ws", "reference",
+           "tiles_ok", "ws_tiles_ok", "SWIZZLE"]

@@ -49,6 +49,7 @@ from qdit4sr_jax.quant.qweight import QuantizedWeight
 PROLOGUES = ("xla", "pallas")
 DOWNS = ("joint", "split", "input")
 XPRIMES = ("float32", "bfloat16")
+GEMMS = ("triton", "mosaic")
 # The sampler's `prepare_weights` modes -> `prepare` arguments. "unpacked" / "packed" compute what the stored
 # tree computes (the same operands reach the same kernels); "fast" (unpacked, the branch down-projection on the
 # layer's input, x' rounded once to bf16) rounds differently and ran fastest on the H100: the paper preset's
@@ -72,13 +73,16 @@ class KernelWeight:
     kernels of their own on a GPU: 496 per 512-px W4A4 step, benchmarks/RESULTS.md 2026-12-06 19:53);
     prologue (static): "xla" (XLA ops) or "pallas" (one Pallas kernel: `prologue_kernel.py`, where the layer
     fits it, else XLA); xprime (static): the dtype of a transformed x' before its quantization in the XLA
-    prologue (`prepare_weight`)."""
+    prologue (`prepare_weight`); gemm (static): the GEMM kernel on a GPU, "triton" (`pallas_gpu`, every layout)
+    or "mosaic" (`mosaic_gemm.mosaic_gemm_epilogue`, warp-specialized wgmma, where the layer `fits` it, else
+    Triton)."""
     node: QuantizedWeight
     bw: Any = None
     levels: Any = None            # with a VaTMP schedule: code levels per step, float32 [T]
     inv_levels: Any = None        # ... and 1 / levels, float32 [T]
     prologue: str = "xla"
     xprime: str = "float32"
+    gemm: str = "triton"
 
     def reference_node(self) -> QuantizedWeight:
         """The QuantizedWeight this weight computes (branch factors rebuilt from `bw`, padding as zeros):
@@ -96,11 +100,11 @@ class KernelWeight:
 
 
 jax.tree_util.register_dataclass(KernelWeight, data_fields=["node", "bw", "levels", "inv_levels"],
-                                 meta_fields=["prologue", "xprime"])
+                                 meta_fields=["prologue", "xprime", "gemm"])
 
 
 def prepare_weight(w: QuantizedWeight, *, unpack: bool = True, prologue: str = "xla",
-                   down: str = "joint", xprime: str = "float32") -> KernelWeight:
+                   down: str = "joint", xprime: str = "float32", gemm: str = "triton") -> KernelWeight:
     """One node -> its `KernelWeight` (traceable; see the module docstring). down: "joint" (the low-rank and
     H-SVD down-projections of the XLA prologue as one GEMM, `branch_ops.joint_down`), "split" (one GEMM for
     the low-rank factor, a batched einsum over the input blocks and a layout pass for the blocks) or "input"
@@ -110,7 +114,7 @@ def prepare_weight(w: QuantizedWeight, *, unpack: bool = True, prologue: str = "
     "float32" (the reference's x') or "bfloat16": a rotated / smoothed layer's x' rounded once to bf16 before the
     per-token quantization in the XLA prologue, so the rotation GEMM writes and the absmax / quantization passes
     read 2 bytes per element instead of 4 (the codes are those of bf16(x'); the Pallas prologue kernel keeps
-    float32)."""
+    float32). gemm: `KernelWeight.gemm`."""
     from qdit4sr_jax.quant.kernels.branch_ops import branch_weights
     if not isinstance(w, QuantizedWeight):
         raise TypeError(f"prepare_weight needs a QuantizedWeight node, got {type(w).__name__}")
@@ -120,6 +124,8 @@ def prepare_weight(w: QuantizedWeight, *, unpack: bool = True, prologue: str = "
         raise ValueError(f"down must be one of {DOWNS}, got {down!r}")
     if xprime not in XPRIMES:
         raise ValueError(f"xprime must be one of {XPRIMES}, got {xprime!r}")
+    if gemm not in GEMMS:
+        raise ValueError(f"gemm must be one of {GEMMS}, got {gemm!r}")
     node = w.float_branches()
     if unpack and (node.packed or node.gscale is not None):
         folded = node.gscale is not None                     # folded codes c * q are per-channel int8 codes
@@ -135,7 +141,7 @@ def prepare_weight(w: QuantizedWeight, *, unpack: bool = True, prologue: str = "
         levels = level_table(node.a_schedule)
         inv_levels = 1.0 / levels
     return KernelWeight(node.replace(lr_a=None, lr_b=None, block_u=None, block_v=None), bw, levels, inv_levels,
-                        prologue, xprime)
+                        prologue, xprime, gemm)
 
 
 def share_inputs(params: dict) -> dict:
@@ -162,18 +168,19 @@ def share_inputs(params: dict) -> dict:
 
 
 def prepare(tree, *, unpack: bool = True, prologue: str = "xla", down: str = "joint", xprime: str = "float32",
-            share: bool = True):
+            share: bool = True, gemm: str = "triton"):
     """The params tree with every QuantizedWeight whose execution is "fused" replaced by its `KernelWeight`
     and the "bias" beside it in float32, the kernels' epilogue dtype (bf16 values are exact in float32; saves a
     convert per layer and call); other nodes, float leaves and already prepared nodes unchanged. Traceable:
     call it inside the jit that runs the steps, before the loop. down, xprime: `prepare_weight`'s; share (with
-    down="input"): layers reading one input get one down-projection (`share_inputs`)."""
+    down="input"): layers reading one input get one down-projection (`share_inputs`); gemm: the GEMM kernel on a
+    GPU (`KernelWeight.gemm`)."""
     def fused(n):
         return isinstance(n, QuantizedWeight) and n.execution == "fused"
 
     def walk(t):
         if fused(t):
-            return prepare_weight(t, unpack=unpack, prologue=prologue, down=down, xprime=xprime)
+            return prepare_weight(t, unpack=unpack, prologue=prologue, down=down, xprime=xprime, gemm=gemm)
         if isinstance(t, dict):
             out = {k: walk(v) for k, v in t.items()}
             if fused(t.get("kernel")) and t.get("bias") is not None:
@@ -185,5 +192,5 @@ def prepare(tree, *, unpack: bool = True, prologue: str = "xla", down: str = "jo
     return walk(tree)
 
 
-__all__ = ["KernelWeight", "PROLOGUES", "DOWNS", "XPRIMES", "SAMPLER_MODES", "SHARED_INPUTS", "prepare",
+__all__ = ["KernelWeight", "PROLOGUES", "DOWNS", "XPRIMES", "GEMMS", "SAMPLER_MODES", "SHARED_INPUTS", "prepare",
            "prepare_weight", "share_inputs"]

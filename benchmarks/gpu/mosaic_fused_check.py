@@ -1,0 +1,90 @@
+"""GPU check of the fused linear on the warp-specialized Mosaic GEMM (`prepare(..., gemm="mosaic")`) against the
+same prepared layers on the Triton GEMM, and of both against fake-quant; then the time per call of each.
+
+Layers as `prologue_check._layer` builds them (W4A4, rotation, rank-32 low-rank + 256 x 256 H-SVD blocks,
+int group scales folded on preparing) with a VaTMP schedule (the scale made in the kernel from the level
+table), prepared as the sampler's "fast" mode; a to_q / to_k / to_v group shares one down-projection (the
+members read their columns of the shared features in place). Expected: Mosaic equals Triton up to float32
+rounding in the epilogue (a few bf16 ulps on some elements), both equally far from fake-quant.
+
+  python benchmarks/gpu/mosaic_fused_check.py --out $OUT/mosaic_fused_check.json      # GPU (Hopper)
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+_HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(os.path.dirname(_HERE)))      # the repository root
+sys.path.insert(0, os.path.dirname(_HERE))                       # benchmarks/ (common)
+sys.path.insert(0, _HERE)                                        # benchmarks/gpu/
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from common import environment, write_json  # noqa: E402
+from linear_latency import rel_err  # noqa: E402
+from prologue_check import _input, _layer  # noqa: E402
+from ws_gemm import per_call_ms  # noqa: E402
+
+SCHEDULE = [4, 3, 5, 4]
+# (M, K, N, group): the 512-px step's shapes with CFG; group: a to_q / to_k / to_v group sharing its down GEMM
+CASES = [(4096, 1536, 1536, True), (4096, 1536, 6144, False), (4096, 6144, 1536, False), (2048, 1536, 1536, False)]
+
+
+def run_case(m, k, n, group, step=2, time_it=True):
+    from qdit4sr_jax.quant.kernels import fused_linear, prepare
+    from qdit4sr_jax.quant.kernels.prepared import SAMPLER_MODES
+    from qdit4sr_jax.quant.linear import linear
+    names = ("to_q", "to_k", "to_v") if group else ("layer",)
+    tree = {nm: {"kernel": _layer(k, n, False, seed=i).replace(a_schedule=jnp.asarray(SCHEDULE, jnp.int32))}
+            for i, nm in enumerate(names)}
+    x = _input(m, k)
+    t = jnp.int32(step)
+    preps = {g: jax.jit(lambda tr, g=g: prepare(tr, **SAMPLER_MODES["fast"], gemm=g))(tree)
+             for g in ("triton", "mosaic")}
+
+    def group_fn(tr, v, s):
+        return [fused_linear(v, tr[nm]["kernel"], None, step=s, shared=tr.get("qkv_down")) for nm in names]
+
+    run = jax.jit(group_fn)
+    ys = {g: run(p, x, t) for g, p in preps.items()}
+    text = run.lower(preps["mosaic"], x, t).as_text()
+    kernels = dict(mosaic_in_hlo="mosaic_gpu" in text, triton_kernels=text.count("__gpu$xla.gpu.triton"))
+    rows = []
+    for i, nm in enumerate(names):
+        ref = np.asarray(linear(x, tree[nm]["kernel"], None, step=t, execution="fake"), np.float32)
+        a, b = np.asarray(ys["mosaic"][i], np.float32), np.asarray(ys["triton"][i], np.float32)
+        rows.append(dict(shape=[m, k, n], member=nm, rel_mosaic_vs_triton=rel_err(a, b),
+                         max_abs_diff=float(np.abs(a - b).max()), differing=int((a != b).sum()),
+                         max_abs_y=float(np.abs(b).max()), rel_mosaic_vs_fake=rel_err(a, ref),
+                         rel_triton_vs_fake=rel_err(b, ref), finite=bool(np.isfinite(a).all()), **kernels))
+        print(rows[-1], flush=True)
+    if time_it:
+        xs = jnp.stack([_input(m, k)] * 4)
+        tm = {f"{g}_us": per_call_ms(lambda v, p, s: group_fn(p, v, s), xs, p, t) * 1e3 for g, p in preps.items()}
+        rows.append(dict(shape=[m, k, n], member="+".join(names) + " per call", **tm))
+        print(rows[-1], flush=True)
+    return rows
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--cases", type=int, default=len(CASES), help="the first N cases")
+    ap.add_argument("--no-time", action="store_true")
+    ap.add_argument("--out", default=None)
+    a = ap.parse_args(argv)
+    res = {"env": environment(), "rows": []}
+    for (m, k, n, group) in CASES[: a.cases]:
+        try:
+            res["rows"] += run_case(m, k, n, group, time_it=not a.no_time)
+        except Exception as e:  # noqa: BLE001 - recorded; the next case still runs
+            res["rows"].append(dict(shape=[m, k, n], error=repr(e)[:800]))
+            print(res["rows"][-1], flush=True)
+    write_json(a.out, res)
+
+
+if __name__ == "__main__":
+    main()
