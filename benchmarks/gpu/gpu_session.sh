@@ -87,7 +87,7 @@ if [ "${1:-}" = i24x ]; then
   # issue 24, 12-07 (<= 400 s): the fused linear on the warp-specialized Mosaic GEMM (prepare(gemm="mosaic")):
   # GPU check vs the Triton GEMM and fake-quant + time per call, then the 512-px steps bf16 / paper-small "fast"
   # on Triton (prepbf) / on Mosaic (prepbfm)
-  el "mosaic fused check"; timeout 100 python3 benchmarks/gpu/mosaic_fused_check.py --out "$OUT/mosaic_fused_check.json" \
+  el "mosaic fused check"; timeout ${CHECK_S:-100} python3 benchmarks/gpu/mosaic_fused_check.py --cases ${CHECK_CASES:-4} --out "$OUT/mosaic_fused_check.json" \
       2>&1 | grep -v "^W[0-9]\|Warning" | cut -c1-300 | tail -14
   P=p:qdit4sr-paper-w4a4-small
   left=$(( ${T:-390} - ($(date +%s) - t0) ))

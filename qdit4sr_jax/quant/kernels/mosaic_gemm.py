@@ -1,20 +1,18 @@
-"""int8 GEMM with the fused linear's scale / bias epilogue as a Pallas Mosaic GPU kernel (Hopper wgmma + TMA).
+"""int8 GEMMs with the fused linear's epilogue as Pallas Mosaic GPU kernels (Hopper wgmma + TMA).
 
-The Triton kernel of `pallas_gpu.py` measured ~0.8x of cuBLAS bf16 at DiT4SR's shapes on an H100
-(benchmarks/gpu_notes.md): Triton, as Pallas drives it, issues no TMA loads and no asynchronous warpgroup MMAs.
-This kernel is the same GEMM written against Mosaic GPU, which does both: each program owns one [tile_m, tile_n] output tile, a
-`plgpu.emit_pipeline` streams K in `tile_k` steps of TMA copies (128-byte swizzled tiles, `stages` in
-flight) into shared memory, and `plgpu.wgmma` accumulates int8 x int8 -> int32 asynchronously. Hopper's 8-bit
-wgmma needs both operands K-major: activations [M, K] and weights [N, K] (the stored "nk" layout) are.
+Hopper's 8-bit wgmma needs both operands K-major: activations [M, K] and weights [N, K] (the stored "nk" layout) are.
 
-  y[m, n] = float(acc[m, n]) * sx[m] * sw[n] (+ bias[n]) (+ addend[m, n]), stored in out_dtype
+  y[m, n] = float(acc[m, n]) * sx[m] * sw[n] (+ sum_b feats_b[m] @ up_b[:, n]) (+ bias[n]) (+ addend[m, n])
 
-The addend carries what this kernel does not compute itself (the low-rank branches' contribution, from XLA).
-Measured on an H200 (benchmarks/RESULTS.md, 2026-12-05): exact, and 0.95-1.45x of cuBLAS bf16 over four DiT4SR
-shapes, i.e. cuBLASLt's int8 rate (1.11-1.46x) only at K = 6144, so `fused_linear` does not use it; kept as the
-Hopper-native starting point (warp specialisation and a longer K pipeline are what it lacks).
-GPU only (Hopper or newer); there is no interpreter for wgmma, so off the GPU the tests check that it lowers
-(tests/quant/test_mosaic_lowering.py) and benchmarks/gpu/mosaic_gemm.py checks it against XLA's int8 dot on the GPU.
+- `mosaic_int8_gemm`: one program per output tile, a `plgpu.emit_pipeline` of TMA copies, one warpgroup.
+  H200 2026-12-05: exact, 0.95-1.45x of cuBLAS bf16 (cuBLASLt's int8 rate only at K = 6144). Kept for comparison.
+- `mosaic_int8_gemm_ws`: persistent and warp-specialized (a memory warpgroup, two compute warpgroups), TMA-store
+  epilogue, the fused linear's whole epilogue (the per-token scale from the VaTMP level table, the low-rank and
+  H-SVD block branches as bf16 wgmmas). H200 2026-12-07: 1.46-1.86x of cuBLAS bf16 at the 512-px step's shapes,
+  1.2-1.5x faster than the Triton kernel of `pallas_gpu.py` (benchmarks/RESULTS.md). `fused_linear` runs it for
+  prepared weights with gemm="mosaic" (`mosaic_gemm_epilogue`, where the layer `fits`).
+GPU only (Hopper or newer); there is no interpreter for wgmma, so off the GPU the tests check that they lower
+(tests/quant/test_mosaic_lowering.py); benchmarks/gpu/ws_gemm.py and mosaic_fused_check.py check the numbers on the GPU.
 """
 from __future__ import annotations
 
@@ -213,7 +211,7 @@ def mosaic_int8_gemm_ws(xq, wq, sx, sw, bias=None, addend=None, *, out_dtype=jnp
 
             @plgpu.nd_loop((m_iters * n_iters,), collective_axes="sm")
             def _tile(info):
-                (lin,) = info.index
+                (lin,) = info.index if hasattr(info, "index") else info      # (JAX 0.10 / 0.11 loop info)
                 mi, ni = plgpu.planar_snake(lin, (m_iters, n_iters), grid_minor, grid_width)
                 r0 = mi * cta_m + (wg * tile_m if wg_dim == "m" else 0)
                 c0 = ni * cta_n + (wg * tile_n if wg_dim == "n" else 0)
@@ -354,5 +352,5 @@ def mosaic_gemm_epilogue(ops, w, bias, out_dtype, tiles=None):
     return y[: ops.m]
 
 
-__all__ = ["Branch", "FUSED_TILES", "fits", "mosaic_gemm_epilogue", "mosaic_int8_gemm", "mosaic_int8_gemm_ws", "reference",
-           "tiles_ok", "ws_tiles_ok", "SWIZZLE"]
+__all__ = ["Branch", "FUSED_TILES", "fits", "mosaic_gemm_epilogue", "mosaic_int8_gemm", "mosaic_int8_gemm_ws",
+           "reference", "tiles_ok", "ws_tiles_ok", "SWIZZLE"]
