@@ -21,7 +21,8 @@
 #                                             # down-projection, 1024- and 512-px steps of bf16, W8A8 and the paper /
 #                                             # smoothing + rotation W4A4-small presets (2-step scan)
 #   bash benchmarks/gpu/gpu_session.sh i24d      # all six modes' 1024-px steps (+ smoothing-only -small, paper W4A4)
-#   bash benchmarks/gpu/gpu_session.sh i24x      # next: fused linear on the Mosaic GEMM: check + 512-px steps (<= 400 s)
+#   bash benchmarks/gpu/gpu_session.sh i24x      # next: fused linear on the Mosaic GEMM: check + 512-px steps (<= 400 s);
+#                                             # then i24y (1024 px), i24z (W8A8 on Triton / Mosaic, 512 + 1024 px)
 #   bash benchmarks/gpu/gpu_session.sh i24w      # 12-07: the warp-specialized Mosaic int8 GEMM, sweep + shapes (<= 300 s)
 #   bash benchmarks/gpu/gpu_session.sh i24t      # next (after 12-07 03:26): GPU check of the shared q/k/v down-projection,
 #                                             # 512-px steps bf16 / paper-small prepbf (shared) / prepbfns (per layer),
@@ -80,6 +81,20 @@ if [ "${1:-}" = i24v ]; then
   el "steps ${CASES:-512x1 1024x1}"; steps steps $(( ${T:-550} - 60 )) --cases ${CASES:-512x1 1024x1} \
       --scan-steps 2 --modes bf16 $P:prepbf --attention cudnn --xla-variants no-dot-merge --iters 6 --warmup 1 --deadline $(( ${T:-550} - 90 ))
   profile512 $P:prepbf
+  el done
+  exit 0
+fi
+if [ "${1:-}" = i24y ] || [ "${1:-}" = i24z ]; then
+  # issue 24, after i24x (<= 560 s each). i24y: the 1024-px steps bf16 / paper-small "fast" on Triton / on the Mosaic
+  # GEMM. i24z: W8A8 (the `w8a8` preset, prepared) on Triton / on Mosaic at 512 and 1024 px, bf16 beside.
+  if [ "$1" = i24y ]; then
+    P=p:qdit4sr-paper-w4a4-small
+    el "steps 1024"; steps steps1024 550 --cases 1024x1 --scan-steps 2 --modes bf16 $P:prepbf $P:prepbfm \
+        --attention cudnn --xla-variants no-dot-merge --iters 4 --warmup 1 --deadline 500
+  else
+    el "w8a8 steps"; steps w8a8 550 --cases 512x1 1024x1 --scan-steps 2 --modes bf16 p:w8a8:prepbf p:w8a8:prepbfm \
+        --attention cudnn --xla-variants no-dot-merge --iters 4 --warmup 1 --deadline 500
+  fi
   el done
   exit 0
 fi
