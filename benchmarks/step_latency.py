@@ -40,7 +40,8 @@ Modes (--modes):
 --hadamard IMPL runs the online rotation of the rotating presets as `transforms.set_hadamard_impl(IMPL)`
 (default "auto" = `transforms.auto_impl`: "full" up to 2048 on a GPU, else "dense"; "butterfly" is the
 implementation before 2026-12-05). --prologue-tile 16x4x16 sets the prologue kernel's rows x warps (x warps of
-rotated layers) of the prepk modes (`kernels.operands.set_prologue_tiles`).
+rotated layers) of the prepk modes (`kernels.operands.set_prologue_tiles`). --mosaic-tiles tile_m=128,wg_dim=m,...
+sets the warp-specialized GEMM's tiles of the prepbfm modes (`kernels.mosaic_gemm.set_fused_tiles`).
 Each mode: compile time, median / p10 / p90 of `--iters` timed steps after warm-up (block_until_ready),
 weight bytes (all params: codes, scales, integer group factors, branches, smoothing, schedules and every
 unquantized parameter; `quantize.<recipe>.weight_breakdown` splits them) and the compiled step's temp /
@@ -270,6 +271,9 @@ def main(argv=None):
     ap.add_argument("--hadamard", default="auto", help="online Hadamard implementation (transforms.HADAMARD_IMPLS)")
     ap.add_argument("--prologue-tile", default=None, metavar="ROWSxWARPS[xROTWARPS]",
                     help="prologue kernel tile of the prepk modes (kernels.set_prologue_tiles), e.g. 16x4x16")
+    ap.add_argument("--mosaic-tiles", default=None, metavar="FIELD=VALUE,...",
+                    help="tiles of the Mosaic GEMM in the prepbfm modes (mosaic_gemm.set_fused_tiles), e.g. "
+                         "tile_m=128,wg_dim=m,epi_n=32,out_slots=1")
     ap.add_argument("--attention", default="cudnn", help="'cudnn', 'fp8' (cuDNN FP8), 'fp8-ref' or 'xla' "
                     "(cudnn / fp8 fall back to xla if the bf16 step fails with them)")
     ap.add_argument("--iters", type=int, default=20)
@@ -292,6 +296,12 @@ def main(argv=None):
         if len(t) not in (2, 3):
             raise SystemExit(f"--prologue-tile: {a.prologue_tile!r} is not ROWSxWARPS[xROTWARPS]")
         set_prologue_tiles(prologue_block_m=t[0], prologue_warps=t[1], prologue_rot_warps=t[-1])
+    if a.mosaic_tiles:
+        from qdit4sr_jax.quant.kernels.mosaic_gemm import parse_tiles, set_fused_tiles
+        try:
+            set_fused_tiles(**parse_tiles(a.mosaic_tiles))
+        except ValueError as e:
+            raise SystemExit(f"--mosaic-tiles: {e}")
     a.sizes = sorted({s for s, _ in cases})
     t_start = time.perf_counter()
     log = lambda s: print(f"[{time.perf_counter() - t_start:7.1f}s] {s}", flush=True)

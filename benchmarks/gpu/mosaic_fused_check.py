@@ -34,7 +34,7 @@ SCHEDULE = [4, 3, 5, 4]
 CASES = [(4096, 1536, 1536, True), (4096, 1536, 6144, False), (4096, 6144, 1536, False), (2048, 1536, 1536, False)]
 
 
-def run_case(m, k, n, group, step=2, time_it=True):
+def run_case(m, k, n, group, step=2, time_it=True, tilings=("",)):
     from qdit4sr_jax.quant.kernels import fused_linear, prepare
     from qdit4sr_jax.quant.kernels.prepared import SAMPLER_MODES
     from qdit4sr_jax.quant.linear import linear
@@ -63,8 +63,18 @@ def run_case(m, k, n, group, step=2, time_it=True):
                          rel_triton_vs_fake=rel_err(b, ref), finite=bool(np.isfinite(a).all()), **kernels))
         print(rows[-1], flush=True)
     if time_it:
+        from qdit4sr_jax.quant.kernels.mosaic_gemm import parse_tiles, set_fused_tiles
         xs = jnp.stack([_input(m, k)] * 4)
-        tm = {f"{g}_us": per_call_ms(lambda v, p, s: group_fn(p, v, s), xs, p, t) * 1e3 for g, p in preps.items()}
+        tm = {"triton_us": per_call_ms(lambda v, p, s: group_fn(p, v, s), xs, preps["triton"], t) * 1e3}
+        for tiles in tilings:                      # each tiling traced afresh (the override is read when tracing)
+            prev = set_fused_tiles(**parse_tiles(tiles))
+            try:
+                tm[f"mosaic_us[{tiles or 'default'}]"] = per_call_ms(
+                    lambda v, p, s: group_fn(p, v, s), xs, preps["mosaic"], t) * 1e3
+            except Exception as e:  # noqa: BLE001 - e.g. shared memory exceeded: recorded
+                tm[f"mosaic_us[{tiles or 'default'}]"] = repr(e)[:200]
+            finally:
+                set_fused_tiles(**prev)
         rows.append(dict(shape=[m, k, n], member="+".join(names) + " per call", **tm))
         print(rows[-1], flush=True)
     return rows
@@ -74,12 +84,14 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--cases", type=int, default=len(CASES), help="the first N cases")
     ap.add_argument("--no-time", action="store_true")
+    ap.add_argument("--tiles", nargs="+", default=["", "tile_m=128,wg_dim=m,epi_n=32,out_slots=1"],
+                    help="Mosaic tilings to time (mosaic_gemm.parse_tiles; '' = FUSED_TILES)")
     ap.add_argument("--out", default=None)
     a = ap.parse_args(argv)
     res = {"env": environment(), "rows": []}
     for (m, k, n, group) in CASES[: a.cases]:
         try:
-            res["rows"] += run_case(m, k, n, group, time_it=not a.no_time)
+            res["rows"] += run_case(m, k, n, group, time_it=not a.no_time, tilings=a.tiles)
         except Exception as e:  # noqa: BLE001 - recorded; the next case still runs
             res["rows"].append(dict(shape=[m, k, n], error=repr(e)[:800]))
             print(res["rows"][-1], flush=True)

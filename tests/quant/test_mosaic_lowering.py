@@ -165,3 +165,41 @@ def test_fits_names_what_the_warp_specialized_kernel_takes():
     assert packed.packed and not mg.fits(prologue(x, packed, 4, pad_to=128), packed)
     with pytest.raises(ValueError, match="gemm must be one of"):
         prepare_weight(packed, gemm="cublas")
+
+
+@lowering
+def test_fused_tiles_override_reaches_the_kernel():
+    """`set_fused_tiles` (step_latency.py --mosaic-tiles): 128 x 128 warpgroup tiles along M with one 64 x 32
+    epilogue buffer each fit shared memory beside the branches' up-projections (two 64 x 64 buffers do not); the
+    override is read when tracing and restored afterwards."""
+    from qdit4sr_jax.quant.kernels import lowering_for
+    from qdit4sr_jax.quant.linear import linear
+    kw = _prepared_paper_layer(1536, 6144, "mosaic")
+    x, t = S((4096, 1536), jnp.bfloat16), S((), jnp.int32)
+
+    def lower():
+        with lowering_for("gpu"):
+            return jax.jit(lambda kw, x, t: linear(x, kw, None, step=t)).trace(kw, x, t).lower(
+                lowering_platforms=("cuda",)).as_text()
+
+    prev = mg.set_fused_tiles(**mg.parse_tiles("tile_m=128,wg_dim=m,epi_n=32,out_slots=1"))
+    try:
+        assert "mosaic_gpu" in lower()
+        mg.set_fused_tiles(tile_m=128, wg_dim="m")
+        with pytest.raises(ValueError, match="shared memory"):
+            lower()
+    finally:
+        mg.set_fused_tiles(**prev)
+    assert mg.set_fused_tiles() == {}
+
+
+def test_parse_tiles_names_bad_fields():
+    assert mg.parse_tiles("tile_m=128,wg_dim=m,") == {"tile_m": 128, "wg_dim": "m"}
+    assert mg.parse_tiles("") == {}
+    with pytest.raises(ValueError, match="FIELD=VALUE"):
+        mg.parse_tiles("tile_q=3")
+    with pytest.raises(ValueError, match="wrong types"):
+        mg.set_fused_tiles(tile_m="128")
+    with pytest.raises(ValueError, match="out_slots"):
+        mg.mosaic_int8_gemm_ws(jnp.zeros((256, 128), jnp.int8), jnp.zeros((256, 128), jnp.int8), jnp.ones(256),
+                               jnp.ones(256), out_slots=3)

@@ -119,11 +119,11 @@ def _num_sms(default: int = 132) -> int:
 
 
 def ws_tiles_ok(m: int, n: int, k: int, tile_m: int = 128, tile_n: int = 128, wg_dim: str = "m",
-                epi: int = 64) -> bool:
+                epi: int = 64, epi_n: int | None = None) -> bool:
     """Whether [m, k] x [n, k] tiles for `mosaic_int8_gemm_ws` (two warpgroups side by side along `wg_dim`)."""
     cta_m, cta_n = tile_m * (2 if wg_dim == "m" else 1), tile_n * (2 if wg_dim == "n" else 1)
     return (wg_dim in ("m", "n") and m % cta_m == 0 and n % cta_n == 0 and k % SWIZZLE == 0 and tile_m % 64 == 0
-            and tile_n % epi == 0 and tile_m % epi == 0 and tile_m * tile_n <= 128 * 128)
+            and tile_n % (epi_n or epi) == 0 and tile_m % epi == 0 and tile_m * tile_n <= 128 * 128)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -139,7 +139,8 @@ class Branch:
 
 
 def mosaic_int8_gemm_ws(xq, wq, sx, sw, bias=None, addend=None, *, out_dtype=jnp.bfloat16, tile_m: int = 128,
-                        tile_n: int = 128, wg_dim: str = "m", stages: int = 4, epi: int = 64, grid_minor: int = 1,
+                        tile_n: int = 128, wg_dim: str = "m", stages: int = 4, epi: int = 64,
+                        epi_n: int | None = None, out_slots: int = 2, grid_minor: int = 1,
                         grid_width: int = 8, in_flight: int = 1, num_sms: int | None = None,
                         inv_levels=None, step=None, branches: Sequence[Branch] = ()):
     """The same GEMM and epilogue as `mosaic_int8_gemm`, structured the way Hopper GEMMs reach the tensor cores'
@@ -147,7 +148,8 @@ def mosaic_int8_gemm_ws(xq, wq, sx, sw, bias=None, addend=None, *, out_dtype=jnp
     dimension `grid_minor`, 0 = M, 1 = N), warp-specialized (a memory warpgroup issues the TMA copies of K steps
     `stages` ahead; two compute warpgroups each own a [tile_m, tile_n] int32 accumulator, side by side along
     `wg_dim`, and keep `in_flight` wgmma groups outstanding), and an epilogue that goes through shared memory in
-    [epi, epi] tiles and leaves by TMA stores, overlapping the next tile's main loop.
+    [epi, epi_n] tiles (epi_n: epi by default) through `out_slots` (1 or 2) buffers per warpgroup and leaves by
+    TMA stores, overlapping the next tile's main loop.
 
     xq int8 [M, K], wq int8 [N, K], sx f32 [M], sw f32 [N], bias f32 [N] | None, addend [M, N] | None
     -> [M, N] out_dtype. M, N, K must tile (`ws_tiles_ok`).
@@ -157,9 +159,12 @@ def mosaic_int8_gemm_ws(xq, wq, sx, sw, bias=None, addend=None, *, out_dtype=jnp
     y = acc * s_x * s_w + sum_b feats_b @ up_b + bias (+ addend)."""
     from jax.experimental.pallas import mosaic_gpu as plgpu
     m, n, k = _check(xq, wq, sx, sw, bias, addend, 64, 64, SWIZZLE)
-    if not ws_tiles_ok(m, n, k, tile_m, tile_n, wg_dim, epi):
+    epi_n = epi_n or epi
+    if out_slots not in (1, 2):
+        raise ValueError(f"mosaic_int8_gemm_ws: out_slots must be 1 or 2, got {out_slots}")
+    if not ws_tiles_ok(m, n, k, tile_m, tile_n, wg_dim, epi, epi_n):
         raise ValueError(f"mosaic_int8_gemm_ws: [{m}, {k}] x [{n}, {k}] does not tile by two {tile_m}x{tile_n} "
-                         f"warpgroup tiles along {wg_dim!r} (K a multiple of {SWIZZLE}, epilogue tiles {epi})")
+                         f"warpgroup tiles along {wg_dim!r} (K a multiple of {SWIZZLE}, epilogue tiles {epi}x{epi_n})")
     if not 0 <= in_flight < stages:
         raise ValueError(f"mosaic_int8_gemm_ws: in_flight={in_flight} needs 0 <= in_flight < stages={stages}")
     if (inv_levels is None) != (step is None):
@@ -176,7 +181,7 @@ def mosaic_int8_gemm_ws(xq, wq, sx, sw, bias=None, addend=None, *, out_dtype=jnp
     m_iters, n_iters, k_iters = m // cta_m, n // cta_n, k // SWIZZLE
     transforms = (plgpu.TilingTransform((8, SWIZZLE)), plgpu.SwizzleTransform(SWIZZLE))
     out_bytes = jnp.dtype(out_dtype).itemsize
-    out_swizzle = plgpu.find_swizzle(epi * out_bytes * 8)
+    out_swizzle = plgpu.find_swizzle(epi_n * out_bytes * 8)
     out_transforms = (plgpu.TilingTransform((8, out_swizzle // out_bytes)), plgpu.SwizzleTransform(out_swizzle))
     row, col, acc_layout = plgpu.Layout.WGMMA.reduce(1), plgpu.Layout.WGMMA.reduce(0), plgpu.Layout.WGMMA
     has_bias, has_add, table = bias is not None, addend is not None, inv_levels is not None
@@ -254,13 +259,13 @@ def mosaic_int8_gemm_ws(xq, wq, sx, sw, bias=None, addend=None, *, out_dtype=jnp
                     y = y.astype(out_dtype)
                     plgpu.wait_smem_to_gmem(0, wait_read_only=True)
                     for i in range(tile_m // epi):
-                        for j in range(tile_n // epi):
-                            slot = (i * (tile_n // epi) + j) % 2
-                            plgpu.wait_smem_to_gmem(1, wait_read_only=True)
-                            out_smem[wg, slot] = y[i * epi:(i + 1) * epi, j * epi:(j + 1) * epi]
+                        for j in range(tile_n // epi_n):
+                            slot = (i * (tile_n // epi_n) + j) % out_slots
+                            plgpu.wait_smem_to_gmem(out_slots - 1, wait_read_only=True)
+                            out_smem[wg, slot] = y[i * epi:(i + 1) * epi, j * epi_n:(j + 1) * epi_n]
                             plgpu.commit_smem()
                             plgpu.copy_smem_to_gmem(out_smem.at[wg, slot],
-                                                    o_g.at[pl.ds(r0 + i * epi, epi), pl.ds(c0 + j * epi, epi)])
+                                                    o_g.at[pl.ds(r0 + i * epi, epi), pl.ds(c0 + j * epi_n, epi_n)])
 
                 def mma(_, x_s, w_s, acc_ref):
                     plgpu.wgmma(acc_ref, x_s.at[wg_rows], plgpu.transpose_ref(w_s.at[wg_cols], (1, 0)))
@@ -271,7 +276,7 @@ def mosaic_int8_gemm_ws(xq, wq, sx, sw, bias=None, addend=None, *, out_dtype=jnp
                                        allocations=allocs)
 
         pl.run_scoped(scope, pipeline(ignore, ignore).get_allocations(x_g, w_g),
-                      plgpu.SMEM((2, 2, epi, epi), out_dtype, transforms=out_transforms),
+                      plgpu.SMEM((2, out_slots, epi, epi_n), out_dtype, transforms=out_transforms),
                       [up_smem(b) for b in branches],
                       [plgpu.Barrier(num_barriers=2) for _ in branches], collective_axes="wg")
         plgpu.wait_smem_to_gmem(0, wait_read_only=True)
@@ -308,6 +313,34 @@ def reference(xq, wq, sx, sw, bias=None, addend=None, *, out_dtype=jnp.bfloat16)
 # fastest of the H200 sweep that fits (benchmarks/RESULTS.md, 2026-12-07: 28.8 us at 4096 x 1536 x 1536, 1.57x of
 # cuBLAS bf16, Triton 1.14x); 128 x 128 along M (faster at N = 6144 and M = 2048) needs 254 KiB with them.
 FUSED_TILES = dict(tile_m=64, tile_n=128, wg_dim="n", stages=4, in_flight=1, grid_minor=1, grid_width=8)
+_TILE_FIELDS = {"tile_m": int, "tile_n": int, "wg_dim": str, "stages": int, "in_flight": int, "grid_minor": int,
+                "grid_width": int, "epi": int, "epi_n": int, "out_slots": int}
+_FUSED_OVERRIDE: dict = {}
+
+
+def set_fused_tiles(**fields) -> dict:
+    """Process-wide override of `FUSED_TILES` for the fused path (benchmarks compare tilings in whole steps), e.g.
+    set_fused_tiles(tile_m=128, wg_dim="m", epi_n=32, out_slots=1): 128 x 128 along M with the branches, which
+    fits shared memory with one 64 x 32 epilogue buffer per warpgroup. No arguments restore the defaults.
+    Returns the previous override."""
+    bad = {k: v for k, v in fields.items() if k not in _TILE_FIELDS or not isinstance(v, _TILE_FIELDS[k])}
+    if bad:
+        raise ValueError(f"set_fused_tiles: unknown fields or wrong types {bad} (fields: {sorted(_TILE_FIELDS)})")
+    prev = dict(_FUSED_OVERRIDE)
+    _FUSED_OVERRIDE.clear()
+    _FUSED_OVERRIDE.update(fields)
+    return prev
+
+
+def parse_tiles(text: str) -> dict:
+    """"tile_m=128,wg_dim=m,epi_n=32" -> {"tile_m": 128, "wg_dim": "m", "epi_n": 32} (`set_fused_tiles`' fields)."""
+    out = {}
+    for part in filter(None, text.split(",")):
+        key, _, val = part.partition("=")
+        if key not in _TILE_FIELDS or not val:
+            raise ValueError(f"mosaic tiles: {part!r} is not FIELD=VALUE with FIELD in {sorted(_TILE_FIELDS)}")
+        out[key] = _TILE_FIELDS[key](val)
+    return out
 
 
 def _branches(ops):
@@ -326,11 +359,11 @@ def fits(ops, w, tiles=None) -> bool:
     """Whether `mosaic_gemm_epilogue` runs this layer: per-channel int8 codes ("nk", unpacked, not split into
     [even | odd] runs), rows / columns / K that tile, branch features and up-projections in one 16-bit dtype
     with ranks a multiple of 16 and blocks a multiple of tile_n."""
-    t = dict(FUSED_TILES, **(tiles or {}))
+    t = {**FUSED_TILES, **_FUSED_OVERRIDE, **(tiles or {})}
     mp, kp = ops.xq.shape
     if w.layout != "nk" or ops.chunk or w.packed or ops.xq.dtype != jnp.int8 or w.k != kp:
         return False
-    if not ws_tiles_ok(mp, w.n, kp, t["tile_m"], t["tile_n"], t["wg_dim"]):
+    if not ws_tiles_ok(mp, w.n, kp, t["tile_m"], t["tile_n"], t["wg_dim"], t.get("epi", 64), t.get("epi_n")):
         return False
     for b in _branches(ops):
         r = b.up.shape[0]
@@ -345,12 +378,12 @@ def mosaic_gemm_epilogue(ops, w, bias, out_dtype, tiles=None):
     (`fused.prologue(..., pad_to=..., joint=True, defer_scale=True)`), w the per-channel QuantizedWeight with
     int8 codes; returns [M, N] in out_dtype. The same function as `pallas_gpu.pallas_gemm_epilogue` (equal up to
     float32 rounding in the epilogue). Layers that do not `fits` are the caller's to route elsewhere."""
-    t = dict(FUSED_TILES, **(tiles or {}))
+    t = {**FUSED_TILES, **_FUSED_OVERRIDE, **(tiles or {})}
     table = dict(inv_levels=ops.sx_inv, step=ops.sx_step) if ops.sx_inv is not None else {}
     y = mosaic_int8_gemm_ws(ops.xq, w.codes(), ops.sx, w.scale[:, 0], bias, out_dtype=out_dtype,
                             branches=_branches(ops), **table, **t)
     return y[: ops.m]
 
 
-__all__ = ["Branch", "FUSED_TILES", "fits", "mosaic_gemm_epilogue", "mosaic_int8_gemm", "mosaic_int8_gemm_ws",
+__all__ = ["Branch", "FUSED_TILES", "fits", "parse_tiles", "set_fused_tiles", "mosaic_gemm_epilogue", "mosaic_int8_gemm", "mosaic_int8_gemm_ws",
            "reference", "tiles_ok", "ws_tiles_ok", "SWIZZLE"]
