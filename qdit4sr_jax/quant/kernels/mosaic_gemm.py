@@ -235,8 +235,8 @@ def mosaic_int8_gemm_ws(xq, wq, sx, sw, bias=None, addend=None, *, out_dtype=jnp
                             lev = inv_g[jnp.clip(step_g[0], 0, n_lev - 1)]
                             s_x = jnp.maximum(s_x * lev, SCALE_FLOOR)
                         s_w = plgpu.load(sw_g.at[pl.ds(c0, tile_n)], (), layout=col, optimized=False)
-                        y = acc_ref[...].astype(jnp.float32) * jax.lax.broadcast_in_dim(s_x, shape, [0])
-                        return y * jax.lax.broadcast_in_dim(s_w, shape, [1])
+                        scale = jax.lax.broadcast_in_dim(s_x, shape, [0]) * jax.lax.broadcast_in_dim(s_w, shape, [1])
+                        return acc_ref[...].astype(jnp.float32) * scale      # acc * (s_x s_w), as the Triton kernel
 
                     y = pl.run_scoped(with_acc, plgpu.ACC((tile_m, tile_n), jnp.int32))
                     if branches:
