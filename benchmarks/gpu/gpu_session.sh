@@ -101,7 +101,8 @@ fi
 if [ "${1:-}" = i24x ]; then
   # issue 24, 12-07 (<= 400 s): the fused linear on the warp-specialized Mosaic GEMM (prepare(gemm="mosaic")):
   # GPU check vs the Triton GEMM and fake-quant + time per call, then the 512-px steps bf16 / paper-small "fast"
-  # on Triton (prepbf) / on Mosaic (prepbfm)
+  # on Triton (prepbf) / on Mosaic (prepbfm) (X_MODES: other modes, e.g. the plain paper preset's grouped GEMM:
+  # "bf16 p:qdit4sr-paper-w4a4:prepbf p:qdit4sr-paper-w4a4:prepbfm")
   # (the kernel's first run: if the check fails or hangs, no step runs on it; the standalone GEMM sweep runs instead)
   el "mosaic fused check"; timeout ${CHECK_S:-100} python3 benchmarks/gpu/mosaic_fused_check.py --cases ${CHECK_CASES:-4} \
       --out "$OUT/mosaic_fused_check.json" > "$OUT/mosaic_fused_check.log" 2>&1; rc=$?
@@ -113,7 +114,7 @@ if [ "${1:-}" = i24x ]; then
         --deadline $(( left - 40 )) --out "$OUT/ws_gemm.json" > "$OUT/ws_gemm.log" 2>&1
     grep -v "^W[0-9]\|Warning\|Deprecat" "$OUT/ws_gemm.log" | cut -c1-260 | tail -30
   else
-    el "steps 512 ($left s)"; steps steps512 $left --cases 512x1 --scan-steps 2 --modes bf16 $P:prepbf $P:prepbfm \
+    el "steps 512 ($left s)"; steps steps512 $left --cases 512x1 --scan-steps 2 --modes ${X_MODES:-bf16 $P:prepbf $P:prepbfm} \
         --attention cudnn --xla-variants no-dot-merge --iters 8 --warmup 2 --deadline $(( left - 20 ))
   fi
   el done

@@ -30,16 +30,20 @@ from prologue_check import _input, _layer  # noqa: E402
 from ws_gemm import per_call_ms  # noqa: E402
 
 SCHEDULE = [4, 3, 5, 4]
-# (M, K, N, group): the 512-px step's shapes with CFG; group: a to_q / to_k / to_v group sharing its down GEMM
-CASES = [(4096, 1536, 1536, True), (4096, 1536, 6144, False), (4096, 6144, 1536, False), (2048, 1536, 1536, False)]
+# (M, K, N, group, float_groups): the 512-px step's shapes with CFG; group: a to_q / to_k / to_v group sharing its
+# down GEMM; float_groups: float group scales (the plain paper preset's "gnk" layout: the grouped kernel path)
+CASES = [(4096, 1536, 1536, True, False), (4096, 1536, 6144, False, False), (4096, 6144, 1536, False, True),
+         (2048, 1536, 1536, False, False), (4096, 1536, 1536, False, True)]
 
 
-def run_case(m, k, n, group, step=2, time_it=True, tilings=("",)):
+def run_case(m, k, n, group, float_groups=False, step=2, time_it=True, tilings=("",)):
     from qdit4sr_jax.quant.kernels import fused_linear, prepare
     from qdit4sr_jax.quant.kernels.prepared import SAMPLER_MODES
     from qdit4sr_jax.quant.linear import linear
     names = ("to_q", "to_k", "to_v") if group else ("layer",)
-    tree = {nm: {"kernel": _layer(k, n, False, seed=i).replace(a_schedule=jnp.asarray(SCHEDULE, jnp.int32))}
+    gs = "float" if float_groups else "int"
+    tree = {nm: {"kernel": _layer(k, n, False, seed=i, group_scale=gs).replace(
+        a_schedule=jnp.asarray(SCHEDULE, jnp.int32))}
             for i, nm in enumerate(names)}
     x = _input(m, k)
     t = jnp.int32(step)
@@ -57,7 +61,8 @@ def run_case(m, k, n, group, step=2, time_it=True, tilings=("",)):
     for i, nm in enumerate(names):
         ref = np.asarray(linear(x, tree[nm]["kernel"], None, step=t, execution="fake"), np.float32)
         a, b = np.asarray(ys["mosaic"][i], np.float32), np.asarray(ys["triton"][i], np.float32)
-        rows.append(dict(shape=[m, k, n], member=nm, rel_mosaic_vs_triton=rel_err(a, b),
+        rows.append(dict(shape=[m, k, n], member=nm, layout=preps["mosaic"][nm]["kernel"].node.layout,
+                         rel_mosaic_vs_triton=rel_err(a, b),
                          max_abs_diff=float(np.abs(a - b).max()), differing=int((a != b).sum()),
                          max_abs_y=float(np.abs(b).max()), rel_mosaic_vs_fake=rel_err(a, ref),
                          rel_triton_vs_fake=rel_err(b, ref), finite=bool(np.isfinite(a).all()), **kernels))
@@ -89,9 +94,9 @@ def main(argv=None):
     ap.add_argument("--out", default=None)
     a = ap.parse_args(argv)
     res = {"env": environment(), "rows": []}
-    for (m, k, n, group) in CASES[: a.cases]:
+    for (m, k, n, group, fg) in CASES[: a.cases]:
         try:
-            res["rows"] += run_case(m, k, n, group, time_it=not a.no_time, tilings=a.tiles)
+            res["rows"] += run_case(m, k, n, group, fg, time_it=not a.no_time, tilings=a.tiles)
         except Exception as e:  # noqa: BLE001 - recorded; the next case still runs
             res["rows"].append(dict(shape=[m, k, n], error=repr(e)[:800]))
             print(res["rows"][-1], flush=True)

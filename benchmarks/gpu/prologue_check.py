@@ -34,7 +34,7 @@ import numpy as np  # noqa: E402
 from common import rel_err  # noqa: E402
 
 
-def _layer(k, n, smooth, seed=0, rank=32, block=256):
+def _layer(k, n, smooth, seed=0, rank=32, block=256, group_scale="int"):
     from qdit4sr_jax.quant.qweight import make_qweight
     rng = np.random.default_rng(seed)
     nbo, nbi = -(-n // block), -(-k // block)
@@ -44,7 +44,7 @@ def _layer(k, n, smooth, seed=0, rank=32, block=256):
     if smooth:
         extra["smooth"] = np.exp(rng.normal(size=k) * 0.3).astype(np.float32)
     w = jnp.asarray(rng.normal(size=(n, k)) / k ** 0.5, jnp.float32)
-    return make_qweight(w, w_bits=4, group_size=64, group_scale="int", a_bits=4, execution="fused", rotate=k,
+    return make_qweight(w, w_bits=4, group_size=64, group_scale=group_scale, a_bits=4, execution="fused", rotate=k,
                         signs=True, lowrank_bits=8, **extra)
 
 

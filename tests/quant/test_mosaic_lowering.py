@@ -203,3 +203,38 @@ def test_parse_tiles_names_bad_fields():
     with pytest.raises(ValueError, match="out_slots"):
         mg.mosaic_int8_gemm_ws(jnp.zeros((256, 128), jnp.int8), jnp.zeros((256, 128), jnp.int8), jnp.ones(256),
                                jnp.ones(256), out_slots=3)
+
+
+@lowering
+@pytest.mark.parametrize("k,n,g", [(1536, 1536, 64), (6144, 1536, 64), (1536, 6144, 128)])
+def test_group_wise_weights_run_on_the_warp_specialized_kernel(k, n, g):
+    """Float group scales (the plain paper preset's "gnk" layout): each pipeline step is one group of K, its int32
+    product scaled by the group's scales in float32 (`mosaic_int8_gemm_ws` with wq [G, N, g]); the prepared layer
+    lowers to one Mosaic kernel and no Triton kernel."""
+    from qdit4sr_jax.quant.kernels import lowering_for, prepare_weight
+    from qdit4sr_jax.quant.linear import linear
+    from qdit4sr_jax.quant.qweight import make_qweight
+    nbo, nbi = -(-n // 256), -(-k // 256)
+
+    def build(w):
+        return prepare_weight(make_qweight(
+            w, w_bits=4, group_size=g, a_bits=4, execution="fused", rotate=k, signs=True, lr_a=jnp.zeros((k, 32)),
+            lr_b=jnp.zeros((32, n)), block_u=jnp.zeros((nbo, nbi, 256)), block_v=jnp.zeros((nbo, nbi, 256)),
+            block=(256, 256), a_schedule=np.array([4, 5, 3], np.int32)), down="input", xprime="bfloat16",
+            gemm="mosaic")
+
+    kw = jax.eval_shape(build, S((n, k), jnp.float32))
+    assert kw.node.layout == "gnk" and kw.node.groups == (k // g, g)
+    x, t = S((4096, k), jnp.bfloat16), S((), jnp.int32)
+    with lowering_for("gpu"):
+        text = jax.jit(lambda kw, x, t: linear(x, kw, None, step=t)).trace(kw, x, t).lower(
+            lowering_platforms=("cuda",)).as_text()
+    assert "mosaic_gpu" in text and "__gpu$xla.gpu.triton" not in text
+
+
+def test_group_wise_weights_must_fit():
+    x = jnp.zeros((256, 256), jnp.int8)
+    with pytest.raises(ValueError, match="group-wise weights"):          # groups of 32: no 32-byte K step
+        mg.mosaic_int8_gemm_ws(x, jnp.zeros((8, 256, 32), jnp.int8), jnp.ones(256), jnp.ones((8, 256)))
+    with pytest.raises(ValueError, match="group-wise weights"):          # scales [N, G] instead of [G, N]
+        mg.mosaic_int8_gemm_ws(x, jnp.zeros((4, 256, 64), jnp.int8), jnp.ones(256), jnp.ones((256, 4)))

@@ -152,13 +152,28 @@ def mosaic_int8_gemm_ws(xq, wq, sx, sw, bias=None, addend=None, *, out_dtype=jnp
     TMA stores, overlapping the next tile's main loop.
 
     xq int8 [M, K], wq int8 [N, K], sx f32 [M], sw f32 [N], bias f32 [N] | None, addend [M, N] | None
-    -> [M, N] out_dtype. M, N, K must tile (`ws_tiles_ok`).
+    -> [M, N] out_dtype. M, N, K must tile (`ws_tiles_ok`). Group-wise weights: wq int8 [G, N, g] (the "gnk"
+    layout, K = G g, g 64 or 128) with sw f32 [G, N]: each K step is one group, its int32 product scaled by the
+    group's sw as it leaves the tensor cores and summed in float32 (y = s_x * sum_g acc_g * sw_g, as the Triton
+    kernel; no wgmma stays in flight across steps).
     With inv_levels (f32 [T]) and step (int32 [1]), sx holds each row's max|x'| and the kernel makes the scale
     max(sx * inv_levels[clip(step, 0, T - 1)], 2^-126) (`operands.scale_from_max`). branches: `Branch`es whose
     products the epilogue adds (bf16 wgmmas into a float32 accumulator started from the scaled int32 one):
     y = acc * s_x * s_w + sum_b feats_b @ up_b + bias (+ addend)."""
     from jax.experimental.pallas import mosaic_gpu as plgpu
-    m, n, k = _check(xq, wq, sx, sw, bias, addend, 64, 64, SWIZZLE)
+    grouped = wq.ndim == 3
+    if grouped:
+        n_groups, _, gsize = wq.shape
+        if gsize not in (64, 128) or n_groups * gsize != xq.shape[1] or sw.shape != (n_groups, wq.shape[1]):
+            raise ValueError(f"mosaic_int8_gemm_ws: group-wise weights {tuple(wq.shape)} with scales {tuple(sw.shape)} "
+                             f"do not fit activations {tuple(xq.shape)} (need [G, N, g], g 64 or 128, G g = K, "
+                             f"scales [G, N])")
+        m, n, k = _check(xq, jax.ShapeDtypeStruct((wq.shape[1], n_groups * gsize), wq.dtype), sx, sw[0], bias,
+                         addend, 64, 64, SWIZZLE)
+        in_flight = 0
+    else:
+        m, n, k = _check(xq, wq, sx, sw, bias, addend, 64, 64, SWIZZLE)
+    step_k = gsize if grouped else SWIZZLE              # K per pipeline step (one swizzle span of int8 codes)
     epi_n = epi_n or epi
     if out_slots not in (1, 2):
         raise ValueError(f"mosaic_int8_gemm_ws: out_slots must be 1 or 2, got {out_slots}")
@@ -178,8 +193,8 @@ def mosaic_int8_gemm_ws(xq, wq, sx, sw, bias=None, addend=None, *, out_dtype=jnp
         if b.block_out and b.block_out % tile_n:
             raise ValueError(f"mosaic_int8_gemm_ws: block_out {b.block_out} is not a multiple of tile_n {tile_n}")
     cta_m, cta_n = tile_m * (2 if wg_dim == "m" else 1), tile_n * (2 if wg_dim == "n" else 1)
-    m_iters, n_iters, k_iters = m // cta_m, n // cta_n, k // SWIZZLE
-    transforms = (plgpu.TilingTransform((8, SWIZZLE)), plgpu.SwizzleTransform(SWIZZLE))
+    m_iters, n_iters, k_iters = m // cta_m, n // cta_n, k // step_k
+    transforms = (plgpu.TilingTransform((8, step_k)), plgpu.SwizzleTransform(step_k))
     out_bytes = jnp.dtype(out_dtype).itemsize
     out_swizzle = plgpu.find_swizzle(epi_n * out_bytes * 8)
     out_transforms = (plgpu.TilingTransform((8, out_swizzle // out_bytes)), plgpu.SwizzleTransform(out_swizzle))
@@ -197,9 +212,11 @@ def mosaic_int8_gemm_ws(xq, wq, sx, sw, bias=None, addend=None, *, out_dtype=jnp
         return plgpu.emit_pipeline_warp_specialized(
             body, grid=(k_iters,), memory_registers=40, wg_axis="wg", num_compute_wgs=2,
             max_concurrent_steps=stages, compute_context=context,
-            in_specs=[plgpu.BlockSpec((cta_m, SWIZZLE), lambda kk: (0, kk), transforms=transforms,
+            in_specs=[plgpu.BlockSpec((cta_m, step_k), lambda kk: (0, kk), transforms=transforms,
                                       delay_release=in_flight),
-                      plgpu.BlockSpec((cta_n, SWIZZLE), lambda kk: (0, kk), transforms=transforms,
+                      plgpu.BlockSpec((pl.squeezed, cta_n, step_k), lambda kk: (kk, 0, 0), transforms=transforms)
+                      if grouped else
+                      plgpu.BlockSpec((cta_n, step_k), lambda kk: (0, kk), transforms=transforms,
                                       delay_release=in_flight)])
 
     def body(x_g, w_g, sx_g, sw_g, *rest):
@@ -227,18 +244,25 @@ def mosaic_int8_gemm_ws(xq, wq, sx, sw, bias=None, addend=None, *, out_dtype=jnp
                     for i, (_, up_g) in enumerate(br_g):     # the up-projection columns, while the main loop runs
                         plgpu.copy_gmem_to_smem(up_g.at[:, pl.ds(c0, tile_n)], up_s[i].at[wg], up_bar[i].at[wg])
 
-                    def with_acc(acc_ref):
-                        run(acc_ref)
-                        shape = (tile_m, tile_n)
+                    shape = (tile_m, tile_n)
+
+                    def row_scale():
                         s_x = plgpu.load(sx_g.at[pl.ds(r0, tile_m)], (), layout=row, optimized=False)
                         if table:
                             lev = inv_g[jnp.clip(step_g[0], 0, n_lev - 1)]
                             s_x = jnp.maximum(s_x * lev, SCALE_FLOOR)
+                        return jax.lax.broadcast_in_dim(s_x, shape, [0])
+
+                    def with_acc(acc_ref):
+                        run(acc_ref)
                         s_w = plgpu.load(sw_g.at[pl.ds(c0, tile_n)], (), layout=col, optimized=False)
-                        scale = jax.lax.broadcast_in_dim(s_x, shape, [0]) * jax.lax.broadcast_in_dim(s_w, shape, [1])
+                        scale = row_scale() * jax.lax.broadcast_in_dim(s_w, shape, [1])
                         return acc_ref[...].astype(jnp.float32) * scale      # acc * (s_x s_w), as the Triton kernel
 
-                    y = pl.run_scoped(with_acc, plgpu.ACC((tile_m, tile_n), jnp.int32))
+                    if grouped:                  # the float32 sum over groups is the pipeline's carry
+                        y = run(plgpu.layout_cast(jnp.zeros(shape, jnp.float32), acc_layout)) * row_scale()
+                    else:
+                        y = pl.run_scoped(with_acc, plgpu.ACC((tile_m, tile_n), jnp.int32))
                     if branches:
                         def add_branches(acc_ref):
                             for i, (b, (f_g, _)) in enumerate(zip(branches, br_g)):
@@ -267,10 +291,20 @@ def mosaic_int8_gemm_ws(xq, wq, sx, sw, bias=None, addend=None, *, out_dtype=jnp
                             plgpu.copy_smem_to_gmem(out_smem.at[wg, slot],
                                                     o_g.at[pl.ds(r0 + i * epi, epi), pl.ds(c0 + j * epi_n, epi_n)])
 
-                def mma(_, x_s, w_s, acc_ref):
-                    plgpu.wgmma(acc_ref, x_s.at[wg_rows], plgpu.transpose_ref(w_s.at[wg_cols], (1, 0)))
-                    plgpu.wgmma_wait(in_flight)
-                    return acc_ref
+                def mma(idx, x_s, w_s, carry):
+                    if not grouped:
+                        plgpu.wgmma(carry, x_s.at[wg_rows], plgpu.transpose_ref(w_s.at[wg_cols], (1, 0)))
+                        plgpu.wgmma_wait(in_flight)
+                        return carry
+
+                    def group_product(acc_ref):
+                        plgpu.wgmma(acc_ref, x_s.at[wg_rows], plgpu.transpose_ref(w_s.at[wg_cols], (1, 0)))
+                        plgpu.wgmma_wait(0)
+                        return acc_ref[...]
+
+                    acc = pl.run_scoped(group_product, plgpu.ACC((tile_m, tile_n), jnp.int32))
+                    s_w = plgpu.load(sw_g.at[idx[0], pl.ds(c0, tile_n)], (), layout=col, optimized=False)
+                    return carry + acc.astype(jnp.float32) * jax.lax.broadcast_in_dim(s_w, (tile_m, tile_n), [1])
 
                 pipeline(mma, context)(x_g.at[pl.ds(mi * cta_m, cta_m), :], w_g.at[pl.ds(ni * cta_n, cta_n), :],
                                        allocations=allocs)
@@ -356,12 +390,15 @@ def _branches(ops):
 
 
 def fits(ops, w, tiles=None) -> bool:
-    """Whether `mosaic_gemm_epilogue` runs this layer: per-channel int8 codes ("nk", unpacked, not split into
-    [even | odd] runs), rows / columns / K that tile, branch features and up-projections in one 16-bit dtype
-    with ranks a multiple of 16 and blocks a multiple of tile_n."""
+    """Whether `mosaic_gemm_epilogue` runs this layer: int8 codes (unpacked, not split into [even | odd] runs),
+    per channel ("nk") or in float-scaled groups of 64 / 128 ("gnk"); rows / columns / K that tile; branch
+    features and up-projections in one 16-bit dtype with ranks a multiple of 16 and blocks a multiple of tile_n."""
     t = {**FUSED_TILES, **_FUSED_OVERRIDE, **(tiles or {})}
     mp, kp = ops.xq.shape
-    if w.layout != "nk" or ops.chunk or w.packed or ops.xq.dtype != jnp.int8 or w.k != kp:
+    if w.layout not in ("nk", "gnk") or ops.chunk or w.packed or ops.xq.dtype != jnp.int8 or w.k != kp:
+        return False
+    if w.layout == "gnk" and (w.groups[1] not in (64, 128) or w.groups[0] * w.groups[1] != kp or
+                              w.gscale is not None):
         return False
     if not ws_tiles_ok(mp, w.n, kp, t["tile_m"], t["tile_n"], t["wg_dim"], t.get("epi", 64), t.get("epi_n")):
         return False
@@ -375,12 +412,13 @@ def fits(ops, w, tiles=None) -> bool:
 
 def mosaic_gemm_epilogue(ops, w, bias, out_dtype, tiles=None):
     """Stages 2-3 of `fused_linear` through `mosaic_int8_gemm_ws` (GPU, Hopper): ops from the XLA prologue
-    (`fused.prologue(..., pad_to=..., joint=True, defer_scale=True)`), w the per-channel QuantizedWeight with
-    int8 codes; returns [M, N] in out_dtype. The same function as `pallas_gpu.pallas_gemm_epilogue` (equal up to
+    (`fused.prologue(..., pad_to=..., joint=True, defer_scale=True)`), w the QuantizedWeight with int8 codes
+    ("nk" per channel or "gnk" group-wise); returns [M, N] in out_dtype. The same function as `pallas_gpu.pallas_gemm_epilogue` (equal up to
     float32 rounding in the epilogue). Layers that do not `fits` are the caller's to route elsewhere."""
     t = {**FUSED_TILES, **_FUSED_OVERRIDE, **(tiles or {})}
     table = dict(inv_levels=ops.sx_inv, step=ops.sx_step) if ops.sx_inv is not None else {}
-    y = mosaic_int8_gemm_ws(ops.xq, w.codes(), ops.sx, w.scale[:, 0], bias, out_dtype=out_dtype,
+    sw = jnp.transpose(w.scale) if w.layout == "gnk" else w.scale[:, 0]      # [G, N] group-wise, else [N]
+    y = mosaic_int8_gemm_ws(ops.xq, w.codes(), ops.sx, sw, bias, out_dtype=out_dtype,
                             branches=_branches(ops), **table, **t)
     return y[: ops.m]
 
