@@ -123,9 +123,10 @@ fi
 if [ "${1:-}" = i24w ]; then
   # issue 24, 12-07 (<= 300 s): the persistent warp-specialized Mosaic int8 GEMM (mosaic_int8_gemm_ws) at the
   # step's linear shapes vs cuBLAS bf16 / XLA int8 / our Triton GEMM: exactness, tile sweep, best configs per shape
-  # (WS_CONFIGS: skip the check and sweep, time those configs on every shape)
+  # (WS_CONFIGS: skip the check and sweep, time those configs on every shape; WS_GROUPED=N: group-wise weights too)
   el ws-gemm; timeout ${T:-290} python3 benchmarks/gpu/ws_gemm.py --deadline $(( ${T:-290} - 60 )) \
-      ${WS_CONFIGS:+--configs $WS_CONFIGS} --out "$OUT/ws_gemm.json" > "$OUT/ws_gemm.log" 2>&1
+      ${WS_CONFIGS:+--configs $WS_CONFIGS} ${WS_GROUPED:+--grouped $WS_GROUPED} --out "$OUT/ws_gemm.json" \
+      > "$OUT/ws_gemm.log" 2>&1
   grep -v "^W[0-9]\|Warning\|Deprecat" "$OUT/ws_gemm.log" | cut -c1-260 | tail -60
   el done
   exit 0

@@ -71,6 +71,43 @@ def ws_fn(c, out_dtype=jnp.bfloat16, stages=None):
                                                        grid_minor=gm, grid_width=gw)
 
 
+def grouped_rows(shapes, reps, group=64):
+    """Group-wise W4 weights (float group scales, layout "gnk": the plain paper preset): the Mosaic kernel's grouped
+    path vs the Triton kernel (GROUPED_CONFIG) vs cuBLAS bf16, with the float32 check against XLA's path."""
+    from qdit4sr_jax.quant.kernels.fused import GROUPED_CONFIG, Operands, xla_gemm_epilogue
+    from qdit4sr_jax.quant.kernels.mosaic_gemm import mosaic_int8_gemm_ws
+    from qdit4sr_jax.quant.kernels.pallas_gpu import pallas_gemm_epilogue
+    from qdit4sr_jax.quant.qweight import make_qweight
+    rows = []
+    for (m, k, n) in shapes:
+        xs, wq, sx, _, bias = operands(m, k, n, reps)
+        node = make_qweight(jnp.asarray(wq, jnp.float32), w_bits=4, group_size=group, a_bits=4, pack=False)
+        codes, sw = node.codes(), jnp.transpose(node.scale)
+        row = {"shape": [m, k, n], "group": group}
+        try:
+            want = xla_gemm_epilogue(Operands(xs[0], sx, None, None, None, m, 0), node, bias, jnp.float32)
+            got = jax.jit(lambda x, c, s, w, b: mosaic_int8_gemm_ws(x, c, s, w, b, out_dtype=jnp.float32,
+                                                                    **dict(MOSAIC_GROUPED, stages=3)))(xs[0], codes, sx, sw, bias)
+            row["rel_err_f32"] = rel_err(got, want)
+            row["mosaic_ms"] = per_call_ms(lambda x, c, s, w, b: mosaic_int8_gemm_ws(x, c, s, w, b, **MOSAIC_GROUPED),
+                                           xs, codes, sx, sw, bias)
+        except Exception as e:  # noqa: BLE001
+            row["mosaic_error"] = repr(e)[:300]
+        xb = xs.astype(jnp.bfloat16)
+        row["bf16_ms"] = per_call_ms(lambda x, w: x @ w, xb, jnp.asarray(wq, jnp.bfloat16).T)
+        try:
+            row["triton_ms"] = per_call_ms(lambda x, s, nd, b, m=m: pallas_gemm_epilogue(
+                Operands(x, s, None, None, None, m, 0), nd, b, jnp.bfloat16, GROUPED_CONFIG), xs, sx, node, bias)
+        except Exception as e:  # noqa: BLE001
+            row["triton_error"] = repr(e)[:300]
+        rows.append(row)
+        print("grouped", {kk: (round(v, 4) if isinstance(v, float) else v) for kk, v in row.items()}, flush=True)
+    return rows
+
+
+MOSAIC_GROUPED = dict(tile_m=64, tile_n=128, wg_dim="n", stages=4)
+
+
 def lower_all():
     """Every TILES x GRIDS configuration lowers for CUDA at every shape (no GPU needed); returns the failures."""
     from qdit4sr_jax.quant.kernels.mosaic_gemm import ws_tiles_ok
@@ -96,6 +133,7 @@ def main(argv=None):
     ap.add_argument("--deadline", type=float, default=None, help="seconds; what is left after it is skipped")
     ap.add_argument("--configs", nargs="+", default=None,
                     help="skip the check and the sweep; time these configs (names as printed, e.g. 64x128n_s4_f1_gN8)")
+    ap.add_argument("--grouped", type=int, default=0, help="also time group-wise weights at the first N shapes")
     ap.add_argument("--lower", action="store_true", help="only lower every config for CUDA (any machine)")
     ap.add_argument("--out", default=None)
     a = ap.parse_args(argv)
@@ -189,6 +227,8 @@ def main(argv=None):
                                  and isinstance(v, float)), default=None)
         res["rows"].append(row)
         print("row", {kk: (round(v, 4) if isinstance(v, float) else v) for kk, v in row.items()}, flush=True)
+    if a.grouped and not late():
+        res["grouped"] = grouped_rows(SHAPES[: a.grouped], a.reps)
     write_json(a.out, res)
     print("| M x K x N | bf16 ms | XLA int8 (x bf16) | Triton fused (x bf16) | WS Mosaic best (x bf16) |")
     print("|---|---|---|---|---|")
