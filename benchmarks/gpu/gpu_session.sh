@@ -23,6 +23,7 @@
 #   bash benchmarks/gpu/gpu_session.sh i24d      # all six modes' 1024-px steps (+ smoothing-only -small, paper W4A4)
 #   bash benchmarks/gpu/gpu_session.sh i24x      # next: fused linear on the Mosaic GEMM: check + 512-px steps (<= 400 s);
 #                                             # then i24y (1024 px), i24z (W8A8 on Triton / Mosaic, 512 + 1024 px)
+#   bash benchmarks/gpu/gpu_session.sh i24rot    # 12-07: the rotation + features + row-max kernel vs XLA (<= 200 s)
 #   bash benchmarks/gpu/gpu_session.sh i24w      # 12-07: the warp-specialized Mosaic int8 GEMM, sweep + shapes (<= 300 s)
 #   bash benchmarks/gpu/gpu_session.sh i24t      # next (after 12-07 03:26): GPU check of the shared q/k/v down-projection,
 #                                             # 512-px steps bf16 / paper-small prepbf (shared) / prepbfns (per layer),
@@ -117,6 +118,14 @@ if [ "${1:-}" = i24x ]; then
     el "steps 512 ($left s)"; steps steps512 $left --cases 512x1 --scan-steps 2 --modes ${X_MODES:-bf16 $P:prepbf $P:prepbfm} \
         --attention cudnn --xla-variants no-dot-merge --iters 8 --warmup 2 --deadline $(( left - 20 ))
   fi
+  el done
+  exit 0
+fi
+if [ "${1:-}" = i24rot ]; then
+  # issue 24, 12-07 (<= 200 s): the prologue's rotation as one Mosaic kernel (x' + branch features + row maxima,
+  # mosaic_bf16_gemm_rowmax) vs today's XLA ops: exactness and ms per call at the step's q/k/v input shapes
+  el rotation-gemm; timeout ${T:-190} python3 benchmarks/gpu/rotation_gemm.py --out "$OUT/rotation_gemm.json" \
+      2>&1 | grep -v "^W[0-9]\|Warning" | cut -c1-400 | tail -6
   el done
   exit 0
 fi

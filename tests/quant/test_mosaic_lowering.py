@@ -238,3 +238,31 @@ def test_group_wise_weights_must_fit():
         mg.mosaic_int8_gemm_ws(x, jnp.zeros((8, 256, 32), jnp.int8), jnp.ones(256), jnp.ones((8, 256)))
     with pytest.raises(ValueError, match="group-wise weights"):          # scales [N, G] instead of [G, N]
         mg.mosaic_int8_gemm_ws(x, jnp.zeros((4, 256, 64), jnp.int8), jnp.ones(256), jnp.ones((256, 4)))
+
+
+@lowering
+@pytest.mark.parametrize("m,k,n,tiles", [(4096, 1536, 2048, {}), (2048, 1536, 1792, {}),
+                                         (4096, 1536, 1536, {"tile_m": 128, "wg_dim": "m", "out_slots": 1})])
+def test_rotation_gemm_with_row_maxima_lowers_for_cuda(m, k, n, tiles):
+    """The prologue's rotation kernel (x [(D H)^T | jd^T]^T in bf16 with each tile's row max |x'| from its
+    epilogue) lowers at the step's shapes: [x' | features] for a q/k/v group (1536 + 384 feature columns, padded to
+    the column tiles) and the 2048-row layers."""
+    f = lambda x, b: mg.mosaic_bf16_gemm_rowmax(x, b, **tiles)  # noqa: E731
+    text = jax.jit(f).trace(S((m, k), jnp.bfloat16), S((n, k), jnp.bfloat16)).lower(
+        lowering_platforms=("cuda",)).as_text()
+    assert "mosaic_gpu" in text
+
+
+def test_rotation_gemm_checks_and_reference():
+    with pytest.raises(ValueError, match="does not tile"):
+        mg.mosaic_bf16_gemm_rowmax(jnp.zeros((256, 1536), jnp.bfloat16), jnp.zeros((1920, 1536), jnp.bfloat16))
+    with pytest.raises(ValueError, match="needs bf16"):
+        mg.mosaic_bf16_gemm_rowmax(jnp.zeros((256, 128), jnp.float32), jnp.zeros((256, 128), jnp.bfloat16))
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.normal(size=(64, 96)), jnp.bfloat16)
+    b = jnp.asarray(rng.normal(size=(256, 96)), jnp.bfloat16)
+    y, amax = mg.rowmax_reference(x, b)
+    want = (np.asarray(x, np.float64) @ np.asarray(b, np.float64).T)
+    np.testing.assert_allclose(np.asarray(y, np.float64), want, rtol=1e-2, atol=1e-2)
+    yf = np.abs(np.asarray(y, np.float32))
+    np.testing.assert_array_equal(np.asarray(amax), np.stack([yf[:, :128].max(1), yf[:, 128:].max(1)]))

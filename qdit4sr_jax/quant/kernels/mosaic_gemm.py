@@ -138,6 +138,35 @@ class Branch:
     block_out: int = 0
 
 
+def _tile_coords(plgpu, info, wg, m_iters, n_iters, tile_m, tile_n, wg_dim, grid_minor, grid_width):
+    """Persistent-loop step -> (mi, ni) of the CTA tile (snake order), the warpgroup's first row r0 and column c0,
+    and its slices of the CTA's row / column blocks in shared memory."""
+    (lin,) = info.index if hasattr(info, "index") else info          # (JAX 0.10 / 0.11 loop info)
+    mi, ni = plgpu.planar_snake(lin, (m_iters, n_iters), grid_minor, grid_width)
+    cta_m, cta_n = tile_m * (2 if wg_dim == "m" else 1), tile_n * (2 if wg_dim == "n" else 1)
+    r0 = mi * cta_m + (wg * tile_m if wg_dim == "m" else 0)
+    c0 = ni * cta_n + (wg * tile_n if wg_dim == "n" else 0)
+    wg_rows = pl.ds(wg * tile_m, tile_m) if wg_dim == "m" else slice(None)
+    wg_cols = pl.ds(wg * tile_n, tile_n) if wg_dim == "n" else slice(None)
+    return mi, ni, r0, c0, wg_rows, wg_cols
+
+
+def _store_tiles(plgpu, y, smem, o_g, r0, c0, epi, epi_n):
+    """A warpgroup's output tile y [tile_m, tile_n] (registers) -> o_g[r0:, c0:] through its shared-memory
+    buffers smem [slots, epi, epi_n] and TMA stores, one [epi, epi_n] piece at a time (the stores of the previous
+    piece in a slot are waited for; the last ones overlap what follows)."""
+    slots = smem.shape[0]
+    tile_m, tile_n = y.shape
+    plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+    for i in range(tile_m // epi):
+        for j in range(tile_n // epi_n):
+            slot = (i * (tile_n // epi_n) + j) % slots
+            plgpu.wait_smem_to_gmem(slots - 1, wait_read_only=True)
+            smem[slot] = y[i * epi:(i + 1) * epi, j * epi_n:(j + 1) * epi_n]
+            plgpu.commit_smem()
+            plgpu.copy_smem_to_gmem(smem.at[slot], o_g.at[pl.ds(r0 + i * epi, epi), pl.ds(c0 + j * epi_n, epi_n)])
+
+
 def mosaic_int8_gemm_ws(xq, wq, sx, sw, bias=None, addend=None, *, out_dtype=jnp.bfloat16, tile_m: int = 128,
                         tile_n: int = 128, wg_dim: str = "m", stages: int = 4, epi: int = 64,
                         epi_n: int | None = None, out_slots: int = 2, grid_minor: int = 1,
@@ -233,12 +262,8 @@ def mosaic_int8_gemm_ws(xq, wq, sx, sw, bias=None, addend=None, *, out_dtype=jnp
 
             @plgpu.nd_loop((m_iters * n_iters,), collective_axes="sm")
             def _tile(info):
-                (lin,) = info.index if hasattr(info, "index") else info      # (JAX 0.10 / 0.11 loop info)
-                mi, ni = plgpu.planar_snake(lin, (m_iters, n_iters), grid_minor, grid_width)
-                r0 = mi * cta_m + (wg * tile_m if wg_dim == "m" else 0)
-                c0 = ni * cta_n + (wg * tile_n if wg_dim == "n" else 0)
-                wg_rows = pl.ds(wg * tile_m, tile_m) if wg_dim == "m" else slice(None)
-                wg_cols = pl.ds(wg * tile_n, tile_n) if wg_dim == "n" else slice(None)
+                mi, ni, r0, c0, wg_rows, wg_cols = _tile_coords(plgpu, info, wg, m_iters, n_iters, tile_m, tile_n,
+                                                                wg_dim, grid_minor, grid_width)
 
                 def context(run):
                     for i, (_, up_g) in enumerate(br_g):     # the up-projection columns, while the main loop runs
@@ -280,16 +305,7 @@ def mosaic_int8_gemm_ws(xq, wq, sx, sw, bias=None, addend=None, *, out_dtype=jnp
                     if has_add:
                         y = y + plgpu.load(a_g.at[pl.ds(r0, tile_m), pl.ds(c0, tile_n)], (),
                                            layout=acc_layout, optimized=False).astype(jnp.float32)
-                    y = y.astype(out_dtype)
-                    plgpu.wait_smem_to_gmem(0, wait_read_only=True)
-                    for i in range(tile_m // epi):
-                        for j in range(tile_n // epi_n):
-                            slot = (i * (tile_n // epi_n) + j) % out_slots
-                            plgpu.wait_smem_to_gmem(out_slots - 1, wait_read_only=True)
-                            out_smem[wg, slot] = y[i * epi:(i + 1) * epi, j * epi_n:(j + 1) * epi_n]
-                            plgpu.commit_smem()
-                            plgpu.copy_smem_to_gmem(out_smem.at[wg, slot],
-                                                    o_g.at[pl.ds(r0 + i * epi, epi), pl.ds(c0 + j * epi_n, epi_n)])
+                    _store_tiles(plgpu, y.astype(out_dtype), out_smem.at[wg], o_g, r0, c0, epi, epi_n)
 
                 def mma(idx, x_s, w_s, carry):
                     if not grouped:
@@ -328,6 +344,96 @@ def mosaic_int8_gemm_ws(xq, wq, sx, sw, bias=None, addend=None, *, out_dtype=jnp
                           grid=(min(num_sms or _num_sms(), m_iters * n_iters),), grid_names=("sm",),
                           num_threads=3, thread_name="wg")
     return kernel(*args)
+
+
+def mosaic_bf16_gemm_rowmax(x, b, *, tile_m: int = 64, tile_n: int = 128, wg_dim: str = "n", stages: int = 4,
+                            in_flight: int = 1, epi: int = 64, epi_n: int | None = None, out_slots: int = 2,
+                            grid_minor: int = 1, grid_width: int = 8, num_sms: int | None = None):
+    """x bf16 [M, K], b bf16 [N, K] (K-major) -> (y bf16 [M, N] = x b^T, amax f32 [N / tile_n, M]) with
+    amax[j, m] = max over the j-th tile_n columns of |y[m, :]| (of y as rounded to bf16).
+
+    The prologue's first kernel in the two-kernel design (benchmarks/gpu_notes.md): with b = [(D H)^T | jd^T] it
+    writes the rotated x' = x D H in bf16 and the branch features x jd in one GEMM, and the row maxima that the
+    per-token scales need come out of its epilogue (max over the first K / tile_n rows of amax) instead of a
+    reduce pass over x'. Same structure as `mosaic_int8_gemm_ws` (persistent, warp-specialized, TMA-store
+    epilogue), bf16 wgmmas into float32 accumulators, K in steps of 64. M, N, K must tile (`ws_tiles_ok`, K a
+    multiple of 64)."""
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+    m, k = x.shape
+    n = b.shape[0]
+    if x.dtype != jnp.bfloat16 or b.dtype != jnp.bfloat16 or b.shape[1] != k:
+        raise ValueError(f"mosaic_bf16_gemm_rowmax: needs bf16 x [M, K] and b [N, K], got {x.dtype}{tuple(x.shape)} "
+                         f"and {b.dtype}{tuple(b.shape)}")
+    epi_n = epi_n or epi
+    step_k = SWIZZLE // 2                                  # 64 bf16 = one 128-byte swizzle span
+    if not (ws_tiles_ok(m, n, SWIZZLE, tile_m, tile_n, wg_dim, epi, epi_n) and k % step_k == 0) or \
+            out_slots not in (1, 2) or not 0 <= in_flight < stages:
+        raise ValueError(f"mosaic_bf16_gemm_rowmax: [{m}, {k}] x [{n}, {k}] does not tile by two {tile_m}x{tile_n} "
+                         f"warpgroup tiles along {wg_dim!r} (K a multiple of {step_k}; out_slots 1 or 2; "
+                         f"0 <= in_flight < stages)")
+    cta_m, cta_n = tile_m * (2 if wg_dim == "m" else 1), tile_n * (2 if wg_dim == "n" else 1)
+    m_iters, n_iters, k_iters = m // cta_m, n // cta_n, k // step_k
+    transforms = (plgpu.TilingTransform((8, step_k)), plgpu.SwizzleTransform(SWIZZLE))
+    out_swizzle = plgpu.find_swizzle(epi_n * 2 * 8)
+    out_transforms = (plgpu.TilingTransform((8, out_swizzle // 2)), plgpu.SwizzleTransform(out_swizzle))
+
+    def pipeline(body, context):
+        return plgpu.emit_pipeline_warp_specialized(
+            body, grid=(k_iters,), memory_registers=40, wg_axis="wg", num_compute_wgs=2,
+            max_concurrent_steps=stages, compute_context=context,
+            in_specs=[plgpu.BlockSpec((cta_m, step_k), lambda kk: (0, kk), transforms=transforms,
+                                      delay_release=in_flight),
+                      plgpu.BlockSpec((cta_n, step_k), lambda kk: (0, kk), transforms=transforms,
+                                      delay_release=in_flight)])
+
+    def body(x_g, b_g, y_g, amax_g):
+        ignore = lambda *_, **__: None  # noqa: E731 - the allocations do not depend on the bodies
+
+        def scope(allocs, out_smem, amax_smem):
+            wg = jax.lax.axis_index("wg")
+
+            @plgpu.nd_loop((m_iters * n_iters,), collective_axes="sm")
+            def _tile(info):
+                mi, ni, r0, c0, wg_rows, wg_cols = _tile_coords(plgpu, info, wg, m_iters, n_iters, tile_m, tile_n,
+                                                                wg_dim, grid_minor, grid_width)
+
+                def context(run):
+                    def with_acc(acc_ref):
+                        run(acc_ref)
+                        return acc_ref[...]
+
+                    y = pl.run_scoped(with_acc, plgpu.ACC((tile_m, tile_n), jnp.float32)).astype(jnp.bfloat16)
+                    _store_tiles(plgpu, y, out_smem.at[wg], y_g, r0, c0, epi, epi_n)
+                    amax_smem[wg] = jnp.max(jnp.abs(y.astype(jnp.float32)), axis=1)
+                    plgpu.commit_smem()
+                    plgpu.copy_smem_to_gmem(amax_smem.at[wg], amax_g.at[c0 // tile_n, pl.ds(r0, tile_m)])
+
+                def mma(_, x_s, b_s, acc_ref):
+                    plgpu.wgmma(acc_ref, x_s.at[wg_rows], plgpu.transpose_ref(b_s.at[wg_cols], (1, 0)))
+                    plgpu.wgmma_wait(in_flight)
+                    return acc_ref
+
+                pipeline(mma, context)(x_g.at[pl.ds(mi * cta_m, cta_m), :], b_g.at[pl.ds(ni * cta_n, cta_n), :],
+                                       allocations=allocs)
+
+        pl.run_scoped(scope, pipeline(ignore, ignore).get_allocations(x_g, b_g),
+                      plgpu.SMEM((2, out_slots, epi, epi_n), jnp.bfloat16, transforms=out_transforms),
+                      plgpu.SMEM((2, tile_m), jnp.float32), collective_axes="wg")
+        plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+
+    kernel = plgpu.kernel(body, out_type=(jax.ShapeDtypeStruct((m, n), jnp.bfloat16),
+                                          jax.ShapeDtypeStruct((n // tile_n, m), jnp.float32)),
+                          grid=(min(num_sms or _num_sms(), m_iters * n_iters),), grid_names=("sm",),
+                          num_threads=3, thread_name="wg")
+    return kernel(x, b)
+
+
+def rowmax_reference(x, b, tile_n: int = 128):
+    """`mosaic_bf16_gemm_rowmax` with XLA ops: y = bf16(x b^T) (float32 accumulation), amax per tile_n columns."""
+    y = jax.lax.dot_general(x, b, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32).astype(jnp.bfloat16)
+    m, n = y.shape
+    amax = jnp.max(jnp.abs(y.astype(jnp.float32)).reshape(m, n // tile_n, tile_n), axis=2).T
+    return y, amax
 
 
 def reference(xq, wq, sx, sw, bias=None, addend=None, *, out_dtype=jnp.bfloat16):
@@ -423,5 +529,6 @@ def mosaic_gemm_epilogue(ops, w, bias, out_dtype, tiles=None):
     return y[: ops.m]
 
 
-__all__ = ["Branch", "FUSED_TILES", "fits", "parse_tiles", "set_fused_tiles", "mosaic_gemm_epilogue", "mosaic_int8_gemm", "mosaic_int8_gemm_ws",
+__all__ = ["Branch", "FUSED_TILES", "fits", "parse_tiles", "set_fused_tiles", "mosaic_gemm_epilogue", "mosaic_int8_gemm",
+           "mosaic_int8_gemm_ws", "mosaic_bf16_gemm_rowmax", "rowmax_reference",
            "reference", "tiles_ok", "ws_tiles_ok", "SWIZZLE"]

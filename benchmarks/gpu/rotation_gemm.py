@@ -1,0 +1,94 @@
+"""The prologue's rotation as one warp-specialized Mosaic kernel (`mosaic_gemm.mosaic_bf16_gemm_rowmax`) against
+what the step runs today (XLA): x' = x (D H) in bf16, the branch features x jd, and each row's max|x'|.
+
+Per shape (M, K, F): x bf16 [M, K] (Student-t rows), D H the signed +-1 Hadamard of K (exact in bf16), jd a random
+bf16 down-projection [K, F] (F branch columns, padded so the kernel's column tiles divide K + F).
+  today: three XLA ops (x @ DH, x @ jd, max |x'| over rows): XLA's GEMM(s) and a reduce kernel
+  mosaic: one kernel, b = [(DH)^T | jd^T], writing [x' | features] and per-tile row maxima, then the max over
+          the K / tile_n rotation tiles (a [K / tile_n, M] reduce)
+Check: x' and the features equal XLA's up to float32 summation order (bf16 outputs: count and max of the
+differing elements), row maxima equal to the maxima of the kernel's own x' (exactly). Then the ms per call
+(R calls per jit, `ws_gemm.per_call_ms`).
+
+  python benchmarks/gpu/rotation_gemm.py --out $OUT/rotation_gemm.json          # GPU (Hopper)
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+_HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(os.path.dirname(_HERE)))      # the repository root
+sys.path.insert(0, os.path.dirname(_HERE))                       # benchmarks/ (common)
+sys.path.insert(0, _HERE)                                        # benchmarks/gpu/
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from common import environment, write_json  # noqa: E402
+from ws_gemm import per_call_ms  # noqa: E402
+
+# (M, K, F): the 512-px step's q/k/v input (4096 rows, 3 x 128 shared feature columns), the 2048-row LR layers
+# (128 feature columns), the 1024-px q/k/v input
+SHAPES = [(4096, 1536, 384), (2048, 1536, 128), (16384, 1536, 384)]
+
+
+def operands(m, k, f, reps, cta_n=256, seed=0):
+    from qdit4sr_jax.quant.transforms import hadamard_matrix, rotation_signs
+    rng = np.random.default_rng(seed)
+    xs = jnp.asarray(rng.standard_t(5, size=(reps, m, k)).astype(np.float32), jnp.bfloat16)
+    dh = (rotation_signs(k)[:, None] * np.sign(hadamard_matrix(k))).astype(np.float32)    # D H, +-1 entries
+    fp = -(-(k + f) // cta_n) * cta_n - k                                                  # padded feature columns
+    jd = np.zeros((k, fp), np.float32)
+    jd[:, :f] = rng.normal(size=(k, f)) / np.sqrt(k)
+    return xs, jnp.asarray(dh, jnp.bfloat16), jnp.asarray(jd, jnp.bfloat16)
+
+
+def today(x, dh, jd):
+    """The XLA ops of today's prologue: x' (bf16), features, row max |x'| (float32 [M])."""
+    xp = jnp.dot(x, dh, preferred_element_type=jnp.float32).astype(jnp.bfloat16)
+    feats = jnp.dot(x, jd, preferred_element_type=jnp.float32).astype(jnp.bfloat16)
+    return xp, feats, jnp.max(jnp.abs(xp.astype(jnp.float32)), axis=1)
+
+
+def fused(x, b, k, tile_n=128, **tiles):
+    from qdit4sr_jax.quant.kernels.mosaic_gemm import mosaic_bf16_gemm_rowmax
+    y, amax = mosaic_bf16_gemm_rowmax(x, b, tile_n=tile_n, **tiles)
+    return y, jnp.max(amax[: k // tile_n], axis=0)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--shapes", type=int, default=len(SHAPES))
+    ap.add_argument("--reps", type=int, default=8)
+    ap.add_argument("--out", default=None)
+    a = ap.parse_args(argv)
+    res = {"env": environment(), "rows": []}
+    for (m, k, f) in SHAPES[: a.shapes]:
+        row = {"shape": [m, k, f]}
+        try:
+            xs, dh, jd = operands(m, k, f, a.reps if m <= 4096 else 2)
+            b = jnp.concatenate([dh, jd], axis=1).T                    # [K + Fp, K], K-major
+            xp, feats, amax = jax.jit(today)(xs[0], dh, jd)
+            y, amax_k = jax.jit(lambda x, b: fused(x, b, k))(xs[0], b)
+            want = jnp.concatenate([xp, feats], axis=1).astype(jnp.float32)
+            diff = jnp.abs(y.astype(jnp.float32) - want)
+            row.update(differing=int(jnp.sum(diff > 0)), max_abs_diff=float(jnp.max(diff)),
+                       max_abs=float(jnp.max(jnp.abs(want))),
+                       amax_vs_own=float(jnp.max(jnp.abs(amax_k - jnp.max(jnp.abs(y[:, :k].astype(jnp.float32)),
+                                                                          axis=1)))),
+                       amax_rel_vs_today=float(jnp.max(jnp.abs(amax_k - amax) / amax)))
+            row["today_ms"] = per_call_ms(today, xs, dh, jd)
+            row["mosaic_ms"] = per_call_ms(lambda x, b: fused(x, b, k), xs, b)
+            row["x_today"] = row["today_ms"] / row["mosaic_ms"]
+        except Exception as e:  # noqa: BLE001 - recorded; the next shape still runs
+            row["error"] = repr(e)[:600]
+        res["rows"].append(row)
+        print(row, flush=True)
+    write_json(a.out, res)
+
+
+if __name__ == "__main__":
+    main()
