@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from qdit4sr_jax.quant.kernels.operands import SCALE_FLOOR
+from qdit4sr_jax.quant.kernels.operands import scale_from_level
 
 SWIZZLE = 128          # bytes: one int8 K step of 128 is one 128-byte swizzle span
 
@@ -118,10 +118,15 @@ def _num_sms(default: int = 132) -> int:
     return int(getattr(dev, "core_count", 0) or default) if dev.platform == "gpu" else default
 
 
+def _cta(tile_m: int, tile_n: int, wg_dim: str):
+    """The CTA tile (rows, columns) of two [tile_m, tile_n] warpgroup tiles side by side along wg_dim."""
+    return tile_m * (2 if wg_dim == "m" else 1), tile_n * (2 if wg_dim == "n" else 1)
+
+
 def ws_tiles_ok(m: int, n: int, k: int, tile_m: int = 128, tile_n: int = 128, wg_dim: str = "m",
                 epi: int = 64, epi_n: int | None = None) -> bool:
     """Whether [m, k] x [n, k] tiles for `mosaic_int8_gemm_ws` (two warpgroups side by side along `wg_dim`)."""
-    cta_m, cta_n = tile_m * (2 if wg_dim == "m" else 1), tile_n * (2 if wg_dim == "n" else 1)
+    cta_m, cta_n = _cta(tile_m, tile_n, wg_dim)
     return (wg_dim in ("m", "n") and m % cta_m == 0 and n % cta_n == 0 and k % SWIZZLE == 0 and tile_m % 64 == 0
             and tile_n % (epi_n or epi) == 0 and tile_m % epi == 0 and tile_m * tile_n <= 128 * 128)
 
@@ -143,7 +148,7 @@ def _tile_coords(plgpu, info, wg, m_iters, n_iters, tile_m, tile_n, wg_dim, grid
     and its slices of the CTA's row / column blocks in shared memory."""
     (lin,) = info.index if hasattr(info, "index") else info          # (JAX 0.10 / 0.11 loop info)
     mi, ni = plgpu.planar_snake(lin, (m_iters, n_iters), grid_minor, grid_width)
-    cta_m, cta_n = tile_m * (2 if wg_dim == "m" else 1), tile_n * (2 if wg_dim == "n" else 1)
+    cta_m, cta_n = _cta(tile_m, tile_n, wg_dim)
     r0 = mi * cta_m + (wg * tile_m if wg_dim == "m" else 0)
     c0 = ni * cta_n + (wg * tile_n if wg_dim == "n" else 0)
     wg_rows = pl.ds(wg * tile_m, tile_m) if wg_dim == "m" else slice(None)
@@ -221,7 +226,7 @@ def mosaic_int8_gemm_ws(xq, wq, sx, sw, bias=None, addend=None, *, out_dtype=jnp
                              f"{tuple(b.up.shape)} {b.up.dtype} do not fit [{m}, C] x [r, {n}] (r a multiple of 16)")
         if b.block_out and b.block_out % tile_n:
             raise ValueError(f"mosaic_int8_gemm_ws: block_out {b.block_out} is not a multiple of tile_n {tile_n}")
-    cta_m, cta_n = tile_m * (2 if wg_dim == "m" else 1), tile_n * (2 if wg_dim == "n" else 1)
+    cta_m, cta_n = _cta(tile_m, tile_n, wg_dim)
     m_iters, n_iters, k_iters = m // cta_m, n // cta_n, k // step_k
     transforms = (plgpu.TilingTransform((8, step_k)), plgpu.SwizzleTransform(step_k))
     out_bytes = jnp.dtype(out_dtype).itemsize
@@ -274,8 +279,7 @@ def mosaic_int8_gemm_ws(xq, wq, sx, sw, bias=None, addend=None, *, out_dtype=jnp
                     def row_scale():
                         s_x = plgpu.load(sx_g.at[pl.ds(r0, tile_m)], (), layout=row, optimized=False)
                         if table:
-                            lev = inv_g[jnp.clip(step_g[0], 0, n_lev - 1)]
-                            s_x = jnp.maximum(s_x * lev, SCALE_FLOOR)
+                            s_x = scale_from_level(s_x, inv_g[jnp.clip(step_g[0], 0, n_lev - 1)])
                         return jax.lax.broadcast_in_dim(s_x, shape, [0])
 
                     def with_acc(acc_ref):
@@ -371,7 +375,7 @@ def mosaic_bf16_gemm_rowmax(x, b, *, tile_m: int = 64, tile_n: int = 128, wg_dim
         raise ValueError(f"mosaic_bf16_gemm_rowmax: [{m}, {k}] x [{n}, {k}] does not tile by two {tile_m}x{tile_n} "
                          f"warpgroup tiles along {wg_dim!r} (K a multiple of {step_k}; out_slots 1 or 2; "
                          f"0 <= in_flight < stages)")
-    cta_m, cta_n = tile_m * (2 if wg_dim == "m" else 1), tile_n * (2 if wg_dim == "n" else 1)
+    cta_m, cta_n = _cta(tile_m, tile_n, wg_dim)
     m_iters, n_iters, k_iters = m // cta_m, n // cta_n, k // step_k
     transforms = (plgpu.TilingTransform((8, step_k)), plgpu.SwizzleTransform(SWIZZLE))
     out_swizzle = plgpu.find_swizzle(epi_n * 2 * 8)
@@ -447,7 +451,6 @@ def reference(xq, wq, sx, sw, bias=None, addend=None, *, out_dtype=jnp.bfloat16)
     return y.astype(out_dtype)
 
 
-
 # The warp-specialized kernel's tiles inside `fused_linear` (prepared weights with gemm="mosaic"): two 64 x 128
 # warpgroup tiles side by side along N. With the branches' up-projection columns in shared memory this is the
 # fastest of the H200 sweep that fits (benchmarks/RESULTS.md, 2026-12-07: 28.8 us at 4096 x 1536 x 1536, 1.57x of
@@ -470,6 +473,11 @@ def set_fused_tiles(**fields) -> dict:
     _FUSED_OVERRIDE.clear()
     _FUSED_OVERRIDE.update(fields)
     return prev
+
+
+def _fused_tiles(tiles=None) -> dict:
+    """The fused path's tiles: `FUSED_TILES`, the `set_fused_tiles` override, then `tiles`."""
+    return {**FUSED_TILES, **_FUSED_OVERRIDE, **(tiles or {})}
 
 
 def parse_tiles(text: str) -> dict:
@@ -499,7 +507,7 @@ def fits(ops, w, tiles=None) -> bool:
     """Whether `mosaic_gemm_epilogue` runs this layer: int8 codes (unpacked, not split into [even | odd] runs),
     per channel ("nk") or in float-scaled groups of 64 / 128 ("gnk"); rows / columns / K that tile; branch
     features and up-projections in one 16-bit dtype with ranks a multiple of 16 and blocks a multiple of tile_n."""
-    t = {**FUSED_TILES, **_FUSED_OVERRIDE, **(tiles or {})}
+    t = _fused_tiles(tiles)
     mp, kp = ops.xq.shape
     if w.layout not in ("nk", "gnk") or ops.chunk or w.packed or ops.xq.dtype != jnp.int8 or w.k != kp:
         return False
@@ -519,9 +527,10 @@ def fits(ops, w, tiles=None) -> bool:
 def mosaic_gemm_epilogue(ops, w, bias, out_dtype, tiles=None):
     """Stages 2-3 of `fused_linear` through `mosaic_int8_gemm_ws` (GPU, Hopper): ops from the XLA prologue
     (`fused.prologue(..., pad_to=..., joint=True, defer_scale=True)`), w the QuantizedWeight with int8 codes
-    ("nk" per channel or "gnk" group-wise); returns [M, N] in out_dtype. The same function as `pallas_gpu.pallas_gemm_epilogue` (equal up to
-    float32 rounding in the epilogue). Layers that do not `fits` are the caller's to route elsewhere."""
-    t = {**FUSED_TILES, **_FUSED_OVERRIDE, **(tiles or {})}
+    ("nk" per channel or "gnk" group-wise); returns [M, N] in out_dtype. The same function as
+    `pallas_gpu.pallas_gemm_epilogue` (equal up to float32 rounding in the epilogue). Layers that do not `fits`
+    are the caller's to route elsewhere."""
+    t = _fused_tiles(tiles)
     table = dict(inv_levels=ops.sx_inv, step=ops.sx_step) if ops.sx_inv is not None else {}
     sw = jnp.transpose(w.scale) if w.layout == "gnk" else w.scale[:, 0]      # [G, N] group-wise, else [N]
     y = mosaic_int8_gemm_ws(ops.xq, w.codes(), ops.sx, sw, bias, out_dtype=out_dtype,
@@ -529,6 +538,6 @@ def mosaic_gemm_epilogue(ops, w, bias, out_dtype, tiles=None):
     return y[: ops.m]
 
 
-__all__ = ["Branch", "FUSED_TILES", "fits", "parse_tiles", "set_fused_tiles", "mosaic_gemm_epilogue", "mosaic_int8_gemm",
-           "mosaic_int8_gemm_ws", "mosaic_bf16_gemm_rowmax", "rowmax_reference",
-           "reference", "tiles_ok", "ws_tiles_ok", "SWIZZLE"]
+__all__ = ["Branch", "FUSED_TILES", "fits", "parse_tiles", "set_fused_tiles", "mosaic_gemm_epilogue",
+           "mosaic_int8_gemm", "mosaic_int8_gemm_ws", "mosaic_bf16_gemm_rowmax", "rowmax_reference", "reference",
+           "tiles_ok", "ws_tiles_ok", "SWIZZLE"]

@@ -155,8 +155,15 @@ def scale_from_max(amax, inv_levels, step):
     so that the codes and the epilogue use one scale to the bit."""
     t = inv_levels.shape[0]
     i = jnp.clip(jnp.reshape(jnp.asarray(step, jnp.int32), (-1,))[0], 0, t - 1)
-    return jnp.maximum(amax * inv_levels[i], SCALE_FLOOR)
+    return scale_from_level(amax, inv_levels[i])
+
+
+def scale_from_level(amax, inv_level):
+    """max(amax * inv_level, 2^-126): `scale_from_max` once the step's 1 / levels is looked up (the form the GEMM
+    kernels use, which index their table refs themselves)."""
+    return jnp.maximum(amax * inv_level, SCALE_FLOOR)
 
 
 __all__ = ["KernelConfig", "DEFAULT_CONFIG", "GROUPED_CONFIG", "default_config", "set_prologue_tiles", "supports_fused",
-           "unpacks_in_kernel", "packed_run", "block_rows", "tiles_ok", "Operands", "SCALE_FLOOR", "scale_from_max"]
+           "unpacks_in_kernel", "packed_run", "block_rows", "tiles_ok", "Operands", "SCALE_FLOOR", "scale_from_max",
+           "scale_from_level"]

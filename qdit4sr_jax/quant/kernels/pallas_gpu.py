@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from qdit4sr_jax.quant.kernels.operands import SCALE_FLOOR, unpacks_in_kernel
+from qdit4sr_jax.quant.kernels.operands import scale_from_level, unpacks_in_kernel
 from qdit4sr_jax.quant.qweight import QuantizedWeight
 
 
@@ -43,7 +43,7 @@ def _kernel(*refs, layout, packed, n_steps, step, lev_steps, has_lowrank, has_bl
     sx = sx_ref[...]
     if lev_steps:                  # sx holds the rows' max|x'|: the scale from the step's 1 / levels
         inv_ref, step_ref = rest.pop(0), rest.pop(0)
-        sx = jnp.maximum(sx * inv_ref[jnp.clip(step_ref[0], 0, lev_steps - 1)], SCALE_FLOOR)
+        sx = scale_from_level(sx, inv_ref[jnp.clip(step_ref[0], 0, lev_steps - 1)])
     if has_lowrank:
         dh_ref, lb_ref = rest.pop(0), rest.pop(0)
     if has_blocks:
