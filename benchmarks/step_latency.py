@@ -34,7 +34,8 @@ Modes (--modes):
                 down GEMM per to_q / to_k / to_v group: `prepared.share_inputs`), prepbf (prepin with x' rounded
                 to bf16 before its quantization: xprime="bfloat16", the sampler's "fast"), prepbfns (prepbf with
                 a down GEMM per layer: share=False), prepbfm (prepbf with the GEMMs on the warp-specialized
-                Mosaic kernel: gemm="mosaic"),
+                Mosaic kernel: gemm="mosaic"), prepbfr (prepbfm with the rotation prologue of 1536-input
+                layers as one Mosaic GEMM with row maxima: prologue="mosaic", `kernels/prologue_mosaic.py`),
                 prepk (prepared, prologue kernel), int (XLA int8 reference path); p:PRESET:KIND:IMPL the same
                 with the online Hadamard as IMPL (`transforms.HADAMARD_IMPLS`) for this mode only
 --hadamard IMPL runs the online rotation of the rotating presets as `transforms.set_hadamard_impl(IMPL)`
@@ -99,7 +100,7 @@ XLA_VARIANTS = {
 }
 
 
-PRESET_KINDS = ("fused", "prep", "prepsplit", "prepin", "prepbf", "prepbfns", "prepbfm", "prepk", "int")
+PRESET_KINDS = ("fused", "prep", "prepsplit", "prepin", "prepbf", "prepbfns", "prepbfm", "prepbfr", "prepk", "int")
 
 
 def is_mode(m: str) -> bool:
@@ -209,10 +210,11 @@ def quantized_trees(params, modes, steps: int, log):
             kind = m.split("-", 1)[1] if m.startswith(name + "-") else None
             if m.startswith("p:"):
                 kind = m.split(":")[2] if ":".join(m.split(":")[:2]) == name else None
-            if kind in ("prepsplit", "prepin", "prepbf", "prepbfns", "prepbfm"):
+            if kind in ("prepsplit", "prepin", "prepbf", "prepbfns", "prepbfm", "prepbfr"):
                 kw = dict(prepsplit=dict(down="split"), prepin=dict(down="input"), prepbf=SAMPLER_MODES["fast"],
                           prepbfns=dict(SAMPLER_MODES["fast"], share=False),
-                          prepbfm=dict(SAMPLER_MODES["fast"], gemm="mosaic"))[kind]
+                          prepbfm=dict(SAMPLER_MODES["fast"], gemm="mosaic"),
+                          prepbfr=dict(SAMPLER_MODES["fast"], gemm="mosaic", prologue="mosaic"))[kind]
                 trees[m] = jax.block_until_ready(jax.jit(lambda t, kw=kw: prepare(t, **kw))(
                     with_execution(q, "fused")))
             elif kind == "int":

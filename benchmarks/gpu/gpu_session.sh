@@ -106,7 +106,7 @@ if [ "${1:-}" = i24x ]; then
   # "bf16 p:qdit4sr-paper-w4a4:prepbf p:qdit4sr-paper-w4a4:prepbfm")
   # (the kernel's first run: if the check fails or hangs, no step runs on it; the standalone GEMM sweep runs instead)
   el "mosaic fused check"; timeout ${CHECK_S:-100} python3 benchmarks/gpu/mosaic_fused_check.py --cases ${CHECK_CASES:-4} \
-      --out "$OUT/mosaic_fused_check.json" > "$OUT/mosaic_fused_check.log" 2>&1; rc=$?
+      --variants ${CHECK_VARIANTS:-mosaic} --out "$OUT/mosaic_fused_check.json" > "$OUT/mosaic_fused_check.log" 2>&1; rc=$?
   grep -v "^W[0-9]\|Warning" "$OUT/mosaic_fused_check.log" | cut -c1-300 | tail -14
   P=p:qdit4sr-paper-w4a4-small
   left=$(( ${T:-390} - ($(date +%s) - t0) ))

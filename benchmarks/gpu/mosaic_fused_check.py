@@ -1,11 +1,13 @@
-"""GPU check of the fused linear on the warp-specialized Mosaic GEMM (`prepare(..., gemm="mosaic")`) against the
-same prepared layers on the Triton GEMM, and of both against fake-quant; then the time per call of each.
+"""GPU check of the fused linear on the warp-specialized Mosaic GEMM (`prepare(..., gemm="mosaic")`, and with the
+rotation prologue on one Mosaic GEMM too: prologue="mosaic") against the same prepared layers on the Triton GEMM,
+and of each against fake-quant; then the time per call of each.
 
 Layers as `prologue_check._layer` builds them (W4A4, rotation, rank-32 low-rank + 256 x 256 H-SVD blocks,
 int group scales folded on preparing) with a VaTMP schedule (the scale made in the kernel from the level
 table), prepared as the sampler's "fast" mode; a to_q / to_k / to_v group shares one down-projection (the
 members read their columns of the shared features in place). Expected: Mosaic equals Triton up to float32
-rounding in the epilogue (a few bf16 ulps on some elements), both equally far from fake-quant.
+rounding in the epilogue (a few bf16 ulps on some elements), both equally far from fake-quant; with the rotation
+prologue, x' comes from sums in another order (a code may move by one: rel. err. vs Triton ~1e-3 at most).
 
   python benchmarks/gpu/mosaic_fused_check.py --out $OUT/mosaic_fused_check.json      # GPU (Hopper)
 """
@@ -30,13 +32,17 @@ from prologue_check import _input, _layer  # noqa: E402
 from ws_gemm import per_call_ms  # noqa: E402
 
 SCHEDULE = [4, 3, 5, 4]
+# prepare() arguments beside the sampler's "fast" mode: the Triton GEMM (the reference here), the Mosaic GEMM, and
+# the Mosaic GEMM after the rotation prologue on one Mosaic GEMM (prologue_mosaic.py; 1536-input layers)
+VARIANTS = {"triton": dict(gemm="triton"), "mosaic": dict(gemm="mosaic"),
+            "mosaic_rot": dict(gemm="mosaic", prologue="mosaic")}
 # (M, K, N, group, float_groups): the 512-px step's shapes with CFG; group: a to_q / to_k / to_v group sharing its
 # down GEMM; float_groups: float group scales (the plain paper preset's "gnk" layout: the grouped kernel path)
 CASES = [(4096, 1536, 1536, True, False), (4096, 1536, 6144, False, False), (4096, 6144, 1536, False, True),
          (2048, 1536, 1536, False, False), (4096, 1536, 1536, False, True)]
 
 
-def run_case(m, k, n, group, float_groups=False, step=2, time_it=True, tilings=("",)):
+def run_case(m, k, n, group, float_groups=False, step=2, time_it=True, tilings=("",), variants=tuple(VARIANTS)):
     from qdit4sr_jax.quant.kernels import fused_linear, prepare
     from qdit4sr_jax.quant.kernels.prepared import SAMPLER_MODES
     from qdit4sr_jax.quant.linear import linear
@@ -47,39 +53,46 @@ def run_case(m, k, n, group, float_groups=False, step=2, time_it=True, tilings=(
             for i, nm in enumerate(names)}
     x = _input(m, k)
     t = jnp.int32(step)
-    preps = {g: jax.jit(lambda tr, g=g: prepare(tr, **SAMPLER_MODES["fast"], gemm=g))(tree)
-             for g in ("triton", "mosaic")}
+    preps = {name: jax.jit(lambda tr, kw=kw: prepare(tr, **SAMPLER_MODES["fast"], **kw))(tree)
+             for name, kw in VARIANTS.items() if name in variants}
 
     def group_fn(tr, v, s):
         return [fused_linear(v, tr[nm]["kernel"], None, step=s, shared=tr.get("qkv_down")) for nm in names]
 
     run = jax.jit(group_fn)
     ys = {g: run(p, x, t) for g, p in preps.items()}
-    text = run.lower(preps["mosaic"], x, t).as_text()
-    kernels = dict(mosaic_in_hlo="mosaic_gpu" in text, triton_kernels=text.count("__gpu$xla.gpu.triton"))
+    texts = {v: run.lower(preps[v], x, t).as_text() for v in preps if v != "triton"}
     rows = []
     for i, nm in enumerate(names):
         ref = np.asarray(linear(x, tree[nm]["kernel"], None, step=t, execution="fake"), np.float32)
-        a, b = np.asarray(ys["mosaic"][i], np.float32), np.asarray(ys["triton"][i], np.float32)
-        rows.append(dict(shape=[m, k, n], member=nm, layout=preps["mosaic"][nm]["kernel"].node.layout,
-                         rel_mosaic_vs_triton=rel_err(a, b),
-                         max_abs_diff=float(np.abs(a - b).max()), differing=int((a != b).sum()),
-                         max_abs_y=float(np.abs(b).max()), rel_mosaic_vs_fake=rel_err(a, ref),
-                         rel_triton_vs_fake=rel_err(b, ref), finite=bool(np.isfinite(a).all()), **kernels))
+        b = np.asarray(ys["triton"][i], np.float32)
+        row = dict(shape=[m, k, n], member=nm, layout=preps["triton"][nm]["kernel"].node.layout,
+                   max_abs_y=float(np.abs(b).max()), rel_triton_vs_fake=rel_err(b, ref))
+        for v in preps:
+            if v == "triton":
+                continue
+            a = np.asarray(ys[v][i], np.float32)
+            text = texts[v]
+            row[v] = dict(rel_vs_triton=rel_err(a, b), max_abs_diff=float(np.abs(a - b).max()),
+                          differing=int((a != b).sum()), rel_vs_fake=rel_err(a, ref), finite=bool(np.isfinite(a).all()),
+                          mosaic_kernels=text.count("custom_call @mosaic_gpu"),
+                          triton_kernels=text.count("__gpu$xla.gpu.triton"))
+        rows.append(row)
         print(rows[-1], flush=True)
     if time_it:
         from qdit4sr_jax.quant.kernels.mosaic_gemm import parse_tiles, set_fused_tiles
         xs = jnp.stack([_input(m, k)] * 4)
         tm = {"triton_us": per_call_ms(lambda v, p, s: group_fn(p, v, s), xs, preps["triton"], t) * 1e3}
-        for tiles in tilings:                      # each tiling traced afresh (the override is read when tracing)
-            prev = set_fused_tiles(**parse_tiles(tiles))
-            try:
-                tm[f"mosaic_us[{tiles or 'default'}]"] = per_call_ms(
-                    lambda v, p, s: group_fn(p, v, s), xs, preps["mosaic"], t) * 1e3
-            except Exception as e:  # noqa: BLE001 - e.g. shared memory exceeded: recorded
-                tm[f"mosaic_us[{tiles or 'default'}]"] = repr(e)[:200]
-            finally:
-                set_fused_tiles(**prev)
+        for v in preps:
+            for tiles in (tilings if v != "triton" else ()):   # each tiling traced afresh (read when tracing)
+                prev = set_fused_tiles(**parse_tiles(tiles))
+                try:
+                    tm[f"{v}_us[{tiles or 'default'}]"] = per_call_ms(
+                        lambda v_, p, s: group_fn(p, v_, s), xs, preps[v], t) * 1e3
+                except Exception as e:  # noqa: BLE001 - e.g. shared memory exceeded: recorded
+                    tm[f"{v}_us[{tiles or 'default'}]"] = repr(e)[:200]
+                finally:
+                    set_fused_tiles(**prev)
         rows.append(dict(shape=[m, k, n], member="+".join(names) + " per call", **tm))
         print(rows[-1], flush=True)
     return rows
@@ -91,12 +104,15 @@ def main(argv=None):
     ap.add_argument("--no-time", action="store_true")
     ap.add_argument("--tiles", nargs="+", default=["", "tile_m=128,wg_dim=m,epi_n=32,out_slots=1"],
                     help="Mosaic tilings to time (mosaic_gemm.parse_tiles; '' = FUSED_TILES)")
+    ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS),
+                    help="what to compare with the Triton GEMM (always run)")
     ap.add_argument("--out", default=None)
     a = ap.parse_args(argv)
+    variants = ("triton",) + tuple(v for v in a.variants if v != "triton")
     res = {"env": environment(), "rows": []}
     for (m, k, n, group, fg) in CASES[: a.cases]:
         try:
-            res["rows"] += run_case(m, k, n, group, fg, time_it=not a.no_time, tilings=a.tiles)
+            res["rows"] += run_case(m, k, n, group, fg, time_it=not a.no_time, tilings=a.tiles, variants=variants)
         except Exception as e:  # noqa: BLE001 - recorded; the next case still runs
             res["rows"].append(dict(shape=[m, k, n], error=repr(e)[:800]))
             print(res["rows"][-1], flush=True)

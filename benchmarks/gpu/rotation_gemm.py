@@ -6,6 +6,8 @@ bf16 down-projection [K, F] (F branch columns, padded so the kernel's column til
   today: three XLA ops (x @ DH, x @ jd, max |x'| over rows): XLA's GEMM(s) and a reduce kernel
   mosaic: one kernel, b = [(DH)^T | jd^T], writing [x' | features] and per-tile row maxima, then the max over
           the K / tile_n rotation tiles (a [K / tile_n, M] reduce)
+  mosaic_kn: the same as the rotation prologue runs it (`prologue_mosaic.py`): D H and jd as two [K, N] operands,
+          64 x 128 warpgroup tiles along M
 Check: x' and the features equal XLA's up to float32 summation order (bf16 outputs: count and max of the
 differing elements), row maxima equal to the maxima of the kernel's own x' (exactly). Then the ms per call
 (R calls per jit, `ws_gemm.per_call_ms`).
@@ -59,6 +61,14 @@ def fused(x, b, k, tile_n=128, **tiles):
     return y, jnp.max(amax[: k // tile_n], axis=0)
 
 
+def two_operands(x, dh, jd, k, tile_n=128):
+    """The form `prologue_mosaic` runs: D H and jd as two [K, N] operands (no concatenation), layout "kn"."""
+    from qdit4sr_jax.quant.kernels.mosaic_gemm import mosaic_bf16_gemm_rowmax
+    from qdit4sr_jax.quant.kernels.prologue_mosaic import ROTATION_TILES
+    y, amax = mosaic_bf16_gemm_rowmax(x, dh, jd, layout="kn", **ROTATION_TILES)
+    return y, jnp.max(amax, axis=0)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shapes", type=int, default=len(SHAPES))
@@ -80,9 +90,14 @@ def main(argv=None):
                        amax_vs_own=float(jnp.max(jnp.abs(amax_k - jnp.max(jnp.abs(y[:, :k].astype(jnp.float32)),
                                                                           axis=1)))),
                        amax_rel_vs_today=float(jnp.max(jnp.abs(amax_k - amax) / amax)))
+            y2, amax2 = jax.jit(lambda x, dh, jd: two_operands(x, dh, jd, k))(xs[0], dh, jd)
+            d2 = jnp.abs(y2.astype(jnp.float32) - want)
+            row.update(kn_differing=int(jnp.sum(d2 > 0)), kn_max_abs_diff=float(jnp.max(d2)),
+                       kn_amax_rel_vs_today=float(jnp.max(jnp.abs(amax2 - amax) / amax)))
             row["today_ms"] = per_call_ms(today, xs, dh, jd)
             row["mosaic_ms"] = per_call_ms(lambda x, b: fused(x, b, k), xs, b)
             row["x_today"] = row["today_ms"] / row["mosaic_ms"]
+            row["mosaic_kn_ms"] = per_call_ms(lambda x, dh, jd: two_operands(x, dh, jd, k), xs, dh, jd)
         except Exception as e:  # noqa: BLE001 - recorded; the next shape still runs
             row["error"] = repr(e)[:600]
         res["rows"].append(row)

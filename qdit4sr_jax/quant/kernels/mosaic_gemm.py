@@ -350,47 +350,60 @@ def mosaic_int8_gemm_ws(xq, wq, sx, sw, bias=None, addend=None, *, out_dtype=jnp
     return kernel(*args)
 
 
-def mosaic_bf16_gemm_rowmax(x, b, *, tile_m: int = 64, tile_n: int = 128, wg_dim: str = "n", stages: int = 4,
-                            in_flight: int = 1, epi: int = 64, epi_n: int | None = None, out_slots: int = 2,
-                            grid_minor: int = 1, grid_width: int = 8, num_sms: int | None = None):
-    """x bf16 [M, K], b bf16 [N, K] (K-major) -> (y bf16 [M, N] = x b^T, amax f32 [N / tile_n, M]) with
-    amax[j, m] = max over the j-th tile_n columns of |y[m, :]| (of y as rounded to bf16).
+def mosaic_bf16_gemm_rowmax(x, b, b2=None, *, layout: str = "nk", b_scale: float = 1.0, tile_m: int = 64,
+                            tile_n: int = 128, wg_dim: str = "n", stages: int = 4, in_flight: int = 1, epi: int = 64,
+                            epi_n: int | None = None, out_slots: int = 2, grid_minor: int = 1, grid_width: int = 8,
+                            num_sms: int | None = None):
+    """x bf16 [M, K], b bf16 [N, K] (layout "nk", K-major) or [K, N] ("kn"), b2 None or a second operand [N2, K] /
+    [K, N2] in the same layout -> (y bf16 [M, N + N2] = x [b | b2] with b's columns times b_scale (float32, before
+    the rounding to bf16), amax f32 [N / tile_n, M]) with amax[j, m] = max over the j-th tile_n columns of b's part
+    of |y[m, :]| (of y as rounded to bf16).
 
-    The prologue's first kernel in the two-kernel design (benchmarks/gpu_notes.md): with b = [(D H)^T | jd^T] it
-    writes the rotated x' = x D H in bf16 and the branch features x jd in one GEMM, and the row maxima that the
-    per-token scales need come out of its epilogue (max over the first K / tile_n rows of amax) instead of a
-    reduce pass over x'. Same structure as `mosaic_int8_gemm_ws` (persistent, warp-specialized, TMA-store
-    epilogue), bf16 wgmmas into float32 accumulators, K in steps of 64. M, N, K must tile (`ws_tiles_ok`, K a
-    multiple of 64)."""
+    The prologue's rotation (`fused.prologue` of a layer prepared with prologue="mosaic"): with b = D H_b sqrt(b)
+    (the +-1 Hadamard, exact in bf16; b_scale = 1 / sqrt(b)) and b2 the branch down-projection jd it writes the
+    rotated x' = x D H in bf16 and the branch features x jd in one GEMM, and the row maxima that the per-token
+    scales need come out of its epilogue (max over the K / tile_n rows of amax) instead of a reduce pass over x'.
+    Each output tile reads b or b2 (two pipelines, one per operand: no concatenation of a constant and a weight).
+    Same structure as `mosaic_int8_gemm_ws` (persistent, warp-specialized, TMA-store epilogue), bf16 wgmmas into
+    float32 accumulators, K in steps of 64. M, N, N2, K must tile (`ws_tiles_ok`, K a multiple of 64)."""
     from jax.experimental.pallas import mosaic_gpu as plgpu
+    if layout not in ("nk", "kn"):
+        raise ValueError(f"mosaic_bf16_gemm_rowmax: layout must be 'nk' or 'kn', got {layout!r}")
+    nk = layout == "nk"
     m, k = x.shape
-    n = b.shape[0]
-    if x.dtype != jnp.bfloat16 or b.dtype != jnp.bfloat16 or b.shape[1] != k:
-        raise ValueError(f"mosaic_bf16_gemm_rowmax: needs bf16 x [M, K] and b [N, K], got {x.dtype}{tuple(x.shape)} "
-                         f"and {b.dtype}{tuple(b.shape)}")
+    ops = [b] if b2 is None else [b, b2]
+    widths = [o.shape[0 if nk else 1] for o in ops]
+    if x.dtype != jnp.bfloat16 or any(o.dtype != jnp.bfloat16 or o.ndim != 2 or o.shape[1 if nk else 0] != k
+                                      for o in ops):
+        want = "[N, K]" if nk else "[K, N]"
+        raise ValueError(f"mosaic_bf16_gemm_rowmax: needs bf16 x [M, K] and b (b2) {want}, got {x.dtype}"
+                         f"{tuple(x.shape)} and {[f'{o.dtype}{tuple(o.shape)}' for o in ops]}")
     epi_n = epi_n or epi
     step_k = SWIZZLE // 2                                  # 64 bf16 = one 128-byte swizzle span
-    if not (ws_tiles_ok(m, n, SWIZZLE, tile_m, tile_n, wg_dim, epi, epi_n) and k % step_k == 0) or \
-            out_slots not in (1, 2) or not 0 <= in_flight < stages:
-        raise ValueError(f"mosaic_bf16_gemm_rowmax: [{m}, {k}] x [{n}, {k}] does not tile by two {tile_m}x{tile_n} "
-                         f"warpgroup tiles along {wg_dim!r} (K a multiple of {step_k}; out_slots 1 or 2; "
-                         f"0 <= in_flight < stages)")
+    if not (all(ws_tiles_ok(m, w, SWIZZLE, tile_m, tile_n, wg_dim, epi, epi_n) for w in widths)
+            and k % step_k == 0) or out_slots not in (1, 2) or not 0 <= in_flight < stages:
+        raise ValueError(f"mosaic_bf16_gemm_rowmax: [{m}, {k}] x {widths} columns does not tile by two "
+                         f"{tile_m}x{tile_n} warpgroup tiles along {wg_dim!r} (K a multiple of {step_k}; out_slots "
+                         f"1 or 2; 0 <= in_flight < stages)")
     cta_m, cta_n = _cta(tile_m, tile_n, wg_dim)
-    m_iters, n_iters, k_iters = m // cta_m, n // cta_n, k // step_k
+    n = sum(widths)
+    m_iters, n_iters, k_iters, n1_iters = m // cta_m, n // cta_n, k // step_k, widths[0] // cta_n
     transforms = (plgpu.TilingTransform((8, step_k)), plgpu.SwizzleTransform(SWIZZLE))
     out_swizzle = plgpu.find_swizzle(epi_n * 2 * 8)
     out_transforms = (plgpu.TilingTransform((8, out_swizzle // 2)), plgpu.SwizzleTransform(out_swizzle))
+    b_spec = (plgpu.BlockSpec((cta_n, step_k), lambda kk: (0, kk), transforms=transforms, delay_release=in_flight)
+              if nk else
+              plgpu.BlockSpec((step_k, cta_n), lambda kk: (kk, 0), transforms=transforms, delay_release=in_flight))
 
     def pipeline(body, context):
         return plgpu.emit_pipeline_warp_specialized(
             body, grid=(k_iters,), memory_registers=40, wg_axis="wg", num_compute_wgs=2,
             max_concurrent_steps=stages, compute_context=context,
             in_specs=[plgpu.BlockSpec((cta_m, step_k), lambda kk: (0, kk), transforms=transforms,
-                                      delay_release=in_flight),
-                      plgpu.BlockSpec((cta_n, step_k), lambda kk: (0, kk), transforms=transforms,
-                                      delay_release=in_flight)])
+                                      delay_release=in_flight), b_spec])
 
-    def body(x_g, b_g, y_g, amax_g):
+    def body(x_g, *refs):
+        b_gs, (y_g, amax_g) = refs[:-2], refs[-2:]
         ignore = lambda *_, **__: None  # noqa: E731 - the allocations do not depend on the bodies
 
         def scope(allocs, out_smem, amax_smem):
@@ -401,42 +414,60 @@ def mosaic_bf16_gemm_rowmax(x, b, *, tile_m: int = 64, tile_n: int = 128, wg_dim
                 mi, ni, r0, c0, wg_rows, wg_cols = _tile_coords(plgpu, info, wg, m_iters, n_iters, tile_m, tile_n,
                                                                 wg_dim, grid_minor, grid_width)
 
-                def context(run):
-                    def with_acc(acc_ref):
-                        run(acc_ref)
-                        return acc_ref[...]
-
-                    y = pl.run_scoped(with_acc, plgpu.ACC((tile_m, tile_n), jnp.float32)).astype(jnp.bfloat16)
-                    _store_tiles(plgpu, y, out_smem.at[wg], y_g, r0, c0, epi, epi_n)
-                    amax_smem[wg] = jnp.max(jnp.abs(y.astype(jnp.float32)), axis=1)
-                    plgpu.commit_smem()
-                    plgpu.copy_smem_to_gmem(amax_smem.at[wg], amax_g.at[c0 // tile_n, pl.ds(r0, tile_m)])
-
                 def mma(_, x_s, b_s, acc_ref):
-                    plgpu.wgmma(acc_ref, x_s.at[wg_rows], plgpu.transpose_ref(b_s.at[wg_cols], (1, 0)))
+                    b_wg = plgpu.transpose_ref(b_s.at[wg_cols], (1, 0)) if nk else b_s.at[:, wg_cols]
+                    plgpu.wgmma(acc_ref, x_s.at[wg_rows], b_wg)
                     plgpu.wgmma_wait(in_flight)
                     return acc_ref
 
-                pipeline(mma, context)(x_g.at[pl.ds(mi * cta_m, cta_m), :], b_g.at[pl.ds(ni * cta_n, cta_n), :],
-                                       allocations=allocs)
+                def part(b_g, first, scale, with_amax):
+                    """This tile from operand b_g, whose columns start at output tile column `first`."""
+                    def context(run):
+                        def with_acc(acc_ref):
+                            run(acc_ref)
+                            return acc_ref[...]
 
-        pl.run_scoped(scope, pipeline(ignore, ignore).get_allocations(x_g, b_g),
+                        acc = pl.run_scoped(with_acc, plgpu.ACC((tile_m, tile_n), jnp.float32))
+                        y = (acc if scale == 1.0 else acc * scale).astype(jnp.bfloat16)
+                        _store_tiles(plgpu, y, out_smem.at[wg], y_g, r0, c0, epi, epi_n)
+                        if with_amax:
+                            amax_smem[wg] = jnp.max(jnp.abs(y.astype(jnp.float32)), axis=1)
+                            plgpu.commit_smem()
+                            plgpu.copy_smem_to_gmem(amax_smem.at[wg], amax_g.at[c0 // tile_n, pl.ds(r0, tile_m)])
+
+                    cols = pl.ds((ni - first) * cta_n, cta_n)
+                    pipeline(mma, context)(x_g.at[pl.ds(mi * cta_m, cta_m), :], b_g.at[cols, :] if nk else
+                                           b_g.at[:, cols], allocations=allocs)
+
+                if len(b_gs) == 1:
+                    part(b_gs[0], 0, b_scale, True)
+                else:
+                    pl.when(ni < n1_iters)(lambda: part(b_gs[0], 0, b_scale, True))
+                    pl.when(ni >= n1_iters)(lambda: part(b_gs[1], n1_iters, 1.0, False))
+
+        pl.run_scoped(scope, pipeline(ignore, ignore).get_allocations(x_g, b_gs[0]),
                       plgpu.SMEM((2, out_slots, epi, epi_n), jnp.bfloat16, transforms=out_transforms),
                       plgpu.SMEM((2, tile_m), jnp.float32), collective_axes="wg")
         plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
     kernel = plgpu.kernel(body, out_type=(jax.ShapeDtypeStruct((m, n), jnp.bfloat16),
-                                          jax.ShapeDtypeStruct((n // tile_n, m), jnp.float32)),
+                                          jax.ShapeDtypeStruct((widths[0] // tile_n, m), jnp.float32)),
                           grid=(min(num_sms or _num_sms(), m_iters * n_iters),), grid_names=("sm",),
                           num_threads=3, thread_name="wg")
-    return kernel(x, b)
+    return kernel(x, *ops)
 
 
-def rowmax_reference(x, b, tile_n: int = 128):
-    """`mosaic_bf16_gemm_rowmax` with XLA ops: y = bf16(x b^T) (float32 accumulation), amax per tile_n columns."""
-    y = jax.lax.dot_general(x, b, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32).astype(jnp.bfloat16)
+def rowmax_reference(x, b, b2=None, *, layout: str = "nk", b_scale: float = 1.0, tile_n: int = 128, **_tiles):
+    """`mosaic_bf16_gemm_rowmax` with XLA ops: y = bf16([x b * b_scale | x b2]) (float32 accumulation), amax per
+    tile_n columns of b's part (the kernel's other tiling arguments are accepted and do not matter)."""
+    dims = (((1,), (1,)), ((), ())) if layout == "nk" else (((1,), (0,)), ((), ()))
+    y = (jax.lax.dot_general(x, b, dims, preferred_element_type=jnp.float32) * jnp.float32(b_scale)
+         ).astype(jnp.bfloat16)
     m, n = y.shape
     amax = jnp.max(jnp.abs(y.astype(jnp.float32)).reshape(m, n // tile_n, tile_n), axis=2).T
+    if b2 is not None:
+        y = jnp.concatenate([y, jax.lax.dot_general(x, b2, dims, preferred_element_type=jnp.float32
+                                                    ).astype(jnp.bfloat16)], axis=1)
     return y, amax
 
 

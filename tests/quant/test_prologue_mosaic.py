@@ -1,0 +1,141 @@
+"""The rotation prologue on one Mosaic GEMM (quant/kernels/prologue_mosaic.py, `prepare(..., prologue="mosaic")`).
+
+The kernel itself has no interpreter: here its XLA form (`mosaic_gemm.rowmax_reference`) stands in for it, so the
+wiring is checked on the CPU (codes, row maxima, the features read in place at column K + the layer's first
+column, through the Triton GEMM's interpreter), and the prepared layer is lowered for CUDA to count its kernels.
+benchmarks/gpu/rotation_gemm.py checks the kernel's numbers on the GPU."""
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from conftest import rel_err
+from qdit4sr_jax.quant.kernels import KernelConfig, prepare, prepare_weight
+from qdit4sr_jax.quant.kernels import mosaic_gemm as mg
+from qdit4sr_jax.quant.kernels import prologue_mosaic as pm
+from qdit4sr_jax.quant.kernels.fused import prologue
+from qdit4sr_jax.quant.kernels.pallas_gpu import pallas_gemm_epilogue
+from qdit4sr_jax.quant.kernels.prepared import SAMPLER_MODES
+from qdit4sr_jax.quant.qweight import make_qweight
+
+N, K = 256, 256
+CFG = KernelConfig(block_m=16, block_n=32, block_k=64, num_warps=4, num_stages=2)
+S = jax.ShapeDtypeStruct
+OLD_JAX = tuple(int(p) for p in jax.__version__.split(".")[:2]) < (0, 10)
+
+
+def _layer(rng, r, sched, **kw):
+    w = jnp.asarray(rng.normal(size=(N, K)).astype(np.float32) * 0.05)
+    return make_qweight(w, w_bits=4, a_bits=4, execution="fused", rotate=K, signs=True, a_schedule=sched,
+                        lr_a=rng.normal(size=(K, r)) * 0.1, lr_b=rng.normal(size=(r, N)) * 0.1,
+                        block_u=rng.normal(size=(N // 128, K // 128, 128)) * 0.2,
+                        block_v=rng.normal(size=(N // 128, K // 128, 128)) * 0.2, block=(128, 128), **kw)
+
+
+def _qkv(seed):
+    rng = np.random.default_rng(seed)
+    scheds = ([4, 3, 8], [4, 4, 4], [6, 3, 5])
+    return {n: {"kernel": _layer(rng, r, jnp.asarray(s, jnp.int32)),
+                "bias": jnp.asarray(rng.normal(size=(N,)).astype(np.float32))}
+            for n, r, s in zip(("to_q", "to_k", "to_v"), (12, 40, 12), scheds)}
+
+
+def _x(seed, m=37):
+    x = np.random.default_rng(100 + seed).standard_t(5, size=(m, K)).astype(np.float32)
+    x[:, 3] *= 10.0
+    return jnp.asarray(x, jnp.bfloat16)
+
+
+def test_rotation_prologue_gives_the_xla_prologue_operands():
+    """With the kernel's XLA form, the rotation prologue of each of to_q / to_k / to_v (one shared down-projection,
+    different level schedules) gives the XLA prologue's codes, row maxima and features (x' and the maxima from one
+    GEMM, the features from its columns K..), and the Triton GEMM reading those features in place at column
+    K + the member's first column gives the XLA prologue's outputs."""
+    tree = prepare({"attn": _qkv(1)}, **SAMPLER_MODES["fast"], prologue="mosaic")["attn"]
+    sd = tree["qkv_down"]
+    x = _x(1)
+    gemm = functools.partial(mg.rowmax_reference)
+    for n in ("to_q", "to_k", "to_v"):
+        kw, bias = tree[n]["kernel"], tree[n]["bias"]
+        assert kw.prologue == "mosaic" and pm.fits(x, kw.node, kw.bw, sd, kw.levels, 128)
+        for t in (0, 2, 7):
+            step = jnp.int32(t)
+            tables = dict(levels=kw.levels, inv_levels=kw.inv_levels, step=step)
+            want = prologue(x, kw.node, 4, pad_to=16, chunk=0, bw=kw.bw, pad_branches=True, xprime="bfloat16",
+                            joint=True, shared=sd, defer_scale=True, **tables)
+            got = pm.mosaic_prologue(x, kw.node, kw.bw, pad_to=128, shared=sd, rotation_gemm=gemm, **tables)
+            m = x.shape[0]
+            assert got.xq.shape == (128, K) and got.joint and got.col == K + kw.bw.jd_col
+            diff = np.asarray(got.xq[:m], np.int32) - np.asarray(want.xq[:m], np.int32)
+            assert np.abs(diff).max() <= 1 and np.mean(diff != 0) <= 1e-3   # float32 sums in another order
+            np.testing.assert_allclose(np.asarray(got.sx[:m]), np.asarray(want.sx[:m]), rtol=2 ** -7)
+            assert not np.asarray(got.xq[m:]).any() and not np.asarray(got.sx[m:]).any()   # padded rows
+            w = kw.bw.joint_width
+            np.testing.assert_array_equal(np.asarray(got.dh[:m, got.col:got.col + w], np.float32),
+                                          np.asarray(want.dh[:m, want.col:want.col + w], np.float32))
+            y_got = pallas_gemm_epilogue(got, kw.node, bias, jnp.float32, CFG, interpret=True)
+            y_want = pallas_gemm_epilogue(want, kw.node, bias, jnp.float32, CFG, interpret=True)
+            assert y_got.shape == (m, N) and rel_err(y_got, y_want) <= 2e-3
+            cols = [b.col0 for b in mg._branches(got)]                 # what the Mosaic GEMM kernel would read
+            assert cols == [K + kw.bw.jd_col, K + kw.bw.jd_col + kw.bw.dt_col]
+
+
+def test_rotation_prologue_without_sharing_pads_its_own_features():
+    """An unshared layer (its own input-space jd: Rl 16 + 2 block rows x Rb 16 = 48 columns, padded to 128 by zero
+    columns for the kernel's column tiles) gets the same operands from the rotation prologue as from the XLA prologue."""
+    rng = np.random.default_rng(4)
+    kw = prepare_weight(_layer(rng, 12, jnp.asarray([4, 5], jnp.int32)), **SAMPLER_MODES["fast"], prologue="mosaic")
+    assert kw.bw.jd.shape[1] % 128
+    x, tables = _x(4, 130), dict(levels=kw.levels, inv_levels=kw.inv_levels, step=jnp.int32(1))
+    want = prologue(x, kw.node, 4, pad_to=16, chunk=0, bw=kw.bw, pad_branches=True, xprime="bfloat16", joint=True,
+                    defer_scale=True, **tables)
+    got = pm.mosaic_prologue(x, kw.node, kw.bw, pad_to=128, rotation_gemm=mg.rowmax_reference, **tables)
+    assert got.xq.shape == (256, K) and got.dh.shape == (256, K + 128) and got.col == K
+    bias = jnp.zeros((N,), jnp.float32)
+    assert rel_err(pallas_gemm_epilogue(got, kw.node, bias, jnp.float32, CFG, interpret=True),
+                   pallas_gemm_epilogue(want, kw.node, bias, jnp.float32, CFG, interpret=True)) <= 2e-3
+
+
+def test_fits_names_the_layers_it_takes():
+    rng = np.random.default_rng(5)
+    sched = jnp.asarray([4, 4], jnp.int32)
+    kw = prepare_weight(_layer(rng, 16, sched), **SAMPLER_MODES["fast"], prologue="mosaic")
+    x = _x(5)
+    assert pm.fits(x, kw.node, kw.bw, None, kw.levels, 128)
+    assert not pm.fits(x.astype(jnp.float32), kw.node, kw.bw, None, kw.levels, 128)     # bf16 input only
+    assert not pm.fits(x, kw.node, kw.bw, None, None, 128)                            # a level table
+    assert not pm.fits(x, kw.node, kw.bw, None, kw.levels, 48)                        # rows tile by 128
+    half = prepare_weight(_layer(rng, 16, sched, ).replace(rotate=K // 2), **SAMPLER_MODES["fast"])
+    assert not pm.fits(x, half.node, half.bw, None, half.levels, 128)                  # block < K
+    joint = prepare_weight(_layer(rng, 16, sched), unpack=True, prologue="mosaic")     # features from x'
+    assert not pm.fits(x, joint.node, joint.bw, None, joint.levels, 128)
+    smooth = _layer(rng, 16, sched, smooth=np.ones(K, np.float32))
+    assert not pm.fits(x, smooth, None, None, kw.levels, 128)
+
+
+@pytest.mark.skipif(OLD_JAX, reason="Mosaic GPU kernels written for JAX >= 0.10")
+@pytest.mark.parametrize("k,n,kernels", [(1536, 1536, 2), (6144, 1536, 1)])
+def test_prepared_rotated_layer_is_two_mosaic_kernels(k, n, kernels):
+    """A paper layer prepared "fast" with prologue="mosaic" and gemm="mosaic" lowers for CUDA to two Mosaic
+    kernels (the rotation GEMM with row maxima, the int8 GEMM with the whole epilogue) and no Triton kernel where
+    the Hadamard block is K (1536), and to the XLA prologue plus one where it is not a single GEMM (6144)."""
+    from qdit4sr_jax.quant.kernels import lowering_for
+    from qdit4sr_jax.quant.linear import linear
+    nbo, nbi = -(-n // 256), -(-k // 256)
+    sched = np.tile(np.array([4, 5, 3, 4], np.int32), 10)
+
+    def build(w):
+        return prepare_weight(make_qweight(
+            w, w_bits=4, group_size=64, group_scale="int", a_bits=4, execution="fused", rotate=k, signs=True,
+            lr_a=jnp.zeros((k, 26)), lr_b=jnp.zeros((26, n)), block_u=jnp.zeros((nbo, nbi, 256)),
+            block_v=jnp.zeros((nbo, nbi, 256)), block=(256, 256), lowrank_bits=8, a_schedule=sched),
+            **SAMPLER_MODES["fast"], prologue="mosaic", gemm="mosaic")
+
+    kw = jax.eval_shape(build, S((n, k), jnp.float32))
+    x, t, b = S((2 * 1024 + 7, k), jnp.bfloat16), S((), jnp.int32), S((n,), jnp.float32)
+    with lowering_for("gpu"):
+        text = jax.jit(lambda kw, x, t, b: linear(x, kw, b, step=t)).trace(kw, x, t, b).lower(
+            lowering_platforms=("cuda",)).as_text()
+    assert text.count("custom_call @mosaic_gpu") == kernels and "__gpu$xla.gpu.triton" not in text
