@@ -34,8 +34,9 @@ Modes (--modes):
                 down GEMM per to_q / to_k / to_v group: `prepared.share_inputs`), prepbf (prepin with x' rounded
                 to bf16 before its quantization: xprime="bfloat16", the sampler's "fast"), prepbfns (prepbf with
                 a down GEMM per layer: share=False), prepbfm (prepbf with the GEMMs on the warp-specialized
-                Mosaic kernel: gemm="mosaic"), prepbfr (prepbfm with the rotation prologue of 1536-input
-                layers as one Mosaic GEMM with row maxima: prologue="mosaic", `kernels/prologue_mosaic.py`),
+                Mosaic kernel: gemm="mosaic"), prepbfh (prepbfm with x' and its row maxima from the Mosaic
+                Hadamard kernel: prologue="mosaic", `kernels/prologue_mosaic.py`), prepbfr (prepbfm with x', row
+                maxima and features of 1536-input layers from one Mosaic GEMM: prologue="mosaic-gemm"),
                 prepk (prepared, prologue kernel), int (XLA int8 reference path); p:PRESET:KIND:IMPL the same
                 with the online Hadamard as IMPL (`transforms.HADAMARD_IMPLS`) for this mode only
 --hadamard IMPL runs the online rotation of the rotating presets as `transforms.set_hadamard_impl(IMPL)`
@@ -100,7 +101,8 @@ XLA_VARIANTS = {
 }
 
 
-PRESET_KINDS = ("fused", "prep", "prepsplit", "prepin", "prepbf", "prepbfns", "prepbfm", "prepbfr", "prepk", "int")
+PRESET_KINDS = ("fused", "prep", "prepsplit", "prepin", "prepbf", "prepbfns", "prepbfm", "prepbfh", "prepbfr", "prepk",
+                "int")
 
 
 def is_mode(m: str) -> bool:
@@ -210,11 +212,12 @@ def quantized_trees(params, modes, steps: int, log):
             kind = m.split("-", 1)[1] if m.startswith(name + "-") else None
             if m.startswith("p:"):
                 kind = m.split(":")[2] if ":".join(m.split(":")[:2]) == name else None
-            if kind in ("prepsplit", "prepin", "prepbf", "prepbfns", "prepbfm", "prepbfr"):
+            if kind in ("prepsplit", "prepin", "prepbf", "prepbfns", "prepbfm", "prepbfh", "prepbfr"):
                 kw = dict(prepsplit=dict(down="split"), prepin=dict(down="input"), prepbf=SAMPLER_MODES["fast"],
                           prepbfns=dict(SAMPLER_MODES["fast"], share=False),
                           prepbfm=dict(SAMPLER_MODES["fast"], gemm="mosaic"),
-                          prepbfr=dict(SAMPLER_MODES["fast"], gemm="mosaic", prologue="mosaic"))[kind]
+                          prepbfh=dict(SAMPLER_MODES["fast"], gemm="mosaic", prologue="mosaic"),
+                          prepbfr=dict(SAMPLER_MODES["fast"], gemm="mosaic", prologue="mosaic-gemm"))[kind]
                 trees[m] = jax.block_until_ready(jax.jit(lambda t, kw=kw: prepare(t, **kw))(
                     with_execution(q, "fused")))
             elif kind == "int":

@@ -44,7 +44,7 @@ def abstract_quantized(model, preset: str, steps: int = 40):
     return with_execution(q, "fused"), len(paths)
 
 
-PREPARES = ("none", "xla", "pallas", "fast", "fast-mosaic", "fast-mosaic-rot")
+PREPARES = ("none", "xla", "pallas", "fast", "fast-mosaic", "fast-mosaic-had", "fast-mosaic-rot")
 
 
 def check(model="dit4sr", preset: str = "qdit4sr-w4a4-small", size: int = 512, batch: int = 1,
@@ -52,8 +52,8 @@ def check(model="dit4sr", preset: str = "qdit4sr-w4a4-small", size: int = 512, b
     """-> {layers, triton_kernels, custom_calls, by_name, lower_s}. model: preset name or ModelConfig;
     prepare: none | xla | pallas (the prologue) | fast (the sampler's "fast": input-space down-projections, shared
     by the layers reading one input) | fast-mosaic ("fast" with the GEMMs on the warp-specialized Mosaic kernel,
-    counted as mosaic_kernels) | fast-mosaic-rot (fast-mosaic with the rotation prologue on one Mosaic GEMM where
-    a layer's Hadamard block is its whole input: `prologue_mosaic.py`, before XLA's CSE of identical calls);
+    counted as mosaic_kernels) | fast-mosaic-had / fast-mosaic-rot (fast-mosaic with the rotation prologue on the
+    Mosaic Hadamard kernel / on one Mosaic GEMM: `prologue_mosaic.py`; counted before XLA's CSE of identical calls);
     platform: "gpu" (lowered for CUDA) or "tpu" (the fused
     layers take their XLA path there: no custom calls expected)."""
     import step_latency as S
@@ -73,7 +73,8 @@ def check(model="dit4sr", preset: str = "qdit4sr-w4a4-small", size: int = 512, b
     step = S.make_step(DiT4SRTransformer(mcfg), mcfg.guidance_scale, 1)
     args = jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), S.inputs(mcfg, size, batch))
     kw = {"fast": SAMPLER_MODES["fast"], "fast-mosaic": dict(SAMPLER_MODES["fast"], gemm="mosaic"),
-          "fast-mosaic-rot": dict(SAMPLER_MODES["fast"], gemm="mosaic", prologue="mosaic")}.get(
+          "fast-mosaic-had": dict(SAMPLER_MODES["fast"], gemm="mosaic", prologue="mosaic"),
+          "fast-mosaic-rot": dict(SAMPLER_MODES["fast"], gemm="mosaic", prologue="mosaic-gemm")}.get(
         prepare, dict(prologue=prepare))
     fn = step if prepare == "none" else jax.jit(lambda t, *a: step(prep(t, **kw), *a))
     with lowering_for(platform):

@@ -1,5 +1,5 @@
 """GPU check of the fused linear on the warp-specialized Mosaic GEMM (`prepare(..., gemm="mosaic")`, and with the
-rotation prologue on one Mosaic GEMM too: prologue="mosaic") against the same prepared layers on the Triton GEMM,
+rotation prologue on Mosaic kernels too: prologue="mosaic" | "mosaic-gemm") against the same prepared layers on the Triton GEMM,
 and of each against fake-quant; then the time per call of each.
 
 Layers as `prologue_check._layer` builds them (W4A4, rotation, rank-32 low-rank + 256 x 256 H-SVD blocks,
@@ -33,9 +33,11 @@ from ws_gemm import per_call_ms  # noqa: E402
 
 SCHEDULE = [4, 3, 5, 4]
 # prepare() arguments beside the sampler's "fast" mode: the Triton GEMM (the reference here), the Mosaic GEMM, and
-# the Mosaic GEMM after the rotation prologue on one Mosaic GEMM (prologue_mosaic.py; 1536-input layers)
+# the Mosaic GEMM after the rotation prologue on the Mosaic Hadamard kernel (mosaic_had) or on one Mosaic GEMM with
+# the features (mosaic_rot, 1536-input layers) (prologue_mosaic.py)
 VARIANTS = {"triton": dict(gemm="triton"), "mosaic": dict(gemm="mosaic"),
-            "mosaic_rot": dict(gemm="mosaic", prologue="mosaic")}
+            "mosaic_had": dict(gemm="mosaic", prologue="mosaic"),
+            "mosaic_rot": dict(gemm="mosaic", prologue="mosaic-gemm")}
 # (M, K, N, group, float_groups): the 512-px step's shapes with CFG; group: a to_q / to_k / to_v group sharing its
 # down GEMM; float_groups: float group scales (the plain paper preset's "gnk" layout: the grouped kernel path)
 CASES = [(4096, 1536, 1536, True, False), (4096, 1536, 6144, False, False), (4096, 6144, 1536, False, True),

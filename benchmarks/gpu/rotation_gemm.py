@@ -1,5 +1,10 @@
-"""The prologue's rotation as one warp-specialized Mosaic kernel (`mosaic_gemm.mosaic_bf16_gemm_rowmax`) against
-what the step runs today (XLA): x' = x (D H) in bf16, the branch features x jd, and each row's max|x'|.
+"""The prologue's rotation on Mosaic kernels against what the step runs today (XLA): x' = x (D H) in bf16, the
+branch features x jd, and each row's max|x'|.
+
+First the Hadamard kernel (`mosaic_hadamard.mosaic_hadamard_rowmax`: per row G^T (X o D) S_c on the tensor cores,
+run maxima from its epilogue; 3 and 2 bf16 terms of Z) vs today's x' and row max (`transforms.hadamard_transform`,
+"auto"), at K = 1536 and 6144: differing elements, us per call. Then the rotation GEMM
+(`mosaic_gemm.mosaic_bf16_gemm_rowmax`) per shape (M, K, F):
 
 Per shape (M, K, F): x bf16 [M, K] (Student-t rows), D H the signed +-1 Hadamard of K (exact in bf16), jd a random
 bf16 down-projection [K, F] (F branch columns, padded so the kernel's column tiles divide K + F).
@@ -69,13 +74,65 @@ def two_operands(x, dh, jd, k, tile_n=128):
     return y, jnp.max(amax, axis=0)
 
 
+# (M, K) of the Hadamard kernel: the 512-px step's 1536- and 6144-input layers, the 2048-row LR layers, 1024 px
+HAD_SHAPES = [(4096, 1536), (4096, 6144), (2048, 1536), (16384, 1536), (16384, 6144)]
+
+
+def hadamard_today(x):
+    """What the step runs today for a rotated layer's x' (XLA: `transforms.hadamard_transform`, "auto": one +-1
+    GEMM at 1536, the two-stage "dense" form at 6144) in bf16 and its row maxima."""
+    from qdit4sr_jax.quant.transforms import hadamard_transform, rotation_signs
+    k = x.shape[1]
+    xp = hadamard_transform(x * jnp.asarray(rotation_signs(k), x.dtype), k, inner="bfloat16").astype(jnp.bfloat16)
+    return xp, jnp.max(jnp.abs(xp.astype(jnp.float32)), axis=1)
+
+
+def hadamard_kernel(x, parts=3):
+    from qdit4sr_jax.quant.kernels.mosaic_hadamard import mosaic_hadamard_rowmax
+    y, run_max = mosaic_hadamard_rowmax(x, parts=parts)
+    return y, jnp.max(run_max, axis=1)
+
+
+def hadamard_row(m, k, reps):
+    """Exactness (vs today's XLA x', vs the kernel's own XLA form) and us per call of the Hadamard kernel."""
+    from qdit4sr_jax.quant.kernels.mosaic_hadamard import hadamard_reference
+    rng = np.random.default_rng(m + k)
+    xs = jnp.asarray(rng.standard_t(5, size=(reps, m, k)).astype(np.float32), jnp.bfloat16)
+    row = {"hadamard": [m, k]}
+    xp, amax = jax.jit(hadamard_today)(xs[0])
+    ref, ref_max = jax.jit(hadamard_reference)(xs[0])
+    for parts in (3, 2):
+        y, am = jax.jit(lambda v, p=parts: hadamard_kernel(v, p))(xs[0])
+        yf = y.astype(jnp.float32)
+        row[f"p{parts}"] = dict(
+            differing_vs_today=int(jnp.sum(yf != xp.astype(jnp.float32))),
+            max_abs_diff_vs_today=float(jnp.max(jnp.abs(yf - xp.astype(jnp.float32)))),
+            differing_vs_own_xla=int(jnp.sum(yf != ref.astype(jnp.float32))),
+            amax_rel_vs_today=float(jnp.max(jnp.abs(am - amax) / amax)),
+            amax_vs_own=float(jnp.max(jnp.abs(am - jnp.max(jnp.abs(yf), axis=1)))), finite=bool(jnp.isfinite(yf).all()))
+    row["max_abs"] = float(jnp.max(jnp.abs(xp.astype(jnp.float32))))
+    row["today_us"] = per_call_ms(hadamard_today, xs) * 1e3
+    for parts in (3, 2):
+        row[f"kernel_p{parts}_us"] = per_call_ms(lambda v, p=parts: hadamard_kernel(v, p), xs) * 1e3
+    row["x_today"] = row["today_us"] / row["kernel_p3_us"]
+    return row
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shapes", type=int, default=len(SHAPES))
     ap.add_argument("--reps", type=int, default=8)
     ap.add_argument("--out", default=None)
+    ap.add_argument("--hadamard-shapes", type=int, default=len(HAD_SHAPES), help="the Hadamard kernel's first N")
     a = ap.parse_args(argv)
     res = {"env": environment(), "rows": []}
+    for (m, k) in HAD_SHAPES[: a.hadamard_shapes]:
+        try:
+            row = hadamard_row(m, k, a.reps if m <= 4096 else 2)
+        except Exception as e:  # noqa: BLE001 - recorded; the next shape still runs
+            row = {"hadamard": [m, k], "error": repr(e)[:600]}
+        res["rows"].append(row)
+        print(row, flush=True)
     for (m, k, f) in SHAPES[: a.shapes]:
         row = {"shape": [m, k, f]}
         try:

@@ -1,11 +1,10 @@
-"""The rotation prologue on one Mosaic GEMM (quant/kernels/prologue_mosaic.py, `prepare(..., prologue="mosaic")`).
+"""The rotation prologue on Mosaic kernels (quant/kernels/prologue_mosaic.py, `prepare(..., prologue="mosaic" |
+"mosaic-gemm")`) and the Hadamard kernel (quant/kernels/mosaic_hadamard.py).
 
-The kernel itself has no interpreter: here its XLA form (`mosaic_gemm.rowmax_reference`) stands in for it, so the
-wiring is checked on the CPU (codes, row maxima, the features read in place at column K + the layer's first
-column, through the Triton GEMM's interpreter), and the prepared layer is lowered for CUDA to count its kernels.
-benchmarks/gpu/rotation_gemm.py checks the kernel's numbers on the GPU."""
-import functools
-
+The kernels have no interpreter: here their XLA forms (`mosaic_hadamard.hadamard_reference`,
+`mosaic_gemm.rowmax_reference`) stand in for them, so the wiring is checked on the CPU (codes, row maxima, the
+features read in place, through the Triton GEMM's interpreter), and the prepared layers are lowered for CUDA to
+count their kernels. benchmarks/gpu/rotation_gemm.py checks the kernels' numbers on the GPU."""
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -14,6 +13,7 @@ import pytest
 from conftest import rel_err
 from qdit4sr_jax.quant.kernels import KernelConfig, prepare, prepare_weight
 from qdit4sr_jax.quant.kernels import mosaic_gemm as mg
+from qdit4sr_jax.quant.kernels import mosaic_hadamard as mh
 from qdit4sr_jax.quant.kernels import prologue_mosaic as pm
 from qdit4sr_jax.quant.kernels.fused import prologue
 from qdit4sr_jax.quant.kernels.pallas_gpu import pallas_gemm_epilogue
@@ -48,26 +48,31 @@ def _x(seed, m=37):
     return jnp.asarray(x, jnp.bfloat16)
 
 
-def test_rotation_prologue_gives_the_xla_prologue_operands():
+ROUTES = {"hadamard": ("mosaic", mh.hadamard_reference), "gemm": ("mosaic-gemm", mg.rowmax_reference)}
+
+
+@pytest.mark.parametrize("route", list(ROUTES))
+def test_rotation_prologue_gives_the_xla_prologue_operands(route):
     """With the kernel's XLA form, the rotation prologue of each of to_q / to_k / to_v (one shared down-projection,
     different level schedules) gives the XLA prologue's codes, row maxima and features (x' and the maxima from one
-    GEMM, the features from its columns K..), and the Triton GEMM reading those features in place at column
-    K + the member's first column gives the XLA prologue's outputs."""
-    tree = prepare({"attn": _qkv(1)}, **SAMPLER_MODES["fast"], prologue="mosaic")["attn"]
+    GEMM on the "gemm" route, the features from its columns K..), and the Triton GEMM reading those features in
+    place gives the XLA prologue's outputs."""
+    prologue_kind, kernel = ROUTES[route]
+    tree = prepare({"attn": _qkv(1)}, **SAMPLER_MODES["fast"], prologue=prologue_kind)["attn"]
     sd = tree["qkv_down"]
     x = _x(1)
-    gemm = functools.partial(mg.rowmax_reference)
     for n in ("to_q", "to_k", "to_v"):
         kw, bias = tree[n]["kernel"], tree[n]["bias"]
-        assert kw.prologue == "mosaic" and pm.fits(x, kw.node, kw.bw, sd, kw.levels, 128)
+        assert kw.prologue == prologue_kind and pm.fits(x, kw.node, kw.bw, sd, kw.levels, 128, route)
         for t in (0, 2, 7):
             step = jnp.int32(t)
             tables = dict(levels=kw.levels, inv_levels=kw.inv_levels, step=step)
             want = prologue(x, kw.node, 4, pad_to=16, chunk=0, bw=kw.bw, pad_branches=True, xprime="bfloat16",
                             joint=True, shared=sd, defer_scale=True, **tables)
-            got = pm.mosaic_prologue(x, kw.node, kw.bw, pad_to=128, shared=sd, rotation_gemm=gemm, **tables)
+            got = pm.mosaic_prologue(x, kw.node, kw.bw, pad_to=128, shared=sd, route=route, kernel=kernel, **tables)
             m = x.shape[0]
-            assert got.xq.shape == (128, K) and got.joint and got.col == K + kw.bw.jd_col
+            assert got.xq.shape == (128, K) and got.joint
+            assert got.col == (K if route == "gemm" else 0) + kw.bw.jd_col
             diff = np.asarray(got.xq[:m], np.int32) - np.asarray(want.xq[:m], np.int32)
             assert np.abs(diff).max() <= 1 and np.mean(diff != 0) <= 1e-3   # float32 sums in another order
             np.testing.assert_allclose(np.asarray(got.sx[:m]), np.asarray(want.sx[:m]), rtol=2 ** -7)
@@ -79,20 +84,25 @@ def test_rotation_prologue_gives_the_xla_prologue_operands():
             y_want = pallas_gemm_epilogue(want, kw.node, bias, jnp.float32, CFG, interpret=True)
             assert y_got.shape == (m, N) and rel_err(y_got, y_want) <= 2e-3
             cols = [b.col0 for b in mg._branches(got)]                 # what the Mosaic GEMM kernel would read
-            assert cols == [K + kw.bw.jd_col, K + kw.bw.jd_col + kw.bw.dt_col]
+            assert cols == [got.col, got.col + kw.bw.dt_col]
 
 
-def test_rotation_prologue_without_sharing_pads_its_own_features():
-    """An unshared layer (its own input-space jd: Rl 16 + 2 block rows x Rb 16 = 48 columns, padded to 128 by zero
-    columns for the kernel's column tiles) gets the same operands from the rotation prologue as from the XLA prologue."""
+@pytest.mark.parametrize("route", list(ROUTES))
+def test_rotation_prologue_without_sharing(route):
+    """An unshared layer (its own input-space jd: Rl 16 + 2 block rows x Rb 16 = 48 columns, on the "gemm" route
+    padded to 128 by zero columns for the kernel's column tiles) gets the same operands from the rotation prologue
+    as from the XLA prologue."""
+    prologue_kind, kernel = ROUTES[route]
     rng = np.random.default_rng(4)
-    kw = prepare_weight(_layer(rng, 12, jnp.asarray([4, 5], jnp.int32)), **SAMPLER_MODES["fast"], prologue="mosaic")
+    kw = prepare_weight(_layer(rng, 12, jnp.asarray([4, 5], jnp.int32)), **SAMPLER_MODES["fast"],
+                        prologue=prologue_kind)
     assert kw.bw.jd.shape[1] % 128
     x, tables = _x(4, 130), dict(levels=kw.levels, inv_levels=kw.inv_levels, step=jnp.int32(1))
     want = prologue(x, kw.node, 4, pad_to=16, chunk=0, bw=kw.bw, pad_branches=True, xprime="bfloat16", joint=True,
                     defer_scale=True, **tables)
-    got = pm.mosaic_prologue(x, kw.node, kw.bw, pad_to=128, rotation_gemm=mg.rowmax_reference, **tables)
-    assert got.xq.shape == (256, K) and got.dh.shape == (256, K + 128) and got.col == K
+    got = pm.mosaic_prologue(x, kw.node, kw.bw, pad_to=128, route=route, kernel=kernel, **tables)
+    assert got.xq.shape == (256, K)
+    assert (got.dh.shape, got.col) == (((256, K + 128), K) if route == "gemm" else ((256, 48), 0))
     bias = jnp.zeros((N,), jnp.float32)
     assert rel_err(pallas_gemm_epilogue(got, kw.node, bias, jnp.float32, CFG, interpret=True),
                    pallas_gemm_epilogue(want, kw.node, bias, jnp.float32, CFG, interpret=True)) <= 2e-3
@@ -103,10 +113,12 @@ def test_fits_names_the_layers_it_takes():
     sched = jnp.asarray([4, 4], jnp.int32)
     kw = prepare_weight(_layer(rng, 16, sched), **SAMPLER_MODES["fast"], prologue="mosaic")
     x = _x(5)
-    assert pm.fits(x, kw.node, kw.bw, None, kw.levels, 128)
+    assert pm.fits(x, kw.node, kw.bw, None, kw.levels, 128) and pm.fits(x, kw.node, kw.bw, None, kw.levels, 128, "gemm")
+    assert not pm.fits(x, kw.node, kw.bw, None, kw.levels, 128, "other")
     assert not pm.fits(x.astype(jnp.float32), kw.node, kw.bw, None, kw.levels, 128)     # bf16 input only
     assert not pm.fits(x, kw.node, kw.bw, None, None, 128)                            # a level table
-    assert not pm.fits(x, kw.node, kw.bw, None, kw.levels, 48)                        # rows tile by 128
+    assert not pm.fits(x, kw.node, kw.bw, None, kw.levels, 48, "gemm")                # rows tile by 128
+    assert not pm.fits(x[:5], kw.node, kw.bw, None, kw.levels, 5)                     # ... by 16 (K = 256: g = 4)
     half = prepare_weight(_layer(rng, 16, sched, ).replace(rotate=K // 2), **SAMPLER_MODES["fast"])
     assert not pm.fits(x, half.node, half.bw, None, half.levels, 128)                  # block < K
     joint = prepare_weight(_layer(rng, 16, sched), unpack=True, prologue="mosaic")     # features from x'
@@ -116,11 +128,13 @@ def test_fits_names_the_layers_it_takes():
 
 
 @pytest.mark.skipif(OLD_JAX, reason="Mosaic GPU kernels written for JAX >= 0.10")
-@pytest.mark.parametrize("k,n,kernels", [(1536, 1536, 2), (6144, 1536, 1)])
-def test_prepared_rotated_layer_is_two_mosaic_kernels(k, n, kernels):
-    """A paper layer prepared "fast" with prologue="mosaic" and gemm="mosaic" lowers for CUDA to two Mosaic
-    kernels (the rotation GEMM with row maxima, the int8 GEMM with the whole epilogue) and no Triton kernel where
-    the Hadamard block is K (1536), and to the XLA prologue plus one where it is not a single GEMM (6144)."""
+@pytest.mark.parametrize("k,n,prologue_kind,kernels", [(1536, 1536, "mosaic", 2), (6144, 1536, "mosaic", 2),
+                                                        (1536, 6144, "mosaic-gemm", 2), (6144, 1536, "mosaic-gemm", 1)])
+def test_prepared_rotated_layer_is_two_mosaic_kernels(k, n, prologue_kind, kernels):
+    """A paper layer prepared "fast" with gemm="mosaic" lowers for CUDA to two Mosaic kernels and no Triton kernel:
+    with prologue="mosaic" the Hadamard kernel (1536 and 6144 inputs) and the int8 GEMM with the whole epilogue;
+    with prologue="mosaic-gemm" the rotation GEMM with row maxima where the Hadamard is one +-1 GEMM (1536), the
+    XLA prologue where it is not (6144)."""
     from qdit4sr_jax.quant.kernels import lowering_for
     from qdit4sr_jax.quant.linear import linear
     nbo, nbi = -(-n // 256), -(-k // 256)
@@ -131,7 +145,7 @@ def test_prepared_rotated_layer_is_two_mosaic_kernels(k, n, kernels):
             w, w_bits=4, group_size=64, group_scale="int", a_bits=4, execution="fused", rotate=k, signs=True,
             lr_a=jnp.zeros((k, 26)), lr_b=jnp.zeros((26, n)), block_u=jnp.zeros((nbo, nbi, 256)),
             block_v=jnp.zeros((nbo, nbi, 256)), block=(256, 256), lowrank_bits=8, a_schedule=sched),
-            **SAMPLER_MODES["fast"], prologue="mosaic", gemm="mosaic")
+            **SAMPLER_MODES["fast"], prologue=prologue_kind, gemm="mosaic")
 
     kw = jax.eval_shape(build, S((n, k), jnp.float32))
     x, t, b = S((2 * 1024 + 7, k), jnp.bfloat16), S((), jnp.int32), S((n,), jnp.float32)
@@ -139,3 +153,35 @@ def test_prepared_rotated_layer_is_two_mosaic_kernels(k, n, kernels):
         text = jax.jit(lambda kw, x, t, b: linear(x, kw, b, step=t)).trace(kw, x, t, b).lower(
             lowering_platforms=("cuda",)).as_text()
     assert text.count("custom_call @mosaic_gpu") == kernels and "__gpu$xla.gpu.triton" not in text
+
+
+@pytest.mark.parametrize("k", [1536, 6144, 256])
+def test_hadamard_factorisation_is_the_rotation(k):
+    """The Hadamard kernel's plan (runs of 64 / 128, at most 64 of them) and its XLA form: x D H_K to bf16 rounding
+    of float64 (the sums in another order than the dense GEMM: a few elements one bf16 ulp apart), and the run
+    maxima of its own x'."""
+    from qdit4sr_jax.quant.transforms import hadamard_matrix, rotation_signs
+    g, c, r, gmat = mh.hadamard_plan(k)
+    assert g * c == k and g <= 64 and c in (64, 128) and (r * g) % 8 == 0 and r * g <= 64
+    x = jnp.asarray(np.random.default_rng(k).standard_t(5, size=(2 * r, k)), jnp.bfloat16)
+    y, run_max = mh.hadamard_reference(x)
+    want = (np.asarray(x, np.float64) * rotation_signs(k)) @ hadamard_matrix(k)
+    np.testing.assert_allclose(np.asarray(y, np.float64), want, rtol=2 ** -8, atol=1e-6 * np.abs(want).max())
+    yf = np.abs(np.asarray(y, np.float32)).reshape(2 * r, g, c)
+    np.testing.assert_array_equal(np.asarray(run_max), yf.max(axis=2))
+    assert mh.hadamard_plan(192) is None                     # 12 x 16: runs narrower than 64
+    assert mh.fits(7 * r, k) and (r == 1 or not mh.fits(7 * r + 1, k))   # rows: whole tiles of r
+
+
+@pytest.mark.skipif(OLD_JAX, reason="Mosaic GPU kernels written for JAX >= 0.10")
+@pytest.mark.parametrize("m,k,parts", [(4096, 1536, 3), (2048, 6144, 2), (64, 256, 1)])
+def test_hadamard_kernel_lowers_for_cuda(m, k, parts):
+    """The Hadamard kernel lowers for CUDA (Mosaic GPU: wgmma operand layouts, TMA, shared memory within the limit)
+    at the step's shapes; bad operands are named."""
+    text = jax.jit(lambda x: mh.mosaic_hadamard_rowmax(x, parts=parts)).trace(S((m, k), jnp.bfloat16)).lower(
+        lowering_platforms=("cuda",)).as_text()
+    assert text.count("custom_call @mosaic_gpu") == 1
+    with pytest.raises(ValueError, match="Hadamard block"):
+        mh.mosaic_hadamard_rowmax(jnp.zeros((64, 192), jnp.bfloat16))
+    with pytest.raises(ValueError, match="Hadamard block"):
+        mh.mosaic_hadamard_rowmax(jnp.zeros((64, 1536), jnp.float32))

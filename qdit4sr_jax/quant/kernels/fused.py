@@ -224,9 +224,10 @@ def fused_linear(x, w: QuantizedWeight, bias=None, *, act_bits=None, step=None, 
         from qdit4sr_jax.quant.kernels import prologue_kernel as pk
         chunk = packed_run(w, cfg)
         from qdit4sr_jax.quant.kernels import prologue_mosaic as pm
-        if (be == "pallas" and kw is not None and kw.prologue == "mosaic" and table and not chunk
-                and pm.fits(x2, w, bw, shared, kw.levels, cfg.block_m)):
-            ops = pm.mosaic_prologue(x2, w, bw, pad_to=cfg.block_m, shared=shared, **tables)
+        route = {"mosaic": "hadamard", "mosaic-gemm": "gemm"}.get(kw.prologue) if kw is not None else None
+        if (be == "pallas" and route and table and not chunk
+                and pm.fits(x2, w, bw, shared, kw.levels, cfg.block_m, route)):
+            ops = pm.mosaic_prologue(x2, w, bw, pad_to=cfg.block_m, shared=shared, route=route, **tables)
         elif kw is not None and kw.prologue == "pallas" and pk.fits(w, bw, chunk, cfg.prologue_block_m):
             ops = pk.pallas_prologue(x2, w, bw, bits, pad_to=cfg.block_m, interpret=(be == "interpret"),
                                      block_m=cfg.prologue_block_m,

@@ -46,7 +46,7 @@ import jax
 from qdit4sr_jax.quant.qweight import QuantizedWeight
 
 
-PROLOGUES = ("xla", "pallas", "mosaic")
+PROLOGUES = ("xla", "pallas", "mosaic", "mosaic-gemm")
 DOWNS = ("joint", "split", "input")
 XPRIMES = ("float32", "bfloat16")
 GEMMS = ("triton", "mosaic")
@@ -72,8 +72,9 @@ class KernelWeight:
     indexes at the traced step instead of computing 2^(bits-1) - 1 and 1 / levels per layer and call (scalar
     kernels of their own on a GPU: 496 per 512-px W4A4 step, benchmarks/RESULTS.md 2026-12-06 19:53);
     prologue (static): "xla" (XLA ops), "pallas" (one Pallas kernel: `prologue_kernel.py`, where the layer
-    fits it, else XLA) or "mosaic" (a rotated layer's rotation, branch down-projection and row maxima as one
-    Mosaic GEMM on a GPU: `prologue_mosaic.py`, where the layer fits it, else XLA); xprime (static): the dtype of a transformed x' before its quantization in the XLA
+    fits it, else XLA), "mosaic" (a rotated layer's x' and row maxima from the Mosaic Hadamard kernel on a GPU,
+    `prologue_mosaic.py`, where the layer fits it, else XLA) or "mosaic-gemm" (x', row maxima and branch features
+    from one Mosaic GEMM); xprime (static): the dtype of a transformed x' before its quantization in the XLA
     prologue (`prepare_weight`); gemm (static): the GEMM kernel on a GPU, "triton" (`pallas_gpu`, every layout)
     or "mosaic" (`mosaic_gemm.mosaic_gemm_epilogue`, warp-specialized wgmma, where the layer `fits` it, else
     Triton)."""
@@ -157,7 +158,7 @@ def share_inputs(params: dict) -> dict:
     out = dict(params)
     for key, names in SHARED_INPUTS.items():
         kws = [params[n].get("kernel") if isinstance(params.get(n), dict) else None for n in names]
-        if key in params or not all(isinstance(k, KernelWeight) and k.prologue in ("xla", "mosaic") for k in kws):
+        if key in params or not all(isinstance(k, KernelWeight) and k.prologue in ("xla", "mosaic", "mosaic-gemm") for k in kws):
             continue
         if not can_share_down([k.bw for k in kws]):
             continue

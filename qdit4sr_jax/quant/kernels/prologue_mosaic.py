@@ -1,23 +1,23 @@
-"""The prologue of a rotated layer as one Mosaic GPU GEMM (`prepare(..., prologue="mosaic")`, Hopper).
+"""The prologue of a rotated layer on Mosaic GPU kernels (`prepare(..., prologue="mosaic" | "mosaic-gemm")`, Hopper).
 
-A layer whose Hadamard block is its whole input (w.rotate == K <= `transforms.FULL_CAP`: every 1536-input layer
-of the paper preset), without smoothing, prepared with its branch down-projection on the layer's input
-(down="input", `branch_ops.input_space_down`) and a VaTMP level table, gets from one kernel
-(`mosaic_gemm.mosaic_bf16_gemm_rowmax`, layout "kn"):
+A layer whose Hadamard block is its whole input (w.rotate == K: every layer of the paper preset), without
+smoothing, prepared with its branch down-projection on the layer's input (down="input",
+`branch_ops.input_space_down`) and a VaTMP level table, gets its rotated x' (bf16, what the XLA prologue computes
+with xprime="bfloat16", up to the order of the float32 sums) and the row maxima of |x'| from a kernel, so that no
+reduce pass runs over x'. Two routes:
 
-  y = [x (D H_K sqrt(K)) / sqrt(K) | x jd]   bf16 [Mp, K + W]   (the +-1 matrix exact in bf16, float32 sums)
-  amax[j, m] = max |y[m, j tile]| over the K / tile_n tiles of x'      (from the epilogue: no reduce pass)
+- "hadamard" (prologue="mosaic"): `mosaic_hadamard.mosaic_hadamard_rowmax`, x' per row as G^T (X o D) S_c on the
+  tensor cores (4.7x / 10x fewer multiply-adds than a dense +-1 GEMM at K = 1536 / 6144), with each run's max from
+  its epilogue; the branch features x jd from one XLA GEMM on x (own jd or the `SharedDown` of to_q / to_k / to_v).
+- "gemm" (prologue="mosaic-gemm", K <= `transforms.FULL_CAP`): one `mosaic_gemm.mosaic_bf16_gemm_rowmax`,
+  y = [x (D H_K sqrt(K)) / sqrt(K) | x jd] bf16 [Mp, K + W] (the +-1 matrix exact in bf16) with the row maxima of
+  the rotation's column tiles from its epilogue; the features are its columns K.., read in place by the int8 GEMM
+  (`Operands.col` = K + the layer's first feature column).
 
-x' = y[:, :K] is what the XLA prologue computes with xprime="bfloat16" (the "full" Hadamard: one +-1 GEMM,
-scaled in float32, rounded once), up to the order of the float32 sums; the features x jd (own jd or the
-`SharedDown` of to_q / to_k / to_v) are the same GEMM's columns K.., read in place by the int8 GEMM kernel
-(`Operands.col` = K + the layer's first column). What stays in XLA is one elementwise pass: the codes
-clip(round(x' / s)) with s from the row maxima and the level table (`operands.scale_from_max`), and the max over
-the K / tile_n partial maxima. The layers reading one x (to_q / to_k / to_v) run the same kernel on the same
-operands: one kernel after XLA's common-subexpression elimination (the custom call has no side effect).
-
-This replaces, per q/k/v group, the rotation GEMM, the max-reduce over x' and the split-K down-projection GEMM(s)
-(benchmarks/gpu_notes.md). Elsewhere (other layers, the CPU, the interpreter) the XLA prologue runs.
+What stays in XLA is one elementwise pass: the codes clip(round(x' / s)), s from the row maxima and the level table
+(`operands.scale_from_max`). The layers reading one x (to_q / to_k / to_v) run the same kernel on the same operands:
+one kernel after XLA's common-subexpression elimination (the custom call has no side effect). Elsewhere (other
+layers, the CPU, the interpreter) the XLA prologue runs.
 """
 from __future__ import annotations
 
@@ -54,59 +54,78 @@ def _jd(bw: Optional[BranchWeights], shared: Optional[SharedDown]):
     return bw.jd
 
 
+ROUTES = ("hadamard", "gemm")
+
+
 def fits(x2, w: QuantizedWeight, bw: Optional[BranchWeights], shared: Optional[SharedDown], levels,
-         pad_to: int) -> bool:
-    """Whether this layer's prologue can be the rotation kernel: rotated over all of K (<= FULL_CAP), no
-    smoothing, bf16 input, a level table, branches (if any) from an input-space bf16 jd whose column count and
-    feature offsets tile, rows padded to a multiple of the kernel's row tile."""
+         pad_to: int, route: str = "hadamard") -> bool:
+    """Whether this layer's prologue can run on `route`: rotated over all of K, no smoothing, bf16 input, a level
+    table, branches (if any) from an input-space bf16 jd; "hadamard": K with a `mosaic_hadamard.hadamard_plan` (1536,
+    6144) and the padded rows a multiple of its rows per tile; "gemm": K <= FULL_CAP, the padded rows a multiple of
+    the GEMM's row tile and the feature offsets readable in place from column K."""
+    from qdit4sr_jax.quant.kernels import mosaic_hadamard as mh
     from qdit4sr_jax.quant.kernels.mosaic_gemm import _cta
     from qdit4sr_jax.quant.transforms import FULL_CAP, is_hadamard_block
     k = w.k
-    if (w.rotate != k or k > FULL_CAP or not is_hadamard_block(k) or w.smooth is not None or levels is None
-            or x2.dtype != jnp.bfloat16 or k % COLUMN_TILE):
+    mp = -(-x2.shape[0] // pad_to) * pad_to
+    if (route not in ROUTES or w.rotate != k or not is_hadamard_block(k) or w.smooth is not None or levels is None
+            or x2.dtype != jnp.bfloat16):
         return False
-    cta_m, _ = _cta(ROTATION_TILES["tile_m"], ROTATION_TILES["tile_n"], ROTATION_TILES["wg_dim"])
-    if -(-x2.shape[0] // pad_to) * pad_to % cta_m:
+    if route == "hadamard" and not mh.fits(mp, k):
+        return False
+    if route == "gemm" and (k > FULL_CAP or k % COLUMN_TILE or
+                            mp % _cta(ROTATION_TILES["tile_m"], ROTATION_TILES["tile_n"], ROTATION_TILES["wg_dim"])[0]):
         return False
     if bw is None:
         return True
     jd = _jd(bw, shared)
     if jd is None or not bw.jd_input or jd.dtype != jnp.bfloat16 or jd.shape[0] != k:
         return False
-    if k % bw.joint_align or (bw.has_blocks and bw.dt_col % bw.rb):     # read in place from column K + col
+    if (bw.has_blocks and bw.dt_col % bw.rb) or (route == "gemm" and k % bw.joint_align):   # read in place
         return False
     return True
 
 
 def mosaic_prologue(x2, w: QuantizedWeight, bw: Optional[BranchWeights], *, pad_to: int, levels, inv_levels,
-                    step, shared: Optional[SharedDown] = None, rotation_gemm=None) -> Operands:
+                    step, shared: Optional[SharedDown] = None, route: str = "hadamard", kernel=None) -> Operands:
     """x2 bf16 [M, K] -> `Operands` for the GEMM kernels (module docstring): int8 codes [Mp, K], sx the row maxima
-    of x' (deferred scale: sx_inv / sx_step), the joint features read in place from the kernel's output (joint,
-    col = K + the layer's first feature column). Call only where `fits`. rotation_gemm: the GEMM with row maxima
-    (default `mosaic_gemm.mosaic_bf16_gemm_rowmax`; tests on the CPU pass its XLA form `rowmax_reference`)."""
+    of x' (deferred scale: sx_inv / sx_step) and the branch features. Call only where `fits`.
+    route "hadamard": x' and its run maxima from `mosaic_hadamard.mosaic_hadamard_rowmax`, the features x jd from
+    one XLA GEMM (`branch_ops.down_features`: the same for the layers sharing x, one after XLA's CSE);
+    "gemm": x' and the features from one `mosaic_gemm.mosaic_bf16_gemm_rowmax` (the features then read in place at
+    column K + the layer's first column). kernel: the route's kernel (tests on the CPU pass its XLA form,
+    `mosaic_hadamard.hadamard_reference` / `mosaic_gemm.rowmax_reference`)."""
+    from qdit4sr_jax.quant.kernels.branch_ops import down_features
     from qdit4sr_jax.quant.kernels.mosaic_gemm import mosaic_bf16_gemm_rowmax
-    rotation_gemm = rotation_gemm or mosaic_bf16_gemm_rowmax
+    from qdit4sr_jax.quant.kernels.mosaic_hadamard import mosaic_hadamard_rowmax
+    if route not in ROUTES:
+        raise ValueError(f"rotation prologue route must be one of {ROUTES}, got {route!r}")
     m, k = x2.shape
     mp = -(-m // pad_to) * pad_to
     if mp != m:
         x2 = jnp.pad(x2, ((0, mp - m), (0, 0)))
-    r = jnp.asarray(rotation_matrix_np(k, bool(w.signs)), jnp.bfloat16)
     jd = _jd(bw, shared)
-    if jd is not None and jd.shape[1] % COLUMN_TILE:                 # zero columns: exact, never read
-        jd = jnp.pad(jd, ((0, 0), (0, -jd.shape[1] % COLUMN_TILE)))
-    y, amax_t = rotation_gemm(x2, r, jd, layout="kn", b_scale=float(np.float32(1.0 / np.sqrt(k))),
-                                  **ROTATION_TILES)
-    amax = jnp.max(amax_t, axis=0)                                   # [Mp] float32
+    if route == "hadamard":
+        xp, run_max = (kernel or mosaic_hadamard_rowmax)(x2, signs=bool(w.signs))
+        amax = jnp.max(run_max, axis=1)                              # [Mp] float32
+        feats, col = (None, 0) if jd is None else (down_features(x2, jd), bw.jd_col or 0)
+    else:
+        if jd is not None and jd.shape[1] % COLUMN_TILE:             # zero columns: exact, never read
+            jd = jnp.pad(jd, ((0, 0), (0, -jd.shape[1] % COLUMN_TILE)))
+        r = jnp.asarray(rotation_matrix_np(k, bool(w.signs)), jnp.bfloat16)
+        y, amax_t = (kernel or mosaic_bf16_gemm_rowmax)(x2, r, jd, layout="kn",
+                                                         b_scale=float(np.float32(1.0 / np.sqrt(k))), **ROTATION_TILES)
+        amax = jnp.max(amax_t, axis=0)                               # [Mp] float32
+        xp, feats, col = y[:, :k], y, k + ((bw.jd_col or 0) if bw is not None else 0)
     s = scale_from_max(amax, inv_levels, step)[:, None]
     i = jnp.clip(jnp.asarray(step, jnp.int32), 0, levels.shape[0] - 1)
     lev = levels[i]
-    q = jnp.clip(jnp.round(y[:, :k].astype(jnp.float32) / s), -lev, lev).astype(jnp.int8)
+    q = jnp.clip(jnp.round(xp.astype(jnp.float32) / s), -lev, lev).astype(jnp.int8)
     deferred = dict(sx_inv=inv_levels, sx_step=jnp.reshape(jnp.asarray(step, jnp.int32), (1,)))
     if bw is None:
         return Operands(q, amax, None, None, None, m, 0, **deferred)
-    col = k + (bw.jd_col or 0)
-    return Operands(q, amax, y if bw.has_lowrank else None, y if bw.has_blocks else None, bw, m, 0, True, col,
-                    **deferred)
+    return Operands(q, amax, feats if bw.has_lowrank else None, feats if bw.has_blocks else None, bw, m, 0, True,
+                    col, **deferred)
 
 
-__all__ = ["ROTATION_TILES", "fits", "mosaic_prologue", "rotation_matrix_np"]
+__all__ = ["ROTATION_TILES", "ROUTES", "fits", "mosaic_prologue", "rotation_matrix_np"]

@@ -1,0 +1,186 @@
+"""The online Hadamard rotation as a Mosaic GPU kernel of two small tensor-core products per row (Hopper).
+
+x' = x D H_K (D the QuaRot signs, H_K the orthonormal Hadamard of the whole input, K = g c) is, per row,
+
+  X = x_row reshaped [g, c] (run j = columns j c .. (j + 1) c),   H_K sqrt(K) = G (x) S_c   (`transforms.kronecker_plan`)
+  x'_row = (G^T (X o D) S_c) / sqrt(K), reshaped back to [K]                       (G, S_c: +-1, symmetric)
+
+so a row costs g^2 c + g c^2 multiply-adds instead of the K^2 of one dense +-1 GEMM: 1536 = 24 x 64 runs, 6144 = 48 x
+128 (`hadamard_plan`), 4.7x / 10x fewer. The kernel puts r = 64 // g rows of x into one 64-row tile (g rows each) and
+runs, per tile, on one warpgroup:
+
+  1. the signs: the tile (TMA-loaded, rows past r g are the next rows' or zeros) times D's tile, in shared memory;
+  2. Z = (I_r (x) G, zero-padded to 64 x 64) @ tile: one bf16 wgmma, float32 accumulation (the +-1 products exact);
+  3. x' sqrt(K) = Z S_c: Z split into `parts` bf16 terms (3: exact, each product exact in float32), one wgmma each;
+  4. x' = that / sqrt(K) in float32, rounded once to bf16 (what the XLA path gives with xprime="bfloat16", up to the
+     order of the float32 sums), written by TMA, with each (row, run)'s max|x'| (the per-token scale's maxima:
+     max over a row's g runs, `hadamard_reference`).
+
+Persistent: each warpgroup (two per SM) walks its tiles with the next tile's TMA load in flight. GPU only (no
+interpreter for wgmma): tests lower it for CUDA on the CPU; benchmarks/gpu/rotation_gemm.py checks it on the GPU.
+"""
+from __future__ import annotations
+
+from functools import lru_cache
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.experimental import pallas as pl
+
+ROWS = 64                  # rows of a tile (one wgmma M)
+
+
+@lru_cache(maxsize=None)
+def hadamard_plan(k: int):
+    """K (a Hadamard block, `transforms.is_hadamard_block`) -> (g, c, r, G): c the Sylvester run (a power of 2, 64
+    or 128, dividing K's power-of-2 part, K / c <= 64), g = K / c runs, r = 64 // g rows of x per tile (r g a
+    multiple of 8), G = H_m (x) S_{p / c} (+-1 float32 [g, g], symmetric). None where K has no such plan."""
+    from qdit4sr_jax.quant.transforms import hadamard_factors, is_hadamard_block, kronecker_plan
+    if not is_hadamard_block(k):
+        return None
+    _, p = hadamard_factors(k)
+    for c in (64, 128):
+        if p % c == 0 and k // c <= ROWS:
+            cc, g, gmat = kronecker_plan(k, c)
+            r = ROWS // g
+            while r > 1 and (r * g) % 8:
+                r -= 1
+            if (r * g) % 8 == 0:
+                return g, cc, r, gmat
+    return None
+
+
+def plan_operands(k: int, signs: bool):
+    """The kernel's constant operands for K: gbd bf16 [64, 64] (I_r (x) G^T, zero-padded), s bf16 [c, c] (S_c),
+    dt bf16 [64, c] (the tile's signs: row q g + j holds D's run j; zero past r g)."""
+    from qdit4sr_jax.quant.transforms import rotation_signs, sylvester
+    g, c, r, gmat = hadamard_plan(k)
+    gbd = np.zeros((ROWS, ROWS), np.float32)
+    gbd[: r * g, : r * g] = np.kron(np.eye(r), gmat.T)
+    d = rotation_signs(k) if signs else np.ones(k, np.float32)
+    dt = np.zeros((ROWS, c), np.float32)
+    dt[: r * g] = np.tile(d.reshape(g, c), (r, 1))
+    return (jnp.asarray(gbd, jnp.bfloat16), jnp.asarray(sylvester(c), jnp.bfloat16), jnp.asarray(dt, jnp.bfloat16))
+
+
+def fits(m: int, k: int) -> bool:
+    """Whether `mosaic_hadamard_rowmax` takes x [m, k]: K has a plan and m is a multiple of its r."""
+    plan = hadamard_plan(k)
+    return plan is not None and m % plan[2] == 0
+
+
+def hadamard_reference(x, signs: bool = True):
+    """`mosaic_hadamard_rowmax` with XLA ops (float32 sums, the kernel's factorisation): (x' bf16 [M, K], run maxima
+    float32 [M, g])."""
+    from qdit4sr_jax.quant.transforms import rotation_signs, sylvester
+    m, k = x.shape
+    g, c, _, gmat = hadamard_plan(k)
+    xs = x.astype(jnp.float32) * (jnp.asarray(rotation_signs(k)) if signs else 1.0)
+    z = jnp.einsum("mja,ji->mia", xs.reshape(m, g, c), jnp.asarray(gmat), precision="highest")
+    y = jnp.einsum("mia,ab->mib", z, jnp.asarray(sylvester(c)), precision="highest")
+    y = (y * np.float32(1.0 / np.sqrt(k))).astype(jnp.bfloat16)
+    return y.reshape(m, k), jnp.max(jnp.abs(y.astype(jnp.float32)), axis=2)
+
+
+def mosaic_hadamard_rowmax(x, *, signs: bool = True, parts: int = 3, num_sms: int | None = None):
+    """x bf16 [M, K] -> (x' = bf16(x D H_K) [M, K], run maxima float32 [M, g]: max over run j's c columns of |x'|),
+    D the signs of `transforms.rotation_signs(K)` (signs=True) or I. K must have a `hadamard_plan`, M be a multiple
+    of its r (`fits`). parts: bf16 terms of Z in stage 3 (3: exact products; 2: Z to 16 bits, ~2^-17 relative)."""
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+    from qdit4sr_jax.quant.kernels.mosaic_gemm import _num_sms
+    m, k = x.shape
+    if x.dtype != jnp.bfloat16 or not fits(m, k) or parts not in (1, 2, 3):
+        raise ValueError(f"mosaic_hadamard_rowmax: needs bf16 x [M, K] with K a Hadamard block of 64- or 128-wide "
+                         f"runs (at most 64 of them) and M a multiple of its rows per tile, parts 1-3; got "
+                         f"{x.dtype}{tuple(x.shape)}, parts={parts}")
+    g, c, r, _ = hadamard_plan(k)
+    rg = r * g                                  # valid rows of a tile
+    tiles = m // r
+    gbd, s_c, dt = plan_operands(k, signs)
+    x2 = x.reshape(m * g, c)                    # row (m, j): run j of x-row m; a tile is rows t rg .. t rg + 63
+    swz = plgpu.SwizzleTransform(128)
+    tr_c = (plgpu.TilingTransform((8, 64)), swz)
+    programs = 2 * min(num_sms or _num_sms(), -(-tiles // 2))
+    inv = float(np.float32(1.0 / np.sqrt(k)))
+    row_layout = plgpu.Layout.WGMMA.reduce(1)
+
+    def body(x_g, gbd_g, s_g, dt_g, y_g, rmax_g):
+        def scope(x_s, out_s, g_s, s_s, rmax_s, bars, cbar):
+            wg = jax.lax.axis_index("wg")
+            p = jax.lax.axis_index("sm") * 2 + wg          # this warpgroup's program
+            mine = (tiles - p + programs - 1) // programs  # its tiles: p, p + programs, ...
+            plgpu.copy_gmem_to_smem(gbd_g, g_s.at[wg], cbar.at[wg * 2])
+            plgpu.copy_gmem_to_smem(s_g, s_s.at[wg], cbar.at[wg * 2 + 1])
+            signs_v = plgpu.load(dt_g, (), layout=plgpu.Layout.WGMMA, optimized=False)
+
+            def fetch(i):
+                t = p + i * programs
+                plgpu.copy_gmem_to_smem(x_g.at[pl.ds(t * rg, ROWS), :], x_s.at[wg, i % 2], bars.at[wg * 2 + i % 2])
+
+            @pl.when(mine > 0)
+            def _():
+                fetch(0)
+
+            plgpu.barrier_wait(cbar.at[wg * 2])
+            plgpu.barrier_wait(cbar.at[wg * 2 + 1])
+
+            def tile(i, carry):
+                slot = i % 2
+                t = p + i * programs
+
+                @pl.when(i + 1 < mine)
+                def _():
+                    fetch(i + 1)
+
+                plgpu.barrier_wait(bars.at[wg * 2 + slot])
+                xt = x_s.at[wg, slot]
+                xt[...] = plgpu.load(xt, (), layout=plgpu.Layout.WGMMA) * signs_v     # 1. the signs
+                plgpu.commit_smem()
+
+                def stage1(acc):
+                    plgpu.wgmma(acc, g_s.at[wg], xt)                                   # 2. Z = G^T (X o D)
+                    plgpu.wgmma_wait(0)
+                    return acc[...]
+
+                z = pl.run_scoped(stage1, plgpu.ACC((ROWS, c), jnp.float32))
+                terms = []
+                for _ in range(parts):                                                  # 3. Z as bf16 terms
+                    h = z.astype(jnp.bfloat16)
+                    terms.append(h)
+                    z = z - h.astype(jnp.float32)
+
+                def stage3(acc):
+                    for h in terms:
+                        plgpu.wgmma(acc, h, s_s.at[wg])
+                    plgpu.wgmma_wait(0)
+                    return acc[...]
+
+                y = (pl.run_scoped(stage3, plgpu.ACC((ROWS, c), jnp.float32)) * inv).astype(jnp.bfloat16)
+                plgpu.wait_smem_to_gmem(0, wait_read_only=True)                         # 4. out by TMA
+                out_s[wg] = y
+                rmax_s[wg] = jnp.max(jnp.abs(y.astype(jnp.float32)), axis=1)
+                plgpu.commit_smem()
+                plgpu.copy_smem_to_gmem(out_s.at[wg, pl.ds(0, rg)], y_g.at[pl.ds(t * rg, rg), :])
+                plgpu.copy_smem_to_gmem(rmax_s.at[wg, pl.ds(0, rg)], rmax_g.at[pl.ds(t * rg, rg)])
+                return carry
+
+            jax.lax.fori_loop(0, mine, tile, 0)
+            plgpu.wait_smem_to_gmem(0)
+
+        pl.run_scoped(scope,
+                      plgpu.SMEM((2, 2, ROWS, c), jnp.bfloat16, transforms=tr_c),
+                      plgpu.SMEM((2, ROWS, c), jnp.bfloat16, transforms=tr_c),
+                      plgpu.SMEM((2, ROWS, ROWS), jnp.bfloat16, transforms=(plgpu.TilingTransform((8, 64)), swz)),
+                      plgpu.SMEM((2, c, c), jnp.bfloat16, transforms=tr_c),
+                      plgpu.SMEM((2, ROWS), jnp.float32),
+                      plgpu.Barrier(num_barriers=4), plgpu.Barrier(num_barriers=4), collective_axes="wg")
+
+    kernel = plgpu.kernel(body, out_type=(jax.ShapeDtypeStruct((m * g, c), jnp.bfloat16),
+                                          jax.ShapeDtypeStruct((m * g,), jnp.float32)),
+                          grid=(programs // 2,), grid_names=("sm",), num_threads=2, thread_name="wg")
+    y, rmax = kernel(x2, gbd, s_c, dt)
+    return y.reshape(m, k), rmax.reshape(m, g)
+
+
+__all__ = ["hadamard_plan", "plan_operands", "fits", "hadamard_reference", "mosaic_hadamard_rowmax"]
