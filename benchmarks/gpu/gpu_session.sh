@@ -24,7 +24,7 @@
 #   bash benchmarks/gpu/gpu_session.sh i24x      # next: fused linear on the Mosaic GEMM: check + 512-px steps (<= 400 s);
 #                                             # then i24y (1024 px), i24z (W8A8 on Triton / Mosaic, 512 + 1024 px)
 #   bash benchmarks/gpu/gpu_session.sh i24had    # 12-07: the Mosaic Hadamard kernel: exactness + us per call, fused
-#                                             # check with prologue="mosaic", 512-px steps bf16 / prepbfh (<= 400 s)
+#                                             # checks, 512-px steps bf16 / prepbfr / prepbfh / prepbf (<= 580 s)
 #   bash benchmarks/gpu/gpu_session.sh i24rot    # 12-07: the rotation + features + row-max kernel vs XLA (<= 200 s)
 #   bash benchmarks/gpu/gpu_session.sh i24w      # 12-07: the warp-specialized Mosaic int8 GEMM, sweep + shapes (<= 300 s)
 #   bash benchmarks/gpu/gpu_session.sh i24t      # next (after 12-07 03:26): GPU check of the shared q/k/v down-projection,
@@ -124,24 +124,26 @@ if [ "${1:-}" = i24x ]; then
   exit 0
 fi
 if [ "${1:-}" = i24had ]; then
-  # issue 24, 12-07 (<= ${T:-400} s): the Mosaic Hadamard kernel (mosaic_hadamard.py, its first GPU run): exactness
-  # vs today's XLA x' and us per call at K = 1536 / 6144; the fused linear with prologue="mosaic" vs the Triton GEMM
-  # and fake-quant; then (if both are finite and close) the 512-px steps bf16 / paper-small on Mosaic GEMM + Hadamard
-  # kernel (prepbfh) and the Mosaic GEMM alone (prepbfm) ($H_MODES sets them)
-  el hadamard; timeout ${HAD_S:-110} python3 benchmarks/gpu/rotation_gemm.py --shapes 0 --hadamard-shapes ${HAD_SHAPES:-3} \
+  # issue 24, 12-07 (<= ${T:-580} s): the Mosaic Hadamard kernel (mosaic_hadamard.py, its first GPU run): exactness
+  # vs today's XLA x' and us per call at K = 1536 / 6144; the fused linear with prologue="mosaic" and on the Mosaic
+  # GEMM (incl. the group-wise "gnk" layer, fixed after 08:00) vs the Triton GEMM and fake-quant; then the 512-px
+  # steps bf16 / paper-small on Mosaic GEMM + rotation GEMM prologue (prepbfr) / + Hadamard kernel (prepbfh, only if
+  # its checks pass) / on Triton (prepbf) ($H_MODES sets them)
+  el hadamard; timeout ${HAD_S:-100} python3 benchmarks/gpu/rotation_gemm.py --shapes 0 --hadamard-shapes ${HAD_SHAPES:-2} \
       --reps 4 --out "$OUT/hadamard.json" > "$OUT/hadamard.log" 2>&1; rc1=$?
   grep -v "^W[0-9]\|Warning" "$OUT/hadamard.log" | cut -c1-700 | tail -6
-  el "fused check (hadamard prologue)"; timeout ${CHECK_S:-90} python3 benchmarks/gpu/mosaic_fused_check.py --cases 2 \
-      --variants mosaic_had --no-time --out "$OUT/had_fused_check.json" > "$OUT/had_fused_check.log" 2>&1; rc2=$?
-  grep -v "^W[0-9]\|Warning" "$OUT/had_fused_check.log" | cut -c1-500 | tail -5
+  el "fused checks"; timeout ${CHECK_S:-110} python3 benchmarks/gpu/mosaic_fused_check.py --cases ${CHECK_CASES:-3} \
+      --variants mosaic_had mosaic --no-time --out "$OUT/had_fused_check.json" > "$OUT/had_fused_check.log" 2>&1; rc2=$?
+  grep -v "^W[0-9]\|Warning" "$OUT/had_fused_check.log" | cut -c1-700 | tail -5
   P=p:qdit4sr-paper-w4a4-small
-  left=$(( ${T:-400} - ($(date +%s) - t0) ))
-  if [ $rc1 -ne 0 ] || [ $rc2 -ne 0 ] || grep -q "'error'\|'finite': False" "$OUT/hadamard.log" "$OUT/had_fused_check.log"; then
-    el "check failed (rc $rc1 / $rc2): no steps"
-  elif [ $left -ge 150 ]; then
-    el "steps 512 ($left s)"; steps steps512h $left --cases 512x1 --scan-steps 2 --modes ${H_MODES:-bf16 $P:prepbfh} \
-        --attention cudnn --xla-variants no-dot-merge --iters 8 --warmup 2 --deadline $(( left - 20 ))
+  modes="${H_MODES:-bf16 $P:prepbfr $P:prepbfh $P:prepbf}"
+  if [ $rc1 -ne 0 ] || grep -q "'error'\|'finite': False" "$OUT/hadamard.log" || \
+      grep "mosaic_had" "$OUT/had_fused_check.log" | grep -q "'finite': False\|'error'"; then
+    el "hadamard check failed (rc $rc1 / $rc2): no prepbfh step"; modes=$(echo $modes | sed "s/[^ ]*:prepbfh//")
   fi
+  left=$(( ${T:-580} - ($(date +%s) - t0) ))
+  el "steps 512 ($left s): $modes"; steps steps512h $left --cases 512x1 --scan-steps 2 --modes $modes \
+      --attention cudnn --xla-variants no-dot-merge --iters 6 --warmup 1 --deadline $(( left - 15 ))
   el done
   exit 0
 fi

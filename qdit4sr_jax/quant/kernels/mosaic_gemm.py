@@ -326,8 +326,9 @@ def mosaic_int8_gemm_ws(xq, wq, sx, sw, bias=None, addend=None, *, out_dtype=jnp
                     s_w = plgpu.load(sw_g.at[idx[0], pl.ds(c0, tile_n)], (), layout=col, optimized=False)
                     return carry + acc.astype(jnp.float32) * jax.lax.broadcast_in_dim(s_w, (tile_m, tile_n), [1])
 
-                pipeline(mma, context)(x_g.at[pl.ds(mi * cta_m, cta_m), :], w_g.at[pl.ds(ni * cta_n, cta_n), :],
-                                       allocations=allocs)
+                cols = pl.ds(ni * cta_n, cta_n)          # the CTA's output columns: N is axis 1 of grouped [G, N, g]
+                pipeline(mma, context)(x_g.at[pl.ds(mi * cta_m, cta_m), :],
+                                       w_g.at[:, cols, :] if grouped else w_g.at[cols, :], allocations=allocs)
 
         pl.run_scoped(scope, pipeline(ignore, ignore).get_allocations(x_g, w_g),
                       plgpu.SMEM((2, out_slots, epi, epi_n), out_dtype, transforms=out_transforms),
