@@ -36,6 +36,18 @@ class lowering_for:
         return False
 
 
+def has_wgmma() -> bool:
+    """Whether the GPU kernels are traced for a card with Hopper's wgmma (compute capability 9.x, what the Mosaic
+    GPU kernels need): the default device's, or assumed while lowering for a GPU on a machine without one."""
+    if target_platform() != "gpu":
+        return False
+    dev = jax.devices()[0]
+    if dev.platform != "gpu":
+        return True                                   # lowering only (`lowering_for("gpu")` on a CPU)
+    cc = str(getattr(dev, "compute_capability", "") or "")
+    return cc.split(".")[0] == "9"
+
+
 def widen_on_cpu(*arrays):
     """XLA:CPU has no batched bf16 x bf16 -> f32 dot: widen to float32 there (exact: bf16 products are
     exact in float32 and the accumulation is float32 either way)."""
@@ -44,4 +56,4 @@ def widen_on_cpu(*arrays):
     return tuple(None if a is None else a.astype(jnp.float32) for a in arrays)
 
 
-__all__ = ["target_platform", "lowering_for", "widen_on_cpu"]
+__all__ = ["target_platform", "lowering_for", "has_wgmma", "widen_on_cpu"]

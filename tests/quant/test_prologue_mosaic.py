@@ -185,3 +185,14 @@ def test_hadamard_kernel_lowers_for_cuda(m, k, parts):
         mh.mosaic_hadamard_rowmax(jnp.zeros((64, 192), jnp.bfloat16))
     with pytest.raises(ValueError, match="Hadamard block"):
         mh.mosaic_hadamard_rowmax(jnp.zeros((64, 1536), jnp.float32))
+
+
+def test_mosaic_kernels_only_where_wgmma_is():
+    """The Mosaic kernels need Hopper's wgmma: `has_wgmma` is False on the CPU backend, True while lowering for a GPU
+    on a machine without one (the lowering tests), and a real GPU answers from its compute capability."""
+    from qdit4sr_jax.quant.lowering import has_wgmma, lowering_for
+    assert not has_wgmma()
+    with lowering_for("gpu"):
+        assert has_wgmma()
+    with lowering_for("tpu"):
+        assert not has_wgmma()

@@ -224,8 +224,10 @@ def fused_linear(x, w: QuantizedWeight, bias=None, *, act_bits=None, step=None, 
         from qdit4sr_jax.quant.kernels import prologue_kernel as pk
         chunk = packed_run(w, cfg)
         from qdit4sr_jax.quant.kernels import prologue_mosaic as pm
+        from qdit4sr_jax.quant.lowering import has_wgmma
+        hopper = be == "pallas" and has_wgmma()                       # the Mosaic kernels need wgmma
         route = {"mosaic": "hadamard", "mosaic-gemm": "gemm"}.get(kw.prologue) if kw is not None else None
-        if (be == "pallas" and route and table and not chunk
+        if (hopper and route and table and not chunk
                 and pm.fits(x2, w, bw, shared, kw.levels, cfg.block_m, route)):
             ops = pm.mosaic_prologue(x2, w, bw, pad_to=cfg.block_m, shared=shared, route=route, **tables)
         elif kw is not None and kw.prologue == "pallas" and pk.fits(w, bw, chunk, cfg.prologue_block_m):
@@ -236,7 +238,7 @@ def fused_linear(x, w: QuantizedWeight, bias=None, *, act_bits=None, step=None, 
         else:
             ops = prologue(x2, w, bits, pad_to=cfg.block_m, chunk=chunk, bw=bw, pad_branches=True, xprime=xprime,
                            joint=True, shared=shared, defer_scale=True, **tables)
-        if be == "pallas" and kw is not None and kw.gemm == "mosaic" and mosaic_fits(ops, w):
+        if hopper and kw is not None and kw.gemm == "mosaic" and mosaic_fits(ops, w):
             y = mosaic_gemm_epilogue(ops, w, bias, x.dtype)
         else:
             y = pallas_gemm_epilogue(ops, w, bias, x.dtype, cfg, interpret=(be == "interpret"))

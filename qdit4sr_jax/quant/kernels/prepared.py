@@ -76,8 +76,8 @@ class KernelWeight:
     `prologue_mosaic.py`, where the layer fits it, else XLA) or "mosaic-gemm" (x', row maxima and branch features
     from one Mosaic GEMM); xprime (static): the dtype of a transformed x' before its quantization in the XLA
     prologue (`prepare_weight`); gemm (static): the GEMM kernel on a GPU, "triton" (`pallas_gpu`, every layout)
-    or "mosaic" (`mosaic_gemm.mosaic_gemm_epilogue`, warp-specialized wgmma, where the layer `fits` it, else
-    Triton)."""
+    or "mosaic" (`mosaic_gemm.mosaic_gemm_epilogue`, warp-specialized wgmma, on a Hopper GPU where the layer `fits`
+    it, else Triton; `lowering.has_wgmma`)."""
     node: QuantizedWeight
     bw: Any = None
     levels: Any = None            # with a VaTMP schedule: code levels per step, float32 [T]
