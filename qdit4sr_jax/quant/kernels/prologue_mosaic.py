@@ -21,9 +21,9 @@ layers, the CPU, the interpreter) the XLA prologue runs.
 """
 from __future__ import annotations
 
-from functools import lru_cache
 from typing import Optional
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -37,12 +37,20 @@ ROTATION_TILES = dict(tile_m=64, tile_n=128, wg_dim="m", stages=4, in_flight=1)
 COLUMN_TILE = 128
 
 
-@lru_cache(maxsize=None)
-def rotation_matrix_np(k: int, signs: bool) -> np.ndarray:
-    """D H_K sqrt(K) (+-1, float32 [K, K], input k by output n): x' = x D H_K = (x @ this) / sqrt(K)."""
-    from qdit4sr_jax.quant.transforms import hadamard_matrix, rotation_signs
-    h = np.rint(hadamard_matrix(k) * np.sqrt(k)).astype(np.float32)
-    return (rotation_signs(k)[:, None] * h).astype(np.float32) if signs else h
+def rotation_matrix(k: int, signs: bool):
+    """D H_K sqrt(K) (+-1, bf16 [K, K], input k by output n): x' = x D H_K = (x @ this) / sqrt(K). Built in the
+    graph from H_m's +-1 (m <= 20) and the Sylvester entries (-1)^popcount(a & b), not captured as a [K, K]
+    constant per layer (that put 2.1 GB of constants into the 512-px step's lowering: H100, 2026-12-07 08:06)."""
+    from qdit4sr_jax.quant.transforms import hadamard_base, hadamard_factors, rotation_signs
+    m, p = hadamard_factors(k)
+    a = jax.lax.broadcasted_iota(jnp.int32, (p, p), 0)
+    b = jax.lax.broadcasted_iota(jnp.int32, (p, p), 1)
+    s_p = 1 - 2 * (jax.lax.population_count(a & b) & 1)
+    hm = jnp.asarray(np.rint(hadamard_base(m) * np.sqrt(m)), jnp.int32)
+    r = jnp.kron(hm, s_p)
+    if signs:
+        r = r * jnp.asarray(rotation_signs(k), jnp.int32)[:, None]
+    return r.astype(jnp.bfloat16)
 
 
 def _jd(bw: Optional[BranchWeights], shared: Optional[SharedDown]):
@@ -112,7 +120,7 @@ def mosaic_prologue(x2, w: QuantizedWeight, bw: Optional[BranchWeights], *, pad_
     else:
         if jd is not None and jd.shape[1] % COLUMN_TILE:             # zero columns: exact, never read
             jd = jnp.pad(jd, ((0, 0), (0, -jd.shape[1] % COLUMN_TILE)))
-        r = jnp.asarray(rotation_matrix_np(k, bool(w.signs)), jnp.bfloat16)
+        r = rotation_matrix(k, bool(w.signs))
         y, amax_t = (kernel or mosaic_bf16_gemm_rowmax)(x2, r, jd, layout="kn",
                                                          b_scale=float(np.float32(1.0 / np.sqrt(k))), **ROTATION_TILES)
         amax = jnp.max(amax_t, axis=0)                               # [Mp] float32
@@ -128,4 +136,4 @@ def mosaic_prologue(x2, w: QuantizedWeight, bw: Optional[BranchWeights], *, pad_
                     col, **deferred)
 
 
-__all__ = ["ROTATION_TILES", "ROUTES", "fits", "mosaic_prologue", "rotation_matrix_np"]
+__all__ = ["ROTATION_TILES", "ROUTES", "fits", "mosaic_prologue", "rotation_matrix"]
