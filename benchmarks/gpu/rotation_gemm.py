@@ -93,6 +93,33 @@ def hadamard_kernel(x, parts=3):
     return y, jnp.max(run_max, axis=1)
 
 
+def parse_config(text: str) -> dict:
+    """"w3p2o2" -> dict(wgs=3, prefetch=2, out_slots=2) (`mosaic_hadamard_rowmax`'s tuning)."""
+    import re
+    mt = re.fullmatch(r"w(\d)p(\d)o(\d)", text)
+    if not mt:
+        raise ValueError(f"Hadamard config {text!r} is not wNpNoN (warpgroups, prefetch, out slots)")
+    return dict(wgs=int(mt.group(1)), prefetch=int(mt.group(2)), out_slots=int(mt.group(3)))
+
+
+def hadamard_configs(m, k, reps, configs):
+    """us per call of each tuning of the Hadamard kernel (and whether its x' equals the default's)."""
+    from qdit4sr_jax.quant.kernels.mosaic_hadamard import mosaic_hadamard_rowmax
+    rng = np.random.default_rng(m + k)
+    xs = jnp.asarray(rng.standard_t(5, size=(reps, m, k)).astype(np.float32), jnp.bfloat16)
+    base = jax.jit(mosaic_hadamard_rowmax)(xs[0])[0]
+    row = {"hadamard_configs": [m, k]}
+    for cfg in configs:
+        kw = parse_config(cfg)
+        try:
+            y = jax.jit(lambda v, kw=kw: mosaic_hadamard_rowmax(v, **kw))(xs[0])[0]
+            row[cfg] = dict(same=bool(jnp.array_equal(y, base)),
+                            us=per_call_ms(lambda v, kw=kw: mosaic_hadamard_rowmax(v, **kw), xs) * 1e3)
+        except Exception as e:  # noqa: BLE001 - e.g. shared memory exceeded: recorded
+            row[cfg] = repr(e)[:200]
+    return row
+
+
 def hadamard_row(m, k, reps):
     """Exactness (vs today's XLA x', vs the kernel's own XLA form) and us per call of the Hadamard kernel."""
     from qdit4sr_jax.quant.kernels.mosaic_hadamard import hadamard_reference
@@ -124,8 +151,20 @@ def main(argv=None):
     ap.add_argument("--reps", type=int, default=8)
     ap.add_argument("--out", default=None)
     ap.add_argument("--hadamard-shapes", type=int, default=len(HAD_SHAPES), help="the Hadamard kernel's first N")
+    ap.add_argument("--hadamard-configs", nargs="*", default=[],
+                    help="instead of the check: time these tunings (wNpNoN: warpgroups, prefetch, out slots) at the "
+                         "first --hadamard-shapes shapes, e.g. w2p1o1 w3p2o2 w2p2o2 w1p3o2")
     a = ap.parse_args(argv)
     res = {"env": environment(), "rows": []}
+    if a.hadamard_configs:
+        for cfg in a.hadamard_configs:
+            parse_config(cfg)
+        for (m, k) in HAD_SHAPES[: a.hadamard_shapes]:
+            row = hadamard_configs(m, k, a.reps if m <= 4096 else 2, a.hadamard_configs)
+            res["rows"].append(row)
+            print(row, flush=True)
+        write_json(a.out, res)
+        return
     for (m, k) in HAD_SHAPES[: a.hadamard_shapes]:
         try:
             row = hadamard_row(m, k, a.reps if m <= 4096 else 2)

@@ -175,13 +175,20 @@ def test_hadamard_factorisation_is_the_rotation(k):
 
 
 @pytest.mark.skipif(OLD_JAX, reason="Mosaic GPU kernels written for JAX >= 0.10")
-@pytest.mark.parametrize("m,k,parts", [(4096, 1536, 3), (2048, 6144, 2), (64, 256, 1)])
-def test_hadamard_kernel_lowers_for_cuda(m, k, parts):
+@pytest.mark.parametrize("m,k,kw", [(4096, 1536, dict(parts=3)), (2048, 6144, dict(parts=2)), (64, 256, dict(parts=1)),
+                                    (4096, 1536, dict(wgs=3, prefetch=2, out_slots=2)),
+                                    (4096, 6144, dict(wgs=1, prefetch=3, out_slots=2))])
+def test_hadamard_kernel_lowers_for_cuda(m, k, kw):
     """The Hadamard kernel lowers for CUDA (Mosaic GPU: wgmma operand layouts, TMA, shared memory within the limit)
-    at the step's shapes; bad operands are named."""
-    text = jax.jit(lambda x: mh.mosaic_hadamard_rowmax(x, parts=parts)).trace(S((m, k), jnp.bfloat16)).lower(
+    at the step's shapes and tunings; bad operands and tunings are named, shared memory overflow is reported."""
+    text = jax.jit(lambda x: mh.mosaic_hadamard_rowmax(x, **kw)).trace(S((m, k), jnp.bfloat16)).lower(
         lowering_platforms=("cuda",)).as_text()
     assert text.count("custom_call @mosaic_gpu") == 1
+    with pytest.raises(ValueError, match="shared memory"):
+        jax.jit(lambda x: mh.mosaic_hadamard_rowmax(x, wgs=3)).trace(S((64, 6144), jnp.bfloat16)).lower(
+            lowering_platforms=("cuda",))
+    with pytest.raises(ValueError, match="wgs 1-4"):
+        mh.mosaic_hadamard_rowmax(jnp.zeros((64, 1536), jnp.bfloat16), wgs=5)
     with pytest.raises(ValueError, match="Hadamard block"):
         mh.mosaic_hadamard_rowmax(jnp.zeros((64, 192), jnp.bfloat16))
     with pytest.raises(ValueError, match="Hadamard block"):

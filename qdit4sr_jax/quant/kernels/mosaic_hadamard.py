@@ -16,11 +16,13 @@ runs, per tile, on one warpgroup:
      order of the float32 sums), written by TMA, with each (row, run)'s max|x'| (the per-token scale's maxima:
      max over a row's g runs, `hadamard_reference`).
 
-Persistent: each warpgroup (two per SM) walks its tiles with the next tile's TMA load in flight. GPU only (no
-interpreter for wgmma): tests lower it for CUDA on the CPU; benchmarks/gpu/rotation_gemm.py checks it on the GPU.
+Persistent: each warpgroup (`wgs` per SM) walks its tiles with the next tiles' TMA loads in flight. H100 2026-12-07:
+33.1 us at 4096 x 1536 (XLA today: 70.3), 78.8 us at 4096 x 6144 (143.2), x' within one bf16 ulp of XLA's. GPU
+only (no interpreter for wgmma): tests lower it for CUDA on the CPU; benchmarks/gpu/rotation_gemm.py checks it on the GPU.
 """
 from __future__ import annotations
 
+import functools
 from functools import lru_cache
 
 import jax
@@ -83,13 +85,21 @@ def hadamard_reference(x, signs: bool = True):
     return y.reshape(m, k), jnp.max(jnp.abs(y.astype(jnp.float32)), axis=2)
 
 
-def mosaic_hadamard_rowmax(x, *, signs: bool = True, parts: int = 3, num_sms: int | None = None):
+def mosaic_hadamard_rowmax(x, *, signs: bool = True, parts: int = 3, wgs: int = 2, prefetch: int = 1,
+                           out_slots: int = 1, num_sms: int | None = None):
     """x bf16 [M, K] -> (x' = bf16(x D H_K) [M, K], run maxima float32 [M, g]: max over run j's c columns of |x'|),
     D the signs of `transforms.rotation_signs(K)` (signs=True) or I. K must have a `hadamard_plan`, M be a multiple
-    of its r (`fits`). parts: bf16 terms of Z in stage 3 (3: exact products; 2: Z to 16 bits, ~2^-17 relative)."""
+    of its r (`fits`). parts: bf16 terms of Z in stage 3 (3: exact products; 2: Z to 16 bits, ~2^-17 relative).
+    Tuning (benchmarks/gpu/rotation_gemm.py --hadamard-configs): wgs warpgroups per SM (1-4, each walking its own
+    tiles), prefetch tiles whose TMA loads are in flight ahead of the one computed (1-3), out_slots output buffers
+    per warpgroup (1: a tile's stores are read out before the next tile writes; 2: they overlap it). The shared
+    memory (wgs (prefetch + 1 + out_slots) 64 c bf16 + the constants) must fit; lowering reports it if not."""
     from jax.experimental.pallas import mosaic_gpu as plgpu
     from qdit4sr_jax.quant.kernels.mosaic_gemm import _num_sms
     m, k = x.shape
+    if not (1 <= wgs <= 4 and 1 <= prefetch <= 3 and out_slots in (1, 2)):
+        raise ValueError(f"mosaic_hadamard_rowmax: wgs 1-4, prefetch 1-3 and out_slots 1-2, got {wgs}, {prefetch}, "
+                         f"{out_slots}")
     if x.dtype != jnp.bfloat16 or not fits(m, k) or parts not in (1, 2, 3):
         raise ValueError(f"mosaic_hadamard_rowmax: needs bf16 x [M, K] with K a Hadamard block of 64- or 128-wide "
                          f"runs (at most 64 of them) and M a multiple of its rows per tile, parts 1-3; got "
@@ -101,14 +111,14 @@ def mosaic_hadamard_rowmax(x, *, signs: bool = True, parts: int = 3, num_sms: in
     x2 = x.reshape(m * g, c)                    # row (m, j): run j of x-row m; a tile is rows t rg .. t rg + 63
     swz = plgpu.SwizzleTransform(128)
     tr_c = (plgpu.TilingTransform((8, 64)), swz)
-    programs = 2 * min(num_sms or _num_sms(), -(-tiles // 2))
+    programs = wgs * min(num_sms or _num_sms(), -(-tiles // wgs))
+    slots = prefetch + 1
     inv = float(np.float32(1.0 / np.sqrt(k)))
-    row_layout = plgpu.Layout.WGMMA.reduce(1)
 
     def body(x_g, gbd_g, s_g, dt_g, y_g, rmax_g):
         def scope(x_s, out_s, g_s, s_s, rmax_s, bars, cbar):
             wg = jax.lax.axis_index("wg")
-            p = jax.lax.axis_index("sm") * 2 + wg          # this warpgroup's program
+            p = jax.lax.axis_index("sm") * wgs + wg        # this warpgroup's program
             mine = (tiles - p + programs - 1) // programs  # its tiles: p, p + programs, ...
             plgpu.copy_gmem_to_smem(gbd_g, g_s.at[wg], cbar.at[wg * 2])
             plgpu.copy_gmem_to_smem(s_g, s_s.at[wg], cbar.at[wg * 2 + 1])
@@ -116,24 +126,24 @@ def mosaic_hadamard_rowmax(x, *, signs: bool = True, parts: int = 3, num_sms: in
 
             def fetch(i):
                 t = p + i * programs
-                plgpu.copy_gmem_to_smem(x_g.at[pl.ds(t * rg, ROWS), :], x_s.at[wg, i % 2], bars.at[wg * 2 + i % 2])
+                plgpu.copy_gmem_to_smem(x_g.at[pl.ds(t * rg, ROWS), :], x_s.at[wg, i % slots],
+                                        bars.at[wg * slots + i % slots])
 
-            @pl.when(mine > 0)
-            def _():
-                fetch(0)
+            for i0 in range(prefetch):
+                pl.when(i0 < mine)(functools.partial(fetch, i0))
 
             plgpu.barrier_wait(cbar.at[wg * 2])
             plgpu.barrier_wait(cbar.at[wg * 2 + 1])
 
             def tile(i, carry):
-                slot = i % 2
+                slot, o = i % slots, i % out_slots
                 t = p + i * programs
 
-                @pl.when(i + 1 < mine)
+                @pl.when(i + prefetch < mine)
                 def _():
-                    fetch(i + 1)
+                    fetch(i + prefetch)
 
-                plgpu.barrier_wait(bars.at[wg * 2 + slot])
+                plgpu.barrier_wait(bars.at[wg * slots + slot])
                 xt = x_s.at[wg, slot]
                 xt[...] = plgpu.load(xt, (), layout=plgpu.Layout.WGMMA) * signs_v     # 1. the signs
                 plgpu.commit_smem()
@@ -157,28 +167,29 @@ def mosaic_hadamard_rowmax(x, *, signs: bool = True, parts: int = 3, num_sms: in
                     return acc[...]
 
                 y = (pl.run_scoped(stage3, plgpu.ACC((ROWS, c), jnp.float32)) * inv).astype(jnp.bfloat16)
-                plgpu.wait_smem_to_gmem(0, wait_read_only=True)                         # 4. out by TMA
-                out_s[wg] = y
-                rmax_s[wg] = jnp.max(jnp.abs(y.astype(jnp.float32)), axis=1)
+                plgpu.wait_smem_to_gmem(2 * (out_slots - 1), wait_read_only=True)       # 4. out by TMA (2 per tile)
+                out_s[wg, o] = y
+                rmax_s[wg, o] = jnp.max(jnp.abs(y.astype(jnp.float32)), axis=1)
                 plgpu.commit_smem()
-                plgpu.copy_smem_to_gmem(out_s.at[wg, pl.ds(0, rg)], y_g.at[pl.ds(t * rg, rg), :])
-                plgpu.copy_smem_to_gmem(rmax_s.at[wg, pl.ds(0, rg)], rmax_g.at[pl.ds(t * rg, rg)])
+                plgpu.copy_smem_to_gmem(out_s.at[wg, o, pl.ds(0, rg)], y_g.at[pl.ds(t * rg, rg), :])
+                plgpu.copy_smem_to_gmem(rmax_s.at[wg, o, pl.ds(0, rg)], rmax_g.at[pl.ds(t * rg, rg)])
                 return carry
 
             jax.lax.fori_loop(0, mine, tile, 0)
             plgpu.wait_smem_to_gmem(0)
 
         pl.run_scoped(scope,
-                      plgpu.SMEM((2, 2, ROWS, c), jnp.bfloat16, transforms=tr_c),
-                      plgpu.SMEM((2, ROWS, c), jnp.bfloat16, transforms=tr_c),
-                      plgpu.SMEM((2, ROWS, ROWS), jnp.bfloat16, transforms=(plgpu.TilingTransform((8, 64)), swz)),
-                      plgpu.SMEM((2, c, c), jnp.bfloat16, transforms=tr_c),
-                      plgpu.SMEM((2, ROWS), jnp.float32),
-                      plgpu.Barrier(num_barriers=4), plgpu.Barrier(num_barriers=4), collective_axes="wg")
+                      plgpu.SMEM((wgs, slots, ROWS, c), jnp.bfloat16, transforms=tr_c),
+                      plgpu.SMEM((wgs, out_slots, ROWS, c), jnp.bfloat16, transforms=tr_c),
+                      plgpu.SMEM((wgs, ROWS, ROWS), jnp.bfloat16, transforms=(plgpu.TilingTransform((8, 64)), swz)),
+                      plgpu.SMEM((wgs, c, c), jnp.bfloat16, transforms=tr_c),
+                      plgpu.SMEM((wgs, out_slots, ROWS), jnp.float32),
+                      plgpu.Barrier(num_barriers=wgs * slots), plgpu.Barrier(num_barriers=2 * wgs),
+                      collective_axes="wg")
 
     kernel = plgpu.kernel(body, out_type=(jax.ShapeDtypeStruct((m * g, c), jnp.bfloat16),
                                           jax.ShapeDtypeStruct((m * g,), jnp.float32)),
-                          grid=(programs // 2,), grid_names=("sm",), num_threads=2, thread_name="wg")
+                          grid=(programs // wgs,), grid_names=("sm",), num_threads=wgs, thread_name="wg")
     y, rmax = kernel(x2, gbd, s_c, dt)
     return y.reshape(m, k), rmax.reshape(m, g)
 
