@@ -48,7 +48,7 @@ def _x(seed, m=37):
     return jnp.asarray(x, jnp.bfloat16)
 
 
-ROUTES = {"hadamard": ("mosaic", mh.hadamard_reference), "gemm": ("mosaic-gemm", mg.rowmax_reference)}
+ROUTES = {"hadamard": ("mosaic", mh.codes_reference), "gemm": ("mosaic-gemm", mg.rowmax_reference)}
 
 
 @pytest.mark.parametrize("route", list(ROUTES))
@@ -60,6 +60,8 @@ def test_rotation_prologue_gives_the_xla_prologue_operands(route):
     prologue_kind, kernel = ROUTES[route]
     tree = prepare({"attn": _qkv(1)}, **SAMPLER_MODES["fast"], prologue=prologue_kind)["attn"]
     sd = tree["qkv_down"]
+    assert sd.levels.shape == sd.inv_levels.shape == (3, 3)          # the members' level tables, stacked
+    assert sd.members == tuple(tree[n]["kernel"].bw.jd_col for n in ("to_q", "to_k", "to_v"))
     x = _x(1)
     for n in ("to_q", "to_k", "to_v"):
         kw, bias = tree[n]["kernel"], tree[n]["bias"]
@@ -184,6 +186,12 @@ def test_hadamard_kernel_lowers_for_cuda(m, k, kw):
     text = jax.jit(lambda x: mh.mosaic_hadamard_rowmax(x, **kw)).trace(S((m, k), jnp.bfloat16)).lower(
         lowering_platforms=("cuda",)).as_text()
     assert text.count("custom_call @mosaic_gpu") == 1
+    codes = jax.jit(lambda x, lv: mh.mosaic_hadamard_codes(x, lv, **kw)).trace(
+        S((m, k), jnp.bfloat16), S((3, 2), jnp.float32)).lower(lowering_platforms=("cuda",)).as_text()
+    g, c = mh.hadamard_plan(k)[:2]
+    assert codes.count("custom_call @mosaic_gpu") == 1 and f"tensor<3x{m * g}x{c}xi8>" in codes   # 3 members' codes
+    with pytest.raises(ValueError, match="levels must be"):
+        mh.mosaic_hadamard_codes(jnp.zeros((64, 1536), jnp.bfloat16), jnp.zeros((3,), jnp.float32))
     with pytest.raises(ValueError, match="shared memory"):
         jax.jit(lambda x: mh.mosaic_hadamard_rowmax(x, wgs=3)).trace(S((64, 6144), jnp.bfloat16)).lower(
             lowering_platforms=("cuda",))

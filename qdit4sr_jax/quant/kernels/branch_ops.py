@@ -114,11 +114,21 @@ jax.tree_util.register_dataclass(BranchWeights, data_fields=["lr_a", "lr_b", "vt
 class SharedDown:
     """The input-space joint down-projections of layers that read one input, side by side (`share_down`):
     jd [K, W] in the branch dtype; member i's [dh | dt] are columns [jd_col_i, jd_col_i + W_i) of x jd (zero
-    columns between members keep every jd_col_i aligned)."""
+    columns between members keep every jd_col_i aligned). levels / inv_levels: the members' VaTMP level tables
+    stacked, float32 [n, T] (`prepared.share_inputs`, when every member has one of length T), in the order of
+    `members`, their jd_col: the kernels that make all members' codes in one pass read them
+    (`prologue_mosaic.py`)."""
     jd: Any
+    levels: Any = None
+    inv_levels: Any = None
+    members: tuple = ()
+
+    def member(self, jd_col: int) -> int:
+        """The index in `levels` of the member whose features start at jd_col."""
+        return self.members.index(jd_col)
 
 
-jax.tree_util.register_dataclass(SharedDown, data_fields=["jd"], meta_fields=[])
+jax.tree_util.register_dataclass(SharedDown, data_fields=["jd", "levels", "inv_levels"], meta_fields=["members"])
 
 
 def can_share_down(bws) -> bool:

@@ -85,10 +85,39 @@ def hadamard_reference(x, signs: bool = True):
     return y.reshape(m, k), jnp.max(jnp.abs(y.astype(jnp.float32)), axis=2)
 
 
-def mosaic_hadamard_rowmax(x, *, signs: bool = True, parts: int = 3, wgs: int = 2, prefetch: int = 1,
-                           out_slots: int = 1, num_sms: int | None = None):
-    """x bf16 [M, K] -> (x' = bf16(x D H_K) [M, K], run maxima float32 [M, g]: max over run j's c columns of |x'|),
-    D the signs of `transforms.rotation_signs(K)` (signs=True) or I. K must have a `hadamard_plan`, M be a multiple
+def codes_reference(x, levels, signs: bool = True):
+    """`mosaic_hadamard_codes` with XLA ops: (codes int8 [n, M, K], run maxima float32 [M, g]) from the kernel's
+    x' (`hadamard_reference`) and levels float32 [n, 2] (each member's code level and its reciprocal)."""
+    from qdit4sr_jax.quant.kernels.operands import scale_from_level
+    y, run_max = hadamard_reference(x, signs)
+    amax = jnp.max(run_max, axis=1, keepdims=True)
+    yf = y.astype(jnp.float32)
+    codes = [jnp.clip(jnp.round(yf / scale_from_level(amax, levels[i, 1])), -levels[i, 0], levels[i, 0])
+             for i in range(levels.shape[0])]
+    return jnp.stack(codes).astype(jnp.int8), run_max
+
+
+def mosaic_hadamard_codes(x, levels, **tuning):
+    """x bf16 [M, K], levels float32 [n, 2] (per member: the code level 2^(bits-1) - 1 and its reciprocal, at this
+    step) -> (codes int8 [n, M, K], run maxima float32 [M, g]): the per-token codes of x' = bf16(x D H_K) for each
+    member, clip(round(x' / s), +-level) with s = max(max_row |x'| * (1 / level), 2^-126) (`operands.
+    scale_from_level`, the scale the GEMM kernel makes from max(run maxima)), made in the kernel, which holds whole
+    rows of x' in each tile: x' itself is never written and no XLA codes pass runs. `mosaic_hadamard_rowmax`'s
+    tuning arguments."""
+    return _hadamard(x, levels=levels, **tuning)
+
+
+def mosaic_hadamard_rowmax(x, **tuning):
+    """x bf16 [M, K] -> (x' = bf16(x D H_K) [M, K], run maxima float32 [M, g]: max over run j's c columns of |x'|);
+    arguments: `_hadamard`."""
+    return _hadamard(x, **tuning)
+
+
+def _hadamard(x, *, signs: bool = True, parts: int = 3, wgs: int = 2, prefetch: int = 1, out_slots: int = 1,
+              num_sms: int | None = None, levels=None):
+    """x bf16 [M, K] -> (x' = bf16(x D H_K) [M, K], or with levels the codes [n, M, K] (`mosaic_hadamard_codes`);
+    run maxima float32 [M, g]: max over run j's c columns of |x'|), D the signs of `transforms.rotation_signs(K)`
+    (signs=True) or I. K must have a `hadamard_plan`, M be a multiple
     of its r (`fits`). parts: bf16 terms of Z in stage 3 (3: exact products; 2: Z to 16 bits, ~2^-17 relative).
     Tuning (benchmarks/gpu/rotation_gemm.py --hadamard-configs): wgs warpgroups per SM (1-4, each walking its own
     tiles), prefetch tiles whose TMA loads are in flight ahead of the one computed (1-3), out_slots output buffers
@@ -96,6 +125,7 @@ def mosaic_hadamard_rowmax(x, *, signs: bool = True, parts: int = 3, wgs: int = 
     memory (wgs (prefetch + 1 + out_slots) 64 c bf16 + the constants) must fit; lowering reports it if not."""
     from jax.experimental.pallas import mosaic_gpu as plgpu
     from qdit4sr_jax.quant.kernels.mosaic_gemm import _num_sms
+    from qdit4sr_jax.quant.kernels.operands import SCALE_FLOOR
     m, k = x.shape
     if not (1 <= wgs <= 4 and 1 <= prefetch <= 3 and out_slots in (1, 2)):
         raise ValueError(f"mosaic_hadamard_rowmax: wgs 1-4, prefetch 1-3 and out_slots 1-2, got {wgs}, {prefetch}, "
@@ -104,6 +134,13 @@ def mosaic_hadamard_rowmax(x, *, signs: bool = True, parts: int = 3, wgs: int = 
         raise ValueError(f"mosaic_hadamard_rowmax: needs bf16 x [M, K] with K a Hadamard block of 64- or 128-wide "
                          f"runs (at most 64 of them) and M a multiple of its rows per tile, parts 1-3; got "
                          f"{x.dtype}{tuple(x.shape)}, parts={parts}")
+    n_codes = 0
+    if levels is not None:
+        if levels.ndim != 2 or levels.shape[1] != 2 or not 1 <= levels.shape[0] <= 4:
+            raise ValueError(f"mosaic_hadamard_codes: levels must be float32 [n, 2] (level, 1 / level per member, "
+                             f"n 1-4), got {tuple(levels.shape)}")
+        n_codes = levels.shape[0]
+        levels = levels.astype(jnp.float32)
     g, c, r, _ = hadamard_plan(k)
     rg = r * g                                  # valid rows of a tile
     tiles = m // r
@@ -111,11 +148,17 @@ def mosaic_hadamard_rowmax(x, *, signs: bool = True, parts: int = 3, wgs: int = 
     x2 = x.reshape(m * g, c)                    # row (m, j): run j of x-row m; a tile is rows t rg .. t rg + 63
     swz = plgpu.SwizzleTransform(128)
     tr_c = (plgpu.TilingTransform((8, 64)), swz)
+    tr_q = (plgpu.TilingTransform((8, c)), plgpu.SwizzleTransform(c))      # int8 codes: c bytes per row
+    row_layout = plgpu.Layout.WGMMA.reduce(1)
+    per_tile = 1 + max(n_codes, 1)                                          # TMA stores per tile
     programs = wgs * min(num_sms or _num_sms(), -(-tiles // wgs))
     slots = prefetch + 1
     inv = float(np.float32(1.0 / np.sqrt(k)))
 
-    def body(x_g, gbd_g, s_g, dt_g, y_g, rmax_g):
+    def body(x_g, gbd_g, s_g, dt_g, *refs):
+        lev_g = refs[0] if n_codes else None
+        y_g, rmax_g = refs[-2:]
+
         def scope(x_s, out_s, g_s, s_s, rmax_s, bars, cbar):
             wg = jax.lax.axis_index("wg")
             p = jax.lax.axis_index("sm") * wgs + wg        # this warpgroup's program
@@ -167,11 +210,28 @@ def mosaic_hadamard_rowmax(x, *, signs: bool = True, parts: int = 3, wgs: int = 
                     return acc[...]
 
                 y = (pl.run_scoped(stage3, plgpu.ACC((ROWS, c), jnp.float32)) * inv).astype(jnp.bfloat16)
-                plgpu.wait_smem_to_gmem(2 * (out_slots - 1), wait_read_only=True)       # 4. out by TMA (2 per tile)
-                out_s[wg, o] = y
-                rmax_s[wg, o] = jnp.max(jnp.abs(y.astype(jnp.float32)), axis=1)
+                yf = y.astype(jnp.float32)
+                run_max = jnp.max(jnp.abs(yf), axis=1)                                  # [64], one per run
+                plgpu.wait_smem_to_gmem(per_tile * (out_slots - 1), wait_read_only=True)  # 4. out by TMA
+                rmax_s[wg, o] = run_max
+                if n_codes:                     # 5. the codes: the tile holds r whole rows, their maxima are here
+                    row = plgpu.broadcasted_iota(jnp.int32, (ROWS,), 0, layout=row_layout) // g
+                    amax = jnp.zeros((ROWS,), jnp.float32)
+                    for q in range(r):
+                        amax = jnp.where(row == q, jnp.max(jnp.where(row == q, run_max, 0.0)), amax)
+                    for l_ in range(n_codes):
+                        lev, inv_lev = lev_g[l_, 0], lev_g[l_, 1]
+                        scale = jnp.maximum(amax * inv_lev, SCALE_FLOOR)
+                        q8 = jnp.clip(jnp.round(yf / jax.lax.broadcast_in_dim(scale, (ROWS, c), [0])), -lev, lev)
+                        out_s[wg, o, l_] = q8.astype(jnp.int8)
+                else:
+                    out_s[wg, o] = y
                 plgpu.commit_smem()
-                plgpu.copy_smem_to_gmem(out_s.at[wg, o, pl.ds(0, rg)], y_g.at[pl.ds(t * rg, rg), :])
+                if n_codes:
+                    for l_ in range(n_codes):
+                        plgpu.copy_smem_to_gmem(out_s.at[wg, o, l_, pl.ds(0, rg)], y_g.at[l_, pl.ds(t * rg, rg), :])
+                else:
+                    plgpu.copy_smem_to_gmem(out_s.at[wg, o, pl.ds(0, rg)], y_g.at[pl.ds(t * rg, rg), :])
                 plgpu.copy_smem_to_gmem(rmax_s.at[wg, o, pl.ds(0, rg)], rmax_g.at[pl.ds(t * rg, rg)])
                 return carry
 
@@ -180,6 +240,7 @@ def mosaic_hadamard_rowmax(x, *, signs: bool = True, parts: int = 3, wgs: int = 
 
         pl.run_scoped(scope,
                       plgpu.SMEM((wgs, slots, ROWS, c), jnp.bfloat16, transforms=tr_c),
+                      plgpu.SMEM((wgs, out_slots, n_codes, ROWS, c), jnp.int8, transforms=tr_q) if n_codes else
                       plgpu.SMEM((wgs, out_slots, ROWS, c), jnp.bfloat16, transforms=tr_c),
                       plgpu.SMEM((wgs, ROWS, ROWS), jnp.bfloat16, transforms=(plgpu.TilingTransform((8, 64)), swz)),
                       plgpu.SMEM((wgs, c, c), jnp.bfloat16, transforms=tr_c),
@@ -187,11 +248,13 @@ def mosaic_hadamard_rowmax(x, *, signs: bool = True, parts: int = 3, wgs: int = 
                       plgpu.Barrier(num_barriers=wgs * slots), plgpu.Barrier(num_barriers=2 * wgs),
                       collective_axes="wg")
 
-    kernel = plgpu.kernel(body, out_type=(jax.ShapeDtypeStruct((m * g, c), jnp.bfloat16),
-                                          jax.ShapeDtypeStruct((m * g,), jnp.float32)),
+    out = (jax.ShapeDtypeStruct((n_codes, m * g, c), jnp.int8) if n_codes else
+           jax.ShapeDtypeStruct((m * g, c), jnp.bfloat16))
+    kernel = plgpu.kernel(body, out_type=(out, jax.ShapeDtypeStruct((m * g,), jnp.float32)),
                           grid=(programs // wgs,), grid_names=("sm",), num_threads=wgs, thread_name="wg")
-    y, rmax = kernel(x2, gbd, s_c, dt)
-    return y.reshape(m, k), rmax.reshape(m, g)
+    y, rmax = kernel(x2, gbd, s_c, dt, *([levels] if n_codes else []))
+    return y.reshape((n_codes, m, k) if n_codes else (m, k)), rmax.reshape(m, g)
 
 
-__all__ = ["hadamard_plan", "plan_operands", "fits", "hadamard_reference", "mosaic_hadamard_rowmax"]
+__all__ = ["hadamard_plan", "plan_operands", "fits", "hadamard_reference", "codes_reference", "mosaic_hadamard_rowmax",
+           "mosaic_hadamard_codes"]

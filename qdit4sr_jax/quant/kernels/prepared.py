@@ -150,7 +150,8 @@ def share_inputs(params: dict) -> dict:
     """One dict of a prepared tree -> the same with the input-space down-projections of each `SHARED_INPUTS`
     group present (e.g. to_q / to_k / to_v: all prepared, XLA prologue, `branch_ops.can_share_down`) moved
     into one `branch_ops.SharedDown` under the group's key; other dicts unchanged. Memory: the same columns, held
-    once, plus zero columns where a member's start must align (none on DiT4SR: 128 columns per member); the step
+    once, plus zero columns where a member's start must align (none on DiT4SR: 128 columns per member), and the
+    members' level tables stacked (`SharedDown.levels`, a few hundred bytes); the step
     computes one down GEMM per group instead of one per layer (which XLA's DotMerger joined by concatenating the
     three weights in every step, 37 x bf16[1536, 384] per 512-px W4A4 step in the optimized HLO of 2026-12-06,
     and slicing the features apart: benchmarks/gpu_notes.md)."""
@@ -163,6 +164,11 @@ def share_inputs(params: dict) -> dict:
         if not can_share_down([k.bw for k in kws]):
             continue
         shared, bws = share_down([k.bw for k in kws])
+        tables = [k.levels for k in kws]
+        if all(t is not None for t in tables) and len({t.shape for t in tables}) == 1:
+            shared = dataclasses.replace(shared, levels=jax.numpy.stack(tables),
+                                         inv_levels=jax.numpy.stack([k.inv_levels for k in kws]),
+                                         members=tuple(b.jd_col for b in bws))
         for n, k, b in zip(names, kws, bws):
             out[n] = {**params[n], "kernel": dataclasses.replace(k, bw=b)}
         out[key] = shared

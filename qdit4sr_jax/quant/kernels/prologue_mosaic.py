@@ -2,22 +2,23 @@
 
 A layer whose Hadamard block is its whole input (w.rotate == K: every layer of the paper preset), without
 smoothing, prepared with its branch down-projection on the layer's input (down="input",
-`branch_ops.input_space_down`) and a VaTMP level table, gets its rotated x' (bf16, what the XLA prologue computes
-with xprime="bfloat16", up to the order of the float32 sums) and the row maxima of |x'| from a kernel, so that no
-reduce pass runs over x'. Two routes:
+`branch_ops.input_space_down`) and a VaTMP level table, gets the codes of its rotated x' (bf16, what the XLA
+prologue computes with xprime="bfloat16", up to the order of the float32 sums) and the row maxima of |x'| with no
+reduce pass over x'. Two routes:
 
-- "hadamard" (prologue="mosaic"): `mosaic_hadamard.mosaic_hadamard_rowmax`, x' per row as G^T (X o D) S_c on the
-  tensor cores (4.7x / 10x fewer multiply-adds than a dense +-1 GEMM at K = 1536 / 6144), with each run's max from
-  its epilogue; the branch features x jd from one XLA GEMM on x (own jd or the `SharedDown` of to_q / to_k / to_v).
+- "hadamard" (prologue="mosaic"): `mosaic_hadamard.mosaic_hadamard_codes`, x' per row as G^T (X o D) S_c on the
+  tensor cores (4.7x / 10x fewer multiply-adds than a dense +-1 GEMM at K = 1536 / 6144); each tile holds whole
+  rows, so the kernel makes the codes itself (x' is never written; to_q / to_k / to_v get all their codes from
+  one call, with their level tables stacked in the `SharedDown`); the branch features x jd from one XLA GEMM on x.
 - "gemm" (prologue="mosaic-gemm", K <= `transforms.FULL_CAP`): one `mosaic_gemm.mosaic_bf16_gemm_rowmax`,
   y = [x (D H_K sqrt(K)) / sqrt(K) | x jd] bf16 [Mp, K + W] (the +-1 matrix exact in bf16) with the row maxima of
   the rotation's column tiles from its epilogue; the features are its columns K.., read in place by the int8 GEMM
-  (`Operands.col` = K + the layer's first feature column).
+  (`Operands.col` = K + the layer's first feature column); the codes in one XLA pass (clip(round(x' / s)), s from
+  the row maxima and the level table: `operands.scale_from_max`).
 
-What stays in XLA is one elementwise pass: the codes clip(round(x' / s)), s from the row maxima and the level table
-(`operands.scale_from_max`). The layers reading one x (to_q / to_k / to_v) run the same kernel on the same operands:
-one kernel after XLA's common-subexpression elimination (the custom call has no side effect). Elsewhere (other
-layers, the CPU, the interpreter) the XLA prologue runs.
+The layers reading one x (to_q / to_k / to_v) run the same kernel on the same operands: one kernel after XLA's
+common-subexpression elimination (the custom call has no side effect). Elsewhere (other layers, the CPU, the
+interpreter) the XLA prologue runs.
 """
 from __future__ import annotations
 
@@ -98,14 +99,15 @@ def mosaic_prologue(x2, w: QuantizedWeight, bw: Optional[BranchWeights], *, pad_
                     step, shared: Optional[SharedDown] = None, route: str = "hadamard", kernel=None) -> Operands:
     """x2 bf16 [M, K] -> `Operands` for the GEMM kernels (module docstring): int8 codes [Mp, K], sx the row maxima
     of x' (deferred scale: sx_inv / sx_step) and the branch features. Call only where `fits`.
-    route "hadamard": x' and its run maxima from `mosaic_hadamard.mosaic_hadamard_rowmax`, the features x jd from
-    one XLA GEMM (`branch_ops.down_features`: the same for the layers sharing x, one after XLA's CSE);
+    route "hadamard": the codes and run maxima from `mosaic_hadamard.mosaic_hadamard_codes` (with a `SharedDown`
+    holding the group's level tables: every member's codes from one call, this member's taken), the features x jd
+    from one XLA GEMM (`branch_ops.down_features`: the same for the layers sharing x, one after XLA's CSE);
     "gemm": x' and the features from one `mosaic_gemm.mosaic_bf16_gemm_rowmax` (the features then read in place at
     column K + the layer's first column). kernel: the route's kernel (tests on the CPU pass its XLA form,
-    `mosaic_hadamard.hadamard_reference` / `mosaic_gemm.rowmax_reference`)."""
+    `mosaic_hadamard.codes_reference` / `mosaic_gemm.rowmax_reference`)."""
     from qdit4sr_jax.quant.kernels.branch_ops import down_features
     from qdit4sr_jax.quant.kernels.mosaic_gemm import mosaic_bf16_gemm_rowmax
-    from qdit4sr_jax.quant.kernels.mosaic_hadamard import mosaic_hadamard_rowmax
+    from qdit4sr_jax.quant.kernels.mosaic_hadamard import mosaic_hadamard_codes
     if route not in ROUTES:
         raise ValueError(f"rotation prologue route must be one of {ROUTES}, got {route!r}")
     m, k = x2.shape
@@ -113,10 +115,21 @@ def mosaic_prologue(x2, w: QuantizedWeight, bw: Optional[BranchWeights], *, pad_
     if mp != m:
         x2 = jnp.pad(x2, ((0, mp - m), (0, 0)))
     jd = _jd(bw, shared)
+    i = jnp.clip(jnp.asarray(step, jnp.int32), 0, levels.shape[0] - 1)
+    deferred = dict(sx_inv=inv_levels, sx_step=jnp.reshape(jnp.asarray(step, jnp.int32), (1,)))
     if route == "hadamard":
-        xp, run_max = (kernel or mosaic_hadamard_rowmax)(x2, signs=bool(w.signs))
-        amax = jnp.max(run_max, axis=1)                              # [Mp] float32
+        if shared is not None and bw is not None and bw.jd_col is not None and shared.levels is not None:
+            lv, member = (jnp.stack([shared.levels[:, i], shared.inv_levels[:, i]], axis=1),     # every member's
+                          shared.member(bw.jd_col))                                            # codes, one call
+        else:
+            lv, member = jnp.stack([levels[i], inv_levels[i]])[None], 0
+        codes, run_max = (kernel or mosaic_hadamard_codes)(x2, lv, signs=bool(w.signs))
+        q, amax = codes[member], jnp.max(run_max, axis=1)           # int8 [Mp, K], float32 [Mp]
         feats, col = (None, 0) if jd is None else (down_features(x2, jd), bw.jd_col or 0)
+        if bw is None:
+            return Operands(q, amax, None, None, None, m, 0, **deferred)
+        return Operands(q, amax, feats if bw.has_lowrank else None, feats if bw.has_blocks else None, bw, m, 0,
+                        True, col, **deferred)
     else:
         if jd is not None and jd.shape[1] % COLUMN_TILE:             # zero columns: exact, never read
             jd = jnp.pad(jd, ((0, 0), (0, -jd.shape[1] % COLUMN_TILE)))
@@ -126,10 +139,8 @@ def mosaic_prologue(x2, w: QuantizedWeight, bw: Optional[BranchWeights], *, pad_
         amax = jnp.max(amax_t, axis=0)                               # [Mp] float32
         xp, feats, col = y[:, :k], y, k + ((bw.jd_col or 0) if bw is not None else 0)
     s = scale_from_max(amax, inv_levels, step)[:, None]
-    i = jnp.clip(jnp.asarray(step, jnp.int32), 0, levels.shape[0] - 1)
     lev = levels[i]
     q = jnp.clip(jnp.round(xp.astype(jnp.float32) / s), -lev, lev).astype(jnp.int8)
-    deferred = dict(sx_inv=inv_levels, sx_step=jnp.reshape(jnp.asarray(step, jnp.int32), (1,)))
     if bw is None:
         return Operands(q, amax, None, None, None, m, 0, **deferred)
     return Operands(q, amax, feats if bw.has_lowrank else None, feats if bw.has_blocks else None, bw, m, 0, True,
