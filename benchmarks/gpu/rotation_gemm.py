@@ -3,7 +3,8 @@ branch features x jd, and each row's max|x'|.
 
 First the Hadamard kernel (`mosaic_hadamard.mosaic_hadamard_rowmax`: per row G^T (X o D) S_c on the tensor cores,
 run maxima from its epilogue; 3 and 2 bf16 terms of Z) vs today's x' and row max (`transforms.hadamard_transform`,
-"auto"), at K = 1536 and 6144: differing elements, us per call. Then the rotation GEMM
+"auto"), at K = 1536 and 6144: differing elements, us per call; then the codes of three members (4, 5, 3 bits)
+made in the kernel (`mosaic_hadamard_codes`) vs its XLA form and vs today's XLA codes, us per call. Then the rotation GEMM
 (`mosaic_gemm.mosaic_bf16_gemm_rowmax`) per shape (M, K, F):
 
 Per shape (M, K, F): x bf16 [M, K] (Student-t rows), D H the signed +-1 Hadamard of K (exact in bf16), jd a random
@@ -137,12 +138,31 @@ def hadamard_row(m, k, reps):
             differing_vs_own_xla=int(jnp.sum(yf != ref.astype(jnp.float32))),
             amax_rel_vs_today=float(jnp.max(jnp.abs(am - amax) / amax)),
             amax_vs_own=float(jnp.max(jnp.abs(am - jnp.max(jnp.abs(yf), axis=1)))), finite=bool(jnp.isfinite(yf).all()))
+    from qdit4sr_jax.quant.kernels.mosaic_hadamard import codes_reference, mosaic_hadamard_codes
+    lv = jnp.asarray([[7.0, 1 / 7.0], [15.0, 1 / 15.0], [3.0, 1 / 3.0]], jnp.float32)    # 4-, 5-, 3-bit members
+    q, _ = jax.jit(mosaic_hadamard_codes)(xs[0], lv)
+    q_ref, _ = jax.jit(codes_reference)(xs[0], lv)
+    q_today = jax.jit(today_codes)(xs[0], lv)
+    diff = jnp.abs(q.astype(jnp.int32) - q_ref.astype(jnp.int32))
+    row["codes"] = dict(differing_vs_own_xla=int(jnp.sum(diff > 0)), max_diff=int(jnp.max(diff)),
+                        differing_vs_today=int(jnp.sum(q != q_today)))
     row["max_abs"] = float(jnp.max(jnp.abs(xp.astype(jnp.float32))))
     row["today_us"] = per_call_ms(hadamard_today, xs) * 1e3
     for parts in (3, 2):
         row[f"kernel_p{parts}_us"] = per_call_ms(lambda v, p=parts: hadamard_kernel(v, p), xs) * 1e3
     row["x_today"] = row["today_us"] / row["kernel_p3_us"]
+    row["today_codes_us"] = per_call_ms(lambda v: today_codes(v, lv), xs) * 1e3
+    row["kernel_codes_us"] = per_call_ms(lambda v: mosaic_hadamard_codes(v, lv), xs) * 1e3
     return row
+
+
+def today_codes(x, lv):
+    """Today's XLA prologue for three members reading x: x' (bf16), its row max, each member's codes."""
+    from qdit4sr_jax.quant.kernels.operands import scale_from_level
+    xp, amax = hadamard_today(x)
+    xf = xp.astype(jnp.float32)
+    return jnp.stack([jnp.clip(jnp.round(xf / scale_from_level(amax[:, None], lv[i, 1])), -lv[i, 0], lv[i, 0])
+                      for i in range(lv.shape[0])]).astype(jnp.int8)
 
 
 def main(argv=None):
