@@ -137,7 +137,7 @@ if [ "${1:-}" = i24had ]; then
   grep -v "^W[0-9]\|Warning" "$OUT/had_fused_check.log" | cut -c1-700 | tail -5
   P=p:qdit4sr-paper-w4a4-small
   modes="${H_MODES:-bf16 $P:prepbfr $P:prepbfh $P:prepbf}"
-  if [ $rc1 -ne 0 ] || grep -q "'error'\|'finite': False" "$OUT/hadamard.log" || \
+  if [ $rc1 -ne 0 ] || grep -q "'error'\|'finite': False\|'max_diff': [2-9]\|'max_diff': [0-9][0-9]" "$OUT/hadamard.log" || \
       grep "mosaic_had" "$OUT/had_fused_check.log" | grep -q "'finite': False\|'error'"; then
     el "hadamard check failed (rc $rc1 / $rc2): no prepbfh step"; modes=$(echo $modes | sed "s/[^ ]*:prepbfh//")
   fi
