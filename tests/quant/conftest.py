@@ -65,3 +65,21 @@ def toy():
 def rel_err(a, b):
     a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
     return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+
+def prepared_paper_layer(k, n, **prepare_kw):
+    """Abstract (eval_shape) prepared W4A4 paper layer [k -> n] (rotation over all of k with signs, int group scales,
+    rank-26 low-rank + 256 x 256 H-SVD blocks with int8 factors, a 40-step VaTMP schedule), prepared with
+    `prepare_kw` (`kernels.prepare_weight`'s arguments)."""
+    from qdit4sr_jax.quant.kernels import prepare_weight
+    from qdit4sr_jax.quant.qweight import make_qweight
+    nbo, nbi = -(-n // 256), -(-k // 256)
+    sched = np.tile(np.array([4, 5, 3, 4], np.int32), 10)
+
+    def build(w):
+        return prepare_weight(make_qweight(
+            w, w_bits=4, group_size=64, group_scale="int", a_bits=4, execution="fused", rotate=k, signs=True,
+            lr_a=jnp.zeros((k, 26)), lr_b=jnp.zeros((26, n)), block_u=jnp.zeros((nbo, nbi, 256)),
+            block_v=jnp.zeros((nbo, nbi, 256)), block=(256, 256), lowrank_bits=8, a_schedule=sched), **prepare_kw)
+
+    return jax.eval_shape(build, jax.ShapeDtypeStruct((n, k), jnp.float32))

@@ -106,21 +106,9 @@ def test_warp_specialized_gemm_rejects_bad_tiles():
 
 
 def _prepared_paper_layer(k, n, gemm):
-    """Abstract prepared W4A4 layer as the "fast" sampler mode makes it (rotation, H-SVD branches, a 40-step VaTMP
-    schedule), with the given GEMM kernel."""
-    from qdit4sr_jax.quant.kernels import prepare_weight
-    from qdit4sr_jax.quant.qweight import make_qweight
-    nbo, nbi = -(-n // 256), -(-k // 256)
-    sched = np.tile(np.array([4, 5, 3, 4], np.int32), 10)
-
-    def build(w):
-        return prepare_weight(make_qweight(
-            w, w_bits=4, group_size=64, group_scale="int", a_bits=4, execution="fused", rotate=k, signs=True,
-            lr_a=jnp.zeros((k, 26)), lr_b=jnp.zeros((26, n)), block_u=jnp.zeros((nbo, nbi, 256)),
-            block_v=jnp.zeros((nbo, nbi, 256)), block=(256, 256), lowrank_bits=8, a_schedule=sched),
-            down="input", xprime="bfloat16", gemm=gemm)
-
-    return jax.eval_shape(build, S((n, k), jnp.float32))
+    """Abstract prepared W4A4 layer as the "fast" sampler mode makes it, with the given GEMM kernel."""
+    from conftest import prepared_paper_layer
+    return prepared_paper_layer(k, n, down="input", xprime="bfloat16", gemm=gemm)
 
 
 @lowering

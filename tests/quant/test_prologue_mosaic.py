@@ -137,19 +137,10 @@ def test_prepared_rotated_layer_is_two_mosaic_kernels(k, n, prologue_kind, kerne
     with prologue="mosaic" the Hadamard kernel (1536 and 6144 inputs) and the int8 GEMM with the whole epilogue;
     with prologue="mosaic-gemm" the rotation GEMM with row maxima where the Hadamard is one +-1 GEMM (1536), the
     XLA prologue where it is not (6144)."""
+    from conftest import prepared_paper_layer
     from qdit4sr_jax.quant.kernels import lowering_for
     from qdit4sr_jax.quant.linear import linear
-    nbo, nbi = -(-n // 256), -(-k // 256)
-    sched = np.tile(np.array([4, 5, 3, 4], np.int32), 10)
-
-    def build(w):
-        return prepare_weight(make_qweight(
-            w, w_bits=4, group_size=64, group_scale="int", a_bits=4, execution="fused", rotate=k, signs=True,
-            lr_a=jnp.zeros((k, 26)), lr_b=jnp.zeros((26, n)), block_u=jnp.zeros((nbo, nbi, 256)),
-            block_v=jnp.zeros((nbo, nbi, 256)), block=(256, 256), lowrank_bits=8, a_schedule=sched),
-            **SAMPLER_MODES["fast"], prologue=prologue_kind, gemm="mosaic")
-
-    kw = jax.eval_shape(build, S((n, k), jnp.float32))
+    kw = prepared_paper_layer(k, n, **SAMPLER_MODES["fast"], prologue=prologue_kind, gemm="mosaic")
     x, t, b = S((2 * 1024 + 7, k), jnp.bfloat16), S((), jnp.int32), S((n,), jnp.float32)
     with lowering_for("gpu"):
         text = jax.jit(lambda kw, x, t, b: linear(x, kw, b, step=t)).trace(kw, x, t, b).lower(
