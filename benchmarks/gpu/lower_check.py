@@ -61,6 +61,7 @@ def check(model="dit4sr", preset: str = "qdit4sr-w4a4-small", size: int = 512, b
     from qdit4sr_jax.model.dit4sr import DiT4SRTransformer
     from qdit4sr_jax.quant.kernels import lowering_for
     from qdit4sr_jax.quant.kernels import prepare as prep
+    from qdit4sr_jax.quant.kernels.mosaic_gemm import mosaic_call_sites
     from qdit4sr_jax.quant.kernels.prepared import SAMPLER_MODES
     if prepare not in PREPARES:
         raise ValueError(f"prepare must be one of {PREPARES}, got {prepare!r}")
@@ -86,7 +87,8 @@ def check(model="dit4sr", preset: str = "qdit4sr-w4a4-small", size: int = 512, b
     return {"model": mcfg.name, "preset": preset, "size": size, "batch": batch, "prepare": prepare, "layers": layers,
             "platform": platform, "triton_kernels": text.count("__gpu$xla.gpu.triton"),
             "custom_calls": text.count("stablehlo.custom_call"), "by_name": by_name,
-            "mosaic_kernels": text.count("@mosaic_gpu"),
+            "mosaic_kernels": mosaic_call_sites(text), "mosaic_distinct": text.count("custom_call @mosaic_gpu"),
+            "text_mb": len(text) / 1e6,
             "lower_s": time.perf_counter() - t0}
 
 
@@ -102,8 +104,9 @@ def main(argv=None):
     r = check(a.model, a.preset, a.size, a.batch, a.prepare, a.platform)
     print(f"{r['model']} / {r['preset']} {r['size']} px batch {r['batch']}, prepare {r['prepare']}: {r['layers']} "
           f"quantized linears -> {r['triton_kernels']} Triton kernels {r['by_name']}, {r['mosaic_kernels']} Mosaic "
-          f"kernels, {r['custom_calls']} custom "
-          f"calls in all (traced and lowered for {r['platform']} in {r['lower_s']:.1f} s, jax {jax.__version__})")
+          f"kernel calls ({r['mosaic_distinct']} distinct), {r['custom_calls']} custom "
+          f"calls in all, {r['text_mb']:.1f} MB of text (traced and lowered for {r['platform']} in {r['lower_s']:.1f} s, "
+          f"jax {jax.__version__})")
     return r
 
 

@@ -47,6 +47,7 @@ CASES = [(4096, 1536, 1536, True, False), (4096, 1536, 6144, False, False), (409
 def run_case(m, k, n, group, float_groups=False, step=2, time_it=True, tilings=("",), variants=tuple(VARIANTS)):
     from qdit4sr_jax.quant.kernels import fused_linear, prepare
     from qdit4sr_jax.quant.kernels.prepared import SAMPLER_MODES
+    from qdit4sr_jax.quant.kernels.mosaic_gemm import mosaic_call_sites
     from qdit4sr_jax.quant.linear import linear
     names = ("to_q", "to_k", "to_v") if group else ("layer",)
     gs = "float" if float_groups else "int"
@@ -77,7 +78,7 @@ def run_case(m, k, n, group, float_groups=False, step=2, time_it=True, tilings=(
             text = texts[v]
             row[v] = dict(rel_vs_triton=rel_err(a, b), max_abs_diff=float(np.abs(a - b).max()),
                           differing=int((a != b).sum()), rel_vs_fake=rel_err(a, ref), finite=bool(np.isfinite(a).all()),
-                          mosaic_kernels=text.count("custom_call @mosaic_gpu"),
+                          mosaic_kernels=mosaic_call_sites(text), mosaic_distinct=text.count("custom_call @mosaic_gpu"),
                           triton_kernels=text.count("__gpu$xla.gpu.triton"))
         rows.append(row)
         print(rows[-1], flush=True)

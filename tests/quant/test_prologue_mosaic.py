@@ -203,3 +203,28 @@ def test_mosaic_kernels_only_where_wgmma_is():
         assert has_wgmma()
     with lowering_for("tpu"):
         assert not has_wgmma()
+
+
+@pytest.mark.skipif(OLD_JAX, reason="Mosaic GPU kernels written for JAX >= 0.10")
+def test_repeated_kernels_are_one_function_in_the_module():
+    """Layers with the same shapes call one lowered function per distinct Mosaic kernel (`mosaic_gemm.shared_call`):
+    four such layers lower to 8 kernel calls but 2 kernels' modules (was 8: 228 MB of text for the 512-px step), and
+    layers of other shapes get kernels of their own."""
+    from conftest import prepared_paper_layer
+    from qdit4sr_jax.quant.kernels import lowering_for
+    from qdit4sr_jax.quant.linear import linear
+    kw = prepared_paper_layer(1536, 1536, **SAMPLER_MODES["fast"], prologue="mosaic", gemm="mosaic")
+    wide = prepared_paper_layer(1536, 6144, **SAMPLER_MODES["fast"], prologue="mosaic", gemm="mosaic")
+    x, t = S((2048, 1536), jnp.bfloat16), S((), jnp.int32)
+
+    def lower(f, *args):
+        with lowering_for("gpu"):
+            return jax.jit(f).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+
+    one = lower(lambda kw, x, t: linear(x, kw, step=t), kw, x, t)
+    four = lower(lambda kw, x, t: [linear(x + i, kw, step=t) for i in range(4)], kw, x, t)
+    assert (mg.mosaic_call_sites(one), one.count("custom_call @mosaic_gpu")) == (2, 2)
+    assert (mg.mosaic_call_sites(four), four.count("custom_call @mosaic_gpu")) == (8, 2)
+    assert len(four) < 1.5 * len(one)
+    both = lower(lambda a, b, x, t: [linear(x, a, step=t), linear(x, b, step=t)], kw, wide, x, t)
+    assert (mg.mosaic_call_sites(both), both.count("custom_call @mosaic_gpu")) == (4, 3)   # one Hadamard kernel

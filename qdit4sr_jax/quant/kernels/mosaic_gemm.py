@@ -111,6 +111,32 @@ def mosaic_int8_gemm(xq, wq, sx, sw, bias=None, addend=None, *, out_dtype=jnp.bf
     return kernel(*args)
 
 
+_SHARED: dict = {}
+
+
+def shared_call(kernel, args, config):
+    """kernel(*args) through one jitted function per distinct kernel. config (hashable) must hold every Python value
+    the kernel's body depends on besides its operands' shapes and dtypes (they join the key). A step's lowered
+    module then carries each distinct kernel once, as a function its call sites call, instead of the kernel's
+    serialized module at every call site (the 512-px W4A4 step: 992 Mosaic calls of 21 distinct kernels, 228 MB of
+    lowered text)."""
+    key = (config, tuple((tuple(a.shape), str(a.dtype)) for a in args))
+    fn = _SHARED.get(key)
+    if fn is None:
+        def call(*operands):
+            return kernel(*operands)
+        call.__name__ = f"mosaic_{config[0]}"             # the lowered function: `mosaic_call_sites` counts calls
+        fn = _SHARED[key] = jax.jit(call)
+    return fn(*args)
+
+
+def mosaic_call_sites(text: str) -> int:
+    """Calls of the kernels that `shared_call` made in a lowered module's text (each distinct kernel appears once
+    as a custom call inside its function)."""
+    import re
+    return len(re.findall(r"(?<!custom_)call @mosaic_(?:int8_ws|bf16_rowmax|hadamard)\w*\(", text))
+
+
 def _num_sms(default: int = 132) -> int:
     """Streaming multiprocessors of the default device (132 on an H100 SXM / H200; the default off the GPU,
     where the kernel is only lowered)."""
@@ -345,10 +371,13 @@ def mosaic_int8_gemm_ws(xq, wq, sx, sw, bias=None, addend=None, *, out_dtype=jnp
         args.append(addend)
     for b in branches:
         args += [b.feats, b.up]
-    kernel = plgpu.kernel(body, out_type=jax.ShapeDtypeStruct((m, n), out_dtype),
-                          grid=(min(num_sms or _num_sms(), m_iters * n_iters),), grid_names=("sm",),
+    grid = min(num_sms or _num_sms(), m_iters * n_iters)
+    kernel = plgpu.kernel(body, out_type=jax.ShapeDtypeStruct((m, n), out_dtype), grid=(grid,), grid_names=("sm",),
                           num_threads=3, thread_name="wg")
-    return kernel(*args)
+    config = ("int8_ws", str(jnp.dtype(out_dtype)), tile_m, tile_n, wg_dim, stages, epi, epi_n, out_slots, grid_minor,
+              grid_width, in_flight, grid, grouped, has_bias, has_add, table, n_lev,
+              tuple((b.col0, b.block_out) for b in branches))
+    return shared_call(kernel, args, config)
 
 
 def mosaic_bf16_gemm_rowmax(x, b, b2=None, *, layout: str = "nk", b_scale: float = 1.0, tile_m: int = 64,
@@ -451,11 +480,13 @@ def mosaic_bf16_gemm_rowmax(x, b, b2=None, *, layout: str = "nk", b_scale: float
                       plgpu.SMEM((2, tile_m), jnp.float32), collective_axes="wg")
         plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
+    grid = min(num_sms or _num_sms(), m_iters * n_iters)
     kernel = plgpu.kernel(body, out_type=(jax.ShapeDtypeStruct((m, n), jnp.bfloat16),
                                           jax.ShapeDtypeStruct((widths[0] // tile_n, m), jnp.float32)),
-                          grid=(min(num_sms or _num_sms(), m_iters * n_iters),), grid_names=("sm",),
-                          num_threads=3, thread_name="wg")
-    return kernel(x, *ops)
+                          grid=(grid,), grid_names=("sm",), num_threads=3, thread_name="wg")
+    config = ("bf16_rowmax", layout, float(b_scale), tile_m, tile_n, wg_dim, stages, in_flight, epi, epi_n, out_slots,
+              grid_minor, grid_width, grid)
+    return shared_call(kernel, [x, *ops], config)
 
 
 def rowmax_reference(x, b, b2=None, *, layout: str = "nk", b_scale: float = 1.0, tile_n: int = 128, **_tiles):
@@ -570,6 +601,6 @@ def mosaic_gemm_epilogue(ops, w, bias, out_dtype, tiles=None):
     return y[: ops.m]
 
 
-__all__ = ["Branch", "FUSED_TILES", "fits", "parse_tiles", "set_fused_tiles", "mosaic_gemm_epilogue",
+__all__ = ["Branch", "FUSED_TILES", "fits", "parse_tiles", "set_fused_tiles", "shared_call", "mosaic_call_sites", "mosaic_gemm_epilogue",
            "mosaic_int8_gemm", "mosaic_int8_gemm_ws", "mosaic_bf16_gemm_rowmax", "rowmax_reference", "reference",
            "tiles_ok", "ws_tiles_ok", "SWIZZLE"]

@@ -124,7 +124,7 @@ def _hadamard(x, *, signs: bool = True, parts: int = 3, wgs: int = 2, prefetch: 
     per warpgroup (1: a tile's stores are read out before the next tile writes; 2: they overlap it). The shared
     memory (wgs (prefetch + 1 + out_slots) 64 c bf16 + the constants) must fit; lowering reports it if not."""
     from jax.experimental.pallas import mosaic_gpu as plgpu
-    from qdit4sr_jax.quant.kernels.mosaic_gemm import _num_sms
+    from qdit4sr_jax.quant.kernels.mosaic_gemm import _num_sms, shared_call
     from qdit4sr_jax.quant.kernels.operands import SCALE_FLOOR
     m, k = x.shape
     if not (1 <= wgs <= 4 and 1 <= prefetch <= 3 and out_slots in (1, 2)):
@@ -252,7 +252,8 @@ def _hadamard(x, *, signs: bool = True, parts: int = 3, wgs: int = 2, prefetch: 
            jax.ShapeDtypeStruct((m * g, c), jnp.bfloat16))
     kernel = plgpu.kernel(body, out_type=(out, jax.ShapeDtypeStruct((m * g,), jnp.float32)),
                           grid=(programs // wgs,), grid_names=("sm",), num_threads=wgs, thread_name="wg")
-    y, rmax = kernel(x2, gbd, s_c, dt, *([levels] if n_codes else []))
+    config = ("hadamard", m, k, bool(signs), parts, wgs, prefetch, out_slots, programs, n_codes)
+    y, rmax = shared_call(kernel, [x2, gbd, s_c, dt, *([levels] if n_codes else [])], config)
     return y.reshape((n_codes, m, k) if n_codes else (m, k)), rmax.reshape(m, g)
 
 
