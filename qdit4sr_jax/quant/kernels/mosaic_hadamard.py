@@ -144,7 +144,6 @@ def _hadamard(x, *, signs: bool = True, parts: int = 3, wgs: int = 2, prefetch: 
     g, c, r, _ = hadamard_plan(k)
     rg = r * g                                  # valid rows of a tile
     tiles = m // r
-    gbd, s_c, dt = plan_operands(k, signs)
     x2 = x.reshape(m * g, c)                    # row (m, j): run j of x-row m; a tile is rows t rg .. t rg + 63
     swz = plgpu.SwizzleTransform(128)
     tr_c = (plgpu.TilingTransform((8, 64)), swz)
@@ -252,8 +251,11 @@ def _hadamard(x, *, signs: bool = True, parts: int = 3, wgs: int = 2, prefetch: 
            jax.ShapeDtypeStruct((m * g, c), jnp.bfloat16))
     kernel = plgpu.kernel(body, out_type=(out, jax.ShapeDtypeStruct((m * g,), jnp.float32)),
                           grid=(programs // wgs,), grid_names=("sm",), num_threads=wgs, thread_name="wg")
+    def with_constants(x2, *lv):        # the constant operands made inside the shared function: once per kernel
+        return kernel(x2, *plan_operands(k, signs), *lv)
+
     config = ("hadamard", m, k, bool(signs), parts, wgs, prefetch, out_slots, programs, n_codes)
-    y, rmax = shared_call(kernel, [x2, gbd, s_c, dt, *([levels] if n_codes else [])], config)
+    y, rmax = shared_call(with_constants, [x2, *([levels] if n_codes else [])], config)
     return y.reshape((n_codes, m, k) if n_codes else (m, k)), rmax.reshape(m, g)
 
 
