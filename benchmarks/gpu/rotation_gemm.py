@@ -4,8 +4,8 @@ branch features x jd, and each row's max|x'|.
 First the Hadamard kernel (`mosaic_hadamard.mosaic_hadamard_rowmax`: per row G^T (X o D) S_c on the tensor cores,
 run maxima from its epilogue; 3 and 2 bf16 terms of Z) vs today's x' and row max (`transforms.hadamard_transform`,
 "auto"), at K = 1536 and 6144: differing elements, us per call; then the codes of three members (4, 5, 3 bits)
-made in the kernel (`mosaic_hadamard_codes`) vs its XLA form and vs today's XLA codes, us per call. Then the rotation GEMM
-(`mosaic_gemm.mosaic_bf16_gemm_rowmax`) per shape (M, K, F):
+made in the kernel (`mosaic_hadamard_codes`) vs its XLA form and vs today's XLA codes, us per call. Then the
+rotation GEMM (`mosaic_gemm.mosaic_bf16_gemm_rowmax`) per shape (M, K, F):
 
 Per shape (M, K, F): x bf16 [M, K] (Student-t rows), D H the signed +-1 Hadamard of K (exact in bf16), jd a random
 bf16 down-projection [K, F] (F branch columns, padded so the kernel's column tiles divide K + F).

@@ -2,8 +2,8 @@
 
 x' = x D H_K (D the QuaRot signs, H_K the orthonormal Hadamard of the whole input, K = g c) is, per row,
 
-  X = x_row reshaped [g, c] (run j = columns j c .. (j + 1) c),   H_K sqrt(K) = G (x) S_c   (`transforms.kronecker_plan`)
-  x'_row = (G^T (X o D) S_c) / sqrt(K), reshaped back to [K]                       (G, S_c: +-1, symmetric)
+  X = x_row reshaped [g, c] (run j = columns j c .. (j + 1) c),  H_K sqrt(K) = G (x) S_c  (`transforms.kronecker_plan`)
+  x'_row = (G^T (X o D) S_c) / sqrt(K), reshaped back to [K]                     (G, S_c: +-1, symmetric)
 
 so a row costs g^2 c + g c^2 multiply-adds instead of the K^2 of one dense +-1 GEMM: 1536 = 24 x 64 runs, 6144 = 48 x
 128 (`hadamard_plan`), 4.7x / 10x fewer. The kernel puts r = 64 // g rows of x into one 64-row tile (g rows each) and
@@ -14,11 +14,15 @@ runs, per tile, on one warpgroup:
   3. x' sqrt(K) = Z S_c: Z split into `parts` bf16 terms (3: exact, each product exact in float32), one wgmma each;
   4. x' = that / sqrt(K) in float32, rounded once to bf16 (what the XLA path gives with xprime="bfloat16", up to the
      order of the float32 sums), written by TMA, with each (row, run)'s max|x'| (the per-token scale's maxima:
-     max over a row's g runs, `hadamard_reference`).
+     max over a row's g runs, `hadamard_reference`);
+  5. or, instead of x' (`mosaic_hadamard_codes`): each row's max from its runs' (the tile holds whole rows) and, for
+     each of up to 4 layers reading x, the codes clip(round(x' / s), +-level) with that layer's level at this step:
+     x' never leaves the kernel and no XLA pass quantizes it (`codes_reference`).
 
 Persistent: each warpgroup (`wgs` per SM) walks its tiles with the next tiles' TMA loads in flight. H100 2026-12-07:
 33.1 us at 4096 x 1536 (XLA today: 70.3), 78.8 us at 4096 x 6144 (143.2), x' within one bf16 ulp of XLA's. GPU
-only (no interpreter for wgmma): tests lower it for CUDA on the CPU; benchmarks/gpu/rotation_gemm.py checks it on the GPU.
+only (no interpreter for wgmma): tests lower it for CUDA on the CPU; benchmarks/gpu/rotation_gemm.py checks it on
+the GPU.
 """
 from __future__ import annotations
 
