@@ -90,20 +90,20 @@ def hadamard_reference(x, signs: bool = True):
 
 
 def codes_reference(x, levels, signs: bool = True):
-    """`mosaic_hadamard_codes` with XLA ops: (codes int8 [n, M, K], run maxima float32 [M, g]) from the kernel's
-    x' (`hadamard_reference`) and levels float32 [n, 2] (each member's code level and its reciprocal)."""
+    """`mosaic_hadamard_codes` with XLA ops: (codes: n int8 [M, K] arrays, run maxima float32 [M, g]) from the
+    kernel's x' (`hadamard_reference`) and levels float32 [n, 2] (each member's code level and its reciprocal)."""
     from qdit4sr_jax.quant.kernels.operands import scale_from_level
     y, run_max = hadamard_reference(x, signs)
     amax = jnp.max(run_max, axis=1, keepdims=True)
     yf = y.astype(jnp.float32)
     codes = [jnp.clip(jnp.round(yf / scale_from_level(amax, levels[i, 1])), -levels[i, 0], levels[i, 0])
              for i in range(levels.shape[0])]
-    return jnp.stack(codes).astype(jnp.int8), run_max
+    return tuple(q.astype(jnp.int8) for q in codes), run_max
 
 
 def mosaic_hadamard_codes(x, levels, **tuning):
     """x bf16 [M, K], levels float32 [n, 2] (per member: the code level 2^(bits-1) - 1 and its reciprocal, at this
-    step) -> (codes int8 [n, M, K], run maxima float32 [M, g]): the per-token codes of x' = bf16(x D H_K) for each
+    step) -> (codes: n int8 [M, K] arrays, run maxima float32 [M, g]): the per-token codes of x' = bf16(x D H_K) for each
     member, clip(round(x' / s), +-level) with s = max(max_row |x'| * (1 / level), 2^-126) (`operands.
     scale_from_level`, the scale the GEMM kernel makes from max(run maxima)), made in the kernel, which holds whole
     rows of x' in each tile: x' itself is never written and no XLA codes pass runs. `mosaic_hadamard_rowmax`'s
@@ -119,7 +119,7 @@ def mosaic_hadamard_rowmax(x, **tuning):
 
 def _hadamard(x, *, signs: bool = True, parts: int = 3, wgs: int = 2, prefetch: int = 1, out_slots: int = 1,
               num_sms: int | None = None, levels=None):
-    """x bf16 [M, K] -> (x' = bf16(x D H_K) [M, K], or with levels the codes [n, M, K] (`mosaic_hadamard_codes`);
+    """x bf16 [M, K] -> (x' = bf16(x D H_K) [M, K], or with levels n codes [M, K] (`mosaic_hadamard_codes`);
     run maxima float32 [M, g]: max over run j's c columns of |x'|), D the signs of `transforms.rotation_signs(K)`
     (signs=True) or I. K must have a `hadamard_plan`, M be a multiple
     of its r (`fits`). parts: bf16 terms of Z in stage 3 (3: exact products; 2: Z to 16 bits, ~2^-17 relative).
@@ -160,7 +160,7 @@ def _hadamard(x, *, signs: bool = True, parts: int = 3, wgs: int = 2, prefetch: 
 
     def body(x_g, gbd_g, s_g, dt_g, *refs):
         lev_g = refs[0] if n_codes else None
-        y_g, rmax_g = refs[-2:]
+        y_gs, rmax_g = refs[-1 - max(n_codes, 1):-1], refs[-1]          # x', or one codes array per member
 
         def scope(x_s, out_s, g_s, s_s, rmax_s, bars, cbar):
             wg = jax.lax.axis_index("wg")
@@ -232,9 +232,9 @@ def _hadamard(x, *, signs: bool = True, parts: int = 3, wgs: int = 2, prefetch: 
                 plgpu.commit_smem()
                 if n_codes:
                     for l_ in range(n_codes):
-                        plgpu.copy_smem_to_gmem(out_s.at[wg, o, l_, pl.ds(0, rg)], y_g.at[l_, pl.ds(t * rg, rg), :])
+                        plgpu.copy_smem_to_gmem(out_s.at[wg, o, l_, pl.ds(0, rg)], y_gs[l_].at[pl.ds(t * rg, rg), :])
                 else:
-                    plgpu.copy_smem_to_gmem(out_s.at[wg, o, pl.ds(0, rg)], y_g.at[pl.ds(t * rg, rg), :])
+                    plgpu.copy_smem_to_gmem(out_s.at[wg, o, pl.ds(0, rg)], y_gs[0].at[pl.ds(t * rg, rg), :])
                 plgpu.copy_smem_to_gmem(rmax_s.at[wg, o, pl.ds(0, rg)], rmax_g.at[pl.ds(t * rg, rg)])
                 return carry
 
@@ -251,16 +251,19 @@ def _hadamard(x, *, signs: bool = True, parts: int = 3, wgs: int = 2, prefetch: 
                       plgpu.Barrier(num_barriers=wgs * slots), plgpu.Barrier(num_barriers=2 * wgs),
                       collective_axes="wg")
 
-    out = (jax.ShapeDtypeStruct((n_codes, m * g, c), jnp.int8) if n_codes else
-           jax.ShapeDtypeStruct((m * g, c), jnp.bfloat16))
-    kernel = plgpu.kernel(body, out_type=(out, jax.ShapeDtypeStruct((m * g,), jnp.float32)),
+    # one output array per member (not [n, M, K]: a member's slice of that would be a copy before its GEMM)
+    outs = ([jax.ShapeDtypeStruct((m * g, c), jnp.int8)] * n_codes if n_codes else
+            [jax.ShapeDtypeStruct((m * g, c), jnp.bfloat16)])
+    kernel = plgpu.kernel(body, out_type=(*outs, jax.ShapeDtypeStruct((m * g,), jnp.float32)),
                           grid=(programs // wgs,), grid_names=("sm",), num_threads=wgs, thread_name="wg")
+
     def with_constants(x2, *lv):        # the constant operands made inside the shared function: once per kernel
         return kernel(x2, *plan_operands(k, signs), *lv)
 
     config = ("hadamard", m, k, bool(signs), parts, wgs, prefetch, out_slots, programs, n_codes)
-    y, rmax = shared_call(with_constants, [x2, *([levels] if n_codes else [])], config)
-    return y.reshape((n_codes, m, k) if n_codes else (m, k)), rmax.reshape(m, g)
+    *ys, rmax = shared_call(with_constants, [x2, *([levels] if n_codes else [])], config)
+    ys = [y.reshape(m, k) for y in ys]
+    return (tuple(ys) if n_codes else ys[0]), rmax.reshape(m, g)
 
 
 __all__ = ["hadamard_plan", "plan_operands", "fits", "hadamard_reference", "codes_reference", "mosaic_hadamard_rowmax",
