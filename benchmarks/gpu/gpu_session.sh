@@ -23,6 +23,7 @@
 #   bash benchmarks/gpu/gpu_session.sh i24d      # all six modes' 1024-px steps (+ smoothing-only -small, paper W4A4)
 #   bash benchmarks/gpu/gpu_session.sh i24x      # next: fused linear on the Mosaic GEMM: check + 512-px steps (<= 400 s);
 #                                             # then i24y (1024 px), i24z (W8A8 on Triton / Mosaic, 512 + 1024 px)
+#   bash benchmarks/gpu/gpu_session.sh i24step   # next: 512-px steps bf16 + one W4A4 mode (MODES, SIZE), compile times
 #   bash benchmarks/gpu/gpu_session.sh i24had    # 12-07: the Mosaic Hadamard kernel: exactness + us per call, fused
 #                                             # checks, 512-px steps bf16 / prepbfr / prepbfh / prepbf (<= 580 s)
 #   bash benchmarks/gpu/gpu_session.sh i24rot    # 12-07: the rotation + features + row-max kernel vs XLA (<= 200 s)
@@ -120,6 +121,17 @@ if [ "${1:-}" = i24x ]; then
     el "steps 512 ($left s)"; steps steps512 $left --cases 512x1 --scan-steps 2 --modes ${X_MODES:-bf16 $P:prepbf $P:prepbfm} \
         --attention cudnn --xla-variants no-dot-merge --iters 8 --warmup 2 --deadline $(( left - 20 ))
   fi
+  el done
+  exit 0
+fi
+if [ "${1:-}" = i24step ]; then
+  # issue 24, after 12-07 (<= ${T:-585} s): one 512-px step call, bf16 and ONE W4A4 mode (default: paper-small on the
+  # Mosaic GEMM + Hadamard codes kernel, prepbfh; MODES / SIZE override), compile times recorded in the JSON
+  P=p:qdit4sr-paper-w4a4-small
+  modes="${MODES:-bf16 $P:prepbfh}"
+  el "steps ${SIZE:-512}: $modes"; steps steps${SIZE:-512} $(( ${T:-585} - 5 )) --cases ${SIZE:-512}x1 --scan-steps 2 \
+      --modes $modes --attention cudnn --xla-variants no-dot-merge --iters 6 --warmup 1 --deadline $(( ${T:-585} - 25 ))
+  grep -o '"compile_s": [0-9.]*' "$OUT/steps${SIZE:-512}.json" 2>/dev/null | tr '\n' ' '; echo
   el done
   exit 0
 fi
