@@ -141,7 +141,7 @@ if [ "${1:-}" = i24had ]; then
   # GEMM (incl. the group-wise "gnk" layer, fixed after 08:00) vs the Triton GEMM and fake-quant; then the 512-px
   # steps bf16 / paper-small on Mosaic GEMM + rotation GEMM prologue (prepbfr) / + Hadamard kernel (prepbfh, only if
   # its checks pass) / on Triton (prepbf) ($H_MODES sets them)
-  el hadamard; timeout ${HAD_S:-130} python3 benchmarks/gpu/rotation_gemm.py --shapes 0 --hadamard-shapes ${HAD_SHAPES:-2} \
+  el hadamard; timeout ${HAD_S:-160} python3 benchmarks/gpu/rotation_gemm.py --shapes 0 --hadamard-shapes ${HAD_SHAPES:-2} \
       --reps 4 --out "$OUT/hadamard.json" > "$OUT/hadamard.log" 2>&1; rc1=$?
   grep -v "^W[0-9]\|Warning" "$OUT/hadamard.log" | cut -c1-700 | tail -6
   el "fused checks"; timeout ${CHECK_S:-110} python3 benchmarks/gpu/mosaic_fused_check.py --cases ${CHECK_CASES:-3} \

@@ -4,8 +4,9 @@ branch features x jd, and each row's max|x'|.
 First the Hadamard kernel (`mosaic_hadamard.mosaic_hadamard_rowmax`: per row G^T (X o D) S_c on the tensor cores,
 run maxima from its epilogue; 3 and 2 bf16 terms of Z) vs today's x' and row max (`transforms.hadamard_transform`,
 "auto"), at K = 1536 and 6144: differing elements, us per call; then the codes of three members (4, 5, 3 bits)
-made in the kernel (`mosaic_hadamard_codes`) vs its XLA form and vs today's XLA codes, us per call. Then the
-rotation GEMM (`mosaic_gemm.mosaic_bf16_gemm_rowmax`) per shape (M, K, F):
+made in the kernel (`mosaic_hadamard_codes`) vs its XLA form and vs today's XLA codes, us per call; the branch
+features' GEMM on the Mosaic bf16 GEMM vs XLA's dot. Then the rotation GEMM (`mosaic_gemm.mosaic_bf16_gemm_rowmax`)
+per shape (M, K, F):
 
 Per shape (M, K, F): x bf16 [M, K] (Student-t rows), D H the signed +-1 Hadamard of K (exact in bf16), jd a random
 bf16 down-projection [K, F] (F branch columns, padded so the kernel's column tiles divide K + F).
@@ -121,6 +122,24 @@ def hadamard_configs(m, k, reps, configs):
     return row
 
 
+# (M, K, W) of the branch features' GEMM x jd: a 2048-row LR layer (XLA: split-K + reduce), a 512-px q/k/v group
+FEAT_SHAPES = [(2048, 1536, 128), (4096, 1536, 384)]
+
+
+def features_row(m, k, w, reps):
+    """The features GEMM of prologue="mosaic" (`prologue_mosaic._features`: the Mosaic bf16 GEMM) vs XLA's dot:
+    differing elements, us per call."""
+    from qdit4sr_jax.quant.kernels.branch_ops import down_features
+    from qdit4sr_jax.quant.kernels.prologue_mosaic import _features
+    rng = np.random.default_rng(m + w)
+    xs = jnp.asarray(rng.standard_t(5, size=(reps, m, k)).astype(np.float32), jnp.bfloat16)
+    jd = jnp.asarray(rng.normal(size=(k, w)) / np.sqrt(k), jnp.bfloat16)
+    a = jax.jit(down_features)(xs[0], jd).astype(jnp.float32)
+    b = jax.jit(_features)(xs[0], jd)[:, :w].astype(jnp.float32)
+    return {"features": [m, k, w], "differing": int(jnp.sum(a != b)), "max_abs_diff": float(jnp.max(jnp.abs(a - b))),
+            "xla_us": per_call_ms(down_features, xs, jd) * 1e3, "mosaic_us": per_call_ms(_features, xs, jd) * 1e3}
+
+
 def hadamard_row(m, k, reps):
     """Exactness (vs today's XLA x', vs the kernel's own XLA form) and us per call of the Hadamard kernel."""
     from qdit4sr_jax.quant.kernels.mosaic_hadamard import hadamard_reference
@@ -171,6 +190,7 @@ def main(argv=None):
     ap.add_argument("--reps", type=int, default=8)
     ap.add_argument("--out", default=None)
     ap.add_argument("--hadamard-shapes", type=int, default=len(HAD_SHAPES), help="the Hadamard kernel's first N")
+    ap.add_argument("--features-shapes", type=int, default=len(FEAT_SHAPES), help="the features GEMM's first N")
     ap.add_argument("--hadamard-configs", nargs="*", default=[],
                     help="instead of the check: time these tunings (wNpNoN: warpgroups, prefetch, out slots) at the "
                          "first --hadamard-shapes shapes, e.g. w2p1o1 w3p2o2 w2p2o2 w1p3o2")
@@ -190,6 +210,13 @@ def main(argv=None):
             row = hadamard_row(m, k, a.reps if m <= 4096 else 2)
         except Exception as e:  # noqa: BLE001 - recorded; the next shape still runs
             row = {"hadamard": [m, k], "error": repr(e)[:600]}
+        res["rows"].append(row)
+        print(row, flush=True)
+    for (m, k, w) in FEAT_SHAPES[: a.features_shapes]:
+        try:
+            row = features_row(m, k, w, a.reps)
+        except Exception as e:  # noqa: BLE001 - recorded; the next shape still runs
+            row = {"features": [m, k, w], "error": repr(e)[:600]}
         res["rows"].append(row)
         print(row, flush=True)
     for (m, k, f) in SHAPES[: a.shapes]:

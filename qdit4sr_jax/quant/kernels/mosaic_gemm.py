@@ -383,17 +383,18 @@ def mosaic_int8_gemm_ws(xq, wq, sx, sw, bias=None, addend=None, *, out_dtype=jnp
 def mosaic_bf16_gemm_rowmax(x, b, b2=None, *, layout: str = "nk", b_scale: float = 1.0, tile_m: int = 64,
                             tile_n: int = 128, wg_dim: str = "n", stages: int = 4, in_flight: int = 1, epi: int = 64,
                             epi_n: int | None = None, out_slots: int = 2, grid_minor: int = 1, grid_width: int = 8,
-                            num_sms: int | None = None):
+                            num_sms: int | None = None, rowmax: bool = True):
     """x bf16 [M, K], b bf16 [N, K] (layout "nk", K-major) or [K, N] ("kn"), b2 None or a second operand [N2, K] /
     [K, N2] in the same layout -> (y bf16 [M, N + N2] = x [b | b2] with b's columns times b_scale (float32, before
-    the rounding to bf16), amax f32 [N / tile_n, M]) with amax[j, m] = max over the j-th tile_n columns of b's part
-    of |y[m, :]| (of y as rounded to bf16).
+    the rounding to bf16), amax f32 [N / tile_n, M], None with rowmax=False: a plain GEMM) with amax[j, m] = max over
+    the j-th tile_n columns of b's part of |y[m, :]| (of y as rounded to bf16).
 
-    The prologue's rotation (`fused.prologue` of a layer prepared with prologue="mosaic"): with b = D H_b sqrt(b)
+    The prologue's rotation (`prologue_mosaic.py`, prologue="mosaic-gemm"): with b = D H_b sqrt(b)
     (the +-1 Hadamard, exact in bf16; b_scale = 1 / sqrt(b)) and b2 the branch down-projection jd it writes the
     rotated x' = x D H in bf16 and the branch features x jd in one GEMM, and the row maxima that the per-token
     scales need come out of its epilogue (max over the K / tile_n rows of amax) instead of a reduce pass over x'.
     Each output tile reads b or b2 (two pipelines, one per operand: no concatenation of a constant and a weight).
+    With rowmax=False it is the branch features' GEMM of prologue="mosaic" (x jd, instead of XLA's split-K GEMM).
     Same structure as `mosaic_int8_gemm_ws` (persistent, warp-specialized, TMA-store epilogue), bf16 wgmmas into
     float32 accumulators, K in steps of 64. M, N, N2, K must tile (`ws_tiles_ok`, K a multiple of 64)."""
     from jax.experimental.pallas import mosaic_gpu as plgpu
@@ -433,7 +434,8 @@ def mosaic_bf16_gemm_rowmax(x, b, b2=None, *, layout: str = "nk", b_scale: float
                                       delay_release=in_flight), b_spec])
 
     def body(x_g, *refs):
-        b_gs, (y_g, amax_g) = refs[:-2], refs[-2:]
+        n_out = 2 if rowmax else 1
+        b_gs, (y_g, amax_g) = refs[:-n_out], (refs[-n_out:] if rowmax else (refs[-1], None))
         ignore = lambda *_, **__: None  # noqa: E731 - the allocations do not depend on the bodies
 
         def scope(allocs, out_smem, amax_smem):
@@ -470,9 +472,9 @@ def mosaic_bf16_gemm_rowmax(x, b, b2=None, *, layout: str = "nk", b_scale: float
                                            b_g.at[:, cols], allocations=allocs)
 
                 if len(b_gs) == 1:
-                    part(b_gs[0], 0, b_scale, True)
+                    part(b_gs[0], 0, b_scale, rowmax)
                 else:
-                    pl.when(ni < n1_iters)(lambda: part(b_gs[0], 0, b_scale, True))
+                    pl.when(ni < n1_iters)(lambda: part(b_gs[0], 0, b_scale, rowmax))
                     pl.when(ni >= n1_iters)(lambda: part(b_gs[1], n1_iters, 1.0, False))
 
         pl.run_scoped(scope, pipeline(ignore, ignore).get_allocations(x_g, b_gs[0]),
@@ -481,12 +483,13 @@ def mosaic_bf16_gemm_rowmax(x, b, b2=None, *, layout: str = "nk", b_scale: float
         plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
     grid = min(num_sms or _num_sms(), m_iters * n_iters)
-    kernel = plgpu.kernel(body, out_type=(jax.ShapeDtypeStruct((m, n), jnp.bfloat16),
-                                          jax.ShapeDtypeStruct((widths[0] // tile_n, m), jnp.float32)),
-                          grid=(grid,), grid_names=("sm",), num_threads=3, thread_name="wg")
+    outs = (jax.ShapeDtypeStruct((m, n), jnp.bfloat16),) + (
+        (jax.ShapeDtypeStruct((widths[0] // tile_n, m), jnp.float32),) if rowmax else ())
+    kernel = plgpu.kernel(body, out_type=outs, grid=(grid,), grid_names=("sm",), num_threads=3, thread_name="wg")
     config = ("bf16_rowmax", layout, float(b_scale), tile_m, tile_n, wg_dim, stages, in_flight, epi, epi_n, out_slots,
-              grid_minor, grid_width, grid)
-    return shared_call(kernel, [x, *ops], config)
+              grid_minor, grid_width, grid, rowmax)
+    res = shared_call(kernel, [x, *ops], config)
+    return (res[0], res[1]) if rowmax else (res[0], None)
 
 
 def rowmax_reference(x, b, b2=None, *, layout: str = "nk", b_scale: float = 1.0, tile_n: int = 128, **_tiles):

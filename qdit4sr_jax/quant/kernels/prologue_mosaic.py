@@ -9,7 +9,8 @@ reduce pass over x'. Two routes:
 - "hadamard" (prologue="mosaic"): `mosaic_hadamard.mosaic_hadamard_codes`, x' per row as G^T (X o D) S_c on the
   tensor cores (4.7x / 10x fewer multiply-adds than a dense +-1 GEMM at K = 1536 / 6144); each tile holds whole
   rows, so the kernel makes the codes itself (x' is never written; to_q / to_k / to_v get all their codes from
-  one call, with their level tables stacked in the `SharedDown`); the branch features x jd from one XLA GEMM on x.
+  one call, with their level tables stacked in the `SharedDown`); the branch features x jd from one Mosaic bf16 GEMM
+  on x (`mosaic_gemm.mosaic_bf16_gemm_rowmax(rowmax=False)`; XLA's GEMM where the rows do not tile).
 - "gemm" (prologue="mosaic-gemm", K <= `transforms.FULL_CAP`): one `mosaic_gemm.mosaic_bf16_gemm_rowmax`,
   y = [x (D H_K sqrt(K)) / sqrt(K) | x jd] bf16 [Mp, K + W] (the +-1 matrix exact in bf16) with the row maxima of
   the rotation's column tiles from its epilogue; the features are its columns K.., read in place by the int8 GEMM
@@ -95,17 +96,33 @@ def fits(x2, w: QuantizedWeight, bw: Optional[BranchWeights], shared: Optional[S
     return True
 
 
+def _features(x2, jd, gemm=None):
+    """x2 [Mp, K] @ jd [K, W] -> bf16 [Mp, W'] (W' >= W; zero columns past W, never read): the branch features on the
+    Mosaic bf16 GEMM (one kernel, where XLA ran the 2048-row layers' as a split-K GEMM and a reduce: 148 + 148
+    kernels per 512-px step, ~10 us each, H100 2026-12-06), or XLA's GEMM where the rows do not tile."""
+    from qdit4sr_jax.quant.kernels.branch_ops import down_features
+    from qdit4sr_jax.quant.kernels.mosaic_gemm import _cta, mosaic_bf16_gemm_rowmax
+    mp, k = x2.shape
+    cta_m, _ = _cta(ROTATION_TILES["tile_m"], ROTATION_TILES["tile_n"], ROTATION_TILES["wg_dim"])
+    if mp % cta_m or k % 64 or jd.dtype != jnp.bfloat16:
+        return down_features(x2, jd)
+    if jd.shape[1] % COLUMN_TILE:
+        jd = jnp.pad(jd, ((0, 0), (0, -jd.shape[1] % COLUMN_TILE)))
+    return (gemm or mosaic_bf16_gemm_rowmax)(x2, jd, layout="kn", rowmax=False, **ROTATION_TILES)[0]
+
+
 def mosaic_prologue(x2, w: QuantizedWeight, bw: Optional[BranchWeights], *, pad_to: int, levels, inv_levels,
-                    step, shared: Optional[SharedDown] = None, route: str = "hadamard", kernel=None) -> Operands:
+                    step, shared: Optional[SharedDown] = None, route: str = "hadamard", kernel=None,
+                    gemm=None) -> Operands:
     """x2 bf16 [M, K] -> `Operands` for the GEMM kernels (module docstring): int8 codes [Mp, K], sx the row maxima
     of x' (deferred scale: sx_inv / sx_step) and the branch features. Call only where `fits`.
     route "hadamard": the codes and run maxima from `mosaic_hadamard.mosaic_hadamard_codes` (with a `SharedDown`
     holding the group's level tables: every member's codes from one call, this member's taken), the features x jd
-    from one XLA GEMM (`branch_ops.down_features`: the same for the layers sharing x, one after XLA's CSE);
+    from one GEMM (`_features`: the same for the layers sharing x, one after XLA's CSE);
     "gemm": x' and the features from one `mosaic_gemm.mosaic_bf16_gemm_rowmax` (the features then read in place at
-    column K + the layer's first column). kernel: the route's kernel (tests on the CPU pass its XLA form,
+    column K + the layer's first column). kernel: the route's kernel, gemm: the Mosaic bf16 GEMM (the features'
+    GEMM of the "hadamard" route where the rows tile; tests on the CPU pass their XLA forms,
     `mosaic_hadamard.codes_reference` / `mosaic_gemm.rowmax_reference`)."""
-    from qdit4sr_jax.quant.kernels.branch_ops import down_features
     from qdit4sr_jax.quant.kernels.mosaic_gemm import mosaic_bf16_gemm_rowmax
     from qdit4sr_jax.quant.kernels.mosaic_hadamard import mosaic_hadamard_codes
     if route not in ROUTES:
@@ -125,7 +142,7 @@ def mosaic_prologue(x2, w: QuantizedWeight, bw: Optional[BranchWeights], *, pad_
             lv, member = jnp.stack([levels[i], inv_levels[i]])[None], 0
         codes, run_max = (kernel or mosaic_hadamard_codes)(x2, lv, signs=bool(w.signs))
         q, amax = codes[member], jnp.max(run_max, axis=1)           # int8 [Mp, K], float32 [Mp]
-        feats, col = (None, 0) if jd is None else (down_features(x2, jd), bw.jd_col or 0)
+        feats, col = (None, 0) if jd is None else (_features(x2, jd, gemm), bw.jd_col or 0)
         if bw is None:
             return Operands(q, amax, None, None, None, m, 0, **deferred)
         return Operands(q, amax, feats if bw.has_lowrank else None, feats if bw.has_blocks else None, bw, m, 0,
@@ -134,7 +151,7 @@ def mosaic_prologue(x2, w: QuantizedWeight, bw: Optional[BranchWeights], *, pad_
         if jd is not None and jd.shape[1] % COLUMN_TILE:             # zero columns: exact, never read
             jd = jnp.pad(jd, ((0, 0), (0, -jd.shape[1] % COLUMN_TILE)))
         r = rotation_matrix(k, bool(w.signs))
-        y, amax_t = (kernel or mosaic_bf16_gemm_rowmax)(x2, r, jd, layout="kn",
+        y, amax_t = (kernel or gemm or mosaic_bf16_gemm_rowmax)(x2, r, jd, layout="kn",
                                                          b_scale=float(np.float32(1.0 / np.sqrt(k))), **ROTATION_TILES)
         amax = jnp.max(amax_t, axis=0)                               # [Mp] float32
         xp, feats, col = y[:, :k], y, k + ((bw.jd_col or 0) if bw is not None else 0)
