@@ -177,11 +177,11 @@ def hadamard_row(m, k, reps):
 
 def today_codes(x, lv):
     """Today's XLA prologue for three members reading x: x' (bf16), its row max, each member's codes."""
-    from qdit4sr_jax.quant.kernels.operands import scale_from_level
+    from qdit4sr_jax.quant.kernels.operands import codes_from_scale, scale_from_level
     xp, amax = hadamard_today(x)
     xf = xp.astype(jnp.float32)
-    return jnp.stack([jnp.clip(jnp.round(xf / scale_from_level(amax[:, None], lv[i, 1])), -lv[i, 0], lv[i, 0])
-                      for i in range(lv.shape[0])]).astype(jnp.int8)
+    return jnp.stack([codes_from_scale(xf, scale_from_level(amax[:, None], lv[i, 1]), lv[i, 0])
+                      for i in range(lv.shape[0])])
 
 
 def main(argv=None):

@@ -40,7 +40,8 @@ from qdit4sr_jax.quant import quantizer as qz
 from qdit4sr_jax.quant.kernels.branch_ops import (BranchWeights, SharedDown, branch_epilogue, branch_features,
                                                   branch_weights, down_features, joint_features)
 from qdit4sr_jax.quant.kernels.operands import (DEFAULT_CONFIG, GROUPED_CONFIG, KernelConfig,  # noqa: F401 (re-exported)
-                                                Operands, block_rows, default_config, packed_run, scale_from_max,
+                                                Operands, block_rows, codes_from_scale, default_config, packed_run,
+                                                scale_from_max,
                                                 supports_fused, tiles_ok, unpacks_in_kernel)
 from qdit4sr_jax.quant.lowering import target_platform
 from qdit4sr_jax.quant.qweight import QuantizedWeight
@@ -100,7 +101,7 @@ def prologue(x2, w: QuantizedWeight, bits, *, pad_to: int = 1, chunk: Optional[i
         xf = xt.astype(jnp.float32)
         amax = jnp.max(jnp.abs(xf), axis=-1, keepdims=True)
         s = scale_from_max(amax, inv_levels, step)
-        q = jnp.clip(jnp.round(xf / s), -lev, lev).astype(jnp.int8)
+        q = codes_from_scale(xf, s, lev)
         if defer_scale:
             s = amax
             deferred = dict(sx_inv=inv_levels, sx_step=jnp.reshape(jnp.asarray(step, jnp.int32), (1,)))
@@ -219,14 +220,14 @@ def fused_linear(x, w: QuantizedWeight, bias=None, *, act_bits=None, step=None, 
         ops = prologue(x2, w, bits, bw=bw, xprime=xprime, shared=shared, **tables)
         y = xla_gemm_epilogue(ops, w, bias, x.dtype)
     else:
-        from qdit4sr_jax.quant.kernels.pallas_gpu import pallas_gemm_epilogue
-        from qdit4sr_jax.quant.kernels.mosaic_gemm import fits as mosaic_fits, mosaic_gemm_epilogue
         from qdit4sr_jax.quant.kernels import prologue_kernel as pk
-        chunk = packed_run(w, cfg)
         from qdit4sr_jax.quant.kernels import prologue_mosaic as pm
+        from qdit4sr_jax.quant.kernels.mosaic_gemm import fits as mosaic_fits, mosaic_gemm_epilogue
+        from qdit4sr_jax.quant.kernels.pallas_gpu import pallas_gemm_epilogue
         from qdit4sr_jax.quant.lowering import has_wgmma
+        chunk = packed_run(w, cfg)
         hopper = be == "pallas" and has_wgmma()                       # the Mosaic kernels need wgmma
-        route = {"mosaic": "hadamard", "mosaic-gemm": "gemm"}.get(kw.prologue) if kw is not None else None
+        route = pm.PROLOGUE_ROUTES.get(kw.prologue) if kw is not None else None
         if (hopper and route and table and not chunk
                 and pm.fits(x2, w, bw, shared, kw.levels, cfg.block_m, route)):
             ops = pm.mosaic_prologue(x2, w, bw, pad_to=cfg.block_m, shared=shared, route=route, **tables)

@@ -92,20 +92,20 @@ def hadamard_reference(x, signs: bool = True):
 def codes_reference(x, levels, signs: bool = True):
     """`mosaic_hadamard_codes` with XLA ops: (codes: n int8 [M, K] arrays, run maxima float32 [M, g]) from the
     kernel's x' (`hadamard_reference`) and levels float32 [n, 2] (each member's code level and its reciprocal)."""
-    from qdit4sr_jax.quant.kernels.operands import scale_from_level
+    from qdit4sr_jax.quant.kernels.operands import codes_from_scale, scale_from_level
     y, run_max = hadamard_reference(x, signs)
     amax = jnp.max(run_max, axis=1, keepdims=True)
     yf = y.astype(jnp.float32)
-    codes = [jnp.clip(jnp.round(yf / scale_from_level(amax, levels[i, 1])), -levels[i, 0], levels[i, 0])
-             for i in range(levels.shape[0])]
-    return tuple(q.astype(jnp.int8) for q in codes), run_max
+    return tuple(codes_from_scale(yf, scale_from_level(amax, levels[i, 1]), levels[i, 0])
+                 for i in range(levels.shape[0])), run_max
 
 
 def mosaic_hadamard_codes(x, levels, **tuning):
     """x bf16 [M, K], levels float32 [n, 2] (per member: the code level 2^(bits-1) - 1 and its reciprocal, at this
-    step) -> (codes: n int8 [M, K] arrays, run maxima float32 [M, g]): the per-token codes of x' = bf16(x D H_K) for each
-    member, clip(round(x' / s), +-level) with s = max(max_row |x'| * (1 / level), 2^-126) (`operands.
-    scale_from_level`, the scale the GEMM kernel makes from max(run maxima)), made in the kernel, which holds whole
+    step) -> (codes: n int8 [M, K] arrays, run maxima float32 [M, g]): the per-token codes of x' = bf16(x D H_K)
+    for each member, clip(round(x' / s), +-level) (`operands.codes_from_scale`) with s = max(max_row |x'| *
+    (1 / level), 2^-126) (`operands.scale_from_level`, the scale the GEMM kernel makes from max(run maxima)),
+    made in the kernel, which holds whole
     rows of x' in each tile: x' itself is never written and no XLA codes pass runs. `mosaic_hadamard_rowmax`'s
     tuning arguments."""
     return _hadamard(x, levels=levels, **tuning)
@@ -129,7 +129,7 @@ def _hadamard(x, *, signs: bool = True, parts: int = 3, wgs: int = 2, prefetch: 
     memory (wgs (prefetch + 1 + out_slots) 64 c bf16 + the constants) must fit; lowering reports it if not."""
     from jax.experimental.pallas import mosaic_gpu as plgpu
     from qdit4sr_jax.quant.kernels.mosaic_gemm import _num_sms, shared_call
-    from qdit4sr_jax.quant.kernels.operands import SCALE_FLOOR
+    from qdit4sr_jax.quant.kernels.operands import codes_from_scale, scale_from_level
     m, k = x.shape
     if not (1 <= wgs <= 4 and 1 <= prefetch <= 3 and out_slots in (1, 2)):
         raise ValueError(f"mosaic_hadamard_rowmax: wgs 1-4, prefetch 1-3 and out_slots 1-2, got {wgs}, {prefetch}, "
@@ -224,9 +224,8 @@ def _hadamard(x, *, signs: bool = True, parts: int = 3, wgs: int = 2, prefetch: 
                         amax = jnp.where(row == q, jnp.max(jnp.where(row == q, run_max, 0.0)), amax)
                     for l_ in range(n_codes):
                         lev, inv_lev = lev_g[l_, 0], lev_g[l_, 1]
-                        scale = jnp.maximum(amax * inv_lev, SCALE_FLOOR)
-                        q8 = jnp.clip(jnp.round(yf / jax.lax.broadcast_in_dim(scale, (ROWS, c), [0])), -lev, lev)
-                        out_s[wg, o, l_] = q8.astype(jnp.int8)
+                        scale = jax.lax.broadcast_in_dim(scale_from_level(amax, inv_lev), (ROWS, c), [0])
+                        out_s[wg, o, l_] = codes_from_scale(yf, scale, lev)
                 else:
                     out_s[wg, o] = y
                 plgpu.commit_smem()

@@ -164,6 +164,12 @@ def scale_from_level(amax, inv_level):
     return jnp.maximum(amax * inv_level, SCALE_FLOOR)
 
 
+def codes_from_scale(xf, scale, level):
+    """int8 codes clip(round(x' / s), +-level) of float32 x' (scale broadcastable to it): the one formula of the
+    XLA prologue, the Mosaic prologues and the Hadamard kernel, so that their codes agree to the bit on one x'."""
+    return jnp.clip(jnp.round(xf / scale), -level, level).astype(jnp.int8)
+
+
 __all__ = ["KernelConfig", "DEFAULT_CONFIG", "GROUPED_CONFIG", "default_config", "set_prologue_tiles", "supports_fused",
            "unpacks_in_kernel", "packed_run", "block_rows", "tiles_ok", "Operands", "SCALE_FLOOR", "scale_from_max",
-           "scale_from_level"]
+           "scale_from_level", "codes_from_scale"]

@@ -152,18 +152,18 @@ def prepare_weight(w: QuantizedWeight, *, unpack: bool = True, prologue: str = "
 
 def share_inputs(params: dict) -> dict:
     """One dict of a prepared tree -> the same with the input-space down-projections of each `SHARED_INPUTS`
-    group present (e.g. to_q / to_k / to_v: all prepared, XLA prologue, `branch_ops.can_share_down`) moved
-    into one `branch_ops.SharedDown` under the group's key; other dicts unchanged. Memory: the same columns, held
-    once, plus zero columns where a member's start must align (none on DiT4SR: 128 columns per member), and the
-    members' level tables stacked (`SharedDown.levels`, a few hundred bytes); the step
-    computes one down GEMM per group instead of one per layer (which XLA's DotMerger joined by concatenating the
-    three weights in every step, 37 x bf16[1536, 384] per 512-px W4A4 step in the optimized HLO of 2026-12-06,
-    and slicing the features apart: benchmarks/gpu_notes.md)."""
+    group present (e.g. to_q / to_k / to_v: all prepared, not for the Pallas prologue kernel,
+    `branch_ops.can_share_down`) moved into one `branch_ops.SharedDown` under the group's key; other dicts
+    unchanged. Memory: the same columns, held once, plus zero columns where a member's start must align (none on
+    DiT4SR: 128 columns per member), and the members' level tables stacked (`SharedDown.levels`, a few hundred
+    bytes); the step computes one down GEMM per group instead of one per layer (which XLA's DotMerger joined by
+    concatenating the three weights in every step, 37 x bf16[1536, 384] per 512-px W4A4 step in the optimized HLO
+    of 2026-12-06, and slicing the features apart: benchmarks/gpu_notes.md)."""
     from qdit4sr_jax.quant.kernels.branch_ops import can_share_down, share_down
     out = dict(params)
     for key, names in SHARED_INPUTS.items():
         kws = [params[n].get("kernel") if isinstance(params.get(n), dict) else None for n in names]
-        if key in params or not all(isinstance(k, KernelWeight) and k.prologue in ("xla", "mosaic", "mosaic-gemm") for k in kws):
+        if key in params or not all(isinstance(k, KernelWeight) and k.prologue != "pallas" for k in kws):
             continue
         if not can_share_down([k.bw for k in kws]):
             continue

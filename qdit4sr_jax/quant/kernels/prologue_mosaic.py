@@ -30,13 +30,19 @@ import jax.numpy as jnp
 import numpy as np
 
 from qdit4sr_jax.quant.kernels.branch_ops import BranchWeights, SharedDown
-from qdit4sr_jax.quant.kernels.operands import Operands, scale_from_max
+from qdit4sr_jax.quant.kernels.operands import Operands, codes_from_scale, scale_from_max
 from qdit4sr_jax.quant.qweight import QuantizedWeight
 
 # The rotation GEMM's tiles: two 64 x 128 warpgroup tiles along M, so that x' and the features need column counts
 # that are multiples of 128 only (one q/k/v group's features: 3 x 128).
 ROTATION_TILES = dict(tile_m=64, tile_n=128, wg_dim="m", stages=4, in_flight=1)
 COLUMN_TILE = 128
+ROW_TILE = 2 * ROTATION_TILES["tile_m"]      # rows per CTA of those tiles (`mosaic_gemm._cta`)
+
+
+def _pad_columns(jd):
+    """jd [K, W] with zero columns up to a multiple of `COLUMN_TILE` (exact; the GEMM kernels never read them)."""
+    return jd if jd.shape[1] % COLUMN_TILE == 0 else jnp.pad(jd, ((0, 0), (0, -jd.shape[1] % COLUMN_TILE)))
 
 
 def rotation_matrix(k: int, signs: bool):
@@ -65,6 +71,7 @@ def _jd(bw: Optional[BranchWeights], shared: Optional[SharedDown]):
 
 
 ROUTES = ("hadamard", "gemm")
+PROLOGUE_ROUTES = {"mosaic": "hadamard", "mosaic-gemm": "gemm"}      # `KernelWeight.prologue` -> route
 
 
 def fits(x2, w: QuantizedWeight, bw: Optional[BranchWeights], shared: Optional[SharedDown], levels,
@@ -74,7 +81,6 @@ def fits(x2, w: QuantizedWeight, bw: Optional[BranchWeights], shared: Optional[S
     6144) and the padded rows a multiple of its rows per tile; "gemm": K <= FULL_CAP, the padded rows a multiple of
     the GEMM's row tile and the feature offsets readable in place from column K."""
     from qdit4sr_jax.quant.kernels import mosaic_hadamard as mh
-    from qdit4sr_jax.quant.kernels.mosaic_gemm import _cta
     from qdit4sr_jax.quant.transforms import FULL_CAP, is_hadamard_block
     k = w.k
     mp = -(-x2.shape[0] // pad_to) * pad_to
@@ -83,8 +89,7 @@ def fits(x2, w: QuantizedWeight, bw: Optional[BranchWeights], shared: Optional[S
         return False
     if route == "hadamard" and not mh.fits(mp, k):
         return False
-    if route == "gemm" and (k > FULL_CAP or k % COLUMN_TILE or
-                            mp % _cta(ROTATION_TILES["tile_m"], ROTATION_TILES["tile_n"], ROTATION_TILES["wg_dim"])[0]):
+    if route == "gemm" and (k > FULL_CAP or k % COLUMN_TILE or mp % ROW_TILE):
         return False
     if bw is None:
         return True
@@ -101,14 +106,11 @@ def _features(x2, jd, gemm=None):
     Mosaic bf16 GEMM (one kernel, where XLA ran the 2048-row layers' as a split-K GEMM and a reduce: 148 + 148
     kernels per 512-px step, ~10 us each, H100 2026-12-06), or XLA's GEMM where the rows do not tile."""
     from qdit4sr_jax.quant.kernels.branch_ops import down_features
-    from qdit4sr_jax.quant.kernels.mosaic_gemm import _cta, mosaic_bf16_gemm_rowmax
+    from qdit4sr_jax.quant.kernels.mosaic_gemm import mosaic_bf16_gemm_rowmax
     mp, k = x2.shape
-    cta_m, _ = _cta(ROTATION_TILES["tile_m"], ROTATION_TILES["tile_n"], ROTATION_TILES["wg_dim"])
-    if mp % cta_m or k % 64 or jd.dtype != jnp.bfloat16:
+    if mp % ROW_TILE or k % 64 or jd.dtype != jnp.bfloat16:
         return down_features(x2, jd)
-    if jd.shape[1] % COLUMN_TILE:
-        jd = jnp.pad(jd, ((0, 0), (0, -jd.shape[1] % COLUMN_TILE)))
-    return (gemm or mosaic_bf16_gemm_rowmax)(x2, jd, layout="kn", rowmax=False, **ROTATION_TILES)[0]
+    return (gemm or mosaic_bf16_gemm_rowmax)(x2, _pad_columns(jd), layout="kn", rowmax=False, **ROTATION_TILES)[0]
 
 
 def mosaic_prologue(x2, w: QuantizedWeight, bw: Optional[BranchWeights], *, pad_to: int, levels, inv_levels,
@@ -143,25 +145,18 @@ def mosaic_prologue(x2, w: QuantizedWeight, bw: Optional[BranchWeights], *, pad_
         codes, run_max = (kernel or mosaic_hadamard_codes)(x2, lv, signs=bool(w.signs))
         q, amax = codes[member], jnp.max(run_max, axis=1)           # int8 [Mp, K], float32 [Mp]
         feats, col = (None, 0) if jd is None else (_features(x2, jd, gemm), bw.jd_col or 0)
-        if bw is None:
-            return Operands(q, amax, None, None, None, m, 0, **deferred)
-        return Operands(q, amax, feats if bw.has_lowrank else None, feats if bw.has_blocks else None, bw, m, 0,
-                        True, col, **deferred)
     else:
-        if jd is not None and jd.shape[1] % COLUMN_TILE:             # zero columns: exact, never read
-            jd = jnp.pad(jd, ((0, 0), (0, -jd.shape[1] % COLUMN_TILE)))
-        r = rotation_matrix(k, bool(w.signs))
-        y, amax_t = (kernel or gemm or mosaic_bf16_gemm_rowmax)(x2, r, jd, layout="kn",
-                                                         b_scale=float(np.float32(1.0 / np.sqrt(k))), **ROTATION_TILES)
+        y, amax_t = (kernel or gemm or mosaic_bf16_gemm_rowmax)(
+            x2, rotation_matrix(k, bool(w.signs)), None if jd is None else _pad_columns(jd), layout="kn",
+            b_scale=float(np.float32(1.0 / np.sqrt(k))), **ROTATION_TILES)
         amax = jnp.max(amax_t, axis=0)                               # [Mp] float32
-        xp, feats, col = y[:, :k], y, k + ((bw.jd_col or 0) if bw is not None else 0)
-    s = scale_from_max(amax, inv_levels, step)[:, None]
-    lev = levels[i]
-    q = jnp.clip(jnp.round(xp.astype(jnp.float32) / s), -lev, lev).astype(jnp.int8)
+        q = codes_from_scale(y[:, :k].astype(jnp.float32), scale_from_max(amax, inv_levels, step)[:, None],
+                             levels[i])
+        feats, col = y, k + ((bw.jd_col or 0) if bw is not None else 0)
     if bw is None:
         return Operands(q, amax, None, None, None, m, 0, **deferred)
     return Operands(q, amax, feats if bw.has_lowrank else None, feats if bw.has_blocks else None, bw, m, 0, True,
                     col, **deferred)
 
 
-__all__ = ["ROTATION_TILES", "ROUTES", "fits", "mosaic_prologue", "rotation_matrix"]
+__all__ = ["ROTATION_TILES", "ROUTES", "PROLOGUE_ROUTES", "fits", "mosaic_prologue", "rotation_matrix"]
