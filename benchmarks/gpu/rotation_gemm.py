@@ -44,10 +44,15 @@ from ws_gemm import per_call_ms  # noqa: E402
 SHAPES = [(4096, 1536, 384), (2048, 1536, 128), (16384, 1536, 384)]
 
 
+def activations(rng, m, k, reps):
+    """reps inputs x bf16 [reps, M, K] with Student-t rows (heavy tails, as a layer's activations)."""
+    return jnp.asarray(rng.standard_t(5, size=(reps, m, k)).astype(np.float32), jnp.bfloat16)
+
+
 def operands(m, k, f, reps, cta_n=256, seed=0):
     from qdit4sr_jax.quant.transforms import hadamard_matrix, rotation_signs
     rng = np.random.default_rng(seed)
-    xs = jnp.asarray(rng.standard_t(5, size=(reps, m, k)).astype(np.float32), jnp.bfloat16)
+    xs = activations(rng, m, k, reps)
     dh = (rotation_signs(k)[:, None] * np.sign(hadamard_matrix(k))).astype(np.float32)    # D H, +-1 entries
     fp = -(-(k + f) // cta_n) * cta_n - k                                                  # padded feature columns
     jd = np.zeros((k, fp), np.float32)
@@ -107,8 +112,7 @@ def parse_config(text: str) -> dict:
 def hadamard_configs(m, k, reps, configs):
     """us per call of each tuning of the Hadamard kernel (and whether its x' equals the default's)."""
     from qdit4sr_jax.quant.kernels.mosaic_hadamard import mosaic_hadamard_rowmax
-    rng = np.random.default_rng(m + k)
-    xs = jnp.asarray(rng.standard_t(5, size=(reps, m, k)).astype(np.float32), jnp.bfloat16)
+    xs = activations(np.random.default_rng(m + k), m, k, reps)
     base = jax.jit(mosaic_hadamard_rowmax)(xs[0])[0]
     row = {"hadamard_configs": [m, k]}
     for cfg in configs:
@@ -132,7 +136,7 @@ def features_row(m, k, w, reps):
     from qdit4sr_jax.quant.kernels.branch_ops import down_features
     from qdit4sr_jax.quant.kernels.prologue_mosaic import _features
     rng = np.random.default_rng(m + w)
-    xs = jnp.asarray(rng.standard_t(5, size=(reps, m, k)).astype(np.float32), jnp.bfloat16)
+    xs = activations(rng, m, k, reps)
     jd = jnp.asarray(rng.normal(size=(k, w)) / np.sqrt(k), jnp.bfloat16)
     a = jax.jit(down_features)(xs[0], jd).astype(jnp.float32)
     b = jax.jit(_features)(xs[0], jd)[:, :w].astype(jnp.float32)
@@ -143,8 +147,7 @@ def features_row(m, k, w, reps):
 def hadamard_row(m, k, reps):
     """Exactness (vs today's XLA x', vs the kernel's own XLA form) and us per call of the Hadamard kernel."""
     from qdit4sr_jax.quant.kernels.mosaic_hadamard import hadamard_reference
-    rng = np.random.default_rng(m + k)
-    xs = jnp.asarray(rng.standard_t(5, size=(reps, m, k)).astype(np.float32), jnp.bfloat16)
+    xs = activations(np.random.default_rng(m + k), m, k, reps)
     row = {"hadamard": [m, k]}
     xp, amax = jax.jit(hadamard_today)(xs[0])
     ref, ref_max = jax.jit(hadamard_reference)(xs[0])
