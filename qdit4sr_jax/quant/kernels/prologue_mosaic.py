@@ -103,8 +103,8 @@ def fits(x2, w: QuantizedWeight, bw: Optional[BranchWeights], shared: Optional[S
 
 def _features(x2, jd, gemm=None):
     """x2 [Mp, K] @ jd [K, W] -> bf16 [Mp, W'] (W' >= W; zero columns past W, never read): the branch features on the
-    Mosaic bf16 GEMM (one kernel, where XLA ran the 2048-row layers' as a split-K GEMM and a reduce: 148 + 148
-    kernels per 512-px step, ~10 us each, H100 2026-12-06), or XLA's GEMM where the rows do not tile."""
+    Mosaic bf16 GEMM (one kernel, where XLA ran the 2048-row layers' as a split-K GEMM and a reduce: 148 GEMMs of
+    ~10 us and 148 reduces per 512-px step, H100 2026-12-06), or XLA's GEMM where the rows do not tile."""
     from qdit4sr_jax.quant.kernels.branch_ops import down_features
     from qdit4sr_jax.quant.kernels.mosaic_gemm import mosaic_bf16_gemm_rowmax
     mp, k = x2.shape
