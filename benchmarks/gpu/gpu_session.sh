@@ -23,6 +23,7 @@
 #   bash benchmarks/gpu/gpu_session.sh i24d      # all six modes' 1024-px steps (+ smoothing-only -small, paper W4A4)
 #   bash benchmarks/gpu/gpu_session.sh i24x      # next: fused linear on the Mosaic GEMM: check + 512-px steps (<= 400 s);
 #                                             # then i24y (1024 px), i24z (W8A8 on Triton / Mosaic, 512 + 1024 px)
+#   bash benchmarks/gpu/gpu_session.sh i24prof   # next: 512-px profile + HLO bf16 / prepbfh, then 1024-px steps bf16 / prepbfh
 #   bash benchmarks/gpu/gpu_session.sh i24step   # next: 512-px steps bf16 + one W4A4 mode (MODES, SIZE), compile times
 #   bash benchmarks/gpu/gpu_session.sh i24had    # 12-07: the Mosaic Hadamard kernel: exactness + us per call, fused
 #                                             # checks, 512-px steps bf16 / prepbfr / prepbfh / prepbf (<= 580 s)
@@ -121,6 +122,20 @@ if [ "${1:-}" = i24x ]; then
     el "steps 512 ($left s)"; steps steps512 $left --cases 512x1 --scan-steps 2 --modes ${X_MODES:-bf16 $P:prepbf $P:prepbfm} \
         --attention cudnn --xla-variants no-dot-merge --iters 8 --warmup 2 --deadline $(( left - 20 ))
   fi
+  el done
+  exit 0
+fi
+if [ "${1:-}" = i24prof ]; then
+  # issue 24, after 12-07 09:50 (<= ${T:-585} s): the 512-px per-kernel profile + optimized HLO of bf16 and paper-small
+  # on the Mosaic GEMM + Hadamard codes kernel (prepbfh: 0.59x at 09:50), then the 1024-px steps bf16 / prepbfh
+  P=p:qdit4sr-paper-w4a4-small
+  el "profile 512 + HLO"; timeout ${PROF_S:-270} python3 benchmarks/gpu/step_profile.py --cases 512x1 \
+      --modes bf16 $P:prepbfh --hlo "$OUT/hlo" --attention cudnn --iters 2 --warmup 1 --top 40 \
+      --out "$OUT/profile512.json" > "$OUT/profile512.log" 2>&1
+  grep -v "^W[0-9]\|Warning" "$OUT/profile512.log" | grep "^|\|^#\|^fusions\|ms of kernels" | cut -c1-170 | head -70
+  left=$(( ${T:-585} - ($(date +%s) - t0) ))
+  el "steps 1024 ($left s)"; steps steps1024 $(( left - 5 )) --cases 1024x1 --scan-steps 2 --modes bf16 $P:prepbfh \
+      --attention cudnn --xla-variants no-dot-merge --iters 4 --warmup 1 --deadline $(( left - 20 ))
   el done
   exit 0
 fi

@@ -7,7 +7,7 @@ real shapes, CFG batch doubled, the same quantized trees), runs `--warmup` steps
   lines      every timeline line of the traced device (GPU: "Stream #..." kernel lines, "XLA Ops", "XLA
              Modules"; CPU: the XLA thread pools) with its event count and time per step
   categories kernel time per step split into gemm (cuBLAS / cuBLASLt), attention (cuDNN), qlinear (our
-             Pallas kernel), fusion (XLA fusions: elementwise, reductions, the prologues), copy, other
+             Pallas kernel), mosaic (our Mosaic GPU kernels), fusion (XLA fusions: elementwise, reductions, the prologues), copy, other
   top        the `--top` kernel kinds (names without numeric suffixes) by time per step (calls, us per step);
              top_kernels the same for single kernels
 
@@ -44,6 +44,7 @@ import step_latency as S  # noqa: E402
 
 CATEGORIES = (
     ("qlinear", re.compile(r"qlinear", re.I)),
+    ("mosaic", re.compile(r"mosaic|^body|_body", re.I)),     # Mosaic GPU kernels (named after their body)
     ("attention", re.compile(r"cudnn|fmha|flash|sdpa|attention", re.I)),
     ("gemm", re.compile(r"gemm|xmma|cutlass|nvjet|sm\d\d_|cublas|dot|matmul|ynn", re.I)),
     ("copy", re.compile(r"memcpy|memset|copy", re.I)),
@@ -53,7 +54,7 @@ _SKIP = re.compile(r"^end: |ThreadpoolListener|SlinkyThreadPool|^\$|PjitFunction
 
 
 def category(name: str) -> str:
-    """Kernel / op name -> one of qlinear, attention, gemm, copy, fusion, other (first matching pattern)."""
+    """Kernel / op name -> one of qlinear, mosaic, attention, gemm, copy, fusion, other (first matching pattern)."""
     for cat, pat in CATEGORIES:
         if pat.search(name):
             return cat
