@@ -281,6 +281,8 @@ def main(argv=None):
                          "tile_m=128,wg_dim=m,epi_n=32,out_slots=1")
     ap.add_argument("--attention", default="cudnn", help="'cudnn', 'fp8' (cuDNN FP8), 'fp8-ref' or 'xla' "
                     "(cudnn / fp8 fall back to xla if the bf16 step fails with them)")
+    ap.add_argument("--quant-attention", default=None, help="attention of the quantized modes, if not --attention "
+                    "(e.g. 'fp8': W8A8 with cuDNN FP8 attention, bf16 on cuDNN bf16 in the same run)")
     ap.add_argument("--iters", type=int, default=20)
     ap.add_argument("--scan-steps", type=int, default=1,
                     help="time N steps inside one lax.scan (as the sampler runs them); figures are per step")
@@ -332,6 +334,9 @@ def main(argv=None):
     trees["bf16"] = params
     model = DiT4SRTransformer(mcfg)
     models = {m: model for m in trees}
+    if a.quant_attention not in (None, a.attention):
+        qmodel = DiT4SRTransformer(mcfg.replace(attention_impl=None if a.quant_attention == "xla" else a.quant_attention))
+        models = {m: (model if m == "bf16" else qmodel) for m in trees}
     if "qwix-w8a8" in a.modes:
         ex = inputs(mcfg, min(a.sizes), 1)
         example = (jnp.concatenate([ex[0]] * 2), jnp.concatenate([ex[1]] * 2), jnp.full((2,), 500.0), ex[2], ex[3])
@@ -379,7 +384,7 @@ def main(argv=None):
                     log(f"{mode} {size} b{b} failed: {run['error']}")
                     res["runs"].append(run)
                     continue
-            run["attention"] = mcfg.attention_impl or "xla"
+            run["attention"] = models[mode].cfg.attention_impl or "xla"
             run["scan_steps"] = a.scan_steps
             if a.scan_steps > 1:           # per step: the timed call ran scan_steps steps
                 for f in ("median_ms", "p10_ms", "p90_ms", "min_ms", "max_ms", "warmup_ms"):
@@ -403,6 +408,7 @@ def main(argv=None):
 
 def print_table(res):
     bw = res.get("bf16_weight_bytes")
+    a_q = res.get("args", {}).get("quant_attention")
     print(f"\n{res['env']['device']}  jax {res['env']['jax']}  model {res['model']}  (CFG: batch doubled)")
     print("| mode | XLA | size | batch | median ms | p10-p90 ms | x bf16 | compile s | weights GiB | w / bf16 | temp GiB |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
@@ -411,7 +417,8 @@ def print_table(res):
             print(f"| {r['mode']} | {r.get('xla_variant', 'default')} | {r['size']} | {r['batch']} | error | | | | | | |")
             continue
         sp = r.get("speedup_vs_bf16")
-        print(f"| {r['mode']} | {r.get('xla_variant', 'default')} | {r['size']} | {r['batch']} | {r['median_ms']:.2f} | {r['p10_ms']:.2f}-{r['p90_ms']:.2f} "
+        attn = f" (attention {r['attention']})" if a_q and r["mode"] != "bf16" else ""
+        print(f"| {r['mode']}{attn} | {r.get('xla_variant', 'default')} | {r['size']} | {r['batch']} | {r['median_ms']:.2f} | {r['p10_ms']:.2f}-{r['p90_ms']:.2f} "
               f"| {'-' if sp is None else f'{sp:.2f}'} | {r['compile_s']:.1f} | {gib(r['weight_bytes'])} "
               f"| 1/{bw / r['weight_bytes']:.2f} | {gib(r.get('temp_bytes'))} |")
     for n in res.get("notes", []):

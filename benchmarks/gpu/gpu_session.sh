@@ -23,6 +23,7 @@
 #   bash benchmarks/gpu/gpu_session.sh i24d      # all six modes' 1024-px steps (+ smoothing-only -small, paper W4A4)
 #   bash benchmarks/gpu/gpu_session.sh i24x      # next: fused linear on the Mosaic GEMM: check + 512-px steps (<= 400 s);
 #                                             # then i24y (1024 px), i24z (W8A8 on Triton / Mosaic, 512 + 1024 px)
+#   bash benchmarks/gpu/gpu_session.sh i24w8     # next: W8A8 on the Mosaic GEMM + cuDNN FP8 attention, 1024 + 512 px, bf16 beside
 #   bash benchmarks/gpu/gpu_session.sh i24prof   # next: 512-px profile + HLO bf16 / prepbfh, then 1024-px steps bf16 / prepbfh
 #   bash benchmarks/gpu/gpu_session.sh i24step   # next: 512-px steps bf16 + one W4A4 mode (MODES, SIZE), compile times
 #   bash benchmarks/gpu/gpu_session.sh i24had    # 12-07: the Mosaic Hadamard kernel: exactness + us per call, fused
@@ -122,6 +123,15 @@ if [ "${1:-}" = i24x ]; then
     el "steps 512 ($left s)"; steps steps512 $left --cases 512x1 --scan-steps 2 --modes ${X_MODES:-bf16 $P:prepbf $P:prepbfm} \
         --attention cudnn --xla-variants no-dot-merge --iters 8 --warmup 2 --deadline $(( left - 20 ))
   fi
+  el done
+  exit 0
+fi
+if [ "${1:-}" = i24w8 ]; then
+  # issue 24, after 12-07 09:50 (<= ${T:-585} s): W8A8 (the `w8a8` preset, prepared, GEMMs on the warp-specialized Mosaic
+  # kernel) at 1024 and 512 px with cuDNN FP8 attention (QATTN), bf16 on cuDNN bf16 attention in the same run
+  el "w8a8 steps"; steps w8a8 $(( ${T:-585} - 5 )) --cases ${CASES:-1024x1 512x1} --scan-steps 2 \
+      --modes bf16 ${W8_MODES:-p:w8a8:prepbfm} --attention cudnn --quant-attention ${QATTN:-fp8} \
+      --xla-variants no-dot-merge --iters 4 --warmup 1 --deadline $(( ${T:-585} - 25 ))
   el done
   exit 0
 fi
