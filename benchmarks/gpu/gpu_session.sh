@@ -23,6 +23,7 @@
 #   bash benchmarks/gpu/gpu_session.sh i24d      # all six modes' 1024-px steps (+ smoothing-only -small, paper W4A4)
 #   bash benchmarks/gpu/gpu_session.sh i24x      # next: fused linear on the Mosaic GEMM: check + 512-px steps (<= 400 s);
 #                                             # then i24y (1024 px), i24z (W8A8 on Triton / Mosaic, 512 + 1024 px)
+#   bash benchmarks/gpu/gpu_session.sh i24last   # next: 512-px profile + HLO of prepbfh alone; W8A8 Mosaic + FP8 attention at 1024 px
 #   bash benchmarks/gpu/gpu_session.sh i24w8     # next: W8A8 on the Mosaic GEMM + cuDNN FP8 attention, 1024 + 512 px, bf16 beside
 #   bash benchmarks/gpu/gpu_session.sh i24prof   # next: 512-px profile + HLO bf16 / prepbfh, then 1024-px steps bf16 / prepbfh
 #   bash benchmarks/gpu/gpu_session.sh i24step   # next: 512-px steps bf16 + one W4A4 mode (MODES, SIZE), compile times
@@ -123,6 +124,20 @@ if [ "${1:-}" = i24x ]; then
     el "steps 512 ($left s)"; steps steps512 $left --cases 512x1 --scan-steps 2 --modes ${X_MODES:-bf16 $P:prepbf $P:prepbfm} \
         --attention cudnn --xla-variants no-dot-merge --iters 8 --warmup 2 --deadline $(( left - 20 ))
   fi
+  el done
+  exit 0
+fi
+if [ "${1:-}" = i24last ]; then
+  # issue 24, 12-07 after 10:03 (<= ${T:-585} s): the 512-px per-kernel profile + HLO of paper-small prepbfh alone (the
+  # i24prof profile ran out of time writing its HLO), then W8A8 on the Mosaic GEMM + cuDNN FP8 attention at 1024 px
+  P=p:qdit4sr-paper-w4a4-small
+  el "profile 512 + HLO"; timeout ${PROF_S:-240} python3 benchmarks/gpu/step_profile.py --cases 512x1 \
+      --modes $P:prepbfh --hlo "$OUT/hlo" --attention cudnn --iters 2 --warmup 1 --top 40 \
+      --out "$OUT/profile512.json" > "$OUT/profile512.log" 2>&1
+  grep -v "^W[0-9]\|Warning" "$OUT/profile512.log" | grep "^|\|^#\|^fusions\|ms of kernels" | cut -c1-170 | head -60
+  left=$(( ${T:-585} - ($(date +%s) - t0) ))
+  el "w8a8 steps ($left s)"; steps w8a8 $(( left - 5 )) --cases 1024x1 --scan-steps 2 --modes bf16 p:w8a8:prepbfm \
+      --attention cudnn --quant-attention fp8 --xla-variants no-dot-merge --iters 4 --warmup 1 --deadline $(( left - 20 ))
   el done
   exit 0
 fi

@@ -221,12 +221,20 @@ def hlo_fusions(text: str, top: int = 40) -> list:
             for (k, sh, o, s), c in groups.most_common(top)]
 
 
+def short_lines(text: str, limit: int = 20000) -> str:
+    """HLO text with every line over `limit` characters cut to its first 2,000 plus a note of its length: a Mosaic
+    GPU custom call carries its kernel's serialized module in its backend config at every call site (~100 KB
+    each, 1,488 of them in a 512-px W4A4 step), which made writing the HLO outlast its call. Fusion lines, which
+    `hlo_fusions` reads, are far shorter."""
+    return "\n".join(ln if len(ln) <= limit else f"{ln[:2000]} ...<{len(ln)} chars>" for ln in text.split("\n"))
+
+
 def write_hlo(step, args, out_dir: str, tag: str):
     """Compile step(*args), write its optimized HLO to out_dir/tag.hlo.txt.gz -> ({path, fusions}, the compiled
     step: callable with the same args, so that the profile runs it instead of compiling it again)."""
     os.makedirs(out_dir, exist_ok=True)
     compiled = step.lower(*args).compile()
-    text = compiled.as_text()
+    text = short_lines(compiled.as_text())
     path = os.path.join(out_dir, f"{tag}.hlo.txt.gz")
     with gzip.open(path, "wt") as f:
         f.write(text)
