@@ -58,7 +58,7 @@ def test_rotation_prologue_gives_the_xla_prologue_operands(route):
     GEMM on the "gemm" route, the features from its columns K..), and the Triton GEMM reading those features in
     place gives the XLA prologue's outputs."""
     prologue_kind, kernel = ROUTES[route]
-    tree = prepare({"attn": _qkv(1)}, **SAMPLER_MODES["fast"], prologue=prologue_kind)["attn"]
+    tree = prepare({"attn": _qkv(1)}, **SAMPLER_MODES["fast-triton"], prologue=prologue_kind)["attn"]
     sd = tree["qkv_down"]
     assert sd.levels.shape == sd.inv_levels.shape == (3, 3)          # the members' level tables, stacked
     assert sd.members == tuple(tree[n]["kernel"].bw.jd_col for n in ("to_q", "to_k", "to_v"))
@@ -97,7 +97,7 @@ def test_rotation_prologue_without_sharing(route):
     prologue."""
     prologue_kind, kernel = ROUTES[route]
     rng = np.random.default_rng(4)
-    kw = prepare_weight(_layer(rng, 12, jnp.asarray([4, 5], jnp.int32)), **SAMPLER_MODES["fast"],
+    kw = prepare_weight(_layer(rng, 12, jnp.asarray([4, 5], jnp.int32)), **SAMPLER_MODES["fast-triton"],
                         prologue=prologue_kind)
     assert kw.bw.jd.shape[1] % 128
     x, tables = _x(4, 130), dict(levels=kw.levels, inv_levels=kw.inv_levels, step=jnp.int32(1))
@@ -115,7 +115,7 @@ def test_rotation_prologue_without_sharing(route):
 def test_fits_names_the_layers_it_takes():
     rng = np.random.default_rng(5)
     sched = jnp.asarray([4, 4], jnp.int32)
-    kw = prepare_weight(_layer(rng, 16, sched), **SAMPLER_MODES["fast"], prologue="mosaic")
+    kw = prepare_weight(_layer(rng, 16, sched), **SAMPLER_MODES["fast-triton"], prologue="mosaic")
     x = _x(5)
     assert pm.fits(x, kw.node, kw.bw, None, kw.levels, 128) and pm.fits(x, kw.node, kw.bw, None, kw.levels, 128, "gemm")
     assert not pm.fits(x, kw.node, kw.bw, None, kw.levels, 128, "other")
@@ -123,7 +123,7 @@ def test_fits_names_the_layers_it_takes():
     assert not pm.fits(x, kw.node, kw.bw, None, None, 128)                            # a level table
     assert not pm.fits(x, kw.node, kw.bw, None, kw.levels, 48, "gemm")                # rows tile by 128
     assert not pm.fits(x[:5], kw.node, kw.bw, None, kw.levels, 5)                     # ... by 16 (K = 256: g = 4)
-    half = prepare_weight(_layer(rng, 16, sched, ).replace(rotate=K // 2), **SAMPLER_MODES["fast"])
+    half = prepare_weight(_layer(rng, 16, sched, ).replace(rotate=K // 2), **SAMPLER_MODES["fast-triton"])
     assert not pm.fits(x, half.node, half.bw, None, half.levels, 128)                  # block < K
     joint = prepare_weight(_layer(rng, 16, sched), unpack=True, prologue="mosaic")     # features from x'
     assert not pm.fits(x, joint.node, joint.bw, None, joint.levels, 128)
@@ -142,7 +142,7 @@ def test_prepared_rotated_layer_runs_on_mosaic_kernels(k, n, prologue_kind, kern
     from conftest import prepared_paper_layer
     from qdit4sr_jax.quant.kernels import lowering_for
     from qdit4sr_jax.quant.linear import linear
-    kw = prepared_paper_layer(k, n, **SAMPLER_MODES["fast"], prologue=prologue_kind, gemm="mosaic")
+    kw = prepared_paper_layer(k, n, **SAMPLER_MODES["fast-triton"], prologue=prologue_kind, gemm="mosaic")
     x, t, b = S((2 * 1024 + 7, k), jnp.bfloat16), S((), jnp.int32), S((n,), jnp.float32)
     with lowering_for("gpu"):
         text = jax.jit(lambda kw, x, t, b: linear(x, kw, b, step=t)).trace(kw, x, t, b).lower(
@@ -216,8 +216,8 @@ def test_repeated_kernels_are_one_function_in_the_module():
     from conftest import prepared_paper_layer
     from qdit4sr_jax.quant.kernels import lowering_for
     from qdit4sr_jax.quant.linear import linear
-    kw = prepared_paper_layer(1536, 1536, **SAMPLER_MODES["fast"], prologue="mosaic", gemm="mosaic")
-    wide = prepared_paper_layer(1536, 6144, **SAMPLER_MODES["fast"], prologue="mosaic", gemm="mosaic")
+    kw = prepared_paper_layer(1536, 1536, **SAMPLER_MODES["fast-triton"], prologue="mosaic", gemm="mosaic")
+    wide = prepared_paper_layer(1536, 6144, **SAMPLER_MODES["fast-triton"], prologue="mosaic", gemm="mosaic")
     x, t = S((2048, 1536), jnp.bfloat16), S((), jnp.int32)
 
     def lower(f, *args):

@@ -51,16 +51,18 @@ DOWNS = ("joint", "split", "input")
 XPRIMES = ("float32", "bfloat16")
 GEMMS = ("triton", "mosaic")
 # The sampler's `prepare_weights` modes -> `prepare` arguments. "unpacked" / "packed" compute what the stored
-# tree computes (the same operands reach the same kernels); "fast" (unpacked, the branch down-projection on the
-# layer's input, x' rounded once to bf16) rounds differently and ran fastest on the H100: the paper preset's
+# tree computes (the same operands reach the same kernels); "fast-triton" (unpacked, the branch down-projection on
+# the layer's input, x' rounded once to bf16) rounds differently and ran faster on the H100: the paper preset's
 # -small form 0.49x / 0.67x of bf16 at 512 / 1024 px vs 0.47x / 0.62x "unpacked" (benchmarks/RESULTS.md,
 # 2026-12-06 07:10), PSNR vs FP on the demo 32.289 vs 32.274 dB (2026-12-06 05:30).
-# "fast-mosaic": "fast" with, on a Hopper GPU, the GEMMs on the warp-specialized Mosaic kernel and rotated layers'
-# codes from the Mosaic Hadamard kernel (each checked on the GPU against "fast": bit-exact / rel. 7.6e-5; not yet
-# timed in a step, so not the default; elsewhere it is "fast": `lowering.has_wgmma`).
+# "fast": that, and on a Hopper GPU (`lowering.has_wgmma`) the GEMMs on the warp-specialized Mosaic kernel and rotated
+# layers' codes from the Mosaic Hadamard kernel, elsewhere "fast-triton" (the same tree: the kernels are picked when
+# traced). On the H100 the paper preset's -small form ran 0.59x / 0.82x of bf16 at 512 / 1024 px vs 0.54x / 0.73x
+# on "fast-triton" (RESULTS.md 2026-12-07 09:49 and 09:55 vs 03:26); checked against it: bit-exact GEMM, rel.
+# 7.6e-5 with the Hadamard kernel. "fast-triton": the Pallas Triton GEMM and the XLA prologue on every GPU.
+_FAST = dict(unpack=True, down="input", xprime="bfloat16")
 SAMPLER_MODES = {"packed": dict(unpack=False), "unpacked": dict(unpack=True),
-                 "fast": dict(unpack=True, down="input", xprime="bfloat16"),
-                 "fast-mosaic": dict(unpack=True, down="input", xprime="bfloat16", gemm="mosaic", prologue="mosaic")}
+                 "fast": dict(_FAST, gemm="mosaic", prologue="mosaic"), "fast-triton": _FAST}
 # Layers that read one input, by the key of the `branch_ops.SharedDown` that `prepare(..., down="input")` puts
 # beside them in their parent dict (the model passes it to each: `model.mmdit.JointAttention`).
 SHARED_INPUTS = {"qkv_down": ("to_q", "to_k", "to_v"),
