@@ -23,6 +23,7 @@
 #   bash benchmarks/gpu/gpu_session.sh i24d      # all six modes' 1024-px steps (+ smoothing-only -small, paper W4A4)
 #   bash benchmarks/gpu/gpu_session.sh i24x      # next: fused linear on the Mosaic GEMM: check + 512-px steps (<= 400 s);
 #                                             # then i24y (1024 px), i24z (W8A8 on Triton / Mosaic, 512 + 1024 px)
+#   bash benchmarks/gpu/gpu_session.sh i24fix    # next: GPU check + 512-px steps after the per-call XLA kernels were removed
 #   bash benchmarks/gpu/gpu_session.sh i24last   # next: 512-px profile + HLO of prepbfh alone; W8A8 Mosaic + FP8 attention at 1024 px
 #   bash benchmarks/gpu/gpu_session.sh i24w8     # next: W8A8 on the Mosaic GEMM + cuDNN FP8 attention, 1024 + 512 px, bf16 beside
 #   bash benchmarks/gpu/gpu_session.sh i24prof   # next: 512-px profile + HLO bf16 / prepbfh, then 1024-px steps bf16 / prepbfh
@@ -124,6 +125,24 @@ if [ "${1:-}" = i24x ]; then
     el "steps 512 ($left s)"; steps steps512 $left --cases 512x1 --scan-steps 2 --modes ${X_MODES:-bf16 $P:prepbf $P:prepbfm} \
         --attention cudnn --xla-variants no-dot-merge --iters 8 --warmup 2 --deadline $(( left - 20 ))
   fi
+  el done
+  exit 0
+fi
+if [ "${1:-}" = i24fix ]; then
+  # issue 24, 12-07 after 10:10 (<= ${T:-480} s): the per-call XLA kernels of the Mosaic route gone (the Hadamard kernel
+  # looks the step's levels up itself; the int8 GEMM takes the row max of the run maxima; jd padded at prepare):
+  # GPU check of the fused linear vs Triton, then the 512-px steps bf16 / paper-small "fast" (prepbfh)
+  el "fused check"; timeout ${CHECK_S:-110} python3 benchmarks/gpu/mosaic_fused_check.py --cases ${CHECK_CASES:-3} \
+      --variants mosaic_had --no-time --out "$OUT/fix_check.json" > "$OUT/fix_check.log" 2>&1; rc=$?
+  grep -v "^W[0-9]\|Warning" "$OUT/fix_check.log" | cut -c1-600 | tail -5
+  P=p:qdit4sr-paper-w4a4-small
+  modes="bf16 $P:prepbfh"
+  if [ $rc -ne 0 ] || grep -q "'error'\|'finite': False" "$OUT/fix_check.log"; then
+    el "check failed (rc $rc): the step on the Mosaic GEMM alone"; modes="bf16 $P:prepbfm"
+  fi
+  left=$(( ${T:-480} - ($(date +%s) - t0) ))
+  el "steps 512 ($left s): $modes"; steps steps512 $(( left - 5 )) --cases 512x1 --scan-steps 2 --modes $modes \
+      --attention cudnn --xla-variants no-dot-merge --iters 6 --warmup 1 --deadline $(( left - 20 ))
   el done
   exit 0
 fi

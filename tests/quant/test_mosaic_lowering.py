@@ -254,3 +254,22 @@ def test_rotation_gemm_checks_and_reference():
     np.testing.assert_allclose(np.asarray(y, np.float64), want, rtol=1e-2, atol=1e-2)
     yf = np.abs(np.asarray(y, np.float32))
     np.testing.assert_array_equal(np.asarray(amax), np.stack([yf[:, :128].max(1), yf[:, 128:].max(1)]))
+
+
+@lowering
+@pytest.mark.parametrize("k,g", [(1536, 24), (6144, 48)])
+def test_warp_specialized_gemm_takes_run_maxima(k, g):
+    """With a level table, sx may be the Hadamard kernel's run maxima [M, g]: the epilogue takes each row's max (no
+    reduce kernel per layer). Lowers at the step's shapes with the fused tiles; g must be a multiple of 8 and the
+    table present, else named; `fits` declines such operands elsewhere."""
+    m, n = 4096, 1536
+    f = lambda x, w, sx, sw, il, t: mg.mosaic_int8_gemm_ws(x, w, sx, sw, inv_levels=il, step=t,  # noqa: E731
+                                                            **mg.FUSED_TILES)
+    text = jax.jit(f).trace(S((m, k), jnp.int8), S((n, k), jnp.int8), S((m, g), jnp.float32), S((n,), jnp.float32),
+                            S((40,), jnp.float32), S((1,), jnp.int32)).lower(lowering_platforms=("cuda",)).as_text()
+    assert "mosaic_gpu" in text
+    x, w, sw = jnp.zeros((256, 256), jnp.int8), jnp.zeros((128, 256), jnp.int8), jnp.ones((128,))
+    with pytest.raises(ValueError, match="run maxima"):
+        mg.mosaic_int8_gemm_ws(x, w, jnp.ones((256, 12)), sw, inv_levels=jnp.ones((4,)), step=jnp.zeros((1,), jnp.int32))
+    with pytest.raises(ValueError, match="run maxima"):
+        mg.mosaic_int8_gemm_ws(x, w, jnp.ones((256, 16)), sw)

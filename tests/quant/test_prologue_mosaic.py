@@ -5,6 +5,8 @@ The kernels have no interpreter: here their XLA forms (`mosaic_hadamard.hadamard
 `mosaic_gemm.rowmax_reference`) stand in for them, so the wiring is checked on the CPU (codes, row maxima, the
 features read in place, through the Triton GEMM's interpreter), and the prepared layers are lowered for CUDA to
 count their kernels. benchmarks/gpu/rotation_gemm.py checks the kernels' numbers on the GPU."""
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -78,8 +80,8 @@ def test_rotation_prologue_gives_the_xla_prologue_operands(route):
             assert got.col == (K if route == "gemm" else 0) + kw.bw.jd_col
             diff = np.asarray(got.xq[:m], np.int32) - np.asarray(want.xq[:m], np.int32)
             assert np.abs(diff).max() <= 1 and np.mean(diff != 0) <= 1e-3   # float32 sums in another order
-            np.testing.assert_allclose(np.asarray(got.sx[:m]), np.asarray(want.sx[:m]), rtol=2 ** -7)
-            assert not np.asarray(got.xq[m:]).any() and not np.asarray(got.sx[m:]).any()   # padded rows
+            np.testing.assert_allclose(np.asarray(got.sx_rows[:m]), np.asarray(want.sx[:m]), rtol=2 ** -7)
+            assert not np.asarray(got.xq[m:]).any() and not np.asarray(got.sx_rows[m:]).any()   # padded rows
             w = kw.bw.joint_width
             np.testing.assert_array_equal(np.asarray(got.dh[:m, got.col:got.col + w], np.float32),
                                           np.asarray(want.dh[:m, want.col:want.col + w], np.float32))
@@ -93,13 +95,15 @@ def test_rotation_prologue_gives_the_xla_prologue_operands(route):
 @pytest.mark.parametrize("route", list(ROUTES))
 def test_rotation_prologue_without_sharing(route):
     """An unshared layer (its own input-space jd: Rl 16 + 2 block rows x Rb 16 = 48 columns, padded to 128 by zero
-    columns for the Mosaic GEMM's column tiles) gets the same operands from the rotation prologue as from the XLA
-    prologue."""
+    columns for the Mosaic GEMM's column tiles, once by `prepare`) gets the same operands from the rotation prologue
+    as from the XLA prologue."""
     prologue_kind, kernel = ROUTES[route]
-    rng = np.random.default_rng(4)
-    kw = prepare_weight(_layer(rng, 12, jnp.asarray([4, 5], jnp.int32)), **SAMPLER_MODES["fast-triton"],
-                        prologue=prologue_kind)
-    assert kw.bw.jd.shape[1] % 128
+    layer = _layer(np.random.default_rng(4), 12, jnp.asarray([4, 5], jnp.int32))
+    kw = prepare_weight(layer, **SAMPLER_MODES["fast-triton"], prologue=prologue_kind)
+    plain = prepare_weight(layer, **SAMPLER_MODES["fast-triton"])
+    assert (plain.bw.jd.shape[1], kw.bw.jd.shape[1]) == (48, 128)
+    np.testing.assert_array_equal(np.asarray(kw.bw.jd[:, :48]), np.asarray(plain.bw.jd))
+    assert not np.asarray(kw.bw.jd[:, 48:]).any()
     x, tables = _x(4, 130), dict(levels=kw.levels, inv_levels=kw.inv_levels, step=jnp.int32(1))
     want = prologue(x, kw.node, 4, pad_to=16, chunk=0, bw=kw.bw, pad_branches=True, xprime="bfloat16", joint=True,
                     defer_scale=True, **tables)
@@ -179,13 +183,15 @@ def test_hadamard_kernel_lowers_for_cuda(m, k, kw):
     text = jax.jit(lambda x: mh.mosaic_hadamard_rowmax(x, **kw)).trace(S((m, k), jnp.bfloat16)).lower(
         lowering_platforms=("cuda",)).as_text()
     assert text.count("custom_call @mosaic_gpu") == 1
-    codes = jax.jit(lambda x, lv: mh.mosaic_hadamard_codes(x, lv, **kw)).trace(
-        S((m, k), jnp.bfloat16), S((3, 2), jnp.float32)).lower(lowering_platforms=("cuda",)).as_text()
+    codes = jax.jit(lambda x, lv, il, t: mh.mosaic_hadamard_codes(x, lv, il, t, **kw)).trace(
+        S((m, k), jnp.bfloat16), S((3, 40), jnp.float32), S((3, 40), jnp.float32), S((), jnp.int32)).lower(
+        lowering_platforms=("cuda",)).as_text()
     g, c = mh.hadamard_plan(k)[:2]
     assert codes.count("custom_call @mosaic_gpu") == 1
     assert f"-> (tensor<{m * g}x{c}xi8>, tensor<{m * g}x{c}xi8>, tensor<{m * g}x{c}xi8>, tensor<{m * g}xf32>)" in codes
     with pytest.raises(ValueError, match="levels must be"):
-        mh.mosaic_hadamard_codes(jnp.zeros((64, 1536), jnp.bfloat16), jnp.zeros((3,), jnp.float32))
+        mh.mosaic_hadamard_codes(jnp.zeros((64, 1536), jnp.bfloat16), jnp.zeros((3,), jnp.float32),
+                                 jnp.zeros((3,), jnp.float32), 0)
     with pytest.raises(ValueError, match="shared memory"):
         jax.jit(lambda x: mh.mosaic_hadamard_rowmax(x, wgs=3)).trace(S((64, 6144), jnp.bfloat16)).lower(
             lowering_platforms=("cuda",))
@@ -231,3 +237,36 @@ def test_repeated_kernels_are_one_function_in_the_module():
     assert len(four) < 1.5 * len(one)
     both = lower(lambda a, b, x, t: [linear(x, a, step=t), linear(x, b, step=t)], kw, wide, x, t)
     assert (mg.mosaic_call_sites(both), both.count("custom_call @mosaic_gpu")) == (6, 5)   # one Hadamard kernel
+
+
+def test_run_maxima_reach_the_gemm_unreduced_at_dit4sr_widths():
+    """At K = 1536 (24 runs of 64 per row) the Hadamard route hands the int8 GEMM the run maxima [Mp, 24], whose row
+    max the Mosaic GEMM takes in its epilogue (no reduce kernel per layer); `fits` takes them, their row max equals
+    the XLA prologue's row max of x', and the Triton GEMM (reading `sx_rows`) gives the XLA prologue's outputs.
+    At K = 256 (4 runs) the prologue reduces them itself."""
+    k, n, m = 1536, 256, 200
+    rng = np.random.default_rng(9)
+    w = make_qweight(jnp.asarray(rng.normal(size=(n, k)).astype(np.float32) * 0.03), w_bits=4, a_bits=4,
+                     execution="fused", rotate=k, signs=True, a_schedule=jnp.asarray([4, 5], jnp.int32),
+                     lr_a=rng.normal(size=(k, 16)) * 0.05, lr_b=rng.normal(size=(16, n)) * 0.05)
+    kw = prepare_weight(w, **SAMPLER_MODES["fast"])
+    x = jnp.asarray(rng.standard_t(5, size=(m, k)).astype(np.float32), jnp.bfloat16)
+    tables = dict(levels=kw.levels, inv_levels=kw.inv_levels, step=jnp.int32(1))
+    assert pm.fits(x, kw.node, kw.bw, None, kw.levels, 128)
+    got = pm.mosaic_prologue(x, kw.node, kw.bw, pad_to=128, kernel=mh.codes_reference, gemm=mg.rowmax_reference,
+                             **tables)
+    want = prologue(x, kw.node, 4, pad_to=128, chunk=0, bw=kw.bw, pad_branches=True, xprime="bfloat16", joint=True,
+                    defer_scale=True, **tables)
+    assert got.sx.shape == (256, 24) and want.sx.shape == (256,)
+    assert mg.fits(got, kw.node) and not mg.fits(dataclasses.replace(got, sx_inv=None), kw.node)
+    np.testing.assert_allclose(np.asarray(got.sx_rows), np.asarray(want.sx), rtol=2 ** -7)
+    np.testing.assert_array_equal(np.asarray(got.row_scale()), np.asarray(
+        dataclasses.replace(got, sx=got.sx_rows).row_scale()))
+    bias = jnp.zeros((n,), jnp.float32)
+    assert rel_err(pallas_gemm_epilogue(got, kw.node, bias, jnp.float32, CFG, interpret=True),
+                   pallas_gemm_epilogue(want, kw.node, bias, jnp.float32, CFG, interpret=True)) <= 2e-3
+    small = prepare_weight(_layer(rng, 12, jnp.asarray([4, 5], jnp.int32)), **SAMPLER_MODES["fast"])
+    ops = pm.mosaic_prologue(_x(2, 64), small.node, small.bw, pad_to=128, kernel=mh.codes_reference,
+                             gemm=mg.rowmax_reference, levels=small.levels, inv_levels=small.inv_levels,
+                             step=jnp.int32(0))
+    assert ops.sx.shape == (128,)                                           # K = 256: 4 runs, reduced here

@@ -217,10 +217,16 @@ def mosaic_int8_gemm_ws(xq, wq, sx, sw, bias=None, addend=None, *, out_dtype=jnp
     group's sw as it leaves the tensor cores and summed in float32 (y = s_x * sum_g acc_g * sw_g, as the Triton
     kernel; no wgmma stays in flight across steps).
     With inv_levels (f32 [T]) and step (int32 [1]), sx holds each row's max|x'| and the kernel makes the scale
-    max(sx * inv_levels[clip(step, 0, T - 1)], 2^-126) (`operands.scale_from_max`). branches: `Branch`es whose
+    max(sx * inv_levels[clip(step, 0, T - 1)], 2^-126) (`operands.scale_from_max`); sx may then also be run
+    maxima f32 [M, g] (g a multiple of 8: the Mosaic Hadamard kernel's), the row's max taken in the epilogue. branches: `Branch`es whose
     products the epilogue adds (bf16 wgmmas into a float32 accumulator started from the scaled int32 one):
     y = acc * s_x * s_w + sum_b feats_b @ up_b + bias (+ addend)."""
     from jax.experimental.pallas import mosaic_gpu as plgpu
+    runs = sx.shape[1] if sx.ndim == 2 else 0          # sx as run maxima [M, g]: the row max taken here
+    if runs and (inv_levels is None or runs % 8 or sx.shape[0] != xq.shape[0]):
+        raise ValueError(f"mosaic_int8_gemm_ws: sx [M, g] (run maxima) needs a level table and g a multiple of 8, "
+                         f"got {tuple(sx.shape)} for activations {tuple(xq.shape)}")
+    sx_rows = jax.ShapeDtypeStruct(sx.shape[:1], sx.dtype)
     grouped = wq.ndim == 3
     if grouped:
         n_groups, _, gsize = wq.shape
@@ -228,11 +234,11 @@ def mosaic_int8_gemm_ws(xq, wq, sx, sw, bias=None, addend=None, *, out_dtype=jnp
             raise ValueError(f"mosaic_int8_gemm_ws: group-wise weights {tuple(wq.shape)} with scales {tuple(sw.shape)} "
                              f"do not fit activations {tuple(xq.shape)} (need [G, N, g], g 64 or 128, G g = K, "
                              f"scales [G, N])")
-        m, n, k = _check(xq, jax.ShapeDtypeStruct((wq.shape[1], n_groups * gsize), wq.dtype), sx, sw[0], bias,
-                         addend, 64, 64, SWIZZLE)
+        m, n, k = _check(xq, jax.ShapeDtypeStruct((wq.shape[1], n_groups * gsize), wq.dtype), sx_rows, sw[0],
+                         bias, addend, 64, 64, SWIZZLE)
         in_flight = 0
     else:
-        m, n, k = _check(xq, wq, sx, sw, bias, addend, 64, 64, SWIZZLE)
+        m, n, k = _check(xq, wq, sx_rows, sw, bias, addend, 64, 64, SWIZZLE)
     step_k = gsize if grouped else SWIZZLE              # K per pipeline step (one swizzle span of int8 codes)
     epi_n = epi_n or epi
     if out_slots not in (1, 2):
@@ -303,7 +309,11 @@ def mosaic_int8_gemm_ws(xq, wq, sx, sw, bias=None, addend=None, *, out_dtype=jnp
                     shape = (tile_m, tile_n)
 
                     def row_scale():
-                        s_x = plgpu.load(sx_g.at[pl.ds(r0, tile_m)], (), layout=row, optimized=False)
+                        if runs:             # the row's max of its run maxima (what a reduce kernel per layer did)
+                            s_x = jnp.max(plgpu.load(sx_g.at[pl.ds(r0, tile_m), :], (), layout=acc_layout,
+                                                     optimized=False), axis=1)
+                        else:
+                            s_x = plgpu.load(sx_g.at[pl.ds(r0, tile_m)], (), layout=row, optimized=False)
                         if table:
                             s_x = scale_from_level(s_x, inv_g[jnp.clip(step_g[0], 0, n_lev - 1)])
                         return jax.lax.broadcast_in_dim(s_x, shape, [0])
@@ -375,7 +385,7 @@ def mosaic_int8_gemm_ws(xq, wq, sx, sw, bias=None, addend=None, *, out_dtype=jnp
     kernel = plgpu.kernel(body, out_type=jax.ShapeDtypeStruct((m, n), out_dtype), grid=(grid,), grid_names=("sm",),
                           num_threads=3, thread_name="wg")
     config = ("int8_ws", str(jnp.dtype(out_dtype)), tile_m, tile_n, wg_dim, stages, epi, epi_n, out_slots, grid_minor,
-              grid_width, in_flight, grid, grouped, has_bias, has_add, table, n_lev,
+              grid_width, in_flight, grid, grouped, has_bias, has_add, table, n_lev, runs,
               tuple((b.col0, b.block_out) for b in branches))
     return shared_call(kernel, args, config)
 
@@ -507,7 +517,8 @@ def rowmax_reference(x, b, b2=None, *, layout: str = "nk", b_scale: float = 1.0,
 
 
 def reference(xq, wq, sx, sw, bias=None, addend=None, *, out_dtype=jnp.bfloat16):
-    """The same function with XLA ops (int8 dot_general -> int32, scales in float32): the check."""
+    """The same function with XLA ops (int8 dot_general -> int32, scales in float32): the check. sx f32 [M] (the
+    row scales)."""
     acc = jax.lax.dot_general(xq, wq, (((1,), (1,)), ((), ())), preferred_element_type=jnp.int32)
     y = acc.astype(jnp.float32) * sx.astype(jnp.float32)[:, None] * sw.astype(jnp.float32)[None, :]
     if bias is not None:
@@ -576,6 +587,8 @@ def fits(ops, w, tiles=None) -> bool:
     t = _fused_tiles(tiles)
     mp, kp = ops.xq.shape
     if w.layout not in ("nk", "gnk") or ops.chunk or w.packed or ops.xq.dtype != jnp.int8 or w.k != kp:
+        return False
+    if ops.sx.ndim == 2 and (ops.sx_inv is None or ops.sx.shape[1] % 8):
         return False
     if w.layout == "gnk" and (w.groups[1] not in (64, 128) or w.groups[0] * w.groups[1] != kp or
                               w.gscale is not None):

@@ -89,26 +89,34 @@ def hadamard_reference(x, signs: bool = True):
     return y.reshape(m, k), jnp.max(jnp.abs(y.astype(jnp.float32)), axis=2)
 
 
-def codes_reference(x, levels, signs: bool = True):
+def codes_reference(x, levels, inv_levels, step, signs: bool = True):
     """`mosaic_hadamard_codes` with XLA ops: (codes: n int8 [M, K] arrays, run maxima float32 [M, g]) from the
-    kernel's x' (`hadamard_reference`) and levels float32 [n, 2] (each member's code level and its reciprocal)."""
+    kernel's x' (`hadamard_reference`), the members' level tables levels / inv_levels float32 [n, T] and the step."""
     from qdit4sr_jax.quant.kernels.operands import codes_from_scale, scale_from_level
     y, run_max = hadamard_reference(x, signs)
     amax = jnp.max(run_max, axis=1, keepdims=True)
     yf = y.astype(jnp.float32)
-    return tuple(codes_from_scale(yf, scale_from_level(amax, levels[i, 1]), levels[i, 0])
-                 for i in range(levels.shape[0])), run_max
+    i = _table_index(levels, step)
+    return tuple(codes_from_scale(yf, scale_from_level(amax, inv_levels[j, i]), levels[j, i])
+                 for j in range(levels.shape[0])), run_max
 
 
-def mosaic_hadamard_codes(x, levels, **tuning):
-    """x bf16 [M, K], levels float32 [n, 2] (per member: the code level 2^(bits-1) - 1 and its reciprocal, at this
-    step) -> (codes: n int8 [M, K] arrays, run maxima float32 [M, g]): the per-token codes of x' = bf16(x D H_K)
+def _table_index(levels, step):
+    """The column of the [n, T] level tables at `step` (int32 scalar or [1]): clip(step, 0, T - 1)."""
+    return jnp.clip(jnp.reshape(jnp.asarray(step, jnp.int32), ()), 0, levels.shape[1] - 1)
+
+
+def mosaic_hadamard_codes(x, levels, inv_levels, step, **tuning):
+    """x bf16 [M, K], levels / inv_levels float32 [n, T] (per member: its VaTMP table of code levels 2^(bits-1) - 1
+    and their reciprocals), step int32 scalar or [1] -> (codes: n int8 [M, K] arrays, run maxima float32 [M, g]):
+    the per-token codes, at column clip(step, 0, T - 1) of the tables (looked up in the kernel, so no XLA op
+    gathers them per call), of x' = bf16(x D H_K)
     for each member, clip(round(x' / s), +-level) (`operands.codes_from_scale`) with s = max(max_row |x'| *
     (1 / level), 2^-126) (`operands.scale_from_level`, the scale the GEMM kernel makes from max(run maxima)),
     made in the kernel, which holds whole
     rows of x' in each tile: x' itself is never written and no XLA codes pass runs. `mosaic_hadamard_rowmax`'s
     tuning arguments."""
-    return _hadamard(x, levels=levels, **tuning)
+    return _hadamard(x, levels=(levels, inv_levels, step), **tuning)
 
 
 def mosaic_hadamard_rowmax(x, **tuning):
@@ -138,13 +146,15 @@ def _hadamard(x, *, signs: bool = True, parts: int = 3, wgs: int = 2, prefetch: 
         raise ValueError(f"mosaic_hadamard_rowmax: needs bf16 x [M, K] with K a Hadamard block of 64- or 128-wide "
                          f"runs (at most 64 of them) and M a multiple of its rows per tile, parts 1-3; got "
                          f"{x.dtype}{tuple(x.shape)}, parts={parts}")
-    n_codes = 0
+    n_codes, tables = 0, []
     if levels is not None:
-        if levels.ndim != 2 or levels.shape[1] != 2 or not 1 <= levels.shape[0] <= 4:
-            raise ValueError(f"mosaic_hadamard_codes: levels must be float32 [n, 2] (level, 1 / level per member, "
-                             f"n 1-4), got {tuple(levels.shape)}")
-        n_codes = levels.shape[0]
-        levels = levels.astype(jnp.float32)
+        lev, inv_lev, step = levels
+        if lev.ndim != 2 or inv_lev.shape != lev.shape or not 1 <= lev.shape[0] <= 4:
+            raise ValueError(f"mosaic_hadamard_codes: levels and inv_levels must be float32 [n, T] (a level table "
+                             f"per member, n 1-4), got {tuple(lev.shape)} and {tuple(inv_lev.shape)}")
+        n_codes, n_steps = lev.shape
+        tables = [lev.astype(jnp.float32), inv_lev.astype(jnp.float32),
+                  jnp.reshape(jnp.asarray(step, jnp.int32), (1,))]
     g, c, r, _ = hadamard_plan(k)
     rg = r * g                                  # valid rows of a tile
     tiles = m // r
@@ -159,7 +169,7 @@ def _hadamard(x, *, signs: bool = True, parts: int = 3, wgs: int = 2, prefetch: 
     inv = float(np.float32(1.0 / np.sqrt(k)))
 
     def body(x_g, gbd_g, s_g, dt_g, *refs):
-        lev_g = refs[0] if n_codes else None
+        lev_g, inv_g, step_g = refs[:3] if n_codes else (None, None, None)
         y_gs, rmax_g = refs[-1 - max(n_codes, 1):-1], refs[-1]          # x', or one codes array per member
 
         def scope(x_s, out_s, g_s, s_s, rmax_s, bars, cbar):
@@ -222,8 +232,9 @@ def _hadamard(x, *, signs: bool = True, parts: int = 3, wgs: int = 2, prefetch: 
                     amax = jnp.zeros((ROWS,), jnp.float32)
                     for q in range(r):
                         amax = jnp.where(row == q, jnp.max(jnp.where(row == q, run_max, 0.0)), amax)
+                    col = jnp.clip(step_g[0], 0, n_steps - 1)
                     for l_ in range(n_codes):
-                        lev, inv_lev = lev_g[l_, 0], lev_g[l_, 1]
+                        lev, inv_lev = lev_g[l_, col], inv_g[l_, col]
                         scale = jax.lax.broadcast_in_dim(scale_from_level(amax, inv_lev), (ROWS, c), [0])
                         out_s[wg, o, l_] = codes_from_scale(yf, scale, lev)
                 else:
@@ -256,11 +267,11 @@ def _hadamard(x, *, signs: bool = True, parts: int = 3, wgs: int = 2, prefetch: 
     kernel = plgpu.kernel(body, out_type=(*outs, jax.ShapeDtypeStruct((m * g,), jnp.float32)),
                           grid=(programs // wgs,), grid_names=("sm",), num_threads=wgs, thread_name="wg")
 
-    def with_constants(x2, *lv):        # the constant operands made inside the shared function: once per kernel
-        return kernel(x2, *plan_operands(k, signs), *lv)
+    def with_constants(x2, *tabs):      # the constant operands made inside the shared function: once per kernel
+        return kernel(x2, *plan_operands(k, signs), *tabs)
 
     config = ("hadamard", m, k, bool(signs), parts, wgs, prefetch, out_slots, programs, n_codes)
-    *ys, rmax = shared_call(with_constants, [x2, *([levels] if n_codes else [])], config)
+    *ys, rmax = shared_call(with_constants, [x2, *tables], config)
     ys = [y.reshape(m, k) for y in ys]
     return (tuple(ys) if n_codes else ys[0]), rmax.reshape(m, g)
 

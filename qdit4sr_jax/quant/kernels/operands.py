@@ -125,7 +125,9 @@ class Operands:
     2^-126) (`row_scale`), computed by the GEMM kernel: sx_inv the layer's 1 / levels float32 [T], sx_step the
     traced step int32 [1]. The max-reduce then does not depend on the layer's levels and is one for the
     layers reading one x' (to_q / to_k / to_v: XLA's common-subexpression elimination), and the scale is no
-    array of its own (a kernel per layer when the Pallas kernel reads it)."""
+    array of its own (a kernel per layer when the Pallas kernel reads it). With the table, sx may also be the run
+    maxima float32 [Mp, g] of the Mosaic Hadamard kernel (`prologue_mosaic`), whose max over axis 1 is the row's:
+    the Mosaic GEMM takes it in its epilogue (no reduce kernel per layer), other consumers read `sx_rows`."""
     xq: jax.Array
     sx: jax.Array
     dh: Optional[jax.Array]
@@ -138,11 +140,16 @@ class Operands:
     sx_inv: Optional[jax.Array] = None
     sx_step: Optional[jax.Array] = None
 
+    @property
+    def sx_rows(self):
+        """sx per row, float32 [Mp]: sx itself, or the max of its run maxima [Mp, g]."""
+        return self.sx if self.sx.ndim == 1 else jnp.max(self.sx, axis=1)
+
     def row_scale(self):
         """The per-row scale s_x, float32 [Mp] (sx itself, or computed from the row maxima and the table)."""
         if self.sx_inv is None:
             return self.sx
-        return scale_from_max(self.sx, self.sx_inv, self.sx_step)
+        return scale_from_max(self.sx_rows, self.sx_inv, self.sx_step)
 
 
 SCALE_FLOOR = 2.0 ** -126         # the smallest normal float32: the scale of an all-zero row under a level table

@@ -114,7 +114,7 @@ def pallas_gemm_epilogue(ops, w: QuantizedWeight, bias, out_dtype, cfg, *, inter
         sw = w.scale[:, 0]                                                   # [N]
         w_spec = pl.BlockSpec((bn, wq.shape[1]), lambda i, j: (j, 0))
         sw_spec = pl.BlockSpec((bn,), lambda i, j: (j,))
-    args = [ops.xq, ops.sx, wq, sw]
+    args = [ops.xq, ops.sx_rows, wq, sw]
     specs = [pl.BlockSpec((bm, kp), lambda i, j: (i, 0)), pl.BlockSpec((bm,), lambda i, j: (i,)),
              w_spec, sw_spec]
     lev_steps = 0

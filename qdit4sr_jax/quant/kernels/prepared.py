@@ -143,6 +143,9 @@ def prepare_weight(w: QuantizedWeight, *, unpack: bool = True, prologue: str = "
     if down == "input" and bw is not None and bw.jd is not None:
         from qdit4sr_jax.quant.kernels.branch_ops import input_space_down
         bw = input_space_down(bw, node)
+        if prologue in ("mosaic", "mosaic-gemm"):           # the Mosaic GEMMs' column tiles, once, not per call
+            from qdit4sr_jax.quant.kernels.prologue_mosaic import pad_columns
+            bw = dataclasses.replace(bw, jd=pad_columns(bw.jd))
     levels = inv_levels = None
     if node.a_schedule is not None:                  # the prologue looks the step's levels up
         from qdit4sr_jax.quant.kernels.prologue_kernel import level_table
@@ -175,6 +178,9 @@ def share_inputs(params: dict) -> dict:
             shared = dataclasses.replace(shared, levels=jax.numpy.stack(tables),
                                          inv_levels=jax.numpy.stack([k.inv_levels for k in kws]),
                                          members=tuple(b.jd_col for b in bws))
+        if any(k.prologue in ("mosaic", "mosaic-gemm") for k in kws):
+            from qdit4sr_jax.quant.kernels.prologue_mosaic import pad_columns
+            shared = dataclasses.replace(shared, jd=pad_columns(shared.jd))
         for n, k, b in zip(names, kws, bws):
             out[n] = {**params[n], "kernel": dataclasses.replace(k, bw=b)}
         out[key] = shared

@@ -38,10 +38,13 @@ from qdit4sr_jax.quant.qweight import QuantizedWeight
 ROTATION_TILES = dict(tile_m=64, tile_n=128, wg_dim="m", stages=4, in_flight=1)
 COLUMN_TILE = 128
 ROW_TILE = 2 * ROTATION_TILES["tile_m"]      # rows per CTA of those tiles (`mosaic_gemm._cta`)
+RUN_TILE = 8                                 # run maxima per row that the int8 GEMM's epilogue reduces (a multiple)
 
 
-def _pad_columns(jd):
-    """jd [K, W] with zero columns up to a multiple of `COLUMN_TILE` (exact; the GEMM kernels never read them)."""
+def pad_columns(jd):
+    """jd [K, W] with zero columns up to a multiple of `COLUMN_TILE` (exact; the GEMM kernels never read them).
+    `prepare` pads the down-projections of layers on these routes once (a pad kernel per layer and step when it
+    ran here: 128 per 512-px W4A4 step, H100 2026-12-07 10:10); here it is a no-op then."""
     return jd if jd.shape[1] % COLUMN_TILE == 0 else jnp.pad(jd, ((0, 0), (0, -jd.shape[1] % COLUMN_TILE)))
 
 
@@ -110,7 +113,7 @@ def _features(x2, jd, gemm=None):
     mp, k = x2.shape
     if mp % ROW_TILE or k % 64 or jd.dtype != jnp.bfloat16:
         return down_features(x2, jd)
-    return (gemm or mosaic_bf16_gemm_rowmax)(x2, _pad_columns(jd), layout="kn", rowmax=False, **ROTATION_TILES)[0]
+    return (gemm or mosaic_bf16_gemm_rowmax)(x2, pad_columns(jd), layout="kn", rowmax=False, **ROTATION_TILES)[0]
 
 
 def mosaic_prologue(x2, w: QuantizedWeight, bw: Optional[BranchWeights], *, pad_to: int, levels, inv_levels,
@@ -134,22 +137,24 @@ def mosaic_prologue(x2, w: QuantizedWeight, bw: Optional[BranchWeights], *, pad_
     if mp != m:
         x2 = jnp.pad(x2, ((0, mp - m), (0, 0)))
     jd = _jd(bw, shared)
-    i = jnp.clip(jnp.asarray(step, jnp.int32), 0, levels.shape[0] - 1)
     deferred = dict(sx_inv=inv_levels, sx_step=jnp.reshape(jnp.asarray(step, jnp.int32), (1,)))
     if route == "hadamard":
         if shared is not None and bw is not None and bw.jd_col is not None and shared.levels is not None:
-            lv, member = (jnp.stack([shared.levels[:, i], shared.inv_levels[:, i]], axis=1),     # every member's
-                          shared.member(bw.jd_col))                                            # codes, one call
-        else:
-            lv, member = jnp.stack([levels[i], inv_levels[i]])[None], 0
-        codes, run_max = (kernel or mosaic_hadamard_codes)(x2, lv, signs=bool(w.signs))
-        q, amax = codes[member], jnp.max(run_max, axis=1)           # int8 [Mp, K], float32 [Mp]
+            tabs, member = (shared.levels, shared.inv_levels), shared.member(bw.jd_col)     # every member's codes,
+        else:                                                                               # one call
+            tabs, member = (levels[None], inv_levels[None]), 0
+        codes, run_max = (kernel or mosaic_hadamard_codes)(x2, *tabs, step, signs=bool(w.signs))
+        q = codes[member]                                            # int8 [Mp, K]
+        # the run maxima [Mp, g]: the Mosaic GEMM takes each row's max in its epilogue where g tiles its layout
+        # (`mosaic_gemm.fits`; 24 / 48 on DiT4SR), else one reduce here
+        amax = run_max if run_max.shape[1] % RUN_TILE == 0 else jnp.max(run_max, axis=1)
         feats, col = (None, 0) if jd is None else (_features(x2, jd, gemm), bw.jd_col or 0)
     else:
         y, amax_t = (kernel or gemm or mosaic_bf16_gemm_rowmax)(
-            x2, rotation_matrix(k, bool(w.signs)), None if jd is None else _pad_columns(jd), layout="kn",
+            x2, rotation_matrix(k, bool(w.signs)), None if jd is None else pad_columns(jd), layout="kn",
             b_scale=float(np.float32(1.0 / np.sqrt(k))), **ROTATION_TILES)
         amax = jnp.max(amax_t, axis=0)                               # [Mp] float32
+        i = jnp.clip(jnp.asarray(step, jnp.int32), 0, levels.shape[0] - 1)
         q = codes_from_scale(y[:, :k].astype(jnp.float32), scale_from_max(amax, inv_levels, step)[:, None],
                              levels[i])
         feats, col = y, k + ((bw.jd_col or 0) if bw is not None else 0)
@@ -159,4 +164,4 @@ def mosaic_prologue(x2, w: QuantizedWeight, bw: Optional[BranchWeights], *, pad_
                     col, **deferred)
 
 
-__all__ = ["ROTATION_TILES", "ROUTES", "PROLOGUE_ROUTES", "fits", "mosaic_prologue", "rotation_matrix"]
+__all__ = ["ROTATION_TILES", "ROUTES", "PROLOGUE_ROUTES", "fits", "mosaic_prologue", "pad_columns", "rotation_matrix"]
