@@ -106,6 +106,7 @@ def mosaic_int8_gemm(xq, wq, sx, sw, bias=None, addend=None, *, out_dtype=jnp.bf
         args.append(bias.astype(jnp.float32))
     if has_add:
         args.append(addend)
+    body.__name__ = "mosaic_int8_gemm"             # the kernel's name in profiles
     kernel = plgpu.kernel(body, out_type=jax.ShapeDtypeStruct((m, n), out_dtype), grid=(m // tile_m, n // tile_n),
                           grid_names=("m", "n"))
     return kernel(*args)
@@ -382,6 +383,7 @@ def mosaic_int8_gemm_ws(xq, wq, sx, sw, bias=None, addend=None, *, out_dtype=jnp
     for b in branches:
         args += [b.feats, b.up]
     grid = min(num_sms or _num_sms(), m_iters * n_iters)
+    body.__name__ = "mosaic_int8_gemm_ws"          # the kernel's name in profiles (step_profile.py)
     kernel = plgpu.kernel(body, out_type=jax.ShapeDtypeStruct((m, n), out_dtype), grid=(grid,), grid_names=("sm",),
                           num_threads=3, thread_name="wg")
     config = ("int8_ws", str(jnp.dtype(out_dtype)), tile_m, tile_n, wg_dim, stages, epi, epi_n, out_slots, grid_minor,
@@ -495,6 +497,7 @@ def mosaic_bf16_gemm_rowmax(x, b, b2=None, *, layout: str = "nk", b_scale: float
     grid = min(num_sms or _num_sms(), m_iters * n_iters)
     outs = (jax.ShapeDtypeStruct((m, n), jnp.bfloat16),) + (
         (jax.ShapeDtypeStruct((widths[0] // tile_n, m), jnp.float32),) if rowmax else ())
+    body.__name__ = "mosaic_bf16_gemm_rowmax" if rowmax else "mosaic_bf16_gemm"      # its name in profiles
     kernel = plgpu.kernel(body, out_type=outs, grid=(grid,), grid_names=("sm",), num_threads=3, thread_name="wg")
     config = ("bf16_rowmax", layout, float(b_scale), tile_m, tile_n, wg_dim, stages, in_flight, epi, epi_n, out_slots,
               grid_minor, grid_width, grid, rowmax)

@@ -264,6 +264,7 @@ def _hadamard(x, *, signs: bool = True, parts: int = 3, wgs: int = 2, prefetch: 
     # one output array per member (not [n, M, K]: a member's slice of that would be a copy before its GEMM)
     outs = ([jax.ShapeDtypeStruct((m * g, c), jnp.int8)] * n_codes if n_codes else
             [jax.ShapeDtypeStruct((m * g, c), jnp.bfloat16)])
+    body.__name__ = "mosaic_hadamard_codes" if n_codes else "mosaic_hadamard"      # its name in profiles
     kernel = plgpu.kernel(body, out_type=(*outs, jax.ShapeDtypeStruct((m * g,), jnp.float32)),
                           grid=(programs // wgs,), grid_names=("sm",), num_threads=wgs, thread_name="wg")
 
