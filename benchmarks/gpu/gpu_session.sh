@@ -23,6 +23,7 @@
 #   bash benchmarks/gpu/gpu_session.sh i24d      # all six modes' 1024-px steps (+ smoothing-only -small, paper W4A4)
 #   bash benchmarks/gpu/gpu_session.sh i24x      # next: fused linear on the Mosaic GEMM: check + 512-px steps (<= 400 s);
 #                                             # then i24y (1024 px), i24z (W8A8 on Triton / Mosaic, 512 + 1024 px)
+#   bash benchmarks/gpu/gpu_session.sh i24rt     # next: fused check of the run maxima (XLA reduce vs the GEMM's 16-column blocks)
 #   bash benchmarks/gpu/gpu_session.sh i24fix    # next: GPU check + 512-px steps after the per-call XLA kernels were removed
 #   bash benchmarks/gpu/gpu_session.sh i24last   # next: 512-px profile + HLO of prepbfh alone; W8A8 Mosaic + FP8 attention at 1024 px
 #   bash benchmarks/gpu/gpu_session.sh i24w8     # next: W8A8 on the Mosaic GEMM + cuDNN FP8 attention, 1024 + 512 px, bf16 beside
@@ -125,6 +126,18 @@ if [ "${1:-}" = i24x ]; then
     el "steps 512 ($left s)"; steps steps512 $left --cases 512x1 --scan-steps 2 --modes ${X_MODES:-bf16 $P:prepbf $P:prepbfm} \
         --attention cudnn --xla-variants no-dot-merge --iters 8 --warmup 2 --deadline $(( left - 20 ))
   fi
+  el done
+  exit 0
+fi
+if [ "${1:-}" = i24rt ]; then
+  # issue 24, 12-07 after 10:40 (<= ${T:-170} s): the fused linear on the Mosaic route vs Triton with the K = 1536 run
+  # maxima reduced in XLA (RUN_TILE 16, the default since i24fix found them wrong in one [64, 24] epilogue block),
+  # then handed to the GEMM's 16-column blocks (--run-tile 8)
+  for rt in 16 8; do
+    el "fused check, run tile $rt"; timeout ${CHECK_S:-75} python3 benchmarks/gpu/mosaic_fused_check.py --cases 2 \
+        --variants mosaic_had --no-time --run-tile $rt --out "$OUT/rt${rt}_check.json" > "$OUT/rt${rt}_check.log" 2>&1
+    grep -v "^W[0-9]\|Warning" "$OUT/rt${rt}_check.log" | grep -o "'member': '[a-z_]*'\|'rel_vs_triton': [0-9.e-]*\|'rel_vs_fake': [0-9.e-]*\|'error.*" | paste -sd' ' | cut -c1-900
+  done
   el done
   exit 0
 fi

@@ -109,10 +109,16 @@ def main(argv=None):
                     help="Mosaic tilings to time (mosaic_gemm.parse_tiles; '' = FUSED_TILES)")
     ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS),
                     help="what to compare with the Triton GEMM (always run)")
+    ap.add_argument("--run-tile", type=int, default=None,
+                    help="prologue_mosaic.RUN_TILE: 8 hands K = 1536 layers' 24 run maxima per row to the Mosaic "
+                         "GEMM's epilogue (its 16-column blocks) instead of reducing them in XLA")
     ap.add_argument("--out", default=None)
     a = ap.parse_args(argv)
+    if a.run_tile:
+        from qdit4sr_jax.quant.kernels import prologue_mosaic
+        prologue_mosaic.RUN_TILE = a.run_tile
     variants = ("triton",) + tuple(v for v in a.variants if v != "triton")
-    res = {"env": environment(), "rows": []}
+    res = {"env": environment(), "rows": [], "run_tile": a.run_tile}
     for (m, k, n, group, fg) in CASES[: a.cases]:
         try:
             res["rows"] += run_case(m, k, n, group, fg, time_it=not a.no_time, tilings=a.tiles, variants=variants)

@@ -260,8 +260,8 @@ def test_rotation_gemm_checks_and_reference():
 @pytest.mark.parametrize("k,g", [(1536, 24), (6144, 48)])
 def test_warp_specialized_gemm_takes_run_maxima(k, g):
     """With a level table, sx may be the Hadamard kernel's run maxima [M, g]: the epilogue takes each row's max (no
-    reduce kernel per layer). Lowers at the step's shapes with the fused tiles; g must be a multiple of 8 and the
-    table present, else named; `fits` declines such operands elsewhere."""
+    reduce kernel per layer; one [64, 48] block, or [64, 16] blocks for 24). Lowers at the step's shapes with the
+    fused tiles; g must be >= 16, a multiple of 8, and the table present, else named."""
     m, n = 4096, 1536
     f = lambda x, w, sx, sw, il, t: mg.mosaic_int8_gemm_ws(x, w, sx, sw, inv_levels=il, step=t,  # noqa: E731
                                                             **mg.FUSED_TILES)
@@ -271,5 +271,7 @@ def test_warp_specialized_gemm_takes_run_maxima(k, g):
     x, w, sw = jnp.zeros((256, 256), jnp.int8), jnp.zeros((128, 256), jnp.int8), jnp.ones((128,))
     with pytest.raises(ValueError, match="run maxima"):
         mg.mosaic_int8_gemm_ws(x, w, jnp.ones((256, 12)), sw, inv_levels=jnp.ones((4,)), step=jnp.zeros((1,), jnp.int32))
+    with pytest.raises(ValueError, match="run maxima"):
+        mg.mosaic_int8_gemm_ws(x, w, jnp.ones((256, 8)), sw, inv_levels=jnp.ones((4,)), step=jnp.zeros((1,), jnp.int32))
     with pytest.raises(ValueError, match="run maxima"):
         mg.mosaic_int8_gemm_ws(x, w, jnp.ones((256, 16)), sw)

@@ -239,11 +239,12 @@ def test_repeated_kernels_are_one_function_in_the_module():
     assert (mg.mosaic_call_sites(both), both.count("custom_call @mosaic_gpu")) == (6, 5)   # one Hadamard kernel
 
 
-def test_run_maxima_reach_the_gemm_unreduced_at_dit4sr_widths():
-    """At K = 1536 (24 runs of 64 per row) the Hadamard route hands the int8 GEMM the run maxima [Mp, 24], whose row
-    max the Mosaic GEMM takes in its epilogue (no reduce kernel per layer); `fits` takes them, their row max equals
-    the XLA prologue's row max of x', and the Triton GEMM (reading `sx_rows`) gives the XLA prologue's outputs.
-    At K = 256 (4 runs) the prologue reduces them itself."""
+def test_run_maxima_reach_the_gemm_unreduced_at_dit4sr_widths(monkeypatch):
+    """At K = 1536 (24 runs of 64 per row) the Hadamard route can hand the int8 GEMM the run maxima [Mp, 24], whose
+    row max the Mosaic GEMM takes in its epilogue (no reduce kernel per layer): with `RUN_TILE` 8 `fits` takes them,
+    their row max equals the XLA prologue's row max of x', and the Triton GEMM (reading `sx_rows`) gives the XLA
+    prologue's outputs. With the default `RUN_TILE` (16: 24 runs were wrong in the GPU epilogue's one block) and at
+    K = 256 (4 runs) the prologue reduces them itself."""
     k, n, m = 1536, 256, 200
     rng = np.random.default_rng(9)
     w = make_qweight(jnp.asarray(rng.normal(size=(n, k)).astype(np.float32) * 0.03), w_bits=4, a_bits=4,
@@ -253,8 +254,11 @@ def test_run_maxima_reach_the_gemm_unreduced_at_dit4sr_widths():
     x = jnp.asarray(rng.standard_t(5, size=(m, k)).astype(np.float32), jnp.bfloat16)
     tables = dict(levels=kw.levels, inv_levels=kw.inv_levels, step=jnp.int32(1))
     assert pm.fits(x, kw.node, kw.bw, None, kw.levels, 128)
-    got = pm.mosaic_prologue(x, kw.node, kw.bw, pad_to=128, kernel=mh.codes_reference, gemm=mg.rowmax_reference,
-                             **tables)
+    run = lambda: pm.mosaic_prologue(x, kw.node, kw.bw, pad_to=128, kernel=mh.codes_reference,  # noqa: E731
+                                     gemm=mg.rowmax_reference, **tables)
+    assert pm.RUN_TILE == 16 and run().sx.shape == (256,)
+    monkeypatch.setattr(pm, "RUN_TILE", 8)
+    got = run()
     want = prologue(x, kw.node, 4, pad_to=128, chunk=0, bw=kw.bw, pad_branches=True, xprime="bfloat16", joint=True,
                     defer_scale=True, **tables)
     assert got.sx.shape == (256, 24) and want.sx.shape == (256,)

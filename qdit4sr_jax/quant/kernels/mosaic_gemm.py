@@ -219,13 +219,16 @@ def mosaic_int8_gemm_ws(xq, wq, sx, sw, bias=None, addend=None, *, out_dtype=jnp
     kernel; no wgmma stays in flight across steps).
     With inv_levels (f32 [T]) and step (int32 [1]), sx holds each row's max|x'| and the kernel makes the scale
     max(sx * inv_levels[clip(step, 0, T - 1)], 2^-126) (`operands.scale_from_max`); sx may then also be run
-    maxima f32 [M, g] (g a multiple of 8: the Mosaic Hadamard kernel's), the row's max taken in the epilogue. branches: `Branch`es whose
+    maxima f32 [M, g] (g >= 16, a multiple of 8: the Mosaic Hadamard kernel's), the row's max taken in the epilogue
+    from one [tile_m, g] block where g is a multiple of 16 ([64, 48] checked right on an H100), else from
+    overlapping [tile_m, 16] blocks (a single [64, 24] block gave wrong maxima on an H100, 2026-12-07 10:40). branches: `Branch`es whose
     products the epilogue adds (bf16 wgmmas into a float32 accumulator started from the scaled int32 one):
     y = acc * s_x * s_w + sum_b feats_b @ up_b + bias (+ addend)."""
     from jax.experimental.pallas import mosaic_gpu as plgpu
     runs = sx.shape[1] if sx.ndim == 2 else 0          # sx as run maxima [M, g]: the row max taken here
-    if runs and (inv_levels is None or runs % 8 or sx.shape[0] != xq.shape[0]):
-        raise ValueError(f"mosaic_int8_gemm_ws: sx [M, g] (run maxima) needs a level table and g a multiple of 8, "
+    if runs and (inv_levels is None or runs % 8 or runs < 16 or sx.shape[0] != xq.shape[0]):
+        raise ValueError(f"mosaic_int8_gemm_ws: sx [M, g] (run maxima) needs a level table and g >= 16, a multiple "
+                         f"of 8, "
                          f"got {tuple(sx.shape)} for activations {tuple(xq.shape)}")
     sx_rows = jax.ShapeDtypeStruct(sx.shape[:1], sx.dtype)
     grouped = wq.ndim == 3
@@ -311,8 +314,13 @@ def mosaic_int8_gemm_ws(xq, wq, sx, sw, bias=None, addend=None, *, out_dtype=jnp
 
                     def row_scale():
                         if runs:             # the row's max of its run maxima (what a reduce kernel per layer did)
-                            s_x = jnp.max(plgpu.load(sx_g.at[pl.ds(r0, tile_m), :], (), layout=acc_layout,
-                                                     optimized=False), axis=1)
+                            s_x = None       # one block where g is a multiple of 16 (checked on an H100), else
+                            starts = [0] if runs % 16 == 0 else sorted({*range(0, runs - 15, 16), runs - 16})
+                            width = runs if runs % 16 == 0 else 16     # 16-column blocks overlapping at the end
+                            for c_ in starts:
+                                blk = jnp.max(plgpu.load(sx_g.at[pl.ds(r0, tile_m), pl.ds(c_, width)], (),
+                                                         layout=acc_layout, optimized=False), axis=1)
+                                s_x = blk if s_x is None else jnp.maximum(s_x, blk)
                         else:
                             s_x = plgpu.load(sx_g.at[pl.ds(r0, tile_m)], (), layout=row, optimized=False)
                         if table:
@@ -591,7 +599,7 @@ def fits(ops, w, tiles=None) -> bool:
     mp, kp = ops.xq.shape
     if w.layout not in ("nk", "gnk") or ops.chunk or w.packed or ops.xq.dtype != jnp.int8 or w.k != kp:
         return False
-    if ops.sx.ndim == 2 and (ops.sx_inv is None or ops.sx.shape[1] % 8):
+    if ops.sx.ndim == 2 and (ops.sx_inv is None or ops.sx.shape[1] % 8 or ops.sx.shape[1] < 16):
         return False
     if w.layout == "gnk" and (w.groups[1] not in (64, 128) or w.groups[0] * w.groups[1] != kp or
                               w.gscale is not None):

@@ -38,7 +38,11 @@ from qdit4sr_jax.quant.qweight import QuantizedWeight
 ROTATION_TILES = dict(tile_m=64, tile_n=128, wg_dim="m", stages=4, in_flight=1)
 COLUMN_TILE = 128
 ROW_TILE = 2 * ROTATION_TILES["tile_m"]      # rows per CTA of those tiles (`mosaic_gemm._cta`)
-RUN_TILE = 8                                 # run maxima per row that the int8 GEMM's epilogue reduces (a multiple)
+# The run maxima per row that the int8 GEMM's epilogue reduces must be a multiple of this. 16: K = 6144 (48 runs)
+# checked right on an H100 (2026-12-07 10:40); K = 1536 (24 runs) gave wrong maxima there in one [64, 24] block,
+# so it is reduced here until the GEMM's 16-column blocks (8: `benchmarks/gpu/mosaic_fused_check.py --run-tile 8`)
+# are checked on a GPU.
+RUN_TILE = 16
 
 
 def pad_columns(jd):
@@ -145,8 +149,8 @@ def mosaic_prologue(x2, w: QuantizedWeight, bw: Optional[BranchWeights], *, pad_
             tabs, member = (levels[None], inv_levels[None]), 0
         codes, run_max = (kernel or mosaic_hadamard_codes)(x2, *tabs, step, signs=bool(w.signs))
         q = codes[member]                                            # int8 [Mp, K]
-        # the run maxima [Mp, g]: the Mosaic GEMM takes each row's max in its epilogue where g tiles its layout
-        # (`mosaic_gemm.fits`; 24 / 48 on DiT4SR), else one reduce here
+        # the run maxima [Mp, g]: the Mosaic GEMM takes each row's max in its epilogue where g is a multiple of
+        # RUN_TILE (`mosaic_gemm.fits`), else one reduce here
         amax = run_max if run_max.shape[1] % RUN_TILE == 0 else jnp.max(run_max, axis=1)
         feats, col = (None, 0) if jd is None else (_features(x2, jd, gemm), bw.jd_col or 0)
     else:
