@@ -137,3 +137,25 @@ def test_main_writes_json(tmp_path, capsys):
     assert d["card"]["name"] == "H200 SXM" and d["sizes"]["32"]["floor"]["step_ms"] == 1.0
     text = capsys.readouterr().out
     assert "| design |" in text and "| M x K x N |" in text
+
+
+def test_attention_ceiling_counts_scores_and_bounds_fp8(tiny_inv):
+    """One ex2 per score element against 4 d MMA FLOPs: the FP8 speed-up of attention lies between the overlapped
+    (max) and serialized (sum) bounds, both in [1, 2]; at head dim 64 on an H100 the exps cost about what the bf16
+    MMAs cost, so FP8 MMAs buy at most ~1.08x overlapped (what cuDNN's FP8 attention measured: 1.06-1.13x)."""
+    cfg = R.step_cfg("tiny")
+    at = R.attention_ceiling(tiny_inv, R.CARDS["h100"])
+    qk = [d for d in tiny_inv["dots"] if d["kind"] == "attention" and d["k"] == cfg.attention_head_dim < d["m"]]
+    assert at["scores"] == sum(d["batch"] * d["m"] * d["n"] * d["count"] for d in qk) > 0
+    assert at["head_dim"] == pytest.approx(cfg.attention_head_dim)
+    assert 1.0 <= at["overlapped"] <= at["serial"] <= 2.0
+    card = R.CARDS["h100"]
+    d64 = {"size": 512, "dots": [dict(kind="attention", batch=48, m=2048, n=2048, k=64, count=1),
+                                 dict(kind="attention", batch=48, m=64, n=2048, k=2048, count=1)]}
+    at64 = R.attention_ceiling(d64, card)
+    assert at64["mma_bf16_ms"] == pytest.approx(4 * 64 * 48 * 2048 ** 2 / (card.bf16_dense_tflops * 1e12) * 1e3)
+    assert at64["exp_ms"] == pytest.approx(48 * 2048 ** 2 / card.exp_per_s * 1e3)
+    assert 1.0 < at64["overlapped"] < 1.1 and 1.3 < at64["serial"] < 1.4
+    assert at64["measured_vs_floor"] == pytest.approx(max(at64["mma_bf16_ms"], at64["exp_ms"]) / 5.67)
+    d256 = dict(d64, dots=[dict(d64["dots"][0], k=256), dict(d64["dots"][1], m=256)])
+    assert R.attention_ceiling(d256, card)["overlapped"] > 1.5          # wide heads: MMA-bound, FP8 pays

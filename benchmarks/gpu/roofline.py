@@ -53,6 +53,12 @@ Single-rate caveat: one measured GEMM rate is applied to every shape; small-M GE
 stream: M = 666) run below it in bf16 and int8 alike. The "bf16 stage-1" Hadamard design is counted at 21 / 22 B
 (the issue's "~20 B" plus the down-projection's 2-byte read of x', as in the smoothing-only design).
 
+Attention (`attention_ceiling`, 2026-12-07): one ex2 per score element on the SFUs (16 per clock per SM) against
+4 x 64 MMA FLOPs at head dim 64: 2.19 ms of exps vs 2.37 ms of bf16 MMAs at 512 px (30.0 / 32.5 ms at 1024 px), so
+FP8 (or int8) MMAs make attention at most 1.08x faster if MMAs and exps overlap, 1.35x if they do not; cuDNN's FP8
+attention measured 1.06-1.13x of its bf16 (RESULTS.md 2026-11-25), and its bf16 ran at 42 % of the overlapped
+floor's rate at 512 px (5.67 ms, H100 profile 2026-12-07).
+
 Readings (2026-12-06, the defaults above; `--card h100|h200 --sizes 512 1024`): the quantized linears are 31-48 %
 of the bf16 step (45.9 ms of 147.9 at 1024 px on the H100); the int8 GEMM rate caps the step at 1.036x (H100, 1024
 px) to 1.129x (H200, 512 px) with a free prologue. Break-even extra bytes per activation element, rank-32 branch
@@ -102,6 +108,15 @@ class Card:
     bf16_gemm_ms: float                # cuBLAS bf16 at GEMM_SHAPE
     int8_speedup: float                # int8 GEMM (XLA / cuBLASLt + epilogue) time = bf16 time / this
     bf16_step_ms: Dict[int, float]     # measured bf16 step (batch 1, CFG) per output size in pixels
+    sms: int = 132                     # streaming multiprocessors (H100 SXM / H200)
+    clock_ghz: float = 1.98            # datasheet boost clock (an upper bound on the sustained one)
+    bf16_dense_tflops: float = 989.0   # datasheet dense bf16 tensor-core peak (FP8: twice)
+    exp_per_clk_sm: int = 16           # MUFU ex2 results per clock per SM (compute capability 9.0)
+    bf16_attention_ms: Dict[int, float] = dataclasses.field(default_factory=dict)   # measured cuDNN bf16, per size
+
+    @property
+    def exp_per_s(self) -> float:
+        return self.sms * self.exp_per_clk_sm * self.clock_ghz * 1e9
 
     @property
     def bf16_flops_per_s(self) -> float:
@@ -110,7 +125,7 @@ class Card:
 
 
 CARDS = {
-    "h100": Card("H100 SXM", 3.35e12, 0.117, 1.12, {512: 27.42, 1024: 147.93}),
+    "h100": Card("H100 SXM", 3.35e12, 0.117, 1.12, {512: 27.42, 1024: 147.93}, bf16_attention_ms={512: 5.67}),
     "h200": Card("H200 SXM", 4.8e12, 0.126, 1.3, {512: 28.23, 1024: 144.70}),
 }
 
@@ -550,6 +565,39 @@ def _parse_steps(items) -> Dict[int, float]:
     return out
 
 
+def attention_ceiling(inv: dict, card: Card) -> dict:
+    """How much FP8 (or int8) tensor cores can speed up the step's softmax attention on `card`: {scores (score
+    elements per step), mma_bf16_ms / mma_fp8_ms (QK^T + PV at the datasheet dense peak, FP8 twice bf16), exp_ms
+    (one ex2 per score element on the SFUs, `Card.exp_per_s`), overlapped (bf16 / FP8 time when MMAs and exps
+    overlap perfectly: max of the two) and serial (when they do not: their sum) speed-ups, measured_ms (cuDNN bf16,
+    if known) and its fraction of the overlapped bf16 bound}. Both times are floors (the softmax also needs FMAs for
+    the max, the scale and the sum, and the conversions of P); the ratio of the floors is what a lower MMA cost can
+    buy at most once the exps are what is left: at head dim 64 an exp costs about what the bf16 MMAs of its score
+    element cost (4 x 64 FLOPs), so FP8 MMAs gain little."""
+    att = [d for d in inv["dots"] if d["kind"] == "attention"]
+    # QK^T contracts over the head dim, fewer than its token rows (PV contracts over the tokens: rows = head dim)
+    scores = sum(d["batch"] * d["m"] * d["n"] * d["count"] for d in att if d["k"] < d["m"])
+    flops = sum(2 * d["batch"] * d["m"] * d["k"] * d["n"] * d["count"] for d in att)
+    mma = flops / (card.bf16_dense_tflops * 1e12) * 1e3
+    exp = scores / card.exp_per_s * 1e3
+    out = {"scores": scores, "head_dim": flops / (4 * scores) if scores else 0.0, "mma_bf16_ms": mma,
+           "mma_fp8_ms": mma / 2, "exp_ms": exp, "overlapped": max(mma, exp) / max(mma / 2, exp),
+           "serial": (mma + exp) / (mma / 2 + exp), "measured_ms": card.bf16_attention_ms.get(inv["size"])}
+    if out["measured_ms"]:
+        out["measured_vs_floor"] = max(mma, exp) / out["measured_ms"]
+    return out
+
+
+def attention_markdown(at: dict, size: int, card: Card) -> str:
+    meas = (f"; cuDNN bf16 measured {at['measured_ms']:.2f} ms ({100 * at['measured_vs_floor']:.0f} % of the "
+            f"overlapped floor's rate)" if at.get("measured_ms") else "")
+    return (f"attention at {size} px on {card.name}: {at['scores'] / 1e9:.2f} G score elements (head dim "
+            f"{at['head_dim']:.0f}); MMAs {at['mma_bf16_ms']:.2f} ms bf16 / {at['mma_fp8_ms']:.2f} ms FP8 at the dense "
+            f"peak, exps {at['exp_ms']:.2f} ms on the SFUs ({card.exp_per_clk_sm}/clk/SM at {card.clock_ghz} GHz): "
+            f"FP8 attention can be at most {at['overlapped']:.2f}x (MMAs and exps overlapped) to {at['serial']:.2f}x "
+            f"(serialized) of bf16{meas}")
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", default="dit4sr")
@@ -587,6 +635,8 @@ def main(argv=None):
                              shared_elems=inv["totals"]["act_elems_quantized_shared"])
             print(floor_markdown(fl, size), "\n")
             entry["floor"] = fl
+        entry["attention"] = attention_ceiling(inv, card)
+        print(attention_markdown(entry["attention"], size, card), "\n")
         res["sizes"][str(size)] = entry
     if a.json:
         os.makedirs(os.path.dirname(os.path.abspath(a.json)), exist_ok=True)
