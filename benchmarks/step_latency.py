@@ -32,7 +32,7 @@ Modes (--modes):
                 tree), prep (`kernels.prepare`d: joint down-projection, the default), prepsplit (prepared with
                 down="split"), prepin (prepared, the down-projection on the layer's input: down="input", one
                 down GEMM per to_q / to_k / to_v group: `prepared.share_inputs`), prepbf (prepin with x' rounded
-                to bf16 before its quantization: xprime="bfloat16", the sampler's "fast-triton"), prepbfns (prepbf with
+                to bf16 before its quantization: xprime="bfloat16", the sampler's "fast"), prepbfns (prepbf with
                 a down GEMM per layer: share=False), prepbfm (prepbf with the GEMMs on the warp-specialized
                 Mosaic kernel: gemm="mosaic"), prepbfh (prepbfm with x' and its row maxima from the Mosaic
                 Hadamard kernel: prologue="mosaic", `kernels/prologue_mosaic.py`), prepbfr (prepbfm with x', row
@@ -213,11 +213,11 @@ def quantized_trees(params, modes, steps: int, log):
             if m.startswith("p:"):
                 kind = m.split(":")[2] if ":".join(m.split(":")[:2]) == name else None
             if kind in ("prepsplit", "prepin", "prepbf", "prepbfns", "prepbfm", "prepbfh", "prepbfr"):
-                kw = dict(prepsplit=dict(down="split"), prepin=dict(down="input"), prepbf=SAMPLER_MODES["fast-triton"],
-                          prepbfns=dict(SAMPLER_MODES["fast-triton"], share=False),
-                          prepbfm=dict(SAMPLER_MODES["fast-triton"], gemm="mosaic"),
-                          prepbfh=dict(SAMPLER_MODES["fast-triton"], gemm="mosaic", prologue="mosaic"),
-                          prepbfr=dict(SAMPLER_MODES["fast-triton"], gemm="mosaic", prologue="mosaic-gemm"))[kind]
+                kw = dict(prepsplit=dict(down="split"), prepin=dict(down="input"), prepbf=SAMPLER_MODES["fast"],
+                          prepbfns=dict(SAMPLER_MODES["fast"], share=False),
+                          prepbfm=dict(SAMPLER_MODES["fast"], gemm="mosaic"),
+                          prepbfh=dict(SAMPLER_MODES["fast"], gemm="mosaic", prologue="mosaic"),
+                          prepbfr=dict(SAMPLER_MODES["fast"], gemm="mosaic", prologue="mosaic-gemm"))[kind]
                 trees[m] = jax.block_until_ready(jax.jit(lambda t, kw=kw: prepare(t, **kw))(
                     with_execution(q, "fused")))
             elif kind == "int":

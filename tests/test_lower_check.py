@@ -18,7 +18,7 @@ CFG = ModelConfig.preset("tiny").replace(attention_head_dim=64, caption_projecti
 @pytest.mark.parametrize("preset,prepare,per_layer", [("qdit4sr-w4a4-small", "none", 1),
                                                       ("qdit4sr-paper-w4a4-small", "pallas", 2),
                                                       ("qdit4sr-smooth-w4a4-small", "pallas", 2),
-                                                      ("qdit4sr-paper-w4a4-small", "fast-triton", 1)])
+                                                      ("qdit4sr-paper-w4a4-small", "fast", 1)])
 def test_step_lowers_with_a_kernel_per_layer(preset, prepare, per_layer):
     r = L.check(CFG, preset, size=64, prepare=prepare)
     assert r["layers"] > 20
@@ -35,11 +35,11 @@ def test_tpu_lowering_takes_the_xla_path():
         L.check(CFG, "qdit4sr-w4a4-small", size=64, platform="rocm")
 
 
-def test_fast_sampler_mode_lowers_to_mosaic_kernels_on_hopper():
-    """The sampler's "fast" traced as for a Hopper GPU runs the Mosaic GEMM (where a layer fits its tiles) and the
-    Hadamard codes kernel; "fast-triton" none of them."""
-    fast = L.check(CFG, "qdit4sr-paper-w4a4-small", size=64, prepare="fast")
-    gemm_only = L.check(CFG, "qdit4sr-paper-w4a4-small", size=64, prepare="fast-mosaic")
+def test_fast_mosaic_sampler_mode_lowers_to_mosaic_kernels_on_hopper():
+    """The sampler's "fast-mosaic" traced as for a Hopper GPU runs the Mosaic GEMM (where a layer fits its tiles) and
+    the Hadamard kernel; "fast" none of them (test above)."""
+    fast = L.check(CFG, "qdit4sr-paper-w4a4-small", size=64, prepare="fast-mosaic")
+    gemm_only = L.check(CFG, "qdit4sr-paper-w4a4-small", size=64, prepare="fast-mosaic-gemm")
     assert gemm_only["triton_kernels"] + gemm_only["mosaic_kernels"] == gemm_only["layers"]
     assert fast["triton_kernels"] == gemm_only["triton_kernels"] < fast["layers"]
     assert fast["mosaic_kernels"] > gemm_only["mosaic_kernels"] > 0      # + Hadamard kernels and features GEMMs

@@ -44,16 +44,16 @@ def abstract_quantized(model, preset: str, steps: int = 40):
     return with_execution(q, "fused"), len(paths)
 
 
-PREPARES = ("none", "xla", "pallas", "fast-triton", "fast-mosaic", "fast", "fast-mosaic-rot")
+PREPARES = ("none", "xla", "pallas", "fast", "fast-mosaic-gemm", "fast-mosaic", "fast-mosaic-rot")
 
 
 def check(model="dit4sr", preset: str = "qdit4sr-w4a4-small", size: int = 512, batch: int = 1,
           prepare: str = "none", platform: str = "gpu") -> dict:
     """-> {layers, triton_kernels, custom_calls, by_name, lower_s}. model: preset name or ModelConfig;
-    prepare: none | xla | pallas (the prologue) | fast-triton (the sampler's "fast-triton": input-space
-    down-projections, shared by the layers reading one input; Triton GEMMs) | fast-mosaic ("fast-triton" with the
-    GEMMs on the warp-specialized Mosaic kernel, counted as mosaic_kernels) | fast (the sampler's "fast": that, with
-    the codes of rotated layers from the Mosaic Hadamard kernel) | fast-mosaic-rot (the rotation on one Mosaic
+    prepare: none | xla | pallas (the prologue) | fast (the sampler's "fast": input-space down-projections, shared
+    by the layers reading one input; Triton GEMMs) | fast-mosaic-gemm ("fast" with the GEMMs on the
+    warp-specialized Mosaic kernel, counted as mosaic_kernels) | fast-mosaic (the sampler's "fast-mosaic": that,
+    with rotated layers' prologue on the Mosaic Hadamard kernel) | fast-mosaic-rot (the rotation on one Mosaic
     GEMM: `prologue_mosaic.py`); Mosaic calls are counted before XLA's CSE of identical calls;
     platform: "gpu" (lowered for CUDA) or "tpu" (the fused
     layers take their XLA path there: no custom calls expected)."""
@@ -74,9 +74,9 @@ def check(model="dit4sr", preset: str = "qdit4sr-w4a4-small", size: int = 512, b
     mcfg = mcfg.replace(dtype="bfloat16", param_dtype="bfloat16", attention_impl=None)
     step = S.make_step(DiT4SRTransformer(mcfg), mcfg.guidance_scale, 1)
     args = jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), S.inputs(mcfg, size, batch))
-    kw = {"fast-triton": SAMPLER_MODES["fast-triton"], "fast": SAMPLER_MODES["fast"],
-          "fast-mosaic": dict(SAMPLER_MODES["fast-triton"], gemm="mosaic"),
-          "fast-mosaic-rot": dict(SAMPLER_MODES["fast-triton"], gemm="mosaic", prologue="mosaic-gemm")}.get(
+    kw = {"fast": SAMPLER_MODES["fast"], "fast-mosaic": SAMPLER_MODES["fast-mosaic"],
+          "fast-mosaic-gemm": dict(SAMPLER_MODES["fast"], gemm="mosaic"),
+          "fast-mosaic-rot": dict(SAMPLER_MODES["fast"], gemm="mosaic", prologue="mosaic-gemm")}.get(
         prepare, dict(prologue=prepare))
     fn = step if prepare == "none" else jax.jit(lambda t, *a: step(prep(t, **kw), *a))
     with lowering_for(platform):

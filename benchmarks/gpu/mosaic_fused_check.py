@@ -4,7 +4,7 @@ and of each against fake-quant; then the time per call of each.
 
 Layers as `prologue_check._layer` builds them (W4A4, rotation, rank-32 low-rank + 256 x 256 H-SVD blocks,
 int group scales folded on preparing) with a VaTMP schedule (the scale made in the kernel from the level
-table), prepared as the sampler's "fast-triton" mode; a to_q / to_k / to_v group shares one down-projection (the
+table), prepared as the sampler's "fast" mode; a to_q / to_k / to_v group shares one down-projection (the
 members read their columns of the shared features in place). Expected: Mosaic equals Triton up to float32
 rounding in the epilogue (a few bf16 ulps on some elements), both equally far from fake-quant; with the rotation
 prologue, x' comes from sums in another order (a code may move by one: rel. err. vs Triton ~1e-3 at most).
@@ -32,7 +32,7 @@ from prologue_check import _input, _layer  # noqa: E402
 from ws_gemm import per_call_ms  # noqa: E402
 
 SCHEDULE = [4, 3, 5, 4]
-# prepare() arguments beside the sampler's "fast-triton" mode: the Triton GEMM (the reference here), the Mosaic GEMM, and
+# prepare() arguments beside the sampler's "fast" mode: the Triton GEMM (the reference here), the Mosaic GEMM, and
 # the Mosaic GEMM after the rotation prologue on the Mosaic Hadamard kernel (mosaic_had) or on one Mosaic GEMM with
 # the features (mosaic_rot, 1536-input layers) (prologue_mosaic.py)
 VARIANTS = {"triton": dict(gemm="triton"), "mosaic": dict(gemm="mosaic"),
@@ -56,7 +56,7 @@ def run_case(m, k, n, group, float_groups=False, step=2, time_it=True, tilings=(
             for i, nm in enumerate(names)}
     x = _input(m, k)
     t = jnp.int32(step)
-    preps = {name: jax.jit(lambda tr, kw=kw: prepare(tr, **SAMPLER_MODES["fast-triton"], **kw))(tree)
+    preps = {name: jax.jit(lambda tr, kw=kw: prepare(tr, **SAMPLER_MODES["fast"], **kw))(tree)
              for name, kw in VARIANTS.items() if name in variants}
 
     def group_fn(tr, v, s):

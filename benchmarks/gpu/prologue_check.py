@@ -12,7 +12,7 @@ the layer's relative error vs `linear(..., execution="fake")` with and without t
 
     python3 benchmarks/gpu/prologue_check.py --shared --m 8192 --k 1536 --n 1536
 
-checks instead the shared down-projection of to_q / to_k / to_v (`prepared.share_inputs`, prepared "fast-triton"): each
+checks instead the shared down-projection of to_q / to_k / to_v (`prepared.share_inputs`, prepared "fast"): each
 member's output through the GEMM kernel reading its features in place at its column offset vs the same member
 prepared unshared, and both vs the fake-quant reference; on a GPU also the group's three layers per call, shared
 vs per layer, and three bf16 GEMMs of the same shapes.
@@ -97,7 +97,7 @@ def check(m, k, n, smooth, interpret, block=256):
 def shared_check(m, k, n, interpret, block=256, step=2):
     """Rows {member, jd_col, rel_shared_vs_alone, max_abs_diff, rel_vs_fake, rel_alone_vs_fake,
     max_abs_diff_exact_vs_stored} of three layers reading one x [m, k] (bf16) with different VaTMP schedules, at
-    `step`: prepared "fast-triton" with and without their `SharedDown`, and prepared exact (`unpack=True`, the scale made
+    `step`: prepared "fast" with and without their `SharedDown`, and prepared exact (`unpack=True`, the scale made
     in the GEMM kernel from one shared max-reduce: `operands.Operands.row_scale`) vs the stored nodes (expected:
     0.0); then, on a GPU, the group per call."""
     from qdit4sr_jax.quant.kernels import fused_linear, prepare
@@ -107,8 +107,8 @@ def shared_check(m, k, n, interpret, block=256, step=2):
     scheds = ([4, 3, 5, 4], [4, 4, 4, 4], [5, 4, 3, 4])
     tree = {nm: {"kernel": _layer(k, n, False, seed=i, block=block).replace(a_schedule=jnp.asarray(sc, jnp.int32))}
             for i, (nm, sc) in enumerate(zip(names, scheds))}
-    shared = jax.jit(lambda t: prepare(t, **SAMPLER_MODES["fast-triton"]))(tree)
-    alone = jax.jit(lambda t: prepare(t, **SAMPLER_MODES["fast-triton"], share=False))(tree)
+    shared = jax.jit(lambda t: prepare(t, **SAMPLER_MODES["fast"]))(tree)
+    alone = jax.jit(lambda t: prepare(t, **SAMPLER_MODES["fast"], share=False))(tree)
     exact = jax.jit(lambda t: prepare(t, unpack=True))(tree)
     if "qkv_down" not in shared:
         raise RuntimeError("prepare made no shared down-projection for these layers")

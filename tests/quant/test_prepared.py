@@ -135,7 +135,7 @@ def test_sampler_prepared_equals_per_call():
     fp = np.asarray(sampling.sample(cfg, params, lr, noise, context=ctx, pooled=pool, num_steps=2,
                                     guidance_scale=1.0, tile_latent=0))
     fast, stored = rot("fast"), rot(None)       # x' rounded to bf16: other codes, a new draw of W4A4 noise
-    assert np.array_equal(rot("fast-triton"), fast)                  # off Hopper the Mosaic kernels do not apply
+    assert np.array_equal(rot("fast-mosaic"), fast)                  # off Hopper the Mosaic kernels do not apply
     assert rel_err(fast, stored) > 0 and rel_err(fast, fp) <= 1.1 * rel_err(stored, fp)   # (0.146 vs 0.147)
     ahead = np.asarray(sampling.sample(cfg, prepare(q, prologue="pallas"), lr, noise, context=ctx, pooled=pool,
                                        num_steps=2, guidance_scale=1.0, tile_latent=0))     # prepared beforehand
@@ -311,8 +311,8 @@ def test_layers_reading_one_input_share_one_down_projection(backend):
     from qdit4sr_jax.quant.kernels.branch_ops import SharedDown
     from qdit4sr_jax.quant.kernels.prepared import SAMPLER_MODES
     tree = {"attn": _qkv(3)}
-    shared = prepare(tree, **SAMPLER_MODES["fast-triton"])["attn"]
-    alone = prepare(tree, **SAMPLER_MODES["fast-triton"], share=False)["attn"]
+    shared = prepare(tree, **SAMPLER_MODES["fast"])["attn"]
+    alone = prepare(tree, **SAMPLER_MODES["fast"], share=False)["attn"]
     sd = shared["qkv_down"]
     assert isinstance(sd, SharedDown) and "qkv_down" not in alone
     cols = [shared[n]["kernel"].bw.jd_col for n in ("to_q", "to_k", "to_v")]
@@ -358,7 +358,7 @@ def test_layers_reading_one_input_share_one_row_max(backend):
     for n, sched in zip(("to_q", "to_k", "to_v"), ([4, 3, 8], [4, 4, 4], [6, 3, 5])):
         tree["attn"][n]["kernel"] = tree["attn"][n]["kernel"].replace(a_schedule=jnp.asarray(sched, jnp.int32))
     stored = tree["attn"]
-    for kw in (dict(unpack=True), SAMPLER_MODES["fast-triton"]):
+    for kw in (dict(unpack=True), SAMPLER_MODES["fast"]):
         p = prepare(tree, **kw)["attn"]
         x = _x(5)
         f = jax.jit(lambda t, v, s: [fused_linear(v, t[n]["kernel"], t[n]["bias"], step=s, backend=backend,
@@ -389,7 +389,7 @@ def test_model_reads_the_shared_down_projections():
                                                                lowrank_rank=8)       # (no VaSMP: 7 s less)
     q = with_execution(qdit4sr_jax.quantize(params, qc), "fused")
     prep = jax.jit(prepare, static_argnames=("unpack", "down", "xprime", "share"))   # (eager: 8 s per tree)
-    shared, alone = prep(q, **SAMPLER_MODES["fast-triton"]), prep(q, **SAMPLER_MODES["fast-triton"], share=False)
+    shared, alone = prep(q, **SAMPLER_MODES["fast"]), prep(q, **SAMPLER_MODES["fast"], share=False)
     attn = [shared[b][a] for b in shared if b.startswith("transformer_blocks_") for a in shared[b] if "attn" in a]
     assert len(attn) == 4 and all("qkv_down" in a for a in attn)
     assert sum("add_qkv_down" in a for a in attn) == 3 and set(SHARED_INPUTS) == {"qkv_down", "add_qkv_down"}

@@ -53,14 +53,24 @@ def _x(seed, m=37):
 ROUTES = {"hadamard": ("mosaic", mh.codes_reference), "gemm": ("mosaic-gemm", mg.rowmax_reference)}
 
 
+@pytest.fixture(params=["xla-codes", "kernel-codes"])
+def codes_where(request, monkeypatch):
+    """The "hadamard" route's two forms at K = 256 (run length 64): the Hadamard kernel's x' with XLA codes (what
+    run length 64 takes: `prologue_mosaic.CODES_IN_KERNEL`), and the codes made in the kernel (run length 128
+    only; forced here so that its wiring is checked too)."""
+    if request.param == "kernel-codes":
+        monkeypatch.setattr(pm, "CODES_IN_KERNEL", (64, 128))
+    return request.param
+
+
 @pytest.mark.parametrize("route", list(ROUTES))
-def test_rotation_prologue_gives_the_xla_prologue_operands(route):
+def test_rotation_prologue_gives_the_xla_prologue_operands(route, codes_where):
     """With the kernel's XLA form, the rotation prologue of each of to_q / to_k / to_v (one shared down-projection,
     different level schedules) gives the XLA prologue's codes, row maxima and features (x' and the maxima from one
     GEMM on the "gemm" route, the features from its columns K..), and the Triton GEMM reading those features in
     place gives the XLA prologue's outputs."""
     prologue_kind, kernel = ROUTES[route]
-    tree = prepare({"attn": _qkv(1)}, **SAMPLER_MODES["fast-triton"], prologue=prologue_kind)["attn"]
+    tree = prepare({"attn": _qkv(1)}, **SAMPLER_MODES["fast"], prologue=prologue_kind)["attn"]
     sd = tree["qkv_down"]
     assert sd.levels.shape == sd.inv_levels.shape == (3, 3)          # the members' level tables, stacked
     assert sd.members == tuple(tree[n]["kernel"].bw.jd_col for n in ("to_q", "to_k", "to_v"))
@@ -74,6 +84,7 @@ def test_rotation_prologue_gives_the_xla_prologue_operands(route):
             want = prologue(x, kw.node, 4, pad_to=16, chunk=0, bw=kw.bw, pad_branches=True, xprime="bfloat16",
                             joint=True, shared=sd, defer_scale=True, **tables)
             got = pm.mosaic_prologue(x, kw.node, kw.bw, pad_to=128, shared=sd, route=route, kernel=kernel,
+                                     rowmax_kernel=mh.hadamard_reference,
                                      gemm=mg.rowmax_reference, **tables)
             m = x.shape[0]
             assert got.xq.shape == (128, K) and got.joint
@@ -93,14 +104,14 @@ def test_rotation_prologue_gives_the_xla_prologue_operands(route):
 
 
 @pytest.mark.parametrize("route", list(ROUTES))
-def test_rotation_prologue_without_sharing(route):
+def test_rotation_prologue_without_sharing(route, codes_where):
     """An unshared layer (its own input-space jd: Rl 16 + 2 block rows x Rb 16 = 48 columns, padded to 128 by zero
     columns for the Mosaic GEMM's column tiles, once by `prepare`) gets the same operands from the rotation prologue
     as from the XLA prologue."""
     prologue_kind, kernel = ROUTES[route]
     layer = _layer(np.random.default_rng(4), 12, jnp.asarray([4, 5], jnp.int32))
-    kw = prepare_weight(layer, **SAMPLER_MODES["fast-triton"], prologue=prologue_kind)
-    plain = prepare_weight(layer, **SAMPLER_MODES["fast-triton"])
+    kw = prepare_weight(layer, **SAMPLER_MODES["fast"], prologue=prologue_kind)
+    plain = prepare_weight(layer, **SAMPLER_MODES["fast"])
     assert (plain.bw.jd.shape[1], kw.bw.jd.shape[1]) == (48, 128)
     np.testing.assert_array_equal(np.asarray(kw.bw.jd[:, :48]), np.asarray(plain.bw.jd))
     assert not np.asarray(kw.bw.jd[:, 48:]).any()
@@ -108,6 +119,7 @@ def test_rotation_prologue_without_sharing(route):
     want = prologue(x, kw.node, 4, pad_to=16, chunk=0, bw=kw.bw, pad_branches=True, xprime="bfloat16", joint=True,
                     defer_scale=True, **tables)
     got = pm.mosaic_prologue(x, kw.node, kw.bw, pad_to=128, route=route, kernel=kernel,
+                             rowmax_kernel=mh.hadamard_reference,
                                      gemm=mg.rowmax_reference, **tables)
     assert got.xq.shape == (256, K)
     assert (got.dh.shape, got.col) == (((256, K + 128), K) if route == "gemm" else ((256, 128), 0))
@@ -119,7 +131,7 @@ def test_rotation_prologue_without_sharing(route):
 def test_fits_names_the_layers_it_takes():
     rng = np.random.default_rng(5)
     sched = jnp.asarray([4, 4], jnp.int32)
-    kw = prepare_weight(_layer(rng, 16, sched), **SAMPLER_MODES["fast-triton"], prologue="mosaic")
+    kw = prepare_weight(_layer(rng, 16, sched), **SAMPLER_MODES["fast"], prologue="mosaic")
     x = _x(5)
     assert pm.fits(x, kw.node, kw.bw, None, kw.levels, 128) and pm.fits(x, kw.node, kw.bw, None, kw.levels, 128, "gemm")
     assert not pm.fits(x, kw.node, kw.bw, None, kw.levels, 128, "other")
@@ -127,7 +139,7 @@ def test_fits_names_the_layers_it_takes():
     assert not pm.fits(x, kw.node, kw.bw, None, None, 128)                            # a level table
     assert not pm.fits(x, kw.node, kw.bw, None, kw.levels, 48, "gemm")                # rows tile by 128
     assert not pm.fits(x[:5], kw.node, kw.bw, None, kw.levels, 5)                     # ... by 16 (K = 256: g = 4)
-    half = prepare_weight(_layer(rng, 16, sched, ).replace(rotate=K // 2), **SAMPLER_MODES["fast-triton"])
+    half = prepare_weight(_layer(rng, 16, sched, ).replace(rotate=K // 2), **SAMPLER_MODES["fast"])
     assert not pm.fits(x, half.node, half.bw, None, half.levels, 128)                  # block < K
     joint = prepare_weight(_layer(rng, 16, sched), unpack=True, prologue="mosaic")     # features from x'
     assert not pm.fits(x, joint.node, joint.bw, None, joint.levels, 128)
@@ -146,7 +158,7 @@ def test_prepared_rotated_layer_runs_on_mosaic_kernels(k, n, prologue_kind, kern
     from conftest import prepared_paper_layer
     from qdit4sr_jax.quant.kernels import lowering_for
     from qdit4sr_jax.quant.linear import linear
-    kw = prepared_paper_layer(k, n, **SAMPLER_MODES["fast-triton"], prologue=prologue_kind, gemm="mosaic")
+    kw = prepared_paper_layer(k, n, **SAMPLER_MODES["fast"], prologue=prologue_kind, gemm="mosaic")
     x, t, b = S((2 * 1024 + 7, k), jnp.bfloat16), S((), jnp.int32), S((n,), jnp.float32)
     with lowering_for("gpu"):
         text = jax.jit(lambda kw, x, t, b: linear(x, kw, b, step=t)).trace(kw, x, t, b).lower(
@@ -222,8 +234,8 @@ def test_repeated_kernels_are_one_function_in_the_module():
     from conftest import prepared_paper_layer
     from qdit4sr_jax.quant.kernels import lowering_for
     from qdit4sr_jax.quant.linear import linear
-    kw = prepared_paper_layer(1536, 1536, **SAMPLER_MODES["fast-triton"], prologue="mosaic", gemm="mosaic")
-    wide = prepared_paper_layer(1536, 6144, **SAMPLER_MODES["fast-triton"], prologue="mosaic", gemm="mosaic")
+    kw = prepared_paper_layer(1536, 1536, **SAMPLER_MODES["fast"], prologue="mosaic", gemm="mosaic")
+    wide = prepared_paper_layer(1536, 6144, **SAMPLER_MODES["fast"], prologue="mosaic", gemm="mosaic")
     x, t = S((2048, 1536), jnp.bfloat16), S((), jnp.int32)
 
     def lower(f, *args):
@@ -240,8 +252,9 @@ def test_repeated_kernels_are_one_function_in_the_module():
 
 
 def test_run_maxima_reach_the_gemm_unreduced_at_dit4sr_widths(monkeypatch):
-    """At K = 1536 (24 runs of 64 per row) the Hadamard route can hand the int8 GEMM the run maxima [Mp, 24], whose
-    row max the Mosaic GEMM takes in its epilogue (no reduce kernel per layer): with `RUN_TILE` 8 `fits` takes them,
+    """At K = 1536 (24 runs of 64 per row) the Hadamard route's codes mode can hand the int8 GEMM the run maxima
+    [Mp, 24], whose row max the Mosaic GEMM takes in its epilogue (no reduce kernel per layer): with the codes made in
+    the kernel at run length 64 (`CODES_IN_KERNEL`, off by default) and `RUN_TILE` 8 `fits` takes them,
     their row max equals the XLA prologue's row max of x', and the Triton GEMM (reading `sx_rows`) gives the XLA
     prologue's outputs. With the default `RUN_TILE` (16: 24 runs were wrong in the GPU epilogue's one block) and at
     K = 256 (4 runs) the prologue reduces them itself."""
@@ -250,13 +263,15 @@ def test_run_maxima_reach_the_gemm_unreduced_at_dit4sr_widths(monkeypatch):
     w = make_qweight(jnp.asarray(rng.normal(size=(n, k)).astype(np.float32) * 0.03), w_bits=4, a_bits=4,
                      execution="fused", rotate=k, signs=True, a_schedule=jnp.asarray([4, 5], jnp.int32),
                      lr_a=rng.normal(size=(k, 16)) * 0.05, lr_b=rng.normal(size=(16, n)) * 0.05)
-    kw = prepare_weight(w, **SAMPLER_MODES["fast"])
+    kw = prepare_weight(w, **SAMPLER_MODES["fast-mosaic"])
     x = jnp.asarray(rng.standard_t(5, size=(m, k)).astype(np.float32), jnp.bfloat16)
     tables = dict(levels=kw.levels, inv_levels=kw.inv_levels, step=jnp.int32(1))
     assert pm.fits(x, kw.node, kw.bw, None, kw.levels, 128)
     run = lambda: pm.mosaic_prologue(x, kw.node, kw.bw, pad_to=128, kernel=mh.codes_reference,  # noqa: E731
-                                     gemm=mg.rowmax_reference, **tables)
-    assert pm.RUN_TILE == 16 and run().sx.shape == (256,)
+                                     gemm=mg.rowmax_reference, rowmax_kernel=mh.hadamard_reference, **tables)
+    assert pm.RUN_TILE == 16 and pm.CODES_IN_KERNEL == (128,) and run().sx.shape == (256,)
+    monkeypatch.setattr(pm, "CODES_IN_KERNEL", (64, 128))            # run length 64: XLA codes unless forced
+    assert run().sx.shape == (256,)
     monkeypatch.setattr(pm, "RUN_TILE", 8)
     got = run()
     want = prologue(x, kw.node, 4, pad_to=128, chunk=0, bw=kw.bw, pad_branches=True, xprime="bfloat16", joint=True,
@@ -269,8 +284,8 @@ def test_run_maxima_reach_the_gemm_unreduced_at_dit4sr_widths(monkeypatch):
     bias = jnp.zeros((n,), jnp.float32)
     assert rel_err(pallas_gemm_epilogue(got, kw.node, bias, jnp.float32, CFG, interpret=True),
                    pallas_gemm_epilogue(want, kw.node, bias, jnp.float32, CFG, interpret=True)) <= 2e-3
-    small = prepare_weight(_layer(rng, 12, jnp.asarray([4, 5], jnp.int32)), **SAMPLER_MODES["fast"])
+    small = prepare_weight(_layer(rng, 12, jnp.asarray([4, 5], jnp.int32)), **SAMPLER_MODES["fast-mosaic"])
     ops = pm.mosaic_prologue(_x(2, 64), small.node, small.bw, pad_to=128, kernel=mh.codes_reference,
-                             gemm=mg.rowmax_reference, levels=small.levels, inv_levels=small.inv_levels,
+                             gemm=mg.rowmax_reference, rowmax_kernel=mh.hadamard_reference, levels=small.levels, inv_levels=small.inv_levels,
                              step=jnp.int32(0))
     assert ops.sx.shape == (128,)                                           # K = 256: 4 runs, reduced here

@@ -51,18 +51,18 @@ DOWNS = ("joint", "split", "input")
 XPRIMES = ("float32", "bfloat16")
 GEMMS = ("triton", "mosaic")
 # The sampler's `prepare_weights` modes -> `prepare` arguments. "unpacked" / "packed" compute what the stored
-# tree computes (the same operands reach the same kernels); "fast-triton" (unpacked, the branch down-projection on
-# the layer's input, x' rounded once to bf16) rounds differently and ran faster on the H100: the paper preset's
+# tree computes (the same operands reach the same kernels); "fast" (unpacked, the branch down-projection on the
+# layer's input, x' rounded once to bf16) rounds differently and ran fastest on the H100: the paper preset's
 # -small form 0.49x / 0.67x of bf16 at 512 / 1024 px vs 0.47x / 0.62x "unpacked" (benchmarks/RESULTS.md,
-# 2026-12-06 07:10), PSNR vs FP on the demo 32.289 vs 32.274 dB (2026-12-06 05:30).
-# "fast": that, and on a Hopper GPU (`lowering.has_wgmma`) the GEMMs on the warp-specialized Mosaic kernel and rotated
-# layers' codes from the Mosaic Hadamard kernel, elsewhere "fast-triton" (the same tree: the kernels are picked when
-# traced). On the H100 the paper preset's -small form ran 0.59x / 0.82x of bf16 at 512 / 1024 px vs 0.54x / 0.73x
-# on "fast-triton" (RESULTS.md 2026-12-07 09:49 and 09:55 vs 03:26); checked against it: bit-exact GEMM, rel.
-# 7.6e-5 with the Hadamard kernel. "fast-triton": the Pallas Triton GEMM and the XLA prologue on every GPU.
+# 2026-12-06 07:10; 0.54x / 0.73x since), PSNR vs FP on the demo 32.289 vs 32.274 dB (2026-12-06 05:30).
+# "fast-mosaic" (opt-in): "fast" with, on a Hopper GPU (`lowering.has_wgmma`), the GEMMs on the warp-specialized
+# Mosaic kernel and rotated layers' x' and codes from the Mosaic Hadamard kernel; elsewhere it is "fast" (the same
+# tree: the kernels are picked when traced). Its 512 / 1024-px steps (0.59x-0.62x / 0.82x, H100 2026-12-07) ran
+# codes made inside the Hadamard kernel that were wrong for K = 1536 (found by the GPU check at 10:36; those layers
+# now take x' from the kernel and the codes from XLA, checked right on 12-07 08:01 but not yet in this combination).
 _FAST = dict(unpack=True, down="input", xprime="bfloat16")
-SAMPLER_MODES = {"packed": dict(unpack=False), "unpacked": dict(unpack=True),
-                 "fast": dict(_FAST, gemm="mosaic", prologue="mosaic"), "fast-triton": _FAST}
+SAMPLER_MODES = {"packed": dict(unpack=False), "unpacked": dict(unpack=True), "fast": _FAST,
+                 "fast-mosaic": dict(_FAST, gemm="mosaic", prologue="mosaic")}
 # Layers that read one input, by the key of the `branch_ops.SharedDown` that `prepare(..., down="input")` puts
 # beside them in their parent dict (the model passes it to each: `model.mmdit.JointAttention`).
 SHARED_INPUTS = {"qkv_down": ("to_q", "to_k", "to_v"),

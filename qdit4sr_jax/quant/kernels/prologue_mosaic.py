@@ -43,6 +43,11 @@ ROW_TILE = 2 * ROTATION_TILES["tile_m"]      # rows per CTA of those tiles (`mos
 # so it is reduced here until the GEMM's 16-column blocks (8: `benchmarks/gpu/mosaic_fused_check.py --run-tile 8`)
 # are checked on a GPU.
 RUN_TILE = 16
+# Run lengths of the Hadamard plan (`mosaic_hadamard.hadamard_plan`: 64 at K = 1536, 128 at K = 6144) for which the
+# kernel makes the codes itself. 64 gave wrong codes on an H100 (the fused check of 2026-12-07 10:36 / 10:45: rel.
+# 0.07 vs the Triton path whichever way the row maxima were reduced; the 64-wide int8 output tiles, 64-byte
+# swizzled, are the suspect); those layers take x' from the kernel and the codes from XLA (checked 08:01).
+CODES_IN_KERNEL = (128,)
 
 
 def pad_columns(jd):
@@ -122,7 +127,7 @@ def _features(x2, jd, gemm=None):
 
 def mosaic_prologue(x2, w: QuantizedWeight, bw: Optional[BranchWeights], *, pad_to: int, levels, inv_levels,
                     step, shared: Optional[SharedDown] = None, route: str = "hadamard", kernel=None,
-                    gemm=None) -> Operands:
+                    gemm=None, rowmax_kernel=None) -> Operands:
     """x2 bf16 [M, K] -> `Operands` for the GEMM kernels (module docstring): int8 codes [Mp, K], sx the row maxima
     of x' (deferred scale: sx_inv / sx_step) and the branch features. Call only where `fits`.
     route "hadamard": the codes and run maxima from `mosaic_hadamard.mosaic_hadamard_codes` (with a `SharedDown`
@@ -130,10 +135,12 @@ def mosaic_prologue(x2, w: QuantizedWeight, bw: Optional[BranchWeights], *, pad_
     from one GEMM (`_features`: the same for the layers sharing x, one after XLA's CSE);
     "gemm": x' and the features from one `mosaic_gemm.mosaic_bf16_gemm_rowmax` (the features then read in place at
     column K + the layer's first column). kernel: the route's kernel, gemm: the Mosaic bf16 GEMM (the features'
-    GEMM of the "hadamard" route where the rows tile; tests on the CPU pass their XLA forms,
-    `mosaic_hadamard.codes_reference` / `mosaic_gemm.rowmax_reference`)."""
+    GEMM of the "hadamard" route where the rows tile), rowmax_kernel: the Hadamard kernel's x' mode, which the
+    "hadamard" route runs instead of the codes mode where the plan's run length is not in `CODES_IN_KERNEL`, the
+    codes then made by XLA (tests on the CPU pass their XLA forms, `mosaic_hadamard.codes_reference` /
+    `hadamard_reference` / `mosaic_gemm.rowmax_reference`)."""
     from qdit4sr_jax.quant.kernels.mosaic_gemm import mosaic_bf16_gemm_rowmax
-    from qdit4sr_jax.quant.kernels.mosaic_hadamard import mosaic_hadamard_codes
+    from qdit4sr_jax.quant.kernels.mosaic_hadamard import hadamard_plan, mosaic_hadamard_codes, mosaic_hadamard_rowmax
     if route not in ROUTES:
         raise ValueError(f"rotation prologue route must be one of {ROUTES}, got {route!r}")
     m, k = x2.shape
@@ -142,7 +149,7 @@ def mosaic_prologue(x2, w: QuantizedWeight, bw: Optional[BranchWeights], *, pad_
         x2 = jnp.pad(x2, ((0, mp - m), (0, 0)))
     jd = _jd(bw, shared)
     deferred = dict(sx_inv=inv_levels, sx_step=jnp.reshape(jnp.asarray(step, jnp.int32), (1,)))
-    if route == "hadamard":
+    if route == "hadamard" and hadamard_plan(k)[1] in CODES_IN_KERNEL:
         if shared is not None and bw is not None and bw.jd_col is not None and shared.levels is not None:
             tabs, member = (shared.levels, shared.inv_levels), shared.member(bw.jd_col)     # every member's codes,
         else:                                                                               # one call
@@ -152,6 +159,12 @@ def mosaic_prologue(x2, w: QuantizedWeight, bw: Optional[BranchWeights], *, pad_
         # the run maxima [Mp, g]: the Mosaic GEMM takes each row's max in its epilogue where g is a multiple of
         # RUN_TILE (`mosaic_gemm.fits`), else one reduce here
         amax = run_max if run_max.shape[1] % RUN_TILE == 0 else jnp.max(run_max, axis=1)
+        feats, col = (None, 0) if jd is None else (_features(x2, jd, gemm), bw.jd_col or 0)
+    elif route == "hadamard":                # x' and run maxima from the kernel, the codes from XLA
+        y, run_max = (rowmax_kernel or mosaic_hadamard_rowmax)(x2, signs=bool(w.signs))
+        amax = jnp.max(run_max, axis=1)
+        i = jnp.clip(jnp.asarray(step, jnp.int32), 0, levels.shape[0] - 1)
+        q = codes_from_scale(y.astype(jnp.float32), scale_from_max(amax, inv_levels, step)[:, None], levels[i])
         feats, col = (None, 0) if jd is None else (_features(x2, jd, gemm), bw.jd_col or 0)
     else:
         y, amax_t = (kernel or gemm or mosaic_bf16_gemm_rowmax)(
