@@ -160,15 +160,31 @@ def hadamard_row(m, k, reps):
             differing_vs_own_xla=int(jnp.sum(yf != ref.astype(jnp.float32))),
             amax_rel_vs_today=float(jnp.max(jnp.abs(am - amax) / amax)),
             amax_vs_own=float(jnp.max(jnp.abs(am - jnp.max(jnp.abs(yf), axis=1)))), finite=bool(jnp.isfinite(yf).all()))
-    from qdit4sr_jax.quant.kernels.mosaic_hadamard import codes_reference, mosaic_hadamard_codes
+    from qdit4sr_jax.quant.kernels.mosaic_hadamard import codes_reference, hadamard_plan, mosaic_hadamard_codes
     lv = jnp.asarray([[7.0, 1 / 7.0], [15.0, 1 / 15.0], [3.0, 1 / 3.0]], jnp.float32)    # 4-, 5-, 3-bit members
     tabs = (lv[:, :1], lv[:, 1:], jnp.int32(0))             # as [n, T] level tables of one step, at step 0
-    q = jnp.stack(jax.jit(mosaic_hadamard_codes)(xs[0], *tabs)[0])
     q_ref = jnp.stack(jax.jit(codes_reference)(xs[0], *tabs)[0])
     q_today = jax.jit(today_codes)(xs[0], lv)
-    diff = jnp.abs(q.astype(jnp.int32) - q_ref.astype(jnp.int32))
-    row["codes"] = dict(differing_vs_own_xla=int(jnp.sum(diff > 0)), max_diff=int(jnp.max(diff)),
-                        differing_vs_today=int(jnp.sum(q != q_today)))
+    # the codes made in the kernel (wrong at run length 64 on an H100, 2026-12-07 10:36): per shared-memory swizzle of
+    # the int8 output tiles, codes differing from the kernel's own XLA form, and which rows (by row index mod 2: a
+    # 1536 tile holds two rows) hold them
+    c = hadamard_plan(k)[1]
+    for sw in sorted({c, 64, 32} - {s_ for s_ in (64, 128) if s_ > c}, reverse=True):
+        try:
+            q = jnp.stack(jax.jit(lambda v, *t, s_=sw: mosaic_hadamard_codes(v, *t, codes_swizzle=s_))(xs[0], *tabs)[0])
+        except Exception as e:  # noqa: BLE001 - recorded
+            row[f"codes_sw{sw}"] = {"error": repr(e)[:300]}
+            continue
+        diff = jnp.abs(q.astype(jnp.int32) - q_ref.astype(jnp.int32))
+        bad_rows = jnp.any(diff > 0, axis=(0, 2))
+        row[f"codes_sw{sw}"] = dict(differing_vs_own_xla=int(jnp.sum(diff > 0)), max_diff=int(jnp.max(diff)),
+                                    differing_vs_today=int(jnp.sum(q != q_today)), rows_wrong=int(jnp.sum(bad_rows)),
+                                    rows_wrong_even_odd=[int(jnp.sum(bad_rows[0::2])), int(jnp.sum(bad_rows[1::2]))])
+    # the step's levels looked up in the kernel: tables of 4 steps, step 2
+    lv4 = jnp.stack([lv[:, 0] * 0 + 3.0, lv[:, 0] * 0 + 7.0, lv[:, 0], lv[:, 0] * 0 + 31.0], axis=1)
+    t4 = (lv4, 1.0 / lv4, jnp.int32(2))
+    q4 = jnp.stack(jax.jit(mosaic_hadamard_codes)(xs[0], *t4)[0])
+    row["codes_step2_differing_vs_own_xla"] = int(jnp.sum(q4 != jnp.stack(jax.jit(codes_reference)(xs[0], *t4)[0])))
     row["max_abs"] = float(jnp.max(jnp.abs(xp.astype(jnp.float32))))
     row["today_us"] = per_call_ms(hadamard_today, xs) * 1e3
     for parts in (3, 2):

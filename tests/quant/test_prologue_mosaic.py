@@ -201,6 +201,13 @@ def test_hadamard_kernel_lowers_for_cuda(m, k, kw):
     g, c = mh.hadamard_plan(k)[:2]
     assert codes.count("custom_call @mosaic_gpu") == 1
     assert f"-> (tensor<{m * g}x{c}xi8>, tensor<{m * g}x{c}xi8>, tensor<{m * g}x{c}xi8>, tensor<{m * g}xf32>)" in codes
+    if k == 1536:                                            # the codes' swizzle variant the GPU check compares
+        jax.jit(lambda x, lv, il, t: mh.mosaic_hadamard_codes(x, lv, il, t, codes_swizzle=32, **kw)).trace(
+            S((m, k), jnp.bfloat16), S((3, 40), jnp.float32), S((3, 40), jnp.float32), S((), jnp.int32)).lower(
+            lowering_platforms=("cuda",))
+        with pytest.raises(ValueError, match="codes_swizzle"):
+            mh.mosaic_hadamard_codes(jnp.zeros((m, k), jnp.bfloat16), jnp.ones((1, 2)), jnp.ones((1, 2)), 0,
+                                     codes_swizzle=128)
     with pytest.raises(ValueError, match="levels must be"):
         mh.mosaic_hadamard_codes(jnp.zeros((64, 1536), jnp.bfloat16), jnp.zeros((3,), jnp.float32),
                                  jnp.zeros((3,), jnp.float32), 0)

@@ -126,15 +126,18 @@ def mosaic_hadamard_rowmax(x, **tuning):
 
 
 def _hadamard(x, *, signs: bool = True, parts: int = 3, wgs: int = 2, prefetch: int = 1, out_slots: int = 1,
-              num_sms: int | None = None, levels=None):
+              num_sms: int | None = None, levels=None, codes_swizzle: int | None = None):
     """x bf16 [M, K] -> (x' = bf16(x D H_K) [M, K], or with levels n codes [M, K] (`mosaic_hadamard_codes`);
     run maxima float32 [M, g]: max over run j's c columns of |x'|), D the signs of `transforms.rotation_signs(K)`
     (signs=True) or I. K must have a `hadamard_plan`, M be a multiple
     of its r (`fits`). parts: bf16 terms of Z in stage 3 (3: exact products; 2: Z to 16 bits, ~2^-17 relative).
     Tuning (benchmarks/gpu/rotation_gemm.py --hadamard-configs): wgs warpgroups per SM (1-4, each walking its own
     tiles), prefetch tiles whose TMA loads are in flight ahead of the one computed (1-3), out_slots output buffers
-    per warpgroup (1: a tile's stores are read out before the next tile writes; 2: they overlap it). The shared
-    memory (wgs (prefetch + 1 + out_slots) 64 c bf16 + the constants) must fit; lowering reports it if not."""
+    per warpgroup (1: a tile's stores are read out before the next tile writes; 2: they overlap it); codes_swizzle
+    the shared-memory swizzle (bytes) of the int8 codes tiles (default the run length: 64 at K = 1536, whose codes
+    were wrong on an H100, `prologue_mosaic.CODES_IN_KERNEL`; `rotation_gemm.py --shapes 0` compares 64 and 32).
+    The shared memory (wgs (prefetch + 1 + out_slots) 64 c bf16 + the constants) must fit; lowering reports it if
+    not."""
     from jax.experimental.pallas import mosaic_gpu as plgpu
     from qdit4sr_jax.quant.kernels.mosaic_gemm import _num_sms, shared_call
     from qdit4sr_jax.quant.kernels.operands import codes_from_scale, scale_from_level
@@ -161,7 +164,11 @@ def _hadamard(x, *, signs: bool = True, parts: int = 3, wgs: int = 2, prefetch: 
     x2 = x.reshape(m * g, c)                    # row (m, j): run j of x-row m; a tile is rows t rg .. t rg + 63
     swz = plgpu.SwizzleTransform(128)
     tr_c = (plgpu.TilingTransform((8, 64)), swz)
-    tr_q = (plgpu.TilingTransform((8, c)), plgpu.SwizzleTransform(c))      # int8 codes: c bytes per row
+    sw = codes_swizzle or c                     # int8 codes: c bytes per row, in shared memory tiles of sw bytes
+    if sw not in (32, 64, 128) or sw > c:
+        raise ValueError(f"mosaic_hadamard_codes: codes_swizzle must be 32, 64 or 128 and at most the run length {c}, "
+                         f"got {codes_swizzle}")
+    tr_q = (plgpu.TilingTransform((8, sw)), plgpu.SwizzleTransform(sw))
     row_layout = plgpu.Layout.WGMMA.reduce(1)
     per_tile = 1 + max(n_codes, 1)                                          # TMA stores per tile
     programs = wgs * min(num_sms or _num_sms(), -(-tiles // wgs))
@@ -271,7 +278,7 @@ def _hadamard(x, *, signs: bool = True, parts: int = 3, wgs: int = 2, prefetch: 
     def with_constants(x2, *tabs):      # the constant operands made inside the shared function: once per kernel
         return kernel(x2, *plan_operands(k, signs), *tabs)
 
-    config = ("hadamard", m, k, bool(signs), parts, wgs, prefetch, out_slots, programs, n_codes)
+    config = ("hadamard", m, k, bool(signs), parts, wgs, prefetch, out_slots, programs, n_codes, sw)
     *ys, rmax = shared_call(with_constants, [x2, *tables], config)
     ys = [y.reshape(m, k) for y in ys]
     return (tuple(ys) if n_codes else ys[0]), rmax.reshape(m, g)
