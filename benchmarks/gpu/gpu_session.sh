@@ -23,6 +23,7 @@
 #   bash benchmarks/gpu/gpu_session.sh i24d      # all six modes' 1024-px steps (+ smoothing-only -small, paper W4A4)
 #   bash benchmarks/gpu/gpu_session.sh i24x      # next: fused linear on the Mosaic GEMM: check + 512-px steps (<= 400 s);
 #                                             # then i24y (1024 px), i24z (W8A8 on Triton / Mosaic, 512 + 1024 px)
+#   bash benchmarks/gpu/gpu_session.sh i24next   # next: in-kernel codes per swizzle, fused check of fast-mosaic, 512-px steps
 #   bash benchmarks/gpu/gpu_session.sh i24rt     # next: fused check of the run maxima (XLA reduce vs the GEMM's 16-column blocks)
 #   bash benchmarks/gpu/gpu_session.sh i24fix    # next: GPU check + 512-px steps after the per-call XLA kernels were removed
 #   bash benchmarks/gpu/gpu_session.sh i24last   # next: 512-px profile + HLO of prepbfh alone; W8A8 Mosaic + FP8 attention at 1024 px
@@ -126,6 +127,28 @@ if [ "${1:-}" = i24x ]; then
     el "steps 512 ($left s)"; steps steps512 $left --cases 512x1 --scan-steps 2 --modes ${X_MODES:-bf16 $P:prepbf $P:prepbfm} \
         --attention cudnn --xla-variants no-dot-merge --iters 8 --warmup 2 --deadline $(( left - 20 ))
   fi
+  el done
+  exit 0
+fi
+if [ "${1:-}" = i24next ]; then
+  # issue 24, next session (<= ${T:-570} s): (1) the Hadamard kernel's in-kernel codes per swizzle of its int8 tiles vs
+  # their XLA form (wrong at run length 64 / K = 1536 on 12-07: which swizzle, which rows), the level lookup at step 2;
+  # (2) the fused linear on "fast-mosaic" as it is now (K = 1536: kernel x' + XLA codes; K = 6144: in-kernel codes)
+  # vs Triton; (3) the 512-px steps bf16 / paper-small "fast" (prepbf) / "fast-mosaic" (prepbfh), if (2) passed
+  el hadamard; timeout ${HAD_S:-150} python3 benchmarks/gpu/rotation_gemm.py --shapes 0 --hadamard-shapes 2 --reps 4 \
+      --out "$OUT/hadamard.json" > "$OUT/hadamard.log" 2>&1
+  grep -v "^W[0-9]\|Warning" "$OUT/hadamard.log" | grep -o "'hadamard': \[[0-9, ]*\]\|'codes[a-z_0-9]*': [^}]*}\?" | cut -c1-300
+  el "fused check"; timeout ${CHECK_S:-100} python3 benchmarks/gpu/mosaic_fused_check.py --cases 3 --variants mosaic_had \
+      --no-time --out "$OUT/next_check.json" > "$OUT/next_check.log" 2>&1; rc=$?
+  grep -v "^W[0-9]\|Warning" "$OUT/next_check.log" | grep -o "'member': '[a-z_]*'\|'rel_vs_triton': [0-9.e-]*\|'rel_vs_fake': [0-9.e-]*\|'error.*" | paste -sd' ' | cut -c1-900
+  P=p:qdit4sr-paper-w4a4-small
+  modes="bf16 $P:prepbf $P:prepbfh"
+  if [ $rc -ne 0 ] || grep -q "'error'\|'ok': False" "$OUT/next_check.log" || ! grep -q "'ok': True" "$OUT/next_check.log"; then
+    el "fused check failed or off (rc $rc): no prepbfh step"; modes="bf16 $P:prepbf"
+  fi
+  left=$(( ${T:-570} - ($(date +%s) - t0) ))
+  el "steps 512 ($left s): $modes"; steps steps512 $(( left - 5 )) --cases 512x1 --scan-steps 2 --modes $modes \
+      --attention cudnn --xla-variants no-dot-merge --iters 6 --warmup 1 --deadline $(( left - 20 ))
   el done
   exit 0
 fi
