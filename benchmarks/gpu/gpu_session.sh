@@ -153,7 +153,7 @@ if [ "${1:-}" = i24next ]; then
   exit 0
 fi
 if [ "${1:-}" = i24rt ]; then
-  # issue 24, 12-07 after 10:40 (<= ${T:-170} s): the fused linear on the Mosaic route vs Triton with the K = 1536 run
+  # issue 24, 12-07 after 10:25 (<= ${T:-170} s): the fused linear on the Mosaic route vs Triton with the K = 1536 run
   # maxima reduced in XLA (RUN_TILE 16, the default since i24fix found them wrong in one [64, 24] epilogue block),
   # then handed to the GEMM's 16-column blocks (--run-tile 8)
   for rt in 16 8; do

@@ -58,7 +58,7 @@ GEMMS = ("triton", "mosaic")
 # "fast-mosaic" (opt-in): "fast" with, on a Hopper GPU (`lowering.has_wgmma`), the GEMMs on the warp-specialized
 # Mosaic kernel and rotated layers' x' and codes from the Mosaic Hadamard kernel; elsewhere it is "fast" (the same
 # tree: the kernels are picked when traced). Its 512 / 1024-px steps (0.59x-0.62x / 0.82x, H100 2026-12-07) ran
-# codes made inside the Hadamard kernel that were wrong for K = 1536 (found by the GPU check at 10:36; those layers
+# codes made inside the Hadamard kernel that were wrong for K = 1536 (found by the GPU check at 10:22; those layers
 # now take x' from the kernel and the codes from XLA, checked right on 12-07 08:01 but not yet in this combination).
 _FAST = dict(unpack=True, down="input", xprime="bfloat16")
 SAMPLER_MODES = {"packed": dict(unpack=False), "unpacked": dict(unpack=True), "fast": _FAST,

@@ -39,12 +39,12 @@ ROTATION_TILES = dict(tile_m=64, tile_n=128, wg_dim="m", stages=4, in_flight=1)
 COLUMN_TILE = 128
 ROW_TILE = 2 * ROTATION_TILES["tile_m"]      # rows per CTA of those tiles (`mosaic_gemm._cta`)
 # The run maxima per row that the int8 GEMM's epilogue reduces must be a multiple of this. 16: K = 6144 (48 runs)
-# checked right on an H100 (2026-12-07 10:40); K = 1536 (24 runs) gave wrong maxima there in one [64, 24] block,
+# checked right on an H100 (2026-12-07 10:22); K = 1536 (24 runs) gave wrong maxima there in one [64, 24] block,
 # so it is reduced here until the GEMM's 16-column blocks (8: `benchmarks/gpu/mosaic_fused_check.py --run-tile 8`)
 # are checked on a GPU.
 RUN_TILE = 16
 # Run lengths of the Hadamard plan (`mosaic_hadamard.hadamard_plan`: 64 at K = 1536, 128 at K = 6144) for which the
-# kernel makes the codes itself. 64 gave wrong codes on an H100 (the fused check of 2026-12-07 10:36 / 10:45: rel.
+# kernel makes the codes itself. 64 gave wrong codes on an H100 (the fused checks of 2026-12-07 10:22 / 10:29: rel.
 # 0.07 vs the Triton path whichever way the row maxima were reduced; the 64-wide int8 output tiles, 64-byte
 # swizzled, are the suspect); those layers take x' from the kernel and the codes from XLA (checked 08:01).
 CODES_IN_KERNEL = (128,)
@@ -53,7 +53,7 @@ CODES_IN_KERNEL = (128,)
 def pad_columns(jd):
     """jd [K, W] with zero columns up to a multiple of `COLUMN_TILE` (exact; the GEMM kernels never read them).
     `prepare` pads the down-projections of layers on these routes once (a pad kernel per layer and step when it
-    ran here: 128 per 512-px W4A4 step, H100 2026-12-07 10:10); here it is a no-op then."""
+    ran here: 128 per 512-px W4A4 step, H100 2026-12-07 10:06); here it is a no-op then."""
     return jd if jd.shape[1] % COLUMN_TILE == 0 else jnp.pad(jd, ((0, 0), (0, -jd.shape[1] % COLUMN_TILE)))
 
 
