@@ -132,12 +132,17 @@ if [ "${1:-}" = i24x ]; then
 fi
 if [ "${1:-}" = i24next ]; then
   # issue 24, next session (<= ${T:-570} s): (1) the Hadamard kernel's in-kernel codes per swizzle of its int8 tiles vs
-  # their XLA form (wrong at run length 64 / K = 1536 on 12-07: which swizzle, which rows), the level lookup at step 2;
-  # (2) the fused linear on "fast-mosaic" as it is now (K = 1536: kernel x' + XLA codes; K = 6144: in-kernel codes)
-  # vs Triton; (3) the 512-px steps bf16 / paper-small "fast" (prepbf) / "fast-mosaic" (prepbfh), if (2) passed
+  # their XLA form (wrong at K = 1536 on 12-07, before the row max stopped sharing a reduction scratch between
+  # warpgroups), the level lookup at step 2; (2) the fused linear with K = 1536 codes in the kernel, then on
+  # "fast-mosaic" as it is (K = 1536: kernel x' + XLA codes) vs Triton; (3) the 512-px steps bf16 / paper-small
+  # "fast" (prepbf) / "fast-mosaic" (prepbfh), if (2) passed
   el hadamard; timeout ${HAD_S:-150} python3 benchmarks/gpu/rotation_gemm.py --shapes 0 --hadamard-shapes 2 --reps 4 \
       --out "$OUT/hadamard.json" > "$OUT/hadamard.log" 2>&1
   grep -v "^W[0-9]\|Warning" "$OUT/hadamard.log" | grep -o "'hadamard': \[[0-9, ]*\]\|'codes[a-z_0-9]*': [^}]*}\?" | cut -c1-300
+  el "fused check, K = 1536 codes in the kernel"; timeout ${CHECK_S:-70} python3 benchmarks/gpu/mosaic_fused_check.py \
+      --cases 2 --variants mosaic_had --no-time --codes-in-kernel 64 128 --out "$OUT/codes64_check.json" \
+      > "$OUT/codes64_check.log" 2>&1
+  grep -v "^W[0-9]\|Warning" "$OUT/codes64_check.log" | grep -o "'member': '[a-z_]*'\|'rel_vs_triton': [0-9.e-]*\|'ok': [A-Za-z]*\|'error.*" | paste -sd' ' | cut -c1-600
   el "fused check"; timeout ${CHECK_S:-100} python3 benchmarks/gpu/mosaic_fused_check.py --cases 3 --variants mosaic_had \
       --no-time --out "$OUT/next_check.json" > "$OUT/next_check.log" 2>&1; rc=$?
   grep -v "^W[0-9]\|Warning" "$OUT/next_check.log" | grep -o "'member': '[a-z_]*'\|'rel_vs_triton': [0-9.e-]*\|'rel_vs_fake': [0-9.e-]*\|'error.*" | paste -sd' ' | cut -c1-900

@@ -115,13 +115,18 @@ def main(argv=None):
     ap.add_argument("--run-tile", type=int, default=None,
                     help="prologue_mosaic.RUN_TILE: 8 hands K = 1536 layers' 24 run maxima per row to the Mosaic "
                          "GEMM's epilogue (its 16-column blocks) instead of reducing them in XLA")
+    ap.add_argument("--codes-in-kernel", type=int, nargs="+", default=None, metavar="RUN",
+                    help="prologue_mosaic.CODES_IN_KERNEL: the Hadamard plan run lengths whose codes the kernel makes "
+                         "(64 128: K = 1536 too)")
     ap.add_argument("--out", default=None)
     a = ap.parse_args(argv)
+    from qdit4sr_jax.quant.kernels import prologue_mosaic
     if a.run_tile:
-        from qdit4sr_jax.quant.kernels import prologue_mosaic
         prologue_mosaic.RUN_TILE = a.run_tile
+    if a.codes_in_kernel:
+        prologue_mosaic.CODES_IN_KERNEL = tuple(a.codes_in_kernel)
     variants = ("triton",) + tuple(v for v in a.variants if v != "triton")
-    res = {"env": environment(), "rows": [], "run_tile": a.run_tile}
+    res = {"env": environment(), "rows": [], "run_tile": a.run_tile, "codes_in_kernel": a.codes_in_kernel}
     for (m, k, n, group, fg) in CASES[: a.cases]:
         try:
             res["rows"] += run_case(m, k, n, group, fg, time_it=not a.no_time, tilings=a.tiles, variants=variants)

@@ -165,9 +165,9 @@ def hadamard_row(m, k, reps):
     tabs = (lv[:, :1], lv[:, 1:], jnp.int32(0))             # as [n, T] level tables of one step, at step 0
     q_ref = jnp.stack(jax.jit(codes_reference)(xs[0], *tabs)[0])
     q_today = jax.jit(today_codes)(xs[0], lv)
-    # the codes made in the kernel (wrong at run length 64 on an H100, 2026-12-07 10:22): per shared-memory swizzle of
-    # the int8 output tiles, codes differing from the kernel's own XLA form, and which rows (by row index mod 2: a
-    # 1536 tile holds two rows) hold them
+    # the codes made in the kernel (wrong at run length 64 on an H100, 2026-12-07 10:22, before the row max stopped
+    # sharing a reduction scratch between warpgroups): per shared-memory swizzle of the int8 output tiles, codes
+    # differing from the kernel's own XLA form, and which rows (by row index mod 2: a 1536 tile holds two) hold them
     c = hadamard_plan(k)[1]
     for sw in sorted({c, 64, 32} - {s_ for s_ in (64, 128) if s_ > c}, reverse=True):
         try:

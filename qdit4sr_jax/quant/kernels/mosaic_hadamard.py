@@ -134,8 +134,8 @@ def _hadamard(x, *, signs: bool = True, parts: int = 3, wgs: int = 2, prefetch: 
     Tuning (benchmarks/gpu/rotation_gemm.py --hadamard-configs): wgs warpgroups per SM (1-4, each walking its own
     tiles), prefetch tiles whose TMA loads are in flight ahead of the one computed (1-3), out_slots output buffers
     per warpgroup (1: a tile's stores are read out before the next tile writes; 2: they overlap it); codes_swizzle
-    the shared-memory swizzle (bytes) of the int8 codes tiles (default the run length: 64 at K = 1536, whose codes
-    were wrong on an H100, `prologue_mosaic.CODES_IN_KERNEL`; `rotation_gemm.py --shapes 0` compares 64 and 32).
+    the shared-memory swizzle (bytes) of the int8 codes tiles (default the run length; `rotation_gemm.py --shapes 0`
+    compares 64 and 32 at K = 1536, whose codes were wrong on an H100: `prologue_mosaic.CODES_IN_KERNEL`).
     The shared memory (wgs (prefetch + 1 + out_slots) 64 c bf16 + the constants) must fit; lowering reports it if
     not."""
     from jax.experimental.pallas import mosaic_gpu as plgpu
@@ -235,10 +235,18 @@ def _hadamard(x, *, signs: bool = True, parts: int = 3, wgs: int = 2, prefetch: 
                 plgpu.wait_smem_to_gmem(per_tile * (out_slots - 1), wait_read_only=True)  # 4. out by TMA
                 rmax_s[wg, o] = run_max
                 if n_codes:                     # 5. the codes: the tile holds r whole rows, their maxima are here
+                    # Each row's max from its g run maxima, read back from shared memory as scalars: a reduction of
+                    # the [64] vector across its warps would go through one scratch area of the CTA that the other
+                    # warpgroup uses at the same time (Pallas' reduction scratch is not per thread): the codes at
+                    # K = 1536 came out wrong that way on an H100 (2026-12-07).
+                    plgpu.commit_smem()
                     row = plgpu.broadcasted_iota(jnp.int32, (ROWS,), 0, layout=row_layout) // g
                     amax = jnp.zeros((ROWS,), jnp.float32)
                     for q in range(r):
-                        amax = jnp.where(row == q, jnp.max(jnp.where(row == q, run_max, 0.0)), amax)
+                        m_q = rmax_s[wg, o, q * g]
+                        for j in range(1, g):
+                            m_q = jnp.maximum(m_q, rmax_s[wg, o, q * g + j])
+                        amax = jnp.where(row == q, m_q, amax)
                     col = jnp.clip(step_g[0], 0, n_steps - 1)
                     for l_ in range(n_codes):
                         lev, inv_lev = lev_g[l_, col], inv_g[l_, col]
