@@ -82,6 +82,21 @@ profile512() {
       --out "$OUT/profile512.json" > "$OUT/profile512.log" 2>&1
   grep -v "^W[0-9]\|Warning" "$OUT/profile512.log" | grep "^|\|^#\|^fusions\|ms of kernels" | cut -c1-170 | head -90
 }
+# fused_check NAME LIMIT ARGS...: benchmarks/gpu/mosaic_fused_check.py ARGS (--no-time) bounded by LIMIT, as
+# $OUT/NAME.json / .log, then one summary line (members, rel. errors, ok); its exit status
+fused_check() {
+  local name=$1 limit=$2; shift 2
+  timeout "$limit" python3 benchmarks/gpu/mosaic_fused_check.py --no-time "$@" --out "$OUT/$name.json" > "$OUT/$name.log" 2>&1
+  local rc=$?
+  grep -v "^W[0-9]\|Warning" "$OUT/$name.log" | grep -o "'member': '[a-z_]*'\|'rel_vs_triton': [0-9.e-]*\|'rel_vs_fake': [0-9.e-]*\|'ok': [A-Za-z]*\|'error.*" | paste -sd' ' | cut -c1-900
+  return $rc
+}
+# steps512 T MODES...: the 512-px steps of MODES with what is left of T s since t0, as $OUT/steps512.json / .log
+steps512() {
+  local left=$(( $1 - ($(date +%s) - t0) )); shift
+  el "steps 512 ($left s): $*"; steps steps512 $(( left - 5 )) --cases 512x1 --scan-steps 2 --modes "$@" \
+      --attention cudnn --xla-variants no-dot-merge --iters 6 --warmup 1 --deadline $(( left - 20 ))
+}
 if [ "${1:-}" = i24v ]; then
   # issue 24, 12-07, one call when device time is short (<= 560 s): the GPU check of the shared q / k / v
   # down-projection, then the 512 + 1024-px steps of bf16 and paper-small "fast" (everything since 12-06 22:16), DotMerger
@@ -139,21 +154,15 @@ if [ "${1:-}" = i24next ]; then
   el hadamard; timeout ${HAD_S:-150} python3 benchmarks/gpu/rotation_gemm.py --shapes 0 --hadamard-shapes 2 --reps 4 \
       --out "$OUT/hadamard.json" > "$OUT/hadamard.log" 2>&1
   grep -v "^W[0-9]\|Warning" "$OUT/hadamard.log" | grep -o "'hadamard': \[[0-9, ]*\]\|'codes[a-z_0-9]*': [^}]*}\?" | cut -c1-300
-  el "fused check, K = 1536 codes in the kernel"; timeout ${CHECK_S:-70} python3 benchmarks/gpu/mosaic_fused_check.py \
-      --cases 2 --variants mosaic_had --no-time --codes-in-kernel 64 128 --out "$OUT/codes64_check.json" \
-      > "$OUT/codes64_check.log" 2>&1
-  grep -v "^W[0-9]\|Warning" "$OUT/codes64_check.log" | grep -o "'member': '[a-z_]*'\|'rel_vs_triton': [0-9.e-]*\|'ok': [A-Za-z]*\|'error.*" | paste -sd' ' | cut -c1-600
-  el "fused check"; timeout ${CHECK_S:-100} python3 benchmarks/gpu/mosaic_fused_check.py --cases 3 --variants mosaic_had \
-      --no-time --out "$OUT/next_check.json" > "$OUT/next_check.log" 2>&1; rc=$?
-  grep -v "^W[0-9]\|Warning" "$OUT/next_check.log" | grep -o "'member': '[a-z_]*'\|'rel_vs_triton': [0-9.e-]*\|'rel_vs_fake': [0-9.e-]*\|'error.*" | paste -sd' ' | cut -c1-900
+  el "fused check, K = 1536 codes in the kernel"
+  fused_check codes64_check ${CHECK_S:-70} --cases 2 --variants mosaic_had --codes-in-kernel 64 128
+  el "fused check"; fused_check next_check ${CHECK_S:-100} --cases 3 --variants mosaic_had; rc=$?
   P=p:qdit4sr-paper-w4a4-small
   modes="bf16 $P:prepbf $P:prepbfh"
   if [ $rc -ne 0 ] || grep -q "'error'\|'ok': False" "$OUT/next_check.log" || ! grep -q "'ok': True" "$OUT/next_check.log"; then
     el "fused check failed or off (rc $rc): no prepbfh step"; modes="bf16 $P:prepbf"
   fi
-  left=$(( ${T:-570} - ($(date +%s) - t0) ))
-  el "steps 512 ($left s): $modes"; steps steps512 $(( left - 5 )) --cases 512x1 --scan-steps 2 --modes $modes \
-      --attention cudnn --xla-variants no-dot-merge --iters 6 --warmup 1 --deadline $(( left - 20 ))
+  steps512 ${T:-570} $modes
   el done
   exit 0
 fi
@@ -162,9 +171,7 @@ if [ "${1:-}" = i24rt ]; then
   # maxima reduced in XLA (RUN_TILE 16, the default since i24fix found them wrong in one [64, 24] epilogue block),
   # then handed to the GEMM's 16-column blocks (--run-tile 8)
   for rt in 16 8; do
-    el "fused check, run tile $rt"; timeout ${CHECK_S:-75} python3 benchmarks/gpu/mosaic_fused_check.py --cases 2 \
-        --variants mosaic_had --no-time --run-tile $rt --out "$OUT/rt${rt}_check.json" > "$OUT/rt${rt}_check.log" 2>&1
-    grep -v "^W[0-9]\|Warning" "$OUT/rt${rt}_check.log" | grep -o "'member': '[a-z_]*'\|'rel_vs_triton': [0-9.e-]*\|'rel_vs_fake': [0-9.e-]*\|'error.*" | paste -sd' ' | cut -c1-900
+    el "fused check, run tile $rt"; fused_check rt${rt}_check ${CHECK_S:-75} --cases 2 --variants mosaic_had --run-tile $rt
   done
   el done
   exit 0
@@ -173,17 +180,13 @@ if [ "${1:-}" = i24fix ]; then
   # issue 24, 12-07 after 10:10 (<= ${T:-480} s): the per-call XLA kernels of the Mosaic route gone (the Hadamard kernel
   # looks the step's levels up itself; the int8 GEMM takes the row max of the run maxima; jd padded at prepare):
   # GPU check of the fused linear vs Triton, then the 512-px steps bf16 / paper-small "fast" (prepbfh)
-  el "fused check"; timeout ${CHECK_S:-110} python3 benchmarks/gpu/mosaic_fused_check.py --cases ${CHECK_CASES:-3} \
-      --variants mosaic_had --no-time --out "$OUT/fix_check.json" > "$OUT/fix_check.log" 2>&1; rc=$?
-  grep -v "^W[0-9]\|Warning" "$OUT/fix_check.log" | cut -c1-600 | tail -5
+  el "fused check"; fused_check fix_check ${CHECK_S:-110} --cases ${CHECK_CASES:-3} --variants mosaic_had; rc=$?
   P=p:qdit4sr-paper-w4a4-small
   modes="bf16 $P:prepbfh"
   if [ $rc -ne 0 ] || grep -q "'error'\|'finite': False" "$OUT/fix_check.log"; then
     el "check failed (rc $rc): the step on the Mosaic GEMM alone"; modes="bf16 $P:prepbfm"
   fi
-  left=$(( ${T:-480} - ($(date +%s) - t0) ))
-  el "steps 512 ($left s): $modes"; steps steps512 $(( left - 5 )) --cases 512x1 --scan-steps 2 --modes $modes \
-      --attention cudnn --xla-variants no-dot-merge --iters 6 --warmup 1 --deadline $(( left - 20 ))
+  steps512 ${T:-480} $modes
   el done
   exit 0
 fi
