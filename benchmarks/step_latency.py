@@ -98,6 +98,11 @@ XLA_VARIANTS = {
     "cb-while-min1": {"xla_gpu_enable_command_buffer": _CB_DEFAULT + ",WHILE,CONDITIONAL",
                       "xla_gpu_graph_min_graph_size": 1},
     "cb-min1": {"xla_gpu_graph_min_graph_size": 1},
+    # DotMerger off (the W4A4 default) with the whole scanned step as one CUDA graph where XLA can: whether the ~12 ms
+    # of gaps between the Mosaic route's ~3,000 kernels per 512-px step (2026-12-07 profile) go away
+    "nodm-cb-while-min1": {"xla_gpu_dot_merger_threshold_mb": 0,
+                           "xla_gpu_enable_command_buffer": _CB_DEFAULT + ",WHILE,CONDITIONAL",
+                           "xla_gpu_graph_min_graph_size": 1},
 }
 
 

@@ -23,6 +23,7 @@
 #   bash benchmarks/gpu/gpu_session.sh i24d      # all six modes' 1024-px steps (+ smoothing-only -small, paper W4A4)
 #   bash benchmarks/gpu/gpu_session.sh i24x      # next: fused linear on the Mosaic GEMM: check + 512-px steps (<= 400 s);
 #                                             # then i24y (1024 px), i24z (W8A8 on Triton / Mosaic, 512 + 1024 px)
+#   bash benchmarks/gpu/gpu_session.sh i24gaps   # after i24next: the Mosaic step with the scanned step as CUDA graphs
 #   bash benchmarks/gpu/gpu_session.sh i24next   # next: in-kernel codes per swizzle, fused check of fast-mosaic, 512-px steps
 #   bash benchmarks/gpu/gpu_session.sh i24rt     # next: fused check of the run maxima (XLA reduce vs the GEMM's 16-column blocks)
 #   bash benchmarks/gpu/gpu_session.sh i24fix    # next: GPU check + 512-px steps after the per-call XLA kernels were removed
@@ -142,6 +143,17 @@ if [ "${1:-}" = i24x ]; then
     el "steps 512 ($left s)"; steps steps512 $left --cases 512x1 --scan-steps 2 --modes ${X_MODES:-bf16 $P:prepbf $P:prepbfm} \
         --attention cudnn --xla-variants no-dot-merge --iters 8 --warmup 2 --deadline $(( left - 20 ))
   fi
+  el done
+  exit 0
+fi
+if [ "${1:-}" = i24gaps ]; then
+  # issue 24, after i24next (<= ${T:-570} s): the 512-px steps of bf16 and paper-small "fast-mosaic" (prepbfh) with
+  # DotMerger off, and the same with the scanned step as CUDA graphs (command buffers incl. WHILE, min graph size 1):
+  # do the ~12 ms of gaps between its kernels go?
+  P=p:qdit4sr-paper-w4a4-small
+  el "steps 512, command buffers"; steps gaps512 $(( ${T:-570} - 5 )) --cases 512x1 --scan-steps 2 --modes bf16 \
+      ${GAP_MODE:-$P:prepbfh} --attention cudnn --xla-variants no-dot-merge nodm-cb-while-min1 --iters 6 --warmup 1 \
+      --deadline $(( ${T:-570} - 25 ))
   el done
   exit 0
 fi
