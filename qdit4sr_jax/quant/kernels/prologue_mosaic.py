@@ -149,6 +149,9 @@ def mosaic_prologue(x2, w: QuantizedWeight, bw: Optional[BranchWeights], *, pad_
         x2 = jnp.pad(x2, ((0, mp - m), (0, 0)))
     jd = _jd(bw, shared)
     deferred = dict(sx_inv=inv_levels, sx_step=jnp.reshape(jnp.asarray(step, jnp.int32), (1,)))
+    xla_codes = lambda xp, amax: codes_from_scale(  # noqa: E731 - XLA's codes of x' [Mp, K] from the row maxima [Mp]
+        xp.astype(jnp.float32), scale_from_max(amax, inv_levels, step)[:, None],
+        levels[jnp.clip(jnp.asarray(step, jnp.int32), 0, levels.shape[0] - 1)])
     if route == "hadamard" and hadamard_plan(k)[1] in CODES_IN_KERNEL:
         if shared is not None and bw is not None and bw.jd_col is not None and shared.levels is not None:
             tabs, member = (shared.levels, shared.inv_levels), shared.member(bw.jd_col)     # every member's codes,
@@ -159,21 +162,19 @@ def mosaic_prologue(x2, w: QuantizedWeight, bw: Optional[BranchWeights], *, pad_
         # the run maxima [Mp, g]: the Mosaic GEMM takes each row's max in its epilogue where g is a multiple of
         # RUN_TILE (`mosaic_gemm.fits`), else one reduce here
         amax = run_max if run_max.shape[1] % RUN_TILE == 0 else jnp.max(run_max, axis=1)
-        feats, col = (None, 0) if jd is None else (_features(x2, jd, gemm), bw.jd_col or 0)
     elif route == "hadamard":                # x' and run maxima from the kernel, the codes from XLA
         y, run_max = (rowmax_kernel or mosaic_hadamard_rowmax)(x2, signs=bool(w.signs))
         amax = jnp.max(run_max, axis=1)
-        i = jnp.clip(jnp.asarray(step, jnp.int32), 0, levels.shape[0] - 1)
-        q = codes_from_scale(y.astype(jnp.float32), scale_from_max(amax, inv_levels, step)[:, None], levels[i])
-        feats, col = (None, 0) if jd is None else (_features(x2, jd, gemm), bw.jd_col or 0)
+        q = xla_codes(y, amax)
     else:
         y, amax_t = (kernel or gemm or mosaic_bf16_gemm_rowmax)(
             x2, rotation_matrix(k, bool(w.signs)), None if jd is None else pad_columns(jd), layout="kn",
             b_scale=float(np.float32(1.0 / np.sqrt(k))), **ROTATION_TILES)
         amax = jnp.max(amax_t, axis=0)                               # [Mp] float32
-        i = jnp.clip(jnp.asarray(step, jnp.int32), 0, levels.shape[0] - 1)
-        q = codes_from_scale(y[:, :k].astype(jnp.float32), scale_from_max(amax, inv_levels, step)[:, None],
-                             levels[i])
+        q = xla_codes(y[:, :k], amax)
+    if route == "hadamard":                  # the features from one GEMM on x (one for the layers sharing x)
+        feats, col = (None, 0) if jd is None else (_features(x2, jd, gemm), bw.jd_col or 0)
+    else:                                    # ... or the rotation GEMM's columns K..
         feats, col = y, k + ((bw.jd_col or 0) if bw is not None else 0)
     if bw is None:
         return Operands(q, amax, None, None, None, m, 0, **deferred)
