@@ -275,3 +275,42 @@ def test_warp_specialized_gemm_takes_run_maxima(k, g):
         mg.mosaic_int8_gemm_ws(x, w, jnp.ones((256, 8)), sw, inv_levels=jnp.ones((4,)), step=jnp.zeros((1,), jnp.int32))
     with pytest.raises(ValueError, match="run maxima"):
         mg.mosaic_int8_gemm_ws(x, w, jnp.ones((256, 16)), sw)
+
+
+def _reductions(jaxpr):
+    """Every reduce_* equation of a jaxpr and its sub-jaxprs (the Pallas kernel bodies inside): [(name, shape, axes)]."""
+    out = []
+    for e in jaxpr.eqns:
+        if e.primitive.name.startswith("reduce_"):
+            out.append((e.primitive.name, tuple(e.invars[0].aval.shape), tuple(e.params.get("axes", ()))))
+        for p in e.params.values():
+            for sub in (p if isinstance(p, (list, tuple)) else [p]):
+                inner = getattr(sub, "jaxpr", sub)
+                if hasattr(inner, "eqns"):
+                    out += _reductions(inner)
+    return out
+
+
+@lowering
+def test_multi_warpgroup_kernels_never_reduce_across_rows():
+    """Our Mosaic kernels run two or more warpgroups per CTA. A reduction over the rows of a WGMMA-layout array (axis
+    0: across the warpgroup's warps) goes through Pallas' reduction scratch in shared memory, at one offset for the
+    whole CTA, so concurrent warpgroups race on it: the Hadamard kernel's in-kernel codes at K = 1536 came out wrong
+    and run-to-run different on an H100 that way (2026-12-07). Every reduction in the kernels' bodies is along axis 1
+    (within a warp)."""
+    from qdit4sr_jax.quant.kernels import mosaic_hadamard as mh
+    kernels = [
+        (lambda x, lv, il, t: mh.mosaic_hadamard_codes(x, lv, il, t),
+         (S((4096, 1536), jnp.bfloat16), S((3, 40), jnp.float32), S((3, 40), jnp.float32), S((), jnp.int32))),
+        (lambda x, lv, il, t: mh.mosaic_hadamard_codes(x, lv, il, t),
+         (S((4096, 6144), jnp.bfloat16), S((1, 40), jnp.float32), S((1, 40), jnp.float32), S((), jnp.int32))),
+        (lambda x: mh.mosaic_hadamard_rowmax(x), (S((4096, 1536), jnp.bfloat16),)),
+        (lambda x, w, sx, sw, il, t: mg.mosaic_int8_gemm_ws(x, w, sx, sw, inv_levels=il, step=t, **mg.FUSED_TILES),
+         (S((2048, 1536), jnp.int8), S((1536, 1536), jnp.int8), S((2048, 24), jnp.float32), S((1536,), jnp.float32),
+          S((40,), jnp.float32), S((1,), jnp.int32))),
+        (lambda x, b, b2: mg.mosaic_bf16_gemm_rowmax(x, b, b2, layout="kn", tile_m=64, tile_n=128, wg_dim="m"),
+         (S((2048, 1536), jnp.bfloat16), S((1536, 1536), jnp.bfloat16), S((1536, 384), jnp.bfloat16))),
+    ]
+    for fn, args in kernels:
+        reds = _reductions(jax.make_jaxpr(fn)(*args).jaxpr)
+        assert reds and all(0 not in axes and len(shape) == 2 for _, shape, axes in reds), reds
