@@ -162,7 +162,7 @@ if [ "${1:-}" = i24next ]; then
   # their XLA form (wrong at K = 1536 on 12-07, before the row max stopped sharing a reduction scratch between
   # warpgroups), the level lookup at step 2; (2) the fused linear with K = 1536 codes in the kernel, then on
   # "fast-mosaic" as it is (K = 1536: kernel x' + XLA codes) vs Triton; (3) the 512-px steps bf16 / paper-small
-  # "fast" (prepbf) / "fast-mosaic" (prepbfh), if (2) passed
+  # "fast-mosaic" (prepbfh, if (2) passed) / "fast" on the Mosaic GEMM (prepbfm, checked bit-exact) / "fast" (prepbf)
   el hadamard; timeout ${HAD_S:-150} python3 benchmarks/gpu/rotation_gemm.py --shapes 0 --hadamard-shapes 2 --reps 4 \
       --out "$OUT/hadamard.json" > "$OUT/hadamard.log" 2>&1
   grep -v "^W[0-9]\|Warning" "$OUT/hadamard.log" | grep -o "'hadamard': \[[0-9, ]*\]\|'codes[a-z_0-9]*': [^}]*}\?" | cut -c1-300
@@ -170,9 +170,9 @@ if [ "${1:-}" = i24next ]; then
   fused_check codes64_check ${CHECK_S:-70} --cases 2 --variants mosaic_had --codes-in-kernel 64 128
   el "fused check"; fused_check next_check ${CHECK_S:-100} --cases 3 --variants mosaic_had; rc=$?
   P=p:qdit4sr-paper-w4a4-small
-  modes="bf16 $P:prepbf $P:prepbfh"
+  modes="bf16 $P:prepbfh $P:prepbfm $P:prepbf"         # (the deadline skips the last ones first)
   if [ $rc -ne 0 ] || grep -q "'error'\|'ok': False" "$OUT/next_check.log" || ! grep -q "'ok': True" "$OUT/next_check.log"; then
-    el "fused check failed or off (rc $rc): no prepbfh step"; modes="bf16 $P:prepbf"
+    el "fused check failed or off (rc $rc): no prepbfh step"; modes="bf16 $P:prepbfm $P:prepbf"
   fi
   steps512 ${T:-570} $modes
   el done
