@@ -221,15 +221,14 @@ def mosaic_int8_gemm_ws(xq, wq, sx, sw, bias=None, addend=None, *, out_dtype=jnp
     max(sx * inv_levels[clip(step, 0, T - 1)], 2^-126) (`operands.scale_from_max`); sx may then also be run
     maxima f32 [M, g] (g >= 16, a multiple of 8: the Mosaic Hadamard kernel's), the row's max taken in the epilogue
     from one [tile_m, g] block where g is a multiple of 16 ([64, 48] checked right on an H100), else from
-    overlapping [tile_m, 16] blocks (a single [64, 24] block gave wrong maxima on an H100, 2026-12-07 10:22). branches: `Branch`es whose
+    overlapping [tile_m, 16] blocks (unchecked on a GPU; `prologue_mosaic.RUN_TILE`). branches: `Branch`es whose
     products the epilogue adds (bf16 wgmmas into a float32 accumulator started from the scaled int32 one):
     y = acc * s_x * s_w + sum_b feats_b @ up_b + bias (+ addend)."""
     from jax.experimental.pallas import mosaic_gpu as plgpu
     runs = sx.shape[1] if sx.ndim == 2 else 0          # sx as run maxima [M, g]: the row max taken here
     if runs and (inv_levels is None or runs % 8 or runs < 16 or sx.shape[0] != xq.shape[0]):
         raise ValueError(f"mosaic_int8_gemm_ws: sx [M, g] (run maxima) needs a level table and g >= 16, a multiple "
-                         f"of 8, "
-                         f"got {tuple(sx.shape)} for activations {tuple(xq.shape)}")
+                         f"of 8, got {tuple(sx.shape)} for activations {tuple(xq.shape)}")
     sx_rows = jax.ShapeDtypeStruct(sx.shape[:1], sx.dtype)
     grouped = wq.ndim == 3
     if grouped:
