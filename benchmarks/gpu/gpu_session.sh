@@ -23,6 +23,7 @@
 #   bash benchmarks/gpu/gpu_session.sh i24d      # all six modes' 1024-px steps (+ smoothing-only -small, paper W4A4)
 #   bash benchmarks/gpu/gpu_session.sh i24x      # next: fused linear on the Mosaic GEMM: check + 512-px steps (<= 400 s);
 #                                             # then i24y (1024 px), i24z (W8A8 on Triton / Mosaic, 512 + 1024 px)
+#   bash benchmarks/gpu/gpu_session.sh i24tune   # after i24next: GEMM tile sweep at the 512-px shapes, Hadamard kernel tunings
 #   bash benchmarks/gpu/gpu_session.sh i24gaps   # after i24next: the Mosaic step with the scanned step as CUDA graphs
 #   bash benchmarks/gpu/gpu_session.sh i24next   # next: in-kernel codes per swizzle, fused check of fast-mosaic, 512-px steps
 #   bash benchmarks/gpu/gpu_session.sh i24rt     # next: fused check of the run maxima (XLA reduce vs the GEMM's 16-column blocks)
@@ -143,6 +144,21 @@ if [ "${1:-}" = i24x ]; then
     el "steps 512 ($left s)"; steps steps512 $left --cases 512x1 --scan-steps 2 --modes ${X_MODES:-bf16 $P:prepbf $P:prepbfm} \
         --attention cudnn --xla-variants no-dot-merge --iters 8 --warmup 2 --deadline $(( left - 20 ))
   fi
+  el done
+  exit 0
+fi
+if [ "${1:-}" = i24tune ]; then
+  # issue 24, after i24next (<= ${T:-570} s): tunings of the Mosaic kernels at the 512-px step's shapes: the
+  # warp-specialized int8 GEMM's tile / grid sweep kept on the first 4 shapes (2048-4096 rows), then the Hadamard
+  # kernel's (warpgroups, prefetch, output slots) and the features GEMM vs XLA's dot
+  el "ws GEMM sweep"; timeout ${WS_S:-280} python3 benchmarks/gpu/ws_gemm.py --shapes 4 --keep 4 --deadline $(( ${WS_S:-280} - 40 )) \
+      --out "$OUT/ws_gemm.json" > "$OUT/ws_gemm.log" 2>&1
+  grep -v "^W[0-9]\|Warning\|Deprecat" "$OUT/ws_gemm.log" | cut -c1-260 | tail -16
+  left=$(( ${T:-570} - ($(date +%s) - t0) ))
+  el "Hadamard configs, features GEMM ($left s)"; timeout $(( left - 5 )) python3 benchmarks/gpu/rotation_gemm.py --shapes 0 \
+      --hadamard-shapes 3 --features-shapes 2 --hadamard-configs w2p1o1 w3p2o2 w2p2o2 w1p3o2 --reps 4 \
+      --out "$OUT/hadamard_tune.json" > "$OUT/hadamard_tune.log" 2>&1
+  grep -v "^W[0-9]\|Warning" "$OUT/hadamard_tune.log" | cut -c1-400 | tail -12
   el done
   exit 0
 fi
