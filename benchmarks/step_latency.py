@@ -221,7 +221,7 @@ def quantized_trees(params, modes, steps: int, log):
                 kw = dict(prepsplit=dict(down="split"), prepin=dict(down="input"), prepbf=SAMPLER_MODES["fast"],
                           prepbfns=dict(SAMPLER_MODES["fast"], share=False),
                           prepbfm=dict(SAMPLER_MODES["fast"], gemm="mosaic"),
-                          prepbfh=dict(SAMPLER_MODES["fast"], gemm="mosaic", prologue="mosaic"),
+                          prepbfh=SAMPLER_MODES["fast-mosaic"],
                           prepbfr=dict(SAMPLER_MODES["fast"], gemm="mosaic", prologue="mosaic-gemm"))[kind]
                 trees[m] = jax.block_until_ready(jax.jit(lambda t, kw=kw: prepare(t, **kw))(
                     with_execution(q, "fused")))

@@ -41,8 +41,7 @@ from qdit4sr_jax.quant.kernels.branch_ops import (BranchWeights, SharedDown, bra
                                                   branch_weights, down_features, joint_features)
 from qdit4sr_jax.quant.kernels.operands import (DEFAULT_CONFIG, GROUPED_CONFIG, KernelConfig,  # noqa: F401 (re-exported)
                                                 Operands, block_rows, codes_from_scale, default_config, packed_run,
-                                                scale_from_max,
-                                                supports_fused, tiles_ok, unpacks_in_kernel)
+                                                scale_from_max, supports_fused, tiles_ok, unpacks_in_kernel)
 from qdit4sr_jax.quant.lowering import target_platform
 from qdit4sr_jax.quant.qweight import QuantizedWeight
 from qdit4sr_jax.quant.reference import quantized_linear, resolve_act_bits, transform_input

@@ -199,6 +199,12 @@ def _store_tiles(plgpu, y, smem, o_g, r0, c0, epi, epi_n):
             plgpu.copy_smem_to_gmem(smem.at[slot], o_g.at[pl.ds(r0 + i * epi, epi), pl.ds(c0 + j * epi_n, epi_n)])
 
 
+def takes_run_maxima(g: int) -> bool:
+    """Whether `mosaic_int8_gemm_ws` reads g run maxima per row (sx [M, g]) and takes their max itself: its epilogue
+    loads [tile_m, 16] blocks (or one [tile_m, g] where g is a multiple of 16), so g >= 16, a multiple of 8."""
+    return g >= 16 and g % 8 == 0
+
+
 def mosaic_int8_gemm_ws(xq, wq, sx, sw, bias=None, addend=None, *, out_dtype=jnp.bfloat16, tile_m: int = 128,
                         tile_n: int = 128, wg_dim: str = "m", stages: int = 4, epi: int = 64,
                         epi_n: int | None = None, out_slots: int = 2, grid_minor: int = 1,
@@ -226,7 +232,7 @@ def mosaic_int8_gemm_ws(xq, wq, sx, sw, bias=None, addend=None, *, out_dtype=jnp
     y = acc * s_x * s_w + sum_b feats_b @ up_b + bias (+ addend)."""
     from jax.experimental.pallas import mosaic_gpu as plgpu
     runs = sx.shape[1] if sx.ndim == 2 else 0          # sx as run maxima [M, g]: the row max taken here
-    if runs and (inv_levels is None or runs % 8 or runs < 16 or sx.shape[0] != xq.shape[0]):
+    if runs and (inv_levels is None or not takes_run_maxima(runs) or sx.shape[0] != xq.shape[0]):
         raise ValueError(f"mosaic_int8_gemm_ws: sx [M, g] (run maxima) needs a level table and g >= 16, a multiple "
                          f"of 8, got {tuple(sx.shape)} for activations {tuple(xq.shape)}")
     sx_rows = jax.ShapeDtypeStruct(sx.shape[:1], sx.dtype)
@@ -598,7 +604,7 @@ def fits(ops, w, tiles=None) -> bool:
     mp, kp = ops.xq.shape
     if w.layout not in ("nk", "gnk") or ops.chunk or w.packed or ops.xq.dtype != jnp.int8 or w.k != kp:
         return False
-    if ops.sx.ndim == 2 and (ops.sx_inv is None or ops.sx.shape[1] % 8 or ops.sx.shape[1] < 16):
+    if ops.sx.ndim == 2 and (ops.sx_inv is None or not takes_run_maxima(ops.sx.shape[1])):
         return False
     if w.layout == "gnk" and (w.groups[1] not in (64, 128) or w.groups[0] * w.groups[1] != kp or
                               w.gscale is not None):
@@ -627,6 +633,6 @@ def mosaic_gemm_epilogue(ops, w, bias, out_dtype, tiles=None):
     return y[: ops.m]
 
 
-__all__ = ["Branch", "FUSED_TILES", "fits", "parse_tiles", "set_fused_tiles", "shared_call", "mosaic_call_sites", "mosaic_gemm_epilogue",
-           "mosaic_int8_gemm", "mosaic_int8_gemm_ws", "mosaic_bf16_gemm_rowmax", "rowmax_reference", "reference",
-           "tiles_ok", "ws_tiles_ok", "SWIZZLE"]
+__all__ = ["Branch", "FUSED_TILES", "fits", "parse_tiles", "set_fused_tiles", "shared_call", "mosaic_call_sites",
+           "mosaic_gemm_epilogue", "mosaic_int8_gemm", "mosaic_int8_gemm_ws", "mosaic_bf16_gemm_rowmax",
+           "rowmax_reference", "reference", "takes_run_maxima", "tiles_ok", "ws_tiles_ok", "SWIZZLE"]

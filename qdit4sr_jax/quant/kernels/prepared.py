@@ -43,6 +43,7 @@ from typing import Any
 
 import jax
 
+from qdit4sr_jax.quant.kernels.prologue_mosaic import PROLOGUE_ROUTES, pad_columns
 from qdit4sr_jax.quant.qweight import QuantizedWeight
 
 
@@ -143,8 +144,7 @@ def prepare_weight(w: QuantizedWeight, *, unpack: bool = True, prologue: str = "
     if down == "input" and bw is not None and bw.jd is not None:
         from qdit4sr_jax.quant.kernels.branch_ops import input_space_down
         bw = input_space_down(bw, node)
-        if prologue in ("mosaic", "mosaic-gemm"):           # the Mosaic GEMMs' column tiles, once, not per call
-            from qdit4sr_jax.quant.kernels.prologue_mosaic import pad_columns
+        if prologue in PROLOGUE_ROUTES:                     # the Mosaic GEMMs' column tiles, once, not per call
             bw = dataclasses.replace(bw, jd=pad_columns(bw.jd))
     levels = inv_levels = None
     if node.a_schedule is not None:                  # the prologue looks the step's levels up
@@ -178,8 +178,7 @@ def share_inputs(params: dict) -> dict:
             shared = dataclasses.replace(shared, levels=jax.numpy.stack(tables),
                                          inv_levels=jax.numpy.stack([k.inv_levels for k in kws]),
                                          members=tuple(b.jd_col for b in bws))
-        if any(k.prologue in ("mosaic", "mosaic-gemm") for k in kws):
-            from qdit4sr_jax.quant.kernels.prologue_mosaic import pad_columns
+        if any(k.prologue in PROLOGUE_ROUTES for k in kws):
             shared = dataclasses.replace(shared, jd=pad_columns(shared.jd))
         for n, k, b in zip(names, kws, bws):
             out[n] = {**params[n], "kernel": dataclasses.replace(k, bw=b)}
