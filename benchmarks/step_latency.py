@@ -284,6 +284,11 @@ def main(argv=None):
     ap.add_argument("--mosaic-tiles", default=None, metavar="FIELD=VALUE,...",
                     help="tiles of the Mosaic GEMM in the prepbfm modes (mosaic_gemm.set_fused_tiles), e.g. "
                          "tile_m=128,wg_dim=m,epi_n=32,out_slots=1")
+    ap.add_argument("--codes-in-kernel", type=int, nargs="+", default=None, metavar="RUN",
+                    help="prologue_mosaic.CODES_IN_KERNEL for the prepbfh modes: the Hadamard plan run lengths whose "
+                         "codes the Mosaic kernel makes (64 128: K = 1536 too; check with mosaic_fused_check.py first)")
+    ap.add_argument("--run-tile", type=int, default=None,
+                    help="prologue_mosaic.RUN_TILE (8: K = 1536 run maxima reduced in the Mosaic GEMM's epilogue)")
     ap.add_argument("--attention", default="cudnn", help="'cudnn', 'fp8' (cuDNN FP8), 'fp8-ref' or 'xla' "
                     "(cudnn / fp8 fall back to xla if the bf16 step fails with them)")
     ap.add_argument("--quant-attention", default=None, help="attention of the quantized modes, if not --attention "
@@ -314,6 +319,10 @@ def main(argv=None):
             set_fused_tiles(**parse_tiles(a.mosaic_tiles))
         except ValueError as e:
             raise SystemExit(f"--mosaic-tiles: {e}")
+    if a.codes_in_kernel or a.run_tile:
+        from qdit4sr_jax.quant.kernels import prologue_mosaic
+        prologue_mosaic.CODES_IN_KERNEL = tuple(a.codes_in_kernel or prologue_mosaic.CODES_IN_KERNEL)
+        prologue_mosaic.RUN_TILE = a.run_tile or prologue_mosaic.RUN_TILE
     a.sizes = sorted({s for s, _ in cases})
     t_start = time.perf_counter()
     log = lambda s: print(f"[{time.perf_counter() - t_start:7.1f}s] {s}", flush=True)

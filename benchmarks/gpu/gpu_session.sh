@@ -23,6 +23,7 @@
 #   bash benchmarks/gpu/gpu_session.sh i24d      # all six modes' 1024-px steps (+ smoothing-only -small, paper W4A4)
 #   bash benchmarks/gpu/gpu_session.sh i24x      # next: fused linear on the Mosaic GEMM: check + 512-px steps (<= 400 s);
 #                                             # then i24y (1024 px), i24z (W8A8 on Triton / Mosaic, 512 + 1024 px)
+#   bash benchmarks/gpu/gpu_session.sh i24go     # next, short of device time: i24next's K = 1536 check, then the steps
 #   bash benchmarks/gpu/gpu_session.sh i24tune   # after i24next: GEMM tile sweep at the 512-px shapes, Hadamard kernel tunings
 #   bash benchmarks/gpu/gpu_session.sh i24gaps   # after i24next: the Mosaic step with the scanned step as CUDA graphs
 #   bash benchmarks/gpu/gpu_session.sh i24next   # next: in-kernel codes per swizzle, fused check of fast-mosaic, 512-px steps
@@ -143,6 +144,26 @@ if [ "${1:-}" = i24x ]; then
   else
     el "steps 512 ($left s)"; steps steps512 $left --cases 512x1 --scan-steps 2 --modes ${X_MODES:-bf16 $P:prepbf $P:prepbfm} \
         --attention cudnn --xla-variants no-dot-merge --iters 8 --warmup 2 --deadline $(( left - 20 ))
+  fi
+  el done
+  exit 0
+fi
+if [ "${1:-}" = i24go ]; then
+  # issue 24, 12-07 afternoon, one call when device time is short (<= ${T:-570} s): the fused linear with the K = 1536
+  # codes made in the Hadamard kernel (the race fix) vs Triton; if right, the 512-px steps bf16 / "fast-mosaic" with
+  # them (prepbfh --codes-in-kernel 64 128) / "fast" (prepbf); if not, the check of "fast-mosaic" as it is (K = 1536:
+  # kernel x' + XLA codes) and the steps with it if that passes, else on the Mosaic GEMM alone (prepbfm)
+  P=p:qdit4sr-paper-w4a4-small
+  passed() { [ "$1" -eq 0 ] && grep -q "'ok': True" "$OUT/$2.log" && ! grep -q "'error'\|'ok': False" "$OUT/$2.log"; }
+  el "fused check, K = 1536 codes in the kernel"
+  fused_check go64_check ${CHECK_S:-90} --cases 3 --variants mosaic_had --codes-in-kernel 64 128
+  if passed $? go64_check; then
+    steps512 ${T:-570} bf16 $P:prepbfh $P:prepbf --codes-in-kernel 64 128
+  else
+    el "K = 1536 in-kernel codes not right: fast-mosaic as it is"
+    fused_check go_check ${CHECK_S:-90} --cases 3 --variants mosaic_had
+    if passed $? go_check; then steps512 ${T:-570} bf16 $P:prepbfh $P:prepbf
+    else el "fast-mosaic check failed: Mosaic GEMM alone"; steps512 ${T:-570} bf16 $P:prepbfm $P:prepbf; fi
   fi
   el done
   exit 0
