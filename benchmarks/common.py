@@ -200,3 +200,22 @@ def write_json(path: Optional[str], obj) -> None:
 
 def gib(b) -> str:
     return "-" if b is None else f"{b / 2**30:.2f}"
+
+
+def add_prologue_args(ap):
+    """--codes-in-kernel / --run-tile: the Mosaic prologue's settings for the prepbfh modes (`apply_prologue_args`)."""
+    ap.add_argument("--codes-in-kernel", type=int, nargs="+", default=None, metavar="RUN",
+                    help="prologue_mosaic.CODES_IN_KERNEL for the prepbfh modes: the Hadamard plan run lengths whose "
+                         "codes the Mosaic kernel makes (64 128: K = 1536 too; check with mosaic_fused_check.py first)")
+    ap.add_argument("--run-tile", type=int, default=None,
+                    help="prologue_mosaic.RUN_TILE (8: K = 1536 run maxima reduced in the Mosaic GEMM's epilogue)")
+
+
+def apply_prologue_args(a):
+    """Set `prologue_mosaic.CODES_IN_KERNEL` / `RUN_TILE` from `add_prologue_args`' options (read when a step is
+    traced)."""
+    from qdit4sr_jax.quant.kernels import prologue_mosaic
+    if a.codes_in_kernel:
+        prologue_mosaic.CODES_IN_KERNEL = tuple(a.codes_in_kernel)
+    if a.run_tile:
+        prologue_mosaic.RUN_TILE = a.run_tile

@@ -69,8 +69,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
-from common import (CompileTimer, weight_breakdown, compile_and_time, device_bytes_in_use, environment, gib, random_calib,  # noqa: E402
-                    random_params, tree_bytes, write_json)
+from common import (CompileTimer, add_prologue_args, apply_prologue_args, weight_breakdown, compile_and_time,  # noqa: E402
+                    device_bytes_in_use, environment, gib, random_calib, random_params, tree_bytes, write_json)
 
 MODES = ("bf16", "w8a8-int", "w8a8-fused", "w4a4-int", "w4a4-fused", "w4a4-fake", "w4a4pc-fused", "qwix-w8a8",
          "w4a4i-fused", "w4a4i-int", "w4a4i-fake", "w4a4s-fused", "w4a4s-int", "w8a8-prep", "w4a4i-prep",
@@ -284,11 +284,7 @@ def main(argv=None):
     ap.add_argument("--mosaic-tiles", default=None, metavar="FIELD=VALUE,...",
                     help="tiles of the Mosaic GEMM in the prepbfm modes (mosaic_gemm.set_fused_tiles), e.g. "
                          "tile_m=128,wg_dim=m,epi_n=32,out_slots=1")
-    ap.add_argument("--codes-in-kernel", type=int, nargs="+", default=None, metavar="RUN",
-                    help="prologue_mosaic.CODES_IN_KERNEL for the prepbfh modes: the Hadamard plan run lengths whose "
-                         "codes the Mosaic kernel makes (64 128: K = 1536 too; check with mosaic_fused_check.py first)")
-    ap.add_argument("--run-tile", type=int, default=None,
-                    help="prologue_mosaic.RUN_TILE (8: K = 1536 run maxima reduced in the Mosaic GEMM's epilogue)")
+    add_prologue_args(ap)
     ap.add_argument("--attention", default="cudnn", help="'cudnn', 'fp8' (cuDNN FP8), 'fp8-ref' or 'xla' "
                     "(cudnn / fp8 fall back to xla if the bf16 step fails with them)")
     ap.add_argument("--quant-attention", default=None, help="attention of the quantized modes, if not --attention "
@@ -319,10 +315,7 @@ def main(argv=None):
             set_fused_tiles(**parse_tiles(a.mosaic_tiles))
         except ValueError as e:
             raise SystemExit(f"--mosaic-tiles: {e}")
-    if a.codes_in_kernel or a.run_tile:
-        from qdit4sr_jax.quant.kernels import prologue_mosaic
-        prologue_mosaic.CODES_IN_KERNEL = tuple(a.codes_in_kernel or prologue_mosaic.CODES_IN_KERNEL)
-        prologue_mosaic.RUN_TILE = a.run_tile or prologue_mosaic.RUN_TILE
+    apply_prologue_args(a)
     a.sizes = sorted({s for s, _ in cases})
     t_start = time.perf_counter()
     log = lambda s: print(f"[{time.perf_counter() - t_start:7.1f}s] {s}", flush=True)

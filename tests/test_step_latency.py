@@ -76,3 +76,19 @@ def test_every_xla_variant_is_a_known_compile_option():
     f = jax.jit(lambda x: x @ x)
     for name, opts in S.XLA_VARIANTS.items():
         f.lower(jnp.ones((4, 4))).compile(compiler_options=opts)
+
+
+def test_prologue_args_set_the_mosaic_prologue(monkeypatch):
+    """--codes-in-kernel / --run-tile set prologue_mosaic's settings (read when a step is traced); absent, unchanged."""
+    import argparse
+
+    from common import add_prologue_args, apply_prologue_args
+    from qdit4sr_jax.quant.kernels import prologue_mosaic
+    monkeypatch.setattr(prologue_mosaic, "CODES_IN_KERNEL", (128,))
+    monkeypatch.setattr(prologue_mosaic, "RUN_TILE", 16)
+    ap = argparse.ArgumentParser()
+    add_prologue_args(ap)
+    apply_prologue_args(ap.parse_args([]))
+    assert (prologue_mosaic.CODES_IN_KERNEL, prologue_mosaic.RUN_TILE) == ((128,), 16)
+    apply_prologue_args(ap.parse_args(["--codes-in-kernel", "64", "128", "--run-tile", "8"]))
+    assert (prologue_mosaic.CODES_IN_KERNEL, prologue_mosaic.RUN_TILE) == ((64, 128), 8)

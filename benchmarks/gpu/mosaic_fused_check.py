@@ -26,7 +26,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from common import environment, write_json  # noqa: E402
+from common import add_prologue_args, apply_prologue_args, environment, write_json  # noqa: E402
 from linear_latency import rel_err  # noqa: E402
 from prologue_check import _input, _layer  # noqa: E402
 from ws_gemm import per_call_ms  # noqa: E402
@@ -112,19 +112,10 @@ def main(argv=None):
                     help="Mosaic tilings to time (mosaic_gemm.parse_tiles; '' = FUSED_TILES)")
     ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS),
                     help="what to compare with the Triton GEMM (always run)")
-    ap.add_argument("--run-tile", type=int, default=None,
-                    help="prologue_mosaic.RUN_TILE: 8 hands K = 1536 layers' 24 run maxima per row to the Mosaic "
-                         "GEMM's epilogue (its 16-column blocks) instead of reducing them in XLA")
-    ap.add_argument("--codes-in-kernel", type=int, nargs="+", default=None, metavar="RUN",
-                    help="prologue_mosaic.CODES_IN_KERNEL: the Hadamard plan run lengths whose codes the kernel makes "
-                         "(64 128: K = 1536 too)")
+    add_prologue_args(ap)
     ap.add_argument("--out", default=None)
     a = ap.parse_args(argv)
-    from qdit4sr_jax.quant.kernels import prologue_mosaic
-    if a.run_tile:
-        prologue_mosaic.RUN_TILE = a.run_tile
-    if a.codes_in_kernel:
-        prologue_mosaic.CODES_IN_KERNEL = tuple(a.codes_in_kernel)
+    apply_prologue_args(a)
     variants = ("triton",) + tuple(v for v in a.variants if v != "triton")
     res = {"env": environment(), "rows": [], "run_tile": a.run_tile, "codes_in_kernel": a.codes_in_kernel}
     for (m, k, n, group, fg) in CASES[: a.cases]:

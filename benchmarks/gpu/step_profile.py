@@ -39,7 +39,7 @@ sys.path.insert(0, _HERE)                                        # benchmarks/gp
 
 import jax  # noqa: E402
 
-from common import environment, random_params, write_json  # noqa: E402
+from common import add_prologue_args, apply_prologue_args, environment, random_params, write_json  # noqa: E402
 import step_latency as S  # noqa: E402
 
 CATEGORIES = (
@@ -273,7 +273,9 @@ def main(argv=None):
                     "(.hlo.txt.gz from --hlo; no device needed) and exit")
     ap.add_argument("--deadline", type=float, default=None, help="skip remaining work after this many seconds")
     ap.add_argument("--out", default=None, help="JSON results file")
+    add_prologue_args(ap)
     a = ap.parse_args(argv)
+    apply_prologue_args(a)
     if a.analyze_hlo:
         with gzip.open(a.analyze_hlo, "rt") as f:
             fusions = hlo_fusions(f.read(), a.top)
