@@ -24,6 +24,7 @@
 #   bash benchmarks/gpu/gpu_session.sh i24x      # next: fused linear on the Mosaic GEMM: check + 512-px steps (<= 400 s);
 #                                             # then i24y (1024 px), i24z (W8A8 on Triton / Mosaic, 512 + 1024 px)
 #   bash benchmarks/gpu/gpu_session.sh i24go     # next, short of device time: i24next's K = 1536 check, then the steps
+#   bash benchmarks/gpu/gpu_session.sh i24prof2  # after i24go: 512-px profile of "fast-mosaic", Hadamard tunings
 #   bash benchmarks/gpu/gpu_session.sh i24tune   # after i24next: GEMM tile sweep at the 512-px shapes, Hadamard kernel tunings
 #   bash benchmarks/gpu/gpu_session.sh i24gaps   # after i24next: the Mosaic step with the scanned step as CUDA graphs
 #   bash benchmarks/gpu/gpu_session.sh i24next   # next: in-kernel codes per swizzle, fused check of fast-mosaic, 512-px steps
@@ -75,13 +76,13 @@ shared_check() {
   el "shared down-projection check"; timeout "$1" python3 benchmarks/gpu/prologue_check.py --shared --m 8192 \
       --k 1536 --n 1536 --out "$OUT/shared_check.json" 2>&1 | grep -v "^W[0-9]\|Warning" | tail -4 | cut -c1-230
 }
-# profile512 MODE: the 512-px per-kernel profile + optimized HLO of MODE with what is left of ${T:-550} s since t0
-# (none below 120 s: `timeout 0` would mean no limit), as $OUT/profile512.json / .log and $OUT/hlo
+# profile512 MODE [ARGS...]: the 512-px per-kernel profile + optimized HLO of MODE (step_profile.py ARGS) with what is
+# left of ${T:-550} s since t0 (none below 120 s: `timeout 0` would mean no limit), as $OUT/profile512.json / .log, $OUT/hlo
 profile512() {
   local left=$(( ${T:-550} - ($(date +%s) - t0) ))
   [ $left -ge 120 ] || { el "profile 512 skipped ($left s left)"; return 0; }
   el "profile 512 + HLO ($left s)"; timeout $left python3 benchmarks/gpu/step_profile.py --cases 512x1 \
-      --modes "$1" --hlo "$OUT/hlo" --attention cudnn --iters 2 --warmup 1 --top 40 \
+      --modes "$1" --hlo "$OUT/hlo" --attention cudnn --iters 2 --warmup 1 --top 40 "${@:2}" \
       --out "$OUT/profile512.json" > "$OUT/profile512.log" 2>&1
   grep -v "^W[0-9]\|Warning" "$OUT/profile512.log" | grep "^|\|^#\|^fusions\|ms of kernels" | cut -c1-170 | head -90
 }
@@ -165,6 +166,20 @@ if [ "${1:-}" = i24go ]; then
     if passed $? go_check; then steps512 ${T:-570} bf16 $P:prepbfh $P:prepbf
     else el "fast-mosaic check failed: Mosaic GEMM alone"; steps512 ${T:-570} bf16 $P:prepbfm $P:prepbf; fi
   fi
+  el done
+  exit 0
+fi
+if [ "${1:-}" = i24prof2 ]; then
+  # issue 24, after i24go (<= ${T:-420} s): the 512-px per-kernel profile + HLO of "fast-mosaic" (prepbfh; PROF_ARGS,
+  # e.g. "--codes-in-kernel 64 128" if i24go's check passed), its Mosaic kernels now named (GEMM / Hadamard / features),
+  # then the Hadamard kernel's tunings with the time left
+  P=p:qdit4sr-paper-w4a4-small
+  PT=$(( ${T:-420} - ${HT_S:-110} )); T=$PT profile512 ${PROF_MODE:-$P:prepbfh} ${PROF_ARGS:-}
+  left=$(( ${T:-420} - ($(date +%s) - t0) ))
+  [ $left -ge 60 ] && { el "Hadamard configs ($left s)"; timeout $(( left - 5 )) python3 benchmarks/gpu/rotation_gemm.py \
+      --shapes 0 --hadamard-shapes 3 --features-shapes 0 --hadamard-configs w2p1o1 w3p2o2 w2p2o2 w1p3o2 --reps 4 \
+      --out "$OUT/hadamard_tune.json" > "$OUT/hadamard_tune.log" 2>&1
+    grep -v "^W[0-9]\|Warning" "$OUT/hadamard_tune.log" | cut -c1-400 | tail -12; }
   el done
   exit 0
 fi
