@@ -159,3 +159,32 @@ def test_attention_ceiling_counts_scores_and_bounds_fp8(tiny_inv):
     assert at64["measured_vs_floor"] == pytest.approx(max(at64["mma_bf16_ms"], at64["exp_ms"]) / 5.67)
     d256 = dict(d64, dots=[dict(d64["dots"][0], k=256), dict(d64["dots"][1], m=256)])
     assert R.attention_ceiling(d256, card)["overlapped"] > 1.5          # wide heads: MMA-bound, FP8 pays
+
+
+def test_w8a8_ceiling_adds_attention_and_solves_for_the_int8_rate():
+    """The W8A8 best case: the int8 GEMM gain, the prologue's bytes and what faster attention saves; the int8 speed-up
+    it reports as needed for the target gives exactly the target when plugged back (compute-bound card)."""
+    m, k, n = R.GEMM_SHAPE
+    rows = [{"m": m, "k": k, "n": n, "count": 20, "quantized": True}]
+    card = R.Card("test", 1e18, 0.117, 1.5, {}, fp8_attention_speedup=1.1)        # HBM ~free: compute-bound
+    at = {"overlapped": 1.05, "serial": 1.3}
+    w8 = R.w8a8_ceiling(rows, card, 5.0, at, attention_ms=1.0, target=1.25)
+    got = {(r["prologue"], r["attention"]): r for r in w8["rows"]}
+    assert len(got) == 8
+    lin16 = 20 * 0.117e-3
+    base = got[("fused into the producer", "bf16")]
+    assert base["ratio"] == pytest.approx(5e-3 / (5e-3 - lin16 + lin16 / 1.5), rel=1e-6)
+    fp8 = got[("fused into the producer", "cuDNN FP8 (measured)")]
+    assert fp8["ratio"] == pytest.approx(5e-3 / (5e-3 - lin16 + lin16 / 1.5 - 1e-3 * (1 - 1 / 1.1)), rel=1e-6)
+    for p in ("fused into the producer", "one-pass kernel"):           # faster attention: a faster step, a lower need
+        rs = sorted((got[(p, a)] for a in ("bf16", "FP8 bound, overlapped", "cuDNN FP8 (measured)",
+                                           "FP8 bound, serialized")), key=lambda r: r["speedup"])
+        assert [r["ratio"] for r in rs] == sorted(r["ratio"] for r in rs)
+        assert [r["int8_needed"] for r in rs] == sorted((r["int8_needed"] for r in rs), reverse=True)
+    for r in w8["rows"]:
+        plugged = R.w8a8_ceiling(rows, R.dataclasses.replace(card, int8_speedup=r["int8_needed"]), 5.0, at, 1.0)
+        assert {(q["prologue"], q["attention"]): q for q in plugged["rows"]}[
+            (r["prologue"], r["attention"])]["ratio"] == pytest.approx(1.25, rel=1e-6)
+    # a target beyond free linears is unreachable; no attention time: the bf16-attention rows only
+    assert R.w8a8_ceiling(rows, card, 5.0, at, 1.0, target=5.0)["rows"][0]["int8_needed"] == float("inf")
+    assert {r["attention"] for r in R.w8a8_ceiling(rows, card, 5.0, at, None)["rows"]} == {"bf16"}

@@ -152,19 +152,20 @@ fi
 if [ "${1:-}" = i24go ]; then
   # issue 24, 12-07 afternoon, one call when device time is short (<= ${T:-570} s): the fused linear with the K = 1536
   # codes made in the Hadamard kernel (the race fix) vs Triton; if right, the 512-px steps bf16 / "fast-mosaic" with
-  # them (prepbfh --codes-in-kernel 64 128) / "fast" (prepbf); if not, the check of "fast-mosaic" as it is (K = 1536:
-  # kernel x' + XLA codes) and the steps with it if that passes, else on the Mosaic GEMM alone (prepbfm)
+  # them (prepbfh --codes-in-kernel 64 128) / W8A8 on the Mosaic GEMM (never timed at 512 px; roofline.py: 1.30x with
+  # the quantization fused into its producer); if not, the check of "fast-mosaic" as it is (K = 1536: kernel x' + XLA
+  # codes) and the steps with it if that passes, else on the Mosaic GEMM alone (prepbfm)
   P=p:qdit4sr-paper-w4a4-small
   passed() { [ "$1" -eq 0 ] && grep -q "'ok': True" "$OUT/$2.log" && ! grep -q "'error'\|'ok': False" "$OUT/$2.log"; }
   el "fused check, K = 1536 codes in the kernel"
   fused_check go64_check ${CHECK_S:-90} --cases 3 --variants mosaic_had --codes-in-kernel 64 128
   if passed $? go64_check; then
-    steps512 ${T:-570} bf16 $P:prepbfh $P:prepbf --codes-in-kernel 64 128
+    steps512 ${T:-570} bf16 $P:prepbfh p:w8a8:prepbfm --codes-in-kernel 64 128
   else
     el "K = 1536 in-kernel codes not right: fast-mosaic as it is"
     fused_check go_check ${CHECK_S:-90} --cases 3 --variants mosaic_had
-    if passed $? go_check; then steps512 ${T:-570} bf16 $P:prepbfh $P:prepbf
-    else el "fast-mosaic check failed: Mosaic GEMM alone"; steps512 ${T:-570} bf16 $P:prepbfm $P:prepbf; fi
+    if passed $? go_check; then steps512 ${T:-570} bf16 $P:prepbfh p:w8a8:prepbfm
+    else el "fast-mosaic check failed: Mosaic GEMM alone"; steps512 ${T:-570} bf16 $P:prepbfm p:w8a8:prepbfm; fi
   fi
   el done
   exit 0

@@ -59,6 +59,13 @@ FP8 (or int8) MMAs make attention at most 1.08x faster if MMAs and exps overlap,
 attention measured 1.06-1.13x of its bf16 (RESULTS.md 2026-11-25), and its bf16 ran at 42 % of the overlapped
 floor's rate at 512 px (5.67 ms, H100 profile 2026-12-07).
 
+W8A8 (`w8a8_ceiling`, 2026-12-07): the int8 GEMM gain (no branch) with the activation quantization fused into its
+producer or as a one-pass kernel, plus what FP8 attention saves of the measured cuDNN bf16 attention (512 px: 5.67
+ms in the step's profile; 1024 px: 24 x 2.495 ms, one call timed alone, 2026-11-25), and the int8 GEMM speed-up that
+issue 24's 1.25x would need. H100 at the Mosaic GEMM's 1.81x (`--int8-speedup 1.81`): 512 px 1.30x with the
+quantization fused into the producer even with bf16 attention; 1024 px 1.25x only with that and cuDNN FP8 attention
+(1.18x with bf16 attention; a one-pass quantization kernel needs 2.85x int8 GEMMs for 1.25x).
+
 Readings (2026-12-06, the defaults above; `--card h100|h200 --sizes 512 1024`): the quantized linears are 31-48 %
 of the bf16 step (45.9 ms of 147.9 at 1024 px on the H100); the int8 GEMM rate caps the step at 1.036x (H100, 1024
 px) to 1.129x (H200, 512 px) with a free prologue. Break-even extra bytes per activation element, rank-32 branch
@@ -98,6 +105,7 @@ A_CODE_BYTES = 1                      # int8 activation codes as the int8 GEMM r
 W_CODE_BYTES = 1                      # int8 weight codes as the prepared tree stores them (unpacked; 0.5 if packed)
 OUT_BYTES = 2                         # the quantized GEMM writes bf16, as the bf16 GEMM does
 LOWRANK_RANK = 32                     # SVDQuant's / qdit4sr-w4a4's branch rank (QuantConfig.lowrank_rank)
+W8A8_TARGET = 1.25                    # issue 24's W8A8 step target, x bf16
 
 
 @dataclasses.dataclass(frozen=True)
@@ -113,6 +121,7 @@ class Card:
     bf16_dense_tflops: float = 989.0   # datasheet dense bf16 tensor-core peak (FP8: twice)
     exp_per_clk_sm: int = 16           # MUFU ex2 results per clock per SM (compute capability 9.0)
     bf16_attention_ms: Dict[int, float] = dataclasses.field(default_factory=dict)   # measured cuDNN bf16, per size
+    fp8_attention_speedup: float = 1.13   # measured cuDNN FP8 over cuDNN bf16, one call at 1024 px (inputs FP8)
 
     @property
     def exp_per_s(self) -> float:
@@ -125,7 +134,8 @@ class Card:
 
 
 CARDS = {
-    "h100": Card("H100 SXM", 3.35e12, 0.117, 1.12, {512: 27.42, 1024: 147.93}, bf16_attention_ms={512: 5.67}),
+    "h100": Card("H100 SXM", 3.35e12, 0.117, 1.12, {512: 27.42, 1024: 147.93},
+                 bf16_attention_ms={512: 5.67, 1024: 24 * 2.495}),
     "h200": Card("H200 SXM", 4.8e12, 0.126, 1.3, {512: 28.23, 1024: 144.70}),
 }
 
@@ -554,14 +564,15 @@ def floor_markdown(fl: dict, size: int) -> str:
     return "\n".join(lines)
 
 
-def _parse_steps(items) -> Dict[int, float]:
+def _parse_steps(items, option: str = "--step-ms") -> Dict[int, float]:
+    """SIZE=MS items -> {size: ms}; an error naming `option` for a malformed one."""
     out = {}
     for it in items or []:
         try:
             s, v = it.split("=")
             out[int(s)] = float(v)
         except ValueError:
-            raise SystemExit(f"--step-ms: {it!r} is not SIZE=MS (e.g. 1024=147.93)") from None
+            raise SystemExit(f"{option}: {it!r} is not SIZE=MS (e.g. 1024=147.93)") from None
     return out
 
 
@@ -588,6 +599,47 @@ def attention_ceiling(inv: dict, card: Card) -> dict:
     return out
 
 
+def w8a8_ceiling(linears: Sequence[dict], card: Card, step_ms: float, at: dict, attention_ms: Optional[float],
+                 target: float = W8A8_TARGET) -> dict:
+    """The W8A8 step's best case / bf16 step for one size: int8 GEMMs at `card.int8_speedup`, no branch, with the
+    activation quantization in the producer ("fused": the producer writes int8 instead of bf16) or as a one-pass
+    kernel, and attention (`attention_ms` of cuDNN bf16 per step, None: unknown) at bf16, at the measured cuDNN FP8
+    speed-up, and at the FP8 bounds of `attention_ceiling` (`at`). Per row also the int8 GEMM speed-up over bf16
+    that `target` would need (inf: not reachable even with free linears). {"rows": [{prologue, attention, speedup,
+    ratio, int8_needed}], "linear_share", "attention_share"}."""
+    t = linear_times(linears, card, rank=0)
+    step, lin16, lin8 = step_ms * 1e-3, t["bf16"], t["int8"]
+    att = (attention_ms or 0.0) * 1e-3
+    prologues = {"fused into the producer": DESIGNS["ideal (rotation + quantization fused into the producer)"],
+                 "one-pass kernel": DESIGNS["one-pass prologue kernel"]}
+    atts = [("bf16", 1.0), ("cuDNN FP8 (measured)", card.fp8_attention_speedup),
+            ("FP8 bound, overlapped", at["overlapped"]), ("FP8 bound, serialized", at["serial"])]
+    rows = []
+    for pname, passes in prologues.items():
+        pro = t["act_elems"] * design_bytes(passes)[0] / card.hbm_bytes_per_s
+        for aname, sp in (atts if att else atts[:1]):
+            saved = att * (1.0 - 1.0 / sp)
+            rest = step - lin16 - saved + pro               # everything but the int8 GEMMs
+            need = step / target - rest                     # the int8 GEMM time the target allows
+            rows.append({"prologue": pname, "attention": aname, "speedup": sp,
+                         "ratio": step / (rest + lin8), "int8_needed": lin16 / need if need > 0 else float("inf")})
+    return {"step_ms": step_ms, "target": target, "int8_speedup": card.int8_speedup, "linear_share": lin16 / step,
+            "attention_ms": attention_ms, "attention_share": att / step, "rows": rows}
+
+
+def w8a8_markdown(w8: dict, size: int, card: Card) -> str:
+    att = (f"attention {w8['attention_ms']:.2f} ms ({100 * w8['attention_share']:.0f} %)" if w8["attention_ms"]
+           else "attention time unknown (--attention-ms)")
+    lines = [f"### W8A8 ceiling: {card.name}, {size} px, bf16 step {w8['step_ms']:.2f} ms; linears "
+             f"{100 * w8['linear_share']:.0f} %, {att}; int8 GEMMs at {w8['int8_speedup']}x bf16", "",
+             f"| activation quantization | attention | attention x bf16 | step x bf16 | int8 GEMM x bf16 needed for "
+             f"{w8['target']}x |", "|---|---|---|---|---|"]
+    for r in w8["rows"]:
+        need = "unreachable" if r["int8_needed"] == float("inf") else f"{r['int8_needed']:.2f}"
+        lines.append(f"| {r['prologue']} | {r['attention']} | {r['speedup']:.2f} | {r['ratio']:.3f} | {need} |")
+    return "\n".join(lines)
+
+
 def attention_markdown(at: dict, size: int, card: Card) -> str:
     meas = (f"; cuDNN bf16 measured {at['measured_ms']:.2f} ms ({100 * at['measured_vs_floor']:.0f} % of the "
             f"overlapped floor's rate)" if at.get("measured_ms") else "")
@@ -611,12 +663,15 @@ def main(argv=None):
     ap.add_argument("--step-ms", nargs="+", default=None, metavar="SIZE=MS",
                     help="measured bf16 step per size, e.g. 512=27.42 1024=147.93 (default: the card's)")
     ap.add_argument("--rank", type=int, default=LOWRANK_RANK, help="low-rank branch rank")
+    ap.add_argument("--attention-ms", nargs="+", default=None, metavar="SIZE=MS",
+                    help="measured cuDNN bf16 attention per step, e.g. 512=5.67 (default: the card's)")
     ap.add_argument("--json", default=None, metavar="OUT", help="write the inventory and floor tables here")
     a = ap.parse_args(argv)
     base = CARDS[a.card]
     card = dataclasses.replace(
         base, hbm_bytes_per_s=a.hbm or base.hbm_bytes_per_s, bf16_gemm_ms=a.bf16_gemm_ms or base.bf16_gemm_ms,
-        int8_speedup=a.int8_speedup or base.int8_speedup, bf16_step_ms={**base.bf16_step_ms, **_parse_steps(a.step_ms)})
+        int8_speedup=a.int8_speedup or base.int8_speedup, bf16_step_ms={**base.bf16_step_ms, **_parse_steps(a.step_ms)},
+        bf16_attention_ms={**base.bf16_attention_ms, **_parse_steps(a.attention_ms, "--attention-ms")})
     cfg = step_cfg(a.preset)
     print(f"card {card.name}: HBM {card.hbm_bytes_per_s / 1e12:.2f} TB/s, bf16 GEMM {card.bf16_gemm_ms} ms at "
           f"{'x'.join(map(str, GEMM_SHAPE))} = {card.bf16_flops_per_s / 1e12:.0f} TFLOP/s, int8 x{card.int8_speedup}; "
@@ -637,6 +692,10 @@ def main(argv=None):
             entry["floor"] = fl
         entry["attention"] = attention_ceiling(inv, card)
         print(attention_markdown(entry["attention"], size, card), "\n")
+        if step_ms is not None:
+            entry["w8a8"] = w8a8_ceiling(inv["linears"], card, step_ms, entry["attention"],
+                                         card.bf16_attention_ms.get(size))
+            print(w8a8_markdown(entry["w8a8"], size, card), "\n")
         res["sizes"][str(size)] = entry
     if a.json:
         os.makedirs(os.path.dirname(os.path.abspath(a.json)), exist_ok=True)
