@@ -24,6 +24,7 @@
 #   bash benchmarks/gpu/gpu_session.sh i24x      # next: fused linear on the Mosaic GEMM: check + 512-px steps (<= 400 s);
 #                                             # then i24y (1024 px), i24z (W8A8 on Triton / Mosaic, 512 + 1024 px)
 #   bash benchmarks/gpu/gpu_session.sh i24go     # next, short of device time: i24next's K = 1536 check, then the steps
+#   bash benchmarks/gpu/gpu_session.sh i24chk    # very short of device time: i24go's checks alone
 #   bash benchmarks/gpu/gpu_session.sh i24prof2  # after i24go: 512-px profile of "fast-mosaic", Hadamard tunings
 #   bash benchmarks/gpu/gpu_session.sh i24tune   # after i24next: GEMM tile sweep at the 512-px shapes, Hadamard kernel tunings
 #   bash benchmarks/gpu/gpu_session.sh i24gaps   # after i24next: the Mosaic step with the scanned step as CUDA graphs
@@ -167,6 +168,16 @@ if [ "${1:-}" = i24go ]; then
     if passed $? go_check; then steps512 ${T:-570} bf16 $P:prepbfh p:w8a8:prepbfm
     else el "fast-mosaic check failed: Mosaic GEMM alone"; steps512 ${T:-570} bf16 $P:prepbfm p:w8a8:prepbfm; fi
   fi
+  el done
+  exit 0
+fi
+if [ "${1:-}" = i24chk ]; then
+  # issue 24, when device time is very short (<= ${T:-200} s): i24go's checks alone, the fused linear with the K = 1536
+  # codes made in the Hadamard kernel (the race fix), then "fast-mosaic" as it is, each vs Triton and fake-quant
+  el "fused check, K = 1536 codes in the kernel"
+  fused_check go64_check ${CHECK_S:-100} --cases 3 --variants mosaic_had --codes-in-kernel 64 128
+  left=$(( ${T:-200} - ($(date +%s) - t0) ))
+  [ $left -ge 50 ] && { el "fused check, fast-mosaic as it is ($left s)"; fused_check go_check $(( left - 5 )) --cases 3 --variants mosaic_had; }
   el done
   exit 0
 fi
