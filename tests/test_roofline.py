@@ -167,8 +167,8 @@ def test_w8a8_ceiling_adds_attention_and_solves_for_the_int8_rate():
     m, k, n = R.GEMM_SHAPE
     rows = [{"m": m, "k": k, "n": n, "count": 20, "quantized": True}]
     card = R.Card("test", 1e18, 0.117, 1.5, {}, fp8_attention_speedup=1.1)        # HBM ~free: compute-bound
-    at = {"overlapped": 1.05, "serial": 1.3}
-    w8 = R.w8a8_ceiling(rows, card, 5.0, at, attention_ms=1.0, target=1.25)
+    at = {"overlapped": 1.05, "serial": 1.3, "measured_ms": 1.0}
+    w8 = R.w8a8_ceiling(rows, card, 5.0, at, target=1.25)
     got = {(r["prologue"], r["attention"]): r for r in w8["rows"]}
     assert len(got) == 8
     lin16 = 20 * 0.117e-3
@@ -182,9 +182,9 @@ def test_w8a8_ceiling_adds_attention_and_solves_for_the_int8_rate():
         assert [r["ratio"] for r in rs] == sorted(r["ratio"] for r in rs)
         assert [r["int8_needed"] for r in rs] == sorted((r["int8_needed"] for r in rs), reverse=True)
     for r in w8["rows"]:
-        plugged = R.w8a8_ceiling(rows, R.dataclasses.replace(card, int8_speedup=r["int8_needed"]), 5.0, at, 1.0)
+        plugged = R.w8a8_ceiling(rows, R.dataclasses.replace(card, int8_speedup=r["int8_needed"]), 5.0, at)
         assert {(q["prologue"], q["attention"]): q for q in plugged["rows"]}[
             (r["prologue"], r["attention"])]["ratio"] == pytest.approx(1.25, rel=1e-6)
     # a target beyond free linears is unreachable; no attention time: the bf16-attention rows only
-    assert R.w8a8_ceiling(rows, card, 5.0, at, 1.0, target=5.0)["rows"][0]["int8_needed"] == float("inf")
-    assert {r["attention"] for r in R.w8a8_ceiling(rows, card, 5.0, at, None)["rows"]} == {"bf16"}
+    assert R.w8a8_ceiling(rows, card, 5.0, at, target=5.0)["rows"][0]["int8_needed"] == float("inf")
+    assert {r["attention"] for r in R.w8a8_ceiling(rows, card, 5.0, dict(at, measured_ms=None))["rows"]} == {"bf16"}

@@ -599,16 +599,16 @@ def attention_ceiling(inv: dict, card: Card) -> dict:
     return out
 
 
-def w8a8_ceiling(linears: Sequence[dict], card: Card, step_ms: float, at: dict, attention_ms: Optional[float],
-                 target: float = W8A8_TARGET) -> dict:
+def w8a8_ceiling(linears: Sequence[dict], card: Card, step_ms: float, at: dict, target: float = W8A8_TARGET) -> dict:
     """The W8A8 step's best case / bf16 step for one size: int8 GEMMs at `card.int8_speedup`, no branch, with the
     activation quantization in the producer ("fused": the producer writes int8 instead of bf16) or as a one-pass
-    kernel, and attention (`attention_ms` of cuDNN bf16 per step, None: unknown) at bf16, at the measured cuDNN FP8
-    speed-up, and at the FP8 bounds of `attention_ceiling` (`at`). Per row also the int8 GEMM speed-up over bf16
+    kernel, and attention (`at`, from `attention_ceiling`: its measured_ms of cuDNN bf16 per step, None: unknown)
+    at bf16, at the measured cuDNN FP8 speed-up, and at `at`'s FP8 bounds. Per row also the int8 GEMM speed-up over bf16
     that `target` would need (inf: not reachable even with free linears). {"rows": [{prologue, attention, speedup,
     ratio, int8_needed}], "linear_share", "attention_share"}."""
     t = linear_times(linears, card, rank=0)
     step, lin16, lin8 = step_ms * 1e-3, t["bf16"], t["int8"]
+    attention_ms = at.get("measured_ms")
     att = (attention_ms or 0.0) * 1e-3
     prologues = {"fused into the producer": DESIGNS["ideal (rotation + quantization fused into the producer)"],
                  "one-pass kernel": DESIGNS["one-pass prologue kernel"]}
@@ -693,8 +693,7 @@ def main(argv=None):
         entry["attention"] = attention_ceiling(inv, card)
         print(attention_markdown(entry["attention"], size, card), "\n")
         if step_ms is not None:
-            entry["w8a8"] = w8a8_ceiling(inv["linears"], card, step_ms, entry["attention"],
-                                         card.bf16_attention_ms.get(size))
+            entry["w8a8"] = w8a8_ceiling(inv["linears"], card, step_ms, entry["attention"])
             print(w8a8_markdown(entry["w8a8"], size, card), "\n")
         res["sizes"][str(size)] = entry
     if a.json:
