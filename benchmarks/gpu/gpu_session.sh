@@ -96,6 +96,15 @@ fused_check() {
   grep -v "^W[0-9]\|Warning" "$OUT/$name.log" | grep -o "'member': '[a-z_]*'\|'rel_vs_triton': [0-9.e-]*\|'rel_vs_fake': [0-9.e-]*\|'ok': [A-Za-z]*\|'error.*" | paste -sd' ' | cut -c1-900
   return $rc
 }
+# passed RC NAME: whether fused_check NAME (exit status RC) passed: every row 'ok', no error
+passed() { [ "$1" -eq 0 ] && grep -q "'ok': True" "$OUT/$2.log" && ! grep -q "'error'\|'ok': False" "$OUT/$2.log"; }
+# hadamard_tune LIMIT FEATURE_SHAPES: the Hadamard kernel's tunings (warpgroups, prefetch, output slots) and the
+# features GEMM's first FEATURE_SHAPES shapes (benchmarks/gpu/rotation_gemm.py), as $OUT/hadamard_tune.json / .log
+hadamard_tune() {
+  timeout "$1" python3 benchmarks/gpu/rotation_gemm.py --shapes 0 --hadamard-shapes 3 --features-shapes "$2" \
+      --hadamard-configs w2p1o1 w3p2o2 w2p2o2 w1p3o2 --reps 4 --out "$OUT/hadamard_tune.json" > "$OUT/hadamard_tune.log" 2>&1
+  grep -v "^W[0-9]\|Warning" "$OUT/hadamard_tune.log" | cut -c1-400 | tail -12
+}
 # steps512 T MODES...: the 512-px steps of MODES with what is left of T s since t0, as $OUT/steps512.json / .log
 steps512() {
   local left=$(( $1 - ($(date +%s) - t0) )); shift
@@ -157,7 +166,6 @@ if [ "${1:-}" = i24go ]; then
   # the quantization fused into its producer); if not, the check of "fast-mosaic" as it is (K = 1536: kernel x' + XLA
   # codes) and the steps with it if that passes, else on the Mosaic GEMM alone (prepbfm)
   P=p:qdit4sr-paper-w4a4-small
-  passed() { [ "$1" -eq 0 ] && grep -q "'ok': True" "$OUT/$2.log" && ! grep -q "'error'\|'ok': False" "$OUT/$2.log"; }
   el "fused check, K = 1536 codes in the kernel"
   fused_check go64_check ${CHECK_S:-90} --cases 3 --variants mosaic_had --codes-in-kernel 64 128
   if passed $? go64_check; then
@@ -186,12 +194,9 @@ if [ "${1:-}" = i24prof2 ]; then
   # e.g. "--codes-in-kernel 64 128" if i24go's check passed), its Mosaic kernels now named (GEMM / Hadamard / features),
   # then the Hadamard kernel's tunings with the time left
   P=p:qdit4sr-paper-w4a4-small
-  PT=$(( ${T:-420} - ${HT_S:-110} )); T=$PT profile512 ${PROF_MODE:-$P:prepbfh} ${PROF_ARGS:-}
+  T=$(( ${T:-420} - ${HT_S:-110} )) profile512 ${PROF_MODE:-$P:prepbfh} ${PROF_ARGS:-}
   left=$(( ${T:-420} - ($(date +%s) - t0) ))
-  [ $left -ge 60 ] && { el "Hadamard configs ($left s)"; timeout $(( left - 5 )) python3 benchmarks/gpu/rotation_gemm.py \
-      --shapes 0 --hadamard-shapes 3 --features-shapes 0 --hadamard-configs w2p1o1 w3p2o2 w2p2o2 w1p3o2 --reps 4 \
-      --out "$OUT/hadamard_tune.json" > "$OUT/hadamard_tune.log" 2>&1
-    grep -v "^W[0-9]\|Warning" "$OUT/hadamard_tune.log" | cut -c1-400 | tail -12; }
+  [ $left -ge 60 ] && { el "Hadamard configs ($left s)"; hadamard_tune $(( left - 5 )) 0; }
   el done
   exit 0
 fi
@@ -203,10 +208,7 @@ if [ "${1:-}" = i24tune ]; then
       --out "$OUT/ws_gemm.json" > "$OUT/ws_gemm.log" 2>&1
   grep -v "^W[0-9]\|Warning\|Deprecat" "$OUT/ws_gemm.log" | cut -c1-260 | tail -16
   left=$(( ${T:-570} - ($(date +%s) - t0) ))
-  el "Hadamard configs, features GEMM ($left s)"; timeout $(( left - 5 )) python3 benchmarks/gpu/rotation_gemm.py --shapes 0 \
-      --hadamard-shapes 3 --features-shapes 2 --hadamard-configs w2p1o1 w3p2o2 w2p2o2 w1p3o2 --reps 4 \
-      --out "$OUT/hadamard_tune.json" > "$OUT/hadamard_tune.log" 2>&1
-  grep -v "^W[0-9]\|Warning" "$OUT/hadamard_tune.log" | cut -c1-400 | tail -12
+  el "Hadamard configs, features GEMM ($left s)"; hadamard_tune $(( left - 5 )) 2
   el done
   exit 0
 fi
@@ -235,7 +237,7 @@ if [ "${1:-}" = i24next ]; then
   el "fused check"; fused_check next_check ${CHECK_S:-100} --cases 3 --variants mosaic_had; rc=$?
   P=p:qdit4sr-paper-w4a4-small
   modes="bf16 $P:prepbfh $P:prepbfm $P:prepbf"         # (the deadline skips the last ones first)
-  if [ $rc -ne 0 ] || grep -q "'error'\|'ok': False" "$OUT/next_check.log" || ! grep -q "'ok': True" "$OUT/next_check.log"; then
+  if ! passed $rc next_check; then
     el "fused check failed or off (rc $rc): no prepbfh step"; modes="bf16 $P:prepbfm $P:prepbf"
   fi
   steps512 ${T:-570} $modes
