@@ -296,3 +296,61 @@ def test_run_maxima_reach_the_gemm_unreduced_at_dit4sr_widths(monkeypatch):
                              gemm=mg.rowmax_reference, rowmax_kernel=mh.hadamard_reference, levels=small.levels, inv_levels=small.inv_levels,
                              step=jnp.int32(0))
     assert ops.sx.shape == (128,)                                           # K = 256: 4 runs, reduced here
+
+
+@pytest.mark.parametrize("route", ["hadamard", "xla"])
+def test_codes_made_in_the_gemm_get_the_prologues_operands(route):
+    """gemm="mosaic-codes": the prologue hands the GEMM x' in bf16 and its row maxima instead of codes (the Hadamard
+    kernel's x' mode, or XLA's x' with only the row max). The codes that `Operands.with_codes` makes from them (what
+    the GEMM makes in its consumer warpgroups, and the Triton fallback gets) are the codes prologue's to the bit, at
+    every step of the schedule; `mosaic_gemm.fits` takes x' only with a level table."""
+    rng = np.random.default_rng(11)
+    kw = prepare_weight(_layer(rng, 12, jnp.asarray([4, 3, 8], jnp.int32)), **SAMPLER_MODES["fast-codes"])
+    assert kw.gemm == "mosaic-codes" and kw.prologue == "mosaic"
+    x = _x(11, 130)
+    for t in (0, 1, 2, 9):
+        tables = dict(levels=kw.levels, inv_levels=kw.inv_levels, step=jnp.int32(t))
+        if route == "hadamard":
+            run = lambda codes: pm.mosaic_prologue(  # noqa: E731
+                x, kw.node, kw.bw, pad_to=128, rowmax_kernel=mh.hadamard_reference, gemm=mg.rowmax_reference,
+                codes=codes, **tables)
+        else:
+            run = lambda codes: prologue(  # noqa: E731
+                x, kw.node, 4, pad_to=128, chunk=0, bw=kw.bw, pad_branches=True, xprime="bfloat16", joint=True,
+                defer_scale=True, codes=codes, **tables)
+        want, got = run(True), run(False)
+        assert want.xq.dtype == jnp.int8 and got.xq.dtype == jnp.bfloat16 and got.xq.shape == want.xq.shape
+        np.testing.assert_array_equal(np.asarray(got.sx), np.asarray(want.sx))
+        np.testing.assert_array_equal(np.asarray(got.with_codes(kw.levels).xq), np.asarray(want.xq))
+        assert want.with_codes(kw.levels) is want
+        assert mg.fits(got, kw.node) and not mg.fits(dataclasses.replace(got, sx_inv=None), kw.node)
+    xt = mh.hadamard_reference(jnp.pad(x, ((0, 126), (0, 0))))[0] if route == "hadamard" else None
+    if xt is not None:                                       # x' itself, as the Hadamard kernel wrote it
+        np.testing.assert_array_equal(np.asarray(got.xq, np.float32), np.asarray(xt, np.float32))
+
+
+@pytest.mark.skipif(OLD_JAX, reason="Mosaic GPU kernels written for JAX >= 0.10")
+@pytest.mark.parametrize("k,n,rotated,kernels", [(1536, 1536, True, 3), (6144, 1536, True, 3), (1536, 6144, False, 1)])
+def test_codes_gemm_takes_x_prime_unquantized(k, n, rotated, kernels):
+    """Prepared "fast-codes", a paper layer lowers for CUDA to the Hadamard kernel's x' mode, the features GEMM and the
+    int8 GEMM fed x' in bf16 (bf16 [Mp, K] into the GEMM's custom call), a W8A8 layer (no rotation) to the int8 GEMM
+    alone fed the layer's input: no codes pass (no rounding op) in XLA, no Triton kernel."""
+    from conftest import prepared_paper_layer
+    from qdit4sr_jax.quant.kernels import lowering_for
+    from qdit4sr_jax.quant.linear import linear
+    if rotated:
+        kw = prepared_paper_layer(k, n, **SAMPLER_MODES["fast-codes"])
+    else:
+        w = make_qweight(jnp.asarray(np.random.default_rng(3).normal(size=(n, k)).astype(np.float32) * 0.03),
+                         w_bits=8, a_bits=8, execution="fused")
+        kw = prepare_weight(w, **SAMPLER_MODES["fast-codes"])      # fixed bits: a one-step level table
+        assert kw.levels.tolist() == [127.0] and prepare_weight(w, **SAMPLER_MODES["fast-mosaic"]).levels is None
+    m = 2 * 1024 + 7
+    x, t, b = S((m, k), jnp.bfloat16), S((), jnp.int32), S((n,), jnp.float32)
+    with lowering_for("gpu"):
+        text = jax.jit(lambda kw, x, t, b: linear(x, kw, b, step=t)).trace(kw, x, t, b).lower(
+            lowering_platforms=("cuda",)).as_text()
+    assert text.count("custom_call @mosaic_gpu") == kernels and "__gpu$xla.gpu.triton" not in text
+    assert "round_nearest_even" not in text
+    gemm_call = [ln for ln in text.splitlines() if "call @mosaic_int8_ws" in ln]
+    assert gemm_call and all(f"tensor<{-(-m // 128) * 128}x{k}xbf16>" in ln for ln in gemm_call), gemm_call
