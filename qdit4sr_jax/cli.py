@@ -126,12 +126,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="colour correction towards the bicubic input (model: the model's default)")
     u.add_argument("--execution", default="stored", choices=["stored", "fake", "int", "fused"],
                    help="how the quantized layers run: as saved, fake-quant, XLA int8, or the fused kernels")
-    u.add_argument("--prepare", default="none", choices=["none", "packed", "unpacked", "fast", "fast-mosaic",
-                                                         "fast-codes"],
+    u.add_argument("--prepare", default="none", choices=["none", "packed", "unpacked", "fast", "fast-mosaic"],
                    help="fused layers: weight-side kernel operands once per run (more memory; see README); fast: "
                         "also x' in bf16 and the branch down-projection on the layer's input (rounds differently); "
-                        "fast-mosaic: fast with the Mosaic GPU kernels on Hopper (opt-in; docs/PRESETS.md); "
-                        "fast-codes: fast-mosaic whose GEMM makes the activation codes itself (opt-in)")
+                        "fast-mosaic: fast with the Mosaic GPU kernels on Hopper (opt-in; docs/PRESETS.md)")
     u.set_defaults(fn=cmd_upscale)
 
     q = sub.add_parser("quantize", help="quantize a model's transformer and save it with orbax")

@@ -24,7 +24,6 @@
 #   bash benchmarks/gpu/gpu_session.sh i24x      # next: fused linear on the Mosaic GEMM: check + 512-px steps (<= 400 s);
 #                                             # then i24y (1024 px), i24z (W8A8 on Triton / Mosaic, 512 + 1024 px)
 #   bash benchmarks/gpu/gpu_session.sh i24go     # next, short of device time: i24next's K = 1536 check, then the steps
-#   bash benchmarks/gpu/gpu_session.sh i24codes  # the GEMM making the activation codes (check, time; 512-px steps)
 #   bash benchmarks/gpu/gpu_session.sh i24chk    # very short of device time: i24go's checks alone
 #   bash benchmarks/gpu/gpu_session.sh i24prof2  # after i24go: 512-px profile of "fast-mosaic", Hadamard tunings
 #   bash benchmarks/gpu/gpu_session.sh i24tune   # after i24next: GEMM tile sweep at the 512-px shapes, Hadamard kernel tunings
@@ -177,23 +176,6 @@ if [ "${1:-}" = i24go ]; then
     if passed $? go_check; then steps512 ${T:-570} bf16 $P:prepbfh p:w8a8:prepbfm
     else el "fast-mosaic check failed: Mosaic GEMM alone"; steps512 ${T:-570} bf16 $P:prepbfm p:w8a8:prepbfm; fi
   fi
-  el done
-  exit 0
-fi
-if [ "${1:-}" = i24codes ]; then
-  # issue 24, 12-07 evening (<= ${T:-570} s): the Mosaic GEMM that makes the activation codes itself from x' in bf16
-  # (gemm="mosaic-codes": no codes pass; roofline.py's only W8A8 route to 1.25x). First the kernel vs the same kernel on
-  # XLA's codes at both levels and its time vs today's path at the 512-px shapes (codes_gemm.py), the fused linear of
-  # "fast-codes" vs Triton / fake-quant (Hadamard kernel's and XLA's x'); if both pass, the 512-px steps bf16 / W8A8 on
-  # today's Mosaic GEMM / W8A8 and paper-small with the codes in the GEMM; else bf16 / W8A8 / paper-small as today
-  P=p:qdit4sr-paper-w4a4-small
-  el "codes GEMM: check + time"; timeout ${CG_S:-170} python3 benchmarks/gpu/codes_gemm.py --shapes 4 \
-      --deadline $(( ${CG_S:-170} - 45 )) --out "$OUT/codes_gemm.json" > "$OUT/codes_gemm.log" 2>&1; cg=$?
-  grep -v "^W[0-9]\|Warning" "$OUT/codes_gemm.log" | grep "^ok\|^|\|rror\|'mismatch': [1-9]" | cut -c1-300 | tail -16
-  el "fused check, fast-codes"; fused_check codes_check ${CHECK_S:-80} --cases 3 --variants mosaic_codes mosaic_codes_xla
-  fc=$?
-  if [ $cg -eq 0 ] && passed $fc codes_check; then steps512 ${T:-570} bf16 p:w8a8:prepbfm p:w8a8:prepbfc $P:prepbfc
-  else el "codes GEMM not right (codes_gemm rc $cg): today's modes"; steps512 ${T:-570} bf16 p:w8a8:prepbfm $P:prepbfh; fi
   el done
   exit 0
 fi

@@ -44,7 +44,7 @@ def abstract_quantized(model, preset: str, steps: int = 40):
     return with_execution(q, "fused"), len(paths)
 
 
-PREPARES = ("none", "xla", "pallas", "fast", "fast-mosaic-gemm", "fast-mosaic", "fast-mosaic-rot", "fast-codes")
+PREPARES = ("none", "xla", "pallas", "fast", "fast-mosaic-gemm", "fast-mosaic", "fast-mosaic-rot")
 
 
 def check(model="dit4sr", preset: str = "qdit4sr-w4a4-small", size: int = 512, batch: int = 1,
@@ -54,8 +54,7 @@ def check(model="dit4sr", preset: str = "qdit4sr-w4a4-small", size: int = 512, b
     by the layers reading one input; Triton GEMMs) | fast-mosaic-gemm ("fast" with the GEMMs on the
     warp-specialized Mosaic kernel, counted as mosaic_kernels) | fast-mosaic (the sampler's "fast-mosaic": that,
     with rotated layers' prologue on the Mosaic Hadamard kernel) | fast-mosaic-rot (the rotation on one Mosaic
-    GEMM: `prologue_mosaic.py`) | fast-codes (the sampler's "fast-codes": fast-mosaic whose GEMM makes the
-    activation codes); Mosaic calls are counted before XLA's CSE of identical calls;
+    GEMM: `prologue_mosaic.py`); Mosaic calls are counted before XLA's CSE of identical calls;
     platform: "gpu" (lowered for CUDA) or "tpu" (the fused
     layers take their XLA path there: no custom calls expected)."""
     import step_latency as S
@@ -76,7 +75,6 @@ def check(model="dit4sr", preset: str = "qdit4sr-w4a4-small", size: int = 512, b
     step = S.make_step(DiT4SRTransformer(mcfg), mcfg.guidance_scale, 1)
     args = jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), S.inputs(mcfg, size, batch))
     kw = {"fast": SAMPLER_MODES["fast"], "fast-mosaic": SAMPLER_MODES["fast-mosaic"],
-          "fast-codes": SAMPLER_MODES["fast-codes"],
           "fast-mosaic-gemm": dict(SAMPLER_MODES["fast"], gemm="mosaic"),
           "fast-mosaic-rot": dict(SAMPLER_MODES["fast"], gemm="mosaic", prologue="mosaic-gemm")}.get(
         prepare, dict(prologue=prepare))

@@ -34,13 +34,10 @@ from ws_gemm import per_call_ms  # noqa: E402
 SCHEDULE = [4, 3, 5, 4]
 # prepare() arguments beside the sampler's "fast" mode: the Triton GEMM (the reference here), the Mosaic GEMM, and
 # the Mosaic GEMM after the rotation prologue on the Mosaic Hadamard kernel (mosaic_had) or on one Mosaic GEMM with
-# the features (mosaic_rot, 1536-input layers) (prologue_mosaic.py); the Mosaic GEMM making the codes itself
-# (gemm="mosaic-codes", the sampler's "fast-codes") from the Hadamard kernel's x' or from XLA's
+# the features (mosaic_rot, 1536-input layers) (prologue_mosaic.py)
 VARIANTS = {"triton": dict(gemm="triton"), "mosaic": dict(gemm="mosaic"),
             "mosaic_had": dict(gemm="mosaic", prologue="mosaic"),
-            "mosaic_rot": dict(gemm="mosaic", prologue="mosaic-gemm"),
-            "mosaic_codes": dict(gemm="mosaic-codes", prologue="mosaic"),       # the GEMM makes the codes from x':
-            "mosaic_codes_xla": dict(gemm="mosaic-codes")}                       # the Hadamard kernel's / XLA's x'
+            "mosaic_rot": dict(gemm="mosaic", prologue="mosaic-gemm")}
 # (M, K, N, group, float_groups): the 512-px step's shapes with CFG; group: a to_q / to_k / to_v group sharing its
 # down GEMM; float_groups: float group scales (the plain paper preset's "gnk" layout: the grouped kernel path)
 CASES = [(4096, 1536, 1536, True, False), (4096, 1536, 6144, False, False), (4096, 6144, 1536, False, True),

@@ -102,28 +102,7 @@ def test_warp_specialized_gemm_rejects_bad_tiles():
         mg.mosaic_int8_gemm_ws(x, w, sx, sw, stages=2, in_flight=2)
     with pytest.raises(TypeError, match="int8 operands"):
         mg.mosaic_int8_gemm_ws(x.astype(jnp.float32), w, sx, sw)
-    with pytest.raises(ValueError, match="need a level table"):        # x' in bf16: codes from the table's levels
-        mg.mosaic_int8_gemm_ws(x.astype(jnp.bfloat16), w, sx, sw)
     assert mg.ws_tiles_ok(4096, 1536, 1536) and not mg.ws_tiles_ok(4096, 1536, 1536, tile_n=256)
-
-
-@lowering
-@pytest.mark.parametrize("k,n,runs,group,exact", [(1536, 1536, 0, 0, True), (6144, 1536, 48, 0, False),
-                                                  (1536, 1536, 24, 64, True), (256, 256, 0, 128, True)])
-def test_gemm_making_the_codes_lowers_for_cuda(k, n, runs, group, exact):
-    """Given x' in bf16 (with the level table), the warp-specialized GEMM makes the codes in its compute warpgroups
-    (x' tiles loaded into the 8-bit wgmma register layout, int8 A from registers) and lowers for CUDA: per-channel
-    and group-wise weights, row maxima as one value per row or run maxima, exact or reciprocal codes; a bf16 operand
-    reaches the custom call. Its numbers: benchmarks/gpu/codes_gemm.py on the GPU."""
-    m = 4096 if k > 256 else 256
-    w = S((k // group, n, group), jnp.int8) if group else S((n, k), jnp.int8)
-    sw = S((k // group, n), jnp.float32) if group else S((n,), jnp.float32)
-    sx = S((m, runs), jnp.float32) if runs else S((m,), jnp.float32)
-    f = lambda x, w, sx, sw, inv, t, b: mg.mosaic_int8_gemm_ws(  # noqa: E731
-        x, w, sx, sw, b, inv_levels=inv, step=t, exact_codes=exact, **mg.FUSED_TILES)
-    text = jax.jit(f).trace(S((m, k), jnp.bfloat16), w, sx, sw, S((3,), jnp.float32), S((1,), jnp.int32),
-                            S((n,), jnp.float32)).lower(lowering_platforms=("cuda",)).as_text()
-    assert text.count("custom_call @mosaic_gpu") == 1 and f"tensor<{m}x{k}xbf16>" in text
 
 
 def _prepared_paper_layer(k, n, gemm):

@@ -52,7 +52,7 @@ BACKENDS = ("auto", "pallas", "interpret", "xla")
 def prologue(x2, w: QuantizedWeight, bits, *, pad_to: int = 1, chunk: Optional[int] = None,
              bw: Optional[BranchWeights] = None, pad_branches: bool = False, xprime: str = "float32",
              joint: bool = False, levels=None, inv_levels=None, step=None,
-             shared: Optional[SharedDown] = None, defer_scale: bool = False, codes: bool = True) -> Operands:
+             shared: Optional[SharedDown] = None, defer_scale: bool = False) -> Operands:
     """x2 [M, K] -> `Operands` (stage 1 of the module docstring). bits: int or traced int32 scalar.
     pad_to: pad the rows to a multiple of this; chunk: with packed weights, split every run of `chunk`
     codes into [even | odd] (None: keep the natural order); bw: the node's `branch_weights`, when
@@ -70,9 +70,7 @@ def prologue(x2, w: QuantizedWeight, bits, *, pad_to: int = 1, chunk: Optional[i
     start at `Operands.col` (without shared, such a layer computes its features from x' with its own factors: the
     same function, rounded differently). defer_scale (with levels): return each row's max|x'| as `Operands.sx`
     with the table and step (`Operands.sx_inv` / `sx_step`) for the GEMM kernel to make the scale from (the same
-    scale; no kernel of its own for it). codes=False (with defer_scale, x' in bf16): `Operands.xq` is x' itself,
-    bf16 [Mp, K], for the Mosaic GEMM that makes the codes in its consumer warpgroups (gemm="mosaic-codes"): XLA
-    computes the row max only, which fuses into x's producer."""
+    scale; no kernel of its own for it)."""
     m, k = x2.shape
     if bw is None:
         bw = branch_weights(w, pad=pad_branches)
@@ -102,7 +100,7 @@ def prologue(x2, w: QuantizedWeight, bits, *, pad_to: int = 1, chunk: Optional[i
         xf = xt.astype(jnp.float32)
         amax = jnp.max(jnp.abs(xf), axis=-1, keepdims=True)
         s = scale_from_max(amax, inv_levels, step)
-        q = xt if not codes and defer_scale and xt.dtype == jnp.bfloat16 else codes_from_scale(xf, s, lev)
+        q = codes_from_scale(xf, s, lev)
         if defer_scale:
             s = amax
             deferred = dict(sx_inv=inv_levels, sx_step=jnp.reshape(jnp.asarray(step, jnp.int32), (1,)))
@@ -229,10 +227,9 @@ def fused_linear(x, w: QuantizedWeight, bias=None, *, act_bits=None, step=None, 
         chunk = packed_run(w, cfg)
         hopper = be == "pallas" and has_wgmma()                       # the Mosaic kernels need wgmma
         route = pm.PROLOGUE_ROUTES.get(kw.prologue) if kw is not None else None
-        codes = not (hopper and kw is not None and kw.gemm == "mosaic-codes")   # else the GEMM makes them
         if (hopper and route and table and not chunk
                 and pm.fits(x2, w, bw, shared, kw.levels, cfg.block_m, route)):
-            ops = pm.mosaic_prologue(x2, w, bw, pad_to=cfg.block_m, shared=shared, route=route, codes=codes, **tables)
+            ops = pm.mosaic_prologue(x2, w, bw, pad_to=cfg.block_m, shared=shared, route=route, **tables)
         elif kw is not None and kw.prologue == "pallas" and pk.fits(w, bw, chunk, cfg.prologue_block_m):
             ops = pk.pallas_prologue(x2, w, bw, bits, pad_to=cfg.block_m, interpret=(be == "interpret"),
                                      block_m=cfg.prologue_block_m,
@@ -240,11 +237,9 @@ def fused_linear(x, w: QuantizedWeight, bias=None, *, act_bits=None, step=None, 
                                      levels=tables.get("levels"), step=tables.get("step"))
         else:
             ops = prologue(x2, w, bits, pad_to=cfg.block_m, chunk=chunk, bw=bw, pad_branches=True, xprime=xprime,
-                           joint=True, shared=shared, defer_scale=True, codes=codes or bool(chunk), **tables)
-        if hopper and kw is not None and kw.gemm in ("mosaic", "mosaic-codes") and mosaic_fits(ops, w):
+                           joint=True, shared=shared, defer_scale=True, **tables)
+        if hopper and kw is not None and kw.gemm == "mosaic" and mosaic_fits(ops, w):
             y = mosaic_gemm_epilogue(ops, w, bias, x.dtype)
-        elif ops.xq.dtype != jnp.int8:            # x' for a Mosaic GEMM that does not take this layer: XLA's codes
-            y = pallas_gemm_epilogue(ops.with_codes(kw.levels), w, bias, x.dtype, cfg, interpret=(be == "interpret"))
         else:
             y = pallas_gemm_epilogue(ops, w, bias, x.dtype, cfg, interpret=(be == "interpret"))
     return y.reshape(*lead, w.n)

@@ -209,7 +209,7 @@ def mosaic_int8_gemm_ws(xq, wq, sx, sw, bias=None, addend=None, *, out_dtype=jnp
                         tile_n: int = 128, wg_dim: str = "m", stages: int = 4, epi: int = 64,
                         epi_n: int | None = None, out_slots: int = 2, grid_minor: int = 1,
                         grid_width: int = 8, in_flight: int = 1, num_sms: int | None = None,
-                        inv_levels=None, step=None, branches: Sequence[Branch] = (), exact_codes: bool = True):
+                        inv_levels=None, step=None, branches: Sequence[Branch] = ()):
     """The same GEMM and epilogue as `mosaic_int8_gemm`, structured the way Hopper GEMMs reach the tensor cores'
     rate: persistent (one program per SM walking the output tiles in a snake of `grid_width` tiles along
     dimension `grid_minor`, 0 = M, 1 = N), warp-specialized (a memory warpgroup issues the TMA copies of K steps
@@ -229,25 +229,13 @@ def mosaic_int8_gemm_ws(xq, wq, sx, sw, bias=None, addend=None, *, out_dtype=jnp
     from one [tile_m, g] block where g is a multiple of 16 ([64, 48] checked right on an H100), else from
     overlapping [tile_m, 16] blocks (unchecked on a GPU; `prologue_mosaic.RUN_TILE`). branches: `Branch`es whose
     products the epilogue adds (bf16 wgmmas into a float32 accumulator started from the scaled int32 one):
-    y = acc * s_x * s_w + sum_b feats_b @ up_b + bias (+ addend).
-    Codes made here: with the level table, xq may be x' itself, bf16 [M, K]. Each compute warpgroup then loads its
-    [tile_m, K step] tile of x' from shared memory into registers and makes the codes clip(round(x' / s), +-level)
-    there (`operands.codes_from_scale`; the level is 1 / inv_levels[step] rounded), which go to the int8 wgmma from
-    registers: no pass over x' writes codes (`fused.prologue` with codes=False). exact_codes=False multiplies by
-    1 / s instead of dividing (cheaper; a code can differ from XLA's where x' / s is within an ulp of a tie).
-    GPU-checked by benchmarks/gpu/codes_gemm.py."""
+    y = acc * s_x * s_w + sum_b feats_b @ up_b + bias (+ addend)."""
     from jax.experimental.pallas import mosaic_gpu as plgpu
     runs = sx.shape[1] if sx.ndim == 2 else 0          # sx as run maxima [M, g]: the row max taken here
     if runs and (inv_levels is None or not takes_run_maxima(runs) or sx.shape[0] != xq.shape[0]):
         raise ValueError(f"mosaic_int8_gemm_ws: sx [M, g] (run maxima) needs a level table and g >= 16, a multiple "
                          f"of 8, got {tuple(sx.shape)} for activations {tuple(xq.shape)}")
     sx_rows = jax.ShapeDtypeStruct(sx.shape[:1], sx.dtype)
-    codes_here = xq.dtype == jnp.bfloat16                # x' in bf16: the compute warpgroups make the codes
-    if codes_here and inv_levels is None:
-        raise ValueError("mosaic_int8_gemm_ws: bf16 activations (codes made in the kernel) need a level table")
-    x_in = xq
-    if codes_here:                                       # the operand checks see the codes' shape
-        xq = jax.ShapeDtypeStruct(xq.shape, jnp.int8)
     grouped = wq.ndim == 3
     if grouped:
         n_groups, _, gsize = wq.shape
@@ -282,13 +270,10 @@ def mosaic_int8_gemm_ws(xq, wq, sx, sw, bias=None, addend=None, *, out_dtype=jnp
     cta_m, cta_n = _cta(tile_m, tile_n, wg_dim)
     m_iters, n_iters, k_iters = m // cta_m, n // cta_n, k // step_k
     transforms = (plgpu.TilingTransform((8, step_k)), plgpu.SwizzleTransform(step_k))
-    # x' in bf16: 64 bf16 per 128-byte swizzle span (two spans per K step of 128 codes)
-    x_transforms = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128)) if codes_here else transforms
     out_bytes = jnp.dtype(out_dtype).itemsize
     out_swizzle = plgpu.find_swizzle(epi_n * out_bytes * 8)
     out_transforms = (plgpu.TilingTransform((8, out_swizzle // out_bytes)), plgpu.SwizzleTransform(out_swizzle))
     row, col, acc_layout = plgpu.Layout.WGMMA.reduce(1), plgpu.Layout.WGMMA.reduce(0), plgpu.Layout.WGMMA
-    codes_layout = plgpu.Layout.WGMMA_8BIT         # int8 A from registers: 4 codes per 32-bit register
     has_bias, has_add, table = bias is not None, addend is not None, inv_levels is not None
     n_lev = int(inv_levels.shape[0]) if table else 0
 
@@ -302,7 +287,7 @@ def mosaic_int8_gemm_ws(xq, wq, sx, sw, bias=None, addend=None, *, out_dtype=jnp
         return plgpu.emit_pipeline_warp_specialized(
             body, grid=(k_iters,), memory_registers=40, wg_axis="wg", num_compute_wgs=2,
             max_concurrent_steps=stages, compute_context=context,
-            in_specs=[plgpu.BlockSpec((cta_m, step_k), lambda kk: (0, kk), transforms=x_transforms,
+            in_specs=[plgpu.BlockSpec((cta_m, step_k), lambda kk: (0, kk), transforms=transforms,
                                       delay_release=in_flight),
                       plgpu.BlockSpec((pl.squeezed, cta_n, step_k), lambda kk: (kk, 0, 0), transforms=transforms)
                       if grouped else
@@ -332,30 +317,20 @@ def mosaic_int8_gemm_ws(xq, wq, sx, sw, bias=None, addend=None, *, out_dtype=jnp
 
                     shape = (tile_m, tile_n)
 
-                    def row_sx(lay):
-                        """sx of the warpgroup's rows in lay.reduce(1) (lay: a 2-D register layout); with the
-                        table, their scale."""
+                    def row_scale():
                         if runs:             # the row's max of its run maxima (what a reduce kernel per layer did)
                             s_x = None       # one block where g is a multiple of 16 (checked on an H100), else
                             starts = [0] if runs % 16 == 0 else sorted({*range(0, runs - 15, 16), runs - 16})
                             width = runs if runs % 16 == 0 else 16     # 16-column blocks overlapping at the end
                             for c_ in starts:
                                 blk = jnp.max(plgpu.load(sx_g.at[pl.ds(r0, tile_m), pl.ds(c_, width)], (),
-                                                         layout=lay, optimized=False), axis=1)
+                                                         layout=acc_layout, optimized=False), axis=1)
                                 s_x = blk if s_x is None else jnp.maximum(s_x, blk)
                         else:
-                            s_x = plgpu.load(sx_g.at[pl.ds(r0, tile_m)], (), layout=lay.reduce(1), optimized=False)
+                            s_x = plgpu.load(sx_g.at[pl.ds(r0, tile_m)], (), layout=row, optimized=False)
                         if table:
                             s_x = scale_from_level(s_x, inv_g[jnp.clip(step_g[0], 0, n_lev - 1)])
-                        return s_x
-
-                    def row_scale():
-                        return jax.lax.broadcast_in_dim(row_sx(acc_layout), shape, [0])
-
-                    if codes_here:           # for the K loop's codes: the row scale in their layout, the level
-                        s_c = row_sx(codes_layout)
-                        qstate.update(s=s_c if exact_codes else 1.0 / s_c,
-                                      level=jnp.round(1.0 / inv_g[jnp.clip(step_g[0], 0, n_lev - 1)]))
+                        return jax.lax.broadcast_in_dim(s_x, shape, [0])
 
                     def with_acc(acc_ref):
                         run(acc_ref)
@@ -386,26 +361,14 @@ def mosaic_int8_gemm_ws(xq, wq, sx, sw, bias=None, addend=None, *, out_dtype=jnp
                                            layout=acc_layout, optimized=False).astype(jnp.float32)
                     _store_tiles(plgpu, y.astype(out_dtype), out_smem.at[wg], o_g, r0, c0, epi, epi_n)
 
-                qstate = {}          # set by `context` before the K loop is traced: the codes' row scale, level
-
-                def lhs(x_s):
-                    """The warpgroup's A operand of this K step: its rows of x_s in shared memory or, x' in bf16,
-                    their codes made in registers (`operands.codes_from_scale`)."""
-                    if not codes_here:
-                        return x_s.at[wg_rows]
-                    xf = plgpu.load(x_s.at[wg_rows], (), layout=codes_layout, optimized=False).astype(jnp.float32)
-                    s_b = plgpu.layout_cast(jax.lax.broadcast_in_dim(qstate["s"], xf.shape, [0]), codes_layout)
-                    v = xf / s_b if exact_codes else xf * s_b
-                    return jnp.clip(jnp.round(v), -qstate["level"], qstate["level"]).astype(jnp.int8)
-
                 def mma(idx, x_s, w_s, carry):
                     if not grouped:
-                        plgpu.wgmma(carry, lhs(x_s), plgpu.transpose_ref(w_s.at[wg_cols], (1, 0)))
+                        plgpu.wgmma(carry, x_s.at[wg_rows], plgpu.transpose_ref(w_s.at[wg_cols], (1, 0)))
                         plgpu.wgmma_wait(in_flight)
                         return carry
 
                     def group_product(acc_ref):
-                        plgpu.wgmma(acc_ref, lhs(x_s), plgpu.transpose_ref(w_s.at[wg_cols], (1, 0)))
+                        plgpu.wgmma(acc_ref, x_s.at[wg_rows], plgpu.transpose_ref(w_s.at[wg_cols], (1, 0)))
                         plgpu.wgmma_wait(0)
                         return acc_ref[...]
 
@@ -423,7 +386,7 @@ def mosaic_int8_gemm_ws(xq, wq, sx, sw, bias=None, addend=None, *, out_dtype=jnp
                       [plgpu.Barrier(num_barriers=2) for _ in branches], collective_axes="wg")
         plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
-    args = [x_in, wq, sx.astype(jnp.float32), sw.astype(jnp.float32)]
+    args = [xq, wq, sx.astype(jnp.float32), sw.astype(jnp.float32)]
     if table:
         args += [inv_levels.astype(jnp.float32), jnp.asarray(step, jnp.int32).reshape(1)]
     if has_bias:
@@ -433,12 +396,12 @@ def mosaic_int8_gemm_ws(xq, wq, sx, sw, bias=None, addend=None, *, out_dtype=jnp
     for b in branches:
         args += [b.feats, b.up]
     grid = min(num_sms or _num_sms(), m_iters * n_iters)
-    body.__name__ = "mosaic_int8_gemm_ws_codes" if codes_here else "mosaic_int8_gemm_ws"   # its name in profiles
+    body.__name__ = "mosaic_int8_gemm_ws"          # the kernel's name in profiles (step_profile.py)
     kernel = plgpu.kernel(body, out_type=jax.ShapeDtypeStruct((m, n), out_dtype), grid=(grid,), grid_names=("sm",),
                           num_threads=3, thread_name="wg")
     config = ("int8_ws", str(jnp.dtype(out_dtype)), tile_m, tile_n, wg_dim, stages, epi, epi_n, out_slots, grid_minor,
               grid_width, in_flight, grid, grouped, has_bias, has_add, table, n_lev, runs,
-              tuple((b.col0, b.block_out) for b in branches), codes_here and exact_codes)
+              tuple((b.col0, b.block_out) for b in branches))
     return shared_call(kernel, args, config)
 
 
@@ -586,7 +549,6 @@ def reference(xq, wq, sx, sw, bias=None, addend=None, *, out_dtype=jnp.bfloat16)
 # fastest of the H200 sweep that fits (benchmarks/RESULTS.md, 2026-12-07: 28.8 us at 4096 x 1536 x 1536, 1.57x of
 # cuBLAS bf16, Triton 1.14x); 128 x 128 along M (faster at N = 6144 and M = 2048) needs 254 KiB with them.
 FUSED_TILES = dict(tile_m=64, tile_n=128, wg_dim="n", stages=4, in_flight=1, grid_minor=1, grid_width=8)
-CODES_STAGES = 3        # pipeline stages when the kernel reads x' in bf16 (4 overflow shared memory with the branches)
 _TILE_FIELDS = {"tile_m": int, "tile_n": int, "wg_dim": str, "stages": int, "in_flight": int, "grid_minor": int,
                 "grid_width": int, "epi": int, "epi_n": int, "out_slots": int}
 _FUSED_OVERRIDE: dict = {}
@@ -635,15 +597,12 @@ def _branches(ops):
 
 
 def fits(ops, w, tiles=None) -> bool:
-    """Whether `mosaic_gemm_epilogue` runs this layer: int8 codes (unpacked, not split into [even | odd] runs) or
-    x' in bf16 with a level table (the kernel makes the codes),
+    """Whether `mosaic_gemm_epilogue` runs this layer: int8 codes (unpacked, not split into [even | odd] runs),
     per channel ("nk") or in float-scaled groups of 64 / 128 ("gnk"); rows / columns / K that tile; branch
     features and up-projections in one 16-bit dtype with ranks a multiple of 16 and blocks a multiple of tile_n."""
     t = _fused_tiles(tiles)
     mp, kp = ops.xq.shape
-    codes_here = ops.xq.dtype == jnp.bfloat16 and ops.sx_inv is not None      # x': the kernel makes the codes
-    if (w.layout not in ("nk", "gnk") or ops.chunk or w.packed or not (ops.xq.dtype == jnp.int8 or codes_here)
-            or w.k != kp):
+    if w.layout not in ("nk", "gnk") or ops.chunk or w.packed or ops.xq.dtype != jnp.int8 or w.k != kp:
         return False
     if ops.sx.ndim == 2 and (ops.sx_inv is None or not takes_run_maxima(ops.sx.shape[1])):
         return False
@@ -667,8 +626,6 @@ def mosaic_gemm_epilogue(ops, w, bias, out_dtype, tiles=None):
     `pallas_gpu.pallas_gemm_epilogue` (equal up to float32 rounding in the epilogue). Layers that do not `fits`
     are the caller's to route elsewhere."""
     t = _fused_tiles(tiles)
-    if ops.xq.dtype == jnp.bfloat16 and not tiles:      # x' tiles take twice the codes' shared memory
-        t["stages"] = min(t["stages"], CODES_STAGES)
     table = dict(inv_levels=ops.sx_inv, step=ops.sx_step) if ops.sx_inv is not None else {}
     sw = jnp.transpose(w.scale) if w.layout == "gnk" else w.scale[:, 0]      # [G, N] group-wise, else [N]
     y = mosaic_int8_gemm_ws(ops.xq, w.codes(), ops.sx, sw, bias, out_dtype=out_dtype,

@@ -127,9 +127,7 @@ class Operands:
     layers reading one x' (to_q / to_k / to_v: XLA's common-subexpression elimination), and the scale is no
     array of its own (a kernel per layer when the Pallas kernel reads it). With the table, sx may also be the run
     maxima float32 [Mp, g] of the Mosaic Hadamard kernel (`prologue_mosaic`), whose max over axis 1 is the row's:
-    the Mosaic GEMM takes it in its epilogue (no reduce kernel per layer), other consumers read `sx_rows`.
-    With the table, xq may also be x' itself, bf16 [Mp, K], for the Mosaic GEMM that makes the codes
-    (`mosaic_gemm.mosaic_int8_gemm_ws`; `with_codes` makes them for other consumers)."""
+    the Mosaic GEMM takes it in its epilogue (no reduce kernel per layer), other consumers read `sx_rows`."""
     xq: jax.Array
     sx: jax.Array
     dh: Optional[jax.Array]
@@ -146,15 +144,6 @@ class Operands:
     def sx_rows(self):
         """sx per row, float32 [Mp]: sx itself, or the max of its run maxima [Mp, g]."""
         return self.sx if self.sx.ndim == 1 else jnp.max(self.sx, axis=1)
-
-    def with_codes(self, levels):
-        """These operands with int8 codes in xq (made from x' bf16 with the level table levels float32 [T], the
-        codes any prologue makes: `codes_from_scale`); themselves where xq holds codes already."""
-        if self.xq.dtype == jnp.int8:
-            return self
-        lev = levels[jnp.clip(jnp.reshape(self.sx_step, (-1,))[0], 0, levels.shape[0] - 1)]
-        q = codes_from_scale(self.xq.astype(jnp.float32), self.row_scale()[:, None], lev)
-        return dataclasses.replace(self, xq=q)
 
     def row_scale(self):
         """The per-row scale s_x, float32 [Mp] (sx itself, or computed from the row maxima and the table)."""

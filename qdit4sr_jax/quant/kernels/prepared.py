@@ -42,7 +42,6 @@ import dataclasses
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 
 from qdit4sr_jax.quant.kernels.prologue_mosaic import PROLOGUE_ROUTES, pad_columns
 from qdit4sr_jax.quant.qweight import QuantizedWeight
@@ -51,7 +50,7 @@ from qdit4sr_jax.quant.qweight import QuantizedWeight
 PROLOGUES = ("xla", "pallas", "mosaic", "mosaic-gemm")
 DOWNS = ("joint", "split", "input")
 XPRIMES = ("float32", "bfloat16")
-GEMMS = ("triton", "mosaic", "mosaic-codes")
+GEMMS = ("triton", "mosaic")
 # The sampler's `prepare_weights` modes -> `prepare` arguments. "unpacked" / "packed" compute what the stored
 # tree computes (the same operands reach the same kernels); "fast" (unpacked, the branch down-projection on the
 # layer's input, x' rounded once to bf16) rounds differently and ran fastest on the H100: the paper preset's
@@ -62,12 +61,9 @@ GEMMS = ("triton", "mosaic", "mosaic-codes")
 # tree: the kernels are picked when traced). Its 512 / 1024-px steps (0.59x-0.62x / 0.82x, H100 2026-12-07) ran
 # codes made inside the Hadamard kernel that were wrong for K = 1536 (found by the GPU check at 10:22; those layers
 # now take x' from the kernel and the codes from XLA, checked right on 12-07 08:01 but not yet in this combination).
-# "fast-codes" (opt-in, unchecked on a GPU): "fast-mosaic" whose GEMM makes the activation codes itself from x' in
-# bf16 (gemm="mosaic-codes"): no codes pass (benchmarks/gpu/codes_gemm.py checks and times the kernel).
 _FAST = dict(unpack=True, down="input", xprime="bfloat16")
 SAMPLER_MODES = {"packed": dict(unpack=False), "unpacked": dict(unpack=True), "fast": _FAST,
-                 "fast-mosaic": dict(_FAST, gemm="mosaic", prologue="mosaic"),
-                 "fast-codes": dict(_FAST, gemm="mosaic-codes", prologue="mosaic")}
+                 "fast-mosaic": dict(_FAST, gemm="mosaic", prologue="mosaic")}
 # Layers that read one input, by the key of the `branch_ops.SharedDown` that `prepare(..., down="input")` puts
 # beside them in their parent dict (the model passes it to each: `model.mmdit.JointAttention`).
 SHARED_INPUTS = {"qkv_down": ("to_q", "to_k", "to_v"),
@@ -88,8 +84,7 @@ class KernelWeight:
     from one Mosaic GEMM); xprime (static): the dtype of a transformed x' before its quantization in the XLA
     prologue (`prepare_weight`); gemm (static): the GEMM kernel on a GPU, "triton" (`pallas_gpu`, every layout)
     or "mosaic" (`mosaic_gemm.mosaic_gemm_epilogue`, warp-specialized wgmma, on a Hopper GPU where the layer `fits`
-    it, else Triton; `lowering.has_wgmma`) or "mosaic-codes" (the same kernel making the activation codes itself from
-    x' in bf16: the prologue writes none, `fused.prologue(codes=False)`; XLA's codes for the Triton fallback)."""
+    it, else Triton; `lowering.has_wgmma`)."""
     node: QuantizedWeight
     bw: Any = None
     levels: Any = None            # with a VaTMP schedule: code levels per step, float32 [T]
@@ -152,12 +147,9 @@ def prepare_weight(w: QuantizedWeight, *, unpack: bool = True, prologue: str = "
         if prologue in PROLOGUE_ROUTES:                     # the Mosaic GEMMs' column tiles, once, not per call
             bw = dataclasses.replace(bw, jd=pad_columns(bw.jd))
     levels = inv_levels = None
-    from qdit4sr_jax.quant.kernels.prologue_kernel import level_table
     if node.a_schedule is not None:                  # the prologue looks the step's levels up
+        from qdit4sr_jax.quant.kernels.prologue_kernel import level_table
         levels = level_table(node.a_schedule)
-    elif gemm == "mosaic-codes" and node.a_bits is not None:     # fixed bits (W8A8): a one-step table, from
-        levels = level_table(jnp.asarray([node.a_bits], jnp.int32))  # which the GEMM makes the codes
-    if levels is not None:
         inv_levels = 1.0 / levels
     return KernelWeight(node.replace(lr_a=None, lr_b=None, block_u=None, block_v=None), bw, levels, inv_levels,
                         prologue, xprime, gemm)

@@ -127,7 +127,7 @@ def _features(x2, jd, gemm=None):
 
 def mosaic_prologue(x2, w: QuantizedWeight, bw: Optional[BranchWeights], *, pad_to: int, levels, inv_levels,
                     step, shared: Optional[SharedDown] = None, route: str = "hadamard", kernel=None,
-                    gemm=None, rowmax_kernel=None, codes: bool = True) -> Operands:
+                    gemm=None, rowmax_kernel=None) -> Operands:
     """x2 bf16 [M, K] -> `Operands` for the GEMM kernels (module docstring): int8 codes [Mp, K], sx the row maxima
     of x' (deferred scale: sx_inv / sx_step) and the branch features. Call only where `fits`.
     route "hadamard": the codes and run maxima from `mosaic_hadamard.mosaic_hadamard_codes` (with a `SharedDown`
@@ -138,9 +138,7 @@ def mosaic_prologue(x2, w: QuantizedWeight, bw: Optional[BranchWeights], *, pad_
     GEMM of the "hadamard" route where the rows tile), rowmax_kernel: the Hadamard kernel's x' mode, which the
     "hadamard" route runs instead of the codes mode where the plan's run length is not in `CODES_IN_KERNEL`, the
     codes then made by XLA (tests on the CPU pass their XLA forms, `mosaic_hadamard.codes_reference` /
-    `hadamard_reference` / `mosaic_gemm.rowmax_reference`). codes=False (route "hadamard"): x' bf16 [Mp, K] and
-    its run maxima from the Hadamard kernel's x' mode, no codes: for the Mosaic GEMM that makes them itself
-    (gemm="mosaic-codes")."""
+    `hadamard_reference` / `mosaic_gemm.rowmax_reference`)."""
     from qdit4sr_jax.quant.kernels.mosaic_gemm import mosaic_bf16_gemm_rowmax
     from qdit4sr_jax.quant.kernels.mosaic_hadamard import hadamard_plan, mosaic_hadamard_codes, mosaic_hadamard_rowmax
     if route not in ROUTES:
@@ -154,10 +152,7 @@ def mosaic_prologue(x2, w: QuantizedWeight, bw: Optional[BranchWeights], *, pad_
     xla_codes = lambda xp, amax: codes_from_scale(  # noqa: E731 - XLA's codes of x' [Mp, K] from the row maxima [Mp]
         xp.astype(jnp.float32), scale_from_max(amax, inv_levels, step)[:, None],
         levels[jnp.clip(jnp.asarray(step, jnp.int32), 0, levels.shape[0] - 1)])
-    if route == "hadamard" and not codes:    # x' for the GEMM that makes the codes (run maxima as the GEMM takes)
-        q, run_max = (rowmax_kernel or mosaic_hadamard_rowmax)(x2, signs=bool(w.signs))
-        amax = run_max if run_max.shape[1] % RUN_TILE == 0 else jnp.max(run_max, axis=1)
-    elif route == "hadamard" and hadamard_plan(k)[1] in CODES_IN_KERNEL:
+    if route == "hadamard" and hadamard_plan(k)[1] in CODES_IN_KERNEL:
         if shared is not None and bw is not None and bw.jd_col is not None and shared.levels is not None:
             tabs, member = (shared.levels, shared.inv_levels), shared.member(bw.jd_col)     # every member's codes,
         else:                                                                               # one call
