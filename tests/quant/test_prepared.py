@@ -286,6 +286,27 @@ def test_level_tables_give_the_stored_codes(backend):
         assert re.search(r"= f32\[1?\]\{?0?\}? fusion\(", run.lower(node, jnp.int32(0)).compile().as_text())
 
 
+@pytest.mark.parametrize("backend", ["xla", "interpret"])
+def test_fixed_activation_bits_get_a_one_step_level_table(backend):
+    """A node with fixed activation bits (W8A8, no VaTMP schedule) is prepared with a one-step level table, so that
+    its prologue takes the table's path (no `where(s > 0, s, 1)` select per layer and call: 327 select kernels in
+    the 512-px W8A8 step of 2026-12-07 16:05) with the stored node's outputs bit for bit at every step."""
+    import re
+    rng = np.random.default_rng(12)
+    node = make_qweight(jnp.asarray(rng.normal(size=(N, K)).astype(np.float32) * 0.05), w_bits=8, a_bits=8,
+                        execution="fused")
+    kw = prepare_weight(node)
+    assert kw.levels.tolist() == [127.0] and kw.inv_levels.tolist() == [float(np.float32(1) / np.float32(127))]
+    bias = jnp.asarray(rng.normal(size=(N,)).astype(np.float32))
+    x = _x(12).at[1, 2].set(0.0)
+    run = jax.jit(lambda n, t: fused_linear(x, n, bias, step=t, backend=backend, config=CFG))
+    for t in (0, 3):
+        np.testing.assert_array_equal(np.asarray(run(kw, jnp.int32(t))), np.asarray(run(node, jnp.int32(t))))
+    jaxpr = str(jax.make_jaxpr(lambda n, t: fused_linear(x, n, bias, step=t, backend="xla", config=CFG))(
+        kw, jnp.int32(0)))
+    assert not re.search(r":f32\[[0-9,]*\] = select_n", jaxpr)
+
+
 def _qkv(seed, ranks=(12, 40, 12)):
     """{to_q, to_k, to_v} of one input (K = 128): rotated with signs, low-rank ranks `ranks` (Rl 16 / 64 / 16) and
     64-wide input blocks (Rb 16), so the members' features need aligning in a shared down-projection."""
@@ -322,7 +343,8 @@ def test_layers_reading_one_input_share_one_down_projection(backend):
         assert shared[n]["kernel"].bw.jd is None
         np.testing.assert_array_equal(np.asarray(sd.jd[:, c:c + wd]), np.asarray(alone[n]["kernel"].bw.jd))
     np.testing.assert_array_equal(np.asarray(sd.jd[:, 48:64]), 0)
-    assert tree_bytes(shared) == tree_bytes(alone) + K * 16 * 2          # + the 16 zero columns (bf16)
+    # + the 16 zero columns (bf16) and the members' (one-step) level tables stacked (3 levels + 3 reciprocals, f32)
+    assert tree_bytes(shared) == tree_bytes(alone) + K * 16 * 2 + 6 * 4
     x = _x(3)
     for n in ("to_q", "to_k", "to_v"):
         kw, b = shared[n]["kernel"], shared[n]["bias"]

@@ -42,6 +42,7 @@ import dataclasses
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 
 from qdit4sr_jax.quant.kernels.prologue_mosaic import PROLOGUE_ROUTES, pad_columns
 from qdit4sr_jax.quant.qweight import QuantizedWeight
@@ -56,11 +57,11 @@ GEMMS = ("triton", "mosaic")
 # layer's input, x' rounded once to bf16) rounds differently and ran fastest on the H100: the paper preset's
 # -small form 0.49x / 0.67x of bf16 at 512 / 1024 px vs 0.47x / 0.62x "unpacked" (benchmarks/RESULTS.md,
 # 2026-12-06 07:10; 0.54x / 0.73x since), PSNR vs FP on the demo 32.289 vs 32.274 dB (2026-12-06 05:30).
-# "fast-mosaic" (opt-in): "fast" with, on a Hopper GPU (`lowering.has_wgmma`), the GEMMs on the warp-specialized
-# Mosaic kernel and rotated layers' x' and codes from the Mosaic Hadamard kernel; elsewhere it is "fast" (the same
-# tree: the kernels are picked when traced). Its 512 / 1024-px steps (0.59x-0.62x / 0.82x, H100 2026-12-07) ran
-# codes made inside the Hadamard kernel that were wrong for K = 1536 (found by the GPU check at 10:22; those layers
-# now take x' from the kernel and the codes from XLA, checked right on 12-07 08:01 but not yet in this combination).
+# "fast-mosaic" (the fastest on Hopper): "fast" with, on a Hopper GPU (`lowering.has_wgmma`), the GEMMs on the
+# warp-specialized Mosaic kernel and rotated layers' codes from the Mosaic Hadamard kernel; elsewhere it is "fast"
+# (the same tree: the kernels are picked when traced). Checked against the Triton path on an H100 (rel. 7.6e-5,
+# 2026-12-07 16:05); the paper preset's -small form 0.59x of bf16 at 512 px (15:38, with K = 1536 codes from XLA,
+# since made in the kernel too) vs 0.54x for "fast" (03:26).
 _FAST = dict(unpack=True, down="input", xprime="bfloat16")
 SAMPLER_MODES = {"packed": dict(unpack=False), "unpacked": dict(unpack=True), "fast": _FAST,
                  "fast-mosaic": dict(_FAST, gemm="mosaic", prologue="mosaic")}
@@ -77,7 +78,9 @@ class KernelWeight:
     (`branch_ops.BranchWeights`, None without branches); levels / inv_levels: with a VaTMP schedule, the code
     levels per step (`prologue_kernel.level_table`) and their reciprocals, which the prologue (kernel or XLA)
     indexes at the traced step instead of computing 2^(bits-1) - 1 and 1 / levels per layer and call (scalar
-    kernels of their own on a GPU: 496 per 512-px W4A4 step, benchmarks/RESULTS.md 2026-12-06 19:53);
+    kernels of their own on a GPU: 496 per 512-px W4A4 step, benchmarks/RESULTS.md 2026-12-06 19:53); with fixed
+    activation bits (W8A8) a one-step table, for the same reason (the 512-px W8A8 step ran 327 select kernels for
+    the scales' `where(s > 0, s, 1)` without it: RESULTS.md 2026-12-07 16:05);
     prologue (static): "xla" (XLA ops), "pallas" (one Pallas kernel: `prologue_kernel.py`, where the layer
     fits it, else XLA), "mosaic" (a rotated layer's x' and row maxima from the Mosaic Hadamard kernel on a GPU,
     `prologue_mosaic.py`, where the layer fits it, else XLA) or "mosaic-gemm" (x', row maxima and branch features
@@ -147,9 +150,9 @@ def prepare_weight(w: QuantizedWeight, *, unpack: bool = True, prologue: str = "
         if prologue in PROLOGUE_ROUTES:                     # the Mosaic GEMMs' column tiles, once, not per call
             bw = dataclasses.replace(bw, jd=pad_columns(bw.jd))
     levels = inv_levels = None
-    if node.a_schedule is not None:                  # the prologue looks the step's levels up
-        from qdit4sr_jax.quant.kernels.prologue_kernel import level_table
-        levels = level_table(node.a_schedule)
+    if node.a_schedule is not None or node.a_bits is not None:    # the prologue looks the step's levels up; fixed
+        from qdit4sr_jax.quant.kernels.prologue_kernel import level_table    # bits (W8A8): a one-step table
+        levels = level_table(node.a_schedule if node.a_schedule is not None else jnp.asarray([node.a_bits]))
         inv_levels = 1.0 / levels
     return KernelWeight(node.replace(lr_a=None, lr_b=None, block_u=None, block_v=None), bw, levels, inv_levels,
                         prologue, xprime, gemm)
