@@ -129,7 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("--prepare", default="none", choices=["none", "packed", "unpacked", "fast", "fast-mosaic"],
                    help="fused layers: weight-side kernel operands once per run (more memory; see README); fast: "
                         "also x' in bf16 and the branch down-projection on the layer's input (rounds differently); "
-                        "fast-mosaic: fast with the Mosaic GPU kernels on Hopper (opt-in; docs/PRESETS.md)")
+                        "fast-mosaic: fast with the Mosaic GPU kernels on Hopper (the fastest there; docs/PRESETS.md)")
     u.set_defaults(fn=cmd_upscale)
 
     q = sub.add_parser("quantize", help="quantize a model's transformer and save it with orbax")

@@ -245,7 +245,7 @@ def sample(cfg: ModelConfig, params, lr_latent, noise, *, context=None, pooled=N
     the codes left packed (1.62 GB; `python benchmarks/weight_memory.py --preset qdit4sr-w4a4-small`); "fast"
     "unpacked" with the branch down-projection on each layer's input and x' rounded once to bf16 (rounds
     differently; the fastest on the H100: `quant.kernels.prepared.SAMPLER_MODES`); "fast-mosaic" "fast" with the
-    Mosaic GPU kernels on a Hopper GPU (opt-in; the same as "fast" elsewhere). A tree
+    Mosaic GPU kernels on a Hopper GPU (the fastest there; the same as "fast" elsewhere). A tree
     prepared beforehand (e.g. `quant.kernels.prepare(q, prologue="pallas")`: the prologue kernel) runs as given.
     """
     from qdit4sr_jax.quant.kernels.prepared import SAMPLER_MODES

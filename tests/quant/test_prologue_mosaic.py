@@ -55,11 +55,11 @@ ROUTES = {"hadamard": ("mosaic", mh.codes_reference), "gemm": ("mosaic-gemm", mg
 
 @pytest.fixture(params=["xla-codes", "kernel-codes"])
 def codes_where(request, monkeypatch):
-    """The "hadamard" route's two forms at K = 256 (run length 64): the Hadamard kernel's x' with XLA codes (what
-    run length 64 takes: `prologue_mosaic.CODES_IN_KERNEL`), and the codes made in the kernel (run length 128
-    only; forced here so that its wiring is checked too)."""
-    if request.param == "kernel-codes":
-        monkeypatch.setattr(pm, "CODES_IN_KERNEL", (64, 128))
+    """The "hadamard" route's two forms at K = 256 (run length 64): the codes made in the kernel (what every run
+    length takes since the 2026-12-07 16:05 GPU check: `prologue_mosaic.CODES_IN_KERNEL`), and the Hadamard
+    kernel's x' with XLA codes (run lengths left out of it; forced here so that its wiring stays checked)."""
+    if request.param == "xla-codes":
+        monkeypatch.setattr(pm, "CODES_IN_KERNEL", (128,))
     return request.param
 
 
@@ -261,7 +261,7 @@ def test_repeated_kernels_are_one_function_in_the_module():
 def test_run_maxima_reach_the_gemm_unreduced_at_dit4sr_widths(monkeypatch):
     """At K = 1536 (24 runs of 64 per row) the Hadamard route's codes mode can hand the int8 GEMM the run maxima
     [Mp, 24], whose row max the Mosaic GEMM takes in its epilogue (no reduce kernel per layer): with the codes made in
-    the kernel at run length 64 (`CODES_IN_KERNEL`, off by default) and `RUN_TILE` 8 `fits` takes them,
+    the kernel at run length 64 (`CODES_IN_KERNEL`) and `RUN_TILE` 8 `fits` takes them,
     their row max equals the XLA prologue's row max of x', and the Triton GEMM (reading `sx_rows`) gives the XLA
     prologue's outputs. With the default `RUN_TILE` (16: 24 runs were wrong in the GPU epilogue's one block) and at
     K = 256 (4 runs) the prologue reduces them itself."""
@@ -276,9 +276,10 @@ def test_run_maxima_reach_the_gemm_unreduced_at_dit4sr_widths(monkeypatch):
     assert pm.fits(x, kw.node, kw.bw, None, kw.levels, 128)
     run = lambda: pm.mosaic_prologue(x, kw.node, kw.bw, pad_to=128, kernel=mh.codes_reference,  # noqa: E731
                                      gemm=mg.rowmax_reference, rowmax_kernel=mh.hadamard_reference, **tables)
-    assert pm.RUN_TILE == 16 and pm.CODES_IN_KERNEL == (128,) and run().sx.shape == (256,)
-    monkeypatch.setattr(pm, "CODES_IN_KERNEL", (64, 128))            # run length 64: XLA codes unless forced
+    assert pm.RUN_TILE == 16 and pm.CODES_IN_KERNEL == (64, 128) and run().sx.shape == (256,)
+    monkeypatch.setattr(pm, "CODES_IN_KERNEL", (128,))               # run length 64 with XLA codes: reduced too
     assert run().sx.shape == (256,)
+    monkeypatch.setattr(pm, "CODES_IN_KERNEL", (64, 128))
     monkeypatch.setattr(pm, "RUN_TILE", 8)
     got = run()
     want = prologue(x, kw.node, 4, pad_to=128, chunk=0, bw=kw.bw, pad_branches=True, xprime="bfloat16", joint=True,

@@ -135,7 +135,7 @@ def _hadamard(x, *, signs: bool = True, parts: int = 3, wgs: int = 2, prefetch: 
     tiles), prefetch tiles whose TMA loads are in flight ahead of the one computed (1-3), out_slots output buffers
     per warpgroup (1: a tile's stores are read out before the next tile writes; 2: they overlap it); codes_swizzle
     the shared-memory swizzle (bytes) of the int8 codes tiles (default the run length; `rotation_gemm.py --shapes 0`
-    compares 64 and 32 at K = 1536, whose codes were wrong on an H100: `prologue_mosaic.CODES_IN_KERNEL`).
+    compares 64 and 32 at K = 1536; `prologue_mosaic.CODES_IN_KERNEL`).
     The shared memory (wgs (prefetch + 1 + out_slots) 64 c bf16 + the constants) must fit; lowering reports it if
     not."""
     from jax.experimental.pallas import mosaic_gpu as plgpu

@@ -40,14 +40,15 @@ COLUMN_TILE = 128
 ROW_TILE = 2 * ROTATION_TILES["tile_m"]      # rows per CTA of those tiles (`mosaic_gemm._cta`)
 # The run maxima per row that the int8 GEMM's epilogue reduces must be a multiple of this. 16: K = 6144 (48 runs)
 # checked right on an H100 (2026-12-07 10:22). K = 1536 (24 runs: the GEMM's overlapping 16-column blocks) is
-# unchecked (its codes were wrong then for another reason, `CODES_IN_KERNEL`): `mosaic_fused_check.py --run-tile 8`.
+# unchecked: `mosaic_fused_check.py --run-tile 8`.
 RUN_TILE = 16
 # Run lengths of the Hadamard plan (`mosaic_hadamard.hadamard_plan`: 64 at K = 1536, 128 at K = 6144) for which the
-# kernel makes the codes itself. At 64 they were wrong on an H100 (fused checks of 2026-12-07 10:22 / 10:29, rel.
-# 0.07 vs the Triton path, differing between runs): the row max was a reduction across warps through a scratch area
-# that both warpgroups of a CTA share (Pallas' reduction scratch), now scalar reads of the run maxima instead. Until
-# a GPU check confirms the fix (`gpu_session.sh i24next`), run length 64 takes the kernel's x' and XLA codes.
-CODES_IN_KERNEL = (128,)
+# kernel makes the codes itself (others: the kernel's x' and XLA codes). At 64 they were wrong on an H100 (fused
+# checks of 2026-12-07 10:22 / 10:29, rel. 0.07 vs the Triton path, differing between runs): the row max was a
+# reduction across warps through a scratch area that both warpgroups of a CTA share (Pallas' reduction scratch). With
+# scalar reads of the run maxima instead they are right (fused check of 2026-12-07 16:05, H100: rel. 7.6e-5 vs
+# the Triton path, as with XLA's codes).
+CODES_IN_KERNEL = (64, 128)
 
 
 def pad_columns(jd):
