@@ -23,7 +23,7 @@
 #   bash benchmarks/gpu/gpu_session.sh i24d      # all six modes' 1024-px steps (+ smoothing-only -small, paper W4A4)
 #   bash benchmarks/gpu/gpu_session.sh i24x      # next: fused linear on the Mosaic GEMM: check + 512-px steps (<= 400 s);
 #                                             # then i24y (1024 px), i24z (W8A8 on Triton / Mosaic, 512 + 1024 px)
-#   bash benchmarks/gpu/gpu_session.sh i24go     # next, short of device time: i24next's K = 1536 check, then the steps
+#   bash benchmarks/gpu/gpu_session.sh i24go     # next (12-07 evening on): K = 1536 codes check, 512-px steps
 #   bash benchmarks/gpu/gpu_session.sh i24chk    # very short of device time: i24go's checks alone
 #   bash benchmarks/gpu/gpu_session.sh i24prof2  # after i24go: 512-px profile of "fast-mosaic", Hadamard tunings
 #   bash benchmarks/gpu/gpu_session.sh i24tune   # after i24next: GEMM tile sweep at the 512-px shapes, Hadamard kernel tunings
@@ -160,20 +160,20 @@ if [ "${1:-}" = i24x ]; then
   exit 0
 fi
 if [ "${1:-}" = i24go ]; then
-  # issue 24, 12-07 afternoon, one call when device time is short (<= ${T:-570} s): the fused linear with the K = 1536
-  # codes made in the Hadamard kernel (the race fix) vs Triton; if right, the 512-px steps bf16 / "fast-mosaic" with
-  # them (prepbfh --codes-in-kernel 64 128) / W8A8 on the Mosaic GEMM (never timed at 512 px; roofline.py: 1.30x with
-  # the quantization fused into its producer); if not, the check of "fast-mosaic" as it is (K = 1536: kernel x' + XLA
-  # codes) and the steps with it if that passes, else on the Mosaic GEMM alone (prepbfm)
+  # issue 24, one call when device time is short (<= ${T:-570} s): the fused linear with the K = 1536 codes made in
+  # the Hadamard kernel (the race fix, checked right on 12-07 16:05, now the default) vs Triton; if right, the 512-px
+  # steps bf16 / "fast-mosaic" (prepbfh, never timed with these codes) / W8A8 on the Mosaic GEMM (with the one-step
+  # level table since 12-07 16:05: 0.96x before it); if not, the check of "fast-mosaic" with K = 1536 codes from
+  # XLA and the steps with it if that passes, else on the Mosaic GEMM alone (prepbfm)
   P=p:qdit4sr-paper-w4a4-small
   el "fused check, K = 1536 codes in the kernel"
   fused_check go64_check ${CHECK_S:-90} --cases 3 --variants mosaic_had --codes-in-kernel 64 128
   if passed $? go64_check; then
     steps512 ${T:-570} bf16 $P:prepbfh p:w8a8:prepbfm --codes-in-kernel 64 128
   else
-    el "K = 1536 in-kernel codes not right: fast-mosaic as it is"
-    fused_check go_check ${CHECK_S:-90} --cases 3 --variants mosaic_had
-    if passed $? go_check; then steps512 ${T:-570} bf16 $P:prepbfh p:w8a8:prepbfm
+    el "K = 1536 in-kernel codes not right: fast-mosaic with XLA's codes there"
+    fused_check go_check ${CHECK_S:-90} --cases 3 --variants mosaic_had --codes-in-kernel 128
+    if passed $? go_check; then steps512 ${T:-570} bf16 $P:prepbfh p:w8a8:prepbfm --codes-in-kernel 128
     else el "fast-mosaic check failed: Mosaic GEMM alone"; steps512 ${T:-570} bf16 $P:prepbfm p:w8a8:prepbfm; fi
   fi
   el done
@@ -181,11 +181,12 @@ if [ "${1:-}" = i24go ]; then
 fi
 if [ "${1:-}" = i24chk ]; then
   # issue 24, when device time is very short (<= ${T:-200} s): i24go's checks alone, the fused linear with the K = 1536
-  # codes made in the Hadamard kernel (the race fix), then "fast-mosaic" as it is, each vs Triton and fake-quant
+  # codes made in the Hadamard kernel (the race fix), then with them from XLA, each vs Triton and fake-quant
   el "fused check, K = 1536 codes in the kernel"
   fused_check go64_check ${CHECK_S:-100} --cases 3 --variants mosaic_had --codes-in-kernel 64 128
   left=$(( ${T:-200} - ($(date +%s) - t0) ))
-  [ $left -ge 50 ] && { el "fused check, fast-mosaic as it is ($left s)"; fused_check go_check $(( left - 5 )) --cases 3 --variants mosaic_had; }
+  [ $left -ge 50 ] && { el "fused check, K = 1536 codes from XLA ($left s)"; fused_check go_check $(( left - 5 )) --cases 3 \
+      --variants mosaic_had --codes-in-kernel 128; }
   el done
   exit 0
 fi
