@@ -192,7 +192,7 @@ if [ "${1:-}" = i24chk ]; then
 fi
 if [ "${1:-}" = i24prof2 ]; then
   # issue 24, after i24go (<= ${T:-420} s): the 512-px per-kernel profile + HLO of "fast-mosaic" (prepbfh; PROF_ARGS,
-  # e.g. "--codes-in-kernel 64 128" if i24go's check passed), its Mosaic kernels now named (GEMM / Hadamard / features),
+  # e.g. "--codes-in-kernel 128" for K = 1536 codes from XLA), its Mosaic kernels named (GEMM / Hadamard / features),
   # then the Hadamard kernel's tunings with the time left
   P=p:qdit4sr-paper-w4a4-small
   T=$(( ${T:-420} - ${HT_S:-110} )) profile512 ${PROF_MODE:-$P:prepbfh} ${PROF_ARGS:-}

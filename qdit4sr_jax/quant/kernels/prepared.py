@@ -42,7 +42,6 @@ import dataclasses
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 
 from qdit4sr_jax.quant.kernels.prologue_mosaic import PROLOGUE_ROUTES, pad_columns
 from qdit4sr_jax.quant.qweight import QuantizedWeight
@@ -152,7 +151,7 @@ def prepare_weight(w: QuantizedWeight, *, unpack: bool = True, prologue: str = "
     levels = inv_levels = None
     if node.a_schedule is not None or node.a_bits is not None:    # the prologue looks the step's levels up; fixed
         from qdit4sr_jax.quant.kernels.prologue_kernel import level_table    # bits (W8A8): a one-step table
-        levels = level_table(node.a_schedule if node.a_schedule is not None else jnp.asarray([node.a_bits]))
+        levels = level_table(node.a_schedule if node.a_schedule is not None else [node.a_bits])
         inv_levels = 1.0 / levels
     return KernelWeight(node.replace(lr_a=None, lr_b=None, block_u=None, block_v=None), bw, levels, inv_levels,
                         prologue, xprime, gemm)
