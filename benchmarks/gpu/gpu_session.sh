@@ -23,6 +23,7 @@
 #   bash benchmarks/gpu/gpu_session.sh i24d      # all six modes' 1024-px steps (+ smoothing-only -small, paper W4A4)
 #   bash benchmarks/gpu/gpu_session.sh i24x      # next: fused linear on the Mosaic GEMM: check + 512-px steps (<= 400 s);
 #                                             # then i24y (1024 px), i24z (W8A8 on Triton / Mosaic, 512 + 1024 px)
+#   bash benchmarks/gpu/gpu_session.sh i24merge  # next: 512-px W8A8 with q / k / v as one GEMM, bf16 beside, 3 XLA variants
 #   bash benchmarks/gpu/gpu_session.sh i24go     # next (12-07 evening on): K = 1536 codes check, 512-px steps
 #   bash benchmarks/gpu/gpu_session.sh i24chk    # very short of device time: i24go's checks alone
 #   bash benchmarks/gpu/gpu_session.sh i24prof2  # after i24go: 512-px profile of "fast-mosaic", Hadamard tunings
@@ -156,6 +157,17 @@ if [ "${1:-}" = i24x ]; then
     el "steps 512 ($left s)"; steps steps512 $left --cases 512x1 --scan-steps 2 --modes ${X_MODES:-bf16 $P:prepbf $P:prepbfm} \
         --attention cudnn --xla-variants no-dot-merge --iters 8 --warmup 2 --deadline $(( left - 20 ))
   fi
+  el done
+  exit 0
+fi
+if [ "${1:-}" = i24merge ]; then
+  # issue 24 (<= ${T:-570} s): the 512-px W8A8 step with to_q / to_k / to_v and add_*_proj as one GEMM per group
+  # (prepbfhq: prepare(merge=True), 374 Mosaic GEMM calls per step instead of 496) vs one per layer (prepbfh), bf16
+  # beside, each under DotMerger off, XLA's default (which merges bf16's q / k / v dots itself: the fair bf16) and
+  # the scanned step as CUDA graphs (MERGE_VARIANTS; the deadline drops the last first)
+  el "steps 512, merged W8A8"; steps merge512 $(( ${T:-570} - 5 )) --cases 512x1 --scan-steps 2 --modes bf16 \
+      ${MERGE_MODES:-p:w8a8:prepbfh p:w8a8:prepbfhq} --attention cudnn --xla-variants no-dot-merge default \
+      ${MERGE_VARIANTS:-nodm-cb-while-min1} --iters 6 --warmup 1 --deadline $(( ${T:-570} - 25 ))
   el done
   exit 0
 fi

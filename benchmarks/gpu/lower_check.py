@@ -44,7 +44,7 @@ def abstract_quantized(model, preset: str, steps: int = 40):
     return with_execution(q, "fused"), len(paths)
 
 
-PREPARES = ("none", "xla", "pallas", "fast", "fast-mosaic-gemm", "fast-mosaic", "fast-mosaic-rot")
+PREPARES = ("none", "xla", "pallas", "fast", "fast-mosaic-gemm", "fast-mosaic", "fast-mosaic-merged", "fast-mosaic-rot")
 
 
 def check(model="dit4sr", preset: str = "qdit4sr-w4a4-small", size: int = 512, batch: int = 1,
@@ -75,6 +75,7 @@ def check(model="dit4sr", preset: str = "qdit4sr-w4a4-small", size: int = 512, b
     step = S.make_step(DiT4SRTransformer(mcfg), mcfg.guidance_scale, 1)
     args = jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), S.inputs(mcfg, size, batch))
     kw = {"fast": SAMPLER_MODES["fast"], "fast-mosaic": SAMPLER_MODES["fast-mosaic"],
+          "fast-mosaic-merged": dict(SAMPLER_MODES["fast-mosaic"], merge=True),
           "fast-mosaic-gemm": dict(SAMPLER_MODES["fast"], gemm="mosaic"),
           "fast-mosaic-rot": dict(SAMPLER_MODES["fast"], gemm="mosaic", prologue="mosaic-gemm")}.get(
         prepare, dict(prologue=prepare))

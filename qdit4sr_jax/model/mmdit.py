@@ -15,6 +15,7 @@ import jax.numpy as jnp
 
 from qdit4sr_jax.model.attention import attention
 from qdit4sr_jax.model.layers import Linear
+from qdit4sr_jax.quant.linear import linear_group
 
 LR_KEY_MODES = ("released", "r1")
 
@@ -81,6 +82,15 @@ class JointAttention(nn.Module):
     def _heads(self, t):
         return t.reshape(t.shape[:-1] + (self.heads, self.head_dim))
 
+    @staticmethod
+    def _group(x, merged, names, lin, step, shared):
+        """The layers `names` reading x: one GEMM when a prepared tree merged them (`merged`, the params under
+        `quant.kernels.prepared.MERGED_INPUTS`' key), else each its own `Linear` (with the group's shared
+        down-projection, if any)."""
+        if merged is not None:
+            return linear_group(x, merged, len(names), step=step)
+        return [lin(n)(x, step=step, shared=shared) for n in names]
+
     @nn.compact
     def __call__(self, x, context=None, step=None):
         if self.qk_norm not in (None, "rms_norm"):
@@ -95,7 +105,7 @@ class JointAttention(nn.Module):
         # a prepared tree's one down-projection of the layers that read x / context (quant.kernels.prepared)
         shared = lambda key: self.get_variable("params", key) if self.has_variable("params", key) else None
         sx = shared("qkv_down")
-        q, k, v = (self._heads(lin(n)(x, step=step, shared=sx)) for n in ("to_q", "to_k", "to_v"))
+        q, k, v = map(self._heads, self._group(x, shared("qkv"), ("to_q", "to_k", "to_v"), lin, step, sx))
         norm_q = RMSNorm(param_dtype=self.param_dtype, name="norm_q") if self.qk_norm else (lambda t: t)
         norm_k = RMSNorm(param_dtype=self.param_dtype, name="norm_k") if self.qk_norm else (lambda t: t)
         if self.lr_stream:
@@ -120,10 +130,8 @@ class JointAttention(nn.Module):
         if context is not None:
             if not self.added_kv:
                 raise ValueError("this attention has no context projections (attn2)")
-            sc = shared("add_qkv_down")
-            cq, ck, cv = (self._heads(Linear(inner, param_dtype=self.param_dtype, name=n)(context, step=step,
-                                                                                       shared=sc))
-                          for n in ("add_q_proj", "add_k_proj", "add_v_proj"))
+            cq, ck, cv = map(self._heads, self._group(context, shared("add_qkv"), ("add_q_proj", "add_k_proj", "add_v_proj"),
+                                                      lin, step, shared("add_qkv_down")))
             if self.qk_norm:
                 cq = RMSNorm(param_dtype=self.param_dtype, name="norm_added_q")(cq)
                 ck = RMSNorm(param_dtype=self.param_dtype, name="norm_added_k")(ck)

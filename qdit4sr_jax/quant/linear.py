@@ -11,7 +11,8 @@
   execution: overrides the node's execution mode ("fake" | "int" | "fused": quant/kernels.fused_linear)
   shared: the `SharedDown` that a prepared tree holds beside w and the other layers reading x (e.g. to_q / to_k /
         to_v: `kernels.prepared.SHARED_INPUTS`), where w's branch down-projection lives; None elsewhere
-Returns [..., d_out] in x.dtype.
+Returns [..., d_out] in x.dtype. `linear_group(x, params, parts, step=...)`: layers reading x whose weights a
+prepared tree stacked into one (`kernels.prepared.merge_inputs`), run as one and split.
 
 Dispatch: a float kernel -> one einsum; a `QuantizedWeight` with execution "fake" | "int" -> the reference
 `quant.reference.quantized_linear`; execution "fused" or a prepared `KernelWeight` -> `quant.kernels.fused_linear`.
@@ -29,6 +30,16 @@ from qdit4sr_jax.quant.kernels.prepared import KernelWeight
 from qdit4sr_jax.quant.qweight import QuantizedWeight
 from qdit4sr_jax.quant.reference import (GROUP_CHUNK_ELEMENTS, branches, quantized_linear,  # noqa: F401 (re-exported)
                                          resolve_act_bits, transform_input)
+
+
+def linear_group(x, params: dict, parts: int, *, step=None):
+    """The outputs of `parts` layers of equal width that read x, run as one: params {"kernel", "bias"} holds their
+    weights stacked along N (`quant.kernels.prepared.merge_inputs`). x [..., K] -> a list of `parts` arrays
+    [..., N / parts] in x.dtype, in the members' order."""
+    y = linear(x, params["kernel"], params.get("bias"), step=step)
+    if y.shape[-1] % parts:
+        raise ValueError(f"linear_group: {y.shape[-1]} output features do not split into {parts} equal parts")
+    return jnp.split(y, parts, axis=-1)
 
 
 def linear(x, w, bias=None, *, act_bits=None, step=None, execution=None, shared=None):
@@ -51,4 +62,4 @@ def linear(x, w, bias=None, *, act_bits=None, step=None, execution=None, shared=
     return y
 
 
-__all__ = ["linear", "quantized_linear", "resolve_act_bits", "transform_input", "branches"]
+__all__ = ["linear", "linear_group", "quantized_linear", "resolve_act_bits", "transform_input", "branches"]

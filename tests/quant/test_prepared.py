@@ -422,3 +422,83 @@ def test_model_reads_the_shared_down_projections():
     run = jax.jit(lambda t: DiT4SRTransformer(cfg).apply({"params": t}, x, lr, jnp.full((1,), 500.0), ctx, pool))
     a, b = np.asarray(run(shared)), np.asarray(run(alone))
     assert np.isfinite(a).all() and rel_err(a, b) <= 1e-6
+
+
+def _group(seed, **kw):
+    """{to_q, to_k, to_v} of one input without branches (make_qweight kwargs kw), each with a bias."""
+    rng = np.random.default_rng(seed)
+    return {n: {"kernel": make_qweight(jnp.asarray(rng.normal(size=(N, K)).astype(np.float32) * 0.05),
+                                       execution="fused", **kw),
+                "bias": jnp.asarray(rng.normal(size=(N,)).astype(np.float32))} for n in ("to_q", "to_k", "to_v")}
+
+
+@pytest.mark.parametrize("backend", ["xla", "interpret"])
+@pytest.mark.parametrize("kw", [dict(w_bits=8, a_bits=8), dict(w_bits=4, a_bits=4, group_size=64),
+                                dict(w_bits=4, a_bits=6, rotate=K, signs=True)], ids=["w8a8", "w4a4-g64", "w4a6-rot"])
+def test_layers_reading_one_input_run_as_one_gemm(backend, kw):
+    """prepare(..., merge=True) stacks to_q / to_k / to_v without branches into one KernelWeight under "qkv"
+    (`MERGED_INPUTS`; the members leave the tree), whose one GEMM gives each member's outputs bit for bit in its
+    columns (`linear_group`), per channel and group-wise, rotated or not, at every step."""
+    from qdit4sr_jax.quant.kernels.prepared import MERGED_INPUTS, can_merge
+    from qdit4sr_jax.quant.linear import linear_group
+    tree = {"attn": _group(21, **kw)}
+    alone, merged = prepare(tree)["attn"], prepare(tree, merge=True)["attn"]
+    assert set(merged) == {"qkv"} and MERGED_INPUTS["qkv"] == ("to_q", "to_k", "to_v")
+    m = merged["qkv"]
+    assert m["kernel"].shape == (K, 3 * N) and m["bias"].shape == (3 * N,) and m["bias"].dtype == jnp.float32
+    assert tree_bytes(merged) == tree_bytes(alone) - 2 * 2 * 4      # two members' one-step level tables fewer
+    x = _x(21)
+    run = jax.jit(lambda t, s: [fused_linear(x, t[n]["kernel"], t[n]["bias"], step=s, backend=backend, config=CFG)
+                                for n in ("to_q", "to_k", "to_v")])
+    one = jax.jit(lambda p, s: jnp.split(fused_linear(x, p["kernel"], p["bias"], step=s, backend=backend, config=CFG),
+                                         3, axis=-1))
+    for s in (0, 2):
+        for got, want in zip(one(m, jnp.int32(s)), run(alone, jnp.int32(s))):
+            np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+    for got, want in zip(linear_group(x, m, 3, step=0), [linear(x, alone[n]["kernel"], alone[n]["bias"], step=0)
+                                                          for n in ("to_q", "to_k", "to_v")]):
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+    assert not can_merge([alone["to_q"]["kernel"]])
+    with pytest.raises(ValueError, match="equal parts"):
+        linear_group(x, m, 5)
+
+
+def test_layers_with_branches_or_schedules_are_not_merged():
+    """Members with branches (H-SVD), a VaTMP schedule, another configuration or width stay separate layers under
+    merge=True (their down-projections are still shared)."""
+    from qdit4sr_jax.quant.kernels.prepared import SAMPLER_MODES
+    p = prepare({"attn": _qkv(3)}, **SAMPLER_MODES["fast"], merge=True)["attn"]
+    assert "qkv" not in p and "qkv_down" in p and {"to_q", "to_k", "to_v"} <= set(p)
+    tree = _group(22, w_bits=8, a_bits=8)
+    sched = dict(tree, to_k={**tree["to_k"], "kernel": tree["to_k"]["kernel"].replace(
+        a_schedule=jnp.asarray([8, 6], jnp.int32))})
+    other_bits = dict(tree, to_v={**tree["to_v"], "kernel": tree["to_v"]["kernel"].replace(a_bits=6)})
+    narrow = dict(tree, to_v={"kernel": make_qweight(jnp.ones((K, N // 2)) * 0.1, w_bits=8, a_bits=8, execution="fused")})
+    for t in (sched, other_bits, narrow):
+        assert "qkv" not in prepare({"attn": t}, merge=True)["attn"]
+    assert "qkv" in prepare({"attn": tree}, merge=True)["attn"]
+
+
+@pytest.mark.slow
+def test_model_reads_merged_layers():
+    """The tiny DiT4SR at W8A8 prepared with merge=True: every attention's to_q / to_k / to_v and add_*_proj run as
+    one GEMM per group (`MERGED_INPUTS`), and the transformer gives what the unmerged prepared tree gives."""
+    from qdit4sr_jax.model.dit4sr import DiT4SRTransformer
+    from qdit4sr_jax.quant.config import QuantConfig
+    from qdit4sr_jax.quant.kernels.prepared import SAMPLER_MODES
+    cfg = ModelConfig.preset("tiny")
+    r = np.random.default_rng(0)
+    params = jax.tree_util.tree_map(
+        lambda l: jnp.asarray(r.standard_normal(l.shape) / np.sqrt(np.prod(l.shape[:-1]) if l.ndim > 1 else 10),
+                              l.dtype), param_shapes(cfg))
+    q = with_execution(qdit4sr_jax.quantize(params, QuantConfig.preset("w8a8")), "fused")
+    prep = jax.jit(prepare, static_argnames=("unpack", "down", "xprime", "share", "merge"))
+    merged, alone = prep(q, **SAMPLER_MODES["fast"], merge=True), prep(q, **SAMPLER_MODES["fast"])
+    attn = [merged[b][a] for b in merged if b.startswith("transformer_blocks_") for a in merged[b] if "attn" in a]
+    assert len(attn) == 4 and all("qkv" in a and "to_q" not in a for a in attn)
+    assert sum("add_qkv" in a for a in attn) == 3
+    lat = lambda s, shape: jnp.asarray(np.random.default_rng(s).normal(size=shape), jnp.float32)
+    x, lr, ctx, pool = lat(1, (1, 16, 16, 4)), lat(2, (1, 16, 16, 4)), lat(3, (1, 7, 24)), lat(4, (1, 20))
+    run = jax.jit(lambda t: DiT4SRTransformer(cfg).apply({"params": t}, x, lr, jnp.full((1,), 500.0), ctx, pool))
+    a, b = np.asarray(run(merged)), np.asarray(run(alone))
+    assert np.isfinite(a).all() and rel_err(a, b) <= 1e-6
