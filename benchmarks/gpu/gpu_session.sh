@@ -23,12 +23,12 @@
 #   bash benchmarks/gpu/gpu_session.sh i24d      # all six modes' 1024-px steps (+ smoothing-only -small, paper W4A4)
 #   bash benchmarks/gpu/gpu_session.sh i24x      # next: fused linear on the Mosaic GEMM: check + 512-px steps (<= 400 s);
 #                                             # then i24y (1024 px), i24z (W8A8 on Triton / Mosaic, 512 + 1024 px)
-#   bash benchmarks/gpu/gpu_session.sh i24merge  # next: 512-px W8A8 with q / k / v as one GEMM, bf16 beside, 3 XLA variants
+#   bash benchmarks/gpu/gpu_session.sh i24all    # next: the record, 512 + 1024 px: bf16, W8A8 merged, paper-small, paper
 #   bash benchmarks/gpu/gpu_session.sh i24go     # next (12-07 evening on): K = 1536 codes check, 512-px steps
 #   bash benchmarks/gpu/gpu_session.sh i24chk    # very short of device time: i24go's checks alone
 #   bash benchmarks/gpu/gpu_session.sh i24prof2  # after i24go: 512-px profile of "fast-mosaic", Hadamard tunings
 #   bash benchmarks/gpu/gpu_session.sh i24tune   # after i24next: GEMM tile sweep at the 512-px shapes, Hadamard kernel tunings
-#   bash benchmarks/gpu/gpu_session.sh i24gaps   # after i24next: the Mosaic step with the scanned step as CUDA graphs
+#   bash benchmarks/gpu/gpu_session.sh i24gaps   # after i24all: 512-px steps with the scanned step as CUDA graphs
 #   bash benchmarks/gpu/gpu_session.sh i24next   # next: in-kernel codes per swizzle, fused check of fast-mosaic, 512-px steps
 #   bash benchmarks/gpu/gpu_session.sh i24rt     # next: fused check of the run maxima (XLA reduce vs the GEMM's 16-column blocks)
 #   bash benchmarks/gpu/gpu_session.sh i24fix    # next: GPU check + 512-px steps after the per-call XLA kernels were removed
@@ -160,14 +160,13 @@ if [ "${1:-}" = i24x ]; then
   el done
   exit 0
 fi
-if [ "${1:-}" = i24merge ]; then
-  # issue 24 (<= ${T:-570} s): the 512-px W8A8 step with to_q / to_k / to_v and add_*_proj as one GEMM per group
-  # (prepbfhq: prepare(merge=True), 374 Mosaic GEMM calls per step instead of 496) vs one per layer (prepbfh), bf16
-  # beside, each under DotMerger off, XLA's default (which merges bf16's q / k / v dots itself: the fair bf16) and
-  # the scanned step as CUDA graphs (MERGE_VARIANTS; the deadline drops the last first)
-  el "steps 512, merged W8A8"; steps merge512 $(( ${T:-570} - 5 )) --cases 512x1 --scan-steps 2 --modes bf16 \
-      ${MERGE_MODES:-p:w8a8:prepbfh p:w8a8:prepbfhq} --attention cudnn --xla-variants no-dot-merge default \
-      ${MERGE_VARIANTS:-nodm-cb-while-min1} --iters 6 --warmup 1 --deadline $(( ${T:-570} - 25 ))
+if [ "${1:-}" = i24all ]; then
+  # issue 24's record (<= ${T:-580} s): one call, the 512- and 1024-px steps (2-step scan, CFG, batch 1, cuDNN
+  # attention, DotMerger off) of bf16, W8A8 (q / k / v merged, prepbfhq), the paper preset's -small form and the paper
+  # preset, both "fast-mosaic" (prepbfh); the deadline drops the last modes first (ALL_MODES, ALL_CASES override)
+  el "steps ${ALL_CASES:-512x1 1024x1}"; steps all $(( ${T:-580} - 5 )) --cases ${ALL_CASES:-512x1 1024x1} --scan-steps 2 \
+      --modes ${ALL_MODES:-bf16 p:w8a8:prepbfhq p:qdit4sr-paper-w4a4-small:prepbfh p:qdit4sr-paper-w4a4:prepbfh} \
+      --attention cudnn --xla-variants no-dot-merge --iters 6 --warmup 1 --deadline $(( ${T:-580} - 25 ))
   el done
   exit 0
 fi
@@ -226,12 +225,12 @@ if [ "${1:-}" = i24tune ]; then
   exit 0
 fi
 if [ "${1:-}" = i24gaps ]; then
-  # issue 24, after i24next (<= ${T:-570} s): the 512-px steps of bf16 and paper-small "fast-mosaic" (prepbfh) with
-  # DotMerger off, and the same with the scanned step as CUDA graphs (command buffers incl. WHILE, min graph size 1):
-  # do the ~12 ms of gaps between its kernels go?
+  # issue 24, after i24all (<= ${T:-570} s): the 512-px steps of bf16, paper-small "fast-mosaic" (prepbfh) and W8A8
+  # merged (prepbfhq) with DotMerger off, and the same with the scanned step as CUDA graphs (command buffers incl.
+  # WHILE, min graph size 1): do the ~12 ms of gaps between the Mosaic route's kernels go? (GAP_MODE: the modes)
   P=p:qdit4sr-paper-w4a4-small
   el "steps 512, command buffers"; steps gaps512 $(( ${T:-570} - 5 )) --cases 512x1 --scan-steps 2 --modes bf16 \
-      ${GAP_MODE:-$P:prepbfh} --attention cudnn --xla-variants no-dot-merge nodm-cb-while-min1 --iters 6 --warmup 1 \
+      ${GAP_MODE:-$P:prepbfh p:w8a8:prepbfhq} --attention cudnn --xla-variants no-dot-merge nodm-cb-while-min1 --iters 6 --warmup 1 \
       --deadline $(( ${T:-570} - 25 ))
   el done
   exit 0
