@@ -30,7 +30,9 @@ CHECKS = ("data_parallel_upscale", "float_placement", "tensor_parallel_upscale_f
 
 @pytest.fixture(scope="module")
 def worker_results():
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu",
+    # the suite's lowest LLVM optimisation level (conftest.py) kept beside the device count
+    flags = " ".join(f for f in os.environ.get("XLA_FLAGS", "").split() if "host_platform_device_count" not in f)
+    env = dict(os.environ, XLA_FLAGS=(flags + " --xla_force_host_platform_device_count=8").strip(), JAX_PLATFORMS="cpu",
                PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "tests", "parallel_worker.py")], cwd=ROOT,
                           env=env, capture_output=True, text=True, timeout=900)

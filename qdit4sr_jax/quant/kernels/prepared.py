@@ -30,6 +30,15 @@ With down="input" (the sampler's "fast"), layers that read one input (to_q / to_
 kernel reads in place, instead of one per layer (which XLA's DotMerger joined by concatenating the three weights in
 every step and slicing the features apart).
 
+With merge=True, layers that read one input and have no branches, smoothing divisor or VaTMP schedule, alike but
+in N (W8A8's to_q / to_k / to_v and add_*_proj: `can_merge`), become one layer with their weights stacked along N
+under the group's key (`MERGED_INPUTS`: "qkv", "add_qkv"; `merge_inputs`), which the model runs as one GEMM and
+splits (`quant.linear.linear_group`): each output column is computed as before (bit-exact: tests), with two
+launches fewer per group and a grid that fills the GPU (the text stream's 768 rows). The 512-px W8A8 step lowers
+for CUDA with 374 Mosaic GEMM calls instead of 496 (`benchmarks/gpu/lower_check.py --preset w8a8 --prepare
+fast-mosaic-merged`). Layers with a schedule are not merged: the schedules are arrays, unknown while `prepare` is
+traced, and members with different schedules quantize x differently.
+
 prologue="pallas" also replaces the XLA prologue (smoothing, per-token quantization, the branch
 down-projections: several kernels) by one Pallas kernel per layer (`prologue_kernel.py`) wherever the Pallas
 GEMM runs (GPU; the interpreter in tests); the XLA backend (CPU, TPU) keeps the XLA prologue. On an H200 it
