@@ -43,3 +43,12 @@ def test_fast_mosaic_sampler_mode_lowers_to_mosaic_kernels_on_hopper():
     assert gemm_only["triton_kernels"] + gemm_only["mosaic_kernels"] == gemm_only["layers"]
     assert fast["triton_kernels"] == gemm_only["triton_kernels"] < fast["layers"]
     assert fast["mosaic_kernels"] > gemm_only["mosaic_kernels"] > 0      # + Hadamard kernels and features GEMMs
+
+
+def test_merged_layers_lower_to_one_gemm_per_group():
+    """W8A8 prepared with merge=True (`prepared.merge_inputs`) lowers for CUDA with one GEMM kernel per q / k / v
+    group: two fewer per group (the tiny model's 4 attentions with to_q / to_k / to_v and 3 with add_*_proj)."""
+    alone = L.check(CFG, "w8a8", size=64, prepare="fast-mosaic")
+    merged = L.check(CFG, "w8a8", size=64, prepare="fast-mosaic-merged")
+    kernels = lambda r: r["triton_kernels"] + r["mosaic_kernels"]
+    assert kernels(alone) == alone["layers"] and kernels(merged) == kernels(alone) - 2 * 7
