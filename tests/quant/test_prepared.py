@@ -477,6 +477,12 @@ def test_layers_with_branches_or_schedules_are_not_merged():
     for t in (sched, other_bits, narrow):
         assert "qkv" not in prepare({"attn": t}, merge=True)["attn"]
     assert "qkv" in prepare({"attn": tree}, merge=True)["attn"]
+    no_bias = {n: {"kernel": m["kernel"]} for n, m in tree.items()}
+    one_bias = dict(no_bias, to_k=tree["to_k"])
+    assert set(prepare({"attn": no_bias}, merge=True)["attn"]["qkv"]) == {"kernel"}
+    b = prepare({"attn": one_bias}, merge=True)["attn"]["qkv"]["bias"]
+    np.testing.assert_array_equal(np.asarray(b), np.concatenate([np.zeros(N), np.asarray(tree["to_k"]["bias"]),
+                                                                 np.zeros(N)]))
 
 
 @pytest.mark.slow
