@@ -130,8 +130,9 @@ class JointAttention(nn.Module):
         if context is not None:
             if not self.added_kv:
                 raise ValueError("this attention has no context projections (attn2)")
-            cq, ck, cv = map(self._heads, self._group(context, shared("add_qkv"), ("add_q_proj", "add_k_proj", "add_v_proj"),
-                                                      lin, step, shared("add_qkv_down")))
+            names = ("add_q_proj", "add_k_proj", "add_v_proj")
+            cq, ck, cv = map(self._heads, self._group(context, shared("add_qkv"), names, lin, step,
+                                                      shared("add_qkv_down")))
             if self.qk_norm:
                 cq = RMSNorm(param_dtype=self.param_dtype, name="norm_added_q")(cq)
                 ck = RMSNorm(param_dtype=self.param_dtype, name="norm_added_k")(ck)

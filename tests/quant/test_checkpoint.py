@@ -51,7 +51,8 @@ def test_roundtrip_bit_exact(qtree, tmp_path, toy):
 
 
 def test_packed_on_disk(toy, tmp_path):
-    """4-bit packed codes take half the bytes of 8-bit codes on disk (same layer shapes)."""
+    """4-bit packed codes take half the bytes of 8-bit codes in the arrays written, and the files shrink too
+    (same layer shapes)."""
     _, params, _ = toy
     sizes = {}
     for bits in (4, 8):
@@ -59,9 +60,13 @@ def test_packed_on_disk(toy, tmp_path):
         q = qdit4sr_jax.quantize(params, cfg)
         info = qdit4sr_jax.save(tmp_path / f"w{bits}", q, cfg)
         codes = sum(n.qvalue.size for n in quantized_layers(q).values())
-        sizes[bits] = (info["bytes_on_disk"], codes)
+        sizes[bits] = (info["bytes_on_disk"], codes, info["bytes_arrays"])
     assert sizes[4][1] * 2 == sizes[8][1]                                  # packed: half the elements (uint8)
-    assert sizes[8][0] - sizes[4][0] >= 0.8 * sizes[4][1]                  # and the files shrink by ~that much
+    assert sizes[8][2] - sizes[4][2] == sizes[4][1]                       # the arrays written: exactly those bytes
+    # on disk: orbax's OCDBT splits the arrays over a varying number of zstd-compressed files, so a checkpoint's
+    # size varies by ~10 KB from save to save (the 4-bit one here 90.7-112.7 KB; it shrank by 30.9-50.9 KB of the
+    # 45.1 KB the codes lose, 2026-12-07): half of it, at least
+    assert sizes[8][0] - sizes[4][0] >= 0.5 * sizes[4][1]
 
 
 def test_interrupted_save_leaves_nothing(qtree, tmp_path, monkeypatch):

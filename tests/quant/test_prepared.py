@@ -473,7 +473,8 @@ def test_layers_with_branches_or_schedules_are_not_merged():
     sched = dict(tree, to_k={**tree["to_k"], "kernel": tree["to_k"]["kernel"].replace(
         a_schedule=jnp.asarray([8, 6], jnp.int32))})
     other_bits = dict(tree, to_v={**tree["to_v"], "kernel": tree["to_v"]["kernel"].replace(a_bits=6)})
-    narrow = dict(tree, to_v={"kernel": make_qweight(jnp.ones((K, N // 2)) * 0.1, w_bits=8, a_bits=8, execution="fused")})
+    narrow = dict(tree, to_v={"kernel": make_qweight(jnp.ones((K, N // 2)) * 0.1, w_bits=8, a_bits=8,
+                                                     execution="fused")})
     for t in (sched, other_bits, narrow):
         assert "qkv" not in prepare({"attn": t}, merge=True)["attn"]
     assert "qkv" in prepare({"attn": tree}, merge=True)["attn"]

@@ -237,9 +237,9 @@ def merge_inputs(params: dict) -> dict:
     """One dict of a prepared tree -> the same with each `MERGED_INPUTS` group whose members `can_merge` (e.g.
     to_q / to_k / to_v of W8A8: all {"kernel", "bias"} dicts of one N) replaced by one {"kernel": `merge_weights`,
     "bias": the members' biases (zeros where absent; no bias if none has one) stacked, float32} under the group's
-    key; other dicts
-    unchanged. One GEMM per group instead of one per member: two launches fewer, and a grid that fills the GPU
-    (add_q_proj at 512 px, 768 rows: 72 of the Mosaic GEMM's 64 x 256 CTA tiles for the H100's 132 SMs; 216 merged)."""
+    key; other dicts unchanged. One GEMM per group instead of one per member: two launches fewer, and a grid that
+    fills the GPU (add_q_proj at 512 px, 768 rows: 72 of the Mosaic GEMM's 64 x 256 CTA tiles for the H100's 132
+    SMs; 216 merged)."""
     out = dict(params)
     for key, names in MERGED_INPUTS.items():
         members = [params.get(n) for n in names]
