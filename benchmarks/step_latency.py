@@ -35,9 +35,10 @@ Modes (--modes):
                 to bf16 before its quantization: xprime="bfloat16", the sampler's "fast"), prepbfns (prepbf with
                 a down GEMM per layer: share=False), prepbfm (prepbf with the GEMMs on the warp-specialized
                 Mosaic kernel: gemm="mosaic"), prepbfh (prepbfm with x' and its row maxima from the Mosaic
-                Hadamard kernel: prologue="mosaic", `kernels/prologue_mosaic.py`), prepbfhq (prepbfh with the layers
-                reading one input and without branches as one GEMM: merge=True, `prepared.merge_inputs`), prepbfr (prepbfm with x', row
-                maxima and features of 1536-input layers from one Mosaic GEMM: prologue="mosaic-gemm"),
+                Hadamard kernel: prologue="mosaic", `kernels/prologue_mosaic.py`), prepbfhq (prepbfh with the
+                layers reading one input and without branches as one GEMM: merge=True, `prepared.merge_inputs`),
+                prepbfr (prepbfm with x', row maxima and features of 1536-input layers from one Mosaic GEMM:
+                prologue="mosaic-gemm"),
                 prepk (prepared, prologue kernel), int (XLA int8 reference path); p:PRESET:KIND:IMPL the same
                 with the online Hadamard as IMPL (`transforms.HADAMARD_IMPLS`) for this mode only
 --hadamard IMPL runs the online rotation of the rotating presets as `transforms.set_hadamard_impl(IMPL)`
@@ -107,8 +108,8 @@ XLA_VARIANTS = {
 }
 
 
-PRESET_KINDS = ("fused", "prep", "prepsplit", "prepin", "prepbf", "prepbfns", "prepbfm", "prepbfh", "prepbfhq", "prepbfr",
-                "prepk", "int")
+PRESET_KINDS = ("fused", "prep", "prepsplit", "prepin", "prepbf", "prepbfns", "prepbfm", "prepbfh", "prepbfhq",
+                "prepbfr", "prepk", "int")
 
 
 def is_mode(m: str) -> bool:
@@ -222,7 +223,8 @@ def quantized_trees(params, modes, steps: int, log):
                 kw = dict(prepsplit=dict(down="split"), prepin=dict(down="input"), prepbf=SAMPLER_MODES["fast"],
                           prepbfns=dict(SAMPLER_MODES["fast"], share=False),
                           prepbfm=dict(SAMPLER_MODES["fast"], gemm="mosaic"),
-                          prepbfh=SAMPLER_MODES["fast-mosaic"], prepbfhq=dict(SAMPLER_MODES["fast-mosaic"], merge=True),
+                          prepbfh=SAMPLER_MODES["fast-mosaic"],
+                          prepbfhq=dict(SAMPLER_MODES["fast-mosaic"], merge=True),
                           prepbfr=dict(SAMPLER_MODES["fast"], gemm="mosaic", prologue="mosaic-gemm"))[kind]
                 trees[m] = jax.block_until_ready(jax.jit(lambda t, kw=kw: prepare(t, **kw))(
                     with_execution(q, "fused")))

@@ -44,7 +44,8 @@ def abstract_quantized(model, preset: str, steps: int = 40):
     return with_execution(q, "fused"), len(paths)
 
 
-PREPARES = ("none", "xla", "pallas", "fast", "fast-mosaic-gemm", "fast-mosaic", "fast-mosaic-merged", "fast-mosaic-rot")
+PREPARES = ("none", "xla", "pallas", "fast", "fast-mosaic-gemm", "fast-mosaic", "fast-mosaic-merged",
+            "fast-mosaic-rot")
 
 
 def check(model="dit4sr", preset: str = "qdit4sr-w4a4-small", size: int = 512, batch: int = 1,
@@ -54,7 +55,8 @@ def check(model="dit4sr", preset: str = "qdit4sr-w4a4-small", size: int = 512, b
     by the layers reading one input; Triton GEMMs) | fast-mosaic-gemm ("fast" with the GEMMs on the
     warp-specialized Mosaic kernel, counted as mosaic_kernels) | fast-mosaic (the sampler's "fast-mosaic": that,
     with rotated layers' prologue on the Mosaic Hadamard kernel) | fast-mosaic-rot (the rotation on one Mosaic
-    GEMM: `prologue_mosaic.py`); Mosaic calls are counted before XLA's CSE of identical calls;
+    GEMM: `prologue_mosaic.py`) | fast-mosaic-merged (fast-mosaic with the layers reading one input and without
+    branches as one GEMM: `prepared.merge_inputs`); Mosaic calls are counted before XLA's CSE of identical calls;
     platform: "gpu" (lowered for CUDA) or "tpu" (the fused
     layers take their XLA path there: no custom calls expected)."""
     import step_latency as S
