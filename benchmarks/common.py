@@ -61,13 +61,22 @@ def random_params(model_cfg, seed: int = 0):
 def random_calib(params, quant_cfg, steps: int, seed: int = 0) -> Dict[str, dict]:
     """Random calibration statistics ({module path: {"var": [T], "absmax": [T], "ch_absmax": [T, K],
     "tok_var": [T]}}) for every linear `quant_cfg` selects: log-normal per-layer scale times a smooth
-    per-step profile (what VaTMP needs: given statistics instead of a calibration run)."""
+    per-step profile (what VaTMP needs: given statistics instead of a calibration run). Layers that read one input
+    (`quant.kernels.prepared.SHARED_INPUTS`: to_q / to_k / to_v, add_*_proj) get the same statistics, as a real
+    calibration gives them (their VaTMP schedules are then equal, as in use)."""
     from qdit4sr_jax.quant import rules
+    from qdit4sr_jax.quant.kernels.prepared import SHARED_INPUTS
+    group_of = {m: g for g, members in SHARED_INPUTS.items() for m in members}
     rng = np.random.default_rng(seed)
     out = {}
     t = np.linspace(0.0, 1.0, steps)
+    first = {}                                    # (parent path, group) -> the stats of its first member
     for path in rules.select_linears(params, quant_cfg.include, quant_cfg.exclude):
         name = rules.path_str(path)
+        key = (tuple(path[:-1]), group_of.get(path[-1]))
+        if key[1] is not None and key in first:
+            out[name] = first[key]
+            continue
         node = params
         for k in path:
             node = node[k]
@@ -77,6 +86,8 @@ def random_calib(params, quant_cfg, steps: int, seed: int = 0) -> Dict[str, dict
         var = (level * prof).astype(np.float32)
         ch = (np.sqrt(var)[:, None] * np.exp(rng.normal(0.0, 0.5, size=(1, kdim))) * 4).astype(np.float32)
         out[name] = {"var": var, "absmax": ch.max(axis=1), "ch_absmax": ch, "tok_var": var * 0.9}
+        if key[1] is not None:
+            first[key] = out[name]
     return out
 
 

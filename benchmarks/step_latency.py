@@ -36,7 +36,7 @@ Modes (--modes):
                 a down GEMM per layer: share=False), prepbfm (prepbf with the GEMMs on the warp-specialized
                 Mosaic kernel: gemm="mosaic"), prepbfh (prepbfm with x' and its row maxima from the Mosaic
                 Hadamard kernel: prologue="mosaic", `kernels/prologue_mosaic.py`), prepbfhq (prepbfh with the
-                layers reading one input and without branches as one GEMM: merge=True, `prepared.merge_inputs`),
+                layers reading one input as one GEMM, the sampler's "fast-mosaic-merged": `kernels/merged.py`),
                 prepbfr (prepbfm with x', row maxima and features of 1536-input layers from one Mosaic GEMM:
                 prologue="mosaic-gemm"),
                 prepk (prepared, prologue kernel), int (XLA int8 reference path); p:PRESET:KIND:IMPL the same
@@ -178,6 +178,7 @@ def quantized_trees(params, modes, steps: int, log):
     from qdit4sr_jax.quant.api import quantize
     from qdit4sr_jax.quant.config import QuantConfig
     from qdit4sr_jax.quant.kernels import prepare, with_execution
+    from qdit4sr_jax.quant.kernels.merged import merge_tree
     from qdit4sr_jax.quant.kernels.prepared import SAMPLER_MODES
     trees, info = {}, {}
     recipes = {}
@@ -224,10 +225,12 @@ def quantized_trees(params, modes, steps: int, log):
                           prepbfns=dict(SAMPLER_MODES["fast"], share=False),
                           prepbfm=dict(SAMPLER_MODES["fast"], gemm="mosaic"),
                           prepbfh=SAMPLER_MODES["fast-mosaic"],
-                          prepbfhq=dict(SAMPLER_MODES["fast-mosaic"], merge=True),
+                          prepbfhq=SAMPLER_MODES["fast-mosaic-merged"],
                           prepbfr=dict(SAMPLER_MODES["fast"], gemm="mosaic", prologue="mosaic-gemm"))[kind]
-                trees[m] = jax.block_until_ready(jax.jit(lambda t, kw=kw: prepare(t, **kw))(
-                    with_execution(q, "fused")))
+                tree = with_execution(q, "fused")
+                if kw.get("merge"):             # as the sampler: merged outside the jit, where schedules are known
+                    tree = merge_tree(tree)
+                trees[m] = jax.block_until_ready(jax.jit(lambda t, kw=kw: prepare(t, **kw))(tree))
             elif kind == "int":
                 trees[m] = q
             elif kind in ("fused", "fake"):

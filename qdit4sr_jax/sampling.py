@@ -245,7 +245,9 @@ def sample(cfg: ModelConfig, params, lr_latent, noise, *, context=None, pooled=N
     the codes left packed (1.62 GB; `python benchmarks/weight_memory.py --preset qdit4sr-w4a4-small`); "fast"
     "unpacked" with the branch down-projection on each layer's input and x' rounded once to bf16 (rounds
     differently; the fastest on the H100: `quant.kernels.prepared.SAMPLER_MODES`); "fast-mosaic" "fast" with the
-    Mosaic GPU kernels on a Hopper GPU (the fastest there; the same as "fast" elsewhere). A tree
+    Mosaic GPU kernels on a Hopper GPU (the fastest there; the same as "fast" elsewhere); "fast-mosaic-merged" that
+    with the layers reading one input (to_q / to_k / to_v, add_*_proj) as one layer each group, merged here before
+    the jitted loop where their VaTMP schedules are known equal (`quant.kernels.merged`; untimed). A tree
     prepared beforehand (e.g. `quant.kernels.prepare(q, prologue="pallas")`: the prologue kernel) runs as given.
     """
     from qdit4sr_jax.quant.kernels.prepared import SAMPLER_MODES
@@ -253,6 +255,9 @@ def sample(cfg: ModelConfig, params, lr_latent, noise, *, context=None, pooled=N
         *first, last = SAMPLER_MODES
         raise ValueError(f"prepare_weights must be None, {', '.join(map(repr, first))} or {last!r}, "
                          f"got {prepare_weights!r}")
+    if prepare_weights is not None and SAMPLER_MODES[prepare_weights].get("merge"):
+        from qdit4sr_jax.quant.kernels.merged import merge_tree
+        params = merge_tree(params)             # concrete schedules here; traced ones inside `_sample` stay apart
     num_steps = int(cfg.num_steps if num_steps is None else num_steps)
     guidance_scale = float(cfg.guidance_scale if guidance_scale is None else guidance_scale)
     start = cfg.start if start is None else start

@@ -46,7 +46,7 @@ def test_fast_mosaic_sampler_mode_lowers_to_mosaic_kernels_on_hopper():
 
 
 def test_merged_layers_lower_to_one_gemm_per_group():
-    """W8A8 prepared with merge=True (`prepared.merge_inputs`) lowers for CUDA with one GEMM kernel per q / k / v
+    """W8A8 prepared with merge=True (`merged.merge_inputs`) lowers for CUDA with one GEMM kernel per q / k / v
     group: two fewer per group (the tiny model's 4 attentions with to_q / to_k / to_v and 3 with add_*_proj)."""
     alone = L.check(CFG, "w8a8", size=64, prepare="fast-mosaic")
     merged = L.check(CFG, "w8a8", size=64, prepare="fast-mosaic-merged")

@@ -55,9 +55,9 @@ def check(model="dit4sr", preset: str = "qdit4sr-w4a4-small", size: int = 512, b
     by the layers reading one input; Triton GEMMs) | fast-mosaic-gemm ("fast" with the GEMMs on the
     warp-specialized Mosaic kernel, counted as mosaic_kernels) | fast-mosaic (the sampler's "fast-mosaic": that,
     with rotated layers' prologue on the Mosaic Hadamard kernel) | fast-mosaic-rot (the rotation on one Mosaic
-    GEMM: `prologue_mosaic.py`) | fast-mosaic-merged (fast-mosaic with the layers reading one input and without
-    branches as one GEMM: `prepared.merge_inputs`); Mosaic calls are counted before XLA's CSE of identical calls;
-    platform: "gpu" (lowered for CUDA) or "tpu" (the fused
+    GEMM: `prologue_mosaic.py`) | fast-mosaic-merged (the sampler's: fast-mosaic with the layers reading one input
+    as one GEMM, `merged.merge_inputs`; groups with VaTMP schedules stay apart in this abstract tree); Mosaic calls
+    are counted before XLA's CSE of identical calls; platform: "gpu" (lowered for CUDA) or "tpu" (the fused
     layers take their XLA path there: no custom calls expected)."""
     import step_latency as S
     from qdit4sr_jax.config import ModelConfig
@@ -77,7 +77,7 @@ def check(model="dit4sr", preset: str = "qdit4sr-w4a4-small", size: int = 512, b
     step = S.make_step(DiT4SRTransformer(mcfg), mcfg.guidance_scale, 1)
     args = jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), S.inputs(mcfg, size, batch))
     kw = {"fast": SAMPLER_MODES["fast"], "fast-mosaic": SAMPLER_MODES["fast-mosaic"],
-          "fast-mosaic-merged": dict(SAMPLER_MODES["fast-mosaic"], merge=True),
+          "fast-mosaic-merged": SAMPLER_MODES["fast-mosaic-merged"],
           "fast-mosaic-gemm": dict(SAMPLER_MODES["fast"], gemm="mosaic"),
           "fast-mosaic-rot": dict(SAMPLER_MODES["fast"], gemm="mosaic", prologue="mosaic-gemm")}.get(
         prepare, dict(prologue=prepare))

@@ -85,7 +85,7 @@ class JointAttention(nn.Module):
     @staticmethod
     def _group(x, merged, names, lin, step, shared):
         """The layers `names` reading x: one GEMM when a prepared tree merged them (`merged`, the params under
-        `quant.kernels.prepared.MERGED_INPUTS`' key), else each its own `Linear` (with the group's shared
+        `quant.kernels.merged.MERGED_INPUTS`' key), else each its own `Linear` (with the group's shared
         down-projection, if any)."""
         if merged is not None:
             return linear_group(x, merged, len(names), step=step)

@@ -12,7 +12,7 @@
   shared: the `SharedDown` that a prepared tree holds beside w and the other layers reading x (e.g. to_q / to_k /
         to_v: `kernels.prepared.SHARED_INPUTS`), where w's branch down-projection lives; None elsewhere
 Returns [..., d_out] in x.dtype. `linear_group(x, params, parts, step=...)`: layers reading x whose weights a
-prepared tree stacked into one (`kernels.prepared.merge_inputs`), run as one and split.
+tree stacked into one (`kernels.merged.merge_inputs`), run as one and split.
 
 Dispatch: a float kernel -> one einsum; a `QuantizedWeight` with execution "fake" | "int" -> the reference
 `quant.reference.quantized_linear`; execution "fused" or a prepared `KernelWeight` -> `quant.kernels.fused_linear`.
@@ -34,7 +34,7 @@ from qdit4sr_jax.quant.reference import (GROUP_CHUNK_ELEMENTS, branches, quantiz
 
 def linear_group(x, params: dict, parts: int, *, step=None):
     """The outputs of `parts` layers of equal width that read x, run as one: params {"kernel", "bias"} holds their
-    weights stacked along N (`quant.kernels.prepared.merge_inputs`). x [..., K] -> a list of `parts` arrays
+    weights stacked along N (`quant.kernels.merged.merge_inputs`). x [..., K] -> a list of `parts` arrays
     [..., N / parts] in x.dtype, in the members' order."""
     y = linear(x, params["kernel"], params.get("bias"), step=step)
     if y.shape[-1] % parts:

@@ -145,6 +145,15 @@ class QuantizedWeight:
         folded = qz.fold_int_scales(qg.reshape(self.n, G, g), self.group_factors())
         return folded.reshape(self.n, G * g)[:, : self.k]
 
+    def unpacked(self) -> "QuantizedWeight":
+        """This node with int8 codes (`codes`: packed=False) and, for two-level scales, the integer group factors
+        folded into them (gscale None, per-channel "nk"); `self` when already so. The same function."""
+        if not self.packed and self.gscale is None:
+            return self
+        folded = self.gscale is not None                    # folded codes c * q are per-channel int8 codes
+        return dataclasses.replace(self, qvalue=self.codes(), packed=False, gscale=None,
+                                   group_size=None if folded else self.group_size)
+
     def group_factors(self):
         """Integer group factors c int8 [N, G] of two-level scales (None for float group scales)."""
         if self.gscale is None:

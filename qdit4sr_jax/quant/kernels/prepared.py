@@ -30,14 +30,15 @@ With down="input" (the sampler's "fast"), layers that read one input (to_q / to_
 kernel reads in place, instead of one per layer (which XLA's DotMerger joined by concatenating the three weights in
 every step and slicing the features apart).
 
-With merge=True, layers that read one input and have no branches, smoothing divisor or VaTMP schedule, alike but
-in N (W8A8's to_q / to_k / to_v and add_*_proj: `can_merge`), become one layer with their weights stacked along N
-under the group's key (`MERGED_INPUTS`: "qkv", "add_qkv"; `merge_inputs`), which the model runs as one GEMM and
-splits (`quant.linear.linear_group`): each output column is computed as before (bit-exact: tests), with two
-launches fewer per group and a grid that fills the GPU (the text stream's 768 rows). The 512-px W8A8 step lowers
-for CUDA with 374 Mosaic GEMM calls instead of 496 (`benchmarks/gpu/lower_check.py --preset w8a8 --prepare
-fast-mosaic-merged`). Layers with a schedule are not merged: the schedules are arrays, unknown while `prepare` is
-traced, and members with different schedules quantize x differently.
+With merge=True, layers that read one input and quantize it alike (to_q / to_k / to_v, add_*_proj:
+`merged.MERGED_INPUTS`) become one layer before they are prepared: `merged.merge_nodes` stacks their codes along N
+and their H-SVD blocks by block row, under the group's key ("qkv", "add_qkv"), which the model runs as one layer
+and splits (`quant.linear.linear_group`): one GEMM, one prologue and one down-projection per group, each output
+column computed as before (bit-exact on the CPU: tests). Groups with global low-rank factors stay apart (their
+merged epilogue would not fit the Mosaic GEMM's shared memory: `merged.can_merge`). The 512-px W8A8 step lowers for CUDA with 374 Mosaic GEMM calls instead of
+496 (`benchmarks/gpu/lower_check.py --preset w8a8 --prepare fast-mosaic-merged`). Members with VaTMP schedules
+merge where the schedules are known equal, i.e. outside a jit (`merged.merge_tree`; the sampler's
+"fast-mosaic-merged" does so before its jitted loop): inside `prepare`, which runs traced, they stay separate.
 
 prologue="pallas" also replaces the XLA prologue (smoothing, per-token quantization, the branch
 down-projections: several kernels) by one Pallas kernel per layer (`prologue_kernel.py`) wherever the Pallas
@@ -52,8 +53,9 @@ from typing import Any
 
 import jax
 
+from qdit4sr_jax.quant.kernels.merged import MERGED_INPUTS, can_merge, merge_inputs, merge_tree  # noqa: F401
 from qdit4sr_jax.quant.kernels.prologue_mosaic import PROLOGUE_ROUTES, pad_columns
-from qdit4sr_jax.quant.qweight import STATIC_FIELDS, QuantizedWeight
+from qdit4sr_jax.quant.qweight import QuantizedWeight
 
 
 PROLOGUES = ("xla", "pallas", "mosaic", "mosaic-gemm")
@@ -71,16 +73,15 @@ GEMMS = ("triton", "mosaic")
 # 2026-12-07 16:05); the paper preset's -small form 0.59x of bf16 at 512 px (15:38, with K = 1536 codes from XLA,
 # since made in the kernel too) vs 0.54x for "fast" (03:26).
 _FAST = dict(unpack=True, down="input", xprime="bfloat16")
+# "fast-mosaic-merged": "fast-mosaic" with the layers reading one input as one layer (`merged`; opt-in until a
+# step shows it faster: untimed on a GPU).
 SAMPLER_MODES = {"packed": dict(unpack=False), "unpacked": dict(unpack=True), "fast": _FAST,
-                 "fast-mosaic": dict(_FAST, gemm="mosaic", prologue="mosaic")}
+                 "fast-mosaic": dict(_FAST, gemm="mosaic", prologue="mosaic"),
+                 "fast-mosaic-merged": dict(_FAST, gemm="mosaic", prologue="mosaic", merge=True)}
 # Layers that read one input, by the key of the `branch_ops.SharedDown` that `prepare(..., down="input")` puts
 # beside them in their parent dict (the model passes it to each: `model.mmdit.JointAttention`).
 SHARED_INPUTS = {"qkv_down": ("to_q", "to_k", "to_v"),
                  "add_qkv_down": ("add_q_proj", "add_k_proj", "add_v_proj")}
-# Layers that read one input and can run as one GEMM, by the key under which `merge_inputs` (prepare(...,
-# merge=True)) puts their weights stacked along N, {"kernel": KernelWeight, "bias": float32 [sum N]}, in their
-# place (`model.mmdit.JointAttention` splits the output: `quant.linear.linear_group`).
-MERGED_INPUTS = {"qkv": SHARED_INPUTS["qkv_down"], "add_qkv": SHARED_INPUTS["add_qkv_down"]}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -151,10 +152,8 @@ def prepare_weight(w: QuantizedWeight, *, unpack: bool = True, prologue: str = "
     if gemm not in GEMMS:
         raise ValueError(f"gemm must be one of {GEMMS}, got {gemm!r}")
     node = w.float_branches()
-    if unpack and (node.packed or node.gscale is not None):
-        folded = node.gscale is not None                     # folded codes c * q are per-channel int8 codes
-        node = node.replace(qvalue=node.codes(), packed=False, gscale=None,
-                            group_size=None if folded else node.group_size)
+    if unpack:
+        node = node.unpacked()                   # int8 codes; folded codes c * q are per-channel int8 codes
     bw = branch_weights(node, joint=down in ("joint", "input"))   # the factors live on in bw only
     if down == "input" and bw is not None and bw.jd is not None:
         from qdit4sr_jax.quant.kernels.branch_ops import input_space_down
@@ -201,63 +200,6 @@ def share_inputs(params: dict) -> dict:
     return out
 
 
-def can_merge(kws) -> bool:
-    """Whether prepared layers that read one input (their `KernelWeight`s) can run as one GEMM with their weights
-    stacked along N (`merge_weights`): two or more, each without branches, smoothing divisor, VaTMP schedule, zero
-    points or integer group factors, with int8 codes (unpacked), and all alike in K and every static field (bits,
-    layout and groups, rotation, activation bits, kernels) but N. Their codes and scales are then those of one
-    layer of N = sum N_i: the per-token activation quantization is shared already (one x, one level), and each
-    output column is computed as before."""
-    if len(kws) < 2 or not all(isinstance(k, KernelWeight) for k in kws):
-        return False
-    for k in kws:
-        n = k.node
-        if (k.bw is not None or n.packed or n.smooth is not None or n.a_schedule is not None or n.zero is not None
-                or n.gscale is not None or n.layout not in ("nk", "gnk")):
-            return False
-    config = lambda k: (tuple(getattr(k.node, f) for f in STATIC_FIELDS if f != "shape"), k.node.k, k.prologue,
-                        k.xprime, k.gemm)
-    return len({config(k) for k in kws}) == 1
-
-
-def merge_weights(kws) -> KernelWeight:
-    """`KernelWeight`s that `can_merge` -> one of N = sum N_i: codes and scales stacked along N in the members'
-    order (output columns [sum N_<i, sum N_<=i) are member i's). Memory: the members' arrays, held once."""
-    if not can_merge(kws):
-        raise ValueError("merge_weights: these layers cannot run as one GEMM (see prepared.can_merge)")
-    nodes = [k.node for k in kws]
-    axis = 0 if nodes[0].layout == "nk" else 1                   # qvalue [N, K] or [G, N, g]; scale [N, G]
-    node = nodes[0].replace(qvalue=jax.numpy.concatenate([n.qvalue for n in nodes], axis=axis),
-                            scale=jax.numpy.concatenate([n.scale for n in nodes], axis=0),
-                            shape=(nodes[0].k, sum(n.n for n in nodes)))
-    return dataclasses.replace(kws[0], node=node)
-
-
-def merge_inputs(params: dict) -> dict:
-    """One dict of a prepared tree -> the same with each `MERGED_INPUTS` group whose members `can_merge` (e.g.
-    to_q / to_k / to_v of W8A8: all {"kernel", "bias"} dicts of one N) replaced by one {"kernel": `merge_weights`,
-    "bias": the members' biases (zeros where absent; no bias if none has one) stacked, float32} under the group's
-    key; other dicts unchanged. One GEMM per group instead of one per member: two launches fewer, and a grid that
-    fills the GPU (add_q_proj at 512 px, 768 rows: 72 of the Mosaic GEMM's 64 x 256 CTA tiles for the H100's 132
-    SMs; 216 merged)."""
-    out = dict(params)
-    for key, names in MERGED_INPUTS.items():
-        members = [params.get(n) for n in names]
-        if key in params or not all(isinstance(m, dict) and set(m) <= {"kernel", "bias"} for m in members):
-            continue
-        kws = [m.get("kernel") for m in members]
-        if not can_merge(kws) or len({k.node.n for k in kws}) != 1:
-            continue
-        for n in names:
-            del out[n]
-        out[key] = {"kernel": merge_weights(kws)}
-        if any(m.get("bias") is not None for m in members):
-            out[key]["bias"] = jax.numpy.concatenate([
-                m["bias"].astype(jax.numpy.float32) if m.get("bias") is not None
-                else jax.numpy.zeros((k.node.n,), jax.numpy.float32) for m, k in zip(members, kws)])
-    return out
-
-
 def prepare(tree, *, unpack: bool = True, prologue: str = "xla", down: str = "joint", xprime: str = "float32",
             share: bool = True, gemm: str = "triton", merge: bool = False):
     """The params tree with every QuantizedWeight whose execution is "fused" replaced by its `KernelWeight`
@@ -265,8 +207,9 @@ def prepare(tree, *, unpack: bool = True, prologue: str = "xla", down: str = "jo
     convert per layer and call); other nodes, float leaves and already prepared nodes unchanged. Traceable:
     call it inside the jit that runs the steps, before the loop. down, xprime: `prepare_weight`'s; share (with
     down="input"): layers reading one input get one down-projection (`share_inputs`); gemm: the GEMM kernel on a
-    GPU (`KernelWeight.gemm`); merge: layers reading one input that can run as one GEMM get their weights stacked
-    (`merge_inputs`; the model splits the output), before any sharing of down-projections."""
+    GPU (`KernelWeight.gemm`); merge: layers reading one input that can run as one layer become one before they
+    are prepared (`merged.merge_inputs`; the model splits the output); groups with traced VaTMP schedules stay
+    separate (`merged.merge_tree` outside the jit merges them)."""
     def fused(n):
         return isinstance(n, QuantizedWeight) and n.execution == "fused"
 
@@ -274,10 +217,10 @@ def prepare(tree, *, unpack: bool = True, prologue: str = "xla", down: str = "jo
         if fused(t):
             return prepare_weight(t, unpack=unpack, prologue=prologue, down=down, xprime=xprime, gemm=gemm)
         if isinstance(t, dict):
+            t = merge_inputs(t) if merge else t
             out = {k: walk(v) for k, v in t.items()}
             if fused(t.get("kernel")) and t.get("bias") is not None:
                 out["bias"] = t["bias"].astype(jax.numpy.float32)
-            out = merge_inputs(out) if merge else out
             return share_inputs(out) if share else out
         if isinstance(t, (list, tuple)) and not hasattr(t, "_fields"):
             return type(t)(walk(v) for v in t)
@@ -286,4 +229,4 @@ def prepare(tree, *, unpack: bool = True, prologue: str = "xla", down: str = "jo
 
 
 __all__ = ["KernelWeight", "PROLOGUES", "DOWNS", "XPRIMES", "GEMMS", "SAMPLER_MODES", "SHARED_INPUTS", "MERGED_INPUTS",
-           "can_merge", "merge_inputs", "merge_weights", "prepare", "prepare_weight", "share_inputs"]
+           "can_merge", "merge_inputs", "merge_tree", "prepare", "prepare_weight", "share_inputs"]
