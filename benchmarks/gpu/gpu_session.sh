@@ -24,7 +24,7 @@
 #   bash benchmarks/gpu/gpu_session.sh i24x      # next: fused linear on the Mosaic GEMM: check + 512-px steps (<= 400 s);
 #                                             # then i24y (1024 px), i24z (W8A8 on Triton / Mosaic, 512 + 1024 px)
 #   bash benchmarks/gpu/gpu_session.sh i24all    # next: the record, 512 + 1024 px: bf16, W8A8 merged, paper-small, paper
-#   bash benchmarks/gpu/gpu_session.sh i24merge  # after i24all: 512-px steps, W8A8 q/k/v as one GEMM vs not
+#   bash benchmarks/gpu/gpu_session.sh i24merge  # after i24all: GPU check of q/k/v as one layer, 512-px steps merged vs not
 #   bash benchmarks/gpu/gpu_session.sh i24go     # next (12-07 evening on): K = 1536 codes check, 512-px steps
 #   bash benchmarks/gpu/gpu_session.sh i24chk    # very short of device time: i24go's checks alone
 #   bash benchmarks/gpu/gpu_session.sh i24prof2  # after i24go: 512-px profile of "fast-mosaic", Hadamard tunings
@@ -172,10 +172,14 @@ if [ "${1:-}" = i24all ]; then
   exit 0
 fi
 if [ "${1:-}" = i24merge ]; then
-  # issue 24, after i24all (<= ${T:-570} s): the 512-px steps of bf16 and W8A8 "fast-mosaic" with to_q / to_k / to_v
-  # and add_*_proj as one GEMM per group (prepbfhq, the sampler's "fast-mosaic-merged"; bit-exact on the CPU, the same
-  # Mosaic GEMM) and without (prepbfh), and paper-small "fast-mosaic" (its groups carry low-rank factors: not merged)
-  el "steps 512, merged vs not"; steps512 ${T:-570} bf16 p:w8a8:prepbfh p:w8a8:prepbfhq p:qdit4sr-paper-w4a4-small:prepbfh
+  # issue 24, after i24all (<= ${T:-570} s): the GPU check of a to_q / to_k / to_v group as one layer (the sampler's
+  # "fast-mosaic-merged": one Mosaic GEMM of N = 3 x 1536 reading each member's low-rank features per 1536 columns)
+  # against Triton and the unmerged group; if right, the 512-px steps of bf16 and paper-small / W8A8 "fast-mosaic"
+  # unmerged (prepbfh) and merged (prepbfhq), else the same without the merged paper-small mode
+  P=p:qdit4sr-paper-w4a4-small
+  el "merged group check"; fused_check merge_check ${CHECK_S:-100} --cases 1 --variants mosaic_had mosaic_had_merged
+  if passed $? merge_check; then steps512 ${T:-570} bf16 $P:prepbfh $P:prepbfhq p:w8a8:prepbfh p:w8a8:prepbfhq
+  else el "merged group not right: W8A8 only"; steps512 ${T:-570} bf16 $P:prepbfh p:w8a8:prepbfh p:w8a8:prepbfhq; fi
   el done
   exit 0
 fi

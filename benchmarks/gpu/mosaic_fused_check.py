@@ -37,7 +37,11 @@ SCHEDULE = [4, 3, 5, 4]
 # the features (mosaic_rot, 1536-input layers) (prologue_mosaic.py)
 VARIANTS = {"triton": dict(gemm="triton"), "mosaic": dict(gemm="mosaic"),
             "mosaic_had": dict(gemm="mosaic", prologue="mosaic"),
-            "mosaic_rot": dict(gemm="mosaic", prologue="mosaic-gemm")}
+            "mosaic_rot": dict(gemm="mosaic", prologue="mosaic-gemm"),
+            # mosaic_had with a to_q / to_k / to_v group as one layer (the sampler's "fast-mosaic-merged", merged before
+            # preparing: `kernels/merged.py`): one GEMM of N = 3 x 1536 reading each member's 32 low-rank features
+            # for its 1536 columns (`Branch.block_out`) and the stacked H-SVD block rows
+            "mosaic_had_merged": dict(gemm="mosaic", prologue="mosaic", merge=True)}
 # (M, K, N, group, float_groups): the 512-px step's shapes with CFG; group: a to_q / to_k / to_v group sharing its
 # down GEMM; float_groups: float group scales (the plain paper preset's "gnk" layout: the grouped kernel path)
 CASES = [(4096, 1536, 1536, True, False), (4096, 1536, 6144, False, False), (4096, 6144, 1536, False, True),
@@ -46,6 +50,7 @@ CASES = [(4096, 1536, 1536, True, False), (4096, 1536, 6144, False, False), (409
 
 def run_case(m, k, n, group, float_groups=False, step=2, time_it=True, tilings=("",), variants=tuple(VARIANTS)):
     from qdit4sr_jax.quant.kernels import fused_linear, prepare
+    from qdit4sr_jax.quant.kernels.merged import merge_tree
     from qdit4sr_jax.quant.kernels.prepared import SAMPLER_MODES
     from qdit4sr_jax.quant.kernels.mosaic_gemm import mosaic_call_sites
     from qdit4sr_jax.quant.linear import linear
@@ -56,10 +61,12 @@ def run_case(m, k, n, group, float_groups=False, step=2, time_it=True, tilings=(
             for i, nm in enumerate(names)}
     x = _input(m, k)
     t = jnp.int32(step)
-    preps = {name: jax.jit(lambda tr, kw=kw: prepare(tr, **SAMPLER_MODES["fast"], **kw))(tree)
-             for name, kw in VARIANTS.items() if name in variants}
+    preps = {name: jax.jit(lambda tr, kw=kw: prepare(tr, **SAMPLER_MODES["fast"], **kw))(
+        merge_tree(tree) if kw.get("merge") else tree) for name, kw in VARIANTS.items() if name in variants}
 
     def group_fn(tr, v, s):
+        if "qkv" in tr:                                  # the group merged: one layer, its output split
+            return jnp.split(fused_linear(v, tr["qkv"]["kernel"], None, step=s), len(names), axis=-1)
         return [fused_linear(v, tr[nm]["kernel"], None, step=s, shared=tr.get("qkv_down")) for nm in names]
 
     run = jax.jit(group_fn)
@@ -69,7 +76,7 @@ def run_case(m, k, n, group, float_groups=False, step=2, time_it=True, tilings=(
     for i, nm in enumerate(names):
         ref = np.asarray(linear(x, tree[nm]["kernel"], None, step=t, execution="fake"), np.float32)
         b = np.asarray(ys["triton"][i], np.float32)
-        row = dict(shape=[m, k, n], member=nm, layout=preps["triton"][nm]["kernel"].node.layout,
+        row = dict(shape=[m, k, n], member=nm, layout=tree[nm]["kernel"].layout,
                    max_abs_y=float(np.abs(b).max()), rel_triton_vs_fake=rel_err(b, ref))
         for v in preps:
             if v == "triton":

@@ -49,7 +49,10 @@ used when no `step` / `act_bits` is given), a_symmetric, rotate (Hadamard block 
 block ((b_out, b_in) or None), execution ("fake" | "int" | "fused"), signs (QuaRot's random signs before the
 Hadamard: `transforms.rotation_signs(K)`, a constant of K rebuilt at trace time, so the multiply is exact in any
 float dtype and a bf16 x stays bf16 on its way into the rotation; nodes made before 2026-12-06 carry the signs
-folded into `smooth` instead, and run unchanged).
+folded into `smooth` instead, and run unchanged), lr_groups (1, or g > 1: lr_b is block diagonal, g blocks of
+[r / g, N / g] on its diagonal and zeros elsewhere, as `kernels.merged.merge_nodes` makes it for layers that read
+one input merged into one; the kernels then read each block's r / g features for its N / g columns instead of all
+r for every column: `kernels.branch_ops.branch_weights`; every reference path reads the dense lr_b).
 """
 from __future__ import annotations
 
@@ -77,8 +80,9 @@ FACTOR_AXIS = {"lr_a": 1, "lr_b": 0, "block_u": 2, "block_v": 2}
 LOWRANK_BITS = (8,)                 # make_qweight(lowrank_bits=...): None (float factors) or one of these
 GROUP_SCALES = ("float", "int")     # make_qweight(group_scale=...): float32 [N, G] scales, or s[n] * int c[n, G]
 STATIC_FIELDS = ("shape", "dtype", "w_bits", "group_size", "layout", "packed", "w_symmetric",
-                 "a_bits", "a_symmetric", "rotate", "block", "execution", "signs")
-OPTIONAL_STATIC = {"signs": False}  # static fields added after version 3: value when a stored node lacks them
+                 "a_bits", "a_symmetric", "rotate", "block", "execution", "signs", "lr_groups")
+# static fields added after version 3: value when a stored node lacks them
+OPTIONAL_STATIC = {"signs": False, "lr_groups": 1}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -111,6 +115,7 @@ class QuantizedWeight:
     block: Optional[Tuple[int, int]] = None
     execution: str = "fake"
     signs: bool = False
+    lr_groups: int = 1
 
     # ---- derived sizes -------------------------------------------------------------------------
     @property

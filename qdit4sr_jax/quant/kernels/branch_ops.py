@@ -25,6 +25,11 @@ shared down-projection (`share_down`, `kernels.prepare(..., down="input")` on to
 one input put their input-space jd side by side in one `SharedDown` [K, sum W_i] held once beside them; one GEMM
                                 x jd_shared gives every member's [dh | dt], member i's from column `jd_col`
                                 (a multiple of its Rl and Rb: its GEMM kernel reads them in place)
+blocked low-rank (`lr_block` > 0, from a node with lr_groups = g: layers reading one input merged, `merged.py`):
+  lr_a [K, g Rl], lr_b [Rl, N]  block i's factors side by side in lr_a and along N in lr_b (its diagonal block of the
+                                node's lr_b), so output column n reads dh[m, i(n) Rl : (i(n) + 1) Rl], i(n) =
+                                n // lr_block, as the H-SVD blocks are read per block row: the epilogue's rank stays
+                                Rl, not g Rl (the zeros of a block-diagonal lr_b are never multiplied)
 epilogue, `branch_epilogue` (XLA) or the Pallas GEMM kernel per output tile:
   y[m, n] += dh[m] . lr_b[:, n] + dt[m, i(n) Rb : (i(n) + 1) Rb] . ub[:, n]     (float32 accumulation)
 so an output tile inside one block row reads one [bm, Rb] slice of dt. The same quantities as
@@ -37,6 +42,7 @@ from typing import Any, Optional
 
 import jax
 import jax.numpy as jnp
+import jax.scipy.linalg  # noqa: F401 (block_diag)
 
 from qdit4sr_jax.quant.lowering import lowering_for, target_platform, widen_on_cpu  # noqa: F401 (re-exported)
 from qdit4sr_jax.quant.qweight import QuantizedWeight
@@ -65,6 +71,7 @@ class BranchWeights:
     jd: Any = None                # [K, Rl + n_bo Rb] joint down-projection [lr_a | V_d], or None
     jd_input: bool = False        # jd maps the layer's input x (not x') to [dh | dt] (`input_space_down`)
     jd_col: Optional[int] = None  # jd moved into a `SharedDown`: the first column of this layer's [dh | dt] there
+    lr_block: int = 0             # > 0: output columns per low-rank block (module docstring), 0: one block for all
 
     @property
     def has_lowrank(self) -> bool:
@@ -89,8 +96,8 @@ class BranchWeights:
         blocks, and no slice of the joint features is ever copied (`joint_features`)."""
         if not self.has_lowrank:
             return 0
-        rl = self.lr_a.shape[1]
-        if self.has_blocks and is_tile(rl) and is_tile(self.rb):
+        rl = self.lr_a.shape[1]                     # g Rl with a blocked low-rank, else Rl
+        if self.has_blocks and is_tile(self.lr_b.shape[0]) and is_tile(self.rb):
             return -(-rl // self.rb) * self.rb
         return rl
 
@@ -103,11 +110,11 @@ class BranchWeights:
     @property
     def joint_align(self) -> int:
         """The column alignment the GEMM kernel needs to read [dh | dt] in place: max(Rl, Rb) (powers of 2)."""
-        return max(self.lr_a.shape[1] if self.has_lowrank else 1, self.rb if self.has_blocks else 1)
+        return max(self.lr_b.shape[0] if self.has_lowrank else 1, self.rb if self.has_blocks else 1)
 
 
 jax.tree_util.register_dataclass(BranchWeights, data_fields=["lr_a", "lr_b", "vt", "ub", "jd"],
-                                 meta_fields=["block", "jd_input", "jd_col"])
+                                 meta_fields=["block", "jd_input", "jd_col", "lr_block"])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -137,6 +144,8 @@ def can_share_down(bws) -> bool:
     if len(bws) < 2 or any(b is None or b.jd is None or not b.jd_input or b.jd_col is not None for b in bws):
         return False
     parts = [b.lr_a.shape[1] for b in bws if b.has_lowrank] + [b.rb for b in bws if b.has_blocks]
+    if any(b.lr_block for b in bws):                  # a merged layer reads its own features (one per group)
+        return False
     return (len({b.jd.dtype for b in bws}) == 1 and len({b.jd.shape[0] for b in bws}) == 1
             and all(is_tile(v) for v in parts))
 
@@ -175,7 +184,16 @@ def branch_weights(w: QuantizedWeight, pad: bool = True, joint: bool = False) ->
         return None
     size = next_pow2 if pad else (lambda v: v)
     kw = {}
-    if w.lr_a is not None:
+    if w.lr_a is not None and w.lr_groups > 1:      # block-diagonal lr_b: each block's factors, read per block
+        g, r = w.lr_groups, w.lr_a.shape[1]
+        if r % g or w.n % g:
+            raise ValueError(f"lr_groups={g} does not divide the rank {r} and N={w.n}")
+        re, nb = r // g, w.n // g
+        rl = size(re)
+        lr_a = jnp.pad(w.lr_a.reshape(w.k, g, re), ((0, 0), (0, 0), (0, rl - re))).reshape(w.k, g * rl)
+        lr_b = jnp.concatenate([w.lr_b[i * re:(i + 1) * re, i * nb:(i + 1) * nb] for i in range(g)], axis=1)
+        kw.update(lr_a=lr_a, lr_b=jnp.pad(lr_b, ((0, rl - re), (0, 0))), lr_block=nb)
+    elif w.lr_a is not None:
         r = w.lr_a.shape[1]
         rl = size(r)
         kw.update(lr_a=jnp.pad(w.lr_a, ((0, 0), (0, rl - r))), lr_b=jnp.pad(w.lr_b, ((0, rl - r), (0, 0))))
@@ -238,7 +256,11 @@ def node_factors(bw: Optional[BranchWeights], n: int) -> dict:
     out = dict(lr_a=None, lr_b=None, block_u=None, block_v=None)
     if bw is None:
         return out
-    if bw.has_lowrank:
+    if bw.has_lowrank and bw.lr_block:              # the node's block-diagonal lr_b [g Rl, N] (lr_groups = g)
+        lb = bw.lr_block
+        out.update(lr_a=bw.lr_a, lr_b=jax.scipy.linalg.block_diag(
+            *[bw.lr_b[:, i * lb:(i + 1) * lb] for i in range(bw.lr_b.shape[1] // lb)]).astype(bw.lr_b.dtype))
+    elif bw.has_lowrank:
         out.update(lr_a=bw.lr_a, lr_b=bw.lr_b)
     if bw.has_blocks:
         nbi, _, _ = bw.vt.shape
@@ -287,7 +309,12 @@ def branch_features(xt, bw: Optional[BranchWeights], x_in=None):
 def branch_epilogue(y, dh, dt, bw: BranchWeights):
     """y [M, N] float32 + the branches of (dh, dt) -> [M, N] float32 (XLA ops)."""
     m, n = y.shape
-    if dh is not None:                  # (a plain 2-D dot: XLA:CPU has bf16 x bf16 -> f32 for it)
+    if dh is not None and bw.lr_block:  # block i(n) = n // lr_block reads its Rl features
+        rl, lb = bw.lr_b.shape[0], bw.lr_block
+        g = bw.lr_b.shape[1] // lb
+        d, u = widen_on_cpu(dh[:, : g * rl].reshape(m, g, rl), bw.lr_b.reshape(rl, g, lb))
+        y = y + jnp.einsum("mgr,rgn->mgn", d, u, preferred_element_type=jnp.float32).reshape(m, g * lb)[:, :n]
+    elif dh is not None:                # (a plain 2-D dot: XLA:CPU has bf16 x bf16 -> f32 for it)
         y = y + jnp.dot(dh, bw.lr_b, preferred_element_type=jnp.float32)
     if dt is not None:
         bo = bw.block[0]

@@ -6,20 +6,18 @@ rounding (the same codes, scales and branch products; only the order of float su
   qvalue  int8 [N, K] ("nk") / [G, N, g] ("gnk")  the members' codes, unpacked (integer group factors folded:
                                 `QuantizedWeight.unpacked`), stacked along N
   scale   float32 [N, G]                           stacked along N
-  lr_a    [K, sum r_i]                             side by side
-  lr_b    [sum r_i, N]                             block diagonal (zeros elsewhere: member i's features meet only
-                                                   its own columns)
+  lr_a    [K, n r]                                 side by side, each member's rank zero-padded to r = max r_i
+  lr_b    [n r, N]                                 block diagonal (zeros elsewhere: member i's features meet only
+                                                   its own columns), lr_groups = n: the kernels read each member's
+                                                   r features for its N_i columns (`branch_ops`' blocked low-rank),
+                                                   so the epilogue's rank stays that of one member
   block_u / block_v [sum n_bo_i, n_bi, b]          stacked along the block rows (every N_i a multiple of b_out, so
                                                    block row i of the merged node lies inside one member)
   a_schedule, smooth                               the members' (equal: see `can_merge`)
   w_bits                                           the widest member's (the codes are int8 either way)
 so a fused path runs the group as one GEMM with one prologue: one activation quantization (one x, one level per
 step), one branch down-projection and one launch instead of three, on a grid that fills the GPU (add_q_proj at
-512 px, 768 rows: 72 of the Mosaic GEMM's 64 x 256 CTA tiles for the H100's 132 SMs; 216 merged). Groups with
-global low-rank factors merge only with lowrank=True: the block-diagonal lr_b makes the epilogue multiply sum r_i
-features for every column, which the Mosaic GEMM's shared memory does not hold (`can_merge`); reading each
-member's r_i features per block of N columns (as the H-SVD blocks are read per block row) is the way to merge them
-without that cost, not built yet.
+512 px, 768 rows: 72 of the Mosaic GEMM's 64 x 256 CTA tiles for the H100's 132 SMs; 216 merged).
 
 Members must quantize x alike: the same activation bits or VaTMP schedule, smoothing divisor, rotation and
 signs. A real calibration gives layers reading one x identical statistics, so VaTMP gives them one schedule; the
@@ -72,16 +70,14 @@ def _factor_dtype(n: QuantizedWeight, name: str):
     return scale.dtype if scale is not None else (getattr(n, name).dtype if getattr(n, name) is not None else None)
 
 
-def can_merge(nodes, lowrank: bool = False) -> bool:
+def can_merge(nodes) -> bool:
     """Whether these `QuantizedWeight`s of layers reading one input can be one node (`merge_nodes`): two or more,
     symmetric (no zero points), layout "nk" or "gnk", alike in K and every static field but N, w_bits and packing
     (as `QuantizedWeight.unpacked` leaves them), with the same activation schedule and smoothing divisor (known
-    values: `_same_values`), all or none with low-rank factors, all or none with block factors, every N a
-    multiple of the block height, branch factors of one dtype. Reads only shapes, dtypes and the schedules.
-    lowrank: whether members with global low-rank factors may merge. Off by default: the merged lr_b is block
-    diagonal, so the fused epilogue multiplies n x the rank for every column, and on Hopper the Mosaic GEMM's
-    up-projection tiles then exceed shared memory (270 KB > 232 KB at 3 x rank 32, lowered on the CPU 2026-12-07);
-    the function is right either way (tests). H-SVD blocks merge without growing: block rows stack."""
+    values: `_same_values`), all or none with low-rank factors (then of one width N and not merged before: the
+    kernels read the block-diagonal lr_b per member, `QuantizedWeight.lr_groups`), all or none with block factors,
+    every N a multiple of the block height, branch factors of one dtype. Reads only shapes, dtypes and the
+    schedules."""
     if len(nodes) < 2 or not all(isinstance(n, QuantizedWeight) for n in nodes):
         return False
     if any(n.zero is not None or n.layout not in ("nk", "gnk") for n in nodes):
@@ -92,17 +88,18 @@ def can_merge(nodes, lowrank: bool = False) -> bool:
         return False
     if len({n.lr_a is not None for n in nodes}) != 1 or len({n.block_u is not None for n in nodes}) != 1:
         return False
-    if nodes[0].lr_a is not None and not lowrank:
+    if nodes[0].lr_a is not None and (len({n.n for n in nodes}) != 1 or nodes[0].lr_groups != 1):
         return False
     if nodes[0].block_u is not None and any(n.n % n.block[0] for n in nodes):
         return False
     return len({(_factor_dtype(n, "lr_a"), _factor_dtype(n, "block_u")) for n in nodes}) == 1
 
 
-def merge_nodes(nodes, lowrank: bool = False) -> QuantizedWeight:
-    """`QuantizedWeight`s that `can_merge` (with `lowrank`) -> one node of N = sum N_i (module docstring), int8
-    codes unpacked. Memory: the members' arrays once more while both trees live, lr_b with its zero blocks."""
-    if not can_merge(nodes, lowrank):
+def merge_nodes(nodes) -> QuantizedWeight:
+    """`QuantizedWeight`s that `can_merge` -> one node of N = sum N_i (module docstring), int8 codes unpacked.
+    Memory: the members' arrays once more while both trees live, lr_b with its zero blocks (held dense by the node;
+    `kernels.prepare` keeps only the diagonal blocks)."""
+    if not can_merge(nodes):
         raise ValueError("merge_nodes: these layers cannot run as one (see merged.can_merge)")
     ns = [n.unpacked().float_branches() for n in nodes]
     first = ns[0]
@@ -110,31 +107,34 @@ def merge_nodes(nodes, lowrank: bool = False) -> QuantizedWeight:
     kw = dict(qvalue=jnp.concatenate([n.qvalue for n in ns], axis=axis),
               scale=jnp.concatenate([n.scale for n in ns], axis=0),
               shape=(first.k, sum(n.n for n in ns)), w_bits=max(n.w_bits for n in ns), packed=False)
-    if first.lr_a is not None:
-        kw["lr_a"] = jnp.concatenate([n.lr_a for n in ns], axis=1)
-        kw["lr_b"] = jax.scipy.linalg.block_diag(*[n.lr_b for n in ns]).astype(first.lr_b.dtype)
+    if first.lr_a is not None:                               # each member's rank padded to the largest (zeros)
+        r = max(n.lr_a.shape[1] for n in ns)
+        kw["lr_a"] = jnp.concatenate([jnp.pad(n.lr_a, ((0, 0), (0, r - n.lr_a.shape[1]))) for n in ns], axis=1)
+        kw["lr_b"] = jax.scipy.linalg.block_diag(
+            *[jnp.pad(n.lr_b, ((0, r - n.lr_b.shape[0]), (0, 0))) for n in ns]).astype(first.lr_b.dtype)
+        kw["lr_groups"] = len(ns)
     if first.block_u is not None:
         kw["block_u"] = jnp.concatenate([n.block_u for n in ns], axis=0)
         kw["block_v"] = jnp.concatenate([n.block_v for n in ns], axis=0)
     return first.replace(**kw)
 
 
-def merge_inputs(params: dict, lowrank: bool = False) -> dict:
+def merge_inputs(params: dict) -> dict:
     """One dict of a params tree -> the same with each `MERGED_INPUTS` group whose members are {"kernel": node,
     "bias": optional} dicts of one width that `can_merge` replaced by {"kernel": `merge_nodes`, "bias": the members'
     biases (zeros where absent; none if none has one) stacked, float32} under the group's key; other entries
-    unchanged. lowrank: `can_merge`'s."""
+    unchanged."""
     out = dict(params)
     for key, names in MERGED_INPUTS.items():
         members = [params.get(n) for n in names]
         if key in params or not all(isinstance(m, dict) and set(m) <= {"kernel", "bias"} for m in members):
             continue
         nodes = [m.get("kernel") for m in members]
-        if not can_merge(nodes, lowrank) or len({n.n for n in nodes}) != 1:
+        if not can_merge(nodes) or len({n.n for n in nodes}) != 1:
             continue
         for n in names:
             del out[n]
-        out[key] = {"kernel": merge_nodes(nodes, lowrank)}
+        out[key] = {"kernel": merge_nodes(nodes)}
         if any(m.get("bias") is not None for m in members):
             out[key]["bias"] = jnp.concatenate([
                 m["bias"].astype(jnp.float32) if m.get("bias") is not None else jnp.zeros((n.n,), jnp.float32)
@@ -142,13 +142,13 @@ def merge_inputs(params: dict, lowrank: bool = False) -> dict:
     return out
 
 
-def merge_tree(tree, lowrank: bool = False):
+def merge_tree(tree):
     """`merge_inputs` on every dict of a params tree (lists and tuples walked too). Call it where the arrays are
     concrete (outside a jit) to merge groups with VaTMP schedules: inside a jit only groups without one merge."""
     if isinstance(tree, dict):
-        return merge_inputs({k: merge_tree(v, lowrank) for k, v in tree.items()}, lowrank)
+        return merge_inputs({k: merge_tree(v) for k, v in tree.items()})
     if isinstance(tree, (list, tuple)) and not hasattr(tree, "_fields"):
-        return type(tree)(merge_tree(v, lowrank) for v in tree)
+        return type(tree)(merge_tree(v) for v in tree)
     return tree
 
 

@@ -587,8 +587,8 @@ def parse_tiles(text: str) -> dict:
 def _branches(ops):
     """The prologue's branch features as `Branch`es (the same columns the Triton kernel reads)."""
     bw, out = ops.bw, []
-    if ops.dh is not None:
-        out.append(Branch(ops.dh, bw.lr_b, ops.col if ops.joint else 0))
+    if ops.dh is not None:                       # (blocked low-rank: block i(n) = n // lr_block reads its Rl)
+        out.append(Branch(ops.dh, bw.lr_b, ops.col if ops.joint else 0, bw.lr_block))
     if ops.dt is not None:
         rb = bw.rb
         off = (ops.col + bw.dt_col) // rb if ops.joint else 0

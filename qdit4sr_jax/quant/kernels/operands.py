@@ -97,12 +97,15 @@ def block_rows(w: QuantizedWeight) -> int:
 
 def tiles_ok(w: QuantizedWeight, cfg: KernelConfig) -> bool:
     """Whether the Pallas kernel tiles this layer: power-of-2 tiles dividing N, K steps dividing K,
-    packed runs of even length, output tiles inside one block row of the block branch."""
+    packed runs of even length, output tiles inside one block row of the block branch (and of a blocked low-rank
+    branch)."""
     bn, bk = cfg.block_n, cfg.block_k
     packed = unpacks_in_kernel(w, cfg)
     if not (is_tile(cfg.block_m) and is_tile(bn) and w.n % bn == 0):
         return False
     if w.block_u is not None and block_rows(w) % bn:
+        return False
+    if w.lr_a is not None and w.lr_groups > 1 and (w.n // w.lr_groups) % bn:    # tiles inside one low-rank block
         return False
     if w.layout == "gnk":
         G, g = w.groups

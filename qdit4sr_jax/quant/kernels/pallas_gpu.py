@@ -125,10 +125,11 @@ def pallas_gemm_epilogue(ops, w: QuantizedWeight, bias, out_dtype, cfg, *, inter
     bw = ops.bw
     if ops.dh is not None:                      # global low-rank: every output tile reads the same dh rows
                                                 # (joint features: their first Rl columns)
-        rl = bw.lr_b.shape[0]
+        rl, lb = bw.lr_b.shape[0], bw.lr_block      # (blocked low-rank: the tile's block i(n) = n // lr_block)
         c0 = ops.col // rl if ops.joint else 0      # (shared features: this layer's start, a multiple of Rl)
         args += [ops.dh, bw.lr_b]
-        specs += [pl.BlockSpec((bm, rl), lambda i, j: (i, c0)), pl.BlockSpec((rl, bn), lambda i, j: (0, j))]
+        specs += [pl.BlockSpec((bm, rl), lambda i, j: (i, c0 + ((j * bn) // lb if lb else 0))),
+                  pl.BlockSpec((rl, bn), lambda i, j: (0, j))]
     if ops.dt is not None:                      # blocks: the dt slice of the tile's block row i(n) = n // b_out
         rb, bo = bw.rb, bw.block[0]
         off = (ops.col + bw.dt_col) // rb if ops.joint else 0   # joint features: dt from column col + dt_col

@@ -31,14 +31,15 @@ kernel reads in place, instead of one per layer (which XLA's DotMerger joined by
 every step and slicing the features apart).
 
 With merge=True, layers that read one input and quantize it alike (to_q / to_k / to_v, add_*_proj:
-`merged.MERGED_INPUTS`) become one layer before they are prepared: `merged.merge_nodes` stacks their codes along N
-and their H-SVD blocks by block row, under the group's key ("qkv", "add_qkv"), which the model runs as one layer
-and splits (`quant.linear.linear_group`): one GEMM, one prologue and one down-projection per group, each output
-column computed as before (bit-exact on the CPU: tests). Groups with global low-rank factors stay apart (their
-merged epilogue would not fit the Mosaic GEMM's shared memory: `merged.can_merge`). The 512-px W8A8 step lowers for CUDA with 374 Mosaic GEMM calls instead of
-496 (`benchmarks/gpu/lower_check.py --preset w8a8 --prepare fast-mosaic-merged`). Members with VaTMP schedules
-merge where the schedules are known equal, i.e. outside a jit (`merged.merge_tree`; the sampler's
-"fast-mosaic-merged" does so before its jitted loop): inside `prepare`, which runs traced, they stay separate.
+`merged.MERGED_INPUTS`) become one layer before they are prepared: `merged.merge_nodes` stacks their codes along N,
+their H-SVD blocks by block row and their low-rank factors block-diagonally (read per member by the kernels:
+`branch_ops`' blocked low-rank), under the group's key ("qkv", "add_qkv"), which the model runs as one layer and
+splits (`quant.linear.linear_group`): one GEMM, one prologue and one down-projection per group, each output column
+computed as before (to float rounding: tests). The 512-px W8A8 step lowers for CUDA with 374 Mosaic GEMM calls
+instead of 496, the paper preset's -small form with 1,122 Mosaic calls instead of 1,488
+(`benchmarks/gpu/lower_check.py --preset P --prepare fast-mosaic-merged`). Members with VaTMP schedules merge where
+the schedules are known equal, i.e. outside a jit (`merged.merge_tree`; the sampler's "fast-mosaic-merged" does so
+before its jitted loop): inside `prepare`, which runs traced, they stay separate.
 
 prologue="pallas" also replaces the XLA prologue (smoothing, per-token quantization, the branch
 down-projections: several kernels) by one Pallas kernel per layer (`prologue_kernel.py`) wherever the Pallas

@@ -62,6 +62,8 @@ def fits(w: QuantizedWeight, bw: Optional[BranchWeights], chunk: int, block_m: i
     c = chunk_size(w, bw)
     if chunk or not w.a_symmetric or not is_tile(c) or w.k % c:
         return False
+    if bw is not None and bw.lr_block:            # a blocked low-rank branch (merged layers): the XLA prologue
+        return False
     if w.layout == "gnk" and w.groups[0] * w.groups[1] != w.k:
         return False
     if w.signs and not w.rotate:

@@ -111,6 +111,8 @@ def fits(x2, w: QuantizedWeight, bw: Optional[BranchWeights], shared: Optional[S
         return False
     if (bw.has_blocks and bw.dt_col % bw.rb) or (route == "gemm" and k % bw.joint_align):   # read in place
         return False
+    if route == "gemm" and bw.lr_block:             # merged layers' blocked low-rank: the Hadamard route only
+        return False
     return True
 
 
