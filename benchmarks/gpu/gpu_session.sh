@@ -25,6 +25,7 @@
 #                                             # then i24y (1024 px), i24z (W8A8 on Triton / Mosaic, 512 + 1024 px)
 #   bash benchmarks/gpu/gpu_session.sh i24all    # next: the record, 512 + 1024 px: bf16, W8A8 merged, paper-small, paper
 #   bash benchmarks/gpu/gpu_session.sh i24merge  # after i24all: GPU check of q/k/v as one layer, 512-px steps merged vs not
+#   bash benchmarks/gpu/gpu_session.sh i24mchk   # very short of device time: i24merge's check alone
 #   bash benchmarks/gpu/gpu_session.sh i24go     # next (12-07 evening on): K = 1536 codes check, 512-px steps
 #   bash benchmarks/gpu/gpu_session.sh i24chk    # very short of device time: i24go's checks alone
 #   bash benchmarks/gpu/gpu_session.sh i24prof2  # after i24go: 512-px profile of "fast-mosaic", Hadamard tunings
@@ -168,6 +169,12 @@ if [ "${1:-}" = i24all ]; then
   el "steps ${ALL_CASES:-512x1 1024x1}"; steps all $(( ${T:-580} - 5 )) --cases ${ALL_CASES:-512x1 1024x1} --scan-steps 2 \
       --modes ${ALL_MODES:-bf16 p:w8a8:prepbfhq p:qdit4sr-paper-w4a4-small:prepbfh p:qdit4sr-paper-w4a4:prepbfh} \
       --attention cudnn --xla-variants no-dot-merge --iters 6 --warmup 1 --deadline $(( ${T:-580} - 25 ))
+  el done
+  exit 0
+fi
+if [ "${1:-}" = i24mchk ]; then
+  # very short of device time (<= ${CHECK_S:-150} s): i24merge's GPU check of the merged group alone
+  el "merged group check"; fused_check merge_check ${CHECK_S:-150} --cases 1 --variants mosaic_had mosaic_had_merged
   el done
   exit 0
 fi
