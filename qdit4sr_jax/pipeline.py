@@ -295,8 +295,9 @@ def upscale(cfg: ModelConfig, params: Mapping[str, Any], image, *, seed: int = 0
     tile_latent=None or 0 disables tiling; ``force_tiling`` tiles even a latent no larger than one tile
     (testing/diagnostics). ``process_size`` (DiT4SR's test scripts: 512): an input whose short side is
     below process_size // scale is first enlarged (bicubic) so that it is, and the result resized back
-    to H*s x W*s. Deterministic for a given seed. ``prepare_weights`` (None or a `quant.kernels.prepared.SAMPLER_MODES` key): see
-    `sampling.sample` (fused quantized layers' weight-side operands once per run).
+    to H*s x W*s. Deterministic for a given seed. ``prepare_weights`` (None or a
+    `quant.kernels.prepared.SAMPLER_MODES` key): see `sampling.sample` (fused quantized layers' weight-side operands
+    once per run).
     """
     color_fix = _colorfix.resolve(color_fix, cfg)
     d = _prepare(cfg, params, image, seed, prompt, prompt_index, guidance_scale, process_size)

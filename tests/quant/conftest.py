@@ -62,6 +62,15 @@ def toy():
     return model, params, jnp.asarray(x)
 
 
+def random_params(shapes, seed: int = 0):
+    """Random weights of the given shapes (a params tree of ShapeDtypeStructs, e.g. `param_shapes(cfg)`), drawn in
+    numpy (no init compile): N(0, 1) / sqrt(fan-in) for kernels, / sqrt(10) for vectors; control layers non-zero too."""
+    r = np.random.default_rng(seed)
+    return jax.tree_util.tree_map(
+        lambda l: jnp.asarray(r.standard_normal(l.shape) / np.sqrt(np.prod(l.shape[:-1]) if l.ndim > 1 else 10),
+                              l.dtype), shapes)
+
+
 def rel_err(a, b):
     a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
     return float(np.linalg.norm(a - b) / np.linalg.norm(b))

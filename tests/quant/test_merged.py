@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import rel_err
+from conftest import random_params, rel_err
 import qdit4sr_jax
 from qdit4sr_jax import sampling
 from qdit4sr_jax.config import ModelConfig
@@ -173,10 +173,7 @@ def test_what_may_not_merge_stays_apart():
 
 def _tiny_params():
     cfg = ModelConfig.preset("tiny")
-    r = np.random.default_rng(0)
-    params = jax.tree_util.tree_map(
-        lambda l: jnp.asarray(r.standard_normal(l.shape) / np.sqrt(np.prod(l.shape[:-1]) if l.ndim > 1 else 10),
-                              l.dtype), param_shapes(cfg))
+    params = random_params(param_shapes(cfg))
     return cfg, params
 
 

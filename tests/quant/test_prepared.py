@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import rel_err
+from conftest import random_params, rel_err
 import qdit4sr_jax
 from qdit4sr_jax import sampling
 from qdit4sr_jax.config import ModelConfig
@@ -115,10 +115,7 @@ def test_prepared_tree_is_not_saved(tmp_path):
 @pytest.mark.slow
 def test_sampler_prepared_equals_per_call():
     cfg = ModelConfig.preset("tiny")
-    r = np.random.default_rng(0)
-    params = jax.tree_util.tree_map(
-        lambda l: jnp.asarray(r.standard_normal(l.shape) / np.sqrt(np.prod(l.shape[:-1]) if l.ndim > 1 else 10),
-                              l.dtype), param_shapes(cfg))
+    params = random_params(param_shapes(cfg))
     lat = lambda s, shape: jnp.asarray(np.random.default_rng(s).normal(size=shape), jnp.float32)
     lr, noise, ctx, pool = lat(1, (1, 16, 16, 4)), lat(2, (1, 16, 16, 4)), lat(3, (1, 7, 24)), lat(4, (1, 20))
     q = with_execution(qdit4sr_jax.quantize(params, "w4a4"), "fused")
@@ -403,10 +400,7 @@ def test_model_reads_the_shared_down_projections():
     from qdit4sr_jax.quant.config import QuantConfig
     from qdit4sr_jax.quant.kernels.prepared import SAMPLER_MODES, SHARED_INPUTS
     cfg = ModelConfig.preset("tiny")
-    r = np.random.default_rng(0)
-    params = jax.tree_util.tree_map(
-        lambda l: jnp.asarray(r.standard_normal(l.shape) / np.sqrt(np.prod(l.shape[:-1]) if l.ndim > 1 else 10),
-                              l.dtype), param_shapes(cfg))
+    params = random_params(param_shapes(cfg))
     qc = QuantConfig.preset("qdit4sr-paper-w4a4-small").replace(vatmp=False, vasmp=False, hsvd_block=(16, 16),
                                                                lowrank_rank=8)       # (no VaSMP: 7 s less)
     q = with_execution(qdit4sr_jax.quantize(params, qc), "fused")

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import rel_err
+from conftest import random_params, rel_err
 import qdit4sr_jax
 from qdit4sr_jax.config import ModelConfig
 from qdit4sr_jax.model.dit4sr import DiT4SRTransformer, param_shapes
@@ -19,10 +19,7 @@ T = 3
 @pytest.fixture(scope="module")
 def tiny():
     shapes = param_shapes(CFG)
-    r = np.random.default_rng(0)          # random weights of the real shapes (control layers non-zero too)
-    params = jax.tree_util.tree_map(
-        lambda l: jnp.asarray(r.standard_normal(l.shape) / np.sqrt(np.prod(l.shape[:-1]) if l.ndim > 1 else 10),
-                              l.dtype), shapes)
+    params = random_params(shapes)
     lat = lambda s, shape: jnp.asarray(np.random.default_rng(s).normal(size=shape), jnp.float32)
     inputs = dict(lr=lat(1, (2, 16, 16, 4)), noise=lat(2, (2, 16, 16, 4)), ctx=lat(3, (2, 7, 24)),
                   pool=lat(4, (2, 20)))
