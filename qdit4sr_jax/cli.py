@@ -24,20 +24,29 @@ def cmd_demo(a) -> int:
 
 def cmd_upscale(a) -> int:
     from qdit4sr_jax import pipeline
-    from qdit4sr_jax.checkpoint import load as load_quantized
     cfg, params = _load_model(a.model)
-    if a.quantized:
-        qparams, qcfg = load_quantized(a.quantized)
+    if a.quantized and a.preset:
+        raise ValueError("--quantized and --preset both give the quantized transformer: pass one")
+    if not (a.quantized or a.preset) and (a.execution != "stored" or a.prepare != "none"):
+        raise ValueError("--execution / --prepare apply to a quantized transformer: pass --quantized DIR or "
+                         "--preset NAME")
+    if a.prepare != "none" and a.execution not in ("fused", "stored"):
+        raise ValueError(f"--prepare {a.prepare} prepares fused layers: use --execution fused")
+    if a.preset:
+        from qdit4sr_jax.quant.config import QuantConfig
+        QuantConfig.preset(a.preset)                # an unknown preset fails before any work
+    img = pipeline.read_images(a.input)[0]          # a bad input fails before any quantization
+    if a.quantized or a.preset:
+        if a.quantized:
+            from qdit4sr_jax.checkpoint import load as load_quantized
+            qparams, qcfg = load_quantized(a.quantized)
+        else:
+            qparams, qcfg, _ = _quantize_transformer(a, cfg, params)
         if a.execution != "stored":
             from qdit4sr_jax.quant.kernels import with_execution
             qparams = with_execution(qparams, a.execution)
         params = dict(params, transformer=qparams)
         print(f"quantized transformer: {qcfg.name if hasattr(qcfg, 'name') else qcfg}")
-    elif a.execution != "stored" or a.prepare != "none":
-        raise ValueError("--execution / --prepare apply to a quantized transformer: pass --quantized DIR")
-    if a.prepare != "none" and a.execution not in ("fused", "stored"):
-        raise ValueError(f"--prepare {a.prepare} prepares fused layers: use --execution fused")
-    img = pipeline.read_images(a.input)[0]
     out = pipeline.upscale(cfg, params, img, seed=a.seed, num_steps=a.steps,
                            color_fix=a.color_fix,
                            prepare_weights=None if a.prepare == "none" else a.prepare)
@@ -46,14 +55,12 @@ def cmd_upscale(a) -> int:
     return 0
 
 
-def cmd_quantize(a) -> int:
+def _quantize_transformer(a, cfg, params):
+    """Quantize params["transformer"] with preset a.preset, calibrating (where the preset needs it) on the LR
+    images of folder a.calib or the bundled samples, sampled with a.steps / a.seed -> (tree, QuantConfig, s)."""
     from qdit4sr_jax import pipeline
-    from qdit4sr_jax.checkpoint import save
-    from qdit4sr_jax.quant.api import enable_compilation_cache, quantize
+    from qdit4sr_jax.quant.api import quantize
     from qdit4sr_jax.quant.config import QuantConfig
-    if a.compile_cache:                   # before any compilation (calibration included)
-        print(f"compilation cache: {enable_compilation_cache(a.compile_cache)}")
-    cfg, params = _load_model(a.model)
     qcfg = QuantConfig.preset(a.preset)
     calib = None
     if qcfg.needs_calibration:
@@ -62,7 +69,16 @@ def cmd_quantize(a) -> int:
                                           step_gains=qcfg.needs_step_gains)
     t0 = time.perf_counter()
     q = quantize(params["transformer"], qcfg, calib=calib)
-    dt = time.perf_counter() - t0
+    return q, qcfg, time.perf_counter() - t0
+
+
+def cmd_quantize(a) -> int:
+    from qdit4sr_jax.checkpoint import save
+    from qdit4sr_jax.quant.api import enable_compilation_cache
+    if a.compile_cache:                   # before any compilation (calibration included)
+        print(f"compilation cache: {enable_compilation_cache(a.compile_cache)}")
+    cfg, params = _load_model(a.model)
+    q, qcfg, dt = _quantize_transformer(a, cfg, params)
     info = save(a.out, q, qcfg)
     print(f"quantized with {a.preset} in {dt:.1f} s; saved to {a.out} "
           f"({info['bytes_on_disk'] / 2**20:.2f} MiB on disk, {info['quantized_layers']} quantized layers)")
@@ -120,6 +136,11 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("output")
     u.add_argument("--model", default="demo")
     u.add_argument("--quantized", default=None, help="a quantized transformer saved by `quantize`")
+    u.add_argument("--preset", default=None,
+                   help="quantize the transformer with this preset first, in this run (as `quantize` does, "
+                        "nothing saved); instead of --quantized")
+    u.add_argument("--calib", default=None, help="with --preset: folder of LR images for calibration (default: "
+                                                 "bundled samples)")
     u.add_argument("--steps", type=int, default=None)
     u.add_argument("--seed", type=int, default=0)
     u.add_argument("--color-fix", default="model", choices=["model", "adain", "wavelet", "none"],

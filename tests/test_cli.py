@@ -66,8 +66,17 @@ def test_quantize_then_upscale_quantized(tmp_path, capsys):
                         + extra) == 0
     for name in ("p.png", "pf.png"):
         np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "f.png")), np.asarray(Image.open(tmp_path / name)))
+    # quantized in the same run (--preset): the image of the saved tree
+    assert cli.main(["upscale", str(src), str(tmp_path / "o.png"), "--preset", "rtn-w4a8", "--steps", "1",
+                     "--execution", "fused", "--prepare", "fast"]) == 0
+    np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "f.png")), np.asarray(Image.open(tmp_path / "o.png")))
     assert cli.main(["upscale", str(src), str(tmp_path / "x.png"), "--prepare", "packed"]) == 2   # no --quantized
     assert "--quantized" in capsys.readouterr().err
+    assert cli.main(["upscale", str(src), str(tmp_path / "x.png"), "--quantized", str(ck), "--preset", "rtn-w4a8"]) == 2
+    assert "pass one" in capsys.readouterr().err
+    assert cli.main(["upscale", str(src), str(tmp_path / "x.png"), "--preset", "rtn-w3a1"]) == 2
+    assert "rtn-w3a1" in capsys.readouterr().err
+    assert not (tmp_path / "x.png").exists()
 
 
 def test_evaluate_subcommand_is_wired(capsys):
