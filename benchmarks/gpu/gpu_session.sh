@@ -31,6 +31,8 @@
 #   bash benchmarks/gpu/gpu_session.sh i24prof2  # after i24go: 512-px profile of "fast-mosaic", Hadamard tunings
 #   bash benchmarks/gpu/gpu_session.sh i24tune   # after i24next: GEMM tile sweep at the 512-px shapes, Hadamard kernel tunings
 #   bash benchmarks/gpu/gpu_session.sh i24gaps   # after i24all: 512-px steps with the scanned step as CUDA graphs
+#   bash benchmarks/gpu/gpu_session.sh i24floor  # (<= 200 s) what a Mosaic call costs vs rows: device us and gaps of
+#                                             # the Hadamard / codes / int8 GEMM kernels at 128-8192 rows, the floor
 #   bash benchmarks/gpu/gpu_session.sh i24next   # next: in-kernel codes per swizzle, fused check of fast-mosaic, 512-px steps
 #   bash benchmarks/gpu/gpu_session.sh i24rt     # next: fused check of the run maxima (XLA reduce vs the GEMM's 16-column blocks)
 #   bash benchmarks/gpu/gpu_session.sh i24fix    # next: GPU check + 512-px steps after the per-call XLA kernels were removed
@@ -241,6 +243,16 @@ if [ "${1:-}" = i24tune ]; then
   grep -v "^W[0-9]\|Warning\|Deprecat" "$OUT/ws_gemm.log" | cut -c1-260 | tail -16
   left=$(( ${T:-570} - ($(date +%s) - t0) ))
   el "Hadamard configs, features GEMM ($left s)"; hadamard_tune $(( left - 5 )) 2
+  el done
+  exit 0
+fi
+if [ "${1:-}" = i24floor ]; then
+  # issue 24 (<= ${T:-200} s): the Mosaic kernels' fixed cost per call (launch_floor.py): wall and device us per call
+  # of the Hadamard kernel (x' and three members' codes), the int8 GEMM and cuBLAS bf16 at 128-8192 rows, and a
+  # one-tile Mosaic kernel (the floor)
+  el "launch floor"; timeout $(( ${T:-200} - 5 )) python3 benchmarks/gpu/launch_floor.py --deadline $(( ${T:-200} - 40 )) \
+      --out "$OUT/launch_floor.json" > "$OUT/launch_floor.log" 2>&1
+  grep -v "^W[0-9]\|Warning\|Deprecat" "$OUT/launch_floor.log" | cut -c1-230 | tail -40
   el done
   exit 0
 fi
