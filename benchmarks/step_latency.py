@@ -36,7 +36,8 @@ Modes (--modes):
                 a down GEMM per layer: share=False), prepbfm (prepbf with the GEMMs on the warp-specialized
                 Mosaic kernel: gemm="mosaic"), prepbfh (prepbfm with x' and its row maxima from the Mosaic
                 Hadamard kernel: prologue="mosaic", `kernels/prologue_mosaic.py`), prepbfhq (prepbfh with the
-                layers reading one input as one GEMM, the sampler's "fast-mosaic-merged": `kernels/merged.py`),
+                layers reading one input as one GEMM: the sampler's "fast-mosaic", `kernels/merged.py`; prepbfh is
+                its "fast-mosaic-separate"),
                 prepbfr (prepbfm with x', row maxima and features of 1536-input layers from one Mosaic GEMM:
                 prologue="mosaic-gemm"),
                 prepk (prepared, prologue kernel), int (XLA int8 reference path); p:PRESET:KIND:IMPL the same
@@ -224,8 +225,8 @@ def quantized_trees(params, modes, steps: int, log):
                 kw = dict(prepsplit=dict(down="split"), prepin=dict(down="input"), prepbf=SAMPLER_MODES["fast"],
                           prepbfns=dict(SAMPLER_MODES["fast"], share=False),
                           prepbfm=dict(SAMPLER_MODES["fast"], gemm="mosaic"),
-                          prepbfh=SAMPLER_MODES["fast-mosaic"],
-                          prepbfhq=SAMPLER_MODES["fast-mosaic-merged"],
+                          prepbfh=SAMPLER_MODES["fast-mosaic-separate"],
+                          prepbfhq=SAMPLER_MODES["fast-mosaic"],
                           prepbfr=dict(SAMPLER_MODES["fast"], gemm="mosaic", prologue="mosaic-gemm"))[kind]
                 tree = with_execution(q, "fused")
                 if kw.get("merge"):             # as the sampler: merged outside the jit, where schedules are known

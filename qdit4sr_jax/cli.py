@@ -148,11 +148,11 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("--execution", default="stored", choices=["stored", "fake", "int", "fused"],
                    help="how the quantized layers run: as saved, fake-quant, XLA int8, or the fused kernels")
     u.add_argument("--prepare", default="none",
-                   choices=["none", "packed", "unpacked", "fast", "fast-mosaic", "fast-mosaic-merged"],
+                   choices=["none", "packed", "unpacked", "fast", "fast-mosaic", "fast-mosaic-separate"],
                    help="fused layers: weight-side kernel operands once per run (more memory; see README); fast: "
                         "also x' in bf16 and the branch down-projection on the layer's input (rounds differently); "
-                        "fast-mosaic: fast with the Mosaic GPU kernels on Hopper (the fastest there; docs/PRESETS.md); "
-                        "fast-mosaic-merged: that with to_q / to_k / to_v (and add_*_proj) as one layer (untimed)")
+                        "fast-mosaic: fast with the Mosaic GPU kernels on Hopper and to_q / to_k / to_v (add_*_proj) as "
+                        "one layer (the fastest there; docs/PRESETS.md); fast-mosaic-separate: each layer apart")
     u.set_defaults(fn=cmd_upscale)
 
     q = sub.add_parser("quantize", help="quantize a model's transformer and save it with orbax")

@@ -245,10 +245,11 @@ def sample(cfg: ModelConfig, params, lr_latent, noise, *, context=None, pooled=N
     the codes left packed (1.62 GB; `python benchmarks/weight_memory.py --preset qdit4sr-w4a4-small`); "fast"
     "unpacked" with the branch down-projection on each layer's input and x' rounded once to bf16 (rounds
     differently; the fastest on the H100: `quant.kernels.prepared.SAMPLER_MODES`); "fast-mosaic" "fast" with the
-    Mosaic GPU kernels on a Hopper GPU (the fastest there; the same as "fast" elsewhere); "fast-mosaic-merged" that
-    with the layers reading one input (to_q / to_k / to_v, add_*_proj) as one layer each group, merged here before
-    the jitted loop where their VaTMP schedules are known equal (`quant.kernels.merged`; untimed; done per call:
-    pass `merged.merge_tree(params)` to do it once for many calls, a merged tree is left as it is). A tree
+    Mosaic GPU kernels on a Hopper GPU and the layers reading one input (to_q / to_k / to_v, add_*_proj) as one
+    layer each group, merged here before the jitted loop where their VaTMP schedules are known equal
+    (`quant.kernels.merged`; the fastest on Hopper; elsewhere "fast" with the groups merged; done per call: pass
+    `merged.merge_tree(params)` to do it once for many calls, a merged tree is left as it is);
+    "fast-mosaic-separate" the same with each layer on its own. A tree
     prepared beforehand (e.g. `quant.kernels.prepare(q, prologue="pallas")`: the prologue kernel) runs as given.
     """
     from qdit4sr_jax.quant.kernels.prepared import SAMPLER_MODES

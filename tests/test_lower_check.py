@@ -36,9 +36,9 @@ def test_tpu_lowering_takes_the_xla_path():
 
 
 def test_fast_mosaic_sampler_mode_lowers_to_mosaic_kernels_on_hopper():
-    """The sampler's "fast-mosaic" traced as for a Hopper GPU runs the Mosaic GEMM (where a layer fits its tiles) and
-    the Hadamard kernel; "fast" none of them (test above)."""
-    fast = L.check(CFG, "qdit4sr-paper-w4a4-small", size=64, prepare="fast-mosaic")
+    """The sampler's "fast-mosaic-separate" traced as for a Hopper GPU runs the Mosaic GEMM (where a layer fits its
+    tiles) and the Hadamard kernel; "fast" none of them (test above)."""
+    fast = L.check(CFG, "qdit4sr-paper-w4a4-small", size=64, prepare="fast-mosaic-separate")
     gemm_only = L.check(CFG, "qdit4sr-paper-w4a4-small", size=64, prepare="fast-mosaic-gemm")
     assert gemm_only["triton_kernels"] + gemm_only["mosaic_kernels"] == gemm_only["layers"]
     assert fast["triton_kernels"] == gemm_only["triton_kernels"] < fast["layers"]
@@ -47,13 +47,13 @@ def test_fast_mosaic_sampler_mode_lowers_to_mosaic_kernels_on_hopper():
 
 @pytest.mark.parametrize("preset,fewer", [("w8a8", 2), ("qdit4sr-paper-w4a4-small", 6)])
 def test_merged_layers_lower_to_one_gemm_per_group(preset, fewer):
-    """The sampler's "fast-mosaic-merged" (`merged.merge_inputs`) lowers for CUDA with each of a layer's kernels
+    """The sampler's "fast-mosaic" (`merged.merge_inputs`) lowers for CUDA with each of a layer's kernels
     once per q / k / v group instead of once per member (the tiny model's 4 attentions with to_q / to_k / to_v and 3
     with add_*_proj): W8A8 two GEMMs fewer per group; the paper preset's -small form (H-SVD blocks, low-rank
     factors read per member: `branch_ops`' blocked low-rank) also two Hadamard and two feature kernels fewer (counted
     before XLA's CSE of the members' identical ones)."""
-    alone = L.check(CFG, preset, size=64, prepare="fast-mosaic")
-    merged = L.check(CFG, preset, size=64, prepare="fast-mosaic-merged")
+    alone = L.check(CFG, preset, size=64, prepare="fast-mosaic-separate")
+    merged = L.check(CFG, preset, size=64, prepare="fast-mosaic")
     kernels = lambda r: r["triton_kernels"] + r["mosaic_kernels"]
     assert kernels(merged) == kernels(alone) - fewer * 7, (kernels(alone), kernels(merged))
     if preset == "w8a8":

@@ -182,7 +182,7 @@ if [ "${1:-}" = i24mchk ]; then
 fi
 if [ "${1:-}" = i24merge ]; then
   # issue 24, after i24all (<= ${T:-570} s): the GPU check of a to_q / to_k / to_v group as one layer (the sampler's
-  # "fast-mosaic-merged": one Mosaic GEMM of N = 3 x 1536 reading each member's low-rank features per 1536 columns)
+  # "fast-mosaic" since 12-07 23:10: one Mosaic GEMM of N = 3 x 1536 reading each member's low-rank features per 1536 columns)
   # against Triton and the unmerged group; if right, the 512-px steps of bf16 and paper-small / W8A8 "fast-mosaic"
   # unmerged (prepbfh) and merged (prepbfhq), else the same without the merged paper-small mode
   P=p:qdit4sr-paper-w4a4-small

@@ -44,7 +44,7 @@ def abstract_quantized(model, preset: str, steps: int = 40):
     return with_execution(q, "fused"), len(paths)
 
 
-PREPARES = ("none", "xla", "pallas", "fast", "fast-mosaic-gemm", "fast-mosaic", "fast-mosaic-merged",
+PREPARES = ("none", "xla", "pallas", "fast", "fast-mosaic-gemm", "fast-mosaic", "fast-mosaic-separate",
             "fast-mosaic-rot")
 
 
@@ -53,12 +53,12 @@ def check(model="dit4sr", preset: str = "qdit4sr-w4a4-small", size: int = 512, b
     """-> {layers, triton_kernels, custom_calls, by_name, lower_s}. model: preset name or ModelConfig;
     prepare: none | xla | pallas (the prologue) | fast (the sampler's "fast": input-space down-projections, shared
     by the layers reading one input; Triton GEMMs) | fast-mosaic-gemm ("fast" with the GEMMs on the
-    warp-specialized Mosaic kernel, counted as mosaic_kernels) | fast-mosaic (the sampler's "fast-mosaic": that,
-    with rotated layers' prologue on the Mosaic Hadamard kernel) | fast-mosaic-rot (the rotation on one Mosaic
-    GEMM: `prologue_mosaic.py`) | fast-mosaic-merged (the sampler's: fast-mosaic with the layers reading one input
-    as one GEMM, `merged.merge_inputs`; the sampler merges where the members' VaTMP schedules are equal, which a
-    calibration gives them but this abstract tree cannot show, so its schedules are dropped here, which leaves the
-    kernels as they are); Mosaic calls are counted before XLA's CSE of identical calls; platform: "gpu" (lowered
+    warp-specialized Mosaic kernel, counted as mosaic_kernels) | fast-mosaic-separate (the sampler's: that,
+    with rotated layers' prologue on the Mosaic Hadamard kernel) | fast-mosaic (the sampler's: fast-mosaic-separate
+    with the layers reading one input as one GEMM, `merged.merge_inputs`; the sampler merges where the members'
+    VaTMP schedules are equal, which a calibration gives them but this abstract tree cannot show, so its schedules
+    are dropped here, which leaves the kernels as they are) | fast-mosaic-rot (the rotation on one Mosaic GEMM:
+    `prologue_mosaic.py`); Mosaic calls are counted before XLA's CSE of identical calls; platform: "gpu" (lowered
     for CUDA) or "tpu" (the fused
     layers take their XLA path there: no custom calls expected)."""
     import step_latency as S
@@ -74,7 +74,7 @@ def check(model="dit4sr", preset: str = "qdit4sr-w4a4-small", size: int = 512, b
         raise ValueError(f"platform must be gpu or tpu, got {platform!r}")
     t0 = time.perf_counter()
     q, layers = abstract_quantized(model, preset)
-    if prepare == "fast-mosaic-merged":            # (docstring) equal schedules assumed, as a calibration gives
+    if prepare == "fast-mosaic":            # (docstring) equal schedules assumed, as a calibration gives
         from qdit4sr_jax.quant.qweight import QuantizedWeight
         is_q = lambda n: isinstance(n, QuantizedWeight)
         q = jax.tree_util.tree_map(lambda n: n.replace(a_schedule=None) if is_q(n) else n, q, is_leaf=is_q)
@@ -83,7 +83,7 @@ def check(model="dit4sr", preset: str = "qdit4sr-w4a4-small", size: int = 512, b
     step = S.make_step(DiT4SRTransformer(mcfg), mcfg.guidance_scale, 1)
     args = jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), S.inputs(mcfg, size, batch))
     kw = {"fast": SAMPLER_MODES["fast"], "fast-mosaic": SAMPLER_MODES["fast-mosaic"],
-          "fast-mosaic-merged": SAMPLER_MODES["fast-mosaic-merged"],
+          "fast-mosaic-separate": SAMPLER_MODES["fast-mosaic-separate"],
           "fast-mosaic-gemm": dict(SAMPLER_MODES["fast"], gemm="mosaic"),
           "fast-mosaic-rot": dict(SAMPLER_MODES["fast"], gemm="mosaic", prologue="mosaic-gemm")}.get(
         prepare, dict(prologue=prepare))

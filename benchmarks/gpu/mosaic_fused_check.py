@@ -38,7 +38,7 @@ SCHEDULE = [4, 3, 5, 4]
 VARIANTS = {"triton": dict(gemm="triton"), "mosaic": dict(gemm="mosaic"),
             "mosaic_had": dict(gemm="mosaic", prologue="mosaic"),
             "mosaic_rot": dict(gemm="mosaic", prologue="mosaic-gemm"),
-            # mosaic_had with a to_q / to_k / to_v group as one layer (the sampler's "fast-mosaic-merged", merged before
+            # mosaic_had with a to_q / to_k / to_v group as one layer (the sampler's "fast-mosaic", merged before
             # preparing: `kernels/merged.py`): one GEMM of N = 3 x 1536 reading each member's 32 low-rank features
             # for its 1536 columns (`Branch.block_out`) and the stacked H-SVD block rows
             "mosaic_had_merged": dict(gemm="mosaic", prologue="mosaic", merge=True)}

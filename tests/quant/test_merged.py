@@ -203,9 +203,9 @@ def test_model_reads_merged_layers():
 
 @pytest.mark.slow
 def test_sampler_merges_scheduled_groups_before_its_loop():
-    """`sampling.sample(..., prepare_weights="fast-mosaic-merged")` on a tree whose q / k / v groups carry one
-    VaTMP schedule each (as a calibration gives them): merged before the jitted loop (`merge_tree` sees the
-    values), it samples what "fast-mosaic" samples (off Hopper: "fast"), to float rounding."""
+    """`sampling.sample(..., prepare_weights="fast-mosaic")` on a tree whose q / k / v groups carry one VaTMP
+    schedule each (as a calibration gives them): merged before the jitted loop (`merge_tree` sees the values), it
+    samples what "fast-mosaic-separate" samples (off Hopper: "fast"), to float rounding."""
     cfg, params = _tiny_params()
     q = with_execution(qdit4sr_jax.quantize(params, "w4a4"), "fused")
     sched = jnp.asarray([4, 6], jnp.int32)
@@ -217,5 +217,5 @@ def test_sampler_merges_scheduled_groups_before_its_loop():
     lr, noise, ctx, pool = lat(1, (1, 16, 16, 4)), lat(2, (1, 16, 16, 4)), lat(3, (1, 7, 24)), lat(4, (1, 20))
     run = lambda prep: np.asarray(sampling.sample(cfg, q, lr, noise, context=ctx, pooled=pool, num_steps=2,
                                                   guidance_scale=1.0, tile_latent=0, prepare_weights=prep))
-    merged, alone = run("fast-mosaic-merged"), run("fast-mosaic")
+    merged, alone = run("fast-mosaic"), run("fast-mosaic-separate")
     assert np.isfinite(merged).all() and rel_err(merged, alone) <= 1e-4, rel_err(merged, alone)

@@ -270,7 +270,7 @@ def test_run_maxima_reach_the_gemm_unreduced_at_dit4sr_widths(monkeypatch):
     w = make_qweight(jnp.asarray(rng.normal(size=(n, k)).astype(np.float32) * 0.03), w_bits=4, a_bits=4,
                      execution="fused", rotate=k, signs=True, a_schedule=jnp.asarray([4, 5], jnp.int32),
                      lr_a=rng.normal(size=(k, 16)) * 0.05, lr_b=rng.normal(size=(16, n)) * 0.05)
-    kw = prepare_weight(w, **SAMPLER_MODES["fast-mosaic"])
+    kw = prepare_weight(w, **SAMPLER_MODES["fast-mosaic-separate"])
     x = jnp.asarray(rng.standard_t(5, size=(m, k)).astype(np.float32), jnp.bfloat16)
     tables = dict(levels=kw.levels, inv_levels=kw.inv_levels, step=jnp.int32(1))
     assert pm.fits(x, kw.node, kw.bw, None, kw.levels, 128)
@@ -292,7 +292,7 @@ def test_run_maxima_reach_the_gemm_unreduced_at_dit4sr_widths(monkeypatch):
     bias = jnp.zeros((n,), jnp.float32)
     assert rel_err(pallas_gemm_epilogue(got, kw.node, bias, jnp.float32, CFG, interpret=True),
                    pallas_gemm_epilogue(want, kw.node, bias, jnp.float32, CFG, interpret=True)) <= 2e-3
-    small = prepare_weight(_layer(rng, 12, jnp.asarray([4, 5], jnp.int32)), **SAMPLER_MODES["fast-mosaic"])
+    small = prepare_weight(_layer(rng, 12, jnp.asarray([4, 5], jnp.int32)), **SAMPLER_MODES["fast-mosaic-separate"])
     ops = pm.mosaic_prologue(_x(2, 64), small.node, small.bw, pad_to=128, kernel=mh.codes_reference,
                              gemm=mg.rowmax_reference, rowmax_kernel=mh.hadamard_reference, levels=small.levels, inv_levels=small.inv_levels,
                              step=jnp.int32(0))

@@ -37,9 +37,11 @@ their H-SVD blocks by block row and their low-rank factors block-diagonally (rea
 splits (`quant.linear.linear_group`): one GEMM, one prologue and one down-projection per group, each output column
 computed as before (to float rounding: tests). The 512-px W8A8 step lowers for CUDA with 374 Mosaic GEMM calls
 instead of 496, the paper preset's -small form with 1,122 Mosaic calls instead of 1,488
-(`benchmarks/gpu/lower_check.py --preset P --prepare fast-mosaic-merged`). Members with VaTMP schedules merge where
-the schedules are known equal, i.e. outside a jit (`merged.merge_tree`; the sampler's "fast-mosaic-merged" does so
-before its jitted loop): inside `prepare`, which runs traced, they stay separate.
+(`benchmarks/gpu/lower_check.py --preset P --prepare fast-mosaic` vs `fast-mosaic-separate`); on an H100 the
+512-px step ran 0.63x of bf16 merged vs 0.60x separate for the paper preset's -small form, W8A8 0.94x vs 0.92x
+(benchmarks/RESULTS.md, 2026-12-07 22:50-23:10), so the sampler's "fast-mosaic" merges. Members with VaTMP schedules
+merge where the schedules are known equal, i.e. outside a jit (`merged.merge_tree`; the sampler does so before its
+jitted loop): inside `prepare`, which runs traced, they stay separate.
 
 prologue="pallas" also replaces the XLA prologue (smoothing, per-token quantization, the branch
 down-projections: several kernels) by one Pallas kernel per layer (`prologue_kernel.py`) wherever the Pallas
@@ -69,16 +71,15 @@ GEMMS = ("triton", "mosaic")
 # -small form 0.49x / 0.67x of bf16 at 512 / 1024 px vs 0.47x / 0.62x "unpacked" (benchmarks/RESULTS.md,
 # 2026-12-06 07:10; 0.54x / 0.73x since), PSNR vs FP on the demo 32.289 vs 32.274 dB (2026-12-06 05:30).
 # "fast-mosaic" (the fastest on Hopper): "fast" with, on a Hopper GPU (`lowering.has_wgmma`), the GEMMs on the
-# warp-specialized Mosaic kernel and rotated layers' codes from the Mosaic Hadamard kernel; elsewhere it is "fast"
-# (the same tree: the kernels are picked when traced). Checked against the Triton path on an H100 (rel. 7.6e-5,
-# 2026-12-07 16:05); the paper preset's -small form 0.59x of bf16 at 512 px (15:38, with K = 1536 codes from XLA,
-# since made in the kernel too) vs 0.54x for "fast" (03:26).
+# warp-specialized Mosaic kernel and rotated layers' codes from the Mosaic Hadamard kernel, and the layers reading
+# one input as one layer (`merged`; the sampler merges before its loop); elsewhere it is "fast" with the groups
+# merged (the kernels are picked when traced). Checked against the Triton path on an H100 (rel. 7.6e-5, 2026-12-07
+# 16:05; the merged group 23:01); the paper preset's -small form 0.63x of bf16 at 512 px vs 0.60x with the groups
+# separate ("fast-mosaic-separate", the default before 2026-12-07 23:10) and 0.54x for "fast" (03:26).
 _FAST = dict(unpack=True, down="input", xprime="bfloat16")
-# "fast-mosaic-merged": "fast-mosaic" with the layers reading one input as one layer (`merged`; opt-in until a
-# step shows it faster: untimed on a GPU).
+_MOSAIC = dict(_FAST, gemm="mosaic", prologue="mosaic")
 SAMPLER_MODES = {"packed": dict(unpack=False), "unpacked": dict(unpack=True), "fast": _FAST,
-                 "fast-mosaic": dict(_FAST, gemm="mosaic", prologue="mosaic"),
-                 "fast-mosaic-merged": dict(_FAST, gemm="mosaic", prologue="mosaic", merge=True)}
+                 "fast-mosaic": dict(_MOSAIC, merge=True), "fast-mosaic-separate": _MOSAIC}
 # Layers that read one input, by the key of the `branch_ops.SharedDown` that `prepare(..., down="input")` puts
 # beside them in their parent dict (the model passes it to each: `model.mmdit.JointAttention`).
 SHARED_INPUTS = {"qkv_down": ("to_q", "to_k", "to_v"),
