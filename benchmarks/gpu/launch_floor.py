@@ -8,12 +8,16 @@ count M (the step's: 128, 768, 2048, 4096, and 8192) it times, R calls per jit,
   hadamard      `mosaic_hadamard_rowmax` [M, 1536] (x' and run maxima)
   codes3        `mosaic_hadamard_codes` [M, 1536], three members (a q / k / v group)
   int8_gemm     `mosaic_int8_gemm_ws` [M, 1536] x [1536, 1536] (the fused path's tiles, `FUSED_TILES`)
-  bf16_gemm     XLA's (cuBLAS) bf16 dot of the same shape
+  bf16_gemm     XLA's (cuBLAS) bf16 dot of the same shape (a weight per call: one shared weight let XLA's
+                DotMerger join the R dots, H200 2026-12-07 23:17)
   floor         a Mosaic kernel that reads and writes one 64 x 128 bf16 tile (launch + TMA round trip)
   xla_floor     an XLA elementwise op on the same tile
 
 and reports per call: wall us (host clock over the jit of R calls, as `ws_gemm.per_call_ms`) and device us (the
-profiler's kernel durations, `step_profile.breakdown`), so wall - device is the gap each call leaves. Values are not
+profiler's kernel durations, `step_profile.breakdown`). wall - device is not a launch gap of the step: it was 25-37
+us per call for every kind, an XLA add included (H200 2026-12-07 23:17), i.e. the harness's own cost per call (the
+jit's dispatch and its R outputs); so `per_call_ms` figures of these scripts carry it too, and kernels compare by
+device us. Values are not
 checked here (rotation_gemm.py and mosaic_fused_check.py do that); this only times.
 
   python benchmarks/gpu/launch_floor.py --out $OUT/launch_floor.json          # GPU (Hopper), ~1-2 min
@@ -63,7 +67,8 @@ def floor_kernel(x):
 
 
 def make(kind: str, m: int, reps: int, rng):
-    """kind, rows -> (fn of one input, stacked inputs [reps, ...], other operands, kernel-name pattern)."""
+    """kind, rows -> (fn of one call's operands, its per-call operands stacked [reps, ...] (an array or a tuple of
+    them), operands shared by the calls, kernel-name pattern)."""
     from qdit4sr_jax.quant.kernels.mosaic_gemm import FUSED_TILES, mosaic_int8_gemm_ws
     from qdit4sr_jax.quant.kernels.mosaic_hadamard import mosaic_hadamard_codes, mosaic_hadamard_rowmax
     bf = lambda *s: jnp.asarray(rng.standard_t(5, size=s).astype(np.float32), jnp.bfloat16)
@@ -81,9 +86,8 @@ def make(kind: str, m: int, reps: int, rng):
         sx = jnp.asarray(rng.uniform(0.5, 2, size=(m,)).astype(np.float32))
         sw = jnp.asarray(rng.uniform(0.5, 2, size=(K,)).astype(np.float32) / K)
         return (lambda x, w, a, b: mosaic_int8_gemm_ws(x, w, a, b, **FUSED_TILES)), xs, (wq, sx, sw), "int8_gemm"
-    if kind == "bf16_gemm":
-        w = bf(K, K)
-        return (lambda x, w: jnp.dot(x, w, preferred_element_type=jnp.bfloat16)), bf(reps, m, K), (w,), ""
+    if kind == "bf16_gemm":        # a weight per call: with one weight XLA's DotMerger joins the R dots into one
+        return (lambda x, w: jnp.dot(x, w, preferred_element_type=jnp.bfloat16)), (bf(reps, m, K), bf(reps, K, K)), (), ""
     raise ValueError(f"unknown kind {kind!r}; one of {KINDS}")
 
 
@@ -91,7 +95,8 @@ def measure(kind: str, m: int, reps: int, iters: int) -> dict:
     """Wall and device us per call of `kind` at m rows (R = reps calls per jit)."""
     from step_profile import profile_step
     fn, xs, rest, _ = make(kind, m, reps, np.random.default_rng(m))
-    many = jax.jit(lambda xs, *r: [fn(xs[i], *r) for i in range(xs.shape[0])])
+    xs = xs if isinstance(xs, tuple) else (xs,)             # per-call operands, each stacked [R, ...]
+    many = jax.jit(lambda xs, *r: [fn(*(a[i] for a in xs), *r) for i in range(reps)])
     t0 = time.perf_counter()
     jax.block_until_ready(many(xs, *rest))
     compile_s = time.perf_counter() - t0
