@@ -31,6 +31,8 @@
 #   bash benchmarks/gpu/gpu_session.sh i24prof2  # after i24go: 512-px profile of "fast-mosaic", Hadamard tunings
 #   bash benchmarks/gpu/gpu_session.sh i24tune   # after i24next: GEMM tile sweep at the 512-px shapes, Hadamard kernel tunings
 #   bash benchmarks/gpu/gpu_session.sh i24gaps   # after i24all: 512-px steps with the scanned step as CUDA graphs
+#   bash benchmarks/gpu/gpu_session.sh i24codes  # next: the Hadamard kernel's codes as x' * (1 / s) (one division per
+#                                             # row): exactness + device us, fused check, 512-px steps bf16 / merged
 #   bash benchmarks/gpu/gpu_session.sh i24floor  # (<= 200 s) what a Mosaic call costs vs rows: device us and gaps of
 #                                             # the Hadamard / codes / int8 GEMM kernels at 128-8192 rows, the floor
 #   bash benchmarks/gpu/gpu_session.sh i24next   # next: in-kernel codes per swizzle, fused check of fast-mosaic, 512-px steps
@@ -243,6 +245,25 @@ if [ "${1:-}" = i24tune ]; then
   grep -v "^W[0-9]\|Warning\|Deprecat" "$OUT/ws_gemm.log" | cut -c1-260 | tail -16
   left=$(( ${T:-570} - ($(date +%s) - t0) ))
   el "Hadamard configs, features GEMM ($left s)"; hadamard_tune $(( left - 5 )) 2
+  el done
+  exit 0
+fi
+if [ "${1:-}" = i24codes ]; then
+  # issue 24, next (<= ${T:-570} s): the Hadamard kernel's codes epilogue with one division per row instead of one per
+  # element (36.8 vs 17.4 us for 3 members' codes vs x' at 4096 x 1536 before, H200 23:17): (1) its codes against
+  # its own XLA form (`rotation_gemm.py`'s hadamard rows: differing codes must be 0); (2) device us per call of x' /
+  # 1 / 3 members' codes at 2048 and 4096 rows (`launch_floor.py`); (3) the fused check of "fast-mosaic"'s layers vs
+  # Triton; if it passes, (4) the 512-px steps bf16 / paper-small "fast-mosaic" (merged) / W8A8 merged
+  P=p:qdit4sr-paper-w4a4-small
+  el "Hadamard kernel rows (codes vs own XLA form)"; timeout ${HR_S:-100} python3 benchmarks/gpu/rotation_gemm.py --shapes 0 \
+      --hadamard-shapes 2 --features-shapes 0 --reps 4 --out "$OUT/rotation_codes.json" > "$OUT/rotation_codes.log" 2>&1
+  grep -v "^W[0-9]\|Warning\|Deprecat" "$OUT/rotation_codes.log" | grep -i "hadamard\|codes\|error" | cut -c1-300 | tail -8
+  el "device us per call"; timeout ${LF_S:-80} python3 benchmarks/gpu/launch_floor.py --kinds hadamard codes1 codes3 \
+      --rows 2048 4096 --out "$OUT/launch_codes.json" > "$OUT/launch_codes.log" 2>&1
+  grep -v "^W[0-9]\|Warning\|Deprecat" "$OUT/launch_codes.log" | cut -c1-200 | tail -8
+  el "fused check"; fused_check codes_check ${CHECK_S:-90} --cases 3 --variants mosaic_had
+  if passed $? codes_check; then steps512 ${T:-570} bf16 $P:prepbfhq p:w8a8:prepbfhq
+  else el "fused check failed: no steps"; fi
   el done
   exit 0
 fi

@@ -6,7 +6,7 @@ The 512-px W4A4 step runs ~1,240 Mosaic calls at 19.8 us each on average (H100 p
 count M (the step's: 128, 768, 2048, 4096, and 8192) it times, R calls per jit,
 
   hadamard      `mosaic_hadamard_rowmax` [M, 1536] (x' and run maxima)
-  codes3        `mosaic_hadamard_codes` [M, 1536], three members (a q / k / v group)
+  codes1/3      `mosaic_hadamard_codes` [M, 1536], one member / three (a q / k / v group)
   int8_gemm     `mosaic_int8_gemm_ws` [M, 1536] x [1536, 1536] (the fused path's tiles, `FUSED_TILES`)
   bf16_gemm     XLA's (cuBLAS) bf16 dot of the same shape (a weight per call: one shared weight let XLA's
                 DotMerger join the R dots, H200 2026-12-07 23:17)
@@ -43,7 +43,7 @@ from common import environment, write_json  # noqa: E402
 
 ROWS = (128, 768, 2048, 4096, 8192)
 K = 1536
-KINDS = ("floor", "xla_floor", "hadamard", "codes3", "int8_gemm", "bf16_gemm")
+KINDS = ("floor", "xla_floor", "hadamard", "codes1", "codes3", "int8_gemm", "bf16_gemm")
 
 
 def floor_kernel(x):
@@ -77,8 +77,8 @@ def make(kind: str, m: int, reps: int, rng):
         return (floor_kernel if kind == "floor" else (lambda x: x + 1)), xs, (), kind
     if kind == "hadamard":
         return (lambda x: mosaic_hadamard_rowmax(x)), bf(reps, m, K), (), "hadamard"
-    if kind == "codes3":
-        lv = jnp.asarray([[7.0], [15.0], [3.0]], jnp.float32)
+    if kind in ("codes1", "codes3"):
+        lv = jnp.asarray([[7.0], [15.0], [3.0]][: int(kind[-1])], jnp.float32)
         return (lambda x, lv: mosaic_hadamard_codes(x, lv, 1.0 / lv, jnp.int32(0))), bf(reps, m, K), (lv,), "hadamard"
     if kind == "int8_gemm":
         xs = jnp.asarray(rng.integers(-7, 8, size=(reps, m, K), dtype=np.int8))

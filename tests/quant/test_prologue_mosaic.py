@@ -53,6 +53,21 @@ def _x(seed, m=37):
 ROUTES = {"hadamard": ("mosaic", mh.codes_reference), "gemm": ("mosaic-gemm", mg.rowmax_reference)}
 
 
+@pytest.mark.parametrize("level", [7.0, 15.0, 3.0, 127.0])
+def test_codes_from_inverse_differs_only_at_rounding_boundaries(level):
+    """The Hadamard kernel's codes x' * (1 / s) (one division per row) equal the XLA prologue's x' / s wherever x' / s
+    is not within float32 rounding of a .5 boundary, and differ there by one code at most."""
+    from qdit4sr_jax.quant.kernels.operands import codes_from_inverse, codes_from_scale, scale_from_level
+    x = jnp.asarray(np.random.default_rng(int(level)).standard_t(4, size=(4096, 256)).astype(np.float32))
+    s = scale_from_level(jnp.max(jnp.abs(x), axis=1, keepdims=True), jnp.float32(1.0 / level))
+    a = np.asarray(codes_from_scale(x, s, level), np.int32)
+    b = np.asarray(codes_from_inverse(x, 1.0 / s, level), np.int32)
+    ratio = np.asarray(x / s, np.float64)
+    near = np.abs(np.abs(ratio - np.floor(ratio)) - 0.5) < 1e-5 * np.maximum(1.0, np.abs(ratio))
+    assert np.abs(a - b).max() <= 1 and np.array_equal(a[~near], b[~near])
+    assert np.abs(b).max() == level
+
+
 @pytest.fixture(params=["xla-codes", "kernel-codes"])
 def codes_where(request, monkeypatch):
     """The "hadamard" route's two forms at K = 256 (run length 64): the codes made in the kernel (what every run

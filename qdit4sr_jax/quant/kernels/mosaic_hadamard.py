@@ -16,7 +16,8 @@ runs, per tile, on one warpgroup:
      order of the float32 sums), written by TMA, with each (row, run)'s max|x'| (the per-token scale's maxima:
      max over a row's g runs, `hadamard_reference`);
   5. or, instead of x' (`mosaic_hadamard_codes`): each row's max from its runs' (the tile holds whole rows) and, for
-     each of up to 4 layers reading x, the codes clip(round(x' / s), +-level) with that layer's level at this step:
+     each of up to 4 layers reading x, the codes clip(round(x' * (1 / s)), +-level) with that layer's level at this
+     step (one division per row; per element it cost as much as the rotation):
      x' never leaves the kernel and no XLA pass quantizes it (`codes_reference`).
 
 Persistent: each warpgroup (`wgs` per SM) walks its tiles with the next tiles' TMA loads in flight. H100 2026-12-07:
@@ -92,12 +93,12 @@ def hadamard_reference(x, signs: bool = True):
 def codes_reference(x, levels, inv_levels, step, signs: bool = True):
     """`mosaic_hadamard_codes` with XLA ops: (codes: n int8 [M, K] arrays, run maxima float32 [M, g]) from the
     kernel's x' (`hadamard_reference`), the members' level tables levels / inv_levels float32 [n, T] and the step."""
-    from qdit4sr_jax.quant.kernels.operands import codes_from_scale, scale_from_level
+    from qdit4sr_jax.quant.kernels.operands import codes_from_inverse, scale_from_level
     y, run_max = hadamard_reference(x, signs)
     amax = jnp.max(run_max, axis=1, keepdims=True)
     yf = y.astype(jnp.float32)
     i = _table_index(levels, step)
-    return tuple(codes_from_scale(yf, scale_from_level(amax, inv_levels[j, i]), levels[j, i])
+    return tuple(codes_from_inverse(yf, 1.0 / scale_from_level(amax, inv_levels[j, i]), levels[j, i])
                  for j in range(levels.shape[0])), run_max
 
 
@@ -111,8 +112,9 @@ def mosaic_hadamard_codes(x, levels, inv_levels, step, **tuning):
     and their reciprocals), step int32 scalar or [1] -> (codes: n int8 [M, K] arrays, run maxima float32 [M, g]):
     the per-token codes, at column clip(step, 0, T - 1) of the tables (looked up in the kernel, so no XLA op
     gathers them per call), of x' = bf16(x D H_K)
-    for each member, clip(round(x' / s), +-level) (`operands.codes_from_scale`) with s = max(max_row |x'| *
-    (1 / level), 2^-126) (`operands.scale_from_level`, the scale the GEMM kernel makes from max(run maxima)),
+    for each member, clip(round(x' * (1 / s)), +-level) (`operands.codes_from_inverse`: one division per row) with
+    s = max(max_row |x'| * (1 / level), 2^-126) (`operands.scale_from_level`, the scale the GEMM kernel makes from
+    max(run maxima)),
     made in the kernel, which holds whole
     rows of x' in each tile: x' itself is never written and no XLA codes pass runs. `mosaic_hadamard_rowmax`'s
     tuning arguments."""
@@ -140,7 +142,7 @@ def _hadamard(x, *, signs: bool = True, parts: int = 3, wgs: int = 2, prefetch: 
     not."""
     from jax.experimental.pallas import mosaic_gpu as plgpu
     from qdit4sr_jax.quant.kernels.mosaic_gemm import _num_sms, shared_call
-    from qdit4sr_jax.quant.kernels.operands import codes_from_scale, scale_from_level
+    from qdit4sr_jax.quant.kernels.operands import codes_from_inverse, scale_from_level
     m, k = x.shape
     if not (1 <= wgs <= 4 and 1 <= prefetch <= 3 and out_slots in (1, 2)):
         raise ValueError(f"mosaic_hadamard_rowmax: wgs 1-4, prefetch 1-3 and out_slots 1-2, got {wgs}, {prefetch}, "
@@ -250,8 +252,8 @@ def _hadamard(x, *, signs: bool = True, parts: int = 3, wgs: int = 2, prefetch: 
                     col = jnp.clip(step_g[0], 0, n_steps - 1)
                     for l_ in range(n_codes):
                         lev, inv_lev = lev_g[l_, col], inv_g[l_, col]
-                        scale = jax.lax.broadcast_in_dim(scale_from_level(amax, inv_lev), (ROWS, c), [0])
-                        out_s[wg, o, l_] = codes_from_scale(yf, scale, lev)
+                        inv_s = 1.0 / scale_from_level(amax, inv_lev)          # [64]: one division per row
+                        out_s[wg, o, l_] = codes_from_inverse(yf, jax.lax.broadcast_in_dim(inv_s, (ROWS, c), [0]), lev)
                 else:
                     out_s[wg, o] = y
                 plgpu.commit_smem()
