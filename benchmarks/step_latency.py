@@ -231,7 +231,8 @@ def quantized_trees(params, modes, steps: int, log):
                 tree = with_execution(q, "fused")
                 if kw.get("merge"):             # as the sampler: merged outside the jit, where schedules are known
                     tree = merge_tree(tree)
-                trees[m] = jax.block_until_ready(jax.jit(lambda t, kw=kw: prepare(t, **kw))(tree))
+                # per layer: a full-size tree as one jitted program took ~70 s to compile on an H100 (12-07 22:50)
+                trees[m] = jax.block_until_ready(prepare(tree, **kw, per_layer_jit=True))
             elif kind == "int":
                 trees[m] = q
             elif kind in ("fused", "fake"):
