@@ -106,23 +106,21 @@ def test_linear_dispatch_tree_prepare_and_bytes():
 
 def test_per_layer_jit_prepares_the_same_tree():
     """`prepare(..., per_layer_jit=True)` (outside a jit, one compile per distinct layer) gives the tree that
-    `jax.jit(prepare)` gives, leaf for leaf, for the tiny DiT4SR at the paper preset's -small form as the sampler's
-    "fast-mosaic" prepares it (merged groups, shared down-projections); the layers' jitted function is shared."""
-    from qdit4sr_jax.quant.kernels.merged import merge_tree
+    `jax.jit(prepare)` gives, leaf for leaf, as the sampler's "fast" prepares it (a q / k / v group sharing one
+    down-projection, layers of two kinds) through one jitted function, which jit compiles once per kind of layer."""
     from qdit4sr_jax.quant.kernels.prepared import SAMPLER_MODES, _jitted_prepare_weight
-    from qdit4sr_jax.quant.config import QuantConfig
-    cfg = ModelConfig.preset("tiny")
-    qc = QuantConfig.preset("qdit4sr-paper-w4a4-small").replace(vatmp=False, vasmp=False, hsvd_block=(16, 16),
-                                                               lowrank_rank=8)
-    q = merge_tree(with_execution(qdit4sr_jax.quantize(random_params(param_shapes(cfg)), qc), "fused"))
-    kw = SAMPLER_MODES["fast-mosaic"]
-    whole = jax.jit(lambda t: prepare(t, **kw))(q)
+    bias = jnp.asarray(np.random.default_rng(5).normal(size=(N,)), jnp.bfloat16)
+    kinds = [NODES["w4 int group scales + branches"], NODES["w8 per channel"]]
+    tree = {"attn": {n: {"kernel": _node(i, **kinds[0]), "bias": bias} for i, n in enumerate(("to_q", "to_k", "to_v"))},
+            "ff": {"kernel": _node(7, **kinds[1]), "bias": bias}, "other": jnp.ones((4, 4))}
+    kw = SAMPLER_MODES["fast"]
+    whole = jax.jit(lambda t: prepare(t, **kw))(tree)
     _jitted_prepare_weight.cache_clear()
-    per_layer = prepare(q, **kw, per_layer_jit=True)
-    assert _jitted_prepare_weight.cache_info().currsize == 1
+    per_layer = prepare(tree, **kw, per_layer_jit=True)
+    assert "qkv_down" in per_layer["attn"] and _jitted_prepare_weight.cache_info().currsize == 1
     a, ta = jax.tree_util.tree_flatten(whole)
     b, tb = jax.tree_util.tree_flatten(per_layer)
-    assert ta == tb and len(a) > 50
+    assert ta == tb and len(a) > 20
     for x, y in zip(a, b):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
