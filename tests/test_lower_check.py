@@ -56,5 +56,7 @@ def test_merged_layers_lower_to_one_gemm_per_group(preset, fewer):
     merged = L.check(CFG, preset, size=64, prepare="fast-mosaic")
     kernels = lambda r: r["triton_kernels"] + r["mosaic_kernels"]
     assert kernels(merged) == kernels(alone) - fewer * 7, (kernels(alone), kernels(merged))
+    for r in (alone, merged):           # the census (`mosaic_gemm.recording_calls`) counts every Mosaic call site
+        assert sum(c["calls"] for c in r["census"]) == r["mosaic_kernels"]
     if preset == "w8a8":
         assert kernels(alone) == alone["layers"]

@@ -13,6 +13,8 @@ TPU, where the fused layers take their XLA path (no Pallas kernel yet: no custom
     python benchmarks/gpu/lower_check.py --prepare pallas --size 1024      # prepared, prologue kernel
     python benchmarks/gpu/lower_check.py --model tiny --size 32 --prepare pallas
     python benchmarks/gpu/lower_check.py --platform tpu --prepare pallas     # TPU: the XLA path, no custom calls
+    python benchmarks/gpu/lower_check.py --preset qdit4sr-paper-w4a4-small --prepare fast-mosaic --census
+        # the Mosaic calls of a 512-px step by kernel and operand shapes (before XLA's CSE of identical calls)
 """
 from __future__ import annotations
 
@@ -66,7 +68,7 @@ def check(model="dit4sr", preset: str = "qdit4sr-w4a4-small", size: int = 512, b
     from qdit4sr_jax.model.dit4sr import DiT4SRTransformer
     from qdit4sr_jax.quant.kernels import lowering_for
     from qdit4sr_jax.quant.kernels import prepare as prep
-    from qdit4sr_jax.quant.kernels.mosaic_gemm import mosaic_call_sites
+    from qdit4sr_jax.quant.kernels.mosaic_gemm import mosaic_call_sites, recording_calls
     from qdit4sr_jax.quant.kernels.prepared import SAMPLER_MODES
     if prepare not in PREPARES:
         raise ValueError(f"prepare must be one of {PREPARES}, got {prepare!r}")
@@ -88,7 +90,7 @@ def check(model="dit4sr", preset: str = "qdit4sr-w4a4-small", size: int = 512, b
           "fast-mosaic-rot": dict(SAMPLER_MODES["fast"], gemm="mosaic", prologue="mosaic-gemm")}.get(
         prepare, dict(prologue=prepare))
     fn = step if prepare == "none" else jax.jit(lambda t, *a: step(prep(t, **kw), *a))
-    with lowering_for(platform):
+    with lowering_for(platform), recording_calls() as calls:
         text = fn.trace(q, *args).lower(lowering_platforms=("cuda" if platform == "gpu" else "tpu",)).as_text()
     names = re.findall(r"name = \"(qlinear[^\"]*)\"", text)          # the Pallas calls' names
     by_name = {}
@@ -98,6 +100,8 @@ def check(model="dit4sr", preset: str = "qdit4sr-w4a4-small", size: int = 512, b
             "platform": platform, "triton_kernels": text.count("__gpu$xla.gpu.triton"),
             "custom_calls": text.count("stablehlo.custom_call"), "by_name": by_name,
             "mosaic_kernels": mosaic_call_sites(text), "mosaic_distinct": text.count("custom_call @mosaic_gpu"),
+            "census": [{"kind": kd, "shapes": [list(s) for s in sh], "calls": n}
+                       for (kd, sh), n in sorted(calls.items(), key=lambda kv: -kv[1])],
             "text_mb": len(text) / 1e6,
             "lower_s": time.perf_counter() - t0}
 
@@ -110,6 +114,7 @@ def main(argv=None):
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--prepare", default="none", choices=PREPARES)
     ap.add_argument("--platform", default="gpu", choices=("gpu", "tpu"))
+    ap.add_argument("--census", action="store_true", help="also list the Mosaic calls by kernel and operand shapes")
     a = ap.parse_args(argv)
     r = check(a.model, a.preset, a.size, a.batch, a.prepare, a.platform)
     print(f"{r['model']} / {r['preset']} {r['size']} px batch {r['batch']}, prepare {r['prepare']}: {r['layers']} "
@@ -117,6 +122,9 @@ def main(argv=None):
           f"kernel calls ({r['mosaic_distinct']} distinct), {r['custom_calls']} custom "
           f"calls in all, {r['text_mb']:.1f} MB of text (traced and lowered for {r['platform']} in {r['lower_s']:.1f} s, "
           f"jax {jax.__version__})")
+    if a.census:
+        for c in r["census"]:
+            print(f"{c['calls']:>5} x {c['kind']:<13} {' '.join('x'.join(map(str, sh)) for sh in c['shapes'])}")
     return r
 
 

@@ -16,6 +16,8 @@ GPU only (Hopper or newer); there is no interpreter for wgmma, so off the GPU th
 """
 from __future__ import annotations
 
+import collections
+import contextlib
 import dataclasses
 import functools
 from typing import Any, Sequence
@@ -113,6 +115,20 @@ def mosaic_int8_gemm(xq, wq, sx, sw, bias=None, addend=None, *, out_dtype=jnp.bf
 
 
 _SHARED: dict = {}
+_RECORDERS: list = []
+
+
+@contextlib.contextmanager
+def recording_calls():
+    """Within the block, every `shared_call` (each Mosaic kernel call as traced, before XLA's CSE of identical
+    calls) is counted in the yielded Counter by (kernel kind, operand shapes): the census of a traced step's kernels
+    (`benchmarks/gpu/lower_check.py --census`)."""
+    calls = collections.Counter()
+    _RECORDERS.append(calls)
+    try:
+        yield calls
+    finally:
+        _RECORDERS.remove(calls)
 
 
 def shared_call(kernel, args, config):
@@ -122,6 +138,8 @@ def shared_call(kernel, args, config):
     serialized module at every call site (the 512-px W4A4 step: 992 Mosaic calls of 21 distinct kernels, 228 MB of
     lowered text)."""
     key = (config, tuple((tuple(a.shape), str(a.dtype)) for a in args))
+    for calls in _RECORDERS:
+        calls[(config[0], tuple(tuple(a.shape) for a in args))] += 1
     fn = _SHARED.get(key)
     if fn is None:
         def call(*operands):
