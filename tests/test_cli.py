@@ -66,9 +66,9 @@ def test_quantize_then_upscale_quantized(tmp_path, capsys):
                         + extra) == 0
     for name in ("p.png", "pf.png"):
         np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "f.png")), np.asarray(Image.open(tmp_path / name)))
-    # quantized in the same run (--preset): the image of the saved tree
+    # quantized in the same run (--preset): the image of the saved tree (the fused sampler compiled above reused)
     assert cli.main(["upscale", str(src), str(tmp_path / "o.png"), "--preset", "rtn-w4a8", "--steps", "1",
-                     "--execution", "fused", "--prepare", "fast"]) == 0
+                     "--execution", "fused"]) == 0
     np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "f.png")), np.asarray(Image.open(tmp_path / "o.png")))
     assert cli.main(["upscale", str(src), str(tmp_path / "x.png"), "--prepare", "packed"]) == 2   # no --quantized
     assert "--quantized" in capsys.readouterr().err

@@ -154,8 +154,6 @@ def test_sampler_prepared_equals_per_call():
                                     guidance_scale=1.0, tile_latent=0))
     fast, stored = rot("fast"), rot(None)       # x' rounded to bf16: other codes, a new draw of W4A4 noise
     assert np.array_equal(rot("fast-mosaic-separate"), fast)         # off Hopper the Mosaic kernels do not apply
-    merged = rot("fast-mosaic")                  # q / k / v as one GEMM: float rounding, then another W4A4 draw
-    assert rel_err(merged, fp) <= 1.1 * rel_err(stored, fp), (rel_err(merged, fp), rel_err(stored, fp))
     assert rel_err(fast, stored) > 0 and rel_err(fast, fp) <= 1.1 * rel_err(stored, fp)   # (0.146 vs 0.147)
     ahead = np.asarray(sampling.sample(cfg, prepare(q, prologue="pallas"), lr, noise, context=ctx, pooled=pool,
                                        num_steps=2, guidance_scale=1.0, tile_latent=0))     # prepared beforehand
