@@ -179,7 +179,6 @@ def quantized_trees(params, modes, steps: int, log):
     from qdit4sr_jax.quant.api import quantize
     from qdit4sr_jax.quant.config import QuantConfig
     from qdit4sr_jax.quant.kernels import prepare, with_execution
-    from qdit4sr_jax.quant.kernels.merged import merge_tree
     from qdit4sr_jax.quant.kernels.prepared import SAMPLER_MODES
     trees, info = {}, {}
     recipes = {}
@@ -228,11 +227,9 @@ def quantized_trees(params, modes, steps: int, log):
                           prepbfh=SAMPLER_MODES["fast-mosaic-separate"],
                           prepbfhq=SAMPLER_MODES["fast-mosaic"],
                           prepbfr=dict(SAMPLER_MODES["fast"], gemm="mosaic", prologue="mosaic-gemm"))[kind]
-                tree = with_execution(q, "fused")
-                if kw.get("merge"):             # as the sampler: merged outside the jit, where schedules are known
-                    tree = merge_tree(tree)
-                # per layer: a full-size tree as one jitted program took ~70 s to compile on an H100 (12-07 22:50)
-                trees[m] = jax.block_until_ready(prepare(tree, **kw, per_layer_jit=True))
+                # per layer, outside a jit: a full-size tree as one jitted program took ~70 s to compile on an
+                # H100 (12-07 22:50); merge=True then merges groups with (equal) VaTMP schedules, as the sampler
+                trees[m] = jax.block_until_ready(prepare(with_execution(q, "fused"), **kw, per_layer_jit=True))
             elif kind == "int":
                 trees[m] = q
             elif kind in ("fused", "fake"):

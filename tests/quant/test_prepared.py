@@ -123,6 +123,12 @@ def test_per_layer_jit_prepares_the_same_tree():
     assert ta == tb and len(a) > 20
     for x, y in zip(a, b):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+    # outside a jit the schedules are concrete: "fast-mosaic" merges a group with one schedule (as the sampler does)
+    sched = jnp.asarray([4, 6], jnp.int32)
+    group = {n: {"kernel": _node(i, **kinds[1]).replace(a_schedule=sched), "bias": bias}
+             for i, n in enumerate(("to_q", "to_k", "to_v"))}
+    merged = prepare({"attn": group}, **SAMPLER_MODES["fast-mosaic"], per_layer_jit=True)["attn"]
+    assert set(merged) == {"qkv"} and merged["qkv"]["kernel"].node.n == 3 * N
 
 
 def test_prepared_tree_is_not_saved(tmp_path):

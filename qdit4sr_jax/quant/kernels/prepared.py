@@ -81,10 +81,10 @@ _FAST = dict(unpack=True, down="input", xprime="bfloat16")
 _MOSAIC = dict(_FAST, gemm="mosaic", prologue="mosaic")
 SAMPLER_MODES = {"packed": dict(unpack=False), "unpacked": dict(unpack=True), "fast": _FAST,
                  "fast-mosaic": dict(_MOSAIC, merge=True), "fast-mosaic-separate": _MOSAIC}
-# Layers that read one input, by the key of the `branch_ops.SharedDown` that `prepare(..., down="input")` puts
-# beside them in their parent dict (the model passes it to each: `model.mmdit.JointAttention`).
-SHARED_INPUTS = {"qkv_down": ("to_q", "to_k", "to_v"),
-                 "add_qkv_down": ("add_q_proj", "add_k_proj", "add_v_proj")}
+# Layers that read one input (the groups of `merged.MERGED_INPUTS`), by the key of the `branch_ops.SharedDown` that
+# `prepare(..., down="input")` puts beside them in their parent dict (the model passes it to each:
+# `model.mmdit.JointAttention`): "qkv_down", "add_qkv_down".
+SHARED_INPUTS = {key + "_down": names for key, names in MERGED_INPUTS.items()}
 
 
 @dataclasses.dataclass(frozen=True)
