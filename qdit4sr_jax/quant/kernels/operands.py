@@ -182,8 +182,9 @@ def codes_from_scale(xf, scale, level):
 
 def codes_from_inverse(xf, inv_scale, level):
     """int8 codes clip(round(x' * (1 / s)), +-level) of float32 x', inv_scale = 1 / s broadcastable to it: the
-    Mosaic Hadamard kernel's form (one division per row instead of one per element, which made its codes epilogue
-    cost as much as the rotation: 36.8 vs 17.4 us at 4096 x 1536 with three members, H200 2026-12-07). It can differ
+    Mosaic Hadamard kernel's form (one division per row instead of one per element; with the per-element division,
+    the likely main cost, its codes epilogue cost as much as the rotation: 36.8 vs 17.4 us at 4096 x 1536 with
+    three members, H200 2026-12-07). It can differ
     from `codes_from_scale` by one code where x' / s lies within a float32 ulp of a rounding boundary."""
     return jnp.clip(jnp.round(xf * inv_scale), -level, level).astype(jnp.int8)
 
