@@ -23,6 +23,8 @@
 #   bash benchmarks/gpu/gpu_session.sh i24d      # all six modes' 1024-px steps (+ smoothing-only -small, paper W4A4)
 #   bash benchmarks/gpu/gpu_session.sh i24x      # next: fused linear on the Mosaic GEMM: check + 512-px steps (<= 400 s);
 #                                             # then i24y (1024 px), i24z (W8A8 on Triton / Mosaic, 512 + 1024 px)
+#   bash benchmarks/gpu/gpu_session.sh i24cg     # 12-08 first: codes x' * (1 / s) checked, device us incl. bf16 GEMM,
+#                                             # 512-px steps bf16 / paper-small merged without and with CUDA graphs
 #   bash benchmarks/gpu/gpu_session.sh i24all    # next: the record, 512 + 1024 px: bf16, W8A8 merged, paper-small, paper
 #   bash benchmarks/gpu/gpu_session.sh i24merge  # after i24all: GPU check of q/k/v as one layer, 512-px steps merged vs not
 #   bash benchmarks/gpu/gpu_session.sh i24mchk   # very short of device time: i24merge's check alone
@@ -168,11 +170,12 @@ if [ "${1:-}" = i24x ]; then
 fi
 if [ "${1:-}" = i24all ]; then
   # issue 24's record (<= ${T:-580} s): one call, the 512- and 1024-px steps (2-step scan, CFG, batch 1, cuDNN
-  # attention, DotMerger off) of bf16, W8A8 (q / k / v merged, prepbfhq), the paper preset's -small form and the paper
-  # preset, both "fast-mosaic" (prepbfh); the deadline drops the last modes first (ALL_MODES, ALL_CASES override)
+  # attention, DotMerger off) of bf16, W8A8, the paper preset's -small form and the paper preset, all as the sampler's
+  # "fast-mosaic" (q / k / v merged, prepbfhq); the deadline drops the last modes first (ALL_MODES, ALL_CASES,
+  # ALL_VARIANT override)
   el "steps ${ALL_CASES:-512x1 1024x1}"; steps all $(( ${T:-580} - 5 )) --cases ${ALL_CASES:-512x1 1024x1} --scan-steps 2 \
-      --modes ${ALL_MODES:-bf16 p:w8a8:prepbfhq p:qdit4sr-paper-w4a4-small:prepbfh p:qdit4sr-paper-w4a4:prepbfh} \
-      --attention cudnn --xla-variants no-dot-merge --iters 6 --warmup 1 --deadline $(( ${T:-580} - 25 ))
+      --modes ${ALL_MODES:-bf16 p:w8a8:prepbfhq p:qdit4sr-paper-w4a4-small:prepbfhq p:qdit4sr-paper-w4a4:prepbfhq} \
+      --attention cudnn --xla-variants ${ALL_VARIANT:-no-dot-merge} --iters 6 --warmup 1 --deadline $(( ${T:-580} - 25 ))
   el done
   exit 0
 fi
@@ -248,6 +251,27 @@ if [ "${1:-}" = i24tune ]; then
   el done
   exit 0
 fi
+if [ "${1:-}" = i24cg ]; then
+  # issue 24, 12-08 first call (<= ${T:-570} s): (1) the fused check of "fast-mosaic"'s layers vs Triton with the
+  # Hadamard kernel's codes as x' * (1 / s) (lowered only so far); (2) device us per call (`launch_floor.py`) of the
+  # Hadamard kernel (x', codes of 1 / 3 members), the int8 GEMM and cuBLAS bf16 (a weight per call) at 768 / 2048 /
+  # 4096 rows: the codes epilogue's cost and the GEMM ratio by device time; (3) the 512-px steps of bf16 and
+  # paper-small "fast-mosaic" (merged, prepbfhq) with DotMerger off, and the same with the scanned step as CUDA
+  # graphs (command buffers incl. WHILE, min graph size 1): do the Mosaic route's ~12 ms of gaps go? (CG_MODES)
+  P=p:qdit4sr-paper-w4a4-small
+  el "fused check (codes as x' * (1 / s))"; fused_check codes_check ${CHECK_S:-90} --cases 3 --variants mosaic_had
+  ok=$?
+  el "device us per call"; timeout ${LF_S:-100} python3 benchmarks/gpu/launch_floor.py --kinds hadamard codes1 codes3 \
+      int8_gemm bf16_gemm --rows 768 2048 4096 --deadline $(( ${LF_S:-100} - 25 )) --out "$OUT/launch_cg.json" \
+      > "$OUT/launch_cg.log" 2>&1
+  grep -v "^W[0-9]\|Warning\|Deprecat" "$OUT/launch_cg.log" | cut -c1-200 | tail -12
+  if passed $ok codes_check; then modes="bf16 ${CG_MODES:-$P:prepbfhq}"; else el "fused check failed: W8A8 only"; modes="bf16 p:w8a8:prepbfhq"; fi
+  left=$(( ${T:-570} - ($(date +%s) - t0) ))
+  el "steps 512, command buffers ($left s): $modes"; steps cg512 $(( left - 5 )) --cases 512x1 --scan-steps 2 --modes $modes \
+      --attention cudnn --xla-variants no-dot-merge nodm-cb-while-min1 --iters 6 --warmup 1 --deadline $(( left - 20 ))
+  el done
+  exit 0
+fi
 if [ "${1:-}" = i24codes ]; then
   # issue 24, next (<= ${T:-570} s): the Hadamard kernel's codes epilogue with one division per row instead of one per
   # element (36.8 vs 17.4 us for 3 members' codes vs x' at 4096 x 1536 before, H200 23:17): (1) its codes against
@@ -283,7 +307,7 @@ if [ "${1:-}" = i24gaps ]; then
   # WHILE, min graph size 1): do the ~12 ms of gaps between the Mosaic route's kernels go? (GAP_MODE: the modes)
   P=p:qdit4sr-paper-w4a4-small
   el "steps 512, command buffers"; steps gaps512 $(( ${T:-570} - 5 )) --cases 512x1 --scan-steps 2 --modes bf16 \
-      ${GAP_MODE:-$P:prepbfh p:w8a8:prepbfhq} --attention cudnn --xla-variants no-dot-merge nodm-cb-while-min1 --iters 6 --warmup 1 \
+      ${GAP_MODE:-$P:prepbfhq p:w8a8:prepbfhq} --attention cudnn --xla-variants no-dot-merge nodm-cb-while-min1 --iters 6 --warmup 1 \
       --deadline $(( ${T:-570} - 25 ))
   el done
   exit 0
