@@ -220,12 +220,20 @@ def add_prologue_args(ap):
                          "codes the Mosaic kernel makes (64 128: K = 1536 too; check with mosaic_fused_check.py first)")
     ap.add_argument("--run-tile", type=int, default=None,
                     help="prologue_mosaic.RUN_TILE (8: K = 1536 run maxima reduced in the Mosaic GEMM's epilogue)")
+    ap.add_argument("--hadamard-run", nargs="+", default=None, metavar="K=RUN",
+                    help="mosaic_hadamard.RUN_LENGTH entries, e.g. 1536=128: the Hadamard kernel's run length at K "
+                         "(128 at K = 1536: 4 rows of x per tile instead of 2)")
 
 
 def apply_prologue_args(a):
-    """Set `prologue_mosaic.CODES_IN_KERNEL` / `RUN_TILE` from `add_prologue_args`' options (read when a step is
-    traced)."""
-    from qdit4sr_jax.quant.kernels import prologue_mosaic
+    """Set `prologue_mosaic.CODES_IN_KERNEL` / `RUN_TILE` and `mosaic_hadamard.RUN_LENGTH` from `add_prologue_args`'
+    options (read when a step is traced)."""
+    from qdit4sr_jax.quant.kernels import mosaic_hadamard, prologue_mosaic
+    for item in getattr(a, "hadamard_run", None) or ():
+        k, _, run = item.partition("=")
+        if not (k.isdigit() and run in ("64", "128")) or mosaic_hadamard.hadamard_plan(int(k), int(run)) is None:
+            raise SystemExit(f"--hadamard-run {item!r}: K=RUN with a Hadamard plan of runs RUN (64 or 128) at K")
+        mosaic_hadamard.RUN_LENGTH[int(k)] = int(run)
     if a.codes_in_kernel:
         prologue_mosaic.CODES_IN_KERNEL = tuple(a.codes_in_kernel)
     if a.run_tile:

@@ -60,11 +60,11 @@ def test_quantize_then_upscale_quantized(tmp_path, capsys):
     assert np.asarray(Image.open(tmp_path / "q.png")).shape == (64, 64, 3)
     # the fused kernels' path, per call and with prepared weights: the same image ("fast" too: RTN has no
     # transform and no branches, so nothing of it rounds otherwise)
-    for extra, name in ((["--execution", "fused"], "f.png"), (["--execution", "fused", "--prepare", "unpacked"], "p.png"),
-                        (["--execution", "fused", "--prepare", "fast"], "pf.png")):
+    # ("unpacked" / "packed" against per-call on the tiny model: test_prepared.test_sampler_prepared_equals_per_call)
+    for extra, name in ((["--execution", "fused"], "f.png"), (["--execution", "fused", "--prepare", "fast"], "pf.png")):
         assert cli.main(["upscale", str(src), str(tmp_path / name), "--quantized", str(ck), "--steps", "1"]
                         + extra) == 0
-    for name in ("p.png", "pf.png"):
+    for name in ("pf.png",):
         np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "f.png")), np.asarray(Image.open(tmp_path / name)))
     # quantized in the same run (--preset): the image of the saved tree (the fused sampler compiled above reused)
     assert cli.main(["upscale", str(src), str(tmp_path / "o.png"), "--preset", "rtn-w4a8", "--steps", "1",

@@ -31,3 +31,14 @@ def test_kron_hadamard_equals_the_transform():
     for b in (128, 384):
         np.testing.assert_allclose(np.asarray(R.kron_hadamard(x, b)), np.asarray(T.hadamard_transform(x, b)),
                                    rtol=1e-5, atol=1e-5)
+
+
+def test_hadamard_config_names_parse():
+    """rotation_gemm.py --hadamard-configs: wNpNoN[cRUN] -> the Hadamard kernel's tuning arguments; others named."""
+    import pytest
+    from benchmarks.gpu import rotation_gemm
+    assert rotation_gemm.parse_config("w3p2o2") == dict(wgs=3, prefetch=2, out_slots=2)
+    assert rotation_gemm.parse_config("w2p1o1c128") == dict(wgs=2, prefetch=1, out_slots=1, run=128)
+    for bad in ("w2p1", "w2p1o1c96"):
+        with pytest.raises(ValueError, match=bad):
+            rotation_gemm.parse_config(bad)

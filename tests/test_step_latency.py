@@ -92,3 +92,10 @@ def test_prologue_args_set_the_mosaic_prologue(monkeypatch):
     assert (prologue_mosaic.CODES_IN_KERNEL, prologue_mosaic.RUN_TILE) == ((128,), 16)
     apply_prologue_args(ap.parse_args(["--codes-in-kernel", "64", "128", "--run-tile", "8"]))
     assert (prologue_mosaic.CODES_IN_KERNEL, prologue_mosaic.RUN_TILE) == ((64, 128), 8)
+    from qdit4sr_jax.quant.kernels import mosaic_hadamard as mh
+    monkeypatch.setattr(mh, "RUN_LENGTH", {})
+    apply_prologue_args(ap.parse_args(["--hadamard-run", "1536=128"]))
+    assert mh.RUN_LENGTH == {1536: 128} and mh.hadamard_plan(1536)[1] == 128
+    for bad in ("6144=64", "1536=96", "x=128"):                  # no such plan / run length / K: named
+        with pytest.raises(SystemExit, match=bad):
+            apply_prologue_args(ap.parse_args(["--hadamard-run", bad]))

@@ -25,6 +25,8 @@
 #                                             # then i24y (1024 px), i24z (W8A8 on Triton / Mosaic, 512 + 1024 px)
 #   bash benchmarks/gpu/gpu_session.sh i24cg     # 12-08 first: codes x' * (1 / s) checked, device us incl. bf16 GEMM,
 #                                             # 512-px steps bf16 / paper-small merged without and with CUDA graphs
+#   bash benchmarks/gpu/gpu_session.sh i24run    # after i24cg, if the Hadamard kernel's runs of 128 were faster: their
+#                                             # fused check, 512-px steps with runs of 64 / 128 (bf16 in each)
 #   bash benchmarks/gpu/gpu_session.sh i24all    # next: the record, 512 + 1024 px: bf16, W8A8 merged, paper-small, paper
 #   bash benchmarks/gpu/gpu_session.sh i24merge  # after i24all: GPU check of q/k/v as one layer, 512-px steps merged vs not
 #   bash benchmarks/gpu/gpu_session.sh i24mchk   # very short of device time: i24merge's check alone
@@ -111,7 +113,7 @@ passed() { [ "$1" -eq 0 ] && grep -q "'ok': True" "$OUT/$2.log" && ! grep -q "'e
 # features GEMM's first FEATURE_SHAPES shapes (benchmarks/gpu/rotation_gemm.py), as $OUT/hadamard_tune.json / .log
 hadamard_tune() {
   timeout "$1" python3 benchmarks/gpu/rotation_gemm.py --shapes 0 --hadamard-shapes 3 --features-shapes "$2" \
-      --hadamard-configs w2p1o1 w3p2o2 w2p2o2 w1p3o2 --reps 4 --out "$OUT/hadamard_tune.json" > "$OUT/hadamard_tune.log" 2>&1
+      --hadamard-configs w2p1o1 w3p2o2 w2p2o2 w1p3o2 w2p1o1c128 w3p2o2c128 --reps 4 --out "$OUT/hadamard_tune.json" > "$OUT/hadamard_tune.log" 2>&1
   grep -v "^W[0-9]\|Warning" "$OUT/hadamard_tune.log" | cut -c1-400 | tail -12
 }
 # steps512 T MODES...: the 512-px steps of MODES with what is left of T s since t0, as $OUT/steps512.json / .log
@@ -254,21 +256,41 @@ fi
 if [ "${1:-}" = i24cg ]; then
   # issue 24, 12-08 first call (<= ${T:-570} s): (1) the fused check of "fast-mosaic"'s layers vs Triton with the
   # Hadamard kernel's codes as x' * (1 / s) (lowered only so far); (2) device us per call (`launch_floor.py`) of the
-  # Hadamard kernel (x', codes of 1 / 3 members), the int8 GEMM and cuBLAS bf16 (a weight per call) at 768 / 2048 /
-  # 4096 rows: the codes epilogue's cost and the GEMM ratio by device time; (3) the 512-px steps of bf16 and
+  # Hadamard kernel (x', codes of 1 / 3 members) at run lengths 64 and 128 (2 / 4 rows of x per tile at K = 1536),
+  # the int8 GEMM and cuBLAS bf16 (a weight per call) at 2048 / 4096 rows: the codes epilogue's cost, the tile size,
+  # the GEMM ratio by device time; (3) the 512-px steps of bf16 and
   # paper-small "fast-mosaic" (merged, prepbfhq) with DotMerger off, and the same with the scanned step as CUDA
   # graphs (command buffers incl. WHILE, min graph size 1): do the Mosaic route's ~12 ms of gaps go? (CG_MODES)
   P=p:qdit4sr-paper-w4a4-small
   el "fused check (codes as x' * (1 / s))"; fused_check codes_check ${CHECK_S:-90} --cases 3 --variants mosaic_had
   ok=$?
-  el "device us per call"; timeout ${LF_S:-100} python3 benchmarks/gpu/launch_floor.py --kinds hadamard codes1 codes3 \
-      int8_gemm bf16_gemm --rows 768 2048 4096 --deadline $(( ${LF_S:-100} - 25 )) --out "$OUT/launch_cg.json" \
-      > "$OUT/launch_cg.log" 2>&1
-  grep -v "^W[0-9]\|Warning\|Deprecat" "$OUT/launch_cg.log" | cut -c1-200 | tail -12
+  el "device us per call"; timeout ${LF_S:-130} python3 benchmarks/gpu/launch_floor.py --kinds hadamard codes1 codes3 \
+      int8_gemm bf16_gemm --rows 2048 4096 --hadamard-runs 64 128 --deadline $(( ${LF_S:-130} - 25 )) \
+      --out "$OUT/launch_cg.json" > "$OUT/launch_cg.log" 2>&1
+  grep -v "^W[0-9]\|Warning\|Deprecat" "$OUT/launch_cg.log" | cut -c1-200 | tail -17
   if passed $ok codes_check; then modes="bf16 ${CG_MODES:-$P:prepbfhq}"; else el "fused check failed: W8A8 only"; modes="bf16 p:w8a8:prepbfhq"; fi
   left=$(( ${T:-570} - ($(date +%s) - t0) ))
   el "steps 512, command buffers ($left s): $modes"; steps cg512 $(( left - 5 )) --cases 512x1 --scan-steps 2 --modes $modes \
       --attention cudnn --xla-variants no-dot-merge nodm-cb-while-min1 --iters 6 --warmup 1 --deadline $(( left - 20 ))
+  el done
+  exit 0
+fi
+if [ "${1:-}" = i24run ]; then
+  # issue 24, after i24cg if its runs of 128 were faster (<= ${T:-570} s): the fused check of "fast-mosaic"'s layers
+  # with the Hadamard kernel's runs of 128 at K = 1536 (4 rows of x per tile; never run on a GPU) vs Triton; if right,
+  # the 512-px steps bf16 / paper-small "fast-mosaic" with runs of 64 (the default), then, in a second process,
+  # bf16 / the same with runs of 128 (`--hadamard-run 1536=128`: read when traced, one setting per process)
+  P=p:qdit4sr-paper-w4a4-small
+  el "fused check, runs of 128 at K = 1536"; fused_check run_check ${CHECK_S:-90} --cases 3 --variants mosaic_had \
+      --hadamard-run 1536=128
+  if passed $? run_check; then
+    for run in 64 128; do
+      left=$(( ${T:-570} - ($(date +%s) - t0) )); [ $run = 64 ] && left=$(( left / 2 ))
+      el "steps 512, runs of $run ($left s)"; steps run$run $(( left - 5 )) --cases 512x1 --scan-steps 2 --modes bf16 \
+          $P:prepbfhq --hadamard-run 1536=$run --attention cudnn --xla-variants no-dot-merge --iters 6 --warmup 1 \
+          --deadline $(( left - 20 ))
+    done
+  else el "runs of 128 not right: no steps"; fi
   el done
   exit 0
 fi

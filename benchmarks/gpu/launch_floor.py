@@ -7,6 +7,7 @@ count M (the step's: 128, 768, 2048, 4096, and 8192) it times, R calls per jit,
 
   hadamard      `mosaic_hadamard_rowmax` [M, 1536] (x' and run maxima)
   codes1/3      `mosaic_hadamard_codes` [M, 1536], one member / three (a q / k / v group)
+                (these three at each of --hadamard-runs: the run length c, 64 = 2 rows of x per tile, 128 = 4)
   int8_gemm     `mosaic_int8_gemm_ws` [M, 1536] x [1536, 1536] (the fused path's tiles, `FUSED_TILES`)
   bf16_gemm     XLA's (cuBLAS) bf16 dot of the same shape (a weight per call: one shared weight let XLA's
                 DotMerger join the R dots, H200 2026-12-07 23:17)
@@ -66,8 +67,11 @@ def floor_kernel(x):
     return plgpu.kernel(body, out_type=jax.ShapeDtypeStruct(x.shape, x.dtype), grid=(1,), grid_names=("x",))(x)
 
 
-def make(kind: str, m: int, reps: int, rng):
-    """kind, rows -> (fn of one call's operands, its per-call operands stacked [reps, ...] (an array or a tuple of
+HADAMARD_KINDS = ("hadamard", "codes1", "codes3")
+
+
+def make(kind: str, m: int, reps: int, rng, run=None):
+    """kind, rows (and the Hadamard kernel's run length, None: its default) -> (fn of one call's operands, its per-call operands stacked [reps, ...] (an array or a tuple of
     them), operands shared by the calls, kernel-name pattern)."""
     from qdit4sr_jax.quant.kernels.mosaic_gemm import FUSED_TILES, mosaic_int8_gemm_ws
     from qdit4sr_jax.quant.kernels.mosaic_hadamard import mosaic_hadamard_codes, mosaic_hadamard_rowmax
@@ -76,10 +80,11 @@ def make(kind: str, m: int, reps: int, rng):
         xs = bf(reps, 64, 128)
         return (floor_kernel if kind == "floor" else (lambda x: x + 1)), xs, (), kind
     if kind == "hadamard":
-        return (lambda x: mosaic_hadamard_rowmax(x)), bf(reps, m, K), (), "hadamard"
+        return (lambda x: mosaic_hadamard_rowmax(x, run=run)), bf(reps, m, K), (), "hadamard"
     if kind in ("codes1", "codes3"):
         lv = jnp.asarray([[7.0], [15.0], [3.0]][: int(kind[-1])], jnp.float32)
-        return (lambda x, lv: mosaic_hadamard_codes(x, lv, 1.0 / lv, jnp.int32(0))), bf(reps, m, K), (lv,), "hadamard"
+        return ((lambda x, lv: mosaic_hadamard_codes(x, lv, 1.0 / lv, jnp.int32(0), run=run)), bf(reps, m, K), (lv,),
+                "hadamard")
     if kind == "int8_gemm":
         xs = jnp.asarray(rng.integers(-7, 8, size=(reps, m, K), dtype=np.int8))
         wq = jnp.asarray(rng.integers(-7, 8, size=(K, K), dtype=np.int8))
@@ -91,10 +96,10 @@ def make(kind: str, m: int, reps: int, rng):
     raise ValueError(f"unknown kind {kind!r}; one of {KINDS}")
 
 
-def measure(kind: str, m: int, reps: int, iters: int) -> dict:
-    """Wall and device us per call of `kind` at m rows (R = reps calls per jit)."""
+def measure(kind: str, m: int, reps: int, iters: int, run=None) -> dict:
+    """Wall and device us per call of `kind` at m rows (R = reps calls per jit; run: `make`'s)."""
     from step_profile import profile_step
-    fn, xs, rest, _ = make(kind, m, reps, np.random.default_rng(m))
+    fn, xs, rest, _ = make(kind, m, reps, np.random.default_rng(m), run)
     xs = xs if isinstance(xs, tuple) else (xs,)             # per-call operands, each stacked [R, ...]
     many = jax.jit(lambda xs, *r: [fn(*(a[i] for a in xs), *r) for i in range(reps)])
     t0 = time.perf_counter()
@@ -107,7 +112,7 @@ def measure(kind: str, m: int, reps: int, iters: int) -> dict:
         walls.append((time.perf_counter() - t0) * 1e6 / reps)
     prof = profile_step(many, (xs, *rest), iters=3, warmup=1)
     dev = prof["kernel_us_per_step"] / reps
-    return {"kind": kind, "rows": m, "wall_us": statistics.median(walls), "device_us": dev,
+    return {"kind": kind if run is None else f"{kind}@c{run}", "rows": m, "wall_us": statistics.median(walls), "device_us": dev,
             "kernels_per_call": prof["kernels_per_step"] / reps, "compile_s": compile_s,
             "top": [(t["name"][:60], round(t["us"] / reps, 2)) for t in prof["top"][:3]]}
 
@@ -118,28 +123,33 @@ def main(argv=None):
     ap.add_argument("--kinds", nargs="+", default=list(KINDS), choices=KINDS)
     ap.add_argument("--reps", type=int, default=8, help="calls per jit")
     ap.add_argument("--iters", type=int, default=20)
+    ap.add_argument("--hadamard-runs", type=int, nargs="+", default=None, choices=(64, 128),
+                    help="time the Hadamard kinds at each of these run lengths (default: the plan's, 64 at K = 1536)")
     ap.add_argument("--deadline", type=float, default=None, help="seconds; stop starting new rows after it")
     ap.add_argument("--out", default=None)
     a = ap.parse_args(argv)
     t_start = time.perf_counter()
     res = {"env": environment(), "rows": []}
     print(f"{'kind':<10} {'rows':>6} {'wall us':>9} {'device us':>10} {'gap us':>8} {'kernels':>8}")
-    for kind in a.kinds:
-        for m in (a.rows if kind not in ("floor", "xla_floor") else a.rows[:1]):
-            if a.deadline and time.perf_counter() - t_start > a.deadline:
-                print(f"deadline: {kind} {m} not run")
-                continue
-            try:
-                r = measure(kind, m, a.reps, a.iters)
-            except Exception as e:  # noqa: BLE001 - recorded, the others still run
-                r = {"kind": kind, "rows": m, "error": repr(e)[:300]}
-                print(f"{kind:<10} {m:>6} error {r['error'][:160]}")
-            else:
-                print(f"{kind:<10} {m:>6} {r['wall_us']:>9.2f} {r['device_us']:>10.2f} "
-                      f"{r['wall_us'] - r['device_us']:>8.2f} {r['kernels_per_call']:>8.2f}  {r['top']}")
-            res["rows"].append(r)
-            if a.out:
-                write_json(a.out, res)
+    jobs = [(kind, m, run) for kind in a.kinds
+            for run in ((a.hadamard_runs or [None]) if kind in HADAMARD_KINDS else [None])
+            for m in (a.rows if kind not in ("floor", "xla_floor") else a.rows[:1])]
+    for kind, m, run in jobs:
+        name = kind if run is None else f"{kind}@c{run}"
+        if a.deadline and time.perf_counter() - t_start > a.deadline:
+            print(f"deadline: {name} {m} not run")
+            continue
+        try:
+            r = measure(kind, m, a.reps, a.iters, run)
+        except Exception as e:  # noqa: BLE001 - recorded, the others still run
+            r = {"kind": name, "rows": m, "error": repr(e)[:300]}
+            print(f"{name:<10} {m:>6} error {r['error'][:160]}")
+        else:
+            print(f"{name:<10} {m:>6} {r['wall_us']:>9.2f} {r['device_us']:>10.2f} "
+                  f"{r['wall_us'] - r['device_us']:>8.2f} {r['kernels_per_call']:>8.2f}  {r['top']}")
+        res["rows"].append(r)
+        if a.out:
+            write_json(a.out, res)
     return res
 
 

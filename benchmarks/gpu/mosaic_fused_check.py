@@ -124,7 +124,8 @@ def main(argv=None):
     a = ap.parse_args(argv)
     apply_prologue_args(a)
     variants = ("triton",) + tuple(v for v in a.variants if v != "triton")
-    res = {"env": environment(), "rows": [], "run_tile": a.run_tile, "codes_in_kernel": a.codes_in_kernel}
+    res = {"env": environment(), "rows": [], "run_tile": a.run_tile, "codes_in_kernel": a.codes_in_kernel,
+           "hadamard_run": a.hadamard_run}
     for (m, k, n, group, fg) in CASES[: a.cases]:
         try:
             res["rows"] += run_case(m, k, n, group, fg, time_it=not a.no_time, tilings=a.tiles, variants=variants)

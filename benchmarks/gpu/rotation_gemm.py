@@ -101,17 +101,21 @@ def hadamard_kernel(x, parts=3):
 
 
 def parse_config(text: str) -> dict:
-    """"w3p2o2" -> dict(wgs=3, prefetch=2, out_slots=2) (`mosaic_hadamard_rowmax`'s tuning)."""
+    """"w3p2o2" -> dict(wgs=3, prefetch=2, out_slots=2), "w2p1o1c128" -> also run=128 (`mosaic_hadamard_rowmax`'s
+    tuning: warpgroups, prefetch, output slots, run length)."""
     import re
-    mt = re.fullmatch(r"w(\d)p(\d)o(\d)", text)
+    mt = re.fullmatch(r"w(\d)p(\d)o(\d)(?:c(64|128))?", text)
     if not mt:
-        raise ValueError(f"Hadamard config {text!r} is not wNpNoN (warpgroups, prefetch, out slots)")
-    return dict(wgs=int(mt.group(1)), prefetch=int(mt.group(2)), out_slots=int(mt.group(3)))
+        raise ValueError(f"Hadamard config {text!r} is not wNpNoN[cRUN] (warpgroups, prefetch, out slots, run 64 / 128)")
+    kw = dict(wgs=int(mt.group(1)), prefetch=int(mt.group(2)), out_slots=int(mt.group(3)))
+    return kw | ({"run": int(mt.group(4))} if mt.group(4) else {})
 
 
 def hadamard_configs(m, k, reps, configs):
-    """us per call of each tuning of the Hadamard kernel (and whether its x' equals the default's)."""
-    from qdit4sr_jax.quant.kernels.mosaic_hadamard import mosaic_hadamard_rowmax
+    """us per call of each tuning of the Hadamard kernel, whether its x' equals the default's, and (a run length
+    of its own) how many elements of x' differ from its own XLA form (`hadamard_reference(run=...)`: float32 sums
+    in another order than the default plan's, so a few bf16 ulps may differ from the default's x')."""
+    from qdit4sr_jax.quant.kernels.mosaic_hadamard import hadamard_reference, mosaic_hadamard_rowmax
     xs = activations(np.random.default_rng(m + k), m, k, reps)
     base = jax.jit(mosaic_hadamard_rowmax)(xs[0])[0]
     row = {"hadamard_configs": [m, k]}
@@ -121,6 +125,9 @@ def hadamard_configs(m, k, reps, configs):
             y = jax.jit(lambda v, kw=kw: mosaic_hadamard_rowmax(v, **kw))(xs[0])[0]
             row[cfg] = dict(same=bool(jnp.array_equal(y, base)),
                             us=per_call_ms(lambda v, kw=kw: mosaic_hadamard_rowmax(v, **kw), xs) * 1e3)
+            if "run" in kw:
+                ref = jax.jit(lambda v, r=kw["run"]: hadamard_reference(v, run=r))(xs[0])[0]
+                row[cfg]["differing_vs_own_xla"] = int(jnp.sum(y != ref))
         except Exception as e:  # noqa: BLE001 - e.g. shared memory exceeded: recorded
             row[cfg] = repr(e)[:200]
     return row
@@ -213,7 +220,7 @@ def main(argv=None):
     ap.add_argument("--features-shapes", type=int, default=len(FEAT_SHAPES), help="the features GEMM's first N")
     ap.add_argument("--hadamard-configs", nargs="*", default=[],
                     help="instead of the check: time these tunings (wNpNoN: warpgroups, prefetch, out slots) at the "
-                         "first --hadamard-shapes shapes, e.g. w2p1o1 w3p2o2 w2p2o2 w1p3o2")
+                         "first --hadamard-shapes shapes, e.g. w2p1o1 w3p2o2 w2p2o2 w1p3o2 w2p1o1c128")
     a = ap.parse_args(argv)
     res = {"env": environment(), "rows": []}
     if a.hadamard_configs:

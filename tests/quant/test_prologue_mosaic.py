@@ -182,28 +182,48 @@ def test_prepared_rotated_layer_runs_on_mosaic_kernels(k, n, prologue_kind, kern
     assert len(text) < 2_000_000           # no [K, K] rotation matrix captured as a constant (4.7 MB at K = 1536)
 
 
-@pytest.mark.parametrize("k", [1536, 6144, 256])
-def test_hadamard_factorisation_is_the_rotation(k):
-    """The Hadamard kernel's plan (runs of 64 / 128, at most 64 of them) and its XLA form: x D H_K to bf16 rounding
-    of float64 (the sums in another order than the dense GEMM: a few elements one bf16 ulp apart), and the run
-    maxima of its own x'."""
+@pytest.mark.parametrize("k,run", [(1536, None), (1536, 128), (6144, None), (256, None)])
+def test_hadamard_factorisation_is_the_rotation(k, run):
+    """The Hadamard kernel's plan (runs of 64 / 128, at most 64 of them; `run` picks one) and its XLA form: x D H_K
+    to bf16 rounding of float64 (the sums in another order than the dense GEMM: a few elements one bf16 ulp apart),
+    and the run maxima of its own x'."""
     from qdit4sr_jax.quant.transforms import hadamard_matrix, rotation_signs
-    g, c, r, gmat = mh.hadamard_plan(k)
-    assert g * c == k and g <= 64 and c in (64, 128) and (r * g) % 8 == 0 and r * g <= 64
+    g, c, r, gmat = mh.hadamard_plan(k, run)
+    assert g * c == k and g <= 64 and c in (64, 128) and (r * g) % 8 == 0 and r * g <= 64 and c == (run or c)
     x = jnp.asarray(np.random.default_rng(k).standard_t(5, size=(2 * r, k)), jnp.bfloat16)
-    y, run_max = mh.hadamard_reference(x)
+    y, run_max = mh.hadamard_reference(x, run=run)
     want = (np.asarray(x, np.float64) * rotation_signs(k)) @ hadamard_matrix(k)
     np.testing.assert_allclose(np.asarray(y, np.float64), want, rtol=2 ** -8, atol=1e-6 * np.abs(want).max())
     yf = np.abs(np.asarray(y, np.float32)).reshape(2 * r, g, c)
     np.testing.assert_array_equal(np.asarray(run_max), yf.max(axis=2))
     assert mh.hadamard_plan(192) is None                     # 12 x 16: runs narrower than 64
-    assert mh.fits(7 * r, k) and (r == 1 or not mh.fits(7 * r + 1, k))   # rows: whole tiles of r
+    assert mh.fits(7 * r, k, run) and (r == 1 or not mh.fits(7 * r + 1, k, run))   # rows: whole tiles of r
+
+
+def test_run_length_setting_moves_every_default(monkeypatch):
+    """`RUN_LENGTH[K]` is the run length that the kernels, their XLA forms and `fits` take by default: at K = 1536
+    runs of 128 (12 runs, 4 rows of x per tile) give the x' of runs of 64 (24 runs, 2 rows per tile) to one bf16 ulp
+    and the same row maxima; no run length of 64 exists at K = 6144 (96 runs)."""
+    x = jnp.asarray(np.random.default_rng(3).standard_t(5, size=(8, 1536)), jnp.bfloat16)
+    y64, m64 = mh.hadamard_reference(x)
+    assert mh.hadamard_plan(1536)[:3] == (24, 64, 2) and m64.shape == (8, 24)
+    monkeypatch.setitem(mh.RUN_LENGTH, 1536, 128)
+    assert mh.hadamard_plan(1536)[:3] == (12, 128, 4) and not mh.fits(6, 1536) and mh.fits(8, 1536)
+    y128, m128 = mh.hadamard_reference(x)
+    assert m128.shape == (8, 12)
+    a, b = np.asarray(y64, np.float32), np.asarray(y128, np.float32)
+    assert np.all(np.abs(a - b) <= 2.0 ** -7 * np.abs(a)), np.abs(a - b).max()
+    np.testing.assert_allclose(np.asarray(m128).max(axis=1), np.asarray(m64).max(axis=1), rtol=2 ** -7)
+    lv = jnp.asarray([[7.0]], jnp.float32)
+    q = mh.codes_reference(x, lv, 1.0 / lv, 0)[0][0]
+    assert q.shape == (8, 1536) and int(jnp.max(jnp.abs(q.astype(jnp.int32)))) == 7
+    assert mh.hadamard_plan(6144, 64) is None and mh.hadamard_plan(6144)[1] == 128
 
 
 @pytest.mark.skipif(OLD_JAX, reason="Mosaic GPU kernels written for JAX >= 0.10")
 @pytest.mark.parametrize("m,k,kw", [(4096, 1536, dict(parts=3)), (2048, 6144, dict(parts=2)), (64, 256, dict(parts=1)),
                                     (4096, 1536, dict(wgs=3, prefetch=2, out_slots=2)),
-                                    (4096, 6144, dict(wgs=1, prefetch=3, out_slots=2))])
+                                    (4096, 6144, dict(wgs=1, prefetch=3, out_slots=2)), (2048, 1536, dict(run=128))])
 def test_hadamard_kernel_lowers_for_cuda(m, k, kw):
     """The Hadamard kernel lowers for CUDA (Mosaic GPU: wgmma operand layouts, TMA, shared memory within the limit)
     at the step's shapes and tunings; bad operands and tunings are named, shared memory overflow is reported."""
@@ -213,7 +233,7 @@ def test_hadamard_kernel_lowers_for_cuda(m, k, kw):
     codes = jax.jit(lambda x, lv, il, t: mh.mosaic_hadamard_codes(x, lv, il, t, **kw)).trace(
         S((m, k), jnp.bfloat16), S((3, 40), jnp.float32), S((3, 40), jnp.float32), S((), jnp.int32)).lower(
         lowering_platforms=("cuda",)).as_text()
-    g, c = mh.hadamard_plan(k)[:2]
+    g, c = mh.hadamard_plan(k, kw.get("run"))[:2]
     assert codes.count("custom_call @mosaic_gpu") == 1
     assert f"-> (tensor<{m * g}x{c}xi8>, tensor<{m * g}x{c}xi8>, tensor<{m * g}x{c}xi8>, tensor<{m * g}xf32>)" in codes
     if k == 1536:                                            # the codes' swizzle variant the GPU check compares

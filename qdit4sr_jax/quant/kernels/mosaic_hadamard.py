@@ -38,17 +38,29 @@ from jax.experimental import pallas as pl
 ROWS = 64                  # rows of a tile (one wgmma M)
 
 
-@lru_cache(maxsize=None)
-def hadamard_plan(k: int):
+# The run length c for a K where it should not be the plan's first fit (64 before 128: 24 runs of 64 at K = 1536, 48
+# of 128 at K = 6144). `hadamard_plan(k)` reads it, so the sampler's kernels, their XLA forms and `fits` follow one
+# setting; the kernel's `run` argument overrides it per call (`benchmarks/gpu/rotation_gemm.py --hadamard-configs
+# w2p1o1c128`: 4 rows of x per tile at K = 1536 instead of 2, half the tiles).
+RUN_LENGTH: dict = {}
+
+
+def hadamard_plan(k: int, run: int | None = None):
     """K (a Hadamard block, `transforms.is_hadamard_block`) -> (g, c, r, G): c the Sylvester run (a power of 2, 64
-    or 128, dividing K's power-of-2 part, K / c <= 64), g = K / c runs, r = 64 // g rows of x per tile (r g a
-    multiple of 8), G = H_m (x) S_{p / c} (+-1 float32 [g, g], symmetric). None where K has no such plan."""
+    or 128, dividing K's power-of-2 part, K / c <= 64; `run`, else `RUN_LENGTH[K]`, else the first that fits), g =
+    K / c runs, r = 64 // g rows of x per tile (r g a multiple of 8), G = H_m (x) S_{p / c} (+-1 float32 [g, g],
+    symmetric). None where K has no such plan (or none with that run length)."""
+    return _plan(int(k), run or RUN_LENGTH.get(int(k)))
+
+
+@lru_cache(maxsize=None)
+def _plan(k: int, run):
     from qdit4sr_jax.quant.transforms import hadamard_factors, is_hadamard_block, kronecker_plan
     if not is_hadamard_block(k):
         return None
     _, p = hadamard_factors(k)
-    for c in (64, 128):
-        if p % c == 0 and k // c <= ROWS:
+    for c in ((run,) if run else (64, 128)):
+        if c in (64, 128) and p % c == 0 and k // c <= ROWS:
             cc, g, gmat = kronecker_plan(k, c)
             r = ROWS // g
             while r > 1 and (r * g) % 8:
@@ -58,11 +70,11 @@ def hadamard_plan(k: int):
     return None
 
 
-def plan_operands(k: int, signs: bool):
-    """The kernel's constant operands for K: gbd bf16 [64, 64] (I_r (x) G^T, zero-padded), s bf16 [c, c] (S_c),
+def plan_operands(k: int, signs: bool, run: int | None = None):
+    """The kernel's constant operands for K (and `run`, `hadamard_plan`): gbd bf16 [64, 64] (I_r (x) G^T, zero-padded), s bf16 [c, c] (S_c),
     dt bf16 [64, c] (the tile's signs: row q g + j holds D's run j; zero past r g)."""
     from qdit4sr_jax.quant.transforms import rotation_signs, sylvester
-    g, c, r, gmat = hadamard_plan(k)
+    g, c, r, gmat = hadamard_plan(k, run)
     gbd = np.zeros((ROWS, ROWS), np.float32)
     gbd[: r * g, : r * g] = np.kron(np.eye(r), gmat.T)
     d = rotation_signs(k) if signs else np.ones(k, np.float32)
@@ -71,18 +83,19 @@ def plan_operands(k: int, signs: bool):
     return (jnp.asarray(gbd, jnp.bfloat16), jnp.asarray(sylvester(c), jnp.bfloat16), jnp.asarray(dt, jnp.bfloat16))
 
 
-def fits(m: int, k: int) -> bool:
-    """Whether `mosaic_hadamard_rowmax` takes x [m, k]: K has a plan and m is a multiple of its r."""
-    plan = hadamard_plan(k)
+def fits(m: int, k: int, run: int | None = None) -> bool:
+    """Whether `mosaic_hadamard_rowmax` takes x [m, k]: K has a plan (`hadamard_plan(k, run)`) and m is a multiple
+    of its r."""
+    plan = hadamard_plan(k, run)
     return plan is not None and m % plan[2] == 0
 
 
-def hadamard_reference(x, signs: bool = True):
-    """`mosaic_hadamard_rowmax` with XLA ops (float32 sums, the kernel's factorisation): (x' bf16 [M, K], run maxima
-    float32 [M, g])."""
+def hadamard_reference(x, signs: bool = True, run: int | None = None):
+    """`mosaic_hadamard_rowmax` with XLA ops (float32 sums, the kernel's factorisation for `run`): (x' bf16 [M, K],
+    run maxima float32 [M, g])."""
     from qdit4sr_jax.quant.transforms import rotation_signs, sylvester
     m, k = x.shape
-    g, c, _, gmat = hadamard_plan(k)
+    g, c, _, gmat = hadamard_plan(k, run)
     xs = x.astype(jnp.float32) * (jnp.asarray(rotation_signs(k)) if signs else 1.0)
     z = jnp.einsum("mja,ji->mia", xs.reshape(m, g, c), jnp.asarray(gmat), precision="highest")
     y = jnp.einsum("mia,ab->mib", z, jnp.asarray(sylvester(c)), precision="highest")
@@ -90,11 +103,11 @@ def hadamard_reference(x, signs: bool = True):
     return y.reshape(m, k), jnp.max(jnp.abs(y.astype(jnp.float32)), axis=2)
 
 
-def codes_reference(x, levels, inv_levels, step, signs: bool = True):
+def codes_reference(x, levels, inv_levels, step, signs: bool = True, run: int | None = None):
     """`mosaic_hadamard_codes` with XLA ops: (codes: n int8 [M, K] arrays, run maxima float32 [M, g]) from the
     kernel's x' (`hadamard_reference`), the members' level tables levels / inv_levels float32 [n, T] and the step."""
     from qdit4sr_jax.quant.kernels.operands import codes_from_inverse, scale_from_level
-    y, run_max = hadamard_reference(x, signs)
+    y, run_max = hadamard_reference(x, signs, run)
     amax = jnp.max(run_max, axis=1, keepdims=True)
     yf = y.astype(jnp.float32)
     i = _table_index(levels, step)
@@ -128,7 +141,7 @@ def mosaic_hadamard_rowmax(x, **tuning):
 
 
 def _hadamard(x, *, signs: bool = True, parts: int = 3, wgs: int = 2, prefetch: int = 1, out_slots: int = 1,
-              num_sms: int | None = None, levels=None, codes_swizzle: int | None = None):
+              num_sms: int | None = None, levels=None, codes_swizzle: int | None = None, run: int | None = None):
     """x bf16 [M, K] -> (x' = bf16(x D H_K) [M, K], or with levels n codes [M, K] (`mosaic_hadamard_codes`);
     run maxima float32 [M, g]: max over run j's c columns of |x'|), D the signs of `transforms.rotation_signs(K)`
     (signs=True) or I. K must have a `hadamard_plan`, M be a multiple
@@ -137,7 +150,8 @@ def _hadamard(x, *, signs: bool = True, parts: int = 3, wgs: int = 2, prefetch: 
     tiles), prefetch tiles whose TMA loads are in flight ahead of the one computed (1-3), out_slots output buffers
     per warpgroup (1: a tile's stores are read out before the next tile writes; 2: they overlap it); codes_swizzle
     the shared-memory swizzle (bytes) of the int8 codes tiles (default the run length; `rotation_gemm.py --shapes 0`
-    compares 64 and 32 at K = 1536; `prologue_mosaic.CODES_IN_KERNEL`).
+    compares 64 and 32 at K = 1536; `prologue_mosaic.CODES_IN_KERNEL`); run the run length c (64 / 128, default
+    `hadamard_plan(k)`'s: a tile holds 64 // (K / c) rows of x, the run maxima are [M, K / c]).
     The shared memory (wgs (prefetch + 1 + out_slots) 64 c bf16 + the constants) must fit; lowering reports it if
     not."""
     from jax.experimental.pallas import mosaic_gpu as plgpu
@@ -147,10 +161,10 @@ def _hadamard(x, *, signs: bool = True, parts: int = 3, wgs: int = 2, prefetch: 
     if not (1 <= wgs <= 4 and 1 <= prefetch <= 3 and out_slots in (1, 2)):
         raise ValueError(f"mosaic_hadamard_rowmax: wgs 1-4, prefetch 1-3 and out_slots 1-2, got {wgs}, {prefetch}, "
                          f"{out_slots}")
-    if x.dtype != jnp.bfloat16 or not fits(m, k) or parts not in (1, 2, 3):
+    if x.dtype != jnp.bfloat16 or not fits(m, k, run) or parts not in (1, 2, 3):
         raise ValueError(f"mosaic_hadamard_rowmax: needs bf16 x [M, K] with K a Hadamard block of 64- or 128-wide "
                          f"runs (at most 64 of them) and M a multiple of its rows per tile, parts 1-3; got "
-                         f"{x.dtype}{tuple(x.shape)}, parts={parts}")
+                         f"{x.dtype}{tuple(x.shape)}, parts={parts}, run={run}")
     n_codes, tables = 0, []
     if levels is not None:
         lev, inv_lev, step = levels
@@ -160,7 +174,7 @@ def _hadamard(x, *, signs: bool = True, parts: int = 3, wgs: int = 2, prefetch: 
         n_codes, n_steps = lev.shape
         tables = [lev.astype(jnp.float32), inv_lev.astype(jnp.float32),
                   jnp.reshape(jnp.asarray(step, jnp.int32), (1,))]
-    g, c, r, _ = hadamard_plan(k)
+    g, c, r, _ = hadamard_plan(k, run)
     rg = r * g                                  # valid rows of a tile
     tiles = m // r
     x2 = x.reshape(m * g, c)                    # row (m, j): run j of x-row m; a tile is rows t rg .. t rg + 63
@@ -286,13 +300,13 @@ def _hadamard(x, *, signs: bool = True, parts: int = 3, wgs: int = 2, prefetch: 
                           grid=(programs // wgs,), grid_names=("sm",), num_threads=wgs, thread_name="wg")
 
     def with_constants(x2, *tabs):      # the constant operands made inside the shared function: once per kernel
-        return kernel(x2, *plan_operands(k, signs), *tabs)
+        return kernel(x2, *plan_operands(k, signs, c), *tabs)
 
-    config = ("hadamard", m, k, bool(signs), parts, wgs, prefetch, out_slots, programs, n_codes, sw)
+    config = ("hadamard", m, k, bool(signs), parts, wgs, prefetch, out_slots, programs, n_codes, sw, c)
     *ys, rmax = shared_call(with_constants, [x2, *tables], config)
     ys = [y.reshape(m, k) for y in ys]
     return (tuple(ys) if n_codes else ys[0]), rmax.reshape(m, g)
 
 
-__all__ = ["hadamard_plan", "plan_operands", "fits", "hadamard_reference", "codes_reference", "mosaic_hadamard_rowmax",
+__all__ = ["RUN_LENGTH", "hadamard_plan", "plan_operands", "fits", "hadamard_reference", "codes_reference", "mosaic_hadamard_rowmax",
            "mosaic_hadamard_codes"]
