@@ -74,6 +74,10 @@
 #                                             # W8A8, qdit4sr-small); i24g: 1024-px paper W4A4 and dense-wide
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/gpu_out}; mkdir -p "$OUT"
+# one persistent compilation cache for the call's processes (since 12-08): the quantize programs and the bf16 step
+# compile once per call, not once per script; outside $OUT, so none of it comes back. A "compile s" figure of a
+# program that an earlier script of the call compiled is then a cache read.
+export JAX_COMPILATION_CACHE_DIR=${JAX_COMPILATION_CACHE_DIR:-/tmp/qdit4sr-jax-cache}
 nvidia-smi --query-gpu=name,clocks.sm --format=csv,noheader
 t0=$(date +%s); el() { echo "== [$(( $(date +%s) - t0 )) s] $*"; }
 # steps NAME TIMEOUT ARGS...: benchmarks/step_latency.py ARGS bounded by TIMEOUT, its JSON and log as $OUT/NAME.json /
