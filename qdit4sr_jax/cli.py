@@ -7,6 +7,21 @@ import sys
 import time
 
 
+def _compile_cache(a) -> None:
+    """--compile-cache DIR: JAX's persistent compilation cache (`quant.api.enable_compilation_cache`), set before
+    the command compiles anything."""
+    if getattr(a, "compile_cache", None):
+        from qdit4sr_jax.quant.api import enable_compilation_cache
+        print(f"compilation cache: {enable_compilation_cache(a.compile_cache, min_compile_time_s=1.0)}")
+
+
+def _add_compile_cache(parser) -> None:
+    parser.add_argument("--compile-cache", default=None, metavar="DIR",
+                        help="JAX persistent compilation cache directory (opt-in): a later run with the same model, "
+                             "settings and JAX version loads the compiled programs (quantize passes, sampler) "
+                             "instead of compiling them")
+
+
 def _load_model(spec: str):
     from qdit4sr_jax.io.modelfile import load_pretrained
     return load_pretrained(spec)
@@ -15,6 +30,7 @@ def _load_model(spec: str):
 def cmd_demo(a) -> int:
     from qdit4sr_jax.demo import format_table, run_demo
     t0 = time.perf_counter()
+    _compile_cache(a)
     rows = run_demo(a.out, model=a.model, limit=a.images, crop=a.crop, num_steps=a.steps, seed=a.seed,
                     progress=not a.no_progress)
     print(format_table(rows))
@@ -24,6 +40,7 @@ def cmd_demo(a) -> int:
 
 def cmd_upscale(a) -> int:
     from qdit4sr_jax import pipeline
+    _compile_cache(a)
     cfg, params = _load_model(a.model)
     if a.quantized and a.preset:
         raise ValueError("--quantized and --preset both give the quantized transformer: pass one")
@@ -74,9 +91,7 @@ def _quantize_transformer(a, cfg, params):
 
 def cmd_quantize(a) -> int:
     from qdit4sr_jax.checkpoint import save
-    from qdit4sr_jax.quant.api import enable_compilation_cache
-    if a.compile_cache:                   # before any compilation (calibration included)
-        print(f"compilation cache: {enable_compilation_cache(a.compile_cache)}")
+    _compile_cache(a)                     # before any compilation (calibration included)
     cfg, params = _load_model(a.model)
     q, qcfg, dt = _quantize_transformer(a, cfg, params)
     info = save(a.out, q, qcfg)
@@ -94,6 +109,7 @@ def _demo_lrs(cfg):
 
 def cmd_evaluate(a) -> int:
     from qdit4sr_jax.evaluation import Evaluation, Options, report_text
+    _compile_cache(a)
     o = Options(model=a.model, hr=a.hr, lr=a.lr, methods=a.methods, steps=a.steps, seed=a.seed, calib=a.calib,
                 calib_on_eval=a.calib_on_eval, crop=a.crop, border=a.border, y_channel=a.y_channel, out=a.out,
                 limit=a.limit, devices=a.devices, grid_crop=a.grid_crop, niqe_patch=a.niqe_patch, prompt=a.prompt,
@@ -129,6 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--steps", type=int, default=None, help="sampling steps (default: the model's)")
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--no-progress", action="store_true")
+    _add_compile_cache(d)
     d.set_defaults(fn=cmd_demo)
 
     u = sub.add_parser("upscale", help="super-resolve one image")
@@ -153,6 +170,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "also x' in bf16 and the branch down-projection on the layer's input (rounds differently); "
                         "fast-mosaic: fast with the Mosaic GPU kernels on Hopper and to_q / to_k / to_v (add_*_proj) as "
                         "one layer (the fastest there; docs/PRESETS.md); fast-mosaic-separate: each layer apart")
+    _add_compile_cache(u)
     u.set_defaults(fn=cmd_upscale)
 
     q = sub.add_parser("quantize", help="quantize a model's transformer and save it with orbax")
@@ -162,9 +180,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--calib", default=None, help="folder of LR images for calibration (default: bundled samples)")
     q.add_argument("--steps", type=int, default=None)
     q.add_argument("--seed", type=int, default=0)
-    q.add_argument("--compile-cache", default=None, metavar="DIR",
-                   help="JAX persistent compilation cache directory (opt-in): a later run with the same model, "
-                        "preset and JAX version loads the compiled programs instead of compiling them")
+    _add_compile_cache(q)
     q.set_defaults(fn=cmd_quantize)
 
     e = sub.add_parser("evaluate", help="the paper's table on your model and images: PSNR / SSIM / NIQE / texture, "
@@ -201,6 +217,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--out", default="qdit4sr-eval", help="output folder (a rerun resumes from it)")
     e.add_argument("--no-progress", action="store_true")
     e.add_argument("--no-learned", action="store_true", help="do not look for LPIPS / pyiqa")
+    _add_compile_cache(e)
     e.set_defaults(fn=cmd_evaluate)
 
     r = sub.add_parser("report", help="size / ops report (paper's definitions) and plots")

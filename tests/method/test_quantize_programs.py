@@ -161,8 +161,11 @@ def test_enable_compilation_cache(tmp_path):
         compilation_cache.reset_cache()
 
 
-def test_cli_quantize_has_compile_cache_flag():
+@pytest.mark.parametrize("cmd", [["quantize", "--out", "q"], ["demo"], ["upscale", "i.png", "o.png"],
+                                 ["evaluate", "--hr", "x"]])
+def test_cli_commands_have_compile_cache_flag(cmd):
+    """Every subcommand that compiles takes --compile-cache DIR (opt-in; `cli._compile_cache` sets it first)."""
     from qdit4sr_jax import cli
-    a = cli.build_parser().parse_args(["quantize", "--out", "q", "--compile-cache", "/tmp/c"])
-    assert a.compile_cache == "/tmp/c"
-    assert cli.build_parser().parse_args(["quantize", "--out", "q"]).compile_cache is None
+    a = cli.build_parser().parse_args(cmd + ["--compile-cache", "/tmp/c"])
+    assert a.compile_cache == "/tmp/c" and a.fn.__name__.startswith("cmd_")
+    assert cli.build_parser().parse_args(cmd).compile_cache is None
