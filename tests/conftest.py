@@ -3,7 +3,9 @@
 One persistent JAX compilation cache per test run: the tests compile many of the same programs (the demo model's
 sampler in the CLI, notebook, pipeline and fidelity tests; the tiny configs' steps), each in its own `jax.jit`
 wrapper, and JAX's in-memory cache is per wrapper and per process (2 xdist workers and the notebook's kernel). A
-fresh folder per run, removed at its end, so no run reads another's programs. A cache set by the caller
+fresh folder per run, removed at its end, so no run reads another's programs. (Processes write entries without a
+lock; one that reads an entry still being written gets JAX's "Error reading persistent compilation cache entry"
+warning and compiles the program itself.) A cache set by the caller
 (JAX_COMPILATION_CACHE_DIR) is used as it is and kept.
 """
 from __future__ import annotations
