@@ -163,13 +163,18 @@ def test_fits_names_the_layers_it_takes():
 
 
 @pytest.mark.skipif(OLD_JAX, reason="Mosaic GPU kernels written for JAX >= 0.10")
-@pytest.mark.parametrize("k,n,prologue_kind,kernels", [(1536, 1536, "mosaic", 3), (6144, 1536, "mosaic", 3),
-                                                        (1536, 6144, "mosaic-gemm", 2), (6144, 1536, "mosaic-gemm", 1)])
-def test_prepared_rotated_layer_runs_on_mosaic_kernels(k, n, prologue_kind, kernels):
+@pytest.mark.parametrize("k,n,prologue_kind,kernels,run", [(1536, 1536, "mosaic", 3, None), (6144, 1536, "mosaic", 3, None),
+                                                            (1536, 6144, "mosaic-gemm", 2, None),
+                                                            (6144, 1536, "mosaic-gemm", 1, None),
+                                                            (1536, 1536, "mosaic", 3, 128)])
+def test_prepared_rotated_layer_runs_on_mosaic_kernels(k, n, prologue_kind, kernels, run, monkeypatch):
     """A paper layer prepared "fast" with gemm="mosaic" lowers for CUDA to Mosaic kernels and no Triton kernel:
-    with prologue="mosaic" the Hadamard codes kernel (1536 and 6144 inputs), the features GEMM and the int8 GEMM
-    with the whole epilogue; with prologue="mosaic-gemm" the rotation GEMM with row maxima and the features where
-    the Hadamard is one +-1 GEMM (1536), the XLA prologue where it is not (6144), and the int8 GEMM."""
+    with prologue="mosaic" the Hadamard codes kernel (1536 and 6144 inputs; at 1536 also with runs of 128,
+    `mosaic_hadamard.RUN_LENGTH`), the features GEMM and the int8 GEMM with the whole epilogue; with
+    prologue="mosaic-gemm" the rotation GEMM with row maxima and the features where the Hadamard is one +-1 GEMM
+    (1536), the XLA prologue where it is not (6144), and the int8 GEMM."""
+    if run:
+        monkeypatch.setitem(mh.RUN_LENGTH, k, run)
     from conftest import prepared_paper_layer
     from qdit4sr_jax.quant.kernels import lowering_for
     from qdit4sr_jax.quant.linear import linear
@@ -180,6 +185,9 @@ def test_prepared_rotated_layer_runs_on_mosaic_kernels(k, n, prologue_kind, kern
             lowering_platforms=("cuda",)).as_text()
     assert text.count("custom_call @mosaic_gpu") == kernels and "__gpu$xla.gpu.triton" not in text
     assert len(text) < 2_000_000           # no [K, K] rotation matrix captured as a constant (4.7 MB at K = 1536)
+    if prologue_kind == "mosaic":           # the codes kernel's int8 output: [rows x runs, run length]
+        g, c = mh.hadamard_plan(k)[:2]
+        assert c == (run or c) and f"x{c}xi8>" in text and f"{(2 * 1024 + 128) * g}x{c}xi8>" in text
 
 
 @pytest.mark.parametrize("k,run", [(1536, None), (1536, 128), (6144, None), (256, None)])
