@@ -14,7 +14,8 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SESSION = os.path.join(ROOT, "benchmarks", "gpu", "gpu_session.sh")
-MODES = ["i24cg", "i24run", "i24all", "i24merge", "i24mchk", "i24go", "i24chk", "i24prof2", "i24gaps", "i24tune", "i24next", "i24codes"]  # not yet run
+MODES = ["i24cg", "i24run", "i24all", "i24merge", "i24mchk", "i24go", "i24chk", "i24prof2", "i24gaps",  # not yet run
+         "i24tune", "i24next", "i24codes"]
 RECORDER = """import json, os, sys
 with open(os.environ["RECORD"], "a") as f:
     f.write(json.dumps(sys.argv[1:]) + "\\n")

@@ -71,8 +71,9 @@ HADAMARD_KINDS = ("hadamard", "codes1", "codes3")
 
 
 def make(kind: str, m: int, reps: int, rng, run=None):
-    """kind, rows (and the Hadamard kernel's run length, None: its default) -> (fn of one call's operands, its per-call operands stacked [reps, ...] (an array or a tuple of
-    them), operands shared by the calls, kernel-name pattern)."""
+    """kind, rows (and the Hadamard kernel's run length, None: its default) -> (fn of one call's operands, its
+    per-call operands stacked [reps, ...] (an array or a tuple of them), operands shared by the calls, kernel-name
+    pattern)."""
     from qdit4sr_jax.quant.kernels.mosaic_gemm import FUSED_TILES, mosaic_int8_gemm_ws
     from qdit4sr_jax.quant.kernels.mosaic_hadamard import mosaic_hadamard_codes, mosaic_hadamard_rowmax
     bf = lambda *s: jnp.asarray(rng.standard_t(5, size=s).astype(np.float32), jnp.bfloat16)
@@ -112,7 +113,8 @@ def measure(kind: str, m: int, reps: int, iters: int, run=None) -> dict:
         walls.append((time.perf_counter() - t0) * 1e6 / reps)
     prof = profile_step(many, (xs, *rest), iters=3, warmup=1)
     dev = prof["kernel_us_per_step"] / reps
-    return {"kind": kind if run is None else f"{kind}@c{run}", "rows": m, "wall_us": statistics.median(walls), "device_us": dev,
+    return {"kind": kind if run is None else f"{kind}@c{run}", "rows": m, "wall_us": statistics.median(walls),
+            "device_us": dev,
             "kernels_per_call": prof["kernels_per_step"] / reps, "compile_s": compile_s,
             "top": [(t["name"][:60], round(t["us"] / reps, 2)) for t in prof["top"][:3]]}
 

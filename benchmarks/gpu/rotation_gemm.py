@@ -106,7 +106,8 @@ def parse_config(text: str) -> dict:
     import re
     mt = re.fullmatch(r"w(\d)p(\d)o(\d)(?:c(64|128))?", text)
     if not mt:
-        raise ValueError(f"Hadamard config {text!r} is not wNpNoN[cRUN] (warpgroups, prefetch, out slots, run 64 / 128)")
+        raise ValueError(f"Hadamard config {text!r} is not wNpNoN[cRUN] (warpgroups, prefetch, out slots, run 64 or "
+                         f"128)")
     kw = dict(wgs=int(mt.group(1)), prefetch=int(mt.group(2)), out_slots=int(mt.group(3)))
     return kw | ({"run": int(mt.group(4))} if mt.group(4) else {})
 

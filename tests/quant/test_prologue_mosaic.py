@@ -163,7 +163,8 @@ def test_fits_names_the_layers_it_takes():
 
 
 @pytest.mark.skipif(OLD_JAX, reason="Mosaic GPU kernels written for JAX >= 0.10")
-@pytest.mark.parametrize("k,n,prologue_kind,kernels,run", [(1536, 1536, "mosaic", 3, None), (6144, 1536, "mosaic", 3, None),
+@pytest.mark.parametrize("k,n,prologue_kind,kernels,run", [(1536, 1536, "mosaic", 3, None),
+                                                            (6144, 1536, "mosaic", 3, None),
                                                             (1536, 6144, "mosaic-gemm", 2, None),
                                                             (6144, 1536, "mosaic-gemm", 1, None),
                                                             (1536, 1536, "mosaic", 3, 128)])

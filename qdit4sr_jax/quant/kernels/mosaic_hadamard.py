@@ -71,8 +71,9 @@ def _plan(k: int, run):
 
 
 def plan_operands(k: int, signs: bool, run: int | None = None):
-    """The kernel's constant operands for K (and `run`, `hadamard_plan`): gbd bf16 [64, 64] (I_r (x) G^T, zero-padded), s bf16 [c, c] (S_c),
-    dt bf16 [64, c] (the tile's signs: row q g + j holds D's run j; zero past r g)."""
+    """The kernel's constant operands for K (and `run`, as `hadamard_plan`): gbd bf16 [64, 64] (I_r (x) G^T,
+    zero-padded), s bf16 [c, c] (S_c), dt bf16 [64, c] (the tile's signs: row q g + j holds D's run j; zero past
+    r g)."""
     from qdit4sr_jax.quant.transforms import rotation_signs, sylvester
     g, c, r, gmat = hadamard_plan(k, run)
     gbd = np.zeros((ROWS, ROWS), np.float32)
@@ -308,5 +309,5 @@ def _hadamard(x, *, signs: bool = True, parts: int = 3, wgs: int = 2, prefetch: 
     return (tuple(ys) if n_codes else ys[0]), rmax.reshape(m, g)
 
 
-__all__ = ["RUN_LENGTH", "hadamard_plan", "plan_operands", "fits", "hadamard_reference", "codes_reference", "mosaic_hadamard_rowmax",
-           "mosaic_hadamard_codes"]
+__all__ = ["RUN_LENGTH", "hadamard_plan", "plan_operands", "fits", "hadamard_reference", "codes_reference",
+           "mosaic_hadamard_rowmax", "mosaic_hadamard_codes"]
