@@ -229,9 +229,9 @@ def apply_prologue_args(a):
     """Set `prologue_mosaic.CODES_IN_KERNEL` / `RUN_TILE` and `mosaic_hadamard.RUN_LENGTH` from `add_prologue_args`'
     options (read when a step is traced)."""
     from qdit4sr_jax.quant.kernels import mosaic_hadamard, prologue_mosaic
-    for item in getattr(a, "hadamard_run", None) or ():
+    for item in a.hadamard_run or ():
         k, _, run = item.partition("=")
-        if not (k.isdigit() and run in ("64", "128")) or mosaic_hadamard.hadamard_plan(int(k), int(run)) is None:
+        if not (k.isdigit() and run.isdigit()) or mosaic_hadamard.hadamard_plan(int(k), int(run)) is None:
             raise SystemExit(f"--hadamard-run {item!r}: K=RUN with a Hadamard plan of runs RUN (64 or 128) at K")
         mosaic_hadamard.RUN_LENGTH[int(k)] = int(run)
     if a.codes_in_kernel:

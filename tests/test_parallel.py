@@ -30,7 +30,7 @@ CHECKS = ("data_parallel_upscale", "float_placement", "tensor_parallel_upscale_f
 
 @pytest.fixture(scope="module")
 def worker_results():
-    # the suite's lowest LLVM optimisation level (conftest.py) kept beside the device count
+    # any XLA flags the caller set kept beside the device count
     flags = " ".join(f for f in os.environ.get("XLA_FLAGS", "").split() if "host_platform_device_count" not in f)
     env = dict(os.environ, XLA_FLAGS=(flags + " --xla_force_host_platform_device_count=8").strip(), JAX_PLATFORMS="cpu",
                PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))

@@ -120,11 +120,12 @@ hadamard_tune() {
       --hadamard-configs w2p1o1 w3p2o2 w2p2o2 w1p3o2 w2p1o1c128 w3p2o2c128 --reps 4 --out "$OUT/hadamard_tune.json" > "$OUT/hadamard_tune.log" 2>&1
   grep -v "^W[0-9]\|Warning" "$OUT/hadamard_tune.log" | cut -c1-400 | tail -12
 }
-# steps512 T MODES...: the 512-px steps of MODES with what is left of T s since t0, as $OUT/steps512.json / .log
+# steps512 T MODES... [OPTIONS]: the 512-px steps of MODES (step_latency.py OPTIONS after them) with what is left of
+# T s since t0, as $OUT/${S512_NAME:-steps512}.json / .log, under the XLA option sets ${S512_VARIANTS:-no-dot-merge}
 steps512() {
   local left=$(( $1 - ($(date +%s) - t0) )); shift
-  el "steps 512 ($left s): $*"; steps steps512 $(( left - 5 )) --cases 512x1 --scan-steps 2 --modes "$@" \
-      --attention cudnn --xla-variants no-dot-merge --iters 6 --warmup 1 --deadline $(( left - 20 ))
+  el "steps 512 ($left s): $*"; steps ${S512_NAME:-steps512} $(( left - 5 )) --cases 512x1 --scan-steps 2 --modes "$@" \
+      --attention cudnn --xla-variants ${S512_VARIANTS:-no-dot-merge} --iters 6 --warmup 1 --deadline $(( left - 20 ))
 }
 if [ "${1:-}" = i24v ]; then
   # issue 24, 12-07, one call when device time is short (<= 560 s): the GPU check of the shared q / k / v
@@ -262,9 +263,9 @@ if [ "${1:-}" = i24cg ]; then
   # Hadamard kernel's codes as x' * (1 / s) (lowered only so far); (2) device us per call (`launch_floor.py`) of the
   # Hadamard kernel (x', codes of 1 / 3 members) at run lengths 64 and 128 (2 / 4 rows of x per tile at K = 1536),
   # the int8 GEMM and cuBLAS bf16 (a weight per call) at 2048 / 4096 rows: the codes epilogue's cost, the tile size,
-  # the GEMM ratio by device time; (3) the 512-px steps of bf16 and
-  # paper-small "fast-mosaic" (merged, prepbfhq) with DotMerger off, and the same with the scanned step as CUDA
-  # graphs (command buffers incl. WHILE, min graph size 1): do the Mosaic route's ~12 ms of gaps go? (CG_MODES)
+  # the GEMM ratio by device time; (3) the 512-px steps of paper-small "fast-mosaic" (merged, prepbfhq; CG_MODES)
+  # and bf16 with DotMerger off, and the same with the scanned step as CUDA graphs (command buffers incl. WHILE, min
+  # graph size 1): do the Mosaic route's ~12 ms of gaps go?
   P=p:qdit4sr-paper-w4a4-small
   el "fused check (codes as x' * (1 / s))"; fused_check codes_check ${CHECK_S:-90} --cases 3 --variants mosaic_had
   ok=$?
@@ -274,9 +275,7 @@ if [ "${1:-}" = i24cg ]; then
   grep -v "^W[0-9]\|Warning\|Deprecat" "$OUT/launch_cg.log" | cut -c1-200 | tail -17
   # the quantized mode first: if the deadline drops a run, it is bf16 under CUDA graphs (ratios fill in either way)
   if passed $ok codes_check; then modes="${CG_MODES:-$P:prepbfhq} bf16"; else el "fused check failed: W8A8 only"; modes="p:w8a8:prepbfhq bf16"; fi
-  left=$(( ${T:-570} - ($(date +%s) - t0) ))
-  el "steps 512, command buffers ($left s): $modes"; steps cg512 $(( left - 5 )) --cases 512x1 --scan-steps 2 --modes $modes \
-      --attention cudnn --xla-variants no-dot-merge nodm-cb-while-min1 --iters 6 --warmup 1 --deadline $(( left - 20 ))
+  S512_NAME=cg512 S512_VARIANTS="no-dot-merge nodm-cb-while-min1" steps512 ${T:-570} $modes
   el done
   exit 0
 fi
@@ -289,12 +288,9 @@ if [ "${1:-}" = i24run ]; then
   el "fused check, runs of 128 at K = 1536"; fused_check run_check ${CHECK_S:-90} --cases 3 --variants mosaic_had \
       --hadamard-run 1536=128
   if passed $? run_check; then
-    for run in 64 128; do
-      left=$(( ${T:-570} - ($(date +%s) - t0) )); [ $run = 64 ] && left=$(( left / 2 ))
-      el "steps 512, runs of $run ($left s)"; steps run$run $(( left - 5 )) --cases 512x1 --scan-steps 2 --modes bf16 \
-          $P:prepbfhq --hadamard-run 1536=$run --attention cudnn --xla-variants no-dot-merge --iters 6 --warmup 1 \
-          --deadline $(( left - 20 ))
-    done
+    now=$(( $(date +%s) - t0 ))          # runs of 64 until half of what is left, then runs of 128
+    S512_NAME=run64 steps512 $(( now + (${T:-570} - now) / 2 )) bf16 $P:prepbfhq --hadamard-run 1536=64
+    S512_NAME=run128 steps512 ${T:-570} bf16 $P:prepbfhq --hadamard-run 1536=128
   else el "runs of 128 not right: no steps"; fi
   el done
   exit 0

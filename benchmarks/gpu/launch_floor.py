@@ -70,6 +70,11 @@ def floor_kernel(x):
 HADAMARD_KINDS = ("hadamard", "codes1", "codes3")
 
 
+def label(kind: str, run=None) -> str:
+    """The row's name: the kind, with the Hadamard kernel's run length where one was given (codes3@c128)."""
+    return kind if run is None else f"{kind}@c{run}"
+
+
 def make(kind: str, m: int, reps: int, rng, run=None):
     """kind, rows (and the Hadamard kernel's run length, None: its default) -> (fn of one call's operands, its
     per-call operands stacked [reps, ...] (an array or a tuple of them), operands shared by the calls, kernel-name
@@ -113,8 +118,7 @@ def measure(kind: str, m: int, reps: int, iters: int, run=None) -> dict:
         walls.append((time.perf_counter() - t0) * 1e6 / reps)
     prof = profile_step(many, (xs, *rest), iters=3, warmup=1)
     dev = prof["kernel_us_per_step"] / reps
-    return {"kind": kind if run is None else f"{kind}@c{run}", "rows": m, "wall_us": statistics.median(walls),
-            "device_us": dev,
+    return {"kind": label(kind, run), "rows": m, "wall_us": statistics.median(walls), "device_us": dev,
             "kernels_per_call": prof["kernels_per_step"] / reps, "compile_s": compile_s,
             "top": [(t["name"][:60], round(t["us"] / reps, 2)) for t in prof["top"][:3]]}
 
@@ -137,7 +141,7 @@ def main(argv=None):
             for run in ((a.hadamard_runs or [None]) if kind in HADAMARD_KINDS else [None])
             for m in (a.rows if kind not in ("floor", "xla_floor") else a.rows[:1])]
     for kind, m, run in jobs:
-        name = kind if run is None else f"{kind}@c{run}"
+        name = label(kind, run)
         if a.deadline and time.perf_counter() - t_start > a.deadline:
             print(f"deadline: {name} {m} not run")
             continue

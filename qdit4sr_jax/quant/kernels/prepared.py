@@ -221,8 +221,8 @@ def prepare(tree, *, unpack: bool = True, prologue: str = "xla", down: str = "jo
     are prepared (`merged.merge_inputs`; the model splits the output); groups with traced VaTMP schedules stay
     separate (`merged.merge_tree` outside the jit merges them). per_layer_jit: to prepare a tree once outside a jit
     (as the benchmarks do), each layer through a jitted `prepare_weight` compiled once per distinct layer, instead of
-    the whole tree as one program (4.7 vs 7.7 s for a 4-block full-width DiT4SR on a CPU, growing with the blocks;
-    the same values); inside a jit it changes nothing."""
+    the whole tree as one program (4.3 vs 6.9 s for a 4-block full-width DiT4SR on a CPU, growing with the blocks;
+    the same values: `benchmarks/prepare_time.py --blocks 4`); inside a jit it changes nothing."""
     def fused(n):
         return isinstance(n, QuantizedWeight) and n.execution == "fused"
 
